@@ -1,0 +1,479 @@
+"""The controller: worker registry and health, the request table, routing, the PD handoff
+and recovery. It implements ``ClusterBackend`` so the frontends run on its event loop.
+
+A request's path (DESIGN.md)::
+
+    generate ─▶ route P ─▶ P.submit(prefill_only) ─▶ first token event (P parks the request)
+            ─▶ handoff task: D.reserve ─▶ P.send_kv ‖ D.recv_kv ─▶ D.accept_prefilled ─▶ P.finish
+            ─▶ D's events stream to the client until the finish reason
+
+With only colocated workers, or when every decode worker refuses, the request decodes where
+it was prefilled. A dead worker's requests are re-dispatched from prompt + committed tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvrelay.cluster.backend import (
+    ClusterStatus,
+    GenerateRequest,
+    ModelInfo,
+    TokenizerLike,
+    WorkerStatus,
+)
+from kvrelay.cluster.flights import DECODE, HANDOFF, PREFILL, Flight
+from kvrelay.cluster.worker_client import WorkerClient, WorkerGone
+from kvrelay.workers.output import RequestText
+from kvrelay.workers.types import FinishReason, TokenEvent
+from kvrelay.workers.worker import Heartbeat, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    model: ModelInfo
+    handoff_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 10.0
+
+
+@dataclass(slots=True)
+class WorkerEntry:
+    client: WorkerClient
+    info: WorkerInfo
+    role: str
+    healthy: bool = True
+    draining: bool = False
+    heartbeat: Heartbeat | None = None
+    assigned: set[str] = field(default_factory=set)  # request ids it owns or prefills
+
+    @property
+    def load(self) -> float:
+        hb = self.heartbeat
+        used = 0.0
+        if hb is not None and hb.stats.pool.total:
+            used = hb.stats.pool.used / hb.stats.pool.total
+        return len(self.assigned) + used
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
+        self.config = config
+        self._tokenizer = tokenizer
+        self.workers: dict[str, WorkerEntry] = {}
+        self.flights: dict[str, Flight] = {}
+        self.handoffs_done = 0
+        self.handoff_refusals = 0
+        self.handoff_bytes = 0
+        self.resubmissions = 0
+        self.metrics = Metrics(models=[config.model.id])
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._health: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._health is None:
+            self._health = asyncio.create_task(self._health_loop())
+
+    async def stop(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- registry ------------------------------------------------------------------------
+    async def register(self, client: WorkerClient) -> WorkerInfo:
+        info: WorkerInfo = await client.call("info")
+        self.workers[info.worker_id] = WorkerEntry(client, info, info.role)
+        log.info("worker %s registered as %s on %s", info.worker_id, info.role, info.node_ip)
+        return info
+
+    def _pool(self, *roles: str) -> list[WorkerEntry]:
+        return [
+            w for w in self.workers.values() if w.healthy and not w.draining and w.role in roles
+        ]
+
+    def _pick(self, candidates: Sequence[WorkerEntry]) -> WorkerEntry | None:
+        return min(candidates, key=lambda w: (w.load, w.info.worker_id), default=None)
+
+    async def _worker_failed(self, worker_id: str, reason: str) -> None:
+        entry = self.workers.get(worker_id)
+        if entry is None or not entry.healthy:
+            return
+        log.warning("worker %s failed: %s", worker_id, reason)
+        entry.healthy = False
+        entry.client.kill()
+        self.metrics.forget_worker(worker_id)
+        self.workers.pop(worker_id, None)
+        for rid in list(entry.assigned):
+            flight = self.flights.get(rid)
+            # a flight some task is moving is that task's to recover; the others restart
+            if flight is not None and not flight.done and not flight.moving:
+                if flight.owner == worker_id:
+                    await self._redispatch(flight)
+
+    # ---- requests ------------------------------------------------------------------------
+    def models(self) -> Sequence[ModelInfo]:
+        return [self.config.model]
+
+    def tokenizer(self, model: str) -> TokenizerLike:
+        return self._tokenizer
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if request.request_id in self.flights:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        flight = Flight(request, RequestText(self._tokenizer, request.sampling,
+                                             request.prompt_token_ids))
+        self.flights[request.request_id] = flight
+        try:
+            await self._dispatch(flight)
+            while True:
+                event = await flight.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not flight.done:  # the client went away: free its blocks everywhere
+                flight.finish(FinishReason.ABORT)
+                await self._abort_everywhere(flight)
+            self._release(flight)
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Ray streaming-generator entry for the Python API (tests, demo)."""
+        async for event in self.generate(request):
+            yield event
+
+    async def cancel(self, request_id: str) -> bool:
+        flight = self.flights.get(request_id)
+        if flight is None or flight.done:
+            return False
+        flight.finish(FinishReason.ABORT)
+        await self._abort_everywhere(flight)
+        return True
+
+    def _release(self, flight: Flight) -> None:
+        self.flights.pop(flight.request_id, None)
+        for w in self.workers.values():
+            w.assigned.discard(flight.request_id)
+
+    async def _abort_everywhere(self, flight: Flight) -> None:
+        for w in list(self.workers.values()):
+            if flight.request_id in w.assigned and w.healthy:
+                try:
+                    await w.client.call("abort", flight.request_id, timeout=10)
+                except (WorkerGone, TimeoutError):
+                    pass
+
+    async def _dispatch(self, flight: Flight) -> None:
+        """Start (or resume, from prompt + committed tokens) a flight on the best workers;
+        a worker found dead on the way is failed and the next best one is tried."""
+        flight.moving += 1
+        try:
+            await self._dispatch_once(flight)
+        finally:
+            flight.moving -= 1
+        await self._settle(flight)
+
+    async def _dispatch_once(self, flight: Flight) -> None:
+        while not flight.done:
+            prefill = self._pick(self._pool("prefill"))
+            target = prefill if prefill is not None and self._pool("decode") else None
+            if target is None:
+                target = self._pick(self._pool("colocated", "decode", "prefill"))
+            if target is None:
+                flight.finish(FinishReason.ABORT)
+                raise RuntimeError("no healthy worker to serve the request")
+            split = target is prefill and self._pool("decode") != []
+            try:
+                await self._submit(flight, target, prefill_only=split)
+            except WorkerGone as exc:
+                target.assigned.discard(flight.request_id)
+                await self._worker_failed(target.info.worker_id, f"submit: {exc}")
+                continue
+            flight.phase = PREFILL if split else DECODE
+            flight.prefill_worker = target.info.worker_id if split else None
+            return
+
+    async def _submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None:
+        req = flight.req
+        flight.owner = target.info.worker_id
+        target.assigned.add(req.request_id)
+        await target.client.call(
+            "submit", req.request_id, list(req.prompt_token_ids), req.sampling,
+            output_ids=list(flight.committed), tenant=req.tenant, priority=req.priority,
+            prefill_only=prefill_only,
+        )
+
+    async def _redispatch(self, flight: Flight) -> None:
+        """The owner is gone: resume from prompt + committed tokens on survivors."""
+        flight.resumes += 1
+        self.resubmissions += 1
+        flight.owner = None
+        for w in self.workers.values():
+            if flight.request_id in w.assigned and w.healthy:
+                w.assigned.discard(flight.request_id)
+                self._spawn(self._quiet_abort(w, flight.request_id))
+        try:
+            await self._dispatch(flight)
+        except Exception as exc:  # never leave a client waiting on a stream that cannot move
+            log.error("request %s lost: %r", flight.request_id, exc)
+            flight.finish(FinishReason.ABORT)
+
+    async def _quiet_abort(self, w: WorkerEntry, rid: str) -> None:
+        try:
+            await w.client.call("abort", rid, timeout=10)
+        except Exception:
+            pass
+
+    # ---- events from workers -------------------------------------------------------------
+    async def on_events(self, worker_id: str, events: list[TokenEvent]) -> None:
+        """One call per worker step, carrying that step's tokens for all its requests."""
+        for event in events:
+            flight = self.flights.get(event.request_id)
+            if flight is None or flight.done or flight.owner != worker_id:
+                continue  # stale: the request moved or ended
+            out, stop_hit = flight.accept(event)
+            flight.queue.put_nowait(out)
+            if stop_hit:
+                self._spawn(self._abort_everywhere(flight))
+            elif flight.phase == PREFILL and out.finish_reason is None:
+                flight.phase = HANDOFF
+                flight.owner = None  # nothing streams until a decode worker takes over
+                flight.moving += 1  # the handoff task owns the flight from here
+                self._spawn(self._handoff(flight, worker_id))
+
+    # ---- the PD handoff ------------------------------------------------------------------
+    async def _handoff(self, flight: Flight, prefill_id: str) -> None:
+        rid = flight.request_id
+        try:
+            p = self.workers.get(prefill_id)
+            if p is None or not p.healthy:
+                raise WorkerGone(prefill_id)
+            n_blocks = await p.client.call("handoff_size", rid, timeout=30)
+            deadline = time.time() + self.config.handoff_timeout_s
+            tried: set[str] = set()
+            while not flight.done:
+                d = self._pick([w for w in self._pool("decode") if w.info.worker_id not in tried])
+                if d is None:
+                    break
+                tried.add(d.info.worker_id)
+                if await self._relay(flight, p, d, n_blocks, deadline):
+                    return
+            if flight.done:
+                await p.client.call("abort", rid, timeout=10)
+                return
+            # nobody took it: decode where it was prefilled
+            flight.owner = prefill_id
+            flight.phase = DECODE
+            await p.client.call("continue_local", rid, timeout=30)
+        except WorkerGone as exc:
+            await self._worker_failed(prefill_id, f"during handoff: {exc}")
+            if not flight.done:
+                await self._redispatch(flight)
+        except Exception as exc:
+            log.exception("handoff of %s failed", rid)
+            if not flight.done:
+                flight.finish(FinishReason.ABORT)
+                await self._abort_everywhere(flight)
+                log.error("request %s aborted: %r", rid, exc)
+        finally:
+            flight.moving -= 1
+            await self._settle(flight)
+
+    async def _settle(self, flight: Flight) -> None:
+        """A move just ended: if the worker it left the flight on died meanwhile (its failure
+        was handled while the move held the flight), restart the flight now."""
+        if flight.moving or flight.done or flight.owner is None:
+            return
+        owner = self.workers.get(flight.owner)
+        if owner is None or not owner.healthy:
+            await self._redispatch(flight)
+
+    async def _relay(
+        self, flight: Flight, p: WorkerEntry, d: WorkerEntry, n_blocks: int, deadline: float
+    ) -> bool:
+        """One handoff attempt to ``d``; False when d refused or died (p still holds the KV).
+        Raises WorkerGone when p died."""
+        rid, did, pid = flight.request_id, d.info.worker_id, p.info.worker_id
+        try:
+            blocks = await d.client.call("reserve", rid, n_blocks, deadline, timeout=30)
+        except (WorkerGone, TimeoutError) as exc:
+            await self._worker_failed(did, f"reserve: {exc}")
+            return False
+        if blocks is None:
+            self.handoff_refusals += 1
+            return False
+        d.assigned.add(rid)
+        transfer_id = f"{rid}/{next(self._ids)}"
+        timeout = max(1.0, deadline - time.time())
+        send = asyncio.ensure_future(p.client.call("send_kv", rid, did, transfer_id, timeout))
+        recv = asyncio.ensure_future(d.client.call("recv_kv", rid, pid, transfer_id, timeout))
+        # a side that dies ends the attempt at once; the other side's call runs out on its own
+        await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
+        p_err = send.exception() if send.done() else None
+        d_err = recv.exception() if recv.done() else None
+        if isinstance(p_err, WorkerGone):
+            recv.cancel()
+            await self._unreserve(d, rid)
+            raise p_err
+        if isinstance(d_err, WorkerGone):
+            send.cancel()
+            d.assigned.discard(rid)
+            await self._worker_failed(did, f"recv: {d_err}")
+            return False
+        if p_err is not None or d_err is not None:
+            log.warning("handoff %s failed: send=%r recv=%r", rid, p_err, d_err)
+            send.cancel()
+            recv.cancel()
+            await self._unreserve(d, rid)
+            return False
+        received = int(recv.result())
+        if flight.done:
+            await self._unreserve(d, rid)
+            return True
+        req = flight.req
+        flight.owner = did
+        flight.phase = DECODE
+        await d.client.call(
+            "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
+            req.sampling, tenant=req.tenant, priority=req.priority, timeout=30,
+        )
+        p.assigned.discard(rid)
+        self.handoffs_done += 1
+        self.handoff_bytes += received
+        try:
+            await p.client.call("finish_handoff", rid, timeout=30)
+        except WorkerGone:
+            pass  # the request already lives on d
+        return True
+
+    async def _unreserve(self, d: WorkerEntry, rid: str) -> None:
+        d.assigned.discard(rid)
+        try:
+            await d.client.call("unreserve", rid, timeout=10)
+        except (WorkerGone, TimeoutError):
+            pass
+
+    # ---- health --------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await asyncio.gather(*(self._beat(w) for w in list(self.workers.values())))
+
+    async def _beat(self, entry: WorkerEntry) -> None:
+        wid = entry.info.worker_id
+        try:
+            hb = await entry.client.call("heartbeat", timeout=self.config.heartbeat_timeout_s)
+        except (WorkerGone, TimeoutError) as exc:
+            await self._worker_failed(wid, f"heartbeat: {exc!r}")
+            return
+        prev, entry.heartbeat = entry.heartbeat, hb
+        if not hb.alive:
+            await self._worker_failed(wid, "engine loop stopped")
+            return
+        if entry.healthy:
+            self._record_heartbeat(entry, prev, hb)
+
+    def _record_heartbeat(self, entry: WorkerEntry, prev: Heartbeat | None, hb: Heartbeat) -> None:
+        """Worker figures reach /metrics with the heartbeat (counters as deltas)."""
+        s, p = hb.stats, prev.stats if prev is not None else None
+        t, pt = hb.transport, prev.transport if prev is not None else {}
+
+        def delta(now: float, before: float) -> int:
+            return max(0, int(now - before))
+
+        sent = delta(t.get("bytes_sent", 0), pt.get("bytes_sent", 0))
+        transfers = delta(t.get("transfers_sent", 0), pt.get("transfers_sent", 0))
+        seconds = max(0.0, t.get("seconds_sending", 0.0) - pt.get("seconds_sending", 0.0))
+        counters = WorkerCounters(
+            kv_transfer_bytes=sent,
+            kv_transfer_seconds=tuple([seconds / transfers] * transfers) if transfers else (),
+            preemptions_recompute=delta(s.preemptions, p.preemptions if p else 0),
+            prefix_query_tokens=delta(s.prefix_query_tokens, p.prefix_query_tokens if p else 0),
+            prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
+        )
+        pool = s.pool
+        self.metrics.update_worker(
+            entry.info.worker_id, entry.role, entry.healthy,
+            {"gpu": {"free": pool.free, "used": pool.used, "cached": pool.cached}},
+            s.running, s.waiting, counters,
+        )
+
+    # ---- admin ---------------------------------------------------------------------------
+    async def cluster_status(self) -> ClusterStatus:
+        out = []
+        for w in self.workers.values():
+            hb = w.heartbeat
+            kv: dict[str, dict[str, int]] = {}
+            running = waiting = 0
+            if hb is not None:
+                p = hb.stats.pool
+                kv["gpu"] = {"free": p.free, "used": p.used, "cached": p.cached}
+                running, waiting = hb.stats.running, hb.stats.waiting
+            out.append(
+                WorkerStatus(
+                    w.info.worker_id, w.role, w.healthy, w.draining, w.info.node_ip, kv,
+                    running, waiting,
+                )
+            )
+        return ClusterStatus(tuple(out), sum(not f.done for f in self.flights.values()))
+
+    async def drain(self, worker_id: str) -> bool:
+        entry = self.workers.get(worker_id)
+        if entry is None:
+            return False
+        entry.draining = True
+        return True
+
+    async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
+        return await self.drain(worker_id)
+
+    # ---- test and operator hooks ---------------------------------------------------------
+    async def worker_ids(self) -> dict[str, str]:
+        return {wid: w.role for wid, w in self.workers.items() if w.healthy}
+
+    async def integrity(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for wid, w in list(self.workers.items()):
+            if w.healthy:
+                out[wid] = await w.client.call("check_integrity", timeout=30)
+        return out
+
+    async def worker_infos(self) -> dict[str, dict[str, Any]]:
+        return {wid: dataclasses.asdict(w.info) for wid, w in self.workers.items() if w.healthy}
+
+    async def transport_totals(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for wid, w in list(self.workers.items()):
+            if w.healthy:
+                out[wid] = await w.client.call("transport_totals", timeout=30)
+        return out
+
+    async def counters(self) -> dict[str, int]:
+        return {
+            "block_bytes": next((w.info.block_bytes for w in self.workers.values()), 0),
+            "handoffs": self.handoffs_done,
+            "handoff_refusals": self.handoff_refusals,
+            "handoff_bytes": self.handoff_bytes,
+            "resubmissions": self.resubmissions,
+            "in_flight": len(self.flights),
+        }
+
+    def new_request_id(self) -> str:
+        return uuid.uuid4().hex

@@ -1,0 +1,1 @@
+"""Router: filters, weighted scorers, picker (DESIGN.md, Cluster: Router)."""

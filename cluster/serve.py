@@ -1,0 +1,225 @@
+"""``kvrelay serve``: start (or join) a Ray cluster, the controller and the worker pools.
+
+``Cluster`` is also the Python API tests and the demo use: ``Cluster.start(cfg)``, then
+``generate(request)`` streams a request's events, ``kill_worker`` injects faults,
+``integrity()`` reports every pool's figures.
+
+Ray's token authentication (on by default since Ray 2.60) is turned off for the local cluster
+this command starts itself: it binds to 127.0.0.1 only, so nothing outside the machine can
+reach it. When joining an existing cluster (``--address``), the caller's ``RAY_AUTH_MODE`` and
+token are used as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kvrelay.cluster.backend import GenerateRequest
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    colocated_workers: int = 0
+    address: str | None = None
+    host: str = "127.0.0.1"
+    grpc_port: int | None = 50051
+    http_port: int | None = 8000
+    metrics_port: int | None = None
+    api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_concurrent_streams: int = 256
+    max_queue_depth: int = 1024
+    threads_per_worker: int | None = None
+    kv_cache_gb: float = 0.25
+    cpu_kv_gb: float = 0.5
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    handoff_timeout_s: float = 30.0
+    transport_host: str | None = None  # address the rendezvous store binds; default: host
+    num_blocks_by_role: dict[str, int] = field(default_factory=dict)  # overrides kv_cache_gb
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in known}
+        for key in ("api_keys", "admin_keys"):
+            if values.get(key) is None:
+                values[key] = ()
+            else:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @property
+    def num_workers(self) -> int:
+        return self.prefill_workers + self.decode_workers + self.colocated_workers
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M)")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--colocated-workers", type=int, default=0)
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--host", default="127.0.0.1", help="address the frontends bind")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve /metrics on its own port (it is always on the HTTP port too)")
+    p.add_argument("--api-key", dest="api_keys", action="append", help="accept this bearer key")
+    p.add_argument("--admin-key", dest="admin_keys", action="append", help="key for admin calls")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--max-concurrent-streams", type=int, default=256)
+    p.add_argument("--max-queue-depth", type=int, default=1024)
+    p.add_argument("--threads-per-worker", type=int, default=None)
+    p.add_argument("--kv-cache-gb", type=float, default=0.25, help="device KV pool per worker")
+    p.add_argument("--cpu-kv-gb", type=float, default=0.5, help="host KV tier per worker")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--transport-host", default=None,
+                   help="routable address for KV transport rendezvous (multi-host)")
+
+
+class Cluster:
+    """A running cluster seen from the driver process."""
+
+    def __init__(self, cfg: ServeConfig, controller: Any, ports: dict[str, int], owns_ray: bool):
+        self.cfg = cfg
+        self.controller = controller
+        self.ports = ports
+        self._owns_ray = owns_ray
+
+    @classmethod
+    def start(cls, cfg: ServeConfig) -> Cluster:
+        import ray
+
+        from kvrelay.cluster.actors import ControllerActor
+
+        owns = not ray.is_initialized()
+        if owns:
+            if cfg.address is None:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see module docstring
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                ray.init(
+                    num_cpus=max(4, cfg.num_workers + 2),
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    namespace="kvrelay",
+                    log_to_driver=bool(os.environ.get("KVRELAY_RAY_LOGS")),
+                )
+            else:
+                ray.init(address=cfg.address, namespace="kvrelay")
+        controller = ControllerActor.options(  # type: ignore[attr-defined]
+            name=f"kvrelay-controller-{uuid.uuid4().hex[:6]}", num_cpus=0, max_concurrency=10_000
+        ).remote(cfg)
+        ports = ray.get(controller.start_services.remote())
+        roles = (
+            ["prefill"] * cfg.prefill_workers
+            + ["decode"] * cfg.decode_workers
+            + ["colocated"] * cfg.colocated_workers
+        )
+        ray.get([controller.add_worker.remote(role) for role in roles])
+        return cls(cfg, controller, ports, owns)
+
+    # ---- requests ------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+        import ray
+
+        for ref in self.controller.generate_stream.remote(request):
+            yield ray.get(ref)
+
+    def request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> GenerateRequest:
+        return GenerateRequest(
+            request_id or uuid.uuid4().hex,
+            self.ports.get("model_id", ""),  # type: ignore[arg-type]
+            tuple(prompt_ids),
+            params,
+            priority=priority,
+            tenant=tenant,
+        )
+
+    def complete(self, prompt_ids: Sequence[int], params: SamplingParams, **kw: Any) -> tuple[list[int], FinishReason]:
+        tokens: list[int] = []
+        reason = FinishReason.ABORT
+        for event in self.generate(self.request(prompt_ids, params, **kw)):
+            tokens += event.token_ids
+            if event.finish_reason is not None:
+                reason = event.finish_reason
+        return tokens, reason
+
+    # ---- operator and test hooks ---------------------------------------------------------
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.controller, method).remote(*args, **kwargs))
+
+    def workers(self) -> dict[str, str]:
+        return dict(self.call("worker_ids"))
+
+    def integrity(self) -> dict[str, dict[str, int]]:
+        return dict(self.call("integrity"))
+
+    def counters(self) -> dict[str, Any]:
+        return dict(self.call("counters"))
+
+    def kill_worker(self, worker_id: str) -> None:
+        self.call("kill_worker", worker_id)
+
+    def inject_fault(self, worker_id: str, fault: str) -> None:
+        self.call("inject_fault", worker_id, fault)
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            self.call("shutdown")
+        except Exception:
+            pass
+        ray.kill(self.controller)
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def serve_forever(cfg: ServeConfig) -> int:
+    cluster = Cluster.start(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"kvrelay serving {cluster.ports.get('model_id')}: gRPC {cfg.host}:{cluster.ports.get('grpc_port')}"
+        f"  HTTP http://{cfg.host}:{cluster.ports.get('http_port')}  workers {cluster.workers()}",
+        flush=True,
+    )
+    stop.wait()
+    cluster.shutdown()
+    return 0

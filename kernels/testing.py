@@ -1,0 +1,159 @@
+"""Random paged-KV cases and kernel-vs-reference checks, shared by the kernel tests
+(tests/unit reference + interpreter, tests/gpu) and benchmarks/kernel_bench.py.
+
+A case scatters each sequence's tokens over randomly chosen, non-adjacent blocks of a cache
+``[num_blocks, L, 2, bs, Hkv, D]`` filled with random values (never zeros: zeros hide unwritten
+outputs), and pads block tables with spare columns pointing at other valid blocks, so a kernel
+that reads past a sequence's length or ignores the table gets a visibly wrong answer.
+
+Each ``check_*`` runs one op body (``ops``: the reference module, the Triton module, or an
+interpreted copy of it) against the reference evaluated in fp32 on upcast copies of the same
+inputs and returns the relative error ``‖out − ref‖ / ‖ref‖``; callers assert on it.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+from kvrelay.kernels import reference
+
+
+class PagedCase(NamedTuple):
+    kv_cache: torch.Tensor  # [num_blocks, L, 2, bs, Hkv, D]
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32, tokens in cache per sequence
+
+
+def make_case(
+    context_lens: list[int],
+    *,
+    block_size: int = 16,
+    layers: int = 2,
+    kv_heads: int = 2,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    spare_columns: int = 1,
+    gen: torch.Generator,
+) -> PagedCase:
+    needed = [(n + block_size - 1) // block_size for n in context_lens]
+    width = max([*needed, 1]) + spare_columns
+    num_blocks = 2 * sum(needed) + width + 1  # twice what is needed: tables are not dense
+    cache = torch.randn(num_blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.empty(len(context_lens), width, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(needed):
+        tables[i, :n] = perm[used : used + n].to(torch.int32)
+        used += n
+        tables[i, n:] = perm[-(width - n) :].to(torch.int32) if width > n else tables[i, n:]
+    return PagedCase(
+        cache.to(device=device, dtype=dtype),
+        tables.to(device),
+        torch.tensor(context_lens, dtype=torch.int32, device=device),
+    )
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double(), ref.double()
+    if not bool(torch.isfinite(out64).all()):
+        return float("inf")
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+def check_decode(
+    ops: ModuleType, case: PagedCase, heads: int, *, layer: int = 1, gen: torch.Generator, **kw: int
+) -> float:
+    """Decode attention of ``ops`` vs the fp32 reference; ``kw`` goes to ``ops`` (num_splits)."""
+    cache, tables, lens = case
+    q = torch.randn(lens.shape[0], heads, cache.shape[5], generator=gen)
+    q = q.to(device=cache.device, dtype=cache.dtype)
+    scale = cache.shape[5] ** -0.5
+    fn = ops.paged_decode_attention_split if kw else ops.paged_decode_attention
+    out = fn(q, cache, layer, tables, lens, scale, **kw)
+    ref = reference.paged_decode_attention(q.float(), cache.float(), layer, tables, lens, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    return rel_err(out, ref)
+
+
+def query_start_loc(query_lens: list[int], device: str | torch.device) -> torch.Tensor:
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def check_prefill(
+    ops: ModuleType,
+    case: PagedCase,
+    heads: int,
+    query_lens: list[int],
+    *,
+    layer: int = 1,
+    gen: torch.Generator,
+) -> float:
+    """Prefill attention of ``ops`` (new tokens = the last ``query_lens[i]`` of each context)."""
+    cache, tables, lens = case
+    qsl = query_start_loc(query_lens, cache.device)
+    q = torch.randn(sum(query_lens), heads, cache.shape[5], generator=gen)
+    q = q.to(device=cache.device, dtype=cache.dtype)
+    scale = cache.shape[5] ** -0.5
+    out = ops.paged_prefill_attention(q, cache, layer, tables, qsl, lens, scale)
+    ref = reference.paged_prefill_attention(
+        q.float(), cache.float(), layer, tables, qsl, lens, scale
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    return rel_err(out, ref)
+
+
+def check_write_kv(ops: ModuleType, case: PagedCase, tokens: int, *, gen: torch.Generator) -> bool:
+    """Write ``tokens`` K/V rows (from strided views of a fused buffer, some slots -1) through
+    ``ops`` and through the reference into copies of the cache; True when they agree exactly."""
+    cache = case.kv_cache
+    kv_heads, dim = cache.shape[4], cache.shape[5]
+    slots_total = cache.shape[0] * cache.shape[3]
+    slots = torch.randperm(slots_total, generator=gen)[:tokens]
+    slots[torch.rand(tokens, generator=gen) < 0.25] = -1
+    fused = torch.randn(tokens, 3 * kv_heads * dim, generator=gen).to(cache.device, cache.dtype)
+    key = fused[:, kv_heads * dim : 2 * kv_heads * dim].view(tokens, kv_heads, dim)  # strided
+    value = fused[:, 2 * kv_heads * dim :].view(tokens, kv_heads, dim)
+    slots = slots.to(cache.device)
+    got, want = cache.clone(), cache.clone()
+    ops.write_kv(got, 1, key, value, slots)
+    reference.write_kv(want, 1, key, value, slots)
+    changed = not torch.equal(got, cache)
+    return bool(torch.equal(got, want)) and changed == bool((slots >= 0).any())
+
+
+def check_block_moves(
+    ops: ModuleType, case: PagedCase, count: int, *, gen: torch.Generator
+) -> bool:
+    """pack → unpack round trip and copy_blocks of ``ops`` match the reference exactly."""
+    cache = case.kv_cache
+    ids = torch.randperm(cache.shape[0], generator=gen)[:count].to(cache.device)
+    packed = ops.pack_blocks(cache, ids)
+    if not torch.equal(packed, reference.pack_blocks(cache, ids)):
+        return False
+    dst_ids = torch.randperm(cache.shape[0], generator=gen)[:count].to(cache.device)
+    got = torch.randn_like(cache)
+    want = got.clone()
+    ops.unpack_blocks(got, dst_ids, packed)
+    reference.unpack_blocks(want, dst_ids, packed)
+    if not torch.equal(got, want):
+        return False
+    got2 = torch.randn_like(cache)
+    want2 = got2.clone()
+    ops.copy_blocks(cache, ids, got2, dst_ids)
+    reference.copy_blocks(cache, ids, want2, dst_ids)
+    if not torch.equal(got2, want2):
+        return False
+    # Within one cache, destinations overlapping sources: every destination gets the old value.
+    chain = ids[: max(1, count // 2)]
+    shifted = chain.roll(1)
+    got3, want3 = cache.clone(), cache.clone()
+    ops.copy_blocks(got3, chain, got3, shifted)
+    reference.copy_blocks(want3, chain, want3, shifted)
+    return bool(torch.equal(got3, want3))

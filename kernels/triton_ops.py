@@ -1,0 +1,26 @@
+"""Triton bodies of kvrelay's device ops, one per reference op and with its signature
+(``kernels/__init__.py`` dispatches here when the cache is on CUDA and Triton imports).
+
+    write_kv, pack_blocks, unpack_blocks, copy_blocks   kernels/triton_copy.py
+    paged_decode_attention (GQA, split-K)               kernels/triton_decode.py
+    paged_prefill_attention (packed varlen, causal)     kernels/triton_prefill.py
+
+Every launch derives its grid from tensor shapes, never from tensor values, so no op syncs the
+host and decode steps can be captured in CUDA graphs. Under ``TRITON_INTERPRET=1`` the same
+kernels run on CPU tensors (tests/unit/test_kernels_interpret.py).
+"""
+
+from __future__ import annotations
+
+from kvrelay.kernels.triton_copy import copy_blocks, pack_blocks, unpack_blocks, write_kv
+from kvrelay.kernels.triton_decode import paged_decode_attention
+from kvrelay.kernels.triton_prefill import paged_prefill_attention
+
+__all__ = [
+    "copy_blocks",
+    "pack_blocks",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "unpack_blocks",
+    "write_kv",
+]

@@ -1,0 +1,306 @@
+"""Load generator: workload statistics, CSV replay, report math, and the HTTP driver against a
+stub server that streams OpenAI-format SSE on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from scipy import stats
+
+from kvrelay.benchmarks.loadgen import main, run_open_loop
+from kvrelay.benchmarks.loadgen_drivers import http_driver
+from kvrelay.benchmarks.loadgen_report import (
+    RequestResult,
+    goodput,
+    meets_slo,
+    summarize,
+    summarize_by_tenant,
+)
+from kvrelay.benchmarks.loadgen_workload import (
+    Arrival,
+    gamma_gaps,
+    parse_tenants,
+    read_burstgpt_csv,
+    rescale_to_rate,
+    synthetic_workload,
+    zipf_lengths,
+)
+
+SAMPLE = (
+    Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "burstgpt_synthetic_sample.csv"
+)
+
+
+def test_gamma_arrivals_are_bursty_and_fit() -> None:
+    gaps = gamma_gaps(8000, np.random.default_rng(3), rate=4.0)
+    shape, loc, scale = stats.gamma.fit(gaps, floc=0)
+    assert shape < 1 and abs(shape - 0.5) < 0.05
+    assert abs(gaps.mean() - 0.25) < 0.02  # rate rescales the mean, keeps the shape
+    assert stats.kstest(gaps, "gamma", args=(shape, loc, scale)).pvalue > 0.01
+    # and a Poisson process (exponential gaps) is clearly rejected
+    assert stats.kstest(gaps, "expon", args=(0, gaps.mean())).pvalue < 1e-6
+
+
+def test_zipf_lengths_have_a_sane_log_log_slope() -> None:
+    x = zipf_lengths(40_000, np.random.default_rng(5), a=1.1, maximum=1024)
+    assert x.min() >= 1 and x.max() < 1024
+    ks = np.arange(1, 31)
+    counts = np.array([(x == k).sum() for k in ks])
+    slope = np.polyfit(np.log(ks), np.log(counts), 1)[0]
+    assert -1.3 < slope < -0.9
+    with pytest.raises(ValueError):
+        zipf_lengths(3, np.random.default_rng(0), a=1.0)
+
+
+def test_tenant_mix() -> None:
+    assert parse_tenants("heavy:9,light:1") == (("heavy", 0.9), ("light", 0.1))
+    arr = synthetic_workload(4000, 1, rate=10, tenants=parse_tenants("heavy:0.9,light:0.1"))
+    light = sum(a.tenant == "light" for a in arr) / len(arr)
+    assert 0.08 < light < 0.12
+    assert all(b.t_s >= a.t_s for a, b in itertools.pairwise(arr))
+    for bad in ("a:0", "a:x", "a:1,a:2", ":1"):
+        with pytest.raises(ValueError):
+            parse_tenants(bad)
+
+
+def test_csv_replay(tmp_path: Path) -> None:
+    p = tmp_path / "t.csv"
+    p.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "110,ChatGPT,300,20,320,Conversation log\n"
+        "100,GPT-4,5000,40,5040,API log\n"
+        "104,ChatGPT,7,0,7,API log\n"
+    )
+    arr = read_burstgpt_csv(p, time_scale=2.0, max_prompt_tokens=2048)
+    assert [(a.t_s, a.prompt_tokens, a.output_tokens) for a in arr] == [
+        (0.0, 2048, 40),
+        (5.0, 300, 20),
+    ]
+    assert len(read_burstgpt_csv(p, keep_failures=True)) == 3
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,tokens\n1,2\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        read_burstgpt_csv(bad)
+    bad.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\nx,,1,1,2,\n"
+    )
+    with pytest.raises(ValueError, match=":2: bad number"):
+        read_burstgpt_csv(bad)
+
+
+def test_shipped_synthetic_sample_replays() -> None:
+    arr = read_burstgpt_csv(SAMPLE)
+    fast = rescale_to_rate(arr, 20.0)
+    assert (len(fast) - 1) / fast[-1].t_s == pytest.approx(20.0)
+    assert [a.prompt_tokens for a in fast] == [a.prompt_tokens for a in arr]
+    assert 2800 < len(arr) < 3000  # ~2% failures skipped
+    gaps = np.diff([a.t_s for a in arr])
+    assert stats.gamma.fit(gaps[gaps > 0], floc=0)[0] < 1
+
+
+def _r(tenant: str, ttft: float | None, n: int, itl: float, error: str = "") -> RequestResult:
+    gaps = (itl,) * (n - 1)
+    e2e = (ttft or 0.0) + itl * (n - 1)
+    return RequestResult(tenant, 0.0, 0.0, ttft, gaps, e2e, 10, n, error)
+
+
+def test_report_math() -> None:
+    res = [_r("a", 0.1 * (i + 1), 5, 0.02) for i in range(10)]  # TTFT 0.1 .. 1.0
+    res += [_r("b", 0.05, 11, 0.2), _r("b", None, 0, 0.0, "http 500: boom")]
+    s = summarize(res, duration_s=2.0, ttft_slo_s=0.5, itl_slo_s=0.05)
+    assert s.requests == 12 and s.succeeded == 11
+    assert s.ttft_s.p50 == pytest.approx(
+        np.percentile([*(0.1 * (i + 1) for i in range(10)), 0.05], 50)
+    )
+    assert s.requests_per_s == pytest.approx(5.5)
+    assert s.output_tokens_per_s == pytest.approx((50 + 11) / 2.0)
+    assert s.slo_attainment == pytest.approx(5 / 12)  # a's first five; b is too slow or failed
+    assert s.errors == {"http 500": 1}
+    assert s.itl_s.p99 == pytest.approx(0.2) and s.tpot_s.p50 == pytest.approx(0.02)
+    by = summarize_by_tenant(res, 2.0, 0.5, 0.05)
+    assert (
+        set(by) == {"all", "a", "b"}
+        and by["a"].slo_attainment == 0.5
+        and by["b"].slo_attainment == 0
+    )
+    assert not meets_slo(_r("a", 0.1, 1, 0.0, "timeout"), 1.0, 1.0)
+    assert goodput([(1, 0.99), (2, 0.95), (4, 0.7), (8, 0.92)]) == 2  # 8 passing above a failure
+    assert goodput([(1, 0.5)]) == 0.0
+
+
+# ---- HTTP driver against a stub OpenAI server ------------------------------------------
+
+
+async def _stub(seen: list[dict], release: asyncio.Event) -> tuple[web.AppRunner, str]:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body)
+        if body["user"] == "bad":
+            return web.json_response({"error": {"message": "nope"}}, status=400)
+        if body["user"] == "hang":
+            await release.wait()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = body["max_tokens"]
+        for i in range(n):
+            chunk = {"choices": [{"index": 0, "delta": {"content": f" t{i}"}}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.002)  # the server's pace: makes inter-token gaps measurable
+        usage = {"prompt_tokens": 99, "completion_tokens": n, "total_tokens": 99 + n}
+        await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def test_http_driver_measures_stream() -> None:
+    async def go() -> list[RequestResult]:
+        seen: list[dict] = []
+        release = asyncio.Event()
+        runner, url = await _stub(seen, release)
+        try:
+            async with aiohttp.ClientSession() as session:
+                loop = asyncio.get_running_loop()
+                send = http_driver(session, url, "m", request_timeout_s=0.5, t0=loop.time)
+                arr = [
+                    Arrival(0.0, "x", 12, 6),
+                    Arrival(0.01, "y", 3, 1),
+                    Arrival(0.02, "bad", 3, 2),
+                    Arrival(0.03, "hang", 3, 2),
+                ]
+                run = await run_open_loop(arr, send, loop.time, timeout_s=5.0)
+        finally:
+            release.set()
+            await runner.cleanup()
+        assert [b["user"] for b in seen] == ["x", "y", "bad", "hang"]
+        assert seen[0]["stream_options"] == {"include_usage": True} and seen[0]["max_tokens"] == 6
+        assert len(seen[0]["messages"][0]["content"].split()) == 12
+        return list(run.results)
+
+    res = asyncio.run(go())
+    x, y, bad, hang = res
+    assert x.ok and x.output_tokens == 6 and x.prompt_tokens == 99 and len(x.gaps_s) == 5
+    assert x.ttft_s is not None and 0 < x.ttft_s < x.e2e_s and min(x.gaps_s) > 0.001
+    assert y.ok and y.output_tokens == 1 and y.gaps_s == ()
+    assert not bad.ok and bad.error.startswith("http 400")
+    assert not hang.ok and hang.error == "timeout"
+
+
+def test_refuses_non_loopback_and_unbounded_runs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="non-loopback"):
+        http_driver(None, "http://10.0.0.1:8000", "m", t0=lambda: 0.0)  # type: ignore[arg-type]
+    assert main(["--url", "http://127.0.0.1:1"]) == 2  # no --num-requests / --duration
+    assert main(["--num-requests", "1", "--ttft-slo", "0"]) == 2
+    out = tmp_path / "s.csv"
+    assert main(["--write-synthetic-csv", str(out), "--num-requests", "50"]) == 0
+    assert len(read_burstgpt_csv(out, keep_failures=True)) == 50
+
+
+def test_cli_sweep_writes_json(tmp_path: Path) -> None:
+    """A full CLI run (sweep of two rates) against the stub, through asyncio in a thread."""
+
+    async def serve_and_run() -> int:
+        runner, url = await _stub([], asyncio.Event())
+        try:
+            out = tmp_path / "r.json"
+            argv = [
+                "--url",
+                url,
+                "--num-requests",
+                "6",
+                "--sweep",
+                "50,100",
+                "--max-prompt-tokens",
+                "16",
+                "--max-output-tokens",
+                "8",
+                "--tenants",
+                "a:1,b:1",
+                "--json",
+                str(out),
+                "--timeout",
+                "10",
+            ]
+            rc = await asyncio.to_thread(main, argv)
+            rep = json.loads(out.read_text())
+            assert rep["mode"] == "sweep" and set(rep["goodput_rps"]) == {"all", "a", "b"}
+            assert rep["runs"]["50"]["all"]["requests"] == 6
+            replay = [
+                "--url",
+                url,
+                "--trace",
+                str(SAMPLE),
+                "--num-requests",
+                "5",
+                "--rate",
+                "100",
+                "--max-prompt-tokens",
+                "16",
+                "--max-output-tokens",
+                "4",
+                "--json",
+                str(out),
+                "--timeout",
+                "10",
+            ]
+            rc2 = await asyncio.to_thread(main, replay)
+            one = json.loads(out.read_text())["summary"]["all"]
+            assert one["requests"] == 5 and one["succeeded"] == 5
+            return rc + rc2
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(serve_and_run()) == 0
+
+
+def test_grpc_driver_with_a_stand_in_client() -> None:
+    """The gRPC driver reads SDK chunks (kvrelay.client.types) from whatever AsyncClient
+    gives; a stand-in with the same generate() shape checks the bookkeeping."""
+    from kvrelay.benchmarks.loadgen_drivers import grpc_driver
+    from kvrelay.client.types import GenerationChunk, Usage
+
+    class Stub:
+        def __init__(self) -> None:
+            self.params: list[dict] = []
+
+        def generate(self, prompt: str, *, stream: bool, **params):
+            self.params.append(params)
+
+            async def chunks():
+                yield GenerationChunk("r")
+                for i in range(params["max_tokens"]):
+                    await asyncio.sleep(0.001)
+                    if params["tenant"] == "boom" and i == 1:
+                        raise RuntimeError("UNAVAILABLE")
+                    yield GenerationChunk("r", token_ids=(i,), text=f" t{i}")
+                yield GenerationChunk("r", finish_reason="length", usage=Usage(42, 3, 0))
+
+            return chunks()
+
+    async def go():
+        stub = Stub()
+        loop = asyncio.get_running_loop()
+        send = grpc_driver(stub, "m", t0=loop.time)
+        ok = await send(Arrival(0.0, "t", 5, 3), "hi", 0.0)
+        bad = await send(Arrival(0.0, "boom", 5, 3), "hi", 0.0)
+        return stub, ok, bad
+
+    stub, ok, bad = asyncio.run(go())
+    assert stub.params[0]["tenant"] == "t" and stub.params[0]["ignore_eos"] is True
+    assert ok.ok and ok.output_tokens == 3 and ok.prompt_tokens == 42 and len(ok.gaps_s) == 2
+    assert not bad.ok and "UNAVAILABLE" in bad.error and bad.output_tokens == 1

@@ -1,0 +1,136 @@
+"""Incremental detokenization with stop strings, for streaming.
+
+Two holdbacks, one after the other:
+
+1. UTF-8 (vLLM's prefix/read offsets). Decoding a window of recent tokens instead of the whole
+   output keeps a step O(window). A token may end inside a multi-byte character; its decoded
+   text then ends with U+FFFD, so the window's text is released only up to its last character
+   that is not a trailing U+FFFD, and the window moves on once its text ends cleanly::
+
+       ids:   ... | prefix_offset ........ read_offset ........ len(ids)
+                    \\__ context (already released) _/\\__ new tokens __/
+       decode(ids[prefix_offset:])[:released] is already out; the rest is new.
+
+   The context token in front keeps tokenizers that strip a leading space on the first token
+   (SentencePiece) honest, as in vLLM.
+
+2. Stop strings (OpenAI semantics). Released text goes into ``pending``; the earliest stop
+   string found there ends the stream, and neither it nor anything after it is emitted. Of the
+   rest, the longest suffix that is a proper prefix of some stop string is held back, so a
+   stream never emits text that later turns out to belong to a stop string. Invariant: no
+   future match can start in emitted text, so searching ``pending`` is enough.
+
+With one token per ``push`` the concatenated deltas equal ``decode(ids)`` truncated at the start
+of the earliest stop string in the text of the shortest prefix of ids that contains one (for
+byte-level BPE and other decoders for which decode(a + b) == decode(a) + decode(b) at
+character boundaries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+_REPLACEMENT = "\ufffd"
+# prompt tokens kept as decoding context in front of the first output token (vLLM uses 5)
+_PROMPT_CONTEXT = 5
+
+
+@dataclass(frozen=True, slots=True)
+class DetokResult:
+    text_delta: str  # new text safe to stream; "" while held back
+    stop_hit: bool  # a stop string was found: the stream is over
+    stop_string: str | None = None  # which one (the earliest-starting), when stop_hit
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas; one instance per request."""
+
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        stop: Sequence[str] = (),
+        prompt_ids: Sequence[int] = (),
+    ) -> None:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        self._decode = decode
+        self._stop = tuple(dict.fromkeys(stop))  # dedup, keep order
+        # prefixes of stop strings (proper), for the holdback test; sizes are tiny (<= 4 x ~20)
+        self._stop_prefixes = {s[:i] for s in self._stop for i in range(1, len(s))}
+        self._max_hold = max((len(s) - 1 for s in self._stop), default=0)
+        self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        # output text is what output tokens add after the prompt's (context) text
+        self._released = len(decode(self._ids)) if self._ids else 0
+        self._pending = ""  # released by the UTF-8 stage, not yet emitted (stop holdback)
+        self._done = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def push(self, new_ids: Sequence[int]) -> DetokResult:
+        """Add the ids of one step; returns the text they make safe to emit."""
+        if self._done:
+            raise RuntimeError("push() after a stop string or flush()")
+        self._ids.extend(new_ids)
+        text = self._decode(self._ids[self._prefix_offset :])
+        stable = text.rstrip(_REPLACEMENT)
+        if len(stable) > self._released:
+            self._pending += stable[self._released :]
+            self._released = len(stable)
+        if len(stable) == len(text) and self._read_offset < len(self._ids):
+            # clean end: everything in the window is out; slide it, keeping one step of context
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            self._released = len(self._decode(self._ids[self._prefix_offset :]))
+        return self._emit(final=False)
+
+    def flush(self) -> DetokResult:
+        """End of stream (EOS, stop id, max tokens): release everything held back."""
+        if self._done:
+            return DetokResult("", stop_hit=False)
+        text = self._decode(self._ids[self._prefix_offset :])
+        if len(text) > self._released:
+            self._pending += text[self._released :]
+            self._released = len(text)
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> DetokResult:
+        pending = self._pending
+        hit = self._earliest_stop(pending)
+        if hit is not None:
+            start, stop = hit
+            self._pending = ""
+            self._done = True
+            return DetokResult(pending[:start], stop_hit=True, stop_string=stop)
+        if final:
+            self._pending = ""
+            self._done = True
+            return DetokResult(pending, stop_hit=False)
+        hold = self._held_suffix(pending)
+        cut = len(pending) - hold
+        self._pending = pending[cut:]
+        return DetokResult(pending[:cut], stop_hit=False)
+
+    def _earliest_stop(self, text: str) -> tuple[int, str] | None:
+        best: tuple[int, str] | None = None
+        for s in self._stop:
+            i = text.find(s)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def _held_suffix(self, text: str) -> int:
+        """Length of the longest suffix of text that a stop string starts with."""
+        for n in range(min(self._max_hold, len(text)), 0, -1):
+            if text[-n:] in self._stop_prefixes:
+                return n
+        return 0
+
+    def check_integrity(self) -> None:
+        assert 0 <= self._prefix_offset <= self._read_offset <= len(self._ids)
+        assert len(self._pending) <= self._max_hold or self._done
+        assert self._earliest_stop(self._pending) is None or self._done

@@ -1,0 +1,81 @@
+"""Types that cross the worker boundary: sampling parameters, per-step outputs, pool figures.
+
+Frozen, slotted dataclasses: what the engine emits is a value, never a live object.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens reached (or the model's context is full)
+    ABORT = "abort"  # cancelled by the client or the operator
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Validated at the edge (frontends); inside, trusted.
+
+    ``temperature == 0`` is greedy. ``top_k == 0``, ``top_p == 1``, ``min_p == 0`` and
+    ``repetition_penalty == 1`` are off. A request with ``seed`` draws its randomness from
+    (seed, position) only, so it gives the same tokens in any batch and on any worker.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One request's new output from one engine step (a worker sends a list per step)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # tokens committed this step, in order
+    text: str = ""  # the text those tokens add (held back while a stop string may be forming)
+    finish_reason: FinishReason | None = None
+    # prompt tokens served from cache instead of computed (set on the first event)
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    total: int
+    free: int  # never used or freed without a hash
+    used: int  # referenced by at least one request
+    cached: int  # unreferenced but holding a hashed block (evictable, LRU)
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Tier(str, enum.Enum):
+    GPU = "gpu"  # the device pool (host memory on CPU-only workers, same accounting)
+    CPU = "cpu"  # the host tier behind it (pinned on CUDA)
+
+
+class KVEventKind(str, enum.Enum):
+    STORED = "stored"  # hashed blocks became available in `tier`
+    REMOVED = "removed"  # hashed blocks left `tier` (evicted, dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """A pool's change to the set of hashed blocks it holds; batched to the KV directory with
+    the heartbeat. A tier move is REMOVED from one tier plus STORED in the other."""
+
+    kind: KVEventKind
+    tier: Tier
+    block_hashes: tuple[int, ...]

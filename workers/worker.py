@@ -1,0 +1,347 @@
+"""A worker: one engine on its loop thread, its KV transport, and its role.
+
+A plain class: the cluster wraps it as a Ray actor (cluster/actors.py, a threaded actor so a
+blocking transfer does not stop other calls), tests and the GPU machine use it in plain
+processes. Roles:
+
+    prefill    requests run with ``prefill_only``: first token, then the KV is handed off
+    decode     receives KV into reserved blocks and decodes; also prefills when told to
+    colocated  both, the single-worker baseline
+
+Handoff, decode side D and prefill side P (the controller drives it)::
+
+    D.reserve(rid, n)  -> block ids | None (refusal)
+    P.send_kv(rid, D) || D.recv_kv(rid, P)   packed blocks over the pair's group
+    D.accept_prefilled(rid, ...)             the request continues on D
+    P.finish_handoff(rid)                    P releases (full blocks stay as prefix cache)
+
+Every engine access goes through the loop thread; reservations expire at their deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.workers.engine import Engine, EngineConfig, EngineStats
+from kvrelay.workers.loader import LoadedModel, load_model
+from kvrelay.workers.loop import EngineLoop
+from kvrelay.workers.transport import KVTransport
+from kvrelay.workers.types import KVEvent, SamplingParams, TokenEvent
+
+ROLES = ("prefill", "decode", "colocated")
+FAULTS = ("exit_after_first_token", "exit_in_recv", "exit_in_send")
+EventSink = Callable[[str, list[TokenEvent]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    worker_id: str
+    role: str
+    node_ip: str
+    pid: int
+    model_id: str
+    block_size: int
+    num_blocks: int
+    block_bytes: int
+    max_context: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    worker_id: str
+    role: str
+    stats: EngineStats
+    kv_events: tuple[KVEvent, ...]
+    transport: dict[str, float]
+    alive: bool
+
+
+@dataclass(slots=True)
+class _Reservation:
+    """Blocks held for an incoming handoff. While ``receiving``, only the receiving thread
+    may free them (an unreserve then just marks ``cancelled``): a late payload must never land
+    in blocks that were handed to another request."""
+
+    block_ids: list[int]
+    deadline: float
+    receiving: bool = False
+    received: bool = False
+    cancelled: bool = False
+
+
+class Worker:
+    def __init__(
+        self,
+        worker_id: str,
+        role: str,
+        *,
+        model: str | LoadedModel | None = None,
+        engine_config: EngineConfig = EngineConfig(),
+        sink: EventSink | None = None,
+        transport: KVTransport | None = None,
+        rendezvous: tuple[str, int] | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.worker_id = worker_id
+        self.role = role
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+        self.engine = Engine(loaded, engine_config, device=device)
+        self._sink = sink
+        if transport is None and rendezvous is not None:
+            transport = KVTransport(worker_id, rendezvous[0], rendezvous[1], device=device)
+        self.transport = transport
+        self._reservations: dict[str, _Reservation] = {}
+        self._lock = threading.Lock()
+        self._faults: set[str] = set()
+        self.loop = EngineLoop(self.engine, self._emit, name=f"engine-{worker_id}").start()
+
+    # ---- plumbing ------------------------------------------------------------------------
+    def set_sink(self, sink: EventSink) -> None:
+        self._sink = sink
+
+    def set_transport(self, transport: KVTransport) -> None:
+        self.transport = transport
+
+    def _emit(self, events: list[TokenEvent]) -> None:
+        if self._sink is not None:
+            self._sink(self.worker_id, events)
+        if "exit_after_first_token" in self._faults and any(
+            rid in self.engine.handoffs for rid in (e.request_id for e in events)
+        ):
+            os._exit(17)  # crash right after a prefill's first token went out
+
+    def inject_fault(self, fault: str) -> None:
+        """Chaos hooks: ``exit_after_first_token`` (prefill side), ``exit_in_recv`` and
+        ``exit_in_send`` (the process dies mid-transfer). The process really exits."""
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
+        self._faults.add(fault)
+
+    def info(self) -> WorkerInfo:
+        e = self.engine
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role=self.role,
+            node_ip=_node_ip(),
+            pid=os.getpid(),
+            model_id=e.loaded.model_id,
+            block_size=e.config.block_size,
+            num_blocks=e.pool.num_blocks,
+            block_bytes=e.block_bytes,
+            max_context=e.max_context,
+        )
+
+    def set_role(self, role: str) -> None:
+        """Switch role between requests (pool rebalancing): affects only new requests."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        self.role = role
+
+    # ---- requests ------------------------------------------------------------------------
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        output_ids: Sequence[int] = (),
+        tenant: str = "",
+        priority: int = 0,
+        prefill_only: bool = False,
+    ) -> None:
+        self.loop.call(
+            lambda e: e.add_request(
+                request_id, prompt_ids, params, output_ids=output_ids, tenant=tenant,
+                priority=priority, prefill_only=prefill_only,
+            )
+        )
+
+    def abort(self, request_id: str) -> bool:
+        had_reservation = self.unreserve(request_id)
+        return self.loop.call(lambda e: e.abort(request_id)) or had_reservation
+
+    def continue_local(self, request_id: str) -> None:
+        """No decode worker took the handoff: decode the parked request here."""
+
+        def resume(e: Engine) -> None:
+            seq = e.handoffs.pop(request_id)
+            seq.prefill_only = False
+            seq.status = type(seq.status).RUNNING
+            e.seqs[request_id] = seq
+            e.scheduler.running.append(seq)
+
+        self.loop.call(resume)
+
+    # ---- handoff: prefill side -----------------------------------------------------------
+    def handoff_size(self, request_id: str) -> int:
+        return len(self.loop.call(lambda e: e.handoff_blocks(request_id)))
+
+    def send_kv(self, request_id: str, peer_id: str, transfer_id: str, timeout_s: float) -> int:
+        """Send the parked request's prompt blocks to ``peer_id``; returns bytes sent."""
+        blocks = self.loop.call(lambda e: e.handoff_blocks(request_id))
+        if "exit_in_send" in self._faults:
+            os._exit(17)
+        # parked blocks: no step writes them while they are packed
+        return self._transport().send_blocks(
+            peer_id, transfer_id, self.engine.kv_cache, blocks, timeout_s=timeout_s
+        )
+
+    def finish_handoff(self, request_id: str) -> None:
+        self.loop.call(lambda e: e.finish_handoff(request_id))
+
+    # ---- handoff: decode side ------------------------------------------------------------
+    def reserve(self, request_id: str, num_blocks: int, deadline_s: float) -> list[int] | None:
+        self.expire_reservations()
+        blocks = self.loop.call(lambda e: e.reserve(num_blocks))
+        if blocks is not None:
+            with self._lock:
+                self._reservations[request_id] = _Reservation(blocks, deadline_s)
+        return blocks
+
+    def recv_kv(self, request_id: str, peer_id: str, transfer_id: str, timeout_s: float) -> int:
+        with self._lock:
+            res = self._reservations.get(request_id)
+            if res is None or res.receiving or res.received:
+                raise RuntimeError(f"no open reservation for {request_id}")
+            res.receiving = True
+        if "exit_in_recv" in self._faults:
+            os._exit(17)
+        try:
+            # reserved blocks: no sequence reads them until accept_prefilled
+            nbytes = self._transport().recv_blocks(
+                peer_id, transfer_id, self.engine.kv_cache, res.block_ids, timeout_s=timeout_s
+            )
+        except BaseException:
+            self._end_receive(request_id, res, ok=False)
+            raise
+        if not self._end_receive(request_id, res, ok=True):
+            raise RuntimeError(f"reservation for {request_id} was cancelled during the transfer")
+        return int(nbytes)
+
+    def _end_receive(self, request_id: str, res: _Reservation, *, ok: bool) -> bool:
+        """Close a receive; frees the blocks when it failed or was cancelled meanwhile."""
+        with self._lock:
+            res.receiving = False
+            keep = ok and not res.cancelled
+            if keep:
+                res.received = True
+            elif self._reservations.get(request_id) is res:
+                del self._reservations[request_id]
+        if not keep:
+            self.loop.call(lambda e: e.unreserve(res.block_ids))
+        return keep
+
+    def accept_prefilled(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> None:
+        with self._lock:
+            res = self._reservations.pop(request_id)
+        if not res.received:
+            self.loop.call(lambda e: e.unreserve(res.block_ids))
+            raise RuntimeError(f"accept of {request_id} before its KV arrived")
+        self.loop.call(
+            lambda e: e.add_prefilled(
+                request_id, prompt_ids, output_ids, params, res.block_ids,
+                tenant=tenant, priority=priority,
+            )
+        )
+
+    def unreserve(self, request_id: str) -> bool:
+        with self._lock:
+            res = self._reservations.pop(request_id, None)
+            if res is None:
+                return False
+            if res.receiving:  # the receiving thread frees them when it ends
+                res.cancelled = True
+                return True
+        self.loop.call(lambda e: e.unreserve(res.block_ids))
+        return True
+
+    def expire_reservations(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._lock:
+            gone = [
+                rid for rid, r in self._reservations.items()
+                if r.deadline < now and not r.receiving  # a receive ends by its own deadline
+            ]
+        for rid in gone:
+            self.unreserve(rid)
+        return gone
+
+    # ---- figures -------------------------------------------------------------------------
+    def heartbeat(self) -> Heartbeat:
+        self.expire_reservations()
+        stats, events = self.loop.call(lambda e: (e.stats(), tuple(e.pool.drain_events())))
+        return Heartbeat(
+            self.worker_id, self.role, stats, events, self.transport_totals(), self.loop.alive
+        )
+
+    def transport_totals(self) -> dict[str, float]:
+        """Transport counters summed over peers (bytes, transfers, seconds, failures)."""
+        out: dict[str, float] = {}
+        if self.transport is None:
+            return out
+        for peer in self.transport.stats().peers.values():
+            for name in peer.__dataclass_fields__:
+                out[name] = out.get(name, 0.0) + float(getattr(peer, name))
+        return out
+
+    def check_integrity(self) -> dict[str, int]:
+        """Raises if the pool is inconsistent; returns its figures (tests assert no leaks)."""
+
+        def check(e: Engine) -> dict[str, int]:
+            e.check_integrity()
+            s = e.pool.stats()
+            return {
+                "total": s.total, "free": s.free, "used": s.used, "cached": s.cached,
+                "requests": len(e.seqs) + len(e.handoffs),
+            }
+
+        out = self.loop.call(check)
+        with self._lock:
+            out["reservations"] = len(self._reservations)
+        return out
+
+    def clear_prefix_cache(self) -> None:
+        self.loop.call(lambda e: e.pool.clear_cache())
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _transport(self) -> KVTransport:
+        if self.transport is None:
+            raise RuntimeError(f"worker {self.worker_id} has no KV transport")
+        return self.transport
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
