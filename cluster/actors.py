@@ -3,7 +3,9 @@ actors (a blocking KV transfer in one method must not stop heartbeats or aborts)
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import uuid
 from typing import Any
 
@@ -11,6 +13,9 @@ import ray
 
 from kvrelay.cluster.backend import ModelInfo
 from kvrelay.cluster.controller import Controller, ControllerConfig
+from kvrelay.cluster.metadata_poller import MetadataPoller, MetadataPollerConfig
+from kvrelay.cluster.notices import PreemptionNotice, queue_sink
+from kvrelay.cluster.routing import RoutingConfig
 from kvrelay.cluster.serve import ServeConfig
 from kvrelay.cluster.worker_client import RayWorkerClient
 from kvrelay.workers.engine import EngineConfig
@@ -31,7 +36,38 @@ class _ControllerSink:
         self.controller.on_events.remote(worker_id, events)
 
 
-WorkerActor = ray.remote(Worker)
+class _ControllerNotice:
+    """Picklable preemption-notice sink (a worker's SIGTERM handler calls it)."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    def __call__(self, worker_id: str, deadline_s: float) -> None:
+        self.controller.notify_preemption.remote(worker_id, deadline_s)
+
+
+class NoticeWorker(Worker):
+    """A worker that also polls its instance's metadata endpoint for a spot notice (the
+    endpoint is node-local, so the poll runs where the worker runs)."""
+
+    def __init__(self, *args: Any, metadata: MetadataPollerConfig | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self._poller_thread: threading.Thread | None = None
+        if metadata is not None:
+            self._poller_thread = threading.Thread(
+                target=self._poll, args=(metadata,), name="metadata-poller", daemon=True
+            )
+            self._poller_thread.start()
+
+    def _poll(self, config: MetadataPollerConfig) -> None:
+        def sink(notice: PreemptionNotice) -> None:
+            if self._notice is not None:
+                self._notice(self.worker_id, notice.deadline_s)
+
+        asyncio.run(MetadataPoller(config, sink).run())
+
+
+WorkerActor = ray.remote(NoticeWorker)
 
 
 @ray.remote
@@ -39,8 +75,15 @@ class ControllerActor(Controller):
     def __init__(self, cfg: ServeConfig) -> None:
         config, tokenizer, model_id = load_tokenizer(cfg.model)
         info = ModelInfo(model_id, config.max_context, config.vocab_size, config.eos_token_ids)
+        routing = RoutingConfig(
+            router=cfg.router,
+            conditional_disagg=cfg.conditional_disagg,
+            prefix_pull=cfg.prefix_pull,
+            block_size=cfg.block_size,
+            chunk_tokens=cfg.max_num_batched_tokens,
+        )
         super().__init__(
-            ControllerConfig(info, handoff_timeout_s=cfg.handoff_timeout_s), tokenizer
+            ControllerConfig(info, routing, handoff_timeout_s=cfg.handoff_timeout_s), tokenizer
         )
         self.cfg = cfg
         self.handles: dict[str, Any] = {}
@@ -57,6 +100,8 @@ class ControllerActor(Controller):
         self._store, port = start_rendezvous_store(host, 0)
         self._store_addr = (host, port)
         out: dict[str, Any] = {"model_id": self.config.model.id, "store_port": port}
+        if self.cfg.k8s_watch:
+            self._start_k8s_watch()
         if self.cfg.grpc_port is not None or self.cfg.http_port is not None:
             from kvrelay.cluster.frontends import start_frontends_for
 
@@ -81,14 +126,26 @@ class ControllerActor(Controller):
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             enable_prefix_caching=cfg.enable_prefix_caching,
         )
-        handle = WorkerActor.options(  # type: ignore[attr-defined]
-            name=f"kvrelay-worker-{worker_id}", num_cpus=1, max_concurrency=32
-        ).remote(
+        options: dict[str, Any] = {
+            "name": f"kvrelay-worker-{worker_id}", "num_cpus": 1, "max_concurrency": 32,
+        }
+        if cfg.placement_resource_prefix:  # pools pinned to node groups by custom resource
+            options["resources"] = {f"{cfg.placement_resource_prefix}{role}": 1}
+        metadata = None
+        if cfg.metadata_url:
+            metadata = MetadataPollerConfig(
+                url=cfg.metadata_url, target=worker_id, parser=cfg.metadata_parser,  # type: ignore[arg-type]
+                interval_s=cfg.metadata_interval_s, grace_s=cfg.preemption_grace_s,
+            )
+        handle = WorkerActor.options(**options).remote(  # type: ignore[attr-defined]
             worker_id,
             role,
             model=cfg.model,
             engine_config=engine_config,
             sink=_ControllerSink(me),
+            notice=_ControllerNotice(me),
+            grace_s=cfg.preemption_grace_s,
+            metadata=metadata,
             rendezvous=self._store_addr,
             threads=cfg.threads_per_worker,
         )
@@ -101,6 +158,31 @@ class ControllerActor(Controller):
         handle = self.handles.get(worker_id)
         if handle is not None:
             ray.kill(handle, no_restart=True)
+
+    def _start_k8s_watch(self) -> None:
+        from kubernetes import config as k8s_config
+
+        from kvrelay.cluster.k8s_watcher import K8sWatchConfig, K8sWatcher
+
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        queue: asyncio.Queue[PreemptionNotice] = asyncio.Queue()
+        self._watcher = K8sWatcher(
+            K8sWatchConfig(pod_namespace=self.cfg.k8s_namespace,
+                           default_grace_s=self.cfg.preemption_grace_s),
+            queue_sink(asyncio.get_running_loop(), queue),
+        )
+        self._watcher.start()
+        self._spawn(self._consume_notices(queue))
+
+    async def _consume_notices(self, queue: asyncio.Queue[PreemptionNotice]) -> None:
+        while True:
+            await self.on_notice(await queue.get())
+
+    async def worker_pid(self, worker_id: str) -> int:
+        return int(self.workers[worker_id].info.pid)
 
     async def inject_fault(self, worker_id: str, fault: str) -> None:
         await self.workers[worker_id].client.call("inject_fault", fault)

@@ -31,6 +31,11 @@ from kvrelay.cluster.backend import (
     WorkerStatus,
 )
 from kvrelay.cluster.flights import DECODE, HANDOFF, PREFILL, Flight
+from kvrelay.cluster.metrics import Metrics, WorkerCounters
+from kvrelay.cluster.notices import NoticeKind, PreemptionNotice
+from kvrelay.cluster.preemption import PreemptionExecutor
+from kvrelay.cluster.router.types import Role, RouteDecision, RouteRequest, WorkerLoad
+from kvrelay.cluster.routing import Pull, Routing, RoutingConfig
 from kvrelay.cluster.worker_client import WorkerClient, WorkerGone
 from kvrelay.workers.output import RequestText
 from kvrelay.workers.types import FinishReason, TokenEvent
@@ -42,7 +47,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
     model: ModelInfo
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     handoff_timeout_s: float = 30.0
+    pull_timeout_s: float = 10.0
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 10.0
 
@@ -73,10 +80,17 @@ class Controller:
         self.workers: dict[str, WorkerEntry] = {}
         self.flights: dict[str, Flight] = {}
         self.handoffs_done = 0
+        self.local_prefills = 0
         self.handoff_refusals = 0
         self.handoff_bytes = 0
         self.resubmissions = 0
         self.metrics = Metrics(models=[config.model.id])
+        self.routing = Routing(config.routing, config.model.id)
+        self.pulls_done = 0
+        self.pull_bytes = 0
+        self.migrations_done = 0
+        self.recomputes_done = 0
+        self.preemption = PreemptionExecutor(self)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health: asyncio.Task[None] | None = None
         self._ids = itertools.count()
@@ -101,6 +115,7 @@ class Controller:
     async def register(self, client: WorkerClient) -> WorkerInfo:
         info: WorkerInfo = await client.call("info")
         self.workers[info.worker_id] = WorkerEntry(client, info, info.role)
+        self.routing.block_bytes = info.block_bytes
         log.info("worker %s registered as %s on %s", info.worker_id, info.role, info.node_ip)
         return info
 
@@ -118,6 +133,7 @@ class Controller:
             return
         log.warning("worker %s failed: %s", worker_id, reason)
         entry.healthy = False
+        self.routing.forget(worker_id)  # no route to its blocks from now on
         entry.client.kill()
         self.metrics.forget_worker(worker_id)
         self.workers.pop(worker_id, None)
@@ -192,14 +208,20 @@ class Controller:
 
     async def _dispatch_once(self, flight: Flight) -> None:
         while not flight.done:
-            prefill = self._pick(self._pool("prefill"))
-            target = prefill if prefill is not None and self._pool("decode") else None
-            if target is None:
-                target = self._pick(self._pool("colocated", "decode", "prefill"))
-            if target is None:
+            tokens = list(flight.req.prompt_token_ids) + flight.committed
+            request = RouteRequest(
+                flight.request_id, self.routing.hashes(tokens), len(tokens),
+                flight.req.tenant, flight.req.priority,
+            )
+            loads = [self._load(w) for w in self.workers.values() if w.healthy and not w.draining]
+            plan = self.routing.plan(request, loads, len(tokens))
+            if plan is None:
                 flight.finish(FinishReason.ABORT)
-                raise RuntimeError("no healthy worker to serve the request")
-            split = target is prefill and self._pool("decode") != []
+                raise RuntimeError("no healthy worker with room for the request")
+            target = self.workers[plan.worker]
+            split = plan.mode == "split"
+            if plan.pull is not None:
+                await self._pull(flight, plan.pull, target)
             try:
                 await self._submit(flight, target, prefill_only=split)
             except WorkerGone as exc:
@@ -208,7 +230,57 @@ class Controller:
                 continue
             flight.phase = PREFILL if split else DECODE
             flight.prefill_worker = target.info.worker_id if split else None
+            if plan.mode == "local":
+                self.local_prefills += 1
             return
+
+    def _load(self, w: WorkerEntry) -> WorkerLoad:
+        hb = w.heartbeat
+        total = w.info.num_blocks
+        free = total
+        running = waiting = 0
+        if hb is not None:
+            free = hb.stats.pool.free + hb.stats.pool.cached
+            running, waiting = hb.stats.running, hb.stats.waiting
+        # requests routed since the last heartbeat count as queued work
+        waiting = max(waiting, len(w.assigned) - running)
+        return WorkerLoad(
+            w.info.worker_id, Role(w.role), w.healthy, w.draining, free, total, running, waiting
+        )
+
+    async def _pull(self, flight: Flight, pull: Pull, p: WorkerEntry) -> bool:
+        """Cross-worker reuse: move prefix blocks a peer holds into P's cache before P's
+        prefill, instead of recomputing them. Best effort: on any failure P recomputes."""
+        src = self.workers.get(pull.source)
+        if src is None or not src.healthy:
+            return False
+        res_id = f"{flight.request_id}#pull{next(self._ids)}"
+        timeout = self.config.pull_timeout_s
+        pid, sid = p.info.worker_id, src.info.worker_id
+        try:
+            blocks = await p.client.call(
+                "reserve", res_id, len(pull.block_hashes), time.time() + timeout, timeout=30
+            )
+            if blocks is None:
+                return False
+            tid = res_id.replace("#", "/")
+            send = asyncio.ensure_future(
+                src.client.call("send_prefix", list(pull.block_hashes), pid, tid, timeout)
+            )
+            recv = asyncio.ensure_future(p.client.call("recv_kv", res_id, sid, tid, timeout))
+            await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
+            if not (send.done() and recv.done()) or send.exception() or recv.exception():
+                send.cancel()
+                recv.cancel()
+                await p.client.call("unreserve", res_id, timeout=10)
+                return False
+            await p.client.call("commit_prefix", res_id, list(pull.block_hashes), timeout=30)
+        except Exception as exc:
+            log.info("pull for %s failed, recomputing: %r", flight.request_id, exc)
+            return False
+        self.pulls_done += 1
+        self.pull_bytes += int(recv.result())
+        return True
 
     async def _submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None:
         req = flight.req
@@ -269,7 +341,7 @@ class Controller:
             deadline = time.time() + self.config.handoff_timeout_s
             tried: set[str] = set()
             while not flight.done:
-                d = self._pick([w for w in self._pool("decode") if w.info.worker_id not in tried])
+                d = self._choose_decode(flight, tried)
                 if d is None:
                     break
                 tried.add(d.info.worker_id)
@@ -305,8 +377,28 @@ class Controller:
         if owner is None or not owner.healthy:
             await self._redispatch(flight)
 
+    def _choose_decode(self, flight: Flight, tried: set[str]) -> WorkerEntry | None:
+        """The router's pick among decode workers not tried yet for this handoff."""
+        tokens = list(flight.req.prompt_token_ids) + flight.committed
+        request = RouteRequest(flight.request_id, self.routing.hashes(tokens), len(tokens))
+        loads = [
+            self._load(w) for w in self._pool("decode") if w.info.worker_id not in tried
+        ]
+        matches = self.routing.directory.match(request.block_hashes)
+        decision = self.routing.router.route_decode(request, loads, matches)
+        if not isinstance(decision, RouteDecision):
+            return None
+        return self.workers.get(decision.worker_id)
+
     async def _relay(
-        self, flight: Flight, p: WorkerEntry, d: WorkerEntry, n_blocks: int, deadline: float
+        self,
+        flight: Flight,
+        p: WorkerEntry,
+        d: WorkerEntry,
+        n_blocks: int,
+        deadline: float,
+        *,
+        num_computed: int | None = None,
     ) -> bool:
         """One handoff attempt to ``d``; False when d refused or died (p still holds the KV).
         Raises WorkerGone when p died."""
@@ -352,7 +444,8 @@ class Controller:
         flight.phase = DECODE
         await d.client.call(
             "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
-            req.sampling, tenant=req.tenant, priority=req.priority, timeout=30,
+            req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,
+            timeout=30,
         )
         p.assigned.discard(rid)
         self.handoffs_done += 1
@@ -375,6 +468,7 @@ class Controller:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             await asyncio.gather(*(self._beat(w) for w in list(self.workers.values())))
+            self.routing.directory.purge(50_000)  # reclaim dead workers' entries in slices
 
     async def _beat(self, entry: WorkerEntry) -> None:
         wid = entry.info.worker_id
@@ -387,7 +481,14 @@ class Controller:
         if not hb.alive:
             await self._worker_failed(wid, "engine loop stopped")
             return
-        if entry.healthy:
+        if entry.healthy and self.workers.get(wid) is entry:
+            self.routing.directory.apply(wid, hb.kv_events)
+            sent, secs = hb.transport.get("bytes_sent", 0.0), hb.transport.get("seconds_sending", 0.0)
+            self.routing.observe(
+                wid,
+                prefill_tps=hb.prefill_tokens_per_s,
+                transfer_bps=sent / secs if secs > 0 and sent > (1 << 20) else None,
+            )
             self._record_heartbeat(entry, prev, hb)
 
     def _record_heartbeat(self, entry: WorkerEntry, prev: Heartbeat | None, hb: Heartbeat) -> None:
@@ -439,10 +540,40 @@ class Controller:
         if entry is None:
             return False
         entry.draining = True
+        self.routing.forget(worker_id)
         return True
 
     async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
-        return await self.drain(worker_id)
+        """A spot notice (admin RPC, Kubernetes watcher, metadata poller, a worker's SIGTERM):
+        plan and carry out the moves in the background; returns False for unknown workers."""
+        entry = self.workers.get(worker_id)
+        if entry is None or not entry.healthy:
+            return False
+        if entry.draining and any(worker_id in r.leaving for r in self.preemption.records):
+            return True  # already being handled
+        self._spawn(self.preemption.handle({worker_id: deadline_s}))
+        return True
+
+    async def on_notice(self, notice: PreemptionNotice) -> list[str]:
+        """Map a notice (worker, node or pod) to the workers it takes away, and plan for all
+        of them together."""
+        if notice.kind is NoticeKind.WORKER:
+            hit = [notice.target] if notice.target in self.workers else []
+        elif notice.kind is NoticeKind.NODE:
+            hit = [w for w, e in self.workers.items() if e.info.node_name == notice.target]
+        else:
+            hit = [w for w, e in self.workers.items()
+                   if e.info.pod_name == notice.target
+                   or (notice.node and e.info.node_name == notice.node and not e.info.pod_name)]
+        hit = [w for w in hit if self.workers[w].healthy and not self.workers[w].draining]
+        if hit:
+            log.warning("preemption notice %s (%s): %s leaving by %.1f s", notice.target,
+                        notice.source, hit, notice.deadline_s - time.time())
+            self._spawn(self.preemption.handle(dict.fromkeys(hit, notice.deadline_s)))
+        return hit
+
+    async def migration_records(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(r) for r in self.preemption.records]
 
     # ---- test and operator hooks ---------------------------------------------------------
     async def worker_ids(self) -> dict[str, str]:
@@ -465,13 +596,31 @@ class Controller:
                 out[wid] = await w.client.call("transport_totals", timeout=30)
         return out
 
+    async def match_prefix(self, token_ids: list[int]) -> dict[str, int]:
+        """Leading prompt tokens each worker holds, from the KV directory (ops and tests)."""
+        matches = self.routing.directory.match(self.routing.hashes(token_ids))
+        return {wid: m.tokens for wid, m in matches.items()}
+
+    async def directory_workers(self) -> list[str]:
+        return list(self.routing.directory.workers())
+
+    async def clear_prefix_cache(self, worker_id: str) -> None:
+        await self.workers[worker_id].client.call("clear_prefix_cache", timeout=30)
+
     async def counters(self) -> dict[str, int]:
         return {
             "block_bytes": next((w.info.block_bytes for w in self.workers.values()), 0),
             "handoffs": self.handoffs_done,
+            "local_prefills": self.local_prefills,
+            "pulls": self.pulls_done,
+            "pull_bytes": self.pull_bytes,
+            "directory_blocks": self.routing.directory.num_blocks(),
+            "directory_workers": len(self.routing.directory.workers()),
             "handoff_refusals": self.handoff_refusals,
             "handoff_bytes": self.handoff_bytes,
             "resubmissions": self.resubmissions,
+            "migrations": self.migrations_done,
+            "migration_recomputes": self.recomputes_done,
             "in_flight": len(self.flights),
         }
 

@@ -7,6 +7,7 @@ without a hop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from kvrelay.cluster.backend import ClusterBackend
 from kvrelay.cluster.frontend_limits import FrontendLimits
 from kvrelay.cluster.frontend_serve import FrontendHandle, TlsConfig, serve_frontends

@@ -50,18 +50,30 @@ class ServeConfig:
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     handoff_timeout_s: float = 30.0
+    preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
+    router: str = "kv"  # kv | round_robin | least_loaded
+    conditional_disagg: bool = True
+    prefix_pull: bool = True
     transport_host: str | None = None  # address the rendezvous store binds; default: host
     num_blocks_by_role: dict[str, int] = field(default_factory=dict)  # overrides kv_cache_gb
+    placement_resource_prefix: str | None = None
+    k8s_watch: bool = False
+    k8s_namespace: str | None = None
+    metadata_url: str | None = None  # each worker polls it for its instance's spot notice
+    metadata_parser: str = "instance-action"  # or "preempted" (TRUE/FALSE)
+    metadata_interval_s: float = 5.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in known}
         for key in ("api_keys", "admin_keys"):
-            if values.get(key) is None:
-                values[key] = ()
-            else:
-                values[key] = tuple(values[key])
+            keys = list(values.get(key) or ())
+            path = getattr(args, key.replace("keys", "key_file"), None)
+            if path:  # Kubernetes Secrets arrive as files; a key never goes on a command line
+                with open(path, encoding="utf-8") as f:
+                    keys += [line.strip() for line in f if line.strip()]
+            values[key] = tuple(keys)
         return cls(**values)
 
     @property
@@ -82,8 +94,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve /metrics on its own port (it is always on the HTTP port too)")
     p.add_argument("--api-key", dest="api_keys", action="append", help="accept this bearer key")
     p.add_argument("--admin-key", dest="admin_keys", action="append", help="key for admin calls")
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
+    p.add_argument("--api-key-file", default=None, help="file of accepted keys, one per line")
+    p.add_argument("--admin-key-file", default=None, help="file of admin keys, one per line")
+    p.add_argument("--tls-cert", "--tls-cert-file", dest="tls_cert", default=None)
+    p.add_argument("--tls-key", "--tls-key-file", dest="tls_key", default=None)
+    p.add_argument("--placement-resource-prefix", default=None,
+                   help="place each role on nodes offering the custom resource PREFIX<role>, "
+                        "e.g. kvrelay_ -> kvrelay_prefill / kvrelay_decode")
+    p.add_argument("--k8s-watch", action="store_true",
+                   help="watch Kubernetes nodes and pods for termination notices")
+    p.add_argument("--k8s-namespace", default=None, help="namespace of the worker pods")
+    p.add_argument("--metadata-url", default=None,
+                   help="cloud metadata endpoint each worker polls for its spot notice")
+    p.add_argument("--metadata-parser", default="instance-action",
+                   choices=("instance-action", "preempted"))
+    p.add_argument("--metadata-interval-s", type=float, default=5.0)
+    p.add_argument("--preemption-grace-s", type=float, default=30.0,
+                   help="notice a worker's SIGTERM gives before it must be gone")
     p.add_argument("--max-concurrent-streams", type=int, default=256)
     p.add_argument("--max-queue-depth", type=int, default=1024)
     p.add_argument("--threads-per-worker", type=int, default=None)
@@ -92,6 +119,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--router", default="kv", choices=("kv", "round_robin", "least_loaded"))
+    p.add_argument("--no-conditional-disagg", dest="conditional_disagg", action="store_false",
+                   help="always hand off, even when the decode worker holds the prompt")
+    p.add_argument("--no-prefix-pull", dest="prefix_pull", action="store_false",
+                   help="recompute prefixes another worker holds instead of pulling them")
     p.add_argument("--transport-host", default=None,
                    help="routable address for KV transport rendezvous (multi-host)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -33,6 +34,11 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
+        # measured prefill rate (EMA over prefill-heavy steps), read by the heartbeat: the
+        # router's cost estimates use it instead of a constant
+        self.prefill_tokens_per_s: float | None = None
+        self.decode_step_s: float | None = None  # EMA over pure decode steps
+        self.busy_s = 0.0
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -81,7 +87,11 @@ class EngineLoop:
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
+                    before = self.engine.prompt_tokens_computed
+                    t0 = time.perf_counter()
                     events = self.engine.step()
+                    self._measure(self.engine.prompt_tokens_computed - before,
+                                  time.perf_counter() - t0)
                     if events:
                         self.sink(events)
         except BaseException as exc:  # a broken engine must not die silently
@@ -89,6 +99,16 @@ class EngineLoop:
             self.error = exc
         finally:
             self._fail_pending()
+
+    def _measure(self, prompt_tokens: int, seconds: float) -> None:
+        self.busy_s += seconds
+        if prompt_tokens >= 32 and seconds > 0:
+            rate = prompt_tokens / seconds
+            old = self.prefill_tokens_per_s
+            self.prefill_tokens_per_s = rate if old is None else 0.8 * old + 0.2 * rate
+        elif prompt_tokens == 0 and seconds > 0:
+            prev = self.decode_step_s
+            self.decode_step_s = seconds if prev is None else 0.8 * prev + 0.2 * seconds
 
     def _fail_pending(self) -> None:
         while True:

@@ -21,6 +21,7 @@ Every engine access goes through the loop thread; reservations expire at their d
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -32,6 +33,8 @@ import torch
 from kvrelay.workers.engine import Engine, EngineConfig, EngineStats
 from kvrelay.workers.loader import LoadedModel, load_model
 from kvrelay.workers.loop import EngineLoop
+from kvrelay.workers.scheduler import ScheduledSeq
+from kvrelay.workers.sequence import SeqStatus
 from kvrelay.workers.transport import KVTransport
 from kvrelay.workers.types import KVEvent, SamplingParams, TokenEvent
 
@@ -51,6 +54,8 @@ class WorkerInfo:
     num_blocks: int
     block_bytes: int
     max_context: int
+    node_name: str = ""  # Kubernetes node (KVRELAY_NODE_NAME) or host name
+    pod_name: str = ""  # namespace/pod when run in Kubernetes
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,21 @@ class Heartbeat:
     kv_events: tuple[KVEvent, ...]
     transport: dict[str, float]
     alive: bool
+    prefill_tokens_per_s: float | None = None
+    busy_s: float = 0.0
+    decode_step_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """A request on this worker, for the migration planner's snapshot."""
+
+    request_id: str
+    phase: str  # queued | prefill | decode
+    prompt_tokens: int
+    tokens_done: int
+    tokens_left: int
+    kv_blocks: int
 
 
 @dataclass(slots=True)
@@ -88,6 +108,8 @@ class Worker:
         transport: KVTransport | None = None,
         rendezvous: tuple[str, int] | None = None,
         device: str = "cpu",
+        notice: Callable[[str, float], None] | None = None,
+        grace_s: float = 30.0,
         threads: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -107,6 +129,16 @@ class Worker:
         self._lock = threading.Lock()
         self._faults: set[str] = set()
         self.loop = EngineLoop(self.engine, self._emit, name=f"engine-{worker_id}").start()
+        self._notice = notice
+        self.grace_s = grace_s
+        if notice is not None and threading.current_thread() is threading.main_thread():
+            # Kubernetes gives notice with SIGTERM, then kills after the grace period: tell the
+            # controller, keep serving until the work has moved
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if self._notice is not None:
+            self._notice(self.worker_id, time.time() + self.grace_s)
 
     # ---- plumbing ------------------------------------------------------------------------
     def set_sink(self, sink: EventSink) -> None:
@@ -142,6 +174,8 @@ class Worker:
             num_blocks=e.pool.num_blocks,
             block_bytes=e.block_bytes,
             max_context=e.max_context,
+            node_name=os.environ.get("KVRELAY_NODE_NAME") or socket.gethostname(),
+            pod_name=_pod_name(),
         )
 
     def set_role(self, role: str) -> None:
@@ -253,18 +287,103 @@ class Worker:
         *,
         tenant: str = "",
         priority: int = 0,
+        num_computed: int | None = None,
     ) -> None:
+        """The KV arrived: continue the request here. ``num_computed`` (a migration) says how
+        many tokens' KV came along; by default the prompt's (a handoff)."""
         with self._lock:
             res = self._reservations.pop(request_id)
         if not res.received:
             self.loop.call(lambda e: e.unreserve(res.block_ids))
             raise RuntimeError(f"accept of {request_id} before its KV arrived")
-        self.loop.call(
-            lambda e: e.add_prefilled(
+        def add(e: Engine) -> None:
+            e.add_prefilled(
                 request_id, prompt_ids, output_ids, params, res.block_ids,
                 tenant=tenant, priority=priority,
             )
-        )
+            seq = e.seqs[request_id]
+            extra = (num_computed or 0) - seq.num_computed
+            if extra > 0:
+                e.scheduler.commit_computed(ScheduledSeq(seq, extra))
+
+        self.loop.call(add)
+
+    # ---- migration ------------------------------------------------------------------------
+    def requests_info(self) -> list[RequestInfo]:
+        def collect(e: Engine) -> list[RequestInfo]:
+            out = []
+            for seq in e.seqs.values():
+                if seq.num_computed == 0:
+                    phase = "queued"
+                elif seq.num_computed < len(seq.prompt_ids):
+                    phase = "prefill"
+                else:
+                    phase = "decode"
+                out.append(RequestInfo(
+                    seq.request_id, phase, len(seq.prompt_ids), len(seq.output_ids),
+                    max(0, seq.params.max_tokens - len(seq.output_ids)), len(seq.block_ids),
+                ))
+            return out
+
+        return self.loop.call(collect)
+
+    def park(self, request_id: str) -> tuple[list[int], int] | None:
+        """Stop decoding a request and hold its KV for a migration (as a prefill holds a
+        handoff). Returns (output ids so far, tokens whose KV is computed), or None when it
+        has no decode state to move (queued, mid-prefill, finished)."""
+
+        def do(e: Engine) -> tuple[list[int], int] | None:
+            seq = e.seqs.get(request_id)
+            if seq is None or seq not in e.scheduler.running:
+                return None
+            if seq.num_computed < len(seq.prompt_ids):
+                return None
+            e.scheduler.running.remove(seq)
+            del e.seqs[request_id]
+            seq.status = SeqStatus.HANDOFF
+            e.handoffs[request_id] = seq
+            return list(seq.output_ids), seq.num_computed
+
+        return self.loop.call(do)
+
+    # ---- cross-worker prefix reuse --------------------------------------------------------
+    def send_prefix(
+        self, block_hashes: Sequence[int], peer_id: str, transfer_id: str, timeout_s: float
+    ) -> int:
+        """Send the cached blocks holding ``block_hashes`` to a peer that pulls them."""
+
+        def take(e: Engine) -> list[int] | None:
+            ids = e.pool.lookup(block_hashes)
+            if len(ids) != len(block_hashes):
+                return None
+            e.pool.acquire(ids)  # pinned while they are packed
+            return ids
+
+        ids = self.loop.call(take)
+        if ids is None:
+            raise RuntimeError("the prefix is no longer cached here")
+        try:
+            return self._transport().send_blocks(
+                peer_id, transfer_id, self.engine.kv_cache, ids, timeout_s=timeout_s
+            )
+        finally:
+            self.loop.call(lambda e: e.pool.release(reversed(ids)))
+
+    def commit_prefix(self, reservation_id: str, block_hashes: Sequence[int]) -> int:
+        """Pulled blocks arrived in a reservation: record their hashes and leave them cached,
+        so the request submitted next finds them as a prefix hit. Returns blocks kept."""
+        with self._lock:
+            res = self._reservations.pop(reservation_id)
+        if not res.received:
+            self.loop.call(lambda e: e.unreserve(res.block_ids))
+            raise RuntimeError(f"commit of {reservation_id} before its KV arrived")
+
+        def commit(e: Engine) -> int:
+            kept = sum(e.pool.commit(b, h) for b, h in zip(res.block_ids, block_hashes, strict=True))
+            e.pool.release(reversed(res.block_ids))
+            return kept
+
+        return self.loop.call(commit)
 
     def unreserve(self, request_id: str) -> bool:
         with self._lock:
@@ -293,7 +412,8 @@ class Worker:
         self.expire_reservations()
         stats, events = self.loop.call(lambda e: (e.stats(), tuple(e.pool.drain_events())))
         return Heartbeat(
-            self.worker_id, self.role, stats, events, self.transport_totals(), self.loop.alive
+            self.worker_id, self.role, stats, events, self.transport_totals(), self.loop.alive,
+            self.loop.prefill_tokens_per_s, self.loop.busy_s, self.loop.decode_step_s,
         )
 
     def transport_totals(self) -> dict[str, float]:
@@ -334,6 +454,11 @@ class Worker:
         if self.transport is None:
             raise RuntimeError(f"worker {self.worker_id} has no KV transport")
         return self.transport
+
+
+def _pod_name() -> str:
+    pod, ns = os.environ.get("KVRELAY_POD_NAME"), os.environ.get("KVRELAY_POD_NAMESPACE")
+    return f"{ns}/{pod}" if pod and ns else ""
 
 
 def _node_ip() -> str:
