@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from kvrelay.cluster.autosize import AutosizeConfig
 from kvrelay.cluster.backend import ModelInfo
 from kvrelay.cluster.controller import Controller, ControllerConfig
 from kvrelay.cluster.metadata_poller import MetadataPoller, MetadataPollerConfig
@@ -82,8 +83,17 @@ class ControllerActor(Controller):
             block_size=cfg.block_size,
             chunk_tokens=cfg.max_num_batched_tokens,
         )
+        autosize = (
+            AutosizeConfig(ttft_slo_s=cfg.ttft_slo_s, itl_slo_s=cfg.itl_slo_s)
+            if cfg.auto_pool_sizing
+            else None
+        )
         super().__init__(
-            ControllerConfig(info, routing, handoff_timeout_s=cfg.handoff_timeout_s), tokenizer
+            ControllerConfig(
+                info, routing, handoff_timeout_s=cfg.handoff_timeout_s,
+                itl_slo_s=cfg.itl_slo_s, autosize=autosize,
+            ),
+            tokenizer,
         )
         self.cfg = cfg
         self.handles: dict[str, Any] = {}

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvrelay.cluster.autosize import AutosizeConfig, PoolAutosizer
 from kvrelay.cluster.backend import (
     ClusterStatus,
     GenerateRequest,
@@ -50,6 +51,8 @@ class ControllerConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     handoff_timeout_s: float = 30.0
     pull_timeout_s: float = 10.0
+    itl_slo_s: float = 0.2  # the SLO headroom scorer and the pool sizing aim at these
+    autosize: AutosizeConfig | None = None  # SLO-aware pool sizing, when enabled
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 10.0
 
@@ -91,6 +94,7 @@ class Controller:
         self.migrations_done = 0
         self.recomputes_done = 0
         self.preemption = PreemptionExecutor(self)
+        self.autosizer = PoolAutosizer(self, config.autosize) if config.autosize else None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health: asyncio.Task[None] | None = None
         self._ids = itertools.count()
@@ -99,6 +103,8 @@ class Controller:
     async def start(self) -> None:
         if self._health is None:
             self._health = asyncio.create_task(self._health_loop())
+            if self.autosizer is not None:
+                self._spawn(self.autosizer.run())
 
     async def stop(self) -> None:
         if self._health is not None:
@@ -157,6 +163,8 @@ class Controller:
         flight = Flight(request, RequestText(self._tokenizer, request.sampling,
                                              request.prompt_token_ids))
         self.flights[request.request_id] = flight
+        if self.autosizer is not None:
+            self.autosizer.on_arrival(len(request.prompt_token_ids), request.sampling.max_tokens)
         try:
             await self._dispatch(flight)
             while True:
@@ -244,8 +252,16 @@ class Controller:
             running, waiting = hb.stats.running, hb.stats.waiting
         # requests routed since the last heartbeat count as queued work
         waiting = max(waiting, len(w.assigned) - running)
+        tenants: dict[str, int] = {}
+        for rid in w.assigned:
+            flight = self.flights.get(rid)
+            if flight is not None:
+                tenants[flight.req.tenant] = tenants.get(flight.req.tenant, 0) + 1
+        step = hb.decode_step_s if hb is not None else None
+        headroom = None if step is None else 1.0 - step / self.config.itl_slo_s
         return WorkerLoad(
-            w.info.worker_id, Role(w.role), w.healthy, w.draining, free, total, running, waiting
+            w.info.worker_id, Role(w.role), w.healthy, w.draining, free, total, running, waiting,
+            slo_headroom=headroom, tenant_load=tenants,
         )
 
     async def _pull(self, flight: Flight, pull: Pull, p: WorkerEntry) -> bool:
@@ -490,6 +506,8 @@ class Controller:
                 transfer_bps=sent / secs if secs > 0 and sent > (1 << 20) else None,
             )
             self._record_heartbeat(entry, prev, hb)
+            if self.autosizer is not None and entry.role in ("decode", "colocated"):
+                self.autosizer.on_heartbeat(hb.stats.running, hb.decode_step_s)
 
     def _record_heartbeat(self, entry: WorkerEntry, prev: Heartbeat | None, hb: Heartbeat) -> None:
         """Worker figures reach /metrics with the heartbeat (counters as deltas)."""
@@ -606,6 +624,9 @@ class Controller:
 
     async def clear_prefix_cache(self, worker_id: str) -> None:
         await self.workers[worker_id].client.call("clear_prefix_cache", timeout=30)
+
+    async def role_switches(self) -> list[tuple[float, str, str, str]]:
+        return list(self.autosizer.switches) if self.autosizer is not None else []
 
     async def counters(self) -> dict[str, int]:
         return {

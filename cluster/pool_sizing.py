@@ -159,12 +159,16 @@ def predict_split(inp: SizingInput, prefill_workers: int) -> SplitPrediction:
 
 
 def better(x: SplitPrediction, y: SplitPrediction, target: float) -> bool:
-    """The choice rule: meeting the target first, then goodput; else attainment, then goodput."""
+    """The choice rule: meeting the target first, then goodput; else attainment, then goodput;
+    when even those tie (an overload nothing meets), the lower predicted TTFT, then ITL: the
+    split that degrades least."""
     kx = (x.attainment >= target, x.goodput_rps if x.attainment >= target else x.attainment)
     ky = (y.attainment >= target, y.goodput_rps if y.attainment >= target else y.attainment)
     if kx != ky:
         return kx > ky
-    return (x.goodput_rps, -x.prefill_workers) > (y.goodput_rps, -y.prefill_workers)
+    return (x.goodput_rps, -x.ttft_s, -x.itl_s, -x.prefill_workers) > (
+        y.goodput_rps, -y.ttft_s, -y.itl_s, -y.prefill_workers
+    )
 
 
 def size_pools(inp: SizingInput) -> SplitPrediction:

@@ -52,6 +52,9 @@ class ServeConfig:
     handoff_timeout_s: float = 30.0
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     router: str = "kv"  # kv | round_robin | least_loaded
+    ttft_slo_s: float = 2.0
+    itl_slo_s: float = 0.2
+    auto_pool_sizing: bool = False
     conditional_disagg: bool = True
     prefix_pull: bool = True
     transport_host: str | None = None  # address the rendezvous store binds; default: host
@@ -120,6 +123,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--router", default="kv", choices=("kv", "round_robin", "least_loaded"))
+    p.add_argument("--ttft-slo-s", type=float, default=2.0)
+    p.add_argument("--itl-slo-s", type=float, default=0.2)
+    p.add_argument("--auto-pool-sizing", action="store_true",
+                   help="let the SLO-aware planner switch workers between prefill and decode")
     p.add_argument("--no-conditional-disagg", dest="conditional_disagg", action="store_false",
                    help="always hand off, even when the decode worker holds the prompt")
     p.add_argument("--no-prefix-pull", dest="prefix_pull", action="store_false",

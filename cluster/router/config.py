@@ -26,6 +26,8 @@ class RouterConfig:
     prefix_weight: float = 2.0
     kv_util_weight: float = 1.0
     queue_weight: float = 1.0
+    tenant_weight: float = 0.5
+    slo_weight: float = 0.5
     gpu_hit_value: float = 1.0
     cpu_hit_value: float = 0.5
     chunk_tokens: int = 512
@@ -34,10 +36,12 @@ class RouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        weights = (self.prefix_weight, self.kv_util_weight, self.queue_weight)
-        for name, v in zip(
-            ("prefix_weight", "kv_util_weight", "queue_weight"), weights, strict=True
-        ):
+        weights = (
+            self.prefix_weight, self.kv_util_weight, self.queue_weight, self.tenant_weight,
+            self.slo_weight,
+        )
+        names = ("prefix_weight", "kv_util_weight", "queue_weight", "tenant_weight", "slo_weight")
+        for name, v in zip(names, weights, strict=True):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
         if sum(weights) == 0:

@@ -5,6 +5,11 @@
 * ``kv_util``: free fraction of the worker's GPU KV blocks (``1 - used fraction``).
 * ``queue``: queue depth, min-max normalised over the candidates (llm-d's queue scorer):
   the shortest queue scores 1, the longest 0, all equal score 1.
+* ``tenant``: how little of the request's tenant the worker already serves,
+  ``1 / (1 + its requests of that tenant)``: a flooding tenant spreads out instead of
+  filling one worker's batch ahead of everyone else (fairness across workers).
+* ``slo``: the worker's SLO headroom (``1 - measured step time / ITL SLO``, from the heartbeat),
+  so latency-sensitive work goes where the inter-token latency target still holds.
 """
 
 from __future__ import annotations
@@ -58,11 +63,21 @@ def queue(w: WorkerLoad, ctx: ScoreContext) -> float:
     return _clamp(1.0 - (w.waiting - ctx.min_waiting) / span)
 
 
+def tenant(w: WorkerLoad, ctx: ScoreContext) -> float:
+    return 1.0 / (1.0 + w.tenant_load.get(ctx.request.tenant, 0))
+
+
+def slo(w: WorkerLoad, ctx: ScoreContext) -> float:
+    return 1.0 if w.slo_headroom is None else _clamp(w.slo_headroom)
+
+
 def build_scorers(cfg: RouterConfig) -> tuple[tuple[str, float, ScoreFn], ...]:
     """(name, weight, fn) for every scorer with a positive weight."""
     all_scorers = (
         ("prefix", cfg.prefix_weight, make_prefix_scorer(cfg.gpu_hit_value, cfg.cpu_hit_value)),
         ("kv_util", cfg.kv_util_weight, kv_util),
         ("queue", cfg.queue_weight, queue),
+        ("tenant", cfg.tenant_weight, tenant),
+        ("slo", cfg.slo_weight, slo),
     )
     return tuple(s for s in all_scorers if s[1] > 0)

@@ -87,8 +87,11 @@ def test_weights_respected() -> None:
     cfg = RouterConfig(prefix_weight=0.5, queue_weight=3.0)
     d = decide(KVAwareRouter(cfg), workers, matches)
     assert d.worker_id == "a" and d.scores_by_scorer["queue"] == 1.0
-    assert d.score == pytest.approx(0.5 * 0 + 1.0 * 1.0 + 3.0 * 1.0)
-    only_kv = KVAwareRouter(RouterConfig(prefix_weight=0, queue_weight=0))
+    # tenant and slo score 1 for both (no tenant load, no SLO figure): 0.5 + 0.5
+    assert d.score == pytest.approx(0.5 * 0 + 1.0 * 1.0 + 3.0 * 1.0 + 0.5 + 0.5)
+    only_kv = KVAwareRouter(
+        RouterConfig(prefix_weight=0, queue_weight=0, tenant_weight=0, slo_weight=0)
+    )
     d = decide(only_kv, [load("a", free=10), load("b", free=90)], matches)
     assert d.worker_id == "b" and set(d.scores_by_scorer) == {"kv_util"}
 
@@ -118,7 +121,8 @@ def test_ties_deterministic_and_seeded_random() -> None:
 def test_config_validation() -> None:
     for bad in (
         dict(prefix_weight=-1.0),
-        dict(prefix_weight=0, kv_util_weight=0, queue_weight=0),
+        dict(prefix_weight=0, kv_util_weight=0, queue_weight=0, tenant_weight=0, slo_weight=0),
+        dict(tenant_weight=-0.5),
         dict(cpu_hit_value=1.5),
         dict(chunk_tokens=0),
         dict(block_size=0),
@@ -143,3 +147,26 @@ def test_least_loaded() -> None:
     assert decide(r, workers).worker_id == "b"
     tied = [load("a", running=1, free=50), load("b", running=1, free=60)]
     assert decide(r, tied).worker_id == "b"
+
+
+def test_tenant_scorer_spreads_a_flooding_tenant() -> None:
+    from dataclasses import replace
+
+    req = replace(REQ, tenant="heavy")
+    busy = replace(load("a"), tenant_load={"heavy": 6})
+    idle = replace(load("b"), tenant_load={"light": 6})
+    cfg = RouterConfig(prefix_weight=0, kv_util_weight=0, queue_weight=0, slo_weight=0)
+    d = KVAwareRouter(cfg).route_decode(req, [busy, idle], {})
+    assert isinstance(d, RouteDecision) and d.worker_id == "b"
+    assert d.scores_by_scorer["tenant"] == 1.0
+
+
+def test_slo_scorer_prefers_headroom() -> None:
+    from dataclasses import replace
+
+    tight = replace(load("a"), slo_headroom=0.05)
+    roomy = replace(load("b"), slo_headroom=0.8)
+    cfg = RouterConfig(prefix_weight=0, kv_util_weight=0, queue_weight=0, tenant_weight=0)
+    d = KVAwareRouter(cfg).route_decode(REQ, [tight, roomy], {})
+    assert isinstance(d, RouteDecision) and d.worker_id == "b"
+    assert d.scores_by_scorer["slo"] == pytest.approx(0.8)
