@@ -54,7 +54,9 @@ class ControllerConfig:
     itl_slo_s: float = 0.2  # the SLO headroom scorer and the pool sizing aim at these
     autosize: AutosizeConfig | None = None  # SLO-aware pool sizing, when enabled
     heartbeat_interval_s: float = 0.5
-    heartbeat_timeout_s: float = 10.0
+    # a process that dies is seen at once (its calls fail); this only catches a hung worker, and
+    # must outlast the longest engine step under load (the heartbeat runs between steps)
+    heartbeat_timeout_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -481,9 +483,16 @@ class Controller:
 
     # ---- health --------------------------------------------------------------------------
     async def _health_loop(self) -> None:
+        beats: dict[str, asyncio.Task[None]] = {}
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            await asyncio.gather(*(self._beat(w) for w in list(self.workers.values())))
+            # one beat in flight per worker: a slow worker delays only its own figures
+            for wid, entry in list(self.workers.items()):
+                task = beats.get(wid)
+                if task is None or task.done():
+                    beats[wid] = asyncio.create_task(self._beat(entry))
+            for wid in [w for w, t in beats.items() if t.done() and w not in self.workers]:
+                del beats[wid]
             self.routing.directory.purge(50_000)  # reclaim dead workers' entries in slices
 
     async def _beat(self, entry: WorkerEntry) -> None:

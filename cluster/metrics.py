@@ -82,6 +82,8 @@ class Metrics:
         self.cached_prompt_tokens = _counter(r, "kvrelay_cached_prompt_tokens_total")
         self.requests = _counter(r, "kvrelay_requests_total")
         self.migrations = _counter(r, "kvrelay_migrations_total")
+        for outcome in MIGRATION_OUTCOMES:  # a closed set known up front: a cluster that never
+            self.migrations.labels(outcome)  # migrated reads 0 rather than "no data"
         # -- workers (from heartbeats) --
         self.running = _gauge(r, "kvrelay_requests_running")
         self.waiting = _gauge(r, "kvrelay_requests_waiting")
