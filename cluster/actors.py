@@ -15,7 +15,9 @@ from kvrelay.cluster.autosize import AutosizeConfig
 from kvrelay.cluster.backend import ModelInfo
 from kvrelay.cluster.controller import Controller, ControllerConfig
 from kvrelay.cluster.metadata_poller import MetadataPoller, MetadataPollerConfig
+from kvrelay.cluster.node_pools import NodePools, local_node_ip
 from kvrelay.cluster.notices import PreemptionNotice, queue_sink
+from kvrelay.cluster.placement import Placement, PlacementPolicy, check_transport_host
 from kvrelay.cluster.routing import RoutingConfig
 from kvrelay.cluster.serve import ServeConfig
 from kvrelay.cluster.worker_client import RayWorkerClient
@@ -97,6 +99,15 @@ class ControllerActor(Controller):
         )
         self.cfg = cfg
         self.handles: dict[str, Any] = {}
+        policy_kw: dict[str, Any] = {
+            "cpus_per_worker": cfg.cpus_per_worker, "interface": cfg.transport_interface,
+        }
+        self.pools = NodePools(
+            PlacementPolicy.from_prefix(cfg.placement_resource_prefix, **policy_kw)
+            if cfg.placement_resource_prefix
+            else PlacementPolicy(role_resources={}, **policy_kw)
+        )
+        self._node_task: asyncio.Task[None] | None = None
         self._store: Any = None
         self._store_addr: tuple[str, int] | None = None
         self._frontends: Any = None
@@ -106,8 +117,11 @@ class ControllerActor(Controller):
         await self.start()
         from kvrelay.workers.transport import start_rendezvous_store
 
-        host = self.cfg.transport_host or self.cfg.host
+        host = local_node_ip(self.cfg.transport_host) or self.cfg.host
+        check_transport_host(host, await self.pools.refresh())
         self._store, port = start_rendezvous_store(host, 0)
+        if self.cfg.watch_nodes:
+            self._node_task = asyncio.create_task(self._watch_nodes())
         self._store_addr = (host, port)
         out: dict[str, Any] = {"model_id": self.config.model.id, "store_port": port}
         if self.cfg.k8s_watch:
@@ -124,9 +138,17 @@ class ControllerActor(Controller):
             out["metrics_port"] = self._metrics_server.port
         return out
 
-    async def add_worker(self, role: str, worker_id: str | None = None) -> str:
+    async def add_worker(
+        self, role: str, worker_id: str | None = None, placement: Placement | None = None
+    ) -> str:
+        """Start a worker of ``role`` (on the node placement picks, or the one given) and
+        register it; usable while the cluster serves (replacement capacity, node joins)."""
         cfg = self.cfg
         worker_id = worker_id or f"{role[0]}-{uuid.uuid4().hex[:6]}"
+        if placement is None:
+            placement = await self.pools.place(role, worker_id)
+        else:
+            self.pools.record(worker_id, placement)
         me = ray.get_runtime_context().current_actor
         engine_config = EngineConfig(
             block_size=cfg.block_size,
@@ -137,10 +159,9 @@ class ControllerActor(Controller):
             enable_prefix_caching=cfg.enable_prefix_caching,
         )
         options: dict[str, Any] = {
-            "name": f"kvrelay-worker-{worker_id}", "num_cpus": 1, "max_concurrency": 32,
+            "name": f"kvrelay-worker-{worker_id}", "max_concurrency": 32,
+            **placement.actor_options(),
         }
-        if cfg.placement_resource_prefix:  # pools pinned to node groups by custom resource
-            options["resources"] = {f"{cfg.placement_resource_prefix}{role}": 1}
         metadata = None
         if cfg.metadata_url:
             metadata = MetadataPollerConfig(
@@ -157,14 +178,35 @@ class ControllerActor(Controller):
             grace_s=cfg.preemption_grace_s,
             metadata=metadata,
             rendezvous=self._store_addr,
-            threads=cfg.threads_per_worker,
+            transport_bind=cfg.transport_bind,
+            threads=cfg.threads_per_worker or placement.threads,
         )
         self.handles[worker_id] = handle
-        await self.register(RayWorkerClient(worker_id, handle))
+        try:
+            await self.register(RayWorkerClient(worker_id, handle))
+        except BaseException:
+            self.pools.forget(worker_id)
+            raise
         return worker_id
+
+    async def _watch_nodes(self) -> None:
+        """Nodes joining get workers of the pools they are pinned to; a node that leaves
+        takes its workers with it (their requests resume elsewhere)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                change = await self.pools.poll()
+            except Exception:
+                log.exception("node poll failed")
+                continue
+            for wid in change.failed:
+                await self._worker_failed(wid, "its node left the Ray cluster")
+            for p in change.start:
+                self._spawn(self.add_worker(p.role, placement=p))
 
     async def kill_worker(self, worker_id: str) -> None:
         """Kill a worker's process without notice (fault injection, operators)."""
+        self.pools.forget(worker_id)
         handle = self.handles.get(worker_id)
         if handle is not None:
             ray.kill(handle, no_restart=True)
@@ -198,6 +240,8 @@ class ControllerActor(Controller):
         await self.workers[worker_id].client.call("inject_fault", fault)
 
     async def shutdown(self) -> None:
+        if self._node_task is not None:
+            self._node_task.cancel()
         if self._frontends is not None:
             await self._frontends.stop()
         if self._metrics_server is not None:

@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from kvrelay.cluster.cli_client import add_client_commands
+    from kvrelay.cluster.node_cli import add_node_command
 
     add_client_commands(sub)
+    add_node_command(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from kvrelay.cluster.backend import GenerateRequest
@@ -57,7 +57,11 @@ class ServeConfig:
     auto_pool_sizing: bool = False
     conditional_disagg: bool = True
     prefix_pull: bool = True
-    transport_host: str | None = None  # address the rendezvous store binds; default: host
+    transport_host: str | None = None  # rendezvous store address: an IP, "auto" (node IP), host
+    transport_bind: str | None = None  # workers' gloo address: None loopback, "auto" node IP, IP
+    transport_interface: str | None = None  # NIC for the KV transport (GLOO_SOCKET_IFNAME)
+    cpus_per_worker: float = 1.0  # CPU nodes: the slice of cores one worker owns
+    watch_nodes: bool = True  # start pinned workers on nodes that join; fail those that leave
     num_blocks_by_role: dict[str, int] = field(default_factory=dict)  # overrides kv_cache_gb
     placement_resource_prefix: str | None = None
     k8s_watch: bool = False
@@ -132,7 +136,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-pull", dest="prefix_pull", action="store_false",
                    help="recompute prefixes another worker holds instead of pulling them")
     p.add_argument("--transport-host", default=None,
-                   help="routable address for KV transport rendezvous (multi-host)")
+                   help="routable address for KV transport rendezvous, or 'auto' (multi-host)")
+    p.add_argument("--transport-bind", default=None,
+                   help="address workers bind for KV transfers: an IP or 'auto' (the node's)")
+    p.add_argument("--transport-interface", default=None, help="NIC for KV transfers")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--no-watch-nodes", dest="watch_nodes", action="store_false",
+                   help="do not start workers on nodes that join")
 
 
 class Cluster:
@@ -164,8 +174,16 @@ class Cluster:
                 )
             else:
                 ray.init(address=cfg.address, namespace="kvrelay")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if cfg.address is not None:  # joining: rendezvous and workers on routable addresses
+            cfg = replace(cfg, transport_host=cfg.transport_host or "auto",
+                          transport_bind=cfg.transport_bind or "auto")
+        # the controller (frontends, rendezvous store) runs on this node, never a worker host
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         controller = ControllerActor.options(  # type: ignore[attr-defined]
-            name=f"kvrelay-controller-{uuid.uuid4().hex[:6]}", num_cpus=0, max_concurrency=10_000
+            name=f"kvrelay-controller-{uuid.uuid4().hex[:6]}", num_cpus=0,
+            max_concurrency=10_000, scheduling_strategy=here,
         ).remote(cfg)
         ports = ray.get(controller.start_services.remote())
         roles = (

@@ -129,7 +129,7 @@ def remove_stale() -> list[str]:
     for ns in _namespaces():
         if not ns.startswith(PREFIX):
             continue
-        owner = ns[len(PREFIX):].split("-", 1)[0]
+        owner = ns[len(PREFIX) :].split("-", 1)[0]
         if owner.isdigit() and not _alive(int(owner)):
             kill_namespace_processes(ns)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -189,8 +189,20 @@ class NetnsHosts:
         _ip("netns", "add", ns)
         self._hosts[host] = addr  # registered first: close() removes a half-made host too
         _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-            "netns", ns)
+        _ip(
+            "-n",
+            self.switch,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        )
         _ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
         _ip("-n", ns, "addr", "add", f"{addr}/{self.subnet.prefixlen}", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
@@ -213,8 +225,11 @@ class NetnsHosts:
         (``ip netns exec`` mounts the namespace's own sysfs)."""
         out = self.run(
             host,
-            ["cat", "/sys/class/net/eth0/statistics/rx_bytes",
-             "/sys/class/net/eth0/statistics/tx_bytes"],
+            [
+                "cat",
+                "/sys/class/net/eth0/statistics/rx_bytes",
+                "/sys/class/net/eth0/statistics/tx_bytes",
+            ],
             check=True,
         ).stdout.split()
         return int(out[0]), int(out[1])
@@ -236,9 +251,20 @@ class NetnsHosts:
             return
         self._closed = True
         errors = []
-        for ns in [self.ns(h) for h in self._hosts] + [self.switch]:
+        names = [self.ns(h) for h in self._hosts] + [self.switch]
+        for ns in names:  # SIGTERM everything at once, so the grace periods overlap
+            for pid in _pids(ns):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(_pids(ns) for ns in names):
+            _reap()
+            time.sleep(0.05)  # polling the kernel's view of the namespaces
+        for ns in names:
             try:
-                kill_namespace_processes(ns, grace_s=2.0)
+                kill_namespace_processes(ns)  # SIGKILL what is left
             except RuntimeError as exc:
                 errors.append(str(exc))
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -107,6 +107,7 @@ class Worker:
         sink: EventSink | None = None,
         transport: KVTransport | None = None,
         rendezvous: tuple[str, int] | None = None,
+        transport_bind: str | None = None,
         device: str = "cpu",
         notice: Callable[[str, float], None] | None = None,
         grace_s: float = 30.0,
@@ -123,7 +124,11 @@ class Worker:
         self.engine = Engine(loaded, engine_config, device=device)
         self._sink = sink
         if transport is None and rendezvous is not None:
-            transport = KVTransport(worker_id, rendezvous[0], rendezvous[1], device=device)
+            # "auto": this node's routable address (multi-host); None: loopback
+            bind = _node_ip() if transport_bind == "auto" else transport_bind
+            transport = KVTransport(
+                worker_id, rendezvous[0], rendezvous[1], device=device, bind_host=bind
+            )
         self.transport = transport
         self._reservations: dict[str, _Reservation] = {}
         self._lock = threading.Lock()

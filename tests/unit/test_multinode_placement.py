@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 import pytest
 
 from kvrelay.cluster.node_cli import NodeArgs, add_node_command, node_args_from, ray_start_argv
+from kvrelay.cluster.node_pools import NodeChange, NodePools, NodeWatcher
 from kvrelay.cluster.placement import (
     NoCapacity,
-    NodeWatcher,
     PlacedWorker,
     PlacementPolicy,
     check_transport_host,
@@ -22,10 +23,18 @@ from kvrelay.cluster.placement import (
 )
 
 
-def ray_node(nid: str, ip: str, alive: bool = True, labels: dict | None = None, **res: float) -> dict:
+def ray_node(
+    nid: str, ip: str, alive: bool = True, labels: dict | None = None, **res: float
+) -> dict:
     """A ``ray.nodes()`` entry as Ray 2.60 returns it (the keys placement reads)."""
-    return {"NodeID": nid, "NodeManagerAddress": ip, "Alive": alive, "Resources": res,
-            "Labels": labels or {}, "NodeManagerPort": 1}
+    return {
+        "NodeID": nid,
+        "NodeManagerAddress": ip,
+        "Alive": alive,
+        "Resources": res,
+        "Labels": labels or {},
+        "NodeManagerPort": 1,
+    }
 
 
 HEAD = ray_node("n0", "10.0.0.1", **{"node:__internal_head__": 1.0, "CPU": 0.0})
@@ -114,7 +123,9 @@ def test_actor_options_pin_the_node_and_pass_the_interface() -> None:
     node = parse_nodes([{**P, "NodeID": hex_id}])
     opts = place("prefill", node, [], PlacementPolicy(interface="eth1")).actor_options()
     assert opts["resources"] == {"kvrelay_prefill": 1.0} and opts["num_cpus"] == 1.0
-    assert opts["scheduling_strategy"].node_id == hex_id and opts["scheduling_strategy"].soft is False
+    assert (
+        opts["scheduling_strategy"].node_id == hex_id and opts["scheduling_strategy"].soft is False
+    )
     assert opts["runtime_env"] == {"env_vars": {"GLOO_SOCKET_IFNAME": "eth1"}}
 
 
@@ -149,6 +160,7 @@ def test_node_watcher_reports_changes_once() -> None:
 
 def test_loopback_transport_refused_on_a_multi_host_cluster() -> None:
     check_transport_host("127.0.0.1", parse_nodes([ray_node("a", "127.0.0.1")]))
+    check_transport_host("127.0.0.1", parse_nodes([ray_node("a", "192.0.2.2")]))  # one host
     check_transport_host("10.0.0.2", parse_nodes([P, D]))
     with pytest.raises(ValueError, match="loopback"):
         check_transport_host("127.0.0.1", parse_nodes([P, D]))
@@ -162,8 +174,20 @@ def _parse(*argv: str) -> NodeArgs:
 
 
 def test_node_command_joins_with_role_resource_label_and_address() -> None:
-    args = _parse("--address", "10.0.0.1:6379", "--role", "decode", "--num-cpus", "8",
-                  "--cpus-per-worker", "2", "--node-ip-address", "10.0.0.3", "--label", "zone=a")
+    args = _parse(
+        "--address",
+        "10.0.0.1:6379",
+        "--role",
+        "decode",
+        "--num-cpus",
+        "8",
+        "--cpus-per-worker",
+        "2",
+        "--node-ip-address",
+        "10.0.0.3",
+        "--label",
+        "zone=a",
+    )
     argv = ray_start_argv(args, ray_bin="ray", cpu_count=64)
     assert argv[:3] == ["ray", "start", "--disable-usage-stats"]
     assert "--address=10.0.0.1:6379" in argv and "--node-ip-address=10.0.0.3" in argv
@@ -189,3 +213,47 @@ def test_node_command_head_and_bad_input() -> None:
     ):
         with pytest.raises(ValueError):
             _parse(*bad)
+
+
+# ---- NodePools: the controller's bookkeeping ----------------------------------------------------
+def test_node_pools_place_record_and_react_to_joins_and_leaves() -> None:
+    snapshots = [parse_nodes([HEAD, P])]
+    pools = NodePools(PlacementPolicy(), read=lambda: snapshots[-1])
+
+    async def scenario() -> None:
+        await pools.refresh()
+        assert (await pools.poll()) == NodeChange((), (), (), ())
+        a = await pools.place("prefill", "p-0")
+        b = await pools.place("prefill", "p-1")  # recorded at once: the second slot
+        assert a.node_id == b.node_id == "n1"
+        with pytest.raises(NoCapacity):
+            await pools.place("prefill", "p-2")
+        with pytest.raises(ValueError, match="already placed"):
+            pools.record("p-0", a)
+        snapshots.append(parse_nodes([HEAD, P, D]))
+        change = await pools.poll()
+        assert [n.node_id for n in change.joined] == ["n2"]
+        assert [(p.role, p.node_id) for p in change.start] == [("decode", "n2")]
+        pools.record("d-0", change.start[0])
+        assert pools.node_of("d-0") is not None and pools.node_of("d-0").ip == "10.0.0.3"
+        snapshots.append(parse_nodes([HEAD, D]))
+        change = await pools.poll()
+        assert change.failed == ("p-0", "p-1") and change.start == ()
+        assert [w.worker_id for w in pools.placed()] == ["d-0"]
+        assert pools.check_integrity() == {"workers": 1, "nodes": 2, "alive_nodes": 2}
+
+    asyncio.run(scenario())
+
+
+def test_node_pools_integrity_catches_a_worker_left_on_a_dead_node() -> None:
+    snapshots = [parse_nodes([P])]
+    pools = NodePools(PlacementPolicy(), read=lambda: snapshots[-1], fill_joined=False)
+
+    async def scenario() -> None:
+        await pools.refresh()
+        await pools.place("prefill", "p-0")
+
+    asyncio.run(scenario())
+    pools._watcher.nodes = parse_nodes([ray_node("n1", "10.0.0.2", alive=False)])
+    with pytest.raises(AssertionError, match="dead node"):
+        pools.check_integrity()
