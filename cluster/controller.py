@@ -38,6 +38,7 @@ from kvrelay.cluster.preemption import PreemptionExecutor
 from kvrelay.cluster.router.types import Role, RouteDecision, RouteRequest, WorkerLoad
 from kvrelay.cluster.routing import Pull, Routing, RoutingConfig
 from kvrelay.cluster.worker_client import WorkerClient, WorkerGone
+from kvrelay.workers.engine import EngineStats
 from kvrelay.workers.output import RequestText
 from kvrelay.workers.types import FinishReason, TokenEvent
 from kvrelay.workers.worker import Heartbeat, WorkerInfo
@@ -532,14 +533,15 @@ class Controller:
         counters = WorkerCounters(
             kv_transfer_bytes=sent,
             kv_transfer_seconds=tuple([seconds / transfers] * transfers) if transfers else (),
-            preemptions_recompute=delta(s.preemptions, p.preemptions if p else 0),
+            preemptions_swap=delta(s.swaps_out, p.swaps_out if p else 0),
+            preemptions_recompute=delta(
+                s.recompute_preemptions, p.recompute_preemptions if p else 0
+            ),
             prefix_query_tokens=delta(s.prefix_query_tokens, p.prefix_query_tokens if p else 0),
             prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
         )
-        pool = s.pool
         self.metrics.update_worker(
-            entry.info.worker_id, entry.role, entry.healthy,
-            {"gpu": {"free": pool.free, "used": pool.used, "cached": pool.cached}},
+            entry.info.worker_id, entry.role, entry.healthy, _kv_blocks(s),
             s.running, s.waiting, counters,
         )
 
@@ -551,8 +553,7 @@ class Controller:
             kv: dict[str, dict[str, int]] = {}
             running = waiting = 0
             if hb is not None:
-                p = hb.stats.pool
-                kv["gpu"] = {"free": p.free, "used": p.used, "cached": p.cached}
+                kv = _kv_blocks(hb.stats)
                 running, waiting = hb.stats.running, hb.stats.waiting
             out.append(
                 WorkerStatus(
@@ -656,3 +657,12 @@ class Controller:
 
     def new_request_id(self) -> str:
         return uuid.uuid4().hex
+
+
+def _kv_blocks(stats: EngineStats) -> dict[str, dict[str, int]]:
+    """tier -> state -> blocks, as /metrics and ClusterStatus report them."""
+    out = {"gpu": {"free": stats.pool.free, "used": stats.pool.used, "cached": stats.pool.cached}}
+    if stats.cpu_pool is not None:
+        c = stats.cpu_pool
+        out["cpu"] = {"free": c.free, "used": c.used, "cached": c.cached}
+    return out

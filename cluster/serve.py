@@ -49,6 +49,8 @@ class ServeConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    policy: str = "fcfs"  # fcfs | priority | fair (per-tenant virtual token counter)
+    preemption_mode: str = "auto"  # auto | swap | recompute
     handoff_timeout_s: float = 30.0
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     router: str = "kv"  # kv | round_robin | least_loaded
@@ -126,6 +128,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--policy", default="fcfs", choices=("fcfs", "priority", "fair"),
+                   help="scheduling policy inside each worker")
+    p.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"),
+                   help="how a worker preempts when KV blocks run out")
     p.add_argument("--router", default="kv", choices=("kv", "round_robin", "least_loaded"))
     p.add_argument("--ttft-slo-s", type=float, default=2.0)
     p.add_argument("--itl-slo-s", type=float, default=0.2)

@@ -32,7 +32,10 @@ class BlockPool:
         *,
         tier: Tier = Tier.GPU,
         on_evict: Callable[[list[tuple[int, int]]], None] | None = None,
+        events: list[KVEvent] | None = None,
     ) -> None:
+        """``events``: the log this pool appends its KVEvents to; pools of one engine's tiers
+        share one, so a tier move reads in order (REMOVED here, STORED there, or the reverse)."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive: {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -44,7 +47,7 @@ class BlockPool:
         self._by_hash: dict[int, int] = {}
         self._free: deque[int] = deque(range(num_blocks))
         self._cached: OrderedDict[int, None] = OrderedDict()  # oldest first
-        self._events: list[KVEvent] = []
+        self._events: list[KVEvent] = [] if events is None else events
         self.evictions = 0
 
     # ---- queries -------------------------------------------------------------------------
@@ -170,7 +173,9 @@ class BlockPool:
         self.drop(list(self._cached))
 
     def drain_events(self) -> list[KVEvent]:
-        events, self._events = self._events, []
+        """Take the events logged so far (every tier's, when the log is shared), oldest first."""
+        events = list(self._events)
+        self._events.clear()  # in place: the log may be shared with another tier's pool
         return events
 
     # ---- invariants ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ blocks, receives KV into them, and continues the request with ``add_prefilled``.
 
 from __future__ import annotations
 
-from collections import Counter
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -18,13 +18,15 @@ import torch
 
 from kvrelay.workers.block_hash import namespace_hash
 from kvrelay.workers.block_pool import BlockPool
+from kvrelay.workers.kv_tiers import build_cpu_tier, check_held
 from kvrelay.workers.loader import LoadedModel
 from kvrelay.workers.model import kv_cache_shape
+from kvrelay.workers.policy import make_policy
 from kvrelay.workers.runner import ModelRunner
 from kvrelay.workers.sampler import Sampler, SampleRow
 from kvrelay.workers.scheduler import ScheduledSeq, Scheduler
 from kvrelay.workers.sequence import SeqStatus, Sequence
-from kvrelay.workers.types import FinishReason, PoolStats, SamplingParams, TokenEvent
+from kvrelay.workers.types import FinishReason, KVEvent, PoolStats, SamplingParams, TokenEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget (prefill chunk size)
     enable_prefix_caching: bool = True
     seed: int = 0
+    # the CPU tier (pinned host memory on CUDA): demotion target, prefix hits, swap space
+    cpu_num_blocks: int | None = None  # None: as many as cpu_kv_gb holds; 0 disables the tier
+    cpu_kv_gb: float = 0.5
+    policy: str = "fcfs"  # "fcfs" | "priority" | "fair" (workers/policy.py)
+    preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
+    swap_gb_per_s: float = 8.0  # host<->device copy rate the auto rule assumes
+    recompute_tokens_per_s: float | None = None  # None: measured from this engine's prefills
+    async_swaps: bool | None = None  # copies on a background thread; None: on CUDA only
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +61,12 @@ class EngineStats:
     prefix_hit_tokens: int
     steps: int
     extra: dict[str, float] = field(default_factory=dict)
+    cpu_pool: PoolStats | None = None  # None: no CPU tier
+    prefix_hit_tokens_cpu: int = 0  # of prefix_hit_tokens, served from the CPU tier
+    swaps_out: int = 0
+    swaps_in: int = 0
+    swap_bytes: int = 0  # bytes copied by swaps, both directions
+    recompute_preemptions: int = 0  # preemptions = swaps_out + recompute_preemptions
 
 
 class Engine:
@@ -72,12 +88,22 @@ class Engine:
             kv_cache_shape(loaded.config, num_blocks, bs), dtype=dtype, device=self.device
         )
         self.pool = BlockPool(num_blocks, bs)
+        self.copier, self.cpu_tier = build_cpu_tier(
+            self.kv_cache, self.pool, num_blocks=config.cpu_num_blocks,
+            kv_gb=config.cpu_kv_gb, async_copies=config.async_swaps,
+        )
+        self._measured_tps = config.recompute_tokens_per_s is None
         self.scheduler = Scheduler(
             self.pool,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             hash_root=namespace_hash(loaded.model_id),
             enable_prefix_caching=config.enable_prefix_caching,
+            policy=make_policy(config.policy),
+            tier=self.cpu_tier,
+            preemption_mode=config.preemption_mode,
+            swap_bytes_per_s=config.swap_gb_per_s * 1e9,
+            recompute_tokens_per_s=config.recompute_tokens_per_s or 2000.0,
         )
         self.runner = ModelRunner(loaded.model, self.kv_cache, bs)
         self.sampler = Sampler(seed=config.seed)
@@ -156,14 +182,18 @@ class Engine:
         if self.idle:
             return []
         self.steps += 1
+        t0 = time.perf_counter()
         logits, inputs = self.runner.run(plan.scheduled)
+        policy = self.scheduler.policy
         for item in plan.scheduled:
             seq = item.seq
             lo, hi = seq.num_computed, seq.num_computed + item.num_tokens
             prompt_part = max(0, min(hi, len(seq.prompt_ids)) - lo)
             self.prompt_tokens_computed += prompt_part
             self.decode_tokens_computed += item.num_tokens - prompt_part
+            policy.on_served(seq.tenant, prompt_part, item.num_tokens - prompt_part)
             self.scheduler.commit_computed(item)
+        self._measure(plan.num_tokens, time.perf_counter() - t0)
         if not inputs.sampled:
             return []
         rows = [
@@ -176,6 +206,14 @@ class Engine:
         ]
         tokens = self.sampler.sample(logits, rows).tolist()
         return [self._append(it.seq, tok) for it, tok in zip(inputs.sampled, tokens, strict=True)]
+
+    def _measure(self, tokens: int, seconds: float) -> None:
+        """Recompute cost for the swap-or-recompute rule: prefill throughput of big steps
+        (an exponential average; decode-sized steps say little about prefill speed)."""
+        sw = self.scheduler.swapper
+        if sw is None or not self._measured_tps or tokens < 32 or seconds <= 0:
+            return
+        sw.tokens_per_s = 0.8 * sw.tokens_per_s + 0.2 * tokens / seconds
 
     def _append(self, seq: Sequence, token: int) -> TokenEvent:
         seq.output_ids.append(token)
@@ -248,6 +286,7 @@ class Engine:
     # ---- figures -------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s = self.scheduler
+        sw = s.swapper
         return EngineStats(
             pool=self.pool.stats(),
             running=len(s.running),
@@ -259,13 +298,44 @@ class Engine:
             prefix_query_tokens=s.prefix_queries,
             prefix_hit_tokens=s.prefix_hits,
             steps=self.steps,
+            extra={
+                **(self.cpu_tier.stats_extra() if self.cpu_tier else {}),
+                "swap_copies": self.copier.copies,
+                "recompute_tokens_per_s": sw.tokens_per_s if sw else 0.0,
+            },
+            cpu_pool=self.cpu_tier.pool.stats() if self.cpu_tier else None,
+            prefix_hit_tokens_cpu=s.prefix_hits_cpu,
+            swaps_out=s.swaps_out,
+            swaps_in=s.swaps_in,
+            swap_bytes=sw.swap_bytes if sw else 0,
+            recompute_preemptions=s.recompute_preemptions,
         )
 
+    def drain_kv_events(self) -> list[KVEvent]:
+        """Both tiers' KVEvents since the last call, in the order they happened (for the
+        heartbeat; ``pool.drain_events()`` drains the same shared log)."""
+        return self.pool.drain_events()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached (unreferenced) block in both tiers."""
+        self.pool.clear_cache()
+        if self.cpu_tier is not None:
+            self.cpu_tier.pool.clear_cache()
+
+    def close(self) -> None:
+        """Stop the swap thread (in-flight copies finish first)."""
+        self.copier.close()
+
     def check_integrity(self) -> None:
+        """Both pools' invariants; every block a request holds is referenced at least as often
+        as it is held; queues and statuses agree."""
         self.pool.check_integrity()
-        held = Counter(
-            b for s in (*self.seqs.values(), *self.handoffs.values()) for b in s.block_ids
-        )
-        for block, count in held.items():
-            if self.pool.ref_count(block) < count:
-                raise AssertionError(f"block {block} held more often than referenced")
+        seqs = (*self.seqs.values(), *self.handoffs.values())
+        check_held(self.pool, (b for s in seqs for b in s.block_ids))
+        cpu_held = [b for s in seqs for b in s.cpu_block_ids]
+        if self.cpu_tier is not None:
+            self.cpu_tier.pool.check_integrity()
+            check_held(self.cpu_tier.pool, cpu_held)
+        elif cpu_held:
+            raise AssertionError("CPU blocks held without a CPU tier")
+        self.scheduler.check_integrity()

@@ -18,6 +18,12 @@ their order, or the worker that resumes it. u itself is identical on every devic
 reproducible wherever the logits are bit-identical (the same device type and kernels: CPU and
 CUDA logits differ in rounding, which can move a draw that lands on a boundary). Unseeded rows
 draw u from the Sampler's own ``random.Random``.
+
+On CUDA nothing here synchronises the host: per-row parameters, indices and uniforms go up
+through pinned non-blocking copies (``host_to_device``), seen ids given as Python sequences are
+range-checked on the host, and top-p takes one full-vocab sort instead of the CPU path's
+widening candidate rounds (each round reads a row count back). The caller's read of the tokens
+is the step's one sync.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import torch
 
+from kvrelay.workers.cuda_graphs import host_to_device
 from kvrelay.workers.types import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -91,11 +98,11 @@ def _check(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
 
 def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """Per-row parameters as a [n, 1] column broadcasting against [n, V]."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+    return host_to_device(values, like.dtype, like.device).unsqueeze(1)
 
 
 def _index(ids: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.long, device=like.device)
+    return host_to_device(ids, torch.long, like.device)
 
 
 def _repetition_penalty(out: torch.Tensor, rows: Sequence[SampleRow]) -> None:
@@ -109,13 +116,30 @@ def _repetition_penalty(out: torch.Tensor, rows: Sequence[SampleRow]) -> None:
         return
     vocab = out.shape[1]
     device = out.device
+    if not any(isinstance(rows[i].seen_ids, torch.Tensor) for i in sel):
+        # Host ids: check and index on the host, two non-blocking uploads, no sync.
+        where: list[int] = []
+        pens: list[float] = []
+        for i in sel:
+            seen = list(rows[i].seen_ids)
+            if seen and (min(seen) < 0 or max(seen) >= vocab):
+                raise ValueError(f"seen_ids must lie in [0, {vocab})")
+            where += [i * vocab + t for t in seen]
+            pens += [rows[i].params.repetition_penalty] * len(seen)
+        if where:
+            _penalise(
+                out,
+                host_to_device(where, torch.long, device),
+                host_to_device(pens, out.dtype, device),
+            )
+        return
     ids = [
         torch.as_tensor(rows[i].seen_ids, dtype=torch.long, device=device).reshape(-1) for i in sel
     ]
     flat = torch.cat(ids)
     if flat.numel() == 0:
         return
-    # one host sync on CUDA; ids come from our own tokenizer, but a bad one must not scatter OOB
+    # device tensors of ids: one host sync to range-check them (a bad id must not scatter OOB)
     if int(flat.min()) < 0 or int(flat.max()) >= vocab:
         raise ValueError(f"seen_ids must lie in [0, {vocab})")
     counts = torch.tensor([t.numel() for t in ids], device=device)
@@ -123,6 +147,11 @@ def _repetition_penalty(out: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     pen = torch.repeat_interleave(
         torch.tensor([rows[i].params.repetition_penalty for i in sel], device=device), counts
     ).to(out.dtype)
+    _penalise(out, linear, pen)
+
+
+def _penalise(out: torch.Tensor, linear: torch.Tensor, pen: torch.Tensor) -> None:
+    """out.view(-1)[linear] <- HF's penalty (logit < 0: * p, else / p), pen per entry."""
     view = out.view(-1)
     vals = view[linear]
     view[linear] = torch.where(vals < 0, vals * pen, vals / pen)
@@ -134,7 +163,7 @@ def _temperature(sub: torch.Tensor, temps: list[float]) -> None:
 
 def _top_k(sub: torch.Tensor, ks: list[int]) -> None:
     """In place on [n, V]: keep logits >= the k-th largest (ties at the k-th kept, as HF)."""
-    k = torch.tensor(ks, device=sub.device).clamp_(max=sub.shape[1])
+    k = host_to_device(ks, torch.long, sub.device).clamp_(max=sub.shape[1])
     top = torch.topk(sub, min(max(ks), sub.shape[1]), dim=-1).values  # [n, kmax] descending
     kth = top.gather(1, (k - 1).unsqueeze(1))
     sub.masked_fill_(sub < kth, float("-inf"))
@@ -151,7 +180,10 @@ def _top_p(sub: torch.Tensor, ps: list[float]) -> None:
     to float rounding of the cumulative sums exactly at the boundary.
     """
     probs = sub.softmax(dim=-1)  # [n, V]
-    top_p = torch.tensor(ps, dtype=probs.dtype, device=probs.device)
+    top_p = host_to_device(ps, probs.dtype, probs.device)
+    if sub.is_cuda:
+        _top_p_sorted(sub, probs, top_p)
+        return
     n, vocab = sub.shape
     pending = torch.arange(n, device=sub.device)
     k = min(_TOP_P_CANDIDATES, vocab)
@@ -177,6 +209,17 @@ def _top_p(sub: torch.Tensor, ps: list[float]) -> None:
         sub.index_copy_(0, src, rebuilt.scatter_(1, cand_idx, kept))
         pending = pending.index_select(0, (~done).nonzero().squeeze(1))
         k = min(4 * k, vocab)
+
+
+def _top_p_sorted(sub: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> None:
+    """The candidate rounds' last case (K = V) for every row at once: one device sort, no
+    read-back of which rows are done. A sort of 128 x 128k on an H100 costs well under a ms."""
+    vals, idx = probs.sort(dim=-1, descending=True)  # [n, V]
+    above = vals.cumsum(dim=-1) - vals
+    stay = above < top_p.unsqueeze(1)
+    stay[:, 0] = True
+    kept = torch.where(stay, sub.gather(1, idx), float("-inf"))
+    sub.scatter_(1, idx, kept)
 
 
 def _min_p(sub: torch.Tensor, mps: list[float]) -> None:
@@ -238,6 +281,9 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         """Token ids [B] int64 on the logits' device."""
+        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in rows):
+            _check(logits, rows)  # plain greedy: nothing to process, argmax as is
+            return logits.argmax(dim=-1)
         processed = apply_penalties_and_filters(logits, rows)
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not drawn:
@@ -249,8 +295,8 @@ class Sampler:
         idx = _index(drawn, processed)
         picked = processed if len(drawn) == len(rows) else processed.index_select(0, idx)
         probs = picked.softmax(dim=-1)  # [n, V]
-        u = torch.tensor(self.uniforms([rows[i] for i in drawn]), dtype=torch.float64)
-        tokens.index_copy_(0, idx, inverse_cdf(probs, u.to(probs.device)))
+        u = host_to_device(self.uniforms([rows[i] for i in drawn]), torch.float64, probs.device)
+        tokens.index_copy_(0, idx, inverse_cdf(probs, u))
         return tokens
 
 

@@ -9,6 +9,12 @@ Token and KV bookkeeping, for a sequence of ``num_tokens`` tokens (prompt + outp
 A decoding sequence has ``num_computed == num_tokens - 1``: its newest token is fed next step.
 Block ``b`` covers positions ``[b*bs, (b+1)*bs)``; it is committed with its hash once full and
 computed.
+
+Preemption by swap (``workers/kv_tiers.py``) keeps ``num_computed`` and moves the KV to CPU blocks
+``cpu_block_ids`` (one per device block, same order)::
+
+    RUNNING -> SWAPPED_OUT (copy out in flight: holds both; then CPU blocks only)
+            -> SWAPPING_IN (device blocks allocated, copy in flight: holds both) -> RUNNING
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from kvrelay.workers.types import FinishReason, SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED_OUT = "swapped_out"  # KV in CPU blocks (or being copied there)
+    SWAPPING_IN = "swapping_in"  # KV being copied back; joins the batch when the copy is done
     HANDOFF = "handoff"  # prefill-only: first token sampled, blocks held for the relay
     FINISHED = "finished"
 
@@ -39,6 +47,7 @@ class Sequence:
     prefill_only: bool = False  # a prefill worker's request: stop after the first token
     status: SeqStatus = SeqStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
+    cpu_block_ids: list[int] = field(default_factory=list)  # while swapped (see module doc)
     num_computed: int = 0
     num_committed_blocks: int = 0  # leading blocks whose hash was recorded
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks so far

@@ -415,7 +415,7 @@ class Worker:
     # ---- figures -------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
         self.expire_reservations()
-        stats, events = self.loop.call(lambda e: (e.stats(), tuple(e.pool.drain_events())))
+        stats, events = self.loop.call(lambda e: (e.stats(), tuple(e.drain_kv_events())))
         return Heartbeat(
             self.worker_id, self.role, stats, events, self.transport_totals(), self.loop.alive,
             self.loop.prefill_tokens_per_s, self.loop.busy_s, self.loop.decode_step_s,
@@ -437,10 +437,14 @@ class Worker:
         def check(e: Engine) -> dict[str, int]:
             e.check_integrity()
             s = e.pool.stats()
-            return {
+            out = {
                 "total": s.total, "free": s.free, "used": s.used, "cached": s.cached,
                 "requests": len(e.seqs) + len(e.handoffs),
             }
+            cpu = e.stats().cpu_pool
+            if cpu is not None:  # a leak in the host tier is a leak too
+                out["cpu_used"] = cpu.used
+            return out
 
         out = self.loop.call(check)
         with self._lock:
@@ -448,7 +452,7 @@ class Worker:
         return out
 
     def clear_prefix_cache(self) -> None:
-        self.loop.call(lambda e: e.pool.clear_cache())
+        self.loop.call(lambda e: e.clear_prefix_cache())  # both tiers
 
     def shutdown(self) -> None:
         self.loop.stop()

@@ -97,7 +97,7 @@ def _run_all(
 
 def _assert_no_leaks(cluster: Cluster) -> None:
     for wid, figures in cluster.integrity().items():
-        assert figures["used"] == 0, (wid, figures)
+        assert figures["used"] == 0 and figures.get("cpu_used", 0) == 0, (wid, figures)
         assert figures["requests"] == 0 and figures["reservations"] == 0, (wid, figures)
 
 

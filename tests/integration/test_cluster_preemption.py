@@ -102,7 +102,8 @@ def _wait(cond: Callable[[], bool], timeout: float = 60.0) -> None:
 
 def _no_leaks(cluster: Cluster) -> None:
     for wid, f in cluster.integrity().items():
-        assert f["used"] == 0 and f["requests"] == 0 and f["reservations"] == 0, (wid, f)
+        assert f["used"] == 0 and f.get("cpu_used", 0) == 0, (wid, f)
+        assert f["requests"] == 0 and f["reservations"] == 0, (wid, f)
 
 
 def test_decode_preempted_with_notice_migrates(ray_session: None, workload) -> None:

@@ -114,7 +114,8 @@ def test_preemption_by_recompute_keeps_outputs(
     small.loaded, small.tokenizer, small._next_id = llm.loaded, llm.tokenizer, 0
     from kvrelay.workers.engine import Engine
 
-    small.engine = Engine(llm.loaded, EngineConfig(max_num_batched_tokens=64, num_blocks=24))
+    small.engine = Engine(llm.loaded, EngineConfig(
+        max_num_batched_tokens=64, num_blocks=24, preemption_mode="recompute"))
     outs = small.generate(prompts, _greedy())
     assert small.engine.scheduler.num_preemptions > 0
     for out, ref in zip(outs, hf_greedy, strict=True):
