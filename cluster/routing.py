@@ -8,6 +8,7 @@ round robin or least loaded). ``plan`` returns where a request goes:
     split      prefill on P, then hand the KV off to a decode worker
     local      conditional disaggregation: the decode worker already holds most of the
                prompt, and prefilling the rest there is estimated cheaper than P + handoff
+               (each side's measured prefill rate shared by the streams it would delay)
 plus, for ``split``, an optional pull of prefix blocks another worker holds, when moving them
 is estimated cheaper than recomputing them.
 """
@@ -138,11 +139,16 @@ class Routing:
                 return RoutePlan("colocated", d.worker_id, d.matched_tokens, reason="no prefill")
             return None
         if isinstance(d, RouteDecision) and self.cfg.conditional_disagg and d.matched_tokens:
+            # effective rates: a prefill chunk on D delays every stream D is decoding, and P's
+            # queue delays ours; so the estimate compares the delay each choice imposes in all
+            by_id = {w.worker_id: w for w in loads}
+            d_share = 1 + by_id[d.worker_id].running
+            p_share = 1 + by_id[p.worker_id].waiting + by_id[p.worker_id].running
             est = disaggregation(
                 prompt_len,
                 min(d.matched_tokens, prompt_len),
-                self._tps(d.worker_id),
-                self._tps(p.worker_id),
+                self._tps(d.worker_id) / d_share,
+                self._tps(p.worker_id) / p_share,
                 self._link(p.worker_id, d.worker_id),
                 self._kv_bytes_per_token(),
                 matched_on_prefill=min(p.matched_tokens, prompt_len),
