@@ -132,6 +132,11 @@ class PreemptionExecutor:
         dst = c.workers.get(action.target)
         if flight is None or flight.done or src is None or dst is None:
             return
+        if flight.moving or flight.owner != action.source:
+            # since the snapshot the request moved on by itself (a prefill finished and its
+            # handoff task now carries the KV off the leaving worker): that task owns it
+            record.outcomes[action.request_id] = "moved_by_handoff"
+            return
         flight.moving += 1
         try:
             outcome = await self._move(flight, action, src, dst, leaving[action.source])

@@ -24,7 +24,7 @@ N = 16
 def _params(i: int) -> SamplingParams:
     # a quarter are short (they finish in place within a notice); the rest are long enough
     # that a 10-second notice cannot cover them on any machine, so they must move
-    n = 24 if i % 4 == 0 else 256
+    n = 24 if i % 4 < 2 else 256  # half short, half long; greedy and seeded in each
     if i % 2:
         return SamplingParams(max_tokens=n, temperature=0.8, top_k=40, seed=7 + i, ignore_eos=True)
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
