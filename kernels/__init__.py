@@ -1,25 +1,31 @@
 """Device ops, each with one signature and two bodies: Triton on CUDA, the torch reference
 elsewhere (``kernels/reference.py`` documents the KV cache layout they all share).
 
-Callers import the op from here; dispatch is by the device of the cache tensor. Setting
-``KVRELAY_KERNELS=reference`` forces the reference bodies everywhere (for comparisons).
+Callers import the op from here; dispatch is by the device of the cache tensor (of the first
+argument for the model's fused elementwise ops, whose references live in ``kernels/fused.py``).
+Setting ``KVRELAY_KERNELS=reference`` forces the reference bodies everywhere (for comparisons).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from kvrelay.kernels import reference
+from kvrelay.kernels import fused, reference
 
 __all__ = [
+    "add_rms_norm",
     "copy_blocks",
     "pack_blocks",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "rms_norm",
+    "rope_write_kv",
+    "silu_mul",
     "unpack_blocks",
     "write_kv",
 ]
@@ -35,8 +41,8 @@ def _triton_ops() -> Any | None:
     return triton_ops
 
 
-def _dispatch(name: str) -> Callable[..., Any]:
-    ref = getattr(reference, name)
+def _dispatch(name: str, ref_module: ModuleType = reference) -> Callable[..., Any]:
+    ref = getattr(ref_module, name)
 
     def op(*args: Any, **kwargs: Any) -> Any:
         cache = args[1] if name.startswith("paged_") else args[0]
@@ -57,3 +63,7 @@ paged_prefill_attention = _dispatch("paged_prefill_attention")
 pack_blocks = _dispatch("pack_blocks")
 unpack_blocks = _dispatch("unpack_blocks")
 copy_blocks = _dispatch("copy_blocks")
+rms_norm = _dispatch("rms_norm", fused)
+add_rms_norm = _dispatch("add_rms_norm", fused)
+rope_write_kv = _dispatch("rope_write_kv", fused)
+silu_mul = _dispatch("silu_mul", fused)

@@ -4,6 +4,8 @@
     write_kv, pack_blocks, unpack_blocks, copy_blocks   kernels/triton_copy.py
     paged_decode_attention (GQA, split-K)               kernels/triton_decode.py
     paged_prefill_attention (packed varlen, causal)     kernels/triton_prefill.py
+    rms_norm, add_rms_norm, rope_write_kv, silu_mul     kernels/triton_fused.py (the model's
+                                                        elementwise work; refs kernels/fused.py)
 
 Every launch derives its grid from tensor shapes, never from tensor values, so no op syncs the
 host and decode steps can be captured in CUDA graphs. Under ``TRITON_INTERPRET=1`` the same
@@ -14,13 +16,18 @@ from __future__ import annotations
 
 from kvrelay.kernels.triton_copy import copy_blocks, pack_blocks, unpack_blocks, write_kv
 from kvrelay.kernels.triton_decode import paged_decode_attention
+from kvrelay.kernels.triton_fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
 from kvrelay.kernels.triton_prefill import paged_prefill_attention
 
 __all__ = [
+    "add_rms_norm",
     "copy_blocks",
     "pack_blocks",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "rms_norm",
+    "rope_write_kv",
+    "silu_mul",
     "unpack_blocks",
     "write_kv",
 ]

@@ -11,6 +11,14 @@ chunked prefill and decode are the same forward::
 Numerics follow transformers: RMSNorm in float32 then cast back; the RoPE table is computed in
 float32 and cast to the compute dtype; q/k/v and gate/up are fused into one matmul each at load
 time (fewer, larger GEMMs on CPU), which does not change results.
+
+The elementwise work between the GEMMs goes through the fused ops of ``kvrelay.kernels``
+(torch compositions on CPU, one Triton kernel each on CUDA; kernels/fused.py): a layer's
+residual add is fused with the RMSNorm that follows it, so the residual stream is carried as
+(stream, pending delta) from layer to layer::
+
+    (x, delta) ─ add_rms_norm ─ qkv ─ rope_write_kv ─ attention ─ o ─ add_rms_norm ─ gate_up
+        ─ silu_mul ─ down ─▶ (x', delta')        final: add_rms_norm(delta, x, norm)
 """
 
 from __future__ import annotations
@@ -70,20 +78,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, D]; cos/sin [T, 1, D]: rotate_half convention (first half, second half)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class _Alloc:
     """Uninitialised parameters of one dtype/device: the loader overwrites every one of them
     (it checks it saw them all), so no random init is paid for."""
@@ -116,20 +110,25 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, D]
-        sin: torch.Tensor,  # [T, 1, D]
+        x: torch.Tensor,  # [T, hidden] residual stream
+        delta: torch.Tensor | None,  # [T, hidden] previous layer's MLP output, not yet added
+        positions: torch.Tensor,  # [T] int64
+        rope: tuple[torch.Tensor, torch.Tensor],  # fp32 cos, sin tables [max_pos, D]
         kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
         attn: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (stream after attention, this layer's MLP output)
+        """One decoder layer; the stream it ends with is ``x' + delta'`` (the caller's next
+        add_rms_norm adds them, fused with the norm that reads the sum)."""
         tokens = x.shape[0]
-        h = _rms_norm(x, self.input_norm, self.eps)
+        if delta is None:
+            h = kernels.rms_norm(x, self.input_norm, self.eps)
+        else:
+            h, x = kernels.add_rms_norm(delta, x, self.input_norm, self.eps)
         qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = _rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = _rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        kernels.write_kv(kv_cache, self.layer_idx, k, v, attn.slot_mapping)
+        # q, k rotated in place in qkv; rotated K and V written to the cache
+        q = kernels.rope_write_kv(
+            qkv, *rope, positions, kv_cache, self.layer_idx, attn.slot_mapping, self.num_heads
+        )  # [T, H, D]
         if attn.is_decode:
             o = kernels.paged_decode_attention(
                 q, kv_cache, self.layer_idx, attn.block_tables, attn.context_lens, self.scale
@@ -144,10 +143,10 @@ class DecoderLayer(nn.Module):
                 attn.context_lens,
                 self.scale,
             )
-        x = x + F.linear(o.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
-        h = _rms_norm(x, self.post_attn_norm, self.eps)
-        gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)  # [T, inter] each
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+        o = F.linear(o.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
+        h, x = kernels.add_rms_norm(o, x, self.post_attn_norm, self.eps)
+        up = kernels.silu_mul(F.linear(h, self.gate_up_weight))  # [T, inter]
+        return x, F.linear(up, self.down_weight)
 
 
 class LlamaModel(nn.Module):
@@ -185,11 +184,14 @@ class LlamaModel(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], final norm applied
         x = F.embedding(input_ids, self.embed)
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        delta: torch.Tensor | None = None
+        rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, attn)
-        return _rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, delta = layer(x, delta, positions, rope, kv_cache, attn)
+        eps = self.config.rms_norm_eps
+        if delta is None:  # no layers
+            return kernels.rms_norm(x, self.norm, eps)
+        return kernels.add_rms_norm(delta, x, self.norm, eps).out
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] fp32

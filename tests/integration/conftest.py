@@ -9,7 +9,9 @@ session under a name of its own, so pytest never collects its tests a second tim
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -34,3 +36,31 @@ def load_test_file() -> Callable[[str], ModuleType]:
         return loaded[relpath]
 
     return load
+
+
+@pytest.fixture(scope="module")
+def ray_session(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A local Ray instance for one test module (its clusters start inside it); token auth is
+    off as for every local kvrelay cluster (README, Configuration)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+             namespace=f"kvrelay-{request.module.__name__.rsplit('.', 1)[-1]}",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll a condition on the cluster's state (no fixed sleeps as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def wait() -> Callable[..., None]:
+    return wait_until

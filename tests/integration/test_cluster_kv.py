@@ -3,10 +3,6 @@ real local Ray cluster: outputs equal the colocated engine's with each feature o
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable, Iterator
-
 import pytest
 
 from kvrelay.cluster.serve import Cluster, ServeConfig
@@ -22,28 +18,9 @@ def llm() -> LLM:
     return LLM(None)
 
 
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace="kvrelay-kv-test", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cluster(**kw: object) -> Cluster:
     return Cluster.start(ServeConfig(grpc_port=None, http_port=None, threads_per_worker=1,
                                      **kw))  # type: ignore[arg-type]
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def _turns(llm: LLM) -> list[list[dict[str, str]]]:
@@ -59,14 +36,14 @@ def _turns(llm: LLM) -> list[list[dict[str, str]]]:
     return convo
 
 
-def test_multi_turn_prefills_locally_on_decode(ray_session: None, llm: LLM) -> None:
+def test_multi_turn_prefills_locally_on_decode(ray_session: None, llm: LLM, wait) -> None:
     prompts = [llm.tokenizer.apply_chat_template(m) for m in _turns(llm)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, GREEDY)]
     with _cluster(prefill_workers=1, decode_workers=1) as cluster:
         decode = next(w for w, r in cluster.workers().items() if r == "decode")
         for i, prompt in enumerate(prompts):
             if i:  # the earlier turn's KV must be visible in the directory first
-                _wait(lambda p=prompt: cluster.call("match_prefix", p).get(decode, 0) >= 64)
+                wait(lambda p=prompt: cluster.call("match_prefix", p).get(decode, 0) >= 64)
             tokens, _ = cluster.complete(prompt, GREEDY)
             assert tokens == expected[i]
         counters = cluster.counters()
@@ -75,7 +52,7 @@ def test_multi_turn_prefills_locally_on_decode(ray_session: None, llm: LLM) -> N
         assert all(f["used"] == 0 for f in cluster.integrity().values())
 
 
-def test_prefix_pull_instead_of_recompute(ray_session: None, llm: LLM) -> None:
+def test_prefix_pull_instead_of_recompute(ray_session: None, llm: LLM, wait) -> None:
     base = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Here is a long document about rivers. " * 12
           + "Summarise it."}])
@@ -89,7 +66,7 @@ def test_prefix_pull_instead_of_recompute(ray_session: None, llm: LLM) -> None:
         decode = next(w for w, r in workers.items() if r == "decode")
         assert cluster.complete(base, GREEDY)[0] == expected[0]
         cluster.call("clear_prefix_cache", prefill)  # P forgets; D still holds the prefix
-        _wait(lambda: cluster.call("match_prefix", second).get(prefill, 0) == 0
+        wait(lambda: cluster.call("match_prefix", second).get(prefill, 0) == 0
               and cluster.call("match_prefix", second).get(decode, 0) >= 64)
         assert cluster.complete(second, GREEDY)[0] == expected[1]
         counters = cluster.counters()
@@ -106,7 +83,7 @@ def test_routers_give_identical_outputs(ray_session: None, llm: LLM, router: str
         assert [cluster.complete(p, GREEDY)[0] for p in prompts] == expected
 
 
-def test_dead_worker_leaves_directory_and_routes(ray_session: None, llm: LLM) -> None:
+def test_dead_worker_leaves_directory_and_routes(ray_session: None, llm: LLM, wait) -> None:
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Name {i} "
                "colours of the rainbow."}]) for i in range(6)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, GREEDY)]
@@ -114,9 +91,9 @@ def test_dead_worker_leaves_directory_and_routes(ray_session: None, llm: LLM) ->
         for p, e in zip(prompts[:3], expected[:3], strict=True):
             assert cluster.complete(p, GREEDY)[0] == e
         victim = next(w for w, r in cluster.workers().items() if r == "decode")
-        _wait(lambda: victim in cluster.call("directory_workers"))
+        wait(lambda: victim in cluster.call("directory_workers"))
         cluster.kill_worker(victim)
-        _wait(lambda: victim not in cluster.workers())
+        wait(lambda: victim not in cluster.workers())
         assert victim not in cluster.call("directory_workers")  # dropped with the worker
         for p, e in zip(prompts[3:], expected[3:], strict=True):
             assert cluster.complete(p, GREEDY)[0] == e

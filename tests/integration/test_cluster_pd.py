@@ -7,8 +7,6 @@ request's tokens with the single-process colocated engine's; faults are real pro
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -60,22 +58,6 @@ def workload() -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
     params = [_params(i) for i in range(len(prompts))]
     expected = [list(o.token_ids) for o in llm.generate(prompts, params)]
     return prompts, params, expected
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        namespace="kvrelay-test",
-        log_to_driver=False,
-    )
-    yield
-    ray.shutdown()
 
 
 def _cluster(**kw: object) -> Cluster:

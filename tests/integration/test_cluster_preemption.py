@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -41,17 +40,6 @@ def workload() -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
     ]
     params = [_params(i) for i in range(N)]
     return prompts, params, [list(o.token_ids) for o in llm.generate(prompts, params)]
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace="kvrelay-preempt-test", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _cluster(**kw: object) -> Cluster:
@@ -92,29 +80,21 @@ class Streams:
         return [[t for ev in evs for t in ev] for evs in self.events]
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
 def _no_leaks(cluster: Cluster) -> None:
     for wid, f in cluster.integrity().items():
         assert f["used"] == 0 and f.get("cpu_used", 0) == 0, (wid, f)
         assert f["requests"] == 0 and f["reservations"] == 0, (wid, f)
 
 
-def test_decode_preempted_with_notice_migrates(ray_session: None, workload) -> None:
+def test_decode_preempted_with_notice_migrates(ray_session: None, workload, wait) -> None:
     prompts, params, expected = workload
     with _cluster(prefill_workers=2, decode_workers=2) as cluster:
         streams = Streams(cluster, prompts, params)
         streams.wait_all_decoding()
         victim = next(w for w, r in cluster.workers().items() if r == "decode")
         assert cluster.call("notify_preemption", victim, time.time() + 10.0)
-        _wait(lambda: any(r["outcomes"] for r in cluster.call("migration_records")))
-        _wait(lambda: (recs := cluster.call("migration_records"))
+        wait(lambda: any(r["outcomes"] for r in cluster.call("migration_records")))
+        wait(lambda: (recs := cluster.call("migration_records"))
               and len(recs[0]["outcomes"]) == len(recs[0]["actions"]))
         cluster.kill_worker(victim)  # the deadline: the instance is gone
         assert streams.results() == expected
@@ -128,7 +108,7 @@ def test_decode_preempted_with_notice_migrates(ray_session: None, workload) -> N
         _no_leaks(cluster)
 
 
-def test_sigkill_mid_stream_recomputes_without_gaps(ray_session: None, workload) -> None:
+def test_sigkill_mid_stream_recomputes_without_gaps(ray_session: None, workload, wait) -> None:
     prompts, params, expected = workload
     with _cluster(prefill_workers=2, decode_workers=2) as cluster:
         streams = Streams(cluster, prompts, params)
@@ -137,18 +117,18 @@ def test_sigkill_mid_stream_recomputes_without_gaps(ray_session: None, workload)
         os.kill(cluster.call("worker_pid", victim), signal.SIGKILL)
         assert streams.results() == expected  # concatenated events: no gap, no repeat
         assert cluster.counters()["resubmissions"] >= 1
-        _wait(lambda: victim not in cluster.workers())
+        wait(lambda: victim not in cluster.workers())
         _no_leaks(cluster)
 
 
-def test_sigterm_is_a_notice(ray_session: None, workload) -> None:
+def test_sigterm_is_a_notice(ray_session: None, workload, wait) -> None:
     prompts, params, expected = workload
     with _cluster(prefill_workers=1, decode_workers=2) as cluster:
         streams = Streams(cluster, prompts[:8], params[:8])
         streams.wait_all_decoding()
         victim = next(w for w, r in cluster.workers().items() if r == "decode")
         os.kill(cluster.call("worker_pid", victim), signal.SIGTERM)
-        _wait(lambda: bool(cluster.call("migration_records")))
+        wait(lambda: bool(cluster.call("migration_records")))
         assert streams.results() == expected[:8]
         assert cluster.call("migration_records")[0]["leaving"].keys() == {victim}
         _no_leaks(cluster)
