@@ -14,7 +14,6 @@ it was prefilled. A dead worker's requests are re-dispatched from prompt + commi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
@@ -25,20 +24,17 @@ from typing import Any
 
 from kvrelay.cluster.autosize import AutosizeConfig, PoolAutosizer
 from kvrelay.cluster.backend import (
-    ClusterStatus,
     GenerateRequest,
     ModelInfo,
     TokenizerLike,
-    WorkerStatus,
 )
+from kvrelay.cluster.controller_admin import ControllerAdmin, kv_blocks
 from kvrelay.cluster.flights import DECODE, HANDOFF, PREFILL, Flight
 from kvrelay.cluster.metrics import Metrics, WorkerCounters
-from kvrelay.cluster.notices import NoticeKind, PreemptionNotice
 from kvrelay.cluster.preemption import PreemptionExecutor
 from kvrelay.cluster.router.types import Role, RouteDecision, RouteRequest, WorkerLoad
 from kvrelay.cluster.routing import Pull, Routing, RoutingConfig
 from kvrelay.cluster.worker_client import WorkerClient, WorkerGone
-from kvrelay.workers.engine import EngineStats
 from kvrelay.workers.output import RequestText
 from kvrelay.workers.types import FinishReason, TokenEvent
 from kvrelay.workers.worker import Heartbeat, WorkerInfo
@@ -79,7 +75,7 @@ class WorkerEntry:
         return len(self.assigned) + used
 
 
-class Controller:
+class Controller(ControllerAdmin):
     def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
         self.config = config
         self._tokenizer = tokenizer
@@ -541,128 +537,10 @@ class Controller:
             prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
         )
         self.metrics.update_worker(
-            entry.info.worker_id, entry.role, entry.healthy, _kv_blocks(s),
+            entry.info.worker_id, entry.role, entry.healthy, kv_blocks(s),
             s.running, s.waiting, counters,
         )
-
-    # ---- admin ---------------------------------------------------------------------------
-    async def cluster_status(self) -> ClusterStatus:
-        out = []
-        for w in self.workers.values():
-            hb = w.heartbeat
-            kv: dict[str, dict[str, int]] = {}
-            running = waiting = 0
-            if hb is not None:
-                kv = _kv_blocks(hb.stats)
-                running, waiting = hb.stats.running, hb.stats.waiting
-            out.append(
-                WorkerStatus(
-                    w.info.worker_id, w.role, w.healthy, w.draining, w.info.node_ip, kv,
-                    running, waiting,
-                )
-            )
-        return ClusterStatus(tuple(out), sum(not f.done for f in self.flights.values()))
-
-    async def drain(self, worker_id: str) -> bool:
-        entry = self.workers.get(worker_id)
-        if entry is None:
-            return False
-        entry.draining = True
-        self.routing.forget(worker_id)
-        return True
-
-    async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
-        """A spot notice (admin RPC, Kubernetes watcher, metadata poller, a worker's SIGTERM):
-        plan and carry out the moves in the background; returns False for unknown workers."""
-        entry = self.workers.get(worker_id)
-        if entry is None or not entry.healthy:
-            return False
-        if entry.draining and any(worker_id in r.leaving for r in self.preemption.records):
-            return True  # already being handled
-        self._spawn(self.preemption.handle({worker_id: deadline_s}))
-        return True
-
-    async def on_notice(self, notice: PreemptionNotice) -> list[str]:
-        """Map a notice (worker, node or pod) to the workers it takes away, and plan for all
-        of them together."""
-        if notice.kind is NoticeKind.WORKER:
-            hit = [notice.target] if notice.target in self.workers else []
-        elif notice.kind is NoticeKind.NODE:
-            hit = [w for w, e in self.workers.items() if e.info.node_name == notice.target]
-        else:
-            hit = [w for w, e in self.workers.items()
-                   if e.info.pod_name == notice.target
-                   or (notice.node and e.info.node_name == notice.node and not e.info.pod_name)]
-        hit = [w for w in hit if self.workers[w].healthy and not self.workers[w].draining]
-        if hit:
-            log.warning("preemption notice %s (%s): %s leaving by %.1f s", notice.target,
-                        notice.source, hit, notice.deadline_s - time.time())
-            self._spawn(self.preemption.handle(dict.fromkeys(hit, notice.deadline_s)))
-        return hit
-
-    async def migration_records(self) -> list[dict[str, Any]]:
-        return [dataclasses.asdict(r) for r in self.preemption.records]
-
-    # ---- test and operator hooks ---------------------------------------------------------
-    async def worker_ids(self) -> dict[str, str]:
-        return {wid: w.role for wid, w in self.workers.items() if w.healthy}
-
-    async def integrity(self) -> dict[str, dict[str, int]]:
-        out = {}
-        for wid, w in list(self.workers.items()):
-            if w.healthy:
-                out[wid] = await w.client.call("check_integrity", timeout=30)
-        return out
-
-    async def worker_infos(self) -> dict[str, dict[str, Any]]:
-        return {wid: dataclasses.asdict(w.info) for wid, w in self.workers.items() if w.healthy}
-
-    async def transport_totals(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for wid, w in list(self.workers.items()):
-            if w.healthy:
-                out[wid] = await w.client.call("transport_totals", timeout=30)
-        return out
-
-    async def match_prefix(self, token_ids: list[int]) -> dict[str, int]:
-        """Leading prompt tokens each worker holds, from the KV directory (ops and tests)."""
-        matches = self.routing.directory.match(self.routing.hashes(token_ids))
-        return {wid: m.tokens for wid, m in matches.items()}
-
-    async def directory_workers(self) -> list[str]:
-        return list(self.routing.directory.workers())
-
-    async def clear_prefix_cache(self, worker_id: str) -> None:
-        await self.workers[worker_id].client.call("clear_prefix_cache", timeout=30)
-
-    async def role_switches(self) -> list[tuple[float, str, str, str]]:
-        return list(self.autosizer.switches) if self.autosizer is not None else []
-
-    async def counters(self) -> dict[str, int]:
-        return {
-            "block_bytes": next((w.info.block_bytes for w in self.workers.values()), 0),
-            "handoffs": self.handoffs_done,
-            "local_prefills": self.local_prefills,
-            "pulls": self.pulls_done,
-            "pull_bytes": self.pull_bytes,
-            "directory_blocks": self.routing.directory.num_blocks(),
-            "directory_workers": len(self.routing.directory.workers()),
-            "handoff_refusals": self.handoff_refusals,
-            "handoff_bytes": self.handoff_bytes,
-            "resubmissions": self.resubmissions,
-            "migrations": self.migrations_done,
-            "migration_recomputes": self.recomputes_done,
-            "in_flight": len(self.flights),
-        }
 
     def new_request_id(self) -> str:
         return uuid.uuid4().hex
 
-
-def _kv_blocks(stats: EngineStats) -> dict[str, dict[str, int]]:
-    """tier -> state -> blocks, as /metrics and ClusterStatus report them."""
-    out = {"gpu": {"free": stats.pool.free, "used": stats.pool.used, "cached": stats.pool.cached}}
-    if stats.cpu_pool is not None:
-        c = stats.cpu_pool
-        out["cpu"] = {"free": c.free, "used": c.used, "cached": c.cached}
-    return out
