@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvrelay.cluster.flights import DECODE
 from kvrelay.cluster.planner import plan_migration
 from kvrelay.cluster.planner_model import (
     ClusterSnapshot,
@@ -180,6 +181,7 @@ class PreemptionExecutor:
             await src.client.call("abort", rid, timeout=30)
         src.assigned.discard(rid)
         await c._submit(flight, dst, prefill_only=False)  # recompute prompt + committed tokens
+        flight.phase = DECODE  # it decodes where it is recomputed: no handoff follows
         c.recomputes_done += 1
         return "recomputed"
 
