@@ -17,7 +17,6 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,13 +65,6 @@ class WorkerEntry:
     heartbeat: Heartbeat | None = None
     assigned: set[str] = field(default_factory=set)  # request ids it owns or prefills
 
-    @property
-    def load(self) -> float:
-        hb = self.heartbeat
-        used = 0.0
-        if hb is not None and hb.stats.pool.total:
-            used = hb.stats.pool.used / hb.stats.pool.total
-        return len(self.assigned) + used
 
 
 class Controller(ControllerAdmin):
@@ -128,9 +120,6 @@ class Controller(ControllerAdmin):
         return [
             w for w in self.workers.values() if w.healthy and not w.draining and w.role in roles
         ]
-
-    def _pick(self, candidates: Sequence[WorkerEntry]) -> WorkerEntry | None:
-        return min(candidates, key=lambda w: (w.load, w.info.worker_id), default=None)
 
     async def _worker_failed(self, worker_id: str, reason: str) -> None:
         entry = self.workers.get(worker_id)
@@ -236,7 +225,6 @@ class Controller(ControllerAdmin):
                 await self._worker_failed(target.info.worker_id, f"submit: {exc}")
                 continue
             flight.phase = PREFILL if split else DECODE
-            flight.prefill_worker = target.info.worker_id if split else None
             if plan.mode == "local":
                 self.local_prefills += 1
             return
@@ -309,7 +297,6 @@ class Controller(ControllerAdmin):
 
     async def _redispatch(self, flight: Flight) -> None:
         """The owner is gone: resume from prompt + committed tokens on survivors."""
-        flight.resumes += 1
         self.resubmissions += 1
         flight.owner = None
         for w in self.workers.values():
@@ -541,6 +528,4 @@ class Controller(ControllerAdmin):
             s.running, s.waiting, counters,
         )
 
-    def new_request_id(self) -> str:
-        return uuid.uuid4().hex
 

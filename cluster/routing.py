@@ -90,7 +90,6 @@ class Routing:
         self.router = make_router(cfg)
         self.block_bytes = block_bytes
         self.rates: dict[str, _Rates] = {}
-        self.decisions = {"colocated": 0, "split": 0, "local": 0, "pulls": 0}
 
     # ---- inputs ---------------------------------------------------------------------------
     def hashes(self, prompt_ids: Sequence[int]) -> tuple[int, ...]:
@@ -129,13 +128,11 @@ class Routing:
                 d = self.router.route_prefill(request, loads, matches)
             if not isinstance(d, RouteDecision):
                 return None
-            self.decisions["colocated"] += 1
             return RoutePlan("colocated", d.worker_id, d.matched_tokens, reason="no P/D split")
         p = self.router.route_prefill(request, prefills, matches)
         d = self.router.route_decode(request, decodes, matches)
         if not isinstance(p, RouteDecision):
             if isinstance(d, RouteDecision):
-                self.decisions["colocated"] += 1
                 return RoutePlan("colocated", d.worker_id, d.matched_tokens, reason="no prefill")
             return None
         if isinstance(d, RouteDecision) and self.cfg.conditional_disagg and d.matched_tokens:
@@ -155,15 +152,11 @@ class Routing:
                 handoff_overhead_s=self.cfg.handoff_overhead_s,
             )
             if est.choice is PrefillPlace.LOCAL_ON_DECODE:
-                self.decisions["local"] += 1
                 return RoutePlan(
                     "local", d.worker_id, d.matched_tokens,
                     reason=f"local {est.local_s * 1e3:.1f} ms < handoff {est.handoff_s * 1e3:.1f} ms",
                 )
-        self.decisions["split"] += 1
         pull = self._pull_for(request, p, matches) if self.cfg.prefix_pull else None
-        if pull is not None:
-            self.decisions["pulls"] += 1
         return RoutePlan("split", p.worker_id, p.matched_tokens, pull=pull)
 
     def _kv_bytes_per_token(self) -> float:

@@ -38,7 +38,6 @@ class EngineLoop:
         # router's cost estimates use it instead of a constant
         self.prefill_tokens_per_s: float | None = None
         self.decode_step_s: float | None = None  # EMA over pure decode steps
-        self.busy_s = 0.0
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -101,7 +100,6 @@ class EngineLoop:
             self._fail_pending()
 
     def _measure(self, prompt_tokens: int, seconds: float) -> None:
-        self.busy_s += seconds
         if prompt_tokens >= 32 and seconds > 0:
             rate = prompt_tokens / seconds
             old = self.prefill_tokens_per_s

@@ -67,7 +67,6 @@ class Heartbeat:
     transport: dict[str, float]
     alive: bool
     prefill_tokens_per_s: float | None = None
-    busy_s: float = 0.0
     decode_step_s: float | None = None
 
 
@@ -418,7 +417,7 @@ class Worker:
         stats, events = self.loop.call(lambda e: (e.stats(), tuple(e.drain_kv_events())))
         return Heartbeat(
             self.worker_id, self.role, stats, events, self.transport_totals(), self.loop.alive,
-            self.loop.prefill_tokens_per_s, self.loop.busy_s, self.loop.decode_step_s,
+            self.loop.prefill_tokens_per_s, self.loop.decode_step_s,
         )
 
     def transport_totals(self) -> dict[str, float]:
