@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 import uuid
@@ -72,35 +70,8 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
+def tls_files(self_signed_cert: tuple[Path, Path]) -> tuple[Path, Path]:
+    return self_signed_cert
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import shutil
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,34 +85,9 @@ def test_http_keys(keyed: FrontendThread, caplog: pytest.LogCaptureFixture) -> N
 
 
 @pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> TlsConfig:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")  # cryptography is not installed either
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(d / "key.pem"),
-            "-out",
-            str(d / "cert.pem"),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return TlsConfig(cert_file=str(d / "cert.pem"), key_file=str(d / "key.pem"))
+def cert(self_signed_cert: tuple[Path, Path]) -> TlsConfig:
+    cert_file, key_file = self_signed_cert
+    return TlsConfig(cert_file=str(cert_file), key_file=str(key_file))
 
 
 def test_tls_round_trip_both_apis(cert: TlsConfig) -> None:
