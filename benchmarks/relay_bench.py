@@ -199,38 +199,31 @@ def print_relay(rows: list[dict[str, Any]], iters: int) -> None:
 
 # ---- part ttft -------------------------------------------------------------------------------
 def ttft_driver(spec: dict[str, Any]) -> None:
-    """Inside the head host: a cluster with 1P + 1D where the test hosts put them."""
-    from kvrelay.cluster.node_pools import NodeWatcher
-    from kvrelay.cluster.placement import PlacementPolicy, place
-    from kvrelay.cluster.serve import ServeConfig
+    """Inside the head host: ``Cluster.start`` joins the Ray cluster the hosts form, and its
+    controller places 1P + 1D on the nodes offering ``kvrelay_prefill`` / ``kvrelay_decode``."""
+    from kvrelay.cluster.serve import Cluster, ServeConfig
     from kvrelay.workers.types import SamplingParams
 
-    drv = _load(ROOT / "tests" / "integration" / "multinode_driver.py", "kvrelay_mn_driver")
     cfg = ServeConfig(
         address=spec["address"],
-        prefill_workers=0,
-        decode_workers=0,
         grpc_port=None,
         http_port=None,
         transport_host=spec["head_ip"],
+        transport_interface=spec["interface"],
+        placement_resource_prefix="kvrelay_",
+        cpus_per_worker=spec["threads"],
+        threads_per_worker=spec["threads"],
         kv_cache_gb=0.3,
         handoff_timeout_s=60.0,
     )
-    cluster = drv.start_pinned(cfg)
-    policy = PlacementPolicy(interface=spec["interface"], cpus_per_worker=spec["threads"])
-    workers = drv.Workers(cluster, (spec["head_ip"], int(cluster.ports["store_port"])), policy)
+    cluster = Cluster.start(cfg)
     try:
-        watcher = NodeWatcher()
-        watcher.poll()
-        workers.start(
-            [place(r, watcher.nodes, workers.placed, policy) for r in ("prefill", "decode")]
-        )
         rng = random.Random(0)
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         out: dict[str, Any] = {}
-        (p_id,) = [w.worker_id for w in workers.placed if w.role == "prefill"]
+        (p_id,) = [w for w, role in cluster.workers().items() if role == "prefill"]
         for n in [64, *spec["prompt_tokens"]]:  # 64: warm-up (channels, first steps)
-            sent0 = workers.totals([p_id])[p_id]
+            sent0 = cluster.call("transport_totals")[p_id]
             rows = []
             for _ in range(1 if n == 64 else spec["reps"]):
                 prompt = [rng.randrange(1000, 40000) for _ in range(n)]
@@ -239,7 +232,7 @@ def ttft_driver(spec: dict[str, Any]) -> None:
                 for ev in cluster.generate(cluster.request(prompt, params)):
                     stamps += [time.perf_counter() - t0] * len(ev.token_ids)
                 rows.append(stamps[:2])
-            sent1 = workers.totals([p_id])[p_id]
+            sent1 = cluster.call("transport_totals")[p_id]
             out[str(n)] = rows
             out[f"send_s.{n}"] = (
                 sent1.get("seconds_sending", 0.0) - sent0.get("seconds_sending", 0.0)
@@ -247,7 +240,6 @@ def ttft_driver(spec: dict[str, Any]) -> None:
         out["handoff_bytes"] = cluster.counters()["handoff_bytes"]
         print("RELAY-BENCH " + json.dumps(out), flush=True)
     finally:
-        workers.kill_all()
         cluster.shutdown()
 
 

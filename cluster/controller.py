@@ -298,6 +298,7 @@ class Controller(ControllerAdmin):
     async def _redispatch(self, flight: Flight) -> None:
         """The owner is gone: resume from prompt + committed tokens on survivors."""
         self.resubmissions += 1
+        self.metrics.record_resubmission(flight.req.model)
         flight.owner = None
         for w in self.workers.values():
             if flight.request_id in w.assigned and w.healthy:
@@ -511,10 +512,12 @@ class Controller(ControllerAdmin):
             return max(0, int(now - before))
 
         sent = delta(t.get("bytes_sent", 0), pt.get("bytes_sent", 0))
+        received = delta(t.get("bytes_received", 0), pt.get("bytes_received", 0))
         transfers = delta(t.get("transfers_sent", 0), pt.get("transfers_sent", 0))
         seconds = max(0.0, t.get("seconds_sending", 0.0) - pt.get("seconds_sending", 0.0))
         counters = WorkerCounters(
             kv_transfer_bytes=sent,
+            kv_received_bytes=received,
             kv_transfer_seconds=tuple([seconds / transfers] * transfers) if transfers else (),
             preemptions_swap=delta(s.swaps_out, p.swaps_out if p else 0),
             preemptions_recompute=delta(

@@ -82,6 +82,9 @@ class Metrics:
         self.cached_prompt_tokens = _counter(r, "kvrelay_cached_prompt_tokens_total")
         self.requests = _counter(r, "kvrelay_requests_total")
         self.migrations = _counter(r, "kvrelay_migrations_total")
+        self.resubmissions = _counter(r, "kvrelay_request_resubmissions_total")
+        for model in self._models:  # the served models read 0 until a worker fails
+            self.resubmissions.labels(model)
         for outcome in MIGRATION_OUTCOMES:  # a closed set known up front: a cluster that never
             self.migrations.labels(outcome)  # migrated reads 0 rather than "no data"
         # -- workers (from heartbeats) --
@@ -90,6 +93,7 @@ class Metrics:
         self.healthy = _gauge(r, "kvrelay_worker_healthy")
         self.kv_blocks = _gauge(r, "kvrelay_kv_blocks")
         self.transfer_bytes = _counter(r, "kvrelay_kv_transfer_bytes_total")
+        self.received_bytes = _counter(r, "kvrelay_kv_received_bytes_total")
         self.transfer_seconds = _histogram(r, "kvrelay_kv_transfer_duration_seconds")
         self.preemptions = _counter(r, "kvrelay_preemptions_total")
         self.prefix_queries = _counter(r, "kvrelay_prefix_cache_queried_tokens_total")
@@ -155,6 +159,10 @@ class Metrics:
         check_count("count", count)
         self.migrations.labels(outcome).inc(count)
 
+    def record_resubmission(self, model: str) -> None:
+        """A request resumed on another worker after its worker failed."""
+        self.resubmissions.labels(self.model_label(model)).inc()
+
     # -- heartbeat path ---------------------------------------------------------------------------
 
     def update_worker(
@@ -192,6 +200,7 @@ class Metrics:
                 self.kv_blocks.labels(*w, tier, state).set(n)
             # .inc(0) still creates the series, so a quiet worker shows 0 rather than no data
             self.transfer_bytes.labels(*w).inc(c.kv_transfer_bytes)
+            self.received_bytes.labels(*w).inc(c.kv_received_bytes)
             tchild = self.transfer_seconds.labels(*w)
             for s in c.kv_transfer_seconds:
                 tchild.observe(s)
@@ -235,6 +244,7 @@ class Metrics:
             self.running,
             self.waiting,
             self.transfer_bytes,
+            self.received_bytes,
             self.transfer_seconds,
             self.prefix_queries,
             self.prefix_hits,

@@ -193,6 +193,12 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
         "In-flight requests handled on a preemption notice: migrated (KV moved), recomputed, "
         "finished_in_place, failed.",
     ),
+    "kvrelay_request_resubmissions_total": (
+        "counter",
+        ("model",),
+        "Requests resumed on a surviving worker (prompt + tokens already streamed) after the "
+        "worker serving them failed or its node left.",
+    ),
     "kvrelay_requests_running": (
         "gauge",
         ("worker", "role"),
@@ -216,7 +222,12 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "kvrelay_kv_transfer_bytes_total": (
         "counter",
         ("worker", "role"),
-        "KV bytes the worker sent to peers (handoffs, migrations).",
+        "KV bytes the worker sent to peers (handoffs, migrations, prefix pulls).",
+    ),
+    "kvrelay_kv_received_bytes_total": (
+        "counter",
+        ("worker", "role"),
+        "KV bytes the worker received from peers; summed over workers it equals the bytes sent.",
     ),
     "kvrelay_kv_transfer_duration_seconds": (
         "histogram",
@@ -266,9 +277,10 @@ def check_seconds(what: str, value: float) -> None:
 class WorkerCounters:
     """What one worker did since its previous heartbeat (deltas, never running totals).
 
-    Transfers are counted by the sending side only (prefill in a handoff, the leaving worker in a
-    migration), so a byte is never counted twice; ``kv_transfer_seconds`` holds one duration per
-    completed outgoing transfer, reserve to acknowledge.
+    ``kv_transfer_bytes`` counts what the worker sent (prefill in a handoff, the leaving worker
+    in a migration), ``kv_received_bytes`` what it received, so the two sides of every link can
+    be checked against each other; ``kv_transfer_seconds`` holds one duration per completed
+    outgoing transfer, reserve to acknowledge.
     """
 
     kv_transfer_bytes: int = 0
@@ -277,6 +289,7 @@ class WorkerCounters:
     preemptions_recompute: int = 0
     prefix_query_tokens: int = 0  # prompt tokens looked up in this worker's pools
     prefix_hit_tokens: int = 0  # of those, tokens found cached (GPU or CPU tier)
+    kv_received_bytes: int = 0
 
 
 def check_blocks(kv_blocks: Mapping[str, Mapping[str, int]]) -> dict[tuple[str, str], int]:
@@ -292,6 +305,7 @@ def check_blocks(kv_blocks: Mapping[str, Mapping[str, int]]) -> dict[tuple[str, 
 
 def check_counters(c: WorkerCounters) -> None:
     check_count("kv_transfer_bytes", c.kv_transfer_bytes)
+    check_count("kv_received_bytes", c.kv_received_bytes)
     check_count("preemptions_swap", c.preemptions_swap)
     check_count("preemptions_recompute", c.preemptions_recompute)
     check_count("prefix_query_tokens", c.prefix_query_tokens)

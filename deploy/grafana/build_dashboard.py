@@ -214,11 +214,16 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                     [
                         (
                             f"sum by (worker) (rate(kvrelay_kv_transfer_bytes_total{{{W}}}{rate}))",
-                            "{{worker}}",
+                            "{{worker}} sent",
+                        ),
+                        (
+                            f"sum by (worker) (rate(kvrelay_kv_received_bytes_total{{{W}}}{rate}))",
+                            "{{worker}} received",
                         ),
                     ],
                     "Bps",
-                    "Bytes sent to peers (handoffs and migrations), by sending worker.",
+                    "Bytes sent to and received from peers (handoffs, migrations, prefix pulls), "
+                    "by worker.",
                     stack=True,
                 ),
                 panel(
@@ -251,9 +256,14 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                             f"sum by (outcome) (increase(kvrelay_migrations_total{rate}))",
                             "{{outcome}}",
                         ),
+                        (
+                            f"sum(increase(kvrelay_request_resubmissions_total{{{M}}}{rate}))",
+                            "resubmitted after a worker failure",
+                        ),
                     ],
                     "short",
-                    "In-flight requests of leaving (spot) workers.",
+                    "In-flight requests of leaving (spot) workers, and requests resumed "
+                    "elsewhere after their worker failed without notice.",
                     stack=True,
                 ),
             ],

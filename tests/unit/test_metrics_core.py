@@ -117,7 +117,9 @@ def test_worker_heartbeats_set_gauges_and_accumulate_deltas() -> None:
         {"gpu": {"free": 9, "used": 6}},
         running=2,
         waiting=0,
-        counters=WorkerCounters(kv_transfer_bytes=24, preemptions_recompute=2),
+        counters=WorkerCounters(
+            kv_transfer_bytes=24, preemptions_recompute=2, kv_received_bytes=512
+        ),
     )
     w = {"worker": "p0", "role": "prefill"}
     assert val(m, "kvrelay_worker_healthy", **w) == 0
@@ -128,6 +130,7 @@ def test_worker_heartbeats_set_gauges_and_accumulate_deltas() -> None:
     assert val(m, "kvrelay_kv_blocks", **w, tier="gpu", state="cached") == 0
     assert val(m, "kvrelay_kv_blocks", **w, tier="cpu", state="free") == 0
     assert val(m, "kvrelay_kv_transfer_bytes_total", **w) == 1024
+    assert val(m, "kvrelay_kv_received_bytes_total", **w) == 512
     assert val(m, "kvrelay_kv_transfer_duration_seconds_count", **w) == 2
     assert val(m, "kvrelay_kv_transfer_duration_seconds_bucket", **w, le="0.0025") == 1
     assert val(m, "kvrelay_preemptions_total", **w, kind="swap") == 1

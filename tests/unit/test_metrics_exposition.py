@@ -51,6 +51,7 @@ def populated() -> Metrics:
         )
     for outcome in MIGRATION_OUTCOMES:
         m.record_migration(outcome)
+    m.record_resubmission("smol")
     blocks = {t: {s: 10 * (j + 1) for j, s in enumerate(KV_STATES)} for t in KV_TIERS}
     for i, role in enumerate(ROLES):
         m.update_worker(
@@ -60,7 +61,7 @@ def populated() -> Metrics:
             kv_blocks=blocks,
             running=i,
             waiting=2 * i,
-            counters=WorkerCounters(4096, (0.003, 0.04), 1, 2, 128, 96),
+            counters=WorkerCounters(4096, (0.003, 0.04), 1, 2, 128, 96, 2048),
         )
     return m
 
