@@ -7,10 +7,14 @@ Rules (the same on gRPC and HTTP):
   admin key gets PERMISSION_DENIED); with API keys but no admin keys, admin calls take an API key.
 Missing or wrong keys get UNAUTHENTICATED. Keys are compared with ``hmac.compare_digest``
 against every configured key (no early exit) and never appear in messages or logs.
+
+``check`` returns the ``Caller``: requests remember who started them, and Cancel is allowed to
+the caller holding the same key, or an admin key (on an open server, to anyone).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +40,22 @@ def bearer_token(header: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a call: ``key_id`` is a digest of the key (never the key; None on an open
+    server); ``admin_key`` whether it is an admin key."""
+
+    key_id: str | None = None
+    admin_key: bool = False
+
+    def may_cancel(self, owner: Caller) -> bool:
+        """Cancel a request ``owner`` started: the same key, or an admin key."""
+        return self.admin_key or self.key_id == owner.key_id
+
+
+OPEN = Caller(None, admin_key=True)  # no keys configured: everyone may do everything
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKeys:
     api_keys: tuple[bytes, ...] = ()
     admin_keys: tuple[bytes, ...] = ()
@@ -55,10 +75,11 @@ class ApiKeys:
     def __repr__(self) -> str:  # keys never reach a log line through repr()
         return f"ApiKeys(api_keys=<{len(self.api_keys)}>, admin_keys=<{len(self.admin_keys)}>)"
 
-    def check(self, authorization: str | None, *, admin: bool) -> None:
-        """Raise ApiError(UNAUTHENTICATED / PERMISSION_DENIED) unless the header grants access."""
+    def check(self, authorization: str | None, *, admin: bool) -> Caller:
+        """The caller, or ApiError(UNAUTHENTICATED / PERMISSION_DENIED) unless the header grants
+        access."""
         if not self.enabled:
-            return
+            return OPEN
         token = bearer_token(authorization)
         if token is None:
             raise ApiError(ErrorCode.UNAUTHENTICATED, "missing API key (Authorization: Bearer KEY)")
@@ -69,3 +90,4 @@ class ApiKeys:
             raise ApiError(ErrorCode.UNAUTHENTICATED, "invalid API key")
         if admin and self.admin_keys and not is_admin:
             raise ApiError(ErrorCode.PERMISSION_DENIED, "this call needs an admin key")
+        return Caller(hashlib.sha256(raw).hexdigest()[:16], admin_key=is_admin)

@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvrelay.cluster.auth import ApiKeys
+from kvrelay.cluster.auth import OPEN, ApiKeys, Caller
 from kvrelay.cluster.backend import ClusterBackend, GenerateRequest
 from kvrelay.cluster.frontend_errors import ApiError, ErrorCode
 from kvrelay.cluster.frontend_limits import Admission, FrontendLimits
@@ -179,9 +179,10 @@ class FrontendCore:
         self.admission = Admission(limits)
         # request id -> cancel requested; ids live from acceptance until close
         self._in_flight: dict[str, bool] = {}
+        self._owners: dict[str, Caller] = {}  # request id -> who started it
 
-    def authorize(self, authorization: str | None, *, admin: bool) -> None:
-        self.keys.check(authorization, admin=admin)
+    def authorize(self, authorization: str | None, *, admin: bool) -> Caller:
+        return self.keys.check(authorization, admin=admin)
 
     def observe(self, model: str, outcome: str, **figures: object) -> None:
         if self.observer is None:
@@ -192,17 +193,23 @@ class FrontendCore:
             log.exception("request observer failed")
 
     async def start(
-        self, raw: RawGenerate, *, deadline_s: float | None = None, id_prefix: str = ""
+        self,
+        raw: RawGenerate,
+        *,
+        deadline_s: float | None = None,
+        id_prefix: str = "",
+        caller: Caller = OPEN,
     ) -> RequestStream:
-        """Validate, tokenize and admit ``raw`` (auth is the caller's first step)."""
+        """Validate, tokenize and admit ``raw`` (auth is the caller's first step; ``caller`` is
+        what it returned, the only one besides admins who may cancel the request)."""
         try:
-            return await self._start(raw, deadline_s, id_prefix)
+            return await self._start(raw, deadline_s, id_prefix, caller)
         except ApiError:
             self.observe(raw.model, "rejected")
             raise
 
     async def _start(
-        self, raw: RawGenerate, deadline_s: float | None, id_prefix: str
+        self, raw: RawGenerate, deadline_s: float | None, id_prefix: str, caller: Caller
     ) -> RequestStream:
         t0 = time.monotonic()
         if raw.request_id:
@@ -221,11 +228,13 @@ class FrontendCore:
         if request_id in self._in_flight:  # another request took the id while we tokenized
             raise ApiError(ErrorCode.ALREADY_EXISTS, f"request {request_id!r} is already in flight")
         self._in_flight[request_id] = False
+        self._owners[request_id] = caller
         try:
             timeout = None if deadline_s is None else deadline_s - time.time()
             await self.admission.acquire(timeout)
         except BaseException:
             del self._in_flight[request_id]
+            del self._owners[request_id]
             raise
         return RequestStream(self, request, t0, time.monotonic() - t0)
 
@@ -233,11 +242,17 @@ class FrontendCore:
         return self._in_flight.get(request_id, False)
 
     def finish(self, request_id: str) -> None:
+        self._owners.pop(request_id, None)
         if self._in_flight.pop(request_id, None) is not None:
             self.admission.release()
 
-    async def cancel(self, request_id: str) -> bool:
-        """Cancel an in-flight request; False when this frontend does not know it."""
+    async def cancel(self, request_id: str, caller: Caller = OPEN) -> bool:
+        """Cancel an in-flight request; False when this frontend does not know it or ``caller``
+        may not cancel it (the same answer: a request id reveals nothing about other users'
+        requests). A request this frontend did not start is left to admin keys."""
+        owner = self._owners.get(request_id)
+        if not caller.may_cancel(owner if owner is not None else OPEN):
+            return False
         if request_id in self._in_flight:
             self._in_flight[request_id] = True
             with contextlib.suppress(Exception):

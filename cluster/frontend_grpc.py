@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvrelay.cluster.auth import Caller
 from kvrelay.cluster.backend import ClusterStatus
 from kvrelay.cluster.frontend_core import FrontendCore, RequestStream
 from kvrelay.cluster.frontend_errors import ApiError, invalid
@@ -132,11 +133,11 @@ class GrpcFrontend:
     ) -> AsyncIterator[bytes]:
         stream: RequestStream | None = None
         try:
-            self.core.authorize(_authorization(context), admin=False)
+            caller = self.core.authorize(_authorization(context), admin=False)
             raw = raw_from_proto(_parse(gpb.GenerateRequest, data))
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.time() + remaining
-            stream = await self.core.start(raw, deadline_s=deadline)
+            stream = await self.core.start(raw, deadline_s=deadline, caller=caller)
             await context.send_initial_metadata((("x-request-id", stream.request_id),))
             yield gpb.GenerateResponse(request_id=stream.request_id).SerializeToString()
             async for ev in stream.events():
@@ -153,16 +154,16 @@ class GrpcFrontend:
     async def cancel(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(context, False, self._cancel, data)
 
-    async def _cancel(self, data: bytes) -> Message:
+    async def _cancel(self, data: bytes, caller: Caller) -> Message:
         req = _parse(gpb.CancelRequest, data)
         if not req.request_id:
             raise invalid("request_id is empty", "request_id")
-        return gpb.CancelResponse(cancelled=await self.core.cancel(req.request_id))
+        return gpb.CancelResponse(cancelled=await self.core.cancel(req.request_id, caller))
 
     async def list_models(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(context, False, self._list_models, data)
 
-    async def _list_models(self, data: bytes) -> Message:
+    async def _list_models(self, data: bytes, caller: Caller) -> Message:
         _parse(gpb.ListModelsRequest, data)
         return gpb.ListModelsResponse(
             models=[
@@ -174,14 +175,14 @@ class GrpcFrontend:
     async def cluster_status(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(context, True, self._cluster_status, data)
 
-    async def _cluster_status(self, data: bytes) -> Message:
+    async def _cluster_status(self, data: bytes, caller: Caller) -> Message:
         _parse(apb.ClusterStatusRequest, data)
         return status_to_proto(await self.core.backend.cluster_status())
 
     async def drain(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(context, True, self._drain, data)
 
-    async def _drain(self, data: bytes) -> Message:
+    async def _drain(self, data: bytes, caller: Caller) -> Message:
         req = _parse(apb.DrainRequest, data)
         if not req.worker_id:
             raise invalid("worker_id is empty", "worker_id")
@@ -190,7 +191,7 @@ class GrpcFrontend:
     async def notify_preemption(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(context, True, self._notify, data)
 
-    async def _notify(self, data: bytes) -> Message:
+    async def _notify(self, data: bytes, caller: Caller) -> Message:
         req = _parse(apb.NotifyPreemptionRequest, data)
         if not req.worker_id:
             raise invalid("worker_id is empty", "worker_id")
@@ -205,12 +206,12 @@ class GrpcFrontend:
         self,
         context: grpc.aio.ServicerContext,
         admin: bool,
-        fn: Callable[[bytes], Awaitable[Message]],
+        fn: Callable[[bytes, Caller], Awaitable[Message]],
         data: bytes,
     ) -> bytes:
         try:
-            self.core.authorize(_authorization(context), admin=admin)
-            return (await fn(data)).SerializeToString()
+            caller = self.core.authorize(_authorization(context), admin=admin)
+            return (await fn(data, caller)).SerializeToString()
         except ApiError as err:
             await _abort(context, err)
         except Exception:

@@ -134,11 +134,13 @@ class HttpFrontend:
     ) -> web.StreamResponse:
         stream: RequestStream | None = None
         try:
-            self.core.authorize(request.headers.get("Authorization"), admin=False)
+            caller = self.core.authorize(request.headers.get("Authorization"), admin=False)
             body = await self._body(request)
             raw = parse(body)
             streaming, include_usage = stream_options(body)
-            stream = await self.core.start(raw, id_prefix="chatcmpl-" if chat else "cmpl-")
+            stream = await self.core.start(
+                raw, id_prefix="chatcmpl-" if chat else "cmpl-", caller=caller
+            )
             if streaming:
                 return await self._stream(request, stream, chat, include_usage)
             return await self._collect(stream, chat)

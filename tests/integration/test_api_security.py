@@ -20,12 +20,16 @@ from kvrelay.cluster.frontend_serve import TlsConfig
 from kvrelay.cluster.frontend_testing import FrontendThread, backend_from_env, wait_blocks_free
 
 USER_KEY = "sk-user-4f1c9a"
+OTHER_KEY = "sk-user-9d03b5"  # a second user of the same server
 ADMIN_KEY = "sk-admin-77b2e0"
+LONG = 400  # tokens: a stream still running when the test acts on it
 
 
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[FrontendThread]:
-    with FrontendThread(backend_from_env(), api_keys=[USER_KEY], admin_keys=[ADMIN_KEY]) as srv:
+    with FrontendThread(
+        backend_from_env(), api_keys=[USER_KEY, OTHER_KEY], admin_keys=[ADMIN_KEY]
+    ) as srv:
         yield srv
         assert srv.call(wait_blocks_free(srv.backend)) == 0
 
@@ -54,6 +58,27 @@ def test_grpc_keys(keyed: FrontendThread, caplog: pytest.LogCaptureFixture) -> N
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     assert USER_KEY not in caplog.text and ADMIN_KEY not in caplog.text
+
+
+def test_only_the_owner_or_an_admin_cancels_a_request(keyed: FrontendThread) -> None:
+    target = f"127.0.0.1:{keyed.grpc_port}"
+    with (
+        Client(target, api_key=USER_KEY, timeout=60) as owner,
+        Client(target, api_key=OTHER_KEY, timeout=10) as other,
+        Client(target, api_key=ADMIN_KEY, timeout=10) as admin,
+    ):
+        for canceller in (owner, admin):
+            stream = owner.generate("mine", max_tokens=LONG, ignore_eos=True, stream=True)
+            rid = next(stream).request_id
+            next(stream)  # a token: the request is running
+            # another user's key gets the answer an unknown id gets, and the stream goes on
+            assert other.cancel(rid) is False
+            assert len(next(stream).token_ids) > 0
+            assert canceller.cancel(rid) is True
+            rest = list(stream)
+            assert rest[-1].finish_reason == "abort"
+            assert sum(len(c.token_ids) for c in rest) < LONG
+    assert keyed.call(wait_blocks_free(keyed.backend)) == 0
 
 
 def test_http_keys(keyed: FrontendThread, caplog: pytest.LogCaptureFixture) -> None:

@@ -64,7 +64,8 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Stops an in-flight request; its stream ends with FINISH_REASON_ABORT.
+        """Stops an in-flight request; its stream ends with FINISH_REASON_ABORT. Only the API key that
+        started the request, or an admin key, may cancel it (on a server with keys).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
