@@ -108,6 +108,9 @@ class Engine:
         self.runner = ModelRunner(loaded.model, self.kv_cache, bs)
         self.sampler = Sampler(seed=config.seed)
         self.max_context = loaded.config.max_context
+        # a sequence ends ("length") when it holds every block of the pool: it could not grow,
+        # and preempting it would only bring it back to the same wall
+        self.max_seq_tokens = min(self.max_context, self.pool.num_blocks * bs)
         self.eos_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
             getattr(loaded.tokenizer, "eos_token_ids", ()) or ()
         )
@@ -221,7 +224,7 @@ class Engine:
         reason: FinishReason | None = None
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = FinishReason.STOP
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_context:
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_tokens:
             reason = FinishReason.LENGTH
         cached = seq.cached_prompt_tokens if seq.num_emitted == 0 else 0
         seq.num_emitted = len(seq.output_ids)

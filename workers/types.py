@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens reached (or the model's context is full)
+    LENGTH = "length"  # max_tokens reached (or the model's context / the KV pool is full)
     ABORT = "abort"  # cancelled by the client or the operator
 
 

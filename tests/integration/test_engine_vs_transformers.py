@@ -123,6 +123,30 @@ def test_preemption_by_recompute_keeps_outputs(
     small.engine.check_integrity()
 
 
+def test_a_sequence_that_outgrows_the_pool_ends_with_length(
+    prompts: list[list[int]], hf_greedy: list[list[int]], llm: LLM
+) -> None:
+    """Prompt + max_tokens larger than the whole pool: the request ends ("length") when it
+    holds every block, with the reference's tokens so far, instead of preempting itself and
+    waiting forever for blocks that cannot exist."""
+    from kvrelay.workers.engine import Engine
+
+    long_i = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    short_i = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+    num_blocks = -(-(len(prompts[long_i]) + NEW_TOKENS // 2) // 16)  # room for half the output
+    tight = LLM.__new__(LLM)
+    tight.loaded, tight.tokenizer, tight._next_id = llm.loaded, llm.tokenizer, 0
+    tight.engine = Engine(llm.loaded, EngineConfig(num_blocks=num_blocks, cpu_kv_gb=0.0))
+    long_out, short_out = tight.generate([prompts[long_i], prompts[short_i]], _greedy())
+    capacity = num_blocks * 16
+    assert long_out.finish_reason.value == "length"
+    assert len(prompts[long_i]) + len(long_out.token_ids) == capacity < len(prompts[long_i]) + NEW_TOKENS
+    assert list(long_out.token_ids) == hf_greedy[long_i][: len(long_out.token_ids)]
+    assert list(short_out.token_ids) == hf_greedy[short_i]  # preempted for it, then finished
+    assert tight.engine.pool.num_available == num_blocks
+    tight.engine.check_integrity()
+
+
 def test_seeded_sampling_is_independent_of_the_batch(llm: LLM, prompts: list[list[int]]) -> None:
     def seeded(seed: int) -> SamplingParams:
         return SamplingParams(max_tokens=16, temperature=1.3, top_k=200, seed=seed, ignore_eos=True)
