@@ -114,14 +114,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(status), indent=2))
         return 0
     print(f"in flight: {status.in_flight}")
-    print(f"{'worker':<20} {'role':<10} {'health':<8} {'run':>5} {'wait':>5}  kv blocks")
+    print(f"{'worker':<20} {'role':<10} {'node':<16} {'health':<8} {'run':>5} {'wait':>5}  kv blocks")
     for w in status.workers:
         health = ("draining" if w.draining else "ok") if w.healthy else "DOWN"
         kv = " ".join(
             f"{tier}:" + ",".join(f"{s}={n}" for s, n in sorted(states.items()))
             for tier, states in sorted(w.kv_blocks.items())
         )
-        print(f"{w.worker_id:<20} {w.role:<10} {health:<8} {w.running:>5} {w.waiting:>5}  {kv}")
+        print(
+            f"{w.worker_id:<20} {w.role:<10} {w.node:<16} {health:<8} {w.running:>5} "
+            f"{w.waiting:>5}  {kv}"
+        )
     return 0
 
 
