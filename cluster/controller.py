@@ -9,6 +9,10 @@ A request's path (DESIGN.md)::
 
 With only colocated workers, or when every decode worker refuses, the request decodes where
 it was prefilled. A dead worker's requests are re-dispatched from prompt + committed tokens.
+
+Split by responsibility: the handoff transaction is in controller_handoff.py, heartbeats and
+worker figures in controller_health.py, the admin and operator surface in
+controller_admin.py; this file keeps the registry, the request table, dispatch and recovery.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from kvrelay.cluster.backend import (
     ModelInfo,
     TokenizerLike,
 )
-from kvrelay.cluster.controller_admin import ControllerAdmin, kv_blocks
-from kvrelay.cluster.flights import DECODE, HANDOFF, PREFILL, Flight
-from kvrelay.cluster.metrics import Metrics, WorkerCounters
+from kvrelay.cluster.controller_admin import ControllerAdmin
+from kvrelay.cluster.controller_handoff import ControllerHandoff
+from kvrelay.cluster.controller_health import ControllerHealth
+from kvrelay.cluster.flights import DECODE, HANDOFF, PREFILL, QUEUED, Flight
+from kvrelay.cluster.metrics import Metrics
 from kvrelay.cluster.preemption import PreemptionExecutor
-from kvrelay.cluster.router.types import Role, RouteDecision, RouteRequest, WorkerLoad
+from kvrelay.cluster.router.types import Role, RouteRequest, WorkerLoad
 from kvrelay.cluster.routing import Pull, Routing, RoutingConfig
 from kvrelay.cluster.worker_client import WorkerClient, WorkerGone
 from kvrelay.workers.output import RequestText
@@ -67,7 +73,7 @@ class WorkerEntry:
 
 
 
-class Controller(ControllerAdmin):
+class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
     def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
         self.config = config
         self._tokenizer = tokenizer
@@ -218,13 +224,19 @@ class Controller(ControllerAdmin):
             split = plan.mode == "split"
             if plan.pull is not None:
                 await self._pull(flight, plan.pull, target)
+            # the phase is set before the call: the worker's first token may reach this loop
+            # before its answer to submit does, and that event must start the handoff
+            flight.phase = PREFILL if split else DECODE
             try:
                 await self._submit(flight, target, prefill_only=split)
             except WorkerGone as exc:
+                flight.phase = QUEUED
                 target.assigned.discard(flight.request_id)
                 await self._worker_failed(target.info.worker_id, f"submit: {exc}")
                 continue
-            flight.phase = PREFILL if split else DECODE
+            except BaseException:
+                flight.phase = QUEUED  # refused (a prompt too large for it): not running there
+                raise
             if plan.mode == "local":
                 self.local_prefills += 1
             return
@@ -332,203 +344,3 @@ class Controller(ControllerAdmin):
                 flight.owner = None  # nothing streams until a decode worker takes over
                 flight.moving += 1  # the handoff task owns the flight from here
                 self._spawn(self._handoff(flight, worker_id))
-
-    # ---- the PD handoff ------------------------------------------------------------------
-    async def _handoff(self, flight: Flight, prefill_id: str) -> None:
-        rid = flight.request_id
-        try:
-            p = self.workers.get(prefill_id)
-            if p is None or not p.healthy:
-                raise WorkerGone(prefill_id)
-            n_blocks = await p.client.call("handoff_size", rid, timeout=30)
-            deadline = time.time() + self.config.handoff_timeout_s
-            tried: set[str] = set()
-            while not flight.done:
-                d = self._choose_decode(flight, tried)
-                if d is None:
-                    break
-                tried.add(d.info.worker_id)
-                if await self._relay(flight, p, d, n_blocks, deadline):
-                    return
-            if flight.done:
-                await p.client.call("abort", rid, timeout=10)
-                return
-            # nobody took it: decode where it was prefilled
-            flight.owner = prefill_id
-            flight.phase = DECODE
-            await p.client.call("continue_local", rid, timeout=30)
-        except WorkerGone as exc:
-            await self._worker_failed(prefill_id, f"during handoff: {exc}")
-            if not flight.done:
-                await self._redispatch(flight)
-        except Exception as exc:
-            log.exception("handoff of %s failed", rid)
-            if not flight.done:
-                flight.finish(FinishReason.ABORT)
-                await self._abort_everywhere(flight)
-                log.error("request %s aborted: %r", rid, exc)
-        finally:
-            flight.moving -= 1
-            await self._settle(flight)
-
-    async def _settle(self, flight: Flight) -> None:
-        """A move just ended: if the worker it left the flight on died meanwhile (its failure
-        was handled while the move held the flight), restart the flight now."""
-        if flight.moving or flight.done or flight.owner is None:
-            return
-        owner = self.workers.get(flight.owner)
-        if owner is None or not owner.healthy:
-            await self._redispatch(flight)
-
-    def _choose_decode(self, flight: Flight, tried: set[str]) -> WorkerEntry | None:
-        """The router's pick among decode workers not tried yet for this handoff."""
-        tokens = list(flight.req.prompt_token_ids) + flight.committed
-        request = RouteRequest(flight.request_id, self.routing.hashes(tokens), len(tokens))
-        loads = [
-            self._load(w) for w in self._pool("decode") if w.info.worker_id not in tried
-        ]
-        matches = self.routing.directory.match(request.block_hashes)
-        decision = self.routing.router.route_decode(request, loads, matches)
-        if not isinstance(decision, RouteDecision):
-            return None
-        return self.workers.get(decision.worker_id)
-
-    async def _relay(
-        self,
-        flight: Flight,
-        p: WorkerEntry,
-        d: WorkerEntry,
-        n_blocks: int,
-        deadline: float,
-        *,
-        num_computed: int | None = None,
-    ) -> bool:
-        """One handoff attempt to ``d``; False when d refused or died (p still holds the KV).
-        Raises WorkerGone when p died."""
-        rid, did, pid = flight.request_id, d.info.worker_id, p.info.worker_id
-        try:
-            blocks = await d.client.call("reserve", rid, n_blocks, deadline, timeout=30)
-        except (WorkerGone, TimeoutError) as exc:
-            await self._worker_failed(did, f"reserve: {exc}")
-            return False
-        if blocks is None:
-            self.handoff_refusals += 1
-            return False
-        d.assigned.add(rid)
-        transfer_id = f"{rid}/{next(self._ids)}"
-        timeout = max(1.0, deadline - time.time())
-        send = asyncio.ensure_future(p.client.call("send_kv", rid, did, transfer_id, timeout))
-        recv = asyncio.ensure_future(d.client.call("recv_kv", rid, pid, transfer_id, timeout))
-        # a side that dies ends the attempt at once; the other side's call runs out on its own
-        await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
-        p_err = send.exception() if send.done() else None
-        d_err = recv.exception() if recv.done() else None
-        if isinstance(p_err, WorkerGone):
-            recv.cancel()
-            await self._unreserve(d, rid)
-            raise p_err
-        if isinstance(d_err, WorkerGone):
-            send.cancel()
-            d.assigned.discard(rid)
-            await self._worker_failed(did, f"recv: {d_err}")
-            return False
-        if p_err is not None or d_err is not None:
-            log.warning("handoff %s failed: send=%r recv=%r", rid, p_err, d_err)
-            send.cancel()
-            recv.cancel()
-            await self._unreserve(d, rid)
-            return False
-        received = int(recv.result())
-        if flight.done:
-            await self._unreserve(d, rid)
-            return True
-        req = flight.req
-        flight.owner = did
-        flight.phase = DECODE
-        await d.client.call(
-            "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
-            req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,
-            timeout=30,
-        )
-        p.assigned.discard(rid)
-        self.handoffs_done += 1
-        self.handoff_bytes += received
-        try:
-            await p.client.call("finish_handoff", rid, timeout=30)
-        except WorkerGone:
-            pass  # the request already lives on d
-        return True
-
-    async def _unreserve(self, d: WorkerEntry, rid: str) -> None:
-        d.assigned.discard(rid)
-        try:
-            await d.client.call("unreserve", rid, timeout=10)
-        except (WorkerGone, TimeoutError):
-            pass
-
-    # ---- health --------------------------------------------------------------------------
-    async def _health_loop(self) -> None:
-        beats: dict[str, asyncio.Task[None]] = {}
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
-            # one beat in flight per worker: a slow worker delays only its own figures
-            for wid, entry in list(self.workers.items()):
-                task = beats.get(wid)
-                if task is None or task.done():
-                    beats[wid] = asyncio.create_task(self._beat(entry))
-            for wid in [w for w, t in beats.items() if t.done() and w not in self.workers]:
-                del beats[wid]
-            self.routing.directory.purge(50_000)  # reclaim dead workers' entries in slices
-
-    async def _beat(self, entry: WorkerEntry) -> None:
-        wid = entry.info.worker_id
-        try:
-            hb = await entry.client.call("heartbeat", timeout=self.config.heartbeat_timeout_s)
-        except (WorkerGone, TimeoutError) as exc:
-            await self._worker_failed(wid, f"heartbeat: {exc!r}")
-            return
-        prev, entry.heartbeat = entry.heartbeat, hb
-        if not hb.alive:
-            await self._worker_failed(wid, "engine loop stopped")
-            return
-        if entry.healthy and self.workers.get(wid) is entry:
-            self.routing.directory.apply(wid, hb.kv_events)
-            sent, secs = hb.transport.get("bytes_sent", 0.0), hb.transport.get("seconds_sending", 0.0)
-            self.routing.observe(
-                wid,
-                prefill_tps=hb.prefill_tokens_per_s,
-                transfer_bps=sent / secs if secs > 0 and sent > (1 << 20) else None,
-            )
-            self._record_heartbeat(entry, prev, hb)
-            if self.autosizer is not None and entry.role in ("decode", "colocated"):
-                self.autosizer.on_heartbeat(hb.stats.running, hb.decode_step_s)
-
-    def _record_heartbeat(self, entry: WorkerEntry, prev: Heartbeat | None, hb: Heartbeat) -> None:
-        """Worker figures reach /metrics with the heartbeat (counters as deltas)."""
-        s, p = hb.stats, prev.stats if prev is not None else None
-        t, pt = hb.transport, prev.transport if prev is not None else {}
-
-        def delta(now: float, before: float) -> int:
-            return max(0, int(now - before))
-
-        sent = delta(t.get("bytes_sent", 0), pt.get("bytes_sent", 0))
-        received = delta(t.get("bytes_received", 0), pt.get("bytes_received", 0))
-        transfers = delta(t.get("transfers_sent", 0), pt.get("transfers_sent", 0))
-        seconds = max(0.0, t.get("seconds_sending", 0.0) - pt.get("seconds_sending", 0.0))
-        counters = WorkerCounters(
-            kv_transfer_bytes=sent,
-            kv_received_bytes=received,
-            kv_transfer_seconds=tuple([seconds / transfers] * transfers) if transfers else (),
-            preemptions_swap=delta(s.swaps_out, p.swaps_out if p else 0),
-            preemptions_recompute=delta(
-                s.recompute_preemptions, p.recompute_preemptions if p else 0
-            ),
-            prefix_query_tokens=delta(s.prefix_query_tokens, p.prefix_query_tokens if p else 0),
-            prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
-        )
-        self.metrics.update_worker(
-            entry.info.worker_id, entry.role, entry.healthy, kv_blocks(s),
-            s.running, s.waiting, counters,
-        )
-
-

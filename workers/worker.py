@@ -39,7 +39,8 @@ from kvrelay.workers.transport import KVTransport
 from kvrelay.workers.types import KVEvent, SamplingParams, TokenEvent
 
 ROLES = ("prefill", "decode", "colocated")
-FAULTS = ("exit_after_first_token", "exit_in_recv", "exit_in_send")
+FAULTS = ("exit_after_first_token", "exit_in_recv", "exit_in_send", "late_submit_reply")
+LATE_REPLY_S = 0.5  # late_submit_reply: how long after the first token the reply leaves
 EventSink = Callable[[str, list[TokenEvent]], None]
 
 
@@ -132,6 +133,7 @@ class Worker:
         self._reservations: dict[str, _Reservation] = {}
         self._lock = threading.Lock()
         self._faults: set[str] = set()
+        self._first_token: dict[str, threading.Event] = {}  # late_submit_reply waiters
         self.loop = EngineLoop(self.engine, self._emit, name=f"engine-{worker_id}").start()
         self._notice = notice
         self.grace_s = grace_s
@@ -154,6 +156,10 @@ class Worker:
     def _emit(self, events: list[TokenEvent]) -> None:
         if self._sink is not None:
             self._sink(self.worker_id, events)
+        for e in events:
+            waiter = self._first_token.get(e.request_id)
+            if waiter is not None:
+                waiter.set()
         if "exit_after_first_token" in self._faults and any(
             rid in self.engine.handoffs for rid in (e.request_id for e in events)
         ):
@@ -161,7 +167,9 @@ class Worker:
 
     def inject_fault(self, fault: str) -> None:
         """Chaos hooks: ``exit_after_first_token`` (prefill side), ``exit_in_recv`` and
-        ``exit_in_send`` (the process dies mid-transfer). The process really exits."""
+        ``exit_in_send`` (the process dies mid-transfer; it really exits);
+        ``late_submit_reply`` (``submit`` answers only after the request's first token went
+        out, and ``LATE_REPLY_S`` later: the controller sees the token before the reply)."""
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
         self._faults.add(fault)
@@ -200,12 +208,19 @@ class Worker:
         priority: int = 0,
         prefill_only: bool = False,
     ) -> None:
+        late = "late_submit_reply" in self._faults
+        if late:
+            self._first_token[request_id] = threading.Event()
         self.loop.call(
             lambda e: e.add_request(
                 request_id, prompt_ids, params, output_ids=output_ids, tenant=tenant,
                 priority=priority, prefill_only=prefill_only,
             )
         )
+        if late:
+            self._first_token[request_id].wait(60)
+            del self._first_token[request_id]
+            time.sleep(LATE_REPLY_S)  # the injected fault: a reply that arrives late
 
     def abort(self, request_id: str) -> bool:
         had_reservation = self.unreserve(request_id)

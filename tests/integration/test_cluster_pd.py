@@ -137,3 +137,18 @@ def test_prefill_killed_after_first_token(ray_session: None, workload) -> None:
         assert victim not in cluster.workers()
         assert cluster.counters()["resubmissions"] > 0
         _assert_no_leaks(cluster)
+
+
+def test_first_token_before_the_submit_reply(ray_session: None, workload) -> None:
+    """The prefill worker's first token reaches the controller before its answer to
+    ``submit`` (a busy event loop reorders them): the handoff still happens."""
+    prompts, params, expected = workload
+    with _cluster(
+        prefill_workers=1, decode_workers=1, conditional_disagg=False, prefix_pull=False
+    ) as cluster:
+        (prefill,) = [w for w, role in cluster.workers().items() if role == "prefill"]
+        cluster.inject_fault(prefill, "late_submit_reply")
+        got = _run_all(cluster, prompts[:4], params[:4])
+        assert got == expected[:4]
+        assert cluster.counters()["handoffs"] == 4
+        _assert_no_leaks(cluster)
