@@ -17,10 +17,16 @@ from kvrelay.cluster.controller import Controller, ControllerConfig
 from kvrelay.cluster.metadata_poller import MetadataPoller, MetadataPollerConfig
 from kvrelay.cluster.node_pools import NodePools, local_node_ip
 from kvrelay.cluster.notices import PreemptionNotice, queue_sink
-from kvrelay.cluster.placement import Placement, PlacementPolicy, check_transport_host
+from kvrelay.cluster.placement import (
+    Placement,
+    PlacementPolicy,
+    check_transport_host,
+    gpu_share,
+)
 from kvrelay.cluster.routing import RoutingConfig
 from kvrelay.cluster.serve import ServeConfig
 from kvrelay.cluster.worker_client import RayWorkerClient
+from kvrelay.workers.config import resolve_device_dtype
 from kvrelay.workers.engine import EngineConfig
 from kvrelay.workers.source import load_tokenizer
 from kvrelay.workers.types import TokenEvent
@@ -53,8 +59,18 @@ class NoticeWorker(Worker):
     """A worker that also polls its instance's metadata endpoint for a spot notice (the
     endpoint is node-local, so the poll runs where the worker runs)."""
 
-    def __init__(self, *args: Any, metadata: MetadataPollerConfig | None = None, **kw: Any):
-        super().__init__(*args, **kw)
+    def __init__(
+        self,
+        *args: Any,
+        metadata: MetadataPollerConfig | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        **kw: Any,
+    ):
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPU share placement gave this actor: cuda:0
+        has_gpu = bool(ray.get_gpu_ids())
+        device, torch_dtype = resolve_device_dtype(device, dtype, has_gpu=has_gpu)
+        super().__init__(*args, device=device, dtype=torch_dtype, **kw)
         self._poller_thread: threading.Thread | None = None
         if metadata is not None:
             self._poller_thread = threading.Thread(
@@ -86,7 +102,12 @@ class ControllerActor(Controller):
             chunk_tokens=cfg.max_num_batched_tokens,
         )
         autosize = (
-            AutosizeConfig(ttft_slo_s=cfg.ttft_slo_s, itl_slo_s=cfg.itl_slo_s)
+            AutosizeConfig(
+                ttft_slo_s=cfg.ttft_slo_s,
+                itl_slo_s=cfg.itl_slo_s,
+                interval_s=cfg.autosize_interval_s,
+                window_s=cfg.autosize_window_s,
+            )
             if cfg.auto_pool_sizing
             else None
         )
@@ -99,8 +120,11 @@ class ControllerActor(Controller):
         )
         self.cfg = cfg
         self.handles: dict[str, Any] = {}
+        local_gpus = ray.cluster_resources().get("GPU", 0.0) if cfg.address is None else 0.0
         policy_kw: dict[str, Any] = {
             "cpus_per_worker": cfg.cpus_per_worker, "interface": cfg.transport_interface,
+            "device": cfg.device,
+            "gpus_per_worker": gpu_share(local_gpus, cfg.num_workers, cfg.gpus_per_worker),
         }
         self.pools = NodePools(
             PlacementPolicy.from_prefix(cfg.placement_resource_prefix, **policy_kw)
@@ -183,6 +207,8 @@ class ControllerActor(Controller):
             rendezvous=self._store_addr,
             transport_bind=cfg.transport_bind,
             threads=cfg.threads_per_worker or placement.threads,
+            device=cfg.device,
+            dtype=cfg.dtype,
         )
         self.handles[worker_id] = handle
         try:

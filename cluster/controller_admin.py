@@ -105,6 +105,24 @@ class ControllerAdmin:
         return [dataclasses.asdict(r) for r in self.preemption.records]
 
     # ---- test and operator hooks ---------------------------------------------------------
+    async def debug_flights(self) -> list[dict[str, Any]]:
+        """Every request in flight: id, phase, owner, tokens committed, moves in progress, and
+        which workers hold it (for operators chasing a stuck request)."""
+        return [
+            {
+                "request_id": f.request_id, "phase": f.phase, "owner": f.owner,
+                "committed": len(f.committed), "moving": f.moving,
+                "assigned": sorted(w for w, e in self.workers.items() if f.request_id in e.assigned),
+            }
+            for f in self.flights.values()
+        ]
+
+    async def worker_devices(self) -> dict[str, str]:
+        """worker -> where its engine computes ("cpu", "cuda:0") and in which dtype."""
+        return {
+            wid: f"{w.info.device}/{w.info.dtype}" for wid, w in self.workers.items() if w.healthy
+        }
+
     async def worker_ids(self) -> dict[str, str]:
         return {wid: w.role for wid, w in self.workers.items() if w.healthy}
 

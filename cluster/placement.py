@@ -37,6 +37,7 @@ ROLES = ("prefill", "decode", "colocated")
 ROLE_RESOURCES: Mapping[str, str] = MappingProxyType(
     {"prefill": "kvrelay_prefill", "decode": "kvrelay_decode", "colocated": "kvrelay_colocated"}
 )
+DEVICES = ("auto", "cpu", "cuda")
 ROLE_LABEL = "kvrelay.io/role"  # the label ``kvrelay node --role`` sets
 
 
@@ -71,6 +72,7 @@ class PlacementPolicy:
     role_resources: Mapping[str, str] = field(default_factory=lambda: ROLE_RESOURCES)
     pool_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     interface: str | None = None  # KV transport NIC name, passed as GLOO_SOCKET_IFNAME
+    device: str = "auto"  # auto: a GPU share where the node has GPUs; cpu: never; cuda: only
 
     @classmethod
     def from_prefix(cls, prefix: str = "kvrelay_", **kw: Any) -> PlacementPolicy:
@@ -85,6 +87,8 @@ class PlacementPolicy:
             raise ValueError(f"cpus_per_worker must be positive: {self.cpus_per_worker}")
         if not (self.gpus_per_worker > 0 and math.isfinite(self.gpus_per_worker)):
             raise ValueError(f"gpus_per_worker must be positive: {self.gpus_per_worker}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         for role in (*self.role_resources, *self.pool_labels):
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r} in placement policy; expected {ROLES}")
@@ -171,12 +175,29 @@ def pinned_roles(node: NodeInfo, policy: PlacementPolicy) -> frozenset[str]:
     return frozenset(roles)
 
 
+def uses_gpus(node: NodeInfo, policy: PlacementPolicy) -> bool:
+    return node.num_gpus > 0 and policy.device != "cpu"
+
+
 def compute_slots(node: NodeInfo, policy: PlacementPolicy) -> int:
     """How many kvrelay workers the node's GPUs (or cores) hold in total."""
     cpu_slots = int(node.resources.get("CPU", 0.0) // policy.cpus_per_worker)
-    if node.num_gpus > 0:
-        return min(int(node.num_gpus // policy.gpus_per_worker), cpu_slots)
+    if uses_gpus(node, policy):
+        # a fractional share may read 0.4999... as 1/2: allow for float rounding
+        return min(int(node.num_gpus / policy.gpus_per_worker + 1e-6), cpu_slots)
+    if policy.device == "cuda":
+        return 0  # a GPU-only deployment places nothing on CPU nodes
     return cpu_slots
+
+
+def gpu_share(gpus: float, workers: int, setting: float | None) -> float:
+    """GPU per worker: ``setting`` when given; otherwise one GPU each, or an equal share when
+    the machine has fewer GPUs than workers (one GPU serving 1P + 1D: 0.5 each)."""
+    if setting is not None:
+        return setting
+    if gpus <= 0 or workers <= gpus:
+        return 1.0
+    return gpus / workers
 
 
 def free_slots(
@@ -291,7 +312,7 @@ def _is_loopback(ip: str) -> bool:
 def _placement(role: str, node: NodeInfo, policy: PlacementPolicy) -> Placement:
     res = policy.role_resources.get(role)
     resources = {res: 1.0} if res is not None and node.resources.get(res, 0.0) > 0 else {}
-    gpus = policy.gpus_per_worker if node.num_gpus > 0 else 0.0
+    gpus = policy.gpus_per_worker if uses_gpus(node, policy) else 0.0
     env = {"GLOO_SOCKET_IFNAME": policy.interface} if policy.interface else {}
     return Placement(
         role=role,

@@ -43,6 +43,9 @@ class ServeConfig:
     max_concurrent_streams: int = 256
     max_queue_depth: int = 1024
     threads_per_worker: int | None = None
+    device: str = "auto"  # auto: a GPU where the node has one, else CPU; cpu; cuda
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
+    gpus_per_worker: float | None = None  # None: one GPU each, or an equal share of fewer
     kv_cache_gb: float = 0.25
     cpu_kv_gb: float = 0.5
     block_size: int = 16
@@ -57,6 +60,8 @@ class ServeConfig:
     ttft_slo_s: float = 2.0
     itl_slo_s: float = 0.2
     auto_pool_sizing: bool = False
+    autosize_interval_s: float = 10.0  # how often the pool-sizing planner decides
+    autosize_window_s: float = 60.0  # the arrivals it measures the load over
     conditional_disagg: bool = True
     prefix_pull: bool = True
     transport_host: str | None = None  # rendezvous store address: an IP, "auto" (node IP), host
@@ -71,6 +76,17 @@ class ServeConfig:
     metadata_url: str | None = None  # each worker polls it for its instance's spot notice
     metadata_parser: str = "instance-action"  # or "preempted" (TRUE/FALSE)
     metadata_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.gpus_per_worker is not None and not 0 < self.gpus_per_worker <= 64:
+            raise ValueError(f"gpus_per_worker must be in (0, 64], got {self.gpus_per_worker}")
+        for name in ("autosize_interval_s", "autosize_window_s"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
@@ -88,6 +104,13 @@ class ServeConfig:
     @property
     def num_workers(self) -> int:
         return self.prefill_workers + self.decode_workers + self.colocated_workers
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,6 +146,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-streams", type=int, default=256)
     p.add_argument("--max-queue-depth", type=int, default=1024)
     p.add_argument("--threads-per-worker", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where workers compute: auto = a GPU where the node has one")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype: auto = bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--gpus-per-worker", type=_positive_float, default=None,
+                   help="GPU share per worker (default: one each, or an equal share when "
+                        "the local machine has fewer GPUs than workers)")
     p.add_argument("--kv-cache-gb", type=float, default=0.25, help="device KV pool per worker")
     p.add_argument("--cpu-kv-gb", type=float, default=0.5, help="host KV tier per worker")
     p.add_argument("--block-size", type=int, default=16)
@@ -137,6 +167,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--itl-slo-s", type=float, default=0.2)
     p.add_argument("--auto-pool-sizing", action="store_true",
                    help="let the SLO-aware planner switch workers between prefill and decode")
+    p.add_argument("--autosize-interval-s", type=_positive_float, default=10.0,
+                   help="seconds between the pool-sizing planner's decisions")
+    p.add_argument("--autosize-window-s", type=_positive_float, default=60.0,
+                   help="seconds of arrivals the pool-sizing planner measures the load over")
     p.add_argument("--no-conditional-disagg", dest="conditional_disagg", action="store_false",
                    help="always hand off, even when the decode worker holds the prompt")
     p.add_argument("--no-prefix-pull", dest="prefix_pull", action="store_false",

@@ -227,3 +227,19 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in _DTYPES.values():
         raise ModelLoadError(f"unsupported dtype {dtype}; supported: {sorted(_DTYPES)}")
     return dtype
+
+
+def resolve_device_dtype(
+    device: str, dtype: torch.dtype | str, *, has_gpu: bool
+) -> tuple[str, torch.dtype]:
+    """A worker's device and compute dtype from its settings: ``device`` "auto" is CUDA when
+    the process was given a GPU, else CPU; ``dtype`` "auto" is bfloat16 on CUDA, float32 on
+    CPU. Asking for CUDA without a GPU is an error, not a silent fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not has_gpu:
+        raise ValueError("device cuda asked for, but this worker was given no GPU")
+    resolved = "cuda" if device == "cuda" or (device == "auto" and has_gpu) else "cpu"
+    if dtype == "auto":
+        return resolved, torch.bfloat16 if resolved == "cuda" else torch.float32
+    return resolved, parse_dtype(dtype)

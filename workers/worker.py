@@ -57,6 +57,8 @@ class WorkerInfo:
     max_context: int
     node_name: str = ""  # Kubernetes node (KVRELAY_NODE_NAME) or host name
     pod_name: str = ""  # namespace/pod when run in Kubernetes
+    device: str = "cpu"  # where the engine computes: cpu, or cuda:N as this process sees it
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,8 @@ class Worker:
             max_context=e.max_context,
             node_name=os.environ.get("KVRELAY_NODE_NAME") or socket.gethostname(),
             pod_name=_pod_name(),
+            device=str(e.device),
+            dtype=str(e.kv_cache.dtype).removeprefix("torch."),
         )
 
     def set_role(self, role: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+import torch
 
 from kvrelay.cluster.node_cli import NodeArgs, add_node_command, node_args_from, ray_start_argv
 from kvrelay.cluster.node_pools import NodeChange, NodePools, NodeWatcher
@@ -17,10 +18,12 @@ from kvrelay.cluster.placement import (
     check_transport_host,
     diff_nodes,
     fill_plan,
+    gpu_share,
     parse_nodes,
     place,
     workers_on,
 )
+from kvrelay.workers.config import resolve_device_dtype
 
 
 def ray_node(
@@ -91,6 +94,44 @@ def test_one_worker_per_gpu_and_cpu_slices() -> None:
     two = [PlacedWorker("a", "colocated", "c"), PlacedWorker("b", "prefill", "c")]
     with pytest.raises(NoCapacity):  # every role counts against the node's cores
         place("colocated", cpu, two, policy)
+
+
+def test_device_setting_decides_whether_workers_take_gpus() -> None:
+    one_gpu = parse_nodes([ray_node("g", "10.0.0.8", CPU=8.0, GPU=1.0)])
+    half = PlacementPolicy(role_resources={}, gpus_per_worker=gpu_share(1.0, 2, None))
+    placed: list[PlacedWorker] = []
+    for i, role in enumerate(("prefill", "decode")):  # 1P + 1D share the machine's one GPU
+        p = place(role, one_gpu, placed, half)
+        assert p.num_gpus == 0.5
+        placed.append(PlacedWorker(f"w-{i}", role, p.node_id))
+    with pytest.raises(NoCapacity):
+        place("decode", one_gpu, placed, half)
+    thirds = PlacementPolicy(role_resources={}, gpus_per_worker=gpu_share(1.0, 3, None))
+    three: list[PlacedWorker] = []
+    for i in range(3):  # 1/3 does not round a slot away
+        three.append(PlacedWorker(f"t-{i}", "colocated", place("colocated", one_gpu, three, thirds).node_id))
+    cpu_only = PlacementPolicy(role_resources={}, device="cpu", cpus_per_worker=2.0)
+    p = place("decode", one_gpu, [], cpu_only)
+    assert (p.num_gpus, p.num_cpus) == (0.0, 2.0)  # --device cpu: the GPU is left alone
+    cuda = PlacementPolicy(role_resources={}, device="cuda")
+    with pytest.raises(NoCapacity):  # --device cuda: CPU nodes are no place for a worker
+        place("decode", parse_nodes([PLAIN]), [], cuda)
+    assert (gpu_share(8.0, 2, None), gpu_share(0.0, 2, None), gpu_share(1.0, 2, 0.25)) == (
+        1.0, 1.0, 0.25,
+    )
+    with pytest.raises(ValueError, match="device"):
+        PlacementPolicy(device="tpu")
+
+
+def test_worker_device_and_dtype_resolution() -> None:
+    assert resolve_device_dtype("auto", "auto", has_gpu=True) == ("cuda", torch.bfloat16)
+    assert resolve_device_dtype("auto", "auto", has_gpu=False) == ("cpu", torch.float32)
+    assert resolve_device_dtype("cpu", "auto", has_gpu=True) == ("cpu", torch.float32)
+    assert resolve_device_dtype("cuda", "float32", has_gpu=True) == ("cuda", torch.float32)
+    with pytest.raises(ValueError, match="no GPU"):
+        resolve_device_dtype("cuda", "auto", has_gpu=False)
+    with pytest.raises(ValueError, match="device"):
+        resolve_device_dtype("gpu", "auto", has_gpu=True)
 
 
 def test_label_pins_and_spreading_over_the_group() -> None:
