@@ -23,10 +23,16 @@ partition per KV head to a 1k-token sequence).
 
 Graphs share one memory pool and are captured largest first; each keeps its own logits output,
 which stays valid until that graph is replayed again.
+
+Capture runs while other threads of the worker use the same GPU (the KV transport packing or
+receiving blocks, the swap thread): it is captured in ``thread_local`` error mode, so only this
+thread's calls can invalidate it. A capture that fails anyway is not fatal: that bucket runs
+eagerly and is tried again later (``MAX_CAPTURE_FAILURES`` times at most).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,7 +41,10 @@ import torch
 
 from kvrelay.workers.model import AttentionMetadata, LlamaModel
 
+log = logging.getLogger(__name__)
+
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_CAPTURE_FAILURES = 3
 MIN_WIDTH_BLOCKS = 16
 WIDTH_GROWTH = 4
 
@@ -135,6 +144,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self.row_ids = torch.arange(b, device=self.device)  # [max_batch] int64, for callers
         self.replays = 0
+        self.capture_failures: dict[tuple[int, int], int] = {}  # bucket -> failed captures
 
     # ---- capture --------------------------------------------------------------------------
     def _table_view(self, rows: int, width: int) -> torch.Tensor:
@@ -175,7 +185,7 @@ class DecodeGraphs:
             self._forward(ids, pos, attn)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._forward(ids, pos, attn)
         self._graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn)
 
@@ -208,7 +218,15 @@ class DecodeGraphs:
             return None
         size, width = key
         if key not in self._graphs:
-            self.capture(size, width)
+            if self.capture_failures.get(key, 0) >= MAX_CAPTURE_FAILURES:
+                return None
+            try:
+                self.capture(size, width)
+            except RuntimeError as exc:  # torch.AcceleratorError is one: run eagerly instead
+                self.capture_failures[key] = self.capture_failures.get(key, 0) + 1
+                log.warning("CUDA graph capture of bucket %s failed (%d): %s; running eagerly",
+                            key, self.capture_failures[key], exc)
+                return None
         graph = self._graphs[key]
         self._stage(batch, size, width)
         graph.graph.replay()

@@ -147,3 +147,67 @@ def test_replay_does_not_sync_the_host(
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert tokens.shape == (5,)
+
+
+def test_capture_while_another_thread_uses_the_gpu(
+    make_gpu_llama: Callable[..., Path],
+) -> None:
+    """A worker captures while its KV transport / swap threads allocate, copy and synchronise
+    on the same GPU (seen on an H100 under load: 'operation failed due to a previous error
+    during capture' killed the engine loop). Every bucket still captures and matches eager."""
+    import threading
+
+    loaded = load_model(make_gpu_llama(seed=5), dtype=torch.float32, device="cuda")
+    cache = torch.zeros(kv_cache_shape(loaded.config, NUM_BLOCKS, BLOCK), device="cuda")
+    graphs = DecodeGraphs(loaded.model, cache, max_batch=16, max_blocks=64)
+    stop = threading.Event()
+    busy = {"rounds": 0}
+
+    def transport_like() -> None:
+        side = torch.cuda.Stream()
+        while not stop.is_set():
+            with torch.cuda.stream(side):
+                # 64 sizes: the caching allocator goes to cudaMalloc for each new one
+                buf = torch.empty((1 << 20) + busy["rounds"] % 64 * (1 << 16), device="cuda")
+                buf.copy_(torch.ones(buf.numel(), pin_memory=True), non_blocking=True)
+            side.synchronize()
+            del buf
+            busy["rounds"] += 1
+
+    worker = threading.Thread(target=transport_like, daemon=True)
+    worker.start()
+    try:
+        rng = random.Random(5)
+        for n in (1, 2, 4, 8, 16):
+            batch = random_batch(rng, n, [rng.randint(1, 250) for _ in range(n)])
+            replay = graphs.run(batch)
+            assert replay is not None, graphs.capture_failures
+            got = replay.logits.clone()
+            assert rel_err(got, eager_logits(loaded, cache, batch)) <= TOL[torch.float32]
+    finally:
+        stop.set()
+        worker.join(10)
+    assert graphs.capture_failures == {} and busy["rounds"] > 0
+
+
+def test_a_failed_capture_runs_eagerly_and_gives_up_after_a_few(
+    setup: tuple[LoadedModel, torch.Tensor, DecodeGraphs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvrelay.workers import cuda_graphs
+
+    _, _, graphs = setup
+    calls = {"n": 0}
+
+    def broken(size: int, width: int) -> None:
+        calls["n"] += 1
+        raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(graphs, "capture", broken)
+    batch = random_batch(random.Random(3), 9)  # bucket (16, w): not captured by earlier tests
+    key = graphs.bucket(9, max(len(t) for t in batch.block_tables))
+    graphs._graphs.pop(key, None)
+    for _ in range(cuda_graphs.MAX_CAPTURE_FAILURES + 2):
+        assert graphs.run(batch) is None  # the runner's eager path takes the step
+    assert calls["n"] == cuda_graphs.MAX_CAPTURE_FAILURES
+    assert graphs.capture_failures[key] == cuda_graphs.MAX_CAPTURE_FAILURES
+    graphs.capture_failures.pop(key)
