@@ -5,6 +5,11 @@ window), the workers' prefill rate and decode step time against batch size (from
 asks ``size_pools`` for the prefill/decode split that best meets the TTFT and ITL SLOs, and
 switches at most one worker's role per tick (between requests: a worker keeps serving what it
 has; only new requests see the new role). Colocated workers are left alone.
+
+Against flapping (seen in the goodput benchmark: five switches in 34 s on noisy decode fits):
+a split is applied only once ``confirm_ticks`` consecutive ticks asked for it, and a prefill
+worker with no measured rate yet (one just switched) counts at the pool's measured mean, not
+at the routing default.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class AutosizeConfig:
     itl_slo_s: float = 0.2
     interval_s: float = 10.0
     window_s: float = 60.0
+    confirm_ticks: int = 2  # consecutive ticks that must ask for the same new split
 
 
 class PoolAutosizer:
@@ -39,6 +45,7 @@ class PoolAutosizer:
         self.arrivals: deque[tuple[float, int, int]] = deque()  # (time, prompt, max_tokens)
         self.samples: deque[tuple[int, float]] = deque(maxlen=256)  # (batch, step seconds)
         self.switches: list[tuple[float, str, str, str]] = []
+        self._pending: tuple[int, int] | None = None  # (prefill workers wanted, ticks in a row)
 
     def on_arrival(self, prompt_tokens: int, max_tokens: int) -> None:
         self.arrivals.append((time.monotonic(), prompt_tokens, max_tokens))
@@ -71,7 +78,10 @@ class PoolAutosizer:
             if len(set(batches)) > 1
             else DecodeProfile(max(1e-4, sum(s for _, s in self.samples) / len(self.samples)), 0.0)
         )
-        rates = [self.c.routing._tps(w.info.worker_id) for w in pools["prefill"]]
+        measured = [r for w in pools["prefill"]
+                    if (r := self.c.routing.measured_tps(w.info.worker_id)) is not None]
+        # an unmeasured prefill worker (just switched) counts at the pool's measured mean
+        rates = measured or [self.c.routing._tps(w.info.worker_id) for w in pools["prefill"]]
         split = size_pools(SizingInput(
             ttft_slo_s=self.cfg.ttft_slo_s,
             itl_slo_s=self.cfg.itl_slo_s,
@@ -85,7 +95,13 @@ class PoolAutosizer:
         want = max(1, min(total - 1, split.prefill_workers))
         have = len(pools["prefill"])
         if want == have:
+            self._pending = None
             return
+        ticks = self._pending[1] + 1 if self._pending and self._pending[0] == want else 1
+        self._pending = (want, ticks)
+        if ticks < self.cfg.confirm_ticks:
+            return  # not yet: the same split must be asked for again
+        self._pending = None
         src, dst = ("decode", "prefill") if want > have else ("prefill", "decode")
         victim = min(pools[src], key=lambda w: (len(w.assigned), w.info.worker_id))
         await victim.client.call("set_role", dst, timeout=30)

@@ -107,6 +107,11 @@ class Routing:
         self.directory.remove_worker(worker_id)
         self.rates.pop(worker_id, None)
 
+    def measured_tps(self, worker_id: str) -> float | None:
+        """The worker's measured prefill rate (tokens/s), None before its first prefill."""
+        r = self.rates.get(worker_id)
+        return r.prefill_tps if r and r.prefill_tps else None
+
     def _tps(self, worker_id: str) -> float:
         r = self.rates.get(worker_id)
         return (r.prefill_tps if r and r.prefill_tps else None) or self.cfg.prefill_tokens_per_s
