@@ -213,18 +213,20 @@ class Worker:
         prefill_only: bool = False,
     ) -> None:
         late = "late_submit_reply" in self._faults
-        if late:
-            self._first_token[request_id] = threading.Event()
-        self.loop.call(
-            lambda e: e.add_request(
-                request_id, prompt_ids, params, output_ids=output_ids, tenant=tenant,
-                priority=priority, prefill_only=prefill_only,
+        first = self._first_token.setdefault(request_id, threading.Event()) if late else None
+        try:
+            self.loop.call(
+                lambda e: e.add_request(
+                    request_id, prompt_ids, params, output_ids=output_ids, tenant=tenant,
+                    priority=priority, prefill_only=prefill_only,
+                )
             )
-        )
-        if late:
-            self._first_token[request_id].wait(60)
-            del self._first_token[request_id]
-            time.sleep(LATE_REPLY_S)  # the injected fault: a reply that arrives late
+            if first is not None:
+                first.wait(60)
+                time.sleep(LATE_REPLY_S)  # the injected fault: a reply that arrives late
+        finally:
+            if first is not None:
+                del self._first_token[request_id]
 
     def abort(self, request_id: str) -> bool:
         had_reservation = self.unreserve(request_id)
