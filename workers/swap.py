@@ -109,9 +109,9 @@ class Swapper:
         return True
 
     # ---- in --------------------------------------------------------------------------------
-    def swap_in(self, seq: Sequence) -> bool:
+    def swap_in(self, seq: Sequence, headroom: int = 0) -> bool:
         """Start bringing a landed swapped-out sequence back; False when the device pool
-        cannot hold it now."""
+        cannot hold it now with ``headroom`` blocks to spare."""
         dev, pool = self.tier.device_pool, self.tier.pool
         hits: list[int | None] = []
         for block in seq.cpu_block_ids:
@@ -119,7 +119,7 @@ class Swapper:
             hit = dev.lookup([h]) if h is not None else []
             hits.append(hit[0] if hit else None)
         need = sum(1 for h in hits if h is None or dev.ref_count(h) == 0)
-        if not dev.can_allocate(need):
+        if not dev.can_allocate(need + headroom):
             return False
         dev.acquire(h for h in hits if h is not None)
         src = [c for c, hit in zip(seq.cpu_block_ids, hits, strict=True) if hit is None]
