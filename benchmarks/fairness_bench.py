@@ -19,9 +19,11 @@ tokens / makespan. The model is loaded once; each engine is warmed up before its
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -84,7 +86,8 @@ def run_open_loop(engine: Engine, arrivals: Sequence[Arrival], *, timeout_s: flo
     while i < len(pending) or engine.has_unfinished():
         now = time.perf_counter() - t0
         if now > timeout_s:
-            raise TimeoutError(f"run exceeded {timeout_s:.0f} s")
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # where it is stuck
+            raise TimeoutError(f"run exceeded {timeout_s:.0f} s; engine {engine.stats()}")
         while i < len(pending) and pending[i].at_s <= now:
             a = pending[i]
             engine.add_request(a.request_id, list(a.prompt_ids), a.params, tenant=a.tenant,
@@ -150,7 +153,7 @@ def run_policy(loaded: LoadedModel, policy: str, arrivals: Sequence[Arrival],
     cfg = EngineConfig(policy=policy, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=False, cpu_kv_gb=0.25)
-    engine = Engine(loaded, cfg)
+    engine = Engine(loaded, cfg, device=args.device)
     try:
         warm_up(engine)
         base = engine.stats().preemptions
@@ -200,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--num-blocks", type=int, default=96)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout-s", type=float, default=120.0)
     ap.add_argument("--json", default=None, help="write the rows here")
@@ -210,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from kvrelay.workers.loader import load_model
 
-    loaded = load_model(None, dtype=torch.float32)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     arrivals = workload(args)
     rows = []
     for policy in args.policies:

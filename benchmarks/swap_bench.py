@@ -58,7 +58,7 @@ def run_mode(loaded: LoadedModel, mode: str, arrivals: Sequence[Arrival],
     cfg = EngineConfig(preemption_mode=mode, num_blocks=args.num_blocks,
                        max_num_seqs=args.requests, cpu_kv_gb=args.cpu_kv_gb,
                        enable_prefix_caching=args.prefix_caching)
-    engine = Engine(loaded, cfg)
+    engine = Engine(loaded, cfg, device=args.device)
     try:
         warm_up(engine)
         s0 = engine.stats()
@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--cpu-kv-gb", type=float, default=0.25)
     ap.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout-s", type=float, default=120.0)
     ap.add_argument("--json", default=None, help="write the rows here")
@@ -129,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from kvrelay.workers.loader import load_model
 
-    loaded = load_model(None, dtype=torch.float32)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.out, temperature=0.0, ignore_eos=True)
     arrivals = [Arrival(f"r{k}", "", 0.0, random_prompt(rng, args.prompt), params)
