@@ -188,6 +188,24 @@ def table(rows: Sequence[PolicyRow]) -> str:
     return "\n".join(lines)
 
 
+def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
+    """What the engine benchmarks share: threads, model, device and dtype, seed, timeout, json."""
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout-s", type=float, default=120.0)
+    ap.add_argument("--json", default=None, help="write the rows here")
+
+
+def load_engine_model(args: argparse.Namespace) -> LoadedModel:
+    from kvrelay.workers.loader import load_model
+
+    torch.set_num_threads(args.threads)
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policies", nargs="+", default=["fcfs", "fair", "priority"],
@@ -202,21 +220,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=4)
     ap.add_argument("--num-blocks", type=int, default=96)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout-s", type=float, default=120.0)
-    ap.add_argument("--json", default=None, help="write the rows here")
+    add_engine_arguments(ap)
     args = ap.parse_args(argv)
     if min(args.heavy, args.light, args.heavy_prompt, args.light_prompt, args.heavy_out,
            args.light_out, args.max_num_seqs, args.threads) < 1 or args.light_span_s <= 0.5:
         raise SystemExit("counts and lengths must be >= 1 and --light-span-s > 0.5")
-    torch.set_num_threads(args.threads)
-    from kvrelay.workers.loader import load_model
-
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_engine_model(args)
     arrivals = workload(args)
     rows = []
     for policy in args.policies:

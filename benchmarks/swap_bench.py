@@ -28,9 +28,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-
-from kvrelay.benchmarks.fairness_bench import Arrival, random_prompt, run_open_loop, warm_up
+from kvrelay.benchmarks.fairness_bench import (
+    Arrival,
+    add_engine_arguments,
+    load_engine_model,
+    random_prompt,
+    run_open_loop,
+    warm_up,
+)
 from kvrelay.benchmarks.loadgen_report import Percentiles
 from kvrelay.workers.engine import Engine, EngineConfig
 from kvrelay.workers.loader import LoadedModel
@@ -117,22 +122,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--num-blocks", type=int, default=40)
     ap.add_argument("--cpu-kv-gb", type=float, default=0.25)
     ap.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout-s", type=float, default=120.0)
-    ap.add_argument("--json", default=None, help="write the rows here")
+    add_engine_arguments(ap)
     args = ap.parse_args(argv)
     if min(args.requests, args.prompt, args.out, args.num_blocks, args.threads) < 1:
         raise SystemExit("counts, lengths and --num-blocks must be >= 1")
     if args.requests * -(-(args.prompt + args.out) // 16) <= args.num_blocks:
         raise SystemExit("the pool holds every request's final context: nothing would preempt")
-    torch.set_num_threads(args.threads)
-    from kvrelay.workers.loader import load_model
-
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_engine_model(args)
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.out, temperature=0.0, ignore_eos=True)
     arrivals = [Arrival(f"r{k}", "", 0.0, random_prompt(rng, args.prompt), params)
