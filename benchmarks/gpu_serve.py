@@ -116,7 +116,7 @@ def check_served(model: Path, prompts: list[list[int]], expected: list[list[int]
             warm = one_by_one()  # the same, once every batch shape has run
         counters = cluster.counters()
         totals = cluster.call("transport_totals")
-    blocks = sum(-(-len(p) // 16) for p in prompts[:8] + prompts + prompts[:8])
+    blocks = sum(-(-len(p) // cfg.block_size) for p in prompts[:8] + prompts + prompts[:8])
 
     def divergence(got: list[list[int]]) -> list[int | None]:
         """Per prompt: the first token index where ``got`` leaves the reference (None: equal)."""

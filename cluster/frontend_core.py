@@ -164,6 +164,12 @@ class RequestStream:
             )
 
 
+@dataclass(slots=True)
+class _InFlight:
+    owner: Caller
+    cancelled: bool = False
+
+
 class FrontendCore:
     def __init__(
         self,
@@ -177,9 +183,8 @@ class FrontendCore:
         self.keys = keys
         self.limits = limits
         self.admission = Admission(limits)
-        # request id -> cancel requested; ids live from acceptance until close
-        self._in_flight: dict[str, bool] = {}
-        self._owners: dict[str, Caller] = {}  # request id -> who started it
+        # request id -> who started it, and whether Cancel was asked; from acceptance to close
+        self._in_flight: dict[str, _InFlight] = {}
 
     def authorize(self, authorization: str | None, *, admin: bool) -> Caller:
         return self.keys.check(authorization, admin=admin)
@@ -227,22 +232,20 @@ class FrontendCore:
         )
         if request_id in self._in_flight:  # another request took the id while we tokenized
             raise ApiError(ErrorCode.ALREADY_EXISTS, f"request {request_id!r} is already in flight")
-        self._in_flight[request_id] = False
-        self._owners[request_id] = caller
+        self._in_flight[request_id] = _InFlight(caller)
         try:
             timeout = None if deadline_s is None else deadline_s - time.time()
             await self.admission.acquire(timeout)
         except BaseException:
             del self._in_flight[request_id]
-            del self._owners[request_id]
             raise
         return RequestStream(self, request, t0, time.monotonic() - t0)
 
     def take_cancel_flag(self, request_id: str) -> bool:
-        return self._in_flight.get(request_id, False)
+        entry = self._in_flight.get(request_id)
+        return entry is not None and entry.cancelled
 
     def finish(self, request_id: str) -> None:
-        self._owners.pop(request_id, None)
         if self._in_flight.pop(request_id, None) is not None:
             self.admission.release()
 
@@ -250,11 +253,11 @@ class FrontendCore:
         """Cancel an in-flight request; False when this frontend does not know it or ``caller``
         may not cancel it (the same answer: a request id reveals nothing about other users'
         requests). A request this frontend did not start is left to admin keys."""
-        owner = self._owners.get(request_id)
-        if not caller.may_cancel(owner if owner is not None else OPEN):
+        entry = self._in_flight.get(request_id)
+        if not caller.may_cancel(entry.owner if entry is not None else OPEN):
             return False
-        if request_id in self._in_flight:
-            self._in_flight[request_id] = True
+        if entry is not None:
+            entry.cancelled = True
             with contextlib.suppress(Exception):
                 await self.backend.cancel(request_id)
             return True

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from kvrelay.cluster.backend import GenerateRequest
+from kvrelay.cluster.placement import DEVICES
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 
 
@@ -78,7 +79,7 @@ class ServeConfig:
     metadata_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
@@ -146,7 +147,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-streams", type=int, default=256)
     p.add_argument("--max-queue-depth", type=int, default=1024)
     p.add_argument("--threads-per-worker", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where workers compute: auto = a GPU where the node has one")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="compute dtype: auto = bfloat16 on GPU, float32 on CPU")
