@@ -25,7 +25,7 @@ import torch
 import triton.testing
 
 from kvrelay.kernels import reference, triton_ops
-from kvrelay.kernels.testing import rel_err
+from kvrelay.kernels.reference import rel_err
 from kvrelay.kernels.triton_decode import (
     DecodeTuning,
     choose_splits,

@@ -136,3 +136,11 @@ def copy_blocks(
 ) -> None:
     """Copy blocks between two caches of the same block shape (tier moves, swaps)."""
     unpack_blocks(dst_cache, dst_ids, pack_blocks(src_cache, src_ids))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when ``out`` has a non-finite value."""
+    out64, ref64 = out.double(), ref.double()
+    if not bool(torch.isfinite(out64).all()):
+        return float("inf")
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))

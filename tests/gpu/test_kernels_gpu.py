@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from kvrelay import kernels  # noqa: E402
 from kvrelay.kernels import reference, triton_decode, triton_ops  # noqa: E402
-from kvrelay.kernels import testing as kt  # noqa: E402
+from kvrelay_testing import kernels as kt  # noqa: E402
 
 DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvrelay.cluster.cli_client import add_client_commands
-from kvrelay.cluster.frontend_testing import ByteTokenizer, EchoBackend, FrontendThread
+from kvrelay_testing.frontend import ByteTokenizer, EchoBackend, FrontendThread
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kvrelay.cluster.frontend_testing import FrontendThread, backend_from_env, wait_blocks_free
 from kvrelay.proto.kvrelay.v1 import generation_pb2 as gpb
+from kvrelay_testing.frontend import FrontendThread, backend_from_env, wait_blocks_free
 
 OK, INVALID, NOT_FOUND = (
     grpc.StatusCode.OK,

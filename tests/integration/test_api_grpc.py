@@ -24,7 +24,7 @@ from kvrelay.client import (
     UnavailableError,
 )
 from kvrelay.cluster.frontend_limits import FrontendLimits
-from kvrelay.cluster.frontend_testing import (
+from kvrelay_testing.frontend import (
     FrontendThread,
     backend_from_env,
     wait_blocks_free,

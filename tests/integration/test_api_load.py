@@ -11,7 +11,7 @@ import aiohttp
 
 from kvrelay.client import AsyncClient, ResourceExhaustedError, RetryPolicy
 from kvrelay.cluster.frontend_limits import FrontendLimits
-from kvrelay.cluster.frontend_testing import FrontendThread, backend_from_env, wait_blocks_free
+from kvrelay_testing.frontend import FrontendThread, backend_from_env, wait_blocks_free
 
 STREAMS = 200
 MAX_TOKENS = 24

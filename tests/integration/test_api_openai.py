@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from kvrelay.client import Client, InternalError
-from kvrelay.cluster.frontend_testing import (
+from kvrelay_testing.frontend import (
     EchoBackend,
     FrontendThread,
     backend_from_env,

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrelay.client import Client, PermissionDeniedError, UnauthenticatedError, UnavailableError
 from kvrelay.cluster.frontend_serve import TlsConfig
-from kvrelay.cluster.frontend_testing import FrontendThread, backend_from_env, wait_blocks_free
+from kvrelay_testing.frontend import FrontendThread, backend_from_env, wait_blocks_free
 
 USER_KEY = "sk-user-4f1c9a"
 OTHER_KEY = "sk-user-9d03b5"  # a second user of the same server

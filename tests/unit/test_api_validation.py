@@ -9,8 +9,8 @@ import pytest
 
 from kvrelay.cluster.frontend_errors import ApiError, ErrorCode
 from kvrelay.cluster.frontend_openai import parse_chat, parse_completion, stream_options
-from kvrelay.cluster.frontend_testing import EchoBackend
 from kvrelay.cluster.validation import RawGenerate, ValidationLimits, build_request
+from kvrelay_testing.frontend import EchoBackend
 
 LIMITS = ValidationLimits(max_stop_strings=2, max_prompt_chars=10_000)
 

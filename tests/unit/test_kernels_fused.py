@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from kvrelay.kernels import fused
-from kvrelay.kernels.testing import rel_err
 from kvrelay.workers.config import RopeScaling
 from kvrelay.workers.model import rope_inv_freq
+from kvrelay_testing.kernels import rel_err
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

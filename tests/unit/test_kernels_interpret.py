@@ -23,7 +23,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from kvrelay.kernels import testing as kt
+from kvrelay_testing import kernels as kt
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install 'kvrelay[test]')", allow_module_level=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvrelay.kernels import reference
-from kvrelay.kernels.testing import PagedCase, make_case, query_start_loc
+from kvrelay_testing.kernels import PagedCase, make_case, query_start_loc
 
 
 def dense_attention(

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from kvrelay.kernels import reference
+from kvrelay.kernels.reference import rel_err
 
 
 class PagedCase(NamedTuple):
@@ -55,13 +56,6 @@ def make_case(
         tables.to(device),
         torch.tensor(context_lens, dtype=torch.int32, device=device),
     )
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double(), ref.double()
-    if not bool(torch.isfinite(out64).all()):
-        return float("inf")
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
 def check_decode(
