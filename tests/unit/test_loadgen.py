@@ -195,7 +195,10 @@ def test_http_driver_measures_stream() -> None:
     res = asyncio.run(go())
     x, y, bad, hang = res
     assert x.ok and x.output_tokens == 6 and x.prompt_tokens == 99 and len(x.gaps_s) == 5
-    assert x.ttft_s is not None and 0 < x.ttft_s < x.e2e_s and min(x.gaps_s) > 0.001
+    assert x.ttft_s is not None and 0 < x.ttft_s < x.e2e_s and min(x.gaps_s) >= 0
+    # the server sleeps 2 ms after each of the first 5 tokens: the gaps between them add up to
+    # at least 4 of those sleeps, however a loaded machine bunches the chunks' arrival
+    assert sum(x.gaps_s) >= 4 * 0.002
     assert y.ok and y.output_tokens == 1 and y.gaps_s == ()
     assert not bad.ok and bad.error.startswith("http 400")
     assert not hang.ok and hang.error == "timeout"

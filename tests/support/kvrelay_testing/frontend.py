@@ -14,10 +14,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import math
-import os
 import random
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -178,21 +176,6 @@ class EchoBackend:
 BackendSource: TypeAlias = (
     "ClusterBackend | Callable[[], ClusterBackend | Awaitable[ClusterBackend]]"
 )
-
-
-def backend_from_env(**kwargs: Any) -> BackendSource:
-    """The backend API integration tests run against: ``KVRELAY_API_TEST_BACKEND=module:factory``
-    names a zero-argument factory (sync or async; e.g. one that starts a local 1P+1D cluster)
-    which ``FrontendThread`` calls on its own event loop; unset, an ``EchoBackend(**kwargs)``.
-    A backend with an ``async def aclose()`` is closed when the FrontendThread exits."""
-    spec = os.environ.get("KVRELAY_API_TEST_BACKEND", "")
-    if not spec:
-        return EchoBackend(**kwargs)
-    module, _, name = spec.partition(":")
-    factory: Callable[[], ClusterBackend | Awaitable[ClusterBackend]] = getattr(
-        importlib.import_module(module), name
-    )
-    return factory
 
 
 async def blocks_in_use(backend: ClusterBackend) -> int:

@@ -11,7 +11,7 @@ import aiohttp
 
 from kvrelay.client import AsyncClient, ResourceExhaustedError, RetryPolicy
 from kvrelay.cluster.frontend_limits import FrontendLimits
-from kvrelay_testing.frontend import FrontendThread, backend_from_env, wait_blocks_free
+from kvrelay_testing.frontend import EchoBackend, FrontendThread, wait_blocks_free
 
 STREAMS = 200
 MAX_TOKENS = 24
@@ -58,7 +58,7 @@ async def http_stream(session: aiohttp.ClientSession, url: str, model: str, i: i
 
 
 def test_200_streams_complete_or_are_refused() -> None:
-    backend = backend_from_env(step_delay_s=0.002)
+    backend = EchoBackend(step_delay_s=0.002)
     with FrontendThread(backend, limits=LIMITS) as srv:
 
         async def main() -> list[str]:

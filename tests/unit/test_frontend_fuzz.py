@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvrelay.proto.kvrelay.v1 import generation_pb2 as gpb
-from kvrelay_testing.frontend import FrontendThread, backend_from_env, wait_blocks_free
+from kvrelay_testing.frontend import EchoBackend, FrontendThread, wait_blocks_free
 
 OK, INVALID, NOT_FOUND = (
     grpc.StatusCode.OK,
@@ -61,7 +61,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    with FrontendThread(backend_from_env(step_delay_s=0.0, max_context=256)) as srv:
+    with FrontendThread(EchoBackend(step_delay_s=0.0, max_context=256)) as srv:
         s = Server(srv)
         yield s
         s.channel.close()

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrelay.client import Client, PermissionDeniedError, UnauthenticatedError, UnavailableError
 from kvrelay.cluster.frontend_serve import TlsConfig
-from kvrelay_testing.frontend import FrontendThread, backend_from_env, wait_blocks_free
+from kvrelay_testing.frontend import EchoBackend, FrontendThread, wait_blocks_free
 
 USER_KEY = "sk-user-4f1c9a"
 OTHER_KEY = "sk-user-9d03b5"  # a second user of the same server
@@ -28,7 +28,7 @@ LONG = 400  # tokens: a stream still running when the test acts on it
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[FrontendThread]:
     with FrontendThread(
-        backend_from_env(), api_keys=[USER_KEY, OTHER_KEY], admin_keys=[ADMIN_KEY]
+        EchoBackend(), api_keys=[USER_KEY, OTHER_KEY], admin_keys=[ADMIN_KEY]
     ) as srv:
         yield srv
         assert srv.call(wait_blocks_free(srv.backend)) == 0
@@ -116,7 +116,7 @@ def cert(self_signed_cert: tuple[Path, Path]) -> TlsConfig:
 
 
 def test_tls_round_trip_both_apis(cert: TlsConfig) -> None:
-    with FrontendThread(backend_from_env(), tls=cert, api_keys=[USER_KEY]) as srv:
+    with FrontendThread(EchoBackend(), tls=cert, api_keys=[USER_KEY]) as srv:
         target = f"localhost:{srv.grpc_port}"
         with Client(target, root_cert=Path(cert.cert_file), api_key=USER_KEY, timeout=10) as c:
             res = c.generate("secure", max_tokens=3, temperature=0)

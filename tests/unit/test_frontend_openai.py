@@ -15,7 +15,6 @@ from kvrelay.client import Client, InternalError
 from kvrelay_testing.frontend import (
     EchoBackend,
     FrontendThread,
-    backend_from_env,
     wait_blocks_free,
     wait_blocks_held,
 )
@@ -23,7 +22,7 @@ from kvrelay_testing.frontend import (
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[FrontendThread]:
-    backend = backend_from_env(step_delay_s=0.002)
+    backend = EchoBackend(step_delay_s=0.002)
     with FrontendThread(backend, metrics_handler=lambda: b"kvrelay_up 1\n") as server:
         yield server
 

@@ -1,5 +1,6 @@
 """gRPC frontend + client SDK: round trips, streaming, cancel, disconnect, deadlines, errors,
-admin calls, health and reflection. Backend: EchoBackend, or KVRELAY_API_TEST_BACKEND."""
+admin calls, health and reflection, in-process against the EchoBackend (the same API against a real
+1P+1D cluster: tests/integration/test_api_cluster.py)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from kvrelay.client import (
 )
 from kvrelay.cluster.frontend_limits import FrontendLimits
 from kvrelay_testing.frontend import (
+    EchoBackend,
     FrontendThread,
-    backend_from_env,
     wait_blocks_free,
     wait_blocks_held,
 )
@@ -36,7 +37,7 @@ LONG = 400  # tokens: a stream that is still running when the test acts on it
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[FrontendThread]:
-    with FrontendThread(backend_from_env(step_delay_s=0.005)) as server:
+    with FrontendThread(EchoBackend(step_delay_s=0.005)) as server:
         yield server
 
 
@@ -174,7 +175,7 @@ def test_raw_bytes_that_are_not_protobuf_get_invalid_argument(srv: FrontendThrea
 
 
 def test_retry_honors_resource_exhausted_hint() -> None:
-    backend = backend_from_env(step_delay_s=0.005)
+    backend = EchoBackend(step_delay_s=0.005)
     limits = FrontendLimits(max_streams=1, max_queue=0, retry_after_s=0.05)
     with FrontendThread(backend, limits=limits) as srv:
         target = f"127.0.0.1:{srv.grpc_port}"
@@ -212,7 +213,7 @@ class Recorder:
 
 def test_request_observer_sees_every_outcome() -> None:
     rec = Recorder()
-    backend = backend_from_env(step_delay_s=0.005)
+    backend = EchoBackend(step_delay_s=0.005)
     with (
         FrontendThread(backend, request_observer=rec) as srv,
         Client(f"127.0.0.1:{srv.grpc_port}", timeout=20) as c,
