@@ -135,7 +135,8 @@ def test_a_skipped_test_fails_ci(tmp_path: Path, ci: str) -> None:
     )
     if ci:
         assert out.returncode == 1, out.stdout
-        assert "test_needs_tool: frobnicator not installed" in out.stdout
+        assert "SKIPPED test_skips.py::test_needs_tool" in out.stdout
+        assert "frobnicator not installed" in out.stdout
     else:
         assert out.returncode == 0, out.stdout
         assert "1 passed, 1 skipped" in out.stdout
