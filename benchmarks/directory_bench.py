@@ -21,10 +21,10 @@ import resource
 import statistics
 import time
 
-from kvrelay.cluster.kv_directory import KVDirectory
-from kvrelay.cluster.router.baselines import LeastLoadedRouter, RoundRobinRouter
-from kvrelay.cluster.router.router import KVAwareRouter
-from kvrelay.cluster.router.types import Role, RouteRequest, WorkerLoad
+from kvrelay.cluster.routing.baselines import LeastLoadedRouter, RoundRobinRouter
+from kvrelay.cluster.routing.kv_directory import KVDirectory
+from kvrelay.cluster.routing.router import KVAwareRouter
+from kvrelay.cluster.routing.types import Role, RouteRequest, WorkerLoad
 from kvrelay.workers.types import KVEvent, KVEventKind, Tier
 
 BS = 16

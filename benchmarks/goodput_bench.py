@@ -11,7 +11,7 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
 * ``pd``: fixed prefill/decode split ``--pd-split`` (P,D);
 * ``colocated``: every worker does both;
 * ``planner``: starts at ``--planner-start`` (P,D) with ``auto_pool_sizing`` on, so the planner
-  (cluster/pool_sizing.py via cluster/autosize.py) has a mis-sized split to correct;
+  (cluster/sizing/pool_sizing.py via cluster/sizing/autosize.py) has a mis-sized split to correct;
 * ``pd_start``: optional, the planner's starting split held fixed (what the planner saves).
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
@@ -38,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
 
 NAMES = ("pd", "colocated", "planner", "pd_start")
 

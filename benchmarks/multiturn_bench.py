@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from kvrelay.benchmarks.pd_bench import pct
-from kvrelay.cluster.serve import Cluster, ServeConfig
-from kvrelay.workers.source import load_tokenizer
+from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
+from kvrelay.workers.model.source import load_tokenizer
 from kvrelay.workers.types import SamplingParams
 
 STAT_FIELDS = (

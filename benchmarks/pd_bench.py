@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from kvrelay.benchmarks.engine_bench import copy_bandwidth
-from kvrelay.cluster.serve import Cluster, ServeConfig
-from kvrelay.workers.loader import default_model_path
-from kvrelay.workers.loader_gguf import export_gguf
+from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
+from kvrelay.workers.model.loader import default_model_path
+from kvrelay.workers.model.loader_gguf import export_gguf
 from kvrelay.workers.types import SamplingParams
 
 

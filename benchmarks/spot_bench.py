@@ -54,7 +54,7 @@ from kvrelay.benchmarks.multiturn_bench import (
     settled_stats,
     stats_delta,
 )
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
 from kvrelay.workers.types import SamplingParams
 
 POLICIES = ("ours", "drop", "replay")
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = read_trace(Path(args.trace))
     import ray
 
-    from kvrelay.workers.source import load_tokenizer
+    from kvrelay.workers.model.source import load_tokenizer
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,6 +1,6 @@
 """A worker: one engine on its loop thread, its KV transport, and its role.
 
-A plain class: the cluster wraps it as a Ray actor (cluster/actors.py, a threaded actor so a
+A plain class: the cluster wraps it as a Ray actor (cluster/runtime/actors.py, a threaded actor so a
 blocking transfer does not stop other calls), tests and the GPU machine use it in plain
 processes. Roles:
 
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.workers.engine import Engine, EngineConfig, EngineStats
-from kvrelay.workers.loader import LoadedModel, load_model
-from kvrelay.workers.loop import EngineLoop
-from kvrelay.workers.scheduler import ScheduledSeq
-from kvrelay.workers.sequence import SeqStatus
-from kvrelay.workers.transport import KVTransport
+from kvrelay.workers.engine.engine import Engine, EngineConfig, EngineStats
+from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.engine.sequence import SeqStatus
+from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.transport.kv_transport import KVTransport
 from kvrelay.workers.types import KVEvent, SamplingParams, TokenEvent
 
 ROLES = ("prefill", "decode", "colocated")

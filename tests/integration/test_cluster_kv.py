@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 

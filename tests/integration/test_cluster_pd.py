@@ -10,7 +10,7 @@ import concurrent.futures as cf
 
 import pytest
 
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 

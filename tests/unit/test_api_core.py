@@ -15,9 +15,9 @@ from kvrelay.client import (
     UnavailableError,
 )
 from kvrelay.client.errors import from_rpc_error
-from kvrelay.cluster.auth import ApiKeys, bearer_token
-from kvrelay.cluster.frontend_errors import ApiError, ErrorCode
-from kvrelay.cluster.frontend_limits import Admission, FrontendLimits
+from kvrelay.cluster.api.auth import ApiKeys, bearer_token
+from kvrelay.cluster.api.errors import ApiError, ErrorCode
+from kvrelay.cluster.api.limits import Admission, FrontendLimits
 
 
 def code_of(keys: ApiKeys, header: str | None, admin: bool) -> ErrorCode | None:
@@ -134,7 +134,7 @@ def test_status_codes_map_to_typed_errors() -> None:
 def test_serve_flags_read_keys_from_files_and_env(tmp_path, monkeypatch) -> None:
     import argparse
 
-    from kvrelay.cluster.frontend_serve import add_frontend_args, frontend_options
+    from kvrelay.cluster.api.servers import add_frontend_args, frontend_options
 
     (tmp_path / "keys").write_text("k1\n\n k2 \n")
     monkeypatch.setenv("KVRELAY_ADMIN_KEYS", "a1, a2")

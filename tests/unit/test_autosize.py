@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from kvrelay.cluster.autosize import AutosizeConfig, PoolAutosizer
+from kvrelay.cluster.sizing.autosize import AutosizeConfig, PoolAutosizer
 
 
 @dataclass

@@ -7,7 +7,6 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvrelay.workers.block_pool import BlockPool
 from kvrelay.workers.handoff import (
     DecodeHandoffs,
     HandoffError,
@@ -16,6 +15,7 @@ from kvrelay.workers.handoff import (
     RefusalReason,
     Reservation,
 )
+from kvrelay.workers.kv.block_pool import BlockPool
 
 TOTAL = 12
 

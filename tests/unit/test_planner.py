@@ -7,8 +7,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrelay.cluster.planner import UNPLACED, pair_option, plan_migration
-from kvrelay.cluster.planner_model import (
+from kvrelay.cluster.spot.planner import UNPLACED, pair_option, plan_migration
+from kvrelay.cluster.spot.planner_model import (
     ClusterSnapshot,
     FinishInPlace,
     MigrateKV,

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from kvrelay.cluster.serve import ServeConfig, add_serve_arguments
+from kvrelay.cluster.runtime.serve import ServeConfig, add_serve_arguments
 
 
 def _parse(*argv: str) -> ServeConfig:

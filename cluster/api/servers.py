@@ -1,0 +1,160 @@
+"""Start both frontends (gRPC and OpenAI HTTP) on the running event loop.
+
+handle = await serve_frontends(backend, grpc_port=50051, http_port=8000)
+...  # handle.grpc_port, handle.http_port are the bound ports (0 picks a free one)
+await handle.stop()
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health
+
+from kvrelay.cluster.api.auth import ApiKeys
+from kvrelay.cluster.api.backend import ClusterBackend
+from kvrelay.cluster.api.core import FrontendCore, RequestObserver
+from kvrelay.cluster.api.grpc_server import start_grpc_server
+from kvrelay.cluster.api.http_server import MetricsHook, start_http_server
+from kvrelay.cluster.api.limits import FrontendLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: str  # PEM certificate chain
+    key_file: str  # PEM private key
+
+
+@dataclass(slots=True)
+class FrontendHandle:
+    grpc_port: int
+    http_port: int
+    core: FrontendCore
+    _grpc: grpc.aio.Server
+    _health: health.aio.HealthServicer
+    _http: web.AppRunner
+    _stopped: bool = False
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Refuse new calls, give in-flight ones ``grace_s``, then cancel them (their requests
+        are freed through the normal close path)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        await asyncio.gather(self._grpc.stop(grace_s), self._http.cleanup())
+
+
+def _read_tls(tls: TlsConfig) -> tuple[bytes, bytes]:
+    return Path(tls.cert_file).read_bytes(), Path(tls.key_file).read_bytes()
+
+
+def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+async def serve_frontends(
+    backend: ClusterBackend,
+    *,
+    grpc_port: int = 50051,
+    http_port: int = 8000,
+    host: str = "127.0.0.1",
+    api_keys: Iterable[str] = (),
+    admin_keys: Iterable[str] = (),
+    tls: TlsConfig | None = None,
+    limits: FrontendLimits | None = None,
+    metrics_handler: MetricsHook | None = None,
+    request_observer: RequestObserver | None = None,
+) -> FrontendHandle:
+    """``metrics_handler`` is mounted at GET /metrics (an aiohttp handler, or a callable that
+    returns the exposition bytes); ``request_observer`` (e.g. cluster.metrics.Metrics) is told
+    about every request when it ends."""
+    keys = ApiKeys.from_strings(api_keys, admin_keys)
+    core = FrontendCore(backend, keys, limits or FrontendLimits(), request_observer)
+    creds: grpc.ServerCredentials | None = None
+    ssl_ctx: ssl.SSLContext | None = None
+    if tls is not None:  # file reads off the loop
+        cert, key = await asyncio.to_thread(_read_tls, tls)
+        creds = grpc.ssl_server_credentials([(key, cert)])
+        ssl_ctx = await asyncio.to_thread(_ssl_context, tls)
+    server, gport, health_servicer = await start_grpc_server(
+        core, host=host, port=grpc_port, credentials=creds
+    )
+    try:
+        runner, hport = await start_http_server(
+            core, host=host, port=http_port, ssl_context=ssl_ctx, metrics=metrics_handler
+        )
+    except BaseException:
+        await server.stop(None)
+        raise
+    return FrontendHandle(gport, hport, core, server, health_servicer, runner)
+
+
+def add_frontend_args(parser: argparse.ArgumentParser) -> None:
+    """The frontend flags of ``kvrelay serve``. Keys come from files or the environment, never
+    from the command line (which other users of the host can read)."""
+    default = FrontendLimits()
+    g = parser.add_argument_group("frontends")
+    g.add_argument("--grpc-port", type=int, default=50051)
+    g.add_argument("--http-port", type=int, default=8000)
+    g.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a pod)")
+    g.add_argument(
+        "--api-keys-file", help="API keys, one per line (also $KVRELAY_API_KEYS, comma-separated)"
+    )
+    g.add_argument("--admin-keys-file", help="admin keys, one per line (also $KVRELAY_ADMIN_KEYS)")
+    g.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC and HTTP over TLS")
+    g.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    g.add_argument("--max-streams", type=int, default=default.max_streams)
+    g.add_argument("--max-queue", type=int, default=default.max_queue)
+    g.add_argument("--queue-timeout", type=float, default=default.queue_timeout_s)
+
+
+def _keys(path: str | None, env: str) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+    if path:
+        keys += [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return keys
+
+
+def frontend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve_frontends`` keyword arguments from ``add_frontend_args`` flags (reads the key
+    files: call it before the event loop starts)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    return {
+        "grpc_port": args.grpc_port,
+        "http_port": args.http_port,
+        "host": args.host,
+        "api_keys": _keys(args.api_keys_file, "KVRELAY_API_KEYS"),
+        "admin_keys": _keys(args.admin_keys_file, "KVRELAY_ADMIN_KEYS"),
+        "tls": TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        "limits": FrontendLimits(
+            max_streams=args.max_streams,
+            max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout,
+        ),
+    }
+
+
+__all__ = [
+    "FrontendHandle",
+    "FrontendLimits",
+    "TlsConfig",
+    "add_frontend_args",
+    "frontend_options",
+    "serve_frontends",
+]

@@ -1,0 +1,346 @@
+"""The controller: worker registry and health, the request table, routing, the PD handoff
+and recovery. It implements ``ClusterBackend`` so the frontends run on its event loop.
+
+A request's path (DESIGN.md)::
+
+    generate ─▶ route P ─▶ P.submit(prefill_only) ─▶ first token event (P parks the request)
+            ─▶ handoff task: D.reserve ─▶ P.send_kv ‖ D.recv_kv ─▶ D.accept_prefilled ─▶ P.finish
+            ─▶ D's events stream to the client until the finish reason
+
+With only colocated workers, or when every decode worker refuses, the request decodes where
+it was prefilled. A dead worker's requests are re-dispatched from prompt + committed tokens.
+
+Split by responsibility: the handoff transaction is in controller_handoff.py, heartbeats and
+worker figures in controller_health.py, the admin and operator surface in
+controller_admin.py; this file keeps the registry, the request table, dispatch and recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvrelay.cluster.api.backend import (
+    GenerateRequest,
+    ModelInfo,
+    TokenizerLike,
+)
+from kvrelay.cluster.controller.admin import ControllerAdmin
+from kvrelay.cluster.controller.flights import DECODE, HANDOFF, PREFILL, QUEUED, Flight
+from kvrelay.cluster.controller.handoff import ControllerHandoff
+from kvrelay.cluster.controller.health import ControllerHealth
+from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
+from kvrelay.cluster.metrics.recorder import Metrics
+from kvrelay.cluster.routing.adapter import Pull, Routing, RoutingConfig
+from kvrelay.cluster.routing.types import Role, RouteRequest, WorkerLoad
+from kvrelay.cluster.sizing.autosize import AutosizeConfig, PoolAutosizer
+from kvrelay.cluster.spot.executor import PreemptionExecutor
+from kvrelay.workers.model.output import RequestText
+from kvrelay.workers.types import FinishReason, TokenEvent
+from kvrelay.workers.worker import Heartbeat, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    model: ModelInfo
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    handoff_timeout_s: float = 30.0
+    pull_timeout_s: float = 10.0
+    itl_slo_s: float = 0.2  # the SLO headroom scorer and the pool sizing aim at these
+    autosize: AutosizeConfig | None = None  # SLO-aware pool sizing, when enabled
+    heartbeat_interval_s: float = 0.5
+    # a process that dies is seen at once (its calls fail); this only catches a hung worker, and
+    # must outlast the longest engine step under load (the heartbeat runs between steps)
+    heartbeat_timeout_s: float = 60.0
+
+
+@dataclass(slots=True)
+class WorkerEntry:
+    client: WorkerClient
+    info: WorkerInfo
+    role: str
+    healthy: bool = True
+    draining: bool = False
+    heartbeat: Heartbeat | None = None
+    assigned: set[str] = field(default_factory=set)  # request ids it owns or prefills
+
+
+
+class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
+    def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
+        self.config = config
+        self._tokenizer = tokenizer
+        self.workers: dict[str, WorkerEntry] = {}
+        self.flights: dict[str, Flight] = {}
+        self.handoffs_done = 0
+        self.local_prefills = 0
+        self.handoff_refusals = 0
+        self.handoff_bytes = 0
+        self.resubmissions = 0
+        self.metrics = Metrics(models=[config.model.id])
+        self.routing = Routing(config.routing, config.model.id)
+        self.pulls_done = 0
+        self.pull_bytes = 0
+        self.migrations_done = 0
+        self.recomputes_done = 0
+        self.preemption = PreemptionExecutor(self)
+        self.autosizer = PoolAutosizer(self, config.autosize) if config.autosize else None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._health: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._health is None:
+            self._health = asyncio.create_task(self._health_loop())
+            if self.autosizer is not None:
+                self._spawn(self.autosizer.run())
+
+    async def stop(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- registry ------------------------------------------------------------------------
+    async def register(self, client: WorkerClient) -> WorkerInfo:
+        info: WorkerInfo = await client.call("info")
+        self.workers[info.worker_id] = WorkerEntry(client, info, info.role)
+        self.routing.block_bytes = info.block_bytes
+        log.info("worker %s registered as %s on %s", info.worker_id, info.role, info.node_ip)
+        return info
+
+    def _pool(self, *roles: str) -> list[WorkerEntry]:
+        return [
+            w for w in self.workers.values() if w.healthy and not w.draining and w.role in roles
+        ]
+
+    async def _worker_failed(self, worker_id: str, reason: str) -> None:
+        entry = self.workers.get(worker_id)
+        if entry is None or not entry.healthy:
+            return
+        log.warning("worker %s failed: %s", worker_id, reason)
+        entry.healthy = False
+        self.routing.forget(worker_id)  # no route to its blocks from now on
+        entry.client.kill()
+        self.metrics.forget_worker(worker_id)
+        self.workers.pop(worker_id, None)
+        for rid in list(entry.assigned):
+            flight = self.flights.get(rid)
+            # a flight some task is moving is that task's to recover; the others restart
+            if flight is not None and not flight.done and not flight.moving:
+                if flight.owner == worker_id:
+                    await self._redispatch(flight)
+
+    # ---- requests ------------------------------------------------------------------------
+    def models(self) -> Sequence[ModelInfo]:
+        return [self.config.model]
+
+    def tokenizer(self, model: str) -> TokenizerLike:
+        return self._tokenizer
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if request.request_id in self.flights:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        flight = Flight(request, RequestText(self._tokenizer, request.sampling,
+                                             request.prompt_token_ids))
+        self.flights[request.request_id] = flight
+        if self.autosizer is not None:
+            self.autosizer.on_arrival(len(request.prompt_token_ids), request.sampling.max_tokens)
+        try:
+            await self._dispatch(flight)
+            while True:
+                event = await flight.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not flight.done:  # the client went away: free its blocks everywhere
+                flight.finish(FinishReason.ABORT)
+                await self._abort_everywhere(flight)
+            self._release(flight)
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Ray streaming-generator entry for the Python API (tests, demo)."""
+        async for event in self.generate(request):
+            yield event
+
+    async def cancel(self, request_id: str) -> bool:
+        flight = self.flights.get(request_id)
+        if flight is None or flight.done:
+            return False
+        flight.finish(FinishReason.ABORT)
+        await self._abort_everywhere(flight)
+        return True
+
+    def _release(self, flight: Flight) -> None:
+        self.flights.pop(flight.request_id, None)
+        for w in self.workers.values():
+            w.assigned.discard(flight.request_id)
+
+    async def _abort_everywhere(self, flight: Flight) -> None:
+        for w in list(self.workers.values()):
+            if flight.request_id in w.assigned and w.healthy:
+                try:
+                    await w.client.call("abort", flight.request_id, timeout=10)
+                except (WorkerGone, TimeoutError):
+                    pass
+
+    async def _dispatch(self, flight: Flight) -> None:
+        """Start (or resume, from prompt + committed tokens) a flight on the best workers;
+        a worker found dead on the way is failed and the next best one is tried."""
+        flight.moving += 1
+        try:
+            await self._dispatch_once(flight)
+        finally:
+            flight.moving -= 1
+        await self._settle(flight)
+
+    async def _dispatch_once(self, flight: Flight) -> None:
+        while not flight.done:
+            tokens = list(flight.req.prompt_token_ids) + flight.committed
+            request = RouteRequest(
+                flight.request_id, self.routing.hashes(tokens), len(tokens),
+                flight.req.tenant, flight.req.priority,
+            )
+            loads = [self._load(w) for w in self.workers.values() if w.healthy and not w.draining]
+            plan = self.routing.plan(request, loads, len(tokens))
+            if plan is None:
+                flight.finish(FinishReason.ABORT)
+                raise RuntimeError("no healthy worker with room for the request")
+            target = self.workers[plan.worker]
+            split = plan.mode == "split"
+            if plan.pull is not None:
+                await self._pull(flight, plan.pull, target)
+            # the phase is set before the call: the worker's first token may reach this loop
+            # before its answer to submit does, and that event must start the handoff
+            flight.phase = PREFILL if split else DECODE
+            try:
+                await self._submit(flight, target, prefill_only=split)
+            except WorkerGone as exc:
+                flight.phase = QUEUED
+                target.assigned.discard(flight.request_id)
+                await self._worker_failed(target.info.worker_id, f"submit: {exc}")
+                continue
+            except BaseException:
+                flight.phase = QUEUED  # refused (a prompt too large for it): not running there
+                raise
+            if plan.mode == "local":
+                self.local_prefills += 1
+            return
+
+    def _load(self, w: WorkerEntry) -> WorkerLoad:
+        hb = w.heartbeat
+        total = w.info.num_blocks
+        free = total
+        running = waiting = 0
+        if hb is not None:
+            free = hb.stats.pool.free + hb.stats.pool.cached
+            running, waiting = hb.stats.running, hb.stats.waiting
+        # requests routed since the last heartbeat count as queued work
+        waiting = max(waiting, len(w.assigned) - running)
+        tenants: dict[str, int] = {}
+        for rid in w.assigned:
+            flight = self.flights.get(rid)
+            if flight is not None:
+                tenants[flight.req.tenant] = tenants.get(flight.req.tenant, 0) + 1
+        step = hb.decode_step_s if hb is not None else None
+        headroom = None if step is None else 1.0 - step / self.config.itl_slo_s
+        return WorkerLoad(
+            w.info.worker_id, Role(w.role), w.healthy, w.draining, free, total, running, waiting,
+            slo_headroom=headroom, tenant_load=tenants,
+        )
+
+    async def _pull(self, flight: Flight, pull: Pull, p: WorkerEntry) -> bool:
+        """Cross-worker reuse: move prefix blocks a peer holds into P's cache before P's
+        prefill, instead of recomputing them. Best effort: on any failure P recomputes."""
+        src = self.workers.get(pull.source)
+        if src is None or not src.healthy:
+            return False
+        res_id = f"{flight.request_id}#pull{next(self._ids)}"
+        timeout = self.config.pull_timeout_s
+        pid, sid = p.info.worker_id, src.info.worker_id
+        try:
+            blocks = await p.client.call(
+                "reserve", res_id, len(pull.block_hashes), time.time() + timeout, timeout=30
+            )
+            if blocks is None:
+                return False
+            tid = res_id.replace("#", "/")
+            send = asyncio.ensure_future(
+                src.client.call("send_prefix", list(pull.block_hashes), pid, tid, timeout)
+            )
+            recv = asyncio.ensure_future(p.client.call("recv_kv", res_id, sid, tid, timeout))
+            await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
+            if not (send.done() and recv.done()) or send.exception() or recv.exception():
+                send.cancel()
+                recv.cancel()
+                await p.client.call("unreserve", res_id, timeout=10)
+                return False
+            await p.client.call("commit_prefix", res_id, list(pull.block_hashes), timeout=30)
+        except Exception as exc:
+            log.info("pull for %s failed, recomputing: %r", flight.request_id, exc)
+            return False
+        self.pulls_done += 1
+        self.pull_bytes += int(recv.result())
+        return True
+
+    async def _submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None:
+        req = flight.req
+        flight.owner = target.info.worker_id
+        target.assigned.add(req.request_id)
+        await target.client.call(
+            "submit", req.request_id, list(req.prompt_token_ids), req.sampling,
+            output_ids=list(flight.committed), tenant=req.tenant, priority=req.priority,
+            prefill_only=prefill_only,
+        )
+
+    async def _redispatch(self, flight: Flight) -> None:
+        """The owner is gone: resume from prompt + committed tokens on survivors."""
+        self.resubmissions += 1
+        self.metrics.record_resubmission(flight.req.model)
+        flight.owner = None
+        for w in self.workers.values():
+            if flight.request_id in w.assigned and w.healthy:
+                w.assigned.discard(flight.request_id)
+                self._spawn(self._quiet_abort(w, flight.request_id))
+        try:
+            await self._dispatch(flight)
+        except Exception as exc:  # never leave a client waiting on a stream that cannot move
+            log.error("request %s lost: %r", flight.request_id, exc)
+            flight.finish(FinishReason.ABORT)
+
+    async def _quiet_abort(self, w: WorkerEntry, rid: str) -> None:
+        try:
+            await w.client.call("abort", rid, timeout=10)
+        except Exception:
+            pass
+
+    # ---- events from workers -------------------------------------------------------------
+    async def on_events(self, worker_id: str, events: list[TokenEvent]) -> None:
+        """One call per worker step, carrying that step's tokens for all its requests."""
+        for event in events:
+            flight = self.flights.get(event.request_id)
+            if flight is None or flight.done or flight.owner != worker_id:
+                continue  # stale: the request moved or ended
+            out, stop_hit = flight.accept(event)
+            flight.queue.put_nowait(out)
+            if stop_hit:
+                self._spawn(self._abort_everywhere(flight))
+            elif flight.phase == PREFILL and out.finish_reason is None:
+                flight.phase = HANDOFF
+                flight.owner = None  # nothing streams until a decode worker takes over
+                flight.moving += 1  # the handoff task owns the flight from here
+                self._spawn(self._handoff(flight, worker_id))
