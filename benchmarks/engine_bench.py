@@ -35,8 +35,8 @@ import torch
 
 from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.llm import LLM
-from kvrelay.workers.model.loader import default_model_path
 from kvrelay.workers.model.loader_gguf import export_gguf
+from kvrelay.workers.model.source import default_model_path
 from kvrelay.workers.types import SamplingParams
 
 

@@ -91,7 +91,8 @@ def reference(model: Path, prompts: list[list[int]], max_tokens: int,
 def check_served(model: Path, prompts: list[list[int]], expected: list[list[int]],
                  max_tokens: int, device: str) -> dict[str, Any]:
     from kvrelay.client import Client
-    from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
+    from kvrelay.cluster.runtime.config import ServeConfig
+    from kvrelay.cluster.runtime.serve import Cluster
 
     cfg = ServeConfig(model=str(model), device=device, dtype="float32", kv_cache_gb=2.0,
                       grpc_port=0, http_port=None, threads_per_worker=2,

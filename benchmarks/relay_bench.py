@@ -201,7 +201,8 @@ def print_relay(rows: list[dict[str, Any]], iters: int) -> None:
 def ttft_driver(spec: dict[str, Any]) -> None:
     """Inside the head host: ``Cluster.start`` joins the Ray cluster the hosts form, and its
     controller places 1P + 1D on the nodes offering ``kvrelay_prefill`` / ``kvrelay_decode``."""
-    from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
+    from kvrelay.cluster.runtime.config import ServeConfig
+    from kvrelay.cluster.runtime.serve import Cluster
     from kvrelay.workers.types import SamplingParams
 
     cfg = ServeConfig(

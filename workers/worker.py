@@ -149,12 +149,6 @@ class Worker:
             self._notice(self.worker_id, time.time() + self.grace_s)
 
     # ---- plumbing ------------------------------------------------------------------------
-    def set_sink(self, sink: EventSink) -> None:
-        self._sink = sink
-
-    def set_transport(self, transport: KVTransport) -> None:
-        self.transport = transport
-
     def _emit(self, events: list[TokenEvent]) -> None:
         if self._sink is not None:
             self._sink(self.worker_id, events)

@@ -30,7 +30,6 @@ class GenerateRequest:
     sampling: SamplingParams
     priority: int = 0  # lower runs first
     tenant: str = ""
-    deadline_s: float | None = None  # absolute time.time() by which the request must end
 
 
 @dataclass(frozen=True, slots=True)

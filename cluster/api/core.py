@@ -228,7 +228,7 @@ class FrontendCore:
         else:
             request_id = id_prefix + uuid.uuid4().hex
         request = await build_request(
-            raw, self.backend, self.limits.validation, request_id, deadline_s
+            raw, self.backend, self.limits.validation, request_id
         )
         if request_id in self._in_flight:  # another request took the id while we tokenized
             raise ApiError(ErrorCode.ALREADY_EXISTS, f"request {request_id!r} is already in flight")

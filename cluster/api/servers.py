@@ -7,15 +7,12 @@ await handle.stop()
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -104,57 +101,9 @@ async def serve_frontends(
     return FrontendHandle(gport, hport, core, server, health_servicer, runner)
 
 
-def add_frontend_args(parser: argparse.ArgumentParser) -> None:
-    """The frontend flags of ``kvrelay serve``. Keys come from files or the environment, never
-    from the command line (which other users of the host can read)."""
-    default = FrontendLimits()
-    g = parser.add_argument_group("frontends")
-    g.add_argument("--grpc-port", type=int, default=50051)
-    g.add_argument("--http-port", type=int, default=8000)
-    g.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a pod)")
-    g.add_argument(
-        "--api-keys-file", help="API keys, one per line (also $KVRELAY_API_KEYS, comma-separated)"
-    )
-    g.add_argument("--admin-keys-file", help="admin keys, one per line (also $KVRELAY_ADMIN_KEYS)")
-    g.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC and HTTP over TLS")
-    g.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    g.add_argument("--max-streams", type=int, default=default.max_streams)
-    g.add_argument("--max-queue", type=int, default=default.max_queue)
-    g.add_argument("--queue-timeout", type=float, default=default.queue_timeout_s)
-
-
-def _keys(path: str | None, env: str) -> list[str]:
-    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
-    if path:
-        keys += [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    return keys
-
-
-def frontend_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``serve_frontends`` keyword arguments from ``add_frontend_args`` flags (reads the key
-    files: call it before the event loop starts)."""
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
-    return {
-        "grpc_port": args.grpc_port,
-        "http_port": args.http_port,
-        "host": args.host,
-        "api_keys": _keys(args.api_keys_file, "KVRELAY_API_KEYS"),
-        "admin_keys": _keys(args.admin_keys_file, "KVRELAY_ADMIN_KEYS"),
-        "tls": TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None,
-        "limits": FrontendLimits(
-            max_streams=args.max_streams,
-            max_queue=args.max_queue,
-            queue_timeout_s=args.queue_timeout,
-        ),
-    }
-
-
 __all__ = [
     "FrontendHandle",
     "FrontendLimits",
     "TlsConfig",
-    "add_frontend_args",
-    "frontend_options",
     "serve_frontends",
 ]

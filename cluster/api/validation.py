@@ -171,7 +171,6 @@ async def build_request(
     backend: ClusterBackend,
     limits: ValidationLimits,
     request_id: str,
-    deadline_s: float | None = None,
 ) -> GenerateRequest:
     """Validate ``raw`` completely and tokenize it; raises ApiError on the first problem."""
     model = resolve_model(backend.models(), raw.model)
@@ -214,7 +213,6 @@ async def build_request(
         sampling=sampling,
         priority=raw.priority,
         tenant=raw.tenant,
-        deadline_s=deadline_s,
     )
 
 

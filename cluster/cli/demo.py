@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import dataclasses
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
-from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.config import config_or_exit
+from kvrelay.cluster.runtime.serve import Cluster
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -89,9 +89,9 @@ def _one(target: str, idx: int, max_tokens: int, echo: bool) -> Trace:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    cfg = ServeConfig.from_args(args)
+    cfg = config_or_exit(args, args.parser)
     if cfg.grpc_port == 50051 and cfg.http_port == 8000:  # do not collide with a real server
-        cfg = dataclasses.replace(cfg, grpc_port=0, http_port=0)
+        cfg = cfg.model_copy(update={"grpc_port": 0, "http_port": 0})
     print(f"kvrelay demo: starting {cfg.prefill_workers} prefill + {cfg.decode_workers} decode "
           f"+ {cfg.colocated_workers} colocated worker(s) on the default model ...", flush=True)
     t0 = time.perf_counter()

@@ -9,6 +9,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import yaml
+
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
@@ -55,9 +57,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kvrelay.cluster.runtime.serve import ServeConfig, serve_forever
+    from kvrelay.cluster.runtime.config import config_or_exit
+    from kvrelay.cluster.runtime.serve import serve_forever
 
-    return serve_forever(ServeConfig.from_args(args))
+    cfg = config_or_exit(args, args.parser)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    return serve_forever(cfg)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -80,16 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(g)
     g.set_defaults(func=_cmd_generate)
 
-    from kvrelay.cluster.runtime.serve import add_serve_arguments
+    from kvrelay.cluster.runtime.config import add_serve_arguments
 
     s = sub.add_parser("serve", help="start (or join) a Ray cluster and serve the model")
     add_serve_arguments(s)
-    s.set_defaults(func=_cmd_serve)
+    s.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (file, then flags) as YAML and exit")
+    s.set_defaults(func=_cmd_serve, parser=s)
 
     d = sub.add_parser("demo", help="local 1P+1D cluster, a mixed chat workload, a latency table")
     add_serve_arguments(d)
     d.add_argument("--requests", type=int, default=12)
-    d.set_defaults(func=_cmd_demo)
+    d.set_defaults(func=_cmd_demo, parser=d)
 
     from kvrelay.cluster.cli.client_commands import add_client_commands
     from kvrelay.cluster.cli.node import add_node_command

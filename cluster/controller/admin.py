@@ -17,8 +17,7 @@ from kvrelay.cluster.spot.notices import NoticeKind, PreemptionNotice
 from kvrelay.workers.engine.engine import EngineStats
 
 if TYPE_CHECKING:
-    from kvrelay.cluster.controller.controller import WorkerEntry
-    from kvrelay.cluster.controller.flights import Flight
+    from kvrelay.cluster.controller.state import ControllerState
     from kvrelay.cluster.routing.adapter import Routing
     from kvrelay.cluster.sizing.autosize import PoolAutosizer
     from kvrelay.cluster.spot.executor import PreemptionExecutor
@@ -28,8 +27,7 @@ log = logging.getLogger(__name__)
 
 class ControllerAdmin:
     # state owned by Controller
-    workers: dict[str, WorkerEntry]
-    flights: dict[str, Flight]
+    state: ControllerState
     routing: Routing
     preemption: PreemptionExecutor
     autosizer: PoolAutosizer | None
@@ -40,8 +38,6 @@ class ControllerAdmin:
     resubmissions: int
     pulls_done: int
     pull_bytes: int
-    migrations_done: int
-    recomputes_done: int
 
     def _spawn(self, coro: Any) -> None:
         raise NotImplementedError
@@ -49,7 +45,7 @@ class ControllerAdmin:
     # ---- admin ---------------------------------------------------------------------------
     async def cluster_status(self) -> ClusterStatus:
         out = []
-        for w in self.workers.values():
+        for w in self.state.workers.values():
             hb = w.heartbeat
             kv: dict[str, dict[str, int]] = {}
             running = waiting = 0
@@ -62,10 +58,10 @@ class ControllerAdmin:
                     running, waiting,
                 )
             )
-        return ClusterStatus(tuple(out), sum(not f.done for f in self.flights.values()))
+        return ClusterStatus(tuple(out), sum(not f.done for f in self.state.flights.values()))
 
     async def drain(self, worker_id: str) -> bool:
-        entry = self.workers.get(worker_id)
+        entry = self.state.workers.get(worker_id)
         if entry is None:
             return False
         entry.draining = True
@@ -75,7 +71,7 @@ class ControllerAdmin:
     async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
         """A spot notice (admin RPC, Kubernetes watcher, metadata poller, a worker's SIGTERM):
         plan and carry out the moves in the background; returns False for unknown workers."""
-        entry = self.workers.get(worker_id)
+        entry = self.state.workers.get(worker_id)
         if entry is None or not entry.healthy:
             return False
         if entry.draining and any(worker_id in r.leaving for r in self.preemption.records):
@@ -87,14 +83,14 @@ class ControllerAdmin:
         """Map a notice (worker, node or pod) to the workers it takes away, and plan for all
         of them together."""
         if notice.kind is NoticeKind.WORKER:
-            hit = [notice.target] if notice.target in self.workers else []
+            hit = [notice.target] if notice.target in self.state.workers else []
         elif notice.kind is NoticeKind.NODE:
-            hit = [w for w, e in self.workers.items() if e.info.node_name == notice.target]
+            hit = [w for w, e in self.state.workers.items() if e.info.node_name == notice.target]
         else:
-            hit = [w for w, e in self.workers.items()
+            hit = [w for w, e in self.state.workers.items()
                    if e.info.pod_name == notice.target
                    or (notice.node and e.info.node_name == notice.node and not e.info.pod_name)]
-        hit = [w for w in hit if self.workers[w].healthy and not self.workers[w].draining]
+        hit = [w for w in hit if self.state.workers[w].healthy and not self.state.workers[w].draining]
         if hit:
             log.warning("preemption notice %s (%s): %s leaving by %.1f s", notice.target,
                         notice.source, hit, notice.deadline_s - time.time())
@@ -112,33 +108,37 @@ class ControllerAdmin:
             {
                 "request_id": f.request_id, "phase": f.phase, "owner": f.owner,
                 "committed": len(f.committed), "moving": f.moving,
-                "assigned": sorted(w for w, e in self.workers.items() if f.request_id in e.assigned),
+                "assigned": sorted(w for w, e in self.state.workers.items() if f.request_id in e.assigned),
             }
-            for f in self.flights.values()
+            for f in self.state.flights.values()
         ]
 
     async def worker_devices(self) -> dict[str, str]:
         """worker -> where its engine computes ("cpu", "cuda:0") and in which dtype."""
         return {
-            wid: f"{w.info.device}/{w.info.dtype}" for wid, w in self.workers.items() if w.healthy
+            wid: f"{w.info.device}/{w.info.dtype}" for wid, w in self.state.workers.items() if w.healthy
         }
 
     async def worker_ids(self) -> dict[str, str]:
-        return {wid: w.role for wid, w in self.workers.items() if w.healthy}
+        return {wid: w.role for wid, w in self.state.workers.items() if w.healthy}
 
     async def integrity(self) -> dict[str, dict[str, int]]:
         out = {}
-        for wid, w in list(self.workers.items()):
+        for wid, w in list(self.state.workers.items()):
             if w.healthy:
                 out[wid] = await w.client.call("check_integrity", timeout=30)
         return out
 
+    async def check_state(self) -> dict[str, int]:
+        """The registry and request table's invariants (ControllerState.check_integrity)."""
+        return self.state.check_integrity()
+
     async def worker_infos(self) -> dict[str, dict[str, Any]]:
-        return {wid: dataclasses.asdict(w.info) for wid, w in self.workers.items() if w.healthy}
+        return {wid: dataclasses.asdict(w.info) for wid, w in self.state.workers.items() if w.healthy}
 
     async def transport_totals(self) -> dict[str, dict[str, float]]:
         out = {}
-        for wid, w in list(self.workers.items()):
+        for wid, w in list(self.state.workers.items()):
             if w.healthy:
                 out[wid] = await w.client.call("transport_totals", timeout=30)
         return out
@@ -152,14 +152,14 @@ class ControllerAdmin:
         return list(self.routing.directory.workers())
 
     async def clear_prefix_cache(self, worker_id: str) -> None:
-        await self.workers[worker_id].client.call("clear_prefix_cache", timeout=30)
+        await self.state.workers[worker_id].client.call("clear_prefix_cache", timeout=30)
 
     async def role_switches(self) -> list[tuple[float, str, str, str]]:
         return list(self.autosizer.switches) if self.autosizer is not None else []
 
     async def counters(self) -> dict[str, int]:
         return {
-            "block_bytes": next((w.info.block_bytes for w in self.workers.values()), 0),
+            "block_bytes": next((w.info.block_bytes for w in self.state.workers.values()), 0),
             "handoffs": self.handoffs_done,
             "local_prefills": self.local_prefills,
             "pulls": self.pulls_done,
@@ -169,9 +169,9 @@ class ControllerAdmin:
             "handoff_refusals": self.handoff_refusals,
             "handoff_bytes": self.handoff_bytes,
             "resubmissions": self.resubmissions,
-            "migrations": self.migrations_done,
-            "migration_recomputes": self.recomputes_done,
-            "in_flight": len(self.flights),
+            "migrations": self.preemption.migrations_done,
+            "migration_recomputes": self.preemption.recomputes_done,
+            "in_flight": len(self.state.flights),
         }
 
 

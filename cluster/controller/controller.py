@@ -22,7 +22,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvrelay.cluster.api.backend import (
@@ -31,54 +30,29 @@ from kvrelay.cluster.api.backend import (
     TokenizerLike,
 )
 from kvrelay.cluster.controller.admin import ControllerAdmin
+from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.flights import DECODE, HANDOFF, PREFILL, QUEUED, Flight
 from kvrelay.cluster.controller.handoff import ControllerHandoff
 from kvrelay.cluster.controller.health import ControllerHealth
+from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics
-from kvrelay.cluster.routing.adapter import Pull, Routing, RoutingConfig
+from kvrelay.cluster.routing.adapter import Pull, Routing
 from kvrelay.cluster.routing.types import Role, RouteRequest, WorkerLoad
-from kvrelay.cluster.sizing.autosize import AutosizeConfig, PoolAutosizer
+from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.cluster.spot.executor import PreemptionExecutor
 from kvrelay.workers.model.output import RequestText
 from kvrelay.workers.types import FinishReason, TokenEvent
-from kvrelay.workers.worker import Heartbeat, WorkerInfo
+from kvrelay.workers.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ControllerConfig:
-    model: ModelInfo
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    handoff_timeout_s: float = 30.0
-    pull_timeout_s: float = 10.0
-    itl_slo_s: float = 0.2  # the SLO headroom scorer and the pool sizing aim at these
-    autosize: AutosizeConfig | None = None  # SLO-aware pool sizing, when enabled
-    heartbeat_interval_s: float = 0.5
-    # a process that dies is seen at once (its calls fail); this only catches a hung worker, and
-    # must outlast the longest engine step under load (the heartbeat runs between steps)
-    heartbeat_timeout_s: float = 60.0
-
-
-@dataclass(slots=True)
-class WorkerEntry:
-    client: WorkerClient
-    info: WorkerInfo
-    role: str
-    healthy: bool = True
-    draining: bool = False
-    heartbeat: Heartbeat | None = None
-    assigned: set[str] = field(default_factory=set)  # request ids it owns or prefills
-
 
 
 class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
     def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
         self.config = config
         self._tokenizer = tokenizer
-        self.workers: dict[str, WorkerEntry] = {}
-        self.flights: dict[str, Flight] = {}
+        self.state = ControllerState()
         self.handoffs_done = 0
         self.local_prefills = 0
         self.handoff_refusals = 0
@@ -88,10 +62,8 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         self.routing = Routing(config.routing, config.model.id)
         self.pulls_done = 0
         self.pull_bytes = 0
-        self.migrations_done = 0
-        self.recomputes_done = 0
-        self.preemption = PreemptionExecutor(self)
-        self.autosizer = PoolAutosizer(self, config.autosize) if config.autosize else None
+        self.preemption = PreemptionExecutor(self.state, self.routing, self.metrics, self)
+        self.autosizer = PoolAutosizer(self.state, self.routing, config.autosize) if config.autosize else None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health: asyncio.Task[None] | None = None
         self._ids = itertools.count()
@@ -117,18 +89,13 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
     # ---- registry ------------------------------------------------------------------------
     async def register(self, client: WorkerClient) -> WorkerInfo:
         info: WorkerInfo = await client.call("info")
-        self.workers[info.worker_id] = WorkerEntry(client, info, info.role)
+        self.state.workers[info.worker_id] = WorkerEntry(client, info, info.role)
         self.routing.block_bytes = info.block_bytes
         log.info("worker %s registered as %s on %s", info.worker_id, info.role, info.node_ip)
         return info
 
-    def _pool(self, *roles: str) -> list[WorkerEntry]:
-        return [
-            w for w in self.workers.values() if w.healthy and not w.draining and w.role in roles
-        ]
-
     async def _worker_failed(self, worker_id: str, reason: str) -> None:
-        entry = self.workers.get(worker_id)
+        entry = self.state.workers.get(worker_id)
         if entry is None or not entry.healthy:
             return
         log.warning("worker %s failed: %s", worker_id, reason)
@@ -136,13 +103,13 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         self.routing.forget(worker_id)  # no route to its blocks from now on
         entry.client.kill()
         self.metrics.forget_worker(worker_id)
-        self.workers.pop(worker_id, None)
+        self.state.workers.pop(worker_id, None)
         for rid in list(entry.assigned):
-            flight = self.flights.get(rid)
+            flight = self.state.flights.get(rid)
             # a flight some task is moving is that task's to recover; the others restart
             if flight is not None and not flight.done and not flight.moving:
                 if flight.owner == worker_id:
-                    await self._redispatch(flight)
+                    await self.redispatch(flight)
 
     # ---- requests ------------------------------------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -152,11 +119,11 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         return self._tokenizer
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        if request.request_id in self.flights:
+        if request.request_id in self.state.flights:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         flight = Flight(request, RequestText(self._tokenizer, request.sampling,
                                              request.prompt_token_ids))
-        self.flights[request.request_id] = flight
+        self.state.flights[request.request_id] = flight
         if self.autosizer is not None:
             self.autosizer.on_arrival(len(request.prompt_token_ids), request.sampling.max_tokens)
         try:
@@ -170,7 +137,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             if not flight.done:  # the client went away: free its blocks everywhere
                 flight.finish(FinishReason.ABORT)
                 await self._abort_everywhere(flight)
-            self._release(flight)
+            self.state.release(flight)
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """Ray streaming-generator entry for the Python API (tests, demo)."""
@@ -178,20 +145,15 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             yield event
 
     async def cancel(self, request_id: str) -> bool:
-        flight = self.flights.get(request_id)
+        flight = self.state.flights.get(request_id)
         if flight is None or flight.done:
             return False
         flight.finish(FinishReason.ABORT)
         await self._abort_everywhere(flight)
         return True
 
-    def _release(self, flight: Flight) -> None:
-        self.flights.pop(flight.request_id, None)
-        for w in self.workers.values():
-            w.assigned.discard(flight.request_id)
-
     async def _abort_everywhere(self, flight: Flight) -> None:
-        for w in list(self.workers.values()):
+        for w in list(self.state.workers.values()):
             if flight.request_id in w.assigned and w.healthy:
                 try:
                     await w.client.call("abort", flight.request_id, timeout=10)
@@ -206,7 +168,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             await self._dispatch_once(flight)
         finally:
             flight.moving -= 1
-        await self._settle(flight)
+        await self.settle(flight)
 
     async def _dispatch_once(self, flight: Flight) -> None:
         while not flight.done:
@@ -215,12 +177,12 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
                 flight.request_id, self.routing.hashes(tokens), len(tokens),
                 flight.req.tenant, flight.req.priority,
             )
-            loads = [self._load(w) for w in self.workers.values() if w.healthy and not w.draining]
+            loads = [self._load(w) for w in self.state.workers.values() if w.healthy and not w.draining]
             plan = self.routing.plan(request, loads, len(tokens))
             if plan is None:
                 flight.finish(FinishReason.ABORT)
                 raise RuntimeError("no healthy worker with room for the request")
-            target = self.workers[plan.worker]
+            target = self.state.workers[plan.worker]
             split = plan.mode == "split"
             if plan.pull is not None:
                 await self._pull(flight, plan.pull, target)
@@ -228,7 +190,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             # before its answer to submit does, and that event must start the handoff
             flight.phase = PREFILL if split else DECODE
             try:
-                await self._submit(flight, target, prefill_only=split)
+                await self.submit(flight, target, prefill_only=split)
             except WorkerGone as exc:
                 flight.phase = QUEUED
                 target.assigned.discard(flight.request_id)
@@ -253,7 +215,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         waiting = max(waiting, len(w.assigned) - running)
         tenants: dict[str, int] = {}
         for rid in w.assigned:
-            flight = self.flights.get(rid)
+            flight = self.state.flights.get(rid)
             if flight is not None:
                 tenants[flight.req.tenant] = tenants.get(flight.req.tenant, 0) + 1
         step = hb.decode_step_s if hb is not None else None
@@ -266,7 +228,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
     async def _pull(self, flight: Flight, pull: Pull, p: WorkerEntry) -> bool:
         """Cross-worker reuse: move prefix blocks a peer holds into P's cache before P's
         prefill, instead of recomputing them. Best effort: on any failure P recomputes."""
-        src = self.workers.get(pull.source)
+        src = self.state.workers.get(pull.source)
         if src is None or not src.healthy:
             return False
         res_id = f"{flight.request_id}#pull{next(self._ids)}"
@@ -297,7 +259,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         self.pull_bytes += int(recv.result())
         return True
 
-    async def _submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None:
+    async def submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None:
         req = flight.req
         flight.owner = target.info.worker_id
         target.assigned.add(req.request_id)
@@ -307,12 +269,12 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             prefill_only=prefill_only,
         )
 
-    async def _redispatch(self, flight: Flight) -> None:
+    async def redispatch(self, flight: Flight) -> None:
         """The owner is gone: resume from prompt + committed tokens on survivors."""
         self.resubmissions += 1
         self.metrics.record_resubmission(flight.req.model)
         flight.owner = None
-        for w in self.workers.values():
+        for w in self.state.workers.values():
             if flight.request_id in w.assigned and w.healthy:
                 w.assigned.discard(flight.request_id)
                 self._spawn(self._quiet_abort(w, flight.request_id))
@@ -332,7 +294,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
     async def on_events(self, worker_id: str, events: list[TokenEvent]) -> None:
         """One call per worker step, carrying that step's tokens for all its requests."""
         for event in events:
-            flight = self.flights.get(event.request_id)
+            flight = self.state.flights.get(event.request_id)
             if flight is None or flight.done or flight.owner != worker_id:
                 continue  # stale: the request moved or ended
             out, stop_hit = flight.accept(event)

@@ -24,7 +24,8 @@ from kvrelay.cluster.routing.types import RouteDecision, RouteRequest, WorkerLoa
 from kvrelay.workers.types import FinishReason
 
 if TYPE_CHECKING:
-    from kvrelay.cluster.controller.controller import ControllerConfig, WorkerEntry
+    from kvrelay.cluster.controller.config import ControllerConfig
+    from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
     from kvrelay.cluster.routing.adapter import Routing
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class ControllerHandoff:
     if TYPE_CHECKING:  # state and steps owned by Controller
         config: ControllerConfig
-        workers: dict[str, WorkerEntry]
+        state: ControllerState
         routing: Routing
         handoffs_done: int
         handoff_refusals: int
@@ -41,15 +42,14 @@ class ControllerHandoff:
         _ids: itertools.count[int]
 
         async def _worker_failed(self, worker_id: str, reason: str) -> None: ...
-        async def _redispatch(self, flight: Flight) -> None: ...
+        async def redispatch(self, flight: Flight) -> None: ...
         async def _abort_everywhere(self, flight: Flight) -> None: ...
-        def _pool(self, *roles: str) -> list[WorkerEntry]: ...
         def _load(self, w: WorkerEntry) -> WorkerLoad: ...
 
     async def _handoff(self, flight: Flight, prefill_id: str) -> None:
         rid = flight.request_id
         try:
-            p = self.workers.get(prefill_id)
+            p = self.state.workers.get(prefill_id)
             if p is None or not p.healthy:
                 raise WorkerGone(prefill_id)
             n_blocks = await p.client.call("handoff_size", rid, timeout=30)
@@ -60,7 +60,7 @@ class ControllerHandoff:
                 if d is None:
                     break
                 tried.add(d.info.worker_id)
-                if await self._relay(flight, p, d, n_blocks, deadline):
+                if await self.relay(flight, p, d, n_blocks, deadline):
                     return
             if flight.done:
                 await p.client.call("abort", rid, timeout=10)
@@ -72,7 +72,7 @@ class ControllerHandoff:
         except WorkerGone as exc:
             await self._worker_failed(prefill_id, f"during handoff: {exc}")
             if not flight.done:
-                await self._redispatch(flight)
+                await self.redispatch(flight)
         except Exception as exc:
             log.exception("handoff of %s failed", rid)
             if not flight.done:
@@ -81,31 +81,31 @@ class ControllerHandoff:
                 log.error("request %s aborted: %r", rid, exc)
         finally:
             flight.moving -= 1
-            await self._settle(flight)
+            await self.settle(flight)
 
-    async def _settle(self, flight: Flight) -> None:
+    async def settle(self, flight: Flight) -> None:
         """A move just ended: if the worker it left the flight on died meanwhile (its failure
         was handled while the move held the flight), restart the flight now."""
         if flight.moving or flight.done or flight.owner is None:
             return
-        owner = self.workers.get(flight.owner)
+        owner = self.state.workers.get(flight.owner)
         if owner is None or not owner.healthy:
-            await self._redispatch(flight)
+            await self.redispatch(flight)
 
     def _choose_decode(self, flight: Flight, tried: set[str]) -> WorkerEntry | None:
         """The router's pick among decode workers not tried yet for this handoff."""
         tokens = list(flight.req.prompt_token_ids) + flight.committed
         request = RouteRequest(flight.request_id, self.routing.hashes(tokens), len(tokens))
         loads = [
-            self._load(w) for w in self._pool("decode") if w.info.worker_id not in tried
+            self._load(w) for w in self.state.pool("decode") if w.info.worker_id not in tried
         ]
         matches = self.routing.directory.match(request.block_hashes)
         decision = self.routing.router.route_decode(request, loads, matches)
         if not isinstance(decision, RouteDecision):
             return None
-        return self.workers.get(decision.worker_id)
+        return self.state.workers.get(decision.worker_id)
 
-    async def _relay(
+    async def relay(
         self,
         flight: Flight,
         p: WorkerEntry,

@@ -18,7 +18,8 @@ from kvrelay.cluster.metrics.recorder import Metrics, WorkerCounters
 from kvrelay.workers.worker import Heartbeat
 
 if TYPE_CHECKING:
-    from kvrelay.cluster.controller.controller import ControllerConfig, WorkerEntry
+    from kvrelay.cluster.controller.config import ControllerConfig
+    from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
     from kvrelay.cluster.routing.adapter import Routing
     from kvrelay.cluster.sizing.autosize import PoolAutosizer
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 class ControllerHealth:
     if TYPE_CHECKING:  # state and steps owned by Controller
         config: ControllerConfig
-        workers: dict[str, WorkerEntry]
+        state: ControllerState
         routing: Routing
         metrics: Metrics
         autosizer: PoolAutosizer | None
@@ -38,11 +39,11 @@ class ControllerHealth:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             # one beat in flight per worker: a slow worker delays only its own figures
-            for wid, entry in list(self.workers.items()):
+            for wid, entry in list(self.state.workers.items()):
                 task = beats.get(wid)
                 if task is None or task.done():
                     beats[wid] = asyncio.create_task(self._beat(entry))
-            for wid in [w for w, t in beats.items() if t.done() and w not in self.workers]:
+            for wid in [w for w, t in beats.items() if t.done() and w not in self.state.workers]:
                 del beats[wid]
             self.routing.directory.purge(50_000)  # reclaim dead workers' entries in slices
 
@@ -57,7 +58,7 @@ class ControllerHealth:
         if not hb.alive:
             await self._worker_failed(wid, "engine loop stopped")
             return
-        if entry.healthy and self.workers.get(wid) is entry:
+        if entry.healthy and self.state.workers.get(wid) is entry:
             self.routing.directory.apply(wid, hb.kv_events)
             sent, secs = hb.transport.get("bytes_sent", 0.0), hb.transport.get("seconds_sending", 0.0)
             self.routing.observe(

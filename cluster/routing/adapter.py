@@ -16,7 +16,8 @@ is estimated cheaper than recomputing them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from kvrelay.cluster.routing.baselines import LeastLoadedRouter, RoundRobinRouter
 from kvrelay.cluster.routing.config import RouterConfig
@@ -46,6 +47,7 @@ class RoutingConfig:
     transfer_bytes_per_s: float = 1e9
     handoff_overhead_s: float = 0.01
     min_pull_tokens: int = 64
+    weights: Mapping[str, Any] = field(default_factory=dict)  # RouterConfig: the kv router's
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -79,7 +81,9 @@ def make_router(cfg: RoutingConfig) -> PoolRouter:
         return RoundRobinRouter(cfg.block_size, cfg.chunk_tokens)
     if cfg.router == "least_loaded":
         return LeastLoadedRouter(cfg.block_size, cfg.chunk_tokens)
-    return KVAwareRouter(RouterConfig(block_size=cfg.block_size, chunk_tokens=cfg.chunk_tokens))
+    return KVAwareRouter(
+        RouterConfig(**cfg.weights, block_size=cfg.block_size, chunk_tokens=cfg.chunk_tokens)
+    )
 
 
 class Routing:
@@ -112,11 +116,11 @@ class Routing:
         r = self.rates.get(worker_id)
         return r.prefill_tps if r and r.prefill_tps else None
 
-    def _tps(self, worker_id: str) -> float:
+    def prefill_tps(self, worker_id: str) -> float:
         r = self.rates.get(worker_id)
         return (r.prefill_tps if r and r.prefill_tps else None) or self.cfg.prefill_tokens_per_s
 
-    def _link(self, *workers: str) -> float:
+    def link_bps(self, *workers: str) -> float:
         measured = [r.transfer_bps for w in workers if (r := self.rates.get(w)) and r.transfer_bps]
         return min(measured) if measured else self.cfg.transfer_bytes_per_s
 
@@ -149,9 +153,9 @@ class Routing:
             est = disaggregation(
                 prompt_len,
                 min(d.matched_tokens, prompt_len),
-                self._tps(d.worker_id) / d_share,
-                self._tps(p.worker_id) / p_share,
-                self._link(p.worker_id, d.worker_id),
+                self.prefill_tps(d.worker_id) / d_share,
+                self.prefill_tps(p.worker_id) / p_share,
+                self.link_bps(p.worker_id, d.worker_id),
                 self._kv_bytes_per_token(),
                 matched_on_prefill=min(p.matched_tokens, prompt_len),
                 handoff_overhead_s=self.cfg.handoff_overhead_s,
@@ -185,8 +189,8 @@ class Routing:
             return None
         est = pull_or_recompute(
             (best_blocks - own) * bs,
-            self._tps(p.worker_id),
-            self._link(best, p.worker_id),
+            self.prefill_tps(p.worker_id),
+            self.link_bps(best, p.worker_id),
             self._kv_bytes_per_token(),
             pull_overhead_s=self.cfg.handoff_overhead_s,
         )

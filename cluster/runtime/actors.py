@@ -12,7 +12,8 @@ from typing import Any
 import ray
 
 from kvrelay.cluster.api.backend import ModelInfo
-from kvrelay.cluster.controller.controller import Controller, ControllerConfig
+from kvrelay.cluster.controller.config import ControllerConfig
+from kvrelay.cluster.controller.controller import Controller
 from kvrelay.cluster.controller.worker_client import RayWorkerClient
 from kvrelay.cluster.placement.node_pools import NodePools, local_node_ip
 from kvrelay.cluster.placement.placement import (
@@ -22,7 +23,7 @@ from kvrelay.cluster.placement.placement import (
     gpu_share,
 )
 from kvrelay.cluster.routing.adapter import RoutingConfig
-from kvrelay.cluster.runtime.serve import ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.sizing.autosize import AutosizeConfig
 from kvrelay.cluster.spot.metadata_poller import MetadataPoller, MetadataPollerConfig
 from kvrelay.cluster.spot.notices import PreemptionNotice, queue_sink
@@ -100,6 +101,7 @@ class ControllerActor(Controller):
             prefix_pull=cfg.prefix_pull,
             block_size=cfg.block_size,
             chunk_tokens=cfg.max_num_batched_tokens,
+            weights=cfg.router_weights,
         )
         autosize = (
             AutosizeConfig(
@@ -263,10 +265,10 @@ class ControllerActor(Controller):
             await self.on_notice(await queue.get())
 
     async def worker_pid(self, worker_id: str) -> int:
-        return int(self.workers[worker_id].info.pid)
+        return int(self.state.workers[worker_id].info.pid)
 
     async def inject_fault(self, worker_id: str, fault: str) -> None:
-        await self.workers[worker_id].client.call("inject_fault", fault)
+        await self.state.workers[worker_id].client.call("inject_fault", fault)
 
     async def shutdown(self) -> None:
         if self._node_task is not None:

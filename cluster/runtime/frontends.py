@@ -12,7 +12,7 @@ from kvrelay.cluster.api.backend import ClusterBackend
 from kvrelay.cluster.api.limits import FrontendLimits
 from kvrelay.cluster.api.servers import FrontendHandle, TlsConfig, serve_frontends
 from kvrelay.cluster.metrics.recorder import Metrics
-from kvrelay.cluster.runtime.serve import ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
 
 
 @dataclass(slots=True)

@@ -12,178 +12,16 @@ token are used as they are.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from kvrelay.cluster.api.backend import GenerateRequest
-from kvrelay.cluster.placement.placement import DEVICES
+from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    model: str | None = None
-    prefill_workers: int = 1
-    decode_workers: int = 1
-    colocated_workers: int = 0
-    address: str | None = None
-    host: str = "127.0.0.1"
-    grpc_port: int | None = 50051
-    http_port: int | None = 8000
-    metrics_port: int | None = None
-    api_keys: tuple[str, ...] = ()
-    admin_keys: tuple[str, ...] = ()
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    max_concurrent_streams: int = 256
-    max_queue_depth: int = 1024
-    threads_per_worker: int | None = None
-    device: str = "auto"  # auto: a GPU where the node has one, else CPU; cpu; cuda
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
-    gpus_per_worker: float | None = None  # None: one GPU each, or an equal share of fewer
-    kv_cache_gb: float = 0.25
-    cpu_kv_gb: float = 0.5
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
-    policy: str = "fcfs"  # fcfs | priority | fair (per-tenant virtual token counter)
-    preemption_mode: str = "auto"  # auto | swap | recompute
-    handoff_timeout_s: float = 30.0
-    preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
-    router: str = "kv"  # kv | round_robin | least_loaded
-    ttft_slo_s: float = 2.0
-    itl_slo_s: float = 0.2
-    auto_pool_sizing: bool = False
-    autosize_interval_s: float = 10.0  # how often the pool-sizing planner decides
-    autosize_window_s: float = 60.0  # the arrivals it measures the load over
-    conditional_disagg: bool = True
-    prefix_pull: bool = True
-    transport_host: str | None = None  # rendezvous store address: an IP, "auto" (node IP), host
-    transport_bind: str | None = None  # workers' gloo address: None loopback, "auto" node IP, IP
-    transport_interface: str | None = None  # NIC for the KV transport (GLOO_SOCKET_IFNAME)
-    cpus_per_worker: float = 1.0  # CPU nodes: the slice of cores one worker owns
-    watch_nodes: bool = True  # start pinned workers on nodes that join; fail those that leave
-    num_blocks_by_role: dict[str, int] = field(default_factory=dict)  # overrides kv_cache_gb
-    placement_resource_prefix: str | None = None
-    k8s_watch: bool = False
-    k8s_namespace: str | None = None
-    metadata_url: str | None = None  # each worker polls it for its instance's spot notice
-    metadata_parser: str = "instance-action"  # or "preempted" (TRUE/FALSE)
-    metadata_interval_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.gpus_per_worker is not None and not 0 < self.gpus_per_worker <= 64:
-            raise ValueError(f"gpus_per_worker must be in (0, 64], got {self.gpus_per_worker}")
-        for name in ("autosize_interval_s", "autosize_window_s"):
-            if not getattr(self, name) > 0:  # also refuses NaN
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in vars(args).items() if k in known}
-        for key in ("api_keys", "admin_keys"):
-            keys = list(values.get(key) or ())
-            path = getattr(args, key.replace("keys", "key_file"), None)
-            if path:  # Kubernetes Secrets arrive as files; a key never goes on a command line
-                with open(path, encoding="utf-8") as f:
-                    keys += [line.strip() for line in f if line.strip()]
-            values[key] = tuple(keys)
-        return cls(**values)
-
-    @property
-    def num_workers(self) -> int:
-        return self.prefill_workers + self.decode_workers + self.colocated_workers
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M)")
-    p.add_argument("--prefill-workers", type=int, default=1)
-    p.add_argument("--decode-workers", type=int, default=1)
-    p.add_argument("--colocated-workers", type=int, default=0)
-    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--host", default="127.0.0.1", help="address the frontends bind")
-    p.add_argument("--grpc-port", type=int, default=50051)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve /metrics on its own port (it is always on the HTTP port too)")
-    p.add_argument("--api-key", dest="api_keys", action="append", help="accept this bearer key")
-    p.add_argument("--admin-key", dest="admin_keys", action="append", help="key for admin calls")
-    p.add_argument("--api-key-file", default=None, help="file of accepted keys, one per line")
-    p.add_argument("--admin-key-file", default=None, help="file of admin keys, one per line")
-    p.add_argument("--tls-cert", "--tls-cert-file", dest="tls_cert", default=None)
-    p.add_argument("--tls-key", "--tls-key-file", dest="tls_key", default=None)
-    p.add_argument("--placement-resource-prefix", default=None,
-                   help="place each role on nodes offering the custom resource PREFIX<role>, "
-                        "e.g. kvrelay_ -> kvrelay_prefill / kvrelay_decode")
-    p.add_argument("--k8s-watch", action="store_true",
-                   help="watch Kubernetes nodes and pods for termination notices")
-    p.add_argument("--k8s-namespace", default=None, help="namespace of the worker pods")
-    p.add_argument("--metadata-url", default=None,
-                   help="cloud metadata endpoint each worker polls for its spot notice")
-    p.add_argument("--metadata-parser", default="instance-action",
-                   choices=("instance-action", "preempted"))
-    p.add_argument("--metadata-interval-s", type=float, default=5.0)
-    p.add_argument("--preemption-grace-s", type=float, default=30.0,
-                   help="notice a worker's SIGTERM gives before it must be gone")
-    p.add_argument("--max-concurrent-streams", type=int, default=256)
-    p.add_argument("--max-queue-depth", type=int, default=1024)
-    p.add_argument("--threads-per-worker", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="where workers compute: auto = a GPU where the node has one")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="compute dtype: auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--gpus-per-worker", type=_positive_float, default=None,
-                   help="GPU share per worker (default: one each, or an equal share when "
-                        "the local machine has fewer GPUs than workers)")
-    p.add_argument("--kv-cache-gb", type=float, default=0.25, help="device KV pool per worker")
-    p.add_argument("--cpu-kv-gb", type=float, default=0.5, help="host KV tier per worker")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--policy", default="fcfs", choices=("fcfs", "priority", "fair"),
-                   help="scheduling policy inside each worker")
-    p.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"),
-                   help="how a worker preempts when KV blocks run out")
-    p.add_argument("--router", default="kv", choices=("kv", "round_robin", "least_loaded"))
-    p.add_argument("--ttft-slo-s", type=float, default=2.0)
-    p.add_argument("--itl-slo-s", type=float, default=0.2)
-    p.add_argument("--auto-pool-sizing", action="store_true",
-                   help="let the SLO-aware planner switch workers between prefill and decode")
-    p.add_argument("--autosize-interval-s", type=_positive_float, default=10.0,
-                   help="seconds between the pool-sizing planner's decisions")
-    p.add_argument("--autosize-window-s", type=_positive_float, default=60.0,
-                   help="seconds of arrivals the pool-sizing planner measures the load over")
-    p.add_argument("--no-conditional-disagg", dest="conditional_disagg", action="store_false",
-                   help="always hand off, even when the decode worker holds the prompt")
-    p.add_argument("--no-prefix-pull", dest="prefix_pull", action="store_false",
-                   help="recompute prefixes another worker holds instead of pulling them")
-    p.add_argument("--transport-host", default=None,
-                   help="routable address for KV transport rendezvous, or 'auto' (multi-host)")
-    p.add_argument("--transport-bind", default=None,
-                   help="address workers bind for KV transfers: an IP or 'auto' (the node's)")
-    p.add_argument("--transport-interface", default=None, help="NIC for KV transfers")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--no-watch-nodes", dest="watch_nodes", action="store_false",
-                   help="do not start workers on nodes that join")
 
 
 class Cluster:
@@ -218,8 +56,8 @@ class Cluster:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if cfg.address is not None:  # joining: rendezvous and workers on routable addresses
-            cfg = replace(cfg, transport_host=cfg.transport_host or "auto",
-                          transport_bind=cfg.transport_bind or "auto")
+            cfg = cfg.model_copy(update={"transport_host": cfg.transport_host or "auto",
+                                         "transport_bind": cfg.transport_bind or "auto"})
         # the controller (frontends, rendezvous store) runs on this node, never a worker host
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         controller = ControllerActor.options(  # type: ignore[attr-defined]
@@ -280,6 +118,10 @@ class Cluster:
 
     def integrity(self) -> dict[str, dict[str, int]]:
         return dict(self.call("integrity"))
+
+    def check_state(self) -> dict[str, int]:
+        """The controller's registry and request table, checked (raises when broken)."""
+        return dict(self.call("check_state"))
 
     def counters(self) -> dict[str, Any]:
         return dict(self.call("counters"))

@@ -19,12 +19,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from kvrelay.cluster.controller.state import ControllerState
 from kvrelay.cluster.sizing.pool_sizing import DecodeProfile, SizingInput, size_pools
-
-if TYPE_CHECKING:
-    from kvrelay.cluster.controller.controller import Controller
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +36,18 @@ class AutosizeConfig:
     confirm_ticks: int = 2  # consecutive ticks that must ask for the same new split
 
 
+class PrefillRates(Protocol):
+    """Each worker's prefill speed as routing measures it (cluster/routing/adapter.py)."""
+
+    def measured_tps(self, worker_id: str) -> float | None: ...
+
+    def prefill_tps(self, worker_id: str) -> float: ...
+
+
 class PoolAutosizer:
-    def __init__(self, controller: Controller, cfg: AutosizeConfig) -> None:
-        self.c = controller
+    def __init__(self, state: ControllerState, rates: PrefillRates, cfg: AutosizeConfig) -> None:
+        self.state = state
+        self.rates = rates
         self.cfg = cfg
         self.arrivals: deque[tuple[float, int, int]] = deque()  # (time, prompt, max_tokens)
         self.samples: deque[tuple[int, float]] = deque(maxlen=256)  # (batch, step seconds)
@@ -66,7 +73,7 @@ class PoolAutosizer:
         now = time.monotonic()
         while self.arrivals and self.arrivals[0][0] < now - self.cfg.window_s:
             self.arrivals.popleft()
-        pools = {r: [w for w in self.c.workers.values() if w.healthy and not w.draining
+        pools = {r: [w for w in self.state.workers.values() if w.healthy and not w.draining
                      and w.role == r] for r in ("prefill", "decode")}
         total = len(pools["prefill"]) + len(pools["decode"])
         if len(self.arrivals) < 4 or total < 2 or len(self.samples) < 4:
@@ -79,16 +86,16 @@ class PoolAutosizer:
             else DecodeProfile(max(1e-4, sum(s for _, s in self.samples) / len(self.samples)), 0.0)
         )
         measured = [r for w in pools["prefill"]
-                    if (r := self.c.routing.measured_tps(w.info.worker_id)) is not None]
+                    if (r := self.rates.measured_tps(w.info.worker_id)) is not None]
         # an unmeasured prefill worker (just switched) counts at the pool's measured mean
-        rates = measured or [self.c.routing._tps(w.info.worker_id) for w in pools["prefill"]]
+        rates = measured or [self.rates.prefill_tps(w.info.worker_id) for w in pools["prefill"]]
         split = size_pools(SizingInput(
             ttft_slo_s=self.cfg.ttft_slo_s,
             itl_slo_s=self.cfg.itl_slo_s,
             arrival_rate=n / self.cfg.window_s,
             mean_prompt_tokens=sum(p for _, p, _ in self.arrivals) / n,
             mean_output_tokens=sum(m for _, _, m in self.arrivals) / n,
-            prefill_tps=sum(rates) / len(rates) if rates else self.c.routing._tps(""),
+            prefill_tps=sum(rates) / len(rates) if rates else self.rates.prefill_tps(""),
             decode=profile,
             total_workers=total,
         ))

@@ -16,9 +16,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from kvrelay.cluster.controller.flights import DECODE
+from kvrelay.cluster.controller.flights import DECODE, Flight
+from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
+from kvrelay.cluster.metrics.recorder import Metrics
 from kvrelay.cluster.spot.planner import plan_migration
 from kvrelay.cluster.spot.planner_model import (
     ClusterSnapshot,
@@ -33,10 +35,6 @@ from kvrelay.cluster.spot.planner_model import (
     WorkerSnapshot,
 )
 from kvrelay.workers.types import TokenEvent
-
-if TYPE_CHECKING:
-    from kvrelay.cluster.controller.controller import Controller, WorkerEntry
-    from kvrelay.cluster.controller.flights import Flight
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +51,60 @@ class MigrationRecord:
     unplaceable: dict[str, str] = field(default_factory=dict)
 
 
+class RoutingView(Protocol):
+    """What the executor asks of routing (cluster/routing/adapter.py)."""
+
+    def forget(self, worker_id: str) -> None: ...
+
+    def prefill_tps(self, worker_id: str) -> float: ...
+
+    def link_bps(self, *workers: str) -> float: ...
+
+
+class RequestMover(Protocol):
+    """The controller's steps that move a request (cluster/controller/)."""
+
+    async def relay(
+        self,
+        flight: Flight,
+        p: WorkerEntry,
+        d: WorkerEntry,
+        n_blocks: int,
+        deadline: float,
+        *,
+        num_computed: int | None = None,
+    ) -> bool: ...
+
+    async def submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None: ...
+
+    async def redispatch(self, flight: Flight) -> None: ...
+
+    async def settle(self, flight: Flight) -> None: ...
+
+
 class PreemptionExecutor:
-    def __init__(self, controller: Controller) -> None:
-        self.c = controller
+    def __init__(
+        self, state: ControllerState, routing: RoutingView, metrics: Metrics, mover: RequestMover
+    ) -> None:
+        self.state = state
+        self.routing = routing
+        self.metrics = metrics
+        self.mover = mover
         self.records: list[MigrationRecord] = []
+        self.migrations_done = 0
+        self.recomputes_done = 0
 
     async def handle(self, leaving: dict[str, float]) -> MigrationRecord:
-        c = self.c
         for wid in leaving:
-            entry = c.workers.get(wid)
+            entry = self.state.workers.get(wid)
             if entry is not None:
                 entry.draining = True
-                c.routing.forget(wid)
+                self.routing.forget(wid)
         plan = plan_migration(await self._snapshot(leaving))
         record = MigrationRecord(dict(leaving), time.time())
         self.records.append(record)
         for sw in plan.switches:
-            entry = c.workers.get(sw.worker_id)
+            entry = self.state.workers.get(sw.worker_id)
             if entry is not None:
                 await entry.client.call("set_role", sw.to_role.value, timeout=30)
                 entry.role = sw.to_role.value
@@ -82,15 +117,14 @@ class PreemptionExecutor:
 
     # ---- snapshot -------------------------------------------------------------------------
     async def _snapshot(self, leaving: dict[str, float]) -> ClusterSnapshot:
-        c = self.c
         workers: list[WorkerSnapshot] = []
         requests: list[RequestSnapshot] = []
-        for wid, w in list(c.workers.items()):
+        for wid, w in list(self.state.workers.items()):
             if not w.healthy:
                 continue
             hb = w.heartbeat
             free = used = 0
-            step_s, tps = 0.05, c.routing._tps(wid)
+            step_s, tps = 0.05, self.routing.prefill_tps(wid)
             if hb is not None:
                 free, used = hb.stats.pool.free + hb.stats.pool.cached, hb.stats.pool.used
                 step_s = hb.decode_step_s or step_s
@@ -104,7 +138,7 @@ class PreemptionExecutor:
             if wid not in leaving:
                 continue
             for r in await w.client.call("requests_info", timeout=30):
-                flight = c.flights.get(r.request_id)
+                flight = self.state.flights.get(r.request_id)
                 if flight is None or flight.done or flight.moving or flight.owner != wid:
                     continue
                 requests.append(RequestSnapshot(
@@ -116,21 +150,20 @@ class PreemptionExecutor:
             workers=tuple(workers),
             requests=tuple(requests),
             leaving={w: d for w, d in leaving.items() if w in {x.worker_id for x in workers}},
-            bandwidth_bps=c.routing._link(*leaving),
+            bandwidth_bps=self.routing.link_bps(*leaving),
         )
 
     # ---- actions --------------------------------------------------------------------------
     async def _execute(
         self, action: RequestAction, leaving: dict[str, float], record: MigrationRecord
     ) -> None:
-        c = self.c
         if isinstance(action, FinishInPlace):
             record.outcomes[action.request_id] = "finished_in_place"
-            c.metrics.record_migration("finished_in_place")
+            self.metrics.record_migration("finished_in_place")
             return
-        flight = c.flights.get(action.request_id)
-        src = c.workers.get(action.source)
-        dst = c.workers.get(action.target)
+        flight = self.state.flights.get(action.request_id)
+        src = self.state.workers.get(action.source)
+        dst = self.state.workers.get(action.target)
         if flight is None or flight.done or src is None or dst is None:
             return
         if flight.moving or flight.owner != action.source:
@@ -145,12 +178,12 @@ class PreemptionExecutor:
             log.exception("migration of %s failed", action.request_id)
             outcome = f"failed: {exc!r}"
             if not flight.done:
-                await c._redispatch(flight)
+                await self.mover.redispatch(flight)
         finally:
             flight.moving -= 1
         record.outcomes[action.request_id] = outcome
-        c.metrics.record_migration(outcome if outcome in ("migrated", "recomputed") else "failed")
-        await c._settle(flight)
+        self.metrics.record_migration(outcome if outcome in ("migrated", "recomputed") else "failed")
+        await self.mover.settle(flight)
 
     async def _move(
         self,
@@ -160,7 +193,6 @@ class PreemptionExecutor:
         dst: WorkerEntry,
         deadline: float,
     ) -> str:
-        c = self.c
         rid = flight.request_id
         flight.owner = None  # from here the park result, not late events, carries the tokens
         parked = await src.client.call("park", rid, timeout=30)
@@ -172,17 +204,17 @@ class PreemptionExecutor:
                 return "finished_in_place"
             if isinstance(action, MigrateKV):
                 n_blocks = await src.client.call("handoff_size", rid, timeout=30)
-                if await c._relay(flight, src, dst, n_blocks, deadline, num_computed=num_computed):
+                if await self.mover.relay(flight, src, dst, n_blocks, deadline, num_computed=num_computed):
                     src.assigned.discard(rid)
-                    c.migrations_done += 1
+                    self.migrations_done += 1
                     return "migrated"
             await src.client.call("finish_handoff", rid, timeout=30)
         else:
             await src.client.call("abort", rid, timeout=30)
         src.assigned.discard(rid)
-        await c._submit(flight, dst, prefill_only=False)  # recompute prompt + committed tokens
+        await self.mover.submit(flight, dst, prefill_only=False)  # recompute prompt + committed tokens
         flight.phase = DECODE  # it decodes where it is recomputed: no handoff follows
-        c.recomputes_done += 1
+        self.recomputes_done += 1
         return "recomputed"
 
     @staticmethod

@@ -37,7 +37,8 @@ from kvrelay.client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.proto.kvrelay.v1 import generation_pb2 as gpb
 from kvrelay.workers.model.source import load_tokenizer
 

@@ -23,7 +23,8 @@ import pytest
 
 from kvrelay.client import Client, InvalidArgumentError
 from kvrelay.cluster.metrics.defs import HIST_BUCKETS
-from kvrelay.cluster.runtime.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
 
 PROMTOOL = shutil.which("promtool")
 needs_prometheus = pytest.mark.skipif(

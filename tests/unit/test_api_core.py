@@ -129,25 +129,3 @@ def test_status_codes_map_to_typed_errors() -> None:
     assert isinstance(err, InvalidArgumentError) and err.message == "bad top_p"
     err = from_rpc_error(FakeRpcError(grpc.StatusCode.DATA_LOSS, "?"))
     assert type(err) is KvrelayError and err.code == grpc.StatusCode.DATA_LOSS
-
-
-def test_serve_flags_read_keys_from_files_and_env(tmp_path, monkeypatch) -> None:
-    import argparse
-
-    from kvrelay.cluster.api.servers import add_frontend_args, frontend_options
-
-    (tmp_path / "keys").write_text("k1\n\n k2 \n")
-    monkeypatch.setenv("KVRELAY_ADMIN_KEYS", "a1, a2")
-    monkeypatch.delenv("KVRELAY_API_KEYS", raising=False)
-    parser = argparse.ArgumentParser()
-    add_frontend_args(parser)
-    opts = frontend_options(
-        parser.parse_args(
-            ["--api-keys-file", str(tmp_path / "keys"), "--max-streams", "8", "--grpc-port", "0"]
-        )
-    )
-    assert opts["api_keys"] == ["k1", "k2"] and opts["admin_keys"] == ["a1", "a2"]
-    assert opts["limits"].max_streams == 8 and opts["grpc_port"] == 0 and opts["tls"] is None
-    assert opts["http_port"] == 8000
-    with pytest.raises(SystemExit):
-        frontend_options(parser.parse_args(["--tls-cert", "c.pem"]))

@@ -231,7 +231,7 @@ def order_fn(
     policy: SchedulingPolicy, view: Callable[[T], RequestView]
 ) -> Callable[[Sequence[T], float], list[T]]:
     """Adapt a policy to a scheduler that orders its own objects (the engine's sequences,
-    e.g. ``Scheduler(order=order_fn(policy, seq_view))``); ``view`` maps one to a RequestView."""
+    as the Scheduler does with its sequences); ``view`` maps one to a RequestView."""
 
     def order(items: Sequence[T], now: float) -> list[T]:
         by_id: dict[str, T] = {}

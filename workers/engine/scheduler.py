@@ -21,8 +21,6 @@ and otherwise releases its blocks (full ones stay cached, so recomputing is most
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from kvrelay.workers.engine.policy import FCFSPolicy, RequestView, SchedulingPolicy, order_fn
@@ -31,12 +29,6 @@ from kvrelay.workers.engine.swap import PREEMPTION_MODES, Swapper
 from kvrelay.workers.kv.block_hash import block_hashes
 from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.kv.tiers import CpuTier
-
-OrderFn = Callable[[Seq[Sequence], float], list[Sequence]]
-
-
-def fcfs_order(seqs: Seq[Sequence], now: float) -> list[Sequence]:
-    return sorted(seqs, key=lambda s: (s.arrival_time, s.request_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +61,6 @@ class Scheduler:
         max_num_batched_tokens: int,
         hash_root: int,
         enable_prefix_caching: bool = True,
-        order: OrderFn | None = None,
         policy: SchedulingPolicy | None = None,
         tier: CpuTier | None = None,
         preemption_mode: str = "auto",
@@ -85,7 +76,7 @@ class Scheduler:
         self.hash_root = hash_root
         self.enable_prefix_caching = enable_prefix_caching
         self.policy: SchedulingPolicy = policy if policy is not None else FCFSPolicy()
-        self.order: OrderFn = order if order is not None else order_fn(self.policy, self.view)
+        self.order = order_fn(self.policy, self.view)
         self.tier = tier
         self.swapper = (
             Swapper(tier, mode=preemption_mode, bytes_per_s=swap_bytes_per_s,
