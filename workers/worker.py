@@ -36,9 +36,8 @@ from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import SeqStatus
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.transport.kv_transport import KVTransport
-from kvrelay.workers.types import KVEvent, SamplingParams, TokenEvent
+from kvrelay.workers.types import ROLES, KVEvent, Phase, SamplingParams, TokenEvent
 
-ROLES = ("prefill", "decode", "colocated")
 FAULTS = ("exit_after_first_token", "exit_in_recv", "exit_in_send", "late_submit_reply")
 LATE_REPLY_S = 0.5  # late_submit_reply: how long after the first token the reply leaves
 EventSink = Callable[[str, list[TokenEvent]], None]
@@ -78,7 +77,7 @@ class RequestInfo:
     """A request on this worker, for the migration planner's snapshot."""
 
     request_id: str
-    phase: str  # queued | prefill | decode
+    phase: Phase  # QUEUED, PREFILL or DECODE
     prompt_tokens: int
     tokens_done: int
     tokens_left: int
@@ -333,11 +332,11 @@ class Worker:
             out = []
             for seq in e.seqs.values():
                 if seq.num_computed == 0:
-                    phase = "queued"
+                    phase = Phase.QUEUED
                 elif seq.num_computed < len(seq.prompt_ids):
-                    phase = "prefill"
+                    phase = Phase.PREFILL
                 else:
-                    phase = "decode"
+                    phase = Phase.DECODE
                 out.append(RequestInfo(
                     seq.request_id, phase, len(seq.prompt_ids), len(seq.output_ids),
                     max(0, seq.params.max_tokens - len(seq.output_ids)), len(seq.block_ids),

@@ -106,7 +106,7 @@ class ControllerAdmin:
         which workers hold it (for operators chasing a stuck request)."""
         return [
             {
-                "request_id": f.request_id, "phase": f.phase, "owner": f.owner,
+                "request_id": f.request_id, "phase": f.phase.value, "owner": f.owner,
                 "committed": len(f.committed), "moving": f.moving,
                 "assigned": sorted(w for w, e in self.state.workers.items() if f.request_id in e.assigned),
             }

@@ -31,18 +31,18 @@ from kvrelay.cluster.api.backend import (
 )
 from kvrelay.cluster.controller.admin import ControllerAdmin
 from kvrelay.cluster.controller.config import ControllerConfig
-from kvrelay.cluster.controller.flights import DECODE, HANDOFF, PREFILL, QUEUED, Flight
+from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.handoff import ControllerHandoff
 from kvrelay.cluster.controller.health import ControllerHealth
 from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics
 from kvrelay.cluster.routing.adapter import Pull, Routing
-from kvrelay.cluster.routing.types import Role, RouteRequest, WorkerLoad
+from kvrelay.cluster.routing.types import RouteRequest, WorkerLoad
 from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.cluster.spot.executor import PreemptionExecutor
 from kvrelay.workers.model.output import RequestText
-from kvrelay.workers.types import FinishReason, TokenEvent
+from kvrelay.workers.types import FinishReason, Phase, Role, TokenEvent
 from kvrelay.workers.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -188,16 +188,16 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
                 await self._pull(flight, plan.pull, target)
             # the phase is set before the call: the worker's first token may reach this loop
             # before its answer to submit does, and that event must start the handoff
-            flight.phase = PREFILL if split else DECODE
+            flight.phase = Phase.PREFILL if split else Phase.DECODE
             try:
                 await self.submit(flight, target, prefill_only=split)
             except WorkerGone as exc:
-                flight.phase = QUEUED
+                flight.phase = Phase.QUEUED
                 target.assigned.discard(flight.request_id)
                 await self._worker_failed(target.info.worker_id, f"submit: {exc}")
                 continue
             except BaseException:
-                flight.phase = QUEUED  # refused (a prompt too large for it): not running there
+                flight.phase = Phase.QUEUED  # refused (a prompt too large for it): not running there
                 raise
             if plan.mode == "local":
                 self.local_prefills += 1
@@ -301,8 +301,8 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             flight.queue.put_nowait(out)
             if stop_hit:
                 self._spawn(self._abort_everywhere(flight))
-            elif flight.phase == PREFILL and out.finish_reason is None:
-                flight.phase = HANDOFF
+            elif flight.phase == Phase.PREFILL and out.finish_reason is None:
+                flight.phase = Phase.HANDOFF
                 flight.owner = None  # nothing streams until a decode worker takes over
                 flight.moving += 1  # the handoff task owns the flight from here
                 self._spawn(self._handoff(flight, worker_id))

@@ -12,10 +12,7 @@ from dataclasses import dataclass, field
 
 from kvrelay.cluster.api.backend import GenerateRequest
 from kvrelay.workers.model.output import RequestText
-from kvrelay.workers.types import FinishReason, TokenEvent
-
-# phases of a flight
-QUEUED, PREFILL, HANDOFF, DECODE, DONE = "queued", "prefill", "handoff", "decode", "done"
+from kvrelay.workers.types import FinishReason, Phase, TokenEvent
 
 
 @dataclass(slots=True)
@@ -25,7 +22,7 @@ class Flight:
     queue: asyncio.Queue[TokenEvent] = field(default_factory=asyncio.Queue)
     committed: list[int] = field(default_factory=list)
     owner: str | None = None  # the worker whose events count
-    phase: str = QUEUED
+    phase: Phase = Phase.QUEUED
     moving: int = 0  # tasks driving this flight (dispatch, handoff, migration); >0: hands off
 
     @property
@@ -34,7 +31,7 @@ class Flight:
 
     @property
     def done(self) -> bool:
-        return self.phase == DONE
+        return self.phase == Phase.DONE
 
     def accept(self, event: TokenEvent) -> tuple[TokenEvent, bool]:
         """Commit an owner's event; returns (event with text, stop string hit). Latency figures
@@ -42,12 +39,12 @@ class Flight:
         self.committed += event.token_ids
         out, stop_hit = self.text.process(event)
         if out.finish_reason is not None:
-            self.phase = DONE
+            self.phase = Phase.DONE
         return out, stop_hit
 
     def finish(self, reason: FinishReason) -> None:
         """End the stream from the controller's side (abort, unrecoverable error)."""
-        if self.phase == DONE:
+        if self.phase == Phase.DONE:
             return
-        self.phase = DONE
+        self.phase = Phase.DONE
         self.queue.put_nowait(TokenEvent(self.request_id, (), "", reason))

@@ -18,10 +18,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from kvrelay.cluster.controller.flights import DECODE, Flight
+from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.worker_client import WorkerGone
 from kvrelay.cluster.routing.types import RouteDecision, RouteRequest, WorkerLoad
-from kvrelay.workers.types import FinishReason
+from kvrelay.workers.types import FinishReason, Phase
 
 if TYPE_CHECKING:
     from kvrelay.cluster.controller.config import ControllerConfig
@@ -67,7 +67,7 @@ class ControllerHandoff:
                 return
             # nobody took it: decode where it was prefilled
             flight.owner = prefill_id
-            flight.phase = DECODE
+            flight.phase = Phase.DECODE
             await p.client.call("continue_local", rid, timeout=30)
         except WorkerGone as exc:
             await self._worker_failed(prefill_id, f"during handoff: {exc}")
@@ -156,7 +156,7 @@ class ControllerHandoff:
             return True
         req = flight.req
         flight.owner = did
-        flight.phase = DECODE
+        flight.phase = Phase.DECODE
         await d.client.call(
             "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
             req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 REQUEST_OUTCOMES = ("finished_stop", "finished_length", "aborted", "error", "rejected")
 MIGRATION_OUTCOMES = ("migrated", "recomputed", "finished_in_place", "failed")
 PREEMPTION_KINDS = ("swap", "recompute")
-ROLES = ("prefill", "decode", "colocated")
 KV_TIERS = ("gpu", "cpu")
 KV_STATES = ("free", "used", "cached")
 

@@ -39,7 +39,6 @@ from kvrelay.cluster.metrics.defs import (
     MIGRATION_OUTCOMES,
     PREEMPTION_KINDS,
     REQUEST_OUTCOMES,
-    ROLES,
     WorkerCounters,
     check_blocks,
     check_choice,
@@ -48,6 +47,7 @@ from kvrelay.cluster.metrics.defs import (
     check_seconds,
 )
 from kvrelay.cluster.metrics.http_server import MetricsServer, serve_handler
+from kvrelay.workers.types import ROLES
 
 __all__ = ["CONTENT_TYPE", "METRIC_NAMES", "Metrics", "MetricsServer", "WorkerCounters"]
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-ROLES = ("prefill", "decode", "colocated")
+from kvrelay.workers.types import ROLES
+
 ROLE_RESOURCES: Mapping[str, str] = MappingProxyType(
     {"prefill": "kvrelay_prefill", "decode": "kvrelay_decode", "colocated": "kvrelay_colocated"}
 )

@@ -29,8 +29,9 @@ from kvrelay.cluster.routing.cost import (
 )
 from kvrelay.cluster.routing.kv_directory import KVDirectory, PrefixMatch
 from kvrelay.cluster.routing.router import KVAwareRouter, PoolRouter
-from kvrelay.cluster.routing.types import NO_MATCH, Role, RouteDecision, RouteRequest, WorkerLoad
+from kvrelay.cluster.routing.types import NO_MATCH, RouteDecision, RouteRequest, WorkerLoad
 from kvrelay.workers.kv.block_hash import block_hashes, namespace_hash
+from kvrelay.workers.types import Role
 
 ROUTERS = ("kv", "round_robin", "least_loaded")
 

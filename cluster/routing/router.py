@@ -23,12 +23,12 @@ from kvrelay.cluster.routing.scorers import ScoreContext, build_scorers
 from kvrelay.cluster.routing.types import (
     NO_MATCH,
     NoWorker,
-    Role,
     RouteDecision,
     RouteRequest,
     RouteResult,
     WorkerLoad,
 )
+from kvrelay.workers.types import Role
 
 PREFILL_POOL = frozenset({Role.PREFILL, Role.COLOCATED})
 DECODE_POOL = frozenset({Role.DECODE, Role.COLOCATED})

@@ -6,17 +6,11 @@ directory's ``match`` for the request's block hashes; the router does no I/O.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kvrelay.cluster.routing.kv_directory import PrefixMatch
-
-
-class Role(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
+from kvrelay.workers.types import Role
 
 
 @dataclass(frozen=True, slots=True)

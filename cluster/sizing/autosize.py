@@ -23,8 +23,10 @@ from typing import Protocol
 
 from kvrelay.cluster.controller.state import ControllerState
 from kvrelay.cluster.sizing.pool_sizing import DecodeProfile, SizingInput, size_pools
+from kvrelay.workers.types import Role
 
 log = logging.getLogger(__name__)
+PREFILL, DECODE = Role.PREFILL.value, Role.DECODE.value  # roles as WorkerEntry.role holds them
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +76,8 @@ class PoolAutosizer:
         while self.arrivals and self.arrivals[0][0] < now - self.cfg.window_s:
             self.arrivals.popleft()
         pools = {r: [w for w in self.state.workers.values() if w.healthy and not w.draining
-                     and w.role == r] for r in ("prefill", "decode")}
-        total = len(pools["prefill"]) + len(pools["decode"])
+                     and w.role == r] for r in (PREFILL, DECODE)}
+        total = len(pools[PREFILL]) + len(pools[DECODE])
         if len(self.arrivals) < 4 or total < 2 or len(self.samples) < 4:
             return  # not enough measured to decide anything
         n = len(self.arrivals)
@@ -85,10 +87,10 @@ class PoolAutosizer:
             if len(set(batches)) > 1
             else DecodeProfile(max(1e-4, sum(s for _, s in self.samples) / len(self.samples)), 0.0)
         )
-        measured = [r for w in pools["prefill"]
+        measured = [r for w in pools[PREFILL]
                     if (r := self.rates.measured_tps(w.info.worker_id)) is not None]
         # an unmeasured prefill worker (just switched) counts at the pool's measured mean
-        rates = measured or [self.rates.prefill_tps(w.info.worker_id) for w in pools["prefill"]]
+        rates = measured or [self.rates.prefill_tps(w.info.worker_id) for w in pools[PREFILL]]
         split = size_pools(SizingInput(
             ttft_slo_s=self.cfg.ttft_slo_s,
             itl_slo_s=self.cfg.itl_slo_s,
@@ -100,7 +102,7 @@ class PoolAutosizer:
             total_workers=total,
         ))
         want = max(1, min(total - 1, split.prefill_workers))
-        have = len(pools["prefill"])
+        have = len(pools[PREFILL])
         if want == have:
             self._pending = None
             return
@@ -109,7 +111,7 @@ class PoolAutosizer:
         if ticks < self.cfg.confirm_ticks:
             return  # not yet: the same split must be asked for again
         self._pending = None
-        src, dst = ("decode", "prefill") if want > have else ("prefill", "decode")
+        src, dst = (DECODE, PREFILL) if want > have else (PREFILL, DECODE)
         victim = min(pools[src], key=lambda w: (len(w.assigned), w.info.worker_id))
         await victim.client.call("set_role", dst, timeout=30)
         victim.role = dst

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvrelay.cluster.controller.flights import DECODE, Flight
+from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
 from kvrelay.cluster.metrics.recorder import Metrics
 from kvrelay.cluster.spot.planner import plan_migration
@@ -27,14 +27,12 @@ from kvrelay.cluster.spot.planner_model import (
     FinishInPlace,
     MigrateKV,
     MigrationPlan,
-    Phase,
     Recompute,
     RequestAction,
     RequestSnapshot,
-    Role,
     WorkerSnapshot,
 )
-from kvrelay.workers.types import TokenEvent
+from kvrelay.workers.types import Phase, Role, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +211,7 @@ class PreemptionExecutor:
             await src.client.call("abort", rid, timeout=30)
         src.assigned.discard(rid)
         await self.mover.submit(flight, dst, prefill_only=False)  # recompute prompt + committed tokens
-        flight.phase = DECODE  # it decodes where it is recomputed: no handoff follows
+        flight.phase = Phase.DECODE  # it decodes where it is recomputed: no handoff follows
         self.recomputes_done += 1
         return "recomputed"
 

@@ -39,17 +39,16 @@ from kvrelay.cluster.spot.planner_model import (
     FinishInPlace,
     MigrateKV,
     MigrationPlan,
-    Phase,
     PlannerConfig,
     Recompute,
     RequestAction,
     RequestSnapshot,
-    Role,
     Unplaceable,
     UnplaceableReason,
     WorkerSnapshot,
 )
 from kvrelay.cluster.spot.planner_pools import rebalance_roles
+from kvrelay.workers.types import Phase, Role
 
 UNPLACED = 1e7  # seconds: the price of leaving a request without a target
 INFEASIBLE = 1e9

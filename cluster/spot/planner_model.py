@@ -12,25 +12,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-
-class Role(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
-
-    @property
-    def prefills(self) -> bool:
-        return self is not Role.DECODE
-
-    @property
-    def decodes(self) -> bool:
-        return self is not Role.PREFILL
-
-
-class Phase(str, enum.Enum):
-    QUEUED = "queued"  # no KV yet: waiting for prefill
-    PREFILL = "prefill"  # prompt partly computed
-    DECODE = "decode"  # prompt done, generating
+from kvrelay.workers.types import Phase, Role
 
 
 @dataclass(frozen=True, slots=True)

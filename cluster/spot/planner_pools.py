@@ -20,12 +20,11 @@ from collections.abc import Mapping
 
 from kvrelay.cluster.spot.planner_model import (
     ClusterSnapshot,
-    Phase,
     RequestSnapshot,
-    Role,
     SwitchRole,
     WorkerSnapshot,
 )
+from kvrelay.workers.types import Phase, Role
 
 DRAIN_HORIZON_S = 10.0  # a queued backlog should drain within this long
 OVERLOADED = 1.0  # switch only while a pool needs more than it has (need / have > 1)

@@ -12,15 +12,14 @@ from kvrelay.cluster.spot.planner_model import (
     ClusterSnapshot,
     FinishInPlace,
     MigrateKV,
-    Phase,
     PlannerConfig,
     Recompute,
     RequestSnapshot,
-    Role,
     Unplaceable,
     UnplaceableReason,
     WorkerSnapshot,
 )
+from kvrelay.workers.types import Phase, Role
 
 BLOCK = 1000  # bytes per block in these tests
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvrelay.workers.engine.policy import make_policy
+from kvrelay.workers.engine.rates import prefill_rate, running_average
 from kvrelay.workers.engine.runner import ModelRunner
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq, Scheduler
@@ -214,9 +215,10 @@ class Engine:
         """Recompute cost for the swap-or-recompute rule: prefill throughput of big steps
         (an exponential average; decode-sized steps say little about prefill speed)."""
         sw = self.scheduler.swapper
-        if sw is None or not self._measured_tps or tokens < 32 or seconds <= 0:
+        rate = prefill_rate(tokens, seconds)
+        if sw is None or not self._measured_tps or rate is None:
             return
-        sw.tokens_per_s = 0.8 * sw.tokens_per_s + 0.2 * tokens / seconds
+        sw.tokens_per_s = running_average(sw.tokens_per_s, rate)
 
     def _append(self, seq: Sequence, token: int) -> TokenEvent:
         seq.output_ids.append(token)

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from kvrelay.workers.engine.engine import Engine
+from kvrelay.workers.engine.rates import prefill_rate, running_average
 from kvrelay.workers.types import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,11 @@ class EngineLoop:
             self._fail_pending()
 
     def _measure(self, prompt_tokens: int, seconds: float) -> None:
-        if prompt_tokens >= 32 and seconds > 0:
-            rate = prompt_tokens / seconds
-            old = self.prefill_tokens_per_s
-            self.prefill_tokens_per_s = rate if old is None else 0.8 * old + 0.2 * rate
+        rate = prefill_rate(prompt_tokens, seconds)
+        if rate is not None:
+            self.prefill_tokens_per_s = running_average(self.prefill_tokens_per_s, rate)
         elif prompt_tokens == 0 and seconds > 0:
-            prev = self.decode_step_s
-            self.decode_step_s = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+            self.decode_step_s = running_average(self.decode_step_s, seconds)
 
     def _fail_pending(self) -> None:
         while True:
