@@ -33,7 +33,6 @@ import torch
 from kvrelay.workers.engine.engine import Engine, EngineConfig, EngineStats
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.scheduler import ScheduledSeq
-from kvrelay.workers.engine.sequence import SeqStatus
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.transport.kv_transport import KVTransport
 from kvrelay.workers.types import ROLES, KVEvent, Phase, SamplingParams, TokenEvent
@@ -231,9 +230,8 @@ class Worker:
         def resume(e: Engine) -> None:
             seq = e.handoffs.pop(request_id)
             seq.prefill_only = False
-            seq.status = type(seq.status).RUNNING
             e.seqs[request_id] = seq
-            e.scheduler.running.append(seq)
+            e.scheduler.resume(seq)
 
         self.loop.call(resume)
 
@@ -352,13 +350,12 @@ class Worker:
 
         def do(e: Engine) -> tuple[list[int], int] | None:
             seq = e.seqs.get(request_id)
-            if seq is None or seq not in e.scheduler.running:
+            if seq is None or not e.scheduler.is_running(seq):
                 return None
             if seq.num_computed < len(seq.prompt_ids):
                 return None
-            e.scheduler.running.remove(seq)
+            e.scheduler.park(seq)
             del e.seqs[request_id]
-            seq.status = SeqStatus.HANDOFF
             e.handoffs[request_id] = seq
             return list(seq.output_ids), seq.num_computed
 

@@ -21,7 +21,7 @@ from kvrelay.workers.engine.rates import prefill_rate, running_average
 from kvrelay.workers.engine.runner import ModelRunner
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq, Scheduler
-from kvrelay.workers.engine.sequence import SeqStatus, Sequence
+from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.kv.block_hash import namespace_hash
 from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.kv.tiers import build_cpu_tier, check_held
@@ -167,11 +167,7 @@ class Engine:
         seq = self.seqs.pop(request_id, None) or self.handoffs.pop(request_id, None)
         if seq is None:
             return False
-        if seq.status is SeqStatus.HANDOFF:
-            self.scheduler.free_blocks(seq)
-        else:
-            self.scheduler.remove(seq)
-        seq.status = SeqStatus.FINISHED
+        self.scheduler.finish(seq)
         seq.finish_reason = FinishReason.ABORT
         return True
 
@@ -233,15 +229,13 @@ class Engine:
         if reason is not None:
             self._finish(seq, reason)
         elif seq.prefill_only:
-            self.scheduler.running.remove(seq)
-            seq.status = SeqStatus.HANDOFF
+            self.scheduler.park(seq)
             del self.seqs[seq.request_id]
             self.handoffs[seq.request_id] = seq
         return TokenEvent(seq.request_id, (token,), finish_reason=reason, cached_prompt_tokens=cached)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        self.scheduler.remove(seq)
-        seq.status = SeqStatus.FINISHED
+        self.scheduler.finish(seq)
         seq.finish_reason = reason
         del self.seqs[seq.request_id]
 
@@ -253,9 +247,7 @@ class Engine:
 
     def finish_handoff(self, request_id: str) -> None:
         """The decode side has the KV: release the blocks (full ones stay as prefix cache)."""
-        seq = self.handoffs.pop(request_id)
-        self.scheduler.free_blocks(seq)
-        seq.status = SeqStatus.FINISHED
+        self.scheduler.finish(self.handoffs.pop(request_id))
 
     def reserve(self, num_blocks: int) -> list[int] | None:
         if not self.pool.can_allocate(num_blocks):
@@ -284,8 +276,7 @@ class Engine:
         seq.block_ids = list(block_ids)
         seq.num_emitted = len(output_ids)
         self.seqs[request_id] = seq
-        self.scheduler.running.append(seq)
-        seq.status = SeqStatus.RUNNING
+        self.scheduler.adopt(seq)
         self.scheduler.commit_computed(ScheduledSeq(seq, len(prompt_ids)))
 
     # ---- figures -------------------------------------------------------------------------

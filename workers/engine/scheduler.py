@@ -130,6 +130,36 @@ class Scheduler:
             self.waiting.remove(seq)
         self.free_blocks(seq)
 
+    def finish(self, seq: Sequence) -> None:
+        """The sequence is done (finished, aborted, or handed off): out of every queue, its
+        blocks released (full ones stay as prefix cache)."""
+        if seq.status is SeqStatus.HANDOFF:
+            self.free_blocks(seq)  # parked: in no queue
+        else:
+            self.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def is_running(self, seq: Sequence) -> bool:
+        return seq in self.running
+
+    def park(self, seq: Sequence) -> None:
+        """A running sequence stops, holding its blocks, until ``resume`` or ``finish``
+        (a prefill-only request waiting for its handoff; a request leaving by migration)."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.HANDOFF
+
+    def resume(self, seq: Sequence) -> None:
+        """A parked sequence runs again here (no decode worker took its handoff)."""
+        assert seq.status is SeqStatus.HANDOFF, seq.status
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def adopt(self, seq: Sequence) -> None:
+        """A sequence whose KV was written into its blocks elsewhere (a handoff or migration
+        received) joins the running batch; the caller commits its computed tokens."""
+        self.running.append(seq)
+        seq.status = SeqStatus.RUNNING
+
     def free_blocks(self, seq: Sequence) -> None:
         self.pool.release(reversed(seq.block_ids))
         seq.block_ids = []
@@ -161,6 +191,9 @@ class Scheduler:
                 self._requeue(seq)
 
     def _requeue(self, seq: Sequence) -> None:
+        """A landed swap: a swap-in runs again, a swap-out waits in CPU blocks."""
+        if seq.status is SeqStatus.SWAPPING_IN:
+            seq.status = SeqStatus.RUNNING
         (self.running if seq.status is SeqStatus.RUNNING else self.waiting).append(seq)
 
     def _plan(self) -> SchedulerOutput:
@@ -290,12 +323,14 @@ class Scheduler:
     def _swap_out(self, seq: Sequence) -> bool:
         if self.swapper is None or not self.swapper.swap_out(seq):
             return False
+        seq.status = SeqStatus.SWAPPED_OUT
         self.poll()  # a synchronous copy has landed already
         return True
 
     def _swap_in(self, seq: Sequence, headroom: int = 0) -> bool:
         if self.swapper is None or not self.swapper.swap_in(seq, headroom):
             return False
+        seq.status = SeqStatus.SWAPPING_IN
         self.waiting.remove(seq)
         self.poll()
         return True

@@ -101,7 +101,6 @@ class Swapper:
         handle = self.tier.copier.copy(self.tier.device_cache, src, self.tier.cache, dst)
         self.swap_bytes += len(src) * self.tier.block_bytes
         seq.cpu_block_ids = cpu_ids
-        seq.status = SeqStatus.SWAPPED_OUT
         self.swaps_out += 1
         self.in_flight[seq.request_id] = (
             seq, SwapPlan(handle, tuple(hashes), tuple(reversed(seq.block_ids)))
@@ -131,7 +130,6 @@ class Swapper:
         )
         handle = self.tier.copier.copy(self.tier.cache, src, self.tier.device_cache, dst)
         self.swap_bytes += len(src) * self.tier.block_bytes
-        seq.status = SeqStatus.SWAPPING_IN
         self.swaps_in += 1
         self.in_flight[seq.request_id] = (
             seq, SwapPlan(handle, hashes, tuple(reversed(seq.cpu_block_ids)))
@@ -154,7 +152,6 @@ class Swapper:
                 self.tier.device_pool.commit(block, h)
             self.tier.pool.release(plan.release)  # hashed CPU copies stay for the next swap
             seq.cpu_block_ids = []
-            seq.status = SeqStatus.RUNNING
         return seq
 
     def landed(self) -> list[Sequence]:
