@@ -1,7 +1,7 @@
 """The one error type both frontends raise at the edge, and its gRPC / HTTP renderings.
 
-Validation, auth and admission raise ``ApiError``; frontend_grpc turns it into a status code
-(plus ``retry-after-ms`` trailing metadata), frontend_http into OpenAI's error JSON
+Validation, auth and admission raise ``ApiError``; grpc_server turns it into a status code
+(plus ``retry-after-ms`` trailing metadata), http_server into OpenAI's error JSON
 ``{"error": {"message", "type", "param", "code"}}`` with the matching HTTP status.
 """
 

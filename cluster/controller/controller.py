@@ -10,9 +10,9 @@ A request's path (DESIGN.md)::
 With only colocated workers, or when every decode worker refuses, the request decodes where
 it was prefilled. A dead worker's requests are re-dispatched from prompt + committed tokens.
 
-Split by responsibility: the handoff transaction is in controller_handoff.py, heartbeats and
-worker figures in controller_health.py, the admin and operator surface in
-controller_admin.py; this file keeps the registry, the request table, dispatch and recovery.
+Split by responsibility (this folder): the registry and request table are state.py's
+ControllerState; the handoff transaction is in handoff.py, heartbeats and worker figures in
+health.py, the admin and operator surface in admin.py; this file keeps dispatch and recovery.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class Metrics:
         self._worker_roles: dict[str, str] = {}  # worker -> role its series carry
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # names, types, labels and help text come from METRIC_NAMES (metrics_defs.py)
+        # names, types, labels and help text come from METRIC_NAMES (defs.py)
         # -- requests (measured at the frontend) --
         self.ttft = _histogram(r, "kvrelay_time_to_first_token_seconds")
         self.itl = _histogram(r, "kvrelay_inter_token_latency_seconds")

@@ -1,4 +1,4 @@
-"""Edge validation (cluster/api/validation.py) and the OpenAI body parser (frontend_openai.py)."""
+"""Edge validation (cluster/api/validation.py) and the OpenAI body parser (api/openai_schema.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Placement decisions (cluster/placement/placement.py) and `kvrelay node` command lines (node_cli.py)."""
+"""Placement decisions (cluster/placement/placement.py) and `kvrelay node` command lines (cli/node.py)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ every transfer, so a restarted peer or a broken channel is replaced on the next 
 sides always agree on the group they meet in.
 
 Paths: CPU <-> anything: gloo (CUDA tensors staged through host memory); two processes on the
-same GPU (matched by UUID): CUDA IPC handles (transport_ipc.py). NCCL for peers on different
+same GPU (matched by UUID): CUDA IPC handles (ipc.py). NCCL for peers on different
 GPUs is not built yet: they use gloo with host staging.
 
 Both sides must call: a transfer is ``send(peer, tid, ...)`` on one side and ``recv(peer, tid,
