@@ -17,6 +17,7 @@ from kvrelay.cluster.spot.notices import NoticeKind, PreemptionNotice
 from kvrelay.workers.engine.engine import EngineStats
 
 if TYPE_CHECKING:
+    from kvrelay.cluster.controller.handoff import Handoffs
     from kvrelay.cluster.controller.state import ControllerState
     from kvrelay.cluster.routing.adapter import Routing
     from kvrelay.cluster.sizing.autosize import PoolAutosizer
@@ -31,10 +32,8 @@ class ControllerAdmin:
     routing: Routing
     preemption: PreemptionExecutor
     autosizer: PoolAutosizer | None
-    handoffs_done: int
+    handoffs: Handoffs
     local_prefills: int
-    handoff_refusals: int
-    handoff_bytes: int
     resubmissions: int
     pulls_done: int
     pull_bytes: int
@@ -160,14 +159,14 @@ class ControllerAdmin:
     async def counters(self) -> dict[str, int]:
         return {
             "block_bytes": next((w.info.block_bytes for w in self.state.workers.values()), 0),
-            "handoffs": self.handoffs_done,
+            "handoffs": self.handoffs.done,
             "local_prefills": self.local_prefills,
             "pulls": self.pulls_done,
             "pull_bytes": self.pull_bytes,
             "directory_blocks": self.routing.directory.num_blocks(),
             "directory_workers": len(self.routing.directory.workers()),
-            "handoff_refusals": self.handoff_refusals,
-            "handoff_bytes": self.handoff_bytes,
+            "handoff_refusals": self.handoffs.refusals,
+            "handoff_bytes": self.handoffs.bytes,
             "resubmissions": self.resubmissions,
             "migrations": self.preemption.migrations_done,
             "migration_recomputes": self.preemption.recomputes_done,

@@ -32,8 +32,8 @@ from kvrelay.cluster.api.backend import (
 from kvrelay.cluster.controller.admin import ControllerAdmin
 from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.flights import Flight
-from kvrelay.cluster.controller.handoff import ControllerHandoff
-from kvrelay.cluster.controller.health import ControllerHealth
+from kvrelay.cluster.controller.handoff import Handoffs
+from kvrelay.cluster.controller.health import HealthMonitor
 from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics
@@ -48,30 +48,35 @@ from kvrelay.workers.worker import WorkerInfo
 log = logging.getLogger(__name__)
 
 
-class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
+class Controller(ControllerAdmin):
     def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
         self.config = config
         self._tokenizer = tokenizer
         self.state = ControllerState()
-        self.handoffs_done = 0
         self.local_prefills = 0
-        self.handoff_refusals = 0
-        self.handoff_bytes = 0
         self.resubmissions = 0
         self.metrics = Metrics(models=[config.model.id])
         self.routing = Routing(config.routing, config.model.id)
         self.pulls_done = 0
         self.pull_bytes = 0
-        self.preemption = PreemptionExecutor(self.state, self.routing, self.metrics, self)
-        self.autosizer = PoolAutosizer(self.state, self.routing, config.autosize) if config.autosize else None
+        self._ids = itertools.count()
+        self.handoffs = Handoffs(config, self.state, self.routing, self, self._ids)
+        self.preemption = PreemptionExecutor(
+            self.state, self.routing, self.metrics, self, self.handoffs
+        )
+        self.autosizer = (
+            PoolAutosizer(self.state, self.routing, config.autosize) if config.autosize else None
+        )
+        self.health = HealthMonitor(
+            config, self.state, self.routing, self.metrics, self.autosizer, self.worker_failed
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health: asyncio.Task[None] | None = None
-        self._ids = itertools.count()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         if self._health is None:
-            self._health = asyncio.create_task(self._health_loop())
+            self._health = asyncio.create_task(self.health.run())
             if self.autosizer is not None:
                 self._spawn(self.autosizer.run())
 
@@ -94,7 +99,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         log.info("worker %s registered as %s on %s", info.worker_id, info.role, info.node_ip)
         return info
 
-    async def _worker_failed(self, worker_id: str, reason: str) -> None:
+    async def worker_failed(self, worker_id: str, reason: str) -> None:
         entry = self.state.workers.get(worker_id)
         if entry is None or not entry.healthy:
             return
@@ -136,7 +141,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         finally:
             if not flight.done:  # the client went away: free its blocks everywhere
                 flight.finish(FinishReason.ABORT)
-                await self._abort_everywhere(flight)
+                await self.abort_everywhere(flight)
             self.state.release(flight)
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -149,10 +154,10 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         if flight is None or flight.done:
             return False
         flight.finish(FinishReason.ABORT)
-        await self._abort_everywhere(flight)
+        await self.abort_everywhere(flight)
         return True
 
-    async def _abort_everywhere(self, flight: Flight) -> None:
+    async def abort_everywhere(self, flight: Flight) -> None:
         for w in list(self.state.workers.values()):
             if flight.request_id in w.assigned and w.healthy:
                 try:
@@ -168,7 +173,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             await self._dispatch_once(flight)
         finally:
             flight.moving -= 1
-        await self.settle(flight)
+        await self.handoffs.settle(flight)
 
     async def _dispatch_once(self, flight: Flight) -> None:
         while not flight.done:
@@ -177,7 +182,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
                 flight.request_id, self.routing.hashes(tokens), len(tokens),
                 flight.req.tenant, flight.req.priority,
             )
-            loads = [self._load(w) for w in self.state.workers.values() if w.healthy and not w.draining]
+            loads = [self.load(w) for w in self.state.workers.values() if w.healthy and not w.draining]
             plan = self.routing.plan(request, loads, len(tokens))
             if plan is None:
                 flight.finish(FinishReason.ABORT)
@@ -194,7 +199,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             except WorkerGone as exc:
                 flight.phase = Phase.QUEUED
                 target.assigned.discard(flight.request_id)
-                await self._worker_failed(target.info.worker_id, f"submit: {exc}")
+                await self.worker_failed(target.info.worker_id, f"submit: {exc}")
                 continue
             except BaseException:
                 flight.phase = Phase.QUEUED  # refused (a prompt too large for it): not running there
@@ -203,7 +208,7 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
                 self.local_prefills += 1
             return
 
-    def _load(self, w: WorkerEntry) -> WorkerLoad:
+    def load(self, w: WorkerEntry) -> WorkerLoad:
         hb = w.heartbeat
         total = w.info.num_blocks
         free = total
@@ -300,9 +305,9 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             out, stop_hit = flight.accept(event)
             flight.queue.put_nowait(out)
             if stop_hit:
-                self._spawn(self._abort_everywhere(flight))
+                self._spawn(self.abort_everywhere(flight))
             elif flight.phase == Phase.PREFILL and out.finish_reason is None:
                 flight.phase = Phase.HANDOFF
                 flight.owner = None  # nothing streams until a decode worker takes over
                 flight.moving += 1  # the handoff task owns the flight from here
-                self._spawn(self._handoff(flight, worker_id))
+                self._spawn(self.handoffs.run(flight, worker_id))

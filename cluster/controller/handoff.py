@@ -1,52 +1,66 @@
-"""The PD handoff transaction, a mixin of ``Controller`` (cluster/controller/controller.py).
+"""The PD handoff transaction: ``Handoffs``, which the controller (controller.py) composes.
 
-Once the prefill worker parks a request (its first token streamed), ``_handoff`` picks decode
-workers in the router's order and runs ``_relay`` with each until one takes it::
+Once the prefill worker parks a request (its first token streamed), ``run`` picks decode
+workers in the router's order and runs ``relay`` with each until one takes it::
 
     D.reserve(n blocks) ─▶ P.send_kv ‖ D.recv_kv ─▶ D.accept_prefilled ─▶ P.finish_handoff
 
 A decode worker that refuses or dies costs one attempt (P still holds the KV); a prefill worker
 that dies re-dispatches the request; nobody taking it means it decodes where it was prefilled.
-The preemption executor reuses ``_relay`` to move a running request's KV.
+The preemption executor reuses ``relay`` to move a running request's KV. What a handoff needs
+from the controller besides the shared state is ``Recovery``: four steps, nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Protocol
 
+from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.flights import Flight
+from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerGone
+from kvrelay.cluster.routing.adapter import Routing
 from kvrelay.cluster.routing.types import RouteDecision, RouteRequest, WorkerLoad
 from kvrelay.workers.types import FinishReason, Phase
-
-if TYPE_CHECKING:
-    from kvrelay.cluster.controller.config import ControllerConfig
-    from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
-    from kvrelay.cluster.routing.adapter import Routing
 
 log = logging.getLogger(__name__)
 
 
-class ControllerHandoff:
-    if TYPE_CHECKING:  # state and steps owned by Controller
-        config: ControllerConfig
-        state: ControllerState
-        routing: Routing
-        handoffs_done: int
-        handoff_refusals: int
-        handoff_bytes: int
-        _ids: itertools.count[int]
+class Recovery(Protocol):
+    """The controller's steps a handoff falls back on (controller.py)."""
 
-        async def _worker_failed(self, worker_id: str, reason: str) -> None: ...
-        async def redispatch(self, flight: Flight) -> None: ...
-        async def _abort_everywhere(self, flight: Flight) -> None: ...
-        def _load(self, w: WorkerEntry) -> WorkerLoad: ...
+    async def worker_failed(self, worker_id: str, reason: str) -> None: ...
 
-    async def _handoff(self, flight: Flight, prefill_id: str) -> None:
+    async def redispatch(self, flight: Flight) -> None: ...
+
+    async def abort_everywhere(self, flight: Flight) -> None: ...
+
+    def load(self, w: WorkerEntry) -> WorkerLoad: ...
+
+
+class Handoffs:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        state: ControllerState,
+        routing: Routing,
+        recovery: Recovery,
+        ids: Iterator[int],  # transfer ids, shared with the controller's prefix pulls
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.routing = routing
+        self.recovery = recovery
+        self._ids = ids
+        self.done = 0  # handoffs completed
+        self.refusals = 0  # reservations a decode worker refused
+        self.bytes = 0  # KV bytes received by decode workers
+
+    async def run(self, flight: Flight, prefill_id: str) -> None:
         rid = flight.request_id
         try:
             p = self.state.workers.get(prefill_id)
@@ -70,14 +84,14 @@ class ControllerHandoff:
             flight.phase = Phase.DECODE
             await p.client.call("continue_local", rid, timeout=30)
         except WorkerGone as exc:
-            await self._worker_failed(prefill_id, f"during handoff: {exc}")
+            await self.recovery.worker_failed(prefill_id, f"during handoff: {exc}")
             if not flight.done:
-                await self.redispatch(flight)
+                await self.recovery.redispatch(flight)
         except Exception as exc:
             log.exception("handoff of %s failed", rid)
             if not flight.done:
                 flight.finish(FinishReason.ABORT)
-                await self._abort_everywhere(flight)
+                await self.recovery.abort_everywhere(flight)
                 log.error("request %s aborted: %r", rid, exc)
         finally:
             flight.moving -= 1
@@ -90,14 +104,14 @@ class ControllerHandoff:
             return
         owner = self.state.workers.get(flight.owner)
         if owner is None or not owner.healthy:
-            await self.redispatch(flight)
+            await self.recovery.redispatch(flight)
 
     def _choose_decode(self, flight: Flight, tried: set[str]) -> WorkerEntry | None:
         """The router's pick among decode workers not tried yet for this handoff."""
         tokens = list(flight.req.prompt_token_ids) + flight.committed
         request = RouteRequest(flight.request_id, self.routing.hashes(tokens), len(tokens))
         loads = [
-            self._load(w) for w in self.state.pool("decode") if w.info.worker_id not in tried
+            self.recovery.load(w) for w in self.state.pool("decode") if w.info.worker_id not in tried
         ]
         matches = self.routing.directory.match(request.block_hashes)
         decision = self.routing.router.route_decode(request, loads, matches)
@@ -121,10 +135,10 @@ class ControllerHandoff:
         try:
             blocks = await d.client.call("reserve", rid, n_blocks, deadline, timeout=30)
         except (WorkerGone, TimeoutError) as exc:
-            await self._worker_failed(did, f"reserve: {exc}")
+            await self.recovery.worker_failed(did, f"reserve: {exc}")
             return False
         if blocks is None:
-            self.handoff_refusals += 1
+            self.refusals += 1
             return False
         d.assigned.add(rid)
         transfer_id = f"{rid}/{next(self._ids)}"
@@ -142,7 +156,7 @@ class ControllerHandoff:
         if isinstance(d_err, WorkerGone):
             send.cancel()
             d.assigned.discard(rid)
-            await self._worker_failed(did, f"recv: {d_err}")
+            await self.recovery.worker_failed(did, f"recv: {d_err}")
             return False
         if p_err is not None or d_err is not None:
             log.warning("handoff %s failed: send=%r recv=%r", rid, p_err, d_err)
@@ -163,8 +177,8 @@ class ControllerHandoff:
             timeout=30,
         )
         p.assigned.discard(rid)
-        self.handoffs_done += 1
-        self.handoff_bytes += received
+        self.done += 1
+        self.bytes += received
         try:
             await p.client.call("finish_handoff", rid, timeout=30)
         except WorkerGone:

@@ -1,4 +1,4 @@
-"""Worker health and figures, a mixin of ``Controller`` (cluster/controller/controller.py).
+"""Worker health and figures: ``HealthMonitor``, which the controller (controller.py) composes.
 
 Every ``heartbeat_interval_s`` each worker gets one heartbeat call (at most one in flight per
 worker, so a slow worker delays only its own figures). A heartbeat that fails or times out, or
@@ -10,31 +10,36 @@ events, the router its prefill and transfer rates, the pool sizer its decode ste
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 from kvrelay.cluster.controller.admin import kv_blocks
+from kvrelay.cluster.controller.config import ControllerConfig
+from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics, WorkerCounters
+from kvrelay.cluster.routing.adapter import Routing
+from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.workers.worker import Heartbeat
 
-if TYPE_CHECKING:
-    from kvrelay.cluster.controller.config import ControllerConfig
-    from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
-    from kvrelay.cluster.routing.adapter import Routing
-    from kvrelay.cluster.sizing.autosize import PoolAutosizer
 
+class HealthMonitor:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        state: ControllerState,
+        routing: Routing,
+        metrics: Metrics,
+        autosizer: PoolAutosizer | None,
+        on_failure: Callable[[str, str], Awaitable[None]],  # (worker id, reason)
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.routing = routing
+        self.metrics = metrics
+        self.autosizer = autosizer
+        self.on_failure = on_failure
 
-class ControllerHealth:
-    if TYPE_CHECKING:  # state and steps owned by Controller
-        config: ControllerConfig
-        state: ControllerState
-        routing: Routing
-        metrics: Metrics
-        autosizer: PoolAutosizer | None
-
-        async def _worker_failed(self, worker_id: str, reason: str) -> None: ...
-
-    async def _health_loop(self) -> None:
+    async def run(self) -> None:
         beats: dict[str, asyncio.Task[None]] = {}
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
@@ -52,11 +57,11 @@ class ControllerHealth:
         try:
             hb = await entry.client.call("heartbeat", timeout=self.config.heartbeat_timeout_s)
         except (WorkerGone, TimeoutError) as exc:
-            await self._worker_failed(wid, f"heartbeat: {exc!r}")
+            await self.on_failure(wid, f"heartbeat: {exc!r}")
             return
         prev, entry.heartbeat = entry.heartbeat, hb
         if not hb.alive:
-            await self._worker_failed(wid, "engine loop stopped")
+            await self.on_failure(wid, "engine loop stopped")
             return
         if entry.healthy and self.state.workers.get(wid) is entry:
             self.routing.directory.apply(wid, hb.kv_events)

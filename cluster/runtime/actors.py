@@ -231,7 +231,7 @@ class ControllerActor(Controller):
                 log.exception("node poll failed")
                 continue
             for wid in change.failed:
-                await self._worker_failed(wid, "its node left the Ray cluster")
+                await self.worker_failed(wid, "its node left the Ray cluster")
             for p in change.start:
                 self._spawn(self.add_worker(p.role, placement=p))
 

@@ -59,8 +59,16 @@ class RoutingView(Protocol):
     def link_bps(self, *workers: str) -> float: ...
 
 
-class RequestMover(Protocol):
-    """The controller's steps that move a request (cluster/controller/)."""
+class Dispatcher(Protocol):
+    """The controller's steps that start a request on a worker (cluster/controller/)."""
+
+    async def submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None: ...
+
+    async def redispatch(self, flight: Flight) -> None: ...
+
+
+class KVMover(Protocol):
+    """The handoff transaction, reused to move a running request's KV (controller/handoff.py)."""
 
     async def relay(
         self,
@@ -73,21 +81,23 @@ class RequestMover(Protocol):
         num_computed: int | None = None,
     ) -> bool: ...
 
-    async def submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None: ...
-
-    async def redispatch(self, flight: Flight) -> None: ...
-
     async def settle(self, flight: Flight) -> None: ...
 
 
 class PreemptionExecutor:
     def __init__(
-        self, state: ControllerState, routing: RoutingView, metrics: Metrics, mover: RequestMover
+        self,
+        state: ControllerState,
+        routing: RoutingView,
+        metrics: Metrics,
+        dispatcher: Dispatcher,
+        kv: KVMover,
     ) -> None:
         self.state = state
         self.routing = routing
         self.metrics = metrics
-        self.mover = mover
+        self.dispatcher = dispatcher
+        self.kv = kv
         self.records: list[MigrationRecord] = []
         self.migrations_done = 0
         self.recomputes_done = 0
@@ -176,12 +186,12 @@ class PreemptionExecutor:
             log.exception("migration of %s failed", action.request_id)
             outcome = f"failed: {exc!r}"
             if not flight.done:
-                await self.mover.redispatch(flight)
+                await self.dispatcher.redispatch(flight)
         finally:
             flight.moving -= 1
         record.outcomes[action.request_id] = outcome
         self.metrics.record_migration(outcome if outcome in ("migrated", "recomputed") else "failed")
-        await self.mover.settle(flight)
+        await self.kv.settle(flight)
 
     async def _move(
         self,
@@ -202,7 +212,7 @@ class PreemptionExecutor:
                 return "finished_in_place"
             if isinstance(action, MigrateKV):
                 n_blocks = await src.client.call("handoff_size", rid, timeout=30)
-                if await self.mover.relay(flight, src, dst, n_blocks, deadline, num_computed=num_computed):
+                if await self.kv.relay(flight, src, dst, n_blocks, deadline, num_computed=num_computed):
                     src.assigned.discard(rid)
                     self.migrations_done += 1
                     return "migrated"
@@ -210,7 +220,7 @@ class PreemptionExecutor:
         else:
             await src.client.call("abort", rid, timeout=30)
         src.assigned.discard(rid)
-        await self.mover.submit(flight, dst, prefill_only=False)  # recompute prompt + committed tokens
+        await self.dispatcher.submit(flight, dst, prefill_only=False)  # recompute prompt + committed tokens
         flight.phase = Phase.DECODE  # it decodes where it is recomputed: no handoff follows
         self.recomputes_done += 1
         return "recomputed"
