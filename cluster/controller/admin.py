@@ -1,8 +1,9 @@
 """The controller's admin and operator surface: cluster status, drain and preemption notices,
 and the read-only hooks tests, benchmarks and operators use (counters, integrity, directory).
 
-A mixin of ``Controller`` (cluster/controller/controller.py), split out by responsibility: everything here
-reads the controller's state or hands work to its executors; the request path lives there.
+``Admin`` is composed by the controller (controller.py), which exposes its methods on the actor:
+everything here reads the shared state and figures or hands work to the preemption executor;
+the request path lives in controller.py.
 """
 
 from __future__ import annotations
@@ -10,36 +11,39 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from kvrelay.cluster.api.backend import ClusterStatus, WorkerStatus
+from kvrelay.cluster.controller.handoff import Handoffs
+from kvrelay.cluster.controller.state import ControllerState, DispatchCounters
+from kvrelay.cluster.routing.adapter import Routing
+from kvrelay.cluster.sizing.autosize import PoolAutosizer
+from kvrelay.cluster.spot.executor import PreemptionExecutor
 from kvrelay.cluster.spot.notices import NoticeKind, PreemptionNotice
 from kvrelay.workers.engine.engine import EngineStats
-
-if TYPE_CHECKING:
-    from kvrelay.cluster.controller.handoff import Handoffs
-    from kvrelay.cluster.controller.state import ControllerState
-    from kvrelay.cluster.routing.adapter import Routing
-    from kvrelay.cluster.sizing.autosize import PoolAutosizer
-    from kvrelay.cluster.spot.executor import PreemptionExecutor
 
 log = logging.getLogger(__name__)
 
 
-class ControllerAdmin:
-    # state owned by Controller
-    state: ControllerState
-    routing: Routing
-    preemption: PreemptionExecutor
-    autosizer: PoolAutosizer | None
-    handoffs: Handoffs
-    local_prefills: int
-    resubmissions: int
-    pulls_done: int
-    pull_bytes: int
-
-    def _spawn(self, coro: Any) -> None:
-        raise NotImplementedError
+class Admin:
+    def __init__(
+        self,
+        state: ControllerState,
+        counts: DispatchCounters,
+        routing: Routing,
+        handoffs: Handoffs,
+        preemption: PreemptionExecutor,
+        autosizer: PoolAutosizer | None,
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],  # the controller's background tasks
+    ) -> None:
+        self.state = state
+        self.counts = counts
+        self.routing = routing
+        self.handoffs = handoffs
+        self.preemption = preemption
+        self.autosizer = autosizer
+        self._spawn = spawn
 
     # ---- admin ---------------------------------------------------------------------------
     async def cluster_status(self) -> ClusterStatus:
@@ -160,14 +164,14 @@ class ControllerAdmin:
         return {
             "block_bytes": next((w.info.block_bytes for w in self.state.workers.values()), 0),
             "handoffs": self.handoffs.done,
-            "local_prefills": self.local_prefills,
-            "pulls": self.pulls_done,
-            "pull_bytes": self.pull_bytes,
+            "local_prefills": self.counts.local_prefills,
+            "pulls": self.counts.pulls,
+            "pull_bytes": self.counts.pull_bytes,
             "directory_blocks": self.routing.directory.num_blocks(),
             "directory_workers": len(self.routing.directory.workers()),
             "handoff_refusals": self.handoffs.refusals,
             "handoff_bytes": self.handoffs.bytes,
-            "resubmissions": self.resubmissions,
+            "resubmissions": self.counts.resubmissions,
             "migrations": self.preemption.migrations_done,
             "migration_recomputes": self.preemption.recomputes_done,
             "in_flight": len(self.state.flights),

@@ -25,22 +25,24 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from kvrelay.cluster.api.backend import (
+    ClusterStatus,
     GenerateRequest,
     ModelInfo,
     TokenizerLike,
 )
-from kvrelay.cluster.controller.admin import ControllerAdmin
+from kvrelay.cluster.controller.admin import Admin
 from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.handoff import Handoffs
 from kvrelay.cluster.controller.health import HealthMonitor
-from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
+from kvrelay.cluster.controller.state import ControllerState, DispatchCounters, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics
 from kvrelay.cluster.routing.adapter import Pull, Routing
 from kvrelay.cluster.routing.types import RouteRequest, WorkerLoad
 from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.cluster.spot.executor import PreemptionExecutor
+from kvrelay.cluster.spot.notices import PreemptionNotice
 from kvrelay.workers.model.output import RequestText
 from kvrelay.workers.types import FinishReason, Phase, Role, TokenEvent
 from kvrelay.workers.worker import WorkerInfo
@@ -48,17 +50,14 @@ from kvrelay.workers.worker import WorkerInfo
 log = logging.getLogger(__name__)
 
 
-class Controller(ControllerAdmin):
+class Controller:
     def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
         self.config = config
         self._tokenizer = tokenizer
         self.state = ControllerState()
-        self.local_prefills = 0
-        self.resubmissions = 0
+        self.counts = DispatchCounters()
         self.metrics = Metrics(models=[config.model.id])
         self.routing = Routing(config.routing, config.model.id)
-        self.pulls_done = 0
-        self.pull_bytes = 0
         self._ids = itertools.count()
         self.handoffs = Handoffs(config, self.state, self.routing, self, self._ids)
         self.preemption = PreemptionExecutor(
@@ -69,6 +68,10 @@ class Controller(ControllerAdmin):
         )
         self.health = HealthMonitor(
             config, self.state, self.routing, self.metrics, self.autosizer, self.worker_failed
+        )
+        self.admin = Admin(
+            self.state, self.counts, self.routing, self.handoffs, self.preemption,
+            self.autosizer, self._spawn,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health: asyncio.Task[None] | None = None
@@ -205,7 +208,7 @@ class Controller(ControllerAdmin):
                 flight.phase = Phase.QUEUED  # refused (a prompt too large for it): not running there
                 raise
             if plan.mode == "local":
-                self.local_prefills += 1
+                self.counts.local_prefills += 1
             return
 
     def load(self, w: WorkerEntry) -> WorkerLoad:
@@ -260,8 +263,8 @@ class Controller(ControllerAdmin):
         except Exception as exc:
             log.info("pull for %s failed, recomputing: %r", flight.request_id, exc)
             return False
-        self.pulls_done += 1
-        self.pull_bytes += int(recv.result())
+        self.counts.pulls += 1
+        self.counts.pull_bytes += int(recv.result())
         return True
 
     async def submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None:
@@ -276,7 +279,7 @@ class Controller(ControllerAdmin):
 
     async def redispatch(self, flight: Flight) -> None:
         """The owner is gone: resume from prompt + committed tokens on survivors."""
-        self.resubmissions += 1
+        self.counts.resubmissions += 1
         self.metrics.record_resubmission(flight.req.model)
         flight.owner = None
         for w in self.state.workers.values():
@@ -311,3 +314,55 @@ class Controller(ControllerAdmin):
                 flight.owner = None  # nothing streams until a decode worker takes over
                 flight.moving += 1  # the handoff task owns the flight from here
                 self._spawn(self.handoffs.run(flight, worker_id))
+
+    # ---- the admin surface (admin.py), exposed on the actor ------------------------------
+    async def cluster_status(self) -> ClusterStatus:
+        return await self.admin.cluster_status()
+
+    async def drain(self, worker_id: str) -> bool:
+        return await self.admin.drain(worker_id)
+
+    async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
+        return await self.admin.notify_preemption(worker_id, deadline_s)
+
+    async def on_notice(self, notice: PreemptionNotice) -> list[str]:
+        return await self.admin.on_notice(notice)
+
+    async def migration_records(self) -> list[dict[str, Any]]:
+        return await self.admin.migration_records()
+
+    async def debug_flights(self) -> list[dict[str, Any]]:
+        return await self.admin.debug_flights()
+
+    async def worker_devices(self) -> dict[str, str]:
+        return await self.admin.worker_devices()
+
+    async def worker_ids(self) -> dict[str, str]:
+        return await self.admin.worker_ids()
+
+    async def integrity(self) -> dict[str, dict[str, int]]:
+        return await self.admin.integrity()
+
+    async def check_state(self) -> dict[str, int]:
+        return await self.admin.check_state()
+
+    async def worker_infos(self) -> dict[str, dict[str, Any]]:
+        return await self.admin.worker_infos()
+
+    async def transport_totals(self) -> dict[str, dict[str, float]]:
+        return await self.admin.transport_totals()
+
+    async def match_prefix(self, token_ids: list[int]) -> dict[str, int]:
+        return await self.admin.match_prefix(token_ids)
+
+    async def directory_workers(self) -> list[str]:
+        return await self.admin.directory_workers()
+
+    async def clear_prefix_cache(self, worker_id: str) -> None:
+        return await self.admin.clear_prefix_cache(worker_id)
+
+    async def role_switches(self) -> list[tuple[float, str, str, str]]:
+        return await self.admin.role_switches()
+
+    async def counters(self) -> dict[str, int]:
+        return await self.admin.counters()

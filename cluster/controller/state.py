@@ -27,6 +27,16 @@ class WorkerEntry:
 
 
 @dataclass(slots=True)
+class DispatchCounters:
+    """What dispatch did, for ``counters()`` (written by controller.py only)."""
+
+    local_prefills: int = 0  # requests prefilled on their decode worker (no handoff)
+    resubmissions: int = 0  # requests restarted after their worker died
+    pulls: int = 0  # prefixes pulled from a peer instead of recomputed
+    pull_bytes: int = 0
+
+
+@dataclass(slots=True)
 class ControllerState:
     workers: dict[str, WorkerEntry] = field(default_factory=dict)  # the registry
     flights: dict[str, Flight] = field(default_factory=dict)  # the request table

@@ -52,6 +52,12 @@ class BlockPool:
 
     # ---- queries -------------------------------------------------------------------------
     @property
+    def event_log(self) -> list[KVEvent]:
+        """The list this pool appends its events to; another tier's pool may share it, so one
+        ``drain_events`` returns both tiers' events in order."""
+        return self._events
+
+    @property
     def num_available(self) -> int:
         """Blocks an ``allocate`` can hand out now (free + evictable cached)."""
         return len(self._free) + len(self._cached)

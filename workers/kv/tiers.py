@@ -147,7 +147,7 @@ class CpuTier:
         self.device_cache = device_cache
         self.device_pool = device_pool
         self.pool = BlockPool(
-            num_blocks, device_pool.block_size, tier=Tier.CPU, events=device_pool._events
+            num_blocks, device_pool.block_size, tier=Tier.CPU, events=device_pool.event_log
         )
         self.copier = copier
         self.block_bytes = block_nbytes(device_cache)
