@@ -21,11 +21,11 @@ import resource
 import statistics
 import time
 
-from kvrelay.cluster.kv_directory import KVDirectory
-from kvrelay.cluster.router.baselines import LeastLoadedRouter, RoundRobinRouter
-from kvrelay.cluster.router.router import KVAwareRouter
-from kvrelay.cluster.router.types import Role, RouteRequest, WorkerLoad
-from kvrelay.workers.types import KVEvent, KVEventKind, Tier
+from kvrelay.cluster.routing.baselines import LeastLoadedRouter, RoundRobinRouter
+from kvrelay.cluster.routing.kv_directory import KVDirectory
+from kvrelay.cluster.routing.router import KVAwareRouter
+from kvrelay.cluster.routing.types import RouteRequest, WorkerLoad
+from kvrelay.workers.types import KVEvent, KVEventKind, Role, Tier
 
 BS = 16
 CHAIN = 512  # blocks per chain = 8k tokens

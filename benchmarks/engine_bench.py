@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvrelay.workers.engine import EngineConfig
+from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.llm import LLM
-from kvrelay.workers.loader import default_model_path
-from kvrelay.workers.loader_gguf import export_gguf
+from kvrelay.workers.model.loader_gguf import export_gguf
+from kvrelay.workers.model.source import default_model_path
 from kvrelay.workers.types import SamplingParams
 
 

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvrelay.benchmarks.loadgen_report import Percentiles, RequestResult
-from kvrelay.workers.engine import Engine, EngineConfig
-from kvrelay.workers.loader import LoadedModel
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams
 
 
@@ -200,7 +200,7 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def load_engine_model(args: argparse.Namespace) -> LoadedModel:
-    from kvrelay.workers.loader import load_model
+    from kvrelay.workers.model.loader import load_model
 
     torch.set_num_threads(args.threads)
     return load_model(args.model, dtype=args.dtype, device=args.device)

@@ -11,7 +11,7 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
 * ``pd``: fixed prefill/decode split ``--pd-split`` (P,D);
 * ``colocated``: every worker does both;
 * ``planner``: starts at ``--planner-start`` (P,D) with ``auto_pool_sizing`` on, so the planner
-  (cluster/pool_sizing.py via cluster/autosize.py) has a mis-sized split to correct;
+  (cluster/sizing/pool_sizing.py via cluster/sizing/autosize.py) has a mis-sized split to correct;
 * ``pd_start``: optional, the planner's starting split held fixed (what the planner saves).
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
@@ -34,11 +34,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
 
 NAMES = ("pd", "colocated", "planner", "pd_start")
 
@@ -70,13 +70,14 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                        ttft_slo_s=args.ttft_slo, itl_slo_s=args.itl_slo)
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
     every = {
-        "pd": replace(base, prefill_workers=pp, decode_workers=pdd),
-        "colocated": replace(base, prefill_workers=0, decode_workers=0,
-                             colocated_workers=args.workers),
-        "planner": replace(base, prefill_workers=sp, decode_workers=sd, auto_pool_sizing=True,
-                           autosize_interval_s=args.autosize_interval_s,
-                           autosize_window_s=args.autosize_window_s),
-        "pd_start": replace(base, prefill_workers=sp, decode_workers=sd),
+        "pd": base.model_copy(update={"prefill_workers": pp, "decode_workers": pdd}),
+        "colocated": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
+                                             "colocated_workers": args.workers}),
+        "planner": base.model_copy(update={"prefill_workers": sp, "decode_workers": sd,
+                                           "auto_pool_sizing": True,
+                                           "autosize_interval_s": args.autosize_interval_s,
+                                           "autosize_window_s": args.autosize_window_s}),
+        "pd_start": base.model_copy(update={"prefill_workers": sp, "decode_workers": sd}),
     }
     return {n: every[n] for n in args.configs.split(",")}
 

@@ -47,15 +47,15 @@ import torch
 
 from kvrelay import kernels
 from kvrelay.kernels import reference
-from kvrelay.workers.config import ModelConfig
-from kvrelay.workers.cuda_graphs import DecodeBatch
-from kvrelay.workers.engine import Engine, EngineConfig
-from kvrelay.workers.loader import LoadedModel
-from kvrelay.workers.model import LlamaModel, kv_cache_shape
-from kvrelay.workers.runner import ModelRunner, prepare_inputs
-from kvrelay.workers.sampler import Sampler, SampleRow
-from kvrelay.workers.scheduler import ScheduledSeq
-from kvrelay.workers.sequence import Sequence
+from kvrelay.workers.engine.cuda_graphs import DecodeBatch
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.runner import ModelRunner, prepare_inputs
+from kvrelay.workers.engine.sampler import Sampler, SampleRow
+from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.engine.sequence import Sequence
+from kvrelay.workers.model.config import ModelConfig
+from kvrelay.workers.model.llama import LlamaModel, kv_cache_shape
+from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams
 
 SHAPES: dict[str, dict[str, Any]] = {

@@ -62,7 +62,7 @@ def make_model(out: Path, tokenizer: Path, dtype: torch.dtype, shape: str, devic
 
 
 def prompts_for(tok_dir: Path, n: int) -> list[list[int]]:
-    from kvrelay.workers.source import load_tokenizer
+    from kvrelay.workers.model.source import load_tokenizer
 
     _, tok, _ = load_tokenizer(str(tok_dir))
     topics = ["the moon", "volcanoes", "a lighthouse", "bread", "chess", "rivers", "paper",
@@ -74,7 +74,7 @@ def prompts_for(tok_dir: Path, n: int) -> list[list[int]]:
 
 def reference(model: Path, prompts: list[list[int]], max_tokens: int,
               device: str) -> list[list[int]]:
-    from kvrelay.workers.engine import EngineConfig
+    from kvrelay.workers.engine.engine import EngineConfig
     from kvrelay.workers.llm import LLM
     from kvrelay.workers.types import SamplingParams
 
@@ -91,7 +91,8 @@ def reference(model: Path, prompts: list[list[int]], max_tokens: int,
 def check_served(model: Path, prompts: list[list[int]], expected: list[list[int]],
                  max_tokens: int, device: str) -> dict[str, Any]:
     from kvrelay.client import Client
-    from kvrelay.cluster.serve import Cluster, ServeConfig
+    from kvrelay.cluster.runtime.config import ServeConfig
+    from kvrelay.cluster.runtime.serve import Cluster
 
     cfg = ServeConfig(model=str(model), device=device, dtype="float32", kv_cache_gb=2.0,
                       grpc_port=0, http_port=None, threads_per_worker=2,

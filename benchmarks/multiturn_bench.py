@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from kvrelay.benchmarks.pd_bench import pct
-from kvrelay.cluster.serve import Cluster, ServeConfig
-from kvrelay.workers.source import load_tokenizer
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
+from kvrelay.workers.model.source import load_tokenizer
 from kvrelay.workers.types import SamplingParams
 
 STAT_FIELDS = (
@@ -53,7 +54,7 @@ def _controller_stats(controller: Any) -> dict[str, dict[str, Any]]:
     """Runs inside the controller actor (``__ray_call__``): each live worker's engine counters
     from its latest heartbeat (at most one heartbeat interval old)."""
     out: dict[str, dict[str, Any]] = {}
-    for wid, w in controller.workers.items():
+    for wid, w in controller.state.workers.items():
         hb = w.heartbeat
         if hb is None or not w.healthy:
             continue

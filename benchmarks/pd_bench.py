@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from kvrelay.benchmarks.engine_bench import copy_bandwidth
-from kvrelay.cluster.serve import Cluster, ServeConfig
-from kvrelay.workers.loader import default_model_path
-from kvrelay.workers.loader_gguf import export_gguf
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
+from kvrelay.workers.model.loader_gguf import export_gguf
+from kvrelay.workers.model.source import default_model_path
 from kvrelay.workers.types import SamplingParams
 
 

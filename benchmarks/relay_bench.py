@@ -63,7 +63,7 @@ def _load(path: Path, name: str) -> Any:
 def peer(args: argparse.Namespace) -> None:
     import torch
 
-    from kvrelay.workers.transport import KVTransport, start_rendezvous_store
+    from kvrelay.workers.transport.kv_transport import KVTransport, start_rendezvous_store
 
     store_host, port = args.store.rsplit(":", 1)
     store = None
@@ -201,7 +201,8 @@ def print_relay(rows: list[dict[str, Any]], iters: int) -> None:
 def ttft_driver(spec: dict[str, Any]) -> None:
     """Inside the head host: ``Cluster.start`` joins the Ray cluster the hosts form, and its
     controller places 1P + 1D on the nodes offering ``kvrelay_prefill`` / ``kvrelay_decode``."""
-    from kvrelay.cluster.serve import Cluster, ServeConfig
+    from kvrelay.cluster.runtime.config import ServeConfig
+    from kvrelay.cluster.runtime.serve import Cluster
     from kvrelay.workers.types import SamplingParams
 
     cfg = ServeConfig(
@@ -244,7 +245,7 @@ def ttft_driver(spec: dict[str, Any]) -> None:
 
 
 def ttft_part(nh: Any, prompt_tokens: list[int], reps: int, threads: int) -> dict[str, Any]:
-    from kvrelay.cluster.node_cli import NodeArgs, ray_start_argv
+    from kvrelay.cluster.cli.node import NodeArgs, ray_start_argv
 
     results = {}
     env = {**os.environ, **RAY_ENV}

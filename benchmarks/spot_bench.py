@@ -54,7 +54,8 @@ from kvrelay.benchmarks.multiturn_bench import (
     settled_stats,
     stats_delta,
 )
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.types import SamplingParams
 
 POLICIES = ("ours", "drop", "replay")
@@ -120,10 +121,10 @@ def workload(duration: float, rate: float, seed: int, vocab: int) -> list[Req]:
 
 def _inflight_on(controller: Any, worker_id: str) -> list[str]:
     """Runs in the controller (``__ray_call__``): requests the worker prefills or decodes."""
-    w = controller.workers.get(worker_id)
+    w = controller.state.workers.get(worker_id)
     if w is None:
         return []
-    return [r for r in w.assigned if (f := controller.flights.get(r)) is not None and not f.done]
+    return [r for r in w.assigned if (f := controller.state.flights.get(r)) is not None and not f.done]
 
 
 def _final_stats(cluster: Cluster, worker_id: str) -> dict[str, Any]:
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = read_trace(Path(args.trace))
     import ray
 
-    from kvrelay.workers.source import load_tokenizer
+    from kvrelay.workers.model.source import load_tokenizer
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -37,8 +37,8 @@ from kvrelay.benchmarks.fairness_bench import (
     warm_up,
 )
 from kvrelay.benchmarks.loadgen_report import Percentiles
-from kvrelay.workers.engine import Engine, EngineConfig
-from kvrelay.workers.loader import LoadedModel
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams
 
 

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from kvrelay.workers.transport import KVTransport, start_rendezvous_store
+from kvrelay.workers.transport.kv_transport import KVTransport, start_rendezvous_store
 
 GEOMETRY = (30, 2, 16, 3, 64)  # [L, 2, bs, Hkv, D]
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4

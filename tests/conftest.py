@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from kvrelay.workers.loader import default_model_path
-from kvrelay.workers.loader_gguf import export_gguf
-from kvrelay.workers.model import AttentionMetadata, LlamaModel, kv_cache_shape
+from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel, kv_cache_shape
+from kvrelay.workers.model.loader_gguf import export_gguf
+from kvrelay.workers.model.source import default_model_path
 
 VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.workers.engine import Engine, EngineConfig
-from kvrelay.workers.loader import load_model
-from kvrelay.workers.output import RequestText
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.model.loader import load_model
+from kvrelay.workers.model.output import RequestText
 from kvrelay.workers.types import FinishReason, SamplingParams
 
 

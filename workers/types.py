@@ -9,6 +9,36 @@ import enum
 from dataclasses import dataclass, field
 
 
+class Role(str, enum.Enum):
+    """What a worker does: prefill and hand off, decode handed-off requests, or both."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+    @property
+    def prefills(self) -> bool:
+        return self is not Role.DECODE
+
+    @property
+    def decodes(self) -> bool:
+        return self is not Role.PREFILL
+
+
+ROLES: tuple[str, ...] = tuple(r.value for r in Role)  # the names a role goes by on the wire
+
+
+class Phase(str, enum.Enum):
+    """Where a request is: queued -> prefill -> (handoff, between workers) -> decode -> done.
+    A worker reports the first three for its requests; the controller's flights use all five."""
+
+    QUEUED = "queued"  # no KV yet: waiting for prefill
+    PREFILL = "prefill"  # prompt partly computed
+    HANDOFF = "handoff"  # prefilled; its KV moving to a decode worker
+    DECODE = "decode"  # prompt done, generating
+    DONE = "done"
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens reached (or the model's context / the KV pool is full)

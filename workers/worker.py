@@ -1,6 +1,6 @@
 """A worker: one engine on its loop thread, its KV transport, and its role.
 
-A plain class: the cluster wraps it as a Ray actor (cluster/actors.py, a threaded actor so a
+A plain class: the cluster wraps it as a Ray actor (cluster/runtime/actors.py, a threaded actor so a
 blocking transfer does not stop other calls), tests and the GPU machine use it in plain
 processes. Roles:
 
@@ -30,15 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.workers.engine import Engine, EngineConfig, EngineStats
-from kvrelay.workers.loader import LoadedModel, load_model
-from kvrelay.workers.loop import EngineLoop
-from kvrelay.workers.scheduler import ScheduledSeq
-from kvrelay.workers.sequence import SeqStatus
-from kvrelay.workers.transport import KVTransport
-from kvrelay.workers.types import KVEvent, SamplingParams, TokenEvent
+from kvrelay.workers.engine.engine import Engine, EngineConfig, EngineStats
+from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.transport.kv_transport import KVTransport
+from kvrelay.workers.types import ROLES, KVEvent, Phase, SamplingParams, TokenEvent
 
-ROLES = ("prefill", "decode", "colocated")
 FAULTS = ("exit_after_first_token", "exit_in_recv", "exit_in_send", "late_submit_reply")
 LATE_REPLY_S = 0.5  # late_submit_reply: how long after the first token the reply leaves
 EventSink = Callable[[str, list[TokenEvent]], None]
@@ -78,7 +76,7 @@ class RequestInfo:
     """A request on this worker, for the migration planner's snapshot."""
 
     request_id: str
-    phase: str  # queued | prefill | decode
+    phase: Phase  # QUEUED, PREFILL or DECODE
     prompt_tokens: int
     tokens_done: int
     tokens_left: int
@@ -149,12 +147,6 @@ class Worker:
             self._notice(self.worker_id, time.time() + self.grace_s)
 
     # ---- plumbing ------------------------------------------------------------------------
-    def set_sink(self, sink: EventSink) -> None:
-        self._sink = sink
-
-    def set_transport(self, transport: KVTransport) -> None:
-        self.transport = transport
-
     def _emit(self, events: list[TokenEvent]) -> None:
         if self._sink is not None:
             self._sink(self.worker_id, events)
@@ -238,9 +230,8 @@ class Worker:
         def resume(e: Engine) -> None:
             seq = e.handoffs.pop(request_id)
             seq.prefill_only = False
-            seq.status = type(seq.status).RUNNING
             e.seqs[request_id] = seq
-            e.scheduler.running.append(seq)
+            e.scheduler.resume(seq)
 
         self.loop.call(resume)
 
@@ -339,11 +330,11 @@ class Worker:
             out = []
             for seq in e.seqs.values():
                 if seq.num_computed == 0:
-                    phase = "queued"
+                    phase = Phase.QUEUED
                 elif seq.num_computed < len(seq.prompt_ids):
-                    phase = "prefill"
+                    phase = Phase.PREFILL
                 else:
-                    phase = "decode"
+                    phase = Phase.DECODE
                 out.append(RequestInfo(
                     seq.request_id, phase, len(seq.prompt_ids), len(seq.output_ids),
                     max(0, seq.params.max_tokens - len(seq.output_ids)), len(seq.block_ids),
@@ -359,13 +350,12 @@ class Worker:
 
         def do(e: Engine) -> tuple[list[int], int] | None:
             seq = e.seqs.get(request_id)
-            if seq is None or seq not in e.scheduler.running:
+            if seq is None or not e.scheduler.is_running(seq):
                 return None
             if seq.num_computed < len(seq.prompt_ids):
                 return None
-            e.scheduler.running.remove(seq)
+            e.scheduler.park(seq)
             del e.seqs[request_id]
-            seq.status = SeqStatus.HANDOFF
             e.handoffs[request_id] = seq
             return list(seq.output_ids), seq.num_computed
 

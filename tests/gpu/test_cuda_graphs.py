@@ -1,4 +1,4 @@
-"""Decode-step CUDA graphs (workers/cuda_graphs.py) against the eager forward on the same model:
+"""Decode-step CUDA graphs (workers/engine/cuda_graphs.py) against the eager forward on the same model:
 bit-identical to an eager step over the same padded bucket, and within rounding of an eager step
 over the unpadded batch, across batch sizes, ragged contexts and block boundaries."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.cuda_graphs import DecodeBatch, DecodeGraphs
-from kvrelay.workers.loader import LoadedModel, load_model
-from kvrelay.workers.model import AttentionMetadata, kv_cache_shape
+from kvrelay.workers.engine.cuda_graphs import DecodeBatch, DecodeGraphs
+from kvrelay.workers.model.llama import AttentionMetadata, kv_cache_shape
+from kvrelay.workers.model.loader import LoadedModel, load_model
 
 pytestmark = pytest.mark.gpu
 
@@ -193,7 +193,7 @@ def test_capture_while_another_thread_uses_the_gpu(
 def test_a_failed_capture_runs_eagerly_and_gives_up_after_a_few(
     setup: tuple[LoadedModel, torch.Tensor, DecodeGraphs], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvrelay.workers import cuda_graphs
+    from kvrelay.workers.engine import cuda_graphs
 
     _, _, graphs = setup
     calls = {"n": 0}

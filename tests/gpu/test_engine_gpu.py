@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from kvrelay.workers.engine import EngineConfig
+from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.llm import LLM
-from kvrelay.workers.sampler import Sampler, SampleRow
 from kvrelay.workers.types import SamplingParams
 
 pytestmark = pytest.mark.gpu

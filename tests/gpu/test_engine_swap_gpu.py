@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kvrelay.workers.engine import Engine, EngineConfig
-from kvrelay.workers.loader import load_model
-from kvrelay.workers.sequence import SeqStatus
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.sequence import SeqStatus
+from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.types import SamplingParams
 
 pytestmark = pytest.mark.gpu

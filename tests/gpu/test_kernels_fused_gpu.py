@@ -20,8 +20,8 @@ if not torch.cuda.is_available():
 
 from kvrelay import kernels  # noqa: E402
 from kvrelay.kernels import fused, triton_fused, triton_ops  # noqa: E402
-from kvrelay.workers.config import ModelConfig  # noqa: E402
-from kvrelay.workers.model import AttentionMetadata, LlamaModel, kv_cache_shape  # noqa: E402
+from kvrelay.workers.model.config import ModelConfig  # noqa: E402
+from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel, kv_cache_shape  # noqa: E402
 from kvrelay_testing.kernels import rel_err  # noqa: E402
 
 DEV = "cuda"

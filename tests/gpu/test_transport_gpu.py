@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from kvrelay.workers.transport import KVTransport, start_rendezvous_store
+from kvrelay.workers.transport.kv_transport import KVTransport, start_rendezvous_store
 
 GEOMETRY = (30, 2, 16, 3, 64)  # SmolLM2-135M: [L, 2, bs, Hkv, D]
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4

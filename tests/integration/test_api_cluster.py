@@ -37,9 +37,10 @@ from kvrelay.client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.proto.kvrelay.v1 import generation_pb2 as gpb
-from kvrelay.workers.source import load_tokenizer
+from kvrelay.workers.model.source import load_tokenizer
 
 USER_KEY, ADMIN_KEY = "sk-user-live-3b9f", "sk-admin-live-c07a"
 MAX_STREAMS, MAX_QUEUE, RETRY_AFTER_S = 16, 32, 1.0  # RETRY_AFTER_S: FrontendLimits' default

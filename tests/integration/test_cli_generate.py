@@ -9,7 +9,7 @@ import sys
 
 def _kvrelay(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kvrelay.cluster.cli", *args],
+        [sys.executable, "-m", "kvrelay.cluster.cli.main", *args],
         capture_output=True, text=True, timeout=300, check=False,
     )
 

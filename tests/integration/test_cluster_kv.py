@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 

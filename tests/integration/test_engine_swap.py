@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.engine import Engine, EngineConfig
-from kvrelay.workers.loader import LoadedModel, load_model
-from kvrelay.workers.sequence import SeqStatus
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.sequence import SeqStatus
+from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import SamplingParams
 
 BS = 4

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.block_hash import block_hashes
-from kvrelay.workers.engine import Engine, EngineConfig
-from kvrelay.workers.loader import LoadedModel, load_model
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.kv.block_hash import block_hashes
+from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import KVEventKind, SamplingParams, Tier
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

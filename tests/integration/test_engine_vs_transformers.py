@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.engine import EngineConfig
+from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 
@@ -112,7 +112,7 @@ def test_preemption_by_recompute_keeps_outputs(
     # a pool too small for all eight at once forces preemptions
     small = LLM.__new__(LLM)
     small.loaded, small.tokenizer, small._next_id = llm.loaded, llm.tokenizer, 0
-    from kvrelay.workers.engine import Engine
+    from kvrelay.workers.engine.engine import Engine
 
     small.engine = Engine(llm.loaded, EngineConfig(
         max_num_batched_tokens=64, num_blocks=24, preemption_mode="recompute"))
@@ -129,7 +129,7 @@ def test_a_sequence_that_outgrows_the_pool_ends_with_length(
     """Prompt + max_tokens larger than the whole pool: the request ends ("length") when it
     holds every block, with the reference's tokens so far, instead of preempting itself and
     waiting forever for blocks that cannot exist."""
-    from kvrelay.workers.engine import Engine
+    from kvrelay.workers.engine.engine import Engine
 
     long_i = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     short_i = min(range(len(prompts)), key=lambda i: len(prompts[i]))

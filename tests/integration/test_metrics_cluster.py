@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from kvrelay.client import Client, InvalidArgumentError
-from kvrelay.cluster.metrics_defs import HIST_BUCKETS
-from kvrelay.cluster.serve import Cluster, ServeConfig
+from kvrelay.cluster.metrics.defs import HIST_BUCKETS
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.serve import Cluster
 
 PROMTOOL = shutil.which("promtool")
 needs_prometheus = pytest.mark.skipif(

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvrelay.workers.config import ModelLoadError
-from kvrelay.workers.loader import load_model
-from kvrelay.workers.loader_gguf import export_gguf
+from kvrelay.workers.model.config import ModelLoadError
+from kvrelay.workers.model.loader import load_model
+from kvrelay.workers.model.loader_gguf import export_gguf
 
 _VOCAB_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -164,8 +164,8 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path: Path) -> No
     from tokenizers import SentencePieceBPETokenizer
     from transformers import AutoTokenizer
 
-    from kvrelay.workers.tokenizer import Tokenizer
-    from kvrelay.workers.tokenizer_gguf import build_gguf_tokenizer
+    from kvrelay.workers.model.tokenizer import Tokenizer
+    from kvrelay.workers.model.tokenizer_gguf import build_gguf_tokenizer
 
     corpus = ["The quick brown fox jumps over the lazy dog.", "Hello world!", "naïve café"] * 50
     spm = SentencePieceBPETokenizer()

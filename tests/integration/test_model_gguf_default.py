@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvrelay.workers.loader import load_model
+from kvrelay.workers.model.loader import load_model
 
 
 @pytest.fixture(scope="module")

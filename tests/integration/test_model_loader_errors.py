@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from kvrelay.workers.config import ModelLoadError
-from kvrelay.workers.loader import load_model
+from kvrelay.workers.model.config import ModelLoadError
+from kvrelay.workers.model.loader import load_model
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvrelay.workers.loader import load_model
+from kvrelay.workers.model.loader import load_model
 
 
 def reference_logits(path: Path, seqs: list[list[int]], dtype: Any = torch.float32) -> list[Any]:

@@ -4,7 +4,7 @@ Hosts (tests/netns_hosts.py): ``head`` (Ray head; ``kvrelay serve`` with the con
 gRPC / HTTP frontends and the KV rendezvous store; the user's client), ``p`` (advertises
 ``kvrelay_prefill``), ``d`` (``kvrelay_decode``), each with its own address on a bridge; later
 ``e`` (``kvrelay_decode``) joins while requests flow, and then every one of its processes is
-killed. The Ray nodes are started with ``kvrelay node`` (cluster/node_cli.py); the cluster
+killed. The Ray nodes are started with ``kvrelay node`` (cluster/cli/node.py); the cluster
 with ``kvrelay serve --address HEAD --placement-resource-prefix kvrelay_``, exactly as an
 operator would; the client (multinode_client.py) uses only the public API (gRPC Generate and
 Admin.ClusterStatus, Prometheus /metrics) and reports over a line protocol, so this process
@@ -119,7 +119,7 @@ def _node(hosts: Any, host: str, role: str, *args: str) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
-        "kvrelay.cluster.node_cli",
+        "kvrelay.cluster.cli.node",
         "--role",
         role,
         f"--node-ip-address={hosts.ip(host)}",

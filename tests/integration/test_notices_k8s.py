@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from kubernetes import client
 
-from kvrelay.cluster.k8s_watcher import K8sWatchConfig, K8sWatcher, classify_node, classify_pod
-from kvrelay.cluster.notices import NoticeKind, PreemptionNotice
+from kvrelay.cluster.spot.k8s_watcher import K8sWatchConfig, K8sWatcher, classify_node, classify_pod
+from kvrelay.cluster.spot.notices import NoticeKind, PreemptionNotice
 
 WAIT_S = 10.0
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from kvrelay.cluster.metadata_poller import (
+from kvrelay.cluster.spot.metadata_poller import (
     MetadataPoller,
     MetadataPollerConfig,
     parse_instance_action,
     parse_preempted,
 )
-from kvrelay.cluster.notices import NoticeKind, PreemptionNotice, queue_sink
+from kvrelay.cluster.spot.notices import NoticeKind, PreemptionNotice, queue_sink
 
 WAIT_S = 10.0
 

@@ -31,8 +31,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kvrelay.cluster.metrics import CONTENT_TYPE, Metrics, WorkerCounters
-from kvrelay.cluster.metrics_http import serve_handler
+from kvrelay.cluster.metrics.http_server import serve_handler
+from kvrelay.cluster.metrics.recorder import CONTENT_TYPE, Metrics, WorkerCounters
 
 PROMETHEUS = shutil.which("prometheus")
 T = TypeVar("T")

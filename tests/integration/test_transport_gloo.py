@@ -20,7 +20,11 @@ from multiprocessing.connection import Connection
 import pytest
 import torch
 
-from kvrelay.workers.transport import KVTransport, TransferError, start_rendezvous_store
+from kvrelay.workers.transport.kv_transport import (
+    KVTransport,
+    TransferError,
+    start_rendezvous_store,
+)
 
 GEOMETRY = (30, 2, 16, 3, 64)  # [L, 2, bs, Hkv, D]
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4

@@ -15,9 +15,9 @@ from kvrelay.client import (
     UnavailableError,
 )
 from kvrelay.client.errors import from_rpc_error
-from kvrelay.cluster.auth import ApiKeys, bearer_token
-from kvrelay.cluster.frontend_errors import ApiError, ErrorCode
-from kvrelay.cluster.frontend_limits import Admission, FrontendLimits
+from kvrelay.cluster.api.auth import ApiKeys, bearer_token
+from kvrelay.cluster.api.errors import ApiError, ErrorCode
+from kvrelay.cluster.api.limits import Admission, FrontendLimits
 
 
 def code_of(keys: ApiKeys, header: str | None, admin: bool) -> ErrorCode | None:
@@ -129,25 +129,3 @@ def test_status_codes_map_to_typed_errors() -> None:
     assert isinstance(err, InvalidArgumentError) and err.message == "bad top_p"
     err = from_rpc_error(FakeRpcError(grpc.StatusCode.DATA_LOSS, "?"))
     assert type(err) is KvrelayError and err.code == grpc.StatusCode.DATA_LOSS
-
-
-def test_serve_flags_read_keys_from_files_and_env(tmp_path, monkeypatch) -> None:
-    import argparse
-
-    from kvrelay.cluster.frontend_serve import add_frontend_args, frontend_options
-
-    (tmp_path / "keys").write_text("k1\n\n k2 \n")
-    monkeypatch.setenv("KVRELAY_ADMIN_KEYS", "a1, a2")
-    monkeypatch.delenv("KVRELAY_API_KEYS", raising=False)
-    parser = argparse.ArgumentParser()
-    add_frontend_args(parser)
-    opts = frontend_options(
-        parser.parse_args(
-            ["--api-keys-file", str(tmp_path / "keys"), "--max-streams", "8", "--grpc-port", "0"]
-        )
-    )
-    assert opts["api_keys"] == ["k1", "k2"] and opts["admin_keys"] == ["a1", "a2"]
-    assert opts["limits"].max_streams == 8 and opts["grpc_port"] == 0 and opts["tls"] is None
-    assert opts["http_port"] == 8000
-    with pytest.raises(SystemExit):
-        frontend_options(parser.parse_args(["--tls-cert", "c.pem"]))

@@ -1,4 +1,4 @@
-"""Edge validation (cluster/validation.py) and the OpenAI body parser (frontend_openai.py)."""
+"""Edge validation (cluster/api/validation.py) and the OpenAI body parser (api/openai_schema.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from kvrelay.cluster.frontend_errors import ApiError, ErrorCode
-from kvrelay.cluster.frontend_openai import parse_chat, parse_completion, stream_options
-from kvrelay.cluster.validation import RawGenerate, ValidationLimits, build_request
+from kvrelay.cluster.api.errors import ApiError, ErrorCode
+from kvrelay.cluster.api.openai_schema import parse_chat, parse_completion, stream_options
+from kvrelay.cluster.api.validation import RawGenerate, ValidationLimits, build_request
 from kvrelay_testing.frontend import EchoBackend
 
 LIMITS = ValidationLimits(max_stop_strings=2, max_prompt_chars=10_000)
@@ -97,7 +97,7 @@ def test_top_k_clamped_to_vocab() -> None:
 
 
 def test_request_id_format_checked() -> None:
-    from kvrelay.cluster.validation import check_request_id
+    from kvrelay.cluster.api.validation import check_request_id
 
     assert check_request_id("abc-1.2:3_x") == "abc-1.2:3_x"
     for bad in ("", "a b", "x" * 129, "é"):

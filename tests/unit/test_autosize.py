@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from kvrelay.cluster.autosize import AutosizeConfig, PoolAutosizer
+from kvrelay.cluster.sizing.autosize import AutosizeConfig, PoolAutosizer
 
 
 @dataclass
@@ -33,7 +33,7 @@ def _controller(
     workers = {w: _worker(w, r) for w, r in roles.items()}
     rates = {w: prefill_tps for w in roles} if measured is None else measured
     return SimpleNamespace(workers=workers, routing=SimpleNamespace(
-        _tps=lambda w: rates.get(w, prefill_tps), measured_tps=rates.get))
+        prefill_tps=lambda w: rates.get(w, prefill_tps), measured_tps=rates.get))
 
 
 def _load(sizer: PoolAutosizer, prompt: int, n: int = 10) -> None:
@@ -44,7 +44,7 @@ def _load(sizer: PoolAutosizer, prompt: int, n: int = 10) -> None:
 
 def test_prefill_heavy_load_moves_a_decode_worker_to_prefill() -> None:
     c = _controller({"p0": "prefill", "d0": "decode", "d1": "decode", "d2": "decode"}, 800.0)
-    sizer = PoolAutosizer(c, AutosizeConfig(ttft_slo_s=1.0, itl_slo_s=0.5, window_s=10.0))
+    sizer = PoolAutosizer(c, c.routing, AutosizeConfig(ttft_slo_s=1.0, itl_slo_s=0.5, window_s=10.0))
     _load(sizer, 1500)  # 1 req/s of 1500-token prompts (1 prefill worker does 800 tok/s)
     for batch in (1, 2, 4, 8):
         sizer.on_heartbeat(batch, 0.02 + 0.002 * batch)
@@ -59,7 +59,7 @@ def test_prefill_heavy_load_moves_a_decode_worker_to_prefill() -> None:
 
 def test_no_decision_without_measurements() -> None:
     c = _controller({"p0": "prefill", "d0": "decode"}, 800.0)
-    sizer = PoolAutosizer(c, AutosizeConfig())
+    sizer = PoolAutosizer(c, c.routing, AutosizeConfig())
     sizer.on_arrival(100, 100)
     asyncio.run(sizer.tick())
     assert sizer.switches == []
@@ -68,7 +68,7 @@ def test_no_decision_without_measurements() -> None:
 
 def test_alternating_decisions_do_not_flap() -> None:
     c = _controller({"p0": "prefill", "d0": "decode", "d1": "decode", "d2": "decode"}, 800.0)
-    sizer = PoolAutosizer(c, AutosizeConfig(ttft_slo_s=1.0, itl_slo_s=0.5, window_s=10.0))
+    sizer = PoolAutosizer(c, c.routing, AutosizeConfig(ttft_slo_s=1.0, itl_slo_s=0.5, window_s=10.0))
     for batch in (1, 2, 4, 8):
         sizer.on_heartbeat(batch, 0.02 + 0.002 * batch)
     for _ in range(3):  # heavy, light, heavy, light...: never the same new split twice in a row
@@ -88,7 +88,7 @@ def test_an_unmeasured_prefill_worker_counts_at_the_pools_measured_rate() -> Non
     # would make the prefill pool look plentiful and hand a worker back to decode
     roles = {"p0": "prefill", "p1": "prefill", "d0": "decode", "d1": "decode"}
     c = _controller(roles, 50_000.0, measured={"p0": 800.0})
-    sizer = PoolAutosizer(c, AutosizeConfig(ttft_slo_s=1.0, itl_slo_s=0.5, window_s=10.0))
+    sizer = PoolAutosizer(c, c.routing, AutosizeConfig(ttft_slo_s=1.0, itl_slo_s=0.5, window_s=10.0))
     for batch in (1, 2, 4, 8):  # decode slow enough that plentiful prefill would free a worker
         sizer.on_heartbeat(batch, 0.1 + 0.02 * batch)
     _load(sizer, 1500)

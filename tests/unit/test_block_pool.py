@@ -7,7 +7,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvrelay.workers.block_pool import BlockPool, PoolError
+from kvrelay.workers.kv.block_pool import BlockPool, PoolError
 from kvrelay.workers.types import KVEventKind
 
 

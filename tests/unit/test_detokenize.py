@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from kvrelay.workers.detokenize import IncrementalDetokenizer
+from kvrelay.workers.model.detokenize import IncrementalDetokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 🙂🚀 naïve café, résumé.",

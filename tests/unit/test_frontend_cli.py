@@ -1,4 +1,4 @@
-"""The client CLI commands (cluster/cli_client.py) against a running frontend."""
+"""The client CLI commands (cluster/cli/client_commands.py) against a running frontend."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvrelay.cluster.cli_client import add_client_commands
+from kvrelay.cluster.cli.client_commands import add_client_commands
 from kvrelay_testing.frontend import ByteTokenizer, EchoBackend, FrontendThread
 
 

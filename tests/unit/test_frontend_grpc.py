@@ -24,7 +24,7 @@ from kvrelay.client import (
     RetryPolicy,
     UnavailableError,
 )
-from kvrelay.cluster.frontend_limits import FrontendLimits
+from kvrelay.cluster.api.limits import FrontendLimits
 from kvrelay_testing.frontend import (
     EchoBackend,
     FrontendThread,

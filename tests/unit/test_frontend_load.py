@@ -10,7 +10,7 @@ import json
 import aiohttp
 
 from kvrelay.client import AsyncClient, ResourceExhaustedError, RetryPolicy
-from kvrelay.cluster.frontend_limits import FrontendLimits
+from kvrelay.cluster.api.limits import FrontendLimits
 from kvrelay_testing.frontend import EchoBackend, FrontendThread, wait_blocks_free
 
 STREAMS = 200

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrelay.client import Client, PermissionDeniedError, UnauthenticatedError, UnavailableError
-from kvrelay.cluster.frontend_serve import TlsConfig
+from kvrelay.cluster.api.servers import TlsConfig
 from kvrelay_testing.frontend import EchoBackend, FrontendThread, wait_blocks_free
 
 USER_KEY = "sk-user-4f1c9a"

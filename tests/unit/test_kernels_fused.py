@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from kvrelay.kernels import fused
-from kvrelay.workers.config import RopeScaling
-from kvrelay.workers.model import rope_inv_freq
+from kvrelay.workers.model.config import RopeScaling
+from kvrelay.workers.model.llama import rope_inv_freq
 from kvrelay_testing.kernels import rel_err
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

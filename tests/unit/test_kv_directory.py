@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrelay.cluster.kv_directory import KVDirectory, PrefixMatch
+from kvrelay.cluster.routing.kv_directory import KVDirectory, PrefixMatch
 from kvrelay.workers.types import KVEvent, KVEventKind, Tier
 
 BS = 16

@@ -1,4 +1,4 @@
-"""kvrelay.cluster.metrics: what each recording call does to the exposed series."""
+"""kvrelay.cluster.metrics.recorder: what each recording call does to the exposed series."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from kvrelay.cluster.metrics import METRIC_NAMES, Metrics, WorkerCounters
-from kvrelay.cluster.metrics_defs import HIST_BUCKETS
+from kvrelay.cluster.metrics.defs import HIST_BUCKETS
+from kvrelay.cluster.metrics.recorder import METRIC_NAMES, Metrics, WorkerCounters
 
 BLOCKS = {"gpu": {"free": 10, "used": 5, "cached": 1}, "cpu": {"free": 40}}
 

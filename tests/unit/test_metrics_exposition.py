@@ -16,14 +16,9 @@ from typing import Any
 
 import pytest
 
-from kvrelay.cluster.metrics import METRIC_NAMES, Metrics, WorkerCounters
-from kvrelay.cluster.metrics_defs import (
-    KV_STATES,
-    KV_TIERS,
-    MIGRATION_OUTCOMES,
-    REQUEST_OUTCOMES,
-    ROLES,
-)
+from kvrelay.cluster.metrics.defs import KV_STATES, KV_TIERS, MIGRATION_OUTCOMES, REQUEST_OUTCOMES
+from kvrelay.cluster.metrics.recorder import METRIC_NAMES, Metrics, WorkerCounters
+from kvrelay.workers.types import ROLES
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILDER = ROOT / "deploy" / "grafana" / "build_dashboard.py"

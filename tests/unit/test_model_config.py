@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from kvrelay.workers.config import ModelConfig, ModelLoadError, RopeScaling, parse_dtype
-from kvrelay.workers.model import kv_cache_shape, rope_inv_freq
+from kvrelay.workers.model.config import ModelConfig, ModelLoadError, RopeScaling, parse_dtype
+from kvrelay.workers.model.llama import kv_cache_shape, rope_inv_freq
 
 
 def llama(**overrides: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Placement decisions (cluster/placement.py) and `kvrelay node` command lines (node_cli.py)."""
+"""Placement decisions (cluster/placement/placement.py) and `kvrelay node` command lines (cli/node.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from kvrelay.cluster.node_cli import NodeArgs, add_node_command, node_args_from, ray_start_argv
-from kvrelay.cluster.node_pools import NodeChange, NodePools, NodeWatcher
-from kvrelay.cluster.placement import (
+from kvrelay.cluster.cli.node import NodeArgs, add_node_command, node_args_from, ray_start_argv
+from kvrelay.cluster.placement.node_pools import NodeChange, NodePools, NodeWatcher
+from kvrelay.cluster.placement.placement import (
     NoCapacity,
     PlacedWorker,
     PlacementPolicy,
@@ -23,7 +23,7 @@ from kvrelay.cluster.placement import (
     place,
     workers_on,
 )
-from kvrelay.workers.config import resolve_device_dtype
+from kvrelay.workers.model.config import resolve_device_dtype
 
 
 def ray_node(

@@ -7,20 +7,19 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrelay.cluster.planner import UNPLACED, pair_option, plan_migration
-from kvrelay.cluster.planner_model import (
+from kvrelay.cluster.spot.planner import UNPLACED, pair_option, plan_migration
+from kvrelay.cluster.spot.planner_model import (
     ClusterSnapshot,
     FinishInPlace,
     MigrateKV,
-    Phase,
     PlannerConfig,
     Recompute,
     RequestSnapshot,
-    Role,
     Unplaceable,
     UnplaceableReason,
     WorkerSnapshot,
 )
+from kvrelay.workers.types import Phase, Role
 
 BLOCK = 1000  # bytes per block in these tests
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from kvrelay.workers.policy import (
+from kvrelay.workers.engine.policy import (
     FairPolicy,
     FCFSPolicy,
     PriorityPolicy,
@@ -189,7 +189,7 @@ def test_lifted_tenant_gets_no_credit_for_idling() -> None:
 
 
 def test_order_fn_adapts_to_the_schedulers_objects() -> None:
-    from kvrelay.workers.policy import order_fn
+    from kvrelay.workers.engine.policy import order_fn
 
     items = [("s1", 3.0), ("s2", 1.0), ("s3", 2.0)]
     fn = order_fn(FCFSPolicy(), lambda x: RequestView(x[0], "t", 0, x[1], 1, 0, 0, 1, False))

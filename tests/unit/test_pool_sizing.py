@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrelay.cluster.pool_sizing import (
+from kvrelay.cluster.sizing.pool_sizing import (
     DecodeProfile,
     SizingInput,
     decode_itl,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.cluster.kv_directory import PrefixMatch
-from kvrelay.cluster.router.baselines import LeastLoadedRouter, RoundRobinRouter
-from kvrelay.cluster.router.config import RouterConfig
-from kvrelay.cluster.router.router import KVAwareRouter
-from kvrelay.cluster.router.types import NoWorker, Role, RouteDecision, RouteRequest, WorkerLoad
+from kvrelay.cluster.routing.baselines import LeastLoadedRouter, RoundRobinRouter
+from kvrelay.cluster.routing.config import RouterConfig
+from kvrelay.cluster.routing.kv_directory import PrefixMatch
+from kvrelay.cluster.routing.router import KVAwareRouter
+from kvrelay.cluster.routing.types import NoWorker, RouteDecision, RouteRequest, WorkerLoad
+from kvrelay.workers.types import Role
 
 BS = 16
 REQ = RouteRequest("r1", block_hashes=tuple(range(8)), num_prompt_tokens=8 * BS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.cluster.router.cost import (
+from kvrelay.cluster.routing.cost import (
     PrefillPlace,
     PrefixSource,
     disaggregation,

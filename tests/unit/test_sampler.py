@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from kvrelay.workers.sampler import Sampler, SampleRow, apply_penalties_and_filters, mix64
+from kvrelay.workers.engine.sampler import Sampler, SampleRow, apply_penalties_and_filters, mix64
 from kvrelay.workers.types import SamplingParams
 
 

@@ -1,4 +1,4 @@
-"""The scheduler honours its policy (workers/policy.py), driven without a model: each step
+"""The scheduler honours its policy (workers/engine/policy.py), driven without a model: each step
 "computes" what was scheduled and appends a token for every sequence that samples.
 
 Priority: admission order under a full pool, and preemption of less important work (by swap
@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrelay.workers.block_pool import BlockPool
-from kvrelay.workers.kv_tiers import BlockCopier, CpuTier
-from kvrelay.workers.policy import FairPolicy, PriorityPolicy, SchedulingPolicy, make_policy
-from kvrelay.workers.scheduler import Scheduler
-from kvrelay.workers.sequence import SeqStatus, Sequence
+from kvrelay.workers.engine.policy import FairPolicy, PriorityPolicy, SchedulingPolicy, make_policy
+from kvrelay.workers.engine.scheduler import Scheduler
+from kvrelay.workers.engine.sequence import SeqStatus, Sequence
+from kvrelay.workers.kv.block_pool import BlockPool
+from kvrelay.workers.kv.tiers import BlockCopier, CpuTier
 from kvrelay.workers.types import SamplingParams
 
 BS = 4

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from kvrelay.cluster.serve import ServeConfig, add_serve_arguments
+from kvrelay.cluster.runtime.config import ServeConfig, add_serve_arguments
 
 
 def _parse(*argv: str) -> ServeConfig:
@@ -48,3 +48,61 @@ def test_device_flags_reach_the_config_and_bad_values_are_refused() -> None:
         ServeConfig(device="gpu")
     with pytest.raises(ValueError, match="gpus_per_worker"):
         ServeConfig(gpus_per_worker=0.0)
+
+
+def test_defaults_live_in_the_model_only() -> None:
+    """A flag not given leaves the value to the model: the parser holds no default of its own."""
+    assert _parse() == ServeConfig()
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    assert set(vars(p.parse_args([]))) == {"config"}
+
+
+def test_file_then_flags(tmp_path) -> None:
+    (tmp_path / "keys").write_text("k1\n\n k2 \n")
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        "prefill_workers: 2\ndecode_workers: 3\nrouter: least_loaded\n"
+        f"api_key_file: {tmp_path / 'keys'}\n"
+        "router_weights:\n  prefix_weight: 3.0\n  queue_weight: 0.5\n"
+    )
+    cfg = _parse("--config", str(f), "--decode-workers", "4", "--api-key", "k0")
+    assert (cfg.prefill_workers, cfg.decode_workers, cfg.router) == (2, 4, "least_loaded")
+    assert cfg.router_weights == {"prefix_weight": 3.0, "queue_weight": 0.5}
+    assert cfg.api_keys == ("k0", "k1", "k2")
+
+
+def test_router_weights_reach_the_router() -> None:
+    from kvrelay.cluster.routing.adapter import RoutingConfig, make_router
+
+    cfg = ServeConfig(router_weights={"prefix_weight": 3.0, "tie_break": "random", "seed": 7})
+    router = make_router(RoutingConfig(block_size=cfg.block_size, weights=cfg.router_weights))
+    assert router.config.prefix_weight == 3.0 and router.config.seed == 7  # type: ignore[attr-defined]
+    assert router.config.block_size == 16  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("prefill_workerz: 2\n", "unknown key 'prefill_workerz' \\(did you mean 'prefill_workers'\\?\\)"),
+        ("router_weights:\n  prefix_wieght: 1\n", "router_weights: unknown key 'prefix_wieght'"),
+        ("router_weights:\n  block_size: 8\n", "unknown key 'block_size'"),
+        ("router_weights:\n  prefix_weight: -1\n", "prefix_weight must be finite and >= 0"),
+        ("device: tpu\n", "device: device must be auto, cpu or cuda"),
+        ("policy: lifo\n", "policy: must be one of fcfs, priority, fair"),
+        ("decode_workers: many\n", "decode_workers"),
+        ("- 1\n", "expected a mapping"),
+    ],
+)
+def test_bad_files_are_refused_naming_the_key(tmp_path, text: str, match: str) -> None:
+    from kvrelay.cluster.runtime.config import ConfigError
+
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        ServeConfig.load(f)
+
+
+def test_unknown_field_in_python_is_refused() -> None:
+    with pytest.raises(ValueError, match="prefil_workers"):
+        ServeConfig(prefil_workers=1)  # type: ignore[call-arg]

@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from kvrelay.workers.config import ModelConfig, ModelLoadError
-from kvrelay.workers.tokenizer import Tokenizer
+from kvrelay.workers.model.config import ModelConfig, ModelLoadError
+from kvrelay.workers.model.tokenizer import Tokenizer
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 TEMPLATE = (

@@ -21,14 +21,14 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeAlias, TypeVar
 
-from kvrelay.cluster.backend import (
+from kvrelay.cluster.api.backend import (
     ClusterBackend,
     ClusterStatus,
     GenerateRequest,
     ModelInfo,
     WorkerStatus,
 )
-from kvrelay.cluster.frontend_serve import serve_frontends
+from kvrelay.cluster.api.servers import serve_frontends
 from kvrelay.workers.types import FinishReason, TokenEvent
 
 EOS = 256

@@ -1,0 +1,70 @@
+"""What the frontends (gRPC, OpenAI HTTP) need from the cluster: one narrow async interface.
+
+The controller implements it for a served cluster; ``LocalBackend`` (cluster/local_backend.py)
+implements it over one in-process colocated engine for single-process use and tests. Frontends
+validate and tokenize at the edge, then call these methods; nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvrelay.workers.types import SamplingParams, TokenEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    id: str
+    max_context: int  # prompt + output tokens a request may hold
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    priority: int = 0  # lower runs first
+    tenant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    worker_id: str
+    role: str  # prefill | decode | colocated
+    healthy: bool
+    draining: bool
+    node: str = ""
+    kv_blocks: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> state -> blocks
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    workers: tuple[WorkerStatus, ...]
+    in_flight: int
+
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+
+class ClusterBackend(Protocol):
+    def models(self) -> Sequence[ModelInfo]: ...
+    def tokenizer(self, model: str) -> TokenizerLike: ...
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the request's events; the last one has ``finish_reason`` set. Closing the
+        iterator early (client gone) cancels the request and frees its blocks."""
+        ...
+
+    async def cancel(self, request_id: str) -> bool: ...
+    async def cluster_status(self) -> ClusterStatus: ...
+    async def drain(self, worker_id: str) -> bool: ...
+    async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool: ...

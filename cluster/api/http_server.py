@@ -1,0 +1,241 @@
+"""The OpenAI-compatible HTTP frontend (aiohttp, on the same event loop as the gRPC server).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (SSE when ``stream``), GET /v1/models,
+GET /health, and optionally GET /metrics. Errors use OpenAI's JSON shape with the HTTP status
+of ``ErrorCode``; 429 carries ``Retry-After``. The runner cancels a handler whose client went
+away (``handler_cancellation``), so the stream's ``finally`` frees the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from kvrelay.cluster.api.core import FrontendCore, RequestStream
+from kvrelay.cluster.api.errors import ApiError, ErrorCode, invalid
+from kvrelay.cluster.api.openai_schema import (
+    chat_chunk,
+    chat_json,
+    completion_chunk,
+    completion_json,
+    parse_chat,
+    parse_completion,
+    stream_options,
+    usage_chunk,
+)
+from kvrelay.cluster.api.validation import RawGenerate
+
+log = logging.getLogger(__name__)
+# /metrics: an aiohttp handler, or a callable returning the exposition bytes (sync or async)
+MetricsHook = Callable[..., Any]
+
+
+def error_response(err: ApiError) -> web.Response:
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+        headers["retry-after-ms"] = str(math.ceil(err.retry_after_s * 1000))
+    return web.json_response(err.openai_body(), status=err.code.http_status, headers=headers)
+
+
+def _sse(payload: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class HttpFrontend:
+    def __init__(self, core: FrontendCore, metrics: MetricsHook | None = None) -> None:
+        self.core = core
+        self.metrics = metrics
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.core.limits.max_message_bytes)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/health", self.health)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self.serve_metrics)
+        return app
+
+    # -- routes ----------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        ok = bool(self.core.backend.models())
+        return web.json_response({"status": "ok" if ok else "no model"}, status=200 if ok else 503)
+
+    async def serve_metrics(self, request: web.Request) -> web.StreamResponse:
+        assert self.metrics is not None
+        params = inspect.signature(self.metrics).parameters
+        result = self.metrics(request) if params else self.metrics()
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, web.StreamResponse):
+            return result
+        return web.Response(
+            body=result,
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Content-Type": "version=0.0.4"},
+        )
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        try:
+            self.core.authorize(request.headers.get("Authorization"), admin=False)
+        except ApiError as err:
+            return error_response(err)
+        data = [
+            {
+                "id": m.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "kvrelay",
+                "max_model_len": m.max_context,
+            }
+            for m in self.core.backend.models()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat, chat=True)
+
+    # -- generation ------------------------------------------------------------------------
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise invalid(
+                f"request body larger than {self.core.limits.max_message_bytes} bytes"
+            ) from exc
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise invalid(f"request body is not valid JSON: {str(exc)[:200]}") from exc
+        if not isinstance(body, dict):
+            raise invalid("request body must be a JSON object")
+        return body
+
+    async def _generate(
+        self,
+        request: web.Request,
+        parse: Callable[[Mapping[str, object]], RawGenerate],
+        *,
+        chat: bool,
+    ) -> web.StreamResponse:
+        stream: RequestStream | None = None
+        try:
+            caller = self.core.authorize(request.headers.get("Authorization"), admin=False)
+            body = await self._body(request)
+            raw = parse(body)
+            streaming, include_usage = stream_options(body)
+            stream = await self.core.start(
+                raw, id_prefix="chatcmpl-" if chat else "cmpl-", caller=caller
+            )
+            if streaming:
+                return await self._stream(request, stream, chat, include_usage)
+            return await self._collect(stream, chat)
+        except ApiError as err:
+            return error_response(err)
+        except Exception:
+            log.exception("request %s failed", stream.request_id if stream else "(not started)")
+            return error_response(ApiError(ErrorCode.INTERNAL, "internal error"))
+        finally:
+            if stream is not None:
+                await stream.close()
+
+    async def _collect(self, stream: RequestStream, chat: bool) -> web.Response:
+        parts = [ev.text async for ev in stream.events()]
+        build = chat_json if chat else completion_json
+        body = build(
+            stream.request_id,
+            int(time.time()),
+            stream.request.model,
+            "".join(parts),
+            stream.finish_reason,
+            stream.usage,
+        )
+        return web.json_response(body, headers={"x-request-id": stream.request_id})
+
+    async def _stream(
+        self, request: web.Request, stream: RequestStream, chat: bool, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "x-request-id": stream.request_id,
+            }
+        )
+        await resp.prepare(request)
+        rid, model, created = stream.request_id, stream.request.model, int(time.time())
+        send: Callable[[bytes], Awaitable[None]] = resp.write
+        try:
+            if chat:
+                first = chat_chunk(
+                    rid, created, model, {"role": "assistant", "content": ""}, None, include_usage
+                )
+                await send(_sse(first))
+            async for ev in stream.events():
+                if not ev.text and ev.finish_reason is None:
+                    continue
+                if chat:
+                    if ev.text:
+                        delta = {"content": ev.text}
+                        await send(
+                            _sse(chat_chunk(rid, created, model, delta, None, include_usage))
+                        )
+                    if ev.finish_reason is not None:
+                        await send(
+                            _sse(
+                                chat_chunk(rid, created, model, {}, ev.finish_reason, include_usage)
+                            )
+                        )
+                    continue
+                chunk = completion_chunk(
+                    rid, created, model, ev.text, ev.finish_reason, include_usage
+                )
+                await send(_sse(chunk))
+            if include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                await send(_sse(usage_chunk(rid, created, model, obj, stream.usage)))
+            await send(b"data: [DONE]\n\n")
+        except ConnectionResetError:
+            log.debug("client of %s went away", rid)
+        except Exception as exc:  # the stream has started: report in-band, then end it
+            err = (
+                exc if isinstance(exc, ApiError) else ApiError(ErrorCode.INTERNAL, "internal error")
+            )
+            if not isinstance(exc, ApiError):
+                log.exception("stream %s failed", rid)
+            with contextlib.suppress(ConnectionResetError):
+                await send(_sse(err.openai_body()))
+        return resp
+
+
+async def start_http_server(
+    core: FrontendCore,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    metrics: MetricsHook | None = None,
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(
+        HttpFrontend(core, metrics).app(), handler_cancellation=True, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    await site.start()
+    bound = int(runner.addresses[0][1])
+    log.info("HTTP frontend listening on %s:%d (tls=%s)", host, bound, ssl_context is not None)
+    return runner, bound

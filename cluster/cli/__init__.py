@@ -1,0 +1,1 @@
+"""The kvrelay command: generate, serve, demo, node, and the client commands."""

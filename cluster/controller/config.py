@@ -1,0 +1,23 @@
+"""The controller's settings: the model it serves, routing, handoff and health timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvrelay.cluster.api.backend import ModelInfo
+from kvrelay.cluster.routing.adapter import RoutingConfig
+from kvrelay.cluster.sizing.autosize import AutosizeConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    model: ModelInfo
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    handoff_timeout_s: float = 30.0
+    pull_timeout_s: float = 10.0
+    itl_slo_s: float = 0.2  # the SLO headroom scorer and the pool sizing aim at these
+    autosize: AutosizeConfig | None = None  # SLO-aware pool sizing, when enabled
+    heartbeat_interval_s: float = 0.5
+    # a process that dies is seen at once (its calls fail); this only catches a hung worker, and
+    # must outlast the longest engine step under load (the heartbeat runs between steps)
+    heartbeat_timeout_s: float = 60.0

@@ -1,0 +1,368 @@
+"""The controller: worker registry and health, the request table, routing, the PD handoff
+and recovery. It implements ``ClusterBackend`` so the frontends run on its event loop.
+
+A request's path (DESIGN.md)::
+
+    generate ─▶ route P ─▶ P.submit(prefill_only) ─▶ first token event (P parks the request)
+            ─▶ handoff task: D.reserve ─▶ P.send_kv ‖ D.recv_kv ─▶ D.accept_prefilled ─▶ P.finish
+            ─▶ D's events stream to the client until the finish reason
+
+With only colocated workers, or when every decode worker refuses, the request decodes where
+it was prefilled. A dead worker's requests are re-dispatched from prompt + committed tokens.
+
+Split by responsibility (this folder): the registry and request table are state.py's
+ControllerState; the handoff transaction is in handoff.py, heartbeats and worker figures in
+health.py, the admin and operator surface in admin.py; this file keeps dispatch and recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from kvrelay.cluster.api.backend import (
+    ClusterStatus,
+    GenerateRequest,
+    ModelInfo,
+    TokenizerLike,
+)
+from kvrelay.cluster.controller.admin import Admin
+from kvrelay.cluster.controller.config import ControllerConfig
+from kvrelay.cluster.controller.flights import Flight
+from kvrelay.cluster.controller.handoff import Handoffs
+from kvrelay.cluster.controller.health import HealthMonitor
+from kvrelay.cluster.controller.state import ControllerState, DispatchCounters, WorkerEntry
+from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
+from kvrelay.cluster.metrics.recorder import Metrics
+from kvrelay.cluster.routing.adapter import Pull, Routing
+from kvrelay.cluster.routing.types import RouteRequest, WorkerLoad
+from kvrelay.cluster.sizing.autosize import PoolAutosizer
+from kvrelay.cluster.spot.executor import PreemptionExecutor
+from kvrelay.cluster.spot.notices import PreemptionNotice
+from kvrelay.workers.model.output import RequestText
+from kvrelay.workers.types import FinishReason, Phase, Role, TokenEvent
+from kvrelay.workers.worker import WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, tokenizer: TokenizerLike) -> None:
+        self.config = config
+        self._tokenizer = tokenizer
+        self.state = ControllerState()
+        self.counts = DispatchCounters()
+        self.metrics = Metrics(models=[config.model.id])
+        self.routing = Routing(config.routing, config.model.id)
+        self._ids = itertools.count()
+        self.handoffs = Handoffs(config, self.state, self.routing, self, self._ids)
+        self.preemption = PreemptionExecutor(
+            self.state, self.routing, self.metrics, self, self.handoffs
+        )
+        self.autosizer = (
+            PoolAutosizer(self.state, self.routing, config.autosize) if config.autosize else None
+        )
+        self.health = HealthMonitor(
+            config, self.state, self.routing, self.metrics, self.autosizer, self.worker_failed
+        )
+        self.admin = Admin(
+            self.state, self.counts, self.routing, self.handoffs, self.preemption,
+            self.autosizer, self._spawn,
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._health: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._health is None:
+            self._health = asyncio.create_task(self.health.run())
+            if self.autosizer is not None:
+                self._spawn(self.autosizer.run())
+
+    async def stop(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- registry ------------------------------------------------------------------------
+    async def register(self, client: WorkerClient) -> WorkerInfo:
+        info: WorkerInfo = await client.call("info")
+        self.state.workers[info.worker_id] = WorkerEntry(client, info, info.role)
+        self.routing.block_bytes = info.block_bytes
+        log.info("worker %s registered as %s on %s", info.worker_id, info.role, info.node_ip)
+        return info
+
+    async def worker_failed(self, worker_id: str, reason: str) -> None:
+        entry = self.state.workers.get(worker_id)
+        if entry is None or not entry.healthy:
+            return
+        log.warning("worker %s failed: %s", worker_id, reason)
+        entry.healthy = False
+        self.routing.forget(worker_id)  # no route to its blocks from now on
+        entry.client.kill()
+        self.metrics.forget_worker(worker_id)
+        self.state.workers.pop(worker_id, None)
+        for rid in list(entry.assigned):
+            flight = self.state.flights.get(rid)
+            # a flight some task is moving is that task's to recover; the others restart
+            if flight is not None and not flight.done and not flight.moving:
+                if flight.owner == worker_id:
+                    await self.redispatch(flight)
+
+    # ---- requests ------------------------------------------------------------------------
+    def models(self) -> Sequence[ModelInfo]:
+        return [self.config.model]
+
+    def tokenizer(self, model: str) -> TokenizerLike:
+        return self._tokenizer
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if request.request_id in self.state.flights:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        flight = Flight(request, RequestText(self._tokenizer, request.sampling,
+                                             request.prompt_token_ids))
+        self.state.flights[request.request_id] = flight
+        if self.autosizer is not None:
+            self.autosizer.on_arrival(len(request.prompt_token_ids), request.sampling.max_tokens)
+        try:
+            await self._dispatch(flight)
+            while True:
+                event = await flight.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not flight.done:  # the client went away: free its blocks everywhere
+                flight.finish(FinishReason.ABORT)
+                await self.abort_everywhere(flight)
+            self.state.release(flight)
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Ray streaming-generator entry for the Python API (tests, demo)."""
+        async for event in self.generate(request):
+            yield event
+
+    async def cancel(self, request_id: str) -> bool:
+        flight = self.state.flights.get(request_id)
+        if flight is None or flight.done:
+            return False
+        flight.finish(FinishReason.ABORT)
+        await self.abort_everywhere(flight)
+        return True
+
+    async def abort_everywhere(self, flight: Flight) -> None:
+        for w in list(self.state.workers.values()):
+            if flight.request_id in w.assigned and w.healthy:
+                try:
+                    await w.client.call("abort", flight.request_id, timeout=10)
+                except (WorkerGone, TimeoutError):
+                    pass
+
+    async def _dispatch(self, flight: Flight) -> None:
+        """Start (or resume, from prompt + committed tokens) a flight on the best workers;
+        a worker found dead on the way is failed and the next best one is tried."""
+        flight.moving += 1
+        try:
+            await self._dispatch_once(flight)
+        finally:
+            flight.moving -= 1
+        await self.handoffs.settle(flight)
+
+    async def _dispatch_once(self, flight: Flight) -> None:
+        while not flight.done:
+            tokens = list(flight.req.prompt_token_ids) + flight.committed
+            request = RouteRequest(
+                flight.request_id, self.routing.hashes(tokens), len(tokens),
+                flight.req.tenant, flight.req.priority,
+            )
+            loads = [self.load(w) for w in self.state.workers.values() if w.healthy and not w.draining]
+            plan = self.routing.plan(request, loads, len(tokens))
+            if plan is None:
+                flight.finish(FinishReason.ABORT)
+                raise RuntimeError("no healthy worker with room for the request")
+            target = self.state.workers[plan.worker]
+            split = plan.mode == "split"
+            if plan.pull is not None:
+                await self._pull(flight, plan.pull, target)
+            # the phase is set before the call: the worker's first token may reach this loop
+            # before its answer to submit does, and that event must start the handoff
+            flight.phase = Phase.PREFILL if split else Phase.DECODE
+            try:
+                await self.submit(flight, target, prefill_only=split)
+            except WorkerGone as exc:
+                flight.phase = Phase.QUEUED
+                target.assigned.discard(flight.request_id)
+                await self.worker_failed(target.info.worker_id, f"submit: {exc}")
+                continue
+            except BaseException:
+                flight.phase = Phase.QUEUED  # refused (a prompt too large for it): not running there
+                raise
+            if plan.mode == "local":
+                self.counts.local_prefills += 1
+            return
+
+    def load(self, w: WorkerEntry) -> WorkerLoad:
+        hb = w.heartbeat
+        total = w.info.num_blocks
+        free = total
+        running = waiting = 0
+        if hb is not None:
+            free = hb.stats.pool.free + hb.stats.pool.cached
+            running, waiting = hb.stats.running, hb.stats.waiting
+        # requests routed since the last heartbeat count as queued work
+        waiting = max(waiting, len(w.assigned) - running)
+        tenants: dict[str, int] = {}
+        for rid in w.assigned:
+            flight = self.state.flights.get(rid)
+            if flight is not None:
+                tenants[flight.req.tenant] = tenants.get(flight.req.tenant, 0) + 1
+        step = hb.decode_step_s if hb is not None else None
+        headroom = None if step is None else 1.0 - step / self.config.itl_slo_s
+        return WorkerLoad(
+            w.info.worker_id, Role(w.role), w.healthy, w.draining, free, total, running, waiting,
+            slo_headroom=headroom, tenant_load=tenants,
+        )
+
+    async def _pull(self, flight: Flight, pull: Pull, p: WorkerEntry) -> bool:
+        """Cross-worker reuse: move prefix blocks a peer holds into P's cache before P's
+        prefill, instead of recomputing them. Best effort: on any failure P recomputes."""
+        src = self.state.workers.get(pull.source)
+        if src is None or not src.healthy:
+            return False
+        res_id = f"{flight.request_id}#pull{next(self._ids)}"
+        timeout = self.config.pull_timeout_s
+        pid, sid = p.info.worker_id, src.info.worker_id
+        try:
+            blocks = await p.client.call(
+                "reserve", res_id, len(pull.block_hashes), time.time() + timeout, timeout=30
+            )
+            if blocks is None:
+                return False
+            tid = res_id.replace("#", "/")
+            send = asyncio.ensure_future(
+                src.client.call("send_prefix", list(pull.block_hashes), pid, tid, timeout)
+            )
+            recv = asyncio.ensure_future(p.client.call("recv_kv", res_id, sid, tid, timeout))
+            await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
+            if not (send.done() and recv.done()) or send.exception() or recv.exception():
+                send.cancel()
+                recv.cancel()
+                await p.client.call("unreserve", res_id, timeout=10)
+                return False
+            await p.client.call("commit_prefix", res_id, list(pull.block_hashes), timeout=30)
+        except Exception as exc:
+            log.info("pull for %s failed, recomputing: %r", flight.request_id, exc)
+            return False
+        self.counts.pulls += 1
+        self.counts.pull_bytes += int(recv.result())
+        return True
+
+    async def submit(self, flight: Flight, target: WorkerEntry, *, prefill_only: bool) -> None:
+        req = flight.req
+        flight.owner = target.info.worker_id
+        target.assigned.add(req.request_id)
+        await target.client.call(
+            "submit", req.request_id, list(req.prompt_token_ids), req.sampling,
+            output_ids=list(flight.committed), tenant=req.tenant, priority=req.priority,
+            prefill_only=prefill_only,
+        )
+
+    async def redispatch(self, flight: Flight) -> None:
+        """The owner is gone: resume from prompt + committed tokens on survivors."""
+        self.counts.resubmissions += 1
+        self.metrics.record_resubmission(flight.req.model)
+        flight.owner = None
+        for w in self.state.workers.values():
+            if flight.request_id in w.assigned and w.healthy:
+                w.assigned.discard(flight.request_id)
+                self._spawn(self._quiet_abort(w, flight.request_id))
+        try:
+            await self._dispatch(flight)
+        except Exception as exc:  # never leave a client waiting on a stream that cannot move
+            log.error("request %s lost: %r", flight.request_id, exc)
+            flight.finish(FinishReason.ABORT)
+
+    async def _quiet_abort(self, w: WorkerEntry, rid: str) -> None:
+        try:
+            await w.client.call("abort", rid, timeout=10)
+        except Exception:
+            pass
+
+    # ---- events from workers -------------------------------------------------------------
+    async def on_events(self, worker_id: str, events: list[TokenEvent]) -> None:
+        """One call per worker step, carrying that step's tokens for all its requests."""
+        for event in events:
+            flight = self.state.flights.get(event.request_id)
+            if flight is None or flight.done or flight.owner != worker_id:
+                continue  # stale: the request moved or ended
+            out, stop_hit = flight.accept(event)
+            flight.queue.put_nowait(out)
+            if stop_hit:
+                self._spawn(self.abort_everywhere(flight))
+            elif flight.phase == Phase.PREFILL and out.finish_reason is None:
+                flight.phase = Phase.HANDOFF
+                flight.owner = None  # nothing streams until a decode worker takes over
+                flight.moving += 1  # the handoff task owns the flight from here
+                self._spawn(self.handoffs.run(flight, worker_id))
+
+    # ---- the admin surface (admin.py), exposed on the actor ------------------------------
+    async def cluster_status(self) -> ClusterStatus:
+        return await self.admin.cluster_status()
+
+    async def drain(self, worker_id: str) -> bool:
+        return await self.admin.drain(worker_id)
+
+    async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
+        return await self.admin.notify_preemption(worker_id, deadline_s)
+
+    async def on_notice(self, notice: PreemptionNotice) -> list[str]:
+        return await self.admin.on_notice(notice)
+
+    async def migration_records(self) -> list[dict[str, Any]]:
+        return await self.admin.migration_records()
+
+    async def debug_flights(self) -> list[dict[str, Any]]:
+        return await self.admin.debug_flights()
+
+    async def worker_devices(self) -> dict[str, str]:
+        return await self.admin.worker_devices()
+
+    async def worker_ids(self) -> dict[str, str]:
+        return await self.admin.worker_ids()
+
+    async def integrity(self) -> dict[str, dict[str, int]]:
+        return await self.admin.integrity()
+
+    async def check_state(self) -> dict[str, int]:
+        return await self.admin.check_state()
+
+    async def worker_infos(self) -> dict[str, dict[str, Any]]:
+        return await self.admin.worker_infos()
+
+    async def transport_totals(self) -> dict[str, dict[str, float]]:
+        return await self.admin.transport_totals()
+
+    async def match_prefix(self, token_ids: list[int]) -> dict[str, int]:
+        return await self.admin.match_prefix(token_ids)
+
+    async def directory_workers(self) -> list[str]:
+        return await self.admin.directory_workers()
+
+    async def clear_prefix_cache(self, worker_id: str) -> None:
+        return await self.admin.clear_prefix_cache(worker_id)
+
+    async def role_switches(self) -> list[tuple[float, str, str, str]]:
+        return await self.admin.role_switches()
+
+    async def counters(self) -> dict[str, int]:
+        return await self.admin.counters()

@@ -1,0 +1,1 @@
+"""Prometheus metrics: their definitions, the recorder, and the standalone /metrics server."""

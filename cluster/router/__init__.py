@@ -1,1 +1,0 @@
-"""Router: filters, weighted scorers, picker (DESIGN.md, Cluster: Router)."""

@@ -1,0 +1,1 @@
+"""Running a cluster: the serve settings, the Ray actors, starting the frontends and the worker pools."""

@@ -1,0 +1,282 @@
+"""Ray wrappers: the controller as an async actor hosting the frontends, workers as threaded
+actors (a blocking KV transfer in one method must not stop heartbeats or aborts)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from typing import Any
+
+import ray
+
+from kvrelay.cluster.api.backend import ModelInfo
+from kvrelay.cluster.controller.config import ControllerConfig
+from kvrelay.cluster.controller.controller import Controller
+from kvrelay.cluster.controller.worker_client import RayWorkerClient
+from kvrelay.cluster.placement.node_pools import NodePools, local_node_ip
+from kvrelay.cluster.placement.placement import (
+    Placement,
+    PlacementPolicy,
+    check_transport_host,
+    gpu_share,
+)
+from kvrelay.cluster.routing.adapter import RoutingConfig
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.sizing.autosize import AutosizeConfig
+from kvrelay.cluster.spot.metadata_poller import MetadataPoller, MetadataPollerConfig
+from kvrelay.cluster.spot.notices import PreemptionNotice, queue_sink
+from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.model.config import resolve_device_dtype
+from kvrelay.workers.model.source import load_tokenizer
+from kvrelay.workers.types import TokenEvent
+from kvrelay.workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class _ControllerSink:
+    """Picklable event sink: one actor call per worker step."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
+        self.controller.on_events.remote(worker_id, events)
+
+
+class _ControllerNotice:
+    """Picklable preemption-notice sink (a worker's SIGTERM handler calls it)."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    def __call__(self, worker_id: str, deadline_s: float) -> None:
+        self.controller.notify_preemption.remote(worker_id, deadline_s)
+
+
+class NoticeWorker(Worker):
+    """A worker that also polls its instance's metadata endpoint for a spot notice (the
+    endpoint is node-local, so the poll runs where the worker runs)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        metadata: MetadataPollerConfig | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        **kw: Any,
+    ):
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPU share placement gave this actor: cuda:0
+        has_gpu = bool(ray.get_gpu_ids())
+        device, torch_dtype = resolve_device_dtype(device, dtype, has_gpu=has_gpu)
+        super().__init__(*args, device=device, dtype=torch_dtype, **kw)
+        self._poller_thread: threading.Thread | None = None
+        if metadata is not None:
+            self._poller_thread = threading.Thread(
+                target=self._poll, args=(metadata,), name="metadata-poller", daemon=True
+            )
+            self._poller_thread.start()
+
+    def _poll(self, config: MetadataPollerConfig) -> None:
+        def sink(notice: PreemptionNotice) -> None:
+            if self._notice is not None:
+                self._notice(self.worker_id, notice.deadline_s)
+
+        asyncio.run(MetadataPoller(config, sink).run())
+
+
+WorkerActor = ray.remote(NoticeWorker)
+
+
+@ray.remote
+class ControllerActor(Controller):
+    def __init__(self, cfg: ServeConfig) -> None:
+        config, tokenizer, model_id = load_tokenizer(cfg.model)
+        info = ModelInfo(model_id, config.max_context, config.vocab_size, config.eos_token_ids)
+        routing = RoutingConfig(
+            router=cfg.router,
+            conditional_disagg=cfg.conditional_disagg,
+            prefix_pull=cfg.prefix_pull,
+            block_size=cfg.block_size,
+            chunk_tokens=cfg.max_num_batched_tokens,
+            weights=cfg.router_weights,
+        )
+        autosize = (
+            AutosizeConfig(
+                ttft_slo_s=cfg.ttft_slo_s,
+                itl_slo_s=cfg.itl_slo_s,
+                interval_s=cfg.autosize_interval_s,
+                window_s=cfg.autosize_window_s,
+            )
+            if cfg.auto_pool_sizing
+            else None
+        )
+        super().__init__(
+            ControllerConfig(
+                info, routing, handoff_timeout_s=cfg.handoff_timeout_s,
+                itl_slo_s=cfg.itl_slo_s, autosize=autosize,
+            ),
+            tokenizer,
+        )
+        self.cfg = cfg
+        self.handles: dict[str, Any] = {}
+        local_gpus = ray.cluster_resources().get("GPU", 0.0) if cfg.address is None else 0.0
+        policy_kw: dict[str, Any] = {
+            "cpus_per_worker": cfg.cpus_per_worker, "interface": cfg.transport_interface,
+            "device": cfg.device,
+            "gpus_per_worker": gpu_share(local_gpus, cfg.num_workers, cfg.gpus_per_worker),
+        }
+        self.pools = NodePools(
+            PlacementPolicy.from_prefix(cfg.placement_resource_prefix, **policy_kw)
+            if cfg.placement_resource_prefix
+            else PlacementPolicy(role_resources={}, **policy_kw)
+        )
+        self._node_task: asyncio.Task[None] | None = None
+        self._store: Any = None
+        self._store_addr: tuple[str, int] | None = None
+        self._frontends: Any = None
+        self._metrics_server: Any = None
+
+    async def start_services(self) -> dict[str, Any]:
+        await self.start()
+        from kvrelay.workers.transport.kv_transport import start_rendezvous_store
+
+        host = local_node_ip(self.cfg.transport_host) or self.cfg.host
+        check_transport_host(host, await self.pools.refresh())
+        self._store, port = start_rendezvous_store(host, 0)
+        if self.cfg.watch_nodes:
+            self._node_task = asyncio.create_task(self._watch_nodes())
+        self._store_addr = (host, port)
+        out: dict[str, Any] = {"model_id": self.config.model.id, "store_port": port}
+        if self.cfg.k8s_watch:
+            self._start_k8s_watch()
+        if self.cfg.grpc_port is not None or self.cfg.http_port is not None:
+            from kvrelay.cluster.runtime.frontends import start_frontends_for
+
+            self._frontends = await start_frontends_for(self, self.cfg, self.metrics)
+            out.update(self._frontends.ports())
+        if self.cfg.metrics_port is not None:
+            self._metrics_server = await self.metrics.serve_metrics(
+                self.cfg.metrics_port, self.cfg.host
+            )
+            out["metrics_port"] = self._metrics_server.port
+        return out
+
+    async def add_worker(
+        self, role: str, worker_id: str | None = None, placement: Placement | None = None
+    ) -> str:
+        """Start a worker of ``role`` (on the node placement picks, or the one given) and
+        register it; usable while the cluster serves (replacement capacity, node joins)."""
+        cfg = self.cfg
+        worker_id = worker_id or f"{role[0]}-{uuid.uuid4().hex[:6]}"
+        if placement is None:
+            placement = await self.pools.place(role, worker_id)
+        else:
+            self.pools.record(worker_id, placement)
+        me = ray.get_runtime_context().current_actor
+        engine_config = EngineConfig(
+            block_size=cfg.block_size,
+            num_blocks=cfg.num_blocks_by_role.get(role),
+            kv_cache_gb=cfg.kv_cache_gb,
+            cpu_kv_gb=cfg.cpu_kv_gb,
+            policy=cfg.policy,
+            preemption_mode=cfg.preemption_mode,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        )
+        options: dict[str, Any] = {
+            "name": f"kvrelay-worker-{worker_id}", "max_concurrency": 32,
+            **placement.actor_options(),
+        }
+        metadata = None
+        if cfg.metadata_url:
+            metadata = MetadataPollerConfig(
+                url=cfg.metadata_url, target=worker_id, parser=cfg.metadata_parser,  # type: ignore[arg-type]
+                interval_s=cfg.metadata_interval_s, grace_s=cfg.preemption_grace_s,
+            )
+        handle = WorkerActor.options(**options).remote(  # type: ignore[attr-defined]
+            worker_id,
+            role,
+            model=cfg.model,
+            engine_config=engine_config,
+            sink=_ControllerSink(me),
+            notice=_ControllerNotice(me),
+            grace_s=cfg.preemption_grace_s,
+            metadata=metadata,
+            rendezvous=self._store_addr,
+            transport_bind=cfg.transport_bind,
+            threads=cfg.threads_per_worker or placement.threads,
+            device=cfg.device,
+            dtype=cfg.dtype,
+        )
+        self.handles[worker_id] = handle
+        try:
+            await self.register(RayWorkerClient(worker_id, handle))
+        except BaseException:
+            self.pools.forget(worker_id)
+            raise
+        return worker_id
+
+    async def _watch_nodes(self) -> None:
+        """Nodes joining get workers of the pools they are pinned to; a node that leaves
+        takes its workers with it (their requests resume elsewhere)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                change = await self.pools.poll()
+            except Exception:
+                log.exception("node poll failed")
+                continue
+            for wid in change.failed:
+                await self.worker_failed(wid, "its node left the Ray cluster")
+            for p in change.start:
+                self._spawn(self.add_worker(p.role, placement=p))
+
+    async def kill_worker(self, worker_id: str) -> None:
+        """Kill a worker's process without notice (fault injection, operators)."""
+        self.pools.forget(worker_id)
+        handle = self.handles.get(worker_id)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
+    def _start_k8s_watch(self) -> None:
+        from kubernetes import config as k8s_config
+
+        from kvrelay.cluster.spot.k8s_watcher import K8sWatchConfig, K8sWatcher
+
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        queue: asyncio.Queue[PreemptionNotice] = asyncio.Queue()
+        self._watcher = K8sWatcher(
+            K8sWatchConfig(pod_namespace=self.cfg.k8s_namespace,
+                           default_grace_s=self.cfg.preemption_grace_s),
+            queue_sink(asyncio.get_running_loop(), queue),
+        )
+        self._watcher.start()
+        self._spawn(self._consume_notices(queue))
+
+    async def _consume_notices(self, queue: asyncio.Queue[PreemptionNotice]) -> None:
+        while True:
+            await self.on_notice(await queue.get())
+
+    async def worker_pid(self, worker_id: str) -> int:
+        return int(self.state.workers[worker_id].info.pid)
+
+    async def inject_fault(self, worker_id: str, fault: str) -> None:
+        await self.state.workers[worker_id].client.call("inject_fault", fault)
+
+    async def shutdown(self) -> None:
+        if self._node_task is not None:
+            self._node_task.cancel()
+        if self._frontends is not None:
+            await self._frontends.stop()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        await self.stop()
+        for handle in self.handles.values():
+            ray.kill(handle, no_restart=True)

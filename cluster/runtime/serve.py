@@ -1,0 +1,165 @@
+"""``kvrelay serve``: start (or join) a Ray cluster, the controller and the worker pools.
+
+``Cluster`` is also the Python API tests and the demo use: ``Cluster.start(cfg)``, then
+``generate(request)`` streams a request's events, ``kill_worker`` injects faults,
+``integrity()`` reports every pool's figures.
+
+Ray's token authentication (on by default since Ray 2.60) is turned off for the local cluster
+this command starts itself: it binds to 127.0.0.1 only, so nothing outside the machine can
+reach it. When joining an existing cluster (``--address``), the caller's ``RAY_AUTH_MODE`` and
+token are used as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from kvrelay.cluster.api.backend import GenerateRequest
+from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+
+
+class Cluster:
+    """A running cluster seen from the driver process."""
+
+    def __init__(self, cfg: ServeConfig, controller: Any, ports: dict[str, int], owns_ray: bool):
+        self.cfg = cfg
+        self.controller = controller
+        self.ports = ports
+        self._owns_ray = owns_ray
+
+    @classmethod
+    def start(cls, cfg: ServeConfig) -> Cluster:
+        import ray
+
+        from kvrelay.cluster.runtime.actors import ControllerActor
+
+        owns = not ray.is_initialized()
+        if owns:
+            if cfg.address is None:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see module docstring
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                ray.init(
+                    num_cpus=max(4, cfg.num_workers + 2),
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    namespace="kvrelay",
+                    log_to_driver=bool(os.environ.get("KVRELAY_RAY_LOGS")),
+                )
+            else:
+                ray.init(address=cfg.address, namespace="kvrelay")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if cfg.address is not None:  # joining: rendezvous and workers on routable addresses
+            cfg = cfg.model_copy(update={"transport_host": cfg.transport_host or "auto",
+                                         "transport_bind": cfg.transport_bind or "auto"})
+        # the controller (frontends, rendezvous store) runs on this node, never a worker host
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        controller = ControllerActor.options(  # type: ignore[attr-defined]
+            name=f"kvrelay-controller-{uuid.uuid4().hex[:6]}", num_cpus=0,
+            max_concurrency=10_000, scheduling_strategy=here,
+        ).remote(cfg)
+        ports = ray.get(controller.start_services.remote())
+        roles = (
+            ["prefill"] * cfg.prefill_workers
+            + ["decode"] * cfg.decode_workers
+            + ["colocated"] * cfg.colocated_workers
+        )
+        ray.get([controller.add_worker.remote(role) for role in roles])
+        return cls(cfg, controller, ports, owns)
+
+    # ---- requests ------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+        import ray
+
+        for ref in self.controller.generate_stream.remote(request):
+            yield ray.get(ref)
+
+    def request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> GenerateRequest:
+        return GenerateRequest(
+            request_id or uuid.uuid4().hex,
+            self.ports.get("model_id", ""),  # type: ignore[arg-type]
+            tuple(prompt_ids),
+            params,
+            priority=priority,
+            tenant=tenant,
+        )
+
+    def complete(self, prompt_ids: Sequence[int], params: SamplingParams, **kw: Any) -> tuple[list[int], FinishReason]:
+        tokens: list[int] = []
+        reason = FinishReason.ABORT
+        for event in self.generate(self.request(prompt_ids, params, **kw)):
+            tokens += event.token_ids
+            if event.finish_reason is not None:
+                reason = event.finish_reason
+        return tokens, reason
+
+    # ---- operator and test hooks ---------------------------------------------------------
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.controller, method).remote(*args, **kwargs))
+
+    def workers(self) -> dict[str, str]:
+        return dict(self.call("worker_ids"))
+
+    def integrity(self) -> dict[str, dict[str, int]]:
+        return dict(self.call("integrity"))
+
+    def check_state(self) -> dict[str, int]:
+        """The controller's registry and request table, checked (raises when broken)."""
+        return dict(self.call("check_state"))
+
+    def counters(self) -> dict[str, Any]:
+        return dict(self.call("counters"))
+
+    def kill_worker(self, worker_id: str) -> None:
+        self.call("kill_worker", worker_id)
+
+    def inject_fault(self, worker_id: str, fault: str) -> None:
+        self.call("inject_fault", worker_id, fault)
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            self.call("shutdown")
+        except Exception:
+            pass
+        ray.kill(self.controller)
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def serve_forever(cfg: ServeConfig) -> int:
+    cluster = Cluster.start(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"kvrelay serving {cluster.ports.get('model_id')}: gRPC {cfg.host}:{cluster.ports.get('grpc_port')}"
+        f"  HTTP http://{cfg.host}:{cluster.ports.get('http_port')}  workers {cluster.workers()}",
+        flush=True,
+    )
+    stop.wait()
+    cluster.shutdown()
+    return 0

@@ -1,0 +1,1 @@
+"""Spot preemption: notice sources (Kubernetes, cloud metadata, admin), the pure migration planner and its executor."""

@@ -1,0 +1,269 @@
+"""CUDA graphs for pure decode steps: the model's forward plus ``compute_logits``, captured once
+per (batch size, block-table width) bucket and replayed with no Python per layer and no host
+synchronisation.
+
+Static inputs, on the device::
+
+    i64 [4, max_batch]          input_ids | positions | slot_mapping (-1 on padding rows) |
+                                context_lens (0 on padding rows): one host→device copy a step
+    i32 [max_batch * W_max]     block tables, viewed as [max_batch, W] for a bucket of width W
+
+Block tables change rarely (a sequence gains a block every ``block_size`` tokens), and
+re-sending ``[B, W]`` every step costs more host time than the whole step at batch 128, so the
+rows last sent are remembered and only changed rows go up (a pinned upload + ``index_copy_``).
+
+A graph for batch size ``b`` reads the first ``b`` entries of each row and a ``[b, W]`` view of
+the tables; rows past the live batch are padding: slot -1 (no KV write), context 0 (the decode
+kernel writes zeros for them), token 0 at position 0. The Triton decode kernel derives its grid
+and split-K partitioning from the table's width (never from values), so a bucket's width is
+part of the captured shape: widths grow by 4x from 16 blocks up to the model's context, and a
+step takes the smallest width holding its longest table, which keeps split-K close to what an
+eager step of that length would choose (a table padded to the full 128k context would give one
+partition per KV head to a 1k-token sequence).
+
+Graphs share one memory pool and are captured largest first; each keeps its own logits output,
+which stays valid until that graph is replayed again.
+
+Capture runs while other threads of the worker use the same GPU (the KV transport packing or
+receiving blocks, the swap thread): it is captured in ``thread_local`` error mode, so only this
+thread's calls can invalidate it. A capture that fails anyway is not fatal: that bucket runs
+eagerly and is tried again later (``MAX_CAPTURE_FAILURES`` times at most).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_CAPTURE_FAILURES = 3
+MIN_WIDTH_BLOCKS = 16
+WIDTH_GROWTH = 4
+
+
+def host_to_device(
+    values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A small host list as a device tensor without a stream sync.
+
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory, which synchronises the
+    stream (it waits for every queued kernel). A pinned staging tensor copied with
+    ``non_blocking`` only enqueues the copy; the caching host allocator keeps the staging block
+    until the copy has run.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def capture_sizes(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch``, then ``max_batch`` itself."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = [b for b in BATCH_SIZES if b < max_batch]
+    return (*sizes, max_batch)
+
+
+def width_buckets(max_blocks: int) -> tuple[int, ...]:
+    """Block-table widths (blocks): 16, 64, 256, ... below ``max_blocks``, then ``max_blocks``."""
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
+    widths = []
+    w = MIN_WIDTH_BLOCKS
+    while w < max_blocks:
+        widths.append(w)
+        w *= WIDTH_GROWTH
+    return (*widths, max_blocks)
+
+
+def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
+    return next((b for b in buckets if b >= value), None)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeBatch:
+    """One decode step's rows, host side: row i feeds ``input_ids[i]`` at ``positions[i]``."""
+
+    input_ids: Sequence[int]
+    positions: Sequence[int]  # context_lens[i] == positions[i] + 1
+    slots: Sequence[int]
+    block_tables: Sequence[Sequence[int]]
+
+
+class Replay(NamedTuple):
+    """A replayed bucket: its logits rows for the live batch and the static inputs it read."""
+
+    logits: torch.Tensor  # [n, vocab] fp32, a view of the graph's output
+    input_ids: torch.Tensor  # [n] views of the static buffers
+    positions: torch.Tensor
+    attn: AttentionMetadata  # the bucket's [size]-row metadata (padding rows included)
+
+
+class _Graph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [size, vocab]
+    input_ids: torch.Tensor  # [size]
+    positions: torch.Tensor
+    attn: AttentionMetadata
+
+
+class DecodeGraphs:
+    """Decode-step graphs of one model and KV cache, captured lazily per bucket (or up front
+    with :meth:`capture_all`). ``run`` returns None when a batch fits no bucket."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D] on CUDA
+        *,
+        max_batch: int = BATCH_SIZES[-1],
+        max_blocks: int,
+    ) -> None:
+        if not kv_cache.is_cuda:
+            raise ValueError("CUDA graphs need a CUDA KV cache")
+        self.model, self.kv_cache = model, kv_cache
+        self.device = kv_cache.device
+        self.sizes = capture_sizes(max_batch)
+        self.widths = width_buckets(max_blocks)
+        self.max_batch, self.max_blocks = self.sizes[-1], self.widths[-1]
+        b, w = self.max_batch, self.max_blocks
+        self._i64 = torch.zeros((4, b), dtype=torch.int64, device=self.device)
+        self._tables = torch.zeros(b * w, dtype=torch.int32, device=self.device)
+        # what the device's table rows hold, as laid out for width ``_sent_width``
+        self._sent: list[list[int] | None] = [None] * b
+        self._sent_width = 0
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self.row_ids = torch.arange(b, device=self.device)  # [max_batch] int64, for callers
+        self.replays = 0
+        self.capture_failures: dict[tuple[int, int], int] = {}  # bucket -> failed captures
+
+    # ---- capture --------------------------------------------------------------------------
+    def _table_view(self, rows: int, width: int) -> torch.Tensor:
+        return self._tables[: rows * width].view(rows, width)
+
+    def _views(self, size: int, width: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        attn = AttentionMetadata(
+            slot_mapping=self._i64[2, :size],
+            block_tables=self._table_view(size, width),
+            context_lens=self._i64[3, :size],
+            query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=self.device),
+            is_decode=True,
+        )
+        return self._i64[0, :size], self._i64[1, :size], attn
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.model(input_ids, positions, self.kv_cache, attn)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self, size: int, width: int) -> None:
+        if size not in self.sizes or width not in self.widths:
+            raise ValueError(f"no bucket ({size}, {width}) in {self.sizes} x {self.widths}")
+        if (size, width) in self._graphs:
+            return
+        # Padding everywhere: no KV write, context 0. Warm up on a side stream first so Triton
+        # compiles and cuBLAS picks its kernels outside the capture.
+        self._i64.zero_()
+        self._i64[2].fill_(-1)
+        self._tables.zero_()
+        self._sent = [None] * self.max_batch
+        ids, pos, attn = self._views(size, width)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(ids, pos, attn)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self._forward(ids, pos, attn)
+        self._graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn)
+
+    def capture_all(self, max_width: int | None = None) -> int:
+        """Capture every bucket up to ``max_width`` blocks (largest first); returns the count."""
+        widths = [w for w in self.widths if max_width is None or w <= max_width]
+        for size in reversed(self.sizes):
+            for width in reversed(widths):
+                self.capture(size, width)
+        return len(self._graphs)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    # ---- replay ---------------------------------------------------------------------------
+    def bucket(self, batch: int, blocks: int) -> tuple[int, int] | None:
+        size, width = _bucket(batch, self.sizes), _bucket(blocks, self.widths)
+        return None if size is None or width is None else (size, width)
+
+    def run(self, batch: DecodeBatch) -> Replay | None:
+        """fp32 logits ``[n, vocab]`` of the n rows (a view of the graph's output, valid until
+        the same bucket runs again), or None when the batch fits no bucket."""
+        n = len(batch.input_ids)
+        if n == 0:
+            return None
+        blocks = max(len(t) for t in batch.block_tables)
+        key = self.bucket(n, blocks)
+        if key is None:
+            return None
+        size, width = key
+        if key not in self._graphs:
+            if self.capture_failures.get(key, 0) >= MAX_CAPTURE_FAILURES:
+                return None
+            try:
+                self.capture(size, width)
+            except RuntimeError as exc:  # torch.AcceleratorError is one: run eagerly instead
+                self.capture_failures[key] = self.capture_failures.get(key, 0) + 1
+                log.warning("CUDA graph capture of bucket %s failed (%d): %s; running eagerly",
+                            key, self.capture_failures[key], exc)
+                return None
+        graph = self._graphs[key]
+        self._stage(batch, size, width)
+        graph.graph.replay()
+        self.replays += 1
+        return Replay(graph.logits[:n], graph.input_ids[:n], graph.positions[:n], graph.attn)
+
+    def _stage(self, batch: DecodeBatch, size: int, width: int) -> None:
+        """Enqueue the bucket's inputs: one pinned non-blocking copy of ids / positions / slots
+        / contexts, and the changed table rows. Staging tensors come fresh from the caching
+        host allocator, which hands a block out again only once the copy reading it has run, so
+        nothing here waits on the device."""
+        n, b = len(batch.input_ids), self.max_batch
+        host = torch.empty((4, b), dtype=torch.int64, pin_memory=True)
+        rows = host.numpy()
+        rows[0, :n] = batch.input_ids
+        rows[1, :n] = batch.positions
+        rows[2, :n] = batch.slots
+        rows[3, :n] = rows[1, :n] + 1
+        rows[:, n:] = 0
+        rows[2, n:] = -1  # padding rows: no KV write, context 0 (the kernel writes zeros)
+        self._i64.copy_(host, non_blocking=True)
+        if width != self._sent_width:
+            self._sent = [None] * b
+            self._sent_width = width
+        sent = self._sent
+        changed = [i for i, t in enumerate(batch.block_tables) if sent[i] != t]
+        if not changed:
+            return
+        host_rows = torch.zeros((len(changed), width), dtype=torch.int32, pin_memory=True)
+        staged = host_rows.numpy()
+        for k, i in enumerate(changed):
+            table = batch.block_tables[i]
+            staged[k, : len(table)] = table
+            sent[i] = list(table)
+        index = torch.tensor(changed, dtype=torch.int64, pin_memory=True)
+        self._table_view(b, width).index_copy_(
+            0,
+            index.to(self.device, non_blocking=True),
+            host_rows.to(self.device, non_blocking=True),
+        )

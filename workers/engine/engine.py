@@ -1,0 +1,337 @@
+"""The worker engine: ``step()`` = schedule → run model → sample → emit.
+
+One engine owns one model, one KV cache tensor and the block pool over it. It is driven by one
+thread (``workers/engine/loop.py`` runs it for served workers); nothing here is thread-safe.
+
+Disaggregation hooks: a request added with ``prefill_only`` stops after its first token and is
+parked in HANDOFF with its blocks held until ``finish_handoff``; a decode engine ``reserve``s
+blocks, receives KV into them, and continues the request with ``add_prefilled``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrelay.workers.engine.policy import make_policy
+from kvrelay.workers.engine.rates import prefill_rate, running_average
+from kvrelay.workers.engine.runner import ModelRunner
+from kvrelay.workers.engine.sampler import Sampler, SampleRow
+from kvrelay.workers.engine.scheduler import ScheduledSeq, Scheduler
+from kvrelay.workers.engine.sequence import Sequence
+from kvrelay.workers.kv.block_hash import namespace_hash
+from kvrelay.workers.kv.block_pool import BlockPool
+from kvrelay.workers.kv.tiers import build_cpu_tier, check_held
+from kvrelay.workers.model.llama import kv_cache_shape
+from kvrelay.workers.model.loader import LoadedModel
+from kvrelay.workers.types import FinishReason, KVEvent, PoolStats, SamplingParams, TokenEvent
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: as many as kv_cache_gb holds
+    kv_cache_gb: float = 0.5
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget (prefill chunk size)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    # the CPU tier (pinned host memory on CUDA): demotion target, prefix hits, swap space
+    cpu_num_blocks: int | None = None  # None: as many as cpu_kv_gb holds; 0 disables the tier
+    cpu_kv_gb: float = 0.5
+    policy: str = "fcfs"  # "fcfs" | "priority" | "fair" (workers/engine/policy.py)
+    preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
+    swap_gb_per_s: float = 8.0  # host<->device copy rate the auto rule assumes
+    recompute_tokens_per_s: float | None = None  # None: measured from this engine's prefills
+    async_swaps: bool | None = None  # copies on a background thread; None: on CUDA only
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    pool: PoolStats
+    running: int
+    waiting: int
+    handoff: int
+    prompt_tokens_computed: int
+    decode_tokens_computed: int
+    preemptions: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    steps: int
+    extra: dict[str, float] = field(default_factory=dict)
+    cpu_pool: PoolStats | None = None  # None: no CPU tier
+    prefix_hit_tokens_cpu: int = 0  # of prefix_hit_tokens, served from the CPU tier
+    swaps_out: int = 0
+    swaps_in: int = 0
+    swap_bytes: int = 0  # bytes copied by swaps, both directions
+    recompute_preemptions: int = 0  # preemptions = swaps_out + recompute_preemptions
+
+
+class Engine:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), *, device: str = "cpu"
+    ) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(device)
+        dtype = next(loaded.model.parameters()).dtype
+        bs = config.block_size
+        per_block = kv_cache_shape(loaded.config, 1, bs)
+        block_bytes = torch.Size(per_block).numel() * dtype.itemsize
+        num_blocks = config.num_blocks or max(16, int(config.kv_cache_gb * 2**30 // block_bytes))
+        self.block_bytes = block_bytes
+        self.kv_cache = torch.zeros(
+            kv_cache_shape(loaded.config, num_blocks, bs), dtype=dtype, device=self.device
+        )
+        self.pool = BlockPool(num_blocks, bs)
+        self.copier, self.cpu_tier = build_cpu_tier(
+            self.kv_cache, self.pool, num_blocks=config.cpu_num_blocks,
+            kv_gb=config.cpu_kv_gb, async_copies=config.async_swaps,
+        )
+        self._measured_tps = config.recompute_tokens_per_s is None
+        self.scheduler = Scheduler(
+            self.pool,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            hash_root=namespace_hash(loaded.model_id),
+            enable_prefix_caching=config.enable_prefix_caching,
+            policy=make_policy(config.policy),
+            tier=self.cpu_tier,
+            preemption_mode=config.preemption_mode,
+            swap_bytes_per_s=config.swap_gb_per_s * 1e9,
+            recompute_tokens_per_s=config.recompute_tokens_per_s or 2000.0,
+        )
+        self.runner = ModelRunner(loaded.model, self.kv_cache, bs)
+        self.sampler = Sampler(seed=config.seed)
+        self.max_context = loaded.config.max_context
+        # a sequence ends ("length") when it holds every block of the pool: it could not grow,
+        # and preempting it would only bring it back to the same wall
+        self.max_seq_tokens = min(self.max_context, self.pool.num_blocks * bs)
+        self.eos_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
+            getattr(loaded.tokenizer, "eos_token_ids", ()) or ()
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self.handoffs: dict[str, Sequence] = {}
+        self.prompt_tokens_computed = 0
+        self.decode_tokens_computed = 0
+        self.steps = 0
+        self.idle = True  # the last step had nothing it could schedule
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        output_ids: Seq[int] = (),
+        tenant: str = "",
+        priority: int = 0,
+        prefill_only: bool = False,
+    ) -> None:
+        """Queue a request. ``output_ids`` resumes one that already produced tokens elsewhere
+        (recompute after a migration or a crash); they are not emitted again."""
+        if request_id in self.seqs or request_id in self.handoffs:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        need = -(-(len(prompt_ids) + len(output_ids) + 1) // self.config.block_size)
+        if need > self.pool.num_blocks:
+            raise ValueError(
+                f"prompt needs {need} KV blocks; this worker's pool has {self.pool.num_blocks}"
+            )
+        if len(prompt_ids) + len(output_ids) >= self.max_context:
+            raise ValueError(
+                f"prompt of {len(prompt_ids) + len(output_ids)} tokens does not fit the "
+                f"model's context of {self.max_context}"
+            )
+        seq = Sequence(
+            request_id,
+            list(prompt_ids),
+            params,
+            output_ids=list(output_ids),
+            tenant=tenant,
+            priority=priority,
+            prefill_only=prefill_only,
+        )
+        seq.num_emitted = len(output_ids)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None) or self.handoffs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORT
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        self.idle = not plan.scheduled
+        if self.idle:
+            return []
+        self.steps += 1
+        t0 = time.perf_counter()
+        logits, inputs = self.runner.run(plan.scheduled)
+        policy = self.scheduler.policy
+        for item in plan.scheduled:
+            seq = item.seq
+            lo, hi = seq.num_computed, seq.num_computed + item.num_tokens
+            prompt_part = max(0, min(hi, len(seq.prompt_ids)) - lo)
+            self.prompt_tokens_computed += prompt_part
+            self.decode_tokens_computed += item.num_tokens - prompt_part
+            policy.on_served(seq.tenant, prompt_part, item.num_tokens - prompt_part)
+            self.scheduler.commit_computed(item)
+        self._measure(plan.num_tokens, time.perf_counter() - t0)
+        if not inputs.sampled:
+            return []
+        rows = [
+            SampleRow(
+                it.seq.params,
+                it.seq.num_tokens,
+                it.seq.all_ids if it.seq.params.repetition_penalty != 1.0 else (),
+            )
+            for it in inputs.sampled
+        ]
+        tokens = self.sampler.sample(logits, rows).tolist()
+        return [self._append(it.seq, tok) for it, tok in zip(inputs.sampled, tokens, strict=True)]
+
+    def _measure(self, tokens: int, seconds: float) -> None:
+        """Recompute cost for the swap-or-recompute rule: prefill throughput of big steps
+        (an exponential average; decode-sized steps say little about prefill speed)."""
+        sw = self.scheduler.swapper
+        rate = prefill_rate(tokens, seconds)
+        if sw is None or not self._measured_tps or rate is None:
+            return
+        sw.tokens_per_s = running_average(sw.tokens_per_s, rate)
+
+    def _append(self, seq: Sequence, token: int) -> TokenEvent:
+        seq.output_ids.append(token)
+        params = seq.params
+        reason: FinishReason | None = None
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_tokens:
+            reason = FinishReason.LENGTH
+        cached = seq.cached_prompt_tokens if seq.num_emitted == 0 else 0
+        seq.num_emitted = len(seq.output_ids)
+        if reason is not None:
+            self._finish(seq, reason)
+        elif seq.prefill_only:
+            self.scheduler.park(seq)
+            del self.seqs[seq.request_id]
+            self.handoffs[seq.request_id] = seq
+        return TokenEvent(seq.request_id, (token,), finish_reason=reason, cached_prompt_tokens=cached)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        del self.seqs[seq.request_id]
+
+    # ---- disaggregation ------------------------------------------------------------------
+    def handoff_blocks(self, request_id: str) -> list[int]:
+        """Blocks holding the prompt's KV of a parked prefill-only request."""
+        seq = self.handoffs[request_id]
+        return seq.block_ids[: -(-seq.num_computed // self.config.block_size)]
+
+    def finish_handoff(self, request_id: str) -> None:
+        """The decode side has the KV: release the blocks (full ones stay as prefix cache)."""
+        self.scheduler.finish(self.handoffs.pop(request_id))
+
+    def reserve(self, num_blocks: int) -> list[int] | None:
+        if not self.pool.can_allocate(num_blocks):
+            return None
+        return self.pool.allocate(num_blocks)
+
+    def unreserve(self, block_ids: Seq[int]) -> None:
+        self.pool.release(reversed(list(block_ids)))
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_ids: Seq[int],
+        output_ids: Seq[int],
+        params: SamplingParams,
+        block_ids: Seq[int],
+        *,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> None:
+        """Continue a request whose prompt KV was written into reserved ``block_ids``."""
+        seq = Sequence(
+            request_id, list(prompt_ids), params, output_ids=list(output_ids),
+            tenant=tenant, priority=priority,
+        )
+        seq.block_ids = list(block_ids)
+        seq.num_emitted = len(output_ids)
+        self.seqs[request_id] = seq
+        self.scheduler.adopt(seq)
+        self.scheduler.commit_computed(ScheduledSeq(seq, len(prompt_ids)))
+
+    # ---- figures -------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        sw = s.swapper
+        return EngineStats(
+            pool=self.pool.stats(),
+            running=len(s.running),
+            waiting=len(s.waiting),
+            handoff=len(self.handoffs),
+            prompt_tokens_computed=self.prompt_tokens_computed,
+            decode_tokens_computed=self.decode_tokens_computed,
+            preemptions=s.num_preemptions,
+            prefix_query_tokens=s.prefix_queries,
+            prefix_hit_tokens=s.prefix_hits,
+            steps=self.steps,
+            extra={
+                **(self.cpu_tier.stats_extra() if self.cpu_tier else {}),
+                "swap_copies": self.copier.copies,
+                "recompute_tokens_per_s": sw.tokens_per_s if sw else 0.0,
+            },
+            cpu_pool=self.cpu_tier.pool.stats() if self.cpu_tier else None,
+            prefix_hit_tokens_cpu=s.prefix_hits_cpu,
+            swaps_out=s.swaps_out,
+            swaps_in=s.swaps_in,
+            swap_bytes=sw.swap_bytes if sw else 0,
+            recompute_preemptions=s.recompute_preemptions,
+        )
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """Both tiers' KVEvents since the last call, in the order they happened (for the
+        heartbeat; ``pool.drain_events()`` drains the same shared log)."""
+        return self.pool.drain_events()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached (unreferenced) block in both tiers."""
+        self.pool.clear_cache()
+        if self.cpu_tier is not None:
+            self.cpu_tier.pool.clear_cache()
+
+    def close(self) -> None:
+        """Stop the swap thread (in-flight copies finish first)."""
+        self.copier.close()
+
+    def check_integrity(self) -> None:
+        """Both pools' invariants; every block a request holds is referenced at least as often
+        as it is held; queues and statuses agree."""
+        self.pool.check_integrity()
+        seqs = (*self.seqs.values(), *self.handoffs.values())
+        check_held(self.pool, (b for s in seqs for b in s.block_ids))
+        cpu_held = [b for s in seqs for b in s.cpu_block_ids]
+        if self.cpu_tier is not None:
+            self.cpu_tier.pool.check_integrity()
+            check_held(self.cpu_tier.pool, cpu_held)
+        elif cpu_held:
+            raise AssertionError("CPU blocks held without a CPU tier")
+        self.scheduler.check_integrity()

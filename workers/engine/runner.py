@@ -1,0 +1,159 @@
+"""Turns a scheduler plan into model inputs, runs the model and returns the logits to sample.
+
+The batch is packed: sequence i contributes its next ``n_i`` tokens. When every n_i is 1 the
+step is a pure decode step and attention takes the decode path (one query per sequence);
+otherwise every row goes through the varlen prefill path (a decode row is a chunk of one).
+
+On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
+longest block table fit a captured bucket; the rest runs eagerly. Neither path synchronises the
+host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
+a step is the caller reading the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.workers.engine.cuda_graphs import (
+    BATCH_SIZES,
+    DecodeBatch,
+    DecodeGraphs,
+    host_to_device,
+)
+from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] rows of the packed batch whose logits are sampled
+    sampled: tuple[ScheduledSeq, ...]  # the S sequences those rows belong to
+
+
+def prepare_inputs(items: Seq[ScheduledSeq], block_size: int, device: torch.device) -> StepInputs:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    context_lens: list[int] = []
+    logits_indices: list[int] = []
+    sampled: list[ScheduledSeq] = []
+    max_blocks = max(len(it.seq.block_ids) for it in items)
+    tables = [[0] * max_blocks for _ in items]
+    for i, it in enumerate(items):
+        seq, n = it.seq, it.num_tokens
+        lo = seq.num_computed
+        for pos in range(lo, lo + n):
+            input_ids.append(seq.token_at(pos))
+            positions.append(pos)
+            slots.append(seq.block_ids[pos // block_size] * block_size + pos % block_size)
+        starts.append(starts[-1] + n)
+        context_lens.append(lo + n)
+        tables[i][: len(seq.block_ids)] = seq.block_ids
+        if it.samples:
+            logits_indices.append(starts[-1] - 1)
+            sampled.append(it)
+
+    def t(x: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return host_to_device(x, dtype, device)
+
+    attn = AttentionMetadata(
+        slot_mapping=t(slots),
+        block_tables=host_to_device(tables, torch.int32, device),  # type: ignore[arg-type]
+        context_lens=t(context_lens, torch.int32),
+        query_start_loc=t(starts, torch.int32),
+        is_decode=all(it.num_tokens == 1 for it in items),
+    )
+    return StepInputs(t(input_ids), t(positions), attn, t(logits_indices), tuple(sampled))
+
+
+def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:
+    if device.type != "cuda":
+        return False
+    if use_cuda_graphs is not None:
+        return use_cuda_graphs
+    # The reference decode body reads context lengths on the host: not capturable.
+    return (
+        os.environ.get("KVRELAY_CUDA_GRAPHS", "1") != "0"
+        and os.environ.get("KVRELAY_KERNELS") != "reference"
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        *,
+        use_cuda_graphs: bool | None = None,  # None: on for CUDA caches (KVRELAY_CUDA_GRAPHS=0 off)
+        max_graph_batch: int = BATCH_SIZES[-1],
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = kv_cache.device
+        self.graphs: DecodeGraphs | None = None
+        if _graphs_enabled(self.device, use_cuda_graphs):
+            max_blocks = min(kv_cache.shape[0], -(-model.config.max_context // block_size))
+            self.graphs = DecodeGraphs(
+                model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks
+            )
+        self.eager_steps = 0
+        self.graph_steps = 0
+
+    @torch.inference_mode()
+    def run(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs]:
+        """Returns fp32 logits ``[S, vocab]`` for the sequences that sample this step.
+
+        After a graph replay the logits are a view of the graph's output buffer: read them
+        (sample) before the next ``run``.
+        """
+        if not items:
+            raise ValueError("run() needs at least one scheduled sequence")
+        if self.graphs is not None and all(it.num_tokens == 1 for it in items):
+            out = self._run_graph(items)
+            if out is not None:
+                self.graph_steps += 1
+                return out
+        self.eager_steps += 1
+        inputs = prepare_inputs(items, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
+        if not inputs.sampled:
+            return torch.empty(0), inputs
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return logits, inputs
+
+    def _run_graph(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs] | None:
+        assert self.graphs is not None
+        bs = self.block_size
+        positions = [it.seq.num_computed for it in items]
+        batch = DecodeBatch(
+            input_ids=[it.seq.token_at(p) for it, p in zip(items, positions, strict=True)],
+            positions=positions,
+            slots=[
+                it.seq.block_ids[p // bs] * bs + p % bs
+                for it, p in zip(items, positions, strict=True)
+            ],
+            block_tables=[it.seq.block_ids for it in items],
+        )
+        replay = self.graphs.run(batch)
+        if replay is None:
+            return None
+        logits = replay.logits
+        rows = [i for i, it in enumerate(items) if it.samples]
+        if len(rows) == len(items):
+            indices = self.graphs.row_ids[: len(rows)]
+        else:  # a one-token prefill chunk that does not reach the end of its prompt
+            indices = host_to_device(rows, torch.int64, self.device)
+            logits = logits.index_select(0, indices)
+        sampled = tuple(items[i] for i in rows)
+        inputs = StepInputs(replay.input_ids, replay.positions, replay.attn, indices, sampled)
+        return logits, inputs

@@ -1,0 +1,231 @@
+"""The CPU tier behind an engine's device pool, and the block copies between the tiers.
+
+Two pools over two caches of one block shape ``[n, L, 2, bs, Hkv, D]``: the device pool over
+``kv_cache`` and a CPU pool (``Tier.CPU``) over a host tensor (pinned when the device is CUDA;
+on CPU-only engines both are host memory, same code path and accounting). Both pools write
+one shared KVEvent log, so a tier move reads REMOVED in one tier and STORED in the other.
+
+* **Demote**: the device pool calls ``demote`` with the hashed blocks it is about to reuse;
+  their KV is copied (one grouped copy) into CPU blocks that take the hashes, before
+  ``allocate`` returns. A hash already valid in CPU is not copied again. CPU eviction is LRU
+  and drops.
+* **Promote**: after the device prefix hits, ``cpu_hits`` finds the chain's following blocks in
+  CPU; ``promote`` copies them into new device blocks (the CPU copy stays cached).
+* Swapping a request out and in (``workers/engine/swap.py``) uses the same pools and copier.
+
+A copy moves n blocks with one ``copy_blocks`` call (one gather + one scatter), never n small
+ones. ``BlockCopier.copy`` runs it inline (CPU engines, or ``async_copies=False``: done when it
+returns) or on one background thread (CUDA: on its own stream) so the running batch overlaps
+the transfer; its handle is ``done()`` once the destination holds the data. The caller owns
+the ordering: source blocks stay referenced (not reused) and destination blocks are not read
+until the handle is done (FastSwitch's per-request event, no global barrier). ``copy_now`` is
+always synchronous (demotion: the evicted device blocks are reused at once).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from kvrelay.kernels import copy_blocks
+from kvrelay.workers.kv.block_pool import BlockPool
+from kvrelay.workers.types import Tier
+
+
+class CopyHandle:
+    """A copy in flight (or finished)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future[None] | None = None) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self) -> None:
+        if self._future is not None:
+            self._future.result()  # re-raises a failed copy
+
+
+DONE = CopyHandle()
+
+
+def block_nbytes(cache: torch.Tensor) -> int:
+    """Bytes of one block of a ``[num_blocks, L, 2, bs, Hkv, D]`` cache."""
+    return cache[0].numel() * cache.element_size()
+
+
+class BlockCopier:
+    def __init__(self, device: torch.device, *, async_copies: bool) -> None:
+        self._threads = (
+            ThreadPoolExecutor(1, thread_name_prefix="kv-swap") if async_copies else None
+        )
+        self._stream = (
+            torch.cuda.Stream(device) if async_copies and device.type == "cuda" else None
+        )
+        self.copies = 0  # copy_blocks calls (one per request per direction)
+        self.bytes = 0
+
+    @property
+    def is_async(self) -> bool:
+        return self._threads is not None
+
+    def copy_now(
+        self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
+    ) -> None:
+        if src_ids:
+            self._count(src, src_ids)
+            copy_blocks(src, _ids(src_ids), dst, _ids(dst_ids))
+
+    def copy(
+        self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
+    ) -> CopyHandle:
+        if len(src_ids) != len(dst_ids):
+            raise ValueError(f"copy of {len(src_ids)} blocks into {len(dst_ids)}")
+        if not src_ids:
+            return DONE
+        if self._threads is None:
+            self.copy_now(src, src_ids, dst, dst_ids)
+            return DONE
+        self._count(src, src_ids)
+        ready = None
+        if self._stream is not None:
+            # the side stream must see every write the main stream queued to the source blocks
+            ready = torch.cuda.Event()
+            ready.record()
+        return CopyHandle(
+            self._threads.submit(self._run, src, _ids(src_ids), dst, _ids(dst_ids), ready)
+        )
+
+    def _run(
+        self,
+        src: torch.Tensor,
+        src_ids: torch.Tensor,
+        dst: torch.Tensor,
+        dst_ids: torch.Tensor,
+        ready: torch.cuda.Event | None,
+    ) -> None:
+        with torch.inference_mode():
+            if self._stream is None:
+                copy_blocks(src, src_ids, dst, dst_ids)
+                return
+            with torch.cuda.stream(self._stream):
+                assert ready is not None
+                self._stream.wait_event(ready)
+                copy_blocks(src, src_ids, dst, dst_ids)
+            self._stream.synchronize()  # done() means the destination holds the data
+
+    def _count(self, src: torch.Tensor, src_ids: Sequence[int]) -> None:
+        self.copies += 1
+        self.bytes += len(src_ids) * block_nbytes(src)
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+
+
+def _ids(ids: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
+class CpuTier:
+    def __init__(
+        self,
+        device_cache: torch.Tensor,
+        device_pool: BlockPool,
+        num_blocks: int,
+        copier: BlockCopier,
+    ) -> None:
+        shape = (num_blocks, *device_cache.shape[1:])
+        self.cache = torch.empty(
+            shape, dtype=device_cache.dtype, pin_memory=device_cache.is_cuda
+        )
+        self.device_cache = device_cache
+        self.device_pool = device_pool
+        self.pool = BlockPool(
+            num_blocks, device_pool.block_size, tier=Tier.CPU, events=device_pool.event_log
+        )
+        self.copier = copier
+        self.block_bytes = block_nbytes(device_cache)
+        device_pool.on_evict = self.demote
+        self.demoted_blocks = 0
+        self.promoted_blocks = 0
+        self.demotions_dropped = 0  # evicted device blocks the CPU pool had no room for
+
+    # ---- demotion / promotion ----------------------------------------------------------------
+    def demote(self, evicted: list[tuple[int, int]]) -> None:
+        """``BlockPool.on_evict``: keep a CPU copy of hashed device blocks about to be reused."""
+        src: list[int] = []
+        hashes: list[int] = []
+        for block, h in evicted:
+            hit = self.pool.lookup([h])
+            if hit:  # already valid in CPU: refresh its LRU position only
+                self.pool.acquire(hit)
+                self.pool.release(hit)
+            else:
+                src.append(block)
+                hashes.append(h)
+        room = min(len(src), self.pool.num_available)
+        self.demotions_dropped += len(src) - room
+        if room == 0:
+            return
+        src, hashes = src[:room], hashes[:room]
+        dst = self.pool.allocate(room)
+        self.copier.copy_now(self.device_cache, src, self.cache, dst)
+        for block, h in zip(dst, hashes, strict=True):
+            self.pool.commit(block, h)
+        self.pool.release(reversed(dst))
+        self.demoted_blocks += room
+
+    def cpu_hits(self, hashes: Sequence[int]) -> list[int]:
+        """CPU blocks holding the leading run of ``hashes`` (no reference taken)."""
+        return self.pool.lookup(hashes)
+
+    def promote(
+        self, cpu_ids: Sequence[int], device_ids: Sequence[int], hashes: Sequence[int]
+    ) -> None:
+        """Copy CPU hits into freshly allocated (referenced) device blocks and commit their
+        hashes there. The caller holds a CPU reference on ``cpu_ids`` across the device
+        allocation (so a demotion cannot evict them) and releases it afterwards."""
+        self.copier.copy_now(self.cache, cpu_ids, self.device_cache, device_ids)
+        for block, h in zip(device_ids, hashes, strict=True):
+            self.device_pool.commit(block, h)
+        self.promoted_blocks += len(cpu_ids)
+
+    def stats_extra(self) -> dict[str, int]:
+        return {
+            "demoted_blocks": self.demoted_blocks,
+            "promoted_blocks": self.promoted_blocks,
+            "demotions_dropped": self.demotions_dropped,
+        }
+
+
+def build_cpu_tier(
+    device_cache: torch.Tensor,
+    device_pool: BlockPool,
+    *,
+    num_blocks: int | None,
+    kv_gb: float,
+    async_copies: bool | None,
+) -> tuple[BlockCopier, CpuTier | None]:
+    """The copier and the CPU tier (None when it has 0 blocks) for one engine.
+    ``num_blocks=None``: as many as ``kv_gb`` holds; ``async_copies=None``: on CUDA only."""
+    device = device_cache.device
+    copier = BlockCopier(
+        device, async_copies=device.type == "cuda" if async_copies is None else async_copies
+    )
+    n = int(kv_gb * 2**30 // block_nbytes(device_cache)) if num_blocks is None else num_blocks
+    if n < 0 or kv_gb < 0:
+        raise ValueError(f"cpu_num_blocks and cpu_kv_gb must be >= 0, got {n}, {kv_gb}")
+    return copier, (CpuTier(device_cache, device_pool, n, copier) if n else None)
+
+
+def check_held(pool: BlockPool, held: Iterable[int]) -> None:
+    """Every block requests hold is referenced at least as often as it is held."""
+    for block, count in Counter(held).items():
+        if pool.ref_count(block) < count:
+            raise AssertionError(f"{pool.tier.value} block {block} held more often than referenced")

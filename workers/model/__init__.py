@@ -1,0 +1,1 @@
+"""The model: config, the Llama-family decoder, loaders (HF folder, GGUF), tokenizer and detokenizer."""

@@ -1,0 +1,39 @@
+"""From token events to text: incremental detokenization and stop strings, per request.
+
+Used wherever tokens become text for a client (the offline ``LLM``, the cluster's frontends).
+Workers emit token ids only; stop strings are found here, and the caller then aborts the
+request on its worker (at most one step of extra work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from kvrelay.workers.model.detokenize import IncrementalDetokenizer
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+
+
+class RequestText:
+    def __init__(self, tokenizer: object, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        decode = tokenizer.decode  # type: ignore[attr-defined]
+        self.detok = IncrementalDetokenizer(decode, params.stop, prompt_ids=prompt_ids)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+
+    def process(self, event: TokenEvent) -> tuple[TokenEvent, bool]:
+        """Fill the event's text. Returns (event, stop_string_hit); on a hit the event is the
+        request's last (finish_reason STOP) and the caller must abort it on its worker."""
+        if self.finish_reason is not None:
+            return dataclasses.replace(event, token_ids=(), text=""), False
+        self.token_ids += event.token_ids
+        result = self.detok.push(list(event.token_ids))
+        delta = result.text_delta
+        stop_hit = result.stop_hit and event.finish_reason is None
+        reason = FinishReason.STOP if result.stop_hit else event.finish_reason
+        if reason is not None and not result.stop_hit:
+            delta += self.detok.flush().text_delta
+        self.text += delta
+        self.finish_reason = reason
+        return dataclasses.replace(event, text=delta, finish_reason=reason), stop_hit

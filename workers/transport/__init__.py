@@ -1,0 +1,1 @@
+"""KV transport between workers: pairwise channels, wire format, staging buffers, CUDA IPC."""
