@@ -29,16 +29,19 @@ from kvrelay.cluster.autosize import AutosizeConfig, PoolAutosizer
 from kvrelay.cluster.backend import (
     GenerateRequest,
     ModelInfo,
+    Readiness,
     TokenizerLike,
 )
+from kvrelay.cluster.capacity import PoolMember, largest_prompt, readiness, servable
 from kvrelay.cluster.controller_admin import ControllerAdmin
 from kvrelay.cluster.controller_handoff import ControllerHandoff
 from kvrelay.cluster.controller_health import ControllerHealth
 from kvrelay.cluster.flights import DECODE, HANDOFF, PREFILL, QUEUED, Flight
+from kvrelay.cluster.frontend_errors import ApiError, ErrorCode
 from kvrelay.cluster.metrics import Metrics
 from kvrelay.cluster.preemption import PreemptionExecutor
 from kvrelay.cluster.router.types import Role, RouteRequest, WorkerLoad
-from kvrelay.cluster.routing import Pull, Routing, RoutingConfig
+from kvrelay.cluster.routing import Pull, RoutePlan, Routing, RoutingConfig
 from kvrelay.cluster.worker_client import WorkerClient, WorkerGone
 from kvrelay.workers.output import RequestText
 from kvrelay.workers.types import FinishReason, TokenEvent
@@ -59,6 +62,11 @@ class ControllerConfig:
     # a process that dies is seen at once (its calls fail); this only catches a hung worker, and
     # must outlast the longest engine step under load (the heartbeat runs between steps)
     heartbeat_timeout_s: float = 60.0
+    # role -> configured pool size: what /ready waits for and supervision keeps up
+    pool_sizes: tuple[tuple[str, int], ...] = ()
+    # a request that no worker can take (startup, all drained, all full) waits this long,
+    # then gets UNAVAILABLE (HTTP 503 + Retry-After)
+    admission_wait_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -144,6 +152,54 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
                 if flight.owner == worker_id:
                     await self._redispatch(flight)
 
+    # ---- readiness and admission -----------------------------------------------------------
+    def members(self) -> list[PoolMember]:
+        return [
+            PoolMember(w.info.worker_id, w.role, w.healthy, w.draining, w.info.num_blocks)
+            for w in self.workers.values()
+        ]
+
+    def readiness(self) -> Readiness:
+        return readiness(self.members(), dict(self.config.pool_sizes))
+
+    def _wait_budget(self, request: GenerateRequest) -> float:
+        wait = self.config.admission_wait_s
+        if request.deadline_s is not None:
+            wait = min(wait, request.deadline_s - time.time())
+        return max(0.0, wait)
+
+    def _unavailable(self, why: str) -> ApiError:
+        retry = max(1.0, self.config.admission_wait_s / 2)
+        return ApiError(ErrorCode.UNAVAILABLE, f"{why}; retry after {retry:g} s",
+                        retry_after_s=retry)
+
+    async def _wait_for(self, cond: Any, budget_s: float) -> bool:
+        """Poll ``cond()`` (a registry question, microseconds) until true or the budget ends."""
+        deadline = time.monotonic() + budget_s
+        pause = 0.02
+        while not cond():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.25)
+        return True
+
+    async def admit(self, request: GenerateRequest) -> None:
+        """Wait (bounded) until some worker can take requests, then check the prompt against
+        the pools' capacity. Raises UNAVAILABLE or INVALID_ARGUMENT (see backend.py)."""
+        if not await self._wait_for(lambda: servable(self.members()),
+                                    self._wait_budget(request)):
+            raise self._unavailable(f"no worker can take requests ({self.readiness().reason()})")
+        limit = largest_prompt(self.members(), self.config.routing.block_size)
+        n = len(request.prompt_token_ids)
+        if limit is not None and n > limit:
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"prompt of {n} tokens is longer than the largest KV pool can hold "
+                f"({limit} tokens); shorten it or serve with a larger --kv-cache-gb",
+                param="prompt",
+            )
+
     # ---- requests ------------------------------------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
         return [self.config.model]
@@ -215,11 +271,15 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
                 flight.request_id, self.routing.hashes(tokens), len(tokens),
                 flight.req.tenant, flight.req.priority,
             )
-            loads = [self._load(w) for w in self.workers.values() if w.healthy and not w.draining]
-            plan = self.routing.plan(request, loads, len(tokens))
-            if plan is None:
-                flight.finish(FinishReason.ABORT)
-                raise RuntimeError("no healthy worker with room for the request")
+            plan = self._route(request, len(tokens))
+            if plan is None:  # nobody has room now: wait (bounded) for a worker that has
+                if not await self._wait_for(
+                    lambda r=request, n=len(tokens): self._route(r, n) is not None,
+                    self._wait_budget(flight.req),
+                ):
+                    flight.finish(FinishReason.ABORT)
+                    raise self._unavailable("no healthy worker with room for the request")
+                continue
             target = self.workers[plan.worker]
             split = plan.mode == "split"
             if plan.pull is not None:
@@ -240,6 +300,10 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
             if plan.mode == "local":
                 self.local_prefills += 1
             return
+
+    def _route(self, request: RouteRequest, num_tokens: int) -> RoutePlan | None:
+        loads = [self._load(w) for w in self.workers.values() if w.healthy and not w.draining]
+        return self.routing.plan(request, loads, num_tokens)
 
     def _load(self, w: WorkerEntry) -> WorkerLoad:
         hb = w.heartbeat
@@ -333,8 +397,15 @@ class Controller(ControllerAdmin, ControllerHandoff, ControllerHealth):
         """One call per worker step, carrying that step's tokens for all its requests."""
         for event in events:
             flight = self.flights.get(event.request_id)
-            if flight is None or flight.done or flight.owner != worker_id:
-                continue  # stale: the request moved or ended
+            if flight is None or flight.done:
+                # the request ended here before the worker heard of it (a deadline or cancel
+                # whose abort overtook the submit): the worker holds blocks for nobody
+                entry = self.workers.get(worker_id)
+                if entry is not None and event.finish_reason is None:
+                    self._spawn(self._quiet_abort(entry, event.request_id))
+                continue
+            if flight.owner != worker_id:
+                continue  # stale: the request moved
             out, stop_hit = flight.accept(event)
             flight.queue.put_nowait(out)
             if stop_hit:

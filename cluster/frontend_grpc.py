@@ -188,6 +188,15 @@ class GrpcFrontend:
             raise invalid("worker_id is empty", "worker_id")
         return apb.DrainResponse(accepted=await self.core.backend.drain(req.worker_id))
 
+    async def undrain(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._unary(context, True, self._undrain, data)
+
+    async def _undrain(self, data: bytes, caller: Caller) -> Message:
+        req = _parse(apb.DrainRequest, data)
+        if not req.worker_id:
+            raise invalid("worker_id is empty", "worker_id")
+        return apb.DrainResponse(accepted=await self.core.backend.undrain(req.worker_id))
+
     async def notify_preemption(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(context, True, self._notify, data)
 
@@ -229,6 +238,7 @@ class GrpcFrontend:
         adm = {
             "ClusterStatus": grpc.unary_unary_rpc_method_handler(self.cluster_status),
             "Drain": grpc.unary_unary_rpc_method_handler(self.drain),
+            "Undrain": grpc.unary_unary_rpc_method_handler(self.undrain),
             "NotifyPreemption": grpc.unary_unary_rpc_method_handler(self.notify_preemption),
         }
         return [
@@ -271,7 +281,7 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"gRPC server could not bind {address}")
     await server.start()
-    for service in ("", GENERATION, ADMIN):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    # "" and GENERATION follow the backend's readiness (frontend_health.py); ADMIN always serves
+    await health_servicer.set(ADMIN, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC frontend listening on %s:%d (tls=%s)", host, bound, credentials is not None)
     return server, bound, health_servicer

@@ -5,8 +5,8 @@
 ``integrity()`` reports every pool's figures.
 
 Ray's token authentication (on by default since Ray 2.60) is turned off for the local cluster
-this command starts itself: it binds to 127.0.0.1 only, so nothing outside the machine can
-reach it. When joining an existing cluster (``--address``), the caller's ``RAY_AUTH_MODE`` and
+this command starts itself: every listener of it binds 127.0.0.1 (cluster/local_ray.py), so
+nothing outside the machine can reach it. When joining an existing cluster (``--address``), the caller's ``RAY_AUTH_MODE`` and
 token are used as they are.
 """
 
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import threading
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -56,6 +55,11 @@ class ServeConfig:
     policy: str = "fcfs"  # fcfs | priority | fair (per-tenant virtual token counter)
     preemption_mode: str = "auto"  # auto | swap | recompute
     handoff_timeout_s: float = 30.0
+    admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503
+    shutdown_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    http_header_timeout_s: float = 10.0  # a connection's request head must arrive by then
+    http_body_timeout_s: float = 30.0  # a request body must arrive by then (408 otherwise)
+    http_max_connections: int = 1024
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     router: str = "kv"  # kv | round_robin | least_loaded
     ttft_slo_s: float = 2.0
@@ -144,6 +148,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata-interval-s", type=float, default=5.0)
     p.add_argument("--preemption-grace-s", type=float, default=30.0,
                    help="notice a worker's SIGTERM gives before it must be gone")
+    p.add_argument("--admission-wait-s", type=_positive_float, default=10.0,
+                   help="how long a request waits for a worker with room before 503")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM, how long in-flight requests get to finish")
+    p.add_argument("--http-header-timeout-s", type=_positive_float, default=10.0,
+                   help="close an HTTP connection whose request head is not in by then")
+    p.add_argument("--http-body-timeout-s", type=_positive_float, default=30.0,
+                   help="answer 408 and close when a request body is not in by then")
+    p.add_argument("--http-max-connections", type=int, default=1024)
     p.add_argument("--max-concurrent-streams", type=int, default=256)
     p.add_argument("--max-queue-depth", type=int, default=1024)
     p.add_argument("--threads-per-worker", type=int, default=None)
@@ -204,12 +217,10 @@ class Cluster:
         owns = not ray.is_initialized()
         if owns:
             if cfg.address is None:
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see module docstring
-                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                ray.init(
+                from kvrelay.cluster.local_ray import init_local_ray
+
+                init_local_ray(  # every Ray listener on 127.0.0.1 (see local_ray.py)
                     num_cpus=max(4, cfg.num_workers + 2),
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
                     namespace="kvrelay",
                     log_to_driver=bool(os.environ.get("KVRELAY_RAY_LOGS")),
                 )
@@ -233,6 +244,7 @@ class Cluster:
             + ["colocated"] * cfg.colocated_workers
         )
         ray.get([controller.add_worker.remote(role) for role in roles])
+        ray.get(controller.supervise.remote())  # from now on a dead worker is replaced
         return cls(cfg, controller, ports, owns)
 
     # ---- requests ------------------------------------------------------------------------
@@ -308,16 +320,27 @@ class Cluster:
         self.shutdown()
 
 
-def serve_forever(cfg: ServeConfig) -> int:
-    cluster = Cluster.start(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(
-        f"kvrelay serving {cluster.ports.get('model_id')}: gRPC {cfg.host}:{cluster.ports.get('grpc_port')}"
-        f"  HTTP http://{cfg.host}:{cluster.ports.get('http_port')}  workers {cluster.workers()}",
-        flush=True,
+def exposure_warning(cfg: ServeConfig) -> str | None:
+    """The warning for frontends served beyond this machine with no API key, else None."""
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(cfg.host).is_loopback
+    except ValueError:
+        loopback = cfg.host == "localhost"
+    if loopback or cfg.api_keys:
+        return None
+    return (
+        f"WARNING: serving on {cfg.host} with no API key: anyone who can reach this address "
+        "can generate, cancel and read the models. Pass --api-key-file (and --admin-key-file), "
+        "or bind 127.0.0.1 behind an authenticating proxy."
     )
-    stop.wait()
-    cluster.shutdown()
-    return 0
+
+
+def serve_forever(cfg: ServeConfig) -> int:
+    warning = exposure_warning(cfg)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+    from kvrelay.cluster.serve_loop import run_until_stopped
+
+    return run_until_stopped(cfg, Cluster.start)
