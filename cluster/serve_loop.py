@@ -94,6 +94,9 @@ def run_until_stopped(cfg: ServeConfig, start: Callable[[ServeConfig], Cluster])
     signals = _Signals()
     signals.install()
     cluster = start(cfg)
+    signals.install()  # again: ray.init put its own crash handler (which exits) on SIGTERM
+    if signals.stop.is_set():
+        _say("stopped during startup")
     ports = cluster.ports
     print(
         f"kvrelay serving {ports.get('model_id')}: gRPC {cfg.host}:{ports.get('grpc_port')}"
