@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("extra", nargs="*", help="flags for kvrelay serve (after --)")
     args = p.parse_args(argv)
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     warm = one_run(args.extra)  # exports the GGUF cache if needed; not counted
     print(f"warm-up run: {json.dumps({k: round(v, 2) for k, v in warm.items()})}", flush=True)
     runs = [one_run(args.extra) for _ in range(args.runs)]
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         vals = [r[key] for r in runs]
         print(f"{key}: median {statistics.median(vals):.2f} s  min {min(vals):.2f}  "
               f"max {max(vals):.2f}  (n={len(vals)}, cpus={os.cpu_count()})")
+    print(f"load average at end: {os.getloadavg()}", flush=True)
     return 0
 
 

@@ -142,7 +142,7 @@ class ControllerActor(Controller):
         self._store_addr: tuple[str, int] | None = None
         self._frontends: Any = None
         self._metrics_server: Any = None
-        self._starting: collections.Counter[str] = collections.Counter()  # role -> add_worker
+        self._starting: dict[str, str] = {}  # worker id -> role, while add_worker runs
         self.supervision = Supervision(
             {"prefill": cfg.prefill_workers, "decode": cfg.decode_workers,
              "colocated": cfg.colocated_workers},
@@ -180,17 +180,17 @@ class ControllerActor(Controller):
     ) -> str:
         """Start a worker of ``role`` (on the node placement picks, or the one given) and
         register it; usable while the cluster serves (replacement capacity, node joins)."""
-        self._starting[role] += 1
+        worker_id = worker_id or f"{role[0]}-{uuid.uuid4().hex[:6]}"
+        self._starting[worker_id] = role
         try:
             return await self._add_worker(role, worker_id, placement)
         finally:
-            self._starting[role] -= 1
+            del self._starting[worker_id]
 
     async def _add_worker(
-        self, role: str, worker_id: str | None, placement: Placement | None
+        self, role: str, worker_id: str, placement: Placement | None
     ) -> str:
         cfg = self.cfg
-        worker_id = worker_id or f"{role[0]}-{uuid.uuid4().hex[:6]}"
         if placement is None:
             placement = await self.pools.place(role, worker_id)
         else:
@@ -252,11 +252,16 @@ class ControllerActor(Controller):
         while True:
             await asyncio.sleep(interval_s)
             live = collections.Counter(w.role for w in self.workers.values())
+            starting = collections.Counter(self._starting.values())
+            # a worker that died still holds its placement slot: give it back first
+            for placed in self.pools.placed():
+                if placed.worker_id not in self.workers and placed.worker_id not in self._starting:
+                    self.pools.forget(placed.worker_id)
             now = time.monotonic()
-            for role in self.supervision.due(now, live, self._starting):
+            for role in self.supervision.due(now, live, starting):
                 self.supervision.started(role, now)
                 log.warning("pool %s is below its size (%d live, %d starting): starting a "
-                            "replacement", role, live[role], self._starting[role])
+                            "replacement", role, live[role], starting[role])
                 self._spawn(self._replace(role))
 
     async def _replace(self, role: str) -> None:

@@ -256,12 +256,17 @@ async def start_grpc_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start the gRPC server on the running loop; returns (server, bound port, health)."""
     max_bytes = core.limits.max_message_bytes
+    lim = core.limits
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.max_connection_idle_ms", 300_000),  # an idle connection goes after 5 min
+        ],
+        # a bound on calls in progress, far enough above admission's own (streams + queue)
+        # that clients normally meet admission's RESOURCE_EXHAUSTED with its retry hint first
+        maximum_concurrent_rpcs=2 * (lim.max_streams + lim.max_queue) + 64,
     )
     server.add_generic_rpc_handlers(GrpcFrontend(core).handlers())
     health_servicer = health.aio.HealthServicer()

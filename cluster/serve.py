@@ -13,8 +13,10 @@ token are used as they are.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -212,8 +214,12 @@ class Cluster:
     def start(cls, cfg: ServeConfig) -> Cluster:
         import ray
 
-        from kvrelay.cluster.actors import ControllerActor
-
+        # importing the actor classes imports torch (seconds on a small machine): do it while
+        # Ray's processes start, not before
+        imported = threading.Thread(
+            target=importlib.import_module, args=("kvrelay.cluster.actors",), daemon=True
+        )
+        imported.start()
         owns = not ray.is_initialized()
         if owns:
             if cfg.address is None:
@@ -227,6 +233,9 @@ class Cluster:
             else:
                 ray.init(address=cfg.address, namespace="kvrelay")
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        imported.join()
+        from kvrelay.cluster.actors import ControllerActor
 
         if cfg.address is not None:  # joining: rendezvous and workers on routable addresses
             cfg = replace(cfg, transport_host=cfg.transport_host or "auto",
