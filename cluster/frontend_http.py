@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP frontend (aiohttp, on the same event loop as the gRPC server).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE when ``stream``), GET /v1/models,
-GET /health, and optionally GET /metrics. Errors use OpenAI's JSON shape with the HTTP status
+GET /health (liveness), GET /ready (readiness, frontend_health.py), and optionally GET /metrics.
+The listener bounds connections and header / body read times (http_guard.py). Errors use OpenAI's JSON shape with the HTTP status
 of ``ErrorCode``; 429 carries ``Retry-After``. The runner cancels a handler whose client went
 away (``handler_cancellation``), so the stream's ``finally`` frees the request.
 """
