@@ -18,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from kvrelay.cluster.flights import DECODE, Flight
+from kvrelay.cluster.flights import DECODE, HANDOFF, Flight
 from kvrelay.cluster.router.types import RouteDecision, RouteRequest, WorkerLoad
 from kvrelay.cluster.worker_client import WorkerGone
 from kvrelay.workers.types import FinishReason
@@ -157,11 +157,17 @@ class ControllerHandoff:
         req = flight.req
         flight.owner = did
         flight.phase = DECODE
-        await d.client.call(
-            "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
-            req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,
-            timeout=30,
-        )
+        try:
+            await d.client.call(
+                "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
+                req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,
+                timeout=30,
+            )
+        except WorkerGone as exc:  # d died holding the copy; p still holds the KV: not p's fault
+            flight.owner, flight.phase = None, HANDOFF
+            d.assigned.discard(rid)
+            await self._worker_failed(did, f"accept: {exc}")
+            return False
         p.assigned.discard(rid)
         self.handoffs_done += 1
         self.handoff_bytes += received
