@@ -234,5 +234,6 @@ UNARY = {
     "ListModels": (GENERATION, gpb.ListModelsResponse),
     "ClusterStatus": (ADMIN, apb.ClusterStatusResponse),
     "Drain": (ADMIN, apb.DrainResponse),
+    "Undrain": (ADMIN, apb.DrainResponse),
     "NotifyPreemption": (ADMIN, apb.NotifyPreemptionResponse),
 }

@@ -179,6 +179,10 @@ class AsyncClient:
         resp = await self._unary("ClusterStatus", apb.ClusterStatusRequest(), timeout)
         return status_from_proto(resp)
 
+    async def undrain(self, worker: str, *, timeout: float | None = None) -> bool:
+        resp = await self._unary("Undrain", apb.DrainRequest(worker_id=worker), timeout)
+        return bool(resp.accepted)
+
     async def drain(self, worker: str, *, timeout: float | None = None) -> bool:
         resp = await self._unary("Drain", apb.DrainRequest(worker_id=worker), timeout)
         return bool(resp.accepted)

@@ -176,6 +176,9 @@ class Client:
     def drain(self, worker: str, *, timeout: float | None = None) -> bool:
         return bool(self._unary("Drain", apb.DrainRequest(worker_id=worker), timeout).accepted)
 
+    def undrain(self, worker: str, *, timeout: float | None = None) -> bool:
+        return bool(self._unary("Undrain", apb.DrainRequest(worker_id=worker), timeout).accepted)
+
     def notify_preemption(
         self, worker: str, deadline_s: float, *, timeout: float | None = None
     ) -> bool:

@@ -50,6 +50,17 @@ class ClusterStatus:
     in_flight: int
 
 
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    missing: tuple[str, ...] = ()  # configured roles with no worker that can take work
+
+    def reason(self) -> str:
+        if self.ready:
+            return "ready"
+        return "no healthy worker in pool(s): " + ", ".join(self.missing)
+
+
 class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, token_ids: Sequence[int]) -> str: ...
@@ -64,7 +75,19 @@ class ClusterBackend(Protocol):
         iterator early (client gone) cancels the request and frees its blocks."""
         ...
 
+    async def admit(self, request: GenerateRequest) -> None:
+        """Called once before ``generate``: wait (bounded) until the cluster can take the
+        request. Raises ``ApiError``: UNAVAILABLE when nothing can take it in time (startup,
+        every worker drained or dead), INVALID_ARGUMENT when it can never fit."""
+        ...
+
+    def readiness(self) -> Readiness:
+        """Whether every configured pool has a worker that can take work (``/ready``)."""
+        ...
+
     async def cancel(self, request_id: str) -> bool: ...
     async def cluster_status(self) -> ClusterStatus: ...
     async def drain(self, worker_id: str) -> bool: ...
+
+    async def undrain(self, worker_id: str) -> bool: ...
     async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool: ...

@@ -185,6 +185,11 @@ class FrontendCore:
         self.admission = Admission(limits)
         # request id -> who started it, and whether Cancel was asked; from acceptance to close
         self._in_flight: dict[str, _InFlight] = {}
+        self._admitting = True
+
+    def stop_admitting(self) -> None:
+        """Graceful shutdown: refuse new requests (UNAVAILABLE); those in flight go on."""
+        self._admitting = False
 
     def authorize(self, authorization: str | None, *, admin: bool) -> Caller:
         return self.keys.check(authorization, admin=admin)
@@ -217,6 +222,8 @@ class FrontendCore:
         self, raw: RawGenerate, deadline_s: float | None, id_prefix: str, caller: Caller
     ) -> RequestStream:
         t0 = time.monotonic()
+        if not self._admitting:
+            raise ApiError(ErrorCode.UNAVAILABLE, "server is shutting down", retry_after_s=1.0)
         if raw.request_id:
             request_id = check_request_id(raw.request_id)
             if request_id in self._in_flight:
@@ -234,6 +241,7 @@ class FrontendCore:
             raise ApiError(ErrorCode.ALREADY_EXISTS, f"request {request_id!r} is already in flight")
         self._in_flight[request_id] = _InFlight(caller)
         try:
+            await self.backend.admit(request)  # may wait for a worker; 503 / 400 otherwise
             timeout = None if deadline_s is None else deadline_s - time.time()
             await self.admission.acquire(timeout)
         except BaseException:

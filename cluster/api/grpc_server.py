@@ -188,6 +188,15 @@ class GrpcFrontend:
             raise invalid("worker_id is empty", "worker_id")
         return apb.DrainResponse(accepted=await self.core.backend.drain(req.worker_id))
 
+    async def undrain(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._unary(context, True, self._undrain, data)
+
+    async def _undrain(self, data: bytes, caller: Caller) -> Message:
+        req = _parse(apb.DrainRequest, data)
+        if not req.worker_id:
+            raise invalid("worker_id is empty", "worker_id")
+        return apb.DrainResponse(accepted=await self.core.backend.undrain(req.worker_id))
+
     async def notify_preemption(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(context, True, self._notify, data)
 
@@ -229,6 +238,7 @@ class GrpcFrontend:
         adm = {
             "ClusterStatus": grpc.unary_unary_rpc_method_handler(self.cluster_status),
             "Drain": grpc.unary_unary_rpc_method_handler(self.drain),
+            "Undrain": grpc.unary_unary_rpc_method_handler(self.undrain),
             "NotifyPreemption": grpc.unary_unary_rpc_method_handler(self.notify_preemption),
         }
         return [
@@ -246,12 +256,17 @@ async def start_grpc_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start the gRPC server on the running loop; returns (server, bound port, health)."""
     max_bytes = core.limits.max_message_bytes
+    lim = core.limits
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.max_connection_idle_ms", 300_000),  # an idle connection goes after 5 min
+        ],
+        # a bound on calls in progress, far enough above admission's own (streams + queue)
+        # that clients normally meet admission's RESOURCE_EXHAUSTED with its retry hint first
+        maximum_concurrent_rpcs=2 * (lim.max_streams + lim.max_queue) + 64,
     )
     server.add_generic_rpc_handlers(GrpcFrontend(core).handlers())
     health_servicer = health.aio.HealthServicer()
@@ -271,7 +286,7 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"gRPC server could not bind {address}")
     await server.start()
-    for service in ("", GENERATION, ADMIN):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    # "" and GENERATION follow the backend's readiness (frontend_health.py); ADMIN always serves
+    await health_servicer.set(ADMIN, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC frontend listening on %s:%d (tls=%s)", host, bound, credentials is not None)
     return server, bound, health_servicer

@@ -1,13 +1,15 @@
 """The OpenAI-compatible HTTP frontend (aiohttp, on the same event loop as the gRPC server).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE when ``stream``), GET /v1/models,
-GET /health, and optionally GET /metrics. Errors use OpenAI's JSON shape with the HTTP status
+GET /health (liveness), GET /ready (readiness, frontend_health.py), and optionally GET /metrics.
+The listener bounds connections and header / body read times (http_guard.py). Errors use OpenAI's JSON shape with the HTTP status
 of ``ErrorCode``; 429 carries ``Retry-After``. The runner cancels a handler whose client went
 away (``handler_cancellation``), so the stream's ``finally`` frees the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import json
@@ -15,13 +17,15 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from kvrelay.cluster.api.core import FrontendCore, RequestStream
 from kvrelay.cluster.api.errors import ApiError, ErrorCode, invalid
+from kvrelay.cluster.api.health import ReadinessTracker
+from kvrelay.cluster.api.http_guard import GuardedListener, HttpLimits
 from kvrelay.cluster.api.openai_schema import (
     chat_chunk,
     chat_json,
@@ -33,6 +37,7 @@ from kvrelay.cluster.api.openai_schema import (
     usage_chunk,
 )
 from kvrelay.cluster.api.validation import RawGenerate
+from kvrelay.workers.types import TokenEvent
 
 log = logging.getLogger(__name__)
 # /metrics: an aiohttp handler, or a callable returning the exposition bytes (sync or async)
@@ -52,22 +57,51 @@ def _sse(payload: Mapping[str, Any]) -> bytes:
 
 
 class HttpFrontend:
-    def __init__(self, core: FrontendCore, metrics: MetricsHook | None = None) -> None:
+    def __init__(
+        self,
+        core: FrontendCore,
+        metrics: MetricsHook | None = None,
+        ready: ReadinessTracker | None = None,
+        limits: HttpLimits | None = None,
+    ) -> None:
         self.core = core
         self.metrics = metrics
+        self.ready = ready
+        self.limits = limits or HttpLimits()
+        self.listener: GuardedListener | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.core.limits.max_message_bytes)
+        app = web.Application(
+            client_max_size=self.core.limits.max_message_bytes, middlewares=[self._seen]
+        )
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.readiness)
         if self.metrics is not None:
             app.router.add_get("/metrics", self.serve_metrics)
         return app
 
+    @web.middleware
+    async def _seen(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.listener is not None:  # the head arrived: the header timeout is over
+            self.listener.request_started(request.transport)
+        return await handler(request)  # type: ignore[no-any-return]
+
     # -- routes ----------------------------------------------------------------------------
+    async def readiness(self, request: web.Request) -> web.Response:
+        """Readiness (frontend_health.py): 200 only when every configured pool can take work."""
+        if self.ready is not None and self.ready.draining:
+            return web.json_response({"status": "shutting down"}, status=503)
+        state = self.core.backend.readiness()
+        if state.ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": state.reason()}, status=503,
+                                 headers={"Retry-After": "1"})
+
     async def health(self, request: web.Request) -> web.Response:
+        """Liveness: the process and its event loop answer."""
         ok = bool(self.core.backend.models())
         return web.json_response({"status": "ok" if ok else "no model"}, status=200 if ok else 503)
 
@@ -112,7 +146,11 @@ class HttpFrontend:
     # -- generation ------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            data = await request.read()
+            data = await asyncio.wait_for(request.read(), self.limits.body_timeout_s)
+        except TimeoutError as exc:
+            raise BodyTimeout(
+                f"request body not received within {self.limits.body_timeout_s:g} s"
+            ) from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise invalid(
                 f"request body larger than {self.core.limits.max_message_bytes} bytes"
@@ -144,6 +182,13 @@ class HttpFrontend:
             if streaming:
                 return await self._stream(request, stream, chat, include_usage)
             return await self._collect(stream, chat)
+        except BodyTimeout as exc:  # the connection cannot be reused: its body is half-read
+            resp = web.json_response(
+                ApiError(ErrorCode.DEADLINE_EXCEEDED, str(exc)).openai_body(), status=408,
+                headers={"Connection": "close"},
+            )
+            resp.force_close()
+            return resp
         except ApiError as err:
             return error_response(err)
         except Exception:
@@ -176,16 +221,23 @@ class HttpFrontend:
                 "x-request-id": stream.request_id,
             }
         )
-        await resp.prepare(request)
         rid, model, created = stream.request_id, stream.request.model, int(time.time())
         send: Callable[[bytes], Awaitable[None]] = resp.write
+        # the status line waits for the first event, so a request that cannot be placed
+        # (UNAVAILABLE after the bounded wait) still gets its 503 rather than an in-band error
+        events = aiter(stream.events())
+        try:
+            head: TokenEvent | None = await anext(events)
+        except StopAsyncIteration:
+            head = None
+        await resp.prepare(request)
         try:
             if chat:
                 first = chat_chunk(
                     rid, created, model, {"role": "assistant", "content": ""}, None, include_usage
                 )
                 await send(_sse(first))
-            async for ev in stream.events():
+            async for ev in _chain(head, events):
                 if not ev.text and ev.finish_reason is None:
                     continue
                 if chat:
@@ -222,6 +274,32 @@ class HttpFrontend:
         return resp
 
 
+async def _chain(
+    first: TokenEvent | None, rest: AsyncIterator[TokenEvent]
+) -> AsyncIterator[TokenEvent]:
+    if first is None:
+        return
+    yield first
+    async for ev in rest:
+        yield ev
+
+
+class BodyTimeout(Exception):
+    """The client promised a body (Content-Length) and did not send it in time."""
+
+
+class HttpServer:
+    """The running HTTP frontend: aiohttp's runner behind a GuardedListener."""
+
+    def __init__(self, runner: web.AppRunner, listener: GuardedListener) -> None:
+        self.runner = runner
+        self.listener = listener
+
+    async def cleanup(self) -> None:
+        await self.listener.close()
+        await self.runner.cleanup()
+
+
 async def start_http_server(
     core: FrontendCore,
     *,
@@ -229,13 +307,24 @@ async def start_http_server(
     port: int,
     ssl_context: ssl.SSLContext | None,
     metrics: MetricsHook | None = None,
-) -> tuple[web.AppRunner, int]:
+    ready: ReadinessTracker | None = None,
+    limits: HttpLimits | None = None,
+) -> tuple[HttpServer, int]:
+    frontend = HttpFrontend(core, metrics, ready, limits)
     runner = web.AppRunner(
-        HttpFrontend(core, metrics).app(), handler_cancellation=True, access_log=None
+        frontend.app(), handler_cancellation=True, access_log=None,
+        keepalive_timeout=frontend.limits.keepalive_timeout_s,
+        # after an error reply aiohttp drains the unread body for up to this long: a client
+        # that never sends it must not hold the connection 10 s (the default) more
+        lingering_time=1.0,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
-    bound = int(runner.addresses[0][1])
-    log.info("HTTP frontend listening on %s:%d (tls=%s)", host, bound, ssl_context is not None)
-    return runner, bound
+    try:
+        listener = await GuardedListener.start(runner, host, port, ssl_context, frontend.limits)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    frontend.listener = listener
+    log.info("HTTP frontend listening on %s:%d (tls=%s)", host, listener.port,
+             ssl_context is not None)
+    return HttpServer(runner, listener), listener.port

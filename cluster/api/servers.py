@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health
 
 from kvrelay.cluster.api.auth import ApiKeys
 from kvrelay.cluster.api.backend import ClusterBackend
 from kvrelay.cluster.api.core import FrontendCore, RequestObserver
 from kvrelay.cluster.api.grpc_server import start_grpc_server
-from kvrelay.cluster.api.http_server import MetricsHook, start_http_server
+from kvrelay.cluster.api.health import ReadinessTracker
+from kvrelay.cluster.api.http_guard import HttpLimits
+from kvrelay.cluster.api.http_server import HttpServer, MetricsHook, start_http_server
 from kvrelay.cluster.api.limits import FrontendLimits
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,16 @@ class FrontendHandle:
     core: FrontendCore
     _grpc: grpc.aio.Server
     _health: health.aio.HealthServicer
-    _http: web.AppRunner
+    _http: HttpServer
+    readiness: ReadinessTracker
+    _watch: asyncio.Task[None]
     _stopped: bool = False
+
+    def stop_admitting(self) -> None:
+        """Graceful shutdown, first step: readiness goes NOT_SERVING, new requests get
+        UNAVAILABLE; requests in flight go on."""
+        self.readiness.draining = True
+        self.core.stop_admitting()
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Refuse new calls, give in-flight ones ``grace_s``, then cancel them (their requests
@@ -50,6 +59,7 @@ class FrontendHandle:
         if self._stopped:
             return
         self._stopped = True
+        self._watch.cancel()
         await self._health.enter_graceful_shutdown()
         await asyncio.gather(self._grpc.stop(grace_s), self._http.cleanup())
 
@@ -76,6 +86,7 @@ async def serve_frontends(
     limits: FrontendLimits | None = None,
     metrics_handler: MetricsHook | None = None,
     request_observer: RequestObserver | None = None,
+    http_limits: HttpLimits | None = None,
 ) -> FrontendHandle:
     """``metrics_handler`` is mounted at GET /metrics (an aiohttp handler, or a callable that
     returns the exposition bytes); ``request_observer`` (e.g. cluster.metrics.Metrics) is told
@@ -91,14 +102,18 @@ async def serve_frontends(
     server, gport, health_servicer = await start_grpc_server(
         core, host=host, port=grpc_port, credentials=creds
     )
+    tracker = ReadinessTracker(backend, health_servicer)
+    await tracker.update()  # the first answer is the true one, not a default SERVING
     try:
         runner, hport = await start_http_server(
-            core, host=host, port=http_port, ssl_context=ssl_ctx, metrics=metrics_handler
+            core, host=host, port=http_port, ssl_context=ssl_ctx, metrics=metrics_handler,
+            ready=tracker, limits=http_limits,
         )
     except BaseException:
         await server.stop(None)
         raise
-    return FrontendHandle(gport, hport, core, server, health_servicer, runner)
+    watch = asyncio.create_task(tracker.run())
+    return FrontendHandle(gport, hport, core, server, health_servicer, runner, tracker, watch)
 
 
 __all__ = [

@@ -133,6 +133,26 @@ def check_sampling_fields(raw: RawGenerate, model: ModelInfo, limits: Validation
     _token_ids("stop_token_ids", raw.stop_token_ids, model.vocab_size)
 
 
+def _unicode(name: str, text: str) -> None:
+    """JSON may carry lone surrogates ("\\ud800"): valid JSON, not text any tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(
+            f"{name} is not valid Unicode text: lone surrogate at character {exc.start}", name
+        ) from None
+
+
+def check_text_fields(raw: RawGenerate) -> None:
+    if raw.text is not None:
+        _unicode("prompt", raw.text)
+    for _, content in raw.messages or ():
+        _unicode("messages", content)
+    for stop in raw.stop:
+        _unicode("stop", stop)
+    _unicode("tenant", raw.tenant)
+
+
 def check_prompt_shape(raw: RawGenerate, limits: ValidationLimits) -> None:
     given = [x is not None for x in (raw.text, raw.token_ids, raw.messages)]
     if sum(given) != 1:
@@ -175,6 +195,7 @@ async def build_request(
     """Validate ``raw`` completely and tokenize it; raises ApiError on the first problem."""
     model = resolve_model(backend.models(), raw.model)
     check_prompt_shape(raw, limits)
+    check_text_fields(raw)
     check_sampling_fields(raw, model, limits)
     prompt = await _tokenize(raw, backend, model)
     room = model.max_context - len(prompt)

@@ -4,6 +4,7 @@
     kvrelay chat                      # interactive; keeps the conversation; /reset, /quit
     kvrelay status
     kvrelay drain WORKER
+    kvrelay undrain WORKER
 
 Each takes ``--target HOST:PORT`` (default localhost:50051), ``--api-key`` (default
 $KVRELAY_API_KEY), ``--tls`` / ``--root-cert``, ``--timeout``. Usage:
@@ -129,6 +130,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 @_guard
+def cmd_undrain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ok = client.undrain(args.worker)
+    print(f"undrain {args.worker}: {'accepted' if ok else 'unknown or failed worker'}")
+    return 0 if ok else 1
+
+
+@_guard
 def cmd_drain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         ok = client.drain(args.worker)
@@ -159,7 +168,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_client_commands(subparsers: Any) -> None:
-    """Register complete / chat / status / drain on an ``add_subparsers()`` object."""
+    """Register complete / chat / status / drain / undrain on an ``add_subparsers()`` object."""
     p = subparsers.add_parser("complete", help="complete a prompt (streams to stdout)")
     p.add_argument("prompt")
     _common(p)
@@ -181,3 +190,8 @@ def add_client_commands(subparsers: Any) -> None:
     p.add_argument("worker")
     _common(p)
     p.set_defaults(func=cmd_drain)
+
+    p = subparsers.add_parser("undrain", help="route to a drained worker again (admin)")
+    p.add_argument("worker")
+    _common(p)
+    p.set_defaults(func=cmd_undrain)

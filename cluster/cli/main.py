@@ -58,7 +58,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kvrelay.cluster.runtime.config import config_or_exit
-    from kvrelay.cluster.runtime.serve import serve_forever
+    from kvrelay.cluster.runtime.serve_loop import serve_forever
 
     cfg = config_or_exit(args, args.parser)
     if args.print_config:

@@ -71,6 +71,14 @@ class Admin:
         self.routing.forget(worker_id)
         return True
 
+    async def undrain(self, worker_id: str) -> bool:
+        """Route to a drained worker again; False for unknown or failed workers."""
+        entry = self.state.workers.get(worker_id)
+        if entry is None or not entry.healthy:
+            return False
+        entry.draining = False
+        return True
+
     async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
         """A spot notice (admin RPC, Kubernetes watcher, metadata poller, a worker's SIGTERM):
         plan and carry out the moves in the background; returns False for unknown workers."""

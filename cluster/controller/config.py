@@ -21,3 +21,8 @@ class ControllerConfig:
     # a process that dies is seen at once (its calls fail); this only catches a hung worker, and
     # must outlast the longest engine step under load (the heartbeat runs between steps)
     heartbeat_timeout_s: float = 60.0
+    # role -> configured pool size: what /ready waits for and supervision keeps up
+    pool_sizes: tuple[tuple[str, int], ...] = ()
+    # a request that no worker can take (startup, all drained, all full) waits this long,
+    # then gets UNAVAILABLE (HTTP 503 + Retry-After)
+    admission_wait_s: float = 10.0

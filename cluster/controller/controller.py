@@ -28,9 +28,12 @@ from kvrelay.cluster.api.backend import (
     ClusterStatus,
     GenerateRequest,
     ModelInfo,
+    Readiness,
     TokenizerLike,
 )
+from kvrelay.cluster.api.errors import ApiError, ErrorCode
 from kvrelay.cluster.controller.admin import Admin
+from kvrelay.cluster.controller.capacity import PoolMember, largest_prompt, readiness, servable
 from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.handoff import Handoffs
@@ -38,7 +41,7 @@ from kvrelay.cluster.controller.health import HealthMonitor
 from kvrelay.cluster.controller.state import ControllerState, DispatchCounters, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics
-from kvrelay.cluster.routing.adapter import Pull, Routing
+from kvrelay.cluster.routing.adapter import Pull, RoutePlan, Routing
 from kvrelay.cluster.routing.types import RouteRequest, WorkerLoad
 from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.cluster.spot.executor import PreemptionExecutor
@@ -119,6 +122,51 @@ class Controller:
                 if flight.owner == worker_id:
                     await self.redispatch(flight)
 
+    # ---- readiness and admission -----------------------------------------------------------
+    def members(self) -> list[PoolMember]:
+        return [
+            PoolMember(w.info.worker_id, w.role, w.healthy, w.draining, w.info.num_blocks)
+            for w in self.state.workers.values()
+        ]
+
+    def readiness(self) -> Readiness:
+        return readiness(self.members(), dict(self.config.pool_sizes))
+
+    def _wait_budget(self, request: GenerateRequest) -> float:
+        return max(0.0, self.config.admission_wait_s)
+
+    def _unavailable(self, why: str) -> ApiError:
+        retry = max(1.0, self.config.admission_wait_s / 2)
+        return ApiError(ErrorCode.UNAVAILABLE, f"{why}; retry after {retry:g} s",
+                        retry_after_s=retry)
+
+    async def _wait_for(self, cond: Any, budget_s: float) -> bool:
+        """Poll ``cond()`` (a registry question, microseconds) until true or the budget ends."""
+        deadline = time.monotonic() + budget_s
+        pause = 0.02
+        while not cond():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.25)
+        return True
+
+    async def admit(self, request: GenerateRequest) -> None:
+        """Wait (bounded) until some worker can take requests, then check the prompt against
+        the pools' capacity. Raises UNAVAILABLE or INVALID_ARGUMENT (see backend.py)."""
+        if not await self._wait_for(lambda: servable(self.members()),
+                                    self._wait_budget(request)):
+            raise self._unavailable(f"no worker can take requests ({self.readiness().reason()})")
+        limit = largest_prompt(self.members(), self.config.routing.block_size)
+        n = len(request.prompt_token_ids)
+        if limit is not None and n > limit:
+            raise ApiError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"prompt of {n} tokens is longer than the largest KV pool can hold "
+                f"({limit} tokens); shorten it or serve with a larger --kv-cache-gb",
+                param="prompt",
+            )
+
     # ---- requests ------------------------------------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
         return [self.config.model]
@@ -185,11 +233,15 @@ class Controller:
                 flight.request_id, self.routing.hashes(tokens), len(tokens),
                 flight.req.tenant, flight.req.priority,
             )
-            loads = [self.load(w) for w in self.state.workers.values() if w.healthy and not w.draining]
-            plan = self.routing.plan(request, loads, len(tokens))
-            if plan is None:
-                flight.finish(FinishReason.ABORT)
-                raise RuntimeError("no healthy worker with room for the request")
+            plan = self._route(request, len(tokens))
+            if plan is None:  # nobody has room now: wait (bounded) for a worker that has
+                if not await self._wait_for(
+                    lambda r=request, n=len(tokens): self._route(r, n) is not None,
+                    self._wait_budget(flight.req),
+                ):
+                    flight.finish(FinishReason.ABORT)
+                    raise self._unavailable("no healthy worker with room for the request")
+                continue
             target = self.state.workers[plan.worker]
             split = plan.mode == "split"
             if plan.pull is not None:
@@ -210,6 +262,10 @@ class Controller:
             if plan.mode == "local":
                 self.counts.local_prefills += 1
             return
+
+    def _route(self, request: RouteRequest, num_tokens: int) -> RoutePlan | None:
+        loads = [self.load(w) for w in self.state.workers.values() if w.healthy and not w.draining]
+        return self.routing.plan(request, loads, num_tokens)
 
     def load(self, w: WorkerEntry) -> WorkerLoad:
         hb = w.heartbeat
@@ -303,8 +359,15 @@ class Controller:
         """One call per worker step, carrying that step's tokens for all its requests."""
         for event in events:
             flight = self.state.flights.get(event.request_id)
-            if flight is None or flight.done or flight.owner != worker_id:
-                continue  # stale: the request moved or ended
+            if flight is None or flight.done:
+                # the request ended here before the worker heard of it (a deadline or cancel
+                # whose abort overtook the submit): the worker holds blocks for nobody
+                entry = self.state.workers.get(worker_id)
+                if entry is not None and event.finish_reason is None:
+                    self._spawn(self._quiet_abort(entry, event.request_id))
+                continue
+            if flight.owner != worker_id:
+                continue  # stale: the request moved
             out, stop_hit = flight.accept(event)
             flight.queue.put_nowait(out)
             if stop_hit:
@@ -321,6 +384,9 @@ class Controller:
 
     async def drain(self, worker_id: str) -> bool:
         return await self.admin.drain(worker_id)
+
+    async def undrain(self, worker_id: str) -> bool:
+        return await self.admin.undrain(worker_id)
 
     async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
         return await self.admin.notify_preemption(worker_id, deadline_s)

@@ -171,11 +171,17 @@ class Handoffs:
         req = flight.req
         flight.owner = did
         flight.phase = Phase.DECODE
-        await d.client.call(
-            "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
-            req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,
-            timeout=30,
-        )
+        try:
+            await d.client.call(
+                "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
+                req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,
+                timeout=30,
+            )
+        except WorkerGone as exc:  # d died holding the copy; p still holds the KV: not p's fault
+            flight.owner, flight.phase = None, Phase.HANDOFF
+            d.assigned.discard(rid)
+            await self.recovery.worker_failed(did, f"accept: {exc}")
+            return False
         p.assigned.discard(rid)
         self.done += 1
         self.bytes += received

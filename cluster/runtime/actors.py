@@ -4,8 +4,10 @@ actors (a blocking KV transfer in one method must not stop heartbeats or aborts)
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -14,6 +16,7 @@ import ray
 from kvrelay.cluster.api.backend import ModelInfo
 from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.controller import Controller
+from kvrelay.cluster.controller.supervisor import Supervision
 from kvrelay.cluster.controller.worker_client import RayWorkerClient
 from kvrelay.cluster.placement.node_pools import NodePools, local_node_ip
 from kvrelay.cluster.placement.placement import (
@@ -117,6 +120,9 @@ class ControllerActor(Controller):
             ControllerConfig(
                 info, routing, handoff_timeout_s=cfg.handoff_timeout_s,
                 itl_slo_s=cfg.itl_slo_s, autosize=autosize,
+                pool_sizes=(("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers),
+                            ("colocated", cfg.colocated_workers)),
+                admission_wait_s=cfg.admission_wait_s,
             ),
             tokenizer,
         )
@@ -138,6 +144,13 @@ class ControllerActor(Controller):
         self._store_addr: tuple[str, int] | None = None
         self._frontends: Any = None
         self._metrics_server: Any = None
+        self._starting: dict[str, str] = {}  # worker id -> role, while add_worker runs
+        self.supervision = Supervision(
+            {"prefill": cfg.prefill_workers, "decode": cfg.decode_workers,
+             "colocated": cfg.colocated_workers},
+            keep_total_only=cfg.auto_pool_sizing,
+        )
+        self._supervising = False
 
     async def start_services(self) -> dict[str, Any]:
         await self.start()
@@ -169,8 +182,17 @@ class ControllerActor(Controller):
     ) -> str:
         """Start a worker of ``role`` (on the node placement picks, or the one given) and
         register it; usable while the cluster serves (replacement capacity, node joins)."""
-        cfg = self.cfg
         worker_id = worker_id or f"{role[0]}-{uuid.uuid4().hex[:6]}"
+        self._starting[worker_id] = role
+        try:
+            return await self._add_worker(role, worker_id, placement)
+        finally:
+            del self._starting[worker_id]
+
+    async def _add_worker(
+        self, role: str, worker_id: str, placement: Placement | None
+    ) -> str:
+        cfg = self.cfg
         if placement is None:
             placement = await self.pools.place(role, worker_id)
         else:
@@ -219,6 +241,52 @@ class ControllerActor(Controller):
             self.pools.forget(worker_id)
             raise
         return worker_id
+
+    # ---- supervision (cluster/supervisor.py) --------------------------------------------
+    async def supervise(self, interval_s: float = 0.5) -> None:
+        """Keep the pools at their configured sizes from now on (called once the initial
+        workers are up, so their own start is not mistaken for a shortfall)."""
+        if not self._supervising:
+            self._supervising = True
+            self._spawn(self._supervise_loop(interval_s))
+
+    async def _supervise_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            live = collections.Counter(w.role for w in self.state.workers.values())
+            starting = collections.Counter(self._starting.values())
+            # a worker that died still holds its placement slot: give it back first
+            for placed in self.pools.placed():
+                if placed.worker_id not in self.state.workers and placed.worker_id not in self._starting:
+                    self.pools.forget(placed.worker_id)
+            now = time.monotonic()
+            for role in self.supervision.due(now, live, starting):
+                self.supervision.started(role, now)
+                log.warning("pool %s is below its size (%d live, %d starting): starting a "
+                            "replacement", role, live[role], starting[role])
+                self._spawn(self._replace(role))
+
+    async def _replace(self, role: str) -> None:
+        try:
+            worker_id = await self.add_worker(role)
+        except Exception:
+            log.exception("replacement %s worker failed to start; retrying after %.1f s",
+                          role, self.supervision.backoff_s(role, time.monotonic()))
+            return
+        log.warning("replacement worker %s (%s) registered", worker_id, role)
+
+    async def alive(self) -> bool:
+        """The driver's liveness probe (``kvrelay serve`` exits when this stops answering)."""
+        return True
+
+    async def begin_shutdown(self) -> int:
+        """Graceful shutdown, first step: stop admitting; returns the requests in flight."""
+        if self._frontends is not None:
+            self._frontends.handle.stop_admitting()
+        return sum(not f.done for f in self.state.flights.values())
+
+    async def in_flight(self) -> int:
+        return sum(not f.done for f in self.state.flights.values())
 
     async def _watch_nodes(self) -> None:
         """Nodes joining get workers of the pools they are pinned to; a node that leaves

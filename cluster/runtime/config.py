@@ -76,6 +76,11 @@ class ServeConfig(BaseModel):
     preemption_mode: str = "auto"  # auto | swap | recompute
     handoff_timeout_s: float = 30.0
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
+    admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503
+    shutdown_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    http_header_timeout_s: float = 10.0  # a connection's request head must arrive by then
+    http_body_timeout_s: float = 30.0  # a request body must arrive by then (408 otherwise)
+    http_max_connections: int = 1024
     router: str = "kv"  # kv | round_robin | least_loaded
     router_weights: dict[str, Any] = {}  # RouterConfig fields (weights, hit values, tie break)
     ttft_slo_s: float = 2.0
@@ -119,7 +124,10 @@ class ServeConfig(BaseModel):
             raise ValueError(f"gpus_per_worker must be in (0, 64], got {v}")
         return v
 
-    @field_validator("autosize_interval_s", "autosize_window_s")
+    @field_validator(
+        "autosize_interval_s", "autosize_window_s", "admission_wait_s", "http_header_timeout_s",
+        "http_body_timeout_s",
+    )
     @classmethod
     def _positive(cls, v: float) -> float:
         if not v > 0:  # also refuses NaN
@@ -262,6 +270,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata-interval-s", type=float, default=S)
     p.add_argument("--preemption-grace-s", type=float, default=S,
                    help="notice a worker's SIGTERM gives before it must be gone")
+    p.add_argument("--admission-wait-s", type=_positive_float, default=S,
+                   help="how long a request waits for a worker with room before 503")
+    p.add_argument("--shutdown-grace-s", type=float, default=S,
+                   help="on SIGTERM, how long in-flight requests get to finish")
+    p.add_argument("--http-header-timeout-s", type=_positive_float, default=S,
+                   help="close an HTTP connection whose request head is not in by then")
+    p.add_argument("--http-body-timeout-s", type=_positive_float, default=S,
+                   help="answer 408 and close when a request body is not in by then")
+    p.add_argument("--http-max-connections", type=int, default=S)
     p.add_argument("--max-concurrent-streams", type=int, default=S)
     p.add_argument("--max-queue-depth", type=int, default=S)
     p.add_argument("--threads-per-worker", type=int, default=S)

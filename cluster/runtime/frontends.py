@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrelay.cluster.api.backend import ClusterBackend
+from kvrelay.cluster.api.http_guard import HttpLimits
 from kvrelay.cluster.api.limits import FrontendLimits
 from kvrelay.cluster.api.servers import FrontendHandle, TlsConfig, serve_frontends
 from kvrelay.cluster.metrics.recorder import Metrics
@@ -45,6 +46,11 @@ async def start_frontends_for(
         tls=tls,
         limits=FrontendLimits(max_streams=cfg.max_concurrent_streams, max_queue=cfg.max_queue_depth),
         metrics_handler=metrics.aiohttp_handler if metrics is not None else None,
+        http_limits=HttpLimits(
+            header_timeout_s=cfg.http_header_timeout_s,
+            body_timeout_s=cfg.http_body_timeout_s,
+            max_connections=cfg.http_max_connections,
+        ),
         request_observer=metrics,
     )
     return Frontends(handle)

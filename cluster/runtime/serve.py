@@ -5,15 +5,15 @@
 ``integrity()`` reports every pool's figures.
 
 Ray's token authentication (on by default since Ray 2.60) is turned off for the local cluster
-this command starts itself: it binds to 127.0.0.1 only, so nothing outside the machine can
-reach it. When joining an existing cluster (``--address``), the caller's ``RAY_AUTH_MODE`` and
+this command starts itself: every listener of it binds 127.0.0.1 (cluster/local_ray.py), so
+nothing outside the machine can reach it. When joining an existing cluster (``--address``), the caller's ``RAY_AUTH_MODE`` and
 token are used as they are.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import signal
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -37,23 +37,28 @@ class Cluster:
     def start(cls, cfg: ServeConfig) -> Cluster:
         import ray
 
-        from kvrelay.cluster.runtime.actors import ControllerActor
-
+        # importing the actor classes imports torch (seconds on a small machine): do it while
+        # Ray's processes start, not before
+        imported = threading.Thread(
+            target=importlib.import_module, args=("kvrelay.cluster.runtime.actors",), daemon=True
+        )
+        imported.start()
         owns = not ray.is_initialized()
         if owns:
             if cfg.address is None:
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see module docstring
-                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                ray.init(
+                from kvrelay.cluster.runtime.local_ray import init_local_ray
+
+                init_local_ray(  # every Ray listener on 127.0.0.1 (see local_ray.py)
                     num_cpus=max(4, cfg.num_workers + 2),
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
                     namespace="kvrelay",
                     log_to_driver=bool(os.environ.get("KVRELAY_RAY_LOGS")),
                 )
             else:
                 ray.init(address=cfg.address, namespace="kvrelay")
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        imported.join()
+        from kvrelay.cluster.runtime.actors import ControllerActor
 
         if cfg.address is not None:  # joining: rendezvous and workers on routable addresses
             cfg = cfg.model_copy(update={"transport_host": cfg.transport_host or "auto",
@@ -71,6 +76,7 @@ class Cluster:
             + ["colocated"] * cfg.colocated_workers
         )
         ray.get([controller.add_worker.remote(role) for role in roles])
+        ray.get(controller.supervise.remote())  # from now on a dead worker is replaced
         return cls(cfg, controller, ports, owns)
 
     # ---- requests ------------------------------------------------------------------------
@@ -148,18 +154,3 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def serve_forever(cfg: ServeConfig) -> int:
-    cluster = Cluster.start(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(
-        f"kvrelay serving {cluster.ports.get('model_id')}: gRPC {cfg.host}:{cluster.ports.get('grpc_port')}"
-        f"  HTTP http://{cfg.host}:{cluster.ports.get('http_port')}  workers {cluster.workers()}",
-        flush=True,
-    )
-    stop.wait()
-    cluster.shutdown()
-    return 0

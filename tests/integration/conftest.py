@@ -9,7 +9,6 @@ session under a name of its own, so pytest never collects its tests a second tim
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,10 +43,10 @@ def ray_session(request: pytest.FixtureRequest) -> Iterator[None]:
     off as for every local kvrelay cluster (README, Configuration)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace=f"kvrelay-{request.module.__name__.rsplit('.', 1)[-1]}",
-             log_to_driver=False)
+    from kvrelay.cluster.runtime.local_ray import init_local_ray
+
+    init_local_ray(num_cpus=8, namespace=f"kvrelay-{request.module.__name__.rsplit('.', 1)[-1]}",
+                   log_to_driver=False)  # loopback only, as `kvrelay serve` starts it
     yield
     ray.shutdown()
 

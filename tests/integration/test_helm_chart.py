@@ -463,3 +463,45 @@ def test_worker_script_joins_with_its_role_resource(tmp_path: Path) -> None:
     assert argv[-1] == "--block"
     missing = _run_script(script, bindir)
     assert missing.returncode != 0 and "needs KubeRay >= 1.1" in missing.stderr
+
+
+def test_network_policy_admits_internal_ports_only_from_the_release() -> None:
+    docs = render()
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    own = {"app.kubernetes.io/name": "kvrelay", "app.kubernetes.io/instance": "kv"}
+    assert policy["spec"]["podSelector"] == {"matchLabels": own}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rc,) = by_kind(docs, "RayCluster")
+    pods = [rc["spec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in rc["spec"]["workerGroupSpecs"]
+    ]
+    for pod in pods:  # every pod of the release is selected, and counts as "own"
+        assert own.items() <= pod["metadata"]["labels"].items()
+    public = {50051, 8000, 9090}
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if ports:  # a rule that opens ports to other sources opens only the public ones
+            assert ports <= public, rule
+        else:  # a rule for every port: only from this release's pods
+            assert rule["from"] == [{"podSelector": {"matchLabels": own}}], rule
+    narrowed = render("--set-json",
+                      'networkPolicy.apiFrom=[{"namespaceSelector":{"matchLabels":{"a":"b"}}}]')
+    (policy,) = by_kind(narrowed, "NetworkPolicy")
+    api = next(r for r in policy["spec"]["ingress"] if 8000 in {p["port"] for p in r.get("ports", [])})
+    assert api["from"] == [{"namespaceSelector": {"matchLabels": {"a": "b"}}}]
+    assert not by_kind(render("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_head_has_startup_readiness_and_liveness_probes(tls: bool) -> None:
+    args = ["--set", "tls.enabled=true", "--set", "tls.existingSecret=certs"] if tls else []
+    (rc,) = by_kind(render(*args), "RayCluster")
+    (head,) = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    scheme = "HTTPS" if tls else "HTTP"
+    for probe, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"),
+                        ("livenessProbe", "/health")):
+        assert head[probe]["httpGet"] == {"path": path, "port": "http", "scheme": scheme}
+        assert head[probe]["periodSeconds"] >= 1
+    # the model may take minutes to load: startup allows it, liveness waits for startup
+    startup = head["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300

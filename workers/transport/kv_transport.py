@@ -54,8 +54,22 @@ __all__ = ["KVTransport", "PeerStats", "TransferError", "TransportStats", "start
 def start_rendezvous_store(host: str = "127.0.0.1", port: int = 0) -> tuple[dist.TCPStore, int]:
     """Host the rendezvous store (controller side). Bind the node's routable address for
     multi-host clusters; port 0 picks a free port. Keep the returned store alive."""
-    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
-    return store, store.port
+    # TCPStore's own server listens on every interface whatever ``host`` says, and the store
+    # has no authentication: hand it a socket already bound to ``host`` instead
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        bound = int(sock.getsockname()[1])
+        store = dist.TCPStore(host, bound, is_master=True, wait_for_workers=False,
+                              master_listen_fd=sock.fileno(), use_libuv=True)
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now
+    return store, bound
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,11 @@ class AdminStub:
                 request_serializer=kvrelay_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=kvrelay_dot_v1_dot_admin__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/kvrelay.v1.Admin/Undrain',
+                request_serializer=kvrelay_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=kvrelay_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
         self.NotifyPreemption = channel.unary_unary(
                 '/kvrelay.v1.Admin/NotifyPreemption',
                 request_serializer=kvrelay_dot_v1_dot_admin__pb2.NotifyPreemptionRequest.SerializeToString,
@@ -67,6 +72,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Undrain(self, request, context):
+        """Route to a drained worker again (accepted: false for unknown or dead workers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NotifyPreemption(self, request, context):
         """The worker will disappear at the deadline (a spot preemption notice).
         """
@@ -84,6 +96,11 @@ def add_AdminServicer_to_server(servicer, server):
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
+                    request_deserializer=kvrelay_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=kvrelay_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
                     request_deserializer=kvrelay_dot_v1_dot_admin__pb2.DrainRequest.FromString,
                     response_serializer=kvrelay_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
             ),
@@ -145,6 +162,33 @@ class Admin:
             request,
             target,
             '/kvrelay.v1.Admin/Drain',
+            kvrelay_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            kvrelay_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrelay.v1.Admin/Undrain',
             kvrelay_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
             kvrelay_dot_v1_dot_admin__pb2.DrainResponse.FromString,
             options,

@@ -26,6 +26,7 @@ from kvrelay.cluster.api.backend import (
     ClusterStatus,
     GenerateRequest,
     ModelInfo,
+    Readiness,
     WorkerStatus,
 )
 from kvrelay.cluster.api.servers import serve_frontends
@@ -80,6 +81,18 @@ class EchoBackend:
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         return self._generate(request)
+
+    async def undrain(self, worker_id: str) -> bool:
+        if worker_id in self.drained:
+            self.drained.remove(worker_id)
+            return True
+        return False
+
+    async def admit(self, request: GenerateRequest) -> None:
+        return None  # one always-ready "worker"
+
+    def readiness(self) -> Readiness:
+        return Readiness(True)
 
     async def cancel(self, request_id: str) -> bool:
         if request_id in self._blocks:
