@@ -388,7 +388,7 @@ def test_image_provides_the_command_the_chart_runs() -> None:
     assert "FROM python:3.11-slim" in dockerfile
     assert "ARG TORCH_INDEX_URL" in dockerfile
     pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+; the project allows 3.10)
-    assert re.search(r'^kvrelay = "kvrelay\.cluster\.cli:main"$', pyproject, re.M)
+    assert re.search(r'^kvrelay = "kvrelay\.cluster\.cli\.main:main"$', pyproject, re.M)
     (rc,) = by_kind(render(), "RayCluster")
     assert rc["spec"]["rayVersion"].split(".")[0] == "2"
 
