@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from torch import nn
 
 from kvrelay import kernels
 from kvrelay.workers.config import ModelConfig, ModelLoadError
+
+if TYPE_CHECKING:
+    from kvrelay.workers.sparse_attention import SparseAttention
 
 
 @dataclass(slots=True)
@@ -44,6 +48,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] int32, tokens in the cache per sequence, new ones included
     query_start_loc: torch.Tensor  # [B + 1] int32, sequence i owns rows [i]:[i+1] of the batch
     is_decode: bool  # every sequence has exactly one new token (T == B)
+    sparse: SparseAttention | None = None  # opt-in sparse attention; None: dense (exact)
 
 
 def kv_cache_shape(
@@ -129,7 +134,11 @@ class DecoderLayer(nn.Module):
         q = kernels.rope_write_kv(
             qkv, *rope, positions, kv_cache, self.layer_idx, attn.slot_mapping, self.num_heads
         )  # [T, H, D]
-        if attn.is_decode:
+        sparse = attn.sparse
+        if sparse is not None and sparse.handles(attn.is_decode):
+            run = sparse.decode if attn.is_decode else sparse.prefill
+            o = run(self.layer_idx, q, kv_cache, attn, self.scale)
+        elif attn.is_decode:
             o = kernels.paged_decode_attention(
                 q, kv_cache, self.layer_idx, attn.block_tables, attn.context_lens, self.scale
             )
