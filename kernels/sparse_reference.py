@@ -29,7 +29,7 @@ def block_bounds(
 ) -> torch.Tensor:  # [N, 2, Hkv, D] (max, min) over the first fills[i] tokens
     bs = kv_cache.shape[3]
     keys = kv_cache[:, layer, 0].index_select(0, block_ids.long())  # [N, bs, Hkv, D]
-    valid = (torch.arange(bs, device=keys.device)[None, :] < fills[:, None].to(keys.device))
+    valid = torch.arange(bs, device=keys.device)[None, :] < fills[:, None].to(keys.device)
     valid = valid[:, :, None, None]
     big = torch.finfo(keys.dtype).max
     kmax = torch.where(valid, keys, -big).amax(1)

@@ -77,7 +77,9 @@ def load_head_mask(path: str | Path, num_layers: int, kv_heads: int) -> torch.Te
     data = json.loads(Path(path).read_text())
     mask = torch.tensor(data["streaming"], dtype=torch.bool)
     if tuple(mask.shape) != (num_layers, kv_heads):
-        raise ValueError(f"{path}: head mask {tuple(mask.shape)}, model has {num_layers}x{kv_heads}")
+        raise ValueError(
+            f"{path}: head mask {tuple(mask.shape)}, model has {num_layers}x{kv_heads}"
+        )
     return mask
 
 
