@@ -23,6 +23,7 @@ from typing import Any
 
 from kvrelay.cluster.backend import GenerateRequest
 from kvrelay.cluster.placement import DEVICES
+from kvrelay.workers.sparse_options import add_sparse_arguments
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 
 
@@ -77,6 +78,9 @@ class ServeConfig:
     metadata_url: str | None = None  # each worker polls it for its instance's spot notice
     metadata_parser: str = "instance-action"  # or "preempted" (TRUE/FALSE)
     metadata_interval_s: float = 5.0
+    sparse_attention: str = "off"  # off | decode | prefill | both (workers/sparse_attention.py)
+    sparse_budget: int = 4096
+    sparse_heads: str | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -182,6 +186,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="address workers bind for KV transfers: an IP or 'auto' (the node's)")
     p.add_argument("--transport-interface", default=None, help="NIC for KV transfers")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    add_sparse_arguments(p)
     p.add_argument("--no-watch-nodes", dest="watch_nodes", action="store_false",
                    help="do not start workers on nodes that join")
 

@@ -41,14 +41,13 @@ def update_bounds(
     bounds: torch.Tensor,  # [num_blocks, L, 2, Hkv, D]
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
     layer: int,
-    slot_mapping: torch.Tensor,  # [T] the slots just written; -1 = none; blocks fill in order
+    slot_mapping: torch.Tensor,  # [T] the slots just written (no -1 padding); in block order
 ) -> None:
     """Fold the keys just written into their blocks' bounds; a write at offset 0 restarts the
-    block (it was free or reused), so stale bounds of a recycled block never survive."""
+    block (it was free or reused), so stale bounds of a recycled block never survive. Sparse
+    steps run eagerly, never padded, so every slot is real (no filtering: no host sync)."""
     bs = kv_cache.shape[3]
-    slots = slot_mapping[slot_mapping >= 0].long()
-    if slots.numel() == 0:
-        return
+    slots = slot_mapping.long()
     blocks, offs = slots // bs, slots % bs
     key = kv_cache[blocks, layer, 0, offs].to(bounds.dtype)  # [T, Hkv, D]
     fresh = (offs == 0)[:, None, None]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvrelay import kernels
+from kvrelay.workers.sparse_options import SPARSE_MODES
 from kvrelay.workers.sparse_select import (
     HeadShape,
     build_tables,
@@ -38,8 +39,6 @@ from kvrelay.workers.sparse_select import (
 if TYPE_CHECKING:
     from kvrelay.workers.loader import LoadedModel
     from kvrelay.workers.model import AttentionMetadata
-
-SPARSE_MODES = ("off", "decode", "prefill", "both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +107,7 @@ class SparseAttention:
             streaming = torch.zeros(layers, kv_heads, dtype=torch.bool)
         self.streaming = streaming.to(kv_cache.device)
         self.has_streaming = [bool(row.any()) for row in streaming]
+        self._dense_kv = [(~row).nonzero().flatten().to(kv_cache.device) for row in streaming]
         self.dense = HeadShape(1, config.budget // bs, 1)
         self.stream = HeadShape(-(-config.stream_sink // bs), 0, -(-config.stream_local // bs))
         self.counters = SparseCounters()
@@ -201,17 +201,25 @@ class SparseAttention:
         keep = torch.ones(batch, heads, nkb, dtype=torch.bool, device=query.device)
         window = torch.full((batch, heads), 1 << 30, dtype=torch.int32, device=query.device)
         stream_q = self.streaming[layer].repeat_interleave(heads // kv_heads)  # [H]
+        dense_kv = self._dense_kv[layer]  # only dense heads are sampled
+        group = heads // kv_heads
         for i, ctx in enumerate(ctxs):
             n = starts[i + 1] - starts[i]
             if ctx < cfg.min_prefill or n == 0:
                 continue
-            k, _ = ref.gather_kv(kv_cache, layer, attn.block_tables[i], ctx)
-            cols, _ = sample_columns(
-                query[starts[i] : starts[i + 1]], k, scale, cb, cfg.alpha, cfg.sample_stride
-            )
-            sink = torch.arange(cols.shape[1], device=query.device) < -(-cfg.stream_sink // cb)
-            keep[i, :, : cols.shape[1]] = torch.where(stream_q[:, None], sink, cols)
-            keep[i, :, cols.shape[1] :] = False
+            nkb_i = -(-ctx // cb)
+            sink = torch.arange(nkb, device=query.device) < -(-cfg.stream_sink // cb)
+            keep[i] = sink  # streaming heads: sink + band; dense heads overwritten below
+            if dense_kv.numel():
+                k, _ = ref.gather_kv(kv_cache, layer, attn.block_tables[i], ctx)
+                q = query[starts[i] : starts[i + 1]].unflatten(1, (kv_heads, group))
+                cols, _ = sample_columns(
+                    q[:, dense_kv].flatten(1, 2), k[:, dense_kv], scale, cb, cfg.alpha,
+                    cfg.sample_stride,
+                )  # fmt: skip
+                dense_q = (dense_kv[:, None] * group + torch.arange(group, device=q.device))
+                keep[i, dense_q.flatten(), :nkb_i] = cols
+                keep[i, dense_q.flatten(), nkb_i:] = False
             dense_w = max(cb, int(cfg.window_frac * ctx))
             window[i] = torch.where(stream_q, cfg.stream_prefill_local, dense_w).to(torch.int32)
             self._count_prefill(keep[i], window[i], ctx - n, n, ctx)

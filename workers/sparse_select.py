@@ -114,7 +114,7 @@ def sample_columns(
     col_block: int,
     alpha: float = 0.95,
     stride: int = 20,  # sample 1 row in 20 (5%)
-    row_chunk: int = 1024,
+    row_chunk: int | None = None,  # None: keep a chunk's scores near 2**27 elements
 ) -> tuple[torch.Tensor, torch.Tensor]:  # keep [H, NKB] bool, sampled mass kept [H]
     """SampleAttention column choice; NKB = ceil(ctx / col_block)."""
     n, heads, dim = query.shape
@@ -123,6 +123,8 @@ def sample_columns(
     rows = torch.arange(n - 1, -1, -stride, device=query.device).flip(0)  # the last row included
     q_pos = ctx - n + rows
     k_pos = torch.arange(ctx, device=query.device)
+    if row_chunk is None:
+        row_chunk = max(1, (1 << 27) // (heads * ctx))
     mass = torch.zeros(heads, ctx, device=query.device, dtype=torch.float32)
     k = keys.to(query.dtype).permute(1, 2, 0)  # [Hkv, D, ctx]
     for lo in range(0, rows.numel(), row_chunk):
