@@ -192,7 +192,9 @@ def main() -> None:
             )  # fmt: skip
             llm = LLM(engine_config=ec)
             outs = llm.generate([p for p, _ in prompts], SamplingParams(max_tokens=10))
-            row[f"passkey_{mode}"] = [key in o.text for o, (_, key) in zip(outs, prompts, strict=True)]
+            row[f"passkey_{mode}"] = [
+                key in o.text for o, (_, key) in zip(outs, prompts, strict=True)
+            ]
             del llm
         row["seconds"] = time.time() - t0
         print(

@@ -126,7 +126,9 @@ class SparseAttention:
             self._keys, self._fresh = (), None
             return
         seen = set(self._keys)
-        rows, blocks, fills = [], [], []
+        rows: list[int] = []
+        blocks: list[int] = []
+        fills: list[int] = []
         bs = self.block_size
         for i, (key, ctx) in enumerate(zip(keys, context_lens, strict=True)):
             if key in seen:
@@ -217,7 +219,7 @@ class SparseAttention:
                     q[:, dense_kv].flatten(1, 2), k[:, dense_kv], scale, cb, cfg.alpha,
                     cfg.sample_stride,
                 )  # fmt: skip
-                dense_q = (dense_kv[:, None] * group + torch.arange(group, device=q.device))
+                dense_q = dense_kv[:, None] * group + torch.arange(group, device=q.device)
                 keep[i, dense_q.flatten(), :nkb_i] = cols
                 keep[i, dense_q.flatten(), nkb_i:] = False
             dense_w = max(cb, int(cfg.window_frac * ctx))
