@@ -183,8 +183,8 @@ def main() -> None:
         }  # fmt: skip
         print(length, {k: v for k, v in row.items() if not k.startswith("layer")}, flush=True)
         count = args.passkeys[min(i, len(args.passkeys) - 1)]
-        prompts = passkey_prompts(loaded.tokenizer, length, count, seed=length)
-        for mode in ("off", "both"):
+        prompts = passkey_prompts(loaded.tokenizer, length, count, seed=length) if count else []
+        for mode in ("off", "both") if count else ():
             ec = EngineConfig(
                 max_num_batched_tokens=length, kv_cache_gb=length * 50e3 / 2**30 + 0.05,
                 sparse=SparseConfig(mode=mode, budget=args.budget, heads_path=args.heads),
