@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class SparseConfig:
     mode: str = "off"
-    budget: int = 4096  # decode: middle tokens a dense head reads beyond its sink and last block
+    budget: int = 4096  # decode: middle tokens a dense head reads beyond its sink and last page
+    page_tokens: int = 64  # decode: a dense head always reads the first and the last page
     reuse_steps: int = 4  # decode steps a selection is reused for (LServe)
     stream_sink: int = 128  # streaming heads, decode and prefill
     stream_local: int = 256  # streaming heads, decode
@@ -108,13 +109,15 @@ class SparseAttention:
         self.streaming = streaming.to(kv_cache.device)
         self.has_streaming = [bool(row.any()) for row in streaming]
         self._dense_kv = [(~row).nonzero().flatten().to(kv_cache.device) for row in streaming]
-        self.dense = HeadShape(1, config.budget // bs, 1)
+        page = -(-config.page_tokens // bs)  # LServe's first and last 64-token page
+        self.dense = HeadShape(page, config.budget // bs, page)
         self.stream = HeadShape(-(-config.stream_sink // bs), 0, -(-config.stream_local // bs))
         self.counters = SparseCounters()
         self._keys: tuple[str, ...] = ()
         self._age = 0  # decode steps since the selections were made
         self._refresh = True
         self._topk: dict[int, torch.Tensor] = {}
+        self._refresh_nb: dict[int, torch.Tensor] = {}  # [B] context blocks at each refresh
         self._fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- per step ------------------------------------------------------------------------
@@ -165,14 +168,16 @@ class SparseAttention:
             ids = attn.block_tables[rows, logical]
             self.bounds[ids.long(), layer] = ref.block_bounds(kv_cache, layer, ids, fills)
         streaming = self.streaming[layer] if self.has_streaming[layer] else None
+        bs = self.block_size
         topk = self._topk.get(layer)
         if self.dense.topk and (self._refresh or topk is None):
             scores = kernels.block_scores(query, self.bounds, layer, attn.block_tables)
             topk = select_topk(scores, attn.context_lens, self.block_size, self.dense)
             self._topk[layer] = topk
+            self._refresh_nb[layer] = (attn.context_lens.long() + bs - 1) // bs
         tables, lens = build_tables(
             attn.context_lens, attn.block_tables, topk, streaming, self.dense, self.stream,
-            self.block_size, kv_cache.shape[4],
+            bs, kv_cache.shape[4], self._refresh_nb.get(layer),
         )  # fmt: skip
         c = self.counters
         c.decode_steps += 1

@@ -19,7 +19,7 @@ def add_sparse_arguments(p: argparse.ArgumentParser) -> None:
         "--sparse-budget",
         type=int,
         default=4096,
-        help="decode tokens a dense head reads beyond its sink and last block",
+        help="decode tokens a dense head reads beyond its first and last 64-token pages",
     )
     p.add_argument("--sparse-heads", default=None,
                    help="streaming-head mask from `kvrelay calibrate-heads` (default: the one "

@@ -7,8 +7,9 @@ Decode (LServe). Every (sequence, KV head) reads, in logical blocks of a context
     top-K of [S, nb-W)  middle         dense heads: by page score; streaming heads: K = 0
     [nb-W .. nb)        local          always; the last block is the partial one being written
 
-so a dense head with S = W = 1 reads exactly sink (bs) + budget (K·bs) + the last block's tokens,
-and a context of at most S + K + W blocks is read whole (nothing to skip).
+so a dense head reads exactly sink (S·bs) + budget (K·bs) + local ((W-1)·bs + the last block's
+tokens) at a refresh step, and a context of at most S + K + W blocks is read whole. While a
+selection is reused, the block that has left the local window since (at most one) is read too.
 
 Prefill (SampleAttention). Per query head: sample every ``stride``-th new row (~5%), average
 their causal attention over the key columns, sum it per column block, and keep the fewest blocks
@@ -61,6 +62,7 @@ def _candidates(
     kv_heads: int,
     shape: HeadShape,
     width: int,  # pad to this many columns
+    refresh_nb: torch.Tensor | None,  # [B] blocks when topk was chosen (None: now)
 ) -> torch.Tensor:  # [B, Hkv, width] logical block ids ascending, BIG = unused
     dev = nb.device
     batch = nb.shape[0]
@@ -72,6 +74,12 @@ def _candidates(
     if topk is not None and topk.shape[2] > 0:
         keep = (topk >= shape.sink) & (topk < n - shape.local)  # a reused pick may now be local
         parts.append(torch.where(keep, topk.long(), BIG))
+        # A reused selection never saw the block that left the local window since it was made
+        # (at most one: reuse_steps <= block size): read it too, it is the most recent past.
+        if refresh_nb is not None:
+            gap = (refresh_nb[:, None, None] - shape.local).expand(batch, kv_heads, 1)
+            fresh = (gap < n - shape.local) & (gap >= shape.sink)
+            parts.append(torch.where(fresh, gap, BIG))
     parts.append(local)
     spread = torch.cat(parts, -1)
     whole = torch.arange(spread.shape[2], device=dev).expand(batch, kv_heads, -1)
@@ -91,12 +99,13 @@ def build_tables(
     stream: HeadShape,
     bs: int,
     kv_heads: int,
+    refresh_nb: torch.Tensor | None = None,  # [B] blocks when ``topk`` was chosen
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32 physical, lens [B, Hkv]
     nb = num_blocks(context_lens, bs)
-    width = max(dense.width, stream.width if streaming is not None else 0)
-    cand = _candidates(nb, topk, kv_heads, dense, width)
+    width = max(dense.width + 1, stream.width if streaming is not None else 0)
+    cand = _candidates(nb, topk, kv_heads, dense, width, refresh_nb)
     if streaming is not None:
-        cand_s = _candidates(nb, None, kv_heads, stream, width)
+        cand_s = _candidates(nb, None, kv_heads, stream, width, None)
         cand = torch.where(streaming[None, :, None], cand_s, cand)
     count = (cand < BIG).sum(-1)  # [B, Hkv]
     logical = cand.clamp(max=block_tables.shape[1] - 1)

@@ -44,8 +44,8 @@ def test_small_budget_reads_less_and_reports_it(tiny_model_dir: Path) -> None:
     engine = _engine(tiny_model_dir, "both", budget=32)
     assert len(_run(engine)) == PARAMS.max_tokens
     extra = engine.stats().extra
-    # 16 sink + 32 budget + the last block's tokens, of ~300
-    assert 0.1 < extra["sparse_decode_read_fraction"] < 0.25
+    # 64 sink + 32 budget + 48-64 local tokens (+ one block while reused), of ~300
+    assert 0.35 < extra["sparse_decode_read_fraction"] < 0.6
     assert extra["sparse_prefill_density"] == 1.0  # 300 tokens: under min_prefill, dense
 
 

@@ -132,3 +132,19 @@ def test_sample_columns_reaches_alpha() -> None:
     assert keep.shape == (HKV * GROUP, 16)
     assert bool((mass >= 0.9 - 1e-5).all())
     assert bool((keep.sum(1) < 16).any())  # something was skipped
+
+
+def test_reused_selection_reads_the_block_that_left_the_local_window() -> None:
+    kv, tables, _, q = _setup([660])  # a table with room to grow
+    shape = HeadShape(sink=1, topk=4, local=1)
+    at_refresh = torch.tensor([640], dtype=torch.int32)  # 40 full blocks; local = block 39
+    scores = ref.block_scores(q, _bounds(kv, tables, at_refresh), 0, tables)
+    topk = select_topk(scores, at_refresh, BS, shape)
+    assert not bool((topk == 39).any())
+    now = torch.tensor([641], dtype=torch.int32)  # block 40 started: 39 is no longer local
+    refresh_nb = torch.tensor([40])
+    sel, lens = build_tables(now, tables, topk, None, shape, shape, BS, HKV, refresh_nb)
+    for g in range(HKV):
+        n = -(-int(lens[0, g]) // BS)
+        assert int(tables[0, 39]) in sel[0, g, :n].tolist()
+        assert int(lens[0, g]) == (1 + 4 + 1) * BS + 1  # sink + top-4 + block 39 + 1 token
