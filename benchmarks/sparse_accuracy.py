@@ -197,9 +197,7 @@ def main() -> None:
             ]
             del llm
         row["seconds"] = time.time() - t0
-        print(
-            length, "passkey dense", row["passkey_off"], "sparse", row["passkey_both"], flush=True
-        )
+        print(length, "passkey", row.get("passkey_off"), row.get("passkey_both"), flush=True)
         results["lengths"][str(length)] = row
         if args.out:
             with open(args.out, "w") as f:
