@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from kvrelay.kernels import fused, reference
+from kvrelay.kernels import fused, reference, sparse_reference
 
 __all__ = [
     "add_rms_norm",
+    "block_scores",
     "copy_blocks",
     "pack_blocks",
     "paged_decode_attention",
@@ -26,6 +27,8 @@ __all__ = [
     "rms_norm",
     "rope_write_kv",
     "silu_mul",
+    "sparse_decode_attention",
+    "sparse_prefill_attention",
     "unpack_blocks",
     "write_kv",
 ]
@@ -67,3 +70,7 @@ rms_norm = _dispatch("rms_norm", fused)
 add_rms_norm = _dispatch("add_rms_norm", fused)
 rope_write_kv = _dispatch("rope_write_kv", fused)
 silu_mul = _dispatch("silu_mul", fused)
+# opt-in sparse attention (workers/model/sparse_attention.py); dispatched by the query's device
+block_scores = _dispatch("block_scores", sparse_reference)
+sparse_decode_attention = _dispatch("sparse_decode_attention", sparse_reference)
+sparse_prefill_attention = _dispatch("sparse_prefill_attention", sparse_reference)

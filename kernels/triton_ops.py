@@ -18,9 +18,15 @@ from kvrelay.kernels.triton_copy import copy_blocks, pack_blocks, unpack_blocks,
 from kvrelay.kernels.triton_decode import paged_decode_attention
 from kvrelay.kernels.triton_fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
 from kvrelay.kernels.triton_prefill import paged_prefill_attention
+from kvrelay.kernels.triton_sparse import (
+    block_scores,
+    sparse_decode_attention,
+    sparse_prefill_attention,
+)
 
 __all__ = [
     "add_rms_norm",
+    "block_scores",
     "copy_blocks",
     "pack_blocks",
     "paged_decode_attention",
@@ -28,6 +34,8 @@ __all__ = [
     "rms_norm",
     "rope_write_kv",
     "silu_mul",
+    "sparse_decode_attention",
+    "sparse_prefill_attention",
     "unpack_blocks",
     "write_kv",
 ]

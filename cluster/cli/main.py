@@ -21,7 +21,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvrelay.cluster.runtime.config import sparse_settings
+    from kvrelay.workers.engine.engine import EngineConfig
     from kvrelay.workers.llm import LLM
+    from kvrelay.workers.model.sparse_attention import SparseConfig
     from kvrelay.workers.types import SamplingParams
 
     try:
@@ -32,7 +35,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        llm = LLM(args.model, threads=args.threads)
+        sparse = SparseConfig(**sparse_settings(args))
+        llm = LLM(args.model, engine_config=EngineConfig(sparse=sparse), threads=args.threads)
         if args.chat:
             prompt_ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
         else:
@@ -53,6 +57,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     else:
         print(out.text)
+    return 0
+
+
+def _cmd_calibrate_heads(args: argparse.Namespace) -> int:
+    from kvrelay.workers.model.calibrate_heads import calibrate
+
+    path = calibrate(args.model, args.texts, args.tokens, args.fraction, args.output, args.threads)
+    print(path)
     return 0
 
 
@@ -85,9 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print text, token_ids, finish_reason")
     g.add_argument("--threads", type=int, default=None)
     _add_sampling(g)
+    from kvrelay.cluster.runtime.config import add_serve_arguments, add_sparse_arguments
+
+    add_sparse_arguments(g)
     g.set_defaults(func=_cmd_generate)
 
-    from kvrelay.cluster.runtime.config import add_serve_arguments
+    c = sub.add_parser("calibrate-heads", help="pick streaming heads for sparse attention")
+    c.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M)")
+    c.add_argument("--texts", type=int, default=4, help="ShareGPT texts to measure on")
+    c.add_argument("--tokens", type=int, default=4096, help="tokens per text")
+    c.add_argument("--fraction", type=float, default=0.5, help="share of KV heads made streaming")
+    c.add_argument("--output", default=None, help="default: beside the model")
+    c.add_argument("--threads", type=int, default=None)
+    c.set_defaults(func=_cmd_calibrate_heads)
 
     s = sub.add_parser("serve", help="start (or join) a Ray cluster and serve the model")
     add_serve_arguments(s)

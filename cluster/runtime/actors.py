@@ -33,6 +33,7 @@ from kvrelay.cluster.spot.notices import PreemptionNotice, queue_sink
 from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.model.config import resolve_device_dtype
 from kvrelay.workers.model.source import load_tokenizer
+from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.types import TokenEvent
 from kvrelay.workers.worker import Worker
 
@@ -208,6 +209,7 @@ class ControllerActor(Controller):
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            sparse=SparseConfig(cfg.sparse_attention, cfg.sparse_budget, heads_path=cfg.sparse_heads),
         )
         options: dict[str, Any] = {
             "name": f"kvrelay-worker-{worker_id}", "max_concurrency": 32,

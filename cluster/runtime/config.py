@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from kvrelay.cluster.placement.placement import DEVICES
 from kvrelay.cluster.routing.config import RouterConfig
+from kvrelay.workers.model.sparse_options import SPARSE_MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 POLICIES = ("fcfs", "priority", "fair")
@@ -102,6 +103,10 @@ class ServeConfig(BaseModel):
     metadata_url: str | None = None  # each worker polls it for its instance's spot notice
     metadata_parser: str = "instance-action"  # or "preempted" (TRUE/FALSE)
     metadata_interval_s: float = 5.0
+    sparse_attention: str = "off"  # off | decode | prefill | both (workers/model/sparse_attention.py)
+    sparse_budget: int = 4096  # decode tokens a dense head reads beyond its first and last pages
+    sparse_heads: str | None = None  # streaming-head mask (kvrelay calibrate-heads); None: beside
+    # the model if there is one, else every head dense
 
     @field_validator("device")
     @classmethod
@@ -134,11 +139,19 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be > 0, got {v}")
         return v
 
-    @field_validator("policy", "preemption_mode", "router", "metadata_parser")
+    @field_validator("sparse_budget")
+    @classmethod
+    def _not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("policy", "preemption_mode", "router", "metadata_parser", "sparse_attention")
     @classmethod
     def _choice(cls, v: str, info: Any) -> str:
         choices = {"policy": POLICIES, "preemption_mode": PREEMPTION_MODES, "router": ROUTERS,
-                   "metadata_parser": METADATA_PARSERS}[info.field_name]
+                   "metadata_parser": METADATA_PARSERS,
+                   "sparse_attention": SPARSE_MODES}[info.field_name]
         if v not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}, got {v!r}")
         return v
@@ -317,8 +330,38 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="address workers bind for KV transfers: an IP or 'auto' (the node's)")
     p.add_argument("--transport-interface", default=S, help="NIC for KV transfers")
     p.add_argument("--cpus-per-worker", type=float, default=S)
+    add_sparse_arguments(p)
     p.add_argument("--no-watch-nodes", dest="watch_nodes", action="store_false", default=S,
                    help="do not start workers on nodes that join")
 
 
-__all__ = ["ConfigError", "ServeConfig", "add_serve_arguments", "config_or_exit", "read_config_file"]
+def add_sparse_arguments(p: argparse.ArgumentParser) -> None:
+    """The sparse-attention flags of ``kvrelay serve`` and ``kvrelay generate``; like the serve
+    flags they have no defaults of their own (ServeConfig's fields hold them)."""
+    S = argparse.SUPPRESS
+    p.add_argument("--sparse-attention", default=S, choices=SPARSE_MODES,
+                   help="LServe/SampleAttention sparse attention in decode, prefill or both")
+    p.add_argument("--sparse-budget", type=int, default=S,
+                   help="decode tokens a dense head reads beyond its first and last 64-token pages")
+    p.add_argument("--sparse-heads", default=S,
+                   help="streaming-head mask from `kvrelay calibrate-heads` (default: the one "
+                        "beside the model, if any; else every head dense)")
+
+
+def sparse_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``SparseConfig`` keyword arguments from ``add_sparse_arguments`` flags (``kvrelay
+    generate``), ServeConfig's defaults for the flags not given."""
+    given = {k: v for k, v in vars(args).items() if k.startswith("sparse_")}
+    cfg = ServeConfig(**given)
+    return {"mode": cfg.sparse_attention, "budget": cfg.sparse_budget, "heads_path": cfg.sparse_heads}
+
+
+__all__ = [
+    "ConfigError",
+    "ServeConfig",
+    "add_serve_arguments",
+    "add_sparse_arguments",
+    "config_or_exit",
+    "read_config_file",
+    "sparse_settings",
+]

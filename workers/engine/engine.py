@@ -27,6 +27,7 @@ from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.kv.tiers import build_cpu_tier, check_held
 from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel
+from kvrelay.workers.model.sparse_attention import SparseConfig, build_sparse
 from kvrelay.workers.types import FinishReason, KVEvent, PoolStats, SamplingParams, TokenEvent
 
 
@@ -47,6 +48,7 @@ class EngineConfig:
     swap_gb_per_s: float = 8.0  # host<->device copy rate the auto rule assumes
     recompute_tokens_per_s: float | None = None  # None: measured from this engine's prefills
     async_swaps: bool | None = None  # copies on a background thread; None: on CUDA only
+    sparse: SparseConfig = field(default_factory=SparseConfig)  # opt-in (workers/model/sparse_attention.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,8 @@ class Engine:
             swap_bytes_per_s=config.swap_gb_per_s * 1e9,
             recompute_tokens_per_s=config.recompute_tokens_per_s or 2000.0,
         )
-        self.runner = ModelRunner(loaded.model, self.kv_cache, bs)
+        self.sparse = build_sparse(config.sparse, loaded, self.kv_cache)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, bs, sparse=self.sparse)
         self.sampler = Sampler(seed=config.seed)
         self.max_context = loaded.config.max_context
         # a sequence ends ("length") when it holds every block of the pool: it could not grow,
@@ -296,6 +299,7 @@ class Engine:
             steps=self.steps,
             extra={
                 **(self.cpu_tier.stats_extra() if self.cpu_tier else {}),
+                **(self.sparse.stats_extra() if self.sparse else {}),
                 "swap_copies": self.copier.copies,
                 "recompute_tokens_per_s": sw.tokens_per_s if sw else 0.0,
             },

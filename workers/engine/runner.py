@@ -26,6 +26,7 @@ from kvrelay.workers.engine.cuda_graphs import (
 )
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
+from kvrelay.workers.model.sparse_attention import SparseAttention
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +96,15 @@ class ModelRunner:
         *,
         use_cuda_graphs: bool | None = None,  # None: on for CUDA caches (KVRELAY_CUDA_GRAPHS=0 off)
         max_graph_batch: int = BATCH_SIZES[-1],
+        sparse: SparseAttention | None = None,  # opt-in; its steps run eagerly (host state)
     ) -> None:
         self.model = model
+        self.sparse = sparse
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
         self.graphs: DecodeGraphs | None = None
-        if _graphs_enabled(self.device, use_cuda_graphs):
+        if sparse is None and _graphs_enabled(self.device, use_cuda_graphs):
             max_blocks = min(kv_cache.shape[0], -(-model.config.max_context // block_size))
             self.graphs = DecodeGraphs(
                 model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks
@@ -125,6 +128,13 @@ class ModelRunner:
                 return out
         self.eager_steps += 1
         inputs = prepare_inputs(items, self.block_size, self.device)
+        if self.sparse is not None:
+            self.sparse.begin_step(
+                [it.seq.request_id for it in items],
+                [it.seq.num_computed + it.num_tokens for it in items],
+                inputs.attn.is_decode,
+            )
+            inputs.attn.sparse = self.sparse
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
         if not inputs.sampled:
             return torch.empty(0), inputs

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,23 @@ from torch import nn
 
 from kvrelay import kernels
 from kvrelay.workers.model.config import ModelConfig, ModelLoadError
+
+
+class SparseHook(Protocol):
+    """What a layer asks of opt-in sparse attention (workers/model/sparse_attention.py's
+    SparseAttention); a protocol here so that the model does not import it (no import circle)."""
+
+    def handles(self, is_decode: bool) -> bool: ...
+
+    def decode(
+        self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+        attn: AttentionMetadata, scale: float,
+    ) -> torch.Tensor: ...  # fmt: skip
+
+    def prefill(
+        self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+        attn: AttentionMetadata, scale: float,
+    ) -> torch.Tensor: ...  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -44,6 +62,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] int32, tokens in the cache per sequence, new ones included
     query_start_loc: torch.Tensor  # [B + 1] int32, sequence i owns rows [i]:[i+1] of the batch
     is_decode: bool  # every sequence has exactly one new token (T == B)
+    sparse: SparseHook | None = None  # opt-in sparse attention; None: dense (exact)
 
 
 def kv_cache_shape(
@@ -129,7 +148,11 @@ class DecoderLayer(nn.Module):
         q = kernels.rope_write_kv(
             qkv, *rope, positions, kv_cache, self.layer_idx, attn.slot_mapping, self.num_heads
         )  # [T, H, D]
-        if attn.is_decode:
+        sparse = attn.sparse
+        if sparse is not None and sparse.handles(attn.is_decode):
+            run = sparse.decode if attn.is_decode else sparse.prefill
+            o = run(self.layer_idx, q, kv_cache, attn, self.scale)
+        elif attn.is_decode:
             o = kernels.paged_decode_attention(
                 q, kv_cache, self.layer_idx, attn.block_tables, attn.context_lens, self.scale
             )

@@ -1,0 +1,189 @@
+"""Sparse attention speed, one attention layer of the Llama-3.1-8B shape (32 heads, 8 KV heads,
+head_dim 128, bf16, block 16) on random data: prefill and decode, sparse vs our dense Triton
+kernels vs torch SDPA (flash), as ratios from one run.
+
+Sparse runs the real code path (workers/model/sparse_attention.py: sampling, selection, kernels),
+with LServe's head split (half the KV heads streaming, ``--stream-fraction``). Random keys make
+attention diffuse, so the SampleAttention columns of the dense heads keep most blocks (the
+density it reports is what random data earns; real text is far sparser, see
+benchmarks/sparse_accuracy.py). TTFT estimate = layers × (attention + the layer's GEMMs, timed
+at the same length).
+
+    python benchmarks/sparse_bench.py --contexts 32768 65536 131072 --out $OUT/sparse_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kvrelay import kernels
+from kvrelay.workers.model.llama import AttentionMetadata
+from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig
+
+H, HKV, D, LAYERS, HIDDEN, INTER, BS = 32, 8, 128, 32, 4096, 14336, 16
+
+
+def bench(fn: Callable[[], object], rep: int = 50) -> float:
+    if not torch.cuda.is_available():  # a CPU dry run of the script (tiny contexts)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return float(triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")) / 1e3
+
+
+def streaming_mask(fraction: float) -> torch.Tensor:
+    mask = torch.zeros(1, HKV, dtype=torch.bool)
+    mask[0, : round(fraction * HKV)] = True
+    return mask
+
+
+def gemm_seconds(tokens: int, dev: str) -> float:
+    x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
+    w_qkv = torch.randn(H * D + 2 * HKV * D, HIDDEN, device=dev, dtype=torch.bfloat16)
+    w_o = torch.randn(HIDDEN, H * D, device=dev, dtype=torch.bfloat16)
+    w_gu = torch.randn(2 * INTER, HIDDEN, device=dev, dtype=torch.bfloat16)
+    w_d = torch.randn(HIDDEN, INTER, device=dev, dtype=torch.bfloat16)
+
+    def layer() -> None:
+        F.linear(x, w_qkv)
+        F.linear(x, w_o)
+        h = F.linear(x, w_gu)
+        F.linear(h[:, :INTER], w_d)
+
+    return bench(layer, rep=20)
+
+
+def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    g = torch.Generator(device=dev).manual_seed(ctx)
+    nb = ctx // BS
+    cache = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    q = torch.randn(ctx, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+    table = torch.arange(nb, device=dev, dtype=torch.int32)[None]
+    attn = AttentionMetadata(
+        torch.arange(ctx, device=dev), table, torch.tensor([ctx], device=dev, dtype=torch.int32),
+        torch.tensor([0, ctx], device=dev, dtype=torch.int32), False,
+    )  # fmt: skip
+    scale = D**-0.5
+    sparse = SparseAttention(
+        SparseConfig(mode="prefill"), cache, streaming_mask(args.stream_fraction)
+    )
+    dense_fn = lambda: kernels.paged_prefill_attention(  # noqa: E731
+        q, cache, 0, table, attn.query_start_loc, attn.context_lens, scale
+    )
+    sparse_fn = lambda: sparse.prefill(0, q, cache, attn, scale)  # noqa: E731
+    k = cache[:, 0, 0].reshape(ctx, HKV, D).transpose(0, 1)[None].contiguous()
+    v = cache[:, 0, 1].reshape(ctx, HKV, D).transpose(0, 1)[None].contiguous()
+    qs = q.transpose(0, 1)[None]
+    sdpa_fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        qs, k, v, is_causal=True, scale=scale, enable_gqa=True
+    )
+    err = kernels.reference.rel_err(sparse_fn().float(), dense_fn().float())
+    sparse.counters.prefill_pairs = sparse.counters.prefill_causal_pairs = 0.0
+    sparse_fn()
+    density = sparse.stats_extra()["sparse_prefill_density"]
+    t = {"dense": bench(dense_fn, 10), "sparse": bench(sparse_fn, 10), "sdpa": bench(sdpa_fn, 10)}
+    gemm = gemm_seconds(ctx, dev)
+    return {
+        "context": ctx, "attn_s": t, "gemm_s": gemm, "density": density, "rel_err_vs_dense": err,
+        "ttft_est_s": {k: LAYERS * (v + gemm) for k, v in t.items()},
+        "attn_speedup_vs_dense": t["dense"] / t["sparse"],
+        "attn_speedup_vs_sdpa": t["sdpa"] / t["sparse"],
+        "ttft_speedup_vs_dense": (t["dense"] + gemm) / (t["sparse"] + gemm),
+    }  # fmt: skip
+
+
+def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    g = torch.Generator(device=dev).manual_seed(ctx + batch)
+    nb = ctx // BS
+    cache = torch.randn(batch * nb, 1, 2, BS, HKV, D, device=dev, dtype=torch.bfloat16,
+                        generator=g)  # fmt: skip
+    q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+    tables = torch.randperm(batch * nb, device=dev, generator=g).view(batch, nb).to(torch.int32)
+    lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+    slots = tables[:, -1].long() * BS + BS - 1
+    attn = AttentionMetadata(slots, tables, lens, torch.arange(batch + 1, device=dev), True)
+    scale = D**-0.5
+    sparse = SparseAttention(
+        SparseConfig(mode="decode", budget=args.budget), cache, streaming_mask(args.stream_fraction)
+    )
+    keys = [str(i) for i in range(batch)]
+    sparse.begin_step(keys, [ctx] * batch, True)  # first sight: bounds recomputed from the cache
+    out = sparse.decode(0, q, cache, attn, scale)
+    dense_fn = lambda: kernels.paged_decode_attention(q, cache, 0, tables, lens, scale)  # noqa: E731
+    err = kernels.reference.rel_err(out.float(), dense_fn().float())
+
+    def step(refresh: bool) -> Callable[[], object]:
+        def run() -> object:
+            sparse._refresh = refresh
+            sparse._fresh = None
+            return sparse.decode(0, q, cache, attn, scale)
+
+        return run
+
+    k = cache[:, 0, 0][tables.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
+    v = cache[:, 0, 1][tables.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
+    sdpa_fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        q[:, :, None], k, v, scale=scale, enable_gqa=True
+    )
+    t = {"dense": bench(dense_fn), "sparse_refresh": bench(step(True)),
+         "sparse_reuse": bench(step(False)), "sdpa": bench(sdpa_fn)}  # fmt: skip
+    reuse = sparse.config.reuse_steps
+    t["sparse"] = (t["sparse_refresh"] + (reuse - 1) * t["sparse_reuse"]) / reuse
+    sparse.counters.selected_tokens = sparse.counters.context_tokens = 0.0
+    step(False)()
+    return {
+        "context": ctx, "batch": batch, "attn_s": t, "rel_err_vs_dense": err,
+        "read_fraction": sparse.stats_extra()["sparse_decode_read_fraction"],
+        "speedup_vs_dense": t["dense"] / t["sparse"], "speedup_vs_sdpa": t["sdpa"] / t["sparse"],
+    }  # fmt: skip
+
+
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--budget", type=int, default=4096)
+    ap.add_argument("--stream-fraction", type=float, default=0.5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    result: dict[str, Any] = {"device": name, "args": vars(args),
+                              "prefill": [], "decode": []}  # fmt: skip
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    for ctx in args.contexts:
+        for batch in args.batches:
+            row = decode_row(ctx, batch, args, dev)
+            print("decode", json.dumps(row), flush=True)
+            result["decode"].append(row)
+            save()
+            empty_cache()
+    for ctx in args.contexts:
+        row = prefill_row(ctx, args, dev)
+        print("prefill", json.dumps(row), flush=True)
+        result["prefill"].append(row)
+        save()
+        empty_cache()
+
+
+if __name__ == "__main__":
+    main()

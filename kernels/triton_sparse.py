@@ -1,0 +1,339 @@
+"""Triton bodies of the sparse-attention ops (contracts and layouts in kernels/sparse_reference.py).
+
+- ``block_scores``: one program per (sequence, KV head, chunk of BLOCK_B logical blocks) loads
+  the group's queries once and the chunk's bounds, and computes ``q⁺·kmax + q⁻·kmin`` as two
+  ``tl.dot``; the group's max is stored.
+- ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
+  one length per (sequence, KV head) — the compacted selection — instead of one per sequence, so
+  a program reads only its head's selected blocks. Split-K and the reduce kernel are shared.
+- ``sparse_prefill_attention``: ``triton_prefill``'s causal kernel where a key tile runs only if
+  its column block is kept for the head or it meets the tile's local window; skipped tiles cost a
+  one-byte load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvrelay.kernels.triton_decode import (
+    LOG2E,
+    MAX_SPLITS,
+    _decode_reduce_kernel,
+    _sm_count,
+    choose_splits,
+)
+
+
+@triton.jit
+def _scores_kernel(
+    q_ptr, bnd_ptr, bt_ptr, out_ptr, layer_off, mb,
+    stride_qb, stride_qh, stride_blk, stride_mm, stride_head, stride_btb,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_j = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    j_mask = offs_j < mb
+    q = tl.load(
+        q_ptr + b * stride_qb + (kvh * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [GROUP_PAD, D_PAD]
+    blk = tl.load(bt_ptr + b * stride_btb + offs_j, mask=j_mask, other=0).to(tl.int64)
+    base = bnd_ptr + layer_off + kvh * stride_head + blk * stride_blk  # [BLOCK_B]
+    m = j_mask[None, :] & d_mask[:, None]
+    kmax = tl.load(base[None, :] + offs_d[:, None], mask=m, other=0.0).to(tl.float32)
+    kmin = tl.load(base[None, :] + stride_mm + offs_d[:, None], mask=m, other=0.0).to(tl.float32)
+    s = tl.dot(tl.maximum(q, 0.0), kmax, input_precision="ieee")
+    s += tl.dot(tl.minimum(q, 0.0), kmin, input_precision="ieee")  # [GROUP_PAD, BLOCK_B]
+    s = tl.where(g_mask[:, None], s, float("-inf"))
+    tl.store(out_ptr + (b * tl.num_programs(1) + kvh) * mb + offs_j, tl.max(s, 0), mask=j_mask)
+
+
+def block_scores(
+    query: torch.Tensor,  # [B, H, D]
+    bounds: torch.Tensor,  # [num_blocks, L, 2, Hkv, D]
+    layer: int,
+    block_tables: torch.Tensor,  # [B, MB]
+) -> torch.Tensor:  # [B, Hkv, MB] float32
+    batch, heads, dim = query.shape
+    kv_heads, mb = bounds.shape[3], block_tables.shape[1]
+    out = torch.empty(batch, kv_heads, mb, device=query.device, dtype=torch.float32)
+    if batch == 0 or mb == 0:
+        return out
+    group = heads // kv_heads
+    block_b = 64
+    st = bounds.stride()
+    _scores_kernel[(batch, kv_heads, triton.cdiv(mb, block_b))](
+        query, bounds, block_tables, out, layer * st[1], mb,
+        query.stride(0), query.stride(1), st[0], st[2], st[3], block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        D_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_B=block_b,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q_ptr, kv_ptr, bt_ptr, len_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    scale_log2, layer_off, part_len, num_splits,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_blk, stride_kv, stride_tok, stride_head, stride_btr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    row_sel = b * tl.num_programs(1) + kvh  # this (sequence, KV head)'s selection
+    ctx = tl.load(len_ptr + row_sel).to(tl.int32)
+    lo = s * part_len
+    hi = tl.minimum(lo + part_len, ctx)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [GROUP_PAD, D_PAD]
+    if FP32_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    kv_base = kv_ptr + layer_off + kvh * stride_head
+    for start in range(lo, hi, BLOCK_N):
+        tok = start + offs_n
+        valid = tok < hi
+        blk = tl.load(bt_ptr + row_sel * stride_btr + tok // PAGE, mask=valid, other=0)
+        row = kv_base + blk.to(tl.int64) * stride_blk + (tok % PAGE) * stride_tok
+        k = tl.load(
+            row[None, :] + offs_d[:, None], mask=valid[None, :] & d_mask[:, None], other=0.0
+        )
+        v = tl.load(
+            row[:, None] + stride_kv + offs_d[None, :],
+            mask=valid[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if FP32_DOT:
+            scores = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+        else:
+            scores = tl.dot(q, k.to(q.dtype))
+        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32_DOT:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    o_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        row_id = (b * GROUP * tl.num_programs(1) + heads) * num_splits + s
+        tl.store(part_lse_ptr + row_id, lse, mask=g_mask)
+        tl.store(part_o_ptr + row_id[:, None] * D_PAD + offs_d[None, :], out, mask=o_mask)
+    else:
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def sparse_decode_attention(
+    query: torch.Tensor,  # [B, H, D]
+    kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
+    layer: int,
+    tables: torch.Tensor,  # [B, Hkv, NSEL]
+    lens: torch.Tensor,  # [B, Hkv]
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:  # [B, H, D]
+    batch, heads, dim = query.shape
+    page, kv_heads = kv_cache.shape[3], kv_cache.shape[4]
+    out = torch.empty_like(query)
+    if batch == 0:
+        return out
+    tables = tables.reshape(batch * kv_heads, -1)
+    lens = lens.reshape(-1).contiguous()
+    max_tokens = tables.shape[1] * page
+    if num_splits is None:
+        # the programs are (B, Hkv) as for dense decode, over a shorter context
+        splits, part_len = choose_splits(batch, kv_heads, max_tokens, _sm_count(query.device))
+    else:
+        tiles = max(1, math.ceil(max_tokens / block_n))
+        part_len = math.ceil(tiles / max(1, min(num_splits, MAX_SPLITS))) * block_n
+        splits = math.ceil(tiles * block_n / part_len)
+    d_pad = max(16, triton.next_power_of_2(dim))
+    split = splits > 1
+    part_o = part_lse = out
+    if split:
+        part_o = torch.empty(batch, heads, splits, d_pad, device=query.device, dtype=torch.float32)
+        part_lse = torch.empty(batch, heads, splits, device=query.device, dtype=torch.float32)
+    st = kv_cache.stride()
+    group = heads // kv_heads
+    _sparse_decode_kernel[(batch, kv_heads, splits)](
+        query, kv_cache, tables, lens, out, part_o, part_lse,
+        scale * LOG2E, layer * st[1], part_len, splits,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        st[0], st[2], st[3], st[4], tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, D_PAD=d_pad,
+        PAGE=page, BLOCK_N=block_n, SPLIT=split,
+        FP32_DOT=query.dtype == torch.float32 or not query.is_cuda,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if split:
+        _decode_reduce_kernel[(batch, heads)](
+            part_o, part_lse, out, splits, out.stride(0), out.stride(1),
+            HEAD_DIM=dim, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _sparse_prefill_kernel(
+    q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, keep_ptr, win_ptr, out_ptr,
+    scale_log2, layer_off, num_seqs, num_tiles, heads, nkb,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_blk, stride_kv, stride_tok, stride_head, stride_btb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COL_BLOCK: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(0)
+    tile = num_tiles - 1 - tl.program_id(1)
+    lo = tl.program_id(0) * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(qsl_ptr + mid).to(tl.int32) // BLOCK_M + mid
+        lo = tl.where(first <= tile, mid, lo)
+        hi = tl.where(first <= tile, hi, mid - 1)
+    seq = lo
+    q_start = tl.load(qsl_ptr + seq).to(tl.int32)
+    n = tl.load(qsl_ptr + seq + 1).to(tl.int32) - q_start
+    row0 = (tile - (q_start // BLOCK_M + seq)) * BLOCK_M
+    if row0 < n:
+        ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+        prefix = ctx - n
+        window = tl.load(win_ptr + seq * heads + h).to(tl.int32)
+        keep_row = keep_ptr + (seq * heads + h).to(tl.int64) * nkb
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_mask = offs_m < n
+        d_mask = offs_d < HEAD_DIM
+        q_rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(
+            q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if FP32_DOT:
+            q = q.to(tl.float32)
+        q_pos = prefix + offs_m
+        kv_base = kv_ptr + layer_off + (h // GROUP) * stride_head
+        bt_row = bt_ptr + seq * stride_btb
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        kv_end = prefix + tl.minimum(row0 + BLOCK_M, n)
+        near_lo = prefix + row0 - window + 1  # the first key the tile's first row sees by window
+        for start in range(0, kv_end, BLOCK_N):
+            kept = tl.load(keep_row + start // COL_BLOCK) != 0
+            if kept or start + BLOCK_N > near_lo:
+                tok = start + offs_n
+                valid = tok < kv_end
+                blk = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+                row = kv_base + blk * stride_blk + (tok % PAGE) * stride_tok
+                k = tl.load(
+                    row[None, :] + offs_d[:, None],
+                    mask=valid[None, :] & d_mask[:, None],
+                    other=0.0,
+                )
+                v = tl.load(
+                    row[:, None] + stride_kv + offs_d[None, :],
+                    mask=valid[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                if FP32_DOT:
+                    scores = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, k.to(q.dtype))
+                dist = q_pos[:, None] - tok[None, :]
+                ok = (dist >= 0) & (kept | (dist < window))
+                scores = tl.where(ok, scores * scale_log2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row sees none yet
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(scores - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if FP32_DOT:
+                    pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+        out = acc / l_i[:, None]
+        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def sparse_prefill_attention(
+    query: torch.Tensor,  # [T, H, D] packed
+    kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
+    layer: int,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    query_start_loc: torch.Tensor,  # [B + 1]
+    context_lens: torch.Tensor,  # [B]
+    scale: float,
+    keep: torch.Tensor,  # [B, H, NKB] bool
+    window: torch.Tensor,  # [B, H] int
+    col_block: int,
+) -> torch.Tensor:  # [T, H, D]
+    tokens, heads, dim = query.shape
+    batch = context_lens.shape[0]
+    page, kv_heads = kv_cache.shape[3], kv_cache.shape[4]
+    out = torch.empty_like(query)
+    if tokens == 0 or batch == 0:
+        return out
+    d_pad = max(16, triton.next_power_of_2(dim))
+    fp32_dot = query.dtype == torch.float32 or not query.is_cuda
+    block_m = 64 if fp32_dot or d_pad > 128 else 128
+    block_n = min(col_block, 32 if fp32_dot else 64)
+    if col_block % block_n:
+        raise ValueError(f"col_block {col_block} must be a multiple of {block_n}")
+    num_tiles = tokens // block_m + batch
+    keep8 = keep.to(torch.int8).contiguous()
+    win = window.to(torch.int32).contiguous()
+    st = kv_cache.stride()
+    _sparse_prefill_kernel[(heads, num_tiles)](
+        query, kv_cache, block_tables, query_start_loc, context_lens, keep8, win, out,
+        scale * LOG2E, layer * st[1], batch, num_tiles, heads, keep8.shape[2],
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        st[0], st[2], st[3], st[4], block_tables.stride(0),
+        GROUP=heads // kv_heads, HEAD_DIM=dim, D_PAD=d_pad, PAGE=page,
+        BLOCK_M=block_m, BLOCK_N=block_n, COL_BLOCK=col_block, FP32_DOT=fp32_dot,
+        num_warps=8 if block_m >= 128 else 4, num_stages=2,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,100 @@
+"""The sparse Triton kernels (kernels/triton_sparse.py) through Triton's interpreter on CPU, at
+small sizes, against the torch references (kernels/sparse_reference.py). Run this file in its own
+pytest process (as tests/unit/test_kernels_interpret.py: the interpreter must be chosen before
+triton is first imported); tests/gpu/test_sparse_gpu.py runs the same checks compiled."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+import torch
+
+from kvrelay.kernels import sparse_reference as ref
+from kvrelay.kernels.reference import rel_err
+from kvrelay.workers.model.sparse_select import HeadShape, build_tables, select_topk
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if torch.cuda.is_available():
+    pytest.skip("CUDA present: tests/gpu checks the compiled kernels", allow_module_level=True)
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton already imported compiled; run this file alone", allow_module_level=True)
+
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+_SPARSE = importlib.import_module("kvrelay.kernels.triton_sparse")
+if _saved is None:
+    del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(scope="module")
+def sparse() -> Iterator[ModuleType]:
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield _SPARSE
+    if saved is None:
+        del os.environ["TRITON_INTERPRET"]
+
+
+def _case(lens: list[int], kv_heads: int, bs: int, dim: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mb = max(-(-n // bs) for n in lens)
+    nblk = mb * len(lens) + 2
+    kv = torch.randn(nblk, 2, 2, bs, kv_heads, dim, generator=g).to(dtype)
+    perm = torch.randperm(nblk - 2, generator=g) + 2
+    tables = perm[: mb * len(lens)].view(len(lens), mb).to(torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    bounds = torch.zeros(nblk, 2, 2, kv_heads, dim, dtype=dtype)
+    for b, n in enumerate(lens):
+        nb = -(-n // bs)
+        fills = torch.full((nb,), bs)
+        fills[-1] = n - (nb - 1) * bs
+        bounds[tables[b, :nb].long(), 1] = ref.block_bounds(kv, 1, tables[b, :nb], fills)
+    return kv, tables, ctx, bounds, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_scores(sparse: ModuleType, dtype: torch.dtype) -> None:
+    _, tables, _, bounds, g = _case([100, 37, 70], 2, 8, 24, dtype, 1)
+    q = torch.randn(3, 6, 24, generator=g).to(dtype)
+    want = ref.block_scores(q, bounds, 1, tables)
+    got = sparse.block_scores(q, bounds, 1, tables)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("dtype", "splits", "streaming"),
+    [(torch.float32, 1, False), (torch.float32, 3, True), (torch.bfloat16, None, True)],
+)
+def test_sparse_decode(sparse: ModuleType, dtype: torch.dtype, splits, streaming: bool) -> None:
+    bs = 8
+    kv, tables, ctx, bounds, g = _case([300, 41, 9, 170], 2, bs, 16, dtype, 2)
+    q = torch.randn(4, 8, 16, generator=g).to(dtype)
+    dense, stream = HeadShape(1, 6, 1), HeadShape(2, 0, 3)
+    topk = select_topk(ref.block_scores(q, bounds, 1, tables), ctx, bs, dense)
+    mask = torch.tensor([False, True]) if streaming else None
+    sel, lens = build_tables(ctx, tables, topk, mask, dense, stream, bs, 2)
+    want = ref.sparse_decode_attention(q.float(), kv.float(), 1, sel, lens, 0.25)
+    got = sparse.sparse_decode_attention(q, kv, 1, sel, lens, 0.25, num_splits=splits)
+    assert rel_err(got.float(), want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_prefill(sparse: ModuleType, dtype: torch.dtype) -> None:
+    lens = [200, 90]  # 200 and 30 new tokens
+    kv, tables, ctx, _, g = _case(lens, 2, 16, 16, dtype, 3)
+    qsl = torch.tensor([0, 200, 230], dtype=torch.int32)
+    q = torch.randn(230, 4, 16, generator=g).to(dtype)
+    keep = torch.rand(2, 4, 4, generator=g) < 0.4
+    window = torch.tensor([[1, 40, 70, 1 << 30], [5, 64, 33, 2]], dtype=torch.int32)
+    want = ref.sparse_prefill_attention(
+        q.float(), kv.float(), 1, tables, qsl, ctx, 0.25, keep, window, 64
+    )
+    got = sparse.sparse_prefill_attention(q, kv, 1, tables, qsl, ctx, 0.25, keep, window, 64)
+    assert rel_err(got.float(), want) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -1,0 +1,150 @@
+"""Sparse attention decision cores and torch references (kernels/sparse_reference.py,
+workers/model/sparse_select.py): selection shape, exact token counts, overlap with the exact top
+blocks, and equality with dense attention where the sparse mask keeps everything."""
+
+from __future__ import annotations
+
+import torch
+
+from kvrelay.kernels import reference as dense
+from kvrelay.kernels import sparse_reference as ref
+from kvrelay.kernels.reference import rel_err
+from kvrelay.workers.model.sparse_select import HeadShape, build_tables, sample_columns, select_topk
+
+BS, HKV, GROUP, D = 16, 2, 3, 32
+
+
+def _cache(num_blocks: int, structured: bool, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(num_blocks, 1, 2, BS, HKV, D, generator=g)
+    if structured:  # tokens of a block share a direction, as neighbouring keys do in LLMs
+        shared = torch.randn(num_blocks, 1, 1, HKV, D, generator=g)
+        kv[:, :, 0] = 0.3 * kv[:, :, 0] + 2 * shared
+    return kv
+
+
+def _bounds(kv: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    bounds = torch.zeros(kv.shape[0], 1, 2, HKV, D)
+    for b in range(tables.shape[0]):
+        nb = -(-int(ctx[b]) // BS)
+        fills = torch.full((nb,), BS)
+        fills[-1] = int(ctx[b]) - (nb - 1) * BS
+        bounds[tables[b, :nb].long(), 0] = ref.block_bounds(kv, 0, tables[b, :nb], fills)
+    return bounds
+
+
+def _setup(ctx_list: list[int], structured: bool = False):
+    mb = max(-(-c // BS) for c in ctx_list)
+    kv = _cache(mb * len(ctx_list) + 3, structured)
+    perm = torch.randperm(kv.shape[0] - 3, generator=torch.Generator().manual_seed(1)) + 3
+    tables = perm[: mb * len(ctx_list)].view(len(ctx_list), mb).to(torch.int32)
+    ctx = torch.tensor(ctx_list, dtype=torch.int32)
+    q = torch.randn(len(ctx_list), HKV * GROUP, D, generator=torch.Generator().manual_seed(2))
+    return kv, tables, ctx, q
+
+
+def test_bounds_incremental_equal_recomputed() -> None:
+    kv, tables, ctx, _ = _setup([45])
+    bounds = torch.full((kv.shape[0], 1, 2, HKV, D), 99.0)  # stale values of a recycled block
+    for t in range(45):
+        slot = tables[0, t // BS].long() * BS + t % BS
+        ref.update_bounds(bounds, kv, 0, slot.view(1))
+    want = _bounds(kv, tables, ctx)
+    assert torch.equal(bounds[tables[0, :3].long()], want[tables[0, :3].long()])
+
+
+def test_decode_reads_exactly_budget_sink_local() -> None:
+    ctx_list = [1000, 777, 64, 129]
+    kv, tables, ctx, q = _setup(ctx_list)
+    dense_shape = HeadShape(sink=1, topk=8, local=1)  # budget 128 tokens
+    stream_shape = HeadShape(sink=2, topk=0, local=3)
+    scores = ref.block_scores(q, _bounds(kv, tables, ctx), 0, tables)
+    topk = select_topk(scores, ctx, BS, dense_shape)
+    streaming = torch.tensor([False, True])
+    sel, lens = build_tables(ctx, tables, topk, streaming, dense_shape, stream_shape, BS, HKV)
+    for b, c in enumerate(ctx_list):
+        last = c - (-(-c // BS) - 1) * BS
+        dense_want = min(c, BS + 8 * BS + last) if c > 10 * BS else c
+        stream_want = min(c, 2 * BS + 2 * BS + last) if c > 5 * BS else c
+        assert lens[b, 0] == dense_want and lens[b, 1] == stream_want, (b, lens[b])
+        nb = -(-c // BS)
+        assert sel[b, 0, (int(lens[b, 0]) - 1) // BS] == tables[b, nb - 1]  # last block last
+        assert sel[b, 1, 0] == tables[b, 0]  # sink first
+    # every listed block is distinct
+    n = (int(lens[0, 0]) + BS - 1) // BS
+    assert len(set(sel[0, 0, :n].tolist())) == n
+
+
+def test_selection_overlaps_exact_top_blocks() -> None:
+    ctx_list = [2048, 1900]
+    kv, tables, ctx, q = _setup(ctx_list, structured=True)
+    shape = HeadShape(sink=1, topk=16, local=1)
+    topk = select_topk(ref.block_scores(q, _bounds(kv, tables, ctx), 0, tables), ctx, BS, shape)
+    overlaps = []
+    for b, c in enumerate(ctx_list):
+        nb = -(-c // BS)
+        k, _ = ref.gather_kv(kv, 0, tables[b], c)  # [c, Hkv, D]
+        for g in range(HKV):
+            qk = q[b, g * GROUP : (g + 1) * GROUP] @ k[:, g].T  # [G, c]
+            exact = torch.nn.functional.pad(qk.amax(0), (0, nb * BS - c), value=-1e9)
+            exact = exact.view(nb, BS).amax(1)[1 : nb - 1]
+            want = set((exact.topk(16).indices + 1).tolist())
+            overlaps.append(len(want & set(topk[b, g].tolist())) / 16)
+    assert sum(overlaps) / len(overlaps) >= 0.9 and min(overlaps) >= 0.75, overlaps
+
+
+def test_sparse_decode_whole_selection_equals_dense() -> None:
+    ctx_list = [300, 17, 160]
+    kv, tables, ctx, q = _setup(ctx_list)
+    shape = HeadShape(sink=1, topk=100, local=1)  # budget past every context: read everything
+    topk = select_topk(ref.block_scores(q, _bounds(kv, tables, ctx), 0, tables), ctx, BS, shape)
+    sel, lens = build_tables(ctx, tables, topk, None, shape, shape, BS, HKV)
+    assert torch.equal(lens, ctx[:, None].expand(-1, HKV).to(torch.int32))
+    out = ref.sparse_decode_attention(q, kv, 0, sel, lens, 0.2)
+    want = dense.paged_decode_attention(q, kv, 0, tables, ctx, 0.2)
+    assert rel_err(out, want) < 1e-5
+
+
+def test_sparse_prefill_full_mask_equals_dense_and_window_masks() -> None:
+    ctx_list = [200, 130]
+    kv, tables, ctx, _ = _setup(ctx_list)
+    qsl = torch.tensor([0, 200, 250], dtype=torch.int32)  # the 2nd has 80 cached tokens
+    q = torch.randn(250, HKV * GROUP, D, generator=torch.Generator().manual_seed(3))
+    keep = torch.ones(2, HKV * GROUP, 4, dtype=torch.bool)
+    window = torch.full((2, HKV * GROUP), 1 << 30, dtype=torch.int32)
+    out = ref.sparse_prefill_attention(q, kv, 0, tables, qsl, ctx, 0.2, keep, window, 64)
+    want = dense.paged_prefill_attention(q, kv, 0, tables, qsl, ctx, 0.2)
+    assert rel_err(out, want) < 1e-5
+    keep[:] = False
+    window[:] = 1  # each row sees itself only: the output is its own value
+    out = ref.sparse_prefill_attention(q, kv, 0, tables, qsl, ctx, 0.2, keep, window, 64)
+    _, v = ref.gather_kv(kv, 0, tables[0], 200)
+    assert rel_err(out[:200, 0], v[:, 0]) < 1e-5
+
+
+def test_sample_columns_reaches_alpha() -> None:
+    g = torch.Generator().manual_seed(4)
+    ctx = 1024
+    k = torch.randn(ctx, HKV, D, generator=g)
+    k[::97] *= 4  # a few loud keys take most of the attention
+    q = torch.randn(ctx, HKV * GROUP, D, generator=g)
+    keep, mass = sample_columns(q, k, 0.5, 64, alpha=0.9)
+    assert keep.shape == (HKV * GROUP, 16)
+    assert bool((mass >= 0.9 - 1e-5).all())
+    assert bool((keep.sum(1) < 16).any())  # something was skipped
+
+
+def test_reused_selection_reads_the_block_that_left_the_local_window() -> None:
+    kv, tables, _, q = _setup([660])  # a table with room to grow
+    shape = HeadShape(sink=1, topk=4, local=1)
+    at_refresh = torch.tensor([640], dtype=torch.int32)  # 40 full blocks; local = block 39
+    scores = ref.block_scores(q, _bounds(kv, tables, at_refresh), 0, tables)
+    topk = select_topk(scores, at_refresh, BS, shape)
+    assert not bool((topk == 39).any())
+    now = torch.tensor([641], dtype=torch.int32)  # block 40 started: 39 is no longer local
+    refresh_nb = torch.tensor([40])
+    sel, lens = build_tables(now, tables, topk, None, shape, shape, BS, HKV, refresh_nb)
+    for g in range(HKV):
+        n = -(-int(lens[0, g]) // BS)
+        assert int(tables[0, 39]) in sel[0, g, :n].tolist()
+        assert int(lens[0, g]) == (1 + 4 + 1) * BS + 1  # sink + top-4 + block 39 + 1 token

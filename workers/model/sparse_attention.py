@@ -1,0 +1,285 @@
+"""Opt-in sparse attention for long contexts: LServe page selection in decode, SampleAttention
+prefill, streaming heads in both (``--sparse-attention {off,decode,prefill,both}``).
+
+Owned by the ModelRunner; the runner tells it which sequences a step holds (``begin_step``) and
+hands it to the model through ``AttentionMetadata.sparse``; each layer then asks ``handles`` and
+calls ``decode`` or ``prefill`` instead of the dense kernel. With mode "off" none of this exists
+and the dense path is untouched.
+
+Key bounds (kernels/sparse_reference.py) live in a side tensor beside the KV pool,
+``[num_blocks, L, 2, Hkv, D]``, and are *recomputed on receipt*, not shipped: a sequence that was
+not in the previous decode step (first decode after a local prefill or a chunked step, a PD
+handoff, a swap-in, a tier hit, a migration) has the bounds of all its blocks recomputed from the
+cache before its first sparse decode (one read of its K, the cost of one dense step); after that
+each decode write folds the new key in. The bounds are a pure function of a block's keys, so no
+wire format, tier or handoff had to learn about them, and nothing stale can be selected.
+
+Selections are refreshed every ``reuse_steps`` decode steps, or at once when the batch changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvrelay import kernels
+from kvrelay.workers.model.sparse_options import SPARSE_MODES
+from kvrelay.workers.model.sparse_select import (
+    HeadShape,
+    build_tables,
+    sample_columns,
+    select_topk,
+)
+
+if TYPE_CHECKING:
+    from kvrelay.workers.model.llama import AttentionMetadata
+    from kvrelay.workers.model.loader import LoadedModel
+
+
+@dataclass(frozen=True, slots=True)
+class SparseConfig:
+    mode: str = "off"
+    budget: int = 4096  # decode: middle tokens a dense head reads beyond its sink and last page
+    page_tokens: int = 64  # decode: a dense head always reads the first and the last page
+    reuse_steps: int = 4  # decode steps a selection is reused for (LServe)
+    stream_sink: int = 128  # streaming heads, decode and prefill
+    stream_local: int = 256  # streaming heads, decode
+    stream_prefill_local: int = 8192  # streaming heads, prefill
+    window_frac: float = 0.08  # SampleAttention local window r_w, of the context
+    alpha: float = 0.95  # cumulative attention the kept columns reach on the sampled rows
+    sample_stride: int = 20  # 1 sampled query row in 20 (5%)
+    col_block: int = 64  # prefill column granularity (the Triton key tile)
+    min_prefill: int = 2048  # shorter prompts prefill dense (nothing worth skipping)
+    heads_path: str | None = None  # calibrated streaming heads (JSON); None: none streaming
+
+    def __post_init__(self) -> None:
+        if self.mode not in SPARSE_MODES:
+            raise ValueError(f"sparse mode must be one of {SPARSE_MODES}, got {self.mode!r}")
+        if self.budget < 0 or self.reuse_steps < 1 or not 0 < self.alpha <= 1:
+            raise ValueError("sparse budget >= 0, reuse_steps >= 1, 0 < alpha <= 1")
+
+    @property
+    def decode(self) -> bool:
+        return self.mode in ("decode", "both")
+
+    @property
+    def prefill(self) -> bool:
+        return self.mode in ("prefill", "both")
+
+
+def load_head_mask(path: str | Path, num_layers: int, kv_heads: int) -> torch.Tensor:
+    """[L, Hkv] bool streaming-head mask from ``kvrelay calibrate-heads`` output."""
+    data = json.loads(Path(path).read_text())
+    mask = torch.tensor(data["streaming"], dtype=torch.bool)
+    if tuple(mask.shape) != (num_layers, kv_heads):
+        raise ValueError(
+            f"{path}: head mask {tuple(mask.shape)}, model has {num_layers}x{kv_heads}"
+        )
+    return mask
+
+
+@dataclass(slots=True)
+class SparseCounters:
+    decode_steps: int = 0  # layer calls, summed over layers
+    selected_tokens: float = 0.0  # tokens read, summed over (sequence, KV head, layer)
+    context_tokens: float = 0.0  # what dense decode would have read
+    prefill_pairs: float = 0.0  # (query, key) tile pairs computed by sparse prefill
+    prefill_causal_pairs: float = 0.0  # ... of the causal pairs dense would compute
+
+
+class SparseAttention:
+    def __init__(
+        self,
+        config: SparseConfig,
+        kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
+        streaming: torch.Tensor | None = None,  # [L, Hkv] bool; None: every head dense
+    ) -> None:
+        nblk, layers, _, bs, kv_heads, dim = kv_cache.shape
+        self.config = config
+        self.block_size = bs
+        self.bounds = torch.zeros(nblk, layers, 2, kv_heads, dim, dtype=kv_cache.dtype,
+                                  device=kv_cache.device)  # fmt: skip
+        if streaming is None:
+            streaming = torch.zeros(layers, kv_heads, dtype=torch.bool)
+        self.streaming = streaming.to(kv_cache.device)
+        self.has_streaming = [bool(row.any()) for row in streaming]
+        self._dense_kv = [(~row).nonzero().flatten().to(kv_cache.device) for row in streaming]
+        page = -(-config.page_tokens // bs)  # LServe's first and last 64-token page
+        self.dense = HeadShape(page, config.budget // bs, page)
+        self.stream = HeadShape(-(-config.stream_sink // bs), 0, -(-config.stream_local // bs))
+        self.counters = SparseCounters()
+        self._keys: tuple[str, ...] = ()
+        self._age = 0  # decode steps since the selections were made
+        self._refresh = True
+        self._topk: dict[int, torch.Tensor] = {}
+        self._refresh_nb: dict[int, torch.Tensor] = {}  # [B] context blocks at each refresh
+        self._fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ---- per step ------------------------------------------------------------------------
+    def begin_step(self, keys: Sequence[str], context_lens: Sequence[int], is_decode: bool) -> None:
+        """Called by the runner before each forward: request ids and contexts (new token
+        included) of the batch rows, in order."""
+        keys = tuple(keys)
+        if not (is_decode and self.config.decode):
+            self._keys, self._fresh = (), None
+            return
+        seen = set(self._keys)
+        rows: list[int] = []
+        blocks: list[int] = []
+        fills: list[int] = []
+        bs = self.block_size
+        for i, (key, ctx) in enumerate(zip(keys, context_lens, strict=True)):
+            if key in seen:
+                continue
+            nb = -(-ctx // bs)
+            rows += [i] * nb
+            blocks += range(nb)
+            fills += [bs] * (nb - 1) + [ctx - (nb - 1) * bs]
+        dev = self.bounds.device
+        self._fresh = None
+        if rows:
+            self._fresh = tuple(torch.tensor(x, device=dev) for x in (rows, blocks, fills))  # type: ignore[assignment]
+        self._refresh = keys != self._keys or self._age >= self.config.reuse_steps
+        self._age = 1 if self._refresh else self._age + 1
+        self._keys = keys
+
+    def handles(self, is_decode: bool) -> bool:
+        return self.config.decode if is_decode else self.config.prefill
+
+    # ---- decode --------------------------------------------------------------------------
+    def decode(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [B, H, D], its K/V already written
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [B, H, D]
+        from kvrelay.kernels import sparse_reference as ref
+
+        ref.update_bounds(self.bounds, kv_cache, layer, attn.slot_mapping)
+        if self._fresh is not None:
+            rows, logical, fills = self._fresh
+            ids = attn.block_tables[rows, logical]
+            self.bounds[ids.long(), layer] = ref.block_bounds(kv_cache, layer, ids, fills)
+        streaming = self.streaming[layer] if self.has_streaming[layer] else None
+        bs = self.block_size
+        topk = self._topk.get(layer)
+        if self.dense.topk and (self._refresh or topk is None):
+            scores = kernels.block_scores(query, self.bounds, layer, attn.block_tables)
+            topk = select_topk(scores, attn.context_lens, self.block_size, self.dense)
+            self._topk[layer] = topk
+            self._refresh_nb[layer] = (attn.context_lens.long() + bs - 1) // bs
+        tables, lens = build_tables(
+            attn.context_lens, attn.block_tables, topk, streaming, self.dense, self.stream,
+            bs, kv_cache.shape[4], self._refresh_nb.get(layer),
+        )  # fmt: skip
+        c = self.counters
+        c.decode_steps += 1
+        c.selected_tokens += lens.sum()  # type: ignore[assignment] # device sum, read in stats
+        c.context_tokens += attn.context_lens.sum() * lens.shape[1]  # type: ignore[assignment]
+        return kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
+
+    # ---- prefill -------------------------------------------------------------------------
+    def prefill(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [T, H, D] packed
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, H, D]
+        from kvrelay.kernels import sparse_reference as ref
+
+        cfg = self.config
+        heads = query.shape[1]
+        kv_heads = kv_cache.shape[4]
+        cb = cfg.col_block
+        max_ctx = attn.block_tables.shape[1] * self.block_size
+        nkb = -(-max_ctx // cb)
+        starts = attn.query_start_loc.tolist()
+        ctxs = attn.context_lens.tolist()
+        batch = len(ctxs)
+        keep = torch.ones(batch, heads, nkb, dtype=torch.bool, device=query.device)
+        window = torch.full((batch, heads), 1 << 30, dtype=torch.int32, device=query.device)
+        stream_q = self.streaming[layer].repeat_interleave(heads // kv_heads)  # [H]
+        dense_kv = self._dense_kv[layer]  # only dense heads are sampled
+        group = heads // kv_heads
+        for i, ctx in enumerate(ctxs):
+            n = starts[i + 1] - starts[i]
+            if ctx < cfg.min_prefill or n == 0:
+                continue
+            nkb_i = -(-ctx // cb)
+            sink = torch.arange(nkb, device=query.device) < -(-cfg.stream_sink // cb)
+            keep[i] = sink  # streaming heads: sink + band; dense heads overwritten below
+            if dense_kv.numel():
+                k, _ = ref.gather_kv(kv_cache, layer, attn.block_tables[i], ctx)
+                q = query[starts[i] : starts[i + 1]].unflatten(1, (kv_heads, group))
+                cols, _ = sample_columns(
+                    q[:, dense_kv].flatten(1, 2), k[:, dense_kv], scale, cb, cfg.alpha,
+                    cfg.sample_stride,
+                )  # fmt: skip
+                dense_q = dense_kv[:, None] * group + torch.arange(group, device=q.device)
+                keep[i, dense_q.flatten(), :nkb_i] = cols
+                keep[i, dense_q.flatten(), nkb_i:] = False
+            dense_w = max(cb, int(cfg.window_frac * ctx))
+            window[i] = torch.where(stream_q, cfg.stream_prefill_local, dense_w).to(torch.int32)
+            self._count_prefill(keep[i], window[i], ctx - n, n, ctx)
+        return kernels.sparse_prefill_attention(
+            query, kv_cache, layer, attn.block_tables, attn.query_start_loc, attn.context_lens,
+            scale, keep, window, cb,
+        )  # fmt: skip
+
+    def _count_prefill(
+        self, keep: torch.Tensor, window: torch.Tensor, prefix: int, n: int, ctx: int
+    ) -> None:
+        """Tile-level density: (query tile, key block) pairs computed / causal pairs."""
+        cb = self.config.col_block
+        q_end = prefix + torch.arange(cb, n + cb, cb, device=keep.device).clamp(max=n) - 1
+        q_start = prefix + torch.arange(0, n, cb, device=keep.device)  # [nq]
+        k_lo = torch.arange(0, ctx, cb, device=keep.device)  # [nkb']
+        causal = k_lo[None, :] <= q_end[:, None]  # [nq, nkb']
+        near = (k_lo[None, None, :] + cb) > (q_start[None, :, None] - window[:, None, None] + 1)
+        cols = keep[:, : k_lo.numel()][:, None, :]
+        done = causal[None] & (near | cols)
+        self.counters.prefill_pairs += float(done.sum())
+        self.counters.prefill_causal_pairs += float(causal.sum()) * keep.shape[0]
+
+    # ---- figures -------------------------------------------------------------------------
+    def stats_extra(self) -> dict[str, float]:
+        c = self.counters
+        sel, ctx = float(c.selected_tokens), float(c.context_tokens)
+        return {
+            "sparse_decode_layer_steps": float(c.decode_steps),
+            "sparse_decode_selected_tokens": sel,
+            "sparse_decode_read_fraction": sel / ctx if ctx else 1.0,
+            "sparse_prefill_density": (
+                c.prefill_pairs / c.prefill_causal_pairs if c.prefill_causal_pairs else 1.0
+            ),
+        }
+
+
+def default_heads_path(source: str) -> Path:
+    """Where ``kvrelay calibrate-heads`` stores a model's head mask: beside the model."""
+    path = Path(source)
+    return path / "kvrelay_heads.json" if path.is_dir() else path.with_suffix(".heads.json")
+
+
+def build_sparse(
+    config: SparseConfig, loaded: LoadedModel, kv_cache: torch.Tensor
+) -> SparseAttention | None:
+    """None when off; streaming heads from ``config.heads_path``, else from the calibration file
+    beside the model when there is one, else none (every head dense)."""
+    if config.mode == "off":
+        return None
+    c = loaded.config
+    path = Path(config.heads_path) if config.heads_path else default_heads_path(loaded.source)
+    streaming = None
+    if config.heads_path or path.is_file():
+        streaming = load_head_mask(path, c.num_layers, c.num_kv_heads)
+    return SparseAttention(config, kv_cache, streaming)
