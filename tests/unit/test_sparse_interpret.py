@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -23,14 +22,18 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 if torch.cuda.is_available():
     pytest.skip("CUDA present: tests/gpu checks the compiled kernels", allow_module_level=True)
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton already imported compiled; run this file alone", allow_module_level=True)
-
+# triton.jit picks the interpreter when the kernels are defined (TRITON_INTERPRET read then),
+# whenever triton itself was imported: load a private copy of the module with it set
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
-_SPARSE = importlib.import_module("kvrelay.kernels.triton_sparse")
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
+try:
+    _spec = importlib.util.find_spec("kvrelay.kernels.triton_sparse")
+    assert _spec is not None and _spec.loader is not None
+    _SPARSE = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_SPARSE)
+finally:
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
 
 
 @pytest.fixture(scope="module")
