@@ -27,16 +27,14 @@ from kvrelay.cluster.api.errors import ApiError, ErrorCode, invalid
 from kvrelay.cluster.api.health import ReadinessTracker
 from kvrelay.cluster.api.http_guard import GuardedListener, HttpLimits
 from kvrelay.cluster.api.openai_schema import (
+    ChatBody,
+    CompletionBody,
     chat_chunk,
     chat_json,
     completion_chunk,
     completion_json,
-    parse_chat,
-    parse_completion,
-    stream_options,
     usage_chunk,
 )
-from kvrelay.cluster.api.validation import RawGenerate
 from kvrelay.workers.types import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -138,10 +136,10 @@ class HttpFrontend:
         return web.json_response({"object": "list", "data": data})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_completion, chat=False)
+        return await self._generate(request, CompletionBody, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_chat, chat=True)
+        return await self._generate(request, ChatBody, chat=True)
 
     # -- generation ------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -166,7 +164,7 @@ class HttpFrontend:
     async def _generate(
         self,
         request: web.Request,
-        parse: Callable[[Mapping[str, object]], RawGenerate],
+        schema: type[ChatBody] | type[CompletionBody],
         *,
         chat: bool,
     ) -> web.StreamResponse:
@@ -174,8 +172,9 @@ class HttpFrontend:
         try:
             caller = self.core.authorize(request.headers.get("Authorization"), admin=False)
             body = await self._body(request)
-            raw = parse(body)
-            streaming, include_usage = stream_options(body)
+            parsed = schema.parse(body)  # every field's type, once; ranges: core.start
+            streaming, include_usage = parsed.stream_mode()
+            raw = parsed.raw()
             stream = await self.core.start(
                 raw, id_prefix="chatcmpl-" if chat else "cmpl-", caller=caller
             )

@@ -1,8 +1,8 @@
 """Request validation, once, at the edge: shared by the gRPC and the OpenAI HTTP frontends.
 
 Each frontend parses its wire format into a ``RawGenerate`` (HTTP checks JSON types first, with
-json_body.JsonFields); ``build_request`` checks every field, tokenizes, checks the prompt against the
-model's context and returns the trusted ``GenerateRequest`` the backend gets. Everything it
+openai_schema's pydantic body models); ``build_request`` checks every field, tokenizes, checks the
+prompt against the model's context and returns the trusted ``GenerateRequest`` the backend gets. Everything it
 refuses raises ``ApiError`` (INVALID_ARGUMENT, or NOT_FOUND for an unknown model) whose message
 names the field and the numbers.
 """

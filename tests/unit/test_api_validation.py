@@ -8,7 +8,13 @@ import math
 import pytest
 
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
-from kvrelay.cluster.api.openai_schema import parse_chat, parse_completion, stream_options
+from kvrelay.cluster.api.openai_schema import (
+    ChatBody,
+    CompletionBody,
+    parse_chat,
+    parse_completion,
+    stream_options,
+)
 from kvrelay.cluster.api.validation import RawGenerate, ValidationLimits, build_request
 from kvrelay_testing.frontend import EchoBackend
 
@@ -201,3 +207,72 @@ def test_stream_options() -> None:
     assert stream_options({}) == (False, False)
     with pytest.raises(ApiError):
         stream_options({"stream_options": {"include_usage": True}})
+
+
+def _refusal(parse: object, body: dict[str, object]) -> tuple[str, str | None]:
+    with pytest.raises(ApiError) as info:
+        parse(body)  # type: ignore[operator]
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    return info.value.message, info.value.param
+
+
+def test_first_wrong_field_in_check_order_is_reported() -> None:
+    # pydantic collects every failure; the client sees the one the fields are checked first for:
+    # the prompt / messages, then refused features, then model, then the sampling fields, stream
+    body: dict[str, object] = {"model": 3, "prompt": "x", "temperature": "hot", "n": 2}
+    assert _refusal(CompletionBody.parse, body) == ("only n = 1 is supported", "n")
+    del body["n"]
+    assert _refusal(CompletionBody.parse, body) == ("model must be a string; got int", "model")
+    body.update(model="m", stream="yes", prompt=None)
+    assert _refusal(CompletionBody.parse, body) == ("prompt is required", "prompt")
+    body.update(prompt="x")
+    assert _refusal(CompletionBody.parse, body)[1] == "temperature"
+    chat = {"model": "m", "messages": [{"role": "user", "content": 5}, {"role": 1}], "seed": "s"}
+    assert _refusal(ChatBody.parse, chat) == (
+        "messages[0].content must be a string or a list of parts",
+        "messages",
+    )
+    assert _refusal(ChatBody.parse, {"messages": []}) == ("model is required", "model")
+
+
+def test_body_models_edge_cases() -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    # max_completion_tokens replaces max_tokens, which is then not read (even a bad one)
+    body = {"model": "m", "messages": msgs, "max_completion_tokens": 4.0, "max_tokens": "x"}
+    chat = ChatBody.parse(body)
+    assert chat.raw().max_tokens == 4
+    assert (
+        _refusal(ChatBody.parse, {"model": "m", "messages": msgs, "max_completion_tokens": "x"})[1]
+        == "max_completion_tokens"
+    )
+    # stream fields are validated with the rest, last; unknown fields are ignored
+    body = {
+        "model": "m",
+        "messages": msgs,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chat = ChatBody.parse(
+        {**body, "unknown": {"a": 1}, "logprobs": 0, "tools": [], "logit_bias": {}}
+    )
+    assert chat.stream_mode() == (True, True)
+    assert _refusal(
+        ChatBody.parse,
+        {"model": "m", "messages": msgs, "stream": True, "stream_options": {"include_usage": 1}},
+    ) == ("include_usage must be a boolean; got int", "include_usage")
+    # an empty stop string is kept (build_request judges it); stop_token_ids take no floats
+    assert parse_completion({"model": "m", "prompt": "x", "stop": ""}).stop == ("",)
+    assert _refusal(parse_completion, {"model": "m", "prompt": "x", "stop_token_ids": [1.0]}) == (
+        "stop_token_ids must be a list of integers",
+        "stop_token_ids",
+    )
+    # integral floats are integers below 2**53 only; bool is never a number
+    assert parse_completion({"model": "m", "prompt": "x", "seed": 7.0}).seed == 7
+    assert _refusal(parse_completion, {"model": "m", "prompt": "x", "seed": 2.0**60})[1] == "seed"
+    assert _refusal(parse_completion, {"model": "m", "prompt": "x", "top_p": False})[1] == "top_p"
+
+
+def test_number_too_large_for_a_float_is_a_400() -> None:
+    # json.loads gives an int of any size; the old parser's float() overflowed into a 500
+    message, param = _refusal(parse_completion, {"model": "m", "prompt": "x", "top_p": 10**400})
+    assert param == "top_p" and "must be a number" in message
