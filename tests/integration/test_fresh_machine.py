@@ -35,11 +35,12 @@ CHECK = textwrap.dedent(
 )
 
 
-def _dev(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _dev(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KVRELAY_VENV": str(VENV)}
     env.pop("PYTHONSAFEPATH", None)  # ./dev itself must set it
     return subprocess.run(
-        ["./dev", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        ["./dev", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        input=stdin,
     )
 
 
@@ -62,12 +63,7 @@ def test_hf_kernels_is_installed_and_not_shadowed_in_pytest() -> None:
     ids=["python-c", "python-stdin"],
 )
 def test_documented_python_commands_keep_hf_kernels(command: list[str]) -> None:
-    env = {**os.environ, "KVRELAY_VENV": str(VENV)}
-    env.pop("PYTHONSAFEPATH", None)
-    out = subprocess.run(
-        ["./dev", *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        input=CHECK if command[-1] == "-" else None,
-    )
+    out = _dev(*command, stdin=CHECK if command[-1] == "-" else None)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "imports-ok" in out.stdout
 
