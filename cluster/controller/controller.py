@@ -132,9 +132,6 @@ class Controller:
     def readiness(self) -> Readiness:
         return readiness(self.members(), dict(self.config.pool_sizes))
 
-    def _wait_budget(self, request: GenerateRequest) -> float:
-        return max(0.0, self.config.admission_wait_s)
-
     def _unavailable(self, why: str) -> ApiError:
         retry = max(1.0, self.config.admission_wait_s / 2)
         return ApiError(ErrorCode.UNAVAILABLE, f"{why}; retry after {retry:g} s",
@@ -155,7 +152,7 @@ class Controller:
         """Wait (bounded) until some worker can take requests, then check the prompt against
         the pools' capacity. Raises UNAVAILABLE or INVALID_ARGUMENT (see backend.py)."""
         if not await self._wait_for(lambda: servable(self.members()),
-                                    self._wait_budget(request)):
+                                    self.config.admission_wait_s):
             raise self._unavailable(f"no worker can take requests ({self.readiness().reason()})")
         limit = largest_prompt(self.members(), self.config.routing.block_size)
         n = len(request.prompt_token_ids)
@@ -237,7 +234,7 @@ class Controller:
             if plan is None:  # nobody has room now: wait (bounded) for a worker that has
                 if not await self._wait_for(
                     lambda r=request, n=len(tokens): self._route(r, n) is not None,
-                    self._wait_budget(flight.req),
+                    self.config.admission_wait_s,
                 ):
                     flight.finish(FinishReason.ABORT)
                     raise self._unavailable("no healthy worker with room for the request")
