@@ -1,8 +1,9 @@
 """What the frontends (gRPC, OpenAI HTTP) need from the cluster: one narrow async interface.
 
-The controller implements it for a served cluster; ``LocalBackend`` (cluster/local_backend.py)
-implements it over one in-process colocated engine for single-process use and tests. Frontends
-validate and tokenize at the edge, then call these methods; nothing here blocks the event loop.
+For a served cluster, ``RemoteBackend`` (cluster/runtime/remote_backend.py) implements it over
+the controller's Ray actor handle, so the frontends run in the ``kvrelay serve`` process rather
+than in the controller; tests implement it over one in-process engine. Frontends validate and
+tokenize at the edge, then call these methods; nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -54,10 +55,13 @@ class ClusterStatus:
 class Readiness:
     ready: bool
     missing: tuple[str, ...] = ()  # configured roles with no worker that can take work
+    problem: str = ""  # not ready for another reason (the controller is gone)
 
     def reason(self) -> str:
         if self.ready:
             return "ready"
+        if self.problem:
+            return self.problem
         return "no healthy worker in pool(s): " + ", ".join(self.missing)
 
 

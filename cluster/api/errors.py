@@ -52,7 +52,12 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.param = param  # the offending field, for OpenAI's error shape
-        self.retry_after_s = retry_after_s  # RESOURCE_EXHAUSTED only
+        self.retry_after_s = retry_after_s  # RESOURCE_EXHAUSTED and UNAVAILABLE
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # the controller raises it across Ray to the frontends (pickle rebuilds an exception
+        # from ``args`` alone, which lacks the code)
+        return (type(self), (self.code, self.message), self.__dict__)
 
     def openai_body(self) -> dict[str, object]:
         return {

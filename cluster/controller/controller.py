@@ -1,5 +1,8 @@
 """The controller: worker registry and health, the request table, routing, the PD handoff
-and recovery. It implements ``ClusterBackend`` so the frontends run on its event loop.
+and recovery. It answers what ``ClusterBackend`` asks (admit, readiness, cancel, the admin
+calls); the frontends run in the driver process and reach it through ``RemoteBackend``
+(cluster/runtime/remote_backend.py), a request's events crossing Ray in batches
+(``generate_batches``), so a controller that dies cannot take the frontends' sockets with it.
 
 A request's path (DESIGN.md)::
 
@@ -168,10 +171,11 @@ class Controller:
     def models(self) -> Sequence[ModelInfo]:
         return [self.config.model]
 
-    def tokenizer(self, model: str) -> TokenizerLike:
-        return self._tokenizer
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[TokenEvent]]:
+        """The request's events, each item every event ready when the stream wakes (a Ray
+        streaming generator: one object per batch, not per token); the last event has
+        ``finish_reason`` set. Closing it early (the client went away; ``ray.cancel`` of the
+        generator) aborts the request and frees its blocks everywhere."""
         if request.request_id in self.state.flights:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         flight = Flight(request, RequestText(self._tokenizer, request.sampling,
@@ -182,20 +186,17 @@ class Controller:
         try:
             await self._dispatch(flight)
             while True:
-                event = await flight.queue.get()
-                yield event
-                if event.finish_reason is not None:
+                batch = [await flight.queue.get()]
+                while not flight.queue.empty() and batch[-1].finish_reason is None:
+                    batch.append(flight.queue.get_nowait())
+                yield batch
+                if batch[-1].finish_reason is not None:
                     return
         finally:
             if not flight.done:  # the client went away: free its blocks everywhere
                 flight.finish(FinishReason.ABORT)
                 await self.abort_everywhere(flight)
             self.state.release(flight)
-
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        """Ray streaming-generator entry for the Python API (tests, demo)."""
-        async for event in self.generate(request):
-            yield event
 
     async def cancel(self, request_id: str) -> bool:
         flight = self.state.flights.get(request_id)

@@ -1,5 +1,9 @@
-"""Ray wrappers: the controller as an async actor hosting the frontends, workers as threaded
-actors (a blocking KV transfer in one method must not stop heartbeats or aborts)."""
+"""Ray wrappers: the controller as an async actor, workers as threaded actors (a blocking KV
+transfer in one method must not stop heartbeats or aborts).
+
+The frontends do not run here: they run in the driver (cluster/runtime/frontends.py) and call
+this actor; it keeps the metrics registry, which they feed (``observe_request_finished``) and
+serve (``render_metrics``)."""
 
 from __future__ import annotations
 
@@ -143,8 +147,6 @@ class ControllerActor(Controller):
         self._node_task: asyncio.Task[None] | None = None
         self._store: Any = None
         self._store_addr: tuple[str, int] | None = None
-        self._frontends: Any = None
-        self._metrics_server: Any = None
         self._starting: dict[str, str] = {}  # worker id -> role, while add_worker runs
         self.supervision = Supervision(
             {"prefill": cfg.prefill_workers, "decode": cfg.decode_workers,
@@ -166,16 +168,6 @@ class ControllerActor(Controller):
         out: dict[str, Any] = {"model_id": self.config.model.id, "store_port": port}
         if self.cfg.k8s_watch:
             self._start_k8s_watch()
-        if self.cfg.grpc_port is not None or self.cfg.http_port is not None:
-            from kvrelay.cluster.runtime.frontends import start_frontends_for
-
-            self._frontends = await start_frontends_for(self, self.cfg, self.metrics)
-            out.update(self._frontends.ports())
-        if self.cfg.metrics_port is not None:
-            self._metrics_server = await self.metrics.serve_metrics(
-                self.cfg.metrics_port, self.cfg.host
-            )
-            out["metrics_port"] = self._metrics_server.port
         return out
 
     async def add_worker(
@@ -281,12 +273,6 @@ class ControllerActor(Controller):
         """The driver's liveness probe (``kvrelay serve`` exits when this stops answering)."""
         return True
 
-    async def begin_shutdown(self) -> int:
-        """Graceful shutdown, first step: stop admitting; returns the requests in flight."""
-        if self._frontends is not None:
-            self._frontends.handle.stop_admitting()
-        return sum(not f.done for f in self.state.flights.values())
-
     async def in_flight(self) -> int:
         return sum(not f.done for f in self.state.flights.values())
 
@@ -340,13 +326,16 @@ class ControllerActor(Controller):
     async def inject_fault(self, worker_id: str, fault: str) -> None:
         await self.state.workers[worker_id].client.call("inject_fault", fault)
 
+    # ---- metrics: the registry lives here, the frontends (in the driver) feed and serve it ----
+    async def observe_request_finished(self, model: str, outcome: str, **figures: Any) -> None:
+        self.metrics.observe_request_finished(model, outcome, **figures)
+
+    async def render_metrics(self) -> bytes:
+        return await asyncio.to_thread(self.metrics.render)  # ~1 ms per worker: off the loop
+
     async def shutdown(self) -> None:
         if self._node_task is not None:
             self._node_task.cancel()
-        if self._frontends is not None:
-            await self._frontends.stop()
-        if self._metrics_server is not None:
-            await self._metrics_server.close()
         await self.stop()
         for handle in self.handles.values():
             ray.kill(handle, no_restart=True)

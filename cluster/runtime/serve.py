@@ -4,6 +4,10 @@
 ``generate(request)`` streams a request's events, ``kill_worker`` injects faults,
 ``integrity()`` reports every pool's figures.
 
+The frontends (gRPC, OpenAI HTTP, /metrics) run in this process, the Ray driver, on a thread of
+their own (frontends.py), not in the controller actor: a controller that dies leaves them up
+long enough to tell every client so.
+
 Ray's token authentication (on by default since Ray 2.60) is turned off for the local cluster
 this command starts itself: every listener of it binds 127.0.0.1 (cluster/local_ray.py), so
 nothing outside the machine can reach it. When joining an existing cluster (``--address``), the caller's ``RAY_AUTH_MODE`` and
@@ -17,30 +21,42 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvrelay.cluster.api.backend import GenerateRequest
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 
+if TYPE_CHECKING:
+    from kvrelay.cluster.runtime.frontends import DriverFrontends
+
 
 class Cluster:
     """A running cluster seen from the driver process."""
 
-    def __init__(self, cfg: ServeConfig, controller: Any, ports: dict[str, int], owns_ray: bool):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        controller: Any,
+        ports: dict[str, Any],
+        owns_ray: bool,
+        frontends: DriverFrontends | None = None,
+    ):
         self.cfg = cfg
         self.controller = controller
         self.ports = ports
         self._owns_ray = owns_ray
+        self.frontends = frontends
 
     @classmethod
     def start(cls, cfg: ServeConfig) -> Cluster:
         import ray
 
-        # importing the actor classes imports torch (seconds on a small machine): do it while
-        # Ray's processes start, not before
+        # importing the actor classes imports torch, the frontends grpc and aiohttp (seconds on
+        # a small machine): do it while Ray's processes start, not before
+        modules = ("kvrelay.cluster.runtime.actors", "kvrelay.cluster.runtime.frontends")
         imported = threading.Thread(
-            target=importlib.import_module, args=("kvrelay.cluster.runtime.actors",), daemon=True
+            target=lambda: [importlib.import_module(m) for m in modules], daemon=True
         )
         imported.start()
         owns = not ray.is_initialized()
@@ -63,28 +79,40 @@ class Cluster:
         if cfg.address is not None:  # joining: rendezvous and workers on routable addresses
             cfg = cfg.model_copy(update={"transport_host": cfg.transport_host or "auto",
                                          "transport_bind": cfg.transport_bind or "auto"})
-        # the controller (frontends, rendezvous store) runs on this node, never a worker host
+        # the controller (rendezvous store) runs on this node, never a worker host
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         controller = ControllerActor.options(  # type: ignore[attr-defined]
             name=f"kvrelay-controller-{uuid.uuid4().hex[:6]}", num_cpus=0,
             max_concurrency=10_000, scheduling_strategy=here,
         ).remote(cfg)
+        from kvrelay.cluster.runtime.frontends import DriverFrontends
+
         ports = ray.get(controller.start_services.remote())
         roles = (
             ["prefill"] * cfg.prefill_workers
             + ["decode"] * cfg.decode_workers
             + ["colocated"] * cfg.colocated_workers
         )
-        ray.get([controller.add_worker.remote(role) for role in roles])
-        ray.get(controller.supervise.remote())  # from now on a dead worker is replaced
-        return cls(cfg, controller, ports, owns)
+        started = [controller.add_worker.remote(role) for role in roles]
+        frontends = None  # they come up while the workers load; /ready says 503 until then
+        if any(p is not None for p in (cfg.grpc_port, cfg.http_port, cfg.metrics_port)):
+            frontends = DriverFrontends.start(controller, cfg)
+            ports.update(frontends.ports())
+        try:
+            ray.get(started)
+            ray.get(controller.supervise.remote())  # from now on a dead worker is replaced
+        except BaseException:
+            if frontends is not None:
+                frontends.close()
+            raise
+        return cls(cfg, controller, ports, owns, frontends)
 
     # ---- requests ------------------------------------------------------------------------
     def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
         import ray
 
-        for ref in self.controller.generate_stream.remote(request):
-            yield ray.get(ref)
+        for ref in self.controller.generate_batches.remote(request):
+            yield from ray.get(ref)
 
     def request(
         self,
@@ -141,6 +169,8 @@ class Cluster:
     def shutdown(self) -> None:
         import ray
 
+        if self.frontends is not None:
+            self.frontends.close()
         try:
             self.call("shutdown")
         except Exception:

@@ -3,11 +3,12 @@
     started ──▶ watching: the controller answers ``alive()`` every second
                  │ SIGTERM / SIGINT                     │ controller dead (or 3 probes missed)
                  ▼                                      ▼
-            draining: frontends refuse new       log why, stop Ray, exit 1
-            requests (503, NOT_SERVING); in-     (so Kubernetes or systemd restarts us:
-            flight ones get ``shutdown_grace_s``  the frontends lived in that actor)
-                 │ all done, grace over, or a second signal
-                 ▼
+            draining: frontends refuse new       log why; the frontends (in this process)
+            requests (503, NOT_SERVING); in-     have already turned NOT_SERVING and ended
+            flight ones get ``shutdown_grace_s``  every stream with UNAVAILABLE: give those
+                 │ all done, grace over,         error events up to ``FLUSH_S`` to reach
+                 │ or a second signal            the clients, stop Ray, exit 1 (so
+                 ▼                               Kubernetes or systemd restarts us)
             shut the cluster down, exit 0
 
 Signals are caught before the cluster starts, so a SIGTERM during startup still shuts down
@@ -29,6 +30,7 @@ from kvrelay.cluster.runtime.serve import Cluster
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 5.0
 MISSED_PROBES = 3  # a controller that does not answer this many probes in a row is hung
+FLUSH_S = 3.0  # after a controller death: the most the streams get to send their error event
 
 
 def _say(text: str) -> None:
@@ -73,8 +75,10 @@ def drain(cluster: Cluster, grace_s: float, signals: _Signals) -> None:
     """Stop admitting, then wait for the requests in flight (up to ``grace_s``)."""
     import ray
 
+    if cluster.frontends is not None:
+        cluster.frontends.stop_admitting()
     try:
-        n = int(ray.get(cluster.controller.begin_shutdown.remote(), timeout=10))
+        n = int(ray.get(cluster.controller.in_flight.remote(), timeout=10))
     except Exception as exc:
         _say(f"could not stop admitting ({exc!r}); shutting down")
         return
@@ -105,10 +109,14 @@ def run_until_stopped(cfg: ServeConfig, start: Callable[[ServeConfig], Cluster])
     )
     reason = controller_death(cluster, signals.stop)
     if reason is not None:
-        _say(f"{reason}; the API ports it served are gone. Exiting with status 1 so a "
-             "supervisor restarts the service.")
+        _say(f"{reason}; requests in flight end with UNAVAILABLE, new ones are refused. "
+             "Exiting with status 1 so a supervisor restarts the service.")
         import ray
 
+        if cluster.frontends is not None:
+            left = cluster.frontends.close(FLUSH_S)
+            if left:
+                _say(f"{left} streams had not ended {FLUSH_S:g} s later; cut")
         try:
             ray.shutdown()
         except Exception as exc:

@@ -1,5 +1,5 @@
 """The public API (issue 4) against a real cluster: a local 1P+1D Ray cluster on the default model
-(CPU) serving its own gRPC and OpenAI HTTP frontends from the controller actor, with API keys, TLS
+(CPU) serving its own gRPC and OpenAI HTTP frontends from this (the driver) process, with API keys, TLS
 (a self-signed certificate made here: every call below is a TLS round trip) and low stream/queue
 limits. Driven by the SDK, the official ``openai`` package, raw gRPC/HTTP bytes and hypothesis. Leak checks read the workers' own pools (``Cluster.integrity()``: used blocks,
 live requests and reservations on every worker) and the controller's request table."""
@@ -495,8 +495,8 @@ def test_keys_on_both_apis(live: Live) -> None:
 
 
 def assert_keys_never_logged() -> None:
-    """Nothing the cluster's processes wrote (Ray's per-session log files: the controller actor
-    hosting the frontends, the workers, raylet, GCS) contains a key."""
+    """Nothing the cluster's processes wrote (Ray's per-session log files: the controller actor,
+    the workers, raylet, GCS) contains a key. The frontends log in this process."""
     import ray
 
     node = ray._private.worker.global_worker.node  # no public API names the session folder

@@ -1,0 +1,189 @@
+"""``ClusterBackend`` over the controller's Ray actor handle, for frontends that run in the
+driver process (``kvrelay serve``), outside the controller.
+
+    tokens:     controller.generate_batches (a Ray streaming generator) yields, each time the
+                request's queue wakes, every event ready then: one Ray object per batch, not one
+                call per token. Closing the stream early cancels the generator (``ray.cancel``),
+                whose ``finally`` aborts the request and frees its blocks.
+    errors:     an ``ApiError`` the controller raises arrives as itself (UNAVAILABLE, 400, ...)
+    controller gone (RayActorError, ActorUnavailableError):
+                every call, and every stream in flight, raises UNAVAILABLE with a Retry-After;
+                a dead controller (RayActorError) is remembered: readiness is NOT_SERVING and
+                new requests are refused at once, so ``kvrelay serve`` can flush the error
+                events and exit (cluster/runtime/serve_loop.py).
+
+The frontends read ``models``, ``tokenizer`` and ``readiness`` synchronously: the first two are
+fixed at start; readiness is refreshed by ``watch`` every ``interval_s`` and after every admin
+call that changes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from kvrelay.cluster.api.backend import (
+    ClusterStatus,
+    GenerateRequest,
+    ModelInfo,
+    Readiness,
+    TokenizerLike,
+)
+from kvrelay.cluster.api.errors import ApiError, ErrorCode
+from kvrelay.workers.types import TokenEvent
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 10.0  # a supervisor restarts ``kvrelay serve`` in about its cold start
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class RemoteBackend:
+    def __init__(
+        self, controller: Any, models: Sequence[ModelInfo], tokenizer: TokenizerLike
+    ) -> None:
+        self._controller = controller
+        self._models = tuple(models)
+        self._tokenizer = tokenizer
+        self._readiness = Readiness(False, problem="controller not asked yet")
+        self.death: str | None = None  # why the controller is gone for good, once it is
+
+    # ---- read synchronously by the frontends ----------------------------------------------
+    def models(self) -> Sequence[ModelInfo]:
+        return self._models
+
+    def tokenizer(self, model: str) -> TokenizerLike:
+        return self._tokenizer
+
+    def readiness(self) -> Readiness:
+        return self._readiness
+
+    async def refresh(self) -> Readiness:
+        try:
+            self._readiness = await self._call("readiness")
+        except ApiError as err:
+            self._readiness = Readiness(False, problem=err.message)
+        return self._readiness
+
+    async def watch(self, interval_s: float = 0.2) -> None:
+        while self.death is None:
+            try:
+                await self.refresh()
+            except Exception:  # a readiness probe never takes the frontends down
+                log.exception("readiness from the controller failed")
+            await asyncio.sleep(interval_s)
+
+    # ---- calls ------------------------------------------------------------------------------
+    def _unavailable(self, why: str) -> ApiError:
+        return ApiError(
+            ErrorCode.UNAVAILABLE,
+            f"{why}; retry after {RETRY_AFTER_S:g} s",
+            retry_after_s=RETRY_AFTER_S,
+        )
+
+    def _translate(self, exc: Exception) -> Exception:
+        """The error a frontend should raise for a failed controller call."""
+        if isinstance(exc, RayActorError):
+            if self.death is None:
+                self.death = f"the controller died ({_first_line(exc)})"
+                self._readiness = Readiness(False, problem=self.death)
+                log.error("%s: in-flight and new requests get UNAVAILABLE", self.death)
+            return self._unavailable(self.death)
+        if isinstance(exc, ActorUnavailableError):  # may come back (restarting, network)
+            return self._unavailable(f"the controller is unreachable ({_first_line(exc)})")
+        if isinstance(exc, RayTaskError) and isinstance(exc.cause, ApiError):
+            return exc.cause
+        return exc
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.death is not None:
+            raise self._unavailable(self.death)
+        try:
+            return await getattr(self._controller, method).remote(*args, **kwargs)
+        except (RayActorError, ActorUnavailableError, RayTaskError) as exc:
+            raise self._translate(exc) from exc
+
+    async def admit(self, request: GenerateRequest) -> None:
+        await self._call("admit", request)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if self.death is not None:
+            raise self._unavailable(self.death)
+        batches = self._controller.generate_batches.remote(request)
+        finished = False
+        try:
+            async for ref in batches:
+                for event in await ref:
+                    yield event
+                    if event.finish_reason is not None:
+                        finished = True
+                        return
+        except (RayActorError, ActorUnavailableError, RayTaskError) as exc:
+            raise self._translate(exc) from exc
+        finally:
+            if not finished:  # the client went away (or the controller did): stop the stream
+                with contextlib.suppress(Exception):
+                    ray.cancel(batches)
+
+    async def cancel(self, request_id: str) -> bool:
+        return bool(await self._call("cancel", request_id))
+
+    async def cluster_status(self) -> ClusterStatus:
+        status: ClusterStatus = await self._call("cluster_status")
+        return status
+
+    # these change readiness: the caller's next /ready must already tell (read your writes)
+    async def drain(self, worker_id: str) -> bool:
+        done = bool(await self._call("drain", worker_id))
+        await self.refresh()
+        return done
+
+    async def undrain(self, worker_id: str) -> bool:
+        done = bool(await self._call("undrain", worker_id))
+        await self.refresh()
+        return done
+
+    async def notify_preemption(self, worker_id: str, deadline_s: float) -> bool:
+        done = bool(await self._call("notify_preemption", worker_id, deadline_s))
+        await self.refresh()
+        return done
+
+    # ---- metrics: the registry is the controller's ------------------------------------------
+    def observe_request_finished(
+        self,
+        model: str,
+        outcome: str,
+        ttft_s: float | None = None,
+        itl_s_list: Sequence[float] = (),
+        e2e_s: float | None = None,
+        queue_s: float | None = None,
+        prompt_tokens: int = 0,
+        generation_tokens: int = 0,
+        cached_tokens: int = 0,
+    ) -> None:
+        """``RequestObserver``: one fire-and-forget call per ended request (not per token)."""
+        if self.death is None:
+            self._controller.observe_request_finished.remote(
+                model,
+                outcome,
+                ttft_s=ttft_s,
+                itl_s_list=list(itl_s_list),
+                e2e_s=e2e_s,
+                queue_s=queue_s,
+                prompt_tokens=prompt_tokens,
+                generation_tokens=generation_tokens,
+                cached_tokens=cached_tokens,
+            )
+
+    async def render_metrics(self) -> bytes:
+        body: bytes = await self._call("render_metrics")
+        return body
