@@ -106,3 +106,28 @@ def test_bad_files_are_refused_naming_the_key(tmp_path, text: str, match: str) -
 def test_unknown_field_in_python_is_refused() -> None:
     with pytest.raises(ValueError, match="prefil_workers"):
         ServeConfig(prefil_workers=1)  # type: ignore[call-arg]
+
+
+def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
+    cfg = _parse("--semi-pd", "--colocated-workers", "1", "--semi-pd-prefill-sm", "60")
+    assert cfg.semi_pd and (cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (60, 100)
+    path = tmp_path / "serve.yaml"
+    path.write_text("semi_pd: true\ncolocated_workers: 2\nsemi_pd_decode_sm: 70\n")
+    cfg = _parse("--config", str(path), "--semi-pd-prefill-sm", "30")
+    assert (cfg.colocated_workers, cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (2, 30, 70)
+    assert not _parse().semi_pd
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"semi_pd": True}, "set colocated_workers >= 1"),
+        ({"semi_pd": True, "colocated_workers": 1, "semi_pd_prefill_sm": 0}, "1..100"),
+        ({"semi_pd_decode_sm": 101}, "1..100"),
+    ],
+)
+def test_semi_pd_settings_are_validated(values: dict, match: str) -> None:
+    from kvrelay.cluster.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ServeConfig.load(**values)

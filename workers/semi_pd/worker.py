@@ -232,10 +232,12 @@ class SemiPDWorker(Worker):
         self.expire_reservations()
         prefill = self.prefill_loop.call(lambda e: e.stats())
         decode, events = self.loop.call(lambda e: (e.stats(), tuple(e.drain_kv_events())))
+        stats = merge_stats(prefill, decode)
+        stats.extra["semi_pd_handovers"] = self.handovers
         return Heartbeat(
             self.worker_id,
             self.role,
-            merge_stats(prefill, decode),
+            stats,
             events,
             self.transport_totals(),
             self.loop.alive and self.prefill_loop.alive,
@@ -269,6 +271,7 @@ class SemiPDWorker(Worker):
                 "requests": len(seqs),
                 "transit": len(self._transit),
                 "reservations": len(self._reservations),
+                "handovers": self.handovers,
             }
             if self.storage.cpu_tier is not None:
                 out["cpu_used"] = self.storage.cpu_tier.pool.stats().used
