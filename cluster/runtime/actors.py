@@ -35,6 +35,7 @@ from kvrelay.workers.model.config import resolve_device_dtype
 from kvrelay.workers.model.source import load_tokenizer
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd.sm_partition import Split
+from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.types import TokenEvent
 from kvrelay.workers.worker import Worker
@@ -233,6 +234,9 @@ class ControllerActor(Controller):
         if cfg.semi_pd and role == "colocated":
             actor = SemiPDWorkerActor
             semi_pd["split"] = Split(cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm)
+            semi_pd["window_steps"] = cfg.semi_pd_window_steps
+            if cfg.semi_pd_adaptive:
+                semi_pd["split_rule"] = SplitRuleConfig(cfg.ttft_slo_s, cfg.itl_slo_s)
         handle = actor.options(**options).remote(  # type: ignore[attr-defined]
             worker_id,
             role,

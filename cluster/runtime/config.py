@@ -55,6 +55,8 @@ class ServeConfig(BaseModel):
     semi_pd: bool = False
     semi_pd_prefill_sm: int = 80  # the prefill lane's initial SM share (semi-PD's x)
     semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
+    semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
+    semi_pd_window_steps: int = 64  # decode-lane steps per window of the split rule
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -142,6 +144,13 @@ class ServeConfig(BaseModel):
     def _positive(cls, v: float) -> float:
         if not v > 0:  # also refuses NaN
             raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("semi_pd_window_steps")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
         return v
 
     @field_validator("semi_pd_prefill_sm", "semi_pd_decode_sm")
@@ -284,6 +293,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the prefill lane's initial SM share, percent (default 80)")
     p.add_argument("--semi-pd-decode-sm", type=int, default=S,
                    help="the decode lane's initial SM share, percent (default 100)")
+    p.add_argument("--semi-pd-adaptive", action="store_true", default=S,
+                   help="move the SM shares toward the SLO that fails (--ttft-slo-s, "
+                        "--itl-slo-s) every window")
+    p.add_argument("--semi-pd-window-steps", type=int, default=S,
+                   help="decode-lane steps per window of the SLO-aware split (default 64)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

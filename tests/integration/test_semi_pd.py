@@ -20,6 +20,8 @@ import torch
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.semi_pd.sm_partition import Split
+from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.types import FinishReason, Phase, SamplingParams, TokenEvent
@@ -280,4 +282,41 @@ def test_decode_lane_preemption_keeps_tokens(loaded: LoadedModel, prompts: list[
         assert_clean(semi)
     finally:
         reference.shutdown()
+        semi.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("ttft_slo_s", "moves"), [(1e-6, True), (1e6, False)], ids=["ttft-fails", "slos-met"]
+)
+def test_split_rule_drives_the_lanes(
+    loaded: LoadedModel, prompts: list[list[int]], ttft_slo_s: float, moves: bool
+) -> None:
+    """The SLO-aware split on a real worker: every 4 decode-lane steps a window closes; a
+    TTFT SLO no prefill can meet raises the prefill lane's share at the first window (logged),
+    SLOs everyone meets leave the split alone. On CPU the shares are recorded, not enforced."""
+    sink = Collector()
+    rule = SplitRuleConfig(ttft_slo_s=ttft_slo_s, tpot_slo_s=1e6)
+    semi = SemiPDWorker(
+        "s",
+        "colocated",
+        model=loaded,
+        engine_config=CONFIG,
+        sink=sink,
+        split=Split(50, 100),
+        split_rule=rule,
+        window_steps=4,
+    )
+    try:
+        generate(semi, sink, prompts[:3], [SamplingParams(max_tokens=16, temperature=0.0)] * 3, "r")
+        assert semi.tuner is not None and len(semi.tuner.windows) >= 3
+        changes = semi.tuner.changes
+        if moves:
+            first = changes[0]
+            assert first.old == Split(50, 100) and first.new.prefill > 50
+            assert first.reason.startswith("TTFT") and first.window.ttft_s > ttft_slo_s
+            sink.wait(lambda: semi.split() == changes[-1].new)  # both lanes entered it
+        else:
+            assert changes == [] and semi.split() == Split(50, 100)
+        assert_clean(semi)
+    finally:
         semi.shutdown()

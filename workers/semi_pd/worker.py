@@ -44,6 +44,8 @@ from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.semi_pd.sm_partition import Lane, SMPartition, Split, build_partition
+from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
+from kvrelay.workers.semi_pd.tuner import SplitTuner
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 from kvrelay.workers.worker import (
     Heartbeat,
@@ -61,8 +63,20 @@ SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 
 
 class SemiPDWorker(Worker):
-    def __init__(self, *args: Any, split: Split = DEFAULT_SPLIT, **kw: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        split: Split = DEFAULT_SPLIT,
+        split_rule: SplitRuleConfig | None = None,
+        window_steps: int = 64,
+        **kw: Any,
+    ) -> None:
+        """``split_rule``: adapt the SM split to the SLOs every ``window_steps`` decode-lane
+        steps (tuner.py); None: keep ``split``."""
         self._initial_split = split
+        self.tuner = (
+            SplitTuner(split_rule, window_steps=window_steps) if split_rule is not None else None
+        )
         self._transit: dict[str, EngineSequence] = {}  # handed over, not adopted yet
         self._internal: set[str] = set()  # requests whose handoff stays inside this worker
         self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
@@ -83,7 +97,7 @@ class SemiPDWorker(Worker):
             prefill, self._emit_prefill, name=f"prefill-{self.worker_id}", lock=self.storage_lock
         ).start()
         loop = EngineLoop(
-            decode, self._emit, name=f"decode-{self.worker_id}", lock=self.storage_lock
+            decode, self._emit_decode, name=f"decode-{self.worker_id}", lock=self.storage_lock
         ).start()
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
         self.set_split(self._initial_split)
@@ -118,6 +132,8 @@ class SemiPDWorker(Worker):
         ``prefill_only`` (it hands the KV to another worker), it continues on the decode lane."""
         if not prefill_only:
             self._internal.add(request_id)
+        if self.tuner is not None:
+            self.tuner.on_submit(request_id, len(prompt_ids) + len(output_ids))
         try:
             self.prefill_loop.call(
                 lambda e: e.add_request(
@@ -140,6 +156,8 @@ class SemiPDWorker(Worker):
         had_reservation = self.unreserve(request_id)
         found = self.prefill_loop.call(lambda e: e.abort(request_id))
         self._internal.discard(request_id)
+        if self.tuner is not None:
+            self.tuner.forget(request_id)
         with self._lock:
             seq = self._transit.pop(request_id, None)
         if seq is not None:
@@ -170,9 +188,24 @@ class SemiPDWorker(Worker):
         then each internal request is handed over."""
         self._emit(events)
         for ev in events:
+            if self.tuner is not None:
+                self.tuner.on_first_token(ev.request_id)
             if ev.finish_reason is None and ev.request_id in self._internal:
                 with self.storage_lock:
                     self._hand_over(self.prefill_engine, ev.request_id)
+
+    def _emit_decode(self, events: list[TokenEvent]) -> None:
+        """The decode lane's sink: tokens out, then the split rule's bookkeeping (a window
+        that closes may change the split, applied at the lanes' next iteration boundary)."""
+        self._emit(events)
+        if self.tuner is None:
+            return
+        for ev in events:
+            self.tuner.on_token(ev.request_id, ev.finish_reason is not None)
+        decision = self.tuner.on_decode_step(self.split(), self.prefill_loop.prefill_tokens_per_s)
+        if decision is not None and decision.split != self.split():
+            log.info("semi-PD split %s -> %s: %s", self.split(), decision.split, decision.reason)
+            self.set_split(decision.split)
 
     def _hand_over(self, prefill: Engine, request_id: str) -> None:
         """On the prefill lane's thread, storage lock held."""
