@@ -22,11 +22,14 @@ through the OS scheduler).
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class Lane(str, enum.Enum):
@@ -51,6 +54,8 @@ class Split:
 
 
 class SMPartition(Protocol):
+    enforced: bool  # False: shares are recorded only (CPU, or a GPU without green contexts)
+
     def enter(self, lane: Lane, share: int) -> None:
         """Compute in ``share`` percent of the SMs from now on; called on ``lane``'s thread
         between two of its steps."""
@@ -64,7 +69,9 @@ class SMPartition(Protocol):
 
 
 class CpuPartition:
-    """No SMs to split: records the shares only."""
+    """Records the shares only: on CPU (no SMs), or on a GPU without green contexts."""
+
+    enforced = False
 
     def __init__(self, split: Split) -> None:
         self._shares = {lane: split.share(lane) for lane in Lane}
@@ -81,6 +88,8 @@ class CpuPartition:
 
 class GreenContextPartition:
     """One green context per share in ``shares`` (percent), on CUDA device ``device_index``."""
+
+    enforced = True
 
     def __init__(self, device_index: int, shares: Iterable[int], initial: Split) -> None:
         from torch.cuda.green_contexts import GreenContext
@@ -124,8 +133,13 @@ def _call(ctx: Any, name: str, older_name: str) -> None:
 
 def build_partition(device: torch.device, initial: Split, step: int) -> SMPartition:
     """Green contexts on CUDA for every multiple of ``step`` percent (the split rule moves in
-    ``step``s) plus the initial shares; the recording partition on CPU."""
+    ``step``s) plus the initial shares; the recording partition on CPU, or (with a warning) on
+    a GPU whose torch, driver or CUDA version has no green contexts."""
     if device.type != "cuda":
         return CpuPartition(initial)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return GreenContextPartition(index, range(step, 101, step), initial)
+    try:
+        return GreenContextPartition(index, range(step, 101, step), initial)
+    except RuntimeError as exc:  # torch built without them, CUDA < 12.8, an old driver
+        log.warning("no green contexts (%s): the lanes share all SMs, time-sliced", exc)
+        return CpuPartition(initial)
