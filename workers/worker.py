@@ -6,7 +6,8 @@ processes. Roles:
 
     prefill    requests run with ``prefill_only``: first token, then the KV is handed off
     decode     receives KV into reserved blocks and decodes; also prefills when told to
-    colocated  both, the single-worker baseline
+    colocated  both, the single-worker baseline (``workers/semi_pd/``'s worker is a colocated
+               worker whose prefill and decode lanes share one KV storage)
 
 Handoff, decode side D and prefill side P (the controller drives it)::
 

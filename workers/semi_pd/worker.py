@@ -148,6 +148,8 @@ class SemiPDWorker(Worker):
             )
         except BaseException:
             self._internal.discard(request_id)
+            if self.tuner is not None:
+                self.tuner.forget(request_id)
             raise
 
     def abort(self, request_id: str) -> bool:
@@ -190,7 +192,9 @@ class SemiPDWorker(Worker):
         for ev in events:
             if self.tuner is not None:
                 self.tuner.on_first_token(ev.request_id)
-            if ev.finish_reason is None and ev.request_id in self._internal:
+            if ev.finish_reason is not None:
+                self._internal.discard(ev.request_id)  # done at its first token
+            elif ev.request_id in self._internal:
                 with self.storage_lock:
                     self._hand_over(self.prefill_engine, ev.request_id)
 
