@@ -320,3 +320,59 @@ def test_split_rule_drives_the_lanes(
         assert_clean(semi)
     finally:
         semi.shutdown()
+
+
+def test_concurrent_stress_never_double_allocates(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """Both lanes busy on a pool too small for the load (preemption on either lane), while
+    another thread aborts a third of the requests at different points (before their first
+    token, right after it, while decoding): exact ownership holds afterwards, and every request that was not aborted
+    gives the colocated engine's greedy tokens."""
+    sink = Collector()
+    words = [t for p in prompts for t in p]
+    lens = [20, 70, 35, 110, 50, 90, 25, 60, 80, 40, 100, 30]
+    batch = [words[i * 7 : i * 7 + n] for i, n in enumerate(lens)]
+    params = [
+        SamplingParams(max_tokens=8 + 3 * (i % 5), temperature=0.0, ignore_eos=True)
+        for i in range(len(batch))
+    ]
+    reference = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    tight = EngineConfig(max_num_batched_tokens=32, num_blocks=24, cpu_num_blocks=16)
+    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=tight, sink=sink)
+    victims = {f"s-{i}": i % 4 for i in range(0, len(batch), 3)}  # abort at this many tokens
+    aborted: set[str] = set()
+
+    def killer() -> None:
+        pending = dict(victims)
+        deadline = time.monotonic() + 240
+        while pending and time.monotonic() < deadline:
+            for rid, at in list(pending.items()):
+                if len(sink.tokens.get(rid, ())) >= at:
+                    if semi.abort(rid):
+                        aborted.add(rid)
+                    del pending[rid]
+            time.sleep(0.005)
+
+    try:
+        want = generate(reference, sink, batch, params, "c")
+        thread = threading.Thread(target=killer)
+        for i, (p, sp) in enumerate(zip(batch, params, strict=True)):
+            semi.submit(f"s-{i}", p, sp)
+            if i == 0:
+                thread.start()
+        sink.wait(
+            lambda: all(f"s-{i}" in sink.finish or f"s-{i}" in aborted for i in range(len(batch)))
+        )
+        thread.join(60)
+        assert aborted  # the faults happened
+        for i in range(len(batch)):
+            rid = f"s-{i}"
+            if rid not in aborted:
+                assert sink.tokens[rid] == want[i], rid
+        hb = semi.heartbeat()
+        assert hb.stats.preemptions > 0  # the pool was contended
+        assert_clean(semi)
+    finally:
+        reference.shutdown()
+        semi.shutdown()
