@@ -317,6 +317,12 @@ def test_split_rule_drives_the_lanes(
             sink.wait(lambda: semi.split() == changes[-1].new)  # both lanes entered it
         else:
             assert changes == [] and semi.split() == Split(50, 100)
+        extra = semi.heartbeat().stats.extra  # what the controller sees of it
+        assert (extra["semi_pd_prefill_sm"], extra["semi_pd_decode_sm"]) == (
+            semi.split().prefill,
+            semi.split().decode,
+        )
+        assert extra["semi_pd_split_changes"] == len(changes)
         assert_clean(semi)
     finally:
         semi.shutdown()

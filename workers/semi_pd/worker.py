@@ -270,7 +270,13 @@ class SemiPDWorker(Worker):
         prefill = self.prefill_loop.call(lambda e: e.stats())
         decode, events = self.loop.call(lambda e: (e.stats(), tuple(e.drain_kv_events())))
         stats = merge_stats(prefill, decode)
-        stats.extra["semi_pd_handovers"] = self.handovers
+        split = self.split()
+        stats.extra.update(
+            semi_pd_handovers=self.handovers,
+            semi_pd_prefill_sm=split.prefill,
+            semi_pd_decode_sm=split.decode,
+            semi_pd_split_changes=len(self.tuner.changes) if self.tuner else 0,
+        )
         return Heartbeat(
             self.worker_id,
             self.role,
