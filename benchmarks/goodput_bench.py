@@ -13,6 +13,11 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
 * ``planner``: starts at ``--planner-start`` (P,D) with ``auto_pool_sizing`` on, so the planner
   (cluster/sizing/pool_sizing.py via cluster/sizing/autosize.py) has a mis-sized split to correct;
 * ``pd_start``: optional, the planner's starting split held fixed (what the planner saves).
+* ``semi_pd``: optional, ONE semi-PD worker (workers/semi_pd/: prefill and decode lanes over one
+  KV storage, handoff by block ids, SM shares by green contexts on CUDA, the SLO-aware split on)
+  owning the whole device — issue 16's configuration;
+* ``colocated1``: optional, its strongest colocated baseline: ONE colocated worker owning the
+  whole device, with chunked prefill (``--max-num-batched-tokens``).
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
 generator runs as its own process with the same workload (seeded Gamma arrivals, shape 0.5 as
@@ -40,7 +45,7 @@ from typing import Any
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
 
-NAMES = ("pd", "colocated", "planner", "pd_start")
+NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1")
 
 
 def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path) -> list[str]:
@@ -78,6 +83,11 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                                            "autosize_interval_s": args.autosize_interval_s,
                                            "autosize_window_s": args.autosize_window_s}),
         "pd_start": base.model_copy(update={"prefill_workers": sp, "decode_workers": sd}),
+        "semi_pd": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
+                                           "colocated_workers": 1, "semi_pd": True,
+                                           "semi_pd_adaptive": True}),
+        "colocated1": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
+                                              "colocated_workers": 1}),
     }
     return {n: every[n] for n in args.configs.split(",")}
 
@@ -134,6 +144,8 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
 
 
 def describe(name: str, cfg: ServeConfig) -> str:
+    if cfg.semi_pd:
+        return f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split)"
     if cfg.colocated_workers:
         return f"colocated x{cfg.colocated_workers}"
     tail = " + planner" if cfg.auto_pool_sizing else ""

@@ -16,6 +16,10 @@ machine's transfer limit). Checks, fp32 (TF32 off):
   reduction order: near-ties of random weights may flip, so this is reported, not asserted);
 * one handoff per request, bytes = prompt blocks x block bytes, all over the same-GPU IPC path.
 
+With ``--semi-pd`` the served cluster is ONE semi-PD worker owning the GPU instead (issue 16:
+prefill and decode lanes over one KV storage): the same token checks, and every handoff stays
+inside it — no controller handoff, one internal handover per request, 0 transport bytes.
+
 With ``--goodput``, benchmarks/goodput_bench.py then runs on the GPU with bf16 workers (PD,
 colocated and the pool-sizing planner at equal worker count) and its table is kept in --out.
 """
@@ -89,7 +93,7 @@ def reference(model: Path, prompts: list[list[int]], max_tokens: int,
 
 
 def check_served(model: Path, prompts: list[list[int]], expected: list[list[int]],
-                 max_tokens: int, device: str) -> dict[str, Any]:
+                 max_tokens: int, device: str, semi_pd: bool = False) -> dict[str, Any]:
     from kvrelay.client import Client
     from kvrelay.cluster.runtime.config import ServeConfig
     from kvrelay.cluster.runtime.serve import Cluster
@@ -98,6 +102,9 @@ def check_served(model: Path, prompts: list[list[int]], expected: list[list[int]
                       grpc_port=0, http_port=None, threads_per_worker=2,
                       router="least_loaded", conditional_disagg=False, prefix_pull=False,
                       enable_prefix_caching=False)
+    if semi_pd:
+        cfg = cfg.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
+                                     "colocated_workers": 1, "semi_pd": True})
     greedy = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     with Cluster.start(cfg) as cluster:
         devices = cluster.call("worker_devices")
@@ -117,6 +124,7 @@ def check_served(model: Path, prompts: list[list[int]], expected: list[list[int]
             warm = one_by_one()  # the same, once every batch shape has run
         counters = cluster.counters()
         totals = cluster.call("transport_totals")
+        handovers = sum(f.get("handovers", 0) for f in cluster.integrity().values())
     blocks = sum(-(-len(p) // cfg.block_size) for p in prompts[:8] + prompts + prompts[:8])
 
     def divergence(got: list[list[int]]) -> list[int | None]:
@@ -132,6 +140,7 @@ def check_served(model: Path, prompts: list[list[int]], expected: list[list[int]
         "divergence": {"cold": divergence(cold), "warm": divergence(warm),
                        "concurrent": divergence(together)},
         "tokens": {"reference": expected[:8], "cold": cold, "warm": warm},
+        "semi_pd": semi_pd, "internal_handovers": handovers,
         "handoffs": counters["handoffs"], "requests": 16 + len(prompts),
         "handoff_bytes": counters["handoff_bytes"],
         "expected_bytes": blocks * counters["block_bytes"],
@@ -149,6 +158,8 @@ def main() -> int:
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--goodput-only", action="store_true", help="skip the correctness checks")
     ap.add_argument("--goodput-args", default="", help="extra goodput_bench arguments")
+    ap.add_argument("--semi-pd", action="store_true",
+                    help="check one semi-PD worker (shared KV storage) instead of 1P+1D")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(args.out)
@@ -173,11 +184,17 @@ def check(args: argparse.Namespace, tok: Path, out: Path) -> bool:
     fp32 = make_model(Path(f"/tmp/kvrelay-{args.shape}-fp32"), tok, torch.float32, args.shape, dev)
     prompts = prompts_for(tok, 16)
     expected = reference(fp32, prompts, args.max_tokens, dev)
-    result = check_served(fp32, prompts, expected, args.max_tokens, dev)
+    result = check_served(fp32, prompts, expected, args.max_tokens, dev, semi_pd=args.semi_pd)
     print("GPU-SERVE " + json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
     (out / "gpu_serve.json").write_text(json.dumps(result, indent=1))
-    ok = (result["sequential_warm_identical"] and result["handoffs"] == result["requests"]
-          and result["handoff_bytes"] == result["expected_bytes"]
+    if args.semi_pd:  # every handoff inside the worker, by block ids: no byte on a transport
+        moved = sum(t.get("bytes_sent", 0) for t in result["transport_totals"].values())
+        handed = (result["handoffs"] == 0 and moved == 0
+                  and result["internal_handovers"] == result["requests"])
+    else:
+        handed = (result["handoffs"] == result["requests"]
+                  and result["handoff_bytes"] == result["expected_bytes"])
+    ok = (result["sequential_warm_identical"] and handed
           and all(d.startswith(dev) and d.endswith("/float32")
                   for d in result["worker_devices"].values()))
     print("checks", "PASSED" if ok else "FAILED", flush=True)

@@ -7,7 +7,10 @@ Two processes on one host: this one hosts the rendezvous store and sends, a spaw
 receives. One timed iteration = ``send_blocks`` (pack: one gather) -> ``recv_blocks`` (unpack:
 one scatter, synchronised on CUDA) -> a one-element ack back; the sender's wall time from
 send start to ack. Blocks have the default model's geometry (SmolLM2-135M: 30 layers, 3 KV heads,
-head_dim 64, block 16, fp32 = 737,280 bytes) and are drawn at random from a 512-block cache.
+head_dim 64, block 16, fp32 = 737,280 bytes) and are drawn at random from a cache of
+max(512, largest row) blocks, so every row moves as many blocks as it names. After each row
+the sender's byte counter must have grown by exactly iterations x blocks x block bytes, or the
+benchmark stops: a row cannot claim bytes it did not move.
 
 Limit: bytes copied per second by one large ``copy_`` on the same device (256 MiB on CPU,
 1 GiB on CUDA), i.e. what a single memcpy of the payload would cost; the ratio is ours / limit.
@@ -28,7 +31,7 @@ from kvrelay.workers.transport.kv_transport import KVTransport, start_rendezvous
 
 GEOMETRY = (30, 2, 16, 3, 64)  # [L, 2, bs, Hkv, D]
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4
-CACHE_BLOCKS = 512
+MIN_CACHE_BLOCKS = 512
 
 
 def sync(device: torch.device) -> None:
@@ -36,16 +39,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cache_blocks(plan: list[tuple[int, int]]) -> int:
+    """Enough blocks for the largest row (a random draw of n ids needs n blocks)."""
+    return max(MIN_CACHE_BLOCKS, *(n for n, _ in plan))
+
+
 def receiver(port: int, device_name: str, plan: list[tuple[int, int]]) -> None:
     device = torch.device(device_name)
     with KVTransport("bench-d", "127.0.0.1", port, device=device, timeout_s=120) as d:
-        cache = torch.zeros((CACHE_BLOCKS, *GEOMETRY), device=device)
+        cache = torch.zeros((cache_blocks(plan), *GEOMETRY), device=device)
         for it in range(20):  # tiny round trips (latency floor)
             d.recv("bench-p", f"ping{it}")
             d.send("bench-p", f"pong{it}", torch.zeros(1, device=device))
         for n_blocks, iters in plan:
             for it in range(iters):
-                ids = torch.randperm(CACHE_BLOCKS)[:n_blocks]
+                ids = torch.randperm(cache.shape[0])[:n_blocks]
                 d.recv_blocks("bench-p", f"b{n_blocks}.{it}", cache, ids)
                 sync(device)
                 d.send("bench-p", f"ack{n_blocks}.{it}", torch.zeros(1, device=device))
@@ -82,7 +90,7 @@ def main() -> None:
     child.start()
     limit = copy_limit(device)
     with KVTransport("bench-p", "127.0.0.1", port, device=device, timeout_s=120) as p:
-        cache = torch.randn((CACHE_BLOCKS, *GEOMETRY), device=device)
+        cache = torch.randn((cache_blocks(plan), *GEOMETRY), device=device)
         rtts = []
         for it in range(20):
             t0 = time.perf_counter()
@@ -97,14 +105,20 @@ def main() -> None:
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for n_blocks, iters in plan:
             times = []
+            before = p.stats().peers["bench-d"].bytes_sent
             for it in range(iters):
-                ids = torch.randperm(CACHE_BLOCKS)[:n_blocks]
+                ids = torch.randperm(cache.shape[0])[:n_blocks]
                 t0 = time.perf_counter()
                 p.send_blocks("bench-d", f"b{n_blocks}.{it}", cache, ids)
                 p.recv("bench-d", f"ack{n_blocks}.{it}")
                 times.append(time.perf_counter() - t0)
             t = statistics.median(times[2:])
             nbytes = n_blocks * BLOCK_BYTES
+            moved = p.stats().peers["bench-d"].bytes_sent - before
+            if moved != iters * nbytes:
+                raise SystemExit(
+                    f"row of {n_blocks} blocks moved {moved} bytes, not {iters} x {nbytes}"
+                )
             gbs = nbytes / t / 1e9
             print(
                 f"| {n_blocks} | {nbytes / 2**20:.1f} | {t * 1e3:.2f} | {gbs:.2f} "

@@ -6,7 +6,8 @@ processes. Roles:
 
     prefill    requests run with ``prefill_only``: first token, then the KV is handed off
     decode     receives KV into reserved blocks and decodes; also prefills when told to
-    colocated  both, the single-worker baseline
+    colocated  both, the single-worker baseline (``workers/semi_pd/``'s worker is a colocated
+               worker whose prefill and decode lanes share one KV storage)
 
 Handoff, decode side D and prefill side P (the controller drives it)::
 
@@ -33,6 +34,7 @@ import torch
 from kvrelay.workers.engine.engine import Engine, EngineConfig, EngineStats
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.transport.kv_transport import KVTransport
 from kvrelay.workers.types import ROLES, KVEvent, Phase, SamplingParams, TokenEvent
@@ -57,6 +59,7 @@ class WorkerInfo:
     pod_name: str = ""  # namespace/pod when run in Kubernetes
     device: str = "cpu"  # where the engine computes: cpu, or cuda:N as this process sees it
     dtype: str = "float32"
+    semi_pd: bool = False  # prefill and decode lanes over one KV storage (workers/semi_pd/)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +124,6 @@ class Worker:
         self.worker_id = worker_id
         self.role = role
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-        self.engine = Engine(loaded, engine_config, device=device)
         self._sink = sink
         if transport is None and rendezvous is not None:
             # "auto": this node's routable address (multi-host); None: loopback
@@ -134,13 +136,23 @@ class Worker:
         self._lock = threading.Lock()
         self._faults: set[str] = set()
         self._first_token: dict[str, threading.Event] = {}  # late_submit_reply waiters
-        self.loop = EngineLoop(self.engine, self._emit, name=f"engine-{worker_id}").start()
+        self.loop = self._start_engines(loaded, engine_config, device)
+        self.engine = self.loop.engine
         self._notice = notice
         self.grace_s = grace_s
         if notice is not None and threading.current_thread() is threading.main_thread():
             # Kubernetes gives notice with SIGTERM, then kills after the grace period: tell the
             # controller, keep serving until the work has moved
             signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
+        """This worker's engine on its loop thread (the semi-PD worker starts two)."""
+        engine = Engine(loaded, config, device=device)
+        return EngineLoop(engine, self._emit, name=f"engine-{self.worker_id}").start()
+
+    def _holder(self, request_id: str) -> EngineLoop:
+        """The loop whose engine holds ``request_id`` parked (the semi-PD worker has two)."""
+        return self.loop
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if self._notice is not None:
@@ -233,15 +245,15 @@ class Worker:
             e.seqs[request_id] = seq
             e.scheduler.resume(seq)
 
-        self.loop.call(resume)
+        self._holder(request_id).call(resume)
 
     # ---- handoff: prefill side -----------------------------------------------------------
     def handoff_size(self, request_id: str) -> int:
-        return len(self.loop.call(lambda e: e.handoff_blocks(request_id)))
+        return len(self._holder(request_id).call(lambda e: e.handoff_blocks(request_id)))
 
     def send_kv(self, request_id: str, peer_id: str, transfer_id: str, timeout_s: float) -> int:
         """Send the parked request's prompt blocks to ``peer_id``; returns bytes sent."""
-        blocks = self.loop.call(lambda e: e.handoff_blocks(request_id))
+        blocks = self._holder(request_id).call(lambda e: e.handoff_blocks(request_id))
         if "exit_in_send" in self._faults:
             os._exit(17)
         # parked blocks: no step writes them while they are packed
@@ -250,7 +262,7 @@ class Worker:
         )
 
     def finish_handoff(self, request_id: str) -> None:
-        self.loop.call(lambda e: e.finish_handoff(request_id))
+        self._holder(request_id).call(lambda e: e.finish_handoff(request_id))
 
     # ---- handoff: decode side ------------------------------------------------------------
     def reserve(self, request_id: str, num_blocks: int, deadline_s: float) -> list[int] | None:
@@ -312,36 +324,16 @@ class Worker:
         if not res.received:
             self.loop.call(lambda e: e.unreserve(res.block_ids))
             raise RuntimeError(f"accept of {request_id} before its KV arrived")
-        def add(e: Engine) -> None:
-            e.add_prefilled(
-                request_id, prompt_ids, output_ids, params, res.block_ids,
-                tenant=tenant, priority=priority,
+        self.loop.call(
+            lambda e: continue_prefilled(
+                e, request_id, prompt_ids, output_ids, params, res.block_ids,
+                tenant=tenant, priority=priority, num_computed=num_computed,
             )
-            seq = e.seqs[request_id]
-            extra = (num_computed or 0) - seq.num_computed
-            if extra > 0:
-                e.scheduler.commit_computed(ScheduledSeq(seq, extra))
-
-        self.loop.call(add)
+        )
 
     # ---- migration ------------------------------------------------------------------------
     def requests_info(self) -> list[RequestInfo]:
-        def collect(e: Engine) -> list[RequestInfo]:
-            out = []
-            for seq in e.seqs.values():
-                if seq.num_computed == 0:
-                    phase = Phase.QUEUED
-                elif seq.num_computed < len(seq.prompt_ids):
-                    phase = Phase.PREFILL
-                else:
-                    phase = Phase.DECODE
-                out.append(RequestInfo(
-                    seq.request_id, phase, len(seq.prompt_ids), len(seq.output_ids),
-                    max(0, seq.params.max_tokens - len(seq.output_ids)), len(seq.block_ids),
-                ))
-            return out
-
-        return self.loop.call(collect)
+        return self.loop.call(lambda e: [request_info(s) for s in e.seqs.values()])
 
     def park(self, request_id: str) -> tuple[list[int], int] | None:
         """Stop decoding a request and hold its KV for a migration (as a prefill holds a
@@ -473,6 +465,42 @@ class Worker:
         if self.transport is None:
             raise RuntimeError(f"worker {self.worker_id} has no KV transport")
         return self.transport
+
+
+def request_info(seq: EngineSequence) -> RequestInfo:
+    if seq.num_computed == 0:
+        phase = Phase.QUEUED
+    elif seq.num_computed < len(seq.prompt_ids):
+        phase = Phase.PREFILL
+    else:
+        phase = Phase.DECODE
+    return RequestInfo(
+        seq.request_id, phase, len(seq.prompt_ids), len(seq.output_ids),
+        max(0, seq.params.max_tokens - len(seq.output_ids)), len(seq.block_ids),
+    )
+
+
+def continue_prefilled(
+    e: Engine,
+    request_id: str,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    params: SamplingParams,
+    block_ids: Sequence[int],
+    *,
+    tenant: str,
+    priority: int,
+    num_computed: int | None,
+) -> None:
+    """``e`` continues a request whose KV is in ``block_ids`` (``num_computed`` tokens of it;
+    None: the prompt's)."""
+    e.add_prefilled(
+        request_id, prompt_ids, output_ids, params, block_ids, tenant=tenant, priority=priority
+    )
+    seq = e.seqs[request_id]
+    extra = (num_computed or 0) - seq.num_computed
+    if extra > 0:
+        e.scheduler.commit_computed(ScheduledSeq(seq, extra))
 
 
 def _pod_name() -> str:

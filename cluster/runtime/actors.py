@@ -38,6 +38,9 @@ from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.model.config import resolve_device_dtype
 from kvrelay.workers.model.source import load_tokenizer
 from kvrelay.workers.model.sparse_attention import SparseConfig
+from kvrelay.workers.semi_pd.sm_partition import Split
+from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
+from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.types import TokenEvent
 from kvrelay.workers.worker import Worker
 
@@ -95,7 +98,12 @@ class NoticeWorker(Worker):
         asyncio.run(MetadataPoller(config, sink).run())
 
 
+class SemiPDNoticeWorker(NoticeWorker, SemiPDWorker):
+    """A semi-PD worker (workers/semi_pd/) that also polls for spot notices."""
+
+
 WorkerActor = ray.remote(NoticeWorker)
+SemiPDWorkerActor = ray.remote(SemiPDNoticeWorker)
 
 
 @ray.remote
@@ -213,7 +221,15 @@ class ControllerActor(Controller):
                 url=cfg.metadata_url, target=worker_id, parser=cfg.metadata_parser,  # type: ignore[arg-type]
                 interval_s=cfg.metadata_interval_s, grace_s=cfg.preemption_grace_s,
             )
-        handle = WorkerActor.options(**options).remote(  # type: ignore[attr-defined]
+        semi_pd: dict[str, Any] = {}
+        actor: Any = WorkerActor
+        if cfg.semi_pd and role == "colocated":
+            actor = SemiPDWorkerActor
+            semi_pd["split"] = Split(cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm)
+            semi_pd["window_steps"] = cfg.semi_pd_window_steps
+            if cfg.semi_pd_adaptive:
+                semi_pd["split_rule"] = SplitRuleConfig(cfg.ttft_slo_s, cfg.itl_slo_s)
+        handle = actor.options(**options).remote(  # type: ignore[attr-defined]
             worker_id,
             role,
             model=cfg.model,
@@ -227,6 +243,7 @@ class ControllerActor(Controller):
             threads=cfg.threads_per_worker or placement.threads,
             device=cfg.device,
             dtype=cfg.dtype,
+            **semi_pd,
         )
         self.handles[worker_id] = handle
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from kvrelay.cluster.placement.placement import DEVICES
 from kvrelay.cluster.routing.config import RouterConfig
@@ -50,6 +50,13 @@ class ServeConfig(BaseModel):
     prefill_workers: int = 1
     decode_workers: int = 1
     colocated_workers: int = 0
+    # colocated workers run semi-PD (workers/semi_pd/): a prefill and a decode lane over one KV
+    # storage, the handoff inside by block ids, each lane in its SM share (percent; CUDA only)
+    semi_pd: bool = False
+    semi_pd_prefill_sm: int = 80  # the prefill lane's initial SM share (semi-PD's x)
+    semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
+    semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
+    semi_pd_window_steps: int = 64  # decode-lane steps per window of the split rule
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -138,6 +145,28 @@ class ServeConfig(BaseModel):
         if not v > 0:  # also refuses NaN
             raise ValueError(f"must be > 0, got {v}")
         return v
+
+    @field_validator("semi_pd_window_steps")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("semi_pd_prefill_sm", "semi_pd_decode_sm")
+    @classmethod
+    def _sm_share(cls, v: int) -> int:
+        if not 1 <= v <= 100:
+            raise ValueError(f"an SM share is a percentage in 1..100, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _semi_pd_needs_colocated(self) -> ServeConfig:
+        if self.semi_pd and self.colocated_workers < 1:
+            raise ValueError(
+                "semi_pd runs the colocated workers as semi-PD workers: set colocated_workers >= 1"
+            )
+        return self
 
     @field_validator("sparse_budget")
     @classmethod
@@ -257,6 +286,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-workers", type=int, default=S)
     p.add_argument("--decode-workers", type=int, default=S)
     p.add_argument("--colocated-workers", type=int, default=S)
+    p.add_argument("--semi-pd", action="store_true", default=S,
+                   help="run the colocated workers as semi-PD workers: prefill and decode lanes "
+                        "over one KV storage, handoff by block ids, SM shares on CUDA")
+    p.add_argument("--semi-pd-prefill-sm", type=int, default=S,
+                   help="the prefill lane's initial SM share, percent (default 80)")
+    p.add_argument("--semi-pd-decode-sm", type=int, default=S,
+                   help="the decode lane's initial SM share, percent (default 100)")
+    p.add_argument("--semi-pd-adaptive", action="store_true", default=S,
+                   help="move the SM shares toward the SLO that fails (--ttft-slo-s, "
+                        "--itl-slo-s) every window")
+    p.add_argument("--semi-pd-window-steps", type=int, default=S,
+                   help="decode-lane steps per window of the SLO-aware split (default 64)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

@@ -139,3 +139,18 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_check_owned_names_blocks_owned_twice_or_by_nobody() -> None:
+    from kvrelay.workers.kv.tiers import check_owned
+
+    pool = BlockPool(8, 4)
+    a, b = pool.allocate(2)
+    pool.acquire([a])  # a shared prefix block: two holders, ref 2
+    check_owned(pool, [a, a, b])
+    with pytest.raises(AssertionError, match=f"block {b} owned twice: ref 1, held 2"):
+        check_owned(pool, [a, a, b, b])
+    with pytest.raises(AssertionError, match=f"block {b} owned by nobody: ref 1, held 0"):
+        check_owned(pool, [a, a])
+    pool.release([b, a, a])
+    check_owned(pool, [])

@@ -84,7 +84,10 @@ def test_router_weights_reach_the_router() -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("prefill_workerz: 2\n", "unknown key 'prefill_workerz' \\(did you mean 'prefill_workers'\\?\\)"),
+        (
+            "prefill_workerz: 2\n",
+            "unknown key 'prefill_workerz' \\(did you mean 'prefill_workers'\\?\\)",
+        ),
         ("router_weights:\n  prefix_wieght: 1\n", "router_weights: unknown key 'prefix_wieght'"),
         ("router_weights:\n  block_size: 8\n", "unknown key 'block_size'"),
         ("router_weights:\n  prefix_weight: -1\n", "prefix_weight must be finite and >= 0"),
@@ -106,3 +109,39 @@ def test_bad_files_are_refused_naming_the_key(tmp_path, text: str, match: str) -
 def test_unknown_field_in_python_is_refused() -> None:
     with pytest.raises(ValueError, match="prefil_workers"):
         ServeConfig(prefil_workers=1)  # type: ignore[call-arg]
+
+
+def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
+    cfg = _parse(
+        "--semi-pd",
+        "--colocated-workers",
+        "1",
+        "--semi-pd-prefill-sm",
+        "60",
+        "--semi-pd-adaptive",
+        "--semi-pd-window-steps",
+        "8",
+    )
+    assert cfg.semi_pd and (cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (60, 100)
+    assert cfg.semi_pd_adaptive and cfg.semi_pd_window_steps == 8
+    path = tmp_path / "serve.yaml"
+    path.write_text("semi_pd: true\ncolocated_workers: 2\nsemi_pd_decode_sm: 70\n")
+    cfg = _parse("--config", str(path), "--semi-pd-prefill-sm", "30")
+    assert (cfg.colocated_workers, cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (2, 30, 70)
+    assert not _parse().semi_pd
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"semi_pd": True}, "set colocated_workers >= 1"),
+        ({"semi_pd": True, "colocated_workers": 1, "semi_pd_prefill_sm": 0}, "1..100"),
+        ({"semi_pd_decode_sm": 101}, "1..100"),
+        ({"semi_pd_window_steps": 0}, "must be >= 1"),
+    ],
+)
+def test_semi_pd_settings_are_validated(values: dict, match: str) -> None:
+    from kvrelay.cluster.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ServeConfig.load(**values)

@@ -23,8 +23,8 @@ from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq, Scheduler
 from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.kv.block_hash import namespace_hash
-from kvrelay.workers.kv.block_pool import BlockPool
-from kvrelay.workers.kv.tiers import build_cpu_tier, check_held
+from kvrelay.workers.kv.storage import KVStorage, build_kv_storage
+from kvrelay.workers.kv.tiers import check_held
 from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.model.sparse_attention import SparseConfig, build_sparse
@@ -74,27 +74,33 @@ class EngineStats:
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), *, device: str = "cpu"
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig = EngineConfig(),
+        *,
+        device: str = "cpu",
+        storage: KVStorage | None = None,
     ) -> None:
+        """``storage``: KV memory shared with another engine (the semi-PD worker's lanes;
+        its caller serialises pool calls); None: this engine builds its own from ``config``."""
         self.loaded = loaded
         self.config = config
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(device)
-        dtype = next(loaded.model.parameters()).dtype
         bs = config.block_size
-        per_block = kv_cache_shape(loaded.config, 1, bs)
-        block_bytes = torch.Size(per_block).numel() * dtype.itemsize
-        num_blocks = config.num_blocks or max(16, int(config.kv_cache_gb * 2**30 // block_bytes))
-        self.block_bytes = block_bytes
-        self.kv_cache = torch.zeros(
-            kv_cache_shape(loaded.config, num_blocks, bs), dtype=dtype, device=self.device
-        )
-        self.pool = BlockPool(num_blocks, bs)
-        self.copier, self.cpu_tier = build_cpu_tier(
-            self.kv_cache, self.pool, num_blocks=config.cpu_num_blocks,
-            kv_gb=config.cpu_kv_gb, async_copies=config.async_swaps,
-        )
+        if storage is None:
+            storage = build_kv_storage(
+                kv_cache_shape(loaded.config, 1, bs)[1:], next(loaded.model.parameters()).dtype,
+                self.device, num_blocks=config.num_blocks, kv_gb=config.kv_cache_gb,
+                cpu_num_blocks=config.cpu_num_blocks, cpu_kv_gb=config.cpu_kv_gb,
+                async_copies=config.async_swaps,
+            )
+        self.storage = storage
+        self.block_bytes = storage.block_bytes
+        self.kv_cache = storage.cache
+        self.pool = storage.pool
+        self.copier, self.cpu_tier = storage.copier, storage.cpu_tier
         self._measured_tps = config.recompute_tokens_per_s is None
         self.scheduler = Scheduler(
             self.pool,
@@ -251,6 +257,18 @@ class Engine:
     def finish_handoff(self, request_id: str) -> None:
         """The decode side has the KV: release the blocks (full ones stay as prefix cache)."""
         self.scheduler.finish(self.handoffs.pop(request_id))
+
+    def hand_over(self, request_id: str) -> Sequence:
+        """A parked request leaves this engine with its prompt blocks still referenced, for an
+        engine over the same storage to adopt (``add_prefilled``): ownership of block ids
+        moves, no byte does. Returns the sequence; its ``block_ids`` are exactly the blocks
+        handed over (any beyond the computed tokens are released here)."""
+        blocks = self.handoff_blocks(request_id)
+        seq = self.handoffs.pop(request_id)
+        seq.block_ids = seq.block_ids[len(blocks) :]
+        self.scheduler.finish(seq)  # releases only the blocks past the computed tokens
+        seq.block_ids = blocks
+        return seq
 
     def reserve(self, num_blocks: int) -> list[int] | None:
         if not self.pool.can_allocate(num_blocks):

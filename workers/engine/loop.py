@@ -4,6 +4,9 @@ Every engine call happens on the loop thread (the engine is not thread-safe). Ot
 ``submit`` a function and get a ``concurrent.futures.Future`` for its result; commands run
 between steps, so an abort takes effect before the next step. After each step the loop hands
 that step's events, for all requests, to ``sink`` in one call (one message per worker step).
+
+``lock``: held around every step and command (never around ``sink``), for engines that share
+their KV storage with another loop's engine (``workers/semi_pd/``); None: no lock.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 from kvrelay.workers.engine.engine import Engine
@@ -26,9 +30,17 @@ Sink = Callable[[list[TokenEvent]], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, sink: Sink, *, name: str = "engine") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sink: Sink,
+        *,
+        name: str = "engine",
+        lock: AbstractContextManager[object] | None = None,
+    ) -> None:
         self.engine = engine
         self.sink = sink
+        self._lock = lock if lock is not None else nullcontext()
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
@@ -72,7 +84,9 @@ class EngineLoop:
         while True:
             if fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn(self.engine))
+                    with self._lock:
+                        result = fn(self.engine)
+                    fut.set_result(result)
                 except Exception as exc:  # the caller sees it on its future
                     fut.set_exception(exc)
             try:
@@ -89,7 +103,8 @@ class EngineLoop:
                 if self.engine.has_unfinished():
                     before = self.engine.prompt_tokens_computed
                     t0 = time.perf_counter()
-                    events = self.engine.step()
+                    with self._lock:
+                        events = self.engine.step()
                     self._measure(self.engine.prompt_tokens_computed - before,
                                   time.perf_counter() - t0)
                     if events:

@@ -13,7 +13,9 @@ a step is the caller reading the sampled tokens.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +113,9 @@ class ModelRunner:
             )
         self.eager_steps = 0
         self.graph_steps = 0
+        # entered around each forward pass: a semi-PD lane releases its storage lock there
+        # and waits for its kernels before taking it back (workers/semi_pd/lanes.py)
+        self.forward_guard: Callable[[], AbstractContextManager[object]] = nullcontext
 
     @torch.inference_mode()
     def run(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs]:
@@ -121,6 +126,10 @@ class ModelRunner:
         """
         if not items:
             raise ValueError("run() needs at least one scheduled sequence")
+        with self.forward_guard():
+            return self._forward(items)
+
+    def _forward(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs]:
         if self.graphs is not None and all(it.num_tokens == 1 for it in items):
             out = self._run_graph(items)
             if out is not None:

@@ -229,3 +229,16 @@ def check_held(pool: BlockPool, held: Iterable[int]) -> None:
     for block, count in Counter(held).items():
         if pool.ref_count(block) < count:
             raise AssertionError(f"{pool.tier.value} block {block} held more often than referenced")
+
+
+def check_owned(pool: BlockPool, held: Iterable[int]) -> None:
+    """Exact ownership: every block is referenced exactly as often as it is held, so no block
+    is owned twice (held more often than referenced) or by nobody (referenced, not held).
+    ``held`` must name every holder of the pool (all engines over it, reservations)."""
+    counts = Counter(held)
+    for block in range(pool.num_blocks):
+        ref, n = pool.ref_count(block), counts.get(block, 0)
+        if n > ref:
+            raise AssertionError(f"{pool.tier.value} block {block} owned twice: ref {ref}, held {n}")
+        if ref > n:
+            raise AssertionError(f"{pool.tier.value} block {block} owned by nobody: ref {ref}, held {n}")

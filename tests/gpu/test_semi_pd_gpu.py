@@ -1,0 +1,166 @@
+"""Semi-PD on a GPU: green-context SM shares (workers/semi_pd/sm_partition.py) cap a lane's
+throughput, two lanes compute in different shares at once on their own threads, and the
+semi-PD worker on CUDA gives the colocated worker's greedy tokens while its split changes
+mid-run (switches at iteration boundaries drop nothing), with exact block ownership after.
+
+Run on the GPU machine: ``pytest -q tests/gpu/test_semi_pd_gpu.py -s`` (-s prints the
+measured TFLOP/s per share beside the whole GPU's)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.semi_pd.sm_partition import GreenContextPartition, Lane, Split
+from kvrelay.workers.semi_pd.worker import SemiPDWorker
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+from kvrelay.workers.worker import Worker
+
+pytestmark = pytest.mark.gpu
+
+N = 4096  # bf16 matmul side: long enough to fill any share of an H100/H200
+
+
+def matmul_tflops(reps: int = 20) -> float:
+    """bf16 N^3 matmuls on the calling thread's current stream (its green context's)."""
+    a = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
+    a @ b  # warm-up (cuBLAS handle and workspace for this context)
+    torch.cuda.current_stream().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.current_stream().synchronize()
+    return 2 * N**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def on_thread(fn: Callable[[], float]) -> float:
+    out: list[float] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join(300)
+    assert out, "thread failed"
+    return out[0]
+
+
+def test_green_context_share_caps_throughput() -> None:
+    part = GreenContextPartition(0, [25, 100], Split(25, 100))
+    assert part.num_sms[100] == part.total_sms and part.num_sms[25] < part.total_sms
+
+    def in_share(share: int) -> Callable[[], float]:
+        def run() -> float:
+            part.enter(Lane.PREFILL, share)
+            return matmul_tflops()
+
+        return run
+
+    whole = on_thread(matmul_tflops)
+    quarter = on_thread(in_share(25))
+    full_ctx = on_thread(in_share(100))
+    print(
+        f"\nbf16 {N}^3: whole GPU {whole:.0f} TFLOP/s, 100% context {full_ctx:.0f}, "
+        f"25% context ({part.num_sms[25]} of {part.total_sms} SMs) {quarter:.0f}"
+    )
+    assert quarter < 0.6 * whole  # a quarter of the SMs cannot run at the whole GPU's rate
+    assert full_ctx > 0.8 * whole
+
+
+def test_two_lanes_compute_in_their_shares_at_once() -> None:
+    part = GreenContextPartition(0, [30, 70], Split(30, 70))
+    x = torch.randn(512, 512, device="cuda")
+    want = (x @ x).cpu()
+    results: dict[Lane, torch.Tensor] = {}
+    start = threading.Barrier(2)
+
+    def lane(which: Lane) -> None:
+        part.enter(which, Split(30, 70).share(which))
+        start.wait(60)
+        y = x
+        for _ in range(50):
+            y = x @ x
+        torch.cuda.current_stream().synchronize()
+        results[which] = y.cpu()
+
+    threads = [threading.Thread(target=lane, args=(w,)) for w in Lane]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert set(results) == set(Lane)
+    for y in results.values():
+        torch.testing.assert_close(y, want)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.done: dict[str, FinishReason] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
+        with self.lock:
+            for e in events:
+                self.tokens.setdefault(e.request_id, []).extend(e.token_ids)
+                if e.finish_reason is not None:
+                    self.done[e.request_id] = e.finish_reason
+
+    def wait(self, rids: list[str], timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(r in self.done for r in rids):
+            assert time.monotonic() < deadline, "requests did not finish"
+            time.sleep(0.01)
+
+
+def test_semi_pd_worker_on_cuda_matches_colocated(make_gpu_llama: Callable[..., Path]) -> None:
+    folder = str(make_gpu_llama(seed=7))
+    config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=64, num_blocks=512)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(3, 512, (int(n),), generator=gen).tolist()
+        for n in torch.randint(8, 200, (12,), generator=gen)
+    ]
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    sink = Sink()
+    colocated = Worker(
+        "c",
+        "colocated",
+        model=folder,
+        engine_config=config,
+        sink=sink,
+        device="cuda",
+        dtype=torch.float32,
+    )
+    semi = SemiPDWorker(
+        "s",
+        "colocated",
+        model=folder,
+        engine_config=config,
+        sink=sink,
+        device="cuda",
+        dtype=torch.float32,
+        split=Split(60, 100),
+    )
+    try:
+        assert semi.partition.enforced
+        for i, p in enumerate(prompts):
+            colocated.submit(f"c{i}", p, params)
+            semi.submit(f"s{i}", p, params)
+            if i == len(prompts) // 2:
+                semi.set_split(Split(30, 70))  # mid-run: taken at the lanes' next boundaries
+        sink.wait([f"c{i}" for i in range(len(prompts))] + [f"s{i}" for i in range(len(prompts))])
+        assert [sink.tokens[f"s{i}"] for i in range(len(prompts))] == [
+            sink.tokens[f"c{i}"] for i in range(len(prompts))
+        ]
+        assert semi.split() == Split(30, 70) and semi.handovers == len(prompts)
+        figures = semi.check_integrity()
+        assert figures["used"] == 0 and figures["requests"] == 0 and figures["transit"] == 0
+        assert semi.storage.copier.bytes == 0  # nothing copied between tiers or lanes
+    finally:
+        colocated.shutdown()
+        semi.shutdown()

@@ -1,0 +1,384 @@
+"""The semi-PD worker on the default model (fp32, CPU): a prefill lane and a decode lane over
+one KV storage, against the colocated worker on the same weights.
+
+Real parts throughout: real engines on their loop threads, the real gloo transport for the
+copy path a cross-worker handoff still takes, the real pools' integrity checks. A test that
+needs a request to stand still at an iteration boundary pauses a lane with a command that
+gives the storage lock back while it waits (as the lane's forward pass does).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.semi_pd.sm_partition import Split
+from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
+from kvrelay.workers.semi_pd.worker import SemiPDWorker
+from kvrelay.workers.transport.kv_transport import start_rendezvous_store
+from kvrelay.workers.types import FinishReason, Phase, SamplingParams, TokenEvent
+from kvrelay.workers.worker import Worker
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child in three sentences, using simple words and an example.",
+    "List five prime numbers.",
+    "Describe how a bicycle works, covering the frame, the chain, the gears and the brakes.",
+    "Translate 'good morning' into Spanish.",
+]
+CONFIG = EngineConfig(max_num_batched_tokens=48, num_blocks=256, cpu_num_blocks=64)
+
+
+class Collector:
+    """The workers' event sink: tokens and finish reason per request."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, FinishReason] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
+        with self._lock:
+            for e in events:
+                self.tokens.setdefault(e.request_id, []).extend(e.token_ids)
+                if e.finish_reason is not None:
+                    self.finish[e.request_id] = e.finish_reason
+
+    def wait(self, cond: Callable[[], bool], timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "condition not reached in time"
+            time.sleep(0.02)
+
+    def wait_done(self, rids: list[str]) -> None:
+        self.wait(lambda: all(r in self.finish for r in rids))
+
+
+@contextmanager
+def paused(loop: EngineLoop, storage_lock: threading.Lock) -> Iterator[None]:
+    """Hold ``loop`` at an iteration boundary, the storage lock given back meanwhile."""
+    entered, go = threading.Event(), threading.Event()
+
+    def hold(_: Engine) -> None:
+        storage_lock.release()
+        entered.set()
+        go.wait(120)
+        storage_lock.acquire()
+
+    loop.submit(hold)
+    assert entered.wait(120)
+    try:
+        yield
+    finally:
+        go.set()
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    torch.manual_seed(0)
+    return load_model(None)
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded: LoadedModel) -> list[list[int]]:
+    tok = loaded.tokenizer
+    return [
+        tok.apply_chat_template(
+            [
+                {"role": "system", "content": f"You are assistant number {i}."},
+                {"role": "user", "content": q},
+            ]
+        )
+        for i, q in enumerate(QUESTIONS)
+    ]
+
+
+def mixed_params(n: int) -> list[SamplingParams]:
+    """Greedy for even requests, seeded top-k/top-p sampling for odd ones."""
+    return [
+        SamplingParams(max_tokens=24, temperature=0.0)
+        if i % 2 == 0
+        else SamplingParams(max_tokens=24, temperature=0.9, top_k=40, top_p=0.95, seed=100 + i)
+        for i in range(n)
+    ]
+
+
+def generate(
+    worker: Worker,
+    sink: Collector,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    tag: str,
+) -> list[list[int]]:
+    rids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(rids, prompts, params, strict=True):
+        worker.submit(rid, p, sp)
+    sink.wait_done(rids)
+    return [sink.tokens[r] for r in rids]
+
+
+def assert_clean(worker: Worker) -> dict[str, int]:
+    """No request left, no block referenced: nothing leaked, nothing owned twice."""
+    figures = worker.check_integrity()
+    assert figures["requests"] == 0 and figures["used"] == 0, figures
+    assert figures.get("cpu_used", 0) == 0 and figures["reservations"] == 0, figures
+    return figures
+
+
+def test_tokens_match_colocated(loaded: LoadedModel, prompts: list[list[int]]) -> None:
+    sink = Collector()
+    params = mixed_params(len(prompts))
+    colocated = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    try:
+        want = generate(colocated, sink, prompts, params, "c")
+        got = generate(semi, sink, prompts, params, "s")
+        assert got == want
+        assert all(
+            len(t) == 24 or sink.finish[f"s-{i}"] is FinishReason.STOP for i, t in enumerate(got)
+        )
+        # every request crossed from the prefill lane to the decode lane inside the worker
+        assert semi.handovers == len(prompts)
+        hb = semi.heartbeat()
+        assert hb.stats.prompt_tokens_computed >= sum(len(p) for p in prompts) - 16 * len(prompts)
+        assert semi.info().semi_pd and semi.info().role == "colocated"
+        figures = assert_clean(semi)
+        assert figures["transit"] == 0
+    finally:
+        colocated.shutdown()
+        semi.shutdown()
+
+
+def test_handoff_moves_block_ids_and_no_bytes(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """Inside the worker a handoff moves ownership of the same block ids (the transport and
+    the tier copier count zero bytes); to another worker it still takes the copy path, whose
+    bytes the same counters do count."""
+    store, port = start_rendezvous_store("127.0.0.1", 0)
+    sink = Collector()
+    semi = SemiPDWorker(
+        "s",
+        "colocated",
+        model=loaded,
+        engine_config=CONFIG,
+        sink=sink,
+        rendezvous=("127.0.0.1", port),
+    )
+    other = Worker(
+        "d", "decode", model=loaded, engine_config=CONFIG, sink=sink, rendezvous=("127.0.0.1", port)
+    )
+    try:
+        greedy = SamplingParams(max_tokens=8, temperature=0.0)
+        # 1. inside: park on the prefill lane, then let the decode lane take it
+        semi.submit("in", prompts[2], greedy, prefill_only=True)
+        sink.wait(lambda: semi.prefill_loop.call(lambda e: "in" in e.handoffs))
+        parked = semi.prefill_loop.call(lambda e: e.handoff_blocks("in"))
+        assert len(parked) == -(-len(prompts[2]) // CONFIG.block_size)
+        with paused(semi.loop, semi.storage_lock):
+            semi.continue_local("in")
+            assert semi.check_integrity()["transit"] == 1  # owned by the worker meanwhile
+            adopted = semi.loop.submit(lambda e: list(e.seqs["in"].block_ids))
+        assert adopted.result(60)[: len(parked)] == parked  # the same blocks, no copy
+        sink.wait_done(["in"])
+        totals = semi.transport_totals()
+        assert totals.get("bytes_sent", 0) == 0 and totals.get("bytes_received", 0) == 0
+        assert semi.storage.copier.bytes == 0
+        assert semi.handovers == 1
+
+        # 2. to another worker: the copy path over gloo, counted by the same counters
+        semi.submit("out", prompts[3], greedy, prefill_only=True)
+        sink.wait(lambda: semi.prefill_loop.call(lambda e: "out" in e.handoffs))
+        n = semi.handoff_size("out")
+        assert other.reserve("out", n, time.time() + 60) is not None
+        sent: list[int] = []
+        sender = threading.Thread(target=lambda: sent.append(semi.send_kv("out", "d", "t1", 60)))
+        sender.start()
+        received = other.recv_kv("out", "s", "t1", 60)
+        sender.join(60)
+        other.accept_prefilled("out", prompts[3], sink.tokens["out"], greedy)
+        semi.finish_handoff("out")
+        sink.wait_done(["out"])
+        bytes_moved = n * semi.engine.block_bytes
+        assert sent == [bytes_moved] and received == bytes_moved
+        assert semi.transport_totals()["bytes_sent"] == bytes_moved  # the copy, and only it
+        assert semi.handovers == 1
+        assert_clean(semi)
+        assert_clean(other)
+    finally:
+        semi.shutdown()
+        other.shutdown()
+        del store
+
+
+def test_faults_leave_storage_clean(loaded: LoadedModel, prompts: list[list[int]]) -> None:
+    """Abort mid-prefill, mid-decode and in transit between the lanes: no block leaks and
+    none is owned twice (exact ownership over both lanes)."""
+    sink = Collector()
+    config = EngineConfig(max_num_batched_tokens=16, num_blocks=256, cpu_num_blocks=64)
+    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=config, sink=sink)
+    long_prompt = [t for p in prompts for t in p][:320]  # 20 prefill steps of 16 tokens
+    endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    try:
+        # mid-prefill
+        semi.submit("p", long_prompt, endless)
+        sink.wait(
+            lambda: any(
+                r.request_id == "p" and r.phase is Phase.PREFILL for r in semi.requests_info()
+            )
+        )
+        assert semi.abort("p")
+        assert "p" not in sink.tokens
+        assert_clean(semi)
+
+        # mid-decode
+        semi.submit("d", prompts[0], endless)
+        sink.wait(lambda: len(sink.tokens.get("d", ())) >= 4)
+        assert semi.abort("d")
+        assert_clean(semi)
+
+        # in transit: the prefill lane handed it over, the decode lane has not adopted it
+        aborted: list[bool] = []
+        with paused(semi.loop, semi.storage_lock):
+            semi.submit("t", prompts[1], endless)
+            sink.wait(lambda: semi.check_integrity()["transit"] == 1)
+            # the abort's last look (the decode lane) waits for the pause to end
+            killer = threading.Thread(target=lambda: aborted.append(semi.abort("t")))
+            killer.start()
+            sink.wait(lambda: semi.check_integrity()["transit"] == 0)
+        killer.join(60)
+        assert aborted == [True]
+        assert semi.loop.call(lambda e: "t" not in e.seqs)  # the adopt found nothing to take
+        assert len(sink.tokens["t"]) == 1  # the first token, nothing after
+        assert_clean(semi)
+        assert not semi.abort("t")
+    finally:
+        semi.shutdown()
+
+
+def test_decode_lane_preemption_keeps_tokens(loaded: LoadedModel, prompts: list[list[int]]) -> None:
+    """A pool too small for the batch: the decode lane preempts (swap to the shared CPU tier,
+    or recompute) and every request still gives the colocated engine's greedy tokens."""
+    sink = Collector()
+    params = [SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)] * 4
+    reference = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    tight = EngineConfig(max_num_batched_tokens=48, num_blocks=28, cpu_num_blocks=64)
+    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=tight, sink=sink)
+    try:
+        want = generate(reference, sink, prompts[:4], params, "c")
+        got = generate(semi, sink, prompts[:4], params, "s")
+        assert got == want
+        decode_stats = semi.loop.call(lambda e: e.stats())
+        assert decode_stats.preemptions > 0
+        assert_clean(semi)
+    finally:
+        reference.shutdown()
+        semi.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("ttft_slo_s", "moves"), [(1e-6, True), (1e6, False)], ids=["ttft-fails", "slos-met"]
+)
+def test_split_rule_drives_the_lanes(
+    loaded: LoadedModel, prompts: list[list[int]], ttft_slo_s: float, moves: bool
+) -> None:
+    """The SLO-aware split on a real worker: every 4 decode-lane steps a window closes; a
+    TTFT SLO no prefill can meet raises the prefill lane's share at the first window (logged),
+    SLOs everyone meets leave the split alone. On CPU the shares are recorded, not enforced."""
+    sink = Collector()
+    rule = SplitRuleConfig(ttft_slo_s=ttft_slo_s, tpot_slo_s=1e6)
+    semi = SemiPDWorker(
+        "s",
+        "colocated",
+        model=loaded,
+        engine_config=CONFIG,
+        sink=sink,
+        split=Split(50, 100),
+        split_rule=rule,
+        window_steps=4,
+    )
+    try:
+        generate(semi, sink, prompts[:3], [SamplingParams(max_tokens=16, temperature=0.0)] * 3, "r")
+        assert semi.tuner is not None and len(semi.tuner.windows) >= 3
+        changes = semi.tuner.changes
+        if moves:
+            first = changes[0]
+            assert first.old == Split(50, 100) and first.new.prefill > 50
+            assert first.reason.startswith("TTFT") and first.window.ttft_s > ttft_slo_s
+            sink.wait(lambda: semi.split() == changes[-1].new)  # both lanes entered it
+        else:
+            assert changes == [] and semi.split() == Split(50, 100)
+        extra = semi.heartbeat().stats.extra  # what the controller sees of it
+        assert (extra["semi_pd_prefill_sm"], extra["semi_pd_decode_sm"]) == (
+            semi.split().prefill,
+            semi.split().decode,
+        )
+        assert extra["semi_pd_split_changes"] == len(changes)
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
+def test_concurrent_stress_never_double_allocates(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """Both lanes busy on a pool too small for the load (preemption on either lane), while
+    another thread aborts a third of the requests at different points (before their first
+    token, right after it, while decoding): exact ownership holds afterwards, and every request that was not aborted
+    gives the colocated engine's greedy tokens."""
+    sink = Collector()
+    words = [t for p in prompts for t in p]
+    lens = [20, 70, 35, 110, 50, 90, 25, 60, 80, 40, 100, 30]
+    batch = [words[i * 7 : i * 7 + n] for i, n in enumerate(lens)]
+    params = [
+        SamplingParams(max_tokens=8 + 3 * (i % 5), temperature=0.0, ignore_eos=True)
+        for i in range(len(batch))
+    ]
+    reference = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    tight = EngineConfig(max_num_batched_tokens=32, num_blocks=24, cpu_num_blocks=16)
+    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=tight, sink=sink)
+    victims = {f"s-{i}": i % 4 for i in range(0, len(batch), 3)}  # abort at this many tokens
+    aborted: set[str] = set()
+
+    def killer() -> None:
+        pending = dict(victims)
+        deadline = time.monotonic() + 240
+        while pending and time.monotonic() < deadline:
+            for rid, at in list(pending.items()):
+                if len(sink.tokens.get(rid, ())) >= at:
+                    if semi.abort(rid):
+                        aborted.add(rid)
+                    del pending[rid]
+            time.sleep(0.005)
+
+    try:
+        want = generate(reference, sink, batch, params, "c")
+        thread = threading.Thread(target=killer)
+        for i, (p, sp) in enumerate(zip(batch, params, strict=True)):
+            semi.submit(f"s-{i}", p, sp)
+            if i == 0:
+                thread.start()
+        sink.wait(
+            lambda: all(f"s-{i}" in sink.finish or f"s-{i}" in aborted for i in range(len(batch)))
+        )
+        thread.join(60)
+        assert aborted  # the faults happened
+        for i in range(len(batch)):
+            rid = f"s-{i}"
+            if rid not in aborted:
+                assert sink.tokens[rid] == want[i], rid
+        hb = semi.heartbeat()
+        assert hb.stats.preemptions > 0  # the pool was contended
+        assert_clean(semi)
+    finally:
+        reference.shutdown()
+        semi.shutdown()

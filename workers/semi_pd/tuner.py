@@ -1,0 +1,121 @@
+"""Feeds semi-PD's split rule (split_rule.py) from a semi-PD worker's own events: the adapter
+around the pure rule (it owns the clock and the samples; the rule owns the decision).
+
+Samples: TTFT = submit to first token inside the worker; TPOT = the gap between a request's
+successive decode-lane tokens. Every ``window_steps`` decode-lane steps the window closes: its
+p_SLO TTFT and TPOT, arrival rate and mean prefill time per request (prompt tokens over the
+prefill lane's measured rate) become a ``Window``, and ``decide`` gives the next split. The
+worker applies a changed split at both lanes' next iteration boundaries. Thread-safe: the
+prefill lane, the decode lane and the callers of ``submit`` report concurrently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvrelay.workers.semi_pd.sm_partition import Split
+from kvrelay.workers.semi_pd.split_rule import Decision, SplitRuleConfig, Window, decide
+
+
+@dataclass(frozen=True, slots=True)
+class SplitChange:
+    at_s: float  # clock time the window closed
+    old: Split
+    new: Split
+    window: Window
+    reason: str
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; 0 for no values (nothing measured: the SLO is met)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+
+
+class SplitTuner:
+    def __init__(
+        self,
+        config: SplitRuleConfig,
+        *,
+        window_steps: int = 64,
+        quantile: float = 0.9,  # p_SLO
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if window_steps < 1:
+            raise ValueError(f"window_steps must be >= 1, got {window_steps}")
+        self.config = config
+        self.window_steps = window_steps
+        self.quantile = quantile
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._submitted: dict[str, float] = {}  # request -> submit time, until its first token
+        self._last_token: dict[str, float] = {}  # request -> its last decode-lane token time
+        self._ttft: list[float] = []
+        self._tpot: list[float] = []
+        self._arrivals = 0
+        self._prompt_tokens = 0
+        self._steps = 0
+        self._opened = clock()
+        self.windows: list[Window] = []
+        self.changes: list[SplitChange] = []  # the log of every split the rule changed
+
+    def on_submit(self, request_id: str, prompt_tokens: int) -> None:
+        with self._lock:
+            self._submitted[request_id] = self._clock()
+            self._arrivals += 1
+            self._prompt_tokens += prompt_tokens
+
+    def on_first_token(self, request_id: str) -> None:
+        now = self._clock()
+        with self._lock:
+            t0 = self._submitted.pop(request_id, None)
+            if t0 is not None:
+                self._ttft.append(now - t0)
+            self._last_token[request_id] = now
+
+    def on_token(self, request_id: str, finished: bool) -> None:
+        now = self._clock()
+        with self._lock:
+            last = self._last_token.pop(request_id, None)
+            if last is not None:
+                self._tpot.append(now - last)
+            if not finished:
+                self._last_token[request_id] = now
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._submitted.pop(request_id, None)
+            self._last_token.pop(request_id, None)
+
+    def on_decode_step(self, split: Split, prefill_tokens_per_s: float | None) -> Decision | None:
+        """Count one decode-lane step; when the window closes, the rule's decision."""
+        with self._lock:
+            self._steps += 1
+            if self._steps < self.window_steps:
+                return None
+            now = self._clock()
+            span = max(now - self._opened, 1e-9)
+            per_request = self._prompt_tokens / self._arrivals if self._arrivals else 0.0
+            window = Window(
+                split,
+                ttft_s=percentile(self._ttft, self.quantile),
+                tpot_s=percentile(self._tpot, self.quantile),
+                arrival_rate=self._arrivals / span,
+                prefill_s=per_request / prefill_tokens_per_s if prefill_tokens_per_s else 0.0,
+            )
+            self._ttft, self._tpot = [], []
+            self._arrivals = self._prompt_tokens = self._steps = 0
+            self._opened = now
+            self.windows.append(window)
+            del self.windows[: -self.config.history]
+            decision = decide(self.config, self.windows)
+            if decision.split != split:
+                self.changes.append(
+                    SplitChange(now, split, decision.split, window, decision.reason)
+                )
+            return decision

@@ -1,0 +1,360 @@
+"""The semi-PD worker: a prefill lane and a decode lane in one process, over one KV storage.
+
+To the controller it is one colocated worker (role ``colocated``, ``WorkerInfo.semi_pd``): the
+router sends it whole requests and the PD handoff happens inside it. Everything the cluster
+does with a worker keeps working unchanged, because each call lands on the lane that holds the
+request: migration parks and sends from the decode lane, a pull or a handoff from elsewhere
+is received into the shared pool through the decode lane, the KV directory sees the one pool's
+events, the CPU tier is the one storage's. If the planner turns it into a prefill or decode
+worker, ``prefill_only`` requests wait parked on the prefill lane for the controller's handoff
+and the copy path runs as for any worker.
+
+::
+
+    submit ─▶ prefill lane (prefill_only) ─▶ first token ─▶ hand_over: block ids + references
+          ─▶ transit (owned by this worker) ─▶ decode lane: add_prefilled(same block ids)
+
+Threads and the storage lock: each lane's engine is driven only by its own loop thread; the
+storage (pool, CPU tier, copier) is shared and guarded by ``storage_lock``, which a loop holds
+around each step and command and releases for the forward pass (``ModelRunner.forward_guard``),
+so one lane's forward overlaps the other's. Check-then-act pool sequences (``can_allocate`` →
+``allocate`` in ``schedule``) therefore run whole under the lock and cannot double-allocate.
+A lane releases a block only after the step that used it has synchronised (the guard waits for
+the lane's kernels before it takes the lock back), so the other lane never reuses a block that
+kernels still read. Ownership is exact: every referenced block is held by a sequence of one
+lane, a request in transit, or a reservation (``check_integrity``).
+
+Each lane computes in its SM share (``sm_partition.py``), switched at iteration boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+from kvrelay.workers.engine.engine import Engine, EngineConfig, EngineStats
+from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.engine.sequence import Sequence as EngineSequence
+from kvrelay.workers.kv.tiers import check_owned
+from kvrelay.workers.model.loader import LoadedModel
+from kvrelay.workers.semi_pd.sm_partition import Lane, SMPartition, Split, build_partition
+from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
+from kvrelay.workers.semi_pd.tuner import SplitTuner
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+from kvrelay.workers.worker import (
+    Heartbeat,
+    RequestInfo,
+    Worker,
+    WorkerInfo,
+    continue_prefilled,
+    request_info,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPLIT = Split(prefill=80, decode=100)  # Semi-PD's code defaults (algorithms.md §5)
+SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
+
+
+class SemiPDWorker(Worker):
+    def __init__(
+        self,
+        *args: Any,
+        split: Split = DEFAULT_SPLIT,
+        split_rule: SplitRuleConfig | None = None,
+        window_steps: int = 64,
+        **kw: Any,
+    ) -> None:
+        """``split_rule``: adapt the SM split to the SLOs every ``window_steps`` decode-lane
+        steps (tuner.py); None: keep ``split``."""
+        self._initial_split = split
+        self.tuner = (
+            SplitTuner(split_rule, window_steps=window_steps) if split_rule is not None else None
+        )
+        self._transit: dict[str, EngineSequence] = {}  # handed over, not adopted yet
+        self._internal: set[str] = set()  # requests whose handoff stays inside this worker
+        self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
+        super().__init__(*args, **kw)
+
+    def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
+        decode = Engine(loaded, config, device=device)  # builds the one storage
+        prefill = Engine(loaded, config, device=device, storage=decode.storage)
+        self.storage = decode.storage
+        self.storage_lock = threading.Lock()
+        self.partition: SMPartition = build_partition(
+            decode.device, self._initial_split, SPLIT_STEP
+        )
+        for e in (prefill, decode):
+            e.runner.forward_guard = partial(_forward_unlocked, self.storage_lock, self.partition)
+        self.prefill_engine = prefill
+        self.prefill_loop = EngineLoop(
+            prefill, self._emit_prefill, name=f"prefill-{self.worker_id}", lock=self.storage_lock
+        ).start()
+        loop = EngineLoop(
+            decode, self._emit_decode, name=f"decode-{self.worker_id}", lock=self.storage_lock
+        ).start()
+        self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
+        self.set_split(self._initial_split)
+        return loop
+
+    # ---- SM shares -----------------------------------------------------------------------
+    def set_split(self, split: Split) -> None:
+        """Each lane enters its new share at its next iteration boundary (a command between
+        two steps); requests in flight carry on."""
+        for lane, loop in self._lanes.items():
+            loop.submit(partial(self._enter, lane, split.share(lane)))
+
+    def _enter(self, lane: Lane, share: int, _engine: Engine) -> None:
+        self.partition.enter(lane, share)
+
+    def split(self) -> Split:
+        return Split(self.partition.share(Lane.PREFILL), self.partition.share(Lane.DECODE))
+
+    # ---- requests ------------------------------------------------------------------------
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        output_ids: Sequence[int] = (),
+        tenant: str = "",
+        priority: int = 0,
+        prefill_only: bool = False,
+    ) -> None:
+        """Every request prefills on the prefill lane; unless the controller asked for
+        ``prefill_only`` (it hands the KV to another worker), it continues on the decode lane."""
+        if not prefill_only:
+            self._internal.add(request_id)
+        if self.tuner is not None:
+            self.tuner.on_submit(request_id, len(prompt_ids) + len(output_ids))
+        try:
+            self.prefill_loop.call(
+                lambda e: e.add_request(
+                    request_id,
+                    prompt_ids,
+                    params,
+                    output_ids=output_ids,
+                    tenant=tenant,
+                    priority=priority,
+                    prefill_only=True,
+                )
+            )
+        except BaseException:
+            self._internal.discard(request_id)
+            if self.tuner is not None:
+                self.tuner.forget(request_id)
+            raise
+
+    def abort(self, request_id: str) -> bool:
+        # a request moves prefill lane -> transit -> decode lane and is looked for in that
+        # order, each place on its own thread (or under the lock): it cannot slip past
+        had_reservation = self.unreserve(request_id)
+        found = self.prefill_loop.call(lambda e: e.abort(request_id))
+        self._internal.discard(request_id)
+        if self.tuner is not None:
+            self.tuner.forget(request_id)
+        with self._lock:
+            seq = self._transit.pop(request_id, None)
+        if seq is not None:
+            with self.storage_lock:
+                self.storage.pool.release(reversed(seq.block_ids))
+            found = True
+        return self.loop.call(lambda e: e.abort(request_id)) or found or had_reservation
+
+    def continue_local(self, request_id: str) -> None:
+        """No other worker took the handoff: the decode lane takes it, by block ids."""
+
+        def hand_over(e: Engine) -> bool:
+            if request_id not in e.handoffs:
+                return False
+            self._hand_over(e, request_id)
+            return True
+
+        if not self.prefill_loop.call(hand_over):
+            super().continue_local(request_id)  # parked on the decode lane (a migration)
+
+    def _holder(self, request_id: str) -> EngineLoop:
+        here = self.prefill_loop.call(lambda e: request_id in e.handoffs)
+        return self.prefill_loop if here else self.loop
+
+    # ---- the handoff inside --------------------------------------------------------------
+    def _emit_prefill(self, events: list[TokenEvent]) -> None:
+        """The prefill lane's sink (its loop thread, after a step): the first tokens go out,
+        then each internal request is handed over."""
+        self._emit(events)
+        for ev in events:
+            if self.tuner is not None:
+                self.tuner.on_first_token(ev.request_id)
+            if ev.finish_reason is not None:
+                self._internal.discard(ev.request_id)  # done at its first token
+            elif ev.request_id in self._internal:
+                with self.storage_lock:
+                    self._hand_over(self.prefill_engine, ev.request_id)
+
+    def _emit_decode(self, events: list[TokenEvent]) -> None:
+        """The decode lane's sink: tokens out, then the split rule's bookkeeping (a window
+        that closes may change the split, applied at the lanes' next iteration boundary)."""
+        self._emit(events)
+        if self.tuner is None:
+            return
+        for ev in events:
+            self.tuner.on_token(ev.request_id, ev.finish_reason is not None)
+        decision = self.tuner.on_decode_step(self.split(), self.prefill_loop.prefill_tokens_per_s)
+        if decision is not None and decision.split != self.split():
+            log.info("semi-PD split %s -> %s: %s", self.split(), decision.split, decision.reason)
+            self.set_split(decision.split)
+
+    def _hand_over(self, prefill: Engine, request_id: str) -> None:
+        """On the prefill lane's thread, storage lock held."""
+        self._internal.discard(request_id)
+        seq = prefill.hand_over(request_id)
+        with self._lock:
+            self._transit[request_id] = seq
+        self.loop.submit(partial(self._adopt, request_id)).add_done_callback(
+            partial(self._adopted, request_id)
+        )
+
+    def _adopt(self, request_id: str, e: Engine) -> None:
+        """On the decode lane's thread, storage lock held: same block ids, no copy."""
+        with self._lock:
+            seq = self._transit.pop(request_id, None)
+        if seq is None:
+            return  # aborted in transit; the abort released the blocks
+        try:
+            continue_prefilled(
+                e,
+                request_id,
+                seq.prompt_ids,
+                seq.output_ids,
+                seq.params,
+                seq.block_ids,
+                tenant=seq.tenant,
+                priority=seq.priority,
+                num_computed=seq.num_computed,
+            )
+        except BaseException:
+            if request_id not in e.seqs:
+                e.pool.release(reversed(seq.block_ids))
+            raise
+        self.handovers += 1
+
+    def _adopted(self, request_id: str, fut: Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None:  # never leave the stream hanging
+            log.error("decode lane could not adopt %s: %r", request_id, exc)
+            self._emit([TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)])
+
+    # ---- figures -------------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        return replace(super().info(), semi_pd=True)
+
+    def requests_info(self) -> list[RequestInfo]:
+        out = {
+            r.request_id: r
+            for r in self.prefill_loop.call(lambda e: [request_info(s) for s in e.seqs.values()])
+        }
+        with self._lock:
+            out.update((rid, request_info(s)) for rid, s in self._transit.items())
+        out.update((r.request_id, r) for r in super().requests_info())
+        return list(out.values())
+
+    def heartbeat(self) -> Heartbeat:
+        self.expire_reservations()
+        prefill = self.prefill_loop.call(lambda e: e.stats())
+        decode, events = self.loop.call(lambda e: (e.stats(), tuple(e.drain_kv_events())))
+        stats = merge_stats(prefill, decode)
+        split = self.split()
+        stats.extra.update(
+            semi_pd_handovers=self.handovers,
+            semi_pd_prefill_sm=split.prefill,
+            semi_pd_decode_sm=split.decode,
+            semi_pd_split_changes=len(self.tuner.changes) if self.tuner else 0,
+        )
+        return Heartbeat(
+            self.worker_id,
+            self.role,
+            stats,
+            events,
+            self.transport_totals(),
+            self.loop.alive and self.prefill_loop.alive,
+            self.prefill_loop.prefill_tokens_per_s,
+            self.loop.decode_step_s,
+        )
+
+    def check_integrity(self) -> dict[str, int]:
+        """Both lanes' invariants, and exact ownership over the one storage: every referenced
+        block is held exactly as often as it is referenced, by a sequence of either lane, a
+        request in transit or a reservation. Raises on a block owned twice or by nobody.
+        Call it with no transfer in flight (a send pins its blocks for its duration)."""
+        with self.storage_lock, self._lock:
+            engines = (self.prefill_engine, self.engine)
+            for e in engines:
+                e.check_integrity()
+            seqs = [
+                *(s for e in engines for s in (*e.seqs.values(), *e.handoffs.values())),
+                *self._transit.values(),
+            ]
+            reserved = [b for r in self._reservations.values() for b in r.block_ids]
+            check_owned(self.storage.pool, [*(b for s in seqs for b in s.block_ids), *reserved])
+            if self.storage.cpu_tier is not None:
+                check_owned(self.storage.cpu_tier.pool, (b for s in seqs for b in s.cpu_block_ids))
+            s = self.storage.pool.stats()
+            out = {
+                "total": s.total,
+                "free": s.free,
+                "used": s.used,
+                "cached": s.cached,
+                "requests": len(seqs),
+                "transit": len(self._transit),
+                "reservations": len(self._reservations),
+                "handovers": self.handovers,
+            }
+            if self.storage.cpu_tier is not None:
+                out["cpu_used"] = self.storage.cpu_tier.pool.stats().used
+        return out
+
+    def shutdown(self) -> None:
+        self.prefill_loop.stop()
+        super().shutdown()
+
+
+@contextmanager
+def _forward_unlocked(lock: threading.Lock, partition: SMPartition) -> Iterator[None]:
+    """Around a lane's forward pass: the other lane may use the storage meanwhile; the lock
+    comes back only once this lane's kernels are done (so a block freed next is not in use)."""
+    lock.release()
+    try:
+        yield
+        partition.synchronize()
+    finally:
+        lock.acquire()
+
+
+def merge_stats(prefill: EngineStats, decode: EngineStats) -> EngineStats:
+    """One worker's figures from its two lanes: per-lane counters add up; the storage's (pool,
+    CPU pool, tier and copier extras) are the same object seen twice, so they are taken once."""
+    return replace(
+        decode,
+        running=prefill.running + decode.running,
+        waiting=prefill.waiting + decode.waiting,
+        handoff=prefill.handoff + decode.handoff,
+        prompt_tokens_computed=prefill.prompt_tokens_computed + decode.prompt_tokens_computed,
+        decode_tokens_computed=prefill.decode_tokens_computed + decode.decode_tokens_computed,
+        preemptions=prefill.preemptions + decode.preemptions,
+        prefix_query_tokens=prefill.prefix_query_tokens + decode.prefix_query_tokens,
+        prefix_hit_tokens=prefill.prefix_hit_tokens + decode.prefix_hit_tokens,
+        steps=prefill.steps + decode.steps,
+        extra={**prefill.extra, **decode.extra},
+        prefix_hit_tokens_cpu=prefill.prefix_hit_tokens_cpu + decode.prefix_hit_tokens_cpu,
+        swaps_out=prefill.swaps_out + decode.swaps_out,
+        swaps_in=prefill.swaps_in + decode.swaps_in,
+        swap_bytes=prefill.swap_bytes + decode.swap_bytes,
+        recompute_preemptions=prefill.recompute_preemptions + decode.recompute_preemptions,
+    )
