@@ -80,7 +80,7 @@ def drain(cluster: Cluster, grace_s: float, signals: _Signals) -> None:
     try:
         n = int(ray.get(cluster.controller.in_flight.remote(), timeout=10))
     except Exception as exc:
-        _say(f"could not stop admitting ({exc!r}); shutting down")
+        _say(f"could not count the requests in flight ({exc!r}); shutting down")
         return
     _say(f"stopping: no new requests; {n} in flight get up to {grace_s:g} s")
     deadline = time.monotonic() + grace_s
