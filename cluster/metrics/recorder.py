@@ -16,12 +16,10 @@ with meanings is in README "Monitoring"; ``METRIC_NAMES`` is the machine-readabl
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
-from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -46,10 +44,9 @@ from kvrelay.cluster.metrics.defs import (
     check_counters,
     check_seconds,
 )
-from kvrelay.cluster.metrics.http_server import MetricsServer, serve_handler
 from kvrelay.workers.types import ROLES
 
-__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "Metrics", "MetricsServer", "WorkerCounters"]
+__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "Metrics", "WorkerCounters"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER_MODEL = "other"  # label for model names outside the served set (bounded cardinality)
@@ -261,17 +258,6 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``) of every series."""
         return generate_latest(self.registry)
-
-    async def aiohttp_handler(self, request: web.Request) -> web.Response:
-        """GET /metrics for an aiohttp app: ``app.router.add_get("/metrics", m.aiohttp_handler)``.
-        Rendering takes ~1 ms per worker (64 workers: ~55 ms, 220 KB), so it runs on a thread
-        rather than stalling the frontends' event loop; the metrics lock themselves."""
-        body = await asyncio.to_thread(self.render)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-    async def serve_metrics(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
-        """A standalone /metrics server (``--metrics-port``); ``port=0`` picks a free port."""
-        return await serve_handler(self.aiohttp_handler, port, host)
 
 
 def _spec(name: str, kind: str) -> tuple[str, list[str], str]:

@@ -3,7 +3,7 @@ TTFT quantiles (histogram_quantile over rate), token throughput, KV usage by tie
 
 `start_prometheus(targets)` is the reusable part: point it at any `host:port` serving /metrics
 (a live cluster's frontend included) and query the returned URL. Here the target is
-`Metrics.aiohttp_handler` behind an aiohttp server on a loopback port, and each scrape first
+`Metrics.render` behind an aiohttp server (`serve_handler`, as `kvrelay serve` mounts it) on a loopback port, and each scrape first
 records a fixed batch of requests, so every scrape sees new increments and `rate()` has data
 without the test pacing anything by time.
 """
@@ -216,7 +216,7 @@ def test_prometheus_scrapes_and_answers_promql(loop_thread: LoopThread) -> None:
     async def scrape(request: web.Request) -> web.StreamResponse:
         record_batch(m)  # new increments before every scrape
         scrapes.release()
-        return await m.aiohttp_handler(request)
+        return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
     server = loop_thread.run(serve_handler(scrape, 0))
     url, stop = start_prometheus([f"127.0.0.1:{server.port}"])
@@ -262,8 +262,11 @@ def test_serve_metrics_standalone(loop_thread: LoopThread) -> None:
     m = Metrics()
     m.record_migration("migrated")
 
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
+
     async def fetch() -> tuple[int, str, str]:
-        server = await m.serve_metrics(0)
+        server = await serve_handler(handler, 0)
         try:
             async with aiohttp.ClientSession() as s, s.get(server.url) as r:
                 return r.status, r.headers["Content-Type"], await r.text()
@@ -275,4 +278,4 @@ def test_serve_metrics_standalone(loop_thread: LoopThread) -> None:
     assert ctype == CONTENT_TYPE
     assert 'kvrelay_migrations_total{outcome="migrated"} 1.0' in body
     with pytest.raises(ValueError):
-        loop_thread.run(m.serve_metrics(70000))
+        loop_thread.run(serve_handler(handler, 70000))
