@@ -1,12 +1,14 @@
 """Semi-PD workers on a real local Ray cluster (the path ``kvrelay serve --semi-pd`` takes):
 16 concurrent streams, greedy and seeded, against the single-process colocated engine; the
 handoff stays inside the worker (zero transport bytes), prefix caching and the KV directory
-see the one pool, and a spot notice migrates streams to another semi-PD worker over the copy
-path with the same tokens and no leaked block."""
+see the one pool, a spot notice migrates streams to another semi-PD worker over the copy path,
+and a killed semi-PD worker's streams resume on the other: the same tokens, no leaked block."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import time
 
 import pytest
@@ -132,4 +134,33 @@ def test_semi_pd_streams_migrate_on_notice(ray_session: None, llm: LLM, wait) ->
         assert (
             sum(t.get("bytes_received", 0) for t in cluster.call("transport_totals").values()) > 0
         )
+        _no_leaks(cluster)
+
+
+def test_semi_pd_worker_killed_mid_stream(ray_session: None, llm: LLM, wait) -> None:
+    """SIGKILL of a semi-PD worker (both lanes die with their process) while its streams
+    decode: they resume on the other semi-PD worker from prompt + committed tokens, with the
+    undisturbed tokens, and the survivors' storage holds no block for anyone."""
+    prompts = _prompts(llm)[:8]
+    params = [_params(i, 96) for i in range(8)]
+    expected = [list(o.token_ids) for o in llm.generate(prompts, params)]
+    with _cluster(colocated_workers=2) as cluster:
+        pool = cf.ThreadPoolExecutor(len(prompts))
+        futures = [
+            pool.submit(cluster.complete, p, sp) for p, sp in zip(prompts, params, strict=True)
+        ]
+        wait(
+            lambda: (
+                len(flights := cluster.call("debug_flights")) == len(prompts)
+                and all(f["committed"] >= 4 for f in flights)
+            ),
+            timeout=300,
+        )
+        victim = next(iter(cluster.workers()))
+        os.kill(cluster.call("worker_pid", victim), signal.SIGKILL)
+        got = [f.result(timeout=600)[0] for f in futures]
+        pool.shutdown()
+        assert got == expected  # no gap, no repeated token
+        assert cluster.counters()["resubmissions"] >= 1
+        wait(lambda: victim not in cluster.workers(), timeout=120)
         _no_leaks(cluster)

@@ -4,7 +4,7 @@ behind it (with the copier between the two).
 An engine builds its own (``build_kv_storage``) or is handed one: the semi-PD worker
 (``workers/semi_pd/``) builds one and gives it to both its lanes, so a prefill lane's blocks
 become a decode lane's by handing over block ids, never bytes. Whoever shares a storage between
-threads serialises every pool call (``workers/semi_pd/lanes.py``: one lock per storage).
+threads serialises every pool call (``workers/semi_pd/worker.py``: one lock per storage).
 """
 
 from __future__ import annotations

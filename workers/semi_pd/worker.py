@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig, EngineStats
+from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
+from kvrelay.workers.semi_pd.lanes import forward_unlocked, merge_stats
 from kvrelay.workers.semi_pd.sm_partition import Lane, SMPartition, Split, build_partition
 from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.tuner import SplitTuner
@@ -91,7 +91,7 @@ class SemiPDWorker(Worker):
             decode.device, self._initial_split, SPLIT_STEP
         )
         for e in (prefill, decode):
-            e.runner.forward_guard = partial(_forward_unlocked, self.storage_lock, self.partition)
+            e.runner.forward_guard = partial(forward_unlocked, self.storage_lock, self.partition)
         self.prefill_engine = prefill
         self.prefill_loop = EngineLoop(
             prefill, self._emit_prefill, name=f"prefill-{self.worker_id}", lock=self.storage_lock
@@ -323,38 +323,3 @@ class SemiPDWorker(Worker):
     def shutdown(self) -> None:
         self.prefill_loop.stop()
         super().shutdown()
-
-
-@contextmanager
-def _forward_unlocked(lock: threading.Lock, partition: SMPartition) -> Iterator[None]:
-    """Around a lane's forward pass: the other lane may use the storage meanwhile; the lock
-    comes back only once this lane's kernels are done (so a block freed next is not in use)."""
-    lock.release()
-    try:
-        yield
-        partition.synchronize()
-    finally:
-        lock.acquire()
-
-
-def merge_stats(prefill: EngineStats, decode: EngineStats) -> EngineStats:
-    """One worker's figures from its two lanes: per-lane counters add up; the storage's (pool,
-    CPU pool, tier and copier extras) are the same object seen twice, so they are taken once."""
-    return replace(
-        decode,
-        running=prefill.running + decode.running,
-        waiting=prefill.waiting + decode.waiting,
-        handoff=prefill.handoff + decode.handoff,
-        prompt_tokens_computed=prefill.prompt_tokens_computed + decode.prompt_tokens_computed,
-        decode_tokens_computed=prefill.decode_tokens_computed + decode.decode_tokens_computed,
-        preemptions=prefill.preemptions + decode.preemptions,
-        prefix_query_tokens=prefill.prefix_query_tokens + decode.prefix_query_tokens,
-        prefix_hit_tokens=prefill.prefix_hit_tokens + decode.prefix_hit_tokens,
-        steps=prefill.steps + decode.steps,
-        extra={**prefill.extra, **decode.extra},
-        prefix_hit_tokens_cpu=prefill.prefix_hit_tokens_cpu + decode.prefix_hit_tokens_cpu,
-        swaps_out=prefill.swaps_out + decode.swaps_out,
-        swaps_in=prefill.swaps_in + decode.swaps_in,
-        swap_bytes=prefill.swap_bytes + decode.swap_bytes,
-        recompute_preemptions=prefill.recompute_preemptions + decode.recompute_preemptions,
-    )

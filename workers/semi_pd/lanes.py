@@ -1,0 +1,47 @@
+"""What two lanes over one KV storage share: the forward guard that lets a lane compute without
+the storage lock, and one worker's figures from two engines' (``merge_stats``)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+from kvrelay.workers.engine.engine import EngineStats
+from kvrelay.workers.semi_pd.sm_partition import SMPartition
+
+
+@contextmanager
+def forward_unlocked(lock: threading.Lock, partition: SMPartition) -> Iterator[None]:
+    """Around a lane's forward pass: the other lane may use the storage meanwhile; the lock
+    comes back only once this lane's kernels are done (so a block freed next is not in use)."""
+    lock.release()
+    try:
+        yield
+        partition.synchronize()
+    finally:
+        lock.acquire()
+
+
+def merge_stats(prefill: EngineStats, decode: EngineStats) -> EngineStats:
+    """One worker's figures from its two lanes: per-lane counters add up; the storage's (pool,
+    CPU pool, tier and copier extras) are the same object seen twice, so they are taken once."""
+    return replace(
+        decode,
+        running=prefill.running + decode.running,
+        waiting=prefill.waiting + decode.waiting,
+        handoff=prefill.handoff + decode.handoff,
+        prompt_tokens_computed=prefill.prompt_tokens_computed + decode.prompt_tokens_computed,
+        decode_tokens_computed=prefill.decode_tokens_computed + decode.decode_tokens_computed,
+        preemptions=prefill.preemptions + decode.preemptions,
+        prefix_query_tokens=prefill.prefix_query_tokens + decode.prefix_query_tokens,
+        prefix_hit_tokens=prefill.prefix_hit_tokens + decode.prefix_hit_tokens,
+        steps=prefill.steps + decode.steps,
+        extra={**prefill.extra, **decode.extra},
+        prefix_hit_tokens_cpu=prefill.prefix_hit_tokens_cpu + decode.prefix_hit_tokens_cpu,
+        swaps_out=prefill.swaps_out + decode.swaps_out,
+        swaps_in=prefill.swaps_in + decode.swaps_in,
+        swap_bytes=prefill.swap_bytes + decode.swap_bytes,
+        recompute_preemptions=prefill.recompute_preemptions + decode.recompute_preemptions,
+    )
