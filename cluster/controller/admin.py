@@ -178,6 +178,7 @@ class Admin:
             "directory_blocks": self.routing.directory.num_blocks(),
             "directory_workers": len(self.routing.directory.workers()),
             "handoff_refusals": self.handoffs.refusals,
+            "handoff_fallbacks": self.handoffs.fallbacks,
             "handoff_bytes": self.handoffs.bytes,
             "resubmissions": self.counts.resubmissions,
             "migrations": self.preemption.migrations_done,

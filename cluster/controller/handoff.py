@@ -58,6 +58,7 @@ class Handoffs:
         self._ids = ids
         self.done = 0  # handoffs completed
         self.refusals = 0  # reservations a decode worker refused
+        self.fallbacks = 0  # handoffs nobody took: decoded where they were prefilled
         self.bytes = 0  # KV bytes received by decode workers
 
     async def run(self, flight: Flight, prefill_id: str) -> None:
@@ -70,7 +71,7 @@ class Handoffs:
             deadline = time.time() + self.config.handoff_timeout_s
             tried: set[str] = set()
             while not flight.done:
-                d = self._choose_decode(flight, tried)
+                d = self._choose_decode(flight, tried, p)
                 if d is None:
                     break
                 tried.add(d.info.worker_id)
@@ -80,6 +81,7 @@ class Handoffs:
                 await p.client.call("abort", rid, timeout=10)
                 return
             # nobody took it: decode where it was prefilled
+            self.fallbacks += 1
             flight.owner = prefill_id
             flight.phase = Phase.DECODE
             await p.client.call("continue_local", rid, timeout=30)
@@ -106,12 +108,18 @@ class Handoffs:
         if owner is None or not owner.healthy:
             await self.recovery.redispatch(flight)
 
-    def _choose_decode(self, flight: Flight, tried: set[str]) -> WorkerEntry | None:
-        """The router's pick among decode workers not tried yet for this handoff."""
+    def _choose_decode(
+        self, flight: Flight, tried: set[str], p: WorkerEntry
+    ) -> WorkerEntry | None:
+        """The router's pick among decode workers not tried yet for this handoff whose pool can
+        hold the request as far as ``p``'s could: a smaller one would end it early (LENGTH)."""
         tokens = list(flight.req.prompt_token_ids) + flight.committed
         request = RouteRequest(flight.request_id, self.routing.hashes(tokens), len(tokens))
+        need = min(len(flight.req.prompt_token_ids) + flight.req.sampling.max_tokens, _room(p))
         loads = [
-            self.recovery.load(w) for w in self.state.pool("decode") if w.info.worker_id not in tried
+            self.recovery.load(w)
+            for w in self.state.pool("decode")
+            if w.info.worker_id not in tried and _room(w) >= need
         ]
         matches = self.routing.directory.match(request.block_hashes)
         decision = self.routing.router.route_decode(request, loads, matches)
@@ -197,3 +205,8 @@ class Handoffs:
             await d.client.call("unreserve", rid, timeout=10)
         except (WorkerGone, TimeoutError):
             pass
+
+
+def _room(w: WorkerEntry) -> int:
+    """The longest sequence (prompt + output tokens) ``w``'s engine keeps (its max_seq_tokens)."""
+    return min(w.info.max_context, w.info.num_blocks * w.info.block_size)
