@@ -10,6 +10,8 @@ status) instead of a cut stream, and ``kvrelay serve`` exits non-zero (serve_loo
     host.ports()                                     # grpc_port, http_port, metrics_port
     host.stop_admitting(); host.in_flight()          # graceful shutdown
     host.close(flush_s)                              # wait for streams (bounded), then stop
+    host.close(flush_s, gone=why)                    # the controller is dead or hung: every
+                                                     # stream first ends with UNAVAILABLE
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class DriverFrontends:
         )
         self._thread.start()
         self.frontends: Frontends | None = None
+        self.backend: RemoteBackend | None = None
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
@@ -135,6 +138,7 @@ class DriverFrontends:
         _, tokenizer, _ = load_tokenizer(cfg.model)  # ~0.2 s; the controller loads the same
         backend = RemoteBackend(controller, ray.get(controller.models.remote()), tokenizer)
         host = cls()
+        host.backend = backend
         try:
             host.frontends = host._run(start_frontends_for(backend, cfg))
         except BaseException:
@@ -155,10 +159,14 @@ class DriverFrontends:
         handle = self.frontends.handle if self.frontends is not None else None
         return handle.core.in_flight if handle is not None else 0
 
-    def close(self, flush_s: float = 0.0) -> int:
-        """Stop admitting, give the streams in flight up to ``flush_s`` to end (after a
-        controller death they end with their error events), then stop the servers and the
-        loop. Returns the streams still open when the servers stopped."""
+    def close(self, flush_s: float = 0.0, gone: str | None = None) -> int:
+        """Stop admitting, give the streams in flight up to ``flush_s`` to end, then stop the
+        servers and the loop. ``gone``: why the controller is dead or hung; every request in
+        flight is failed with UNAVAILABLE first (a hung controller would never wake them), so
+        the streams end with their error events. Returns the streams still open when the
+        servers stopped."""
+        if gone is not None and self.backend is not None:
+            self._loop.call_soon_threadsafe(self.backend.give_up, gone)
         self.stop_admitting()
         deadline = time.monotonic() + flush_s
         while self.streams() and time.monotonic() < deadline:

@@ -11,6 +11,9 @@ driver process (``kvrelay serve``), outside the controller.
                 a dead controller (RayActorError) is remembered: readiness is NOT_SERVING and
                 new requests are refused at once, so ``kvrelay serve`` can flush the error
                 events and exit (cluster/runtime/serve_loop.py).
+    controller hung (alive but silent, e.g. SIGSTOP): Ray never fails the awaits on it, so
+                ``kvrelay serve``'s liveness probe calls ``give_up``: every await on the
+                controller in flight wakes with the same UNAVAILABLE as a death.
 
 The frontends read ``models``, ``tokenizer`` and ``readiness`` synchronously: the first two are
 fixed at start; readiness is refreshed by ``watch`` every ``interval_s`` and after every admin
@@ -22,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -39,6 +42,7 @@ from kvrelay.cluster.api.errors import ApiError, ErrorCode
 from kvrelay.workers.types import TokenEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RETRY_AFTER_S = 10.0  # a supervisor restarts ``kvrelay serve`` in about its cold start
 
 
@@ -56,6 +60,7 @@ class RemoteBackend:
         self._tokenizer = tokenizer
         self._readiness = Readiness(False, problem="controller not asked yet")
         self.death: str | None = None  # why the controller is gone for good, once it is
+        self._gone: asyncio.Future[None] | None = None  # done once ``death`` is set
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -90,14 +95,39 @@ class RemoteBackend:
             retry_after_s=RETRY_AFTER_S,
         )
 
+    def give_up(self, why: str) -> None:
+        """The controller is gone for good (dead, or hung past ``kvrelay serve``'s liveness
+        probes): readiness NOT_SERVING, every await on it in flight and every later call raise
+        UNAVAILABLE. Call on the frontends' event loop."""
+        if self.death is None:
+            self.death = why
+            self._readiness = Readiness(False, problem=why)
+            log.error("%s: in-flight and new requests get UNAVAILABLE", why)
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+
+    async def _unless_gone(self, awaitable: Awaitable[T]) -> T:
+        """``awaitable``'s result, unless the controller is given up on first (UNAVAILABLE)."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.death is not None:
+                self._gone.set_result(None)
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait((task, self._gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled (its client went away)
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            raise self._unavailable(self.death or "the controller is gone")
+        return task.result()
+
     def _translate(self, exc: Exception) -> Exception:
         """The error a frontend should raise for a failed controller call."""
         if isinstance(exc, RayActorError):
-            if self.death is None:
-                self.death = f"the controller died ({_first_line(exc)})"
-                self._readiness = Readiness(False, problem=self.death)
-                log.error("%s: in-flight and new requests get UNAVAILABLE", self.death)
-            return self._unavailable(self.death)
+            self.give_up(f"the controller died ({_first_line(exc)})")
+            return self._unavailable(self.death or "the controller died")
         if isinstance(exc, ActorUnavailableError):  # may come back (restarting, network)
             return self._unavailable(f"the controller is unreachable ({_first_line(exc)})")
         if isinstance(exc, RayTaskError) and isinstance(exc.cause, ApiError):
@@ -108,7 +138,9 @@ class RemoteBackend:
         if self.death is not None:
             raise self._unavailable(self.death)
         try:
-            return await getattr(self._controller, method).remote(*args, **kwargs)
+            return await self._unless_gone(
+                getattr(self._controller, method).remote(*args, **kwargs)
+            )
         except (RayActorError, ActorUnavailableError, RayTaskError) as exc:
             raise self._translate(exc) from exc
 
@@ -121,8 +153,12 @@ class RemoteBackend:
         batches = self._controller.generate_batches.remote(request)
         finished = False
         try:
-            async for ref in batches:
-                for event in await ref:
+            while True:
+                try:
+                    ref = await self._unless_gone(batches.__anext__())
+                except StopAsyncIteration:
+                    return
+                for event in await self._unless_gone(ref):
                     yield event
                     if event.finish_reason is not None:
                         finished = True
