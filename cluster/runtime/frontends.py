@@ -43,6 +43,7 @@ class Frontends:
     handle: FrontendHandle | None
     metrics_server: MetricsServer | None
     watch: asyncio.Task[None]
+    backend: RemoteBackend
 
     def ports(self) -> dict[str, int]:
         out = {}
@@ -58,6 +59,7 @@ class Frontends:
             await self.handle.stop()
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        await self.backend.close()
 
 
 def _metrics_handler(backend: RemoteBackend) -> Any:
@@ -111,7 +113,7 @@ async def start_frontends_for(backend: RemoteBackend, cfg: ServeConfig) -> Front
         if handle is not None:
             await handle.stop()
         raise
-    return Frontends(handle, server, watch)
+    return Frontends(handle, server, watch, backend)
 
 
 class DriverFrontends:
@@ -124,7 +126,6 @@ class DriverFrontends:
         )
         self._thread.start()
         self.frontends: Frontends | None = None
-        self.backend: RemoteBackend | None = None
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
@@ -138,7 +139,6 @@ class DriverFrontends:
         _, tokenizer, _ = load_tokenizer(cfg.model)  # ~0.2 s; the controller loads the same
         backend = RemoteBackend(controller, ray.get(controller.models.remote()), tokenizer)
         host = cls()
-        host.backend = backend
         try:
             host.frontends = host._run(start_frontends_for(backend, cfg))
         except BaseException:
@@ -165,8 +165,8 @@ class DriverFrontends:
         flight is failed with UNAVAILABLE first (a hung controller would never wake them), so
         the streams end with their error events. Returns the streams still open when the
         servers stopped."""
-        if gone is not None and self.backend is not None:
-            self._loop.call_soon_threadsafe(self.backend.give_up, gone)
+        if gone is not None and self.frontends is not None:
+            self._loop.call_soon_threadsafe(self.frontends.backend.give_up, gone)
         self.stop_admitting()
         deadline = time.monotonic() + flush_s
         while self.streams() and time.monotonic() < deadline:

@@ -1,10 +1,13 @@
 """``ClusterBackend`` over the controller's Ray actor handle, for frontends that run in the
 driver process (``kvrelay serve``), outside the controller.
 
-    tokens:     controller.generate_batches (a Ray streaming generator) yields, each time the
-                request's queue wakes, every event ready then: one Ray object per batch, not one
-                call per token. Closing the stream early cancels the generator (``ray.cancel``),
-                whose ``finally`` aborts the request and frees its blocks.
+    tokens:     one Ray streaming generator per backend (``controller.event_stream``) carries
+                the events of all its requests: each item is everything ready when the
+                controller's side woke, ``[(request_id, events or error), ...]``, so Ray objects
+                per second follow decode steps, not requests x tokens. A reader task hands each
+                request's events to its own queue. A request starts with ``start_request``;
+                a stream closed early sends ``stop_request``, which aborts the request and
+                frees its blocks.
     errors:     an ``ApiError`` the controller raises arrives as itself (UNAVAILABLE, 400, ...)
     controller gone (RayActorError, ActorUnavailableError):
                 every call, and every stream in flight, raises UNAVAILABLE with a Retry-After;
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -61,6 +65,10 @@ class RemoteBackend:
         self._readiness = Readiness(False, problem="controller not asked yet")
         self.death: str | None = None  # why the controller is gone for good, once it is
         self._gone: asyncio.Future[None] | None = None  # done once ``death`` is set
+        self._inboxes: dict[str, asyncio.Queue[list[TokenEvent] | Exception]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._stream_id = ""
+        self.batches_received = 0  # Ray objects the event stream brought (for benchmarks)
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -147,28 +155,66 @@ class RemoteBackend:
     async def admit(self, request: GenerateRequest) -> None:
         await self._call("admit", request)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        if self.death is not None:
-            raise self._unavailable(self.death)
-        batches = self._controller.generate_batches.remote(request)
-        finished = False
+    def _read_events(self) -> None:
+        """Start the reader of this backend's event stream unless it runs."""
+        if self._reader is None or self._reader.done():
+            self._stream_id = uuid.uuid4().hex
+            self._reader = asyncio.create_task(self._read(self._stream_id))
+
+    async def _read(self, stream_id: str) -> None:
+        stream = self._controller.event_stream.remote(stream_id)
         try:
             while True:
                 try:
-                    ref = await self._unless_gone(batches.__anext__())
+                    ref = await self._unless_gone(stream.__anext__())
                 except StopAsyncIteration:
-                    return
-                for event in await self._unless_gone(ref):
+                    raise self._unavailable("the controller closed the event stream") from None
+                self.batches_received += 1
+                for rid, item in await self._unless_gone(ref):
+                    inbox = self._inboxes.get(rid)
+                    if inbox is not None:  # else its client went away
+                        inbox.put_nowait(item)
+        except (RayActorError, ActorUnavailableError, RayTaskError, ApiError) as exc:
+            err = self._translate(exc) if not isinstance(exc, ApiError) else exc
+            for inbox in self._inboxes.values():  # every request in flight ends with it
+                inbox.put_nowait(err)
+        finally:
+            with contextlib.suppress(Exception):
+                ray.cancel(stream)
+
+    async def close(self) -> None:
+        """Stop reading the event stream (the frontends are stopping)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if self.death is not None:
+            raise self._unavailable(self.death)
+        rid = request.request_id
+        if rid in self._inboxes:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        inbox: asyncio.Queue[list[TokenEvent] | Exception] = asyncio.Queue()
+        self._inboxes[rid] = inbox
+        self._read_events()
+        finished = False
+        try:
+            await self._call("start_request", self._stream_id, request)
+            while True:
+                item = await self._unless_gone(inbox.get())
+                if isinstance(item, Exception):
+                    raise item
+                for event in item:
                     yield event
                     if event.finish_reason is not None:
                         finished = True
                         return
-        except (RayActorError, ActorUnavailableError, RayTaskError) as exc:
-            raise self._translate(exc) from exc
         finally:
-            if not finished:  # the client went away (or the controller did): stop the stream
+            del self._inboxes[rid]
+            if not finished and self.death is None:  # the client went away (or an error)
                 with contextlib.suppress(Exception):
-                    ray.cancel(batches)
+                    self._controller.stop_request.remote(rid)
 
     async def cancel(self, request_id: str) -> bool:
         return bool(await self._call("cancel", request_id))
