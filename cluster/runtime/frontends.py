@@ -159,6 +159,10 @@ class DriverFrontends:
         handle = self.frontends.handle if self.frontends is not None else None
         return handle.core.in_flight if handle is not None else 0
 
+    def event_batches(self) -> int:
+        """Ray objects the controller's event stream has brought so far (benchmarks)."""
+        return self.frontends.backend.batches_received if self.frontends is not None else 0
+
     def close(self, flush_s: float = 0.0, gone: str | None = None) -> int:
         """Stop admitting, give the streams in flight up to ``flush_s`` to end, then stop the
         servers and the loop. ``gone``: why the controller is dead or hung; every request in

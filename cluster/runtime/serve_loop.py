@@ -124,8 +124,9 @@ def run_until_stopped(cfg: ServeConfig, start: Callable[[ServeConfig], Cluster])
             _say(f"stopping Ray failed too: {exc!r}")
         return 1
     drain(cluster, cfg.shutdown_grace_s, signals)
+    batches = cluster.frontends.event_batches() if cluster.frontends is not None else 0
     cluster.shutdown()
-    _say("stopped")
+    _say(f"stopped ({batches} Ray objects of request events came from the controller)")
     return 0
 
 
