@@ -175,10 +175,11 @@ class Controller:
         return [self.config.model]
 
     async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[TokenEvent]]:
-        """The request's events, each item every event ready when the stream wakes (a Ray
-        streaming generator: one object per batch, not per token); the last event has
-        ``finish_reason`` set. Closing it early (the client went away; ``ray.cancel`` of the
-        generator) aborts the request and frees its blocks everywhere."""
+        """The request's events, each item every event ready when the stream wakes (the
+        frontends read it through ``event_stream``; ``Cluster.generate`` as a Ray streaming
+        generator of its own); the last event has ``finish_reason`` set. Closing it early (the
+        client went away: ``stop_request``, or ``ray.cancel`` of the generator) aborts the
+        request and frees its blocks everywhere."""
         if request.request_id in self.state.flights:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         flight = Flight(request, RequestText(self._tokenizer, request.sampling,
