@@ -9,7 +9,9 @@ Each run starts ``kvrelay serve`` on fresh ports, waits for ``/ready``, sends tw
 requests, then keeps ``--streams`` streaming completions in flight (closed loop, ``ignore_eos``,
 greedy) until ``--requests`` have finished; tokens are the ``usage`` the server reports, checked
 against the chunks counted. Then SIGTERM, and the next run starts a fresh server.
-Prints tokens/s over the run's wall time, TTFT and inter-chunk gaps (p50 / p99).
+Prints tokens/s over the run's wall time, TTFT and inter-chunk gaps (p50 / p99), and the Ray
+objects that carried the request events per token streamed (warm-ups included), from the count
+serve prints when it stops (code before that count existed: nan).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.client import HTTPConnection
@@ -126,10 +130,11 @@ def one_run(args: argparse.Namespace) -> dict[str, float]:
     exe = shutil.which("kvrelay")
     assert exe, "kvrelay is not on PATH"
     hport, gport = _free_port(), _free_port()
+    err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [exe, "serve", f"--http-port={hport}", f"--grpc-port={gport}", *args.extra],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=err,
         start_new_session=True,
     )
     try:
@@ -153,6 +158,10 @@ def one_run(args: argparse.Namespace) -> dict[str, float]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     assert stats.tokens == args.requests * args.max_tokens, stats.tokens
+    err.seek(0)
+    found = re.search(r"stopped \((\d+) Ray objects of request events", err.read())
+    err.close()
+    streamed = stats.tokens + 2 * 8  # the warm-ups' tokens crossed too
     return {
         "tokens_per_s": stats.tokens / wall,
         "wall_s": wall,
@@ -160,6 +169,7 @@ def one_run(args: argparse.Namespace) -> dict[str, float]:
         "ttft_p50_ms": 1e3 * _pct(stats.ttft, 0.5),
         "gap_p50_ms": 1e3 * _pct(stats.gaps, 0.5),
         "gap_p99_ms": 1e3 * _pct(stats.gaps, 0.99),
+        "ray_objects_per_token": int(found.group(1)) / streamed if found else float("nan"),
     }
 
 
@@ -176,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         r = one_run(args)
         runs.append(r)
-        print(f"run {i}: " + "  ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+        print(
+            f"run {i}: "
+            + "  ".join(f"{k} {v:.{3 if k.startswith('ray') else 1}f}" for k, v in r.items()),
+            flush=True,
+        )
     vals = [r["tokens_per_s"] for r in runs]
     print(
         f"tokens/s: median {statistics.median(vals):.1f}  min {min(vals):.1f}  "

@@ -1,8 +1,9 @@
 """The controller: worker registry and health, the request table, routing, the PD handoff
 and recovery. It answers what ``ClusterBackend`` asks (admit, readiness, cancel, the admin
 calls); the frontends run in the driver process and reach it through ``RemoteBackend``
-(cluster/runtime/remote_backend.py), a request's events crossing Ray in batches
-(``generate_batches``), so a controller that dies cannot take the frontends' sockets with it.
+(cluster/runtime/remote_backend.py), the events of all its requests crossing Ray on one stream
+(``event_stream``, streams.py), so a controller that dies cannot take the frontends' sockets
+with it.
 
 A request's path (DESIGN.md)::
 
@@ -42,6 +43,7 @@ from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.handoff import Handoffs
 from kvrelay.cluster.controller.health import HealthMonitor
 from kvrelay.cluster.controller.state import ControllerState, DispatchCounters, WorkerEntry
+from kvrelay.cluster.controller.streams import EventStreams, Item
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics
 from kvrelay.cluster.routing.adapter import Pull, RoutePlan, Routing
@@ -79,6 +81,7 @@ class Controller:
             self.state, self.counts, self.routing, self.handoffs, self.preemption,
             self.autosizer, self._spawn,
         )
+        self.streams = EventStreams(self.generate_batches)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health: asyncio.Task[None] | None = None
 
@@ -172,10 +175,11 @@ class Controller:
         return [self.config.model]
 
     async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[TokenEvent]]:
-        """The request's events, each item every event ready when the stream wakes (a Ray
-        streaming generator: one object per batch, not per token); the last event has
-        ``finish_reason`` set. Closing it early (the client went away; ``ray.cancel`` of the
-        generator) aborts the request and frees its blocks everywhere."""
+        """The request's events, each item every event ready when the stream wakes (the
+        frontends read it through ``event_stream``; ``Cluster.generate`` as a Ray streaming
+        generator of its own); the last event has ``finish_reason`` set. Closing it early (the
+        client went away: ``stop_request``, or ``ray.cancel`` of the generator) aborts the
+        request and frees its blocks everywhere."""
         if request.request_id in self.state.flights:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         flight = Flight(request, RequestText(self._tokenizer, request.sampling,
@@ -197,6 +201,17 @@ class Controller:
                 flight.finish(FinishReason.ABORT)
                 await self.abort_everywhere(flight)
             self.state.release(flight)
+
+    # one stream per frontend process for the events of all its requests (streams.py)
+    async def event_stream(self, stream_id: str) -> AsyncIterator[list[Item]]:
+        async for items in self.streams.serve(stream_id):
+            yield items
+
+    async def start_request(self, stream_id: str, request: GenerateRequest) -> None:
+        self.streams.start(stream_id, request)
+
+    async def stop_request(self, request_id: str) -> bool:
+        return self.streams.stop(request_id)
 
     async def cancel(self, request_id: str) -> bool:
         flight = self.state.flights.get(request_id)

@@ -10,6 +10,8 @@ status) instead of a cut stream, and ``kvrelay serve`` exits non-zero (serve_loo
     host.ports()                                     # grpc_port, http_port, metrics_port
     host.stop_admitting(); host.in_flight()          # graceful shutdown
     host.close(flush_s)                              # wait for streams (bounded), then stop
+    host.close(flush_s, gone=why)                    # the controller is dead or hung: every
+                                                     # stream first ends with UNAVAILABLE
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Frontends:
     handle: FrontendHandle | None
     metrics_server: MetricsServer | None
     watch: asyncio.Task[None]
+    backend: RemoteBackend
 
     def ports(self) -> dict[str, int]:
         out = {}
@@ -56,6 +59,7 @@ class Frontends:
             await self.handle.stop()
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        await self.backend.close()
 
 
 def _metrics_handler(backend: RemoteBackend) -> Any:
@@ -109,7 +113,7 @@ async def start_frontends_for(backend: RemoteBackend, cfg: ServeConfig) -> Front
         if handle is not None:
             await handle.stop()
         raise
-    return Frontends(handle, server, watch)
+    return Frontends(handle, server, watch, backend)
 
 
 class DriverFrontends:
@@ -155,10 +159,18 @@ class DriverFrontends:
         handle = self.frontends.handle if self.frontends is not None else None
         return handle.core.in_flight if handle is not None else 0
 
-    def close(self, flush_s: float = 0.0) -> int:
-        """Stop admitting, give the streams in flight up to ``flush_s`` to end (after a
-        controller death they end with their error events), then stop the servers and the
-        loop. Returns the streams still open when the servers stopped."""
+    def event_batches(self) -> int:
+        """Ray objects the controller's event stream has brought so far (benchmarks)."""
+        return self.frontends.backend.batches_received if self.frontends is not None else 0
+
+    def close(self, flush_s: float = 0.0, gone: str | None = None) -> int:
+        """Stop admitting, give the streams in flight up to ``flush_s`` to end, then stop the
+        servers and the loop. ``gone``: why the controller is dead or hung; every request in
+        flight is failed with UNAVAILABLE first (a hung controller would never wake them), so
+        the streams end with their error events. Returns the streams still open when the
+        servers stopped."""
+        if gone is not None and self.frontends is not None:
+            self._loop.call_soon_threadsafe(self.frontends.backend.give_up, gone)
         self.stop_admitting()
         deadline = time.monotonic() + flush_s
         while self.streams() and time.monotonic() < deadline:

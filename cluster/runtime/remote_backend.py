@@ -1,16 +1,22 @@
 """``ClusterBackend`` over the controller's Ray actor handle, for frontends that run in the
 driver process (``kvrelay serve``), outside the controller.
 
-    tokens:     controller.generate_batches (a Ray streaming generator) yields, each time the
-                request's queue wakes, every event ready then: one Ray object per batch, not one
-                call per token. Closing the stream early cancels the generator (``ray.cancel``),
-                whose ``finally`` aborts the request and frees its blocks.
+    tokens:     one Ray streaming generator per backend (``controller.event_stream``) carries
+                the events of all its requests: each item is everything ready when the
+                controller's side woke, ``[(request_id, events or error), ...]``, so Ray objects
+                per second follow decode steps, not requests x tokens. A reader task hands each
+                request's events to its own queue. A request starts with ``start_request``;
+                a stream closed early sends ``stop_request``, which aborts the request and
+                frees its blocks.
     errors:     an ``ApiError`` the controller raises arrives as itself (UNAVAILABLE, 400, ...)
     controller gone (RayActorError, ActorUnavailableError):
                 every call, and every stream in flight, raises UNAVAILABLE with a Retry-After;
                 a dead controller (RayActorError) is remembered: readiness is NOT_SERVING and
                 new requests are refused at once, so ``kvrelay serve`` can flush the error
                 events and exit (cluster/runtime/serve_loop.py).
+    controller hung (alive but silent, e.g. SIGSTOP): Ray never fails the awaits on it, so
+                ``kvrelay serve``'s liveness probe calls ``give_up``: every await on the
+                controller in flight wakes with the same UNAVAILABLE as a death.
 
 The frontends read ``models``, ``tokenizer`` and ``readiness`` synchronously: the first two are
 fixed at start; readiness is refreshed by ``watch`` every ``interval_s`` and after every admin
@@ -22,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -39,6 +46,7 @@ from kvrelay.cluster.api.errors import ApiError, ErrorCode
 from kvrelay.workers.types import TokenEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RETRY_AFTER_S = 10.0  # a supervisor restarts ``kvrelay serve`` in about its cold start
 
 
@@ -56,6 +64,11 @@ class RemoteBackend:
         self._tokenizer = tokenizer
         self._readiness = Readiness(False, problem="controller not asked yet")
         self.death: str | None = None  # why the controller is gone for good, once it is
+        self._gone: asyncio.Future[None] | None = None  # done once ``death`` is set
+        self._inboxes: dict[str, asyncio.Queue[list[TokenEvent] | Exception]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._stream_id = ""
+        self.batches_received = 0  # Ray objects the event stream brought (for benchmarks)
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -90,14 +103,39 @@ class RemoteBackend:
             retry_after_s=RETRY_AFTER_S,
         )
 
+    def give_up(self, why: str) -> None:
+        """The controller is gone for good (dead, or hung past ``kvrelay serve``'s liveness
+        probes): readiness NOT_SERVING, every await on it in flight and every later call raise
+        UNAVAILABLE. Call on the frontends' event loop."""
+        if self.death is None:
+            self.death = why
+            self._readiness = Readiness(False, problem=why)
+            log.error("%s: in-flight and new requests get UNAVAILABLE", why)
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+
+    async def _unless_gone(self, awaitable: Awaitable[T]) -> T:
+        """``awaitable``'s result, unless the controller is given up on first (UNAVAILABLE)."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.death is not None:
+                self._gone.set_result(None)
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait((task, self._gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled (its client went away)
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            raise self._unavailable(self.death or "the controller is gone")
+        return task.result()
+
     def _translate(self, exc: Exception) -> Exception:
         """The error a frontend should raise for a failed controller call."""
         if isinstance(exc, RayActorError):
-            if self.death is None:
-                self.death = f"the controller died ({_first_line(exc)})"
-                self._readiness = Readiness(False, problem=self.death)
-                log.error("%s: in-flight and new requests get UNAVAILABLE", self.death)
-            return self._unavailable(self.death)
+            self.give_up(f"the controller died ({_first_line(exc)})")
+            return self._unavailable(self.death or "the controller died")
         if isinstance(exc, ActorUnavailableError):  # may come back (restarting, network)
             return self._unavailable(f"the controller is unreachable ({_first_line(exc)})")
         if isinstance(exc, RayTaskError) and isinstance(exc.cause, ApiError):
@@ -108,31 +146,75 @@ class RemoteBackend:
         if self.death is not None:
             raise self._unavailable(self.death)
         try:
-            return await getattr(self._controller, method).remote(*args, **kwargs)
+            return await self._unless_gone(
+                getattr(self._controller, method).remote(*args, **kwargs)
+            )
         except (RayActorError, ActorUnavailableError, RayTaskError) as exc:
             raise self._translate(exc) from exc
 
     async def admit(self, request: GenerateRequest) -> None:
         await self._call("admit", request)
 
+    def _read_events(self) -> None:
+        """Start the reader of this backend's event stream unless it runs."""
+        if self._reader is None or self._reader.done():
+            self._stream_id = uuid.uuid4().hex
+            self._reader = asyncio.create_task(self._read(self._stream_id))
+
+    async def _read(self, stream_id: str) -> None:
+        stream = self._controller.event_stream.remote(stream_id)
+        try:
+            while True:
+                try:
+                    ref = await self._unless_gone(stream.__anext__())
+                except StopAsyncIteration:
+                    raise self._unavailable("the controller closed the event stream") from None
+                self.batches_received += 1
+                for rid, item in await self._unless_gone(ref):
+                    inbox = self._inboxes.get(rid)
+                    if inbox is not None:  # else its client went away
+                        inbox.put_nowait(item)
+        except (RayActorError, ActorUnavailableError, RayTaskError, ApiError) as exc:
+            err = self._translate(exc) if not isinstance(exc, ApiError) else exc
+            for inbox in self._inboxes.values():  # every request in flight ends with it
+                inbox.put_nowait(err)
+        finally:
+            with contextlib.suppress(Exception):
+                ray.cancel(stream)
+
+    async def close(self) -> None:
+        """Stop reading the event stream (the frontends are stopping)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         if self.death is not None:
             raise self._unavailable(self.death)
-        batches = self._controller.generate_batches.remote(request)
+        rid = request.request_id
+        if rid in self._inboxes:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        inbox: asyncio.Queue[list[TokenEvent] | Exception] = asyncio.Queue()
+        self._inboxes[rid] = inbox
+        self._read_events()
         finished = False
         try:
-            async for ref in batches:
-                for event in await ref:
+            await self._call("start_request", self._stream_id, request)
+            while True:
+                item = await self._unless_gone(inbox.get())
+                if isinstance(item, Exception):
+                    raise item
+                for event in item:
                     yield event
                     if event.finish_reason is not None:
                         finished = True
                         return
-        except (RayActorError, ActorUnavailableError, RayTaskError) as exc:
-            raise self._translate(exc) from exc
         finally:
-            if not finished:  # the client went away (or the controller did): stop the stream
+            del self._inboxes[rid]
+            if not finished and self.death is None:  # the client went away (or an error)
                 with contextlib.suppress(Exception):
-                    ray.cancel(batches)
+                    self._controller.stop_request.remote(rid)
 
     async def cancel(self, request_id: str) -> bool:
         return bool(await self._call("cancel", request_id))

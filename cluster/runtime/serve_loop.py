@@ -4,11 +4,12 @@
                  │ SIGTERM / SIGINT                     │ controller dead (or 3 probes missed)
                  ▼                                      ▼
             draining: frontends refuse new       log why; the frontends (in this process)
-            requests (503, NOT_SERVING); in-     have already turned NOT_SERVING and ended
-            flight ones get ``shutdown_grace_s``  every stream with UNAVAILABLE: give those
-                 │ all done, grace over,         error events up to ``FLUSH_S`` to reach
-                 │ or a second signal            the clients, stop Ray, exit 1 (so
-                 ▼                               Kubernetes or systemd restarts us)
+            requests (503, NOT_SERVING); in-     turn NOT_SERVING and end every request in
+            flight ones get ``shutdown_grace_s``  flight with UNAVAILABLE (a hung controller
+                 │ all done, grace over,         never wakes them by itself): give those
+                 │ or a second signal            error events up to ``FLUSH_S`` to reach
+                 ▼                               the clients, stop Ray, exit 1 (so
+                                                 Kubernetes or systemd restarts us)
             shut the cluster down, exit 0
 
 Signals are caught before the cluster starts, so a SIGTERM during startup still shuts down
@@ -114,7 +115,7 @@ def run_until_stopped(cfg: ServeConfig, start: Callable[[ServeConfig], Cluster])
         import ray
 
         if cluster.frontends is not None:
-            left = cluster.frontends.close(FLUSH_S)
+            left = cluster.frontends.close(FLUSH_S, gone=reason)
             if left:
                 _say(f"{left} streams had not ended {FLUSH_S:g} s later; cut")
         try:
@@ -123,8 +124,9 @@ def run_until_stopped(cfg: ServeConfig, start: Callable[[ServeConfig], Cluster])
             _say(f"stopping Ray failed too: {exc!r}")
         return 1
     drain(cluster, cfg.shutdown_grace_s, signals)
+    batches = cluster.frontends.event_batches() if cluster.frontends is not None else 0
     cluster.shutdown()
-    _say("stopped")
+    _say(f"stopped ({batches} Ray objects of request events came from the controller)")
     return 0
 
 

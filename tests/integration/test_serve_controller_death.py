@@ -5,6 +5,9 @@ the controller actor, so they outlive it long enough to tell every client.
   official ``openai`` client raises ``APIError`` from the server's SSE error event (not a clean
   end, not a connection error); a streaming gRPC ``Generate`` ends with UNAVAILABLE naming the
   controller (not a cut socket); the process exits non-zero within 10 s, saying why.
+* the same through ``kvrelay serve`` for a controller that hangs (SIGSTOP) instead of dying: Ray
+  never fails the awaits on it, so serve's liveness probe gives up on it and fails every stream
+  with the same errors before it stops its servers and exits non-zero.
 * ``Cluster.start`` in this process (its frontends stay up after the kill, so their answers can be
   read at leisure): an in-flight non-stream request gets 503 with ``Retry-After``, ``/ready`` 503,
   gRPC health NOT_SERVING, new requests 503 / UNAVAILABLE, admin calls UNAVAILABLE, /metrics 503.
@@ -12,6 +15,7 @@ the controller actor, so they outlive it long enough to tell every client.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -104,9 +108,10 @@ def _streams_started(http_port: int, grpc_port: int) -> tuple[ChatStream, GrpcSt
     return chat, rpc
 
 
-def _assert_told(chat: ChatStream, rpc: GrpcStream) -> None:
-    chat.join(30)
-    rpc.join(30)
+def _assert_told(chat: ChatStream, rpc: GrpcStream, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    chat.join(max(0.0, deadline - time.monotonic()))
+    rpc.join(max(0.0, deadline - time.monotonic()))
     assert not chat.is_alive() and not rpc.is_alive(), "a stream hung after the controller died"
     assert not chat.ended_cleanly, f"the chat stream ended as if complete ({chat.tokens} tokens)"
     assert chat.tokens < LONG
@@ -140,6 +145,32 @@ def test_dead_controller_ends_streams_with_errors_and_serve_exits_nonzero(tmp_pa
         assert s.proc.returncode != 0
         log = s.output()
         assert "controller actor died" in log and "Exiting with status 1" in log, log[-3000:]
+
+
+def test_hung_controller_ends_streams_with_errors_and_serve_exits_nonzero(tmp_path: Path) -> None:
+    with ServeProcess(["--threads-per-worker=1"], tmp_path / "serve.log") as s:
+        s.wait_serving()
+        _until(lambda: http(s.http_port, "/ready").status == 200, 180, "/ready")
+        chat, rpc = _streams_started(s.http_port, s.grpc_port)
+        pids = s.pid_of("ray::ControllerActor")
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            # serve gives up after its missed liveness probes (~3 x (1 + 5) s), then flushes
+            _assert_told(chat, rpc, within_s=60)
+            _until(
+                lambda: s.proc.poll() is not None,
+                30,
+                f"serve to exit after its controller hung:\n{s.output()[-3000:]}",
+            )
+        finally:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pids[0], sig)
+        assert s.proc.returncode != 0
+        log = s.output()
+        assert "did not answer" in log and "Exiting with status 1" in log, log[-3000:]
+        assert "streams had not ended" not in log, log[-3000:]
 
 
 def _status(port: int, path: str) -> int:

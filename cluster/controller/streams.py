@@ -1,0 +1,75 @@
+"""One event stream per frontend process, carrying the events of all its requests.
+
+A frontend process (``kvrelay serve``'s driver, through ``RemoteBackend``) opens one stream
+(``serve``, a Ray streaming generator) and starts its requests on it (``start``); every item the
+stream yields is ``[(request_id, events or the request's error), ...]``: everything ready when
+the stream woke, so one Ray object per decode step, not per request per token.
+
+    start(stream, request) ─▶ a pump task reads the request's events (``generate_batches``)
+                              into the stream's outbox; an error ends up there too, for that
+                              request only
+    stop(request_id)       ─▶ the pump is cancelled: the request is aborted, its blocks freed
+    the stream closes      ─▶ every request still on it is stopped
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from kvrelay.cluster.api.backend import GenerateRequest
+from kvrelay.workers.types import TokenEvent
+
+Item = tuple[str, list[TokenEvent] | Exception]
+
+
+class EventStreams:
+    def __init__(
+        self, generate: Callable[[GenerateRequest], AsyncIterator[list[TokenEvent]]]
+    ) -> None:
+        self._generate = generate
+        self._outboxes: dict[str, asyncio.Queue[Item]] = {}
+        self._pumps: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> stream, pump
+
+    async def serve(self, stream_id: str) -> AsyncIterator[list[Item]]:
+        box = self._outboxes.setdefault(stream_id, asyncio.Queue())
+        try:
+            while True:
+                items = [await box.get()]
+                while not box.empty():
+                    items.append(box.get_nowait())
+                yield items
+        finally:
+            del self._outboxes[stream_id]
+            for rid, (sid, _) in list(self._pumps.items()):
+                if sid == stream_id:
+                    self.stop(rid)
+
+    def start(self, stream_id: str, request: GenerateRequest) -> None:
+        rid = request.request_id
+        if rid in self._pumps:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        # the stream's generator may start after its first request does (two Ray calls)
+        box = self._outboxes.setdefault(stream_id, asyncio.Queue())
+        task = asyncio.create_task(self._pump(box, request))
+        self._pumps[rid] = (stream_id, task)
+        task.add_done_callback(lambda _: self._forget(rid, task))
+
+    def stop(self, request_id: str) -> bool:
+        entry = self._pumps.pop(request_id, None)
+        if entry is None:
+            return False
+        entry[1].cancel()  # generate_batches' ``finally`` aborts the request everywhere
+        return True
+
+    def _forget(self, request_id: str, task: asyncio.Task[None]) -> None:
+        if self._pumps.get(request_id, (None, None))[1] is task:
+            del self._pumps[request_id]
+
+    async def _pump(self, box: asyncio.Queue[Item], request: GenerateRequest) -> None:
+        rid = request.request_id
+        try:
+            async for batch in self._generate(request):
+                box.put_nowait((rid, batch))
+        except Exception as exc:  # this request's error, for this request only
+            box.put_nowait((rid, exc))

@@ -1,0 +1,102 @@
+"""The controller's multiplexed event streams (cluster/controller/streams.py), over a fake
+``generate_batches``: one stream carries several requests' events, an error reaches only its
+request, ``stop`` and closing the stream abort what is still running."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from kvrelay.cluster.api.backend import GenerateRequest
+from kvrelay.cluster.api.errors import ApiError, ErrorCode
+from kvrelay.cluster.controller.streams import EventStreams, Item
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+
+
+def request(rid: str) -> GenerateRequest:
+    return GenerateRequest(rid, "m", (1, 2), SamplingParams(max_tokens=4))
+
+
+class FakeController:
+    """Requests named ``bad*`` fail; ``slow*`` wait on ``step`` before each token."""
+
+    def __init__(self) -> None:
+        self.step = asyncio.Event()
+        self.aborted: list[str] = []
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[TokenEvent]]:
+        rid = req.request_id
+        done = False
+        try:
+            if rid.startswith("bad"):
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{rid} is bad")
+            for i in range(3):
+                if rid.startswith("slow"):
+                    await self.step.wait()
+                    self.step.clear()
+                last = i == 2
+                yield [TokenEvent(rid, (i,), "", FinishReason.LENGTH if last else None)]
+            done = True
+        finally:
+            if not done:
+                self.aborted.append(rid)
+
+
+async def read_until(items: AsyncIterator[list[Item]], want: int) -> list[list[Item]]:
+    got: list[list[Item]] = []
+    while sum(len(b) for b in got) < want:
+        got.append(await anext(items))
+    return got
+
+
+def test_one_stream_carries_several_requests_and_errors_reach_their_own() -> None:
+    async def main() -> None:
+        fake = FakeController()
+        streams = EventStreams(fake.generate)
+        out = streams.serve("s1")
+        streams.start("s1", request("a"))
+        streams.start("s1", request("b"))
+        streams.start("s1", request("bad1"))
+        batches = await read_until(out, 7)  # 3 + 3 events, 1 error
+        # ready at once, so batched: fewer stream items than events
+        assert len(batches) < 7
+        by_rid: dict[str, list[object]] = {}
+        for batch in batches:
+            for rid, item in batch:
+                by_rid.setdefault(rid, []).append(item)
+        for rid in ("a", "b"):
+            events = [e for item in by_rid[rid] if isinstance(item, list) for e in item]
+            assert [e.token_ids for e in events] == [(0,), (1,), (2,)]
+            assert events[-1].finish_reason is FinishReason.LENGTH
+        [err] = by_rid["bad1"]
+        assert isinstance(err, ApiError) and err.code is ErrorCode.INVALID_ARGUMENT
+        assert fake.aborted == ["bad1"]
+        await out.aclose()
+
+    asyncio.run(main())
+
+
+def test_stop_and_stream_close_abort_what_runs() -> None:
+    async def main() -> None:
+        fake = FakeController()
+        streams = EventStreams(fake.generate)
+        out = streams.serve("s1")
+        streams.start("s1", request("slow-a"))
+        streams.start("s1", request("slow-b"))
+        fake.step.set()
+        rid = (await read_until(out, 1))[0][0][0]
+        assert streams.stop(rid) is True
+        assert streams.stop(rid) is False
+        try:
+            streams.start("s1", request("slow-b"))
+            raise AssertionError("a request id in flight was started twice")
+        except ValueError:
+            pass
+        await out.aclose()  # the frontend process went away: the other request is stopped
+        for _ in range(20):
+            if len(fake.aborted) == 2:
+                break
+            await asyncio.sleep(0)
+        assert sorted(fake.aborted) == ["slow-a", "slow-b"]
+
+    asyncio.run(main())
