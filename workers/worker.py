@@ -341,7 +341,7 @@ class Worker:
                 ))
             return out
 
-        return self.loop.call(collect)
+        return self.loop.call(collect, settle=True)
 
     def park(self, request_id: str) -> tuple[list[int], int] | None:
         """Stop decoding a request and hold its KV for a migration (as a prefill holds a
@@ -359,7 +359,7 @@ class Worker:
             e.handoffs[request_id] = seq
             return list(seq.output_ids), seq.num_computed
 
-        return self.loop.call(do)
+        return self.loop.call(do, settle=True)
 
     # ---- cross-worker prefix reuse --------------------------------------------------------
     def send_prefix(

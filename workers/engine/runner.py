@@ -8,6 +8,10 @@ On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.
 longest block table fit a captured bucket; the rest runs eagerly. Neither path synchronises the
 host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
 a step is the caller reading the sampled tokens.
+
+The overlapped engine launches step N+1 before it has read step N's tokens: ``prev`` holds
+them on the device, and a row whose input is such a token (``PLACEHOLDER`` on the host) takes it
+from there with one ``index_copy_`` on the device.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -29,6 +34,38 @@ from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
 from kvrelay.workers.model.sparse_attention import SparseAttention
 
 
+class DeviceTokens(NamedTuple):
+    """The tokens a step sampled, still on the device: row ``rows[request_id]`` of ``tokens``
+    is that request's newest token (a ``PLACEHOLDER`` on the host)."""
+
+    tokens: torch.Tensor  # [S] int64
+    rows: dict[str, int]
+
+
+def _patch(
+    items: Seq[ScheduledSeq], prev: DeviceTokens | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed rows, ids) for the rows whose input token is still on the device, or None."""
+    if prev is None:
+        return None
+    dst: list[int] = []
+    src: list[int] = []
+    end = 0
+    for it in items:
+        end += it.num_tokens
+        row = prev.rows.get(it.seq.request_id)
+        # only a sequence's newest token can be in flight: the chunk's last row, if it reaches it
+        if row is not None and it.samples:
+            dst.append(end - 1)
+            src.append(row)
+    if not dst:
+        return None
+    return (
+        host_to_device(dst, torch.int64, device),
+        prev.tokens.index_select(0, host_to_device(src, torch.int64, device)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T]
@@ -38,7 +75,12 @@ class StepInputs:
     sampled: tuple[ScheduledSeq, ...]  # the S sequences those rows belong to
 
 
-def prepare_inputs(items: Seq[ScheduledSeq], block_size: int, device: torch.device) -> StepInputs:
+def prepare_inputs(
+    items: Seq[ScheduledSeq],
+    block_size: int,
+    device: torch.device,
+    prev: DeviceTokens | None = None,
+) -> StepInputs:
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -72,7 +114,11 @@ def prepare_inputs(items: Seq[ScheduledSeq], block_size: int, device: torch.devi
         query_start_loc=t(starts, torch.int32),
         is_decode=all(it.num_tokens == 1 for it in items),
     )
-    return StepInputs(t(input_ids), t(positions), attn, t(logits_indices), tuple(sampled))
+    ids = t(input_ids)
+    patch = _patch(items, prev, device)
+    if patch is not None:
+        ids.index_copy_(0, *patch)
+    return StepInputs(ids, t(positions), attn, t(logits_indices), tuple(sampled))
 
 
 def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:
@@ -113,8 +159,11 @@ class ModelRunner:
         self.graph_steps = 0
 
     @torch.inference_mode()
-    def run(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs]:
+    def run(
+        self, items: Seq[ScheduledSeq], prev: DeviceTokens | None = None
+    ) -> tuple[torch.Tensor, StepInputs]:
         """Returns fp32 logits ``[S, vocab]`` for the sequences that sample this step.
+        ``prev``: the tokens of the step before, when the host has not read them yet.
 
         After a graph replay the logits are a view of the graph's output buffer: read them
         (sample) before the next ``run``.
@@ -122,12 +171,12 @@ class ModelRunner:
         if not items:
             raise ValueError("run() needs at least one scheduled sequence")
         if self.graphs is not None and all(it.num_tokens == 1 for it in items):
-            out = self._run_graph(items)
+            out = self._run_graph(items, prev)
             if out is not None:
                 self.graph_steps += 1
                 return out
         self.eager_steps += 1
-        inputs = prepare_inputs(items, self.block_size, self.device)
+        inputs = prepare_inputs(items, self.block_size, self.device, prev)
         if self.sparse is not None:
             self.sparse.begin_step(
                 [it.seq.request_id for it in items],
@@ -141,7 +190,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return logits, inputs
 
-    def _run_graph(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs] | None:
+    def _run_graph(
+        self, items: Seq[ScheduledSeq], prev: DeviceTokens | None
+    ) -> tuple[torch.Tensor, StepInputs] | None:
         assert self.graphs is not None
         bs = self.block_size
         positions = [it.seq.num_computed for it in items]
@@ -153,6 +204,7 @@ class ModelRunner:
                 for it, p in zip(items, positions, strict=True)
             ],
             block_tables=[it.seq.block_ids for it in items],
+            device_ids=_patch(items, prev, self.device),
         )
         replay = self.graphs.run(batch)
         if replay is None:

@@ -64,7 +64,7 @@ class Scheduler:
         policy: SchedulingPolicy | None = None,
         tier: CpuTier | None = None,
         preemption_mode: str = "auto",
-        swap_bytes_per_s: float = 8e9,
+        swap_bytes_per_s: float | None = None,  # None: measured (workers/engine/swap.py)
         recompute_tokens_per_s: float = 2000.0,
     ) -> None:
         if preemption_mode not in PREEMPTION_MODES:
@@ -202,19 +202,23 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
 
-        if self.waiting and self.running:
+        # a sequence whose last token is in flight (overlapped engine) is done: not run again,
+        # not a victim; it leaves when the engine reads that token
+        runnable = [s for s in self.running if not s.last_in_flight]
+        if self.waiting and runnable:
             freeing = self.swapper.freeing_blocks() if self.swapper else 0
             victims = self.policy.preempt_victims(
-                [self.view(s) for s in self.running], [self.view(s) for s in self.waiting],
+                [self.view(s) for s in runnable], [self.view(s) for s in self.waiting],
                 now, self.pool.num_available + freeing,
             )
-            by_id = {s.request_id: s for s in self.running}
+            by_id = {s.request_id: s for s in runnable}
             for rid in victims:
                 if rid in by_id:
                     self._preempt(by_id[rid])
                     preempted.append(rid)
+                    runnable.remove(by_id[rid])
 
-        queue = self.order(self.running, now)
+        queue = self.order(runnable, now)
         starved = False  # a running sequence lacked blocks: admit nobody this step
         while queue and budget > 0:
             seq = queue.pop(0)
