@@ -7,12 +7,14 @@ KV, continue) and stop strings; both pools clean after every step."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.engine.sequence import PLACEHOLDER
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
@@ -242,3 +244,26 @@ def test_stop_strings_end_the_same(prompts: list[list[int]]) -> None:
         llm.engine.check_integrity()
         assert llm.engine.stats().pool.used == 0
     assert outs[0] == outs[1]
+
+
+def test_an_aborted_id_reused_while_its_token_is_in_flight(tiny_model_dir: Path) -> None:
+    """abort("x") while x's token is on the device, then a new request "x": the new one must
+    not take the old one's token as its input (rows are keyed by sequence, not by id)."""
+    tiny = load_model(str(tiny_model_dir))
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    first, second = list(range(100, 140)), list(range(300, 317))
+    plain = _engine(tiny, False)
+    plain.add_request("x", second, greedy)
+    want: Outputs = {"x": ([], None)}
+    _drain(plain, want)
+    over = _engine(tiny, True)
+    over.add_request("x", first, greedy)
+    while not over.step():  # its first token is read one step after it was sampled
+        pass
+    assert over.has_unfinished() and over.seqs["x"].output_ids[-1] == PLACEHOLDER
+    assert over.abort("x")
+    over.add_request("x", second, greedy)
+    got: Outputs = {"x": ([], None)}
+    _drain(over, got)
+    assert got == want
+    assert over.stats().pool.used == 0

@@ -91,7 +91,7 @@ class _InFlight:
             self._ready.record()
 
     def device_tokens(self) -> DeviceTokens:
-        return DeviceTokens(self.tokens, {s.request_id: i for i, s in enumerate(self.seqs)})
+        return DeviceTokens(self.tokens, {id(s): i for i, s in enumerate(self.seqs)})
 
     def read(self) -> list[int]:
         if self._ready is None:

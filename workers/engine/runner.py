@@ -35,11 +35,13 @@ from kvrelay.workers.model.sparse_attention import SparseAttention
 
 
 class DeviceTokens(NamedTuple):
-    """The tokens a step sampled, still on the device: row ``rows[request_id]`` of ``tokens``
-    is that request's newest token (a ``PLACEHOLDER`` on the host)."""
+    """The tokens a step sampled, still on the device: row ``rows[id(seq)]`` of ``tokens`` is
+    that sequence's newest token (a ``PLACEHOLDER`` on the host). Keyed by the object, not the
+    request id: an aborted request's id may come back as a new sequence while its token is in
+    flight (the holder keeps the sequences alive, so their ids stay unique)."""
 
     tokens: torch.Tensor  # [S] int64
-    rows: dict[str, int]
+    rows: dict[int, int]
 
 
 def _patch(
@@ -53,7 +55,7 @@ def _patch(
     end = 0
     for it in items:
         end += it.num_tokens
-        row = prev.rows.get(it.seq.request_id)
+        row = prev.rows.get(id(it.seq))
         # only a sequence's newest token can be in flight: the chunk's last row, if it reaches it
         if row is not None and it.samples:
             dst.append(end - 1)
@@ -88,37 +90,47 @@ def prepare_inputs(
     context_lens: list[int] = []
     logits_indices: list[int] = []
     sampled: list[ScheduledSeq] = []
-    max_blocks = max(len(it.seq.block_ids) for it in items)
-    tables = [[0] * max_blocks for _ in items]
-    for i, it in enumerate(items):
+    tables: list[list[int]] = []
+    end = 0
+    for it in items:
         seq, n = it.seq, it.num_tokens
         lo = seq.num_computed
-        for pos in range(lo, lo + n):
-            input_ids.append(seq.token_at(pos))
-            positions.append(pos)
-            slots.append(seq.block_ids[pos // block_size] * block_size + pos % block_size)
-        starts.append(starts[-1] + n)
-        context_lens.append(lo + n)
-        tables[i][: len(seq.block_ids)] = seq.block_ids
-        if it.samples:
-            logits_indices.append(starts[-1] - 1)
+        hi = lo + n
+        blocks = seq.block_ids
+        input_ids += seq.token_range(lo, hi)
+        if n == 1:  # a decode row: no per-token loop
+            positions.append(lo)
+            slots.append(blocks[lo // block_size] * block_size + lo % block_size)
+        else:
+            positions += range(lo, hi)
+            slots += [blocks[p // block_size] * block_size + p % block_size for p in range(lo, hi)]
+        end += n
+        starts.append(end)
+        context_lens.append(hi)
+        tables.append(blocks)
+        if hi == seq.num_tokens:  # ``it.samples``
+            logits_indices.append(end - 1)
             sampled.append(it)
-
-    def t(x: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return host_to_device(x, dtype, device)
-
+    width = max(len(b) for b in tables)
+    # one upload per dtype: [ids | positions | slots | logits rows] and [contexts | starts]
+    t = len(input_ids)
+    i64 = host_to_device(input_ids + positions + slots + logits_indices, torch.int64, device)
+    b = len(items)
+    i32 = host_to_device(context_lens + starts, torch.int32, device)
     attn = AttentionMetadata(
-        slot_mapping=t(slots),
-        block_tables=host_to_device(tables, torch.int32, device),  # type: ignore[arg-type]
-        context_lens=t(context_lens, torch.int32),
-        query_start_loc=t(starts, torch.int32),
-        is_decode=all(it.num_tokens == 1 for it in items),
+        slot_mapping=i64[2 * t : 3 * t],
+        block_tables=host_to_device(
+            [row + [0] * (width - len(row)) for row in tables], torch.int32, device  # type: ignore[arg-type]
+        ),
+        context_lens=i32[:b],
+        query_start_loc=i32[b:],
+        is_decode=t == b,
     )
-    ids = t(input_ids)
+    ids = i64[:t]
     patch = _patch(items, prev, device)
     if patch is not None:
         ids.index_copy_(0, *patch)
-    return StepInputs(ids, t(positions), attn, t(logits_indices), tuple(sampled))
+    return StepInputs(ids, i64[t : 2 * t], attn, i64[3 * t :], tuple(sampled))
 
 
 def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:

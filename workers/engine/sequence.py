@@ -78,6 +78,15 @@ class Sequence:
         n = len(self.prompt_ids)
         return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
 
+    def token_range(self, lo: int, hi: int) -> list[int]:
+        """``all_ids[lo:hi]`` without copying the whole sequence."""
+        n = len(self.prompt_ids)
+        if hi <= n:
+            return self.prompt_ids[lo:hi]
+        if lo >= n:
+            return self.output_ids[lo - n : hi - n]
+        return self.prompt_ids[lo:] + self.output_ids[: hi - n]
+
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
