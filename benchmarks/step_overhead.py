@@ -87,8 +87,9 @@ def one_rep(loaded: LoadedModel, batch: int, steps: int, overlap: bool, device: 
     g = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"r{i}", torch.randint(3, VOCAB, (PROMPT,), generator=g).tolist(),
-                           params)
+        engine.add_request(
+            f"r{i}", torch.randint(3, VOCAB, (PROMPT,), generator=g).tolist(), params
+        )
     while engine.stats().waiting or any(
         s.num_computed < len(s.prompt_ids) for s in engine.seqs.values()
     ):

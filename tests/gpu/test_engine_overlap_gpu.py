@@ -28,11 +28,15 @@ def _params(stop_id: int | None) -> list[SamplingParams]:
         elif kind == 1:
             out.append(SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=i))
         elif kind == 2:
-            out.append(SamplingParams(max_tokens=28, temperature=0.0, stop_token_ids=stop,
-                                      ignore_eos=True))
+            out.append(
+                SamplingParams(max_tokens=28, temperature=0.0, stop_token_ids=stop, ignore_eos=True)
+            )
         else:
-            out.append(SamplingParams(max_tokens=16, temperature=0.8, top_k=40, seed=i,
-                                      repetition_penalty=1.3))
+            out.append(
+                SamplingParams(
+                    max_tokens=16, temperature=0.8, top_k=40, seed=i, repetition_penalty=1.3
+                )
+            )
     return out
 
 
@@ -56,8 +60,13 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams])
 
 
 def _engine(loaded: LoadedModel, overlap: bool, **kw: object) -> Engine:
-    base: dict[str, object] = dict(block_size=16, num_blocks=256, cpu_num_blocks=0,
-                                   max_num_batched_tokens=64, overlap_schedule=overlap)
+    base: dict[str, object] = dict(
+        block_size=16,
+        num_blocks=256,
+        cpu_num_blocks=0,
+        max_num_batched_tokens=64,
+        overlap_schedule=overlap,
+    )
     base.update(kw)
     engine = Engine(loaded, EngineConfig(**base), device="cuda")  # type: ignore[arg-type]
     assert engine.overlap is overlap and engine.runner.graphs is not None
@@ -66,8 +75,11 @@ def _engine(loaded: LoadedModel, overlap: bool, **kw: object) -> Engine:
 
 @pytest.mark.parametrize(
     "pool",
-    [{}, {"num_blocks": 14, "preemption_mode": "recompute"},
-     {"num_blocks": 14, "cpu_num_blocks": 256, "preemption_mode": "swap"}],
+    [
+        {},
+        {"num_blocks": 14, "preemption_mode": "recompute"},
+        {"num_blocks": 14, "cpu_num_blocks": 256, "preemption_mode": "swap"},
+    ],
     ids=["roomy", "recompute", "swap"],
 )
 def test_overlapped_engine_equals_plain_on_cuda(

@@ -42,16 +42,23 @@ def loaded() -> LoadedModel:
 def prompts(loaded: LoadedModel) -> list[list[int]]:
     return [
         loaded.tokenizer.apply_chat_template(
-            [{"role": "system", "content": f"You are assistant number {i}."},
-             {"role": "user", "content": q}]
+            [
+                {"role": "system", "content": f"You are assistant number {i}."},
+                {"role": "user", "content": q},
+            ]
         )
         for i, q in enumerate(QUESTIONS)
     ]
 
 
 def _engine(loaded: LoadedModel, overlap: bool, **kw: object) -> Engine:
-    base: dict[str, object] = dict(num_blocks=256, max_num_batched_tokens=48, max_num_seqs=6,
-                                   cpu_num_blocks=0, overlap_schedule=overlap)
+    base: dict[str, object] = dict(
+        num_blocks=256,
+        max_num_batched_tokens=48,
+        max_num_seqs=6,
+        cpu_num_blocks=0,
+        overlap_schedule=overlap,
+    )
     base.update(kw)
     engine = Engine(loaded, EngineConfig(**base))  # type: ignore[arg-type]
     assert engine.overlap is overlap
@@ -72,8 +79,9 @@ def _params(stop_id: int | None = None) -> list[SamplingParams]:
     ]
 
 
-def _drain(engine: Engine, out: Outputs, on_event: Callable[[TokenEvent], None] | None = None
-           ) -> None:
+def _drain(
+    engine: Engine, out: Outputs, on_event: Callable[[TokenEvent], None] | None = None
+) -> None:
     while engine.has_unfinished():
         for ev in engine.step():
             tokens, reason = out[ev.request_id]
@@ -84,8 +92,9 @@ def _drain(engine: Engine, out: Outputs, on_event: Callable[[TokenEvent], None] 
         engine.check_integrity()
 
 
-def _generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
-              abort_after: int = 0) -> Outputs:
+def _generate(
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], abort_after: int = 0
+) -> Outputs:
     """Every prompt at once; ``abort_after`` > 0: request q0 is aborted once it has that many
     tokens (its token in flight, if any, must never show up)."""
     out: Outputs = {}
@@ -169,8 +178,10 @@ def test_handoff_and_migration_through_the_overlapped_engine(
     the KV moves to an overlapped decode engine that continues them. Migration: an overlapped
     engine is settled mid-decode, a request is parked and moved to another. Both equal a plain
     colocated run."""
-    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=20, temperature=0.7, seed=21, ignore_eos=True)]
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.7, seed=21, ignore_eos=True),
+    ]
     ref = _generate(_engine(loaded, False), prompts[:2], params)
 
     def move(src: Engine, dst: Engine, rid: str, output: list[int], computed: int) -> None:
@@ -237,9 +248,12 @@ def test_stop_strings_end_the_same(prompts: list[list[int]]) -> None:
         plain = llm.generate(prompts[:3], SamplingParams(max_tokens=24, temperature=0.0))
         # stop on a word from the middle of each answer
         stops = [c.text.split()[len(c.text.split()) // 2] for c in plain]
-        outs.append(llm.generate(
-            prompts[:3], [SamplingParams(max_tokens=24, temperature=0.0, stop=(s,)) for s in stops]
-        ))
+        outs.append(
+            llm.generate(
+                prompts[:3],
+                [SamplingParams(max_tokens=24, temperature=0.0, stop=(s,)) for s in stops],
+            )
+        )
         assert all(c.finish_reason is FinishReason.STOP for c in outs[-1])
         llm.engine.check_integrity()
         assert llm.engine.stats().pool.used == 0
