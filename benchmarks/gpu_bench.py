@@ -3,6 +3,8 @@
     python benchmarks/gpu_bench.py [--models 1b,8b] [--hf-compile-batches 1] [--out DIR]
     python benchmarks/gpu_bench.py --quick   # 1B decode at batch 1 and 128, its profile, and
                                              # transformers compiled at batch 1 (~2 min)
+    python benchmarks/gpu_bench.py --engine-only  # issue 17: Engine.step, overlap off / on,
+                                                  # vs the graph step at batch 1/32/128
 
 Random-weight bf16 Llamas with the shapes of Llama-3.2-1B (hidden 2048, 16 layers, 32/8 heads,
 intermediate 8192, vocab 128256, tied) and Llama-3.1-8B (4096, 32 layers, 32/8, 14336, untied).
@@ -17,7 +19,9 @@ intermediate 8192, vocab 128256, tied) and Llama-3.1-8B (4096, 32 layers, 32/8, 
   per-step time from host stamps in a logits processor (generate syncs every step), eager
   (dynamic cache) and with ``cache_implementation="static"`` (generate compiles its forward,
   mode reduce-overhead; each batch size compiles anew, so only ``--hf-compile-batches``).
-* Engine: the whole ``Engine.step`` loop (scheduler included) decoding at batch 1 and 128.
+* Engine: the whole ``Engine.step`` loop (scheduler included) decoding at batch 1 and 128
+  (``--engine-only``: 1, 32 and 128), with the overlapped scheduler off and on, against the
+  graph step of the same batch.
 * Prefill, one prompt of 1k and 8k tokens: limit = (2 * matmul params * T + causal attention
   4 * H * D * T(T+1)/2 * L) FLOPs / matmul rate; transformers eager forward beside it.
 * KV movement (1B cache): pack / copy_blocks of 256 blocks, bytes read + written / time, Triton
@@ -263,38 +267,65 @@ def hf_section(hf: Any, compile_batches: set[int], deadline: float) -> None:
         say(f"  transformers prefill T={t:5d}: eager {ms:8.2f} ms = {t / ms * 1e3:9.0f} tok/s")
 
 
-def engine_section(model: LlamaModel, config: ModelConfig) -> None:
-    """Engine.step end to end: prefill 1023-token prompts, then time decode-only steps."""
+def engine_section(
+    model: LlamaModel, config: ModelConfig, batches: tuple[int, ...] = (1, 128),
+    overlaps: tuple[bool, ...] = (False, True),
+) -> None:  # fmt: skip
+    """Engine.step end to end: prefill 1023-token prompts, then time decode-only steps, with the
+    overlapped scheduler off and on; beside it the graph step of the same batch (ours_decode)."""
     tok = SimpleNamespace(eos_token_ids=())
     loaded = LoadedModel(config, model, tok, "bench", "random")  # type: ignore[arg-type]
-    for b in (1, 128):
-        eng = Engine(loaded, EngineConfig(block_size=BS, num_blocks=b * 70 + 16,
-                     max_num_seqs=b, max_num_batched_tokens=8192), device="cuda")  # fmt: skip
-        g = torch.Generator().manual_seed(1)
-        for i in range(b):
-            eng.add_request(
-                f"r{i}",
-                torch.randint(3, VOCAB, (CTX - 1,), generator=g).tolist(),
-                SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+    for b in batches:
+        for overlap in overlaps:
+            eng = Engine(loaded, EngineConfig(block_size=BS, num_blocks=b * 70 + 16,
+                         max_num_seqs=b, max_num_batched_tokens=8192,
+                         overlap_schedule=overlap), device="cuda")  # fmt: skip
+            g = torch.Generator().manual_seed(1)
+            for i in range(b):
+                eng.add_request(
+                    f"r{i}",
+                    torch.randint(3, VOCAB, (CTX - 1,), generator=g).tolist(),
+                    SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                )
+            while eng.stats().waiting or any(
+                s.num_computed < len(s.prompt_ids) for s in eng.seqs.values()
+            ):
+                eng.step()
+            for _ in range(3):
+                eng.step()
+            steps, t0 = 0, time.perf_counter()
+            while eng.has_unfinished() and steps < 30:
+                eng.step()
+                steps += 1
+            ms = (time.perf_counter() - t0) * 1e3 / steps
+            mode = "on" if overlap else "off"
+            RESULTS.setdefault("engine", {}).setdefault(b, {})[mode] = ms
+            graph = RESULTS.get("decode", {}).get(b, {}).get("gpu_ms")
+            vs = f" = {ms / graph:.2f}x the graph step {graph:.3f} ms" if graph else ""
+            say(
+                f"  engine decode b={b:3d} overlap {mode:3s}: {ms:7.3f} ms/step = "
+                f"{b / ms * 1e3:8.0f} tok/s{vs} (graph steps {eng.runner.graph_steps}, "
+                f"eager {eng.runner.eager_steps})"
             )
-        while eng.stats().waiting or any(
-            s.num_computed < len(s.prompt_ids) for s in eng.seqs.values()
-        ):
-            eng.step()
-        for _ in range(3):
-            eng.step()
-        steps, t0 = 0, time.perf_counter()
-        while eng.has_unfinished() and steps < 30:
-            eng.step()
-            steps += 1
-        ms = (time.perf_counter() - t0) * 1e3 / steps
-        RESULTS.setdefault("engine", {})[b] = ms
-        say(
-            f"  engine decode b={b:3d}: {ms:7.3f} ms/step = {b / ms * 1e3:8.0f} tok/s "
-            f"(graph steps {eng.runner.graph_steps}, eager {eng.runner.eager_steps})"
-        )
-        del eng
-        torch.cuda.empty_cache()
+            del eng
+            torch.cuda.empty_cache()
+
+
+def engine_only(bw: float) -> None:
+    """Issue 17's check: whole Engine.step vs the model's graph step at batch 1/32/128, the
+    overlapped scheduler off and on (target: within 1.15x of the graph step at 32 and 128)."""
+    say("\n## Llama-1B shape, bf16, random weights (--engine-only)")
+    hf, model, config = build(SHAPES["1b"])
+    del hf
+    batches = (1, 32, 128)
+    nblocks = max(batches) * (-(-CTX // BS)) + 16
+    cache = torch.empty(kv_cache_shape(config, nblocks, BS), dtype=torch.bfloat16, device="cuda")
+    cache.normal_(0, 0.5)
+    runner = ModelRunner(model, cache, BS)
+    ours_decode(runner, model, config, bw, batches=batches)
+    runner = cache = None  # type: ignore[assignment]
+    torch.cuda.empty_cache()
+    engine_section(model, config, batches=batches)
 
 
 def kv_section(cache: torch.Tensor, bw: float) -> None:
@@ -493,6 +524,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--check-only", default="", help="models to build and check only")
     parser.add_argument("--quick", action="store_true", help="1B decode at batch 1 and 128 only")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="1B: Engine.step (overlap off / on) vs the graph step, b 1/32/128")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     import transformers
@@ -510,7 +543,12 @@ def main() -> None:
             quick(bw, deadline)
         except Exception:
             say(f"quick FAILED:\n{traceback.format_exc()}")
-    for name in [] if args.quick else args.models.split(","):
+    if args.engine_only:
+        try:
+            engine_only(bw)
+        except Exception:
+            say(f"engine FAILED:\n{traceback.format_exc()}")
+    for name in [] if args.quick or args.engine_only else args.models.split(","):
         try:
             bench_model(name, bw, rate, batches, deadline, name in args.check_only.split(","))
         except Exception:

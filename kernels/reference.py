@@ -131,11 +131,45 @@ def unpack_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, packed: torch
     kv_cache.index_copy_(0, block_ids.to(kv_cache.device, torch.long), packed.to(kv_cache.device))
 
 
+def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+    """``(src start, dst start, length)`` of the maximal runs in which both ids go up by one."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
 def copy_blocks(
     src_cache: torch.Tensor, src_ids: torch.Tensor, dst_cache: torch.Tensor, dst_ids: torch.Tensor
 ) -> None:
-    """Copy blocks between two caches of the same block shape (tier moves, swaps)."""
-    unpack_blocks(dst_cache, dst_ids, pack_blocks(src_cache, src_ids))
+    """Copy blocks between two caches of the same block shape (tier moves, swaps).
+
+    Between a device and the host (swaps, demotion, promotion) the device side is gathered or
+    scattered in one op on the device and the host side moves in runs of consecutive blocks,
+    each one large copy straight out of / into the host cache: no pageable bounce buffer and
+    no gather on the host (one CPU thread copying ~25 MB was most of a swap's time). With a
+    pinned host cache the copies are asynchronous on the current stream; a copy into the host
+    waits for it, so the destination holds the data on return either way.
+    """
+    if src_cache.device == dst_cache.device:
+        unpack_blocks(dst_cache, dst_ids, pack_blocks(src_cache, src_ids))
+        return
+    n = src_ids.shape[0]
+    rows = list(range(n))
+    if dst_cache.device.type == "cpu":
+        packed = pack_blocks(src_cache, src_ids)  # [n, ...] on the device
+        for i, d, k in block_runs(rows, dst_ids.tolist()):
+            dst_cache[d : d + k].copy_(packed[i : i + k], non_blocking=True)
+        if src_cache.is_cuda:
+            torch.cuda.current_stream(src_cache.device).synchronize()
+        return
+    staged = torch.empty((n, *src_cache.shape[1:]), dtype=src_cache.dtype, device=dst_cache.device)
+    for s, i, k in block_runs(src_ids.tolist(), rows):
+        staged[i : i + k].copy_(src_cache[s : s + k], non_blocking=True)
+    unpack_blocks(dst_cache, dst_ids, staged)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

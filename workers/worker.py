@@ -333,7 +333,9 @@ class Worker:
 
     # ---- migration ------------------------------------------------------------------------
     def requests_info(self) -> list[RequestInfo]:
-        return self.loop.call(lambda e: [request_info(s) for s in e.seqs.values()])
+        return self.loop.call(
+            lambda e: [request_info(s) for s in e.seqs.values()], settle=True
+        )
 
     def park(self, request_id: str) -> tuple[list[int], int] | None:
         """Stop decoding a request and hold its KV for a migration (as a prefill holds a
@@ -351,7 +353,7 @@ class Worker:
             e.handoffs[request_id] = seq
             return list(seq.output_ids), seq.num_computed
 
-        return self.loop.call(do)
+        return self.loop.call(do, settle=True)
 
     # ---- cross-worker prefix reuse --------------------------------------------------------
     def send_prefix(

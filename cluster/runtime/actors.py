@@ -206,6 +206,7 @@ class ControllerActor(Controller):
             cpu_kv_gb=cfg.cpu_kv_gb,
             policy=cfg.policy,
             preemption_mode=cfg.preemption_mode,
+            overlap_schedule=cfg.overlap_schedule,
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             enable_prefix_caching=cfg.enable_prefix_caching,

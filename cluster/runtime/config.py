@@ -82,6 +82,8 @@ class ServeConfig(BaseModel):
     enable_prefix_caching: bool = True
     policy: str = "fcfs"  # fcfs | priority | fair (per-tenant virtual token counter)
     preemption_mode: str = "auto"  # auto | swap | recompute
+    # overlap the host with the device (workers/engine/engine.py): None = on for CUDA workers
+    overlap_schedule: bool | None = None
     handoff_timeout_s: float = 30.0
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503
@@ -352,6 +354,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="scheduling policy inside each worker")
     p.add_argument("--preemption-mode", default=S, choices=PREEMPTION_MODES,
                    help="how a worker preempts when KV blocks run out")
+    p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=S,
+                   help="schedule step N+1 while the device runs step N (default: on for CUDA "
+                        "workers, off for CPU ones)")
     p.add_argument("--router", default=S, choices=ROUTERS)
     p.add_argument("--ttft-slo-s", type=float, default=S)
     p.add_argument("--itl-slo-s", type=float, default=S)

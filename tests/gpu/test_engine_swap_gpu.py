@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from kvrelay.kernels import copy_blocks
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.sequence import SeqStatus
 from kvrelay.workers.model.loader import load_model
@@ -51,3 +53,18 @@ def test_async_swaps_on_cuda_keep_outputs(make_gpu_llama: Callable[..., Path]) -
                  device="cuda")
     assert _run(rec, prompts, set()) == ref
     swap.close()
+
+
+def test_copy_blocks_between_the_device_and_pinned_host_memory() -> None:
+    """Swaps' copies: gathered on the device, moved in runs of consecutive host blocks straight
+    into / out of the pinned cache; the host side holds the data when the call returns."""
+    dev = torch.randn(32, 2, 2, 16, 2, 64, device="cuda")
+    host = torch.zeros((24, *dev.shape[1:]), pin_memory=True)
+    src = torch.tensor([3, 4, 5, 9, 0, 1, 30])
+    dst = torch.tensor([10, 11, 12, 2, 20, 21, 5])
+    copy_blocks(dev, src, host, dst)
+    assert torch.equal(host[dst], dev[src].cpu())
+    back = torch.zeros_like(dev)
+    copy_blocks(host, dst, back, src)
+    torch.cuda.synchronize()
+    assert torch.equal(back[src], dev[src])

@@ -119,6 +119,31 @@ def test_auto_mode_weighs_copy_against_recompute(loaded: LoadedModel) -> None:
     assert cramped.stats().recompute_preemptions > 0
 
 
+def test_auto_mode_measures_the_copy_rate(loaded: LoadedModel) -> None:
+    """No configured copy rate: a probe seeds it and every swap's copy moves it; the rule then
+    swaps when recompute costs more than the measured round trip, and recomputes when it
+    costs less."""
+    prompts, params = _prompts(4, seed=8), _params(False, n=4, tokens=10)
+    tiny = dict(num_blocks=8, cpu_num_blocks=256)
+    slow_compute = _engine(loaded, recompute_tokens_per_s=1e-3, **tiny)
+    sw = slow_compute.scheduler.swapper
+    assert sw is not None and sw.measure_copies
+    probed = sw.bytes_per_s
+    assert probed > 0
+    ref = _generate(_engine(loaded, cpu_num_blocks=0), prompts, params)
+    assert _generate(slow_compute, prompts, params) == ref
+    s = slow_compute.stats()
+    assert s.swaps_out > 0 and s.recompute_preemptions == 0
+    assert s.extra["swap_bytes_per_s"] == sw.bytes_per_s != probed  # followed the copies
+    # recompute a thousand times cheaper than the measured round trip of one token's KV
+    per_token = slow_compute.block_bytes / BS
+    fast = 1e3 * sw.bytes_per_s / (2 * per_token)
+    fast_compute = _engine(loaded, recompute_tokens_per_s=fast, **tiny)
+    assert _generate(fast_compute, prompts, params) == ref
+    f = fast_compute.stats()
+    assert f.swaps_out == 0 and f.recompute_preemptions > 0
+
+
 def test_swap_round_trip_is_exact_and_repeat_swap_copies_only_new_blocks(
     loaded: LoadedModel,
 ) -> None:

@@ -50,6 +50,16 @@ def test_device_flags_reach_the_config_and_bad_values_are_refused() -> None:
         ServeConfig(gpus_per_worker=0.0)
 
 
+def test_overlap_flag_reaches_the_config(tmp_path) -> None:
+    assert _parse("--overlap-schedule").overlap_schedule is True
+    assert _parse("--no-overlap-schedule").overlap_schedule is False
+    assert _parse().overlap_schedule is None  # the engine decides by device
+    f = tmp_path / "serve.yaml"
+    f.write_text("overlap_schedule: false\n")
+    assert _parse("--config", str(f)).overlap_schedule is False
+    assert _parse("--config", str(f), "--overlap-schedule").overlap_schedule is True
+
+
 def test_defaults_live_in_the_model_only() -> None:
     """A flag not given leaves the value to the model: the parser holds no default of its own."""
     assert _parse() == ServeConfig()

@@ -96,6 +96,9 @@ class DecodeBatch:
     positions: Sequence[int]  # context_lens[i] == positions[i] + 1
     slots: Sequence[int]
     block_tables: Sequence[Sequence[int]]
+    # (rows, ids) on the device: these rows' input ids are still on the device (the overlapped
+    # engine's previous step); ``input_ids`` holds placeholders there
+    device_ids: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Replay(NamedTuple):
@@ -248,6 +251,8 @@ class DecodeGraphs:
         rows[:, n:] = 0
         rows[2, n:] = -1  # padding rows: no KV write, context 0 (the kernel writes zeros)
         self._i64.copy_(host, non_blocking=True)
+        if batch.device_ids is not None:
+            self._i64[0].index_copy_(0, *batch.device_ids)
         if width != self._sent_width:
             self._sent = [None] * b
             self._sent_width = width

@@ -6,6 +6,22 @@ thread (``workers/engine/loop.py`` runs it for served workers); nothing here is 
 Disaggregation hooks: a request added with ``prefill_only`` stops after its first token and is
 parked in HANDOFF with its blocks held until ``finish_handoff``; a decode engine ``reserve``s
 blocks, receives KV into them, and continues the request with ``add_prefilled``.
+
+Overlap (``overlap_schedule``, SGLang's overlap scheduler / vLLM's async scheduling): one
+``step()`` schedules and launches step N+1 *before* it reads step N's tokens, so on CUDA the host
+prepares the next batch while the device computes::
+
+    step() call k:   schedule N+1 | launch N+1 (inputs: N's tokens, on the device) |
+                     read N (the one sync) -> stop checks, events of N |
+                     commit N+1, sample N+1 (left on the device, copy to host queued)
+
+The host learns a token one call later. Outputs are those of the plain path: step N+1's rows
+of sequences that step N finished (a stop token) are computed but thrown away before sampling
+(their KV slot lies in a block the finish released), so no extra token is emitted and the
+sampler draws for exactly the rows the plain path draws for. A sequence whose in-flight token
+is certainly its last (``max_tokens``, context, prefill-only) is not scheduled again at all.
+Anything that reads a sequence's tokens from outside ``step()`` (park, migration) calls
+``settle()`` first, which reads the step in flight and returns its events.
 """
 
 from __future__ import annotations
@@ -16,12 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvrelay.workers.engine.cuda_graphs import host_to_device
 from kvrelay.workers.engine.policy import make_policy
 from kvrelay.workers.engine.rates import prefill_rate, running_average
-from kvrelay.workers.engine.runner import ModelRunner
+from kvrelay.workers.engine.runner import DeviceTokens, ModelRunner
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq, Scheduler
-from kvrelay.workers.engine.sequence import Sequence
+from kvrelay.workers.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 from kvrelay.workers.kv.block_hash import namespace_hash
 from kvrelay.workers.kv.storage import KVStorage, build_kv_storage
 from kvrelay.workers.kv.tiers import check_held
@@ -45,10 +62,43 @@ class EngineConfig:
     cpu_kv_gb: float = 0.5
     policy: str = "fcfs"  # "fcfs" | "priority" | "fair" (workers/engine/policy.py)
     preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
-    swap_gb_per_s: float = 8.0  # host<->device copy rate the auto rule assumes
+    swap_gb_per_s: float | None = None  # host<->device copy rate for auto; None: measured
     recompute_tokens_per_s: float | None = None  # None: measured from this engine's prefills
     async_swaps: bool | None = None  # copies on a background thread; None: on CUDA only
     sparse: SparseConfig = field(default_factory=SparseConfig)  # opt-in (workers/model/sparse_attention.py)
+    # schedule step N+1 while step N runs (module doc). None: on for CUDA, where it hides the
+    # host's per-step work behind the device; off for CPU, whose device is the host (no gain,
+    # and every stop-token finish costs a thrown-away row). Sparse attention keeps host state
+    # per step and always runs the plain path.
+    overlap_schedule: bool | None = None
+
+
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read: ``seqs[i]`` gets row i."""
+
+    __slots__ = ("_host", "_ready", "num_tokens", "seqs", "t0", "tokens")
+
+    def __init__(
+        self, seqs: list[Sequence], tokens: torch.Tensor, num_tokens: int, t0: float
+    ) -> None:
+        self.seqs, self.tokens, self.num_tokens, self.t0 = seqs, tokens, num_tokens, t0
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if tokens.is_cuda:  # queue the copy now; reading it waits for this step only
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def device_tokens(self) -> DeviceTokens:
+        return DeviceTokens(self.tokens, {id(s): i for i, s in enumerate(self.seqs)})
+
+    def read(self) -> list[int]:
+        if self._ready is None:
+            return self.tokens.tolist()
+        assert self._host is not None
+        self._ready.synchronize()
+        return self._host.tolist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +161,19 @@ class Engine:
             policy=make_policy(config.policy),
             tier=self.cpu_tier,
             preemption_mode=config.preemption_mode,
-            swap_bytes_per_s=config.swap_gb_per_s * 1e9,
+            swap_bytes_per_s=None if config.swap_gb_per_s is None else config.swap_gb_per_s * 1e9,
             recompute_tokens_per_s=config.recompute_tokens_per_s or 2000.0,
         )
         self.sparse = build_sparse(config.sparse, loaded, self.kv_cache)
         self.runner = ModelRunner(loaded.model, self.kv_cache, bs, sparse=self.sparse)
         self.sampler = Sampler(seed=config.seed)
+        overlap = config.overlap_schedule
+        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and (
+            self.sparse is None
+        )
+        self._in_flight: _InFlight | None = None
+        self._last_read = 0.0  # when the last in-flight step was read (its device time ends)
+        self.discarded_tokens = 0  # overlapped rows of sequences that had finished
         self.max_context = loaded.config.max_context
         # a sequence ends ("length") when it holds every block of the pool: it could not grow,
         # and preempting it would only bring it back to the same wall
@@ -173,6 +230,7 @@ class Engine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
+        """Drop a request; a token of it still in flight is never emitted."""
         seq = self.seqs.pop(request_id, None) or self.handoffs.pop(request_id, None)
         if seq is None:
             return False
@@ -181,11 +239,13 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # ---- the loop ------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
+        if self.overlap:
+            return self._step_overlapped()
         plan = self.scheduler.schedule()
         self.idle = not plan.scheduled
         if self.idle:
@@ -193,8 +253,74 @@ class Engine:
         self.steps += 1
         t0 = time.perf_counter()
         logits, inputs = self.runner.run(plan.scheduled)
+        self._commit(plan.scheduled)
+        self._measure(plan.num_tokens, time.perf_counter() - t0)
+        if not inputs.sampled:
+            return []
+        seqs = [it.seq for it in inputs.sampled]
+        tokens = self.sampler.sample(logits, self._sample_rows(seqs)).tolist()
+        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens, strict=True)]
+
+    def _step_overlapped(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        prev, self._in_flight = self._in_flight, None
+        self.idle = not plan.scheduled and prev is None
+        launched = None
+        if plan.scheduled:
+            self.steps += 1
+            t0 = time.perf_counter()
+            launched = self.runner.run(plan.scheduled, prev.device_tokens() if prev else None)
+        events = self._read(prev) if prev is not None else []
+        if launched is None:
+            return events
+        logits, inputs = launched
+        # rows of sequences that step N finished (or parked) are thrown away here
+        live = [it for it in plan.scheduled if it.seq.status is SeqStatus.RUNNING]
+        self.discarded_tokens += sum(it.num_tokens for it in plan.scheduled) - sum(
+            it.num_tokens for it in live
+        )
+        self._commit(live)
+        rows = [i for i, it in enumerate(inputs.sampled) if it.seq.status is SeqStatus.RUNNING]
+        if not rows:
+            return events
+        if len(rows) < len(inputs.sampled):
+            logits = logits.index_select(0, host_to_device(rows, torch.int64, logits.device))
+        seqs = [inputs.sampled[i].seq for i in rows]
+        tokens = self.sampler.sample(logits, self._sample_rows(seqs))
+        for seq in seqs:
+            seq.output_ids.append(PLACEHOLDER)
+            params = seq.params
+            seq.last_in_flight = seq.prefill_only or (
+                len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_tokens
+            )
+        self._in_flight = _InFlight(seqs, tokens, sum(it.num_tokens for it in live), t0)
+        return events
+
+    def _read(self, step: _InFlight) -> list[TokenEvent]:
+        """The host learns an in-flight step's tokens: placeholders replaced, stop checks."""
+        tokens = step.read()
+        now = time.perf_counter()
+        self._measure(step.num_tokens, now - max(step.t0, self._last_read))
+        self._last_read = now
+        events = []
+        for seq, tok in zip(step.seqs, tokens, strict=True):
+            if seq.is_finished:
+                continue  # aborted while its token was in flight
+            assert seq.output_ids[-1] == PLACEHOLDER, seq.request_id
+            seq.output_ids.pop()
+            seq.last_in_flight = False
+            events.append(self._append(seq, tok))
+        return events
+
+    def settle(self) -> list[TokenEvent]:
+        """Read the step in flight, if any: afterwards every sequence's tokens are known, as
+        after a plain step. Returns that step's events (the caller emits them)."""
+        step, self._in_flight = self._in_flight, None
+        return self._read(step) if step is not None else []
+
+    def _commit(self, items: Seq[ScheduledSeq]) -> None:
         policy = self.scheduler.policy
-        for item in plan.scheduled:
+        for item in items:
             seq = item.seq
             lo, hi = seq.num_computed, seq.num_computed + item.num_tokens
             prompt_part = max(0, min(hi, len(seq.prompt_ids)) - lo)
@@ -202,19 +328,17 @@ class Engine:
             self.decode_tokens_computed += item.num_tokens - prompt_part
             policy.on_served(seq.tenant, prompt_part, item.num_tokens - prompt_part)
             self.scheduler.commit_computed(item)
-        self._measure(plan.num_tokens, time.perf_counter() - t0)
-        if not inputs.sampled:
-            return []
-        rows = [
+
+    @staticmethod
+    def _sample_rows(seqs: Seq[Sequence]) -> list[SampleRow]:
+        return [
             SampleRow(
-                it.seq.params,
-                it.seq.num_tokens,
-                it.seq.all_ids if it.seq.params.repetition_penalty != 1.0 else (),
+                seq.params,
+                seq.num_tokens,
+                seq.all_ids if seq.params.repetition_penalty != 1.0 else (),
             )
-            for it in inputs.sampled
+            for seq in seqs
         ]
-        tokens = self.sampler.sample(logits, rows).tolist()
-        return [self._append(it.seq, tok) for it, tok in zip(inputs.sampled, tokens, strict=True)]
 
     def _measure(self, tokens: int, seconds: float) -> None:
         """Recompute cost for the swap-or-recompute rule: prefill throughput of big steps
@@ -320,6 +444,8 @@ class Engine:
                 **(self.sparse.stats_extra() if self.sparse else {}),
                 "swap_copies": self.copier.copies,
                 "recompute_tokens_per_s": sw.tokens_per_s if sw else 0.0,
+                "swap_bytes_per_s": sw.bytes_per_s if sw else 0.0,
+                "overlap_discarded_tokens": self.discarded_tokens,
             },
             cpu_pool=self.cpu_tier.pool.stats() if self.cpu_tier else None,
             prefix_hit_tokens_cpu=s.prefix_hits_cpu,

@@ -4,6 +4,8 @@ Every engine call happens on the loop thread (the engine is not thread-safe). Ot
 ``submit`` a function and get a ``concurrent.futures.Future`` for its result; commands run
 between steps, so an abort takes effect before the next step. After each step the loop hands
 that step's events, for all requests, to ``sink`` in one call (one message per worker step).
+A command submitted with ``settle=True`` (it reads a request's tokens: park, migration) first
+has the overlapped engine read its step in flight, and those events go to ``sink`` before it.
 
 ``lock``: held around every step and command (never around ``sink``), for engines that share
 their KV storage with another loop's engine (``workers/semi_pd/``); None: no lock.
@@ -41,7 +43,7 @@ class EngineLoop:
         self.engine = engine
         self.sink = sink
         self._lock = lock if lock is not None else nullcontext()
-        self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any]]] = (
+        self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any], bool]] = (
             queue.SimpleQueue()
         )
         self._stop = threading.Event()
@@ -58,30 +60,37 @@ class EngineLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._commands.put((lambda e: None, Future()))  # wake the loop
+        self._commands.put((lambda e: None, Future(), False))  # wake the loop
         self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, fn: Callable[[Engine], T]) -> Future[T]:
+    def submit(self, fn: Callable[[Engine], T], *, settle: bool = False) -> Future[T]:
         fut: Future[T] = Future()
         if self.error is not None or self._stop.is_set():
             fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
             return fut
-        self._commands.put((fn, fut))
+        self._commands.put((fn, fut, settle))
         return fut
 
-    def call(self, fn: Callable[[Engine], T], timeout: float | None = 60.0) -> T:
-        return self.submit(fn).result(timeout)
+    def call(
+        self, fn: Callable[[Engine], T], timeout: float | None = 60.0, *, settle: bool = False
+    ) -> T:
+        return self.submit(fn, settle=settle).result(timeout)
 
     def _run_commands(self, block: bool) -> None:
         try:
-            fn, fut = self._commands.get(block=block, timeout=0.5 if block else None)
+            fn, fut, settle = self._commands.get(block=block, timeout=0.5 if block else None)
         except queue.Empty:
             return
         while True:
+            if settle:
+                with self._lock:
+                    events = self.engine.settle()
+                if events:
+                    self.sink(events)
             if fut.set_running_or_notify_cancel():
                 try:
                     with self._lock:
@@ -90,7 +99,7 @@ class EngineLoop:
                 except Exception as exc:  # the caller sees it on its future
                     fut.set_exception(exc)
             try:
-                fn, fut = self._commands.get_nowait()
+                fn, fut, settle = self._commands.get_nowait()
             except queue.Empty:
                 return
 
@@ -125,7 +134,7 @@ class EngineLoop:
     def _fail_pending(self) -> None:
         while True:
             try:
-                _, fut = self._commands.get_nowait()
+                _, fut, _ = self._commands.get_nowait()
             except queue.Empty:
                 return
             if fut.set_running_or_notify_cancel():

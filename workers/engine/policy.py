@@ -44,6 +44,9 @@ class RequestView:
 
 class SchedulingPolicy(Protocol):
     name: str
+    # ``order`` depends only on fields a request never changes (arrival, priority, id): the
+    # scheduler may reuse its last order while the set of requests is the same
+    static_order: bool
 
     def order(self, requests: Sequence[RequestView], now: float) -> list[str]: ...
 
@@ -80,6 +83,7 @@ class FCFSPolicy:
     tail of the order, i.e. the latest arrival."""
 
     name = "fcfs"
+    static_order = True
 
     def order(self, requests: Sequence[RequestView], now: float) -> list[str]:
         return [r.request_id for r in sorted(requests, key=_arrival_key)]
@@ -102,6 +106,7 @@ class PriorityPolicy:
     ones (least important, latest first)."""
 
     name = "priority"
+    static_order = True
 
     @staticmethod
     def _key(r: RequestView) -> tuple[int, float, str]:
@@ -132,6 +137,7 @@ class FairPolicy:
     """Virtual Token Counter. ``bound`` (U) is in weighted tokens."""
 
     name = "fair"
+    static_order = False  # virtual token counters move every step
 
     def __init__(
         self,

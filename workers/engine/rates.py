@@ -2,8 +2,10 @@
 newest step weighs 0.2. A prefill rate learns only from steps that compute at least
 ``MIN_PREFILL_TOKENS`` tokens (decode-sized steps say little about prefill speed).
 
+A copy rate (bytes/s of swaps between the tiers) learns from every copy that moved something.
+
 Two readers use it: the engine's swap-or-recompute rule (workers/engine/swap.py, seeded with a
-prior) and the loop's figures for the heartbeat (workers/engine/loop.py, which the router and
+prior or a probe) and the loop's figures for the heartbeat (workers/engine/loop.py, which the router and
 the pool sizing read).
 """
 
@@ -22,3 +24,10 @@ def prefill_rate(tokens: int, seconds: float) -> float | None:
     if tokens < MIN_PREFILL_TOKENS or seconds <= 0:
         return None
     return tokens / seconds
+
+
+def copy_rate(nbytes: int, seconds: float) -> float | None:
+    """Bytes/s of one copy, or None when it moved nothing (or took no measurable time)."""
+    if nbytes <= 0 or seconds <= 0:
+        return None
+    return nbytes / seconds

@@ -8,6 +8,10 @@ On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.
 longest block table fit a captured bucket; the rest runs eagerly. Neither path synchronises the
 host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
 a step is the caller reading the sampled tokens.
+
+The overlapped engine launches step N+1 before it has read step N's tokens: ``prev`` holds
+them on the device, and a row whose input is such a token (``PLACEHOLDER`` on the host) takes it
+from there with one ``index_copy_`` on the device.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +36,40 @@ from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
 from kvrelay.workers.model.sparse_attention import SparseAttention
 
 
+class DeviceTokens(NamedTuple):
+    """The tokens a step sampled, still on the device: row ``rows[id(seq)]`` of ``tokens`` is
+    that sequence's newest token (a ``PLACEHOLDER`` on the host). Keyed by the object, not the
+    request id: an aborted request's id may come back as a new sequence while its token is in
+    flight (the holder keeps the sequences alive, so their ids stay unique)."""
+
+    tokens: torch.Tensor  # [S] int64
+    rows: dict[int, int]
+
+
+def _patch(
+    items: Seq[ScheduledSeq], prev: DeviceTokens | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed rows, ids) for the rows whose input token is still on the device, or None."""
+    if prev is None:
+        return None
+    dst: list[int] = []
+    src: list[int] = []
+    end = 0
+    for it in items:
+        end += it.num_tokens
+        row = prev.rows.get(id(it.seq))
+        # only a sequence's newest token can be in flight: the chunk's last row, if it reaches it
+        if row is not None and it.samples:
+            dst.append(end - 1)
+            src.append(row)
+    if not dst:
+        return None
+    return (
+        host_to_device(dst, torch.int64, device),
+        prev.tokens.index_select(0, host_to_device(src, torch.int64, device)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T]
@@ -40,7 +79,12 @@ class StepInputs:
     sampled: tuple[ScheduledSeq, ...]  # the S sequences those rows belong to
 
 
-def prepare_inputs(items: Seq[ScheduledSeq], block_size: int, device: torch.device) -> StepInputs:
+def prepare_inputs(
+    items: Seq[ScheduledSeq],
+    block_size: int,
+    device: torch.device,
+    prev: DeviceTokens | None = None,
+) -> StepInputs:
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -48,33 +92,47 @@ def prepare_inputs(items: Seq[ScheduledSeq], block_size: int, device: torch.devi
     context_lens: list[int] = []
     logits_indices: list[int] = []
     sampled: list[ScheduledSeq] = []
-    max_blocks = max(len(it.seq.block_ids) for it in items)
-    tables = [[0] * max_blocks for _ in items]
-    for i, it in enumerate(items):
+    tables: list[list[int]] = []
+    end = 0
+    for it in items:
         seq, n = it.seq, it.num_tokens
         lo = seq.num_computed
-        for pos in range(lo, lo + n):
-            input_ids.append(seq.token_at(pos))
-            positions.append(pos)
-            slots.append(seq.block_ids[pos // block_size] * block_size + pos % block_size)
-        starts.append(starts[-1] + n)
-        context_lens.append(lo + n)
-        tables[i][: len(seq.block_ids)] = seq.block_ids
-        if it.samples:
-            logits_indices.append(starts[-1] - 1)
+        hi = lo + n
+        blocks = seq.block_ids
+        input_ids += seq.token_range(lo, hi)
+        if n == 1:  # a decode row: no per-token loop
+            positions.append(lo)
+            slots.append(blocks[lo // block_size] * block_size + lo % block_size)
+        else:
+            positions += range(lo, hi)
+            slots += [blocks[p // block_size] * block_size + p % block_size for p in range(lo, hi)]
+        end += n
+        starts.append(end)
+        context_lens.append(hi)
+        tables.append(blocks)
+        if hi == seq.num_tokens:  # ``it.samples``
+            logits_indices.append(end - 1)
             sampled.append(it)
-
-    def t(x: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return host_to_device(x, dtype, device)
-
+    width = max(len(b) for b in tables)
+    # one upload per dtype: [ids | positions | slots | logits rows] and [contexts | starts]
+    t = len(input_ids)
+    i64 = host_to_device(input_ids + positions + slots + logits_indices, torch.int64, device)
+    b = len(items)
+    i32 = host_to_device(context_lens + starts, torch.int32, device)
     attn = AttentionMetadata(
-        slot_mapping=t(slots),
-        block_tables=host_to_device(tables, torch.int32, device),  # type: ignore[arg-type]
-        context_lens=t(context_lens, torch.int32),
-        query_start_loc=t(starts, torch.int32),
-        is_decode=all(it.num_tokens == 1 for it in items),
+        slot_mapping=i64[2 * t : 3 * t],
+        block_tables=host_to_device(
+            [row + [0] * (width - len(row)) for row in tables], torch.int32, device  # type: ignore[arg-type]
+        ),
+        context_lens=i32[:b],
+        query_start_loc=i32[b:],
+        is_decode=t == b,
     )
-    return StepInputs(t(input_ids), t(positions), attn, t(logits_indices), tuple(sampled))
+    ids = i64[:t]
+    patch = _patch(items, prev, device)
+    if patch is not None:
+        ids.index_copy_(0, *patch)
+    return StepInputs(ids, i64[t : 2 * t], attn, i64[3 * t :], tuple(sampled))
 
 
 def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:
@@ -118,8 +176,11 @@ class ModelRunner:
         self.forward_guard: Callable[[], AbstractContextManager[object]] = nullcontext
 
     @torch.inference_mode()
-    def run(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs]:
+    def run(
+        self, items: Seq[ScheduledSeq], prev: DeviceTokens | None = None
+    ) -> tuple[torch.Tensor, StepInputs]:
         """Returns fp32 logits ``[S, vocab]`` for the sequences that sample this step.
+        ``prev``: the tokens of the step before, when the host has not read them yet.
 
         After a graph replay the logits are a view of the graph's output buffer: read them
         (sample) before the next ``run``.
@@ -127,16 +188,18 @@ class ModelRunner:
         if not items:
             raise ValueError("run() needs at least one scheduled sequence")
         with self.forward_guard():
-            return self._forward(items)
+            return self._forward(items, prev)
 
-    def _forward(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs]:
+    def _forward(
+        self, items: Seq[ScheduledSeq], prev: DeviceTokens | None
+    ) -> tuple[torch.Tensor, StepInputs]:
         if self.graphs is not None and all(it.num_tokens == 1 for it in items):
-            out = self._run_graph(items)
+            out = self._run_graph(items, prev)
             if out is not None:
                 self.graph_steps += 1
                 return out
         self.eager_steps += 1
-        inputs = prepare_inputs(items, self.block_size, self.device)
+        inputs = prepare_inputs(items, self.block_size, self.device, prev)
         if self.sparse is not None:
             self.sparse.begin_step(
                 [it.seq.request_id for it in items],
@@ -150,7 +213,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return logits, inputs
 
-    def _run_graph(self, items: Seq[ScheduledSeq]) -> tuple[torch.Tensor, StepInputs] | None:
+    def _run_graph(
+        self, items: Seq[ScheduledSeq], prev: DeviceTokens | None
+    ) -> tuple[torch.Tensor, StepInputs] | None:
         assert self.graphs is not None
         bs = self.block_size
         positions = [it.seq.num_computed for it in items]
@@ -162,6 +227,7 @@ class ModelRunner:
                 for it, p in zip(items, positions, strict=True)
             ],
             block_tables=[it.seq.block_ids for it in items],
+            device_ids=_patch(items, prev, self.device),
         )
         replay = self.graphs.run(batch)
         if replay is None:

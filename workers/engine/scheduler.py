@@ -64,7 +64,7 @@ class Scheduler:
         policy: SchedulingPolicy | None = None,
         tier: CpuTier | None = None,
         preemption_mode: str = "auto",
-        swap_bytes_per_s: float = 8e9,
+        swap_bytes_per_s: float | None = None,  # None: measured (workers/engine/swap.py)
         recompute_tokens_per_s: float = 2000.0,
     ) -> None:
         if preemption_mode not in PREEMPTION_MODES:
@@ -85,6 +85,8 @@ class Scheduler:
         )
         self.waiting: list[Sequence] = []  # new, recomputing and swapped-out (copy done)
         self.running: list[Sequence] = []  # swaps in flight live in ``swapper.in_flight``
+        # (running list, its order) of the last step: reused while the list is the same
+        self._order_memo: tuple[list[Sequence], list[Sequence]] | None = None
         self.num_preemptions = 0
         self.recompute_preemptions = 0
         self.prefix_queries = 0  # prompt tokens looked up
@@ -202,19 +204,23 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
 
-        if self.waiting and self.running:
+        # a sequence whose last token is in flight (overlapped engine) is done: not run again,
+        # not a victim; it leaves when the engine reads that token
+        runnable = [s for s in self.running if not s.last_in_flight]
+        if self.waiting and runnable:
             freeing = self.swapper.freeing_blocks() if self.swapper else 0
             victims = self.policy.preempt_victims(
-                [self.view(s) for s in self.running], [self.view(s) for s in self.waiting],
+                [self.view(s) for s in runnable], [self.view(s) for s in self.waiting],
                 now, self.pool.num_available + freeing,
             )
-            by_id = {s.request_id: s for s in self.running}
+            by_id = {s.request_id: s for s in runnable}
             for rid in victims:
                 if rid in by_id:
                     self._preempt(by_id[rid])
                     preempted.append(rid)
+                    runnable.remove(by_id[rid])
 
-        queue = self.order(self.running, now)
+        queue = self._order_running(runnable, now)
         starved = False  # a running sequence lacked blocks: admit nobody this step
         while queue and budget > 0:
             seq = queue.pop(0)
@@ -256,6 +262,18 @@ class Scheduler:
                 budget -= item.num_tokens
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
+    def _order_running(self, runnable: list[Sequence], now: float) -> list[Sequence]:
+        """The policy's order of the running sequences. A ``static_order`` policy is asked
+        again only when the list changed: a batch that only decodes costs no RequestViews."""
+        if not self.policy.static_order:
+            return self.order(runnable, now)
+        memo = self._order_memo
+        if memo is None or len(memo[0]) != len(runnable) or any(
+            a is not b for a, b in zip(memo[0], runnable, strict=True)
+        ):
+            memo = self._order_memo = (runnable, self.order(runnable, now))
+        return list(memo[1])
+
     def _grow(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         """Schedule a running sequence's next chunk, allocating its blocks, or None."""
         n = min(seq.num_tokens - seq.num_computed, budget)
@@ -272,7 +290,11 @@ class Scheduler:
             # at least one token must be computed to get logits
             full = (seq.num_tokens - 1) // self.block_size
             if len(seq.block_hashes) < full:
-                seq.block_hashes = block_hashes(seq.all_ids, self.block_size, self.hash_root)
+                # the full blocks before the last token only: that token may still be on the
+                # device (overlapped engine; a placeholder here)
+                seq.block_hashes = block_hashes(
+                    seq.token_range(0, full * self.block_size), self.block_size, self.hash_root
+                )
             hits = self.pool.lookup(seq.block_hashes[:full])
             if self.tier is not None:
                 cpu = self.tier.cpu_hits(seq.block_hashes[len(hits) : full])

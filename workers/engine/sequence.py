@@ -10,6 +10,10 @@ A decoding sequence has ``num_computed == num_tokens - 1``: its newest token is 
 Block ``b`` covers positions ``[b*bs, (b+1)*bs)``; it is committed with its hash once full and
 computed.
 
+The overlapped engine (``EngineConfig.overlap_schedule``) schedules step N+1 before it reads
+step N's tokens: a token sampled on the device and not read yet sits in ``output_ids`` as
+``PLACEHOLDER`` (always the last one), and the next step takes its input id from the device.
+
 Preemption by swap (``workers/kv/tiers.py``) keeps ``num_computed`` and moves the KV to CPU blocks
 ``cpu_block_ids`` (one per device block, same order)::
 
@@ -24,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 from kvrelay.workers.types import FinishReason, SamplingParams
+
+PLACEHOLDER = -1  # an output token still on the device (never a valid id: a leak fails loudly)
 
 
 class SeqStatus(enum.Enum):
@@ -56,6 +62,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     # tokens emitted at (re)admission: outputs given at add time are not re-emitted
     num_emitted: int = 0
+    # overlapped engine: the token in flight is certainly its last (length, prefill-only), so
+    # the scheduler leaves it out of the next step
+    last_in_flight: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +77,15 @@ class Sequence:
     def token_at(self, pos: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def token_range(self, lo: int, hi: int) -> list[int]:
+        """``all_ids[lo:hi]`` without copying the whole sequence."""
+        n = len(self.prompt_ids)
+        if hi <= n:
+            return self.prompt_ids[lo:hi]
+        if lo >= n:
+            return self.output_ids[lo - n : hi - n]
+        return self.prompt_ids[lo:] + self.output_ids[: hi - n]
 
     @property
     def is_finished(self) -> bool:

@@ -13,17 +13,26 @@ stay cached there, ready for the next swap or a prefix hit).
             -land-> RUNNING
 
 Whether to swap or recompute is ``prefer_swap``: bytes to move vs tokens to recompute, at the
-configured copy rate and the measured (or configured) prefill rate.
+copy rate and the prefill rate, each measured unless configured. The copy rate starts from a
+probe (a few blocks each way into scratch buffers, timed) and follows every swap's copy time
+(``CopyHandle.wait``, the copy alone, not its wait for the batch), as the prefill rate follows
+big steps; the rule assumed 8 GB/s before and picked swap where the copies ran far slower.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+import torch
+
+from kvrelay.kernels import copy_blocks
+from kvrelay.workers.engine.rates import copy_rate, running_average
 from kvrelay.workers.engine.sequence import SeqStatus, Sequence
 from kvrelay.workers.kv.tiers import CopyHandle, CpuTier
 
 PREEMPTION_MODES = ("auto", "swap", "recompute")
+PROBE_BLOCKS = 8
 
 
 def prefer_swap(
@@ -39,21 +48,47 @@ class SwapPlan:
     """One request's blocks in flight between tiers."""
 
     handle: CopyHandle
+    nbytes: int  # what the copy moves
     hashes: tuple[tuple[int, int], ...]  # (destination block, hash) committed when done
     release: tuple[int, ...]  # source-tier blocks released when done (tail first)
 
 
+def probe_copy_rate(tier: CpuTier) -> float:
+    """Bytes/s of copying a few blocks device -> host and host -> device, into scratch
+    buffers (no cache is written: another engine may share the pool). Timed on the second of
+    two rounds (the first warms up)."""
+    n = min(PROBE_BLOCKS, tier.device_cache.shape[0], tier.cache.shape[0])
+    ids = torch.arange(n)
+    shape = (n, *tier.cache.shape[1:])
+    host = torch.empty(shape, dtype=tier.cache.dtype, pin_memory=tier.cache.is_pinned())
+    dev = torch.empty(shape, dtype=tier.cache.dtype, device=tier.device_cache.device)
+    cuda = tier.device_cache.is_cuda
+    seconds = 0.0
+    for _ in range(2):
+        if cuda:
+            torch.cuda.synchronize(tier.device_cache.device)
+        t0 = time.perf_counter()
+        copy_blocks(tier.device_cache, ids, host, ids)
+        copy_blocks(tier.cache, ids, dev, ids)
+        if cuda:
+            torch.cuda.synchronize(tier.device_cache.device)
+        seconds = time.perf_counter() - t0
+    return 2 * n * tier.block_bytes / max(seconds, 1e-9)
+
+
 class Swapper:
     def __init__(
-        self, tier: CpuTier, *, mode: str, bytes_per_s: float, tokens_per_s: float
+        self, tier: CpuTier, *, mode: str, bytes_per_s: float | None, tokens_per_s: float
     ) -> None:
+        """``bytes_per_s``: the copy rate the rule uses; None: measured (probe, then swaps)."""
         if mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {mode!r} not in {PREEMPTION_MODES}")
-        if bytes_per_s <= 0 or tokens_per_s <= 0:
+        if (bytes_per_s is not None and bytes_per_s <= 0) or tokens_per_s <= 0:
             raise ValueError("swap and recompute rates must be positive")
         self.tier = tier
         self.mode = mode
-        self.bytes_per_s = bytes_per_s
+        self.measure_copies = bytes_per_s is None
+        self.bytes_per_s = probe_copy_rate(tier) if bytes_per_s is None else bytes_per_s
         self.tokens_per_s = tokens_per_s  # the engine keeps it measured
         self.in_flight: dict[str, tuple[Sequence, SwapPlan]] = {}
         self.swaps_out = 0
@@ -103,7 +138,11 @@ class Swapper:
         seq.cpu_block_ids = cpu_ids
         self.swaps_out += 1
         self.in_flight[seq.request_id] = (
-            seq, SwapPlan(handle, tuple(hashes), tuple(reversed(seq.block_ids)))
+            seq,
+            SwapPlan(
+                handle, len(src) * self.tier.block_bytes, tuple(hashes),
+                tuple(reversed(seq.block_ids)),
+            ),
         )
         return True
 
@@ -132,7 +171,11 @@ class Swapper:
         self.swap_bytes += len(src) * self.tier.block_bytes
         self.swaps_in += 1
         self.in_flight[seq.request_id] = (
-            seq, SwapPlan(handle, hashes, tuple(reversed(seq.cpu_block_ids)))
+            seq,
+            SwapPlan(
+                handle, len(src) * self.tier.block_bytes, hashes,
+                tuple(reversed(seq.cpu_block_ids)),
+            ),
         )
         return True
 
@@ -141,7 +184,10 @@ class Swapper:
         """Wait for one swap's copy and finish its bookkeeping. The sequence comes back
         SWAPPED_OUT (CPU blocks only: it waits) or RUNNING (device blocks only)."""
         seq, plan = self.in_flight.pop(request_id)
-        plan.handle.wait()  # raises if the copy failed
+        seconds = plan.handle.wait()  # raises if the copy failed
+        rate = copy_rate(plan.nbytes, seconds)
+        if self.measure_copies and rate is not None:
+            self.bytes_per_s = running_average(self.bytes_per_s, rate)
         if seq.status is SeqStatus.SWAPPED_OUT:
             for block, h in plan.hashes:
                 self.tier.pool.commit(block, h)

@@ -24,6 +24,7 @@ always synchronous (demotion: the evicted device blocks are reused at once).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,19 +37,23 @@ from kvrelay.workers.types import Tier
 
 
 class CopyHandle:
-    """A copy in flight (or finished)."""
+    """A copy in flight (or finished); its result is how long the copy itself took."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_seconds")
 
-    def __init__(self, future: Future[None] | None = None) -> None:
+    def __init__(self, future: Future[float] | None = None, seconds: float = 0.0) -> None:
         self._future = future
+        self._seconds = seconds
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
 
-    def wait(self) -> None:
+    def wait(self) -> float:
+        """Seconds the copy ran (not counting its wait for the compute stream); 0: nothing
+        was copied."""
         if self._future is not None:
-            self._future.result()  # re-raises a failed copy
+            return self._future.result()  # re-raises a failed copy
+        return self._seconds
 
 
 DONE = CopyHandle()
@@ -89,8 +94,9 @@ class BlockCopier:
         if not src_ids:
             return DONE
         if self._threads is None:
+            t0 = time.perf_counter()
             self.copy_now(src, src_ids, dst, dst_ids)
-            return DONE
+            return CopyHandle(seconds=time.perf_counter() - t0)
         self._count(src, src_ids)
         ready = None
         if self._stream is not None:
@@ -108,16 +114,22 @@ class BlockCopier:
         dst: torch.Tensor,
         dst_ids: torch.Tensor,
         ready: torch.cuda.Event | None,
-    ) -> None:
+    ) -> float:
         with torch.inference_mode():
             if self._stream is None:
+                t0 = time.perf_counter()
                 copy_blocks(src, src_ids, dst, dst_ids)
-                return
+                return time.perf_counter() - t0
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self._stream):
                 assert ready is not None
                 self._stream.wait_event(ready)
+                start.record()  # after the wait: the copy's own time, not the batch's
                 copy_blocks(src, src_ids, dst, dst_ids)
+                end.record()
             self._stream.synchronize()  # done() means the destination holds the data
+            return start.elapsed_time(end) / 1e3
 
     def _count(self, src: torch.Tensor, src_ids: Sequence[int]) -> None:
         self.copies += 1

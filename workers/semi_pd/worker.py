@@ -83,6 +83,9 @@ class SemiPDWorker(Worker):
         super().__init__(*args, **kw)
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
+        # the lanes run the plain step: the storage lock's rule (a block is released only after
+        # the step that used it has synchronised) holds for it, not for a step left in flight
+        config = replace(config, overlap_schedule=False)
         decode = Engine(loaded, config, device=device)  # builds the one storage
         prefill = Engine(loaded, config, device=device, storage=decode.storage)
         self.storage = decode.storage
