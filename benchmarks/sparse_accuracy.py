@@ -83,8 +83,10 @@ class Probe(SparseAttention):
                 continue
             qk = (query[0, g * group : (g + 1) * group].float() @ k[:, g].float().T).amax(0)
             qk = torch.nn.functional.pad(qk, (0, nb * BS - ctx), value=-1e30).view(nb, BS)
-            exact = qk.amax(1)[1 : nb - 1]
-            want = set((exact.topk(kk).indices + 1).tolist())
+            # the candidates select_topk ranks: the middle, past the sink, before the local page
+            sink, local = self.dense.sink, self.dense.local
+            exact = qk.amax(1)[sink : nb - local]
+            want = set((exact.topk(kk).indices + sink).tolist())
             self.overlap.append(len(want & set(topk[g].tolist())) / kk)
 
 

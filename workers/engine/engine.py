@@ -27,7 +27,7 @@ from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.kv.tiers import build_cpu_tier, check_held
 from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel
-from kvrelay.workers.model.sparse_attention import SparseConfig, build_sparse
+from kvrelay.workers.model.sparse_attention import SparseConfig, bounds_bytes, build_sparse
 from kvrelay.workers.types import FinishReason, KVEvent, PoolStats, SamplingParams, TokenEvent
 
 
@@ -85,7 +85,8 @@ class Engine:
         bs = config.block_size
         per_block = kv_cache_shape(loaded.config, 1, bs)
         block_bytes = torch.Size(per_block).numel() * dtype.itemsize
-        num_blocks = config.num_blocks or max(16, int(config.kv_cache_gb * 2**30 // block_bytes))
+        sized = block_bytes + bounds_bytes(config.sparse, block_bytes)  # + key bounds
+        num_blocks = config.num_blocks or max(16, int(config.kv_cache_gb * 2**30 // sized))
         self.block_bytes = block_bytes
         self.kv_cache = torch.zeros(
             kv_cache_shape(loaded.config, num_blocks, bs), dtype=dtype, device=self.device
