@@ -9,6 +9,7 @@ import torch
 from kvrelay.kernels import reference as dense
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
+from kvrelay.workers.model.calibrate_heads import pick_streaming
 from kvrelay.workers.model.sparse_select import (
     HeadShape,
     build_tables,
@@ -187,3 +188,13 @@ def test_sub_pages_tighten_the_bound_and_rerank_finds_the_exact_top() -> None:
     assert torch.equal(got, want)
     # the shortlist's non-middle entries (sink, local, past the context) never win
     assert bool(((got >= 1) & (got < nb - 1)).all())
+
+
+def test_pick_streaming_never_takes_retrieval_heads() -> None:
+    mass = torch.tensor([[0.9, 0.8, 0.7], [0.6, 0.95, 0.5]])  # (sink ∪ local) mass on plain text
+    assert pick_streaming(mass, 0.5).tolist() == [[True, True, False], [False, True, False]]
+    retrieving = torch.tensor([[False, True, False], [False, True, True]])
+    got = pick_streaming(mass, 0.5, retrieving)
+    assert got.tolist() == [[True, False, True], [True, False, False]]
+    # too few heads left: all of them, no more
+    assert int(pick_streaming(mass, 0.9, retrieving).sum()) == 3
