@@ -21,6 +21,10 @@ exact max q·k over their keys, keep K. Bounds alone (``rerank=1``, LServe) pick
 overlap the exact top-K by only ~0.8 on real text even with 4-token sub-pages (benchmarks/README.md,
 sparse attention); the re-rank reads the keys of rerank·K blocks per KV head at refresh steps.
 Selections are refreshed every ``reuse_steps`` decode steps, or at once when the batch changes.
+LServe reuses a selection for 4 steps; with the exact re-rank that lost a pass key on SmolLM2-135M
+(2k context, budget 1024: a selection sharpened for the query of "The" was reused for "is", whose
+next token is the key) where refreshing every step kept it, so the default refreshes every step
+(the bounds are then read each step: a quarter of the KV bytes at 4-token sub-pages).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class SparseConfig:
     page_tokens: int = 64  # decode: a dense head always reads the first and the last page
     sub_page_tokens: int = 4  # decode: key bounds per sub-page of a block (LServe's logical page)
     rerank: int = 2  # decode: the top rerank·K blocks by bound are re-ranked by exact max q·k
-    reuse_steps: int = 4  # decode steps a selection is reused for (LServe)
+    reuse_steps: int = 1  # decode steps a selection is reused for (LServe: 4; see the docstring)
     stream_sink: int = 128  # streaming heads, decode and prefill
     stream_local: int = 256  # streaming heads, decode
     stream_prefill_local: int = 8192  # streaming heads, prefill
