@@ -1,10 +1,11 @@
 """Sparse attention accuracy on the real default model (SmolLM2-135M-Instruct, CPU, fp32), on
 ShareGPT text: per-layer attention output error vs dense, perplexity dense vs sparse (prefill over
 the whole text; decode teacher-forced over its last ``--decode-tokens``), selection overlap with
-the exact top blocks by q·K, and passkey retrieval (a key hidden in ShareGPT text).
+the exact top blocks by q·K, and passkey retrieval (a key hidden in the classic repeated filler,
+or with ``--haystack sharegpt`` in ShareGPT text) under every mode and decode budget.
 
-    python benchmarks/sparse_accuracy.py --lengths 2048 4096 8192 --budget 1024 \\
-        --heads /tmp/heads.json --out benchmarks/results/sparse_accuracy.json
+    python benchmarks/sparse_accuracy.py --lengths 2048 4096 --passkeys 8 3 --threads 1 \\
+        --heads benchmarks/results/sparse_heads_smollm2.json --out /tmp/sparse_accuracy.json
 """
 
 from __future__ import annotations
