@@ -1,10 +1,11 @@
 """Sparse attention accuracy on the real default model (SmolLM2-135M-Instruct, CPU, fp32), on
 ShareGPT text: per-layer attention output error vs dense, perplexity dense vs sparse (prefill over
 the whole text; decode teacher-forced over its last ``--decode-tokens``), selection overlap with
-the exact top blocks by q·K, and passkey retrieval (a key hidden in ShareGPT text).
+the exact top blocks by q·K, and passkey retrieval (a key hidden in the classic repeated filler,
+or with ``--haystack sharegpt`` in ShareGPT text) under every mode and decode budget.
 
-    python benchmarks/sparse_accuracy.py --lengths 2048 4096 8192 --budget 1024 \\
-        --heads /tmp/heads.json --out benchmarks/results/sparse_accuracy.json
+    python benchmarks/sparse_accuracy.py --lengths 2048 4096 --passkeys 8 3 --threads 1 \\
+        --heads benchmarks/results/sparse_heads_smollm2.json --out /tmp/sparse_accuracy.json
 """
 
 from __future__ import annotations
@@ -21,13 +22,10 @@ import torch
 from kvrelay import kernels
 from kvrelay.kernels.reference import rel_err
 from kvrelay.kernels.sparse_reference import gather_kv
-from kvrelay.workers.engine.engine import EngineConfig
-from kvrelay.workers.llm import LLM
-from kvrelay.workers.model.calibrate_heads import sharegpt_texts
+from kvrelay.workers.model.calibrate_heads import FILLER, sharegpt_texts
 from kvrelay.workers.model.llama import AttentionMetadata, kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig, load_head_mask
-from kvrelay.workers.types import SamplingParams
 
 BS = 16
 
@@ -83,8 +81,10 @@ class Probe(SparseAttention):
                 continue
             qk = (query[0, g * group : (g + 1) * group].float() @ k[:, g].float().T).amax(0)
             qk = torch.nn.functional.pad(qk, (0, nb * BS - ctx), value=-1e30).view(nb, BS)
-            exact = qk.amax(1)[1 : nb - 1]
-            want = set((exact.topk(kk).indices + 1).tolist())
+            # the candidates select_topk ranks: the middle, past the sink, before the local page
+            sink, local = self.dense.sink, self.dense.local
+            exact = qk.amax(1)[sink : nb - local]
+            want = set((exact.topk(kk).indices + sink).tolist())
             self.overlap.append(len(want & set(topk[g].tolist())) / kk)
 
 
@@ -127,81 +127,171 @@ def nll_decode(loaded: LoadedModel, ids: list[int], steps: int, probe: Probe) ->
     return total / steps
 
 
-def passkey_prompts(tok: Any, length: int, count: int, seed: int) -> list[tuple[list[int], str]]:
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
+
+
+def _haystack(tok: Any, source: list[int] | None, units: int) -> str:
+    """``units`` filler sentences' worth, or the first ``units`` tokens of a ShareGPT text."""
+    return FILLER * units if source is None else tok.decode(source[:units])
+
+
+def _render(tok: Any, hay: str, depth: float, key: str) -> list[int]:
+    cut = hay.rfind(" ", 0, int(len(hay) * depth)) + 1  # between words
+    needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+    text = INTRO + hay[:cut] + needle + hay[cut:] + "\n\nWhat is the pass key?"
+    return tok.apply_chat_template([{"role": "user", "content": text}])
+
+
+def passkey_prompts(
+    tok: Any, length: int, count: int, seed: int, haystack: str, max_context: int
+) -> list[tuple[list[int], str]]:
+    """``count`` chat prompts of ``length`` tokens or a few more (but at most ``max_context`` - 32:
+    room for the answer), each hiding a 5-digit key at a random depth of the haystack: the classic repeated
+    filler (``repeat``) or consecutive ShareGPT messages (``sharegpt``)."""
     rng = random.Random(seed)
-    hay = sharegpt_texts(tok, count, length - 120)
+    target = min(length, max_context - 32)
+    sources = sharegpt_texts(tok, count, target) if haystack == "sharegpt" else [None] * count
+    unit = len(tok.encode(FILLER * 64, False)) / 64 if haystack == "repeat" else 1.0
     out = []
-    for ids in hay:
+    for src in sources:
         key = str(rng.randint(10000, 99999))
-        cut = rng.randint(len(ids) // 10, len(ids) * 9 // 10)
-        text = (
-            "There is a pass key hidden inside a lot of irrelevant text. Find it.\n\n"
-            + tok.decode(ids[:cut]) + f"\n\nThe pass key is {key}. Remember it. {key} is the "
-            "pass key.\n\n" + tok.decode(ids[cut:]) + "\n\nWhat is the pass key?"
-        )  # fmt: skip
-        out.append((tok.apply_chat_template([{"role": "user", "content": text}]), key))
+        depth = rng.uniform(0.05, 0.95)
+        units = int((target - len(_render(tok, _haystack(tok, src, 0), depth, key))) / unit)
+        ids = _render(tok, _haystack(tok, src, units), depth, key)
+        while len(ids) > target:  # never past the target (the model's context)
+            units -= max(1, int((len(ids) - target) / unit))
+            ids = _render(tok, _haystack(tok, src, units), depth, key)
+        while len(ids) < length and target == length:  # at least `length` (min_prefill: 2048)
+            units += 1
+            ids = _render(tok, _haystack(tok, src, units), depth, key)
+        out.append((ids, key))
     return out
+
+
+def _greedy(
+    loaded: LoadedModel, ids: list[int], kv: torch.Tensor, first: int, steps: int,
+    sparse: SparseAttention | None,
+) -> list[int]:  # fmt: skip
+    """Greedy decode of ``steps`` tokens after a prefill of ``ids`` (already in ``kv``) whose
+    last logits chose ``first``; stops at EOS."""
+    table = torch.arange(kv.shape[0], dtype=torch.int32)[None]
+    out = [first]
+    eos = set(loaded.tokenizer.eos_token_ids)
+    for pos in range(len(ids), len(ids) + steps - 1):
+        if out[-1] in eos:
+            break
+        if sparse is not None:
+            sparse.begin_step(["r"], [pos + 1], True)
+        attn = AttentionMetadata(torch.tensor([pos]), table, torch.tensor([pos + 1], dtype=torch.int32),
+                                 torch.tensor([0, 1], dtype=torch.int32), True, sparse=sparse)  # fmt: skip
+        hidden = loaded.model(torch.tensor([out[-1]]), torch.tensor([pos]), kv, attn)
+        out.append(int(loaded.model.compute_logits(hidden).argmax(-1)[0]))
+    return out
+
+
+@torch.inference_mode()
+def passkey_item(
+    loaded: LoadedModel, ids: list[int], key: str, budgets: list[int], heads: str | None,
+    mask: torch.Tensor | None, steps: int = 12,
+) -> dict[str, bool]:  # fmt: skip
+    """One passkey prompt under every mode, two prefills shared: dense prefill -> dense decode
+    ("off") and sparse decode ("decode/B"); sparse prefill -> dense ("prefill") and sparse decode
+    ("both/B"), for each decode budget B. Greedy; right when the key is in the answer."""
+    n = len(ids)
+    kv = torch.zeros(kv_cache_shape(loaded.config, -(-(n + steps) // BS), BS))
+    table = torch.arange(kv.shape[0], dtype=torch.int32)[None]
+    right: dict[str, bool] = {}
+    for prefill_mode, dense_name, sparse_name in (
+        ("off", "off", "decode"), ("prefill", "prefill", "both"),
+    ):  # fmt: skip
+        sp = None
+        if prefill_mode == "prefill":
+            sp = SparseAttention(SparseConfig(mode="prefill", heads_path=heads), kv, mask)
+        attn = AttentionMetadata(torch.arange(n), table, torch.tensor([n], dtype=torch.int32),
+                                 torch.tensor([0, n], dtype=torch.int32), False, sparse=sp)  # fmt: skip
+        hidden = loaded.model(torch.tensor(ids), torch.arange(n), kv, attn)
+        first = int(loaded.model.compute_logits(hidden[-1:]).argmax(-1)[0])
+        variants: list[tuple[str, SparseAttention | None]] = [(dense_name, None)]
+        for b in budgets:
+            cfg = SparseConfig(mode="decode", budget=b, heads_path=heads)
+            variants.append((f"{sparse_name}/{b}", SparseAttention(cfg, kv, mask)))
+        for name, dec in variants:  # each overwrites the answer's slots of the last
+            answer = loaded.tokenizer.decode(_greedy(loaded, ids, kv, first, steps, dec))
+            right[name] = key in answer
+    return right
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
-    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--budget", type=int, default=1024, help="decode budget of the probes")
     ap.add_argument("--heads", default=None, help="calibrate-heads output (default: none)")
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--passkeys", type=int, nargs="+", default=[6, 4, 3])
+    ap.add_argument("--skip-ppl", action="store_true", help="passkey only")
+    ap.add_argument("--passkeys", type=int, nargs="+", default=[10, 10, 10], help="per length")
+    ap.add_argument("--passkey-budgets", type=int, nargs="+", default=[4096, 1024])
+    ap.add_argument("--haystack", choices=["repeat", "sharegpt"], default="repeat")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(None)
     c = loaded.config
-    cfg = SparseConfig(mode="both", budget=args.budget, heads_path=args.heads)
     mask = load_head_mask(args.heads, c.num_layers, c.num_kv_heads) if args.heads else None
-    dummy = torch.zeros(kv_cache_shape(c, 1, BS))
-    results: dict[str, Any] = {"budget": args.budget, "heads": args.heads, "lengths": {}}
+    results: dict[str, Any] = {"args": vars(args), "lengths": {}}
     for i, length in enumerate(args.lengths):
         t0 = time.time()
-        (ids,) = sharegpt_texts(loaded.tokenizer, 1, length)
-        dense_probe = Probe(cfg, dummy, mask, exact=True)
-        dense_nll = nll_prefill(loaded, ids, dense_probe)
-        sparse_nll = nll_prefill(loaded, ids, Probe(cfg, dummy, mask, exact=False))
-        dec_exact = Probe(cfg, dummy, mask, exact=True)
-        dense_dec = nll_decode(loaded, ids, args.decode_tokens, dec_exact)
-        sparse_dec = nll_decode(
-            loaded, ids, args.decode_tokens, Probe(cfg, dummy, mask, exact=False)
-        )
-        row: dict[str, Any] = {
-            "ppl_prefill_dense": math.exp(dense_nll), "ppl_prefill_sparse": math.exp(sparse_nll),
-            "ppl_decode_dense": math.exp(dense_dec), "ppl_decode_sparse": math.exp(sparse_dec),
-            "layer_err_prefill": [sum(e) / len(e) for e in dense_probe.errors["prefill"]],
-            "layer_err_decode": [sum(e) / len(e) for e in dec_exact.errors["decode"]],
-            "overlap_mean": sum(dec_exact.overlap) / max(1, len(dec_exact.overlap)),
-            "overlap_min": min(dec_exact.overlap, default=1.0),
-            "prefill_density": dense_probe.stats_extra()["sparse_prefill_density"],
-            "decode_read_fraction": dec_exact.stats_extra()["sparse_decode_read_fraction"],
-        }  # fmt: skip
-        print(length, {k: v for k, v in row.items() if not k.startswith("layer")}, flush=True)
+        row: dict[str, Any] = {} if args.skip_ppl else ppl_row(loaded, length, args, mask)
         count = args.passkeys[min(i, len(args.passkeys) - 1)]
-        prompts = passkey_prompts(loaded.tokenizer, length, count, seed=length) if count else []
-        for mode in ("off", "both") if count else ():
-            ec = EngineConfig(
-                max_num_batched_tokens=length, kv_cache_gb=length * 50e3 / 2**30 + 0.05,
-                sparse=SparseConfig(mode=mode, budget=args.budget, heads_path=args.heads),
-                enable_prefix_caching=False,
-            )  # fmt: skip
-            llm = LLM(engine_config=ec)
-            outs = llm.generate([p for p, _ in prompts], SamplingParams(max_tokens=10))
-            row[f"passkey_{mode}"] = [
-                key in o.text for o, (_, key) in zip(outs, prompts, strict=True)
-            ]
-            del llm
+        prompts = passkey_prompts(
+            loaded.tokenizer, length, count, length, args.haystack, c.max_position_embeddings
+        )
+        passkey: dict[str, list[bool]] = {}
+        for ids, key in prompts:
+            t1 = time.time()
+            got = passkey_item(loaded, ids, key, args.passkey_budgets, args.heads, mask)
+            for name, ok in got.items():
+                passkey.setdefault(name, []).append(ok)
+            print(length, len(ids), "tokens", {k: sum(v) for k, v in passkey.items()},
+                  f"{time.time() - t1:.0f}s", flush=True)  # fmt: skip
+        row["passkey_tokens"] = [len(ids) for ids, _ in prompts]
+        row["passkey"] = passkey
         row["seconds"] = time.time() - t0
-        print(length, "passkey", row.get("passkey_off"), row.get("passkey_both"), flush=True)
         results["lengths"][str(length)] = row
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
+
+
+def ppl_row(
+    loaded: LoadedModel, length: int, args: argparse.Namespace, mask: torch.Tensor | None
+) -> dict[str, Any]:
+    """Perplexity, per-layer error and overlap on one ShareGPT text of ``length`` tokens."""
+    cfg = SparseConfig(mode="both", budget=args.budget, heads_path=args.heads)
+    dummy = torch.zeros(kv_cache_shape(loaded.config, 1, BS))
+    (ids,) = sharegpt_texts(loaded.tokenizer, 1, length)
+    dense_probe = Probe(cfg, dummy, mask, exact=True)
+    dense_nll = nll_prefill(loaded, ids, dense_probe)
+    sparse_nll = nll_prefill(loaded, ids, Probe(cfg, dummy, mask, exact=False))
+    dec_exact = Probe(cfg, dummy, mask, exact=True)
+    dense_dec = nll_decode(loaded, ids, args.decode_tokens, dec_exact)
+    sparse_dec = nll_decode(loaded, ids, args.decode_tokens, Probe(cfg, dummy, mask, exact=False))
+    row: dict[str, Any] = {
+        "ppl_prefill_dense": math.exp(dense_nll), "ppl_prefill_sparse": math.exp(sparse_nll),
+        "ppl_decode_dense": math.exp(dense_dec), "ppl_decode_sparse": math.exp(sparse_dec),
+        "layer_err_prefill": [sum(e) / len(e) for e in dense_probe.errors["prefill"]],
+        "layer_err_decode": [sum(e) / len(e) for e in dec_exact.errors["decode"]],
+        "overlap_mean": sum(dec_exact.overlap) / max(1, len(dec_exact.overlap)),
+        "overlap_min": min(dec_exact.overlap, default=1.0),
+        "overlap_refreshes": len(dec_exact.overlap),
+        "prefill_density": dense_probe.stats_extra()["sparse_prefill_density"],
+        "decode_read_fraction": dec_exact.stats_extra()["sparse_decode_read_fraction"],
+    }  # fmt: skip
+    print(length, {k: v for k, v in row.items() if not k.startswith("layer")}, flush=True)
+    return row
 
 
 if __name__ == "__main__":

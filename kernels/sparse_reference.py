@@ -3,11 +3,16 @@ prefill); the Triton bodies in kernels/triton_sparse.py share their signatures.
 
 Key bounds, one side tensor per KV pool, block-major like the pool itself::
 
-    bounds: [num_blocks, num_layers, 2, num_kv_heads, head_dim]    # 0 = per-channel max, 1 = min
+    bounds: [num_blocks, num_layers, 2, P, num_kv_heads, head_dim]   # 0 = per-channel max, 1 = min
 
-A block's bounds cover the tokens written to it so far. The page score of block n for query q is
-``Σ_c max(q_c·kmax_c, q_c·kmin_c)``; since kmax ≥ kmin this is ``q⁺·kmax + q⁻·kmin`` (q⁺ = max(q,
-0), q⁻ = min(q, 0)), two dot products, an upper bound on ``q·k`` for every key k in the block.
+LServe's hierarchical paging: a block (the physical page, ``bs`` tokens) is split into P logical
+sub-pages of ``bs / P`` tokens, each with its own per-channel max and min over the tokens written
+to it so far. The score of sub-page p for query q is ``Σ_c max(q_c·kmax_c, q_c·kmin_c)``; since
+kmax ≥ kmin this is ``q⁺·kmax + q⁻·kmin`` (q⁺ = max(q, 0), q⁻ = min(q, 0)), two dot products, an
+upper bound on ``q·k`` for every key k of the sub-page. A block's score is the max over its
+sub-pages (and over the query heads sharing the KV head): the smaller the sub-page, the tighter the
+bound (P = bs: exactly the block's max ``q·k``). Sub-pages not yet written (past the fill of the
+last block, which is always read whole and never scored against the others) hold no meaning.
 
 A selection is a compacted per-(sequence, KV head) block table: ``tables[b, g, :]`` lists the
 physical blocks to read in ascending logical order, ending with the sequence's last (partial)
@@ -26,51 +31,67 @@ def block_bounds(
     layer: int,
     block_ids: torch.Tensor,  # [N] physical blocks
     fills: torch.Tensor,  # [N] tokens written to each (1..bs)
-) -> torch.Tensor:  # [N, 2, Hkv, D] (max, min) over the first fills[i] tokens
+    pages: int,  # P sub-pages per block
+) -> torch.Tensor:  # [N, 2, P, Hkv, D] (max, min) of each sub-page over its written tokens
     bs = kv_cache.shape[3]
     keys = kv_cache[:, layer, 0].index_select(0, block_ids.long())  # [N, bs, Hkv, D]
     valid = torch.arange(bs, device=keys.device)[None, :] < fills[:, None].to(keys.device)
     valid = valid[:, :, None, None]
     big = torch.finfo(keys.dtype).max
-    kmax = torch.where(valid, keys, -big).amax(1)
-    kmin = torch.where(valid, keys, big).amin(1)
-    return torch.stack((kmax, kmin), 1)
+    kmax = torch.where(valid, keys, -big).unflatten(1, (pages, bs // pages)).amax(2)
+    kmin = torch.where(valid, keys, big).unflatten(1, (pages, bs // pages)).amin(2)
+    written = valid.unflatten(1, (pages, bs // pages)).any(2)  # [N, P, 1, 1]
+    return torch.stack((kmax, kmin), 1).where(written[:, None], 0.0)  # unwritten: 0, not ±big
 
 
 def update_bounds(
-    bounds: torch.Tensor,  # [num_blocks, L, 2, Hkv, D]
+    bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
     layer: int,
-    slot_mapping: torch.Tensor,  # [T] the slots just written (no -1 padding); in block order
+    slot_mapping: torch.Tensor,  # [T] the slots just written (no -1 padding), distinct blocks
 ) -> None:
-    """Fold the keys just written into their blocks' bounds; a write at offset 0 restarts the
-    block (it was free or reused), so stale bounds of a recycled block never survive. Sparse
-    steps run eagerly, never padded, so every slot is real (no filtering: no host sync)."""
-    bs = kv_cache.shape[3]
+    """Fold the keys just written into their sub-pages' bounds; a write at a sub-page's first
+    offset restarts it (the block was free or reused), so stale bounds of a recycled block never
+    survive a sub-page's first token. Sparse steps run eagerly, never padded, so every slot is
+    real (no filtering: no host sync)."""
+    bs, pages = kv_cache.shape[3], bounds.shape[3]
     slots = slot_mapping.long()
     blocks, offs = slots // bs, slots % bs
+    sub = offs // (bs // pages)
     key = kv_cache[blocks, layer, 0, offs].to(bounds.dtype)  # [T, Hkv, D]
-    fresh = (offs == 0)[:, None, None]
-    old = bounds[blocks, layer]  # [T, 2, Hkv, D]
+    fresh = (offs % (bs // pages) == 0)[:, None, None]
+    old = bounds[blocks, layer, :, sub]  # [T, 2, Hkv, D]
     kmax = torch.where(fresh, key, torch.maximum(old[:, 0], key))
     kmin = torch.where(fresh, key, torch.minimum(old[:, 1], key))
-    bounds[blocks, layer] = torch.stack((kmax, kmin), 1)
+    bounds[blocks, layer, :, sub] = torch.stack((kmax, kmin), 1)
 
 
 def block_scores(
     query: torch.Tensor,  # [B, H, D]
-    bounds: torch.Tensor,  # [num_blocks, L, 2, Hkv, D]
+    bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     layer: int,
-    block_tables: torch.Tensor,  # [B, MB]
-) -> torch.Tensor:  # [B, Hkv, MB] float32, max over the query heads sharing each KV head
+    block_tables: torch.Tensor,  # [B, MB] physical, or [B, Hkv, MB]: one table per KV head
+) -> torch.Tensor:  # [B, Hkv, MB] float32: max over the sub-pages and the query group
+    """Block scores from the bounds; given :func:`keys_as_bounds` (P = bs, kmax = kmin = k) they
+    are the exact ``max q·k`` over each block's keys."""
     batch, heads, dim = query.shape
-    kv_heads, mb = bounds.shape[3], block_tables.shape[1]
-    kb = bounds[:, layer].index_select(0, block_tables.reshape(-1).long()).float()
-    kb = kb.view(batch, mb, 2, kv_heads, dim)
+    kv_heads = bounds.shape[4]
+    if block_tables.dim() == 2:
+        block_tables = block_tables[:, None].expand(-1, kv_heads, -1)
+    heads_idx = torch.arange(kv_heads, device=block_tables.device)[None, :, None]
+    kb = bounds[:, layer][block_tables.long(), :, :, heads_idx].float()  # [B, Hkv, MB, 2, P, D]
     q = query.float().view(batch, kv_heads, heads // kv_heads, dim)
-    s = torch.einsum("bhgd,bnhd->bhgn", q.clamp(min=0), kb[:, :, 0])
-    s = s + torch.einsum("bhgd,bnhd->bhgn", q.clamp(max=0), kb[:, :, 1])
-    return s.amax(2)
+    s = torch.einsum("bhgd,bhnpd->bhgnp", q.clamp(min=0), kb[:, :, :, 0])
+    s = s + torch.einsum("bhgd,bhnpd->bhgnp", q.clamp(max=0), kb[:, :, :, 1])
+    return s.amax(4).amax(2)
+
+
+def keys_as_bounds(
+    kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
+) -> torch.Tensor:  # [num_blocks, L, 2, bs, Hkv, D] view: every key its own sub-page
+    """The keys seen as bounds of one-token sub-pages (max = min = the key; a view, no copy), so
+    that :func:`block_scores` over them is the exact ``max q·k`` of each block."""
+    return kv_cache[:, :, :1].expand(-1, -1, 2, -1, -1, -1)
 
 
 def sparse_decode_attention(

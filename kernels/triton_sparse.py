@@ -1,8 +1,8 @@
 """Triton bodies of the sparse-attention ops (contracts and layouts in kernels/sparse_reference.py).
 
 - ``block_scores``: one program per (sequence, KV head, chunk of BLOCK_B logical blocks) loads
-  the group's queries once and the chunk's bounds, and computes ``q⁺·kmax + q⁻·kmin`` as two
-  ``tl.dot``; the group's max is stored.
+  the group's queries once, then for each of the P sub-pages the chunk's bounds, and computes
+  ``q⁺·kmax + q⁻·kmin`` as two ``tl.dot``; the max over sub-pages and the group is stored.
 - ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
   one length per (sequence, KV head) — the compacted selection — instead of one per sequence, so
   a program reads only its head's selected blocks. Split-K and the reduce kernel are shared.
@@ -31,9 +31,9 @@ from kvrelay.kernels.triton_decode import (
 @triton.jit
 def _scores_kernel(
     q_ptr, bnd_ptr, bt_ptr, out_ptr, layer_off, mb,
-    stride_qb, stride_qh, stride_blk, stride_mm, stride_head, stride_btb,
+    stride_qb, stride_qh, stride_blk, stride_mm, stride_sub, stride_head, stride_btb, stride_bth,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    PAGES: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -48,25 +48,34 @@ def _scores_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     ).to(tl.float32)  # [GROUP_PAD, D_PAD]
-    blk = tl.load(bt_ptr + b * stride_btb + offs_j, mask=j_mask, other=0).to(tl.int64)
+    q_pos = tl.maximum(q, 0.0)
+    q_neg = tl.minimum(q, 0.0)
+    bt = bt_ptr + b * stride_btb + kvh * stride_bth
+    blk = tl.load(bt + offs_j, mask=j_mask, other=0).to(tl.int64)
     base = bnd_ptr + layer_off + kvh * stride_head + blk * stride_blk  # [BLOCK_B]
     m = j_mask[None, :] & d_mask[:, None]
-    kmax = tl.load(base[None, :] + offs_d[:, None], mask=m, other=0.0).to(tl.float32)
-    kmin = tl.load(base[None, :] + stride_mm + offs_d[:, None], mask=m, other=0.0).to(tl.float32)
-    s = tl.dot(tl.maximum(q, 0.0), kmax, input_precision="ieee")
-    s += tl.dot(tl.minimum(q, 0.0), kmin, input_precision="ieee")  # [GROUP_PAD, BLOCK_B]
-    s = tl.where(g_mask[:, None], s, float("-inf"))
-    tl.store(out_ptr + (b * tl.num_programs(1) + kvh) * mb + offs_j, tl.max(s, 0), mask=j_mask)
+    best = tl.full([GROUP_PAD, BLOCK_B], float("-inf"), tl.float32)
+    for p in tl.static_range(PAGES):  # the block's score: the max over its sub-pages
+        sub = base + p * stride_sub
+        kmax = tl.load(sub[None, :] + offs_d[:, None], mask=m, other=0.0).to(tl.float32)
+        kmin = tl.load(sub[None, :] + stride_mm + offs_d[:, None], mask=m, other=0.0)
+        s = tl.dot(q_pos, kmax, input_precision="ieee")
+        s += tl.dot(q_neg, kmin.to(tl.float32), input_precision="ieee")  # [GROUP_PAD, BLOCK_B]
+        best = tl.maximum(best, s)
+    best = tl.where(g_mask[:, None], best, float("-inf"))
+    tl.store(out_ptr + (b * tl.num_programs(1) + kvh) * mb + offs_j, tl.max(best, 0), mask=j_mask)
 
 
 def block_scores(
     query: torch.Tensor,  # [B, H, D]
-    bounds: torch.Tensor,  # [num_blocks, L, 2, Hkv, D]
+    bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     layer: int,
-    block_tables: torch.Tensor,  # [B, MB]
+    block_tables: torch.Tensor,  # [B, MB], or [B, Hkv, MB]: one table per KV head
 ) -> torch.Tensor:  # [B, Hkv, MB] float32
     batch, heads, dim = query.shape
-    kv_heads, mb = bounds.shape[3], block_tables.shape[1]
+    pages, kv_heads, mb = bounds.shape[3], bounds.shape[4], block_tables.shape[-1]
+    if block_tables.dim() == 2:
+        block_tables = block_tables[:, None].expand(-1, kv_heads, -1)  # stride 0: one table
     out = torch.empty(batch, kv_heads, mb, device=query.device, dtype=torch.float32)
     if batch == 0 or mb == 0:
         return out
@@ -75,9 +84,10 @@ def block_scores(
     st = bounds.stride()
     _scores_kernel[(batch, kv_heads, triton.cdiv(mb, block_b))](
         query, bounds, block_tables, out, layer * st[1], mb,
-        query.stride(0), query.stride(1), st[0], st[2], st[3], block_tables.stride(0),
+        query.stride(0), query.stride(1), st[0], st[2], st[3], st[4],
+        block_tables.stride(0), block_tables.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        D_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_B=block_b,
+        D_PAD=max(16, triton.next_power_of_2(dim)), PAGES=pages, BLOCK_B=block_b,
     )  # fmt: skip
     return out
 

@@ -63,7 +63,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_calibrate_heads(args: argparse.Namespace) -> int:
     from kvrelay.workers.model.calibrate_heads import calibrate
 
-    path = calibrate(args.model, args.texts, args.tokens, args.fraction, args.output, args.threads)
+    path = calibrate(
+        args.model, args.texts, args.tokens, args.fraction, args.output, args.threads,
+        args.retrieval, args.needle_mass,
+    )  # fmt: skip
     print(path)
     return 0
 
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M)")
     c.add_argument("--texts", type=int, default=4, help="ShareGPT texts to measure on")
     c.add_argument("--tokens", type=int, default=4096, help="tokens per text")
+    c.add_argument("--retrieval", type=int, default=4,
+                   help="pass-key retrieval prompts to measure on too (0: plain text only)")  # fmt: skip
+    c.add_argument("--needle-mass", type=float, default=0.02,
+                   help="heads putting this much attention on the pass key stay dense")  # fmt: skip
     c.add_argument("--fraction", type=float, default=0.5, help="share of KV heads made streaming")
     c.add_argument("--output", default=None, help="default: beside the model")
     c.add_argument("--threads", type=int, default=None)

@@ -16,10 +16,13 @@ from kvrelay.cluster.controller.admin import kv_blocks
 from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.state import ControllerState, WorkerEntry
 from kvrelay.cluster.controller.worker_client import WorkerGone
-from kvrelay.cluster.metrics.recorder import Metrics, WorkerCounters
+from kvrelay.cluster.metrics.recorder import Metrics, SparseFigures, WorkerCounters
 from kvrelay.cluster.routing.adapter import Routing
 from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.workers.worker import Heartbeat
+
+# EngineStats.extra key of a sparse-attention worker (workers/model/sparse_attention.py)
+SELECTED = "sparse_decode_selected_tokens"
 
 
 class HealthMonitor:
@@ -79,6 +82,7 @@ class HealthMonitor:
         """Worker figures reach /metrics with the heartbeat (counters as deltas)."""
         s, p = hb.stats, prev.stats if prev is not None else None
         t, pt = hb.transport, prev.transport if prev is not None else {}
+        x = s.extra
 
         def delta(now: float, before: float) -> int:
             return max(0, int(now - before))
@@ -97,8 +101,14 @@ class HealthMonitor:
             ),
             prefix_query_tokens=delta(s.prefix_query_tokens, p.prefix_query_tokens if p else 0),
             prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
+            sparse_selected_tokens=delta(
+                x.get(SELECTED, 0.0), p.extra.get(SELECTED, 0.0) if p else 0.0
+            ),
         )
+        sparse = None
+        if "sparse_decode_read_fraction" in x:  # the worker runs sparse attention
+            sparse = SparseFigures(x["sparse_decode_read_fraction"], x["sparse_prefill_density"])
         self.metrics.update_worker(
             entry.info.worker_id, entry.role, entry.healthy, kv_blocks(s),
-            s.running, s.waiting, counters,
+            s.running, s.waiting, counters, sparse,
         )

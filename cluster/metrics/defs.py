@@ -248,7 +248,32 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("worker", "role"),
         "Looked-up prompt tokens found cached (GPU or CPU tier).",
     ),
+    "kvrelay_sparse_decode_selected_tokens_total": (
+        "counter",
+        ("worker", "role"),
+        "Sparse attention: KV tokens decode read, summed over sequences, KV heads and layers "
+        "(workers with --sparse-attention decode or both).",
+    ),
+    "kvrelay_sparse_decode_read_fraction": (
+        "gauge",
+        ("worker", "role"),
+        "Sparse attention: KV tokens decode read / what dense decode would have read, since the "
+        "worker started.",
+    ),
+    "kvrelay_sparse_prefill_density": (
+        "gauge",
+        ("worker", "role"),
+        "Sparse attention: (query, key) tiles prefill computed / causal tiles, since the worker "
+        "started (1 until a prompt is long enough to prefill sparse).",
+    ),
 }
+
+
+def check_sparse(f: SparseFigures) -> None:
+    for what, x in (("decode_read_fraction", f.decode_read_fraction),
+                    ("prefill_density", f.prefill_density)):  # fmt: skip
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1:
+            raise ValueError(f"{what} must be a number in [0, 1], got {x!r}")
 
 
 def check_choice(what: str, value: str, allowed: Collection[str]) -> None:
@@ -289,6 +314,15 @@ class WorkerCounters:
     prefix_query_tokens: int = 0  # prompt tokens looked up in this worker's pools
     prefix_hit_tokens: int = 0  # of those, tokens found cached (GPU or CPU tier)
     kv_received_bytes: int = 0
+    sparse_selected_tokens: int = 0  # KV tokens sparse decode read (sequences x heads x layers)
+
+
+@dataclass(frozen=True, slots=True)
+class SparseFigures:
+    """A sparse-attention worker's ratios since it started (``EngineStats.extra``), in [0, 1]."""
+
+    decode_read_fraction: float
+    prefill_density: float
 
 
 def check_blocks(kv_blocks: Mapping[str, Mapping[str, int]]) -> dict[tuple[str, str], int]:
@@ -309,6 +343,7 @@ def check_counters(c: WorkerCounters) -> None:
     check_count("preemptions_recompute", c.preemptions_recompute)
     check_count("prefix_query_tokens", c.prefix_query_tokens)
     check_count("prefix_hit_tokens", c.prefix_hit_tokens)
+    check_count("sparse_selected_tokens", c.sparse_selected_tokens)
     if c.prefix_hit_tokens > c.prefix_query_tokens:
         raise ValueError("prefix_hit_tokens > prefix_query_tokens")
     for s in c.kv_transfer_seconds:

@@ -37,16 +37,18 @@ from kvrelay.cluster.metrics.defs import (
     MIGRATION_OUTCOMES,
     PREEMPTION_KINDS,
     REQUEST_OUTCOMES,
+    SparseFigures,
     WorkerCounters,
     check_blocks,
     check_choice,
     check_count,
     check_counters,
     check_seconds,
+    check_sparse,
 )
 from kvrelay.workers.types import ROLES
 
-__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "Metrics", "WorkerCounters"]
+__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "Metrics", "SparseFigures", "WorkerCounters"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER_MODEL = "other"  # label for model names outside the served set (bounded cardinality)
@@ -95,6 +97,10 @@ class Metrics:
         self.preemptions = _counter(r, "kvrelay_preemptions_total")
         self.prefix_queries = _counter(r, "kvrelay_prefix_cache_queried_tokens_total")
         self.prefix_hits = _counter(r, "kvrelay_prefix_cache_hit_tokens_total")
+        # -- sparse attention (workers that run it only) --
+        self.sparse_selected = _counter(r, "kvrelay_sparse_decode_selected_tokens_total")
+        self.sparse_read = _gauge(r, "kvrelay_sparse_decode_read_fraction")
+        self.sparse_density = _gauge(r, "kvrelay_sparse_prefill_density")
 
     # -- request path -----------------------------------------------------------------------------
 
@@ -171,9 +177,11 @@ class Metrics:
         running: int,
         waiting: int,
         counters: WorkerCounters | None = None,
+        sparse: SparseFigures | None = None,
     ) -> None:
         """Apply one heartbeat. ``kv_blocks`` is tier -> state -> blocks (tiers: gpu, cpu;
-        states: free, used, cached); a tier or state left out reads 0. A worker whose role changed
+        states: free, used, cached); a tier or state left out reads 0. ``sparse``: the worker
+        runs sparse attention (its sparse series exist only then). A worker whose role changed
         (prefill turned decode) loses its old-role series: counters restart under the new role,
         which ``rate()`` treats as a reset."""
         if not worker_id:
@@ -184,6 +192,8 @@ class Metrics:
         blocks = check_blocks(kv_blocks)
         c = counters or WorkerCounters()
         check_counters(c)
+        if sparse is not None:
+            check_sparse(sparse)
         with self._lock:
             old = self._worker_roles.get(worker_id)
             if old is not None and old != role:
@@ -205,6 +215,10 @@ class Metrics:
             self.preemptions.labels(*w, "recompute").inc(c.preemptions_recompute)
             self.prefix_queries.labels(*w).inc(c.prefix_query_tokens)
             self.prefix_hits.labels(*w).inc(c.prefix_hit_tokens)
+            if sparse is not None:
+                self.sparse_selected.labels(*w).inc(c.sparse_selected_tokens)
+                self.sparse_read.labels(*w).set(sparse.decode_read_fraction)
+                self.sparse_density.labels(*w).set(sparse.prefill_density)
 
     def forget_worker(self, worker_id: str) -> bool:
         """Drop every series of a worker that left; True if it was known."""
@@ -245,6 +259,9 @@ class Metrics:
             self.transfer_seconds,
             self.prefix_queries,
             self.prefix_hits,
+            self.sparse_selected,
+            self.sparse_read,
+            self.sparse_density,
         ):
             g.remove(*w)  # absent label sets are ignored by prometheus_client
         for tier in KV_TIERS:

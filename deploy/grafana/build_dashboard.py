@@ -300,6 +300,34 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                 ),
             ],
         ),
+        (
+            "Sparse attention",
+            [
+                panel(
+                    "Sparse decode: KV tokens read",
+                    [
+                        (
+                            f"sum by (worker) (rate(kvrelay_sparse_decode_selected_tokens_total{{{W}}}{rate}))",
+                            "{{worker}}",
+                        ),
+                    ],
+                    "short",
+                    "KV tokens decode attention read per second, over sequences, KV heads and "
+                    "layers (workers with --sparse-attention decode or both).",
+                ),
+                panel(
+                    "Sparse read fraction and prefill density",
+                    [
+                        (f"kvrelay_sparse_decode_read_fraction{{{W}}}", "{{worker}} decode read"),
+                        (f"kvrelay_sparse_prefill_density{{{W}}}", "{{worker}} prefill tiles"),
+                    ],
+                    "percentunit",
+                    "Since each worker started: KV tokens decode read / what dense decode reads, "
+                    "and prefill tiles computed / causal tiles.",
+                    maximum=1,
+                ),
+            ],
+        ),
     ]
 
 

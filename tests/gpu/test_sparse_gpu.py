@@ -13,6 +13,7 @@ from kvrelay.workers.model.sparse_select import HeadShape, build_tables, sample_
 
 pytestmark = pytest.mark.gpu
 BS, HKV, H, D = 16, 8, 32, 128
+PAGES = 4  # 4-token sub-pages, the default
 
 
 def _case(lens: list[int], seed: int):
@@ -23,12 +24,12 @@ def _case(lens: list[int], seed: int):
     tables = torch.randperm(nblk - 2, device="cuda", generator=g)[: mb * len(lens)] + 2
     tables = tables.view(len(lens), mb).to(torch.int32)
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    bounds = torch.zeros(nblk, 2, 2, HKV, D, device="cuda", dtype=torch.bfloat16)
+    bounds = torch.zeros(nblk, 2, 2, PAGES, HKV, D, device="cuda", dtype=torch.bfloat16)
     for b, n in enumerate(lens):
         nb = -(-n // BS)
         fills = torch.full((nb,), BS, device="cuda")
         fills[-1] = n - (nb - 1) * BS
-        bounds[tables[b, :nb].long(), 1] = ref.block_bounds(kv, 1, tables[b, :nb], fills)
+        bounds[tables[b, :nb].long(), 1] = ref.block_bounds(kv, 1, tables[b, :nb], fills, PAGES)
     return kv, tables, ctx, bounds, g
 
 
@@ -39,6 +40,17 @@ def test_block_scores_gpu() -> None:
     q = torch.randn(3, H, D, device="cuda", generator=g).bfloat16()
     got = triton_sparse.block_scores(q, bounds, 1, tables)
     assert rel_err(got, ref.block_scores(q, bounds, 1, tables)) < 1e-4
+
+
+def test_exact_rerank_scores_gpu() -> None:
+    from kvrelay.kernels import triton_sparse
+
+    kv, tables, _, _, g = _case([5000, 333, 17], 3)
+    q = torch.randn(3, H, D, device="cuda", generator=g).bfloat16()
+    pick = torch.randint(0, tables.shape[1], (3, HKV, 512), device="cuda", generator=g)
+    per_head = tables.long().gather(1, pick.flatten(1)).view_as(pick)
+    got = triton_sparse.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)
+    assert rel_err(got, ref.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)) < 1e-4
 
 
 @pytest.mark.parametrize("splits", [None, 1, 7])

@@ -1,5 +1,5 @@
 """Metrics (issue 7) on a real cluster: a local 1P+1D Ray cluster on the default model (CPU), its
-/metrics on the HTTP port (and on --metrics-port). A real Prometheus scrapes it under load and
+/metrics on the HTTP port (and on --metrics-port), sparse attention on (its figures included). A real Prometheus scrapes it under load and
 answers PromQL (TTFT quantiles, token throughput, KV usage, and every dashboard query);
 ``promtool check metrics`` accepts the live exposition; every series the Grafana dashboard
 queries is in it."""
@@ -40,7 +40,10 @@ def cluster() -> Iterator[Cluster]:
     import ray
 
     owns_ray = not ray.is_initialized()
-    cfg = ServeConfig(grpc_port=0, http_port=0, metrics_port=0, threads_per_worker=1)
+    # sparse attention on (budget 64 decode tokens): the short prompts of the load still read
+    # their whole context; test_sparse_attention_figures_reach_metrics's long one does not
+    cfg = ServeConfig(grpc_port=0, http_port=0, metrics_port=0, threads_per_worker=1,
+                      sparse_attention="both", sparse_budget=64)  # fmt: skip
     try:
         c = Cluster.start(cfg)
     except BaseException:
@@ -245,3 +248,36 @@ def test_every_dashboard_metric_is_in_live_metrics(
     for name in ("kvrelay_worker_healthy", "kvrelay_requests_running", "kvrelay_kv_blocks"):
         found = set(re.findall(name + r'\{[^}]*role="(\w+)",[^}]*worker="([^"]+)"', body.decode()))
         assert found == {(role, w) for w, role in workers.items()}, name
+
+
+def test_sparse_attention_figures_reach_metrics(cluster: Cluster) -> None:
+    """The workers' sparse-attention figures (EngineStats.extra) reach /metrics with their
+    heartbeats: a decode over a context longer than sink + budget + local pages reads less than
+    dense would, and every prompt here being under min_prefill, both workers computed every causal
+    prefill tile."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = int(cluster.ports["http_port"])
+    with Client(f"127.0.0.1:{cluster.ports['grpc_port']}", timeout=60) as c:
+        res = c.generate(SHARED * 12, max_tokens=8, ignore_eos=True, temperature=0)
+    assert res.usage.prompt_tokens > 4 * 16 + 64 + 4 * 16  # past what a dense head reads whole
+
+    def figures() -> dict[tuple[str, str], float]:
+        text = scrape(port).decode()
+        return {
+            (s.name, s.labels["role"]): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name.startswith("kvrelay_sparse_")
+        }
+
+    deadline = time.monotonic() + 60
+    got = figures()
+    while got.get(("kvrelay_sparse_decode_read_fraction", "decode"), 1.0) >= 1.0:
+        assert time.monotonic() < deadline, got  # heartbeats carry the figures
+        threading.Event().wait(0.2)  # poll interval
+        got = figures()
+    assert 0 < got[("kvrelay_sparse_decode_read_fraction", "decode")] < 1
+    assert got[("kvrelay_sparse_decode_selected_tokens_total", "decode")] > 0
+    assert got[("kvrelay_sparse_prefill_density", "prefill")] == 1.0
+    assert got[("kvrelay_sparse_prefill_density", "decode")] == 1.0

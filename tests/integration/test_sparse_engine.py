@@ -49,6 +49,20 @@ def test_small_budget_reads_less_and_reports_it(tiny_model_dir: Path) -> None:
     assert extra["sparse_prefill_density"] == 1.0  # 300 tokens: under min_prefill, dense
 
 
+def test_pool_sizing_counts_the_key_bounds(tiny_model_dir: Path) -> None:
+    loaded = load_model(tiny_model_dir)
+    sized = {}
+    for mode in ("off", "prefill", "decode"):
+        cfg = EngineConfig(kv_cache_gb=0.01, cpu_num_blocks=0, sparse=SparseConfig(mode=mode))
+        engine = Engine(loaded, cfg)
+        sized[mode] = engine.pool.num_blocks
+        held = engine.kv_cache.nbytes + (engine.sparse.bounds.nbytes if engine.sparse else 0)
+        assert held <= 0.01 * 2**30
+    assert sized["prefill"] == sized["off"]  # no bounds without sparse decode
+    # 4-token sub-pages: the bounds add a quarter of the KV bytes
+    assert sized["decode"] == int(0.01 * 2**30 // (engine.block_bytes * 5 // 4))
+
+
 def test_handoff_receipt_recomputes_bounds(tiny_model_dir: Path) -> None:
     own = _run(_engine(tiny_model_dir, "decode"))
     prefill = _engine(tiny_model_dir)
@@ -71,5 +85,6 @@ def test_handoff_receipt_recomputes_bounds(tiny_model_dir: Path) -> None:
     assert decode.sparse is not None
     full = torch.tensor(dst[: len(PROMPT) // 16])
     for layer in range(decode.kv_cache.shape[1]):
-        want = block_bounds(decode.kv_cache, layer, full, torch.full((len(full),), 16))
+        fills = torch.full((len(full),), 16)
+        want = block_bounds(decode.kv_cache, layer, full, fills, decode.sparse.pages)
         assert torch.equal(decode.sparse.bounds[full, layer], want)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from kvrelay.cluster.metrics.defs import HIST_BUCKETS
-from kvrelay.cluster.metrics.recorder import METRIC_NAMES, Metrics, WorkerCounters
+from kvrelay.cluster.metrics.recorder import METRIC_NAMES, Metrics, SparseFigures, WorkerCounters
 
 BLOCKS = {"gpu": {"free": 10, "used": 5, "cached": 1}, "cpu": {"free": 40}}
 
@@ -174,6 +174,23 @@ def test_forget_worker_removes_all_its_series() -> None:
         m.check_integrity()
 
 
+def test_sparse_series_only_for_sparse_workers_and_forgotten_with_them() -> None:
+    m = Metrics()
+    m.update_worker("dense", "decode", True, BLOCKS, 1, 0)
+    w = {"worker": "sparse", "role": "decode"}
+    for selected, read in ((600, 0.5), (400, 0.25)):
+        counters = WorkerCounters(sparse_selected_tokens=selected)
+        m.update_worker("sparse", "decode", True, BLOCKS, 1, 0, counters, SparseFigures(read, 1.0))
+    assert val(m, "kvrelay_sparse_decode_selected_tokens_total", **w) == 1000
+    assert val(m, "kvrelay_sparse_decode_read_fraction", **w) == 0.25
+    assert val(m, "kvrelay_sparse_prefill_density", **w) == 1.0
+    dense = {"worker": "dense", "role": "decode"}
+    assert val(m, "kvrelay_sparse_decode_read_fraction", **dense) is None
+    m.forget_worker("sparse")
+    assert 'worker="sparse"' not in m.render().decode()
+    m.check_integrity()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -185,6 +202,8 @@ def test_forget_worker_removes_all_its_series() -> None:
         ({"running": -1}, "running"),
         ({"counters": WorkerCounters(prefix_query_tokens=1, prefix_hit_tokens=2)}, "prefix_hit"),
         ({"counters": WorkerCounters(kv_transfer_seconds=(math.nan,))}, "kv_transfer_seconds"),
+        ({"sparse": SparseFigures(1.5, 1.0)}, "decode_read_fraction"),
+        ({"sparse": SparseFigures(0.5, math.nan)}, "prefill_density"),
     ],
 )
 def test_bad_heartbeats_raise(kwargs: dict[str, object], message: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kvrelay.cluster.metrics.defs import KV_STATES, KV_TIERS, MIGRATION_OUTCOMES, REQUEST_OUTCOMES
-from kvrelay.cluster.metrics.recorder import METRIC_NAMES, Metrics, WorkerCounters
+from kvrelay.cluster.metrics.recorder import METRIC_NAMES, Metrics, SparseFigures, WorkerCounters
 from kvrelay.workers.types import ROLES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,8 @@ def populated() -> Metrics:
             kv_blocks=blocks,
             running=i,
             waiting=2 * i,
-            counters=WorkerCounters(4096, (0.003, 0.04), 1, 2, 128, 96, 2048),
+            counters=WorkerCounters(4096, (0.003, 0.04), 1, 2, 128, 96, 2048, 640),
+            sparse=SparseFigures(0.25, 0.9),
         )
     return m
 
@@ -91,7 +92,10 @@ def exposed_series(text: str) -> dict[str, set[str]]:
 @needs_promtool
 def test_promtool_accepts_the_exposition() -> None:
     proc = subprocess.run(
-        [str(PROMTOOL), "check", "metrics"], input=populated().render(), capture_output=True, timeout=30
+        [str(PROMTOOL), "check", "metrics"],
+        input=populated().render(),
+        capture_output=True,
+        timeout=30,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -145,7 +149,9 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
         rules.append({"record": f"kvrelay:dashboard_{i}", "expr": promql})
     path = tmp_path / "rules.json"  # JSON is YAML
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
-    proc = subprocess.run([str(PROMTOOL), "check", "rules", str(path)], capture_output=True, timeout=30)
+    proc = subprocess.run(
+        [str(PROMTOOL), "check", "rules", str(path)], capture_output=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -45,7 +45,9 @@ def sparse() -> Iterator[ModuleType]:
         del os.environ["TRITON_INTERPRET"]
 
 
-def _case(lens: list[int], kv_heads: int, bs: int, dim: int, dtype: torch.dtype, seed: int):
+def _case(
+    lens: list[int], kv_heads: int, bs: int, dim: int, dtype: torch.dtype, seed: int, pages: int = 2
+):
     g = torch.Generator().manual_seed(seed)
     mb = max(-(-n // bs) for n in lens)
     nblk = mb * len(lens) + 2
@@ -53,21 +55,34 @@ def _case(lens: list[int], kv_heads: int, bs: int, dim: int, dtype: torch.dtype,
     perm = torch.randperm(nblk - 2, generator=g) + 2
     tables = perm[: mb * len(lens)].view(len(lens), mb).to(torch.int32)
     ctx = torch.tensor(lens, dtype=torch.int32)
-    bounds = torch.zeros(nblk, 2, 2, kv_heads, dim, dtype=dtype)
+    bounds = torch.zeros(nblk, 2, 2, pages, kv_heads, dim, dtype=dtype)
     for b, n in enumerate(lens):
         nb = -(-n // bs)
         fills = torch.full((nb,), bs)
         fills[-1] = n - (nb - 1) * bs
-        bounds[tables[b, :nb].long(), 1] = ref.block_bounds(kv, 1, tables[b, :nb], fills)
+        bounds[tables[b, :nb].long(), 1] = ref.block_bounds(kv, 1, tables[b, :nb], fills, pages)
     return kv, tables, ctx, bounds, g
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_scores(sparse: ModuleType, dtype: torch.dtype) -> None:
-    _, tables, _, bounds, g = _case([100, 37, 70], 2, 8, 24, dtype, 1)
+@pytest.mark.parametrize(
+    ("dtype", "pages"), [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 2)]
+)
+def test_block_scores(sparse: ModuleType, dtype: torch.dtype, pages: int) -> None:
+    _, tables, _, bounds, g = _case([100, 37, 70], 2, 8, 24, dtype, 1, pages)
     q = torch.randn(3, 6, 24, generator=g).to(dtype)
     want = ref.block_scores(q, bounds, 1, tables)
     got = sparse.block_scores(q, bounds, 1, tables)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtype) -> None:
+    kv, tables, _, _, g = _case([100, 37, 70], 2, 8, 24, dtype, 4)
+    q = torch.randn(3, 6, 24, generator=g).to(dtype)
+    pick = torch.randint(0, tables.shape[1], (3, 2, 5), generator=g)  # a shortlist per KV head
+    per_head = tables.long().gather(1, pick.flatten(1)).view_as(pick)
+    want = ref.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)
+    got = sparse.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)
     assert rel_err(got, want) < 1e-5
 
 

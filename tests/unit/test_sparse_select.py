@@ -9,9 +9,17 @@ import torch
 from kvrelay.kernels import reference as dense
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
-from kvrelay.workers.model.sparse_select import HeadShape, build_tables, sample_columns, select_topk
+from kvrelay.workers.model.calibrate_heads import pick_streaming
+from kvrelay.workers.model.sparse_select import (
+    HeadShape,
+    build_tables,
+    rerank_topk,
+    sample_columns,
+    select_topk,
+)
 
 BS, HKV, GROUP, D = 16, 2, 3, 32
+PAGES = 4  # sub-pages per block
 
 
 def _cache(num_blocks: int, structured: bool, seed: int = 0) -> torch.Tensor:
@@ -23,13 +31,15 @@ def _cache(num_blocks: int, structured: bool, seed: int = 0) -> torch.Tensor:
     return kv
 
 
-def _bounds(kv: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-    bounds = torch.zeros(kv.shape[0], 1, 2, HKV, D)
+def _bounds(
+    kv: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, pages: int = PAGES
+) -> torch.Tensor:
+    bounds = torch.zeros(kv.shape[0], 1, 2, pages, HKV, D)
     for b in range(tables.shape[0]):
         nb = -(-int(ctx[b]) // BS)
         fills = torch.full((nb,), BS)
         fills[-1] = int(ctx[b]) - (nb - 1) * BS
-        bounds[tables[b, :nb].long(), 0] = ref.block_bounds(kv, 0, tables[b, :nb], fills)
+        bounds[tables[b, :nb].long(), 0] = ref.block_bounds(kv, 0, tables[b, :nb], fills, pages)
     return bounds
 
 
@@ -45,7 +55,9 @@ def _setup(ctx_list: list[int], structured: bool = False):
 
 def test_bounds_incremental_equal_recomputed() -> None:
     kv, tables, ctx, _ = _setup([45])
-    bounds = torch.full((kv.shape[0], 1, 2, HKV, D), 99.0)  # stale values of a recycled block
+    bounds = torch.full(
+        (kv.shape[0], 1, 2, PAGES, HKV, D), 99.0
+    )  # stale values of a recycled block
     for t in range(45):
         slot = tables[0, t // BS].long() * BS + t % BS
         ref.update_bounds(bounds, kv, 0, slot.view(1))
@@ -148,3 +160,41 @@ def test_reused_selection_reads_the_block_that_left_the_local_window() -> None:
         n = -(-int(lens[0, g]) // BS)
         assert int(tables[0, 39]) in sel[0, g, :n].tolist()
         assert int(lens[0, g]) == (1 + 4 + 1) * BS + 1  # sink + top-4 + block 39 + 1 token
+
+
+def test_keys_as_bounds_score_is_the_exact_block_max() -> None:
+    kv, tables, _, q = _setup([200])
+    exact = ref.block_scores(q, ref.keys_as_bounds(kv), 0, tables)  # [1, Hkv, MB]
+    k, _ = ref.gather_kv(kv, 0, tables[0], 200)
+    for g in range(HKV):
+        qk = (q[0, g * GROUP : (g + 1) * GROUP] @ k[:, g].T).amax(0)  # [200]
+        want = torch.nn.functional.pad(qk, (0, 8), value=-1e9).view(13, BS).amax(1)
+        assert torch.allclose(exact[0, g, :12], want[:12], atol=1e-4)  # the full blocks
+
+
+def test_sub_pages_tighten_the_bound_and_rerank_finds_the_exact_top() -> None:
+    kv, tables, ctx, q = _setup([1500])
+    shape = HeadShape(sink=1, topk=10, local=1)
+    exact = ref.block_scores(q, ref.keys_as_bounds(kv), 0, tables)
+    coarse = ref.block_scores(q, _bounds(kv, tables, ctx, pages=1), 0, tables)
+    fine = ref.block_scores(q, _bounds(kv, tables, ctx, pages=PAGES), 0, tables)
+    nb = -(-1500 // BS)
+    # every bound is above the exact max, and sub-pages never loosen it
+    assert bool((fine[..., :nb] >= exact[..., :nb] - 1e-4).all())
+    assert bool((coarse[..., :nb] >= fine[..., :nb] - 1e-4).all())
+    want = select_topk(exact, ctx, BS, shape).sort(-1).values
+    short = select_topk(fine, ctx, BS, HeadShape(1, nb, 1))  # a shortlist of every block
+    got = rerank_topk(short, exact.gather(-1, short), ctx, BS, shape).sort(-1).values
+    assert torch.equal(got, want)
+    # the shortlist's non-middle entries (sink, local, past the context) never win
+    assert bool(((got >= 1) & (got < nb - 1)).all())
+
+
+def test_pick_streaming_never_takes_retrieval_heads() -> None:
+    mass = torch.tensor([[0.9, 0.8, 0.7], [0.6, 0.95, 0.5]])  # (sink ∪ local) mass on plain text
+    assert pick_streaming(mass, 0.5).tolist() == [[True, True, False], [False, True, False]]
+    retrieving = torch.tensor([[False, True, False], [False, True, True]])
+    got = pick_streaming(mass, 0.5, retrieving)
+    assert got.tolist() == [[True, False, True], [True, False, False]]
+    # too few heads left: all of them, no more
+    assert int(pick_streaming(mass, 0.9, retrieving).sum()) == 3

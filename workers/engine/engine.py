@@ -44,7 +44,7 @@ from kvrelay.workers.kv.storage import KVStorage, build_kv_storage
 from kvrelay.workers.kv.tiers import check_held
 from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel
-from kvrelay.workers.model.sparse_attention import SparseConfig, build_sparse
+from kvrelay.workers.model.sparse_attention import SparseConfig, bounds_bytes, build_sparse
 from kvrelay.workers.types import FinishReason, KVEvent, PoolStats, SamplingParams, TokenEvent
 
 
@@ -140,12 +140,15 @@ class Engine:
         self.device = torch.device(device)
         bs = config.block_size
         if storage is None:
+            block_shape = kv_cache_shape(loaded.config, 1, bs)[1:]
+            dtype = next(loaded.model.parameters()).dtype
+            block_bytes = torch.Size(block_shape).numel() * dtype.itemsize
             storage = build_kv_storage(
-                kv_cache_shape(loaded.config, 1, bs)[1:], next(loaded.model.parameters()).dtype,
-                self.device, num_blocks=config.num_blocks, kv_gb=config.kv_cache_gb,
-                cpu_num_blocks=config.cpu_num_blocks, cpu_kv_gb=config.cpu_kv_gb,
-                async_copies=config.async_swaps,
-            )
+                block_shape, dtype, self.device, num_blocks=config.num_blocks,
+                kv_gb=config.kv_cache_gb, cpu_num_blocks=config.cpu_num_blocks,
+                cpu_kv_gb=config.cpu_kv_gb, async_copies=config.async_swaps,
+                side_bytes_per_block=bounds_bytes(config.sparse, block_bytes),  # key bounds
+            )  # fmt: skip
         self.storage = storage
         self.block_bytes = storage.block_bytes
         self.kv_cache = storage.cache

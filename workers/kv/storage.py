@@ -39,11 +39,13 @@ def build_kv_storage(
     cpu_num_blocks: int | None,
     cpu_kv_gb: float,
     async_copies: bool | None,
+    side_bytes_per_block: int = 0,
 ) -> KVStorage:
     """``block_shape``: one block's ``[L, 2, bs, Hkv, D]``; ``num_blocks=None``: as many as
-    ``kv_gb`` holds (at least 16). The CPU tier's arguments are ``build_cpu_tier``'s."""
+    ``kv_gb`` holds (at least 16), counting ``side_bytes_per_block`` the caller keeps beside each
+    block (sparse attention's key bounds). The CPU tier's arguments are ``build_cpu_tier``'s."""
     block_bytes = torch.Size(block_shape).numel() * dtype.itemsize
-    n = num_blocks or max(16, int(kv_gb * 2**30 // block_bytes))
+    n = num_blocks or max(16, int(kv_gb * 2**30 // (block_bytes + side_bytes_per_block)))
     cache = torch.zeros((n, *block_shape), dtype=dtype, device=device)
     pool = BlockPool(n, block_shape[2])
     copier, cpu_tier = build_cpu_tier(

@@ -7,21 +7,31 @@ calls ``decode`` or ``prefill`` instead of the dense kernel. With mode "off" non
 and the dense path is untouched.
 
 Key bounds (kernels/sparse_reference.py) live in a side tensor beside the KV pool,
-``[num_blocks, L, 2, Hkv, D]``, and are *recomputed on receipt*, not shipped: a sequence that was
-not in the previous decode step (first decode after a local prefill or a chunked step, a PD
+``[num_blocks, L, 2, P, Hkv, D]``: per-channel max and min of each of a block's P sub-pages of
+``sub_page_tokens`` (LServe's hierarchical paging; 4-token sub-pages of our 16-token block cost
+a quarter of the KV pool's bytes). They are *recomputed on receipt*, not shipped: a sequence that
+was not in the previous decode step (first decode after a local prefill or a chunked step, a PD
 handoff, a swap-in, a tier hit, a migration) has the bounds of all its blocks recomputed from the
 cache before its first sparse decode (one read of its K, the cost of one dense step); after that
 each decode write folds the new key in. The bounds are a pure function of a block's keys, so no
 wire format, tier or handoff had to learn about them, and nothing stale can be selected.
 
+Selection (dense heads): the top ``rerank``·K middle blocks by bound score, re-ranked by the
+exact max q·k over their keys, keep K. Bounds alone (``rerank=1``, LServe) pick blocks that
+overlap the exact top-K by only ~0.8 on real text even with 4-token sub-pages (benchmarks/README.md,
+sparse attention); the re-rank reads the keys of rerank·K blocks per KV head at refresh steps.
 Selections are refreshed every ``reuse_steps`` decode steps, or at once when the batch changes.
+LServe reuses a selection for 4 steps; with the exact re-rank that lost a pass key on SmolLM2-135M
+(2k context, budget 1024: a selection sharpened for the query of "The" was reused for "is", whose
+next token is the key) where refreshing every step kept it, so the default refreshes every step
+(the bounds are then read each step: a quarter of the KV bytes at 4-token sub-pages).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +42,7 @@ from kvrelay.workers.model.sparse_options import SPARSE_MODES
 from kvrelay.workers.model.sparse_select import (
     HeadShape,
     build_tables,
+    rerank_topk,
     sample_columns,
     select_topk,
 )
@@ -46,7 +57,9 @@ class SparseConfig:
     mode: str = "off"
     budget: int = 4096  # decode: middle tokens a dense head reads beyond its sink and last page
     page_tokens: int = 64  # decode: a dense head always reads the first and the last page
-    reuse_steps: int = 4  # decode steps a selection is reused for (LServe)
+    sub_page_tokens: int = 4  # decode: key bounds per sub-page of a block (LServe's logical page)
+    rerank: int = 2  # decode: the top rerank·K blocks by bound are re-ranked by exact max q·k
+    reuse_steps: int = 1  # decode steps a selection is reused for (LServe: 4; see the docstring)
     stream_sink: int = 128  # streaming heads, decode and prefill
     stream_local: int = 256  # streaming heads, decode
     stream_prefill_local: int = 8192  # streaming heads, prefill
@@ -62,6 +75,8 @@ class SparseConfig:
             raise ValueError(f"sparse mode must be one of {SPARSE_MODES}, got {self.mode!r}")
         if self.budget < 0 or self.reuse_steps < 1 or not 0 < self.alpha <= 1:
             raise ValueError("sparse budget >= 0, reuse_steps >= 1, 0 < alpha <= 1")
+        if self.sub_page_tokens < 1 or self.rerank < 1:
+            raise ValueError("sparse sub_page_tokens >= 1, rerank >= 1")
 
     @property
     def decode(self) -> bool:
@@ -102,8 +117,11 @@ class SparseAttention:
         nblk, layers, _, bs, kv_heads, dim = kv_cache.shape
         self.config = config
         self.block_size = bs
-        self.bounds = torch.zeros(nblk, layers, 2, kv_heads, dim, dtype=kv_cache.dtype,
-                                  device=kv_cache.device)  # fmt: skip
+        if bs % config.sub_page_tokens:
+            raise ValueError(f"sub-page of {config.sub_page_tokens} tokens does not divide {bs}")
+        self.pages = bs // config.sub_page_tokens  # sub-pages per block
+        self.bounds = torch.zeros(nblk if config.decode else 0, layers, 2, self.pages, kv_heads,
+                                  dim, dtype=kv_cache.dtype, device=kv_cache.device)  # fmt: skip
         if streaming is None:
             streaming = torch.zeros(layers, kv_heads, dtype=torch.bool)
         self.streaming = streaming.to(kv_cache.device)
@@ -166,13 +184,14 @@ class SparseAttention:
         if self._fresh is not None:
             rows, logical, fills = self._fresh
             ids = attn.block_tables[rows, logical]
-            self.bounds[ids.long(), layer] = ref.block_bounds(kv_cache, layer, ids, fills)
+            self.bounds[ids.long(), layer] = ref.block_bounds(
+                kv_cache, layer, ids, fills, self.pages
+            )
         streaming = self.streaming[layer] if self.has_streaming[layer] else None
         bs = self.block_size
         topk = self._topk.get(layer)
         if self.dense.topk and (self._refresh or topk is None):
-            scores = kernels.block_scores(query, self.bounds, layer, attn.block_tables)
-            topk = select_topk(scores, attn.context_lens, self.block_size, self.dense)
+            topk = self._select(layer, query, kv_cache, attn)
             self._topk[layer] = topk
             self._refresh_nb[layer] = (attn.context_lens.long() + bs - 1) // bs
         tables, lens = build_tables(
@@ -184,6 +203,22 @@ class SparseAttention:
         c.selected_tokens += lens.sum()  # type: ignore[assignment] # device sum, read in stats
         c.context_tokens += attn.context_lens.sum() * lens.shape[1]  # type: ignore[assignment]
         return kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
+
+    def _select(
+        self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:  # [B, Hkv, K'] logical middle blocks of the dense heads
+        """Top-K by bound score, or (rerank > 1) the top rerank·K by bound re-ranked by the exact
+        max q·k: a refresh step then also reads the keys of rerank·K blocks per KV head."""
+        from kvrelay.kernels.sparse_reference import keys_as_bounds
+
+        bs, shape, wide = self.block_size, self.dense, self.config.rerank
+        scores = kernels.block_scores(query, self.bounds, layer, attn.block_tables)
+        if wide == 1:
+            return select_topk(scores, attn.context_lens, bs, shape)
+        short = select_topk(scores, attn.context_lens, bs, replace(shape, topk=shape.topk * wide))
+        tables = attn.block_tables.long().gather(1, short.flatten(1)).view_as(short)
+        exact = kernels.block_scores(query, keys_as_bounds(kv_cache), layer, tables)
+        return rerank_topk(short, exact, attn.context_lens, bs, shape)
 
     # ---- prefill -------------------------------------------------------------------------
     def prefill(
@@ -262,6 +297,13 @@ class SparseAttention:
                 c.prefill_pairs / c.prefill_causal_pairs if c.prefill_causal_pairs else 1.0
             ),
         }
+
+
+def bounds_bytes(config: SparseConfig, block_bytes: int) -> int:
+    """Bytes of key bounds kept beside each KV block of ``block_bytes`` (its bs K and bs V rows:
+    2·P = 2·bs / sub_page_tokens bound rows), none unless decode is sparse; the engine sizes its
+    pool with them."""
+    return block_bytes // config.sub_page_tokens if config.decode else 0
 
 
 def default_heads_path(source: str) -> Path:

@@ -4,11 +4,13 @@ holds the state and calls these).
 Decode (LServe). Every (sequence, KV head) reads, in logical blocks of a context of nb blocks::
 
     [0 .. S)            sink           always
-    top-K of [S, nb-W)  middle         dense heads: by page score; streaming heads: K = 0
+    top-K of [S, nb-W)  middle         dense heads: by block score; streaming heads: K = 0
     [nb-W .. nb)        local          always; the last block is the partial one being written
 
 so a dense head reads exactly sink (S·bs) + budget (K·bs) + local ((W-1)·bs + the last block's
-tokens) at a refresh step, and a context of at most S + K + W blocks is read whole. While a
+tokens) at a refresh step, and a context of at most S + K + W blocks is read whole. The middle
+top-K: the top R·K blocks by their bound score (a shortlist, ``select_topk``), re-ranked by the
+exact ``max q·k`` over their keys (``rerank_topk``); R = 1 is LServe's bound-only selection. While a
 selection is reused, the block that has left the local window since (at most one) is read too.
 
 Prefill (SampleAttention). Per query head: sample every ``stride``-th new row (~5%), average
@@ -54,6 +56,21 @@ def select_topk(
     middle = (j >= shape.sink) & (j < nb - shape.local)  # [B, MB]
     masked = scores.masked_fill(~middle[:, None, :], float("-inf"))
     return masked.topk(min(shape.topk, scores.shape[2]), dim=-1).indices
+
+
+def rerank_topk(
+    short: torch.Tensor,  # [B, Hkv, R] logical blocks shortlisted by select_topk
+    exact: torch.Tensor,  # [B, Hkv, R] their exact scores (max q·k over the block's keys)
+    context_lens: torch.Tensor,  # [B]
+    bs: int,
+    shape: HeadShape,
+) -> torch.Tensor:  # [B, Hkv, K'] logical, K' = min(K, R)
+    """The top-K of the shortlist by exact score; shortlisted blocks outside the middle (picked
+    only because the middle of a short context has fewer than R blocks) never win."""
+    nb = num_blocks(context_lens, bs)[:, None, None]
+    middle = (short >= shape.sink) & (short < nb - shape.local)
+    exact = exact.masked_fill(~middle, float("-inf"))
+    return short.gather(-1, exact.topk(min(shape.topk, short.shape[-1]), dim=-1).indices)
 
 
 def _candidates(
