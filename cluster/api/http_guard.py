@@ -5,8 +5,9 @@ aiohttp's server waits forever for a request's headers and keeps any number of c
 
 * at most ``max_connections`` open connections; one more is closed at once;
 * a connection that has not delivered a complete request head within ``header_timeout_s`` of
-  opening is closed (slow-header clients). Later requests on a kept-alive connection are
-  covered by aiohttp's ``keepalive_timeout`` while idle;
+  opening, or of the first byte of a later request on a kept-alive connection, is closed
+  (slow-header clients); an idle kept-alive connection is aiohttp's ``keepalive_timeout``'s.
+  Bytes of a next request pipelined while one is answered do not start the clock;
 * request bodies are read under ``body_timeout_s`` by the handler (frontend_http.py), which
   answers 408 and closes the connection.
 
@@ -42,6 +43,7 @@ class _Guarded(asyncio.Protocol):
         self._listener = listener
         self._inner = inner
         self._timer: asyncio.TimerHandle | None = None
+        self._in_request = False  # a head arrived and its handler has not returned yet
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -59,9 +61,13 @@ class _Guarded(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def request_started(self) -> None:
+        self._in_request = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def request_done(self) -> None:
+        self._in_request = False
 
     def _head_timeout(self) -> None:
         self._timer = None
@@ -70,6 +76,10 @@ class _Guarded(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_request and self._timer is None:  # the next request's head begins
+            self._timer = asyncio.get_running_loop().call_later(
+                self._listener.limits.header_timeout_s, self._head_timeout
+            )
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -106,6 +116,12 @@ class GuardedListener:
         conn = self.open.get(id(transport))
         if conn is not None and conn.transport is transport:
             conn.request_started()
+
+    def request_done(self, transport: Any) -> None:
+        """The handler of the request on ``transport`` returned (called by the middleware)."""
+        conn = self.open.get(id(transport))
+        if conn is not None and conn.transport is transport:
+            conn.request_done()
 
     @classmethod
     async def start(cls, runner: web.AppRunner, host: str, port: int,

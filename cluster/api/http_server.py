@@ -83,9 +83,13 @@ class HttpFrontend:
 
     @web.middleware
     async def _seen(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self.listener is not None:  # the head arrived: the header timeout is over
-            self.listener.request_started(request.transport)
-        return await handler(request)  # type: ignore[no-any-return]
+        if self.listener is None:
+            return await handler(request)  # type: ignore[no-any-return]
+        self.listener.request_started(request.transport)  # the head arrived: its timer is over
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:  # the next bytes on this connection begin the next request's head
+            self.listener.request_done(request.transport)
 
     # -- routes ----------------------------------------------------------------------------
     async def readiness(self, request: web.Request) -> web.Response:
