@@ -331,7 +331,7 @@ def test_split_rule_drives_the_lanes(
 def test_concurrent_stress_never_double_allocates(
     loaded: LoadedModel, prompts: list[list[int]]
 ) -> None:
-    """Both lanes busy on a pool too small for the load (preemption on either lane), while
+    """Both lanes busy on a pool too small for the load (evictions, preemption on either lane), while
     another thread aborts a third of the requests at different points (before their first
     token, right after it, while decoding): exact ownership holds afterwards, and every request that was not aborted
     gives the colocated engine's greedy tokens."""
@@ -377,7 +377,10 @@ def test_concurrent_stress_never_double_allocates(
             if rid not in aborted:
                 assert sink.tokens[rid] == want[i], rid
         hb = semi.heartbeat()
-        assert hb.stats.preemptions > 0  # the pool was contended
+        # the pool ran dry: allocations had to evict cached blocks (the prompts, 710 tokens at
+        # offsets that share no block, need more than its 24 blocks). Whether a lane was also
+        # preempted depends on how the aborts fall, so that is not asserted
+        assert hb.stats.pool.extra["evictions"] > 0
         assert_clean(semi)
     finally:
         reference.shutdown()
