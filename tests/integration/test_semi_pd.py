@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import torch
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd.sm_partition import Split
 from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
@@ -153,6 +155,30 @@ def test_tokens_match_colocated(loaded: LoadedModel, prompts: list[list[int]]) -
         assert semi.info().semi_pd and semi.info().role == "colocated"
         figures = assert_clean(semi)
         assert figures["transit"] == 0
+    finally:
+        colocated.shutdown()
+        semi.shutdown()
+
+
+def test_sparse_attention_decodes_on_the_decode_lane_only(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """With ``--sparse-attention both`` only the decode lane keeps key bounds (the prefill lane
+    never decodes); a budget beyond the context decodes exactly like dense."""
+    sink = Collector()
+    params = [SamplingParams(max_tokens=12, temperature=0.0) for _ in prompts]
+    sparse = replace(CONFIG, sparse=SparseConfig(mode="both", budget=4096))
+    colocated = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=sparse, sink=sink)
+    try:
+        pre, dec = semi.prefill_engine.sparse, semi.loop.engine.sparse
+        assert pre is not None and dec is not None
+        assert pre.bounds.shape[0] == 0 and dec.bounds.shape[0] == semi.storage.pool.num_blocks
+        assert generate(semi, sink, prompts, params, "s") == generate(
+            colocated, sink, prompts, params, "c"
+        )
+        assert semi.heartbeat().stats.extra["sparse_decode_selected_tokens"] > 0
+        assert_clean(semi)
     finally:
         colocated.shutdown()
         semi.shutdown()

@@ -59,6 +59,7 @@ from kvrelay.workers.worker import (
 log = logging.getLogger(__name__)
 
 DEFAULT_SPLIT = Split(prefill=80, decode=100)  # Semi-PD's code defaults (algorithms.md §5)
+PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 
 
@@ -87,7 +88,12 @@ class SemiPDWorker(Worker):
         # the step that used it has synchronised) holds for it, not for a step left in flight
         config = replace(config, overlap_schedule=False)
         decode = Engine(loaded, config, device=device)  # builds the one storage
-        prefill = Engine(loaded, config, device=device, storage=decode.storage)
+        # the prefill lane never decodes (a request moves to the decode lane after its first
+        # token): sparse prefill at most there, no key bounds or page selection
+        sparse = replace(config.sparse, mode=PREFILL_SIDE.get(config.sparse.mode, "off"))
+        prefill = Engine(
+            loaded, replace(config, sparse=sparse), device=device, storage=decode.storage
+        )
         self.storage = decode.storage
         self.storage_lock = threading.Lock()
         self.partition: SMPartition = build_partition(
