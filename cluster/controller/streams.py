@@ -9,7 +9,8 @@ the stream woke, so one Ray object per decode step, not per request per token.
                               into the stream's outbox; an error ends up there too, for that
                               request only
     stop(request_id)       ─▶ the pump is cancelled: the request is aborted, its blocks freed
-    the stream closes      ─▶ every request still on it is stopped
+    the stream closes      ─▶ every request still on it is stopped; a later ``start`` on it
+                              is refused (UNAVAILABLE), so no pump runs into an unread outbox
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from kvrelay.cluster.api.backend import GenerateRequest
+from kvrelay.cluster.api.errors import ApiError, ErrorCode
 from kvrelay.workers.types import TokenEvent
 
 Item = tuple[str, list[TokenEvent] | Exception]
@@ -30,6 +32,7 @@ class EventStreams:
         self._generate = generate
         self._outboxes: dict[str, asyncio.Queue[Item]] = {}
         self._pumps: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> stream, pump
+        self._closed: set[str] = set()  # streams that ended (one per frontend process gone)
 
     async def serve(self, stream_id: str) -> AsyncIterator[list[Item]]:
         box = self._outboxes.setdefault(stream_id, asyncio.Queue())
@@ -40,6 +43,7 @@ class EventStreams:
                     items.append(box.get_nowait())
                 yield items
         finally:
+            self._closed.add(stream_id)
             del self._outboxes[stream_id]
             for rid, (sid, _) in list(self._pumps.items()):
                 if sid == stream_id:
@@ -47,6 +51,8 @@ class EventStreams:
 
     def start(self, stream_id: str, request: GenerateRequest) -> None:
         rid = request.request_id
+        if stream_id in self._closed:
+            raise ApiError(ErrorCode.UNAVAILABLE, "this frontend's event stream has closed")
         if rid in self._pumps:
             raise ValueError(f"request id {rid!r} is already in flight")
         # the stream's generator may start after its first request does (two Ray calls)

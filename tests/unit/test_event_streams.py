@@ -98,5 +98,11 @@ def test_stop_and_stream_close_abort_what_runs() -> None:
                 break
             await asyncio.sleep(0)
         assert sorted(fake.aborted) == ["slow-a", "slow-b"]
+        try:  # nobody reads a closed stream: starting a request on it is refused
+            streams.start("s1", request("late"))
+            raise AssertionError("a request started on a closed stream")
+        except ApiError as err:
+            assert err.code is ErrorCode.UNAVAILABLE
+        assert "late" not in fake.aborted
 
     asyncio.run(main())
