@@ -111,6 +111,8 @@ class RemoteBackend:
             self.death = why
             self._readiness = Readiness(False, problem=why)
             log.error("%s: in-flight and new requests get UNAVAILABLE", why)
+            for inbox in self._inboxes.values():  # the streams waiting on their next events
+                inbox.put_nowait(self._unavailable(why))
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
 
@@ -202,7 +204,7 @@ class RemoteBackend:
         try:
             await self._call("start_request", self._stream_id, request)
             while True:
-                item = await self._unless_gone(inbox.get())
+                item = await inbox.get()  # ``give_up`` and a failed stream put their error here
                 if isinstance(item, Exception):
                     raise item
                 for event in item:
