@@ -42,8 +42,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kvrelay.benchmarks import loadgen
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
+from kvrelay.workers.model.source import load_tokenizer
 
 NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1")
 
@@ -58,6 +60,9 @@ def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path) -> list[str
         "--ttft-slo", str(args.ttft_slo), "--itl-slo", str(args.itl_slo),
         "--timeout", str(args.run_timeout), "--request-timeout", str(args.run_timeout),
         "--seed", str(args.seed), "--json", str(out_json),
+        "--long-fraction", str(args.long_fraction), "--long-prompt-range", args.long_prompt_range,
+        "--long-output-tokens", str(args.long_output_tokens),
+        "--max-context", str(args.max_context),
     ]
 
 
@@ -152,6 +157,13 @@ def describe(name: str, cfg: ServeConfig) -> str:
     return f"{name}: {cfg.prefill_workers}P+{cfg.decode_workers}D{tail}"
 
 
+def long_mix(args: argparse.Namespace) -> str:
+    if not args.long_fraction:
+        return ""
+    return (f", {100 * args.long_fraction:g}% long prompts of {args.long_prompt_range} tokens "
+            f"(outputs < {args.long_output_tokens}) in bursts of 2-4")
+
+
 def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
            args: argparse.Namespace, l0: Sequence[float], l1: Sequence[float],
            wall: float) -> str:
@@ -167,7 +179,7 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
         f"({'; '.join(describe(n, cfgs[n]) for n in names)}); SLOs TTFT <= {args.ttft_slo} s, "
         f"ITL <= {args.itl_slo} s; {args.num_requests} requests per rate, Gamma shape 0.5, "
         f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens "
-        f"(Zipf 1.1); planner interval {args.autosize_interval_s} s, window "
+        f"(Zipf 1.1){long_mix(args)}; planner interval {args.autosize_interval_s} s, window "
         f"{args.autosize_window_s} s",
         f"load average start {l0[0]:.2f} {l0[1]:.2f} {l0[2]:.2f}, end {l1[0]:.2f} {l1[1]:.2f} "
         f"{l1[2]:.2f}; wall {wall:.0f} s",
@@ -217,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--num-requests", type=int, default=60)
     a("--max-prompt-tokens", type=int, default=512)
     a("--max-output-tokens", type=int, default=32)
+    a("--long-fraction", type=float, default=0.0, help="share of long prompts (loadgen's)")
+    a("--long-prompt-range", default="1024,8192", help="LO,HI tokens of the long prompts")
+    a("--long-output-tokens", type=int, default=16)
+    a("--max-context", type=int, default=None,
+      help="loadgen cuts prompts to fit it (default: the model's context)")
     a("--ttft-slo", type=float, default=2.0)
     a("--itl-slo", type=float, default=0.25)
     a("--run-timeout", type=float, default=120.0, help="per rate, seconds")
@@ -234,6 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfgs = configs(args)
     except (argparse.ArgumentTypeError, ValueError) as e:
+        p.error(str(e))
+    if args.max_context is None:
+        args.max_context = load_tokenizer(args.model)[0].max_context
+    try:  # the load generator's own checks, before any cluster starts
+        loadgen.validate(loadgen.parser().parse_args(loadgen_argv("", args, Path())[4:]))
+    except ValueError as e:
         p.error(str(e))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

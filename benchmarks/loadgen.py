@@ -6,6 +6,13 @@
     python -m kvrelay.benchmarks.loadgen --trace benchmarks/data/burstgpt_synthetic_sample.csv \
         --time-scale 60 ...
     python -m kvrelay.benchmarks.loadgen --write-synthetic-csv PATH --num-requests 3000
+    python -m kvrelay.benchmarks.loadgen --sweep 32,64 --num-requests 600 \
+        --long-fraction 0.2 --long-prompt-range 1024,7936 --max-context 8192 ...   # issue 16
+
+Mixed workload (issue 16): ``--long-fraction F`` makes F of the requests long prompts
+(``--long-prompt-range``, outputs < ``--long-output-tokens``) arriving in bursts of 2–4 while
+the chat streams decode; the rate counts both (loadgen_workload.py). ``--max-context`` cuts
+prompts so that prompt + output fit the model's context (else the server answers 400).
 
 Open loop: each request is sent at its scheduled time whether or not earlier ones finished
 (a closed loop would hide queueing). ``--max-in-flight`` bounds the client: a request over the
@@ -20,6 +27,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -34,7 +42,9 @@ from kvrelay.benchmarks.loadgen_report import (
     to_json,
 )
 from kvrelay.benchmarks.loadgen_workload import (
+    PROMPT_SLACK,
     Arrival,
+    fit_context,
     parse_tenants,
     read_burstgpt_csv,
     rescale_to_rate,
@@ -139,10 +149,26 @@ def _workload(args: argparse.Namespace, rate: float | None) -> list[Arrival]:
             max_prompt_tokens=args.max_prompt_tokens,
             max_output_tokens=args.max_output_tokens,
             tenants=tenants,
+            **long_prompts(args),
         )
+    if args.max_context:
+        arr = fit_context(arr, args.max_context)
     if args.duration:
         arr = [a for a in arr if a.t_s < args.duration]
     return arr
+
+
+def long_prompts(args: argparse.Namespace) -> dict[str, Any]:
+    """synthetic_workload's long-prompt keywords from the CLI's."""
+    try:
+        lo, hi = (int(x) for x in args.long_prompt_range.split(","))
+    except ValueError:
+        raise ValueError("--long-prompt-range: give LO,HI") from None
+    return {
+        "long_fraction": args.long_fraction,
+        "long_prompt_range": (lo, hi),
+        "long_output_tokens": args.long_output_tokens,
+    }
 
 
 async def _run_once(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> RunResult:
@@ -228,6 +254,10 @@ def parser() -> argparse.ArgumentParser:
     a("--zipf-a", type=float, default=1.1)
     a("--max-prompt-tokens", type=int, default=1024)
     a("--max-output-tokens", type=int, default=1024)
+    a("--long-fraction", type=float, default=0.0, help="share of long-prompt requests, in bursts")
+    a("--long-prompt-range", default="1024,8192", metavar="LO,HI", help="long prompts' tokens")
+    a("--long-output-tokens", type=int, default=16, help="long requests' outputs are below this")
+    a("--max-context", type=int, default=None, help="cut prompts so prompt + output fit this")
     a("--trace", help="replay a BurstGPT-format CSV instead of generating")
     a(
         "--time-scale",
@@ -265,6 +295,17 @@ def validate(args: argparse.Namespace) -> None:
     if args.max_in_flight <= 0:
         raise ValueError("--max-in-flight must be > 0")
     parse_tenants(args.tenants)
+    if not 0 <= args.long_fraction < 1:
+        raise ValueError("--long-fraction must be in [0, 1)")
+    if args.long_fraction and args.trace:
+        raise ValueError("--long-fraction shapes the synthetic workload, not a --trace replay")
+    lo, hi = long_prompts(args)["long_prompt_range"]
+    if not 1 <= lo <= hi:
+        raise ValueError("--long-prompt-range: 1 <= LO <= HI")
+    if args.long_output_tokens < 2:
+        raise ValueError("--long-output-tokens must be >= 2")
+    if args.max_context is not None and args.max_context <= PROMPT_SLACK + 1:
+        raise ValueError(f"--max-context must be > {PROMPT_SLACK + 1}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 zipf_a=args.zipf_a,
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_output_tokens=args.max_output_tokens,
+                **long_prompts(args),
             )
             rows = write_burstgpt_csv(args.write_synthetic_csv, arr, args.seed)
             print(f"wrote {rows} SYNTHETIC rows to {args.write_synthetic_csv}")

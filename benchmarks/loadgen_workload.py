@@ -8,6 +8,15 @@
   Total tokens, Log Type); arrival = (Timestamp − first) / time_scale; failed rows
   (Response tokens == 0) are skipped unless asked for.
 * Tenants: "heavy:0.9,light:0.1" assigns each request a tenant by weight (seeded).
+* Mixed (issue 16): with ``long_fraction`` F > 0, F of the requests are long prompts (uniform in
+  ``long_prompt_range``, Zipf outputs < ``long_output_tokens``) arriving in bursts of 2–4 that
+  land within half the stream's mean gap (at most 300 ms); burst starts are a Gamma process
+  of the same shape. The other 1 − F are the chat streams above. Both share the rate: chat
+  gaps are drawn at (1 − F)·rate, bursts at F·rate / 3 (3 = the mean burst size), so the mean
+  rate of all requests is still ``rate``. The chat draws come first from the one seeded
+  generator, so F = 0 gives the plain workload bit for bit.
+* Context: ``fit_context`` cuts a prompt so that prompt + output + the synthetic prompt's lead
+  word fit the model's context (the server would refuse it with a 400 otherwise).
 """
 
 from __future__ import annotations
@@ -37,6 +46,12 @@ _WORDS = (
     "like him into time has look two more write go see number no way could people my than "
     "first water been call who oil its now find long down day did get come made may part"
 ).split()
+
+# Tokens a synth_prompt of n tokens may hold beyond n: its lead word "r<index>" is one word but
+# 1 + one per digit tokens under SmolLM2's tokenizer (measured: n + 1 .. n + 5 for index < 1e5).
+PROMPT_SLACK = 8
+LONG_BURST = (2, 4)  # sizes of a burst of long prompts, uniform, inclusive
+LONG_BURST_SPAN_S = 0.3  # a burst lands within this, or half the stream's mean gap if shorter
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +128,87 @@ def synthetic_workload(
     max_prompt_tokens: int = 1024,
     max_output_tokens: int = 1024,
     tenants: Sequence[tuple[str, float]] = (("default", 1.0),),
+    long_fraction: float = 0.0,
+    long_prompt_range: tuple[int, int] = (1024, 8192),
+    long_output_tokens: int = 16,
 ) -> list[Arrival]:
+    """``n`` arrivals sorted by time: the chat streams and, with ``long_fraction`` > 0, the
+    bursts of long prompts among them (module docstring)."""
+    if not 0 <= long_fraction < 1:
+        raise ValueError("long fraction must be in [0, 1)")
     rng = np.random.default_rng(seed)
-    times = np.cumsum(gamma_gaps(n, rng, shape, scale, rate))
-    prompts = zipf_lengths(n, rng, zipf_a, max_prompt_tokens)
+    n_long = round(long_fraction * n)
+    total = rate if rate is not None else 1.0 / (shape * scale)
+    chat_rate = total * (1 - long_fraction) if n_long else rate
+    times = np.cumsum(gamma_gaps(n - n_long, rng, shape, scale, chat_rate))
+    prompts = zipf_lengths(n - n_long, rng, zipf_a, max_prompt_tokens)
+    outputs = zipf_lengths(n - n_long, rng, zipf_a, max_output_tokens)
+    names = _tenants_for(n - n_long, tenants, rng)
+    out = [
+        Arrival(float(t), names[i], int(prompts[i]), int(outputs[i])) for i, t in enumerate(times)
+    ]
+    if n_long:
+        out += _long_bursts(
+            n_long,
+            rng,
+            total,
+            long_fraction,
+            shape,
+            scale,
+            zipf_a,
+            long_prompt_range,
+            long_output_tokens,
+            tenants,
+        )
+        out.sort(key=lambda a: a.t_s)
+    return out
+
+
+def _long_bursts(
+    n: int,
+    rng: np.random.Generator,
+    rate: float,
+    fraction: float,
+    shape: float,
+    scale: float,
+    zipf_a: float,
+    prompt_range: tuple[int, int],
+    max_output_tokens: int,
+    tenants: Sequence[tuple[str, float]],
+) -> list[Arrival]:
+    """``n`` long-prompt arrivals in bursts; ``fraction``·``rate`` of them per second."""
+    lo, hi = prompt_range
+    if not 1 <= lo <= hi:
+        raise ValueError("long prompt range must be 1 <= LO <= HI")
+    sizes = rng.integers(LONG_BURST[0], LONG_BURST[1] + 1, n)  # enough for n requests
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), n)) + 1]
+    sizes[-1] -= int(sizes.sum()) - n  # the last burst takes what is left
+    starts = np.cumsum(gamma_gaps(len(sizes), rng, shape, scale, fraction * rate / 3))
+    span = min(LONG_BURST_SPAN_S, 0.5 / rate)
+    offsets = rng.uniform(0.0, span, n)
+    offsets[np.cumsum(sizes) - sizes] = 0.0  # a burst opens at its start
+    times = np.repeat(starts, sizes) + offsets
+    prompts = rng.integers(lo, hi + 1, n)
     outputs = zipf_lengths(n, rng, zipf_a, max_output_tokens)
     names = _tenants_for(n, tenants, rng)
     return [
         Arrival(float(t), names[i], int(prompts[i]), int(outputs[i])) for i, t in enumerate(times)
     ]
+
+
+def fit_context(arrivals: Sequence[Arrival], max_context: int) -> list[Arrival]:
+    """Cut each prompt to ``max_context`` − output − PROMPT_SLACK tokens, so that the real
+    prompt (synth_prompt's lead word included) + the output fit the model's context."""
+    out = []
+    for a in arrivals:
+        room = max_context - a.output_tokens - PROMPT_SLACK
+        if room < 1:
+            raise ValueError(
+                f"{a.output_tokens} output tokens leave no prompt room in a context of "
+                f"{max_context}"
+            )
+        out.append(replace(a, prompt_tokens=min(a.prompt_tokens, room)))
+    return out
 
 
 def read_burstgpt_csv(

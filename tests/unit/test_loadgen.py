@@ -24,7 +24,9 @@ from kvrelay.benchmarks.loadgen_report import (
     summarize_by_tenant,
 )
 from kvrelay.benchmarks.loadgen_workload import (
+    PROMPT_SLACK,
     Arrival,
+    fit_context,
     gamma_gaps,
     parse_tenants,
     read_burstgpt_csv,
@@ -68,6 +70,78 @@ def test_tenant_mix() -> None:
     for bad in ("a:0", "a:x", "a:1,a:2", ":1"):
         with pytest.raises(ValueError):
             parse_tenants(bad)
+
+
+def _plain_workload(n: int, seed: int, rate: float) -> list[Arrival]:
+    """The synthetic workload as it was before the long-prompt mix, drawn here by hand."""
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(gamma_gaps(n, rng, rate=rate))
+    prompts, outputs = zipf_lengths(n, rng, maximum=512), zipf_lengths(n, rng, maximum=32)
+    return [
+        Arrival(float(t), "default", int(p), int(o))
+        for t, p, o in zip(times, prompts, outputs, strict=True)
+    ]
+
+
+def test_mixed_workload_without_long_prompts_is_the_plain_one() -> None:
+    for seed in (0, 7):
+        plain = _plain_workload(500, seed, 3.0)
+        kw = dict(rate=3.0, max_prompt_tokens=512, max_output_tokens=32)
+        assert synthetic_workload(500, seed, **kw) == plain  # type: ignore[arg-type]
+        assert synthetic_workload(500, seed, long_fraction=0.0, **kw) == plain  # type: ignore[arg-type]
+        mixed = synthetic_workload(500, seed, long_fraction=0.2, **kw)  # type: ignore[arg-type]
+        assert mixed != plain
+
+
+def test_mixed_workload_fraction_range_bursts_and_rate() -> None:
+    n, rate, f = 120_000, 4.0, 0.2
+    for seed in (0, 1, 2):
+        arr = synthetic_workload(
+            n, seed, rate=rate, max_prompt_tokens=512, max_output_tokens=64,
+            long_fraction=f, long_prompt_range=(1024, 7936), long_output_tokens=16,
+        )  # fmt: skip
+        assert len(arr) == n and all(b.t_s >= a.t_s for a, b in itertools.pairwise(arr))
+        long = [a for a in arr if a.prompt_tokens >= 1024]
+        chat = [a for a in arr if a.prompt_tokens < 1024]
+        assert len(long) == round(f * n)  # chat prompts are < 512: every long one is counted
+        lp = np.array([a.prompt_tokens for a in long])
+        assert lp.min() >= 1024 and lp.max() <= 7936
+        assert abs(lp.mean() - (1024 + 7936) / 2) < 60  # uniform over the range
+        assert max(a.output_tokens for a in long) < 16 and max(a.output_tokens for a in chat) < 64
+        # the rate counts both kinds: arrivals in the first 80% of the nominal span
+        horizon = 0.8 * n / rate
+        for part, share in ((arr, 1.0), (long, f), (chat, 1 - f)):
+            seen = sum(a.t_s < horizon for a in part) / horizon
+            assert seen == pytest.approx(share * rate, rel=0.05)
+        # bursts: most gaps between long requests are far below the stream's mean gap 1/rate,
+        # where Gamma(0.5) arrivals of the long ones alone (mean gap 1/(f*rate)) would have a
+        # quarter of them below half the mean gap
+        gaps = np.diff([a.t_s for a in long])
+        inside = gaps[gaps < 0.5 / rate]
+        assert len(inside) / len(gaps) > 0.6
+        assert inside.mean() < 0.25 / rate
+        # both kinds run to the end: the bursts land among the chat streams all along
+        assert long[-1].t_s == pytest.approx(n / rate, rel=0.1)
+        assert chat[-1].t_s == pytest.approx(n / rate, rel=0.1)
+    with pytest.raises(ValueError, match="long fraction"):
+        synthetic_workload(10, long_fraction=1.0)
+    with pytest.raises(ValueError, match="long prompt range"):
+        synthetic_workload(10, long_fraction=0.5, long_prompt_range=(9, 8))
+
+
+def test_fit_context_cuts_prompts_to_the_model() -> None:
+    arr = synthetic_workload(
+        2000, 3, rate=50.0, max_prompt_tokens=8192, max_output_tokens=128,
+        long_fraction=0.3, long_prompt_range=(8100, 8192), long_output_tokens=16,
+    )  # fmt: skip
+    cut = fit_context(arr, 8192)
+    assert [(a.t_s, a.output_tokens) for a in cut] == [(a.t_s, a.output_tokens) for a in arr]
+    assert max(a.prompt_tokens + a.output_tokens for a in cut) <= 8192 - PROMPT_SLACK
+    assert sum(c.prompt_tokens < a.prompt_tokens for a, c in zip(arr, cut, strict=True)) > 50
+    assert all(c.prompt_tokens == a.prompt_tokens for a, c in zip(arr, cut, strict=True)
+               if a.prompt_tokens + a.output_tokens <= 8192 - PROMPT_SLACK)  # fmt: skip
+    with pytest.raises(ValueError, match="no prompt room"):
+        fit_context([Arrival(0.0, "t", 5, 60)], 64)
 
 
 def test_csv_replay(tmp_path: Path) -> None:
@@ -212,13 +286,28 @@ def test_refuses_non_loopback_and_unbounded_runs(tmp_path: Path) -> None:
     out = tmp_path / "s.csv"
     assert main(["--write-synthetic-csv", str(out), "--num-requests", "50"]) == 0
     assert len(read_burstgpt_csv(out, keep_failures=True)) == 50
+    for bad in (
+        ["--long-fraction", "1"],
+        ["--long-fraction", "0.2", "--trace", str(SAMPLE)],
+        ["--long-prompt-range", "512"],
+        ["--long-prompt-range", "9,8"],
+        ["--long-output-tokens", "1"],
+        ["--max-context", "9"],
+    ):
+        assert main(["--num-requests", "4", *bad]) == 2, bad
+    mixed = ["--long-fraction", "0.25", "--long-prompt-range", "2000,3000"]
+    assert main(["--write-synthetic-csv", str(out), "--num-requests", "40", *mixed]) == 0
+    long = [a for a in read_burstgpt_csv(out, keep_failures=True) if a.prompt_tokens >= 2000]
+    assert len(long) == 10
 
 
 def test_cli_sweep_writes_json(tmp_path: Path) -> None:
-    """A full CLI run (sweep of two rates) against the stub, through asyncio in a thread."""
+    """A full CLI run (sweep of two rates) against the stub, through asyncio in a thread; then a
+    trace replay, and a mixed workload cut to a context."""
+    seen: list[dict] = []
 
     async def serve_and_run() -> int:
-        runner, url = await _stub([], asyncio.Event())
+        runner, url = await _stub(seen, asyncio.Event())
         try:
             out = tmp_path / "r.json"
             argv = [
@@ -264,7 +353,19 @@ def test_cli_sweep_writes_json(tmp_path: Path) -> None:
             rc2 = await asyncio.to_thread(main, replay)
             one = json.loads(out.read_text())["summary"]["all"]
             assert one["requests"] == 5 and one["succeeded"] == 5
-            return rc + rc2
+            seen.clear()
+            mixed = [
+                "--url", url, "--num-requests", "8", "--rate", "100", "--timeout", "10",
+                "--max-prompt-tokens", "16", "--max-output-tokens", "8",
+                "--long-fraction", "0.5", "--long-prompt-range", "40,60", "--max-context", "48",
+            ]  # fmt: skip
+            rc3 = await asyncio.to_thread(main, mixed)
+            words = [len(b["messages"][0]["content"].split()) for b in seen]
+            assert len(words) == 8 and sum(w > 16 for w in words) == 4  # 4 long, cut to fit
+            assert max(w + b["max_tokens"] for w, b in zip(words, seen, strict=True)) == (
+                48 - PROMPT_SLACK
+            )
+            return rc + rc2 + rc3
         finally:
             await runner.cleanup()
 
