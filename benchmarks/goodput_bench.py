@@ -4,7 +4,8 @@ the SLO-aware pool-sizing planner on, driven through the OpenAI HTTP API by ``lo
     .venv/bin/python benchmarks/goodput_bench.py [--workers 3] [--sweep 1,2,3,4,6] \
         [--num-requests 60] [--configs pd,colocated,planner,pd_start] [--pd-split 2,1] \
         [--planner-start 1,2] [--autosize-interval-s 2 --autosize-window-s 10] \
-        [--ttft-slo 2 --itl-slo 0.25] [--warmup 6] [--out benchmarks/results]
+        [--ttft-slo 2 --itl-slo 0.25] [--warmup 6] [--out benchmarks/results] \
+        [--long-fraction 0.2 --long-prompt-range 1024,7936] [--repeats 3]
 
 Configurations (every one with ``--workers`` workers, 1 torch thread each):
 
@@ -26,6 +27,17 @@ line is printed, and the time each rate's run ended is stamped from its output s
 planner's role switches (read from the controller's ``role_switches``) can be placed on the
 sweep. Goodput (DistServe) = the highest rate at which >= 90% of requests meet both SLOs, every
 lower rate meeting it too.
+
+Issue 16's workload: ``--long-fraction F`` makes F of the requests long prompts
+(``--long-prompt-range``, outputs < ``--long-output-tokens``) landing in bursts of 2–4 among the
+chat streams, the rate counting both (loadgen_workload.py); loadgen cuts every prompt so that
+prompt + output fit ``--max-context`` (default: the served model's context, read from its
+config). ``--repeats N`` runs the whole sweep N times on the same cluster after the one warm-up:
+the table gives each repeat's SLO attainment (with its min–max), TTFT p99 and ITL p99 per rate,
+each repeat's goodput and their median; ``goodput_<config>.json`` keeps every repeat's loadgen
+report (``repeats``) and command (``commands``). Repeats send the same arrivals, but repeat r > 0
+draws its prompts' words from another seed (``--prompt-seed``), since a prompt the prefix cache
+still holds from an earlier repeat would skip its prefill.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +63,11 @@ from kvrelay.workers.model.source import load_tokenizer
 NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1")
 
 
-def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path) -> list[str]:
+def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
+                 repeat: int = 0) -> list[str]:
+    """The sweep's loadgen command. Repeat r > 0 sends the same arrivals with prompts of other
+    words (``--prompt-seed``): the prefix cache holds repeat 0's, and a hit skips the prefill."""
+    again = ["--prompt-seed", str(args.seed + 1000 * repeat)] if repeat else []
     return [
         sys.executable, "-u", "-m", "kvrelay.benchmarks.loadgen", "--url", url,
         "--endpoint", "completions", "--sweep", args.sweep,
@@ -62,7 +79,7 @@ def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path) -> list[str
         "--seed", str(args.seed), "--json", str(out_json),
         "--long-fraction", str(args.long_fraction), "--long-prompt-range", args.long_prompt_range,
         "--long-output-tokens", str(args.long_output_tokens),
-        "--max-context", str(args.max_context),
+        "--max-context", str(args.max_context), *again,
     ]
 
 
@@ -112,25 +129,38 @@ def warm_up(name: str, url: str, args: argparse.Namespace) -> None:
         raise RuntimeError(f"{name}: warm-up loadgen exited {proc.returncode}: {proc.stderr}")
 
 
+def sweep(name: str, argv: list[str], out_json: Path, t0: float) -> dict[str, Any]:
+    """One loadgen sweep; its report, with the time each rate's run ended (s after ``t0``)."""
+    rate_ends: dict[str, float] = {}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("== rate "):
+                rate_ends[line.split()[2]] = round(time.time() - t0, 1)
+            print(f"[{name}] {line}", end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: loadgen exited {proc.returncode}")
+    report: dict[str, Any] = json.loads(out_json.read_text())
+    report["rate_ends_s"] = rate_ends
+    return report
+
+
 def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up, then ``--repeats`` sweeps on one cluster; every repeat's report is kept."""
     out_json = Path(args.out) / f"goodput_{name}.json"
     with Cluster.start(cfg) as cluster:
         url = f"http://127.0.0.1:{cluster.ports['http_port']}"
-        argv = loadgen_argv(url, args, out_json)
         roles_before = cluster.workers()
         warm_up(name, url, args)
-        print(f"[{name}] workers {roles_before}\n[{name}] {shlex.join(argv)}", flush=True)
+        print(f"[{name}] workers {roles_before}", flush=True)
         t0 = time.time()
-        rate_ends: dict[str, float] = {}  # rate -> seconds after t0 its run ended
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith("== rate "):
-                    rate_ends[line.split()[2]] = round(time.time() - t0, 1)
-                print(f"[{name}] {line}", end="", flush=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name}: loadgen exited {proc.returncode}")
+        repeats, commands = [], []
+        for r in range(args.repeats):
+            argv = loadgen_argv(url, args, out_json, r)
+            commands.append(shlex.join(argv))
+            print(f"[{name}] repeat {r + 1}/{args.repeats}: {commands[-1]}", flush=True)
+            repeats.append(sweep(name, argv, out_json, t0))
         switches = [
             {"t_s": round(t - t0, 1), "worker": w, "from": src, "to": dst}
             for t, w, src, dst in cluster.call("role_switches")
@@ -141,8 +171,7 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
         if stuck:
             print(f"[{name}] {len(stuck)} requests still in flight after the run: {stuck[:8]}",
                   flush=True)
-    report: dict[str, Any] = json.loads(out_json.read_text())
-    report.update(command=shlex.join(argv), rate_ends_s=rate_ends, role_switches=switches,
+    report = dict(commands=commands, repeats=repeats, role_switches=switches,
                   roles_before=roles_before, roles_after=roles_after, stuck_flights=stuck)
     out_json.write_text(json.dumps(report, indent=1))
     return report
@@ -164,23 +193,41 @@ def long_mix(args: argparse.Namespace) -> str:
             f"(outputs < {args.long_output_tokens}) in bursts of 2-4")
 
 
+def cells(values: Sequence[float], fmt: str, spread: bool = False) -> str:
+    """One table cell: each repeat's value ("a / b / c"), then "(min–max)" if ``spread``."""
+    text = " / ".join(format(v, fmt) for v in values)
+    if spread and len(values) > 1:
+        text += f" ({format(min(values), fmt)}–{format(max(values), fmt)})"
+    return text
+
+
 def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
            args: argparse.Namespace, l0: Sequence[float], l1: Sequence[float],
            wall: float) -> str:
-    def g(rep: dict[str, Any], rate: str, key: str) -> float:
-        s = rep["runs"][rate]["all"]
-        if key == "slo":
-            return float(s["slo_attainment"])
-        return float("nan") if s[key] is None or s[key]["p99"] is None else float(s[key]["p99"])
+    """The table: per rate and configuration, every repeat's SLO attainment (and its min–max),
+    TTFT p99 and ITL p99; then each repeat's goodput and their median (the lower one of an even
+    count: a rate that was swept), which the ratios use."""
+    def g(n: str, rate: str, key: str) -> list[float]:
+        out = []
+        for run in reps[n]["repeats"]:
+            s = run["runs"][rate]["all"]
+            if key == "slo":
+                out.append(100 * float(s["slo_attainment"]))
+            else:
+                out.append(float("nan") if s[key] is None or s[key]["p99"] is None
+                           else float(s[key]["p99"]))
+        return out
 
     names = list(reps)
+    times = (f"; {args.repeats} sweeps per configuration (cells: each sweep's value, then the "
+             f"SLO's min–max)" if args.repeats > 1 else "")
     lines = [
         f"goodput_bench: {args.workers} workers per configuration "
         f"({'; '.join(describe(n, cfgs[n]) for n in names)}); SLOs TTFT <= {args.ttft_slo} s, "
         f"ITL <= {args.itl_slo} s; {args.num_requests} requests per rate, Gamma shape 0.5, "
         f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens "
-        f"(Zipf 1.1){long_mix(args)}; planner interval {args.autosize_interval_s} s, window "
-        f"{args.autosize_window_s} s",
+        f"(Zipf 1.1){long_mix(args)}{times}; planner interval {args.autosize_interval_s} s, "
+        f"window {args.autosize_window_s} s",
         f"load average start {l0[0]:.2f} {l0[1]:.2f} {l0[2]:.2f}, end {l1[0]:.2f} {l1[1]:.2f} "
         f"{l1[2]:.2f}; wall {wall:.0f} s",
         "",
@@ -189,23 +236,34 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
         + " | ".join(f"{n} ITL p99 ms" for n in names) + " |",
         "| ---: " * (1 + 3 * len(names)) + "|",
     ]
-    for rate in reps[names[0]]["runs"]:
-        cells = [f"{100 * g(reps[n], rate, 'slo'):.0f}" for n in names]
-        cells += [f"{g(reps[n], rate, 'ttft_s'):.2f}" for n in names]
-        cells += [f"{1e3 * g(reps[n], rate, 'itl_s'):.0f}" for n in names]
-        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
-    gp = {n: float(reps[n]["goodput_rps"]["all"]) for n in names}
-    top = max(float(r) for r in reps[names[0]]["runs"])
-    lines += ["", "goodput req/s: " + ", ".join(
-        f"{n} {v:g}{' (top of sweep: a lower bound)' if v >= top else ''}" for n, v in gp.items())]
+    rates = list(reps[names[0]]["repeats"][0]["runs"])
+    for rate in rates:
+        row = [cells(g(n, rate, "slo"), ".0f", spread=True) for n in names]
+        row += [cells(g(n, rate, "ttft_s"), ".2f") for n in names]
+        row += [cells([1e3 * v for v in g(n, rate, "itl_s")], ".0f") for n in names]
+        lines.append(f"| {rate} | " + " | ".join(row) + " |")
+    each = {n: [float(run["goodput_rps"]["all"]) for run in reps[n]["repeats"]] for n in names}
+    gp = {n: statistics.median_low(v) for n, v in each.items()}  # a rate that was swept
+    top = max(float(r) for r in rates)
+
+    def told(n: str) -> str:
+        text = f"{n} {gp[n]:g}"
+        if len(each[n]) > 1:
+            text += f" (repeats {cells(each[n], 'g')})"
+        return text + (" (top of sweep: a lower bound)" if gp[n] >= top else "")
+
+    median = " (median of the repeats)" if args.repeats > 1 else ""
+    lines += ["", f"goodput req/s{median}: " + ", ".join(told(n) for n in names)]
     for a, b in (("pd", "colocated"), ("planner", "colocated"), ("planner", "pd"),
-                 ("planner", "pd_start")):
+                 ("planner", "pd_start"), ("semi_pd", "colocated1"), ("semi_pd", "colocated")):
         if a in gp and b in gp:
             lines.append(f"goodput {a}/{b}: "
                          + (f"{gp[a] / gp[b]:.2f}" if gp[b] else f"n/a ({b} goodput 0)"))
     for n in names:
-        ends = ", ".join(f"{r} req/s at {t:g} s" for r, t in reps[n]["rate_ends_s"].items())
-        lines.append(f"[{n}] rate runs ended: {ends}")
+        for r, run in enumerate(reps[n]["repeats"]):
+            ends = ", ".join(f"{rate} req/s at {t:g} s" for rate, t in run["rate_ends_s"].items())
+            which = f" repeat {r + 1}" if args.repeats > 1 else ""
+            lines.append(f"[{n}]{which} rate runs ended: {ends}")
         for s in reps[n]["role_switches"]:
             lines.append(f"[{n}] role switch at {s['t_s']:g} s: {s['worker']} "
                          f"{s['from']} -> {s['to']}")
@@ -238,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--itl-slo", type=float, default=0.25)
     a("--run-timeout", type=float, default=120.0, help="per rate, seconds")
     a("--seed", type=int, default=0)
+    a("--repeats", type=int, default=1,
+      help="sweeps per configuration, after one warm-up on the same cluster (the spread)")
     a("--warmup", type=int, default=6, help="requests at 2 req/s before the sweep (0: none)")
     a("--out", default="benchmarks/results")
     a("--model", default=None, help="served model (default: SmolLM2-135M-Instruct)")
@@ -248,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not set(args.configs.split(",")) <= set(NAMES):
         p.error(f"--configs: choose among {NAMES}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     try:
         cfgs = configs(args)
     except (argparse.ArgumentTypeError, ValueError) as e:

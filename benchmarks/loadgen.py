@@ -171,6 +171,10 @@ def long_prompts(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def prompt_seed(args: argparse.Namespace) -> int:
+    return args.seed if args.prompt_seed is None else args.prompt_seed
+
+
 async def _run_once(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> RunResult:
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -188,7 +192,7 @@ async def _run_once(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> Ru
                 arrivals,
                 send,
                 loop.time,
-                seed=args.seed,
+                seed=prompt_seed(args),
                 timeout_s=args.timeout,
                 max_in_flight=args.max_in_flight,
             )
@@ -210,7 +214,7 @@ async def _run_once(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> Ru
             arrivals,
             send,
             loop.time,
-            seed=args.seed,
+            seed=prompt_seed(args),
             timeout_s=args.timeout,
             max_in_flight=args.max_in_flight,
         )
@@ -275,6 +279,13 @@ def parser() -> argparse.ArgumentParser:
     a("--itl-slo", type=float, default=0.1, help="seconds")
     a("--sweep", help="comma-separated rates; reports goodput")
     a("--seed", type=int, default=0)
+    a(
+        "--prompt-seed",
+        type=int,
+        default=None,
+        help="seeds the prompts' words (default --seed); another one sends the same workload "
+        "with prompts no earlier run cached",
+    )
     a("--json", help="write the report here")
     a(
         "--write-synthetic-csv",

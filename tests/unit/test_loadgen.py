@@ -365,7 +365,17 @@ def test_cli_sweep_writes_json(tmp_path: Path) -> None:
             assert max(w + b["max_tokens"] for w, b in zip(words, seen, strict=True)) == (
                 48 - PROMPT_SLACK
             )
-            return rc + rc2 + rc3
+            # another --prompt-seed: the same workload in other words (no prefix to reuse)
+            first = sorted((b["messages"][0]["content"], b["max_tokens"]) for b in seen)
+            seen.clear()
+            rc4 = await asyncio.to_thread(main, [*mixed, "--prompt-seed", "5"])
+            again = sorted((b["messages"][0]["content"], b["max_tokens"]) for b in seen)
+            assert sorted((len(t.split()), m) for t, m in again) == sorted(
+                (len(t.split()), m) for t, m in first
+            )
+            worded = [{t for t, _ in run if " " in t} for run in (first, again)]  # "r1": no words
+            assert worded[0] and not worded[0] & worded[1]
+            return rc + rc2 + rc3 + rc4
         finally:
             await runner.cleanup()
 

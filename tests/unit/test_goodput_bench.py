@@ -1,0 +1,101 @@
+"""goodput_bench's table over repeated sweeps, from fabricated per-repeat loadgen reports:
+every repeat's cell, the SLO spread, the median goodput and the ratios drawn from it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kvrelay.benchmarks.goodput_bench import cells, loadgen_argv, render
+from kvrelay.cluster.runtime.config import ServeConfig
+
+ONE = dict(prefill_workers=0, decode_workers=0, colocated_workers=1)
+CFGS = {
+    "semi_pd": ServeConfig(**ONE, semi_pd=True, semi_pd_adaptive=True),  # type: ignore[arg-type]
+    "colocated1": ServeConfig(**ONE),  # type: ignore[arg-type]
+}
+
+
+def _args(repeats: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        workers=1, ttft_slo=1.0, itl_slo=0.05, num_requests=60, max_prompt_tokens=8192,
+        max_output_tokens=128, long_fraction=0.2, long_prompt_range="1024,7936",
+        long_output_tokens=16, repeats=repeats, autosize_interval_s=2.0, autosize_window_s=10.0,
+        sweep="32,64", run_timeout=120.0, seed=0, max_context=8192,
+    )  # fmt: skip
+
+
+def _run(slo: tuple[float, float], ttft: tuple[float, float], itl: tuple[float | None, float],
+         goodput: float, end: float) -> dict[str, Any]:  # fmt: skip
+    """One repeat's loadgen sweep report (rates 32 and 64), as loadgen's JSON holds it."""
+
+    def summary(i: int) -> dict[str, Any]:
+        itl_s = None if itl[i] is None else {"p50": 0.0, "p90": 0.0, "p99": itl[i]}
+        return {"slo_attainment": slo[i], "ttft_s": {"p99": ttft[i]}, "itl_s": itl_s}
+
+    return {
+        "mode": "sweep",
+        "runs": {"32": {"all": summary(0)}, "64": {"all": summary(1)}},
+        "goodput_rps": {"all": goodput},
+        "rate_ends_s": {"32": end, "64": end + 10},
+    }
+
+
+def _config(*runs: dict[str, Any]) -> dict[str, Any]:
+    return {"repeats": list(runs), "role_switches": [], "roles_before": {}, "roles_after": {}}
+
+
+def test_repeats_are_tabled_with_their_spread_and_median() -> None:
+    reps = {
+        "semi_pd": _config(
+            _run((0.95, 0.80), (0.50, 0.90), (0.040, 0.060), 32, 10),
+            _run((0.90, 0.92), (0.60, 0.70), (0.045, 0.048), 64, 40),
+            _run((1.00, 0.91), (0.40, 0.80), (0.038, 0.049), 32, 70),
+        ),
+        "colocated1": _config(
+            _run((0.85, 0.50), (1.50, 3.00), (None, 0.200), 0, 10),
+            _run((0.91, 0.60), (0.90, 2.00), (0.090, 0.100), 32, 40),
+            _run((0.92, 0.40), (0.80, 2.50), (0.080, 0.120), 32, 70),
+        ),
+    }
+    text = render(reps, CFGS, _args(3), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), 100.0)
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in text.splitlines()}
+    assert rows["| 32"] == [
+        "95 / 90 / 100 (90–100)", "85 / 91 / 92 (85–92)",  # SLO % of each repeat, min–max
+        "0.50 / 0.60 / 0.40", "1.50 / 0.90 / 0.80",  # TTFT p99 s
+        "40 / 45 / 38", "nan / 90 / 80 |",  # ITL p99 ms; no gap measured -> nan
+    ]  # fmt: skip
+    assert rows["| 64"][:2] == ["80 / 92 / 91 (80–92)", "50 / 60 / 40 (40–60)"]
+    assert "3 sweeps per configuration" in text and "20% long prompts of 1024,7936" in text
+    assert (
+        "goodput req/s (median of the repeats): semi_pd 32 (repeats 32 / 64 / 32), "
+        "colocated1 32 (repeats 0 / 32 / 32)"
+    ) in text
+    assert "goodput semi_pd/colocated1: 1.00" in text
+    assert "[semi_pd] repeat 3 rate runs ended: 32 req/s at 70 s, 64 req/s at 80 s" in text
+
+
+def test_one_repeat_reads_as_before() -> None:
+    reps = {
+        "semi_pd": _config(_run((0.95, 0.90), (0.50, 0.90), (0.040, 0.060), 64, 10)),
+        "colocated1": _config(_run((0.85, 0.50), (1.50, 3.00), (0.07, 0.200), 0, 10)),
+    }
+    text = render(reps, CFGS, _args(1), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), 100.0)
+    assert "| 32 | 95 | 85 | 0.50 | 1.50 | 40 | 70 |" in text
+    assert "goodput req/s: semi_pd 64 (top of sweep: a lower bound), colocated1 0" in text
+    assert "goodput semi_pd/colocated1: n/a (colocated1 goodput 0)" in text
+    assert "[semi_pd] rate runs ended: 32 req/s at 10 s, 64 req/s at 20 s" in text
+    assert "sweeps per configuration" not in text and "median" not in text
+
+
+def test_cells_and_the_repeats_prompts() -> None:
+    assert cells([1.0], ".0f", spread=True) == "1"
+    assert cells([3.0, 1.0, 2.0], ".1f", spread=True) == "3.0 / 1.0 / 2.0 (1.0–3.0)"
+    assert cells([3.0, 1.0], ".1f") == "3.0 / 1.0"
+    # repeat 0 is the plain sweep; later ones draw other prompt words (nothing cached to hit)
+    argv = [loadgen_argv("u", _args(3), "o.json", r) for r in range(3)]  # type: ignore[arg-type]
+    assert "--prompt-seed" not in argv[0]
+    seeds = [a[a.index("--prompt-seed") + 1] for a in argv[1:]]
+    assert len(set(seeds)) == 2 and "0" not in seeds
+    assert all(a[: a.index("--max-context")] == argv[0][: argv[0].index("--max-context")]
+               for a in argv)  # fmt: skip
