@@ -37,7 +37,9 @@ the table gives each repeat's SLO attainment (with its min–max), TTFT p99 and 
 each repeat's goodput and their median; ``goodput_<config>.json`` keeps every repeat's loadgen
 report (``repeats``) and command (``commands``). Repeats send the same arrivals, but repeat r > 0
 draws its prompts' words from another seed (``--prompt-seed``), since a prompt the prefix cache
-still holds from an earlier repeat would skip its prefill.
+still holds from an earlier repeat would skip its prefill. Within one sweep every rate sends the
+same prompts unless ``--fresh-prompts`` (loadgen's flag) gives each rate its own words: for
+prompts of thousands of tokens the prefix cache of a large KV pool holds an earlier rate's.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
         "--long-fraction", str(args.long_fraction), "--long-prompt-range", args.long_prompt_range,
         "--long-output-tokens", str(args.long_output_tokens),
         "--max-context", str(args.max_context), *again,
+        *(["--fresh-prompts"] if args.fresh_prompts else []),
     ]
 
 
@@ -296,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--itl-slo", type=float, default=0.25)
     a("--run-timeout", type=float, default=120.0, help="per rate, seconds")
     a("--seed", type=int, default=0)
+    a("--fresh-prompts", action="store_true",
+      help="every rate sends prompts no earlier rate cached (loadgen's)")
     a("--repeats", type=int, default=1,
       help="sweeps per configuration, after one warm-up on the same cluster (the spread)")
     a("--warmup", type=int, default=6, help="requests at 2 req/s before the sweep (0: none)")

@@ -13,6 +13,7 @@ Mixed workload (issue 16): ``--long-fraction F`` makes F of the requests long pr
 (``--long-prompt-range``, outputs < ``--long-output-tokens``) arriving in bursts of 2–4 while
 the chat streams decode; the rate counts both (loadgen_workload.py). ``--max-context`` cuts
 prompts so that prompt + output fit the model's context (else the server answers 400).
+The rates of a sweep send the same workload and, unless ``--fresh-prompts``, the same prompts.
 
 Open loop: each request is sent at its scheduled time whether or not earlier ones finished
 (a closed loop would hide queueing). ``--max-in-flight`` bounds the client: a request over the
@@ -65,12 +66,12 @@ async def run_open_loop(
     send: Send,
     clock: Callable[[], float],
     *,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     timeout_s: float = 600.0,
     max_in_flight: int = 1024,
 ) -> RunResult:
     """Send each arrival at ``t_s`` after start; gather results; cancel what is left at the
-    timeout (recorded as errors)."""
+    timeout (recorded as errors). ``seed`` seeds the prompts' words."""
     rng = np.random.default_rng(seed)
     start = clock()
     tasks: dict[asyncio.Task[RequestResult], Arrival] = {}
@@ -171,11 +172,18 @@ def long_prompts(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def prompt_seed(args: argparse.Namespace) -> int:
-    return args.seed if args.prompt_seed is None else args.prompt_seed
+def prompt_seed(args: argparse.Namespace, run: int) -> int | list[int]:
+    """Seed of the words of the sweep's ``run``-th rate: ``--prompt-seed`` (default ``--seed``);
+    with ``--fresh-prompts`` every rate after the first draws its own words, so that it does
+    not re-send the prompts an earlier rate left in the server's prefix cache (a hit would skip
+    their prefill). Lengths and arrivals stay the workload's either way."""
+    seed = args.seed if args.prompt_seed is None else args.prompt_seed
+    return [seed, run] if args.fresh_prompts and run else seed
 
 
-async def _run_once(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> RunResult:
+async def _run_once(
+    args: argparse.Namespace, arrivals: Sequence[Arrival], run: int = 0
+) -> RunResult:
     loop = asyncio.get_running_loop()
     start = loop.time()
 
@@ -192,7 +200,7 @@ async def _run_once(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> Ru
                 arrivals,
                 send,
                 loop.time,
-                seed=prompt_seed(args),
+                seed=prompt_seed(args, run),
                 timeout_s=args.timeout,
                 max_in_flight=args.max_in_flight,
             )
@@ -214,7 +222,7 @@ async def _run_once(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> Ru
             arrivals,
             send,
             loop.time,
-            seed=prompt_seed(args),
+            seed=prompt_seed(args, run),
             timeout_s=args.timeout,
             max_in_flight=args.max_in_flight,
         )
@@ -225,8 +233,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         rates = sorted(float(x) for x in args.sweep.split(","))
         points: dict[str, list[tuple[float, float]]] = {}
         runs: dict[str, dict[str, Summary]] = {}
-        for rate in rates:
-            run = await _run_once(args, _workload(args, rate))
+        for k, rate in enumerate(rates):
+            run = await _run_once(args, _workload(args, rate), k)
             sums = summarize_by_tenant(run.results, run.duration_s, args.ttft_slo, args.itl_slo)
             runs[f"{rate:g}"] = sums
             for name, s in sums.items():
@@ -285,6 +293,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="seeds the prompts' words (default --seed); another one sends the same workload "
         "with prompts no earlier run cached",
+    )
+    a(
+        "--fresh-prompts",
+        action="store_true",
+        help="each rate of a sweep sends other prompt words than the rates before it "
+        "(default: the same prompts at every rate, which the prefix cache may still hold)",
     )
     a("--json", help="write the report here")
     a(

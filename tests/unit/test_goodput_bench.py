@@ -21,7 +21,7 @@ def _args(repeats: int) -> argparse.Namespace:
         workers=1, ttft_slo=1.0, itl_slo=0.05, num_requests=60, max_prompt_tokens=8192,
         max_output_tokens=128, long_fraction=0.2, long_prompt_range="1024,7936",
         long_output_tokens=16, repeats=repeats, autosize_interval_s=2.0, autosize_window_s=10.0,
-        sweep="32,64", run_timeout=120.0, seed=0, max_context=8192,
+        sweep="32,64", run_timeout=120.0, seed=0, max_context=8192, fresh_prompts=False,
     )  # fmt: skip
 
 
@@ -99,3 +99,6 @@ def test_cells_and_the_repeats_prompts() -> None:
     assert len(set(seeds)) == 2 and "0" not in seeds
     assert all(a[: a.index("--max-context")] == argv[0][: argv[0].index("--max-context")]
                for a in argv)  # fmt: skip
+    assert "--fresh-prompts" not in argv[0]
+    fresh = argparse.Namespace(**{**vars(_args(1)), "fresh_prompts": True})
+    assert "--fresh-prompts" in loadgen_argv("u", fresh, "o.json")  # type: ignore[arg-type]

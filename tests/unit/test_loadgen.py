@@ -382,6 +382,32 @@ def test_cli_sweep_writes_json(tmp_path: Path) -> None:
     assert asyncio.run(serve_and_run()) == 0
 
 
+def test_fresh_prompts_differ_between_the_rates_of_a_sweep() -> None:
+    """By default every rate of a sweep re-sends the same prompts (what a prefix cache can
+    serve); with --fresh-prompts the rates after the first send other words, same lengths."""
+    seen: list[dict] = []
+
+    async def sweep(*extra: str) -> list[list[str]]:
+        runner, url = await _stub(seen, asyncio.Event())
+        seen.clear()
+        argv = ["--url", url, "--num-requests", "6", "--sweep", "100,200", "--timeout", "10",
+                "--max-prompt-tokens", "64", "--max-output-tokens", "4", *extra]  # fmt: skip
+        try:
+            assert await asyncio.to_thread(main, argv) == 0
+        finally:
+            await runner.cleanup()
+        texts = [b["messages"][0]["content"] for b in seen]
+        return [sorted(texts[:6]), sorted(texts[6:])]
+
+    same = asyncio.run(sweep())
+    assert same[0] == same[1]
+    fresh = asyncio.run(sweep("--fresh-prompts"))
+    assert fresh[0] == same[0]  # the first rate is the default's
+    assert sorted(len(t.split()) for t in fresh[1]) == sorted(len(t.split()) for t in same[1])
+    worded = [t for t in fresh[1] if " " in t]  # a one-word prompt ("r3") has no words to vary
+    assert worded and not set(worded) & set(same[1])
+
+
 def test_grpc_driver_with_a_stand_in_client() -> None:
     """The gRPC driver reads SDK chunks (kvrelay.client.types) from whatever AsyncClient
     gives; a stand-in with the same generate() shape checks the bookkeeping."""
