@@ -183,7 +183,8 @@ def _long_bursts(
     sizes = rng.integers(LONG_BURST[0], LONG_BURST[1] + 1, n)  # enough for n requests
     sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), n)) + 1]
     sizes[-1] -= int(sizes.sum()) - n  # the last burst takes what is left
-    starts = np.cumsum(gamma_gaps(len(sizes), rng, shape, scale, fraction * rate / 3))
+    mean_size = sum(LONG_BURST) / 2
+    starts = np.cumsum(gamma_gaps(len(sizes), rng, shape, scale, fraction * rate / mean_size))
     span = min(LONG_BURST_SPAN_S, 0.5 / rate)
     offsets = rng.uniform(0.0, span, n)
     offsets[np.cumsum(sizes) - sizes] = 0.0  # a burst opens at its start
