@@ -15,58 +15,14 @@ from kvrelay.workers.engine.runner import prepare_inputs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.types import SamplingParams
+from kvrelay_testing.block_tables import blocks, check_history, rebuilt
 
 CPU = torch.device("cpu")
 
 
-def rebuilt(seqs: list[Sequence]) -> torch.Tensor:
-    """The table as built before it persisted: rows padded with 0 to the longest."""
-    width = max(len(s.block_ids) for s in seqs)
-    return torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs])
-
-
-def blocks(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(10_000) for _ in range(n)]
-
-
-def evolve(rng: random.Random, pool: list[Sequence], step: int) -> list[Sequence]:
-    """One step's changes to ``pool`` (in place); returns the step's batch."""
-    op = rng.random()
-    if op < 0.15 or not pool:  # join
-        seq = Sequence(f"s{step}", [1], SamplingParams())
-        seq.block_ids = blocks(rng, rng.randint(1, 40))
-        pool.append(seq)
-    elif op < 0.25:  # leave (finish, abort, handoff)
-        pool.remove(rng.choice(pool))
-    elif op < 0.35:  # preempted and re-admitted: a new list, sometimes of the same length
-        seq = rng.choice(pool)
-        seq.block_ids = blocks(rng, rng.choice([len(seq.block_ids), rng.randint(1, 40)]))
-    elif op < 0.45:  # blocks released (recompute preemption): an empty list, then regrown
-        seq = rng.choice(pool)
-        seq.block_ids = []
-        seq.block_ids += blocks(rng, rng.randint(1, 5))
-    for seq in pool:  # decode growth: a block every few steps, appended in place
-        if rng.random() < 0.2:
-            seq.block_ids += blocks(rng, rng.randint(1, 3))
-    batch = [s for s in pool if rng.random() < 0.9] or pool[:1]  # some sit a step out
-    if rng.random() < 0.2:
-        rng.shuffle(batch)
-    return batch
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_persistent_table_equals_rebuilt_table(seed: int) -> None:
-    rng = random.Random(seed)
-    tables = BlockTables(CPU, rows=2, width=4)  # small: growth of both dimensions is exercised
-    pool: list[Sequence] = []
-    for step in range(300):
-        batch = evolve(rng, pool, step)
-        if not batch:  # the last one left
-            continue
-        slots = tables.assign(batch)
-        assert len(set(slots)) == len(slots)
-        got = tables.gather(torch.tensor(slots), tables.width)
-        assert torch.equal(got, rebuilt(batch).to(torch.int32)), f"step {step}"
+    check_history(CPU, seed)
 
 
 def test_unchanged_batch_writes_no_row() -> None:
@@ -89,7 +45,7 @@ def test_unchanged_batch_writes_no_row() -> None:
     tables.assign(seqs)  # they come back: rewritten once
     assert tables.row_writes == 26
     assert torch.equal(
-        tables.gather(torch.tensor(tables.assign(seqs)), tables.width), rebuilt(seqs).int()
+        tables.gather(torch.tensor(tables.assign(seqs)), tables.width), rebuilt(seqs)
     )
 
 
@@ -129,7 +85,7 @@ def test_prepare_inputs_with_persistent_table_equals_fresh() -> None:
         ]:
             assert torch.equal(x, y), step
         assert a.sampled == b.sampled and a.attn.is_decode == b.attn.is_decode
-        assert torch.equal(a.attn.block_tables, rebuilt([it.seq for it in items]).int())
+        assert torch.equal(a.attn.block_tables, rebuilt([it.seq for it in items]))
         for it in items:  # commit: the sampled ones gain a token
             it.seq.num_computed += it.num_tokens
             if it.samples:
