@@ -7,7 +7,8 @@ otherwise every row goes through the varlen prefill path (a decode row is a chun
 On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
 longest block table fit a captured bucket; the rest runs eagerly. Neither path synchronises the
 host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
-a step is the caller reading the sampled tokens.
+a step is the caller reading the sampled tokens. The eager path's block tables persist across
+steps (workers/engine/block_tables.py): a row is sent when its sequence joins or changes blocks.
 
 The overlapped engine launches step N+1 before it has read step N's tokens: ``prev`` holds
 them on the device, and a row whose input is such a token (``PLACEHOLDER`` on the host) takes it
