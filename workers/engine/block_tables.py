@@ -33,11 +33,11 @@ class BlockTables:
         self._host = np.zeros((rows, width), dtype=np.int32)
         self._device = self._mirror(self._host)
         self._slot: dict[int, int] = {}  # id(seq) -> slot
-        self._seqs: list[Sequence | None] = [None] * rows  # holds them: ids stay unique
-        self._lists: list[list[int] | None] = [
-            None
-        ] * rows  # the block_ids list a row was read from
-        self._lens = [0] * rows  # how many of its entries the row holds
+        # per slot: its sequence (held, so ids stay unique), the ``block_ids`` list its row was
+        # read from, and how many entries of that list the row holds
+        self._seqs: list[Sequence | None] = [None] * rows
+        self._lists: list[list[int] | None] = [None] * rows
+        self._lens = [0] * rows
         self._free = list(range(rows - 1, -1, -1))  # pop() gives the lowest slot
         self.row_writes = 0  # rows (re)written, for tests and benchmarks
         self.width = 0  # the longest block table of the last batch

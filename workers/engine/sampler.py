@@ -90,7 +90,7 @@ def _check(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
 
 
 class _Filter(NamedTuple):
-    fn: Callable[[torch.Tensor, torch.Tensor], None]  # edits [n, V] in place
+    fn: _Stage
     rows: torch.Tensor | None  # rows it applies to; None: every row
     values: torch.Tensor  # [n] the rows' parameter
 
