@@ -1,11 +1,11 @@
 """Host time of one decode ``Engine.step`` (issue 17): the engine's own work, the model taken out.
 
     .venv/bin/python benchmarks/step_overhead.py [--batches 32 128] [--steps 40] [--reps 3]
-        [--overlap off on] [--device cpu] [--threads 1] [--json PATH]
+        [--prompt 32] [--overlap off on] [--device cpu] [--threads 1] [--json PATH]
 
 Model: a random-weight Llama of one tiny layer (hidden 64, 4/2 heads, head_dim 16, vocab 512),
-so what a step costs is mostly the engine. ``--batches`` requests of 32-token prompts are
-prefilled, then ``--steps`` decode-only steps are timed (every request decoding, the batch
+so what a step costs is mostly the engine. ``--batches`` requests of ``--prompt``-token prompts
+(32; a longer one widens the block tables) are prefilled, then ``--steps`` decode-only steps are timed (every request decoding, the batch
 unchanged but for a block boundary every 16 tokens). Per step:
 
 * ``step`` = time of ``Engine.step()``;
@@ -40,7 +40,7 @@ from kvrelay.workers.model.llama import LlamaModel
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams
 
-VOCAB, PROMPT, BS = 512, 32, 16
+VOCAB, BS = 512, 16
 PARTS = ("step", "model", "host", "schedule", "prepare", "sample")
 
 
@@ -78,9 +78,10 @@ class Timers:
         setattr(obj, name, timed)
 
 
-def one_rep(loaded: LoadedModel, batch: int, steps: int, overlap: bool, device: str
-            ) -> dict[str, float]:  # fmt: skip
-    engine = Engine(loaded, EngineConfig(block_size=BS, num_blocks=batch * 16 + 16,
+def one_rep(loaded: LoadedModel, batch: int, steps: int, overlap: bool, device: str,
+            prompt: int = 32) -> dict[str, float]:  # fmt: skip
+    per_seq = max(16, -(-(prompt + steps + 8) // BS) + 1)  # blocks: prompt, steps, warm-up
+    engine = Engine(loaded, EngineConfig(block_size=BS, num_blocks=batch * per_seq + 16,
                                          max_num_seqs=batch, max_num_batched_tokens=4096,
                                          cpu_num_blocks=0, overlap_schedule=overlap),
                     device=device)  # fmt: skip
@@ -88,7 +89,7 @@ def one_rep(loaded: LoadedModel, batch: int, steps: int, overlap: bool, device: 
     params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(
-            f"r{i}", torch.randint(3, VOCAB, (PROMPT,), generator=g).tolist(), params
+            f"r{i}", torch.randint(3, VOCAB, (prompt,), generator=g).tolist(), params
         )
     while engine.stats().waiting or any(
         s.num_computed < len(s.prompt_ids) for s in engine.seqs.values()
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--overlap", nargs="+", default=["off"], choices=("off", "on"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("| ---: | --- |" + " ---: |" * (len(PARTS) + 1))
     for batch in args.batches:
         for mode in args.overlap:
-            reps = [one_rep(loaded, batch, args.steps, mode == "on", args.device)
+            reps = [one_rep(loaded, batch, args.steps, mode == "on", args.device, args.prompt)
                     for _ in range(args.reps)]  # fmt: skip
             med = {p: statistics.median(r[p] for r in reps) for p in PARTS}
             spread = {p: (min(r[p] for r in reps), max(r[p] for r in reps)) for p in PARTS}

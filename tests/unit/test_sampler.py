@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import cast
 
 import pytest
@@ -183,3 +184,45 @@ def test_bad_input_is_a_clear_error() -> None:
         Sampler().sample(torch.zeros(1, 5), [pen])
     with pytest.raises(ValueError, match="invalid sampling"):
         Sampler().sample(torch.zeros(1, 5), [SampleRow(SamplingParams(top_p=1.5), 0)])
+
+
+def test_reused_batch_params_draw_what_fresh_ones_draw() -> None:
+    """One Sampler over many steps keeps its BatchParams while the rows carry the same params
+    objects and rebuilds it when a row joins, leaves or moves, or the vocab changes: every step
+    draws exactly what a fresh Sampler draws (greedy, penalised and seeded rows)."""
+    gen = torch.Generator().manual_seed(11)
+    rng = random.Random(11)
+    choices = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.8, top_k=20, seed=1),
+        SamplingParams(temperature=1.2, top_p=0.8, seed=2),
+        SamplingParams(min_p=0.05, seed=3),
+        SamplingParams(temperature=1.5, top_k=150, repetition_penalty=0.8, seed=4),
+        SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.02, seed=5),
+    ]
+    batch = [rng.choice(choices) for _ in range(6)]
+    sampler = Sampler()
+    last = None
+    reused = rebuilt = 0
+    for step in range(80):
+        op = rng.random()
+        if op < 0.1:
+            batch.append(rng.choice(choices))
+        elif op < 0.2 and len(batch) > 1:
+            batch.pop(rng.randrange(len(batch)))
+        elif op < 0.3:
+            rng.shuffle(batch)
+        vocab = 120 if step % 20 < 10 else 300  # top_k=150 is off at 120, on at 300
+        logits = torch.randn(len(batch), vocab, generator=gen) * 3
+        rows = [
+            SampleRow(p, step + i, tuple(rng.randrange(vocab) for _ in range(6)))
+            for i, p in enumerate(batch)
+        ]
+        got = sampler.sample(logits, rows)
+        assert torch.equal(got, Sampler().sample(logits, rows)), step
+        params = sampler.batch_params(rows, logits)
+        reused += params is last
+        rebuilt += params is not last
+        last = params
+    assert reused > 20 and rebuilt > 10, (reused, rebuilt)

@@ -7,7 +7,8 @@ otherwise every row goes through the varlen prefill path (a decode row is a chun
 On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
 longest block table fit a captured bucket; the rest runs eagerly. Neither path synchronises the
 host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
-a step is the caller reading the sampled tokens.
+a step is the caller reading the sampled tokens. The eager path's block tables persist across
+steps (workers/engine/block_tables.py): a row is sent when its sequence joins or changes blocks.
 
 The overlapped engine launches step N+1 before it has read step N's tokens: ``prev`` holds
 them on the device, and a row whose input is such a token (``PLACEHOLDER`` on the host) takes it
@@ -25,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvrelay.workers.engine.block_tables import BlockTables
 from kvrelay.workers.engine.cuda_graphs import (
     BATCH_SIZES,
     DecodeBatch,
@@ -84,7 +86,11 @@ def prepare_inputs(
     block_size: int,
     device: torch.device,
     prev: DeviceTokens | None = None,
+    tables: BlockTables | None = None,
 ) -> StepInputs:
+    """``tables``: the runner's block tables, kept across steps; None: a table for this call."""
+    if tables is None:
+        tables = BlockTables(device)
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -92,7 +98,6 @@ def prepare_inputs(
     context_lens: list[int] = []
     logits_indices: list[int] = []
     sampled: list[ScheduledSeq] = []
-    tables: list[list[int]] = []
     end = 0
     for it in items:
         seq, n = it.seq, it.num_tokens
@@ -109,21 +114,20 @@ def prepare_inputs(
         end += n
         starts.append(end)
         context_lens.append(hi)
-        tables.append(blocks)
         if hi == seq.num_tokens:  # ``it.samples``
             logits_indices.append(end - 1)
             sampled.append(it)
-    width = max(len(b) for b in tables)
-    # one upload per dtype: [ids | positions | slots | logits rows] and [contexts | starts]
+    rows = tables.assign([it.seq for it in items])  # [B] table slots
+    # one upload per dtype: [ids | positions | slots | logits rows | table slots] and
+    # [contexts | starts]
     t = len(input_ids)
-    i64 = host_to_device(input_ids + positions + slots + logits_indices, torch.int64, device)
+    s = len(logits_indices)
+    i64 = host_to_device(input_ids + positions + slots + logits_indices + rows, torch.int64, device)
     b = len(items)
     i32 = host_to_device(context_lens + starts, torch.int32, device)
     attn = AttentionMetadata(
         slot_mapping=i64[2 * t : 3 * t],
-        block_tables=host_to_device(
-            [row + [0] * (width - len(row)) for row in tables], torch.int32, device  # type: ignore[arg-type]
-        ),
+        block_tables=tables.gather(i64[3 * t + s :], tables.width),
         context_lens=i32[:b],
         query_start_loc=i32[b:],
         is_decode=t == b,
@@ -132,7 +136,7 @@ def prepare_inputs(
     patch = _patch(items, prev, device)
     if patch is not None:
         ids.index_copy_(0, *patch)
-    return StepInputs(ids, i64[t : 2 * t], attn, i64[3 * t :], tuple(sampled))
+    return StepInputs(ids, i64[t : 2 * t], attn, i64[3 * t : 3 * t + s], tuple(sampled))
 
 
 def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:
@@ -169,6 +173,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks
             )
+        self.tables = BlockTables(self.device)  # the eager path's (graphs keep their own)
         self.eager_steps = 0
         self.graph_steps = 0
         # entered around each forward pass: a semi-PD lane releases its storage lock there
@@ -199,7 +204,7 @@ class ModelRunner:
                 self.graph_steps += 1
                 return out
         self.eager_steps += 1
-        inputs = prepare_inputs(items, self.block_size, self.device, prev)
+        inputs = prepare_inputs(items, self.block_size, self.device, prev, self.tables)
         if self.sparse is not None:
             self.sparse.begin_step(
                 [it.seq.request_id for it in items],

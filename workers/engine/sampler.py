@@ -31,7 +31,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -44,8 +45,8 @@ _INV_2_53 = 1.0 / (1 << 53)
 _TOP_P_CANDIDATES = 256
 # inverse-CDF block width (entries); V is padded up to a multiple of it
 _DRAW_BLOCK = 512
-# a filter stage: edits [n, V] logits in place given one parameter per row
-_Stage = Callable[[torch.Tensor, list[Any]], None]
+# a filter stage: edits [n, V] logits in place given one parameter per row ([n])
+_Stage = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def _splitmix64(x: int) -> int:
@@ -86,32 +87,69 @@ def _check(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
         raise ValueError(
             f"logits have {logits.shape[0]} rows but {len(rows)} SampleRows were given"
         )
-    for r in rows:
-        p = r.params
-        if p.temperature < 0 or p.top_k < 0 or not 0 <= p.top_p <= 1 or not 0 <= p.min_p <= 1:
-            raise ValueError(f"invalid sampling parameters: {p}")
-        if p.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
-        if r.position < 0:
-            raise ValueError(f"position must be >= 0, got {r.position}")
 
 
-def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-row parameters as a [n, 1] column broadcasting against [n, V]."""
-    return host_to_device(values, like.dtype, like.device).unsqueeze(1)
+class _Filter(NamedTuple):
+    fn: _Stage
+    rows: torch.Tensor | None  # rows it applies to; None: every row
+    values: torch.Tensor  # [n] the rows' parameter
 
 
-def _index(ids: list[int], like: torch.Tensor) -> torch.Tensor:
-    return host_to_device(ids, torch.long, like.device)
+class BatchParams:
+    """A batch's sampling parameters, checked and split by stage once, on one device.
+
+    ``Sampler.sample`` keeps the last one and reuses it while its rows carry the same
+    ``SamplingParams`` objects in the same order (a decode batch that did not change): a step
+    then costs no per-row checks, and each stage's row indices and per-row parameters are
+    uploaded once per batch, not once per step.
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], vocab: int, device: torch.device) -> None:
+        for p in params:
+            if p.temperature < 0 or p.top_k < 0 or not 0 <= p.top_p <= 1 or not 0 <= p.min_p <= 1:
+                raise ValueError(f"invalid sampling parameters: {p}")
+            if p.repetition_penalty <= 0:
+                raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        self.params = ps = list(params)
+        self.vocab, self.device = vocab, device
+        self.penalised = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
+        self.plain = not self.penalised and all(p.greedy for p in ps)  # argmax as is
+        self.drawn = [i for i, p in enumerate(ps) if not p.greedy]
+        self.greedy = [i for i, p in enumerate(ps) if p.greedy]
+        self.drawn_rows = host_to_device(self.drawn, torch.long, device)
+        self.greedy_rows = host_to_device(self.greedy, torch.long, device)
+        top_k = [ps[i].top_k for i in self.drawn if 0 < ps[i].top_k < vocab]
+        stages: list[tuple[_Stage, Callable[[SamplingParams], bool], str, torch.dtype]] = [
+            (_temperature, lambda p: p.temperature != 1.0, "temperature", torch.float32),
+            (partial(_top_k, kmax=max(top_k, default=0)), lambda p: 0 < p.top_k < vocab,
+             "top_k", torch.long),
+            (_top_p, lambda p: p.top_p < 1.0, "top_p", torch.float32),
+            (_min_p, lambda p: p.min_p > 0.0, "min_p", torch.float32),
+        ]  # fmt: skip
+        self.filters: list[_Filter] = []
+        for fn, on, name, dtype in stages:
+            rows = [i for i in self.drawn if on(ps[i])]
+            if rows:
+                values = host_to_device([getattr(ps[i], name) for i in rows], dtype, device)
+                index = None if len(rows) == len(ps) else host_to_device(rows, torch.long, device)
+                self.filters.append(_Filter(fn, index, values))
+
+    def fits(self, params: Sequence[SamplingParams], vocab: int, device: torch.device) -> bool:
+        """The same parameter objects (immutable) in the same order, for the same logits."""
+        return (
+            vocab == self.vocab
+            and device == self.device
+            and len(params) == len(self.params)
+            and all(a is b for a, b in zip(params, self.params, strict=True))
+        )
 
 
-def _repetition_penalty(out: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+def _repetition_penalty(out: torch.Tensor, rows: Sequence[SampleRow], sel: list[int]) -> None:
     """In place, HF semantics: over the set of seen ids, logit < 0 -> * p, else / p.
 
     Gather / scatter at the seen ids only (O(seen), not O(B x V)); a repeated id writes the
     same value twice, so duplicates need no dedup.
     """
-    sel = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     if not sel:
         return
     vocab = out.shape[1]
@@ -143,7 +181,8 @@ def _repetition_penalty(out: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     if int(flat.min()) < 0 or int(flat.max()) >= vocab:
         raise ValueError(f"seen_ids must lie in [0, {vocab})")
     counts = torch.tensor([t.numel() for t in ids], device=device)
-    linear = torch.repeat_interleave(_index(sel, out) * vocab, counts) + flat  # [total seen]
+    sel_rows = host_to_device(sel, torch.long, device)
+    linear = torch.repeat_interleave(sel_rows * vocab, counts) + flat  # [total seen]
     pen = torch.repeat_interleave(
         torch.tensor([rows[i].params.repetition_penalty for i in sel], device=device), counts
     ).to(out.dtype)
@@ -157,19 +196,19 @@ def _penalise(out: torch.Tensor, linear: torch.Tensor, pen: torch.Tensor) -> Non
     view[linear] = torch.where(vals < 0, vals * pen, vals / pen)
 
 
-def _temperature(sub: torch.Tensor, temps: list[float]) -> None:
-    sub.div_(_col(temps, sub))
+def _temperature(sub: torch.Tensor, temps: torch.Tensor) -> None:
+    sub.div_(temps.unsqueeze(1))
 
 
-def _top_k(sub: torch.Tensor, ks: list[int]) -> None:
-    """In place on [n, V]: keep logits >= the k-th largest (ties at the k-th kept, as HF)."""
-    k = host_to_device(ks, torch.long, sub.device).clamp_(max=sub.shape[1])
-    top = torch.topk(sub, min(max(ks), sub.shape[1]), dim=-1).values  # [n, kmax] descending
+def _top_k(sub: torch.Tensor, k: torch.Tensor, kmax: int) -> None:
+    """In place on [n, V]: keep logits >= the k-th largest (ties at the k-th kept, as HF);
+    ``kmax`` = max(k) < V, known on the host."""
+    top = torch.topk(sub, kmax, dim=-1).values  # [n, kmax] descending
     kth = top.gather(1, (k - 1).unsqueeze(1))
     sub.masked_fill_(sub < kth, float("-inf"))
 
 
-def _top_p(sub: torch.Tensor, ps: list[float]) -> None:
+def _top_p(sub: torch.Tensor, top_p: torch.Tensor) -> None:
     """In place on [n, V]: keep the smallest set of top tokens whose mass reaches p.
 
     HF sorts ascending and drops tokens whose cumulative mass is <= 1 - p, always keeping the
@@ -180,7 +219,6 @@ def _top_p(sub: torch.Tensor, ps: list[float]) -> None:
     to float rounding of the cumulative sums exactly at the boundary.
     """
     probs = sub.softmax(dim=-1)  # [n, V]
-    top_p = host_to_device(ps, probs.dtype, probs.device)
     if sub.is_cuda:
         _top_p_sorted(sub, probs, top_p)
         return
@@ -222,24 +260,29 @@ def _top_p_sorted(sub: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -
     sub.scatter_(1, idx, kept)
 
 
-def _min_p(sub: torch.Tensor, mps: list[float]) -> None:
+def _min_p(sub: torch.Tensor, mps: torch.Tensor) -> None:
     """In place on [n, V]: drop tokens with prob < min_p * max prob (the max always stays)."""
     probs = sub.softmax(dim=-1)
-    threshold = _col(mps, sub) * probs.amax(dim=-1, keepdim=True)
+    threshold = mps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
     sub.masked_fill_(probs < threshold, float("-inf"))
 
 
-def _stage(out: torch.Tensor, sel: list[int], fn: _Stage, values: list[Any]) -> None:
-    """Run ``fn`` on the rows ``sel`` of ``out`` only (views when the selection is all rows)."""
-    if not sel:
+def _filter(out: torch.Tensor, f: _Filter) -> None:
+    """Run ``f`` on its rows of ``out`` only (views when it applies to every row)."""
+    if f.rows is None:
+        f.fn(out, f.values)
         return
-    if len(sel) == out.shape[0]:
-        fn(out, values)
-        return
-    idx = _index(sel, out)
-    sub = out.index_select(0, idx)
-    fn(sub, values)
-    out.index_copy_(0, idx, sub)
+    sub = out.index_select(0, f.rows)
+    f.fn(sub, f.values)
+    out.index_copy_(0, f.rows, sub)
+
+
+def _process(logits: torch.Tensor, rows: Sequence[SampleRow], batch: BatchParams) -> torch.Tensor:
+    out = logits.to(torch.float32, copy=True)
+    _repetition_penalty(out, rows, batch.penalised)
+    for f in batch.filters:
+        _filter(out, f)
+    return out
 
 
 def apply_penalties_and_filters(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -249,53 +292,57 @@ def apply_penalties_and_filters(logits: torch.Tensor, rows: Sequence[SampleRow])
     ``softmax`` of a sampling row is the distribution ``Sampler.sample`` draws from.
     """
     _check(logits, rows)
-    out = logits.to(torch.float32, copy=True)
-    _repetition_penalty(out, rows)
-    ps = [r.params for r in rows]
-    temp = [i for i, p in enumerate(ps) if not p.greedy and p.temperature != 1.0]
-    _stage(out, temp, _temperature, [ps[i].temperature for i in temp])
-    vocab = out.shape[1]
-    topk = [i for i, p in enumerate(ps) if not p.greedy and 0 < p.top_k < vocab]
-    _stage(out, topk, _top_k, [ps[i].top_k for i in topk])
-    topp = [i for i, p in enumerate(ps) if not p.greedy and p.top_p < 1.0]
-    _stage(out, topp, _top_p, [ps[i].top_p for i in topp])
-    minp = [i for i, p in enumerate(ps) if not p.greedy and p.min_p > 0.0]
-    _stage(out, minp, _min_p, [ps[i].min_p for i in minp])
-    return out
+    batch = BatchParams([r.params for r in rows], logits.shape[1], logits.device)
+    return _process(logits, rows, batch)
 
 
 class Sampler:
-    """Draws one token per row. Stateless apart from the RNG used by unseeded rows."""
+    """Draws one token per row. Stateless apart from the RNG used by unseeded rows and the
+    last batch's parameters (a cache: ``BatchParams``)."""
 
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
+        self._batch: BatchParams | None = None
 
     def uniforms(self, rows: Sequence[SampleRow]) -> list[float]:
         """One u in [0, 1) per row: from (seed, position) for seeded rows, else the Sampler's RNG."""
-        return [
-            (mix64(r.params.seed, r.position) >> 11) * _INV_2_53
-            if r.params.seed is not None
-            else self._rng.random()
-            for r in rows
-        ]
+        out = []
+        for r in rows:
+            if r.params.seed is None:
+                out.append(self._rng.random())
+                continue
+            if r.position < 0:
+                raise ValueError(f"position must be >= 0, got {r.position}")
+            out.append((mix64(r.params.seed, r.position) >> 11) * _INV_2_53)
+        return out
+
+    def batch_params(self, rows: Sequence[SampleRow], logits: torch.Tensor) -> BatchParams:
+        """The rows' ``BatchParams``: the last one while it fits, else a new one."""
+        params = [r.params for r in rows]
+        vocab, device = logits.shape[1], logits.device
+        if self._batch is None or not self._batch.fits(params, vocab, device):
+            self._batch = BatchParams(params, vocab, device)
+        return self._batch
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         """Token ids [B] int64 on the logits' device."""
-        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in rows):
-            _check(logits, rows)  # plain greedy: nothing to process, argmax as is
+        _check(logits, rows)
+        batch = self.batch_params(rows, logits)
+        if batch.plain:  # greedy, nothing to process: argmax as is
             return logits.argmax(dim=-1)
-        processed = apply_penalties_and_filters(logits, rows)
-        drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if not drawn:
+        processed = _process(logits, rows, batch)
+        if not batch.drawn:
             return processed.argmax(dim=-1)
         tokens = torch.zeros(len(rows), dtype=torch.long, device=processed.device)
-        if len(drawn) < len(rows):
-            greedy = _index([i for i, r in enumerate(rows) if r.params.greedy], processed)
+        if batch.greedy:
+            greedy = batch.greedy_rows
             tokens.index_copy_(0, greedy, processed.index_select(0, greedy).argmax(dim=-1))
-        idx = _index(drawn, processed)
-        picked = processed if len(drawn) == len(rows) else processed.index_select(0, idx)
+        idx = batch.drawn_rows
+        picked = processed if not batch.greedy else processed.index_select(0, idx)
         probs = picked.softmax(dim=-1)  # [n, V]
-        u = host_to_device(self.uniforms([rows[i] for i in drawn]), torch.float64, probs.device)
+        u = host_to_device(
+            self.uniforms([rows[i] for i in batch.drawn]), torch.float64, probs.device
+        )
         tokens.index_copy_(0, idx, inverse_cdf(probs, u))
         return tokens
 

@@ -21,6 +21,7 @@ and otherwise releases its blocks (full ones stay cached, so recomputing is most
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from kvrelay.workers.engine.policy import FCFSPolicy, RequestView, SchedulingPolicy, order_fn
@@ -223,7 +224,7 @@ class Scheduler:
         queue = self._order_running(runnable, now)
         starved = False  # a running sequence lacked blocks: admit nobody this step
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             item = self._grow(seq, budget)
             while item is None and queue:
                 victim = queue.pop()  # last in policy order
@@ -262,25 +263,26 @@ class Scheduler:
                 budget -= item.num_tokens
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
-    def _order_running(self, runnable: list[Sequence], now: float) -> list[Sequence]:
+    def _order_running(self, runnable: list[Sequence], now: float) -> deque[Sequence]:
         """The policy's order of the running sequences. A ``static_order`` policy is asked
         again only when the list changed: a batch that only decodes costs no RequestViews."""
         if not self.policy.static_order:
-            return self.order(runnable, now)
+            return deque(self.order(runnable, now))
         memo = self._order_memo
         if memo is None or len(memo[0]) != len(runnable) or any(
             a is not b for a, b in zip(memo[0], runnable, strict=True)
         ):
             memo = self._order_memo = (runnable, self.order(runnable, now))
-        return list(memo[1])
+        return deque(memo[1])
 
     def _grow(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         """Schedule a running sequence's next chunk, allocating its blocks, or None."""
         n = min(seq.num_tokens - seq.num_computed, budget)
         need = seq.blocks_needed(n, self.block_size)
-        if not self.pool.can_allocate(need):
-            return None
-        seq.block_ids += self.pool.allocate(need)
+        if need:  # most decode steps fit the last block: no pool call
+            if not self.pool.can_allocate(need):
+                return None
+            seq.block_ids += self.pool.allocate(need)
         return ScheduledSeq(seq, n)
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
