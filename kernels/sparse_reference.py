@@ -47,23 +47,22 @@ def block_bounds(
 def update_bounds(
     bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
-    layer: int,
-    slot_mapping: torch.Tensor,  # [T] the slots just written (no -1 padding), distinct blocks
+    slot_mapping: torch.Tensor,  # [T] slots written in every layer (no -1 padding), distinct blocks
 ) -> None:
-    """Fold the keys just written into their sub-pages' bounds; a write at a sub-page's first
-    offset restarts it (the block was free or reused), so stale bounds of a recycled block never
-    survive a sub-page's first token. Sparse steps run eagerly, never padded, so every slot is
-    real (no filtering: no host sync)."""
+    """Fold the keys written at the slots, in every layer at once, into their sub-pages' bounds;
+    a write at a sub-page's first offset restarts it (the block was free or reused), so stale
+    bounds of a recycled block never survive a sub-page's first token. Sparse steps run eagerly,
+    never padded, so every slot is real (no filtering: no host sync)."""
     bs, pages = kv_cache.shape[3], bounds.shape[3]
     slots = slot_mapping.long()
     blocks, offs = slots // bs, slots % bs
     sub = offs // (bs // pages)
-    key = kv_cache[blocks, layer, 0, offs].to(bounds.dtype)  # [T, Hkv, D]
-    fresh = (offs % (bs // pages) == 0)[:, None, None]
-    old = bounds[blocks, layer, :, sub]  # [T, 2, Hkv, D]
-    kmax = torch.where(fresh, key, torch.maximum(old[:, 0], key))
-    kmin = torch.where(fresh, key, torch.minimum(old[:, 1], key))
-    bounds[blocks, layer, :, sub] = torch.stack((kmax, kmin), 1)
+    key = kv_cache[blocks, :, 0, offs].to(bounds.dtype)  # [T, L, Hkv, D]
+    fresh = (offs % (bs // pages) == 0)[:, None, None, None]
+    old = bounds[blocks, :, :, sub]  # [T, L, 2, Hkv, D]
+    kmax = torch.where(fresh, key, torch.maximum(old[:, :, 0], key))
+    kmin = torch.where(fresh, key, torch.minimum(old[:, :, 1], key))
+    bounds[blocks, :, :, sub] = torch.stack((kmax, kmin), 2)
 
 
 def block_scores(

@@ -133,6 +133,107 @@ def build_tables(
     return tables.to(torch.int32), lens.to(torch.int32)
 
 
+class DecodeStep:
+    """The selection work of one decode step that depends on its batch alone (context lengths,
+    block tables), done once at the step's first layer and shared by every layer, so that a
+    layer pays a few ops: a selection is masked_fill + topk (+ the re-rank), a table is the
+    layer's picks merged (cat + sort + gather) into a skeleton of sink, local and, while a
+    selection is reused, the block that left the local window since. Unused entries are ``mb``
+    (one past the block table, whose copy of the last column keeps the gather in range) instead
+    of BIG. Equal to :func:`select_topk`, :func:`rerank_topk` and :func:`build_tables`, the
+    references (tests/unit/test_sparse_select.py checks)."""
+
+    def __init__(
+        self,
+        context_lens: torch.Tensor,  # [B] tokens, the new one included
+        block_tables: torch.Tensor,  # [B, MB] int32 physical
+        dense: HeadShape,
+        stream: HeadShape,
+        bs: int,
+        kv_heads: int,
+        refresh_nb: torch.Tensor | None,  # [B] blocks when the reused picks were made; None: now
+    ) -> None:
+        mb = block_tables.shape[1]
+        dev = block_tables.device
+        self.dense, self.stream, self.kv_heads, self.mb = dense, stream, kv_heads, mb
+        self.nb = nb = num_blocks(context_lens, bs)  # [B]
+        self.block_tables = block_tables
+        self._padded = torch.cat([block_tables, block_tables[:, -1:]], 1)  # [B, MB + 1]
+        self.bs = bs
+        self._base = (context_lens - nb * bs).to(torch.int32)[:, None]  # lens = count·bs + base
+        self._refresh_nb = refresh_nb
+        j = torch.arange(max(mb + 1, dense.width + 1, stream.width), device=dev)
+        self._j = j
+        self._whole = torch.where(j < nb[:, None], j, mb)  # [B, J]: a short context read whole
+        self.hi = (nb - dense.local)[:, None, None]  # [B, 1, 1] the middle is [sink, hi)
+        self.outside = ((j[:mb] < dense.sink) | (j[:mb] >= self.hi[:, 0]))[:, None]  # [B, 1, MB]
+        small = nb <= dense.width
+        self._keep_hi = torch.where(small, -1, nb - dense.local)[:, None, None]  # no pick if small
+        self._skeletons: dict[tuple[HeadShape, int, int, bool], torch.Tensor] = {}
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:  # [B, Hkv, min(k, MB)]
+        """select_topk over scores ``[B, Hkv, MB]``."""
+        masked = scores.masked_fill(self.outside, float("-inf"))
+        return masked.topk(min(k, scores.shape[2]), dim=-1).indices
+
+    def rerank(self, short: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        """rerank_topk: the top-K of the shortlist by exact score, middle blocks first."""
+        middle = (short >= self.dense.sink) & (short < self.hi)
+        exact = torch.where(middle, exact, float("-inf"))
+        return short.gather(-1, exact.topk(min(self.dense.topk, short.shape[-1]), dim=-1).indices)
+
+    def physical(self, logical: torch.Tensor) -> torch.Tensor:  # [B, ...] logical -> int32
+        return self._padded.gather(1, logical.flatten(1)).view_as(logical)
+
+    def _skeleton(self, shape: HeadShape, width: int, picks: int, gap: bool) -> torch.Tensor:
+        """[B, 1, width]: sink, gap, local and unused entries in the first ``width - picks``
+        columns, what short contexts read beyond them in the last ``picks``."""
+        key = (shape, width, picks, gap)
+        got = self._skeletons.get(key)
+        if got is not None:
+            return got
+        nb, mb, j = self.nb[:, None], self.mb, self._j[:width]
+        sink = j[: shape.sink].expand(nb.shape[0], -1)
+        local = nb - shape.local + j[: shape.local]
+        parts = [sink, local]
+        if gap and self._refresh_nb is not None:
+            # A reused selection never saw the block that left the local window since it was
+            # made (at most one: reuse_steps <= block size): read it too, the most recent past.
+            g = self._refresh_nb[:, None] - shape.local
+            parts.append(torch.where((g < nb - shape.local) & (g >= shape.sink), g, mb))
+        used = sum(p.shape[1] for p in parts)
+        parts.append(torch.full((nb.shape[0], width - used), mb, device=nb.device))
+        spread = torch.cat(parts, 1)  # sorted but for the gap (the layer's sort places it)
+        got = torch.where(nb <= shape.width, self._whole[:, :width], spread)[:, None]
+        self._skeletons[key] = got
+        return got
+
+    def tables(
+        self,
+        topk: torch.Tensor | None,  # [B, Hkv, K'] the layer's dense picks (logical), any order
+        streaming: torch.Tensor | None,  # [Hkv] bool: the layer's streaming heads; None: none
+        reused: bool,  # the picks were made at an earlier step (refresh_nb's)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32, lens [B, Hkv] int32
+        """build_tables."""
+        dense, stream = self.dense, self.stream
+        width = max(dense.width + 1, stream.width if streaming is not None else 0)
+        picks = 0 if topk is None or topk.shape[2] == 0 else topk.shape[2]
+        batch, heads = self.nb.shape[0], self.kv_heads
+        skeleton = self._skeleton(dense, width, picks, reused and picks > 0)
+        if picks:
+            keep = (topk >= dense.sink) & (topk < self._keep_hi)  # type: ignore[operator]
+            mine = torch.where(keep, topk, skeleton[:, :, width - picks :])  # type: ignore[arg-type]
+            fixed = skeleton[:, :, : width - picks].expand(batch, heads, -1)
+            cand = torch.cat([fixed, mine], -1).sort(-1).values
+        else:
+            cand = skeleton.expand(batch, heads, -1)
+        if streaming is not None:
+            streamed = self._skeleton(stream, width, 0, False)
+            cand = torch.where(streaming[None, :, None], streamed, cand)
+        count = (cand < self.mb).sum(-1, dtype=torch.int32)  # every listed block but the last full
+        return self.physical(cand), count * self.bs + self._base
+
+
 def sample_columns(
     query: torch.Tensor,  # [n, H, D] new rows of one sequence (positions ctx-n .. ctx-1)
     keys: torch.Tensor,  # [ctx, Hkv, D]
