@@ -22,6 +22,7 @@ from kvrelay.kernels.triton_sparse import (
     block_scores,
     sparse_decode_attention,
     sparse_prefill_attention,
+    sparse_tables,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "silu_mul",
     "sparse_decode_attention",
     "sparse_prefill_attention",
+    "sparse_tables",
     "unpack_blocks",
     "write_kv",
 ]

@@ -206,10 +206,11 @@ def test_pick_streaming_never_takes_retrieval_heads() -> None:
 
 
 def test_decode_step_equals_the_references_on_random_batches() -> None:
-    """DecodeStep (per-step skeletons shared by the layers) builds the very tables, lens and
-    picks of select_topk / rerank_topk / build_tables: fresh selections, reused ones after the
+    """DecodeStep (per-step masks shared by the layers) makes the very picks, tables and lens
+    of select_topk / rerank_topk / build_tables: fresh selections, reused ones after the
     contexts grew (a block may have left the local window), short contexts read whole, streaming
-    heads, a budget past every context."""
+    heads. (Its tables are kernels.sparse_tables: on CPU the reference itself; the Triton body is
+    checked in tests/unit/test_sparse_interpret.py.)"""
     g = torch.Generator().manual_seed(7)
     for trial in range(40):
         batch = int(torch.randint(1, 5, (1,), generator=g))

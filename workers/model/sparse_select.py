@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-BIG = 1 << 30
+from kvrelay import kernels
+from kvrelay.kernels import sparse_reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,10 @@ class HeadShape:
     @property
     def width(self) -> int:
         return self.sink + self.topk + self.local
+
+    @property
+    def parts(self) -> tuple[int, int, int]:
+        return self.sink, self.topk, self.local
 
 
 def num_blocks(context_lens: torch.Tensor, bs: int) -> torch.Tensor:
@@ -73,40 +78,6 @@ def rerank_topk(
     return short.gather(-1, exact.topk(min(shape.topk, short.shape[-1]), dim=-1).indices)
 
 
-def _candidates(
-    nb: torch.Tensor,  # [B] blocks in each context
-    topk: torch.Tensor | None,  # [B, Hkv, K'] logical, or None when shape.topk == 0
-    kv_heads: int,
-    shape: HeadShape,
-    width: int,  # pad to this many columns
-    refresh_nb: torch.Tensor | None,  # [B] blocks when topk was chosen (None: now)
-) -> torch.Tensor:  # [B, Hkv, width] logical block ids ascending, BIG = unused
-    dev = nb.device
-    batch = nb.shape[0]
-    n = nb[:, None, None]
-    sink = torch.arange(shape.sink, device=dev).expand(batch, kv_heads, -1)
-    local = n - shape.local + torch.arange(shape.local, device=dev)
-    local = local.expand(batch, kv_heads, -1)
-    parts = [sink]
-    if topk is not None and topk.shape[2] > 0:
-        keep = (topk >= shape.sink) & (topk < n - shape.local)  # a reused pick may now be local
-        parts.append(torch.where(keep, topk.long(), BIG))
-        # A reused selection never saw the block that left the local window since it was made
-        # (at most one: reuse_steps <= block size): read it too, it is the most recent past.
-        if refresh_nb is not None:
-            gap = (refresh_nb[:, None, None] - shape.local).expand(batch, kv_heads, 1)
-            fresh = (gap < n - shape.local) & (gap >= shape.sink)
-            parts.append(torch.where(fresh, gap, BIG))
-    parts.append(local)
-    spread = torch.cat(parts, -1)
-    whole = torch.arange(spread.shape[2], device=dev).expand(batch, kv_heads, -1)
-    whole = torch.where(whole < n, whole, BIG)
-    cand = torch.where(n <= shape.width, whole, spread).sort(-1).values
-    if cand.shape[2] < width:
-        cand = torch.cat([cand, cand.new_full((batch, kv_heads, width - cand.shape[2]), BIG)], -1)
-    return cand
-
-
 def build_tables(
     context_lens: torch.Tensor,  # [B] tokens, the new one included
     block_tables: torch.Tensor,  # [B, MB] physical
@@ -118,30 +89,19 @@ def build_tables(
     kv_heads: int,
     refresh_nb: torch.Tensor | None = None,  # [B] blocks when ``topk`` was chosen
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32 physical, lens [B, Hkv]
-    nb = num_blocks(context_lens, bs)
-    width = max(dense.width + 1, stream.width if streaming is not None else 0)
-    cand = _candidates(nb, topk, kv_heads, dense, width, refresh_nb)
-    if streaming is not None:
-        cand_s = _candidates(nb, None, kv_heads, stream, width, None)
-        cand = torch.where(streaming[None, :, None], cand_s, cand)
-    count = (cand < BIG).sum(-1)  # [B, Hkv]
-    logical = cand.clamp(max=block_tables.shape[1] - 1)
-    batch = nb.shape[0]
-    tables = block_tables.long().gather(1, logical.view(batch, -1)).view_as(logical)
-    last_fill = context_lens.long() - (nb - 1) * bs  # [B]
-    lens = (count - 1) * bs + last_fill[:, None]
-    return tables.to(torch.int32), lens.to(torch.int32)
+    """The torch reference of ``kernels.sparse_tables``, with head shapes."""
+    return sparse_reference.sparse_tables(
+        context_lens, block_tables, topk, streaming, refresh_nb, dense.parts, stream.parts, bs,
+        kv_heads,
+    )  # fmt: skip
 
 
 class DecodeStep:
     """The selection work of one decode step that depends on its batch alone (context lengths,
     block tables), done once at the step's first layer and shared by every layer, so that a
-    layer pays a few ops: a selection is masked_fill + topk (+ the re-rank), a table is the
-    layer's picks merged (cat + sort + gather) into a skeleton of sink, local and, while a
-    selection is reused, the block that left the local window since. Unused entries are ``mb``
-    (one past the block table, whose copy of the last column keeps the gather in range) instead
-    of BIG. Equal to :func:`select_topk`, :func:`rerank_topk` and :func:`build_tables`, the
-    references (tests/unit/test_sparse_select.py checks)."""
+    layer pays a few ops: a selection is masked_fill + topk (+ the re-rank), its tables one
+    ``kernels.sparse_tables`` (one launch on CUDA). Equal to :func:`select_topk`,
+    :func:`rerank_topk` and :func:`build_tables` (tests/unit/test_sparse_select.py checks)."""
 
     def __init__(
         self,
@@ -154,22 +114,13 @@ class DecodeStep:
         refresh_nb: torch.Tensor | None,  # [B] blocks when the reused picks were made; None: now
     ) -> None:
         mb = block_tables.shape[1]
-        dev = block_tables.device
-        self.dense, self.stream, self.kv_heads, self.mb = dense, stream, kv_heads, mb
-        self.nb = nb = num_blocks(context_lens, bs)  # [B]
-        self.block_tables = block_tables
-        self._padded = torch.cat([block_tables, block_tables[:, -1:]], 1)  # [B, MB + 1]
-        self.bs = bs
-        self._base = (context_lens - nb * bs).to(torch.int32)[:, None]  # lens = count·bs + base
-        self._refresh_nb = refresh_nb
-        j = torch.arange(max(mb + 1, dense.width + 1, stream.width), device=dev)
-        self._j = j
-        self._whole = torch.where(j < nb[:, None], j, mb)  # [B, J]: a short context read whole
-        self.hi = (nb - dense.local)[:, None, None]  # [B, 1, 1] the middle is [sink, hi)
-        self.outside = ((j[:mb] < dense.sink) | (j[:mb] >= self.hi[:, 0]))[:, None]  # [B, 1, MB]
-        small = nb <= dense.width
-        self._keep_hi = torch.where(small, -1, nb - dense.local)[:, None, None]  # no pick if small
-        self._skeletons: dict[tuple[HeadShape, int, int, bool], torch.Tensor] = {}
+        self.context_lens, self.block_tables = context_lens, block_tables
+        self.dense, self.stream, self.bs, self.kv_heads = dense, stream, bs, kv_heads
+        self.refresh_nb = refresh_nb
+        self.nb = num_blocks(context_lens, bs)  # [B]
+        self.hi = (self.nb - dense.local)[:, None, None]  # [B, 1, 1] the middle is [sink, hi)
+        j = torch.arange(mb, device=block_tables.device)
+        self.outside = ((j < dense.sink) | (j >= self.hi[:, 0]))[:, None]  # [B, 1, MB]
 
     def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:  # [B, Hkv, min(k, MB)]
         """select_topk over scores ``[B, Hkv, MB]``."""
@@ -182,31 +133,8 @@ class DecodeStep:
         exact = torch.where(middle, exact, float("-inf"))
         return short.gather(-1, exact.topk(min(self.dense.topk, short.shape[-1]), dim=-1).indices)
 
-    def physical(self, logical: torch.Tensor) -> torch.Tensor:  # [B, ...] logical -> int32
-        return self._padded.gather(1, logical.flatten(1)).view_as(logical)
-
-    def _skeleton(self, shape: HeadShape, width: int, picks: int, gap: bool) -> torch.Tensor:
-        """[B, 1, width]: sink, gap, local and unused entries in the first ``width - picks``
-        columns, what short contexts read beyond them in the last ``picks``."""
-        key = (shape, width, picks, gap)
-        got = self._skeletons.get(key)
-        if got is not None:
-            return got
-        nb, mb, j = self.nb[:, None], self.mb, self._j[:width]
-        sink = j[: shape.sink].expand(nb.shape[0], -1)
-        local = nb - shape.local + j[: shape.local]
-        parts = [sink, local]
-        if gap and self._refresh_nb is not None:
-            # A reused selection never saw the block that left the local window since it was
-            # made (at most one: reuse_steps <= block size): read it too, the most recent past.
-            g = self._refresh_nb[:, None] - shape.local
-            parts.append(torch.where((g < nb - shape.local) & (g >= shape.sink), g, mb))
-        used = sum(p.shape[1] for p in parts)
-        parts.append(torch.full((nb.shape[0], width - used), mb, device=nb.device))
-        spread = torch.cat(parts, 1)  # sorted but for the gap (the layer's sort places it)
-        got = torch.where(nb <= shape.width, self._whole[:, :width], spread)[:, None]
-        self._skeletons[key] = got
-        return got
+    def physical(self, logical: torch.Tensor) -> torch.Tensor:  # [B, ...] logical, < MB
+        return self.block_tables.gather(1, logical.flatten(1)).view_as(logical)
 
     def tables(
         self,
@@ -215,23 +143,11 @@ class DecodeStep:
         reused: bool,  # the picks were made at an earlier step (refresh_nb's)
     ) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32, lens [B, Hkv] int32
         """build_tables."""
-        dense, stream = self.dense, self.stream
-        width = max(dense.width + 1, stream.width if streaming is not None else 0)
-        picks = 0 if topk is None or topk.shape[2] == 0 else topk.shape[2]
-        batch, heads = self.nb.shape[0], self.kv_heads
-        skeleton = self._skeleton(dense, width, picks, reused and picks > 0)
-        if picks:
-            keep = (topk >= dense.sink) & (topk < self._keep_hi)  # type: ignore[operator]
-            mine = torch.where(keep, topk, skeleton[:, :, width - picks :])  # type: ignore[arg-type]
-            fixed = skeleton[:, :, : width - picks].expand(batch, heads, -1)
-            cand = torch.cat([fixed, mine], -1).sort(-1).values
-        else:
-            cand = skeleton.expand(batch, heads, -1)
-        if streaming is not None:
-            streamed = self._skeleton(stream, width, 0, False)
-            cand = torch.where(streaming[None, :, None], streamed, cand)
-        count = (cand < self.mb).sum(-1, dtype=torch.int32)  # every listed block but the last full
-        return self.physical(cand), count * self.bs + self._base
+        return kernels.sparse_tables(
+            self.context_lens, self.block_tables, topk, streaming,
+            self.refresh_nb if reused else None, self.dense.parts, self.stream.parts, self.bs,
+            self.kv_heads,
+        )  # fmt: skip
 
 
 def sample_columns(
