@@ -7,7 +7,8 @@ with LServe's head split (half the KV heads streaming, ``--stream-fraction``). R
 attention diffuse, so the SampleAttention columns of the dense heads keep most blocks (the
 density it reports is what random data earns; real text is far sparser, see
 benchmarks/sparse_accuracy.py). TTFT estimate = layers × (attention + the layer's GEMMs, timed
-at the same length).
+at the same length). Decode rows also count the aten ops of a layer call and of what a step's
+first layer adds once (``ops_per_layer_call``; benchmarks/README.md, "Decode host overhead").
 
     python benchmarks/sparse_bench.py --contexts 32768 65536 131072 --out $OUT/sparse_bench.json
 """
