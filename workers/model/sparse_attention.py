@@ -121,6 +121,9 @@ class SparseAttention:
             streaming = torch.zeros(layers, kv_heads, dtype=torch.bool)
         self.streaming = streaming.to(kv_cache.device)
         self.has_streaming = [bool(row.any()) for row in streaming]
+        # each layer's [Hkv] row, None where no head streams (indexed once, not per decode call)
+        rows = zip(self.streaming, self.has_streaming, strict=True)
+        self._stream_rows = [row if some else None for row, some in rows]
         self._dense_kv = [(~row).nonzero().flatten().to(kv_cache.device) for row in streaming]
         page = -(-config.page_tokens // bs)  # LServe's first and last 64-token page
         self.dense = HeadShape(page, config.budget // bs, page)
@@ -215,7 +218,7 @@ class SparseAttention:
         if self._rebuild is not None:
             ids, fills = self._rebuild
             self.bounds[ids, layer] = ref.block_bounds(kv_cache, layer, ids, fills, self.pages)
-        streaming = self.streaming[layer] if self.has_streaming[layer] else None
+        streaming = self._stream_rows[layer]
         topk = self._topk.get(layer)
         reused = not self._refresh and topk is not None
         if self.dense.topk and not reused:
