@@ -212,6 +212,7 @@ def test_decode_step_equals_the_references_on_random_batches() -> None:
     heads. (Its tables are kernels.sparse_tables: on CPU the reference itself; the Triton body is
     checked in tests/unit/test_sparse_interpret.py.)"""
     g = torch.Generator().manual_seed(7)
+    long_rows = 0  # trials whose every context has a middle as long as the shortlist
     for trial in range(40):
         batch = int(torch.randint(1, 5, (1,), generator=g))
         grown = torch.randint(0, 2 * BS, (batch,), generator=g)  # tokens since the refresh
@@ -227,7 +228,8 @@ def test_decode_step_equals_the_references_on_random_batches() -> None:
         scores = ref.block_scores(q, bounds, 0, tables)
         streaming = torch.rand(HKV, generator=g) < 0.5 if trial % 4 else None
         refresh_nb = (at_refresh.long() + BS - 1) // BS
-        chosen = DecodeStep(at_refresh, tables, dense, stream, BS, HKV, None)
+        shortest = int(at_refresh.min())
+        chosen = DecodeStep(at_refresh, tables, dense, stream, BS, HKV, None, shortest)
         exact = torch.randn(batch, HKV, 2 * dense.topk, generator=g)
         topk = None
         if dense.topk:
@@ -238,6 +240,9 @@ def test_decode_step_equals_the_references_on_random_batches() -> None:
             assert torch.equal(chosen.select(scores, 2 * dense.topk), short)
             want = rerank_topk(short, exact, at_refresh, BS, dense)
             assert torch.equal(chosen.rerank(short, exact), want)
+            masked = DecodeStep(at_refresh, tables, dense, stream, BS, HKV, None)  # always masks
+            assert torch.equal(masked.rerank(short, exact), want)
+            long_rows += chosen.min_middle >= short.shape[2]
         for step, lens_now, nb_then, reused in (
             (chosen, at_refresh, None, False),
             (DecodeStep(ctx, tables, dense, stream, BS, HKV, refresh_nb), ctx, refresh_nb, True),
@@ -248,3 +253,4 @@ def test_decode_step_equals_the_references_on_random_batches() -> None:
             got_t, got_l = step.tables(topk, streaming, reused)
             assert torch.equal(got_t, want_t) and torch.equal(got_l, want_l), trial
             assert got_t.dtype == want_t.dtype == torch.int32 == got_l.dtype
+    assert 5 <= long_rows <= 35  # the re-rank ran both with and without its middle mask

@@ -112,8 +112,11 @@ class DecodeStep:
         bs: int,
         kv_heads: int,
         refresh_nb: torch.Tensor | None,  # [B] blocks when the reused picks were made; None: now
+        min_context: int = 0,  # the shortest context (host-known); 0: unknown
     ) -> None:
         mb = block_tables.shape[1]
+        # middle blocks of the shortest context: a shortlist no longer holds only middle blocks
+        self.min_middle = -(-min_context // bs) - dense.sink - dense.local
         self.context_lens, self.block_tables = context_lens, block_tables
         self.dense, self.stream, self.bs, self.kv_heads = dense, stream, bs, kv_heads
         self.refresh_nb = refresh_nb
@@ -128,9 +131,11 @@ class DecodeStep:
         return masked.topk(min(k, scores.shape[2]), dim=-1).indices
 
     def rerank(self, short: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-        """rerank_topk: the top-K of the shortlist by exact score, middle blocks first."""
-        middle = (short >= self.dense.sink) & (short < self.hi)
-        exact = torch.where(middle, exact, float("-inf"))
+        """rerank_topk: the top-K of the shortlist by exact score, middle blocks first (the
+        mask is skipped when every context has as many middle blocks as the shortlist)."""
+        if self.min_middle < short.shape[-1]:
+            middle = (short >= self.dense.sink) & (short < self.hi)
+            exact = torch.where(middle, exact, float("-inf"))
         return short.gather(-1, exact.topk(min(self.dense.topk, short.shape[-1]), dim=-1).indices)
 
     def physical(self, logical: torch.Tensor) -> torch.Tensor:  # [B, ...] logical, < MB
