@@ -23,6 +23,7 @@ from kvrelay.kernels.triton_sparse import (
     sparse_decode_attention,
     sparse_prefill_attention,
     sparse_tables,
+    update_bounds,
 )
 
 __all__ = [
@@ -39,5 +40,6 @@ __all__ = [
     "sparse_prefill_attention",
     "sparse_tables",
     "unpack_blocks",
+    "update_bounds",
     "write_kv",
 ]

@@ -6,6 +6,8 @@
 - ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
   one length per (sequence, KV head) — the compacted selection — instead of one per sequence, so
   a program reads only its head's selected blocks. Split-K and the reduce kernel are shared.
+- ``update_bounds``: one program per (written slot, layer) folds the key into its sub-page's
+  max and min (the torch reference is ~18 ops, once per decode step).
 - ``sparse_tables``: one program per (sequence, KV head) writes its compacted table in one
   launch (the torch reference is ~20 ops): sink, local, gap and short-context columns by
   position, and each dense pick at sink + its rank among the kept picks (a [CHUNK, K] compare),
@@ -94,6 +96,61 @@ def block_scores(
         D_PAD=max(16, triton.next_power_of_2(dim)), PAGES=pages, BLOCK_B=block_b,
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _fold_kernel(
+    bnd_ptr, kv_ptr, slot_ptr,
+    stride_bblk, stride_bl, stride_bmm, stride_bsub, stride_bh,
+    stride_kblk, stride_kl, stride_ktok, stride_kh,
+    BS: tl.constexpr, SUB: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HD_PAD: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk = slot // BS
+    off = slot % BS
+    offs = tl.arange(0, HD_PAD)  # (KV head, channel) flattened
+    head = offs // HEAD_DIM
+    d = offs % HEAD_DIM
+    m = offs < KV_HEADS * HEAD_DIM
+    key_row = kv_ptr + blk * stride_kblk + layer * stride_kl + off * stride_ktok  # K: plane 0
+    key = tl.load(key_row + head * stride_kh + d, mask=m, other=0.0)
+    base = bnd_ptr + blk * stride_bblk + layer * stride_bl + (off // SUB) * stride_bsub
+    ptrs = base + head * stride_bh + d
+    kmax = tl.load(ptrs, mask=m, other=0.0)
+    kmin = tl.load(ptrs + stride_bmm, mask=m, other=0.0)
+    dtype = kmax.dtype
+    # max / min in fp32 (exact: the result is one of the inputs); the key rounded to the bounds'
+    # dtype first, as the reference does
+    key = key.to(dtype).to(tl.float32)
+    restart = (off % SUB) == 0  # a sub-page's first token: its old bounds are stale
+    kmax = tl.where(restart, key, tl.maximum(kmax.to(tl.float32), key))
+    kmin = tl.where(restart, key, tl.minimum(kmin.to(tl.float32), key))
+    tl.store(ptrs, kmax.to(dtype), mask=m)
+    tl.store(ptrs + stride_bmm, kmin.to(dtype), mask=m)
+
+
+def update_bounds(
+    bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
+    kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] distinct blocks
+) -> None:
+    tokens = slot_mapping.shape[0]
+    _, layers, _, pages, kv_heads, dim = bounds.shape
+    if tokens == 0 or layers == 0:
+        return
+    bs = kv_cache.shape[3]
+    sb, sk = bounds.stride(), kv_cache.stride()
+    if sb[5] != 1 or sk[5] != 1:
+        raise ValueError("update_bounds needs contiguous channels in the bounds and the cache")
+    _fold_kernel[(tokens, layers)](
+        bounds, kv_cache, slot_mapping,
+        sb[0], sb[1], sb[2], sb[3], sb[4], sk[0], sk[1], sk[3], sk[4],
+        BS=bs, SUB=bs // pages, KV_HEADS=kv_heads, HEAD_DIM=dim,
+        HD_PAD=triton.next_power_of_2(kv_heads * dim),
+    )  # fmt: skip
 
 
 @triton.jit

@@ -105,3 +105,16 @@ def test_sparse_tables_gpu() -> None:
     args = (ctx, tables, topk, mask, refresh_nb, dense.parts, stream.parts, BS, HKV)
     got, want = triton_sparse.sparse_tables(*args), ref.sparse_tables(*args)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_update_bounds_gpu() -> None:
+    from kvrelay.kernels import triton_sparse
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    kv = torch.randn(64, 4, 2, BS, HKV, D, device="cuda", generator=g).bfloat16()
+    bounds = torch.randn(64, 4, 2, PAGES, HKV, D, device="cuda", generator=g).bfloat16()
+    slots = torch.randperm(64, device="cuda", generator=g)[:9] * BS + torch.arange(9, device="cuda")
+    want = bounds.clone()
+    ref.update_bounds(want, kv, slots)
+    triton_sparse.update_bounds(bounds, kv, slots)
+    assert torch.equal(bounds, want)

@@ -144,3 +144,18 @@ def test_sparse_tables_equal_the_reference_on_random_batches(sparse: ModuleType)
         got_t, got_l = sparse.sparse_tables(*args)
         assert torch.equal(got_l, want_l), trial
         assert torch.equal(got_t, want_t), trial
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_bounds(sparse: ModuleType, dtype: torch.dtype) -> None:
+    """The fold of one decode step's keys into every layer's sub-page bounds: restarts at a
+    sub-page's first offset, max / min elsewhere; bit-equal to the reference."""
+    g = torch.Generator().manual_seed(6)
+    kv = torch.randn(12, 3, 2, 8, 2, 24, generator=g).to(dtype)
+    bounds = torch.randn(12, 3, 2, 4, 2, 24, generator=g).to(dtype)
+    slots = torch.tensor([5 * 8 + 0, 7 * 8 + 3, 2 * 8 + 6, 11 * 8 + 7, 9 * 8 + 4])
+    want = bounds.clone()
+    ref.update_bounds(want, kv, slots)
+    assert int((want != bounds).sum()) > 5 * 3 * 2 * 24  # every (slot, layer) changed some
+    sparse.update_bounds(bounds, kv, slots)
+    assert torch.equal(bounds, want)

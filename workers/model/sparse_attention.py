@@ -186,10 +186,8 @@ class SparseAttention:
         written at step t is in, is its sequence's last at step t, which is read whole (local)
         and never scored; the fold comes before this step's first selection and before the
         fresh rows' rebuild (which then overwrites what it folded into a recycled block)."""
-        from kvrelay.kernels import sparse_reference as ref
-
         if self._written is not None:
-            ref.update_bounds(self.bounds, kv_cache, self._written)
+            kernels.update_bounds(self.bounds, kv_cache, self._written)
         self._written = attn.slot_mapping
         step = DecodeStep(
             attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
