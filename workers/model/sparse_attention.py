@@ -181,8 +181,8 @@ class SparseAttention:
 
     def _begin_decode(self, kv_cache: torch.Tensor, attn: AttentionMetadata) -> DecodeStep:
         """The step's work shared by its layers, at the first: the keys the last decode step
-        wrote are folded into the bounds of every layer (one op set, not one per layer), and the
-        selection skeletons are built. Folding a step late is exact: the only block that a key
+        wrote are folded into the bounds of every layer (one launch, not ~18 ops per layer), and
+        the selection's per-step masks are built. Folding a step late is exact: the only block that a key
         written at step t is in, is its sequence's last at step t, which is read whole (local)
         and never scored; the fold comes before this step's first selection and before the
         fresh rows' rebuild (which then overwrites what it folded into a recycled block)."""
@@ -193,6 +193,7 @@ class SparseAttention:
             attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
             kv_cache.shape[4], None if self._refresh else self._refresh_nb, self._min_context,
         )  # fmt: skip
+        self._min_context = 0  # known for this step only (a forward without begin_step: unknown)
         if self._refresh:
             self._refresh_nb = step.nb
         self._rebuild = None

@@ -115,7 +115,7 @@ class DecodeStep:
         min_context: int = 0,  # the shortest context (host-known); 0: unknown
     ) -> None:
         mb = block_tables.shape[1]
-        # middle blocks of the shortest context: a shortlist no longer holds only middle blocks
+        # middle blocks of the shortest context: a shortlist no longer than this is all middle
         self.min_middle = -(-min_context // bs) - dense.sink - dense.local
         self.context_lens, self.block_tables = context_lens, block_tables
         self.dense, self.stream, self.bs, self.kv_heads = dense, stream, bs, kv_heads
