@@ -7,7 +7,8 @@ with LServe's head split (half the KV heads streaming, ``--stream-fraction``). R
 attention diffuse, so the SampleAttention columns of the dense heads keep most blocks (the
 density it reports is what random data earns; real text is far sparser, see
 benchmarks/sparse_accuracy.py). TTFT estimate = layers × (attention + the layer's GEMMs, timed
-at the same length).
+at the same length). Decode rows also count the aten ops of a layer call and of what a step's
+first layer adds once (``ops_per_layer_call``; benchmarks/README.md, "Decode host overhead").
 
     python benchmarks/sparse_bench.py --contexts 32768 65536 131072 --out $OUT/sparse_bench.json
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvrelay import kernels
 from kvrelay.workers.model.llama import AttentionMetadata
@@ -38,6 +41,55 @@ def bench(fn: Callable[[], object], rep: int = 50) -> float:
         fn()
         return time.perf_counter() - t0
     return float(triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")) / 1e3
+
+
+class OpCounter(TorchDispatchMode):
+    """The aten ops a call dispatches: on a GPU each non-view op is a kernel launch, and every op
+    pays Python and dispatcher time (~10-20 µs eager). A ``kvrelay.kernels`` op counts as one
+    (its Triton body is one launch; its torch reference on CPU would be many)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.views = 0
+        self.inside = False  # in a kernels op's body
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not self.inside:
+            self.ops += 1
+            self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def count_ops() -> Iterator[OpCounter]:
+    counter = OpCounter()
+    saved = {name: getattr(kernels, name) for name in kernels.__all__}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def op(*args: Any, **kwargs: Any) -> Any:
+            counter.ops += 1
+            counter.inside = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.inside = False
+
+        return op
+
+    for name, fn in saved.items():
+        setattr(kernels, name, wrap(fn))
+    try:
+        with counter:
+            yield counter
+    finally:
+        for name, fn in saved.items():
+            setattr(kernels, name, fn)
+
+
+def ops_of(fn: Callable[[], object]) -> dict[str, int]:
+    with count_ops() as c:
+        fn()
+    return {"ops": c.ops, "non_view": c.ops - c.views}
 
 
 def streaming_mask(fraction: float) -> torch.Tensor:
@@ -112,37 +164,49 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
     slots = tables[:, -1].long() * BS + BS - 1
     attn = AttentionMetadata(slots, tables, lens, torch.arange(batch + 1, device=dev), True)
     scale = D**-0.5
-    sparse = SparseAttention(
-        SparseConfig(mode="decode", budget=args.budget), cache, streaming_mask(args.stream_fraction)
-    )
-    keys = [str(i) for i in range(batch)]
-    sparse.begin_step(keys, [ctx] * batch, True)  # first sight: bounds recomputed from the cache
-    out = sparse.decode(0, q, cache, attn, scale)
+    keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
+
+    def first_layer(sparse: SparseAttention) -> torch.Tensor:  # a new step: its shared work too
+        sparse.begin_step(keys, ctxs, True)
+        return sparse.decode(0, q, cache, attn, scale)
+
+    def made(reuse_steps: int) -> SparseAttention:
+        config = SparseConfig(mode="decode", budget=args.budget, reuse_steps=reuse_steps)
+        sparse = SparseAttention(config, cache, streaming_mask(args.stream_fraction))
+        first_layer(sparse)  # first sight: bounds recomputed from the cache, a selection made
+        first_layer(sparse)  # a steady step: selecting again or reusing
+        return sparse
+
+    refreshing, reusing = made(1), made(1 << 30)  # select every step / never again
+    out = refreshing.decode(0, q, cache, attn, scale)
     dense_fn = lambda: kernels.paged_decode_attention(q, cache, 0, tables, lens, scale)  # noqa: E731
     err = kernels.reference.rel_err(out.float(), dense_fn().float())
-
-    def step(refresh: bool) -> Callable[[], object]:
-        def run() -> object:
-            sparse._refresh = refresh
-            sparse._fresh = None
-            return sparse.decode(0, q, cache, attn, scale)
-
-        return run
-
     k = cache[:, 0, 0][tables.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
     v = cache[:, 0, 1][tables.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
     sdpa_fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
         q[:, :, None], k, v, scale=scale, enable_gqa=True
     )
-    t = {"dense": bench(dense_fn), "sparse_refresh": bench(step(True)),
-         "sparse_reuse": bench(step(False)), "sdpa": bench(sdpa_fn)}  # fmt: skip
-    reuse = sparse.config.reuse_steps
+    t: dict[str, float] = {"dense": bench(dense_fn), "sdpa": bench(sdpa_fn)}
+    ops: dict[str, dict[str, int]] = {}
+    for name, sparse in (("refresh", refreshing), ("reuse", reusing)):
+        # a later layer of the step (decode of layer 0 again), and the step's first layer
+        later = lambda sp=sparse: sp.decode(0, q, cache, attn, scale)  # noqa: E731
+        first = lambda sp=sparse: first_layer(sp)  # noqa: E731
+        ops[name] = ops_of(later)
+        ops[f"{name}_step_extra"] = {k: v - ops[name][k] for k, v in ops_of(first).items()}
+        t_later, t_first = bench(later), bench(first)
+        t[f"sparse_{name}_first_layer"] = t_first
+        # per layer of a LAYERS-layer step: the step's shared work spread over its layers
+        t[f"sparse_{name}"] = t_later + (t_first - t_later) / LAYERS
+    reuse = refreshing.config.reuse_steps  # the default: 1, every step refreshes
     t["sparse"] = (t["sparse_refresh"] + (reuse - 1) * t["sparse_reuse"]) / reuse
-    sparse.counters.selected_tokens = sparse.counters.context_tokens = 0.0
-    step(False)()
+    reusing.begin_step(keys, ctxs, True)
+    reusing.counters.selected_tokens = reusing.counters.context_tokens = 0.0
+    reusing.decode(0, q, cache, attn, scale)
     return {
-        "context": ctx, "batch": batch, "attn_s": t, "rel_err_vs_dense": err,
-        "read_fraction": sparse.stats_extra()["sparse_decode_read_fraction"],
+        "context": ctx, "batch": batch, "attn_s": t, "ops_per_layer_call": ops,
+        "rel_err_vs_dense": err,
+        "read_fraction": reusing.stats_extra()["sparse_decode_read_fraction"],
         "speedup_vs_dense": t["dense"] / t["sparse"], "speedup_vs_sdpa": t["sdpa"] / t["sparse"],
     }  # fmt: skip
 

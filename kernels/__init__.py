@@ -29,7 +29,9 @@ __all__ = [
     "silu_mul",
     "sparse_decode_attention",
     "sparse_prefill_attention",
+    "sparse_tables",
     "unpack_blocks",
+    "update_bounds",
     "write_kv",
 ]
 
@@ -70,7 +72,10 @@ rms_norm = _dispatch("rms_norm", fused)
 add_rms_norm = _dispatch("add_rms_norm", fused)
 rope_write_kv = _dispatch("rope_write_kv", fused)
 silu_mul = _dispatch("silu_mul", fused)
-# opt-in sparse attention (workers/model/sparse_attention.py); dispatched by the query's device
+# opt-in sparse attention (workers/model/sparse_attention.py); dispatched by the device of the
+# first argument (the query; the context lengths for sparse_tables, the bounds for update_bounds)
 block_scores = _dispatch("block_scores", sparse_reference)
 sparse_decode_attention = _dispatch("sparse_decode_attention", sparse_reference)
 sparse_prefill_attention = _dispatch("sparse_prefill_attention", sparse_reference)
+sparse_tables = _dispatch("sparse_tables", sparse_reference)
+update_bounds = _dispatch("update_bounds", sparse_reference)

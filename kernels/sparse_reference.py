@@ -47,23 +47,92 @@ def block_bounds(
 def update_bounds(
     bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
-    layer: int,
-    slot_mapping: torch.Tensor,  # [T] the slots just written (no -1 padding), distinct blocks
+    slot_mapping: torch.Tensor,  # [T] slots written in every layer (no -1 padding), distinct blocks
 ) -> None:
-    """Fold the keys just written into their sub-pages' bounds; a write at a sub-page's first
-    offset restarts it (the block was free or reused), so stale bounds of a recycled block never
-    survive a sub-page's first token. Sparse steps run eagerly, never padded, so every slot is
-    real (no filtering: no host sync)."""
+    """Fold the keys written at the slots, in every layer at once, into their sub-pages' bounds;
+    a write at a sub-page's first offset restarts it (the block was free or reused), so stale
+    bounds of a recycled block never survive a sub-page's first token. Sparse steps run eagerly,
+    never padded, so every slot is real (no filtering: no host sync)."""
     bs, pages = kv_cache.shape[3], bounds.shape[3]
     slots = slot_mapping.long()
     blocks, offs = slots // bs, slots % bs
     sub = offs // (bs // pages)
-    key = kv_cache[blocks, layer, 0, offs].to(bounds.dtype)  # [T, Hkv, D]
-    fresh = (offs % (bs // pages) == 0)[:, None, None]
-    old = bounds[blocks, layer, :, sub]  # [T, 2, Hkv, D]
-    kmax = torch.where(fresh, key, torch.maximum(old[:, 0], key))
-    kmin = torch.where(fresh, key, torch.minimum(old[:, 1], key))
-    bounds[blocks, layer, :, sub] = torch.stack((kmax, kmin), 1)
+    key = kv_cache[blocks, :, 0, offs].to(bounds.dtype)  # [T, L, Hkv, D]
+    fresh = (offs % (bs // pages) == 0)[:, None, None, None]
+    old = bounds[blocks, :, :, sub]  # [T, L, 2, Hkv, D]
+    kmax = torch.where(fresh, key, torch.maximum(old[:, :, 0], key))
+    kmin = torch.where(fresh, key, torch.minimum(old[:, :, 1], key))
+    bounds[blocks, :, :, sub] = torch.stack((kmax, kmin), 2)
+
+
+BIG = 1 << 30  # an unused candidate: sorts after every block
+
+
+def _candidates(
+    nb: torch.Tensor,  # [B] blocks in each context
+    topk: torch.Tensor | None,  # [B, Hkv, K'] logical, or None when the shape has no top-K
+    kv_heads: int,
+    shape: tuple[int, int, int],  # sink, top-K, local blocks
+    width: int,  # pad to this many columns
+    refresh_nb: torch.Tensor | None,  # [B] blocks when topk was chosen (None: now)
+) -> torch.Tensor:  # [B, Hkv, width] logical block ids ascending, BIG = unused
+    dev = nb.device
+    batch = nb.shape[0]
+    n = nb[:, None, None]
+    s, _, w = shape
+    sink = torch.arange(s, device=dev).expand(batch, kv_heads, -1)
+    local = n - w + torch.arange(w, device=dev)
+    local = local.expand(batch, kv_heads, -1)
+    parts = [sink]
+    if topk is not None and topk.shape[2] > 0:
+        keep = (topk >= s) & (topk < n - w)  # a reused pick may now be local
+        parts.append(torch.where(keep, topk.long(), BIG))
+        # A reused selection never saw the block that left the local window since it was made
+        # (at most one: reuse_steps <= block size): read it too, it is the most recent past.
+        if refresh_nb is not None:
+            gap = (refresh_nb[:, None, None] - w).expand(batch, kv_heads, 1)
+            fresh = (gap < n - w) & (gap >= s)
+            parts.append(torch.where(fresh, gap, BIG))
+    parts.append(local)
+    spread = torch.cat(parts, -1)
+    whole = torch.arange(spread.shape[2], device=dev).expand(batch, kv_heads, -1)
+    whole = torch.where(whole < n, whole, BIG)
+    cand = torch.where(n <= sum(shape), whole, spread).sort(-1).values
+    if cand.shape[2] < width:
+        cand = torch.cat([cand, cand.new_full((batch, kv_heads, width - cand.shape[2]), BIG)], -1)
+    return cand
+
+
+def sparse_tables(
+    context_lens: torch.Tensor,  # [B] tokens, the new one included
+    block_tables: torch.Tensor,  # [B, MB] physical
+    topk: torch.Tensor | None,  # [B, Hkv, K'] dense heads' middle picks (logical), any order
+    streaming: torch.Tensor | None,  # [Hkv] bool: this layer's streaming heads; None: none
+    refresh_nb: torch.Tensor | None,  # [B] blocks when ``topk`` was chosen; None: now
+    dense: tuple[int, int, int],  # sink, top-K, local blocks of a dense head
+    stream: tuple[int, int, int],  # ... of a streaming head (top-K 0)
+    bs: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32 physical, lens [B, Hkv]
+    """The selection of every (sequence, KV head) as a compacted block table (module doc): in
+    logical blocks of a context of nb, sink ``[0, S)``, the picks in the middle ``[S, nb - W)``
+    (and, for picks made at an earlier step, the block that left the local window since),
+    local ``[nb - W, nb)``, ascending; a context of at most S + K + W blocks whole. NSEL =
+    max(S + K + W + 1 of dense heads, that of streaming heads when there are any); unused
+    entries repeat the block table's last column."""
+    nb = (context_lens.long() + bs - 1) // bs
+    width = max(sum(dense) + 1, sum(stream) if streaming is not None else 0)
+    cand = _candidates(nb, topk, kv_heads, dense, width, refresh_nb)
+    if streaming is not None:
+        cand_s = _candidates(nb, None, kv_heads, stream, width, None)
+        cand = torch.where(streaming[None, :, None], cand_s, cand)
+    count = (cand < BIG).sum(-1)  # [B, Hkv]
+    logical = cand.clamp(max=block_tables.shape[1] - 1)
+    batch = nb.shape[0]
+    tables = block_tables.long().gather(1, logical.view(batch, -1)).view_as(logical)
+    last_fill = context_lens.long() - (nb - 1) * bs  # [B]
+    lens = (count - 1) * bs + last_fill[:, None]
+    return tables.to(torch.int32), lens.to(torch.int32)
 
 
 def block_scores(

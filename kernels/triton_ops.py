@@ -22,6 +22,8 @@ from kvrelay.kernels.triton_sparse import (
     block_scores,
     sparse_decode_attention,
     sparse_prefill_attention,
+    sparse_tables,
+    update_bounds,
 )
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "silu_mul",
     "sparse_decode_attention",
     "sparse_prefill_attention",
+    "sparse_tables",
     "unpack_blocks",
+    "update_bounds",
     "write_kv",
 ]

@@ -6,6 +6,12 @@
 - ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
   one length per (sequence, KV head) — the compacted selection — instead of one per sequence, so
   a program reads only its head's selected blocks. Split-K and the reduce kernel are shared.
+- ``update_bounds``: one program per (written slot, layer) folds the key into its sub-page's
+  max and min (the torch reference is ~18 ops, once per decode step).
+- ``sparse_tables``: one program per (sequence, KV head) writes its compacted table in one
+  launch (the torch reference is ~20 ops): sink, local, gap and short-context columns by
+  position, and each dense pick at sink + its rank among the kept picks (a [CHUNK, K] compare),
+  so the picks need no sort.
 - ``sparse_prefill_attention``: ``triton_prefill``'s causal kernel where a key tile runs only if
   its column block is kept for the head or it meets the tile's local window; skipped tiles cost a
   one-byte load.
@@ -90,6 +96,153 @@ def block_scores(
         D_PAD=max(16, triton.next_power_of_2(dim)), PAGES=pages, BLOCK_B=block_b,
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _fold_kernel(
+    bnd_ptr, kv_ptr, slot_ptr,
+    stride_bblk, stride_bl, stride_bmm, stride_bsub, stride_bh,
+    stride_kblk, stride_kl, stride_ktok, stride_kh,
+    BS: tl.constexpr, SUB: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HD_PAD: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk = slot // BS
+    off = slot % BS
+    offs = tl.arange(0, HD_PAD)  # (KV head, channel) flattened
+    head = offs // HEAD_DIM
+    d = offs % HEAD_DIM
+    m = offs < KV_HEADS * HEAD_DIM
+    key_row = kv_ptr + blk * stride_kblk + layer * stride_kl + off * stride_ktok  # K: plane 0
+    key = tl.load(key_row + head * stride_kh + d, mask=m, other=0.0)
+    base = bnd_ptr + blk * stride_bblk + layer * stride_bl + (off // SUB) * stride_bsub
+    ptrs = base + head * stride_bh + d
+    kmax = tl.load(ptrs, mask=m, other=0.0)
+    kmin = tl.load(ptrs + stride_bmm, mask=m, other=0.0)
+    dtype = kmax.dtype
+    # max / min in fp32 (exact: the result is one of the inputs); the key rounded to the bounds'
+    # dtype first, as the reference does
+    key = key.to(dtype).to(tl.float32)
+    restart = (off % SUB) == 0  # a sub-page's first token: its old bounds are stale
+    kmax = tl.where(restart, key, tl.maximum(kmax.to(tl.float32), key))
+    kmin = tl.where(restart, key, tl.minimum(kmin.to(tl.float32), key))
+    tl.store(ptrs, kmax.to(dtype), mask=m)
+    tl.store(ptrs + stride_bmm, kmin.to(dtype), mask=m)
+
+
+def update_bounds(
+    bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
+    kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] distinct blocks
+) -> None:
+    tokens = slot_mapping.shape[0]
+    _, layers, _, pages, kv_heads, dim = bounds.shape
+    if tokens == 0 or layers == 0:
+        return
+    bs = kv_cache.shape[3]
+    sb, sk = bounds.stride(), kv_cache.stride()
+    if sb[5] != 1 or sk[5] != 1:
+        raise ValueError("update_bounds needs contiguous channels in the bounds and the cache")
+    _fold_kernel[(tokens, layers)](
+        bounds, kv_cache, slot_mapping,
+        sb[0], sb[1], sb[2], sb[3], sb[4], sk[0], sk[1], sk[3], sk[4],
+        BS=bs, SUB=bs // pages, KV_HEADS=kv_heads, HEAD_DIM=dim,
+        HD_PAD=triton.next_power_of_2(kv_heads * dim),
+    )  # fmt: skip
+
+
+@triton.jit
+def _tables_kernel(
+    ctx_ptr, bt_ptr, topk_ptr, stream_ptr, rnb_ptr, tables_ptr, lens_ptr,
+    mb, width, n_picks, stride_btb, stride_kb, stride_kh, stride_kk,
+    D_SINK: tl.constexpr, D_TOPK: tl.constexpr, D_LOCAL: tl.constexpr,
+    S_SINK: tl.constexpr, S_LOCAL: tl.constexpr, BS: tl.constexpr,
+    HAS_PICKS: tl.constexpr, HAS_STREAM: tl.constexpr, HAS_GAP: tl.constexpr,
+    W_PAD: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row = b * tl.num_programs(1) + h
+    n_tok = tl.load(ctx_ptr + b).to(tl.int32)
+    nb = (n_tok + BS - 1) // BS
+    bt = bt_ptr + b * stride_btb
+    out = tables_ptr + row.to(tl.int64) * width
+    # per-row scalars are ints (vector masks only ever compare vectors against them)
+    streamed = n_tok * 0
+    if HAS_STREAM:
+        streamed = tl.load(stream_ptr + h).to(tl.int32)
+    sink = tl.where(streamed != 0, S_SINK, D_SINK)
+    local = tl.where(streamed != 0, S_LOCAL, D_LOCAL)
+    small = nb <= tl.where(streamed != 0, S_SINK + S_LOCAL, D_SINK + D_TOPK + D_LOCAL)
+    whole = tl.where(small, W_PAD, 0)  # columns read as logical j: a short context, whole
+    kept = n_tok * 0
+    gap_col = n_tok * 0 - 1  # the gap block's column, -1: none
+    gap = n_tok * 0
+    if HAS_PICKS:  # dense heads of long contexts: picks in the middle [sink, hi)
+        hi = tl.where((streamed == 0) & (small == 0), nb - D_LOCAL, D_SINK)  # empty: no picks
+        pick_row = topk_ptr + b * stride_kb + h * stride_kh
+        k_all = tl.arange(0, K_PAD)
+        t_all = tl.load(pick_row + k_all * stride_kk, mask=k_all < n_picks, other=-1).to(tl.int32)
+        ok_all = (k_all < n_picks) & (t_all >= D_SINK) & (t_all < hi)
+        kept = tl.sum(ok_all.to(tl.int32), 0)
+        for c in range(0, K_PAD, CHUNK):  # each kept pick at sink + its rank among the kept
+            i = c + tl.arange(0, CHUNK)
+            t_i = tl.load(pick_row + i * stride_kk, mask=i < n_picks, other=-1).to(tl.int32)
+            ok_i = (i < n_picks) & (t_i >= D_SINK) & (t_i < hi)
+            below = (t_all[None, :] < t_i[:, None]) & ok_all[None, :]
+            rank = tl.sum(below.to(tl.int32), 1)
+            blk = tl.load(bt + t_i, mask=ok_i, other=0)
+            tl.store(out + D_SINK + rank, blk, mask=ok_i)
+        if HAS_GAP:  # the block that left the local window since the picks were made
+            gap = tl.load(rnb_ptr + b).to(tl.int32) - D_LOCAL
+            gap_col = tl.where((gap >= D_SINK) & (gap < hi), D_SINK + kept, -1)
+    first_local = sink + kept + (gap_col >= 0).to(tl.int32)
+    count = tl.where(small, nb, first_local + local)
+    j = tl.arange(0, W_PAD)
+    logical = tl.where(j < sink, j, nb - local + (j - first_local))
+    logical = tl.where(j == gap_col, gap, logical)
+    logical = tl.where(j < whole, j, logical)
+    logical = tl.where(j < count, logical, mb - 1)  # unused: the table's last column
+    write = (j < width) & ((j < sink) | (j >= sink + kept))  # not the picks' columns
+    blk = tl.load(bt + logical, mask=write, other=0)
+    tl.store(out + j, blk, mask=write)
+    tl.store(lens_ptr + row, (count - 1) * BS + n_tok - (nb - 1) * BS)
+
+
+def sparse_tables(
+    context_lens: torch.Tensor,  # [B]
+    block_tables: torch.Tensor,  # [B, MB] int32
+    topk: torch.Tensor | None,  # [B, Hkv, K'] logical, any order
+    streaming: torch.Tensor | None,  # [Hkv] bool
+    refresh_nb: torch.Tensor | None,  # [B]
+    dense: tuple[int, int, int],
+    stream: tuple[int, int, int],
+    bs: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32, lens [B, Hkv] int32
+    batch, mb = block_tables.shape
+    width = max(sum(dense) + 1, sum(stream) if streaming is not None else 0)
+    dev = block_tables.device
+    tables = torch.empty(batch, kv_heads, width, device=dev, dtype=torch.int32)
+    lens = torch.empty(batch, kv_heads, device=dev, dtype=torch.int32)
+    if batch == 0:
+        return tables, lens
+    picks = 0 if topk is None else topk.shape[2]
+    k_pad = max(16, triton.next_power_of_2(picks))
+    st = topk.stride() if topk is not None and picks else (0, 0, 0)
+    _tables_kernel[(batch, kv_heads)](
+        context_lens, block_tables, topk if picks else block_tables,
+        block_tables if streaming is None else streaming,
+        block_tables if refresh_nb is None else refresh_nb, tables, lens,
+        mb, width, picks, block_tables.stride(0), st[0], st[1], st[2],
+        D_SINK=dense[0], D_TOPK=dense[1], D_LOCAL=dense[2], S_SINK=stream[0], S_LOCAL=stream[2],
+        BS=bs, HAS_PICKS=picks > 0, HAS_STREAM=streaming is not None,
+        HAS_GAP=picks > 0 and refresh_nb is not None,
+        W_PAD=triton.next_power_of_2(width), K_PAD=k_pad, CHUNK=min(32, k_pad), num_warps=4,
+    )  # fmt: skip
+    return tables, lens
 
 
 @triton.jit

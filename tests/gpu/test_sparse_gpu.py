@@ -87,3 +87,34 @@ def test_sparse_prefill_gpu() -> None:
         q, kv, 1, tables, qsl, ctx, D**-0.5, keep, window, 64
     )
     assert rel_err(got.float(), want) < 1e-2
+
+
+def test_sparse_tables_gpu() -> None:
+    from kvrelay.kernels import triton_sparse
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    lens = [20000, 4097, 100, 9000]
+    mb = -(-max(lens) // BS)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    tables = torch.randperm(4 * mb, device="cuda", generator=g).view(4, mb).to(torch.int32)
+    scores = torch.randn(4, HKV, mb, device="cuda", generator=g)
+    dense, stream = HeadShape(4, 256, 4), HeadShape(8, 0, 16)
+    topk = select_topk(scores, ctx - 20, BS, dense)  # picked two blocks ago: a gap block
+    mask = torch.arange(HKV, device="cuda") % 2 == 0
+    refresh_nb = (ctx.long() - 20 + BS - 1) // BS
+    args = (ctx, tables, topk, mask, refresh_nb, dense.parts, stream.parts, BS, HKV)
+    got, want = triton_sparse.sparse_tables(*args), ref.sparse_tables(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_update_bounds_gpu() -> None:
+    from kvrelay.kernels import triton_sparse
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    kv = torch.randn(64, 4, 2, BS, HKV, D, device="cuda", generator=g).bfloat16()
+    bounds = torch.randn(64, 4, 2, PAGES, HKV, D, device="cuda", generator=g).bfloat16()
+    slots = torch.randperm(64, device="cuda", generator=g)[:9] * BS + torch.arange(9, device="cuda")
+    want = bounds.clone()
+    ref.update_bounds(want, kv, slots)
+    triton_sparse.update_bounds(bounds, kv, slots)
+    assert torch.equal(bounds, want)

@@ -116,3 +116,46 @@ def test_sparse_prefill(sparse: ModuleType, dtype: torch.dtype) -> None:
     )
     got = sparse.sparse_prefill_attention(q, kv, 1, tables, qsl, ctx, 0.25, keep, window, 64)
     assert rel_err(got.float(), want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_sparse_tables_equal_the_reference_on_random_batches(sparse: ModuleType) -> None:
+    """One program per (sequence, KV head), picks placed by rank: the very tables and lens of
+    the torch reference, for fresh and reused picks (the gap block), short contexts read whole,
+    streaming heads, picks outside the middle (a short middle), and no picks at all."""
+    g = torch.Generator().manual_seed(5)
+    bs, kv_heads = 8, 3
+    for trial in range(30):
+        batch = int(torch.randint(1, 5, (1,), generator=g))
+        at_refresh = torch.randint(1, 40 * bs, (batch,), generator=g)
+        ctx = (at_refresh + torch.randint(0, 2 * bs, (batch,), generator=g)).to(torch.int32)
+        mb = int(-(-ctx.max() // bs)) + int(torch.randint(0, 3, (1,), generator=g))
+        tables = torch.randperm(mb * batch + 5, generator=g)[: mb * batch].view(batch, mb)
+        tables = tables.to(torch.int32)
+        dense = (trial % 3, int(torch.randint(0, 40, (1,), generator=g)), 1 + trial % 2)
+        stream = (1 + trial % 2, 0, int(torch.randint(1, 20, (1,), generator=g)))
+        scores = torch.randn(batch, kv_heads, mb, generator=g)
+        topk = None
+        if dense[1]:
+            topk = select_topk(scores, at_refresh.to(torch.int32), bs, HeadShape(*dense))
+        streaming = torch.rand(kv_heads, generator=g) < 0.5 if trial % 4 else None
+        refresh_nb = (at_refresh + bs - 1) // bs if trial % 2 else None
+        args = (ctx, tables, topk, streaming, refresh_nb, dense, stream, bs, kv_heads)
+        want_t, want_l = ref.sparse_tables(*args)
+        got_t, got_l = sparse.sparse_tables(*args)
+        assert torch.equal(got_l, want_l), trial
+        assert torch.equal(got_t, want_t), trial
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_bounds(sparse: ModuleType, dtype: torch.dtype) -> None:
+    """The fold of one decode step's keys into every layer's sub-page bounds: restarts at a
+    sub-page's first offset, max / min elsewhere; bit-equal to the reference."""
+    g = torch.Generator().manual_seed(6)
+    kv = torch.randn(12, 3, 2, 8, 2, 24, generator=g).to(dtype)
+    bounds = torch.randn(12, 3, 2, 4, 2, 24, generator=g).to(dtype)
+    slots = torch.tensor([5 * 8 + 0, 7 * 8 + 3, 2 * 8 + 6, 11 * 8 + 7, 9 * 8 + 4])
+    want = bounds.clone()
+    ref.update_bounds(want, kv, slots)
+    assert int((want != bounds).sum()) > 5 * 3 * 2 * 24  # every (slot, layer) changed some
+    sparse.update_bounds(bounds, kv, slots)
+    assert torch.equal(bounds, want)

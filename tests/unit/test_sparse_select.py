@@ -4,6 +4,8 @@ blocks, and equality with dense attention where the sparse mask keeps everything
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kvrelay.kernels import reference as dense
@@ -11,6 +13,7 @@ from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
 from kvrelay.workers.model.calibrate_heads import pick_streaming
 from kvrelay.workers.model.sparse_select import (
+    DecodeStep,
     HeadShape,
     build_tables,
     rerank_topk,
@@ -55,14 +58,16 @@ def _setup(ctx_list: list[int], structured: bool = False):
 
 def test_bounds_incremental_equal_recomputed() -> None:
     kv, tables, ctx, _ = _setup([45])
+    kv2 = torch.cat([kv, -kv], 1)  # two layers, folded by one call
     bounds = torch.full(
-        (kv.shape[0], 1, 2, PAGES, HKV, D), 99.0
+        (kv.shape[0], 2, 2, PAGES, HKV, D), 99.0
     )  # stale values of a recycled block
     for t in range(45):
         slot = tables[0, t // BS].long() * BS + t % BS
-        ref.update_bounds(bounds, kv, 0, slot.view(1))
-    want = _bounds(kv, tables, ctx)
-    assert torch.equal(bounds[tables[0, :3].long()], want[tables[0, :3].long()])
+        ref.update_bounds(bounds, kv2, slot.view(1))
+    used = tables[0, :3].long()
+    assert torch.equal(bounds[used, :1], _bounds(kv, tables, ctx)[used])
+    assert torch.equal(bounds[used, 1:], _bounds(-kv, tables, ctx)[used])
 
 
 def test_decode_reads_exactly_budget_sink_local() -> None:
@@ -198,3 +203,54 @@ def test_pick_streaming_never_takes_retrieval_heads() -> None:
     assert got.tolist() == [[True, False, True], [True, False, False]]
     # too few heads left: all of them, no more
     assert int(pick_streaming(mass, 0.9, retrieving).sum()) == 3
+
+
+def test_decode_step_equals_the_references_on_random_batches() -> None:
+    """DecodeStep (per-step masks shared by the layers) makes the very picks, tables and lens
+    of select_topk / rerank_topk / build_tables: fresh selections, reused ones after the
+    contexts grew (a block may have left the local window), short contexts read whole, streaming
+    heads. (Its tables are kernels.sparse_tables: on CPU the reference itself; the Triton body is
+    checked in tests/unit/test_sparse_interpret.py.)"""
+    g = torch.Generator().manual_seed(7)
+    long_rows = 0  # trials whose every context has a middle as long as the shortlist
+    for trial in range(40):
+        batch = int(torch.randint(1, 5, (1,), generator=g))
+        grown = torch.randint(0, 2 * BS, (batch,), generator=g)  # tokens since the refresh
+        at_refresh = torch.randint(1, 40 * BS, (batch,), generator=g)
+        ctx = (at_refresh + grown).to(torch.int32)
+        mb = int(-(-ctx.max() // BS)) + int(torch.randint(0, 3, (1,), generator=g))
+        tables = torch.randperm(mb * batch + 5, generator=g)[: mb * batch].view(batch, mb)
+        tables = tables.to(torch.int32)
+        dense = HeadShape(trial % 3, int(torch.randint(0, 12, (1,), generator=g)), 1 + trial % 2)
+        stream = HeadShape(1 + trial % 2, 0, int(torch.randint(1, 20, (1,), generator=g)))
+        q = torch.randn(batch, HKV * GROUP, D, generator=g)
+        bounds = torch.randn(tables.numel() + 5, 1, 2, PAGES, HKV, D, generator=g)
+        scores = ref.block_scores(q, bounds, 0, tables)
+        streaming = torch.rand(HKV, generator=g) < 0.5 if trial % 4 else None
+        refresh_nb = (at_refresh.long() + BS - 1) // BS
+        shortest = int(at_refresh.min())
+        chosen = DecodeStep(at_refresh, tables, dense, stream, BS, HKV, None, shortest)
+        exact = torch.randn(batch, HKV, 2 * dense.topk, generator=g)
+        topk = None
+        if dense.topk:
+            topk = select_topk(scores, at_refresh, BS, dense)
+            assert torch.equal(chosen.select(scores, dense.topk), topk)
+            short = select_topk(scores, at_refresh, BS, replace(dense, topk=2 * dense.topk))
+            exact = exact[..., : short.shape[2]]
+            assert torch.equal(chosen.select(scores, 2 * dense.topk), short)
+            want = rerank_topk(short, exact, at_refresh, BS, dense)
+            assert torch.equal(chosen.rerank(short, exact), want)
+            masked = DecodeStep(at_refresh, tables, dense, stream, BS, HKV, None)  # always masks
+            assert torch.equal(masked.rerank(short, exact), want)
+            long_rows += chosen.min_middle >= short.shape[2]
+        for step, lens_now, nb_then, reused in (
+            (chosen, at_refresh, None, False),
+            (DecodeStep(ctx, tables, dense, stream, BS, HKV, refresh_nb), ctx, refresh_nb, True),
+        ):
+            want_t, want_l = build_tables(
+                lens_now, tables, topk, streaming, dense, stream, BS, HKV, nb_then
+            )
+            got_t, got_l = step.tables(topk, streaming, reused)
+            assert torch.equal(got_t, want_t) and torch.equal(got_l, want_l), trial
+            assert got_t.dtype == want_t.dtype == torch.int32 == got_l.dtype
+    assert 5 <= long_rows <= 35  # the re-rank ran both with and without its middle mask

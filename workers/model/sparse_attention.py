@@ -13,7 +13,8 @@ a quarter of the KV pool's bytes). They are *recomputed on receipt*, not shipped
 was not in the previous decode step (first decode after a local prefill or a chunked step, a PD
 handoff, a swap-in, a tier hit, a migration) has the bounds of all its blocks recomputed from the
 cache before its first sparse decode (one read of its K, the cost of one dense step); after that
-each decode write folds the new key in. The bounds are a pure function of a block's keys, so no
+the keys a decode step wrote are folded in at the next decode step's first layer, for every layer
+at once (one op set per step, not one per layer: exact, see ``_begin_decode``). The bounds are a pure function of a block's keys, so no
 wire format, tier or handoff had to learn about them, and nothing stale can be selected.
 
 Selection (dense heads): the top ``rerank``·K middle blocks by bound score, re-ranked by the
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,13 +40,7 @@ import torch
 
 from kvrelay import kernels
 from kvrelay.workers.model.sparse_options import SPARSE_MODES
-from kvrelay.workers.model.sparse_select import (
-    HeadShape,
-    build_tables,
-    rerank_topk,
-    sample_columns,
-    select_topk,
-)
+from kvrelay.workers.model.sparse_select import DecodeStep, HeadShape, sample_columns
 
 if TYPE_CHECKING:
     from kvrelay.workers.model.llama import AttentionMetadata
@@ -126,6 +121,9 @@ class SparseAttention:
             streaming = torch.zeros(layers, kv_heads, dtype=torch.bool)
         self.streaming = streaming.to(kv_cache.device)
         self.has_streaming = [bool(row.any()) for row in streaming]
+        # each layer's [Hkv] row, None where no head streams (indexed once, not per decode call)
+        rows = zip(self.streaming, self.has_streaming, strict=True)
+        self._stream_rows = [row if some else None for row, some in rows]
         self._dense_kv = [(~row).nonzero().flatten().to(kv_cache.device) for row in streaming]
         page = -(-config.page_tokens // bs)  # LServe's first and last 64-token page
         self.dense = HeadShape(page, config.budget // bs, page)
@@ -135,16 +133,26 @@ class SparseAttention:
         self._age = 0  # decode steps since the selections were made
         self._refresh = True
         self._topk: dict[int, torch.Tensor] = {}
-        self._refresh_nb: dict[int, torch.Tensor] = {}  # [B] context blocks at each refresh
+        self._refresh_nb: torch.Tensor | None = None  # [B] context blocks at the last refresh
         self._fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rebuild: tuple[torch.Tensor, torch.Tensor] | None = None  # fresh blocks, fills
+        self._step: DecodeStep | None = None  # built at the step's first decode layer
+        self._step_attn: AttentionMetadata | None = None  # ... of this forward
+        self._written: torch.Tensor | None = None  # slots of the last decode step, not yet folded
+        self._lens: list[torch.Tensor] = []  # this step's lens per layer, summed once per step
+        self._context = 0  # tokens in this step's contexts
+        self._min_context = 0  # ... in its shortest
 
     # ---- per step ------------------------------------------------------------------------
     def begin_step(self, keys: Sequence[str], context_lens: Sequence[int], is_decode: bool) -> None:
         """Called by the runner before each forward: request ids and contexts (new token
         included) of the batch rows, in order."""
+        self._count()
+        self._step = None
         keys = tuple(keys)
         if not (is_decode and self.config.decode):
-            self._keys, self._fresh = (), None
+            # every row of the next decode step is fresh (its bounds rebuilt): nothing to fold
+            self._keys, self._fresh, self._written = (), None, None
             return
         seen = set(self._keys)
         rows: list[int] = []
@@ -165,9 +173,34 @@ class SparseAttention:
         self._refresh = keys != self._keys or self._age >= self.config.reuse_steps
         self._age = 1 if self._refresh else self._age + 1
         self._keys = keys
+        self._context = sum(context_lens)
+        self._min_context = min(context_lens, default=0)
 
     def handles(self, is_decode: bool) -> bool:
         return self.config.decode if is_decode else self.config.prefill
+
+    def _begin_decode(self, kv_cache: torch.Tensor, attn: AttentionMetadata) -> DecodeStep:
+        """The step's work shared by its layers, at the first: the keys the last decode step
+        wrote are folded into the bounds of every layer (one launch, not ~18 ops per layer), and
+        the selection's per-step masks are built. Folding a step late is exact: the only block that a key
+        written at step t is in, is its sequence's last at step t, which is read whole (local)
+        and never scored; the fold comes before this step's first selection and before the
+        fresh rows' rebuild (which then overwrites what it folded into a recycled block)."""
+        if self._written is not None:
+            kernels.update_bounds(self.bounds, kv_cache, self._written)
+        self._written = attn.slot_mapping
+        step = DecodeStep(
+            attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
+            kv_cache.shape[4], None if self._refresh else self._refresh_nb, self._min_context,
+        )  # fmt: skip
+        self._min_context = 0  # known for this step only (a forward without begin_step: unknown)
+        if self._refresh:
+            self._refresh_nb = step.nb
+        self._rebuild = None
+        if self._fresh is not None:
+            rows, logical, fills = self._fresh
+            self._rebuild = (attn.block_tables[rows, logical].long(), fills)
+        return step
 
     # ---- decode --------------------------------------------------------------------------
     def decode(
@@ -180,45 +213,44 @@ class SparseAttention:
     ) -> torch.Tensor:  # [B, H, D]
         from kvrelay.kernels import sparse_reference as ref
 
-        ref.update_bounds(self.bounds, kv_cache, layer, attn.slot_mapping)
-        if self._fresh is not None:
-            rows, logical, fills = self._fresh
-            ids = attn.block_tables[rows, logical]
-            self.bounds[ids.long(), layer] = ref.block_bounds(
-                kv_cache, layer, ids, fills, self.pages
-            )
-        streaming = self.streaming[layer] if self.has_streaming[layer] else None
-        bs = self.block_size
+        if self._step is None or self._step_attn is not attn:  # the step's first layer
+            self._step, self._step_attn = self._begin_decode(kv_cache, attn), attn
+        step = self._step
+        if self._rebuild is not None:
+            ids, fills = self._rebuild
+            self.bounds[ids, layer] = ref.block_bounds(kv_cache, layer, ids, fills, self.pages)
+        streaming = self._stream_rows[layer]
         topk = self._topk.get(layer)
-        if self.dense.topk and (self._refresh or topk is None):
-            topk = self._select(layer, query, kv_cache, attn)
-            self._topk[layer] = topk
-            self._refresh_nb[layer] = (attn.context_lens.long() + bs - 1) // bs
-        tables, lens = build_tables(
-            attn.context_lens, attn.block_tables, topk, streaming, self.dense, self.stream,
-            bs, kv_cache.shape[4], self._refresh_nb.get(layer),
-        )  # fmt: skip
-        c = self.counters
-        c.decode_steps += 1
-        c.selected_tokens += lens.sum()  # type: ignore[assignment] # device sum, read in stats
-        c.context_tokens += attn.context_lens.sum() * lens.shape[1]  # type: ignore[assignment]
+        reused = not self._refresh and topk is not None
+        if self.dense.topk and not reused:
+            topk = self._topk[layer] = self._select(layer, query, kv_cache, step)
+        tables, lens = step.tables(topk, streaming, reused)
+        self.counters.decode_steps += 1
+        self._lens.append(lens)
         return kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
 
     def _select(
-        self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata
+        self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, step: DecodeStep
     ) -> torch.Tensor:  # [B, Hkv, K'] logical middle blocks of the dense heads
         """Top-K by bound score, or (rerank > 1) the top rerank·K by bound re-ranked by the exact
         max q·k: a refresh step then also reads the keys of rerank·K blocks per KV head."""
         from kvrelay.kernels.sparse_reference import keys_as_bounds
 
-        bs, shape, wide = self.block_size, self.dense, self.config.rerank
-        scores = kernels.block_scores(query, self.bounds, layer, attn.block_tables)
-        if wide == 1:
-            return select_topk(scores, attn.context_lens, bs, shape)
-        short = select_topk(scores, attn.context_lens, bs, replace(shape, topk=shape.topk * wide))
-        tables = attn.block_tables.long().gather(1, short.flatten(1)).view_as(short)
-        exact = kernels.block_scores(query, keys_as_bounds(kv_cache), layer, tables)
-        return rerank_topk(short, exact, attn.context_lens, bs, shape)
+        scores = kernels.block_scores(query, self.bounds, layer, step.block_tables)
+        if self.config.rerank == 1:
+            return step.select(scores, self.dense.topk)
+        short = step.select(scores, self.dense.topk * self.config.rerank)
+        exact = kernels.block_scores(query, keys_as_bounds(kv_cache), layer, step.physical(short))
+        return step.rerank(short, exact)
+
+    def _count(self) -> None:
+        """Adds the last step's selected tokens (one device sum per step, not per layer)."""
+        if self._lens:
+            c = self.counters
+            # a device sum, read in stats; not in place (stats run outside inference mode)
+            c.selected_tokens = c.selected_tokens + torch.stack(self._lens).sum()  # type: ignore[assignment]
+            c.context_tokens += self._context * self._lens[0].shape[1] * len(self._lens)
+            self._lens = []
 
     # ---- prefill -------------------------------------------------------------------------
     def prefill(
@@ -287,6 +319,7 @@ class SparseAttention:
 
     # ---- figures -------------------------------------------------------------------------
     def stats_extra(self) -> dict[str, float]:
+        self._count()
         c = self.counters
         sel, ctx = float(c.selected_tokens), float(c.context_tokens)
         return {

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-BIG = 1 << 30
+from kvrelay import kernels
+from kvrelay.kernels import sparse_reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,10 @@ class HeadShape:
     @property
     def width(self) -> int:
         return self.sink + self.topk + self.local
+
+    @property
+    def parts(self) -> tuple[int, int, int]:
+        return self.sink, self.topk, self.local
 
 
 def num_blocks(context_lens: torch.Tensor, bs: int) -> torch.Tensor:
@@ -73,40 +78,6 @@ def rerank_topk(
     return short.gather(-1, exact.topk(min(shape.topk, short.shape[-1]), dim=-1).indices)
 
 
-def _candidates(
-    nb: torch.Tensor,  # [B] blocks in each context
-    topk: torch.Tensor | None,  # [B, Hkv, K'] logical, or None when shape.topk == 0
-    kv_heads: int,
-    shape: HeadShape,
-    width: int,  # pad to this many columns
-    refresh_nb: torch.Tensor | None,  # [B] blocks when topk was chosen (None: now)
-) -> torch.Tensor:  # [B, Hkv, width] logical block ids ascending, BIG = unused
-    dev = nb.device
-    batch = nb.shape[0]
-    n = nb[:, None, None]
-    sink = torch.arange(shape.sink, device=dev).expand(batch, kv_heads, -1)
-    local = n - shape.local + torch.arange(shape.local, device=dev)
-    local = local.expand(batch, kv_heads, -1)
-    parts = [sink]
-    if topk is not None and topk.shape[2] > 0:
-        keep = (topk >= shape.sink) & (topk < n - shape.local)  # a reused pick may now be local
-        parts.append(torch.where(keep, topk.long(), BIG))
-        # A reused selection never saw the block that left the local window since it was made
-        # (at most one: reuse_steps <= block size): read it too, it is the most recent past.
-        if refresh_nb is not None:
-            gap = (refresh_nb[:, None, None] - shape.local).expand(batch, kv_heads, 1)
-            fresh = (gap < n - shape.local) & (gap >= shape.sink)
-            parts.append(torch.where(fresh, gap, BIG))
-    parts.append(local)
-    spread = torch.cat(parts, -1)
-    whole = torch.arange(spread.shape[2], device=dev).expand(batch, kv_heads, -1)
-    whole = torch.where(whole < n, whole, BIG)
-    cand = torch.where(n <= shape.width, whole, spread).sort(-1).values
-    if cand.shape[2] < width:
-        cand = torch.cat([cand, cand.new_full((batch, kv_heads, width - cand.shape[2]), BIG)], -1)
-    return cand
-
-
 def build_tables(
     context_lens: torch.Tensor,  # [B] tokens, the new one included
     block_tables: torch.Tensor,  # [B, MB] physical
@@ -118,19 +89,70 @@ def build_tables(
     kv_heads: int,
     refresh_nb: torch.Tensor | None = None,  # [B] blocks when ``topk`` was chosen
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32 physical, lens [B, Hkv]
-    nb = num_blocks(context_lens, bs)
-    width = max(dense.width + 1, stream.width if streaming is not None else 0)
-    cand = _candidates(nb, topk, kv_heads, dense, width, refresh_nb)
-    if streaming is not None:
-        cand_s = _candidates(nb, None, kv_heads, stream, width, None)
-        cand = torch.where(streaming[None, :, None], cand_s, cand)
-    count = (cand < BIG).sum(-1)  # [B, Hkv]
-    logical = cand.clamp(max=block_tables.shape[1] - 1)
-    batch = nb.shape[0]
-    tables = block_tables.long().gather(1, logical.view(batch, -1)).view_as(logical)
-    last_fill = context_lens.long() - (nb - 1) * bs  # [B]
-    lens = (count - 1) * bs + last_fill[:, None]
-    return tables.to(torch.int32), lens.to(torch.int32)
+    """The torch reference of ``kernels.sparse_tables``, with head shapes."""
+    return sparse_reference.sparse_tables(
+        context_lens, block_tables, topk, streaming, refresh_nb, dense.parts, stream.parts, bs,
+        kv_heads,
+    )  # fmt: skip
+
+
+class DecodeStep:
+    """The selection work of one decode step that depends on its batch alone (context lengths,
+    block tables), done once at the step's first layer and shared by every layer, so that a
+    layer pays a few ops: a selection is masked_fill + topk (+ the re-rank), its tables one
+    ``kernels.sparse_tables`` (one launch on CUDA). Equal to :func:`select_topk`,
+    :func:`rerank_topk` and :func:`build_tables` (tests/unit/test_sparse_select.py checks)."""
+
+    def __init__(
+        self,
+        context_lens: torch.Tensor,  # [B] tokens, the new one included
+        block_tables: torch.Tensor,  # [B, MB] int32 physical
+        dense: HeadShape,
+        stream: HeadShape,
+        bs: int,
+        kv_heads: int,
+        refresh_nb: torch.Tensor | None,  # [B] blocks when the reused picks were made; None: now
+        min_context: int = 0,  # the shortest context (host-known); 0: unknown
+    ) -> None:
+        mb = block_tables.shape[1]
+        # middle blocks of the shortest context: a shortlist no longer than this is all middle
+        self.min_middle = -(-min_context // bs) - dense.sink - dense.local
+        self.context_lens, self.block_tables = context_lens, block_tables
+        self.dense, self.stream, self.bs, self.kv_heads = dense, stream, bs, kv_heads
+        self.refresh_nb = refresh_nb
+        self.nb = num_blocks(context_lens, bs)  # [B]
+        self.hi = (self.nb - dense.local)[:, None, None]  # [B, 1, 1] the middle is [sink, hi)
+        j = torch.arange(mb, device=block_tables.device)
+        self.outside = ((j < dense.sink) | (j >= self.hi[:, 0]))[:, None]  # [B, 1, MB]
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:  # [B, Hkv, min(k, MB)]
+        """select_topk over scores ``[B, Hkv, MB]``."""
+        masked = scores.masked_fill(self.outside, float("-inf"))
+        return masked.topk(min(k, scores.shape[2]), dim=-1).indices
+
+    def rerank(self, short: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        """rerank_topk: the top-K of the shortlist by exact score, middle blocks first (the
+        mask is skipped when every context has as many middle blocks as the shortlist)."""
+        if self.min_middle < short.shape[-1]:
+            middle = (short >= self.dense.sink) & (short < self.hi)
+            exact = torch.where(middle, exact, float("-inf"))
+        return short.gather(-1, exact.topk(min(self.dense.topk, short.shape[-1]), dim=-1).indices)
+
+    def physical(self, logical: torch.Tensor) -> torch.Tensor:  # [B, ...] logical, < MB
+        return self.block_tables.gather(1, logical.flatten(1)).view_as(logical)
+
+    def tables(
+        self,
+        topk: torch.Tensor | None,  # [B, Hkv, K'] the layer's dense picks (logical), any order
+        streaming: torch.Tensor | None,  # [Hkv] bool: the layer's streaming heads; None: none
+        reused: bool,  # the picks were made at an earlier step (refresh_nb's)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32, lens [B, Hkv] int32
+        """build_tables."""
+        return kernels.sparse_tables(
+            self.context_lens, self.block_tables, topk, streaming,
+            self.refresh_nb if reused else None, self.dense.parts, self.stream.parts, self.bs,
+            self.kv_heads,
+        )  # fmt: skip
 
 
 def sample_columns(
