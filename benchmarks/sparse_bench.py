@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--stream-fraction", type=float, default=0.5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--parts", nargs="+", default=["decode", "prefill"],
+                    choices=("decode", "prefill"))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -234,14 +236,14 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
-    for ctx in args.contexts:
+    for ctx in args.contexts if "decode" in args.parts else ():
         for batch in args.batches:
             row = decode_row(ctx, batch, args, dev)
             print("decode", json.dumps(row), flush=True)
             result["decode"].append(row)
             save()
             empty_cache()
-    for ctx in args.contexts:
+    for ctx in args.contexts if "prefill" in args.parts else ():
         row = prefill_row(ctx, args, dev)
         print("prefill", json.dumps(row), flush=True)
         result["prefill"].append(row)
