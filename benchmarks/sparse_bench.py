@@ -9,6 +9,10 @@ density it reports is what random data earns; real text is far sparser, see
 benchmarks/sparse_accuracy.py). TTFT estimate = layers × (attention + the layer's GEMMs, timed
 at the same length). Decode rows also count the aten ops of a layer call and of what a step's
 first layer adds once (``ops_per_layer_call``; benchmarks/README.md, "Decode host overhead").
+Prefill rows also time the SampleAttention sampling alone (``sample_ms``:
+the fused Triton kernel and the torch reference, on the dense heads as the prefill path calls it;
+``sample_keep_agree``: the share of column blocks both keep or both skip) and the whole sparse
+layer with the torch sampling (``attn_s.sparse_torch_sample``, through KVRELAY_REFERENCE_OPS).
 
     python benchmarks/sparse_bench.py --contexts 32768 65536 131072 --out $OUT/sparse_bench.json
 """
@@ -16,7 +20,9 @@ first layer adds once (``ops_per_layer_call``; benchmarks/README.md, "Decode hos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,8 +34,10 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvrelay import kernels
+from kvrelay.kernels.sparse_reference import gather_kv
 from kvrelay.workers.model.llama import AttentionMetadata
 from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig
+from kvrelay.workers.model.sparse_select import keep_columns
 
 H, HKV, D, LAYERS, HIDDEN, INTER, BS = 32, 8, 128, 32, 4096, 14336, 16
 
@@ -98,6 +106,20 @@ def streaming_mask(fraction: float) -> torch.Tensor:
     return mask
 
 
+@contextlib.contextmanager
+def reference_ops(names: str) -> Iterator[None]:
+    """Force the torch reference bodies of the named ops (kernels/__init__.py)."""
+    saved = os.environ.get("KVRELAY_REFERENCE_OPS")
+    os.environ["KVRELAY_REFERENCE_OPS"] = names
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["KVRELAY_REFERENCE_OPS"]
+        else:
+            os.environ["KVRELAY_REFERENCE_OPS"] = saved
+
+
 def gemm_seconds(tokens: int, dev: str) -> float:
     x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
     w_qkv = torch.randn(H * D + 2 * HKV * D, HIDDEN, device=dev, dtype=torch.bfloat16)
@@ -143,9 +165,25 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
     sparse_fn()
     density = sparse.stats_extra()["sparse_prefill_density"]
     t = {"dense": bench(dense_fn, 10), "sparse": bench(sparse_fn, 10), "sdpa": bench(sdpa_fn, 10)}
+    # the SampleAttention sampling alone, on the dense heads' rows as the prefill path passes them
+    cfg = sparse.config
+    dense_kv = (~streaming_mask(args.stream_fraction)[0]).nonzero().flatten().to(dev)
+    keys, _ = gather_kv(cache, 0, table[0], ctx)
+    q_dense = q.unflatten(1, (HKV, H // HKV))[:, dense_kv].flatten(1, 2)
+    sample_fn = lambda: kernels.sampled_column_mass(  # noqa: E731
+        q_dense, keys[:, dense_kv], scale, cfg.col_block, cfg.sample_stride
+    )
+    sample = {"fused": bench(sample_fn, 10)}
+    fused_keep, _ = keep_columns(sample_fn(), cfg.alpha)
+    with reference_ops("sampled_column_mass"):  # the torch reference (before the fused kernel)
+        sample["torch"] = bench(sample_fn, 10)
+        torch_keep, _ = keep_columns(sample_fn(), cfg.alpha)
+        t["sparse_torch_sample"] = bench(sparse_fn, 10)
     gemm = gemm_seconds(ctx, dev)
     return {
         "context": ctx, "attn_s": t, "gemm_s": gemm, "density": density, "rel_err_vs_dense": err,
+        "sample_ms": {k: v * 1e3 for k, v in sample.items()},
+        "sample_keep_agree": float((fused_keep == torch_keep).float().mean()),
         "ttft_est_s": {k: LAYERS * (v + gemm) for k, v in t.items()},
         "attn_speedup_vs_dense": t["dense"] / t["sparse"],
         "attn_speedup_vs_sdpa": t["sdpa"] / t["sparse"],

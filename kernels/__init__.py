@@ -3,7 +3,9 @@ elsewhere (``kernels/reference.py`` documents the KV cache layout they all share
 
 Callers import the op from here; dispatch is by the device of the cache tensor (of the first
 argument for the model's fused elementwise ops, whose references live in ``kernels/fused.py``).
-Setting ``KVRELAY_KERNELS=reference`` forces the reference bodies everywhere (for comparisons).
+Setting ``KVRELAY_KERNELS=reference`` forces the reference bodies everywhere (for comparisons);
+``KVRELAY_REFERENCE_OPS=name,name`` forces them for the named ops only (benchmarks time one op
+both ways inside the real path). Both are read at each call.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "paged_prefill_attention",
     "rms_norm",
     "rope_write_kv",
+    "sampled_column_mass",
     "silu_mul",
     "sparse_decode_attention",
     "sparse_prefill_attention",
@@ -51,7 +54,7 @@ def _dispatch(name: str, ref_module: ModuleType = reference) -> Callable[..., An
 
     def op(*args: Any, **kwargs: Any) -> Any:
         cache = args[1] if name.startswith("paged_") else args[0]
-        if cache.is_cuda:
+        if cache.is_cuda and name not in os.environ.get("KVRELAY_REFERENCE_OPS", "").split(","):
             fast = _triton_ops()
             if fast is not None and hasattr(fast, name):
                 return getattr(fast, name)(*args, **kwargs)
@@ -79,3 +82,4 @@ sparse_decode_attention = _dispatch("sparse_decode_attention", sparse_reference)
 sparse_prefill_attention = _dispatch("sparse_prefill_attention", sparse_reference)
 sparse_tables = _dispatch("sparse_tables", sparse_reference)
 update_bounds = _dispatch("update_bounds", sparse_reference)
+sampled_column_mass = _dispatch("sampled_column_mass", sparse_reference)

@@ -241,6 +241,36 @@ def sparse_prefill_attention(
     return out
 
 
+def sampled_column_mass(
+    query: torch.Tensor,  # [n, H, D] new rows of one sequence (positions ctx-n .. ctx-1)
+    keys: torch.Tensor,  # [ctx, Hkv, D]
+    scale: float,
+    col_block: int,
+    stride: int,
+) -> torch.Tensor:  # [H, NKB] float32, NKB = ceil(ctx / col_block)
+    """SampleAttention's column statistic: for the sampled rows n-1, n-1-stride, ... (the last row
+    included), each row's causal softmax over the keys, summed over the rows and over each
+    ``col_block`` of key columns (row chunks keep a chunk's scores near 2**27 elements)."""
+    n, heads, dim = query.shape
+    ctx, kv_heads = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    rows = torch.arange(n - 1, -1, -stride, device=query.device).flip(0)
+    q_pos = ctx - n + rows
+    k_pos = torch.arange(ctx, device=query.device)
+    row_chunk = max(1, (1 << 27) // (heads * ctx))
+    mass = torch.zeros(heads, ctx, device=query.device, dtype=torch.float32)
+    k = keys.to(query.dtype).permute(1, 2, 0)  # [Hkv, D, ctx]
+    for lo in range(0, rows.numel(), row_chunk):
+        qs = query[rows[lo : lo + row_chunk]].permute(1, 0, 2)  # [H, r, D]
+        s = torch.matmul(qs.reshape(kv_heads, group * qs.shape[1], dim), k).float() * scale
+        s = s.view(heads, -1, ctx)
+        causal = k_pos[None, :] <= q_pos[lo : lo + row_chunk, None]
+        s = s.masked_fill(~causal[None], float("-inf"))
+        mass += torch.softmax(s, -1).sum(1)
+    nkb = -(-ctx // col_block)
+    return F.pad(mass, (0, nkb * col_block - ctx)).view(heads, nkb, col_block).sum(-1)
+
+
 def gather_kv(
     kv_cache: torch.Tensor, layer: int, table: torch.Tensor, ctx: int
 ) -> tuple[torch.Tensor, torch.Tensor]:  # K, V: [ctx, Hkv, D] of one sequence

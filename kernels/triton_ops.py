@@ -6,6 +6,9 @@
     paged_prefill_attention (packed varlen, causal)     kernels/triton_prefill.py
     rms_norm, add_rms_norm, rope_write_kv, silu_mul     kernels/triton_fused.py (the model's
                                                         elementwise work; refs kernels/fused.py)
+    block_scores, sparse_decode_attention,              kernels/triton_sparse.py
+    sparse_prefill_attention
+    sampled_column_mass (SampleAttention's sampling)    kernels/triton_sample.py
 
 Every launch derives its grid from tensor shapes, never from tensor values, so no op syncs the
 host and decode steps can be captured in CUDA graphs. Under ``TRITON_INTERPRET=1`` the same
@@ -18,6 +21,7 @@ from kvrelay.kernels.triton_copy import copy_blocks, pack_blocks, unpack_blocks,
 from kvrelay.kernels.triton_decode import paged_decode_attention
 from kvrelay.kernels.triton_fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
 from kvrelay.kernels.triton_prefill import paged_prefill_attention
+from kvrelay.kernels.triton_sample import sampled_column_mass
 from kvrelay.kernels.triton_sparse import (
     block_scores,
     sparse_decode_attention,
@@ -35,6 +39,7 @@ __all__ = [
     "paged_prefill_attention",
     "rms_norm",
     "rope_write_kv",
+    "sampled_column_mass",
     "silu_mul",
     "sparse_decode_attention",
     "sparse_prefill_attention",

@@ -9,7 +9,13 @@ import torch
 
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
-from kvrelay.workers.model.sparse_select import HeadShape, build_tables, sample_columns, select_topk
+from kvrelay.workers.model.sparse_select import (
+    HeadShape,
+    build_tables,
+    keep_columns,
+    sample_columns,
+    select_topk,
+)
 
 pytestmark = pytest.mark.gpu
 BS, HKV, H, D = 16, 8, 32, 128
@@ -118,3 +124,36 @@ def test_update_bounds_gpu() -> None:
     ref.update_bounds(want, kv, slots)
     triton_sparse.update_bounds(bounds, kv, slots)
     assert torch.equal(bounds, want)
+
+
+@pytest.mark.parametrize(("n", "ctx"), [(5000, 5000), (777, 3001)])  # 2nd: a 2224-token prefix
+def test_sampled_column_mass_gpu(n: int, ctx: int) -> None:
+    from kvrelay.kernels import triton_sample
+
+    kv, tables, _, _, g = _case([ctx], 5)
+    k, _ = ref.gather_kv(kv, 1, tables[0], ctx)
+    k = k[:, 1::2]  # the dense KV heads picked out, as the prefill path does: 4 of 8
+    q = torch.randn(n, H // 2, D, device="cuda", generator=g).bfloat16()
+    want = ref.sampled_column_mass(q.float(), k.float(), D**-0.5, 64, 20)
+    got = triton_sample.sampled_column_mass(q, k, D**-0.5, 64, 20)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-2
+    keep, mass = keep_columns(got, 0.95)
+    want_keep, want_mass = keep_columns(want, 0.95)
+    assert (keep != want_keep).float().mean() < 0.01  # bf16 scores may flip a near-tie
+    assert rel_err(mass, want_mass) < 1e-3
+
+
+def test_reference_ops_switch_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVRELAY_REFERENCE_OPS (what benchmarks/sparse_bench.py times the torch sampling with)
+    routes the named op to its torch reference, and only that op."""
+    from kvrelay import kernels
+    from kvrelay.kernels import triton_sample
+
+    kv, tables, _, _, g = _case([2000], 6)
+    k, _ = ref.gather_kv(kv, 1, tables[0], 2000)
+    q = torch.randn(2000, H, D, device="cuda", generator=g).bfloat16()
+    args = (q, k, D**-0.5, 64, 20)
+    assert torch.equal(kernels.sampled_column_mass(*args), triton_sample.sampled_column_mass(*args))
+    monkeypatch.setenv("KVRELAY_REFERENCE_OPS", "block_scores,sampled_column_mass")
+    assert torch.equal(kernels.sampled_column_mass(*args), ref.sampled_column_mass(*args))

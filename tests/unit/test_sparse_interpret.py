@@ -16,21 +16,35 @@ import torch
 
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
-from kvrelay.workers.model.sparse_select import HeadShape, build_tables, select_topk
+from kvrelay.workers.model.sparse_select import (
+    HeadShape,
+    build_tables,
+    keep_columns,
+    sample_columns,
+    select_topk,
+)
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 if torch.cuda.is_available():
     pytest.skip("CUDA present: tests/gpu checks the compiled kernels", allow_module_level=True)
-# triton.jit picks the interpreter when the kernels are defined (TRITON_INTERPRET read then),
-# whenever triton itself was imported: load a private copy of the module with it set
+
+
+def _private_copy(name: str) -> ModuleType:
+    """triton.jit picks the interpreter when the kernels are defined (TRITON_INTERPRET read then),
+    whenever triton itself was imported: a private copy of the module, loaded with it set."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
-    _spec = importlib.util.find_spec("kvrelay.kernels.triton_sparse")
-    assert _spec is not None and _spec.loader is not None
-    _SPARSE = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_SPARSE)
+    _SPARSE = _private_copy("kvrelay.kernels.triton_sparse")
+    _SAMPLE = _private_copy("kvrelay.kernels.triton_sample")
 finally:
     if _saved is None:
         del os.environ["TRITON_INTERPRET"]
@@ -41,6 +55,15 @@ def sparse() -> Iterator[ModuleType]:
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     yield _SPARSE
+    if saved is None:
+        del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(scope="module")
+def sample() -> Iterator[ModuleType]:
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield _SAMPLE
     if saved is None:
         del os.environ["TRITON_INTERPRET"]
 
@@ -159,3 +182,61 @@ def test_update_bounds(sparse: ModuleType, dtype: torch.dtype) -> None:
     assert int((want != bounds).sum()) > 5 * 3 * 2 * 24  # every (slot, layer) changed some
     sparse.update_bounds(bounds, kv, slots)
     assert torch.equal(bounds, want)
+
+
+@pytest.mark.parametrize(
+    ("n", "ctx", "heads", "kv_heads", "stride", "col_block", "dtype"),
+    [
+        (100, 100, 4, 2, 7, 32, torch.float32),  # whole prompt; tiles of 16 rows, 2 row tiles
+        (50, 173, 4, 1, 5, 16, torch.float32),  # a 123-token prefix, ragged ctx, GQA group 4
+        (40, 40, 2, 2, 1, 16, torch.float32),  # every row: row 0 sees key 0 only
+        (1, 37, 3, 1, 20, 16, torch.float32),  # one row, the last (stride > n)
+        (70, 90, 4, 2, 3, 32, torch.bfloat16),
+    ],
+)
+def test_sampled_column_mass(
+    sample: ModuleType, n, ctx, heads, kv_heads, stride, col_block, dtype
+) -> None:
+    g = torch.Generator().manual_seed(n + ctx)
+    q = torch.randn(n, heads, 24, generator=g).to(dtype)
+    k = torch.randn(ctx, kv_heads, 24, generator=g).to(dtype)
+    want = ref.sampled_column_mass(q.float(), k.float(), 0.3, col_block, stride)
+    got = sample.sampled_column_mass(q, k, 0.3, col_block, stride)
+    assert got.shape == want.shape == (heads, -(-ctx // col_block))
+    assert rel_err(got, want) < 1e-5
+    # each sampled row's probabilities sum to one
+    rows = (n - 1) // stride + 1
+    assert torch.allclose(got.sum(-1), torch.full((heads,), float(rows)), rtol=1e-5)
+
+
+def test_sampled_column_mass_strided_keys(sample: ModuleType) -> None:
+    """The keys as the prefill path passes them: a view into the gathered cache (the dense KV
+    heads picked out), not a contiguous tensor."""
+    kv, tables, _, _, g = _case([150], 4, 16, 32, torch.float32, 6)
+    k, _ = ref.gather_kv(kv, 1, tables[0], 150)  # [150, 4, 32]
+    k = k[:, 1:3]
+    q = torch.randn(60, 8, 32, generator=g)[:, ::2]  # a strided query, 4 heads
+    want = ref.sampled_column_mass(q, k, 0.2, 32, 9)
+    assert rel_err(sample.sampled_column_mass(q, k, 0.2, 32, 9), want) < 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_sampling_keeps_the_same_columns(sample: ModuleType, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    ctx, heads, kv_heads, cb, alpha = 300, 4, 2, 16, 0.9
+    k = torch.randn(ctx, kv_heads, 16, generator=g)
+    k[torch.randperm(ctx, generator=g)[:12]] *= 3  # a few loud keys: a real choice of columns
+    q = torch.randn(200, heads, 16, generator=g)  # 100 cached tokens before the chunk
+    keep, mass = sample_columns(q, k, 0.5, cb, alpha, stride=4)  # CPU: the torch reference
+    blocks = sample.sampled_column_mass(q, k, 0.5, cb, 4)
+    got_keep, got_mass = keep_columns(blocks, alpha)
+    assert bool((keep.sum(-1) < keep.shape[1]).all())  # every head skipped some columns
+    assert rel_err(got_mass, mass) < 1e-5
+    # compare the heads whose choice no rounding can flip: the cumulative share before each
+    # block (in rank order) is not within 1e-4 of alpha
+    share = blocks / blocks.sum(-1, keepdim=True)
+    ordered = share.sort(-1, descending=True).values
+    margin = ((ordered.cumsum(-1) - ordered) - alpha).abs().amin(-1)  # [H]
+    clear = margin > 1e-4
+    assert int(clear.sum()) >= heads - 1
+    assert torch.equal(got_keep[clear], keep[clear])

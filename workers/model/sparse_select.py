@@ -162,32 +162,20 @@ def sample_columns(
     col_block: int,
     alpha: float = 0.95,
     stride: int = 20,  # sample 1 row in 20 (5%)
-    row_chunk: int | None = None,  # None: keep a chunk's scores near 2**27 elements
 ) -> tuple[torch.Tensor, torch.Tensor]:  # keep [H, NKB] bool, sampled mass kept [H]
     """SampleAttention column choice; NKB = ceil(ctx / col_block)."""
-    n, heads, dim = query.shape
-    ctx, kv_heads = keys.shape[0], keys.shape[1]
-    group = heads // kv_heads
-    rows = torch.arange(n - 1, -1, -stride, device=query.device).flip(0)  # the last row included
-    q_pos = ctx - n + rows
-    k_pos = torch.arange(ctx, device=query.device)
-    if row_chunk is None:
-        row_chunk = max(1, (1 << 27) // (heads * ctx))
-    mass = torch.zeros(heads, ctx, device=query.device, dtype=torch.float32)
-    k = keys.to(query.dtype).permute(1, 2, 0)  # [Hkv, D, ctx]
-    for lo in range(0, rows.numel(), row_chunk):
-        qs = query[rows[lo : lo + row_chunk]].permute(1, 0, 2)  # [H, r, D]
-        s = torch.matmul(qs.reshape(kv_heads, group * qs.shape[1], dim), k).float() * scale
-        s = s.view(heads, -1, ctx)
-        causal = k_pos[None, :] <= q_pos[lo : lo + row_chunk, None]
-        s = s.masked_fill(~causal[None], float("-inf"))
-        mass += torch.softmax(s, -1).sum(1)
-    nkb = -(-ctx // col_block)
-    blocks = torch.nn.functional.pad(mass, (0, nkb * col_block - ctx)).view(heads, nkb, col_block)
-    blocks = blocks.sum(-1)
+    blocks = kernels.sampled_column_mass(query, keys, scale, col_block, stride)
+    return keep_columns(blocks, alpha)
+
+
+def keep_columns(
+    blocks: torch.Tensor,  # [H, NKB] sampled attention mass per column block
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # keep [H, NKB] bool, share of the mass kept [H]
+    """The fewest column blocks of each head whose share of the sampled mass reaches alpha."""
     blocks = blocks / blocks.sum(-1, keepdim=True)
     ordered, order = blocks.sort(-1, descending=True)
     before = ordered.cumsum(-1) - ordered  # mass of the blocks ranked above
-    take = before < alpha  # the fewest blocks whose cumulative share reaches alpha
+    take = before < alpha
     keep = torch.zeros_like(take).scatter_(-1, order, take)
     return keep, (ordered * take).sum(-1)
