@@ -1,4 +1,4 @@
-"""The sparse decode Triton kernels compiled ahead of time for Hopper (sm_90) on the CPU: Triton's
+"""The sparse Triton kernels (decode tables and bound fold, prefill sampling) compiled ahead of time for Hopper (sm_90) on the CPU: Triton's
 own front end, MLIR passes and the bundled ptxas, no GPU. The interpreter
 (tests/unit/test_sparse_interpret.py) checks what they compute but not that they compile; this
 catches type and constexpr errors that only the compiler sees (tests/gpu runs them)."""
@@ -20,21 +20,25 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kvrelay.kernels import triton_sparse
-name, signature, constexprs = json.loads(sys.argv[1])
+import importlib
+module, name, signature, constexprs = json.loads(sys.argv[1])
 sig = {**signature, **dict.fromkeys(constexprs, "constexpr")}
 names = list(sig)
-src = ASTSource(fn=getattr(triton_sparse, name), signature=sig,
+fn = getattr(importlib.import_module("kvrelay.kernels." + module), name)
+src = ASTSource(fn=fn, signature=sig,
                 constexprs={(names.index(k),): v for k, v in constexprs.items()})
 print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]))
 """
 
 
-def _cubin(name: str, signature: dict[str, str], constexprs: dict[str, object]) -> int:
-    """Bytes of the sm_90 cubin of ``triton_sparse.<name>`` compiled in a clean process."""
+def _cubin(
+    name: str, signature: dict[str, str], constexprs: dict[str, object], module: str = "triton_sparse"
+) -> int:
+    """Bytes of the sm_90 cubin of ``kvrelay.kernels.<module>.<name>`` compiled in a clean
+    process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-c", _COMPILE, json.dumps([name, signature, constexprs])],
+        [sys.executable, "-c", _COMPILE, json.dumps([module, name, signature, constexprs])],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -64,3 +68,14 @@ def test_fold_kernel_compiles(dtype: str) -> None:
            "stride_kh": "i32"}  # fmt: skip
     consts = dict(BS=16, SUB=4, KV_HEADS=8, HEAD_DIM=128, HD_PAD=1024)
     assert _cubin("_fold_kernel", sig, consts) > 1000
+
+
+@pytest.mark.parametrize("fp32_dot", [False, True])
+def test_column_mass_kernel_compiles(fp32_dot: bool) -> None:
+    dtype = "fp32" if fp32_dot else "bf16"
+    sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "part_ptr": "*fp32", "scale_log2": "fp32",
+           "n": "i32", "ctx": "i32", "rows": "i32", "first": "i32", "sample_stride": "i32",
+           "num_ktiles": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32",
+           "stride_kh": "i32"}  # fmt: skip
+    consts = dict(GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_M=64, BLOCK_N=64, FP32_DOT=fp32_dot)
+    assert _cubin("_column_mass_kernel", sig, consts, "triton_sample") > 1000
