@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -103,7 +104,11 @@ class GreenContextPartition:
             for s, n in self.num_sms.items()
         }
         self._shares = {lane: initial.share(lane) for lane in Lane}
-        self._active: dict[Lane, Any] = {}  # the context each lane's thread has pushed
+        # the context this thread has pushed (``.ctx``): a green context is current per thread
+        # and only the thread that pushed it can pop it (CUDA asserts otherwise), so a lane that
+        # enters from another thread than before (a restarted lane thread, a test) pushes afresh;
+        # thread-local, not keyed by thread id, since a new thread may reuse a dead one's id
+        self._pushed = threading.local()
 
     def enter(self, lane: Lane, share: int) -> None:
         ctx = self._contexts.get(share)
@@ -111,11 +116,11 @@ class GreenContextPartition:
             raise ValueError(
                 f"no green context for a {share}% share; have {sorted(self._contexts)}"
             )
-        old = self._active.pop(lane, None)
+        old = getattr(self._pushed, "ctx", None)
         if old is not None:
             _call(old, "pop_context", "pop_current")
         _call(ctx, "set_context", "make_current")  # also makes its stream current (this thread)
-        self._active[lane] = ctx
+        self._pushed.ctx = ctx
         self._shares[lane] = share
 
     def share(self, lane: Lane) -> int:
