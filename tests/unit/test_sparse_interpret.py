@@ -50,22 +50,22 @@ finally:
         del os.environ["TRITON_INTERPRET"]
 
 
-@pytest.fixture(scope="module")
-def sparse() -> Iterator[ModuleType]:
+def _interpreting(module: ModuleType) -> Iterator[ModuleType]:
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    yield _SPARSE
+    yield module
     if saved is None:
         del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(scope="module")
+def sparse() -> Iterator[ModuleType]:
+    yield from _interpreting(_SPARSE)
 
 
 @pytest.fixture(scope="module")
 def sample() -> Iterator[ModuleType]:
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield _SAMPLE
-    if saved is None:
-        del os.environ["TRITON_INTERPRET"]
+    yield from _interpreting(_SAMPLE)
 
 
 def _case(
