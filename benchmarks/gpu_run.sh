@@ -67,6 +67,9 @@ make_model(Path('/tmp/kvrelay-1b-fp32'), Path('$TOK'), torch.float32, '1b', 'cud
             --json "$RES/swap_bench.json" ;;
     transfer) run transfer 90 python3 benchmarks/transfer_bench.py --device cuda \
         --blocks 16 256 1024 ;;
+    serve_ratio) run serve_ratio 180 python3 benchmarks/serve_ratio.py --tokenizer "$TOK" \
+        --device cuda --shape 1b --dtype bfloat16 --batches 32 128 --prompt 128 --max-tokens 256 \
+        --reps 3 --out "$RES" ;;
     semipd) run semipd 200 python3 benchmarks/gpu_serve.py --tokenizer "$TOK" --semi-pd \
         --out "$RES" ;;
     goodput) run "goodput${RUN:-}" "${GOODPUT_S:-400}" python3 benchmarks/gpu_serve.py \
