@@ -8,9 +8,10 @@ For every request on a leaving worker, in this order:
    ``MigrateKV`` when the request holds KV and ``kv_bytes / bandwidth`` ends before the
    deadline (migration is preferred whenever it fits), else ``Recompute`` of prompt + committed
    tokens at the target's prefill rate behind its queue. Cost = estimated seconds until the
-   request is decoding again. A target whose pool cannot hold the request to its end (prompt
-   + max_tokens, or as far as its source's could: ``final_tokens``) would cut it short, so
-   that pair is infeasible, like one whose role cannot take the request's phase. The
+   request is decoding again. A moved request decodes where it lands (a recompute is not
+   handed off again), so a target whose pool cannot hold it to its end (prompt + max_tokens,
+   or as far as its source's could: ``final_tokens``) would cut it short: that pair is
+   infeasible, like one whose role cannot take the request's phase. The
    assignment minimises the total with Kuhn–Munkres (``scipy.optimize.linear_sum_assignment``)
    over capacity slots:
 
