@@ -61,6 +61,12 @@ class WorkerInfo:
     dtype: str = "float32"
     semi_pd: bool = False  # prefill and decode lanes over one KV storage (workers/semi_pd/)
 
+    @property
+    def max_seq_tokens(self) -> int:
+        """The longest sequence (prompt + output tokens) its engine keeps (Engine.max_seq_tokens):
+        a request that reaches it ends there (LENGTH)."""
+        return min(self.max_context, self.num_blocks * self.block_size)
+
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:

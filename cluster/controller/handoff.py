@@ -115,11 +115,13 @@ class Handoffs:
         hold the request as far as ``p``'s could: a smaller one would end it early (LENGTH)."""
         tokens = list(flight.req.prompt_token_ids) + flight.committed
         request = RouteRequest(flight.request_id, self.routing.hashes(tokens), len(tokens))
-        need = min(len(flight.req.prompt_token_ids) + flight.req.sampling.max_tokens, _room(p))
+        need = min(
+            len(flight.req.prompt_token_ids) + flight.req.sampling.max_tokens, p.info.max_seq_tokens
+        )
         loads = [
             self.recovery.load(w)
             for w in self.state.pool("decode")
-            if w.info.worker_id not in tried and _room(w) >= need
+            if w.info.worker_id not in tried and w.info.max_seq_tokens >= need
         ]
         matches = self.routing.directory.match(request.block_hashes)
         decision = self.routing.router.route_decode(request, loads, matches)
@@ -205,8 +207,3 @@ class Handoffs:
             await d.client.call("unreserve", rid, timeout=10)
         except (WorkerGone, TimeoutError):
             pass
-
-
-def _room(w: WorkerEntry) -> int:
-    """The longest sequence (prompt + output tokens) ``w``'s engine keeps (its max_seq_tokens)."""
-    return min(w.info.max_context, w.info.num_blocks * w.info.block_size)

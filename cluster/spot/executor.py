@@ -141,7 +141,8 @@ class PreemptionExecutor:
             if wid in leaving:
                 free = 0  # a leaving worker takes nothing new
             workers.append(WorkerSnapshot(
-                wid, Role(w.role), free, used, w.info.block_bytes, step_s, tps
+                wid, Role(w.role), free, used, w.info.block_bytes, w.info.max_seq_tokens, step_s,
+                tps,
             ))
             if wid not in leaving:
                 continue

@@ -8,8 +8,12 @@ For every request on a leaving worker, in this order:
    ``MigrateKV`` when the request holds KV and ``kv_bytes / bandwidth`` ends before the
    deadline (migration is preferred whenever it fits), else ``Recompute`` of prompt + committed
    tokens at the target's prefill rate behind its queue. Cost = estimated seconds until the
-   request is decoding again. The assignment minimises the total with Kuhn–Munkres
-   (``scipy.optimize.linear_sum_assignment``) over capacity slots:
+   request is decoding again. A moved request decodes where it lands (a recompute is not
+   handed off again), so a target whose pool cannot hold it to its end (prompt + max_tokens,
+   or as far as its source's could: ``final_tokens``) would cut it short: that pair is
+   infeasible, like one whose role cannot take the request's phase. The
+   assignment minimises the total with Kuhn–Munkres (``scipy.optimize.linear_sum_assignment``)
+   over capacity slots:
 
        columns = [ block slots of w0 | block slots of w1 | ... | queue slots ... | unplaced_r ]
        block slots of w = free_blocks(w) // b,  b = the largest need among the movers
@@ -83,6 +87,12 @@ def _can_take(role: Role, phase: Phase) -> bool:
     return role.decodes if phase is Phase.DECODE else role.prefills
 
 
+def final_tokens(r: RequestSnapshot, source: WorkerSnapshot) -> int:
+    """Tokens ``r`` holds at its end: prompt + max_tokens, or as many as its source's pool keeps
+    (the engine ends a request there). A target with a smaller ``max_seq_tokens`` would cut it."""
+    return min(r.prompt_tokens + r.tokens_done + r.tokens_left, source.max_seq_tokens)
+
+
 def _queue_s(snap: ClusterSnapshot, w: WorkerSnapshot) -> float:
     return snap.queued_prompt_tokens(w.worker_id) / w.prefill_tps
 
@@ -150,8 +160,14 @@ def _assign(
     n = len(movers)
     needs = [r.kv_blocks for r in movers]
     b = max(needs)
+    workers = {w.worker_id: w for w in snap.workers}
     opts = [[pair_option(snap, cfg, r, w) for w in targets] for r in movers]
-    ok = [[_can_take(roles[w.worker_id], r.phase) for w in targets] for r in movers]
+    role_ok = [[_can_take(roles[w.worker_id], r.phase) for w in targets] for r in movers]
+    final = [final_tokens(r, workers[r.worker_id]) for r in movers]
+    ok = [
+        [fit and w.max_seq_tokens >= final[i] for w, fit in zip(targets, role_ok[i], strict=True)]
+        for i in range(n)
+    ]
 
     # columns: (target index j, kind k): k = 0 a block slot, k >= 1 the k-th queue slot
     col_j: list[int] = []
@@ -201,7 +217,7 @@ def _assign(
             used[targets[best].worker_id] += needs[i]
             actions.append(_action(snap, r, targets[best], opts[i][best], opts[i][best].cost))
         else:
-            unplaceable.append(_why_unplaceable(r, targets, ok[i], used))
+            unplaceable.append(_why_unplaceable(r, final[i], targets, role_ok[i], ok[i], used))
     return actions, unplaceable
 
 
@@ -241,16 +257,30 @@ def _action(
 
 
 def _why_unplaceable(
-    r: RequestSnapshot, targets: list[WorkerSnapshot], ok: list[bool], used: dict[str, int]
+    r: RequestSnapshot,
+    final: int,
+    targets: list[WorkerSnapshot],
+    role_ok: list[bool],
+    ok: list[bool],
+    used: dict[str, int],
 ) -> Unplaceable:
-    capable = [w for w, fit in zip(targets, ok, strict=True) if fit]
     kind = "decode" if r.phase is Phase.DECODE else "prefill"
-    if not capable:
+    by_role = [w for w, fit in zip(targets, role_ok, strict=True) if fit]
+    if not by_role:
         return Unplaceable(
             r.request_id,
             r.worker_id,
             UnplaceableReason.NO_TARGET,
             f"no surviving {kind}-capable worker ({len(targets)} survivors)",
+        )
+    capable = [w for w, fit in zip(targets, ok, strict=True) if fit]
+    if not capable:
+        return Unplaceable(
+            r.request_id,
+            r.worker_id,
+            UnplaceableReason.TOO_LARGE,
+            f"needs {final} tokens (prompt + max_tokens); no surviving {kind}-capable worker's "
+            f"pool holds that (largest {max(w.max_seq_tokens for w in by_role)})",
         )
     most = max(w.free_blocks - used[w.worker_id] for w in capable)
     return Unplaceable(
@@ -298,4 +328,4 @@ def _serialize_egress(
     return out
 
 
-__all__ = ["finish_in_place_eta", "pair_option", "plan_migration"]
+__all__ = ["final_tokens", "finish_in_place_eta", "pair_option", "plan_migration"]

@@ -22,6 +22,7 @@ class WorkerSnapshot:
     free_blocks: int
     used_blocks: int
     block_bytes: int  # bytes of one KV block (all layers, K and V)
+    max_seq_tokens: int  # longest prompt + output its engine keeps (WorkerInfo.max_seq_tokens)
     decode_step_s: float  # measured seconds per decode step at the current batch
     prefill_tps: float  # measured prefill tokens/s
 
@@ -80,7 +81,7 @@ class ClusterSnapshot:
             raise ValueError("duplicate worker ids in snapshot")
         known = set(ids)
         for w in self.workers:
-            if min(w.free_blocks, w.used_blocks, w.block_bytes) < 0:
+            if min(w.free_blocks, w.used_blocks, w.block_bytes, w.max_seq_tokens) < 0:
                 raise ValueError(f"worker {w.worker_id}: negative block figures")
             if w.decode_step_s <= 0 or w.prefill_tps <= 0:
                 raise ValueError(f"worker {w.worker_id}: step time and prefill tps must be > 0")
@@ -142,6 +143,7 @@ class Recompute:
 class UnplaceableReason(str, enum.Enum):
     NO_CAPACITY = "no_capacity"  # targets exist, but none has free blocks for it
     NO_TARGET = "no_target"  # no surviving worker can take this phase at all
+    TOO_LARGE = "too_large"  # no capable survivor's pool holds it to its end (prompt + max_tokens)
 
 
 @dataclass(frozen=True, slots=True)

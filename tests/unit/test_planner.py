@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrelay.cluster.spot.planner import UNPLACED, pair_option, plan_migration
+from kvrelay.cluster.spot.planner import UNPLACED, final_tokens, pair_option, plan_migration
 from kvrelay.cluster.spot.planner_model import (
     ClusterSnapshot,
     FinishInPlace,
@@ -25,9 +25,15 @@ BLOCK = 1000  # bytes per block in these tests
 
 
 def worker(
-    wid: str, role: Role, free: int = 100, used: int = 0, step: float = 0.02, tps: float = 1000.0
+    wid: str,
+    role: Role,
+    free: int = 100,
+    used: int = 0,
+    step: float = 0.02,
+    tps: float = 1000.0,
+    room: int = 100_000,  # max_seq_tokens
 ) -> WorkerSnapshot:
-    return WorkerSnapshot(wid, role, free, used, BLOCK, step, tps)
+    return WorkerSnapshot(wid, role, free, used, BLOCK, room, step, tps)
 
 
 def req(
@@ -126,6 +132,30 @@ def test_nothing_anywhere_says_why() -> None:
     assert isinstance(u, Unplaceable) and u.reason is UnplaceableReason.NO_TARGET
 
 
+def test_a_pool_that_cannot_hold_the_end_is_skipped() -> None:
+    # "small" is idle and quicker but keeps 256 tokens; the request ends at 60 + 4 + 996 = 1060
+    # tokens, so the busier, slower "big" gets it (without the rule "small" would, and the
+    # engine there would end the stream at 256 tokens: LENGTH)
+    src = worker("d0", Role.DECODE)
+    small = worker("small", Role.DECODE, step=0.001, room=256)
+    big = worker("big", Role.DECODE, free=8, used=92, step=0.05, room=2048)
+    s = snap([src, small, big], [req("a", "d0", 996)], {"d0": 110.0})
+    a = plan_migration(s).action_for("a")
+    assert isinstance(a, MigrateKV) and a.target == "big"
+    # nothing that survives holds it: unplaceable, and the reason says so
+    u = plan_migration(snap([src, small], [req("a", "d0", 996)], {"d0": 110.0})).action_for("a")
+    assert isinstance(u, Unplaceable) and u.reason is UnplaceableReason.TOO_LARGE
+    assert u.detail == (
+        "needs 1060 tokens (prompt + max_tokens); no surviving decode-capable worker's pool "
+        "holds that (largest 256)"
+    )
+    # a source that itself keeps only 256 tokens would end it there too: "small" will do
+    short_src = worker("d0", Role.DECODE, room=256)
+    s = snap([short_src, small, big], [req("a", "d0", 996)], {"d0": 110.0})
+    a = plan_migration(s).action_for("a")
+    assert isinstance(a, MigrateKV) and a.target == "small"
+
+
 def test_bad_snapshot_is_rejected() -> None:
     import pytest
 
@@ -156,6 +186,7 @@ def scenarios(draw, uniform: bool = False, max_req: int = 8):
             used=draw(st.integers(0, 20)),
             step=draw(st.floats(0.005, 0.1)),
             tps=draw(st.floats(200, 5000)),
+            room=draw(st.sampled_from([128, 512, 2048, 8192])),  # heterogeneous pools
         )
         for i in range(nw)
     ]
@@ -213,6 +244,7 @@ def test_plan_invariants(s: ClusterSnapshot) -> None:
         assert a.target not in s.leaving
         assert roles[a.target].decodes if r.phase is Phase.DECODE else roles[a.target].prefills
         used[a.target] += r.kv_blocks
+        assert workers[a.target].max_seq_tokens >= final_tokens(r, workers[r.worker_id])
         if isinstance(a, MigrateKV):
             assert a.eta_s <= s.leaving[r.worker_id] + workers[a.target].decode_step_s
         else:  # recompute only when migrating there does not fit (or the link is shared)
@@ -220,6 +252,21 @@ def test_plan_invariants(s: ClusterSnapshot) -> None:
             assert not alone.migrate or "link busy" in a.why
     for wid, n in used.items():
         assert n <= workers[wid].free_blocks  # capacities respected
+    for u in plan.unplaceable:
+        if u.reason is UnplaceableReason.TOO_LARGE:  # no survivor of its phase holds its end
+            r = reqs[u.request_id]
+            holders = [
+                w
+                for w in s.workers
+                if w.worker_id not in s.leaving
+                and (
+                    roles[w.worker_id].decodes
+                    if r.phase is Phase.DECODE
+                    else roles[w.worker_id].prefills
+                )
+                and w.max_seq_tokens >= final_tokens(r, workers[r.worker_id])
+            ]
+            assert not holders
     # requests that fit finish in place
     for r in on_leaving:
         w = workers[r.worker_id]
@@ -243,6 +290,7 @@ def test_assignment_is_optimal_against_brute_force(s: ClusterSnapshot) -> None:
     finish = {a.request_id for a in plan.actions if isinstance(a, FinishInPlace)}
     movers = [r for r in s.requests if r.worker_id in s.leaving and r.request_id not in finish]
     targets = [w for w in s.workers if w.worker_id not in s.leaving and w.role.decodes]
+    src = {w.worker_id: w for w in s.workers}
     best = float("inf")
     for choice in itertools.product(range(len(targets) + 1), repeat=len(movers)):
         load = [0] * len(targets)
@@ -251,10 +299,13 @@ def test_assignment_is_optimal_against_brute_force(s: ClusterSnapshot) -> None:
             if j == len(targets):
                 total += UNPLACED
                 continue
+            if targets[j].max_seq_tokens < final_tokens(r, src[r.worker_id]):
+                break  # that pool would end it early: not a placement
             load[j] += r.kv_blocks
             total += pair_option(s, cfg, r, targets[j]).cost
-        if all(load[j] <= t.free_blocks for j, t in enumerate(targets)):
-            best = min(best, total)
+        else:
+            if all(load[j] <= t.free_blocks for j, t in enumerate(targets)):
+                best = min(best, total)
     assert abs(_objective(s, plan) - best) <= 1e-6 * max(1.0, best)
 
 
