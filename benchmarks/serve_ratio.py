@@ -47,9 +47,9 @@ import torch
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
 from kvrelay.benchmarks.multiturn_bench import settled_stats, stats_delta
 from kvrelay.benchmarks.pd_bench import pct
+from kvrelay.cluster.runtime.actors import worker_engine_config
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
-from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 
@@ -124,21 +124,6 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     )
 
 
-def engine_config(cfg: ServeConfig) -> EngineConfig:
-    """The engine settings the cluster's worker gets (cluster/runtime/actors.py's add_worker)."""
-    return EngineConfig(
-        block_size=cfg.block_size,
-        kv_cache_gb=cfg.kv_cache_gb,
-        cpu_kv_gb=cfg.cpu_kv_gb,
-        policy=cfg.policy,
-        preemption_mode=cfg.preemption_mode,
-        overlap_schedule=cfg.overlap_schedule,
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        enable_prefix_caching=cfg.enable_prefix_caching,
-    )
-
-
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 49152, (n, length), generator=g).tolist()
@@ -167,7 +152,7 @@ def offline(args: argparse.Namespace, cfg: ServeConfig) -> dict[int, list[dict[s
     dtype = getattr(torch, args.dtype)
     llm = LLM(
         str(args.model_dir),
-        engine_config=engine_config(cfg),
+        engine_config=worker_engine_config(cfg),
         dtype=dtype,
         device=args.device,
         threads=cfg.threads_per_worker,

@@ -47,6 +47,23 @@ from kvrelay.workers.worker import Worker
 log = logging.getLogger(__name__)
 
 
+def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineConfig:
+    """The engine settings a served worker of ``role`` gets from ``cfg``."""
+    return EngineConfig(
+        block_size=cfg.block_size,
+        num_blocks=cfg.num_blocks_by_role.get(role) if role is not None else None,
+        kv_cache_gb=cfg.kv_cache_gb,
+        cpu_kv_gb=cfg.cpu_kv_gb,
+        policy=cfg.policy,
+        preemption_mode=cfg.preemption_mode,
+        overlap_schedule=cfg.overlap_schedule,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        sparse=SparseConfig(cfg.sparse_attention, cfg.sparse_budget, heads_path=cfg.sparse_heads),
+    )
+
+
 class _ControllerSink:
     """Picklable event sink: one actor call per worker step."""
 
@@ -199,19 +216,7 @@ class ControllerActor(Controller):
         else:
             self.pools.record(worker_id, placement)
         me = ray.get_runtime_context().current_actor
-        engine_config = EngineConfig(
-            block_size=cfg.block_size,
-            num_blocks=cfg.num_blocks_by_role.get(role),
-            kv_cache_gb=cfg.kv_cache_gb,
-            cpu_kv_gb=cfg.cpu_kv_gb,
-            policy=cfg.policy,
-            preemption_mode=cfg.preemption_mode,
-            overlap_schedule=cfg.overlap_schedule,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            sparse=SparseConfig(cfg.sparse_attention, cfg.sparse_budget, heads_path=cfg.sparse_heads),
-        )
+        engine_config = worker_engine_config(cfg, role)
         options: dict[str, Any] = {
             "name": f"kvrelay-worker-{worker_id}", "max_concurrency": 32,
             **placement.actor_options(),
