@@ -18,6 +18,7 @@ from kvrelay.workers.engine.sequence import PLACEHOLDER
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+from kvrelay_testing.prompts import chat_prompts
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -40,15 +41,7 @@ def loaded() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def prompts(loaded: LoadedModel) -> list[list[int]]:
-    return [
-        loaded.tokenizer.apply_chat_template(
-            [
-                {"role": "system", "content": f"You are assistant number {i}."},
-                {"role": "user", "content": q},
-            ]
-        )
-        for i, q in enumerate(QUESTIONS)
-    ]
+    return chat_prompts(loaded.tokenizer, QUESTIONS)
 
 
 def _engine(loaded: LoadedModel, overlap: bool, **kw: object) -> Engine:

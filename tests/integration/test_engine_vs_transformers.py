@@ -12,6 +12,7 @@ import torch
 from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
+from kvrelay_testing.prompts import chat_prompts
 
 NEW_TOKENS = 32
 QUESTIONS = [
@@ -37,13 +38,7 @@ def llm() -> LLM:
 def prompts(llm: LLM) -> list[list[int]]:
     # a distinct system line per prompt: no two prompts share their first block, so the only
     # prefix hits are the ones a test arranges
-    return [
-        llm.tokenizer.apply_chat_template(
-            [{"role": "system", "content": f"You are assistant number {i}."},
-             {"role": "user", "content": q}]
-        )
-        for i, q in enumerate(QUESTIONS)
-    ]
+    return chat_prompts(llm.tokenizer, QUESTIONS)
 
 
 @pytest.fixture(scope="module")

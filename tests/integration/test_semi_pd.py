@@ -28,6 +28,7 @@ from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.types import FinishReason, Phase, SamplingParams, TokenEvent
 from kvrelay.workers.worker import Worker
+from kvrelay_testing.prompts import chat_prompts
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -92,16 +93,7 @@ def loaded() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def prompts(loaded: LoadedModel) -> list[list[int]]:
-    tok = loaded.tokenizer
-    return [
-        tok.apply_chat_template(
-            [
-                {"role": "system", "content": f"You are assistant number {i}."},
-                {"role": "user", "content": q},
-            ]
-        )
-        for i, q in enumerate(QUESTIONS)
-    ]
+    return chat_prompts(loaded.tokenizer, QUESTIONS)
 
 
 def mixed_params(n: int) -> list[SamplingParams]:
