@@ -71,6 +71,22 @@ def _no_leaks(cluster: Cluster) -> dict[str, dict[str, int]]:
     return figures
 
 
+def _streams_decoding(
+    cluster: Cluster, prompts: list[list[int]], params: list[SamplingParams], committed: int, wait
+) -> tuple[cf.ThreadPoolExecutor, list[cf.Future]]:
+    """Start one stream per prompt and return once every one has ``committed`` tokens out."""
+    pool = cf.ThreadPoolExecutor(len(prompts))
+    futures = [pool.submit(cluster.complete, p, sp) for p, sp in zip(prompts, params, strict=True)]
+    wait(
+        lambda: (
+            len(flights := cluster.call("debug_flights")) == len(prompts)
+            and all(f["committed"] >= committed for f in flights)
+        ),
+        timeout=300,
+    )
+    return pool, futures
+
+
 def test_semi_pd_worker_serves_like_colocated(ray_session: None, llm: LLM) -> None:
     prompts = _prompts(llm)
     params = [_params(i, 24) for i in range(N)]
@@ -101,18 +117,8 @@ def test_semi_pd_streams_migrate_on_notice(ray_session: None, llm: LLM, wait) ->
     params = [_params(i, 200) for i in range(8)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, params)]
     with _cluster(colocated_workers=2) as cluster:
-        pool = cf.ThreadPoolExecutor(len(prompts))
-        futures = [
-            pool.submit(cluster.complete, p, sp) for p, sp in zip(prompts, params, strict=True)
-        ]
         # every stream decoding (8 tokens out) before the notice
-        wait(
-            lambda: (
-                len(flights := cluster.call("debug_flights")) == len(prompts)
-                and all(f["committed"] >= 8 for f in flights)
-            ),
-            timeout=300,
-        )
+        pool, futures = _streams_decoding(cluster, prompts, params, 8, wait)
         victim = next(iter(cluster.workers()))
         assert cluster.call("notify_preemption", victim, time.time() + 10.0)
         wait(
@@ -145,17 +151,7 @@ def test_semi_pd_worker_killed_mid_stream(ray_session: None, llm: LLM, wait) -> 
     params = [_params(i, 96) for i in range(8)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, params)]
     with _cluster(colocated_workers=2) as cluster:
-        pool = cf.ThreadPoolExecutor(len(prompts))
-        futures = [
-            pool.submit(cluster.complete, p, sp) for p, sp in zip(prompts, params, strict=True)
-        ]
-        wait(
-            lambda: (
-                len(flights := cluster.call("debug_flights")) == len(prompts)
-                and all(f["committed"] >= 4 for f in flights)
-            ),
-            timeout=300,
-        )
+        pool, futures = _streams_decoding(cluster, prompts, params, 4, wait)
         victim = next(iter(cluster.workers()))
         os.kill(cluster.call("worker_pid", victim), signal.SIGKILL)
         got = [f.result(timeout=600)[0] for f in futures]
