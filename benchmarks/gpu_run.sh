@@ -51,8 +51,10 @@ for step in "$@"; do
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
       transformers.__version__, 'ray', ray.__version__)" ;;
     tests) run tests "${TESTS_S:-220}" "${PYTEST[@]}" ${TESTS:-tests/gpu} ;;
-    sparse) run sparse 150 python3 benchmarks/sparse_bench.py --contexts 32768 65536 131072 \
-        --out "$RES/sparse_bench.json" ;;
+    sparse) run sparse "${SPARSE_S:-240}" python3 benchmarks/sparse_bench.py \
+        --contexts 32768 65536 131072 --out "$RES/sparse_bench.json" ;;
+    sparse_parts) run sparse_parts 90 python3 benchmarks/sparse_bench.py --parts refresh_parts \
+        --contexts 32768 65536 131072 --out "$RES/sparse_parts.json" ;;
     sparse_decode) run sparse_decode 90 python3 benchmarks/sparse_bench.py --parts decode \
         --contexts 32768 65536 131072 --out "$RES/sparse_decode.json" ;;
     engine) run engine 120 python3 benchmarks/gpu_bench.py --engine-only --out "$RES" ;;

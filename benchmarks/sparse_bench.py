@@ -249,6 +249,69 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
     }  # fmt: skip
 
 
+def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    """Where a refresh layer's time goes: each of its ops timed alone (``do_bench`` medians,
+    the ops as ``SparseAttention._select`` and ``decode`` call them) and, on CUDA, the
+    profiler's kernel table for 20 later-layer refresh calls."""
+    from kvrelay.kernels.sparse_reference import keys_as_bounds
+
+    g = torch.Generator(device=dev).manual_seed(ctx + batch)
+    nb = ctx // BS
+    cache = torch.randn(batch * nb, 1, 2, BS, HKV, D, device=dev, dtype=torch.bfloat16,
+                        generator=g)  # fmt: skip
+    q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+    tables = torch.randperm(batch * nb, device=dev, generator=g).view(batch, nb).to(torch.int32)
+    lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+    slots = tables[:, -1].long() * BS + BS - 1
+    attn = AttentionMetadata(slots, tables, lens, torch.arange(batch + 1, device=dev), True)
+    scale = D**-0.5
+    keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
+    sparse = SparseAttention(
+        SparseConfig(mode="decode", budget=args.budget), cache, streaming_mask(args.stream_fraction)
+    )
+    for _ in range(2):  # first sight (bounds rebuilt), then a steady refresh step
+        sparse.begin_step(keys, ctxs, True)
+        sparse.decode(0, q, cache, attn, scale)
+    step = sparse._step
+    assert step is not None
+    stream = sparse._stream_rows[0]
+    cfg, k = sparse.config, sparse.dense.topk
+    scores = kernels.block_scores(q, sparse.bounds, 0, step.block_tables, stream)
+    short = step.select(scores, k * cfg.rerank)
+    phys = step.physical(short)
+    exact = kernels.block_scores(q, keys_as_bounds(cache), 0, phys, stream)
+    topk = step.rerank(short, exact)
+    tabs, tlens = step.tables(topk, stream, False)
+    parts = {
+        "bound_scores": lambda: kernels.block_scores(q, sparse.bounds, 0, step.block_tables, stream),
+        "shortlist_topk": lambda: step.select(scores, k * cfg.rerank),
+        "physical": lambda: step.physical(short),
+        "exact_scores": lambda: kernels.block_scores(q, keys_as_bounds(cache), 0, phys, stream),
+        "rerank": lambda: step.rerank(short, exact),
+        "tables": lambda: step.tables(topk, stream, False),
+        "attention": lambda: kernels.sparse_decode_attention(q, cache, 0, tabs, tlens, scale),
+        "layer": lambda: sparse.decode(0, q, cache, attn, scale),
+    }
+    row: dict[str, Any] = {"context": ctx, "batch": batch,
+                           "ms": {name: bench(fn) * 1e3 for name, fn in parts.items()}}  # fmt: skip
+    dense_heads = HKV - (0 if stream is None else int(stream.sum()))
+    # what bound_scores must read: kmax and kmin of every sub-page of every block, dense heads
+    row["bound_bytes"] = tables.numel() * 2 * sparse.pages * D * 2 * dense_heads
+    row["bound_scores_gbps"] = row["bound_bytes"] / row["ms"]["bound_scores"] / 1e6
+    if dev == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                parts["layer"]()
+            torch.cuda.synchronize()
+        table = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        row["kernels_us_per_call"] = {
+            e.key[:80]: round(e.device_time_total / 20, 1) for e in table[:12]
+        }
+    return row
+
+
 def empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -262,7 +325,7 @@ def main() -> None:
     ap.add_argument("--stream-fraction", type=float, default=0.5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--parts", nargs="+", default=["decode", "prefill"],
-                    choices=("decode", "prefill"))
+                    choices=("decode", "prefill", "refresh_parts"))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -279,6 +342,13 @@ def main() -> None:
             row = decode_row(ctx, batch, args, dev)
             print("decode", json.dumps(row), flush=True)
             result["decode"].append(row)
+            save()
+            empty_cache()
+    for ctx in args.contexts if "refresh_parts" in args.parts else ():
+        for batch in args.batches:
+            row = refresh_parts_row(ctx, batch, args, dev)
+            print("refresh_parts", json.dumps(row), flush=True)
+            result.setdefault("refresh_parts", []).append(row)
             save()
             empty_cache()
     for ctx in args.contexts if "prefill" in args.parts else ():

@@ -140,9 +140,11 @@ def block_scores(
     bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     layer: int,
     block_tables: torch.Tensor,  # [B, MB] physical, or [B, Hkv, MB]: one table per KV head
+    streaming: torch.Tensor | None = None,  # [Hkv] bool: heads not scored (-inf)
 ) -> torch.Tensor:  # [B, Hkv, MB] float32: max over the sub-pages and the query group
     """Block scores from the bounds; given :func:`keys_as_bounds` (P = bs, kmax = kmin = k) they
-    are the exact ``max q·k`` over each block's keys."""
+    are the exact ``max q·k`` over each block's keys. A streaming head reads no middle blocks,
+    so its scores are -inf (the kernel skips its work)."""
     batch, heads, dim = query.shape
     kv_heads = bounds.shape[4]
     if block_tables.dim() == 2:
@@ -152,7 +154,10 @@ def block_scores(
     q = query.float().view(batch, kv_heads, heads // kv_heads, dim)
     s = torch.einsum("bhgd,bhnpd->bhgnp", q.clamp(min=0), kb[:, :, :, 0])
     s = s + torch.einsum("bhgd,bhnpd->bhgnp", q.clamp(max=0), kb[:, :, :, 1])
-    return s.amax(4).amax(2)
+    scores = s.amax(4).amax(2)
+    if streaming is not None:
+        scores = scores.masked_fill(streaming.to(scores.device)[None, :, None], float("-inf"))
+    return scores
 
 
 def keys_as_bounds(

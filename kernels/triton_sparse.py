@@ -2,7 +2,10 @@
 
 - ``block_scores``: one program per (sequence, KV head, chunk of BLOCK_B logical blocks) loads
   the group's queries once, then for each of the P sub-pages the chunk's bounds, and computes
-  ``q⁺·kmax + q⁻·kmin`` as two ``tl.dot``; the max over sub-pages and the group is stored.
+  ``q⁺·kmax + q⁻·kmin`` as two ``tl.dot`` (one ``q·k`` over keys seen as bounds); the max over
+  sub-pages and the group is stored. 16-bit operands run on tensor cores with fp32
+  accumulation (exact products), fp32 ones as ieee dots; a streaming head's program only
+  stores -inf.
 - ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
   one length per (sequence, KV head) — the compacted selection — instead of one per sequence, so
   a program reads only its head's selected blocks. Split-K and the reduce kernel are shared.
@@ -36,40 +39,64 @@ from kvrelay.kernels.triton_decode import (
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, bnd_ptr, bt_ptr, out_ptr, layer_off, mb,
+    q_ptr, bnd_ptr, bt_ptr, stream_ptr, out_ptr, layer_off, mb,
     stride_qb, stride_qh, stride_blk, stride_mm, stride_sub, stride_head, stride_btb, stride_bth,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGES: tl.constexpr, BLOCK_B: tl.constexpr,
+    PAGES: tl.constexpr, BLOCK_B: tl.constexpr, EXACT: tl.constexpr, HAS_STREAM: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_j = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
     j_mask = offs_j < mb
-    q = tl.load(
-        q_ptr + b * stride_qb + (kvh * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)  # [GROUP_PAD, D_PAD]
-    q_pos = tl.maximum(q, 0.0)
-    q_neg = tl.minimum(q, 0.0)
-    bt = bt_ptr + b * stride_btb + kvh * stride_bth
-    blk = tl.load(bt + offs_j, mask=j_mask, other=0).to(tl.int64)
-    base = bnd_ptr + layer_off + kvh * stride_head + blk * stride_blk  # [BLOCK_B]
-    m = j_mask[None, :] & d_mask[:, None]
-    best = tl.full([GROUP_PAD, BLOCK_B], float("-inf"), tl.float32)
-    for p in tl.static_range(PAGES):  # the block's score: the max over its sub-pages
-        sub = base + p * stride_sub
-        kmax = tl.load(sub[None, :] + offs_d[:, None], mask=m, other=0.0).to(tl.float32)
-        kmin = tl.load(sub[None, :] + stride_mm + offs_d[:, None], mask=m, other=0.0)
-        s = tl.dot(q_pos, kmax, input_precision="ieee")
-        s += tl.dot(q_neg, kmin.to(tl.float32), input_precision="ieee")  # [GROUP_PAD, BLOCK_B]
-        best = tl.maximum(best, s)
-    best = tl.where(g_mask[:, None], best, float("-inf"))
-    tl.store(out_ptr + (b * tl.num_programs(1) + kvh) * mb + offs_j, tl.max(best, 0), mask=j_mask)
+    out = out_ptr + (b * tl.num_programs(1) + kvh) * mb + offs_j
+    streamed = 0
+    if HAS_STREAM:
+        streamed = tl.load(stream_ptr + kvh).to(tl.int32)
+    if streamed != 0:  # a streaming head reads no middle blocks: nothing to rank
+        tl.store(out, tl.full([BLOCK_B], float("-inf"), tl.float32), mask=j_mask)
+    else:
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(
+            q_ptr + b * stride_qb + (kvh * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [GROUP_PAD, D_PAD]
+        if IEEE:
+            q = q.to(tl.float32)
+        # max(q, 0) and min(q, 0) are exact in q's dtype and a 16-bit product is exact in fp32,
+        # so 16-bit operands with fp32 accumulation (tensor cores) change only the order of the
+        # sum; fp32 operands keep the ieee dot, as do 16-bit ones on CPU (the interpreter
+        # multiplies bf16 tl.dot operands wrongly, as in triton_decode)
+        q_pos = tl.maximum(q, 0.0).to(q.dtype)
+        q_neg = tl.minimum(q, 0.0).to(q.dtype)
+        bt = bt_ptr + b * stride_btb + kvh * stride_bth
+        blk = tl.load(bt + offs_j, mask=j_mask, other=0).to(tl.int64)
+        base = bnd_ptr + layer_off + kvh * stride_head + blk * stride_blk  # [BLOCK_B]
+        m = j_mask[None, :] & d_mask[:, None]
+        best = tl.full([GROUP_PAD, BLOCK_B], float("-inf"), tl.float32)
+        for p in tl.static_range(PAGES):  # the block's score: the max over its sub-pages
+            sub = base + p * stride_sub
+            kmax = tl.load(sub[None, :] + offs_d[:, None], mask=m, other=0.0)
+            if EXACT:  # keys seen as one-token bounds (max = min = k): the score is q·k
+                if IEEE:
+                    s = tl.dot(q, kmax.to(tl.float32), input_precision="ieee")
+                else:
+                    s = tl.dot(q, kmax, out_dtype=tl.float32)
+            else:
+                kmin = tl.load(sub[None, :] + stride_mm + offs_d[:, None], mask=m, other=0.0)
+                if IEEE:
+                    s = tl.dot(q_pos, kmax.to(tl.float32), input_precision="ieee")
+                    s += tl.dot(q_neg, kmin.to(tl.float32), input_precision="ieee")
+                else:
+                    s = tl.dot(q_pos, kmax, out_dtype=tl.float32)
+                    s += tl.dot(q_neg, kmin, out_dtype=tl.float32)  # [GROUP_PAD, BLOCK_B]
+            best = tl.maximum(best, s)
+        best = tl.where(g_mask[:, None], best, float("-inf"))
+        tl.store(out, tl.max(best, 0), mask=j_mask)
 
 
 def block_scores(
@@ -77,6 +104,7 @@ def block_scores(
     bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     layer: int,
     block_tables: torch.Tensor,  # [B, MB], or [B, Hkv, MB]: one table per KV head
+    streaming: torch.Tensor | None = None,  # [Hkv] bool: heads not scored (-inf)
 ) -> torch.Tensor:  # [B, Hkv, MB] float32
     batch, heads, dim = query.shape
     pages, kv_heads, mb = bounds.shape[3], bounds.shape[4], block_tables.shape[-1]
@@ -85,15 +113,18 @@ def block_scores(
     out = torch.empty(batch, kv_heads, mb, device=query.device, dtype=torch.float32)
     if batch == 0 or mb == 0:
         return out
+    if bounds.dtype != query.dtype:
+        raise ValueError(f"block_scores: query {query.dtype}, bounds {bounds.dtype}")
     group = heads // kv_heads
     block_b = 64
     st = bounds.stride()
     _scores_kernel[(batch, kv_heads, triton.cdiv(mb, block_b))](
-        query, bounds, block_tables, out, layer * st[1], mb,
-        query.stride(0), query.stride(1), st[0], st[2], st[3], st[4],
+        query, bounds, block_tables, block_tables if streaming is None else streaming, out,
+        layer * st[1], mb, query.stride(0), query.stride(1), st[0], st[2], st[3], st[4],
         block_tables.stride(0), block_tables.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         D_PAD=max(16, triton.next_power_of_2(dim)), PAGES=pages, BLOCK_B=block_b,
+        EXACT=st[2] == 0, HAS_STREAM=streaming is not None, IEEE=query.dtype == torch.float32 or not query.is_cuda,
     )  # fmt: skip
     return out
 

@@ -79,3 +79,20 @@ def test_column_mass_kernel_compiles(fp32_dot: bool) -> None:
            "stride_kh": "i32"}  # fmt: skip
     consts = dict(GROUP=4, HEAD_DIM=128, D_PAD=128, BLOCK_M=64, BLOCK_N=64, FP32_DOT=fp32_dot)
     assert _cubin("_column_mass_kernel", sig, consts, "triton_sample") > 1000
+
+
+@pytest.mark.parametrize(
+    ("dtype", "exact", "streaming"),
+    [("bf16", False, True), ("bf16", True, True), ("bf16", False, False), ("fp32", False, True)],
+)
+def test_scores_kernel_compiles(dtype: str, exact: bool, streaming: bool) -> None:
+    """bf16 takes the tensor-core dot (fp32 accumulation), fp32 the ieee one; the streaming
+    branch and the exact (keys as bounds) single dot."""
+    sig = {"q_ptr": f"*{dtype}", "bnd_ptr": f"*{dtype}", "bt_ptr": "*i32",
+           "stream_ptr": "*i1" if streaming else "*i32", "out_ptr": "*fp32", "layer_off": "i64",
+           "mb": "i32", "stride_qb": "i32", "stride_qh": "i32", "stride_blk": "i64",
+           "stride_mm": "i32", "stride_sub": "i32", "stride_head": "i32", "stride_btb": "i32",
+           "stride_bth": "i32"}  # fmt: skip
+    consts = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, PAGES=16 if exact else 4,
+                  BLOCK_B=64, EXACT=exact, HAS_STREAM=streaming, IEEE=dtype == "fp32")  # fmt: skip
+    assert _cubin("_scores_kernel", sig, consts) > 1000

@@ -109,6 +109,20 @@ def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtyp
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_scores_skip_streaming_heads(sparse: ModuleType, dtype: torch.dtype) -> None:
+    """A streaming head reads no middle blocks: its scores are -inf (the kernel skips it), the
+    dense heads' are unchanged; over bounds and over keys seen as bounds."""
+    kv, tables, _, bounds, g = _case([100, 37, 70], 2, 8, 24, dtype, 5)
+    q = torch.randn(3, 6, 24, generator=g).to(dtype)
+    streaming = torch.tensor([True, False])
+    for source in (bounds, ref.keys_as_bounds(kv)):
+        for impl in (ref, sparse):
+            got = impl.block_scores(q, source, 1, tables, streaming)
+            assert torch.isneginf(got[:, 0]).all()
+            assert rel_err(got[:, 1], ref.block_scores(q, source, 1, tables)[:, 1]) < 1e-5
+
+
 @pytest.mark.parametrize(
     ("dtype", "splits", "streaming"),
     [(torch.float32, 1, False), (torch.float32, 3, True), (torch.bfloat16, None, True)],

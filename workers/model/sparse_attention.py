@@ -236,11 +236,14 @@ class SparseAttention:
         max q·k: a refresh step then also reads the keys of rerank·K blocks per KV head."""
         from kvrelay.kernels.sparse_reference import keys_as_bounds
 
-        scores = kernels.block_scores(query, self.bounds, layer, step.block_tables)
+        streaming = self._stream_rows[layer]  # their picks are ignored: not scored
+        scores = kernels.block_scores(query, self.bounds, layer, step.block_tables, streaming)
         if self.config.rerank == 1:
             return step.select(scores, self.dense.topk)
         short = step.select(scores, self.dense.topk * self.config.rerank)
-        exact = kernels.block_scores(query, keys_as_bounds(kv_cache), layer, step.physical(short))
+        exact = kernels.block_scores(
+            query, keys_as_bounds(kv_cache), layer, step.physical(short), streaming
+        )
         return step.rerank(short, exact)
 
     def _count(self) -> None:
