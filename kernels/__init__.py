@@ -33,6 +33,7 @@ __all__ = [
     "sparse_decode_attention",
     "sparse_prefill_attention",
     "sparse_tables",
+    "topk_blocks",
     "unpack_blocks",
     "update_bounds",
     "write_kv",
@@ -83,3 +84,4 @@ sparse_prefill_attention = _dispatch("sparse_prefill_attention", sparse_referenc
 sparse_tables = _dispatch("sparse_tables", sparse_reference)
 update_bounds = _dispatch("update_bounds", sparse_reference)
 sampled_column_mass = _dispatch("sampled_column_mass", sparse_reference)
+topk_blocks = _dispatch("topk_blocks", sparse_reference)

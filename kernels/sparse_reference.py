@@ -160,6 +160,27 @@ def block_scores(
     return scores
 
 
+def topk_blocks(
+    values: torch.Tensor,  # [B, H, N] float32
+    k: int,
+    lo: int,  # an element counts if lo <= its id < hi[b]; one outside counts as -inf
+    hi: torch.Tensor,  # [B] int
+    ids: torch.Tensor | None = None,  # [B, H, N] int: the elements' ids; None: their positions
+) -> torch.Tensor:  # [B, H, min(k, N)] int64 ids, in no particular order
+    """The ids of the k largest values whose ids lie in [lo, hi[b]). Ties (elements outside the
+    range, when fewer than k lie inside, are all -inf) go to the lowest positions first: the
+    kernel breaks them so; torch.topk may choose others, but never a different set of inside
+    elements when their values are distinct."""
+    n = values.shape[2]
+    pos = torch.arange(n, device=values.device).expand_as(values)
+    ident = pos if ids is None else ids.long()
+    inside = (ident >= lo) & (ident < hi.to(values.device).long()[:, None, None])
+    v = values.masked_fill(~inside, float("-inf"))
+    # a stable descending sort picks the lowest positions among equals (the kernel's rule)
+    order = v.sort(dim=-1, descending=True, stable=True).indices[..., : min(k, n)]
+    return ident.gather(-1, order)
+
+
 def keys_as_bounds(
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
 ) -> torch.Tensor:  # [num_blocks, L, 2, bs, Hkv, D] view: every key its own sub-page

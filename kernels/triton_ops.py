@@ -7,7 +7,7 @@
     rms_norm, add_rms_norm, rope_write_kv, silu_mul     kernels/triton_fused.py (the model's
                                                         elementwise work; refs kernels/fused.py)
     block_scores, sparse_decode_attention,              kernels/triton_sparse.py
-    sparse_prefill_attention
+    sparse_prefill_attention, sparse_tables, update_bounds, topk_blocks
     sampled_column_mass (SampleAttention's sampling)    kernels/triton_sample.py
 
 Every launch derives its grid from tensor shapes, never from tensor values, so no op syncs the
@@ -27,6 +27,7 @@ from kvrelay.kernels.triton_sparse import (
     sparse_decode_attention,
     sparse_prefill_attention,
     sparse_tables,
+    topk_blocks,
     update_bounds,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "sparse_decode_attention",
     "sparse_prefill_attention",
     "sparse_tables",
+    "topk_blocks",
     "unpack_blocks",
     "update_bounds",
     "write_kv",

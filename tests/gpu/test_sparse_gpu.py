@@ -48,6 +48,26 @@ def test_block_scores_gpu() -> None:
     assert rel_err(got, ref.block_scores(q, bounds, 1, tables)) < 1e-4
 
 
+@pytest.mark.parametrize(
+    ("n", "k", "with_ids"), [(8192, 512, False), (512, 256, True), (20000, 1000, False)]
+)
+def test_topk_blocks_gpu(n: int, k: int, with_ids: bool) -> None:
+    """The selection kernel keeps the reference's ids: a refresh's shortlist (k = 512 of 8192
+    blocks), the re-rank over a shortlist's ids, a row of several chunks; short middles, a
+    streaming (all -inf) row, ties."""
+    from kvrelay.kernels import triton_sparse
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    values = torch.randn(8, 8, n, device="cuda", generator=g)
+    values[3, 1] = float("-inf")
+    values[5] = values[5].round()  # ties
+    ids = torch.randint(0, n, (8, 8, n), device="cuda", generator=g) if with_ids else None
+    hi = torch.randint(1, n, (8,), device="cuda", generator=g)
+    want = ref.topk_blocks(values, k, 4, hi, ids)
+    got = triton_sparse.topk_blocks(values, k, 4, hi, ids)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
 def test_exact_rerank_scores_gpu() -> None:
     from kvrelay.kernels import triton_sparse
 

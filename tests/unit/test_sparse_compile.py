@@ -32,7 +32,10 @@ print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]))
 
 
 def _cubin(
-    name: str, signature: dict[str, str], constexprs: dict[str, object], module: str = "triton_sparse"
+    name: str,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    module: str = "triton_sparse",
 ) -> int:
     """Bytes of the sm_90 cubin of ``kvrelay.kernels.<module>.<name>`` compiled in a clean
     process."""
@@ -96,3 +99,12 @@ def test_scores_kernel_compiles(dtype: str, exact: bool, streaming: bool) -> Non
     consts = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, PAGES=16 if exact else 4,
                   BLOCK_B=64, EXACT=exact, HAS_STREAM=streaming, IEEE=dtype == "fp32")  # fmt: skip
     assert _cubin("_scores_kernel", sig, consts) > 1000
+
+
+@pytest.mark.parametrize(("has_ids", "single"), [(False, True), (True, True), (False, False)])
+def test_topk_kernel_compiles(has_ids: bool, single: bool) -> None:
+    sig = {"val_ptr": "*fp32", "ids_ptr": "*i64" if has_ids else "*fp32", "hi_ptr": "*i64",
+           "out_ptr": "*i64", "n": "i32", "k": "i32", "lo": "i32", "heads": "i32",
+           "stride_vr": "i32", "stride_ir": "i32"}  # fmt: skip
+    consts = dict(HAS_IDS=has_ids, CHUNK=4096, SINGLE=single)
+    assert _cubin("_topk_kernel", sig, consts) > 1000

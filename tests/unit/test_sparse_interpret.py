@@ -109,6 +109,32 @@ def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtyp
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("n", "k", "with_ids", "ties"),
+    [
+        (100, 17, False, False),
+        (100, 17, True, False),
+        (90, 40, False, True),
+        (5000, 300, False, True),
+    ],
+)
+def test_topk_blocks(sparse: ModuleType, n: int, k: int, with_ids: bool, ties: bool) -> None:
+    """The same ids as the reference (its ties: lowest position first): rows whose range holds
+    fewer than k elements (the rest -inf), an all -inf row (a streaming head), ids given (the
+    re-rank's shortlist), repeated values, a row longer than one 4096-element chunk."""
+    g = torch.Generator().manual_seed(n + k)
+    values = torch.randn(3, 4, n, generator=g)
+    if ties:
+        values = torch.randint(0, 6, (3, 4, n), generator=g).float()
+    values[1, 2] = float("-inf")
+    ids = torch.randint(0, n + 20, (3, 4, n), generator=g) if with_ids else None
+    hi = torch.tensor([n // 2, 9, n + 20], dtype=torch.int32)
+    want = ref.topk_blocks(values, k, 2, hi, ids)
+    got = sparse.topk_blocks(values, k, 2, hi, ids)
+    assert got.shape == want.shape == (3, 4, min(k, n)) and got.dtype == torch.int64
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_scores_skip_streaming_heads(sparse: ModuleType, dtype: torch.dtype) -> None:
     """A streaming head reads no middle blocks: its scores are -inf (the kernel skips it), the

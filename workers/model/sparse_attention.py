@@ -141,7 +141,6 @@ class SparseAttention:
         self._written: torch.Tensor | None = None  # slots of the last decode step, not yet folded
         self._lens: list[torch.Tensor] = []  # this step's lens per layer, summed once per step
         self._context = 0  # tokens in this step's contexts
-        self._min_context = 0  # ... in its shortest
 
     # ---- per step ------------------------------------------------------------------------
     def begin_step(self, keys: Sequence[str], context_lens: Sequence[int], is_decode: bool) -> None:
@@ -174,7 +173,6 @@ class SparseAttention:
         self._age = 1 if self._refresh else self._age + 1
         self._keys = keys
         self._context = sum(context_lens)
-        self._min_context = min(context_lens, default=0)
 
     def handles(self, is_decode: bool) -> bool:
         return self.config.decode if is_decode else self.config.prefill
@@ -191,9 +189,8 @@ class SparseAttention:
         self._written = attn.slot_mapping
         step = DecodeStep(
             attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
-            kv_cache.shape[4], None if self._refresh else self._refresh_nb, self._min_context,
+            kv_cache.shape[4], None if self._refresh else self._refresh_nb,
         )  # fmt: skip
-        self._min_context = 0  # known for this step only (a forward without begin_step: unknown)
         if self._refresh:
             self._refresh_nb = step.nb
         self._rebuild = None

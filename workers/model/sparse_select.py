@@ -99,8 +99,9 @@ def build_tables(
 class DecodeStep:
     """The selection work of one decode step that depends on its batch alone (context lengths,
     block tables), done once at the step's first layer and shared by every layer, so that a
-    layer pays a few ops: a selection is masked_fill + topk (+ the re-rank), its tables one
-    ``kernels.sparse_tables`` (one launch on CUDA). Equal to :func:`select_topk`,
+    layer pays a few ops: a selection is one ``kernels.topk_blocks`` (+ the re-rank: the
+    shortlist's physical ids, their exact scores, one more ``topk_blocks``), its tables one
+    ``kernels.sparse_tables``. Equal, as sets of middle blocks, to :func:`select_topk`,
     :func:`rerank_topk` and :func:`build_tables` (tests/unit/test_sparse_select.py checks)."""
 
     def __init__(
@@ -112,31 +113,20 @@ class DecodeStep:
         bs: int,
         kv_heads: int,
         refresh_nb: torch.Tensor | None,  # [B] blocks when the reused picks were made; None: now
-        min_context: int = 0,  # the shortest context (host-known); 0: unknown
     ) -> None:
-        mb = block_tables.shape[1]
-        # middle blocks of the shortest context: a shortlist no longer than this is all middle
-        self.min_middle = -(-min_context // bs) - dense.sink - dense.local
         self.context_lens, self.block_tables = context_lens, block_tables
         self.dense, self.stream, self.bs, self.kv_heads = dense, stream, bs, kv_heads
         self.refresh_nb = refresh_nb
         self.nb = num_blocks(context_lens, bs)  # [B]
-        self.hi = (self.nb - dense.local)[:, None, None]  # [B, 1, 1] the middle is [sink, hi)
-        j = torch.arange(mb, device=block_tables.device)
-        self.outside = ((j < dense.sink) | (j >= self.hi[:, 0]))[:, None]  # [B, 1, MB]
+        self.hi = self.nb - dense.local  # [B] the middle is [sink, hi)
 
     def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:  # [B, Hkv, min(k, MB)]
-        """select_topk over scores ``[B, Hkv, MB]``."""
-        masked = scores.masked_fill(self.outside, float("-inf"))
-        return masked.topk(min(k, scores.shape[2]), dim=-1).indices
+        """select_topk over scores ``[B, Hkv, MB]`` (unordered)."""
+        return kernels.topk_blocks(scores, k, self.dense.sink, self.hi)
 
     def rerank(self, short: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-        """rerank_topk: the top-K of the shortlist by exact score, middle blocks first (the
-        mask is skipped when every context has as many middle blocks as the shortlist)."""
-        if self.min_middle < short.shape[-1]:
-            middle = (short >= self.dense.sink) & (short < self.hi)
-            exact = torch.where(middle, exact, float("-inf"))
-        return short.gather(-1, exact.topk(min(self.dense.topk, short.shape[-1]), dim=-1).indices)
+        """rerank_topk: the top-K of the shortlist by exact score, middle blocks first."""
+        return kernels.topk_blocks(exact, self.dense.topk, self.dense.sink, self.hi, ids=short)
 
     def physical(self, logical: torch.Tensor) -> torch.Tensor:  # [B, ...] logical, < MB
         return self.block_tables.gather(1, logical.flatten(1)).view_as(logical)
