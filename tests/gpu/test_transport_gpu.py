@@ -126,6 +126,7 @@ def test_a_receiver_that_dies_mid_transfer_fails_the_send_within_its_deadline() 
     victim = run_peer("die_on_header", port)
     with KVTransport("p", "127.0.0.1", port, device="cuda", timeout_s=30) as p:
         cache = source_cache("cuda")
+        p.send_blocks("d", "warm", cache, SRC_IDS)  # the peer is up, the channel open
         t0 = time.monotonic()
         with pytest.raises(TransferError):
             p.send_blocks("d", "doomed", cache, SRC_IDS, timeout_s=3)
@@ -173,15 +174,15 @@ def test_a_sender_that_dies_before_sending_fails_the_receive_at_its_deadline() -
 def test_a_sender_killed_as_its_header_arrives_gives_an_error_or_the_complete_blocks() -> None:
     """The header goes out after the sender's blocks are complete; the receiver (a process of
     its own: its CUDA context is at stake) kills the sender on the header. Whatever CUDA does
-    with a dead exporter's memory, the receive ends in time with a TransferError or the right
-    bits, and the receiver process survives."""
+    with a dead exporter's memory, the receive ends within its deadline with a TransferError or
+    the right bits, and the receiver process survives."""
     store, port = start_rendezvous_store()
     sender = run_peer("send_then_hang", port)
     receiver = run_peer("receive_from_killed", port, sender.pid)
     got = peer_result(receiver)
     sender.communicate(timeout=PEER_TIMEOUT)
     assert sender.returncode == -signal.SIGKILL and got["killed"]
-    assert got["elapsed"] < 10 + 2
+    assert got["elapsed"] < 30 + 2
     assert got["error"] or got["equal"], got
     del store
 
@@ -253,9 +254,11 @@ def _peer(scenario: str, port: int, args: list[str]) -> dict:
             port,
             device="cuda",
             timeout_s=30,
-            on_header=lambda h: os.kill(os.getpid(), signal.SIGKILL),
+            on_header=lambda h: h.transfer_id == "doomed" and os.kill(os.getpid(), signal.SIGKILL),
         ) as d:
-            d.recv_blocks("p", "doomed", torch.zeros((32, *GEOMETRY), device="cuda"), DST_IDS)
+            cache = torch.zeros((32, *GEOMETRY), device="cuda")
+            d.recv_blocks("p", "warm", cache, DST_IDS)
+            d.recv_blocks("p", "doomed", cache, DST_IDS)
             return {}
     if scenario == "send_then_hang":
         with KVTransport("s", "127.0.0.1", port, device="cuda", timeout_s=60) as s:
@@ -264,9 +267,11 @@ def _peer(scenario: str, port: int, args: list[str]) -> dict:
             return {}
     if scenario == "receive_from_killed":
         victim = int(args[0])
+        killed: list[int] = []
 
         def kill(_header: object) -> None:
             os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
             stat = Path(f"/proc/{victim}/stat")
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and stat.exists() and " Z " not in stat.read_text():
@@ -276,14 +281,19 @@ def _peer(scenario: str, port: int, args: list[str]) -> dict:
             cache = torch.zeros((64, *GEOMETRY), device="cuda")
             t0 = time.monotonic()
             try:
-                q.recv_blocks("s", "first", cache, DST_IDS, timeout_s=10)
+                q.recv_blocks("s", "first", cache, DST_IDS, timeout_s=30)
                 error = False
             except TransferError:
                 error = True
             elapsed = time.monotonic() - t0
             equal = torch.equal(bits(cache[DST_IDS]), bits(source_cache("cpu")[SRC_IDS]))
             torch.cuda.synchronize()  # the context survived
-            return {"killed": True, "error": error, "equal": equal, "elapsed": elapsed}
+            return {
+                "killed": killed == [victim],
+                "error": error,
+                "equal": equal,
+                "elapsed": elapsed,
+            }
     raise SystemExit(f"unknown scenario {scenario}")
 
 
