@@ -67,8 +67,8 @@ make_model(Path('/tmp/kvrelay-1b-fp32'), Path('$TOK'), torch.float32, '1b', 'cud
         run swap 150 python3 benchmarks/swap_bench.py --model /tmp/kvrelay-1b-fp32 --device cuda \
             --dtype float32 --requests 64 --prompt 512 --out 256 --num-blocks 1024 --cpu-kv-gb 4 \
             --json "$RES/swap_bench.json" ;;
-    transfer) run transfer 90 python3 benchmarks/transfer_bench.py --device cuda \
-        --blocks 16 256 1024 ;;
+    transfer) run transfer 120 python3 benchmarks/transfer_bench.py --device cuda \
+        --blocks 1 16 256 1024 ;;
     serve_ratio) run serve_ratio 180 python3 benchmarks/serve_ratio.py --tokenizer "$TOK" \
         --device cuda --shape 1b --dtype bfloat16 --batches 32 128 --prompt 128 --max-tokens 256 \
         --reps 3 --out "$RES" ;;

@@ -3,18 +3,29 @@
 Protocol of a channel (both directions are symmetric; ``me`` / ``peer`` are ranks 0 and 1)::
 
     sender (under the channel's send lock)          receiver's reader thread (one per channel)
-    seq = send_seq++                                 wait  <prefix>/to<me>/msg/<recv_seq>
-    set   <prefix>/to<peer>/msg/<seq> = header  ──▶  get + delete it, check seq, size
+    seq = send_seq++                                 get (blocks)  <prefix>/to<me>/msg/<seq>
+    set   <prefix>/to<peer>/msg/<seq> = header  ──▶  check seq, size; then delete the key
     payload: gloo send(tag=seq)                ──▶  gloo recv(tag=seq) into a fresh buffer
-             | CUDA IPC: wait ack/<seq>        ◀──  | IPC: rebuild, clone, sync, set ack/<seq>
+             | IPC: wait ack/<seq>             ◀──  | IPC stage: map, clone, sync, ack/<seq>
+             | IPC blocks: wait ack/<seq>      ◀──  | IPC blocks: map the sender's cache once;
+                                                     |   the *caller* copies, syncs, acks
                                                      deliver (transfer id -> payload) to inbox
 
 The receiving *callers* never touch the wire: they wait on the peer's :class:`Inbox` for their
 transfer id, so two transfers on one pair may be awaited in any order by any threads and each
 caller gets its own payload. The send lock plus the store sequence keep messages in order.
 
+Same-GPU ``send_blocks`` moves no bytes on the sender: its header names blocks of the sender's
+KV cache (exported once per channel), and the receiver's ``recv_blocks`` copies them into its own
+blocks in one device pass (:class:`BlockSource`). The sender returns once the receiver acked, so
+the caller's guarantee that it keeps those blocks until ``send_blocks`` returns is what makes
+the read safe; such a send therefore completes only when the peer calls its receive (the
+controller runs both sides concurrently). An ack is a compare-and-set (wire.ACK_DONE /
+ACK_GONE): a sender whose deadline passed and a receiver finishing its copy agree on one outcome.
+
 Breaking: any error (peer closed the socket, a deadline passed with a send posted, a bad
-header) breaks the channel once: waiters of this channel fail at once, the peer's reader is told
+header) breaks the channel once: waiters of this channel fail at once (and blocks not yet copied
+from the peer's cache are dropped: its memory is no longer promised), the peer's reader is told
 (``__broken__`` written to the key it waits on), the group is aborted, and the pair epoch is
 bumped with a compare-and-set so both sides agree on the next prefix.
 """
@@ -26,33 +37,78 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from kvrelay.kernels import pack_blocks
 from kvrelay.workers.transport.buffers import BufferPool
 from kvrelay.workers.transport.ipc import export_ipc, import_ipc
 from kvrelay.workers.transport.wire import (
+    ACK_DONE,
+    ACK_GONE,
     BROKEN,
     STOP,
     Header,
     TransferError,
     ack_key,
+    block_source,
     checksum,
     msg_key,
+    payload_nbytes,
 )
+
+T = TypeVar("T")
+
+
+class BlockSource:
+    """Blocks of the peer's KV cache, mapped here (same GPU), that a transfer names: valid until
+    :meth:`read` (or :meth:`release`) acks them, and only while the channel lives."""
+
+    def __init__(
+        self,
+        cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]: the peer's memory
+        block_ids: torch.Tensor,  # [n] long, host
+        generation: int,
+        crc: int | None,
+        release: Callable[[], bool],
+    ) -> None:
+        self.cache = cache
+        self.block_ids = block_ids
+        self.generation = generation
+        self._crc = crc
+        self.release = release  # ack: we stopped reading; False when the peer gave up first
+
+    def read(self, fn: Callable[[torch.Tensor, torch.Tensor], T]) -> T:
+        """``fn(cache, block_ids)`` (device work on the current stream), waited for, then acked.
+        TransferError when the sender gave up before the ack (its blocks may have changed)."""
+        try:
+            out = fn(self.cache, self.block_ids)
+            if self.cache.is_cuda:
+                torch.cuda.current_stream(self.cache.device).synchronize()
+            crc = None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
+        finally:
+            acked = self.release()
+        if not acked:
+            raise TransferError("the sender gave up before the copy finished")
+        if crc != self._crc:
+            raise TransferError("checksum mismatch in the peer's blocks")
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
     header: Header
-    payload: torch.Tensor  # [*header.shape] of header.dtype, owned by the receiver
+    payload: torch.Tensor | None  # [*header.shape] of header.dtype, owned by the receiver
     buffer: torch.Tensor | None = None  # the pooled host buffer under payload, to give back
+    source: BlockSource | None = None  # same-GPU blocks to copy out instead of a payload
 
 
 class Inbox:
-    """Payloads that arrived from one peer, by transfer id (survives channel replacement)."""
+    """Payloads that arrived from one peer, by transfer id (survives channel replacement).
+    Block sources are dropped when their channel fails (the peer's memory is no longer
+    promised) and acked when their waiter gave up (so the peer's send is not held)."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
@@ -61,17 +117,29 @@ class Inbox:
         self._failed: dict[int, str] = {}  # channel generation -> why it broke
 
     def deliver(self, arrival: Arrival) -> None:
+        source = arrival.source
         with self._cv:
             tid = arrival.header.transfer_id
-            if tid in self._abandoned:
+            dropped = tid in self._abandoned
+            if dropped:
                 self._abandoned.discard(tid)
+            elif source is not None and source.generation in self._failed:
                 return
-            self._items[tid] = arrival
-            self._cv.notify_all()
+            else:
+                self._items[tid] = arrival
+                self._cv.notify_all()
+        if dropped and source is not None:
+            source.release()
 
     def fail(self, generation: int, reason: str) -> None:
         with self._cv:
             self._failed[generation] = reason
+            for tid in [
+                t
+                for t, a in self._items.items()
+                if a.source is not None and a.source.generation == generation
+            ]:
+                del self._items[tid]
             self._cv.notify_all()
 
     def take(self, transfer_id: str, generation: int, deadline: float) -> Arrival:
@@ -129,7 +197,10 @@ class Channel:
         self._on_header = on_header  # observer: a payload is about to be received (metrics)
         self._send_lock = threading.Lock()
         self._ipc_stage: torch.Tensor | None = None  # [bytes] uint8 on device (IPC sender)
+        self._ipc_exports: dict[tuple[int, int], dict[str, Any]] = {}  # our caches, exported
+        self._stale_ack: str | None = None  # our last ack key, deleted during the next send
         self._ipc_imports: dict[str, torch.Tensor] = {}  # peer stage mappings by handle
+        self._ipc_caches: dict[tuple[str, int, int], torch.Tensor] = {}  # peer caches (uint8)
         self._state_lock = threading.Lock()
         self.send_seq = 0
         self.recv_seq = 0
@@ -143,12 +214,9 @@ class Channel:
     # ---- sending ---------------------------------------------------------------------------
     def send(self, transfer_id: str, payload: torch.Tensor, deadline: float, crc: bool) -> int:
         """Send one payload; returns its byte count. Raises TransferError (channel broken)."""
-        with self._send_lock:
-            if self.broken is not None:
-                raise TransferError(f"channel broken: {self.broken}")
-            seq = self.send_seq
-            self.send_seq += 1
-            payload = payload.detach().contiguous()
+        payload = payload.detach().contiguous()
+
+        def send(seq: int) -> int:
             header = Header(
                 seq=seq,
                 transfer_id=transfer_id,
@@ -157,15 +225,67 @@ class Channel:
                 nbytes=payload.numel() * payload.element_size(),
                 crc=checksum(payload) if crc else None,
             )
+            if self.pg is None:
+                self._send_ipc(header, payload, deadline)
+            else:
+                self._send_gloo(header, payload, deadline)
+            return header.nbytes
+
+        return self._transmit(transfer_id, send)
+
+    def send_blocks(
+        self,
+        transfer_id: str,
+        kv_cache: torch.Tensor,
+        block_ids: torch.Tensor,
+        deadline: float,
+        crc: bool,
+    ) -> int:
+        """Same GPU: name ``block_ids`` of our (contiguous, CUDA) ``kv_cache`` and wait until the
+        peer copied them out; returns the bytes it copied. No pack, no staging copy."""
+        if self.pg is not None:
+            raise TransferError("block ids travel only on a same-GPU channel")
+        shape = (int(block_ids.numel()), *kv_cache.shape[1:])
+
+        def send(seq: int) -> int:
+            flat = kv_cache.view(-1).view(torch.uint8)
+            key = (flat.data_ptr(), flat.numel())
+            if key not in self._ipc_exports:  # once per cache: the peer keeps its mapping
+                self._ipc_exports[key] = export_ipc(flat)
+            ipc = {
+                **self._ipc_exports[key],
+                "blocks": block_ids.tolist(),
+                "cache_shape": list(kv_cache.shape),
+            }
+            header = Header(
+                seq=seq,
+                transfer_id=transfer_id,
+                dtype=kv_cache.dtype,
+                shape=shape,
+                nbytes=payload_nbytes(shape, kv_cache.dtype),
+                crc=checksum(pack_blocks(kv_cache, block_ids)) if crc else None,
+                ipc=ipc,
+            )
+            # the blocks' last writes (stream-ordered before this call) must land before the
+            # peer, on another stream of another process, reads them
+            torch.cuda.current_stream(kv_cache.device).synchronize()
+            self._publish_and_await(header, deadline)
+            return header.nbytes
+
+        return self._transmit(transfer_id, send)
+
+    def _transmit(self, transfer_id: str, send: Callable[[int], int]) -> int:
+        """Run ``send(seq)`` under the send lock; any error breaks the channel."""
+        with self._send_lock:
+            if self.broken is not None:
+                raise TransferError(f"channel broken: {self.broken}")
+            seq = self.send_seq
+            self.send_seq += 1
             try:
-                if self.pg is None:
-                    self._send_ipc(header, payload, deadline)
-                else:
-                    self._send_gloo(header, payload, deadline)
+                return send(seq)
             except Exception as exc:  # gloo raises RuntimeError subclasses of many kinds
                 self.break_(f"send of {transfer_id!r} failed: {exc}")
                 raise TransferError(f"send of {transfer_id!r} failed: {exc}") from exc
-            return header.nbytes
 
     def _send_gloo(self, header: Header, payload: torch.Tensor, deadline: float) -> None:
         assert self.pg is not None
@@ -180,7 +300,7 @@ class Channel:
     def _send_ipc(self, header: Header, payload: torch.Tensor, deadline: float) -> None:
         # One persistent staging buffer per channel (grown on demand): the peer maps its handle
         # once and keeps the mapping, since opening an IPC handle costs milliseconds. The ack
-        # below says the peer has copied out, so the next send may overwrite it.
+        # says the peer has copied out, so the next send may overwrite it.
         if self._ipc_stage is None or self._ipc_stage.numel() < header.nbytes:
             self._ipc_stage = torch.empty(header.nbytes, dtype=torch.uint8, device=payload.device)
         stage = self._ipc_stage[: header.nbytes]
@@ -188,25 +308,29 @@ class Channel:
         # Synchronise rather than rely on the IPC event: a receiver that already maps this
         # buffer (torch's shared_cache hit) does not wait on the event of a later export.
         torch.cuda.current_stream(payload.device).synchronize()
-        wire = replace(header, ipc=export_ipc(stage))
+        self._publish_and_await(replace(header, ipc=export_ipc(stage)), deadline)
+
+    def _publish_and_await(self, header: Header, deadline: float) -> None:
+        """Put an IPC header in the store and wait for the peer's ack (it stopped reading our
+        memory); see :func:`await_ack`."""
         ack = ack_key(self.prefix, self.rank, header.seq)
-        self._ctl.set(msg_key(self.prefix, self.peer_rank, header.seq), wire.encode())
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TransferError("deadline passed before the peer took the IPC handle")
-        self._sender_store.wait([ack], datetime.timedelta(seconds=remaining))
-        self._ctl.delete_key(ack)
+        self._ctl.set(msg_key(self.prefix, self.peer_rank, header.seq), header.encode())
+        if self._stale_ack is not None:  # the previous ack, deleted while the peer copies
+            self._ctl.delete_key(self._stale_ack)
+        self._stale_ack = ack
+        await_ack(self._ctl, self._sender_store, ack, deadline)
+
+    def _ack(self, seq: int) -> bool:
+        return give_ack(self._ctl, ack_key(self.prefix, self.peer_rank, seq))
 
     # ---- receiving (reader thread) -----------------------------------------------------------
     def _read_loop(self) -> None:
         try:
             if self._device.type == "cuda":
                 torch.cuda.set_device(self._device)
-            while True:
+            while not self._stopping and self.broken is None:
                 key = msg_key(self.prefix, self.rank, self.recv_seq)
-                self._reader_store.wait([key])
-                raw = self._reader_store.get(key)
-                self._reader_store.delete_key(key)
+                raw = self._reader_store.get(key)  # waits for the key (one round trip less)
                 if self._stopping or raw == STOP.encode():
                     return
                 if raw == BROKEN.encode():
@@ -219,16 +343,54 @@ class Channel:
                     raise TransferError(f"payload of {header.nbytes} bytes over the limit")
                 if self._on_header is not None:
                     self._on_header(header)
-                payload, buffer = self._recv_payload(header)
-                if header.crc is not None and checksum(payload) != header.crc:
-                    raise TransferError(f"checksum mismatch in {header.transfer_id!r}")
+                arrival = self._receive(header)
                 self.recv_seq += 1
-                self._inbox.deliver(Arrival(header, payload, buffer))
+                self._inbox.deliver(arrival)
+                self._reader_store.delete_key(key)  # after delivering: off the copy's path
         except Exception as exc:
             if not self._stopping:
                 self.break_(f"receive failed: {exc}")
         finally:
-            self._ipc_imports.clear()  # unmap the peer's staging buffers
+            self._ipc_imports.clear()  # unmap the peer's staging buffers and caches
+            self._ipc_caches.clear()
+
+    def _receive(self, header: Header) -> Arrival:
+        blocks = block_source(header)
+        if blocks is not None:
+            if self.pg is not None:
+                raise TransferError("IPC header on a gloo channel")
+            cache_shape, ids = blocks
+            source = BlockSource(
+                self._peer_cache(header, cache_shape),
+                torch.tensor(ids, dtype=torch.long),
+                self.generation,
+                header.crc,
+                lambda: self._ack(header.seq),
+            )
+            return Arrival(header, None, source=source)
+        payload, buffer = self._recv_payload(header)
+        if header.crc is not None and checksum(payload) != header.crc:
+            raise TransferError(f"checksum mismatch in {header.transfer_id!r}")
+        return Arrival(header, payload, buffer)
+
+    def _peer_cache(self, header: Header, cache_shape: tuple[int, ...]) -> torch.Tensor:
+        """The peer's KV cache named by ``header``, mapped once per channel (opening a handle
+        costs milliseconds) and kept until the channel ends."""
+        fields = header.ipc
+        assert fields is not None
+        nbytes = payload_nbytes(cache_shape, header.dtype)
+        try:
+            key = (str(fields["handle"]), int(fields["storage_offset"]), int(fields["offset"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TransferError(f"malformed IPC fields: {exc}") from exc
+        flat = self._ipc_caches.get(key)
+        if flat is None or flat.numel() < nbytes:
+            flat = import_ipc(fields, nbytes, self._device)
+            self._ipc_caches.pop(key, None)
+            self._ipc_caches[key] = flat
+            while len(self._ipc_caches) > 4:  # a peer exports one cache; bound stale ones
+                self._ipc_caches.pop(next(iter(self._ipc_caches)))
+        return flat[:nbytes].view(header.dtype).view(cache_shape)
 
     def _recv_payload(self, header: Header) -> tuple[torch.Tensor, torch.Tensor | None]:
         if header.ipc is not None:
@@ -243,9 +405,9 @@ class Channel:
                 self._ipc_imports.pop(next(iter(self._ipc_imports)))
             flat = stage[: header.nbytes].clone()
             torch.cuda.current_stream(self._device).synchronize()  # copied out before the ack
-            payload = flat.view(header.dtype).reshape(header.shape)
-            self._ctl.set(ack_key(self.prefix, self.peer_rank, header.seq), "1")
-            return payload, None
+            if not self._ack(header.seq):
+                raise TransferError("the sender gave up before the copy finished")
+            return flat.view(header.dtype).reshape(header.shape), None
         if self.pg is None:
             raise TransferError("gloo header on an IPC channel")
         buf = self._buffers.take(header.nbytes)
@@ -299,3 +461,28 @@ class Channel:
     def join(self, timeout: float) -> bool:
         self._reader.join(timeout)
         return not self._reader.is_alive()
+
+
+def await_ack(ctl: dist.Store, waiter: dist.Store, key: str, deadline: float) -> None:
+    """Sender: wait (on ``waiter``, a client no other thread uses) for the receiver's ack at
+    ``key``. At the deadline claim the key for ACK_GONE (compare-and-set on ``ctl``): the
+    receiver's :func:`give_ack` then fails, unless it acked first, and then the transfer counts.
+    Raises TransferError when it does not count."""
+    remaining = deadline - time.monotonic()
+    try:
+        if remaining > 0:
+            waiter.wait([key], datetime.timedelta(seconds=remaining))
+            return
+    except dist.DistStoreError:
+        pass
+    if ctl.compare_set(key, "", ACK_GONE) != ACK_DONE.encode():
+        raise TransferError("deadline passed before the peer copied the payload")
+
+
+def give_ack(ctl: dist.Store, key: str) -> bool:
+    """Receiver: we stopped reading the sender's memory. False when the sender's deadline passed
+    first (what we read may have changed) or the store cannot say."""
+    try:
+        return ctl.compare_set(key, "", ACK_DONE) == ACK_DONE.encode()
+    except Exception:  # store unreachable: the sender's deadline decides; assume it gave up
+        return False

@@ -1,12 +1,17 @@
 """Same-GPU KV handoff through CUDA IPC handles (NCCL refuses two ranks on one GPU).
 
-The sender copies the packed blocks into its channel's persistent uint8 staging buffer and
-publishes the buffer's IPC handle (``torch.multiprocessing.reductions.reduce_tensor``, written
-as plain JSON fields, never pickle, into the header it puts in the store). The receiver maps the
-handle (once per staging buffer: it keeps the mapping), copies the payload out on its current
-stream, synchronises, and acknowledges; only then may the sender reuse the buffer. Cost: the
-pack, one copy into the stage, one copy out and the receiver's unpack, all at device memory
-bandwidth, plus a few store round trips.
+Two uses, both written as plain JSON fields (never pickle) in the header the sender puts in the
+store (``torch.multiprocessing.reductions.reduce_tensor`` / ``rebuild_cuda_tensor``):
+
+- ``send_blocks``: the sender exports its whole KV cache once per channel and each header names
+  block ids in it; the receiver maps the cache once, keeps the mapping, and copies the blocks
+  into its own cache in one device pass. No pack, no staging copy, no unpack.
+- ``send`` (any tensor): the sender copies it into the channel's persistent uint8 staging buffer
+  and exports that; the receiver maps it (once per staging buffer), copies the payload out and
+  synchronises.
+
+Either way the receiver acknowledges (channel.py's compare-and-set ack) once it stopped reading,
+and only then may the sender reuse or free the memory.
 
 The handle names the *sender's* device index; the receiver opens it on its own index for the
 same GPU (peers are matched by GPU UUID, so differing ``CUDA_VISIBLE_DEVICES`` are fine).
@@ -73,7 +78,7 @@ def export_ipc(buffer: torch.Tensor) -> dict[str, Any]:
 
 
 def import_ipc(fields: dict[str, Any], nbytes: int, device: torch.device) -> torch.Tensor:
-    """Map the sender's uint8 staging buffer described by ``fields`` (its memory: copy out)."""
+    """Map the sender's uint8 buffer described by ``fields`` (its memory: copy out)."""
     if device.type != "cuda":
         raise TransferError("IPC payload received by a worker that is not on CUDA")
     try:

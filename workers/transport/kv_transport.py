@@ -13,14 +13,18 @@ sides always agree on the group they meet in.
 
 Paths: CPU <-> anything: gloo (CUDA tensors staged through host memory); two processes on the
 same GPU (matched by UUID): CUDA IPC handles (ipc.py). NCCL for peers on different
-GPUs is not built yet: they use gloo with host staging.
+GPUs is not built yet: they use gloo with host staging. On the same GPU ``send_blocks`` sends
+no bytes: the header names blocks of the sender's cache (mapped by the peer once per channel)
+and the receiver's ``recv_blocks`` copies them into its own blocks in one device pass; the
+send returns once the receiver acked that copy, so it completes only while the peer receives.
 
 Both sides must call: a transfer is ``send(peer, tid, ...)`` on one side and ``recv(peer, tid,
 ...)`` on the other, each from any thread and in any order; the first call on a pair creates the
 channel on that side and waits (within its deadline) for the other side to join. Receives are
 matched by transfer id, so concurrent transfers on one pair may be awaited in any order. A
 channel's reader thread takes payloads as they come (into reused host buffers); one nobody
-claims stays buffered, so send only what the peer reserved (the handoff transaction).
+claims stays buffered (a same-GPU ``send_blocks`` nobody receives fails at its deadline), so
+send only what the peer reserved (the handoff transaction).
 
 Threads: every call blocks its calling thread (run it off the event loop: ``asyncio.to_thread``);
 each live channel owns one reader thread and three store connections. Do not fork a process
@@ -37,16 +41,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from kvrelay.kernels import pack_blocks, unpack_blocks
+from kvrelay.kernels import copy_blocks, pack_blocks, unpack_blocks
 from kvrelay.workers.transport import wire
 from kvrelay.workers.transport.buffers import BufferPool, Counters, PeerStats, TransportStats
 from kvrelay.workers.transport.channel import Arrival, Channel, Inbox
 from kvrelay.workers.transport.ipc import gpu_uuid
 from kvrelay.workers.transport.wire import Header, TransferError
+
+R = TypeVar("R")
 
 __all__ = ["KVTransport", "PeerStats", "TransferError", "TransportStats", "start_rendezvous_store"]
 
@@ -63,8 +70,14 @@ def start_rendezvous_store(host: str = "127.0.0.1", port: int = 0) -> tuple[dist
         sock.bind(addr)
         sock.listen(1024)
         bound = int(sock.getsockname()[1])
-        store = dist.TCPStore(host, bound, is_master=True, wait_for_workers=False,
-                              master_listen_fd=sock.fileno(), use_libuv=True)
+        store = dist.TCPStore(
+            host,
+            bound,
+            is_master=True,
+            wait_for_workers=False,
+            master_listen_fd=sock.fileno(),
+            use_libuv=True,
+        )
     except BaseException:
         sock.close()
         raise
@@ -146,15 +159,10 @@ class KVTransport:
         self, peer: str, transfer_id: str, payload: torch.Tensor, *, timeout_s: float | None = None
     ) -> int:
         """Send one tensor (any shape, contiguous or not) to ``peer``; returns the bytes sent."""
-        wire.validate_transfer_id(transfer_id)
-        if not wire.dtype_supported(payload.dtype):
-            raise ValueError(f"unsupported dtype {payload.dtype}")
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        with self._counters.count(peer, sent=True, error=TransferError) as bump:
-            channel, _ = self._channel(peer, deadline)
-            nbytes = channel.send(transfer_id, payload, deadline, self._checksum)
-            bump(nbytes)
-        return nbytes
+        return self._send(
+            peer, transfer_id, payload.dtype, timeout_s,
+            lambda channel, deadline: channel.send(transfer_id, payload, deadline, self._checksum),
+        )  # fmt: skip
 
     def recv(
         self,
@@ -167,7 +175,14 @@ class KVTransport:
     ) -> torch.Tensor:
         """Wait for ``peer``'s transfer ``transfer_id``; checks its header against ``shape`` /
         ``dtype`` when given. Returns the payload on this transport's device (caller-owned)."""
-        return self._recv(peer, transfer_id, shape, dtype, timeout_s).payload.to(self.device)
+
+        def take(arrival: Arrival) -> torch.Tensor:
+            if arrival.source is not None:  # blocks of the peer's cache: gather a copy
+                return arrival.source.read(pack_blocks)
+            assert arrival.payload is not None
+            return arrival.payload.to(self.device)
+
+        return self._recv(peer, transfer_id, shape, dtype, timeout_s, take)
 
     def send_blocks(
         self,
@@ -178,9 +193,25 @@ class KVTransport:
         *,
         timeout_s: float | None = None,
     ) -> int:
-        """Pack ``block_ids`` (one gather) and send them as one message; returns bytes."""
+        """Send ``block_ids`` as one message; returns bytes. Same GPU (CUDA IPC): the peer
+        copies them straight out of ``kv_cache`` and this returns once it did, so it needs the
+        peer's receive running (keep the blocks unchanged until then, as for any send).
+        Otherwise: pack them (one gather) and send the packed payload."""
         ids = _block_ids(block_ids, kv_cache.shape[0])
-        if kv_cache.is_cuda or not kv_cache.is_contiguous():
+        if kv_cache.is_cuda:
+
+            def send(channel: Channel, deadline: float) -> int:
+                if (
+                    channel.pg is None
+                    and kv_cache.is_contiguous()
+                    and kv_cache.device == self.device
+                ):
+                    return channel.send_blocks(transfer_id, kv_cache, ids, deadline, self._checksum)
+                packed = pack_blocks(kv_cache, ids)
+                return channel.send(transfer_id, packed, deadline, self._checksum)
+
+            return self._send(peer, transfer_id, kv_cache.dtype, timeout_s, send)
+        if not kv_cache.is_contiguous():
             return self.send(peer, transfer_id, pack_blocks(kv_cache, ids), timeout_s=timeout_s)
         # Host cache: gather into a reused staging buffer ([n, block elems] rows, one memcpy each).
         n, block_numel = int(ids.numel()), kv_cache[0].numel()
@@ -202,15 +233,41 @@ class KVTransport:
         *,
         timeout_s: float | None = None,
     ) -> int:
-        """Receive a packed transfer into ``block_ids`` of ``kv_cache`` (one scatter); the
-        header must match ``len(block_ids)`` blocks of the cache's shape and dtype."""
+        """Receive a transfer into ``block_ids`` of ``kv_cache`` (one scatter, or on one GPU one
+        copy from the sender's blocks); the header must match ``len(block_ids)`` blocks of the
+        cache's shape and dtype."""
         ids = _block_ids(block_ids, kv_cache.shape[0])
         shape = (int(ids.numel()), *kv_cache.shape[1:])
-        arrival = self._recv(peer, transfer_id, shape, kv_cache.dtype, timeout_s)
-        unpack_blocks(kv_cache, ids, arrival.payload)
-        if arrival.buffer is not None:
-            self._buffers.give(arrival.buffer)
-        return arrival.header.nbytes
+
+        def take(arrival: Arrival) -> int:
+            if arrival.source is not None:
+                arrival.source.read(lambda cache, src: copy_blocks(cache, src, kv_cache, ids))
+            else:
+                assert arrival.payload is not None
+                unpack_blocks(kv_cache, ids, arrival.payload)
+                if arrival.buffer is not None:
+                    self._buffers.give(arrival.buffer)
+            return arrival.header.nbytes
+
+        return self._recv(peer, transfer_id, shape, kv_cache.dtype, timeout_s, take)
+
+    def _send(
+        self,
+        peer: str,
+        transfer_id: str,
+        dtype: torch.dtype,
+        timeout_s: float | None,
+        send: Callable[[Channel, float], int],
+    ) -> int:
+        wire.validate_transfer_id(transfer_id)
+        if not wire.dtype_supported(dtype):
+            raise ValueError(f"unsupported dtype {dtype}")
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        with self._counters.count(peer, sent=True, error=TransferError) as bump:
+            channel, _ = self._channel(peer, deadline)
+            nbytes = send(channel, deadline)
+            bump(nbytes)
+        return nbytes
 
     def _recv(
         self,
@@ -219,7 +276,10 @@ class KVTransport:
         shape: tuple[int, ...] | None,
         dtype: torch.dtype | None,
         timeout_s: float | None,
-    ) -> Arrival:
+        take: Callable[[Arrival], R],
+    ) -> R:
+        """Wait for the arrival, check its header, ``take`` it (copy the payload out) and count
+        its bytes once that succeeded."""
         wire.validate_transfer_id(transfer_id)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._counters.count(peer, sent=False, error=TransferError) as bump:
@@ -231,12 +291,15 @@ class KVTransport:
             ):
                 if arrival.buffer is not None:
                     self._buffers.give(arrival.buffer)
+                if arrival.source is not None:
+                    arrival.source.release()
                 raise TransferError(
                     f"transfer {transfer_id!r}: got {got.dtype}{list(got.shape)}, "
                     f"expected {dtype}{list(shape or ())}"
                 )
+            result = take(arrival)
             bump(got.nbytes)
-        return arrival
+        return result
 
     def stats(self) -> TransportStats:
         return self._counters.snapshot()
@@ -278,8 +341,8 @@ class KVTransport:
             pair = self._pairs.setdefault(peer, _Pair())
         with pair.lock:
             while True:
-                target = self._target(peer, deadline)
                 current = pair.channel
+                target = self._target(peer, deadline, live=current is not None)
                 if current is not None and current.prefix == target.prefix and not current.broken:
                     return current, pair
                 if current is not None:
@@ -293,12 +356,19 @@ class KVTransport:
                     pair.channel = self._open(target, pair)
                     return pair.channel, pair
 
-    def _target(self, peer: str, deadline: float) -> _Target:
-        """The prefix both sides must use now: incarnations from the workers' info, epoch."""
-        peer_info = json.loads(self._wait_get(wire.worker_info_key(peer), deadline))
+    def _target(self, peer: str, deadline: float, *, live: bool = False) -> _Target:
+        """The prefix both sides must use now: incarnations from the workers' info, epoch.
+        ``live``: a channel to ``peer`` exists, so both keys exist (they are never deleted) and
+        one read fetches them."""
         a, b = sorted((self.worker_id, peer))
         epoch_key = wire.pair_epoch_key(a, b)
-        epoch = int(self._ctl.compare_set(epoch_key, "", "0"))
+        if live:
+            raw_info, raw_epoch = self._ctl.multi_get([wire.worker_info_key(peer), epoch_key])
+        else:
+            raw_info = self._wait_get(wire.worker_info_key(peer), deadline)
+            raw_epoch = self._ctl.compare_set(epoch_key, "", "0")
+        peer_info = json.loads(raw_info)
+        epoch = int(raw_epoch)
         incs = {self.worker_id: self.incarnation, peer: int(peer_info["incarnation"])}
         prefix = wire.pair_prefix(a, b, incs[a], incs[b], epoch)
         return _Target(prefix, int(self.worker_id != a), peer_info, epoch_key, epoch)

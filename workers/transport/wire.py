@@ -11,6 +11,13 @@ Header (JSON object, UTF-8)::
 
     {"v": 1, "seq": 7, "tid": "req-42", "dtype": "float32", "shape": [16, 30, 2, 16, 3, 64],
      "nbytes": 5898240, "crc": 123456789 | null, "ipc": {...} | null}
+
+Same-GPU ``ipc`` fields name either the sender's staging buffer (a packed payload) or, for
+``send_blocks``, its whole KV cache plus ``"blocks"`` (ids into it) and ``"cache_shape"``: the
+receiver copies those blocks straight out (:func:`block_source` checks them). Either way the
+receiver answers on ``<prefix>/to<sender>/ack/<seq>`` with a compare-and-set: ``ACK_DONE`` when
+it stopped reading the sender's memory, unless the sender's deadline passed and it claimed the
+key first with ``ACK_GONE``; so both sides agree whether the copy counted.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ MAX_TRANSFER_ID_BYTES = 256
 MAX_WORKER_ID_CHARS = 128
 STOP = "__stop__"  # written by a channel's own side to wake and end its reader
 BROKEN = "__broken__"  # written by one side to tell the other's reader the channel broke
+ACK_DONE = "done"  # IPC ack: the receiver no longer reads the sender's memory
+ACK_GONE = "gone"  # IPC ack claimed by the sender at its deadline: the copy does not count
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -93,6 +102,26 @@ class Header:
         if header.nbytes != payload_nbytes(header.shape, header.dtype):
             raise TransferError(f"header nbytes {header.nbytes} does not match shape/dtype")
         return header
+
+
+def block_source(header: Header) -> tuple[tuple[int, ...], list[int]] | None:
+    """For a same-GPU header naming blocks of the sender's KV cache: (the cache's shape, the block
+    ids), checked against the header's ``[n, ...]`` shape; None for any other header."""
+    ipc = header.ipc
+    if not isinstance(ipc, dict) or "blocks" not in ipc:
+        return None
+    try:
+        cache_shape = tuple(int(d) for d in ipc["cache_shape"])
+        ids = [int(b) for b in ipc["blocks"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TransferError(f"malformed block list: {exc}") from exc
+    if not cache_shape or min(cache_shape) < 0 or (len(ids), *cache_shape[1:]) != header.shape:
+        raise TransferError(
+            f"{len(ids)} blocks of a {list(cache_shape)} cache do not make {list(header.shape)}"
+        )
+    if any(not 0 <= b < cache_shape[0] for b in ids):
+        raise TransferError(f"block id outside the sender's {cache_shape[0]}-block cache")
+    return cache_shape, ids
 
 
 def dtype_supported(dtype: torch.dtype) -> bool:
