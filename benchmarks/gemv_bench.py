@@ -32,6 +32,7 @@ import json
 import math
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -158,7 +159,11 @@ def sweep_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[di
             ])  # fmt: skip
             results = []
             for t in variants:
-                us = call_ms(partial(gemv, x, w, None, t), dev) * 1e3
+                try:
+                    us = call_ms(partial(gemv, x, w, None, t), dev) * 1e3
+                except Exception as exc:  # e.g. a variant's tiles exceed shared memory
+                    results.append(dict(tuning=t._asdict(), us=math.inf, error=repr(exc)[:300]))
+                    continue
                 nbytes = w.nbytes + x.nbytes + m * n * 2
                 results.append(dict(tuning=t._asdict(), us=us, frac=nbytes / us / 1e3 / bw))
             best = min(results, key=lambda r: r["us"])
@@ -230,15 +235,29 @@ def main() -> None:
     result["copy_gbs"] = bw
     print(f"# gemv_bench on {result['device']}: copy {bw:.0f} GB/s (read + write)", flush=True)
     names = args.models.split(",")
-    for name in names:
-        result["gemv"] += gemv_rows(name, gpu_bench.SHAPES[name], dev, bw)
+    sections: list[tuple[str, str, Callable[[], list[dict[str, Any]]]]] = [
+        ("gemv", name, partial(gemv_rows, name, gpu_bench.SHAPES[name], dev, bw)) for name in names
+    ]
+    if dev == "cuda" and not args.no_model:
+        sections += [("model", name, partial(model_rows, name, bw)) for name in names]
+    if dev == "cuda" and not args.no_sweep:
+        sections += [
+            ("sweep", name, partial(sweep_rows, name, gpu_bench.SHAPES[name], dev, bw))
+            for name in names
+        ]
+    failed = False
+    for section, name, run in sections:
+        try:
+            result[section] += run()
+        except Exception:  # report and carry on: the other sections still count
+            print(f"{section} {name} FAILED:\n{traceback.format_exc()}", flush=True)
+            result.setdefault("failed", []).append(f"{section} {name}")
+            failed = True
         save()
-    for name in names if dev == "cuda" and not args.no_model else ():
-        result["model"] += model_rows(name, bw)
-        save()
-    for name in names if dev == "cuda" and not args.no_sweep else ():
-        result["sweep"] += sweep_rows(name, gpu_bench.SHAPES[name], dev, bw)
-        save()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
