@@ -46,13 +46,14 @@ def _case(m: int, n: int, k: int, seed: int, bias: bool = False, dtype=torch.bfl
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_model_shapes_match_the_exact_product(shape: str, m: int) -> None:
     """One round-to-nearest of an fp32 sum: within half a bf16 ulp (2^-8 relative at worst) of
-    the fp64 product plus fp32 summation error, and close to cuBLAS's bf16 F.linear."""
+    the fp64 product, plus 1e-4 of the largest output for the fp32 sums (tensor cores truncate
+    as they accumulate; an indexing error is off by O(1)); and close to cuBLAS's bf16 F.linear."""
     n, k = SHAPES[shape]
     x, w, b = _case(m, n, k, seed=zlib.crc32(shape.encode()) + m, bias=shape.endswith("qkv"))
     got = triton_ops.gemv(x, w, b)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
-    slack = 2**-8 * exact.abs() + 1e-5 * exact.abs().max()
+    slack = 2**-8 * exact.abs() + 1e-4 * exact.abs().max()
     assert bool(((got.double() - exact).abs() <= slack).all())
     assert rel_err(got, F.linear(x, w, b)) < 1e-2
     assert torch.equal(triton_ops.gemv(x, w, b), got)  # deterministic: no atomics
