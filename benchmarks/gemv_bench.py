@@ -15,7 +15,8 @@ Llama-3.1-8B, bf16.
   exceed 200 MB, so that L2 (50 MB) cannot serve them. ``err`` = rel_err(ours, cuBLAS).
 * Sweep (``--no-sweep`` skips it): at M = 1 and 8, the GEMV's chosen tuning (``choose``) and
   single-step variants of it (splits /2 and x2, block_n /2 and x2, block_k /2, the other warp
-  count, one more stage), one call each; the best per shape is printed.
+  count, one more stage, the other code path: FMA <-> tl.dot), one call each; the best per
+  shape is printed.
 * Model: the 1B and 8B decode step at batch 1 (1k-token context), one CUDA-graph replay
   (``gpu_bench.ours_decode``), with ``kernels.GEMV`` off and on; limit = ``decode_bytes`` /
   copy rate. ``logits_rel_err`` / ``same_argmax`` compare one step's logits off vs on.
@@ -140,7 +141,7 @@ def gemv_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[dic
 def sweep_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[dict[str, Any]]:
     """The chosen tuning and its single-step variants, one call each (main runs it on CUDA only;
     on CPU it needs TRITON_INTERPRET=1)."""
-    from kvrelay.kernels.triton_gemv import _sm_count, choose, gemv
+    from kvrelay.kernels.triton_gemv import DOT_M, _sm_count, choose, gemv
 
     sms = _sm_count(torch.device(dev))
     rows = []
@@ -156,6 +157,7 @@ def sweep_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[di
                 base._replace(block_n=base.block_n * 2), base._replace(block_k=base.block_k // 2),
                 base._replace(num_warps=12 - base.num_warps),
                 base._replace(num_stages=base.num_stages + 1),
+                base._replace(block_m=1 if base.block_m > 1 else DOT_M),
             ])  # fmt: skip
             results = []
             for t in variants:

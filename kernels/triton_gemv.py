@@ -9,9 +9,10 @@ for a few output rows, so the only figure that matters is bytes/s. cuBLAS's smal
                                         in [BN, BK] tiles (a row of a tile is BK contiguous
                                         elements: 16-byte vector loads) and x[m*BM.., K slice]
 
-    M == 1    FMA: an fp32 [BN, BK] accumulator of w * x, summed over K once at the end
-    M > 1     tl.dot on [16, BK] x [BK, BN] (x rows padded to 16 with zeros; W is read once
-              for all M rows)
+    BM == 1   FMA: an fp32 [BN, BK] accumulator of w * x, summed over K once at the end
+              (chosen at M == 1)
+    BM == 16  tl.dot on [16, BK] x [BK, BN] (x rows padded to 16 with zeros; W is read once
+              for up to 16 rows; chosen at M > 1)
 
 Split-K (deterministic): with S > 1 splits each program writes its fp32 partial sums to
 ``part [S, M, N]`` and ``_reduce_kernel`` adds the S partials in a fixed order, adds the bias
@@ -24,7 +25,7 @@ Numerics: products and sums in fp32 (bf16/fp16 products are exact in fp32), the 
 fp32, one rounding to x's dtype at the end: what cuBLAS does, up to summation order. fp32 inputs
 use IEEE fp32 in tl.dot (no TF32). Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
 (tests/unit/test_gemv_interpret.py); the interpreter multiplies bf16 tl.dot operands wrongly
-(triton 3.9, as kernels/triton_decode.py notes), so on CPU the M > 1 path upcasts them first.
+(triton 3.9, as kernels/triton_decode.py notes), so on CPU the tl.dot path upcasts them first.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ import triton
 import triton.language as tl
 
 MAX_SPLITS = 64
-DOT_M = 16  # tl.dot's smallest M: the M > 1 path pads x's rows to it
+DOT_M = 16  # tl.dot's smallest M: the dot path pads x's rows to it
 
 
 class GemvTuning(NamedTuple):
     """Launch parameters; ``choose`` derives them from shapes, benchmarks and tests force them."""
 
+    block_m: int  # x rows per program: 1 = the FMA path, DOT_M = the tl.dot path
     block_n: int  # W rows per program
     block_k: int  # K elements per tile row; a split is a multiple of it
     splits: int  # K splits (1: no reduce pass)
@@ -137,14 +139,14 @@ def choose(m: int, n: int, k: int, element_size: int, sms: int) -> GemvTuning:
     """
     block_k = 512 // element_size
     if m == 1:
-        block_n, num_warps, num_stages = 32, 8, 2
+        block_m, block_n, num_warps, num_stages = 1, 32, 8, 2
     else:
-        block_n, num_warps, num_stages = 64, 4, 3
-    base = triton.cdiv(n, block_n) * triton.cdiv(m, DOT_M if m > 1 else 1)
+        block_m, block_n, num_warps, num_stages = DOT_M, 64, 4, 3
+    base = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     k_tiles = max(1, triton.cdiv(k, block_k))
     splits = 1 if base >= 2 * sms else min(k_tiles, MAX_SPLITS, math.ceil(4 * sms / base))
     splits = math.ceil(k_tiles / math.ceil(k_tiles / splits))  # no empty split
-    return GemvTuning(block_n, block_k, splits, num_warps, num_stages)
+    return GemvTuning(block_m, block_n, block_k, splits, num_warps, num_stages)
 
 
 def gemv(
@@ -167,17 +169,18 @@ def gemv(
     if m == 0 or n == 0:
         return out
     t = tuning or choose(m, n, k, x.element_size(), _sm_count(x.device))
+    if t.block_m != 1 and t.block_m < DOT_M:
+        raise ValueError(f"block_m must be 1 or >= {DOT_M}, got {t.block_m}")
     k_tiles = max(1, triton.cdiv(k, t.block_k))
     k_per_split = triton.cdiv(k_tiles, t.splits) * t.block_k
     splits = max(1, triton.cdiv(k, k_per_split))
-    block_m = 1 if m == 1 else DOT_M
     part = out  # unused placeholder without a split
     if splits > 1:
         part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     b = bias if bias is not None else out  # unused placeholder without a bias
-    _gemv_kernel[(triton.cdiv(n, t.block_n), splits, triton.cdiv(m, block_m))](
+    _gemv_kernel[(triton.cdiv(n, t.block_n), splits, triton.cdiv(m, t.block_m))](
         x, weight, b, out, part, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT=splits > 1,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT=splits > 1,
         HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32 or not x.is_cuda,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip

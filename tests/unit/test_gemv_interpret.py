@@ -96,11 +96,15 @@ def test_fp16_matches_linear(gemv: ModuleType) -> None:
     assert rel_err(gemv.gemv(x, w, b), _exact(x, w, b)) < 1e-3
 
 
-@pytest.mark.parametrize("m", [1, 8, 19])  # 19: two M tiles of the tl.dot path
-@pytest.mark.parametrize("splits", [1, 3, 7, 100])  # 100: more than K tiles, clamped
-def test_split_k_reduces_to_the_same_result(gemv: ModuleType, m: int, splits: int) -> None:
+# (block_m, M): the FMA path (1) and the tl.dot path (16), each also at the other's M and over
+# several M tiles (FMA at M = 3, tl.dot at M = 19)
+@pytest.mark.parametrize(("block_m", "m"), [(1, 1), (1, 3), (16, 1), (16, 8), (16, 19)])
+@pytest.mark.parametrize("splits", [1, 3, 100])  # 100: more than K tiles, clamped to 7
+def test_split_k_reduces_to_the_same_result(
+    gemv: ModuleType, m: int, splits: int, block_m: int
+) -> None:
     x, w, b = _case(m, torch.float32, True, seed=30 + splits)
-    tuning = gemv.GemvTuning(block_n=16, block_k=32, splits=splits, num_warps=4, num_stages=1)
+    tuning = gemv.GemvTuning(block_m, 16, 32, splits, num_warps=4, num_stages=1)
     assert rel_err(gemv.gemv(x, w, b, tuning), F.linear(x, w, b)) < 1e-5
 
 
@@ -122,6 +126,8 @@ def test_rejects_bad_shapes_and_dtypes(gemv: ModuleType) -> None:
         gemv.gemv(x, w.double())
     with pytest.raises(ValueError, match="contiguous"):
         gemv.gemv(x, w.t().contiguous().t())
+    with pytest.raises(ValueError, match="block_m"):
+        gemv.gemv(x, w, None, gemv.GemvTuning(8, 16, 32, 1, 4, 1))
 
 
 SMS = 132  # H100 / H200
