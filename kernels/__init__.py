@@ -6,6 +6,10 @@ argument for the model's fused elementwise ops, whose references live in ``kerne
 Setting ``KVRELAY_KERNELS=reference`` forces the reference bodies everywhere (for comparisons);
 ``KVRELAY_REFERENCE_OPS=name,name`` forces them for the named ops only (benchmarks time one op
 both ways inside the real path). Both are read at each call.
+
+``linear`` (the model's projections) is ``F.linear`` unless ``KVRELAY_GEMV=1``: then, on CUDA
+and for at most ``GEMV_MAX_M`` rows (decode at small batch), the split-K GEMV of
+``kernels/triton_gemv.py``. That switch is read once, at import, into ``GEMV``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kvrelay.kernels import fused, reference, sparse_reference
 
@@ -23,6 +28,7 @@ __all__ = [
     "add_rms_norm",
     "block_scores",
     "copy_blocks",
+    "linear",
     "pack_blocks",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -48,6 +54,28 @@ def _triton_ops() -> Any | None:
     except ImportError:
         return None
     return triton_ops
+
+
+# Off by default until benchmarks/gemv_bench.py measures it faster than cuBLAS on the GPU (issue
+# 17); then it becomes the default. Read once: ``linear`` runs at every projection of every step,
+# and a CUDA graph keeps whichever path was taken at capture. Benchmarks and tests set ``GEMV``.
+GEMV = os.environ.get("KVRELAY_GEMV", "0") == "1"
+GEMV_MAX_M = 16  # rows up to which the GEMV path is taken (its tl.dot path pads to 16)
+
+
+def linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [M, N]
+    """``F.linear(x, weight, bias)``; the Triton GEMV at ``M <= GEMV_MAX_M`` on CUDA when
+    ``GEMV`` is on."""
+    if GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_M:
+        fast = _triton_ops()
+        if fast is not None:
+            out: torch.Tensor = fast.gemv(x, weight, bias)
+            return out
+    return F.linear(x, weight, bias)
 
 
 def _dispatch(name: str, ref_module: ModuleType = reference) -> Callable[..., Any]:

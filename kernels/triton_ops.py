@@ -9,6 +9,7 @@
     block_scores, sparse_decode_attention,              kernels/triton_sparse.py
     sparse_prefill_attention, sparse_tables, update_bounds, topk_blocks
     sampled_column_mass (SampleAttention's sampling)    kernels/triton_sample.py
+    gemv (``linear`` at small batch; ref F.linear)      kernels/triton_gemv.py
 
 Every launch derives its grid from tensor shapes, never from tensor values, so no op syncs the
 host and decode steps can be captured in CUDA graphs. Under ``TRITON_INTERPRET=1`` the same
@@ -20,6 +21,7 @@ from __future__ import annotations
 from kvrelay.kernels.triton_copy import copy_blocks, pack_blocks, unpack_blocks, write_kv
 from kvrelay.kernels.triton_decode import paged_decode_attention
 from kvrelay.kernels.triton_fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
+from kvrelay.kernels.triton_gemv import gemv
 from kvrelay.kernels.triton_prefill import paged_prefill_attention
 from kvrelay.kernels.triton_sample import sampled_column_mass
 from kvrelay.kernels.triton_sparse import (
@@ -35,6 +37,7 @@ __all__ = [
     "add_rms_norm",
     "block_scores",
     "copy_blocks",
+    "gemv",
     "pack_blocks",
     "paged_decode_attention",
     "paged_prefill_attention",

@@ -12,10 +12,11 @@ Numerics follow transformers: RMSNorm in float32 then cast back; the RoPE table 
 float32 and cast to the compute dtype; q/k/v and gate/up are fused into one matmul each at load
 time (fewer, larger GEMMs on CPU), which does not change results.
 
-The elementwise work between the GEMMs goes through the fused ops of ``kvrelay.kernels``
-(torch compositions on CPU, one Triton kernel each on CUDA; kernels/fused.py): a layer's
-residual add is fused with the RMSNorm that follows it, so the residual stream is carried as
-(stream, pending delta) from layer to layer::
+The projections go through ``kernels.linear`` (``F.linear``; with KVRELAY_GEMV=1 a split-K
+GEMV at small batch on CUDA, kernels/triton_gemv.py) and the elementwise work between them
+through the fused ops of ``kvrelay.kernels`` (torch compositions on CPU, one Triton kernel each
+on CUDA; kernels/fused.py): a layer's residual add is fused with the RMSNorm that follows it, so
+the residual stream is carried as (stream, pending delta) from layer to layer::
 
     (x, delta) ─ add_rms_norm ─ qkv ─ rope_write_kv ─ attention ─ o ─ add_rms_norm ─ gate_up
         ─ silu_mul ─ down ─▶ (x', delta')        final: add_rms_norm(delta, x, norm)
@@ -143,7 +144,7 @@ class DecoderLayer(nn.Module):
             h = kernels.rms_norm(x, self.input_norm, self.eps)
         else:
             h, x = kernels.add_rms_norm(delta, x, self.input_norm, self.eps)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
+        qkv = kernels.linear(h, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
         # q, k rotated in place in qkv; rotated K and V written to the cache
         q = kernels.rope_write_kv(
             qkv, *rope, positions, kv_cache, self.layer_idx, attn.slot_mapping, self.num_heads
@@ -166,10 +167,10 @@ class DecoderLayer(nn.Module):
                 attn.context_lens,
                 self.scale,
             )
-        o = F.linear(o.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
+        o = kernels.linear(o.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
         h, x = kernels.add_rms_norm(o, x, self.post_attn_norm, self.eps)
-        up = kernels.silu_mul(F.linear(h, self.gate_up_weight))  # [T, inter]
-        return x, F.linear(up, self.down_weight)
+        up = kernels.silu_mul(kernels.linear(h, self.gate_up_weight))  # [T, inter]
+        return x, kernels.linear(up, self.down_weight)
 
 
 class LlamaModel(nn.Module):
@@ -219,7 +220,7 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] fp32
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        return kernels.linear(hidden, head).float()
 
     @torch.inference_mode()
     def load_hf_weights(self, get: Callable[[str], torch.Tensor | None]) -> None:
