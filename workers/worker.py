@@ -166,6 +166,9 @@ class Worker:
 
     # ---- plumbing ------------------------------------------------------------------------
     def _emit(self, events: list[TokenEvent]) -> None:
+        """The loop's sink, on its sender thread (loop.py). ``engine.handoffs`` is read there
+        safely: the step that emits a prefill's first token parks it before queuing the event,
+        and only commands, which wait for the sender, take it out."""
         if self._sink is not None:
             self._sink(self.worker_id, events)
         for e in events:

@@ -369,7 +369,8 @@ class Controller:
 
     # ---- events from workers -------------------------------------------------------------
     async def on_events(self, worker_id: str, events: list[TokenEvent]) -> None:
-        """One call per worker step, carrying that step's tokens for all its requests."""
+        """One call per delivery of a worker's events: one step's tokens for all its requests,
+        or consecutive steps' in step order (``workers/engine/outbox.py``)."""
         for event in events:
             flight = self.state.flights.get(event.request_id)
             if flight is None or flight.done:

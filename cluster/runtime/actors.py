@@ -65,7 +65,8 @@ def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineCon
 
 
 class _ControllerSink:
-    """Picklable event sink: one actor call per worker step."""
+    """Picklable event sink: one actor call per delivery of a worker's events (one step, or
+    consecutive steps when the worker's sender thread fell behind)."""
 
     def __init__(self, controller: Any) -> None:
         self.controller = controller

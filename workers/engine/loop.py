@@ -1,11 +1,21 @@
-"""Runs an engine on its own thread: commands in, one batch of events out per step.
+"""Runs an engine on its own thread: commands in, the steps' events out, in order.
 
 Every engine call happens on the loop thread (the engine is not thread-safe). Other threads
 ``submit`` a function and get a ``concurrent.futures.Future`` for its result; commands run
-between steps, so an abort takes effect before the next step. After each step the loop hands
-that step's events, for all requests, to ``sink`` in one call (one message per worker step).
-A command submitted with ``settle=True`` (it reads a request's tokens: park, migration) first
-has the overlapped engine read its step in flight, and those events go to ``sink`` before it.
+between steps, so an abort takes effect before the next step.
+
+Events: with ``sender=True`` (the default) the loop thread only queues each step's events and
+a sender thread hands them to ``sink`` (``outbox.py``): the sink's cost (pickling, an actor
+call) stays off the step thread, where on the GPU it would add to the host's unhidden share of
+a step. The sink then gets the events of one or more consecutive steps per call, in step order,
+from the sender thread. With ``sender=False`` the loop thread calls ``sink`` after each step,
+once per step (the semi-PD lanes, whose sinks act on their engines; debugging).
+
+Order, either way: before any command runs, every event of the steps before it has been handed
+to ``sink`` (the loop flushes the sender first). A command submitted with ``settle=True`` (it
+reads a request's tokens: park, migration) first has the overlapped engine read its step in
+flight, and those events reach ``sink`` before it too. A sink that raises ends the loop as a
+failing step does (``error``; pending commands fail), at its next command or step.
 
 ``lock``: held around every step and command (never around ``sink``), for engines that share
 their KV storage with another loop's engine (``workers/semi_pd/``); None: no lock.
@@ -23,6 +33,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 from kvrelay.workers.engine.engine import Engine
+from kvrelay.workers.engine.outbox import Outbox
 from kvrelay.workers.engine.rates import prefill_rate, running_average
 from kvrelay.workers.types import TokenEvent
 
@@ -39,9 +50,13 @@ class EngineLoop:
         *,
         name: str = "engine",
         lock: AbstractContextManager[object] | None = None,
+        sender: bool = True,
     ) -> None:
         self.engine = engine
         self.sink = sink
+        self._name = name
+        self._sender = sender
+        self._outbox: Outbox | None = None  # started with the loop
         self._lock = lock if lock is not None else nullcontext()
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any], bool]] = (
             queue.SimpleQueue()
@@ -55,13 +70,19 @@ class EngineLoop:
         self.decode_step_s: float | None = None  # EMA over pure decode steps
 
     def start(self) -> EngineLoop:
+        if self._sender:
+            self._outbox = Outbox(self.sink, name=self._name)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End the loop, then hand over the events it queued; both within ``timeout``."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._commands.put((lambda e: None, Future(), False))  # wake the loop
         self._thread.join(timeout)
+        if self._outbox is not None:
+            self._outbox.close(max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self) -> bool:
@@ -80,17 +101,36 @@ class EngineLoop:
     ) -> T:
         return self.submit(fn, settle=settle).result(timeout)
 
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        if self._outbox is not None:
+            self._outbox.put(events)
+        else:
+            self.sink(events)
+
     def _run_commands(self, block: bool) -> None:
+        if self._outbox is not None:
+            self._outbox.check()
         try:
             fn, fut, settle = self._commands.get(block=block, timeout=0.5 if block else None)
         except queue.Empty:
             return
         while True:
-            if settle:
-                with self._lock:
-                    events = self.engine.settle()
-                if events:
-                    self.sink(events)
+            if self._stop.is_set():  # stopping: this command and those queued fail (_run)
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(RuntimeError("engine loop stopped"))
+                return
+            try:
+                if settle:
+                    with self._lock:
+                        events = self.engine.settle()
+                    if events:
+                        self._deliver(events)
+                if self._outbox is not None:
+                    self._outbox.flush()  # the command sees every earlier event handed over
+            except BaseException as exc:
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(RuntimeError(f"engine loop stopped: {exc!r}"))
+                raise
             if fut.set_running_or_notify_cancel():
                 try:
                     with self._lock:
@@ -114,15 +154,18 @@ class EngineLoop:
                     t0 = time.perf_counter()
                     with self._lock:
                         events = self.engine.step()
-                    self._measure(self.engine.prompt_tokens_computed - before,
-                                  time.perf_counter() - t0)
+                    self._measure(
+                        self.engine.prompt_tokens_computed - before, time.perf_counter() - t0
+                    )
                     if events:
-                        self.sink(events)
+                        self._deliver(events)
         except BaseException as exc:  # a broken engine must not die silently
             log.exception("engine loop failed")
             self.error = exc
         finally:
             self._fail_pending()
+            if self._outbox is not None:
+                self._outbox.close(0.0)  # the sender hands over what is queued, then ends
 
     def _measure(self, prompt_tokens: int, seconds: float) -> None:
         rate = prefill_rate(prompt_tokens, seconds)

@@ -102,11 +102,22 @@ class SemiPDWorker(Worker):
         for e in (prefill, decode):
             e.runner.forward_guard = partial(forward_unlocked, self.storage_lock, self.partition)
         self.prefill_engine = prefill
+        # both lanes call their sinks on the loop thread, once per step: the prefill lane's
+        # hands requests over on its engine after their first token went out, the decode
+        # lane's counts the tuner's window in steps
         self.prefill_loop = EngineLoop(
-            prefill, self._emit_prefill, name=f"prefill-{self.worker_id}", lock=self.storage_lock
+            prefill,
+            self._emit_prefill,
+            name=f"prefill-{self.worker_id}",
+            lock=self.storage_lock,
+            sender=False,
         ).start()
         loop = EngineLoop(
-            decode, self._emit_decode, name=f"decode-{self.worker_id}", lock=self.storage_lock
+            decode,
+            self._emit_decode,
+            name=f"decode-{self.worker_id}",
+            lock=self.storage_lock,
+            sender=False,
         ).start()
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
         self.set_split(self._initial_split)

@@ -1,0 +1,88 @@
+"""Hands an engine loop's events to its sink on a sender thread, in order.
+
+The loop thread only appends a step's events (``put``); the sender calls ``sink`` with what is
+queued, oldest first. When it has fallen behind, consecutive queued steps go out in one call
+(their events concatenated in step order), so a slow sink costs fewer calls, not a growing
+queue. ``flush`` waits until everything put so far has been handed over: the loop calls it
+before every command, which keeps the order commands rely on (module doc of ``loop.py``).
+
+A sink that raises stops the sender: the error is kept (``error``), later ``put``s are dropped
+and ``flush`` raises it, so the loop thread fails at its next command or step. ``close`` hands
+over what is queued and ends the sender; nothing put after that goes out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from kvrelay.workers.types import TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    def __init__(self, sink: Callable[[list[TokenEvent]], None], *, name: str) -> None:
+        self._sink = sink
+        self._queued: list[list[TokenEvent]] = []  # steps not handed over yet, oldest first
+        self._sending = False  # the sender is inside sink()
+        self._closed = False
+        self._finished = False  # the sender has ended (closed and drained)
+        self._cond = threading.Condition()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{name}-events", daemon=True)
+        self._thread.start()
+
+    def put(self, events: list[TokenEvent]) -> None:
+        with self._cond:
+            if self.error is None and not self._finished:
+                self._queued.append(events)
+                self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raise the sink's error, if it raised."""
+        if self.error is not None:
+            raise self.error
+
+    def flush(self) -> None:
+        """Wait until every event put so far is handed to the sink (or the sink failed)."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: (
+                    self.error is not None or self._finished or not (self._queued or self._sending)
+                )
+            )
+        self.check()
+
+    def close(self, timeout: float) -> None:
+        """Hand over what is queued, then end the sender; wait for that up to ``timeout`` s."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queued or self._closed)
+                if not self._queued:  # closed and drained
+                    self._finished = True
+                    self._cond.notify_all()
+                    return
+                steps, self._queued = self._queued, []
+                self._sending = True
+            events = steps[0] if len(steps) == 1 else [e for s in steps for e in s]
+            try:
+                self._sink(events)
+            except BaseException as exc:  # the loop thread fails on it (check / flush)
+                log.exception("event sink failed")
+                with self._cond:
+                    self.error = exc
+                    self._queued.clear()
+                    self._sending = False
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._sending = False
+                self._cond.notify_all()
