@@ -24,6 +24,14 @@ partition per KV head to a 1k-token sequence).
 Graphs share one memory pool and are captured largest first; each keeps its own logits output,
 which stays valid until that graph is replayed again.
 
+Sparse decode (opt-in, workers/model/sparse_attention.py) is captured the same way: the static
+metadata carries the SparseAttention, whose layers run their ``static_step`` form (select on the
+static tensors, fold the step's keys into the key bounds at the last layer, add the selected
+tokens to a device accumulator), so a replay has no Python per layer. The caller replays only
+steps the SparseAttention calls ``capturable`` (no fresh rows, a refreshing selection); the
+rest run eagerly. Before a replay the keys an eager step left unfolded are folded (one launch),
+after it the host takes its counters and the picks a reused selection starts from.
+
 Capture runs while other threads of the worker use the same GPU (the KV transport packing or
 receiving blocks, the swap thread): it is captured in ``thread_local`` error mode, so only this
 thread's calls can invalidate it. A capture that fails anyway is not fatal: that bucket runs
@@ -40,6 +48,7 @@ from typing import NamedTuple
 import torch
 
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
+from kvrelay.workers.model.sparse_attention import CapturedStep, SparseAttention
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,7 @@ class _Graph(NamedTuple):
     input_ids: torch.Tensor  # [size]
     positions: torch.Tensor
     attn: AttentionMetadata
+    sparse: CapturedStep | None  # what a sparse step left in static tensors
 
 
 class DecodeGraphs:
@@ -129,10 +139,11 @@ class DecodeGraphs:
         *,
         max_batch: int = BATCH_SIZES[-1],
         max_blocks: int,
+        sparse: SparseAttention | None = None,  # sparse decode; None: dense attention
     ) -> None:
         if not kv_cache.is_cuda:
             raise ValueError("CUDA graphs need a CUDA KV cache")
-        self.model, self.kv_cache = model, kv_cache
+        self.model, self.kv_cache, self.sparse = model, kv_cache, sparse
         self.device = kv_cache.device
         self.sizes = capture_sizes(max_batch)
         self.widths = width_buckets(max_blocks)
@@ -160,14 +171,19 @@ class DecodeGraphs:
             context_lens=self._i64[3, :size],
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=self.device),
             is_decode=True,
+            sparse=self.sparse,
         )
         return self._i64[0, :size], self._i64[1, :size], attn
 
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = self.model(input_ids, positions, self.kv_cache, attn)
-        return self.model.compute_logits(hidden)
+    ) -> tuple[torch.Tensor, CapturedStep | None]:
+        if self.sparse is None:
+            hidden = self.model(input_ids, positions, self.kv_cache, attn)
+            return self.model.compute_logits(hidden), None
+        with self.sparse.static_step() as captured:
+            hidden = self.model(input_ids, positions, self.kv_cache, attn)
+        return self.model.compute_logits(hidden), captured
 
     @torch.inference_mode()
     def capture(self, size: int, width: int) -> None:
@@ -175,8 +191,9 @@ class DecodeGraphs:
             raise ValueError(f"no bucket ({size}, {width}) in {self.sizes} x {self.widths}")
         if (size, width) in self._graphs:
             return
-        # Padding everywhere: no KV write, context 0. Warm up on a side stream first so Triton
-        # compiles and cuBLAS picks its kernels outside the capture.
+        # Padding everywhere: no KV write, context 0 (a sparse step's warm-up folds no key and
+        # counts no token). Warm up on a side stream first so Triton compiles and cuBLAS picks
+        # its kernels outside the capture.
         self._i64.zero_()
         self._i64[2].fill_(-1)
         self._tables.zero_()
@@ -189,8 +206,8 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._forward(ids, pos, attn)
-        self._graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn)
+            logits, captured = self._forward(ids, pos, attn)
+        self._graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn, captured)
 
     def capture_all(self, max_width: int | None = None) -> int:
         """Capture every bucket up to ``max_width`` blocks (largest first); returns the count."""
@@ -228,11 +245,16 @@ class DecodeGraphs:
             except RuntimeError as exc:  # torch.AcceleratorError is one: run eagerly instead
                 self.capture_failures[key] = self.capture_failures.get(key, 0) + 1
                 log.warning("CUDA graph capture of bucket %s failed (%d): %s; running eagerly",
-                            key, self.capture_failures[key], exc)
+                            key, self.capture_failures[key], exc)  # fmt: skip
                 return None
         graph = self._graphs[key]
         self._stage(batch, size, width)
+        if self.sparse is not None:
+            self.sparse.fold_pending(self.kv_cache)
         graph.graph.replay()
+        if graph.sparse is not None:
+            assert self.sparse is not None
+            self.sparse.replayed(graph.sparse, n)
         self.replays += 1
         return Replay(graph.logits[:n], graph.input_ids[:n], graph.positions[:n], graph.attn)
 

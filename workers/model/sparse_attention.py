@@ -26,13 +26,22 @@ LServe reuses a selection for 4 steps; with the exact re-rank that lost a pass k
 (2k context, budget 1024: a selection sharpened for the query of "The" was reused for "is", whose
 next token is the key) where refreshing every step kept it, so the default refreshes every step
 (the bounds are then read each step: a quarter of the KV bytes at 4-token sub-pages).
+
+CUDA graphs (workers/engine/cuda_graphs.py): a decode step with no fresh rows that refreshes its
+selection is ``capturable``; the graph records its layers in the ``static_step`` form (the same
+ops on the graph's static metadata, with every host-data branch made static), so its replay
+runs no Python per layer. It folds the step's own keys at its last layer instead of at the next
+step's first (exact for the reason the eager fold may come late: those keys are in last blocks,
+which no selection of the step scores). Fresh rows (data-dependent rebuild sizes) and reused
+selections run eagerly; a reused selection after a replay starts from the graph's static picks.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,6 +111,16 @@ class SparseCounters:
     prefill_causal_pairs: float = 0.0  # ... of the causal pairs dense would compute
 
 
+@dataclass(slots=True)
+class CapturedStep:
+    """The tensors a sparse decode step captured in a CUDA graph leaves behind (static: each
+    replay rewrites them), for the host to carry on from."""
+
+    step: DecodeStep | None = None  # built at the first layer; its ``nb`` [size] is refresh_nb
+    picks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [size, Hkv, K']
+    lens: list[torch.Tensor] = field(default_factory=list)  # per layer [size, Hkv]
+
+
 class SparseAttention:
     def __init__(
         self,
@@ -142,6 +161,9 @@ class SparseAttention:
         self._lens: list[torch.Tensor] = []  # this step's lens per layer, summed once per step
         self._context = 0  # tokens in this step's contexts
         self._min_context = 0  # ... in its shortest
+        self._captured: CapturedStep | None = None  # set while a graph step is recorded
+        # selected tokens of replayed steps, accumulated on the device by the graphs
+        self._graph_selected = torch.zeros((), dtype=torch.int64, device=kv_cache.device)
 
     # ---- per step ------------------------------------------------------------------------
     def begin_step(self, keys: Sequence[str], context_lens: Sequence[int], is_decode: bool) -> None:
@@ -179,6 +201,46 @@ class SparseAttention:
     def handles(self, is_decode: bool) -> bool:
         return self.config.decode if is_decode else self.config.prefill
 
+    # ---- CUDA graphs (workers/engine/cuda_graphs.py) ---------------------------------------
+    def capturable(self) -> bool:
+        """Whether the decode step ``begin_step`` announced may replay a captured graph: it
+        has no fresh rows (their bounds rebuild has data-dependent sizes) and refreshes its
+        selection (a reused one runs eagerly from the picks the last step left); a step that
+        does not select (mode "prefill") always may."""
+        return not self.config.decode or (self._fresh is None and self._refresh)
+
+    @contextmanager
+    def static_step(self) -> Iterator[CapturedStep]:
+        """Around the model's forward while a decode step is captured (and its warm-up): every
+        layer selects, on the static metadata's tensors alone. What a layer does with host data
+        eagerly is static here: the re-rank's middle mask is always applied (exact either way),
+        the step's keys are folded into the bounds at its last layer (after every layer wrote its
+        key; slot -1 folds nothing, so padding rows are harmless), its selected tokens are added
+        to a device accumulator, and host counters are left to :meth:`replayed`."""
+        self._captured = CapturedStep()
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
+
+    def fold_pending(self, kv_cache: torch.Tensor) -> None:
+        """Before a replay: fold the keys an eager decode step left unfolded."""
+        if self._written is not None:
+            kernels.update_bounds(self.bounds, kv_cache, self._written)
+            self._written = None
+
+    def replayed(self, captured: CapturedStep, rows: int) -> None:
+        """After a replay of ``rows`` live rows: the host's share of the step (counters; the
+        picks and context blocks a reused selection would start from, left in static tensors
+        that stay valid until the same graph runs again)."""
+        layers = len(captured.lens)
+        self.counters.decode_steps += layers
+        self.counters.context_tokens += self._context * self.bounds.shape[4] * layers
+        self._written = None  # folded at the graph's last layer
+        if self.config.reuse_steps > 1 and captured.step is not None:
+            self._refresh_nb = captured.step.nb[:rows]
+            self._topk = {layer: t[:rows] for layer, t in captured.picks.items()}
+
     def _begin_decode(self, kv_cache: torch.Tensor, attn: AttentionMetadata) -> DecodeStep:
         """The step's work shared by its layers, at the first: the keys the last decode step
         wrote are folded into the bounds of every layer (one launch, not ~18 ops per layer), and
@@ -213,6 +275,8 @@ class SparseAttention:
     ) -> torch.Tensor:  # [B, H, D]
         from kvrelay.kernels import sparse_reference as ref
 
+        if self._captured is not None:
+            return self._decode_static(layer, query, kv_cache, attn, scale)
         if self._step is None or self._step_attn is not attn:  # the step's first layer
             self._step, self._step_attn = self._begin_decode(kv_cache, attn), attn
         step = self._step
@@ -228,6 +292,36 @@ class SparseAttention:
         self.counters.decode_steps += 1
         self._lens.append(lens)
         return kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
+
+    def _decode_static(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [size, H, D]: the graph's rows, padding included
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [size, H, D]
+        """``decode`` of a refresh step with no fresh rows, as captured (``static_step``).
+        Padding rows (context 0, slot -1) select nothing, read nothing (lens 0) and fold
+        nothing."""
+        cap = self._captured
+        assert cap is not None
+        if cap.step is None:  # min_context 0: the re-rank's middle mask always applies
+            cap.step = DecodeStep(
+                attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
+                kv_cache.shape[4], None,
+            )  # fmt: skip
+        step = cap.step
+        topk = None
+        if self.dense.topk:
+            topk = cap.picks[layer] = self._select(layer, query, kv_cache, step)
+        tables, lens = step.tables(topk, self._stream_rows[layer], False)
+        cap.lens.append(lens)
+        out = kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
+        if layer == self.bounds.shape[1] - 1:  # the last layer: every layer's key is written
+            kernels.update_bounds(self.bounds, kv_cache, attn.slot_mapping)
+            self._graph_selected += torch.stack(cap.lens).sum()
+        return out
 
     def _select(
         self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, step: DecodeStep
@@ -321,7 +415,8 @@ class SparseAttention:
     def stats_extra(self) -> dict[str, float]:
         self._count()
         c = self.counters
-        sel, ctx = float(c.selected_tokens), float(c.context_tokens)
+        sel = float(c.selected_tokens) + float(self._graph_selected)
+        ctx = float(c.context_tokens)
         return {
             "sparse_decode_layer_steps": float(c.decode_steps),
             "sparse_decode_selected_tokens": sel,
