@@ -9,6 +9,9 @@ density it reports is what random data earns; real text is far sparser, see
 benchmarks/sparse_accuracy.py). TTFT estimate = layers × (attention + the layer's GEMMs, timed
 at the same length). Decode rows also count the aten ops of a layer call and of what a step's
 first layer adds once (``ops_per_layer_call``; benchmarks/README.md, "Decode host overhead").
+Decode rows also time a LAYERS-layer step captured in one CUDA graph and replayed (``graph``:
+dense, and sparse at a refresh and with the selection reused, per layer, no host launches in the
+time; GPU only, skipped where the LAYERS-layer cache does not fit).
 Prefill rows also time the SampleAttention sampling alone (``sample_ms``:
 the fused Triton kernel and the torch reference, on the dense heads as the prefill path calls it;
 ``sample_keep_agree``: the share of column blocks both keep or both skip) and the whole sparse
@@ -241,12 +244,93 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
     reusing.begin_step(keys, ctxs, True)
     reusing.counters.selected_tokens = reusing.counters.context_tokens = 0.0
     reusing.decode(0, q, cache, attn, scale)
+    read_fraction = reusing.stats_extra()["sparse_decode_read_fraction"]
+    graph: dict[str, Any] = {"skipped": "no CUDA device"}
+    if dev == "cuda":
+        del refreshing, reusing, k, v, cache
+        empty_cache()
+        graph = graph_row(ctx, batch, args, q, attn)
     return {
         "context": ctx, "batch": batch, "attn_s": t, "ops_per_layer_call": ops,
-        "rel_err_vs_dense": err,
-        "read_fraction": reusing.stats_extra()["sparse_decode_read_fraction"],
+        "rel_err_vs_dense": err, "read_fraction": read_fraction,
         "speedup_vs_dense": t["dense"] / t["sparse"], "speedup_vs_sdpa": t["sdpa"] / t["sparse"],
+        "graph": graph,
     }  # fmt: skip
+
+
+def replay_seconds(step: Callable[[], object]) -> float:
+    """``step`` captured in a CUDA graph (after a warm-up on a side stream), its replay timed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return bench(graph.replay)
+
+
+def graph_row(
+    ctx: int, batch: int, args: argparse.Namespace, q: torch.Tensor, attn: AttentionMetadata
+) -> dict[str, Any]:
+    """ms per layer of a LAYERS-layer decode step captured in one CUDA graph and replayed, so
+    that no host launch overhead is in the time: our dense decode kernel; the sparse step at a
+    refresh, as the engine captures it (``SparseAttention.static_step``); and the sparse step
+    reusing its selection, the eager form captured as it is (the engine runs reuse steps
+    eagerly: this is what a captured one would cost). A LAYERS-layer cache of random keys (and
+    its key bounds), so that no layer finds another's bytes in L2; skipped when it does not fit."""
+    nblk = attn.block_tables.numel()
+    need = LAYERS * nblk * 2 * BS * HKV * D * 2 * (1 + 1 / 4)  # the cache + its key bounds
+    free = torch.cuda.mem_get_info()[0]
+    if need > 0.8 * free:
+        return {"skipped": f"needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
+    g = torch.Generator(device="cuda").manual_seed(ctx + batch)
+    cache = torch.randn(nblk, LAYERS, 2, BS, HKV, D, device="cuda", dtype=torch.bfloat16,
+                        generator=g)  # fmt: skip
+    tables, lens, scale = attn.block_tables, attn.context_lens, D**-0.5
+    keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
+    mask = streaming_mask(args.stream_fraction).expand(LAYERS, -1)
+
+    def dense() -> None:
+        for layer in range(LAYERS):
+            kernels.paged_decode_attention(q, cache, layer, tables, lens, scale)
+
+    t = {"dense": replay_seconds(dense)}
+    for name, reuse_steps in (("refresh", 1), ("reuse", 1 << 30)):
+        config = SparseConfig(mode="decode", budget=args.budget, reuse_steps=reuse_steps)
+        sparse = SparseAttention(config, cache, mask)
+
+        def layers(sp: SparseAttention = sparse) -> None:
+            for layer in range(LAYERS):
+                sp.decode(layer, q, cache, attn, scale)
+
+        for _ in range(2):  # first sight (every layer's bounds rebuilt), then a steady step
+            sparse.begin_step(keys, ctxs, True)
+            layers()
+        sparse.begin_step(keys, ctxs, True)
+        if name == "refresh":
+            assert sparse.capturable()
+            sparse.fold_pending(cache)
+
+            def step(sp: SparseAttention = sparse) -> None:
+                with sp.static_step():
+                    layers()
+
+        else:
+
+            def step(sp: SparseAttention = sparse) -> None:
+                sp.begin_step(keys, ctxs, True)  # host only; the step's shared work recaptured
+                layers()
+
+        t[name] = replay_seconds(step)
+        del sparse, step
+        empty_cache()
+    per_layer = {k: v / LAYERS for k, v in t.items()}
+    return {
+        "attn_s_per_layer": per_layer,
+        "speedup_vs_dense": {k: t["dense"] / t[k] for k in ("refresh", "reuse")},
+    }
 
 
 def empty_cache() -> None:
@@ -261,8 +345,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--stream-fraction", type=float, default=0.5)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", nargs="+", default=["decode", "prefill"],
-                    choices=("decode", "prefill"))
+    ap.add_argument(
+        "--parts", nargs="+", default=["decode", "prefill"], choices=("decode", "prefill")
+    )
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -274,6 +359,8 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
+    if dev == "cpu" and "decode" in args.parts:
+        print("decode: graph rows skipped (no CUDA device)", flush=True)
     for ctx in args.contexts if "decode" in args.parts else ():
         for batch in args.batches:
             row = decode_row(ctx, batch, args, dev)
