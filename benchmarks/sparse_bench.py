@@ -258,8 +258,8 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
     }  # fmt: skip
 
 
-def replay_seconds(step: Callable[[], object]) -> float:
-    """``step`` captured in a CUDA graph (after a warm-up on a side stream), its replay timed."""
+def captured(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph, after a warm-up on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -268,18 +268,18 @@ def replay_seconds(step: Callable[[], object]) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    return bench(graph.replay)
+    return graph
 
 
 def graph_row(
     ctx: int, batch: int, args: argparse.Namespace, q: torch.Tensor, attn: AttentionMetadata
 ) -> dict[str, Any]:
     """ms per layer of a LAYERS-layer decode step captured in one CUDA graph and replayed, so
-    that no host launch overhead is in the time: our dense decode kernel; the sparse step at a
-    refresh, as the engine captures it (``SparseAttention.static_step``); and the sparse step
-    reusing its selection, the eager form captured as it is (the engine runs reuse steps
-    eagerly: this is what a captured one would cost). A LAYERS-layer cache of random keys (and
-    its key bounds), so that no layer finds another's bytes in L2; skipped when it does not fit."""
+    that no host launch overhead is in the time: our dense decode kernel, and the sparse step as
+    the engine captures it (``SparseAttention.static_step``) at a refresh and reusing the
+    selection the refresh graph left in its static tensors. A LAYERS-layer cache of random keys
+    (and its key bounds), so that no layer finds another's bytes in L2; skipped when it does
+    not fit."""
     nblk = attn.block_tables.numel()
     need = LAYERS * nblk * 2 * BS * HKV * D * 2 * (1 + 1 / 4)  # the cache + its key bounds
     free = torch.cuda.mem_get_info()[0]
@@ -290,42 +290,43 @@ def graph_row(
                         generator=g)  # fmt: skip
     tables, lens, scale = attn.block_tables, attn.context_lens, D**-0.5
     keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
-    mask = streaming_mask(args.stream_fraction).expand(LAYERS, -1)
 
     def dense() -> None:
         for layer in range(LAYERS):
             kernels.paged_decode_attention(q, cache, layer, tables, lens, scale)
 
-    t = {"dense": replay_seconds(dense)}
-    for name, reuse_steps in (("refresh", 1), ("reuse", 1 << 30)):
-        config = SparseConfig(mode="decode", budget=args.budget, reuse_steps=reuse_steps)
-        sparse = SparseAttention(config, cache, mask)
+    t = {"dense": bench(captured(dense).replay)}
+    config = SparseConfig(mode="decode", budget=args.budget, reuse_steps=2)
+    sparse = SparseAttention(config, cache, streaming_mask(args.stream_fraction).expand(LAYERS, -1))
 
-        def layers(sp: SparseAttention = sparse) -> None:
-            for layer in range(LAYERS):
-                sp.decode(layer, q, cache, attn, scale)
+    def layers() -> None:
+        for layer in range(LAYERS):
+            sparse.decode(layer, q, cache, attn, scale)
 
-        for _ in range(2):  # first sight (every layer's bounds rebuilt), then a steady step
-            sparse.begin_step(keys, ctxs, True)
-            layers()
+    for _ in range(2):  # eagerly: first sight (every layer's bounds rebuilt), a reusing step
         sparse.begin_step(keys, ctxs, True)
-        if name == "refresh":
-            assert sparse.capturable()
-            sparse.fold_pending(cache)
+        layers()
+    sparse.begin_step(keys, ctxs, True)  # a refresh
+    assert sparse.capturable() and sparse.reused_picks() is None
+    sparse.fold_pending(cache)
+    records = []
 
-            def step(sp: SparseAttention = sparse) -> None:
-                with sp.static_step():
-                    layers()
+    def refresh() -> None:
+        with sparse.static_step() as record:
+            layers()
+        records.append(record)
 
-        else:
+    graph = captured(refresh)
+    t["refresh"] = bench(graph.replay)
+    sparse.replayed(records[-1], batch)  # the capture's record: what its replays rewrite
+    sparse.begin_step(keys, ctxs, True)  # reusing the graph's selection
+    assert sparse.capturable() and sparse.reused_picks() is records[-1]
 
-            def step(sp: SparseAttention = sparse) -> None:
-                sp.begin_step(keys, ctxs, True)  # host only; the step's shared work recaptured
-                layers()
+    def reuse() -> None:
+        with sparse.static_step(records[-1]):
+            layers()
 
-        t[name] = replay_seconds(step)
-        del sparse, step
-        empty_cache()
+    t["reuse"] = bench(captured(reuse).replay)
     per_layer = {k: v / LAYERS for k, v in t.items()}
     return {
         "attn_s_per_layer": per_layer,

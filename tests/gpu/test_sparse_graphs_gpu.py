@@ -2,8 +2,8 @@
 SparseAttention.static_step) against the same engine with graphs off: identical greedy tokens
 and sparse counters while requests join and leave (fresh rows run eagerly, steady steps replay,
 padding rows in the buckets), with a budget small enough that selection happens, streaming
-heads, and selections refreshed every step or reused (reuse steps run eagerly from the graph's
-picks); and a replay that never synchronises the host."""
+heads, and selections refreshed every step or reused (replaying a graph that reads the
+selecting graph's static picks); and a replay that never synchronises the host."""
 
 from __future__ import annotations
 
@@ -88,8 +88,9 @@ def test_sparse_graphs_decode_like_eager(
                 "sparse_decode_read_fraction"):  # fmt: skip
         assert stats[key] == want_stats[key], key
     assert stats["sparse_decode_read_fraction"] < 0.7  # selection happened
-    # steady refreshing steps replayed; fresh rows (and reused selections) ran eagerly
-    assert runner.graph_steps >= (30 if reuse_steps == 1 else 10), runner.graph_steps
+    # 52 decode steps, fresh rows in ~5 (eager, with the 2 reusing steps after each at reuse
+    # 3); at reuse 3 only ~16 steps select, so >= 30 replays means reusing steps replayed too
+    assert runner.graph_steps >= 30, runner.graph_steps
     assert runner.eager_steps > 0 and runner.graphs.num_graphs >= 2
 
 

@@ -32,8 +32,9 @@ selection is ``capturable``; the graph records its layers in the ``static_step``
 ops on the graph's static metadata, with every host-data branch made static), so its replay
 runs no Python per layer. It folds the step's own keys at its last layer instead of at the next
 step's first (exact for the reason the eager fold may come late: those keys are in last blocks,
-which no selection of the step scores). Fresh rows (data-dependent rebuild sizes) and reused
-selections run eagerly; a reused selection after a replay starts from the graph's static picks.
+which no selection of the step scores). Fresh rows (data-dependent rebuild sizes) run eagerly.
+A step reusing a selection that a replayed graph made replays a graph of the same bucket that
+reads those static picks (eagerly, from views of them, when its tables outgrew that bucket).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class CapturedStep:
     """The tensors a sparse decode step captured in a CUDA graph leaves behind (static: each
     replay rewrites them), for the host to carry on from."""
 
+    reuses: CapturedStep | None = None  # the refresh whose picks this step reads; None: selects
     step: DecodeStep | None = None  # built at the first layer; its ``nb`` [size] is refresh_nb
     picks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [size, Hkv, K']
     lens: list[torch.Tensor] = field(default_factory=list)  # per layer [size, Hkv]
@@ -162,6 +164,7 @@ class SparseAttention:
         self._context = 0  # tokens in this step's contexts
         self._min_context = 0  # ... in its shortest
         self._captured: CapturedStep | None = None  # set while a graph step is recorded
+        self._replayed: CapturedStep | None = None  # the refresh replayed since the last selection
         # selected tokens of replayed steps, accumulated on the device by the graphs
         self._graph_selected = torch.zeros((), dtype=torch.int64, device=kv_cache.device)
 
@@ -204,20 +207,29 @@ class SparseAttention:
     # ---- CUDA graphs (workers/engine/cuda_graphs.py) ---------------------------------------
     def capturable(self) -> bool:
         """Whether the decode step ``begin_step`` announced may replay a captured graph: it
-        has no fresh rows (their bounds rebuild has data-dependent sizes) and refreshes its
-        selection (a reused one runs eagerly from the picks the last step left); a step that
-        does not select (mode "prefill") always may."""
-        return not self.config.decode or (self._fresh is None and self._refresh)
+        has no fresh rows (their bounds rebuild has data-dependent sizes) and either refreshes
+        its selection or reuses one a replayed graph made (``reused_picks``); a step that does
+        not select (mode "prefill") always may."""
+        return not self.config.decode or (
+            self._fresh is None and (self._refresh or self._replayed is not None)
+        )
+
+    def reused_picks(self) -> CapturedStep | None:
+        """For a capturable step: None when it selects, else the replayed refresh whose static
+        picks it reuses (a graph of that refresh's bucket can read them; another bucket's can
+        not, and the step runs eagerly)."""
+        return None if self._refresh else self._replayed
 
     @contextmanager
-    def static_step(self) -> Iterator[CapturedStep]:
+    def static_step(self, reuses: CapturedStep | None = None) -> Iterator[CapturedStep]:
         """Around the model's forward while a decode step is captured (and its warm-up): every
-        layer selects, on the static metadata's tensors alone. What a layer does with host data
-        eagerly is static here: the re-rank's middle mask is always applied (exact either way),
-        the step's keys are folded into the bounds at its last layer (after every layer wrote its
-        key; slot -1 folds nothing, so padding rows are harmless), its selected tokens are added
-        to a device accumulator, and host counters are left to :meth:`replayed`."""
-        self._captured = CapturedStep()
+        layer selects (or, given ``reuses``, reads that refresh's static picks), on the static
+        metadata's tensors alone. What a layer does with host data eagerly is static here: the
+        re-rank's middle mask is always applied (exact either way), the step's keys are folded
+        into the bounds at its last layer (after every layer wrote its key; slot -1 folds
+        nothing, so padding rows are harmless), its selected tokens are added to a device
+        accumulator, and host counters are left to :meth:`replayed`."""
+        self._captured = CapturedStep(reuses)
         try:
             yield self._captured
         finally:
@@ -237,7 +249,10 @@ class SparseAttention:
         self.counters.decode_steps += layers
         self.counters.context_tokens += self._context * self.bounds.shape[4] * layers
         self._written = None  # folded at the graph's last layer
-        if self.config.reuse_steps > 1 and captured.step is not None:
+        if captured.reuses is None and self.config.reuse_steps > 1:
+            self._replayed = captured
+            assert captured.step is not None
+            # for a reusing step that runs eagerly (its tables outgrew the refresh's bucket)
             self._refresh_nb = captured.step.nb[:rows]
             self._topk = {layer: t[:rows] for layer, t in captured.picks.items()}
 
@@ -258,6 +273,7 @@ class SparseAttention:
         self._min_context = 0  # known for this step only (a forward without begin_step: unknown)
         if self._refresh:
             self._refresh_nb = step.nb
+            self._replayed = None
         self._rebuild = None
         if self._fresh is not None:
             rows, logical, fills = self._fresh
@@ -301,21 +317,28 @@ class SparseAttention:
         attn: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [size, H, D]
-        """``decode`` of a refresh step with no fresh rows, as captured (``static_step``).
-        Padding rows (context 0, slot -1) select nothing, read nothing (lens 0) and fold
-        nothing."""
+        """``decode`` of a step with no fresh rows, as captured (``static_step``). Padding
+        rows (context 0, slot -1) select nothing, read nothing (lens 0) and fold nothing."""
         cap = self._captured
         assert cap is not None
+        reuses = cap.reuses
         if cap.step is None:  # min_context 0: the re-rank's middle mask always applies
+            refresh_nb = None
+            if reuses is not None:
+                assert reuses.step is not None
+                refresh_nb = reuses.step.nb
             cap.step = DecodeStep(
                 attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
-                kv_cache.shape[4], None,
+                kv_cache.shape[4], refresh_nb,
             )  # fmt: skip
         step = cap.step
         topk = None
-        if self.dense.topk:
+        if reuses is not None:
+            topk = reuses.picks.get(layer)
+        elif self.dense.topk:
             topk = cap.picks[layer] = self._select(layer, query, kv_cache, step)
-        tables, lens = step.tables(topk, self._stream_rows[layer], False)
+        reused = reuses is not None and topk is not None
+        tables, lens = step.tables(topk, self._stream_rows[layer], reused)
         cap.lens.append(lens)
         out = kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
         if layer == self.bounds.shape[1] - 1:  # the last layer: every layer's key is written
