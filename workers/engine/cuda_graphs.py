@@ -246,7 +246,8 @@ class DecodeGraphs:
 
     def run(self, batch: DecodeBatch) -> Replay | None:
         """fp32 logits ``[n, vocab]`` of the n rows (a view of the graph's output, valid until
-        the same bucket runs again), or None when the batch fits no bucket."""
+        the same bucket runs again), or None when the batch fits no bucket (or its capture
+        failed, or a sparse step reuses picks another bucket's graph made): run it eagerly."""
         n = len(batch.input_ids)
         if n == 0:
             return None
