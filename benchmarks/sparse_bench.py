@@ -9,6 +9,9 @@ density it reports is what random data earns; real text is far sparser, see
 benchmarks/sparse_accuracy.py). TTFT estimate = layers × (attention + the layer's GEMMs, timed
 at the same length). Decode rows also count the aten ops of a layer call and of what a step's
 first layer adds once (``ops_per_layer_call``; benchmarks/README.md, "Decode host overhead").
+Decode rows also time a LAYERS-layer step captured in one CUDA graph and replayed (``graph``:
+dense, and sparse at a refresh and with the selection reused, per layer, no host launches in the
+time; GPU only, skipped where the LAYERS-layer cache does not fit).
 Prefill rows also time the SampleAttention sampling alone (``sample_ms``:
 the fused Triton kernel and the torch reference, on the dense heads as the prefill path calls it;
 ``sample_keep_agree``: the share of column blocks both keep or both skip) and the whole sparse
@@ -241,11 +244,17 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
     reusing.begin_step(keys, ctxs, True)
     reusing.counters.selected_tokens = reusing.counters.context_tokens = 0.0
     reusing.decode(0, q, cache, attn, scale)
+    read_fraction = reusing.stats_extra()["sparse_decode_read_fraction"]
+    graph: dict[str, Any] = {"skipped": "no CUDA device"}
+    if dev == "cuda":
+        del refreshing, reusing, k, v, cache
+        empty_cache()
+        graph = graph_row(ctx, batch, args, q, attn)
     return {
         "context": ctx, "batch": batch, "attn_s": t, "ops_per_layer_call": ops,
-        "rel_err_vs_dense": err,
-        "read_fraction": reusing.stats_extra()["sparse_decode_read_fraction"],
+        "rel_err_vs_dense": err, "read_fraction": read_fraction,
         "speedup_vs_dense": t["dense"] / t["sparse"], "speedup_vs_sdpa": t["sdpa"] / t["sparse"],
+        "graph": graph,
     }  # fmt: skip
 
 
@@ -312,6 +321,82 @@ def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) 
     return row
 
 
+def captured(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph, after a warm-up on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def graph_row(
+    ctx: int, batch: int, args: argparse.Namespace, q: torch.Tensor, attn: AttentionMetadata
+) -> dict[str, Any]:
+    """ms per layer of a LAYERS-layer decode step captured in one CUDA graph and replayed, so
+    that no host launch overhead is in the time: our dense decode kernel, and the sparse step as
+    the engine captures it (``SparseAttention.static_step``) at a refresh and reusing the
+    selection the refresh graph left in its static tensors. A LAYERS-layer cache of random keys
+    (and its key bounds), so that no layer finds another's bytes in L2; skipped when it does
+    not fit."""
+    nblk = attn.block_tables.numel()
+    need = LAYERS * nblk * 2 * BS * HKV * D * 2 * (1 + 1 / 4)  # the cache + its key bounds
+    free = torch.cuda.mem_get_info()[0]
+    if need > 0.8 * free:
+        return {"skipped": f"needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
+    g = torch.Generator(device="cuda").manual_seed(ctx + batch)
+    cache = torch.randn(nblk, LAYERS, 2, BS, HKV, D, device="cuda", dtype=torch.bfloat16,
+                        generator=g)  # fmt: skip
+    tables, lens, scale = attn.block_tables, attn.context_lens, D**-0.5
+    keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
+
+    def dense() -> None:
+        for layer in range(LAYERS):
+            kernels.paged_decode_attention(q, cache, layer, tables, lens, scale)
+
+    t = {"dense": bench(captured(dense).replay)}
+    config = SparseConfig(mode="decode", budget=args.budget, reuse_steps=2)
+    sparse = SparseAttention(config, cache, streaming_mask(args.stream_fraction).expand(LAYERS, -1))
+
+    def layers() -> None:
+        for layer in range(LAYERS):
+            sparse.decode(layer, q, cache, attn, scale)
+
+    for _ in range(2):  # eagerly: first sight (every layer's bounds rebuilt), a reusing step
+        sparse.begin_step(keys, ctxs, True)
+        layers()
+    sparse.begin_step(keys, ctxs, True)  # a refresh
+    assert sparse.capturable() and sparse.reused_picks() is None
+    sparse.fold_pending(cache)
+    records = []
+
+    def refresh() -> None:
+        with sparse.static_step() as record:
+            layers()
+        records.append(record)
+
+    graph = captured(refresh)
+    t["refresh"] = bench(graph.replay)
+    sparse.replayed(records[-1], batch)  # the capture's record: what its replays rewrite
+    sparse.begin_step(keys, ctxs, True)  # reusing the graph's selection
+    assert sparse.capturable() and sparse.reused_picks() is records[-1]
+
+    def reuse() -> None:
+        with sparse.static_step(records[-1]):
+            layers()
+
+    t["reuse"] = bench(captured(reuse).replay)
+    per_layer = {k: v / LAYERS for k, v in t.items()}
+    return {
+        "attn_s_per_layer": per_layer,
+        "speedup_vs_dense": {k: t["dense"] / t[k] for k in ("refresh", "reuse")},
+    }
+
+
 def empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -337,6 +422,8 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
+    if dev == "cpu" and "decode" in args.parts:
+        print("decode: graph rows skipped (no CUDA device)", flush=True)
     for ctx in args.contexts if "decode" in args.parts else ():
         for batch in args.batches:
             row = decode_row(ctx, batch, args, dev)

@@ -47,14 +47,15 @@ def block_bounds(
 def update_bounds(
     bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
-    slot_mapping: torch.Tensor,  # [T] slots written in every layer (no -1 padding), distinct blocks
+    slot_mapping: torch.Tensor,  # [T] slots written in every layer, distinct blocks; -1: skip
 ) -> None:
     """Fold the keys written at the slots, in every layer at once, into their sub-pages' bounds;
     a write at a sub-page's first offset restarts it (the block was free or reused), so stale
-    bounds of a recycled block never survive a sub-page's first token. Sparse steps run eagerly,
-    never padded, so every slot is real (no filtering: no host sync)."""
+    bounds of a recycled block never survive a sub-page's first token. Slot -1 (a padding row of
+    a step captured in a CUDA graph, where the Triton body runs) folds nothing."""
     bs, pages = kv_cache.shape[3], bounds.shape[3]
     slots = slot_mapping.long()
+    slots = slots[slots >= 0]
     blocks, offs = slots // bs, slots % bs
     sub = offs // (bs // pages)
     key = kv_cache[blocks, :, 0, offs].to(bounds.dtype)  # [T, L, Hkv, D]

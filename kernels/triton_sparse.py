@@ -15,7 +15,8 @@
   it: unordered, no sort (torch's topk sorts its k results; at k = 512 of 8192 that was
   ~70 µs of a refresh layer's ~140 µs of kernels on an H100).
 - ``update_bounds``: one program per (written slot, layer) folds the key into its sub-page's
-  max and min (the torch reference is ~18 ops, once per decode step).
+  max and min (the torch reference is ~18 ops, once per decode step); slot -1 (a padding row of
+  a captured step) folds nothing.
 - ``sparse_tables``: one program per (sequence, KV head) writes its compacted table in one
   launch (the torch reference is ~20 ops): sink, local, gap and short-context columns by
   position, and each dense pick at sink + its rank among the kept picks (a [CHUNK, K] compare),
@@ -243,12 +244,15 @@ def _fold_kernel(
     t = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
+    # -1: a padding row of a captured step, nothing to fold (every lane masked)
+    lanes = tl.where(slot >= 0, KV_HEADS * HEAD_DIM, 0)
+    slot = tl.maximum(slot, 0)
     blk = slot // BS
     off = slot % BS
     offs = tl.arange(0, HD_PAD)  # (KV head, channel) flattened
     head = offs // HEAD_DIM
     d = offs % HEAD_DIM
-    m = offs < KV_HEADS * HEAD_DIM
+    m = offs < lanes
     key_row = kv_ptr + blk * stride_kblk + layer * stride_kl + off * stride_ktok  # K: plane 0
     key = tl.load(key_row + head * stride_kh + d, mask=m, other=0.0)
     base = bnd_ptr + blk * stride_bblk + layer * stride_bl + (off // SUB) * stride_bsub
@@ -269,7 +273,7 @@ def _fold_kernel(
 def update_bounds(
     bounds: torch.Tensor,  # [num_blocks, L, 2, P, Hkv, D]
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
-    slot_mapping: torch.Tensor,  # [T] distinct blocks
+    slot_mapping: torch.Tensor,  # [T] distinct blocks; -1: skip
 ) -> None:
     tokens = slot_mapping.shape[0]
     _, layers, _, pages, kv_heads, dim = bounds.shape

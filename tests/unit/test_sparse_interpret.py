@@ -224,6 +224,27 @@ def test_update_bounds(sparse: ModuleType, dtype: torch.dtype) -> None:
     assert torch.equal(bounds, want)
 
 
+def test_update_bounds_skips_padding_slots(sparse: ModuleType) -> None:
+    """Slot -1 (a padding row of a step captured in a CUDA graph) folds nothing, in both
+    bodies: the result is the fold of the real slots alone."""
+    g = torch.Generator().manual_seed(7)
+    kv = torch.randn(12, 3, 2, 8, 2, 24, generator=g)
+    bounds = torch.randn(12, 3, 2, 4, 2, 24, generator=g)
+    real = torch.tensor([5 * 8 + 0, 7 * 8 + 3, 11 * 8 + 7])
+    padded = torch.tensor([-1, 5 * 8 + 0, -1, 7 * 8 + 3, 11 * 8 + 7, -1])
+    want = bounds.clone()
+    ref.update_bounds(want, kv, real)
+    assert not torch.equal(want, bounds)
+    got_ref = bounds.clone()
+    ref.update_bounds(got_ref, kv, padded)
+    assert torch.equal(got_ref, want)
+    sparse.update_bounds(bounds, kv, padded)
+    assert torch.equal(bounds, want)
+    untouched = bounds.clone()
+    sparse.update_bounds(bounds, kv, torch.full((4,), -1))  # a step of padding only
+    assert torch.equal(bounds, untouched)
+
+
 @pytest.mark.parametrize(
     ("n", "ctx", "heads", "kv_heads", "stride", "col_block", "dtype"),
     [

@@ -24,6 +24,16 @@ partition per KV head to a 1k-token sequence).
 Graphs share one memory pool and are captured largest first; each keeps its own logits output,
 which stays valid until that graph is replayed again.
 
+Sparse decode (opt-in, workers/model/sparse_attention.py) is captured the same way: the static
+metadata carries the SparseAttention, whose layers run their ``static_step`` form (select on the
+static tensors, fold the step's keys into the key bounds at the last layer, add the selected
+tokens to a device accumulator), so a replay has no Python per layer. The caller replays only
+steps the SparseAttention calls ``capturable`` (no fresh rows); the rest run eagerly. A bucket
+has a graph that selects and, with ``reuse_steps`` > 1, one that reuses the selection the first
+left in its static tensors (only after that graph made it: a reusing step whose tables outgrew
+the bucket runs eagerly). Before a replay the keys an eager step left unfolded are folded (one
+launch), after it the host takes its counters.
+
 Capture runs while other threads of the worker use the same GPU (the KV transport packing or
 receiving blocks, the swap thread): it is captured in ``thread_local`` error mode, so only this
 thread's calls can invalidate it. A capture that fails anyway is not fatal: that bucket runs
@@ -40,6 +50,7 @@ from typing import NamedTuple
 import torch
 
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
+from kvrelay.workers.model.sparse_attention import CapturedStep, SparseAttention
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +127,7 @@ class _Graph(NamedTuple):
     input_ids: torch.Tensor  # [size]
     positions: torch.Tensor
     attn: AttentionMetadata
+    sparse: CapturedStep | None  # what a sparse step left in static tensors
 
 
 class DecodeGraphs:
@@ -129,10 +141,11 @@ class DecodeGraphs:
         *,
         max_batch: int = BATCH_SIZES[-1],
         max_blocks: int,
+        sparse: SparseAttention | None = None,  # sparse decode; None: dense attention
     ) -> None:
         if not kv_cache.is_cuda:
             raise ValueError("CUDA graphs need a CUDA KV cache")
-        self.model, self.kv_cache = model, kv_cache
+        self.model, self.kv_cache, self.sparse = model, kv_cache, sparse
         self.device = kv_cache.device
         self.sizes = capture_sizes(max_batch)
         self.widths = width_buckets(max_blocks)
@@ -145,9 +158,12 @@ class DecodeGraphs:
         self._sent_width = 0
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        # sparse steps reusing the selection the bucket's graph in ``_graphs`` made
+        self._reuse_graphs: dict[tuple[int, int], _Graph] = {}
         self.row_ids = torch.arange(b, device=self.device)  # [max_batch] int64, for callers
         self.replays = 0
-        self.capture_failures: dict[tuple[int, int], int] = {}  # bucket -> failed captures
+        # bucket (+ (1,) for a reusing graph) -> failed captures
+        self.capture_failures: dict[tuple[int, ...], int] = {}
 
     # ---- capture --------------------------------------------------------------------------
     def _table_view(self, rows: int, width: int) -> torch.Tensor:
@@ -160,23 +176,42 @@ class DecodeGraphs:
             context_lens=self._i64[3, :size],
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=self.device),
             is_decode=True,
+            sparse=self.sparse,
         )
         return self._i64[0, :size], self._i64[1, :size], attn
 
     def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = self.model(input_ids, positions, self.kv_cache, attn)
-        return self.model.compute_logits(hidden)
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        reuses: CapturedStep | None,
+    ) -> tuple[torch.Tensor, CapturedStep | None]:
+        if self.sparse is None:
+            hidden = self.model(input_ids, positions, self.kv_cache, attn)
+            return self.model.compute_logits(hidden), None
+        with self.sparse.static_step(reuses) as captured:
+            hidden = self.model(input_ids, positions, self.kv_cache, attn)
+        return self.model.compute_logits(hidden), captured
 
     @torch.inference_mode()
-    def capture(self, size: int, width: int) -> None:
+    def capture(self, size: int, width: int, reuse: bool = False) -> None:
+        """``reuse``: the sparse step that reads the picks of the bucket's selecting graph
+        (captured first)."""
         if size not in self.sizes or width not in self.widths:
             raise ValueError(f"no bucket ({size}, {width}) in {self.sizes} x {self.widths}")
-        if (size, width) in self._graphs:
+        graphs = self._reuse_graphs if reuse else self._graphs
+        if (size, width) in graphs:
             return
-        # Padding everywhere: no KV write, context 0. Warm up on a side stream first so Triton
-        # compiles and cuBLAS picks its kernels outside the capture.
+        reuses = None
+        if reuse:
+            selecting = self._graphs.get((size, width))
+            if selecting is None or selecting.sparse is None:
+                raise ValueError(f"bucket ({size}, {width}) has no selecting sparse graph")
+            reuses = selecting.sparse
+        # Padding everywhere: no KV write, context 0 (a sparse step's warm-up folds no key and
+        # counts no token). Warm up on a side stream first so Triton compiles and cuBLAS picks
+        # its kernels outside the capture.
         self._i64.zero_()
         self._i64[2].fill_(-1)
         self._tables.zero_()
@@ -185,12 +220,12 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._forward(ids, pos, attn)
+            self._forward(ids, pos, attn, reuses)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._forward(ids, pos, attn)
-        self._graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn)
+            logits, captured = self._forward(ids, pos, attn, reuses)
+        graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn, captured)
 
     def capture_all(self, max_width: int | None = None) -> int:
         """Capture every bucket up to ``max_width`` blocks (largest first); returns the count."""
@@ -202,7 +237,7 @@ class DecodeGraphs:
 
     @property
     def num_graphs(self) -> int:
-        return len(self._graphs)
+        return len(self._graphs) + len(self._reuse_graphs)
 
     # ---- replay ---------------------------------------------------------------------------
     def bucket(self, batch: int, blocks: int) -> tuple[int, int] | None:
@@ -211,7 +246,8 @@ class DecodeGraphs:
 
     def run(self, batch: DecodeBatch) -> Replay | None:
         """fp32 logits ``[n, vocab]`` of the n rows (a view of the graph's output, valid until
-        the same bucket runs again), or None when the batch fits no bucket."""
+        the same bucket runs again), or None when the batch fits no bucket (or its capture
+        failed, or a sparse step reuses picks another bucket's graph made): run it eagerly."""
         n = len(batch.input_ids)
         if n == 0:
             return None
@@ -220,19 +256,32 @@ class DecodeGraphs:
         if key is None:
             return None
         size, width = key
-        if key not in self._graphs:
-            if self.capture_failures.get(key, 0) >= MAX_CAPTURE_FAILURES:
+        reuses = None if self.sparse is None else self.sparse.reused_picks()
+        graphs: dict[tuple[int, int], _Graph] = self._graphs
+        failed: tuple[int, ...] = key
+        if reuses is not None:
+            selecting = self._graphs.get(key)
+            if selecting is None or selecting.sparse is not reuses:
+                return None  # the picks are another bucket's: the tables outgrew it
+            graphs, failed = self._reuse_graphs, (*key, 1)
+        if key not in graphs:
+            if self.capture_failures.get(failed, 0) >= MAX_CAPTURE_FAILURES:
                 return None
             try:
-                self.capture(size, width)
+                self.capture(size, width, reuse=reuses is not None)
             except RuntimeError as exc:  # torch.AcceleratorError is one: run eagerly instead
-                self.capture_failures[key] = self.capture_failures.get(key, 0) + 1
+                self.capture_failures[failed] = self.capture_failures.get(failed, 0) + 1
                 log.warning("CUDA graph capture of bucket %s failed (%d): %s; running eagerly",
-                            key, self.capture_failures[key], exc)
+                            failed, self.capture_failures[failed], exc)  # fmt: skip
                 return None
-        graph = self._graphs[key]
+        graph = graphs[key]
         self._stage(batch, size, width)
+        if self.sparse is not None:
+            self.sparse.fold_pending(self.kv_cache)
         graph.graph.replay()
+        if graph.sparse is not None:
+            assert self.sparse is not None
+            self.sparse.replayed(graph.sparse, n)
         self.replays += 1
         return Replay(graph.logits[:n], graph.input_ids[:n], graph.positions[:n], graph.attn)
 

@@ -5,7 +5,8 @@ step is a pure decode step and attention takes the decode path (one query per se
 otherwise every row goes through the varlen prefill path (a decode row is a chunk of one).
 
 On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
-longest block table fit a captured bucket; the rest runs eagerly. Neither path synchronises the
+longest block table fit a captured bucket (and, with sparse decode, when the SparseAttention
+calls the step ``capturable``); the rest runs eagerly. Neither path synchronises the
 host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
 a step is the caller reading the sampled tokens. The eager path's block tables persist across
 steps (workers/engine/block_tables.py): a row is sent when its sequence joins or changes blocks.
@@ -160,7 +161,7 @@ class ModelRunner:
         *,
         use_cuda_graphs: bool | None = None,  # None: on for CUDA caches (KVRELAY_CUDA_GRAPHS=0 off)
         max_graph_batch: int = BATCH_SIZES[-1],
-        sparse: SparseAttention | None = None,  # opt-in; its steps run eagerly (host state)
+        sparse: SparseAttention | None = None,  # opt-in; graphs replay its capturable steps
     ) -> None:
         self.model = model
         self.sparse = sparse
@@ -168,11 +169,12 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.graphs: DecodeGraphs | None = None
-        if sparse is None and _graphs_enabled(self.device, use_cuda_graphs):
+        if _graphs_enabled(self.device, use_cuda_graphs):
             max_blocks = min(kv_cache.shape[0], -(-model.config.max_context // block_size))
             self.graphs = DecodeGraphs(
-                model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks
-            )
+                model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks,
+                sparse=sparse if sparse is not None and sparse.config.decode else None,
+            )  # fmt: skip
         self.tables = BlockTables(self.device)  # the eager path's (graphs keep their own)
         self.eager_steps = 0
         self.graph_steps = 0
@@ -198,20 +200,22 @@ class ModelRunner:
     def _forward(
         self, items: Seq[ScheduledSeq], prev: DeviceTokens | None
     ) -> tuple[torch.Tensor, StepInputs]:
-        if self.graphs is not None and all(it.num_tokens == 1 for it in items):
+        decode = all(it.num_tokens == 1 for it in items)
+        if self.sparse is not None:
+            self.sparse.begin_step(
+                [it.seq.request_id for it in items],
+                [it.seq.num_computed + it.num_tokens for it in items],
+                decode,
+            )
+        capturable = self.sparse is None or self.sparse.capturable()
+        if self.graphs is not None and decode and capturable:
             out = self._run_graph(items, prev)
             if out is not None:
                 self.graph_steps += 1
                 return out
         self.eager_steps += 1
         inputs = prepare_inputs(items, self.block_size, self.device, prev, self.tables)
-        if self.sparse is not None:
-            self.sparse.begin_step(
-                [it.seq.request_id for it in items],
-                [it.seq.num_computed + it.num_tokens for it in items],
-                inputs.attn.is_decode,
-            )
-            inputs.attn.sparse = self.sparse
+        inputs.attn.sparse = self.sparse
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
         if not inputs.sampled:
             return torch.empty(0), inputs

@@ -26,13 +26,23 @@ LServe reuses a selection for 4 steps; with the exact re-rank that lost a pass k
 (2k context, budget 1024: a selection sharpened for the query of "The" was reused for "is", whose
 next token is the key) where refreshing every step kept it, so the default refreshes every step
 (the bounds are then read each step: a quarter of the KV bytes at 4-token sub-pages).
+
+CUDA graphs (workers/engine/cuda_graphs.py): a decode step with no fresh rows that refreshes its
+selection is ``capturable``; the graph records its layers in the ``static_step`` form (the same
+ops on the graph's static metadata, with every host-data branch made static), so its replay
+runs no Python per layer. It folds the step's own keys at its last layer instead of at the next
+step's first (exact for the reason the eager fold may come late: those keys are in last blocks,
+which no selection of the step scores). Fresh rows (data-dependent rebuild sizes) run eagerly.
+A step reusing a selection that a replayed graph made replays a graph of the same bucket that
+reads those static picks (eagerly, from views of them, when its tables outgrew that bucket).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,6 +112,17 @@ class SparseCounters:
     prefill_causal_pairs: float = 0.0  # ... of the causal pairs dense would compute
 
 
+@dataclass(slots=True)
+class CapturedStep:
+    """The tensors a sparse decode step captured in a CUDA graph leaves behind (static: each
+    replay rewrites them), for the host to carry on from."""
+
+    reuses: CapturedStep | None = None  # the refresh whose picks this step reads; None: selects
+    step: DecodeStep | None = None  # built at the first layer; its ``nb`` [size] is refresh_nb
+    picks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [size, Hkv, K']
+    lens: list[torch.Tensor] = field(default_factory=list)  # per layer [size, Hkv]
+
+
 class SparseAttention:
     def __init__(
         self,
@@ -141,6 +162,10 @@ class SparseAttention:
         self._written: torch.Tensor | None = None  # slots of the last decode step, not yet folded
         self._lens: list[torch.Tensor] = []  # this step's lens per layer, summed once per step
         self._context = 0  # tokens in this step's contexts
+        self._captured: CapturedStep | None = None  # set while a graph step is recorded
+        self._replayed: CapturedStep | None = None  # the refresh replayed since the last selection
+        # selected tokens of replayed steps, accumulated on the device by the graphs
+        self._graph_selected = torch.zeros((), dtype=torch.int64, device=kv_cache.device)
 
     # ---- per step ------------------------------------------------------------------------
     def begin_step(self, keys: Sequence[str], context_lens: Sequence[int], is_decode: bool) -> None:
@@ -177,6 +202,58 @@ class SparseAttention:
     def handles(self, is_decode: bool) -> bool:
         return self.config.decode if is_decode else self.config.prefill
 
+    # ---- CUDA graphs (workers/engine/cuda_graphs.py) ---------------------------------------
+    def capturable(self) -> bool:
+        """Whether the decode step ``begin_step`` announced may replay a captured graph: it
+        has no fresh rows (their bounds rebuild has data-dependent sizes) and either refreshes
+        its selection or reuses one a replayed graph made (``reused_picks``); a step that does
+        not select (mode "prefill") always may."""
+        return not self.config.decode or (
+            self._fresh is None and (self._refresh or self._replayed is not None)
+        )
+
+    def reused_picks(self) -> CapturedStep | None:
+        """For a capturable step: None when it selects, else the replayed refresh whose static
+        picks it reuses (a graph of that refresh's bucket can read them; another bucket's can
+        not, and the step runs eagerly)."""
+        return None if self._refresh else self._replayed
+
+    @contextmanager
+    def static_step(self, reuses: CapturedStep | None = None) -> Iterator[CapturedStep]:
+        """Around the model's forward while a decode step is captured (and its warm-up): every
+        layer selects (or, given ``reuses``, reads that refresh's static picks), on the static
+        metadata's tensors alone. What a layer does with host data eagerly is static here: the
+        re-rank's middle mask is always applied (exact either way), the step's keys are folded
+        into the bounds at its last layer (after every layer wrote its key; slot -1 folds
+        nothing, so padding rows are harmless), its selected tokens are added to a device
+        accumulator, and host counters are left to :meth:`replayed`."""
+        self._captured = CapturedStep(reuses)
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
+
+    def fold_pending(self, kv_cache: torch.Tensor) -> None:
+        """Before a replay: fold the keys an eager decode step left unfolded."""
+        if self._written is not None:
+            kernels.update_bounds(self.bounds, kv_cache, self._written)
+            self._written = None
+
+    def replayed(self, captured: CapturedStep, rows: int) -> None:
+        """After a replay of ``rows`` live rows: the host's share of the step (counters; the
+        picks and context blocks a reused selection would start from, left in static tensors
+        that stay valid until the same graph runs again)."""
+        layers = len(captured.lens)
+        self.counters.decode_steps += layers
+        self.counters.context_tokens += self._context * self.bounds.shape[4] * layers
+        self._written = None  # folded at the graph's last layer
+        if captured.reuses is None and self.config.reuse_steps > 1:
+            self._replayed = captured
+            assert captured.step is not None
+            # for a reusing step that runs eagerly (its tables outgrew the refresh's bucket)
+            self._refresh_nb = captured.step.nb[:rows]
+            self._topk = {layer: t[:rows] for layer, t in captured.picks.items()}
+
     def _begin_decode(self, kv_cache: torch.Tensor, attn: AttentionMetadata) -> DecodeStep:
         """The step's work shared by its layers, at the first: the keys the last decode step
         wrote are folded into the bounds of every layer (one launch, not ~18 ops per layer), and
@@ -193,6 +270,7 @@ class SparseAttention:
         )  # fmt: skip
         if self._refresh:
             self._refresh_nb = step.nb
+            self._replayed = None
         self._rebuild = None
         if self._fresh is not None:
             rows, logical, fills = self._fresh
@@ -210,6 +288,8 @@ class SparseAttention:
     ) -> torch.Tensor:  # [B, H, D]
         from kvrelay.kernels import sparse_reference as ref
 
+        if self._captured is not None:
+            return self._decode_static(layer, query, kv_cache, attn, scale)
         if self._step is None or self._step_attn is not attn:  # the step's first layer
             self._step, self._step_attn = self._begin_decode(kv_cache, attn), attn
         step = self._step
@@ -225,6 +305,43 @@ class SparseAttention:
         self.counters.decode_steps += 1
         self._lens.append(lens)
         return kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
+
+    def _decode_static(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [size, H, D]: the graph's rows, padding included
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [size, H, D]
+        """``decode`` of a step with no fresh rows, as captured (``static_step``). Padding
+        rows (context 0, slot -1) select nothing, read nothing (lens 0) and fold nothing."""
+        cap = self._captured
+        assert cap is not None
+        reuses = cap.reuses
+        if cap.step is None:
+            refresh_nb = None
+            if reuses is not None:
+                assert reuses.step is not None
+                refresh_nb = reuses.step.nb
+            cap.step = DecodeStep(
+                attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
+                kv_cache.shape[4], refresh_nb,
+            )  # fmt: skip
+        step = cap.step
+        topk = None
+        if reuses is not None:
+            topk = reuses.picks.get(layer)
+        elif self.dense.topk:
+            topk = cap.picks[layer] = self._select(layer, query, kv_cache, step)
+        reused = reuses is not None and topk is not None
+        tables, lens = step.tables(topk, self._stream_rows[layer], reused)
+        cap.lens.append(lens)
+        out = kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
+        if layer == self.bounds.shape[1] - 1:  # the last layer: every layer's key is written
+            kernels.update_bounds(self.bounds, kv_cache, attn.slot_mapping)
+            self._graph_selected += torch.stack(cap.lens).sum()
+        return out
 
     def _select(
         self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, step: DecodeStep
@@ -321,7 +438,8 @@ class SparseAttention:
     def stats_extra(self) -> dict[str, float]:
         self._count()
         c = self.counters
-        sel, ctx = float(c.selected_tokens), float(c.context_tokens)
+        sel = float(c.selected_tokens) + float(self._graph_selected)
+        ctx = float(c.context_tokens)
         return {
             "sparse_decode_layer_steps": float(c.decode_steps),
             "sparse_decode_selected_tokens": sel,
