@@ -148,6 +148,7 @@ def _topk_keys(
     else:
         ids = offs.to(tl.int64)
     v = tl.where((ids >= lo) & (ids < hi), v, float("-inf"))
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 ties with +0.0 (its bits would sort it below)
     bits = v.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # a negative float: flipped
     return tl.where(m, key, -2147483649), ids

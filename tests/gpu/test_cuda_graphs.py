@@ -198,7 +198,7 @@ def test_a_failed_capture_runs_eagerly_and_gives_up_after_a_few(
     _, _, graphs = setup
     calls = {"n": 0}
 
-    def broken(size: int, width: int) -> None:
+    def broken(size: int, width: int, reuse: bool = False) -> None:
         calls["n"] += 1
         raise RuntimeError("operation failed due to a previous error during capture")
 

@@ -44,7 +44,7 @@ def sparse_config(heads: Path, reuse_steps: int) -> SparseConfig:
     # a dense head reads 1 sink + 2 picked + 1 local block: 180-580-token contexts select
     return SparseConfig(mode="decode", budget=2 * BS, page_tokens=BS, stream_sink=BS,
                         stream_local=2 * BS, reuse_steps=reuse_steps,
-                        heads_path=str(heads))  # fmt: skip
+                        heads_path=str(heads), graphs=True)  # fmt: skip
 
 
 def run_engine(
@@ -53,7 +53,7 @@ def run_engine(
     monkeypatch.setenv("KVRELAY_CUDA_GRAPHS", "1" if graphs else "0")
     cfg = EngineConfig(num_blocks=512, max_num_seqs=8, max_num_batched_tokens=256,
                        cpu_num_blocks=0, sparse=sparse_config(heads, reuse_steps))  # fmt: skip
-    engine = Engine(load_model(folder, dtype=torch.float32, device="cuda"), cfg)
+    engine = Engine(load_model(folder, dtype=torch.float32, device="cuda"), cfg, device="cuda")
     rng = random.Random(4)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for _, n, _ in REQUESTS]
     out: dict[str, list[int]] = {}

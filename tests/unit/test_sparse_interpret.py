@@ -121,12 +121,14 @@ def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtyp
 def test_topk_blocks(sparse: ModuleType, n: int, k: int, with_ids: bool, ties: bool) -> None:
     """The same ids as the reference (its ties: lowest position first): rows whose range holds
     fewer than k elements (the rest -inf), an all -inf row (a streaming head), ids given (the
-    re-rank's shortlist), repeated values, a row longer than one 4096-element chunk."""
+    re-rank's shortlist), repeated values (-0.0 equal to +0.0), a row longer than one
+    4096-element chunk."""
     g = torch.Generator().manual_seed(n + k)
     values = torch.randn(3, 4, n, generator=g)
     if ties:
         values = torch.randint(0, 6, (3, 4, n), generator=g).float()
     values[1, 2] = float("-inf")
+    values[2, 3] = torch.tensor([-0.0, 0.0]).repeat(n)[:n]  # -0.0 ties with +0.0
     ids = torch.randint(0, n + 20, (3, 4, n), generator=g) if with_ids else None
     hi = torch.tensor([n // 2, 9, n + 20], dtype=torch.int32)
     want = ref.topk_blocks(values, k, 2, hi, ids)

@@ -162,6 +162,7 @@ class ModelRunner:
         use_cuda_graphs: bool | None = None,  # None: on for CUDA caches (KVRELAY_CUDA_GRAPHS=0 off)
         max_graph_batch: int = BATCH_SIZES[-1],
         sparse: SparseAttention | None = None,  # opt-in; graphs replay its capturable steps
+        # when its config has ``graphs`` (sparse decode steps run eagerly otherwise)
     ) -> None:
         self.model = model
         self.sparse = sparse
@@ -169,7 +170,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.graphs: DecodeGraphs | None = None
-        if _graphs_enabled(self.device, use_cuda_graphs):
+        eager_sparse = sparse is not None and sparse.config.decode and not sparse.config.graphs
+        if not eager_sparse and _graphs_enabled(self.device, use_cuda_graphs):
             max_blocks = min(kv_cache.shape[0], -(-model.config.max_context // block_size))
             self.graphs = DecodeGraphs(
                 model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks,

@@ -301,6 +301,8 @@ class Channel:
         # One persistent staging buffer per channel (grown on demand): the peer maps its handle
         # once and keeps the mapping, since opening an IPC handle costs milliseconds. The ack
         # says the peer has copied out, so the next send may overwrite it.
+        if not payload.is_cuda:  # a host tensor (a small control value) goes up first
+            payload = payload.to(self._device)
         if self._ipc_stage is None or self._ipc_stage.numel() < header.nbytes:
             self._ipc_stage = torch.empty(header.nbytes, dtype=torch.uint8, device=payload.device)
         stage = self._ipc_stage[: header.nbytes]
