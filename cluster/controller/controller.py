@@ -39,6 +39,7 @@ from kvrelay.cluster.api.errors import ApiError, ErrorCode
 from kvrelay.cluster.controller.admin import Admin
 from kvrelay.cluster.controller.capacity import PoolMember, largest_prompt, readiness, servable
 from kvrelay.cluster.controller.config import ControllerConfig
+from kvrelay.cluster.controller.event_order import EventOrder
 from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.handoff import Handoffs
 from kvrelay.cluster.controller.health import HealthMonitor
@@ -67,6 +68,7 @@ class Controller:
         self.metrics = Metrics(models=[config.model.id])
         self.routing = Routing(config.routing, config.model.id)
         self._ids = itertools.count()
+        self._event_order = EventOrder()  # workers' event deliveries, put back in order
         self.handoffs = Handoffs(config, self.state, self.routing, self, self._ids)
         self.preemption = PreemptionExecutor(
             self.state, self.routing, self.metrics, self, self.handoffs
@@ -121,6 +123,7 @@ class Controller:
         entry.client.kill()
         self.metrics.forget_worker(worker_id)
         self.state.workers.pop(worker_id, None)
+        self._event_order.forget(worker_id)
         for rid in list(entry.assigned):
             flight = self.state.flights.get(rid)
             # a flight some task is moving is that task's to recover; the others restart
@@ -368,9 +371,15 @@ class Controller:
             pass
 
     # ---- events from workers -------------------------------------------------------------
-    async def on_events(self, worker_id: str, events: list[TokenEvent]) -> None:
+    async def on_events(
+        self, worker_id: str, events: list[TokenEvent], seq: int | None = None
+    ) -> None:
         """One call per delivery of a worker's events: one step's tokens for all its requests,
-        or consecutive steps' in step order (``workers/engine/outbox.py``)."""
+        or consecutive steps' in step order (``workers/engine/outbox.py``). ``seq`` numbers the
+        worker's deliveries; they are applied in that order (event_order.py), whatever order
+        the actor runs the calls in. None: applied as it comes."""
+        if seq is not None:
+            events = self._event_order.accept(worker_id, seq, events)
         for event in events:
             flight = self.state.flights.get(event.request_id)
             if flight is None or flight.done:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -66,13 +67,27 @@ def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineCon
 
 class _ControllerSink:
     """Picklable event sink: one actor call per delivery of a worker's events (one step, or
-    consecutive steps when the worker's sender thread fell behind)."""
+    consecutive steps when the worker's sender thread fell behind), numbered from 0 so that the
+    controller applies them in order (an async actor may run one caller's calls out of order:
+    cluster/controller/event_order.py). Numbering and submitting happen under one lock, since
+    a semi-PD worker's two lanes share the sink."""
 
     def __init__(self, controller: Any) -> None:
         self.controller = controller
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"controller": self.controller}  # a fresh count and lock where it is unpickled
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.controller = state["controller"]
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
 
     def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
-        self.controller.on_events.remote(worker_id, events)
+        with self._lock:
+            self.controller.on_events.remote(worker_id, events, next(self._seq))
 
 
 class _ControllerNotice:
