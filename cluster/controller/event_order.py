@@ -4,9 +4,10 @@ A worker hands its engine steps' events to the controller as ``on_events`` calls
 0 by its sink (``cluster/runtime/actors.py``). The controller is an async Ray actor, and Ray
 does not promise that an async actor runs one submitter's calls in submission order. Out of
 order, a request's finishing step could be taken before an earlier step of the same request,
-whose tokens would then find the request done and be dropped (seen on an H100: 1 and 65 tokens
-missing from 8192 and 32768 at the clients while the engine had computed all of them).
-Deliveries that arrive early wait here until the ones before them have come.
+whose tokens would then find the request done and be dropped. (An H100 run of
+benchmarks/serve_ratio.py had 1 and 65 tokens missing at the clients, out of 8192 and 32768,
+while the engine had computed all of them; this reordering is the likely cause, not a proven
+one.) Deliveries that arrive early wait here until the ones before them have come.
 """
 
 from __future__ import annotations
