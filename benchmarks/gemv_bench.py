@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 import traceback
 from collections.abc import Callable
 from functools import partial
@@ -65,13 +63,8 @@ def projections(shape: dict[str, Any], scale: int = 1) -> dict[str, tuple[int, i
 
 
 def cpu_ms(fn: Callable[[], object], iters: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time of a host call (the CPU dry run's timer)."""
+    return gpu_bench.host_ms(fn, iters=iters, warmup=1)
 
 
 def call_ms(fn: Callable[[], object], dev: str) -> float:

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +194,18 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+class DecodeCase(NamedTuple):
+    cache: torch.Tensor  # one layer's KV over batch × ctx tokens in shuffled blocks
+    q: torch.Tensor
+    tables: torch.Tensor
+    lens: torch.Tensor
+    attn: AttentionMetadata  # a decode step's metadata: each row writes its last slot
+    keys: list[str]
+    ctxs: list[int]
+
+
+def decode_case(ctx: int, batch: int, dev: str) -> DecodeCase:
+    """The decode rows' random step: ``batch`` sequences of ``ctx`` tokens, bf16, seeded."""
     g = torch.Generator(device=dev).manual_seed(ctx + batch)
     nb = ctx // BS
     cache = torch.randn(batch * nb, 1, 2, BS, HKV, D, device=dev, dtype=torch.bfloat16,
@@ -204,8 +215,12 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
     lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
     slots = tables[:, -1].long() * BS + BS - 1
     attn = AttentionMetadata(slots, tables, lens, torch.arange(batch + 1, device=dev), True)
+    return DecodeCase(cache, q, tables, lens, attn, [str(i) for i in range(batch)], [ctx] * batch)
+
+
+def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    cache, q, tables, lens, attn, keys, ctxs = decode_case(ctx, batch, dev)
     scale = D**-0.5
-    keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
 
     def first_layer(sparse: SparseAttention) -> torch.Tensor:  # a new step: its shared work too
         sparse.begin_step(keys, ctxs, True)
@@ -264,17 +279,8 @@ def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) 
     profiler's kernel table for 20 later-layer refresh calls."""
     from kvrelay.kernels.sparse_reference import keys_as_bounds
 
-    g = torch.Generator(device=dev).manual_seed(ctx + batch)
-    nb = ctx // BS
-    cache = torch.randn(batch * nb, 1, 2, BS, HKV, D, device=dev, dtype=torch.bfloat16,
-                        generator=g)  # fmt: skip
-    q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=g)
-    tables = torch.randperm(batch * nb, device=dev, generator=g).view(batch, nb).to(torch.int32)
-    lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
-    slots = tables[:, -1].long() * BS + BS - 1
-    attn = AttentionMetadata(slots, tables, lens, torch.arange(batch + 1, device=dev), True)
+    cache, q, tables, _, attn, keys, ctxs = decode_case(ctx, batch, dev)
     scale = D**-0.5
-    keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
     sparse = SparseAttention(
         SparseConfig(mode="decode", budget=args.budget), cache, streaming_mask(args.stream_fraction)
     )
