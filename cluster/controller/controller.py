@@ -377,8 +377,9 @@ class Controller:
         """One call per delivery of a worker's events: one step's tokens for all its requests,
         or consecutive steps' in step order (``workers/engine/outbox.py``). ``seq`` numbers the
         worker's deliveries; they are applied in that order (event_order.py), whatever order
-        the actor runs the calls in. None: applied as it comes."""
-        if seq is not None:
+        the actor runs the calls in. None, or a worker no longer registered (late calls of a
+        failed one, nothing of it left to order): applied as it comes."""
+        if seq is not None and worker_id in self.state.workers:
             events = self._event_order.accept(worker_id, seq, events)
         for event in events:
             flight = self.state.flights.get(event.request_id)
