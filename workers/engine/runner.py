@@ -170,12 +170,13 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.graphs: DecodeGraphs | None = None
-        eager_sparse = sparse is not None and sparse.config.decode and not sparse.config.graphs
-        if not eager_sparse and _graphs_enabled(self.device, use_cuda_graphs):
+        sparse_decode = sparse if sparse is not None and sparse.config.decode else None
+        eager_only = sparse_decode is not None and not sparse_decode.config.graphs
+        if not eager_only and _graphs_enabled(self.device, use_cuda_graphs):
             max_blocks = min(kv_cache.shape[0], -(-model.config.max_context // block_size))
             self.graphs = DecodeGraphs(
                 model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks,
-                sparse=sparse if sparse is not None and sparse.config.decode else None,
+                sparse=sparse_decode,
             )  # fmt: skip
         self.tables = BlockTables(self.device)  # the eager path's (graphs keep their own)
         self.eager_steps = 0

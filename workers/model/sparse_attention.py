@@ -266,13 +266,9 @@ class SparseAttention:
         written at step t is in, is its sequence's last at step t, which is read whole (local)
         and never scored; the fold comes before this step's first selection and before the
         fresh rows' rebuild (which then overwrites what it folded into a recycled block)."""
-        if self._written is not None:
-            kernels.update_bounds(self.bounds, kv_cache, self._written)
+        self.fold_pending(kv_cache)
         self._written = attn.slot_mapping
-        step = DecodeStep(
-            attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
-            kv_cache.shape[4], None if self._refresh else self._refresh_nb,
-        )  # fmt: skip
+        step = self._decode_step(attn, kv_cache, None if self._refresh else self._refresh_nb)
         if self._refresh:
             self._refresh_nb = step.nb
             self._replayed = None
@@ -311,6 +307,14 @@ class SparseAttention:
         self._lens.append(lens)
         return kernels.sparse_decode_attention(query, kv_cache, layer, tables, lens, scale)
 
+    def _decode_step(
+        self, attn: AttentionMetadata, kv_cache: torch.Tensor, refresh_nb: torch.Tensor | None
+    ) -> DecodeStep:
+        return DecodeStep(
+            attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
+            kv_cache.shape[4], refresh_nb,
+        )  # fmt: skip
+
     def _decode_static(
         self,
         layer: int,
@@ -329,10 +333,7 @@ class SparseAttention:
             if reuses is not None:
                 assert reuses.step is not None
                 refresh_nb = reuses.step.nb
-            cap.step = DecodeStep(
-                attn.context_lens, attn.block_tables, self.dense, self.stream, self.block_size,
-                kv_cache.shape[4], refresh_nb,
-            )  # fmt: skip
+            cap.step = self._decode_step(attn, kv_cache, refresh_nb)
         step = cap.step
         topk = None
         if reuses is not None:

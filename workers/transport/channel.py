@@ -388,10 +388,7 @@ class Channel:
         flat = self._ipc_caches.get(key)
         if flat is None or flat.numel() < nbytes:
             flat = import_ipc(fields, nbytes, self._device)
-            self._ipc_caches.pop(key, None)
-            self._ipc_caches[key] = flat
-            while len(self._ipc_caches) > 4:  # a peer exports one cache; bound stale ones
-                self._ipc_caches.pop(next(iter(self._ipc_caches)))
+            _keep_recent(self._ipc_caches, key, flat, 4)  # a peer exports one; bound stale ones
         return flat[:nbytes].view(header.dtype).view(cache_shape)
 
     def _recv_payload(self, header: Header) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -401,10 +398,7 @@ class Channel:
             # import_ipc hits torch's shared_cache while we hold the mapping (no re-open) and
             # releases each export's ref counter; holding it here keeps that cache warm.
             stage = import_ipc(header.ipc, header.nbytes, self._device)
-            self._ipc_imports.pop(header.ipc["handle"], None)
-            self._ipc_imports[header.ipc["handle"]] = stage  # most recent last; keep two
-            while len(self._ipc_imports) > 2:
-                self._ipc_imports.pop(next(iter(self._ipc_imports)))
+            _keep_recent(self._ipc_imports, header.ipc["handle"], stage, 2)
             flat = stage[: header.nbytes].clone()
             torch.cuda.current_stream(self._device).synchronize()  # copied out before the ack
             if not self._ack(header.seq):
@@ -463,6 +457,16 @@ class Channel:
     def join(self, timeout: float) -> bool:
         self._reader.join(timeout)
         return not self._reader.is_alive()
+
+
+def _keep_recent(
+    mappings: dict[Any, torch.Tensor], key: Any, mapped: torch.Tensor, keep: int
+) -> None:
+    """Remember a mapping of the peer's memory as the most recent; drop the oldest past ``keep``."""
+    mappings.pop(key, None)
+    mappings[key] = mapped
+    while len(mappings) > keep:
+        mappings.pop(next(iter(mappings)))
 
 
 def await_ack(ctl: dist.Store, waiter: dist.Store, key: str, deadline: float) -> None:
