@@ -15,6 +15,7 @@ from kvrelay.kernels import sparse_reference as ref
 from kvrelay.workers.model.llama import AttentionMetadata
 from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig
 from kvrelay.workers.model.sparse_select import build_tables, num_blocks, rerank_topk, select_topk
+from kvrelay_testing.sparse import next_decode_step
 
 BS, LAYERS, HKV, GROUP, D = 16, 2, 2, 2, 8
 SCALE = 0.3
@@ -80,20 +81,8 @@ def test_decode_steps_equal_the_per_layer_oracle() -> None:
             prev = ()
             continue
         keys = tuple(seqs)
-        for s in seqs.values():
-            s[0] += 1
-            if -(-s[0] // BS) > len(s[1]):
-                s[1].append(free.pop(0))
-        ctx = [n for n, _ in seqs.values()]
-        slots = torch.tensor(
-            [blocks[(n - 1) // BS] * BS + (n - 1) % BS for n, blocks in seqs.values()]
-        )
-        width = max(len(b) for _, b in seqs.values())
-        tables = torch.tensor(
-            [b + [0] * (width - len(b)) for _, b in seqs.values()], dtype=torch.int32
-        )
-        attn = AttentionMetadata(slots, tables, torch.tensor(ctx, dtype=torch.int32),
-                                 torch.arange(len(ctx) + 1, dtype=torch.int32), True)  # fmt: skip
+        ctx, attn = next_decode_step(seqs, free, BS)
+        slots = attn.slot_mapping
         refresh = keys != prev or age >= config.reuse_steps
         age = 1 if refresh else age + 1
         prev = keys

@@ -14,6 +14,7 @@ import torch
 
 from kvrelay.workers.model.llama import AttentionMetadata
 from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig
+from kvrelay_testing.sparse import next_decode_step
 
 BS, LAYERS, HKV, GROUP, D = 16, 2, 2, 2, 8
 SCALE = 0.3
@@ -96,21 +97,8 @@ def test_static_steps_equal_the_eager_path(reuse_steps: int) -> None:
             for sp in (eager, graphed):
                 sp.begin_step(list(seqs), [n for n, _ in seqs.values()], False)
             continue
-        for s in seqs.values():
-            s[0] += 1
-            if -(-s[0] // BS) > len(s[1]):
-                s[1].append(free.pop(0))
-        ctx = [n for n, _ in seqs.values()]
-        slots = torch.tensor(
-            [blocks[(n - 1) // BS] * BS + (n - 1) % BS for n, blocks in seqs.values()]
-        )
-        width = max(len(b) for _, b in seqs.values())
-        tables = torch.tensor(
-            [b + [0] * (width - len(b)) for _, b in seqs.values()], dtype=torch.int32
-        )
-        n = len(ctx)
-        attn = AttentionMetadata(slots, tables, torch.tensor(ctx, dtype=torch.int32),
-                                 torch.arange(n + 1, dtype=torch.int32), True)  # fmt: skip
+        ctx, attn = next_decode_step(seqs, free, BS)
+        slots, n, width = attn.slot_mapping, len(ctx), attn.block_tables.shape[1]
         for sp in (eager, graphed):
             sp.begin_step(tuple(seqs), ctx, True)
         size = 1 << n.bit_length()  # at least one padding row
