@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvrelay.workers.engine.cuda_graphs import DecodeBatch, DecodeGraphs
+from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.model.llama import AttentionMetadata, kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel, load_model
 
@@ -154,7 +155,9 @@ def test_capture_while_another_thread_uses_the_gpu(
 ) -> None:
     """A worker captures while its KV transport / swap threads allocate, copy and synchronise
     on the same GPU (seen on an H100 under load: 'operation failed due to a previous error
-    during capture' killed the engine loop). Every bucket still captures and matches eager."""
+    during capture' killed the engine loop). Those threads work inside ``GPU_GATE.work()``;
+    without the gate (thread_local capture mode only) one bucket of five failed on an H100.
+    Every bucket captures and matches eager, and the side thread never fails."""
     import threading
 
     loaded = load_model(make_gpu_llama(seed=5), dtype=torch.float32, device="cuda")
@@ -163,15 +166,24 @@ def test_capture_while_another_thread_uses_the_gpu(
     stop = threading.Event()
     busy = {"rounds": 0}
 
-    def transport_like() -> None:
+    errors: list[BaseException] = []
+
+    def transport_like() -> None:  # does what the channel and the swap thread do
+        try:
+            side_work()
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    def side_work() -> None:
         side = torch.cuda.Stream()
         while not stop.is_set():
-            with torch.cuda.stream(side):
-                # 64 sizes: the caching allocator goes to cudaMalloc for each new one
-                buf = torch.empty((1 << 20) + busy["rounds"] % 64 * (1 << 16), device="cuda")
-                buf.copy_(torch.ones(buf.numel(), pin_memory=True), non_blocking=True)
-            side.synchronize()
-            del buf
+            with GPU_GATE.work():
+                with torch.cuda.stream(side):
+                    # 64 sizes: the caching allocator goes to cudaMalloc for each new one
+                    buf = torch.empty((1 << 20) + busy["rounds"] % 64 * (1 << 16), device="cuda")
+                    buf.copy_(torch.ones(buf.numel(), pin_memory=True), non_blocking=True)
+                side.synchronize()
+                del buf
             busy["rounds"] += 1
 
     worker = threading.Thread(target=transport_like, daemon=True)
@@ -187,7 +199,8 @@ def test_capture_while_another_thread_uses_the_gpu(
     finally:
         stop.set()
         worker.join(10)
-    assert graphs.capture_failures == {} and busy["rounds"] > 0
+    assert graphs.capture_failures == {} and busy["rounds"] > 0 and errors == []
+    assert GPU_GATE.captures >= 5
 
 
 def test_a_failed_capture_runs_eagerly_and_gives_up_after_a_few(

@@ -34,10 +34,12 @@ left in its static tensors (only after that graph made it: a reusing step whose 
 the bucket runs eagerly). Before a replay the keys an eager step left unfolded are folded (one
 launch), after it the host takes its counters.
 
-Capture runs while other threads of the worker use the same GPU (the KV transport packing or
-receiving blocks, the swap thread): it is captured in ``thread_local`` error mode, so only this
-thread's calls can invalidate it. A capture that fails anyway is not fatal: that bucket runs
-eagerly and is tried again later (``MAX_CAPTURE_FAILURES`` times at most).
+Other threads of the worker use the same GPU (the KV transport packing or receiving blocks, the
+swap thread, a semi-PD worker's other lane): a capture runs in ``thread_local`` error mode and
+inside ``GPU_GATE.capture()``, which waits for their work sections to end and holds new ones off
+(workers/gpu_gate.py: another thread's allocation can invalidate a capture even so). A capture
+that fails anyway is not fatal: that bucket runs eagerly and is tried again later
+(``MAX_CAPTURE_FAILURES`` times at most).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
 from kvrelay.workers.model.sparse_attention import CapturedStep, SparseAttention
 
@@ -223,7 +226,10 @@ class DecodeGraphs:
             self._forward(ids, pos, attn, reuses)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with (
+            GPU_GATE.capture(),
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+        ):
             logits, captured = self._forward(ids, pos, attn, reuses)
         graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn, captured)
 

@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from kvrelay.kernels import copy_blocks
+from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.types import Tier
 
@@ -115,7 +116,7 @@ class BlockCopier:
         dst_ids: torch.Tensor,
         ready: torch.cuda.Event | None,
     ) -> float:
-        with torch.inference_mode():
+        with torch.inference_mode(), GPU_GATE.work():
             if self._stream is None:
                 t0 = time.perf_counter()
                 copy_blocks(src, src_ids, dst, dst_ids)

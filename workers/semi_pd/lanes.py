@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from kvrelay.workers.engine.engine import EngineStats
+from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.semi_pd.sm_partition import SMPartition
 
 
@@ -18,8 +19,9 @@ def forward_unlocked(lock: threading.Lock, partition: SMPartition) -> Iterator[N
     comes back only once this lane's kernels are done (so a block freed next is not in use)."""
     lock.release()
     try:
-        yield
-        partition.synchronize()
+        with GPU_GATE.work():  # the other lane may be capturing a decode graph
+            yield
+            partition.synchronize()
     finally:
         lock.acquire()
 
