@@ -49,12 +49,13 @@ def test_block_scores_gpu() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "with_ids"), [(8192, 512, False), (512, 256, True), (20000, 1000, False)]
+    ("n", "k", "with_ids"),
+    [(8192, 512, False), (5000, 300, True), (512, 256, True), (20000, 1000, False)],
 )
 def test_topk_blocks_gpu(n: int, k: int, with_ids: bool) -> None:
     """The selection kernel keeps the reference's ids: a refresh's shortlist (k = 512 of 8192
-    blocks), the re-rank over a shortlist's ids, a row of several chunks; short middles, a
-    streaming (all -inf) row, ties."""
+    blocks, the row in registers at 16 warps), a shorter row with ids, the re-rank over a
+    shortlist's ids, a row of several chunks; short middles, a streaming (all -inf) row, ties."""
     from kvrelay.kernels import triton_sparse
 
     g = torch.Generator(device="cuda").manual_seed(n)
