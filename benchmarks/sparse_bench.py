@@ -335,12 +335,12 @@ def shortlist_topk_us(scores: torch.Tensor, k: int, step: DecodeStep) -> dict[st
     values in registers (the default), the same kernel reloading 4096-value chunks on every pass
     (what 8192 blocks took before), and torch's topk (unmasked: radix select + sort of the k)
     as the peer; ``same_ids``: both kernel paths keep the same ids."""
-    from kvrelay.kernels import triton_sparse
+    from kvrelay.kernels import triton_topk
 
     lo, hi = step.dense.sink, step.hi
     calls: dict[str, Callable[[], object]] = {
-        "registers": lambda: triton_sparse.topk_blocks(scores, k, lo, hi),
-        "chunks_4096": lambda: triton_sparse.topk_blocks(scores, k, lo, hi, chunk=4096),
+        "registers": lambda: triton_topk.topk_blocks(scores, k, lo, hi),
+        "chunks_4096": lambda: triton_topk.topk_blocks(scores, k, lo, hi, chunk=4096),
         "torch_topk": lambda: scores.topk(min(k, scores.shape[2]), dim=-1),
     }
     out: dict[str, Any] = {"n": scores.shape[2], "k": k, "rows": scores.shape[0] * scores.shape[1]}
@@ -351,9 +351,9 @@ def shortlist_topk_us(scores: torch.Tensor, k: int, step: DecodeStep) -> dict[st
                 fn()
 
         out[name] = round(bench(captured(twenty).replay) / 20 * 1e6, 1)
-    a = triton_sparse.topk_blocks(scores, k, lo, hi).sort(-1).values
+    a = triton_topk.topk_blocks(scores, k, lo, hi).sort(-1).values
     out["same_ids"] = torch.equal(
-        a, triton_sparse.topk_blocks(scores, k, lo, hi, chunk=4096).sort(-1).values
+        a, triton_topk.topk_blocks(scores, k, lo, hi, chunk=4096).sort(-1).values
     )
     return out
 

@@ -113,4 +113,5 @@ def test_topk_kernel_compiles(has_ids: bool, chunk: int, single: bool) -> None:
            "out_ptr": "*i64", "n": "i32", "k": "i32", "lo": "i32", "heads": "i32",
            "stride_vr": "i32", "stride_ir": "i32"}  # fmt: skip
     consts = dict(HAS_IDS=has_ids, CHUNK=chunk, SINGLE=single)
-    assert _cubin("_topk_kernel", sig, consts, num_warps=8 if chunk <= 4096 else 16) > 1000
+    warps = 8 if chunk <= 4096 else 16
+    assert _cubin("_topk_kernel", sig, consts, "triton_topk", num_warps=warps) > 1000

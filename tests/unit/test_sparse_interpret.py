@@ -1,7 +1,8 @@
-"""The sparse Triton kernels (kernels/triton_sparse.py) through Triton's interpreter on CPU, at
-small sizes, against the torch references (kernels/sparse_reference.py). Run this file in its own
-pytest process (as tests/unit/test_kernels_interpret.py: the interpreter must be chosen before
-triton is first imported); tests/gpu/test_sparse_gpu.py runs the same checks compiled."""
+"""The sparse Triton kernels (kernels/triton_sparse.py, triton_topk.py, triton_sample.py) through
+Triton's interpreter on CPU, at small sizes, against the torch references
+(kernels/sparse_reference.py). Run this file in its own pytest process (as
+tests/unit/test_kernels_interpret.py: the interpreter must be chosen before triton is first
+imported); tests/gpu/test_sparse_gpu.py runs the same checks compiled."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     _SPARSE = _private_copy("kvrelay.kernels.triton_sparse")
+    _TOPK = _private_copy("kvrelay.kernels.triton_topk")
     _SAMPLE = _private_copy("kvrelay.kernels.triton_sample")
 finally:
     if _saved is None:
@@ -61,6 +63,11 @@ def _interpreting(module: ModuleType) -> Iterator[ModuleType]:
 @pytest.fixture(scope="module")
 def sparse() -> Iterator[ModuleType]:
     yield from _interpreting(_SPARSE)
+
+
+@pytest.fixture(scope="module")
+def topk() -> Iterator[ModuleType]:
+    yield from _interpreting(_TOPK)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +129,7 @@ def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtyp
     ],
 )
 def test_topk_blocks(
-    sparse: ModuleType, n: int, k: int, with_ids: bool, ties: bool, chunk: int | None
+    topk: ModuleType, n: int, k: int, with_ids: bool, ties: bool, chunk: int | None
 ) -> None:
     """The same ids as the reference (its ties: lowest position first): rows whose range holds
     fewer than k elements (the rest -inf), an all -inf row (a streaming head), ids given (the
@@ -138,7 +145,7 @@ def test_topk_blocks(
     ids = torch.randint(0, n + 20, (3, 4, n), generator=g) if with_ids else None
     hi = torch.tensor([n // 2, 9, n + 20], dtype=torch.int32)
     want = ref.topk_blocks(values, k, 2, hi, ids)
-    got = sparse.topk_blocks(values, k, 2, hi, ids, **({} if chunk is None else {"chunk": chunk}))
+    got = topk.topk_blocks(values, k, 2, hi, ids, **({} if chunk is None else {"chunk": chunk}))
     assert got.shape == want.shape == (3, 4, min(k, n)) and got.dtype == torch.int64
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
