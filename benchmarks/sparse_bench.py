@@ -40,7 +40,7 @@ from kvrelay import kernels
 from kvrelay.kernels.sparse_reference import gather_kv
 from kvrelay.workers.model.llama import AttentionMetadata
 from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig
-from kvrelay.workers.model.sparse_select import keep_columns
+from kvrelay.workers.model.sparse_select import DecodeStep, keep_columns
 
 H, HKV, D, LAYERS, HIDDEN, INTER, BS = 32, 8, 128, 32, 4096, 14336, 16
 
@@ -276,7 +276,8 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
 def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
     """Where a refresh layer's time goes: each of its ops timed alone (``do_bench`` medians,
     the ops as ``SparseAttention._select`` and ``decode`` call them) and, on CUDA, the
-    profiler's kernel table for 20 later-layer refresh calls."""
+    profiler's kernel table for 20 later-layer refresh calls and the shortlist selection's
+    variants timed in a graph (``shortlist_topk_us``)."""
     from kvrelay.kernels.sparse_reference import keys_as_bounds
 
     cache, q, tables, _, attn, keys, ctxs = decode_case(ctx, batch, dev)
@@ -324,7 +325,37 @@ def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) 
         row["kernels_us_per_call"] = {
             e.key[:80]: round(e.device_time_total / 20, 1) for e in table[:12]
         }
+        row["shortlist_topk_us"] = shortlist_topk_us(scores, k * cfg.rerank, step)
     return row
+
+
+def shortlist_topk_us(scores: torch.Tensor, k: int, step: DecodeStep) -> dict[str, Any]:
+    """The refresh's shortlist selection alone, µs a call with no host time (20 calls captured
+    in one CUDA graph and replayed): ``topk_blocks`` keeping a row of up to ``TOPK_CHUNK``
+    values in registers (the default), the same kernel reloading 4096-value chunks on every pass
+    (what 8192 blocks took before), and torch's topk (unmasked: radix select + sort of the k)
+    as the peer; ``same_ids``: both kernel paths keep the same ids."""
+    from kvrelay.kernels import triton_topk
+
+    lo, hi = step.dense.sink, step.hi
+    calls: dict[str, Callable[[], object]] = {
+        "registers": lambda: triton_topk.topk_blocks(scores, k, lo, hi),
+        "chunks_4096": lambda: triton_topk.topk_blocks(scores, k, lo, hi, chunk=4096),
+        "torch_topk": lambda: scores.topk(min(k, scores.shape[2]), dim=-1),
+    }
+    out: dict[str, Any] = {"n": scores.shape[2], "k": k, "rows": scores.shape[0] * scores.shape[1]}
+    for name, fn in calls.items():
+
+        def twenty(fn: Callable[[], object] = fn) -> None:
+            for _ in range(20):
+                fn()
+
+        out[name] = round(bench(captured(twenty).replay) / 20 * 1e6, 1)
+    a = triton_topk.topk_blocks(scores, k, lo, hi).sort(-1).values
+    out["same_ids"] = torch.equal(
+        a, triton_topk.topk_blocks(scores, k, lo, hi, chunk=4096).sort(-1).values
+    )
+    return out
 
 
 def captured(step: Callable[[], object]) -> torch.cuda.CUDAGraph:

@@ -1,5 +1,6 @@
 """Torch reference bodies of the sparse-attention ops (LServe page selection, SampleAttention
-prefill); the Triton bodies in kernels/triton_sparse.py share their signatures.
+prefill); the Triton bodies in kernels/triton_sparse.py and kernels/triton_topk.py share their
+signatures.
 
 Key bounds, one side tensor per KV pool, block-major like the pool itself::
 

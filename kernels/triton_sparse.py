@@ -1,4 +1,5 @@
-"""Triton bodies of the sparse-attention ops (contracts and layouts in kernels/sparse_reference.py).
+"""Triton bodies of the sparse-attention ops (contracts and layouts in kernels/sparse_reference.py;
+the block selection, ``topk_blocks``, is in kernels/triton_topk.py).
 
 - ``block_scores``: one program per (sequence, KV head, chunk of BLOCK_B logical blocks) loads
   the group's queries once, then for each of the P sub-pages the chunk's bounds, and computes
@@ -9,11 +10,6 @@
 - ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
   one length per (sequence, KV head) — the compacted selection — instead of one per sequence, so
   a program reads only its head's selected blocks. Split-K and the reduce kernel are shared.
-- ``topk_blocks``: one program per row finds the k-th largest value by bisection over the
-  values' order-preserving integer keys (32 counting passes over the row, held in registers up
-  to 4096 elements), then writes the ids of the values above it and of the first ones equal to
-  it: unordered, no sort (torch's topk sorts its k results; at k = 512 of 8192 that was
-  ~70 µs of a refresh layer's ~140 µs of kernels on an H100).
 - ``update_bounds``: one program per (written slot, layer) folds the key into its sub-page's
   max and min (the torch reference is ~18 ops, once per decode step); slot -1 (a padding row of
   a captured step) folds nothing.
@@ -131,105 +127,6 @@ def block_scores(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         D_PAD=max(16, triton.next_power_of_2(dim)), PAGES=pages, BLOCK_B=block_b,
         EXACT=st[2] == 0, HAS_STREAM=streaming is not None, IEEE=query.dtype == torch.float32 or not query.is_cuda,
-    )  # fmt: skip
-    return out
-
-
-@triton.jit
-def _topk_keys(
-    val_row, ids_row, offs, n, lo, hi, HAS_IDS: tl.constexpr
-):  # fmt: skip
-    """Order-preserving int64 keys of a chunk (an element outside [lo, hi) by id is -inf, past
-    the row's end below everything) and the elements' ids."""
-    m = offs < n
-    v = tl.load(val_row + offs, mask=m, other=float("-inf"))
-    if HAS_IDS:
-        ids = tl.load(ids_row + offs, mask=m, other=0).to(tl.int64)
-    else:
-        ids = offs.to(tl.int64)
-    v = tl.where((ids >= lo) & (ids < hi), v, float("-inf"))
-    v = tl.where(v == 0.0, 0.0, v)  # -0.0 ties with +0.0 (its bits would sort it below)
-    bits = v.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # a negative float: flipped
-    return tl.where(m, key, -2147483649), ids
-
-
-@triton.jit
-def _topk_kernel(
-    val_ptr, ids_ptr, hi_ptr, out_ptr, n, k, lo, heads, stride_vr, stride_ir,
-    HAS_IDS: tl.constexpr, CHUNK: tl.constexpr, SINGLE: tl.constexpr,
-):  # fmt: skip
-    r = tl.program_id(0)
-    hi = tl.load(hi_ptr + r // heads).to(tl.int64)
-    val_row = val_ptr + r.to(tl.int64) * stride_vr
-    ids_row = ids_ptr + r.to(tl.int64) * stride_ir
-    offs = tl.arange(0, CHUNK)
-    if SINGLE:  # the row fits one chunk: its keys stay in registers
-        key0, ids0 = _topk_keys(val_row, ids_row, offs, n, lo, hi, HAS_IDS)
-    # the k-th largest key T: the largest T with #(key >= T) >= k, by bisection over int32
-    t_lo = tl.zeros([], tl.int64) - 2147483648
-    t_hi = tl.zeros([], tl.int64) + 2147483647
-    for _step in range(32):
-        mid = t_lo + (t_hi - t_lo + 1) // 2
-        if SINGLE:
-            cnt = tl.sum((key0 >= mid).to(tl.int32), 0)
-        else:
-            cnt = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
-            for c in range(0, n, CHUNK):
-                key, _ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
-                cnt += tl.sum((key >= mid).to(tl.int32), 0)
-        t_lo = tl.where(cnt >= k, mid, t_lo)
-        t_hi = tl.where(cnt >= k, t_hi, mid - 1)
-    # every key above T is kept; keys equal to T fill the remaining places, lowest position first
-    out_row = out_ptr + r.to(tl.int64) * k
-    if SINGLE:
-        gt = key0 > t_lo
-        eq = key0 == t_lo
-        n_gt = tl.sum(gt.to(tl.int32), 0)
-        pos = tl.where(gt, tl.cumsum(gt.to(tl.int32), 0), n_gt + tl.cumsum(eq.to(tl.int32), 0)) - 1
-        tl.store(out_row + pos, ids0, mask=gt | (eq & (pos < k)))
-    else:
-        n_gt = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
-        for c in range(0, n, CHUNK):
-            key, _ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
-            n_gt += tl.sum((key > t_lo).to(tl.int32), 0)
-        done_gt = n_gt * 0
-        done_eq = n_gt * 0
-        for c in range(0, n, CHUNK):
-            key, ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
-            gt = key > t_lo
-            eq = key == t_lo
-            pos_gt = done_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
-            pos_eq = n_gt + done_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-            pos = tl.where(gt, pos_gt, pos_eq)
-            tl.store(out_row + pos, ids, mask=gt | (eq & (pos < k)))
-            done_gt += tl.sum(gt.to(tl.int32), 0)
-            done_eq += tl.sum(eq.to(tl.int32), 0)
-
-
-def topk_blocks(
-    values: torch.Tensor,  # [B, H, N] float32
-    k: int,
-    lo: int,
-    hi: torch.Tensor,  # [B] int
-    ids: torch.Tensor | None = None,  # [B, H, N] int: the elements' ids; None: their positions
-) -> torch.Tensor:  # [B, H, min(k, N)] int64 ids, unordered
-    batch, heads, n = values.shape
-    kk = min(k, n)
-    out = torch.empty(batch, heads, kk, device=values.device, dtype=torch.int64)
-    if batch * heads == 0 or kk == 0:
-        return out
-    if values.dtype != torch.float32 or values.stride(2) != 1:
-        raise ValueError("topk_blocks needs float32 values with contiguous rows")
-    if values.stride(0) != heads * values.stride(1):
-        values = values.contiguous()
-    if ids is not None and (ids.stride(2) != 1 or ids.stride(0) != heads * ids.stride(1)):
-        ids = ids.contiguous()
-    chunk = min(triton.next_power_of_2(n), 4096)
-    _topk_kernel[(batch * heads,)](
-        values, values if ids is None else ids, hi, out, n, kk, lo, heads, values.stride(1),
-        0 if ids is None else ids.stride(1),
-        HAS_IDS=ids is not None, CHUNK=chunk, SINGLE=n <= chunk, num_warps=4 if n <= 1024 else 8,
     )  # fmt: skip
     return out
 

@@ -49,13 +49,14 @@ def test_block_scores_gpu() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "with_ids"), [(8192, 512, False), (512, 256, True), (20000, 1000, False)]
+    ("n", "k", "with_ids"),
+    [(8192, 512, False), (5000, 300, True), (512, 256, True), (20000, 1000, False)],
 )
 def test_topk_blocks_gpu(n: int, k: int, with_ids: bool) -> None:
     """The selection kernel keeps the reference's ids: a refresh's shortlist (k = 512 of 8192
-    blocks), the re-rank over a shortlist's ids, a row of several chunks; short middles, a
-    streaming (all -inf) row, ties."""
-    from kvrelay.kernels import triton_sparse
+    blocks, the row in registers at 16 warps), a shorter row with ids, the re-rank over a
+    shortlist's ids, a row of several chunks; short middles, a streaming (all -inf) row, ties."""
+    from kvrelay.kernels import triton_topk
 
     g = torch.Generator(device="cuda").manual_seed(n)
     values = torch.randn(8, 8, n, device="cuda", generator=g)
@@ -64,7 +65,7 @@ def test_topk_blocks_gpu(n: int, k: int, with_ids: bool) -> None:
     ids = torch.randint(0, n, (8, 8, n), device="cuda", generator=g) if with_ids else None
     hi = torch.randint(1, n, (8,), device="cuda", generator=g)
     want = ref.topk_blocks(values, k, 4, hi, ids)
-    got = triton_sparse.topk_blocks(values, k, 4, hi, ids)
+    got = triton_topk.topk_blocks(values, k, 4, hi, ids)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 

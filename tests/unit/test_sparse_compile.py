@@ -21,13 +21,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import importlib
-module, name, signature, constexprs = json.loads(sys.argv[1])
+module, name, signature, constexprs, num_warps = json.loads(sys.argv[1])
 sig = {**signature, **dict.fromkeys(constexprs, "constexpr")}
 names = list(sig)
 fn = getattr(importlib.import_module("kvrelay.kernels." + module), name)
 src = ASTSource(fn=fn, signature=sig,
                 constexprs={(names.index(k),): v for k, v in constexprs.items()})
-print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]))
+options = {"num_warps": num_warps}
+print(len(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]))
 """
 
 
@@ -36,12 +37,13 @@ def _cubin(
     signature: dict[str, str],
     constexprs: dict[str, object],
     module: str = "triton_sparse",
+    num_warps: int = 4,
 ) -> int:
     """Bytes of the sm_90 cubin of ``kvrelay.kernels.<module>.<name>`` compiled in a clean
     process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-c", _COMPILE, json.dumps([module, name, signature, constexprs])],
+        [sys.executable, "-c", _COMPILE, json.dumps([module, name, signature, constexprs, num_warps])],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -101,10 +103,15 @@ def test_scores_kernel_compiles(dtype: str, exact: bool, streaming: bool) -> Non
     assert _cubin("_scores_kernel", sig, consts) > 1000
 
 
-@pytest.mark.parametrize(("has_ids", "single"), [(False, True), (True, True), (False, False)])
-def test_topk_kernel_compiles(has_ids: bool, single: bool) -> None:
+@pytest.mark.parametrize(
+    ("has_ids", "chunk", "single"),
+    [(False, 4096, True), (True, 8192, True), (False, 8192, True), (False, 8192, False)],
+)
+def test_topk_kernel_compiles(has_ids: bool, chunk: int, single: bool) -> None:
+    """At the warps topk_blocks launches with (16 for a row of 8192 held in registers)."""
     sig = {"val_ptr": "*fp32", "ids_ptr": "*i64" if has_ids else "*fp32", "hi_ptr": "*i64",
            "out_ptr": "*i64", "n": "i32", "k": "i32", "lo": "i32", "heads": "i32",
            "stride_vr": "i32", "stride_ir": "i32"}  # fmt: skip
-    consts = dict(HAS_IDS=has_ids, CHUNK=4096, SINGLE=single)
-    assert _cubin("_topk_kernel", sig, consts) > 1000
+    consts = dict(HAS_IDS=has_ids, CHUNK=chunk, SINGLE=single)
+    warps = 8 if chunk <= 4096 else 16
+    assert _cubin("_topk_kernel", sig, consts, "triton_topk", num_warps=warps) > 1000

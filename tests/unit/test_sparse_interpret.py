@@ -1,7 +1,8 @@
-"""The sparse Triton kernels (kernels/triton_sparse.py) through Triton's interpreter on CPU, at
-small sizes, against the torch references (kernels/sparse_reference.py). Run this file in its own
-pytest process (as tests/unit/test_kernels_interpret.py: the interpreter must be chosen before
-triton is first imported); tests/gpu/test_sparse_gpu.py runs the same checks compiled."""
+"""The sparse Triton kernels (kernels/triton_sparse.py, triton_topk.py, triton_sample.py) through
+Triton's interpreter on CPU, at small sizes, against the torch references
+(kernels/sparse_reference.py). Run this file in its own pytest process (as
+tests/unit/test_kernels_interpret.py: the interpreter must be chosen before triton is first
+imported); tests/gpu/test_sparse_gpu.py runs the same checks compiled."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     _SPARSE = _private_copy("kvrelay.kernels.triton_sparse")
+    _TOPK = _private_copy("kvrelay.kernels.triton_topk")
     _SAMPLE = _private_copy("kvrelay.kernels.triton_sample")
 finally:
     if _saved is None:
@@ -61,6 +63,11 @@ def _interpreting(module: ModuleType) -> Iterator[ModuleType]:
 @pytest.fixture(scope="module")
 def sparse() -> Iterator[ModuleType]:
     yield from _interpreting(_SPARSE)
+
+
+@pytest.fixture(scope="module")
+def topk() -> Iterator[ModuleType]:
+    yield from _interpreting(_TOPK)
 
 
 @pytest.fixture(scope="module")
@@ -110,19 +117,25 @@ def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtyp
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "with_ids", "ties"),
+    ("n", "k", "with_ids", "ties", "chunk"),
     [
-        (100, 17, False, False),
-        (100, 17, True, False),
-        (90, 40, False, True),
-        (5000, 300, False, True),
+        (100, 17, False, False, None),
+        (100, 17, True, False, None),
+        (90, 40, False, True, None),
+        (5000, 300, False, True, None),
+        (8192, 512, False, True, None),
+        (8200, 512, False, True, None),
+        (5000, 300, True, True, 1024),
     ],
 )
-def test_topk_blocks(sparse: ModuleType, n: int, k: int, with_ids: bool, ties: bool) -> None:
+def test_topk_blocks(
+    topk: ModuleType, n: int, k: int, with_ids: bool, ties: bool, chunk: int | None
+) -> None:
     """The same ids as the reference (its ties: lowest position first): rows whose range holds
     fewer than k elements (the rest -inf), an all -inf row (a streaming head), ids given (the
-    re-rank's shortlist), repeated values (-0.0 equal to +0.0), a row longer than one
-    4096-element chunk."""
+    re-rank's shortlist), repeated values (-0.0 equal to +0.0); rows held in registers whole
+    (up to TOPK_CHUNK = 8192, 5000 of them padding a power of two) and rows reloaded chunk by
+    chunk on every pass (8200 elements; 5000 in chunks of 1024, with ids)."""
     g = torch.Generator().manual_seed(n + k)
     values = torch.randn(3, 4, n, generator=g)
     if ties:
@@ -132,7 +145,7 @@ def test_topk_blocks(sparse: ModuleType, n: int, k: int, with_ids: bool, ties: b
     ids = torch.randint(0, n + 20, (3, 4, n), generator=g) if with_ids else None
     hi = torch.tensor([n // 2, 9, n + 20], dtype=torch.int32)
     want = ref.topk_blocks(values, k, 2, hi, ids)
-    got = sparse.topk_blocks(values, k, 2, hi, ids)
+    got = topk.topk_blocks(values, k, 2, hi, ids, **({} if chunk is None else {"chunk": chunk}))
     assert got.shape == want.shape == (3, 4, min(k, n)) and got.dtype == torch.int64
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 

@@ -162,7 +162,7 @@ class ModelRunner:
         use_cuda_graphs: bool | None = None,  # None: on for CUDA caches (KVRELAY_CUDA_GRAPHS=0 off)
         max_graph_batch: int = BATCH_SIZES[-1],
         sparse: SparseAttention | None = None,  # opt-in; graphs replay its capturable steps
-        # when its config has ``graphs`` (sparse decode steps run eagerly otherwise)
+        # unless its config turns ``graphs`` off (sparse decode steps then run eagerly)
     ) -> None:
         self.model = model
         self.sparse = sparse

@@ -27,8 +27,8 @@ LServe reuses a selection for 4 steps; with the exact re-rank that lost a pass k
 next token is the key) where refreshing every step kept it, so the default refreshes every step
 (the bounds are then read each step: a quarter of the KV bytes at 4-token sub-pages).
 
-CUDA graphs (workers/engine/cuda_graphs.py; opt-in with ``SparseConfig.graphs``, off until its
-GPU test has passed on a GPU): a decode step with no fresh rows that refreshes its
+CUDA graphs (workers/engine/cuda_graphs.py; on wherever the engine replays dense decode graphs,
+off with ``SparseConfig.graphs`` False): a decode step with no fresh rows that refreshes its
 selection is ``capturable``; the graph records its layers in the ``static_step`` form (the same
 ops on the graph's static metadata, with every host-data branch made static), so its replay
 runs no Python per layer. It folds the step's own keys at its last layer instead of at the next
@@ -75,10 +75,10 @@ class SparseConfig:
     col_block: int = 64  # prefill column granularity (the Triton key tile)
     min_prefill: int = 2048  # shorter prompts prefill dense (nothing worth skipping)
     heads_path: str | None = None  # calibrated streaming heads (JSON); None: none streaming
-    # decode steps replay as CUDA graphs (workers/engine/cuda_graphs.py). Off by default until
-    # tests/gpu/test_sparse_graphs_gpu.py has passed on a GPU: off, sparse decode steps run
-    # eagerly as before
-    graphs: bool = False
+    # capturable decode steps replay as CUDA graphs (workers/engine/cuda_graphs.py) where the
+    # runner uses graphs for dense decode (CUDA, KVRELAY_CUDA_GRAPHS not 0); False: sparse decode
+    # steps run eagerly (and so do all decode steps of a runner with sparse decode)
+    graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in SPARSE_MODES:

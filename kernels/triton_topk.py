@@ -1,0 +1,133 @@
+"""Triton body of ``topk_blocks``, the sparse decode's block selection (contract in
+kernels/sparse_reference.py; the other sparse ops are in kernels/triton_sparse.py).
+
+One program per row finds the k-th largest value by bisection over the values' order-preserving
+int32 keys (32 counting passes over the row, held in registers up to 8192 elements,
+``TOPK_CHUNK``: 128k context in 16-token blocks; a longer row is reloaded chunk by chunk on
+every pass), then writes the ids of the values above it and of the first ones equal to it:
+unordered, no sort (torch's topk sorts its k results; at k = 512 of 8192 that was ~70 µs of a
+refresh layer's ~140 µs of kernels on an H100; the two-chunk reloading path ~50 µs of a
+replayed refresh layer's ~137 µs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TOPK_CHUNK = 8192  # topk_blocks keeps a row of up to this many values in registers
+
+
+@triton.jit
+def _topk_ids(ids_row, offs, n, HAS_IDS: tl.constexpr):
+    """The elements' ids (their positions without ``ids``)."""
+    ids = offs.to(tl.int64)
+    if HAS_IDS:
+        ids = tl.load(ids_row + offs, mask=offs < n, other=0).to(tl.int64)
+    return ids
+
+
+@triton.jit
+def _topk_keys(
+    val_row, ids_row, offs, n, lo, hi, HAS_IDS: tl.constexpr
+):  # fmt: skip
+    """Order-preserving int32 keys of a chunk (an element outside [lo, hi) by id is -inf, one
+    past the row's end the int32 minimum, below every value's key (-inf's is -2139095041) but a
+    negative NaN's with every payload bit set) and the elements' ids."""
+    m = offs < n
+    v = tl.load(val_row + offs, mask=m, other=float("-inf"))
+    ids = _topk_ids(ids_row, offs, n, HAS_IDS)
+    v = tl.where((ids >= lo) & (ids < hi), v, float("-inf"))
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 ties with +0.0 (its bits would sort it below)
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # a negative float: flipped
+    return tl.where(m, key, -2147483648), ids
+
+
+@triton.jit
+def _topk_kernel(
+    val_ptr, ids_ptr, hi_ptr, out_ptr, n, k, lo, heads, stride_vr, stride_ir,
+    HAS_IDS: tl.constexpr, CHUNK: tl.constexpr, SINGLE: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0)
+    hi = tl.load(hi_ptr + r // heads).to(tl.int64)
+    val_row = val_ptr + r.to(tl.int64) * stride_vr
+    ids_row = ids_ptr + r.to(tl.int64) * stride_ir
+    offs = tl.arange(0, CHUNK)
+    if SINGLE:  # the row fits one chunk: its keys (alone) stay in registers across the passes
+        key0, _ids = _topk_keys(val_row, ids_row, offs, n, lo, hi, HAS_IDS)
+    # the k-th largest key T: the largest T with #(key >= T) >= k, by bisection over int32
+    # (the bounds in int64, so that their sum cannot overflow; every midpoint fits int32)
+    t_lo = tl.zeros([], tl.int64) - 2147483648
+    t_hi = tl.zeros([], tl.int64) + 2147483647
+    for _step in range(32):
+        mid = t_lo + (t_hi - t_lo + 1) // 2
+        mid32 = mid.to(tl.int32)
+        if SINGLE:
+            cnt = tl.sum((key0 >= mid32).to(tl.int32), 0)
+        else:
+            cnt = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
+            for c in range(0, n, CHUNK):
+                key, _ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
+                cnt += tl.sum((key >= mid32).to(tl.int32), 0)
+        t_lo = tl.where(cnt >= k, mid, t_lo)
+        t_hi = tl.where(cnt >= k, t_hi, mid - 1)
+    t = t_lo.to(tl.int32)
+    # every key above T is kept; keys equal to T fill the remaining places, lowest position first
+    # (``< n``: past the row's end nothing is equal, even to a T a negative NaN brought down)
+    out_row = out_ptr + r.to(tl.int64) * k
+    if SINGLE:
+        gt = key0 > t
+        eq = (key0 == t) & (offs < n)
+        n_gt = tl.sum(gt.to(tl.int32), 0)
+        pos = tl.where(gt, tl.cumsum(gt.to(tl.int32), 0), n_gt + tl.cumsum(eq.to(tl.int32), 0)) - 1
+        ids0 = _topk_ids(ids_row, offs, n, HAS_IDS)  # loaded again: not held through the passes
+        tl.store(out_row + pos, ids0, mask=gt | (eq & (pos < k)))
+    else:
+        n_gt = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
+        for c in range(0, n, CHUNK):
+            key, _ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
+            n_gt += tl.sum((key > t).to(tl.int32), 0)
+        done_gt = n_gt * 0
+        done_eq = n_gt * 0
+        for c in range(0, n, CHUNK):
+            key, ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
+            gt = key > t
+            eq = (key == t) & (c + offs < n)
+            pos_gt = done_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
+            pos_eq = n_gt + done_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+            pos = tl.where(gt, pos_gt, pos_eq)
+            tl.store(out_row + pos, ids, mask=gt | (eq & (pos < k)))
+            done_gt += tl.sum(gt.to(tl.int32), 0)
+            done_eq += tl.sum(eq.to(tl.int32), 0)
+
+
+def topk_blocks(
+    values: torch.Tensor,  # [B, H, N] float32
+    k: int,
+    lo: int,
+    hi: torch.Tensor,  # [B] int
+    ids: torch.Tensor | None = None,  # [B, H, N] int: the elements' ids; None: their positions
+    chunk: int = TOPK_CHUNK,  # a power of two: the longest row kept in registers
+) -> torch.Tensor:  # [B, H, min(k, N)] int64 ids, unordered
+    batch, heads, n = values.shape
+    kk = min(k, n)
+    out = torch.empty(batch, heads, kk, device=values.device, dtype=torch.int64)
+    if batch * heads == 0 or kk == 0:
+        return out
+    if values.dtype != torch.float32 or values.stride(2) != 1:
+        raise ValueError("topk_blocks needs float32 values with contiguous rows")
+    if values.stride(0) != heads * values.stride(1):
+        values = values.contiguous()
+    if ids is not None and (ids.stride(2) != 1 or ids.stride(0) != heads * ids.stride(1)):
+        ids = ids.contiguous()
+    chunk = min(triton.next_power_of_2(n), chunk)
+    # 16 values a thread from 4096 on (8192: 16 warps), as many registers a value at every size
+    warps = 4 if chunk <= 1024 else 8 if chunk <= 4096 else 16
+    _topk_kernel[(batch * heads,)](
+        values, values if ids is None else ids, hi, out, n, kk, lo, heads, values.stride(1),
+        0 if ids is None else ids.stride(1),
+        HAS_IDS=ids is not None, CHUNK=chunk, SINGLE=n <= chunk, num_warps=warps,
+    )  # fmt: skip
+    return out
