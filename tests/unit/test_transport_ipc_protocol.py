@@ -128,7 +128,6 @@ def test_an_acked_header_counts_on_both_sides(links: Callable[..., tuple[Link, L
     sender, receiver = links()
     verdicts: list[bool] = []
     serve(receiver, lambda seq: verdicts.append(receiver.ack(seq, time.monotonic() + 5)))
-    drain(sender)  # takes the ACK
     assert sender.publish(0, b"header", time.monotonic() + 5) is True
     deadline = time.monotonic() + 5
     while not verdicts and time.monotonic() < deadline:
@@ -140,7 +139,6 @@ def test_a_sender_whose_deadline_passed_and_a_late_receiver_agree_it_failed(
     links: Callable[..., tuple[Link, Link]],
 ) -> None:
     sender, receiver = links()
-    drain(sender)
     t0 = time.monotonic()
     assert sender.publish(0, b"header", time.monotonic() + 0.3) is False
     assert 0.25 < time.monotonic() - t0 < 3
@@ -172,15 +170,14 @@ def test_a_peer_that_goes_away_fails_a_waiting_sender_at_once(
     assert time.monotonic() - t0 < 3
     reader.join(3)
     assert not reader.is_alive()
-    with pytest.raises(OSError):
-        sender.send(Kind.HEADER, 1, b"x")
+    with pytest.raises(TransferError):
+        sender.publish(1, b"header", time.monotonic() + 30)
 
 
 def test_an_ack_sent_without_waiting_returns_its_confirmation_as_a_frame(
     links: Callable[..., tuple[Link, Link]],
 ) -> None:
     sender, receiver = links()
-    drain(sender)
     result: list[bool] = []
     t = threading.Thread(
         target=lambda: result.append(sender.publish(7, b"h", time.monotonic() + 5))
@@ -193,6 +190,38 @@ def test_an_ack_sent_without_waiting_returns_its_confirmation_as_a_frame(
     assert result == [True]
 
 
+def test_transfers_both_ways_at_once_each_get_their_own_ack(
+    links: Callable[..., tuple[Link, Link]],
+) -> None:
+    ends = links()
+    headers: list[list[int]] = [[], []]
+    published: list[list[bool]] = [[], []]
+
+    def reader(i: int) -> None:  # acks each header at once, as a staged receive does
+        with contextlib.suppress(TransferError):
+            while True:
+                frame = ends[i].recv()
+                if frame.kind == Kind.HEADER:
+                    headers[i].append(frame.seq)
+                    ends[i].ack(frame.seq, None)
+
+    def sender(i: int) -> None:
+        for seq in range(50):
+            published[i].append(ends[i].publish(seq, b"h%d" % i, time.monotonic() + 10))
+
+    threads = [
+        threading.Thread(target=fn, args=(i,), daemon=True)
+        for fn in (reader, sender)
+        for i in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads[2:]:
+        t.join(20)
+    assert published == [[True] * 50, [True] * 50]
+    assert headers == [list(range(50)), list(range(50))]
+
+
 def test_a_connection_without_the_token_is_dropped_and_an_absent_peer_times_out() -> None:
     published: list[str] = []
     deadline = time.monotonic() + 10
@@ -201,9 +230,10 @@ def test_a_connection_without_the_token_is_dropped_and_an_absent_peer_times_out(
     t.start()
     while not published:
         threading.Event().wait(0.01)
-    port, token = published[0].split()
-    with socket.create_connection(("127.0.0.1", int(port))) as stranger:
-        stranger.sendall(b"0" * len(token))
+    name, token = published[0].split()
+    with socket.socket(socket.AF_UNIX) as stranger:
+        stranger.connect("\0" + name)
+        stranger.sendall(b"0" * (len(token) + 1))
         assert stranger.recv(1) == b""  # dropped
     peer = connect_link(published[0].encode(), deadline)
     t.join(5)

@@ -9,14 +9,14 @@ Cross-GPU (gloo) channels carry headers through the store, payloads through the 
     payload: gloo send(tag=seq)                ──▶  gloo recv(tag=seq) into a fresh buffer
                                                      deliver (transfer id -> payload) to inbox
 
-Same-GPU (CUDA IPC) channels carry everything on their control :class:`~.link.Link` (a loopback
-socket opened once per channel): the header, the receiver's ACK once it stopped reading the
-sender's memory, the sender's CONFIRM that the copy counts (link.py: how the sender's deadline
-and the ack agree)::
+Same-GPU (CUDA IPC) channels carry everything on their control :class:`~.link.Link` (two Unix
+socket connections opened once per channel): the header, the receiver's ACK once it stopped
+reading the sender's memory, the sender's CONFIRM that the copy counts (link.py: how the
+sender's deadline and the ack agree)::
 
     send_blocks: HEADER (names blocks of our  ──▶  map the sender's cache once; deliver a
                  cache, exported once)                BlockSource; the *caller* copies, syncs,
-                 wait for the ACK              ◀──  ACK, waits for the CONFIRM
+                 read the ACK, CONFIRM         ◀──  ACK, waits for the CONFIRM
     send:        HEADER (our staging buffer)   ──▶  map, clone, sync, ACK; deliver on CONFIRM
 
 The receiving *callers* never touch the wire: they wait on the peer's :class:`Inbox` for their
@@ -464,7 +464,7 @@ class Channel:
         try:
             if tell_peer:  # wake the peer's reader, which waits on our next message
                 if self.link is not None:
-                    self.link.send(Kind.BROKEN, self.send_seq, reason.encode())
+                    self.link.send_broken(self.send_seq, reason)
                 else:
                     self._ctl.compare_set(
                         msg_key(self.prefix, self.peer_rank, self.send_seq), "", BROKEN

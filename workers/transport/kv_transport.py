@@ -10,7 +10,7 @@ where each incarnation counts restarts of that worker id and the epoch is a stor
 (compare-and-set, so exactly once) when the channel breaks. Gloo peers read the prefix before
 every transfer, so a restarted peer or a broken channel is replaced on the next use, and both
 sides always agree on the group they meet in. A same-GPU channel skips that read while its
-control link (a loopback socket, link.py) is up: a peer that restarts, closes or breaks the
+control link (Unix sockets, link.py) is up: a peer that restarts, closes or breaks the
 channel takes the link down, so the next use finds the channel broken and reads the prefix.
 
 Paths: CPU <-> anything: gloo (CUDA tensors staged through host memory); two processes on the
@@ -30,8 +30,8 @@ claims stays buffered (a same-GPU ``send_blocks`` nobody receives fails at its d
 send only what the peer reserved (the handoff transaction).
 
 Threads: every call blocks its calling thread (run it off the event loop: ``asyncio.to_thread``);
-each live channel owns one reader thread and, over gloo, two store connections (same GPU: one
-loopback socket). Do not fork a process that holds a transport.
+each live channel owns one reader thread and, over gloo, two store connections (same GPU: two
+Unix socket connections). Do not fork a process that holds a transport.
 """
 
 from __future__ import annotations

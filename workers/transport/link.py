@@ -1,31 +1,35 @@
-"""The control link of a same-GPU channel: one loopback TCP connection between its two ends.
+"""The control link of a same-GPU channel: two Unix-socket connections between its two ends.
 
-Opened once per channel through the store (rank 0 listens on 127.0.0.1 and publishes its port
-and a one-time token; rank 1 connects and presents the token), then every header, ack and
-verdict of the channel travels on it, so a transfer costs one message each way on the sender's
-path and no store round trip. Peers on one GPU share a host; the link assumes they also share
-its loopback (one network namespace, as Ray workers of one node do).
+Opened once per channel through the store: rank 0 listens on an abstract Unix socket (Linux; no
+file, nothing on any network interface) and publishes its name and a one-time token; rank 1
+connects twice and presents the token. Each connection belongs to one *sending* side: it
+carries that side's HEADER, CONFIRM and BROKEN frames one way and the peer's ACKs back, so a
+sender reads its ACK itself (no thread hand-off on its path) and each side's reader thread reads
+one socket. Per transfer::
 
-Frame: kind (1 byte), seq (8), body length (4), body. Per transfer::
+    sender (its send lock held)                   receiver
+    HEADER seq, header  ── own connection ──▶    reader thread: map the memory, hand it on
+    read the ACK itself  ◀──────────────────     ACK seq (the copy finished: we stopped reading)
+    CONFIRM seq, return  ──────────────────▶    reader: CONFIRM seq (the copy counts)
 
-    sender (its send lock held)                  receiver
-    publish: HEADER seq, header    ──────────▶  reader thread: map the memory, hand it on
-                                                the copy finished (synchronised):
-    reader thread: is seq awaited? ◀──────────  ACK seq      ("we stopped reading it")
-      yes: CONFIRM seq, wake the   ──────────▶  CONFIRM seq  (the copy counts)
-      sender: it returns
+so the sender's path is one message each way, plus the CONFIRM it writes before returning.
+Peers on one GPU share a host; the link assumes they also share its network namespace (abstract
+Unix names live there), as Ray workers of one node do.
 
-The sender's deadline and the receiver's ack agree on one outcome: at its deadline the sender
-stops awaiting its seq under the same lock the reader takes on an ACK, so either the ACK came
-first (CONFIRM sent, the transfer counts) or the seq is no longer awaited (no CONFIRM ever; the
-sender fails and breaks the channel). The receiver counts its copy only on the CONFIRM, so it
-never keeps bytes the sender may already have reused. A dead peer closes the socket (EOF):
-every waiter on either side fails at once.
+Agreement between the sender's deadline and the receiver's ack: the sender alone reads its
+ACKs, so whether the ACK came before its deadline is its own decision, and it writes the CONFIRM
+only for an ACK it counted; past the deadline it stops reading, never confirms, and breaks the
+channel. The receiver counts its copy only on the CONFIRM, so it never keeps bytes the sender
+may already have reused. A dead peer closes both sockets (EOF): every waiter on either side
+fails at once.
+
+Frame: kind (1 byte), seq (8), body length (4), body.
 """
 
 from __future__ import annotations
 
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -46,6 +50,7 @@ class Kind(IntEnum):
 
 _FRAME = struct.Struct("!BQI")  # kind, seq, body length
 _TOKEN_BYTES = 32  # hex characters of the connect token
+_OUT_OF_RANK = (b"0", b"1")  # after the token: whose sending connection this is
 
 
 class Frame(NamedTuple):
@@ -55,43 +60,46 @@ class Frame(NamedTuple):
 
 
 class Link:
-    """One end of a channel's control connection. ``recv`` belongs to the channel's reader
-    thread; ``publish`` to its sender (one at a time: the channel's send lock); ``ack`` to any
-    thread. Every method is safe after :meth:`close` (it fails instead of blocking)."""
+    """One end of a channel's control link: ``out`` (we send headers, the peer acks) and
+    ``inp`` (the peer sends headers, we ack). :meth:`publish` belongs to the channel's sender
+    (one at a time: its send lock), :meth:`recv` to its reader thread, :meth:`ack` to any thread.
+    Every method is safe after :meth:`close` (it fails instead of blocking)."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self._rfile = sock.makefile("rb")
-        self._wlock = threading.Lock()  # one frame at a time on the socket
-        self._fdlock = threading.Lock()  # shutdown vs close of the descriptor
+    def __init__(self, out: socket.socket, inp: socket.socket) -> None:
+        self._out = _Conn(out)
+        self._inp = _Conn(inp)
         self._cv = threading.Condition()  # guards the fields below
-        self._awaited: int | None = None  # our published seq whose ACK may still count
-        self._acked = False  # the awaited seq's ACK came (and was confirmed)
         self._verdicts: dict[int, bool] = {}  # our acks waiting for the peer's CONFIRM
         self.down: str | None = None  # why the link is closed
 
     # ---- sender ----------------------------------------------------------------------------
     def publish(self, seq: int, header: bytes, deadline: float) -> bool:
-        """Send a header and wait for its ACK: True once acked (the reader confirmed it), False
-        when the deadline passed first (a later ACK gets no CONFIRM). TransferError when the
-        link went down."""
-        with self._cv:
-            self._awaited, self._acked = seq, False
-        self.send(Kind.HEADER, seq, header)
-        with self._cv:
-            while not self._acked and self.down is None:
+        """Send a header, read its ACK and confirm it: True; False when the deadline passed
+        first (we stop reading: a later ACK is never confirmed). TransferError when the link is
+        down."""
+        try:
+            self._out.send(Kind.HEADER, seq, header)
+            while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    break
-                self._cv.wait(remaining)
-            self._awaited = None
-            if self._acked:
-                return True
-            if self.down is not None:
-                raise TransferError(f"channel link down: {self.down}")
-            return False
+                    return False
+                frame = self._out.read(remaining)
+                if frame is None:  # timed out
+                    return False
+                if frame.kind != Kind.ACK:
+                    raise TransferError(f"frame kind {frame.kind} where an ACK belongs")
+                if frame.seq == seq:  # (an older seq's ACK came after its sender gave up)
+                    self._out.send(Kind.CONFIRM, seq)
+                    return True
+        except (OSError, EOFError) as exc:
+            raise self._lost(f"channel link down: {self.down or exc}") from exc
+
+    def send_broken(self, seq: int, reason: str) -> None:
+        """Tell the peer's reader we broke the channel (best effort)."""
+        try:
+            self._out.send(Kind.BROKEN, seq, reason.encode())
+        except OSError:
+            pass
 
     # ---- receiver --------------------------------------------------------------------------
     def ack(self, seq: int, wait_until: float | None) -> bool:
@@ -100,11 +108,11 @@ class Link:
         went down, or no answer by then). Without: only send (the CONFIRM then comes out of
         :meth:`recv`); True when sent."""
         if wait_until is None:
-            return self._try_send(Kind.ACK, seq)
+            return self._try_ack(seq)
         with self._cv:
             self._verdicts[seq] = False
         try:
-            if not self._try_send(Kind.ACK, seq):
+            if not self._try_ack(seq):
                 return False
             with self._cv:
                 while not self._verdicts[seq] and self.down is None:
@@ -119,64 +127,42 @@ class Link:
 
     # ---- reader thread ---------------------------------------------------------------------
     def recv(self) -> Frame:
-        """The next HEADER, BROKEN, or CONFIRM of an ack sent without waiting. ACKs and awaited
-        CONFIRMs are answered here. TransferError once the link is down (EOF: the peer closed
-        it or died)."""
+        """The peer's next HEADER, BROKEN, or CONFIRM of an ack sent without waiting (awaited
+        CONFIRMs are handed to their :meth:`ack` here). TransferError once the link is down
+        (EOF: the peer closed it or died)."""
         while True:
-            kind, seq, n = _FRAME.unpack(self._read(_FRAME.size))
-            body = self._read(n) if n else b""
-            if kind == Kind.ACK:
+            try:
+                frame = self._inp.read(None)
+            except (OSError, EOFError) as exc:
+                raise self._lost(f"the peer closed the channel ({exc})") from exc
+            assert frame is not None  # no timeout
+            if frame.kind == Kind.CONFIRM:
                 with self._cv:
-                    if seq == self._awaited and not self._acked:
-                        self._acked = self._try_send(Kind.CONFIRM, seq)
-                        self._cv.notify_all()
-                continue
-            if kind == Kind.CONFIRM:
-                with self._cv:
-                    if seq in self._verdicts:
-                        self._verdicts[seq] = True
+                    if frame.seq in self._verdicts:
+                        self._verdicts[frame.seq] = True
                         self._cv.notify_all()
                         continue
-            return Frame(Kind(kind), seq, body)
+            return frame
 
     # ---- both ------------------------------------------------------------------------------
-    def send(self, kind: Kind, seq: int, body: bytes = b"") -> None:
-        """One frame; OSError when the socket is gone."""
-        frame = _FRAME.pack(kind, seq, len(body)) + body
-        with self._wlock:
-            self._sock.sendall(frame)
-
     def close(self, reason: str) -> None:
         """Take the link down (idempotent): waiters fail, the reader and the peer see EOF. The
-        descriptor itself is released by :meth:`release` (the reader thread, when it ends)."""
+        descriptors themselves are released by :meth:`release` (the reader thread, when done)."""
         with self._cv:
             if self.down is None:
                 self.down = reason
             self._cv.notify_all()
-        with self._fdlock:  # not the write lock: this also wakes a writer blocked in sendall
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already shut down or closed
-                pass
+        self._out.shutdown()
+        self._inp.shutdown()
 
     def release(self) -> None:
-        """Close the descriptor (after :meth:`close`; only the reader thread, once done)."""
-        with self._wlock, self._fdlock:  # no frame mid-write; later sends fail on the closed socket
-            self._rfile.close()
-            self._sock.close()
+        """Close the descriptors (after :meth:`close`; only the reader thread, once done)."""
+        self._out.close()
+        self._inp.close()
 
-    def _read(self, n: int) -> bytes:
+    def _try_ack(self, seq: int) -> bool:
         try:
-            data = self._rfile.read(n)
-        except OSError as exc:  # reset by a dying peer, or closed here
-            raise self._lost(f"the channel's link failed: {exc}") from exc
-        if len(data) < n:
-            raise self._lost("the peer closed the channel")
-        return data
-
-    def _try_send(self, kind: Kind, seq: int) -> bool:
-        try:
-            self.send(kind, seq)
+            self._inp.send(Kind.ACK, seq)
             return True
         except OSError:
             return False
@@ -186,40 +172,115 @@ class Link:
         return TransferError(reason)
 
 
-def accept_link(publish: Callable[[str], None], deadline: float) -> Link:
-    """Rank 0's end: listen on loopback, ``publish`` ``"<port> <token>"`` (to the store) and
-    accept the peer that presents the token (any other connection is dropped). OSError or
-    TransferError when it did not connect by ``deadline``."""
-    token = secrets.token_hex(_TOKEN_BYTES // 2).encode()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        publish(f"{listener.getsockname()[1]} {token.decode()}")
-        while True:
-            listener.settimeout(_remaining(deadline))
-            sock, _ = listener.accept()
+class _Conn:
+    """One connection: frames written whole under a lock; read by one thread at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(None)
+        self._sock = sock
+        self._wlock = threading.Lock()  # one frame at a time
+        self._rlock = threading.Lock()  # one reader; close waits for it
+        self._fdlock = threading.Lock()  # shutdown vs close of the descriptor
+        self._buf = bytearray()
+        self._poll = select.poll()  # (the reader's) wait with a timeout, socket left blocking
+        self._poll.register(sock, select.POLLIN)
+
+    def send(self, kind: Kind, seq: int, body: bytes = b"") -> None:
+        frame = _FRAME.pack(kind, seq, len(body)) + body
+        with self._wlock:
+            self._sock.sendall(frame)
+
+    def read(self, timeout: float | None) -> Frame | None:
+        """The next frame; None when ``timeout`` (seconds) passed first. EOFError at EOF."""
+        with self._rlock:
+            end = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if len(self._buf) >= _FRAME.size:
+                    kind, seq, n = _FRAME.unpack_from(self._buf)
+                    if len(self._buf) >= _FRAME.size + n:
+                        body = bytes(self._buf[_FRAME.size : _FRAME.size + n])
+                        del self._buf[: _FRAME.size + n]
+                        return Frame(Kind(kind), seq, body)
+                if end is not None:
+                    remaining = end - time.monotonic()
+                    if remaining <= 0 or not self._poll.poll(max(1, int(remaining * 1000))):
+                        return None
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    raise EOFError("connection closed")
+                self._buf += chunk
+
+    def shutdown(self) -> None:
+        """Wake the reader and any writer blocked on this connection; the peer sees EOF."""
+        with self._fdlock:
             try:
-                sock.settimeout(_remaining(deadline))
-                got = b""
-                while len(got) < _TOKEN_BYTES and (chunk := sock.recv(_TOKEN_BYTES - len(got))):
-                    got += chunk
-                if got == token:
-                    return Link(sock)
-            except OSError:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already shut down or closed
                 pass
-            sock.close()  # not our peer (or it went away): keep waiting for the real one
+
+    def close(self) -> None:
+        with self._wlock, self._rlock, self._fdlock:  # nobody mid-read or mid-write
+            self._sock.close()
+
+
+def accept_link(publish: Callable[[str], None], deadline: float) -> Link:
+    """Rank 0's end: listen, ``publish`` ``"<name> <token>"`` (to the store) and accept rank 1's
+    two connections (token, then whose sending connection it is); any other is dropped. OSError
+    or TransferError when the peer did not connect by ``deadline``."""
+    token = secrets.token_hex(_TOKEN_BYTES // 2).encode()
+    name = f"kvrelay-link-{secrets.token_hex(16)}"
+    got: dict[bytes, socket.socket] = {}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind("\0" + name)  # abstract namespace
+            listener.listen(4)
+            publish(f"{name} {token.decode()}")
+            while len(got) < 2:
+                listener.settimeout(_remaining(deadline))
+                sock, _ = listener.accept()
+                role = _greeting(sock, token, deadline)
+                if role is None or role in got:
+                    sock.close()  # not our peer (or it went away): keep waiting for the real one
+                else:
+                    got[role] = sock
+    except BaseException:
+        for sock in got.values():
+            sock.close()
+        raise
+    return Link(out=got[_OUT_OF_RANK[0]], inp=got[_OUT_OF_RANK[1]])
 
 
 def connect_link(address: bytes, deadline: float) -> Link:
-    """Rank 1's end: connect to what rank 0 published and present its token."""
-    port, token = address.decode().split()
-    sock = socket.create_connection(("127.0.0.1", int(port)), _remaining(deadline))
+    """Rank 1's end: connect twice to what rank 0 published, presenting its token."""
+    name, token = address.decode().split()
+    socks: list[socket.socket] = []
     try:
-        sock.sendall(token.encode())
-        return Link(sock)
+        for role in (_OUT_OF_RANK[1], _OUT_OF_RANK[0]):  # ours, then rank 0's
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.settimeout(_remaining(deadline))
+            sock.connect("\0" + name)
+            sock.sendall(token.encode() + role)
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
+    return Link(out=socks[0], inp=socks[1])
+
+
+def _greeting(sock: socket.socket, token: bytes, deadline: float) -> bytes | None:
+    """The role a connection presents after the right token, else None."""
+    want = _TOKEN_BYTES + 1
+    got = b""
+    try:
+        sock.settimeout(_remaining(deadline))
+        while len(got) < want and (chunk := sock.recv(want - len(got))):
+            got += chunk
+    except OSError:
+        return None
+    if len(got) < want or got[:-1] != token or got[-1:] not in _OUT_OF_RANK:
+        return None
+    return got[-1:]
 
 
 def _remaining(deadline: float) -> float:
