@@ -66,6 +66,7 @@ from kvrelay.workers.transport.wire import (
 )
 
 T = TypeVar("T")
+_CONFIRM_GRACE_S = 1.0  # the least a receiver waits for the sender's CONFIRM after its ACK
 
 
 class BlockSource:
@@ -91,14 +92,15 @@ class BlockSource:
     def read(self, fn: Callable[[torch.Tensor, torch.Tensor], T], deadline: float) -> T:
         """``fn(cache, block_ids)`` (device work on the current stream), waited for, then acked.
         TransferError when the sender gave up before the ack (its blocks may have changed) or
-        did not confirm it by ``deadline``."""
+        did not confirm it by ``deadline`` (at least _CONFIRM_GRACE_S after the ack)."""
         try:
             out = fn(self.cache, self.block_ids)
             if self.cache.is_cuda:
                 torch.cuda.current_stream(self.cache.device).synchronize()
             crc = None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
-        finally:
-            acked = self.release(deadline)
+        finally:  # the sender answers an ACK at once while alive: wait past a deadline the
+            # copy itself ran into, so a finished copy is not thrown away for that
+            acked = self.release(max(deadline, time.monotonic() + _CONFIRM_GRACE_S))
         if not acked:
             raise TransferError("the sender gave up before the copy finished")
         if crc != self._crc:
@@ -164,6 +166,11 @@ class Inbox:
                     self._abandoned.add(transfer_id)
                     raise TransferError(f"transfer {transfer_id!r}: deadline passed waiting")
                 self._cv.wait(remaining)
+
+    def pop(self, transfer_id: str) -> Arrival | None:
+        """The arrival of ``transfer_id`` if it is here, without waiting."""
+        with self._cv:
+            return self._items.pop(transfer_id, None)
 
     def pending(self) -> int:
         with self._cv:

@@ -289,8 +289,7 @@ class KVTransport:
         wire.validate_transfer_id(transfer_id)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._counters.count(peer, sent=False, error=TransferError) as bump:
-            channel, pair = self._channel(peer, deadline)
-            arrival = pair.inbox.take(transfer_id, channel.generation, deadline)
+            arrival = self._arrival(peer, transfer_id, deadline)
             got = arrival.header
             if (shape is not None and got.shape != tuple(shape)) or (
                 dtype is not None and got.dtype != dtype
@@ -306,6 +305,24 @@ class KVTransport:
             result = take(arrival, deadline)
             bump(got.nbytes)
         return result
+
+    def _arrival(self, peer: str, transfer_id: str, deadline: float) -> Arrival:
+        """Wait for ``transfer_id`` on the pair's channel (made or remade first). One that has
+        already arrived is taken even when its channel closed since: a same-GPU peer may send a
+        payload and close its link before we ask (also if that races with remaking it)."""
+        with self._lock:
+            pair = None if self._closed else self._pairs.get(peer)
+        ready = None if pair is None else pair.inbox.pop(transfer_id)
+        if ready is not None:
+            return ready
+        try:
+            channel, pair = self._channel(peer, deadline)
+        except TransferError:
+            ready = None if pair is None else pair.inbox.pop(transfer_id)
+            if ready is None:
+                raise
+            return ready
+        return pair.inbox.take(transfer_id, channel.generation, deadline)
 
     def stats(self) -> TransportStats:
         return self._counters.snapshot()
