@@ -132,7 +132,7 @@ def payload_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
         if d < 0:
             raise TransferError(f"negative dimension in {shape}")
         n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def checksum(payload: torch.Tensor) -> int:
