@@ -49,6 +49,7 @@ class Kind(IntEnum):
 
 
 _FRAME = struct.Struct("!BQI")  # kind, seq, body length
+_MAX_BODY = 64 << 20  # a header names at most ~10M block ids; more is a broken peer
 _TOKEN_BYTES = 32  # hex characters of the connect token
 _OUT_OF_RANK = (b"0", b"1")  # after the token: whose sending connection this is
 
@@ -197,6 +198,8 @@ class _Conn:
             while True:
                 if len(self._buf) >= _FRAME.size:
                     kind, seq, n = _FRAME.unpack_from(self._buf)
+                    if n > _MAX_BODY:
+                        raise ValueError(f"a {n}-byte frame on a control link")
                     if len(self._buf) >= _FRAME.size + n:
                         body = bytes(self._buf[_FRAME.size : _FRAME.size + n])
                         del self._buf[: _FRAME.size + n]
@@ -238,7 +241,11 @@ def accept_link(publish: Callable[[str], None], deadline: float) -> Link:
             while len(got) < 2:
                 listener.settimeout(_remaining(deadline))
                 sock, _ = listener.accept()
-                role = _greeting(sock, token, deadline)
+                try:
+                    role = _greeting(sock, token, deadline)
+                except BaseException:
+                    sock.close()
+                    raise
                 if role is None or role in got:
                     sock.close()  # not our peer (or it went away): keep waiting for the real one
                 else:
