@@ -2,6 +2,8 @@
 
     python benchmarks/transfer_bench.py                  # CPU: gloo over loopback
     python benchmarks/transfer_bench.py --device cuda    # one GPU: the same-GPU CUDA IPC path
+    python benchmarks/transfer_bench.py --control        # CPU: the same-GPU path's control round
+                                                         # trip (link vs the store it replaced)
 
 Two processes on one host: this one hosts the rendezvous store and sends, a spawned one
 receives. One timed iteration runs until the sender knows the blocks are in the receiver's
@@ -25,13 +27,22 @@ and unpacks. The fixed time per transfer is the 1-block row's time less its copy
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import os
+import queue
+import socket
 import statistics
+import threading
 import time
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvrelay.workers.transport.kv_transport import KVTransport, start_rendezvous_store
+from kvrelay.workers.transport.link import Kind, accept_link, connect_link
+from kvrelay.workers.transport.wire import Header, TransferError
 
 GEOMETRY = (30, 2, 16, 3, 64)  # [L, 2, bs, Hkv, D]
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4
@@ -87,12 +98,130 @@ def copy_time(nbytes: int, device: torch.device, reps: int = 12) -> float:
     return min(times)
 
 
+# ---- --control: the same-GPU path's control round trip, on CPU -------------------------------
+CONTROL_ROUNDS = 2000
+
+
+def one_block_header(seq: int) -> Header:
+    """A 1-block same-GPU ``send_blocks`` header: real field sizes (64-byte CUDA IPC handles as
+    hex, the ref-counter file name, the block list), dummy values."""
+    ipc = {
+        "size": [BLOCK_BYTES * 1024], "stride": [1], "offset": 0, "storage_cls": "UntypedStorage",
+        "handle": "ab" * 64, "storage_size": BLOCK_BYTES * 1024, "storage_offset": 0,
+        "ref_handle": "/torch_12345_1234567890_0", "ref_offset": 0, "event_handle": "cd" * 64,
+        "event_sync": True, "blocks": [seq % 1024], "cache_shape": [1024, *GEOMETRY],
+    }  # fmt: skip
+    shape = (1, *GEOMETRY)
+    return Header(seq, f"b1.{seq}", torch.float32, shape, BLOCK_BYTES, ipc=ipc)
+
+
+def control_client(port: int) -> dist.Store:
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(60))
+
+
+def control_receiver(port: int, rounds: int) -> None:
+    """Spawned: the receiving side of each exchange. A reader thread takes every header and
+    hands it to this (caller) thread, which acks: the thread structure of a channel."""
+    ctl = control_client(port)
+    ctl.wait(["ctl/link"])
+    link = connect_link(ctl.get("ctl/link"), time.monotonic() + 60)
+    seqs: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def read_link() -> None:
+        with contextlib.suppress(TransferError):
+            while True:
+                frame = link.recv()
+                if frame.kind == Kind.HEADER:
+                    seqs.put(Header.decode(frame.body).seq)
+
+    def read_store() -> None:  # what a channel's reader did before: wait + get, delete
+        reader = control_client(port)
+        for seq in range(rounds):
+            seqs.put(Header.decode(reader.get(f"ctl/msg/{seq}")).seq)
+            reader.delete_key(f"ctl/msg/{seq}")
+
+    threading.Thread(target=read_link, daemon=True).start()
+    for _ in range(rounds):
+        link.ack(seqs.get(), time.monotonic() + 10)
+    threading.Thread(target=read_store, daemon=True).start()
+    for _ in range(rounds):
+        ctl.compare_set(f"ctl/ack/{seqs.get()}", "", "done")
+    ctl.wait(["ctl/echo"])
+    with socket.socket(socket.AF_UNIX) as echo:
+        echo.connect("\0" + ctl.get("ctl/echo").decode())
+        for _ in range(rounds):
+            echo.sendall(echo.recv(64))
+    link.close("done")
+
+
+def control(rounds: int) -> None:
+    """Time one same-GPU transfer's control exchange, CPU only: the link now, the store protocol
+    before, a bare Unix-socket ping-pong (the limit)."""
+    store, port = start_rendezvous_store()
+    ctl, waiter = control_client(port), control_client(port)
+    child = mp.get_context("spawn").Process(target=control_receiver, args=(port, rounds))
+    child.start()
+    link = accept_link(lambda address: ctl.set("ctl/link", address), time.monotonic() + 60)
+    rows = {"link": [], "store": [], "bare": []}
+    for seq in range(rounds):
+        t0 = time.perf_counter()
+        if not link.publish(seq, one_block_header(seq).encode().encode(), time.monotonic() + 10):
+            raise SystemExit(f"link: no ack for {seq}")
+        rows["link"].append(time.perf_counter() - t0)
+    for seq in range(rounds):  # the sender's part before: set the header, delete the last ack,
+        t0 = time.perf_counter()  # wait for this one (receiver: get, compare_set, delete)
+        ctl.set(f"ctl/msg/{seq}", one_block_header(seq).encode())
+        if seq:
+            ctl.delete_key(f"ctl/ack/{seq - 1}")
+        waiter.wait([f"ctl/ack/{seq}"])
+        rows["store"].append(time.perf_counter() - t0)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(f"\0kvrelay-bench-{os.getpid()}")  # abstract, as the link's
+        listener.listen(1)
+        ctl.set("ctl/echo", f"kvrelay-bench-{os.getpid()}")
+        echo, _ = listener.accept()
+        with echo:
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                echo.sendall(b"x" * 13)
+                echo.recv(64)
+                rows["bare"].append(time.perf_counter() - t0)
+    child.join(60)
+    link.close("done")
+    link.release()
+    names = {
+        "link": "link (now): HEADER → ACK → CONFIRM, workers/transport/link.py",
+        "store": "store (before): set, delete, wait; the receiver: get, compare_set, delete",
+        "bare": "limit: bare 13-byte ping-pong, one Unix socket, no threads",
+    }
+    print(f"\n## Same-GPU transfer control round trip on CPU ({rounds} rounds, 1-block header)")
+    print("one round: the sender sends a header and returns on the receiver's ack; the receiver's")
+    print("reader thread decodes it and hands it to a caller thread, which acks (as a channel)\n")
+    print("| exchange | median µs | p10 µs | p90 µs |")
+    print("| --- | ---: | ---: | ---: |")
+    for key, times in rows.items():
+        ts = sorted(times[rounds // 10 :])  # the first tenth warms up
+        p = [ts[len(ts) // 2], ts[len(ts) // 10], ts[len(ts) * 9 // 10]]
+        print(f"| {names[key]} | " + " | ".join(f"{v * 1e6:.0f}" for v in p) + " |")
+    print(
+        "\nthe store row leaves out the two per-transfer reads of the pair's prefix (multi_get "
+        "on each side) that the same-GPU path also paid before; the link path has none"
+    )
+    del store
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 256, 1024])
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument(
+        "--control", action="store_true", help="only the same-GPU control round trip, on CPU"
+    )
     args = parser.parse_args()
+    if args.control:
+        control(CONTROL_ROUNDS)
+        return
     if args.iters < 3:
         parser.error("--iters must be at least 3 (the first two are warm-up)")
     device = torch.device(args.device)

@@ -187,6 +187,20 @@ def test_a_sender_killed_as_its_header_arrives_gives_an_error_or_the_complete_bl
     del store
 
 
+@pytest.mark.gpu
+def test_a_payload_sent_just_before_the_peer_closed_is_still_received() -> None:
+    """A same-GPU channel breaks as soon as the peer closes its control link; a staged payload
+    it sent before (delivered here on its CONFIRM) is still received afterwards."""
+    store, port = start_rendezvous_store()
+    peer = run_peer("send_and_close", port)
+    with KVTransport("p", "127.0.0.1", port, device="cuda", timeout_s=60) as p:
+        p.send_blocks("d", "warm", source_cache("cuda"), SRC_IDS)  # the channel is up
+        assert peer_result(peer) == {"sent": True}  # d sent "late", then closed and exited
+        got = p.recv("d", "late", timeout_s=10)
+    assert torch.equal(got.cpu(), torch.arange(10.0))
+    del store
+
+
 def wait_for_incarnation(store: object, worker: str, n: int) -> None:
     deadline = time.monotonic() + PEER_TIMEOUT
     key = wire.worker_info_key(worker)
@@ -260,6 +274,12 @@ def _peer(scenario: str, port: int, args: list[str]) -> dict:
             d.recv_blocks("p", "warm", cache, DST_IDS)
             d.recv_blocks("p", "doomed", cache, DST_IDS)
             return {}
+    if scenario == "send_and_close":
+        with KVTransport("d", "127.0.0.1", port, device="cuda", timeout_s=60) as d:
+            cache = torch.zeros((32, *GEOMETRY), device="cuda")
+            d.recv_blocks("p", "warm", cache, DST_IDS)
+            d.send("p", "late", torch.arange(10.0, device="cuda"))
+        return {"sent": True}
     if scenario == "send_then_hang":
         with KVTransport("s", "127.0.0.1", port, device="cuda", timeout_s=60) as s:
             s.send_blocks("q", "first", source_cache("cuda"), SRC_IDS)

@@ -1,10 +1,13 @@
-"""The same-GPU transfer protocol's pure parts, on CPU: the block list a header names, the ack
-agreement between a sender's deadline and a receiver's copy (on a real TCPStore), and how the
-inbox treats blocks it may no longer read. The CUDA side (mapping, copy) is in tests/gpu."""
+"""The same-GPU transfer protocol's parts that run on CPU: the block list a header names, the
+control link (header, ack, confirmation; the agreement between a sender's deadline and a
+receiver's copy; a peer going away) over real loopback sockets, and how the inbox treats blocks
+it may no longer read. The CUDA side (mapping, copy) is in tests/gpu."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from kvrelay.kernels import pack_blocks
-from kvrelay.workers.transport.channel import Arrival, BlockSource, Inbox, await_ack, give_ack
+from kvrelay.workers.transport.channel import Arrival, BlockSource, Inbox
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
+from kvrelay.workers.transport.link import Frame, Kind, Link, accept_link, connect_link
 from kvrelay.workers.transport.wire import Header, TransferError, block_source, checksum
 
 BLOCK = (2, 2, 4, 1, 8)  # [L, 2, bs, Hkv, D]
@@ -55,48 +59,192 @@ def test_a_bad_block_list_is_a_transfer_error(ids: list, cache_shape: list | Non
         block_source(header(3, blocks_ipc(ids, cache_shape)))
 
 
-# ---- the ack agreement (real store) -----------------------------------------------------------
+# ---- the control link (real loopback sockets, opened through a real store) ----------------------
 @pytest.fixture
-def store() -> Iterator[Callable[[], dist.Store]]:
-    """Makes clients of a real rendezvous store."""
+def links() -> Iterator[Callable[..., tuple[Link, Link]]]:
+    """Opens the two ends of a control link through a real rendezvous store, as channels do."""
     server, port = start_rendezvous_store()
+    opened: list[Link] = []
 
     def client() -> dist.Store:
         return dist.TCPStore(
             "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10)
         )
 
-    yield client
+    def pair(prefix: str = "p") -> tuple[Link, Link]:
+        a, b = client(), client()
+        key = f"{prefix}/link"
+        deadline = time.monotonic() + 10
+        got: dict[int, Link] = {}
+        t = threading.Thread(
+            target=lambda: got.setdefault(0, accept_link(lambda v: a.set(key, v), deadline))
+        )
+        t.start()
+
+        b.wait([key])
+        got[1] = connect_link(bytes(b.get(key)), deadline)
+        t.join(10)
+        opened.extend(got.values())
+        return got[0], got[1]
+
+    yield pair
+    for link in opened:
+        link.close("test over")
+        link.release()
     del server
 
 
-def test_an_ack_given_before_or_during_the_wait_counts(store: Callable[[], dist.Store]) -> None:
-    ctl, waiter, peer = store(), store(), store()
-    assert give_ack(peer, "a/0")
-    t0 = time.monotonic()
-    await_ack(ctl, waiter, "a/0", time.monotonic() + 5)
-    timer = threading.Timer(0.2, lambda: give_ack(peer, "a/1"))
-    timer.start()
-    await_ack(ctl, waiter, "a/1", time.monotonic() + 5)
-    assert time.monotonic() - t0 < 3
-    timer.join()
-    # the deadline already passed, but the receiver had acked: the transfer counts
-    assert give_ack(peer, "a/2")
-    await_ack(ctl, waiter, "a/2", time.monotonic() - 1)
+def drain(link: Link) -> threading.Thread:
+    """A reader thread: answers the peer's ACKs and CONFIRMs until the link goes down."""
+
+    def run() -> None:
+        with contextlib.suppress(TransferError):
+            while True:
+                link.recv()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def serve(link: Link, answer: Callable[[int], object]) -> threading.Thread:
+    """A receiver: its reader hands the next header's seq to ``answer`` on a caller thread (as a
+    channel's inbox does), then keeps reading."""
+
+    def run() -> None:
+        frame = link.recv()
+        assert frame.kind == Kind.HEADER
+        threading.Thread(target=answer, args=(frame.seq,), daemon=True).start()
+        with contextlib.suppress(TransferError):
+            while True:
+                link.recv()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_an_acked_header_counts_on_both_sides(links: Callable[..., tuple[Link, Link]]) -> None:
+    sender, receiver = links()
+    verdicts: list[bool] = []
+    serve(receiver, lambda seq: verdicts.append(receiver.ack(seq, time.monotonic() + 5)))
+    assert sender.publish(0, b"header", time.monotonic() + 5) is True
+    deadline = time.monotonic() + 5
+    while not verdicts and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    assert verdicts == [True]
 
 
 def test_a_sender_whose_deadline_passed_and_a_late_receiver_agree_it_failed(
-    store: Callable[[], dist.Store],
+    links: Callable[..., tuple[Link, Link]],
 ) -> None:
-    ctl, waiter, peer = store(), store(), store()
+    sender, receiver = links()
+    t0 = time.monotonic()
+    assert sender.publish(0, b"header", time.monotonic() + 0.3) is False
+    assert 0.25 < time.monotonic() - t0 < 3
+    frame = receiver.recv()
+    assert (frame.kind, frame.seq) == (Kind.HEADER, 0)
+    # the late ack gets no confirmation: the receiver's copy does not count
+    assert receiver.ack(0, time.monotonic() + 0.5) is False
+    # the sender breaks the channel: a receiver waiting for its word learns at once
+    done: list[bool] = []
+    waiter = threading.Thread(target=lambda: done.append(receiver.ack(0, time.monotonic() + 30)))
+    waiter.start()
+    sender.close("gave up")
     t0 = time.monotonic()
     with pytest.raises(TransferError):
-        await_ack(ctl, waiter, "b/0", time.monotonic() + 0.3)
-    assert 0.25 < time.monotonic() - t0 < 3
-    assert give_ack(peer, "b/0") is False  # the receiver learns its copy does not count
+        receiver.recv()
+    waiter.join(5)
+    assert done == [False] and time.monotonic() - t0 < 3
+
+
+def test_a_peer_that_goes_away_fails_a_waiting_sender_at_once(
+    links: Callable[..., tuple[Link, Link]],
+) -> None:
+    sender, receiver = links()
+    reader = drain(sender)
+    serve(receiver, lambda seq: receiver.close("receiver died"))
+    t0 = time.monotonic()
+    with pytest.raises(TransferError, match="down"):
+        sender.publish(0, b"header", time.monotonic() + 30)
+    assert time.monotonic() - t0 < 3
+    reader.join(3)
+    assert not reader.is_alive()
     with pytest.raises(TransferError):
-        await_ack(ctl, waiter, "b/1", time.monotonic() - 1)
-    assert give_ack(peer, "b/1") is False
+        sender.publish(1, b"header", time.monotonic() + 30)
+
+
+def test_an_ack_sent_without_waiting_returns_its_confirmation_as_a_frame(
+    links: Callable[..., tuple[Link, Link]],
+) -> None:
+    sender, receiver = links()
+    result: list[bool] = []
+    t = threading.Thread(
+        target=lambda: result.append(sender.publish(7, b"h", time.monotonic() + 5))
+    )
+    t.start()
+    frame = receiver.recv()
+    assert receiver.ack(frame.seq, None) is True
+    assert receiver.recv() == Frame(Kind.CONFIRM, 7, b"")
+    t.join(5)
+    assert result == [True]
+
+
+def test_transfers_both_ways_at_once_each_get_their_own_ack(
+    links: Callable[..., tuple[Link, Link]],
+) -> None:
+    ends = links()
+    headers: list[list[int]] = [[], []]
+    published: list[list[bool]] = [[], []]
+
+    def reader(i: int) -> None:  # acks each header at once, as a staged receive does
+        with contextlib.suppress(TransferError):
+            while True:
+                frame = ends[i].recv()
+                if frame.kind == Kind.HEADER:
+                    headers[i].append(frame.seq)
+                    ends[i].ack(frame.seq, None)
+
+    def sender(i: int) -> None:
+        for seq in range(50):
+            published[i].append(ends[i].publish(seq, b"h%d" % i, time.monotonic() + 10))
+
+    threads = [
+        threading.Thread(target=fn, args=(i,), daemon=True)
+        for fn in (reader, sender)
+        for i in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads[2:]:
+        t.join(20)
+    assert published == [[True] * 50, [True] * 50]
+    assert headers == [list(range(50)), list(range(50))]
+
+
+def test_a_connection_without_the_token_is_dropped_and_an_absent_peer_times_out() -> None:
+    published: list[str] = []
+    deadline = time.monotonic() + 10
+    got: list[Link] = []
+    t = threading.Thread(target=lambda: got.append(accept_link(published.append, deadline)))
+    t.start()
+    while not published:
+        threading.Event().wait(0.01)
+    name, token = published[0].split()
+    with socket.socket(socket.AF_UNIX) as stranger:
+        stranger.connect("\0" + name)
+        stranger.sendall(b"0" * (len(token) + 1))
+        assert stranger.recv(1) == b""  # dropped
+    peer = connect_link(published[0].encode(), deadline)
+    t.join(5)
+    assert len(got) == 1
+    for link in (got[0], peer):
+        link.close("test over")
+        link.release()
+    t0 = time.monotonic()
+    with pytest.raises((OSError, TransferError)):
+        accept_link(lambda v: None, time.monotonic() + 0.3)
+    assert time.monotonic() - t0 < 3
 
 
 # ---- blocks the inbox may no longer read --------------------------------------------------------
@@ -105,7 +253,7 @@ class Acks:
         self.calls = 0
         self.answer = answer
 
-    def __call__(self) -> bool:
+    def __call__(self, wait_until: float | None) -> bool:
         self.calls += 1
         return self.answer
 
@@ -142,13 +290,13 @@ def test_reading_blocks_acks_once_and_fails_when_the_sender_gave_up() -> None:
     acks = Acks()
     arrival = source_arrival("t", 0, acks)
     assert arrival.source is not None
-    got = arrival.source.read(pack_blocks)
+    got = arrival.source.read(pack_blocks, time.monotonic() + 1)
     assert torch.equal(got, arrival.source.cache[[2, 0]]) and acks.calls == 1
     late = Acks(answer=False)
     src = source_arrival("t", 0, late).source
     assert src is not None
     with pytest.raises(TransferError, match="gave up"):
-        src.read(pack_blocks)
+        src.read(pack_blocks, time.monotonic() + 1)
     assert late.calls == 1
 
 
@@ -161,9 +309,12 @@ def test_reading_blocks_acks_even_when_the_copy_fails_and_checks_the_checksum() 
         raise RuntimeError("device fault")
 
     with pytest.raises(RuntimeError, match="device fault"):
-        BlockSource(cache, ids, 0, None, acks).read(broken)
+        BlockSource(cache, ids, 0, None, acks).read(broken, time.monotonic() + 1)
     good = checksum(cache[[3, 1]])
-    assert torch.equal(BlockSource(cache, ids, 0, good, acks).read(pack_blocks), cache[[3, 1]])
+    assert torch.equal(
+        BlockSource(cache, ids, 0, good, acks).read(pack_blocks, time.monotonic() + 1),
+        cache[[3, 1]],
+    )
     with pytest.raises(TransferError, match="checksum"):
-        BlockSource(cache, ids, 0, good ^ 1, acks).read(pack_blocks)
+        BlockSource(cache, ids, 0, good ^ 1, acks).read(pack_blocks, time.monotonic() + 1)
     assert acks.calls == 3

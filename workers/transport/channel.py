@@ -1,33 +1,41 @@
 """One live connection between two workers: a pair channel with its reader thread and inbox.
 
-Protocol of a channel (both directions are symmetric; ``me`` / ``peer`` are ranks 0 and 1)::
+Protocol of a channel (both directions are symmetric; ``me`` / ``peer`` are ranks 0 and 1).
+Cross-GPU (gloo) channels carry headers through the store, payloads through the process group::
 
     sender (under the channel's send lock)          receiver's reader thread (one per channel)
     seq = send_seq++                                 get (blocks)  <prefix>/to<me>/msg/<seq>
     set   <prefix>/to<peer>/msg/<seq> = header  ──▶  check seq, size; then delete the key
     payload: gloo send(tag=seq)                ──▶  gloo recv(tag=seq) into a fresh buffer
-             | IPC: wait ack/<seq>             ◀──  | IPC stage: map, clone, sync, ack/<seq>
-             | IPC blocks: wait ack/<seq>      ◀──  | IPC blocks: map the sender's cache once;
-                                                     |   the *caller* copies, syncs, acks
                                                      deliver (transfer id -> payload) to inbox
+
+Same-GPU (CUDA IPC) channels carry everything on their control :class:`~.link.Link` (two Unix
+socket connections opened once per channel): the header, the receiver's ACK once it stopped
+reading the sender's memory, the sender's CONFIRM that the copy counts (link.py: how the
+sender's deadline and the ack agree)::
+
+    send_blocks: HEADER (names blocks of our  ──▶  map the sender's cache once; deliver a
+                 cache, exported once)                BlockSource; the *caller* copies, syncs,
+                 read the ACK, CONFIRM         ◀──  ACK, waits for the CONFIRM
+    send:        HEADER (our staging buffer)   ──▶  map, clone, sync, ACK; deliver on CONFIRM
 
 The receiving *callers* never touch the wire: they wait on the peer's :class:`Inbox` for their
 transfer id, so two transfers on one pair may be awaited in any order by any threads and each
-caller gets its own payload. The send lock plus the store sequence keep messages in order.
+caller gets its own payload. The send lock plus the sequence numbers keep messages in order.
 
 Same-GPU ``send_blocks`` moves no bytes on the sender: its header names blocks of the sender's
 KV cache (exported once per channel), and the receiver's ``recv_blocks`` copies them into its own
 blocks in one device pass (:class:`BlockSource`). The sender returns once the receiver acked, so
 the caller's guarantee that it keeps those blocks until ``send_blocks`` returns is what makes
 the read safe; such a send therefore completes only when the peer calls its receive (the
-controller runs both sides concurrently). An ack is a compare-and-set (wire.ACK_DONE /
-ACK_GONE): a sender whose deadline passed and a receiver finishing its copy agree on one outcome.
+controller runs both sides concurrently).
 
 Breaking: any error (peer closed the socket, a deadline passed with a send posted, a bad
 header) breaks the channel once: waiters of this channel fail at once (and blocks not yet copied
 from the peer's cache are dropped: its memory is no longer promised), the peer's reader is told
-(``__broken__`` written to the key it waits on), the group is aborted, and the pair epoch is
-bumped with a compare-and-set so both sides agree on the next prefix.
+(``__broken__`` written to the key it waits on, or a BROKEN frame and the link shut down), the
+group is aborted, and the pair epoch is bumped with a compare-and-set so both sides agree on the
+next prefix.
 """
 
 from __future__ import annotations
@@ -45,14 +53,12 @@ import torch.distributed as dist
 from kvrelay.kernels import pack_blocks
 from kvrelay.workers.transport.buffers import BufferPool
 from kvrelay.workers.transport.ipc import export_ipc, import_ipc
+from kvrelay.workers.transport.link import Kind, Link
 from kvrelay.workers.transport.wire import (
-    ACK_DONE,
-    ACK_GONE,
     BROKEN,
     STOP,
     Header,
     TransferError,
-    ack_key,
     block_source,
     checksum,
     msg_key,
@@ -60,11 +66,14 @@ from kvrelay.workers.transport.wire import (
 )
 
 T = TypeVar("T")
+_CONFIRM_GRACE_S = 1.0  # the least a receiver waits for the sender's CONFIRM after its ACK
 
 
 class BlockSource:
     """Blocks of the peer's KV cache, mapped here (same GPU), that a transfer names: valid until
-    :meth:`read` (or :meth:`release`) acks them, and only while the channel lives."""
+    :meth:`read` (or :meth:`release`) acks them, and only while the channel lives.
+    ``release(wait_until)``: ack; with a time, wait for the sender's word and say whether the
+    copy counts (False: it gave up first or is gone); with None, only ack (nobody reads)."""
 
     def __init__(
         self,
@@ -72,24 +81,26 @@ class BlockSource:
         block_ids: torch.Tensor,  # [n] long, host
         generation: int,
         crc: int | None,
-        release: Callable[[], bool],
+        release: Callable[[float | None], bool],
     ) -> None:
         self.cache = cache
         self.block_ids = block_ids
         self.generation = generation
         self._crc = crc
-        self.release = release  # ack: we stopped reading; False when the peer gave up first
+        self.release = release
 
-    def read(self, fn: Callable[[torch.Tensor, torch.Tensor], T]) -> T:
+    def read(self, fn: Callable[[torch.Tensor, torch.Tensor], T], deadline: float) -> T:
         """``fn(cache, block_ids)`` (device work on the current stream), waited for, then acked.
-        TransferError when the sender gave up before the ack (its blocks may have changed)."""
+        TransferError when the sender gave up before the ack (its blocks may have changed) or
+        did not confirm it by ``deadline`` (at least _CONFIRM_GRACE_S after the ack)."""
         try:
             out = fn(self.cache, self.block_ids)
             if self.cache.is_cuda:
                 torch.cuda.current_stream(self.cache.device).synchronize()
             crc = None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
-        finally:
-            acked = self.release()
+        finally:  # the sender answers an ACK at once while alive: wait past a deadline the
+            # copy itself ran into, so a finished copy is not thrown away for that
+            acked = self.release(max(deadline, time.monotonic() + _CONFIRM_GRACE_S))
         if not acked:
             raise TransferError("the sender gave up before the copy finished")
         if crc != self._crc:
@@ -129,7 +140,7 @@ class Inbox:
                 self._items[tid] = arrival
                 self._cv.notify_all()
         if dropped and source is not None:
-            source.release()
+            source.release(None)
 
     def fail(self, generation: int, reason: str) -> None:
         with self._cv:
@@ -156,13 +167,19 @@ class Inbox:
                     raise TransferError(f"transfer {transfer_id!r}: deadline passed waiting")
                 self._cv.wait(remaining)
 
+    def pop(self, transfer_id: str) -> Arrival | None:
+        """The arrival of ``transfer_id`` if it is here, without waiting."""
+        with self._cv:
+            return self._items.pop(transfer_id, None)
+
     def pending(self) -> int:
         with self._cv:
             return len(self._items)
 
 
 class Channel:
-    """A pair's live connection at one prefix. ``pg`` is None on the same-GPU (IPC) path."""
+    """A pair's live connection at one prefix: over ``pg`` (gloo; headers through the store,
+    read by ``reader_store``), or on the same GPU (CUDA IPC) over ``link`` with ``pg`` None."""
 
     def __init__(
         self,
@@ -171,9 +188,9 @@ class Channel:
         rank: int,
         generation: int,
         pg: Any,  # dist.ProcessGroupGloo (its stubs lack send/recv) or None
+        link: Link | None,
         ctl: dist.Store,
-        reader_store: dist.Store,
-        sender_store: dist.Store,
+        reader_store: dist.Store | None,
         inbox: Inbox,
         device: torch.device,
         max_message_bytes: int,
@@ -186,9 +203,9 @@ class Channel:
         self.peer_rank = 1 - rank
         self.generation = generation
         self.pg = pg
+        self.link = link
         self._ctl = ctl
         self._reader_store = reader_store
-        self._sender_store = sender_store  # IPC ack waits (serialised by the send lock)
         self._inbox = inbox
         self._device = device
         self._max_message_bytes = max_message_bytes
@@ -198,7 +215,7 @@ class Channel:
         self._send_lock = threading.Lock()
         self._ipc_stage: torch.Tensor | None = None  # [bytes] uint8 on device (IPC sender)
         self._ipc_exports: dict[tuple[int, int], dict[str, Any]] = {}  # our caches, exported
-        self._stale_ack: str | None = None  # our last ack key, deleted during the next send
+        self._staged: dict[int, Arrival] = {}  # copied out and acked, delivered on the CONFIRM
         self._ipc_imports: dict[str, torch.Tensor] = {}  # peer stage mappings by handle
         self._ipc_caches: dict[tuple[str, int, int], torch.Tensor] = {}  # peer caches (uint8)
         self._state_lock = threading.Lock()
@@ -225,7 +242,7 @@ class Channel:
                 nbytes=payload.numel() * payload.element_size(),
                 crc=checksum(payload) if crc else None,
             )
-            if self.pg is None:
+            if self.link is not None:
                 self._send_ipc(header, payload, deadline)
             else:
                 self._send_gloo(header, payload, deadline)
@@ -243,7 +260,7 @@ class Channel:
     ) -> int:
         """Same GPU: name ``block_ids`` of our (contiguous, CUDA) ``kv_cache`` and wait until the
         peer copied them out; returns the bytes it copied. No pack, no staging copy."""
-        if self.pg is not None:
+        if self.link is None:
             raise TransferError("block ids travel only on a same-GPU channel")
         shape = (int(block_ids.numel()), *kv_cache.shape[1:])
 
@@ -313,67 +330,95 @@ class Channel:
         self._publish_and_await(replace(header, ipc=export_ipc(stage)), deadline)
 
     def _publish_and_await(self, header: Header, deadline: float) -> None:
-        """Put an IPC header in the store and wait for the peer's ack (it stopped reading our
-        memory); see :func:`await_ack`."""
-        ack = ack_key(self.prefix, self.rank, header.seq)
-        self._ctl.set(msg_key(self.prefix, self.peer_rank, header.seq), header.encode())
-        if self._stale_ack is not None:  # the previous ack, deleted while the peer copies
-            self._ctl.delete_key(self._stale_ack)
-        self._stale_ack = ack
-        await_ack(self._ctl, self._sender_store, ack, deadline)
-
-    def _ack(self, seq: int) -> bool:
-        return give_ack(self._ctl, ack_key(self.prefix, self.peer_rank, seq))
+        """Send an IPC header on the link and wait for the peer's ack (it stopped reading our
+        memory); past the deadline the ack no longer counts (link.py)."""
+        assert self.link is not None
+        if not self.link.publish(header.seq, header.encode().encode(), deadline):
+            raise TransferError("deadline passed before the peer copied the payload")
 
     # ---- receiving (reader thread) -----------------------------------------------------------
     def _read_loop(self) -> None:
         try:
             if self._device.type == "cuda":
                 torch.cuda.set_device(self._device)
-            while not self._stopping and self.broken is None:
-                key = msg_key(self.prefix, self.rank, self.recv_seq)
-                raw = self._reader_store.get(key)  # waits for the key (one round trip less)
-                if self._stopping or raw == STOP.encode():
-                    return
-                if raw == BROKEN.encode():
-                    self.break_("peer reported the channel broken", tell_peer=False)
-                    return
-                header = Header.decode(raw)
-                if header.seq != self.recv_seq:
-                    raise TransferError(f"header seq {header.seq} != expected {self.recv_seq}")
-                if header.nbytes > self._max_message_bytes:
-                    raise TransferError(f"payload of {header.nbytes} bytes over the limit")
-                if self._on_header is not None:
-                    self._on_header(header)
-                arrival = self._receive(header)
-                self.recv_seq += 1
-                self._inbox.deliver(arrival)
-                self._reader_store.delete_key(key)  # after delivering: off the copy's path
+            if self.link is None:
+                self._read_store()
+            else:
+                self._read_link(self.link)
         except Exception as exc:
             if not self._stopping:
                 self.break_(f"receive failed: {exc}")
         finally:
+            if self.link is not None:
+                self.link.close("reader ended")
+                self.link.release()
+            self._staged.clear()
             self._ipc_imports.clear()  # unmap the peer's staging buffers and caches
             self._ipc_caches.clear()
 
-    def _receive(self, header: Header) -> Arrival:
-        blocks = block_source(header)
-        if blocks is not None:
-            if self.pg is not None:
+    def _read_store(self) -> None:
+        assert self._reader_store is not None
+        while not self._stopping and self.broken is None:
+            key = msg_key(self.prefix, self.rank, self.recv_seq)
+            raw = self._reader_store.get(key)  # waits for the key (one round trip less)
+            if self._stopping or raw == STOP.encode():
+                return
+            if raw == BROKEN.encode():
+                self.break_("peer reported the channel broken", tell_peer=False)
+                return
+            header = self._check(Header.decode(raw))
+            if header.ipc is not None:
                 raise TransferError("IPC header on a gloo channel")
-            cache_shape, ids = blocks
-            source = BlockSource(
-                self._peer_cache(header, cache_shape),
-                torch.tensor(ids, dtype=torch.long),
-                self.generation,
-                header.crc,
-                lambda: self._ack(header.seq),
-            )
-            return Arrival(header, None, source=source)
-        payload, buffer = self._recv_payload(header)
-        if header.crc is not None and checksum(payload) != header.crc:
-            raise TransferError(f"checksum mismatch in {header.transfer_id!r}")
-        return Arrival(header, payload, buffer)
+            payload, buffer = self._recv_payload(header)
+            self.recv_seq += 1
+            self._inbox.deliver(Arrival(header, payload, buffer))
+            self._reader_store.delete_key(key)  # after delivering: off the copy's path
+
+    def _read_link(self, link: Link) -> None:
+        while not self._stopping and self.broken is None:
+            frame = link.recv()
+            if frame.kind == Kind.BROKEN:
+                reason = frame.body.decode(errors="replace")
+                self.break_(f"peer reported the channel broken: {reason}", tell_peer=False)
+                return
+            if frame.kind == Kind.CONFIRM:  # a staged payload's copy counts: hand it on
+                staged = self._staged.pop(frame.seq, None)
+                if staged is not None:
+                    self._inbox.deliver(staged)
+                continue
+            header = self._check(Header.decode(frame.body))
+            blocks = block_source(header)
+            if blocks is not None:
+                arrival = Arrival(header, None, source=self._block_source(header, *blocks))
+                self.recv_seq += 1
+                self._inbox.deliver(arrival)
+            else:
+                self._staged[header.seq] = Arrival(header, self._copy_staged(header))
+                self.recv_seq += 1
+                if not link.ack(header.seq, None):
+                    raise TransferError("could not ack a staged payload")
+
+    def _check(self, header: Header) -> Header:
+        if header.seq != self.recv_seq:
+            raise TransferError(f"header seq {header.seq} != expected {self.recv_seq}")
+        if header.nbytes > self._max_message_bytes:
+            raise TransferError(f"payload of {header.nbytes} bytes over the limit")
+        if self._on_header is not None:
+            self._on_header(header)
+        return header
+
+    def _block_source(
+        self, header: Header, cache_shape: tuple[int, ...], ids: list[int]
+    ) -> BlockSource:
+        assert self.link is not None
+        link, seq = self.link, header.seq
+        return BlockSource(
+            self._peer_cache(header, cache_shape),
+            torch.tensor(ids, dtype=torch.long),
+            self.generation,
+            header.crc,
+            lambda wait_until: link.ack(seq, wait_until),
+        )
 
     def _peer_cache(self, header: Header, cache_shape: tuple[int, ...]) -> torch.Tensor:
         """The peer's KV cache named by ``header``, mapped once per channel (opening a handle
@@ -391,24 +436,29 @@ class Channel:
             _keep_recent(self._ipc_caches, key, flat, 4)  # a peer exports one; bound stale ones
         return flat[:nbytes].view(header.dtype).view(cache_shape)
 
-    def _recv_payload(self, header: Header) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if header.ipc is not None:
-            if self.pg is not None:
-                raise TransferError("IPC header on a gloo channel")
-            # import_ipc hits torch's shared_cache while we hold the mapping (no re-open) and
-            # releases each export's ref counter; holding it here keeps that cache warm.
-            stage = import_ipc(header.ipc, header.nbytes, self._device)
-            _keep_recent(self._ipc_imports, header.ipc["handle"], stage, 2)
-            flat = stage[: header.nbytes].clone()
-            torch.cuda.current_stream(self._device).synchronize()  # copied out before the ack
-            if not self._ack(header.seq):
-                raise TransferError("the sender gave up before the copy finished")
-            return flat.view(header.dtype).reshape(header.shape), None
-        if self.pg is None:
+    def _copy_staged(self, header: Header) -> torch.Tensor:
+        """The peer's staged payload, copied out (synchronised) before we ack."""
+        if header.ipc is None:
             raise TransferError("gloo header on an IPC channel")
+        # import_ipc hits torch's shared_cache while we hold the mapping (no re-open) and
+        # releases each export's ref counter; holding it here keeps that cache warm.
+        stage = import_ipc(header.ipc, header.nbytes, self._device)
+        _keep_recent(self._ipc_imports, header.ipc["handle"], stage, 2)
+        flat = stage[: header.nbytes].clone()
+        torch.cuda.current_stream(self._device).synchronize()  # copied out before the ack
+        payload = flat.view(header.dtype).reshape(header.shape)
+        if header.crc is not None and checksum(payload) != header.crc:
+            raise TransferError(f"checksum mismatch in {header.transfer_id!r}")
+        return payload
+
+    def _recv_payload(self, header: Header) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.pg is not None
         buf = self._buffers.take(header.nbytes)
         self.pg.recv([buf], self.peer_rank, header.seq & 0x7FFFFFFF).wait()
-        return buf.view(header.dtype).reshape(header.shape), buf
+        payload = buf.view(header.dtype).reshape(header.shape)
+        if header.crc is not None and checksum(payload) != header.crc:
+            raise TransferError(f"checksum mismatch in {header.transfer_id!r}")
+        return payload, buf
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def break_(self, reason: str, *, tell_peer: bool = True) -> None:
@@ -419,13 +469,19 @@ class Channel:
             self.broken = reason
         self._inbox.fail(self.generation, reason)
         try:
-            if tell_peer:  # wake the peer's reader, which waits on our next sequence number
-                self._ctl.compare_set(
-                    msg_key(self.prefix, self.peer_rank, self.send_seq), "", BROKEN
-                )
-            self._wake_reader()
+            if tell_peer:  # wake the peer's reader, which waits on our next message
+                if self.link is not None:
+                    self.link.send_broken(self.send_seq, reason)
+                else:
+                    self._ctl.compare_set(
+                        msg_key(self.prefix, self.peer_rank, self.send_seq), "", BROKEN
+                    )
+        except Exception:  # the peer or the store may be gone: broken regardless
+            pass
+        try:
+            self._wake_reader(reason)
             self._on_break()
-        except Exception:  # the store itself may be gone; the channel is broken regardless
+        except Exception:
             pass
         self._abort_group()
 
@@ -439,13 +495,17 @@ class Channel:
                 self.broken = reason
         self._inbox.fail(self.generation, reason)
         try:
-            self._wake_reader()
+            self._wake_reader(reason)
         except Exception:
             pass
         self._abort_group()
 
-    def _wake_reader(self) -> None:
-        self._ctl.compare_set(msg_key(self.prefix, self.rank, self.recv_seq), "", STOP)
+    def _wake_reader(self, reason: str) -> None:
+        """End our reader; on a link also wake every waiter and show the peer EOF."""
+        if self.link is not None:
+            self.link.close(reason)
+        else:
+            self._ctl.compare_set(msg_key(self.prefix, self.rank, self.recv_seq), "", STOP)
 
     def _abort_group(self) -> None:
         if self.pg is not None:
@@ -467,28 +527,3 @@ def _keep_recent(
     mappings[key] = mapped
     while len(mappings) > keep:
         mappings.pop(next(iter(mappings)))
-
-
-def await_ack(ctl: dist.Store, waiter: dist.Store, key: str, deadline: float) -> None:
-    """Sender: wait (on ``waiter``, a client no other thread uses) for the receiver's ack at
-    ``key``. At the deadline claim the key for ACK_GONE (compare-and-set on ``ctl``): the
-    receiver's :func:`give_ack` then fails, unless it acked first, and then the transfer counts.
-    Raises TransferError when it does not count."""
-    remaining = deadline - time.monotonic()
-    try:
-        if remaining > 0:
-            waiter.wait([key], datetime.timedelta(seconds=remaining))
-            return
-    except dist.DistStoreError:
-        pass
-    if ctl.compare_set(key, "", ACK_GONE) != ACK_DONE.encode():
-        raise TransferError("deadline passed before the peer copied the payload")
-
-
-def give_ack(ctl: dist.Store, key: str) -> bool:
-    """Receiver: we stopped reading the sender's memory. False when the sender's deadline passed
-    first (what we read may have changed) or the store cannot say."""
-    try:
-        return ctl.compare_set(key, "", ACK_DONE) == ACK_DONE.encode()
-    except Exception:  # store unreachable: the sender's deadline decides; assume it gave up
-        return False

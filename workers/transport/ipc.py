@@ -1,7 +1,8 @@
 """Same-GPU KV handoff through CUDA IPC handles (NCCL refuses two ranks on one GPU).
 
-Two uses, both written as plain JSON fields (never pickle) in the header the sender puts in the
-store (``torch.multiprocessing.reductions.reduce_tensor`` / ``rebuild_cuda_tensor``):
+Two uses, both written as plain JSON fields (never pickle) in the header the sender sends on
+the channel's control link (``torch.multiprocessing.reductions.reduce_tensor`` /
+``rebuild_cuda_tensor``):
 
 - ``send_blocks``: the sender exports its whole KV cache once per channel and each header names
   block ids in it; the receiver maps the cache once, keeps the mapping, and copies the blocks
@@ -10,8 +11,8 @@ store (``torch.multiprocessing.reductions.reduce_tensor`` / ``rebuild_cuda_tenso
   and exports that; the receiver maps it (once per staging buffer), copies the payload out and
   synchronises.
 
-Either way the receiver acknowledges (channel.py's compare-and-set ack) once it stopped reading,
-and only then may the sender reuse or free the memory.
+Either way the receiver acknowledges on the link (link.py: ACK, then the sender's CONFIRM) once
+it stopped reading, and only then may the sender reuse or free the memory.
 
 The handle names the *sender's* device index; the receiver opens it on its own index for the
 same GPU (peers are matched by GPU UUID, so differing ``CUDA_VISIBLE_DEVICES`` are fine).

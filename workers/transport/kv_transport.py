@@ -7,9 +7,11 @@ transfer between workers ``a < b`` (sorted ids; rank = position) creates a two-r
     kvpair/<a>/<b>/<incarnation a>.<incarnation b>.<epoch>
 
 where each incarnation counts restarts of that worker id and the epoch is a store counter bumped
-(compare-and-set, so exactly once) when the channel breaks. Both sides read the prefix before
+(compare-and-set, so exactly once) when the channel breaks. Gloo peers read the prefix before
 every transfer, so a restarted peer or a broken channel is replaced on the next use, and both
-sides always agree on the group they meet in.
+sides always agree on the group they meet in. A same-GPU channel skips that read while its
+control link (Unix sockets, link.py) is up: a peer that restarts, closes or breaks the
+channel takes the link down, so the next use finds the channel broken and reads the prefix.
 
 Paths: CPU <-> anything: gloo (CUDA tensors staged through host memory); two processes on the
 same GPU (matched by UUID): CUDA IPC handles (ipc.py). NCCL for peers on different
@@ -17,6 +19,7 @@ GPUs is not built yet: they use gloo with host staging. On the same GPU ``send_b
 no bytes: the header names blocks of the sender's cache (mapped by the peer once per channel)
 and the receiver's ``recv_blocks`` copies them into its own blocks in one device pass; the
 send returns once the receiver acked that copy, so it completes only while the peer receives.
+Its control path is one header out and one ack back on the link, no store round trip.
 
 Both sides must call: a transfer is ``send(peer, tid, ...)`` on one side and ``recv(peer, tid,
 ...)`` on the other, each from any thread and in any order; the first call on a pair creates the
@@ -27,8 +30,8 @@ claims stays buffered (a same-GPU ``send_blocks`` nobody receives fails at its d
 send only what the peer reserved (the handoff transaction).
 
 Threads: every call blocks its calling thread (run it off the event loop: ``asyncio.to_thread``);
-each live channel owns one reader thread and three store connections. Do not fork a process
-that holds a transport.
+each live channel owns one reader thread and, over gloo, two store connections (same GPU: two
+Unix socket connections). Do not fork a process that holds a transport.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from kvrelay.workers.transport import wire
 from kvrelay.workers.transport.buffers import BufferPool, Counters, PeerStats, TransportStats
 from kvrelay.workers.transport.channel import Arrival, Channel, Inbox
 from kvrelay.workers.transport.ipc import gpu_uuid
+from kvrelay.workers.transport.link import Link, accept_link, connect_link
 from kvrelay.workers.transport.wire import Header, TransferError
 
 R = TypeVar("R")
@@ -176,9 +180,9 @@ class KVTransport:
         """Wait for ``peer``'s transfer ``transfer_id``; checks its header against ``shape`` /
         ``dtype`` when given. Returns the payload on this transport's device (caller-owned)."""
 
-        def take(arrival: Arrival) -> torch.Tensor:
+        def take(arrival: Arrival, deadline: float) -> torch.Tensor:
             if arrival.source is not None:  # blocks of the peer's cache: gather a copy
-                return arrival.source.read(pack_blocks)
+                return arrival.source.read(pack_blocks, deadline)
             assert arrival.payload is not None
             return arrival.payload.to(self.device)
 
@@ -239,9 +243,11 @@ class KVTransport:
         ids = _block_ids(block_ids, kv_cache.shape[0])
         shape = (int(ids.numel()), *kv_cache.shape[1:])
 
-        def take(arrival: Arrival) -> int:
+        def take(arrival: Arrival, deadline: float) -> int:
             if arrival.source is not None:
-                arrival.source.read(lambda cache, src: copy_blocks(cache, src, kv_cache, ids))
+                arrival.source.read(
+                    lambda cache, src: copy_blocks(cache, src, kv_cache, ids), deadline
+                )
             else:
                 assert arrival.payload is not None
                 unpack_blocks(kv_cache, ids, arrival.payload)
@@ -276,15 +282,14 @@ class KVTransport:
         shape: tuple[int, ...] | None,
         dtype: torch.dtype | None,
         timeout_s: float | None,
-        take: Callable[[Arrival], R],
+        take: Callable[[Arrival, float], R],
     ) -> R:
         """Wait for the arrival, check its header, ``take`` it (copy the payload out) and count
         its bytes once that succeeded."""
         wire.validate_transfer_id(transfer_id)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._counters.count(peer, sent=False, error=TransferError) as bump:
-            channel, pair = self._channel(peer, deadline)
-            arrival = pair.inbox.take(transfer_id, channel.generation, deadline)
+            arrival = self._arrival(peer, transfer_id, deadline)
             got = arrival.header
             if (shape is not None and got.shape != tuple(shape)) or (
                 dtype is not None and got.dtype != dtype
@@ -292,14 +297,32 @@ class KVTransport:
                 if arrival.buffer is not None:
                     self._buffers.give(arrival.buffer)
                 if arrival.source is not None:
-                    arrival.source.release()
+                    arrival.source.release(None)
                 raise TransferError(
                     f"transfer {transfer_id!r}: got {got.dtype}{list(got.shape)}, "
                     f"expected {dtype}{list(shape or ())}"
                 )
-            result = take(arrival)
+            result = take(arrival, deadline)
             bump(got.nbytes)
         return result
+
+    def _arrival(self, peer: str, transfer_id: str, deadline: float) -> Arrival:
+        """Wait for ``transfer_id`` on the pair's channel (made or remade first). One that has
+        already arrived is taken even when its channel closed since: a same-GPU peer may send a
+        payload and close its link before we ask (also if that races with remaking it)."""
+        with self._lock:
+            pair = None if self._closed else self._pairs.get(peer)
+        ready = None if pair is None else pair.inbox.pop(transfer_id)
+        if ready is not None:
+            return ready
+        try:
+            channel, pair = self._channel(peer, deadline)
+        except TransferError:
+            ready = None if pair is None else pair.inbox.pop(transfer_id)
+            if ready is None:
+                raise
+            return ready
+        return pair.inbox.take(transfer_id, channel.generation, deadline)
 
     def stats(self) -> TransportStats:
         return self._counters.snapshot()
@@ -342,6 +365,8 @@ class KVTransport:
         with pair.lock:
             while True:
                 current = pair.channel
+                if current is not None and current.link is not None and not current.broken:
+                    return current, pair  # a live link: a restarted or broken peer closes it
                 target = self._target(peer, deadline, live=current is not None)
                 if current is not None and current.prefix == target.prefix and not current.broken:
                     return current, pair
@@ -353,7 +378,7 @@ class KVTransport:
                 self._ctl.set(wire.hello_key(target.prefix, target.rank), "1")
                 if self._await_hello(peer, target, deadline):
                     pair.generation += 1
-                    pair.channel = self._open(target, pair)
+                    pair.channel = self._open(target, pair, deadline)
                     return pair.channel, pair
 
     def _target(self, peer: str, deadline: float, *, live: bool = False) -> _Target:
@@ -392,24 +417,25 @@ class KVTransport:
             pause = min(pause * 2, 0.05)
         return True
 
-    def _open(self, target: _Target, pair: _Pair) -> Channel:
+    def _open(self, target: _Target, pair: _Pair, deadline: float) -> Channel:
         same_gpu = self._info["gpu"] is not None and self._info["gpu"] == target.peer_info.get(
             "gpu"
         )
-        pg = None if same_gpu else self._gloo_group(target.prefix, target.rank)
         epoch_key, epoch = target.epoch_key, target.epoch
 
         def bump_epoch() -> None:  # both sides may call it; the compare-and-set bumps once
             self._ctl.compare_set(epoch_key, str(epoch), str(epoch + 1))
 
+        link = self._link(target, deadline, bump_epoch) if same_gpu else None
+        pg = None if same_gpu else self._gloo_group(target.prefix, target.rank)
         return Channel(
             prefix=target.prefix,
             rank=target.rank,
             generation=pair.generation,
             pg=pg,
+            link=link,
             ctl=self._ctl,
-            reader_store=self._new_client(_FOREVER_S),
-            sender_store=self._new_client(self.timeout_s),
+            reader_store=None if same_gpu else self._new_client(_FOREVER_S),
             inbox=pair.inbox,
             device=self.device,
             max_message_bytes=self._max_message_bytes,
@@ -417,6 +443,18 @@ class KVTransport:
             on_break=bump_epoch,
             on_header=self._on_header,
         )
+
+    def _link(self, target: _Target, deadline: float, bump_epoch: Callable[[], None]) -> Link:
+        """The same-GPU channel's control link, connected through the store. On failure the
+        epoch moves on, so both sides retry at a fresh prefix (no stale address to meet at)."""
+        key = wire.link_key(target.prefix)
+        try:
+            if target.rank == 0:
+                return accept_link(lambda address: self._ctl.set(key, address), deadline)
+            return connect_link(self._wait_get(key, deadline), deadline)
+        except (OSError, ValueError, TransferError) as exc:
+            bump_epoch()
+            raise TransferError(f"could not connect pair {target.prefix}: {exc}") from exc
 
     def _gloo_group(self, prefix: str, rank: int) -> dist.ProcessGroupGloo:
         opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]

@@ -1,11 +1,12 @@
 """The KV transport's wire format: transfer headers, store key names, checksums (pure, no I/O).
 
-A transfer is one header and one packed payload. The header travels through the rendezvous
-store (one key per message, ``<pair prefix>/to<rank>/msg/<seq>``), the payload over the pair's
-process group (gloo) or, for same-GPU peers, stays where it is and the header carries a CUDA IPC
-handle instead. Headers in the store let the receiver learn each payload's size and owner before
-it posts a receive, so no receive is ever left standing on an idle pair (gloo closes a pair whose
-posted receive outlives the group timeout).
+A transfer is one header and one packed payload. Between gloo peers the header travels through
+the rendezvous store (one key per message, ``<pair prefix>/to<rank>/msg/<seq>``) and the payload
+over the pair's process group; headers in the store let the receiver learn each payload's size
+and owner before it posts a receive, so no receive is ever left standing on an idle pair (gloo
+closes a pair whose posted receive outlives the group timeout). Between same-GPU peers the
+payload stays where it is, the header carries a CUDA IPC handle instead, and it travels on the
+channel's control link (link.py; its address is the one store key ``<pair prefix>/link``).
 
 Header (JSON object, UTF-8)::
 
@@ -15,9 +16,8 @@ Header (JSON object, UTF-8)::
 Same-GPU ``ipc`` fields name either the sender's staging buffer (a packed payload) or, for
 ``send_blocks``, its whole KV cache plus ``"blocks"`` (ids into it) and ``"cache_shape"``: the
 receiver copies those blocks straight out (:func:`block_source` checks them). Either way the
-receiver answers on ``<prefix>/to<sender>/ack/<seq>`` with a compare-and-set: ``ACK_DONE`` when
-it stopped reading the sender's memory, unless the sender's deadline passed and it claimed the
-key first with ``ACK_GONE``; so both sides agree whether the copy counted.
+receiver acks on the link once it stopped reading the sender's memory, and the sender confirms
+unless its deadline passed first; so both sides agree whether the copy counted.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ MAX_TRANSFER_ID_BYTES = 256
 MAX_WORKER_ID_CHARS = 128
 STOP = "__stop__"  # written by a channel's own side to wake and end its reader
 BROKEN = "__broken__"  # written by one side to tell the other's reader the channel broke
-ACK_DONE = "done"  # IPC ack: the receiver no longer reads the sender's memory
-ACK_GONE = "gone"  # IPC ack claimed by the sender at its deadline: the copy does not count
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -134,7 +132,7 @@ def payload_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
         if d < 0:
             raise TransferError(f"negative dimension in {shape}")
         n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def checksum(payload: torch.Tensor) -> int:
@@ -181,8 +179,8 @@ def msg_key(prefix: str, to_rank: int, seq: int) -> str:
     return f"{prefix}/to{to_rank}/msg/{seq}"
 
 
-def ack_key(prefix: str, to_rank: int, seq: int) -> str:
-    return f"{prefix}/to{to_rank}/ack/{seq}"
+def link_key(prefix: str) -> str:
+    return f"{prefix}/link"
 
 
 def hello_key(prefix: str, rank: int) -> str:
