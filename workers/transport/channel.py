@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from kvrelay.kernels import pack_blocks
+from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.transport.buffers import BufferPool
 from kvrelay.workers.transport.ipc import export_ipc, import_ipc
 from kvrelay.workers.transport.link import Kind, Link
@@ -94,10 +95,13 @@ class BlockSource:
         TransferError when the sender gave up before the ack (its blocks may have changed) or
         did not confirm it by ``deadline`` (at least _CONFIRM_GRACE_S after the ack)."""
         try:
-            out = fn(self.cache, self.block_ids)
-            if self.cache.is_cuda:
-                torch.cuda.current_stream(self.cache.device).synchronize()
-            crc = None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
+            with GPU_GATE.work():
+                out = fn(self.cache, self.block_ids)
+                if self.cache.is_cuda:
+                    torch.cuda.current_stream(self.cache.device).synchronize()
+                crc = (
+                    None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
+                )
         finally:  # the sender answers an ACK at once while alive: wait past a deadline the
             # copy itself ran into, so a finished copy is not thrown away for that
             acked = self.release(max(deadline, time.monotonic() + _CONFIRM_GRACE_S))
@@ -274,18 +278,19 @@ class Channel:
                 "blocks": block_ids.tolist(),
                 "cache_shape": list(kv_cache.shape),
             }
-            header = Header(
-                seq=seq,
-                transfer_id=transfer_id,
-                dtype=kv_cache.dtype,
-                shape=shape,
-                nbytes=payload_nbytes(shape, kv_cache.dtype),
-                crc=checksum(pack_blocks(kv_cache, block_ids)) if crc else None,
-                ipc=ipc,
-            )
-            # the blocks' last writes (stream-ordered before this call) must land before the
-            # peer, on another stream of another process, reads them
-            torch.cuda.current_stream(kv_cache.device).synchronize()
+            with GPU_GATE.work():
+                header = Header(
+                    seq=seq,
+                    transfer_id=transfer_id,
+                    dtype=kv_cache.dtype,
+                    shape=shape,
+                    nbytes=payload_nbytes(shape, kv_cache.dtype),
+                    crc=checksum(pack_blocks(kv_cache, block_ids)) if crc else None,
+                    ipc=ipc,
+                )
+                # the blocks' last writes (stream-ordered before this call) must land before
+                # the peer, on another stream of another process, reads them
+                torch.cuda.current_stream(kv_cache.device).synchronize()
             self._publish_and_await(header, deadline)
             return header.nbytes
 
@@ -306,7 +311,8 @@ class Channel:
 
     def _send_gloo(self, header: Header, payload: torch.Tensor, deadline: float) -> None:
         assert self.pg is not None
-        wire = payload.cpu() if payload.is_cuda else payload  # cross-GPU: staged through host
+        with GPU_GATE.work():
+            wire = payload.cpu() if payload.is_cuda else payload  # cross-GPU: through the host
         flat = wire.reshape(-1).view(torch.uint8)
         self._ctl.set(msg_key(self.prefix, self.peer_rank, header.seq), header.encode())
         work = self.pg.send([flat], self.peer_rank, header.seq & 0x7FFFFFFF)
@@ -318,16 +324,20 @@ class Channel:
         # One persistent staging buffer per channel (grown on demand): the peer maps its handle
         # once and keeps the mapping, since opening an IPC handle costs milliseconds. The ack
         # says the peer has copied out, so the next send may overwrite it.
-        if not payload.is_cuda:  # a host tensor (a small control value) goes up first
-            payload = payload.to(self._device)
-        if self._ipc_stage is None or self._ipc_stage.numel() < header.nbytes:
-            self._ipc_stage = torch.empty(header.nbytes, dtype=torch.uint8, device=payload.device)
-        stage = self._ipc_stage[: header.nbytes]
-        stage.copy_(payload.reshape(-1).view(torch.uint8))
-        # Synchronise rather than rely on the IPC event: a receiver that already maps this
-        # buffer (torch's shared_cache hit) does not wait on the event of a later export.
-        torch.cuda.current_stream(payload.device).synchronize()
-        self._publish_and_await(replace(header, ipc=export_ipc(stage)), deadline)
+        with GPU_GATE.work():
+            if not payload.is_cuda:  # a host tensor (a small control value) goes up first
+                payload = payload.to(self._device)
+            if self._ipc_stage is None or self._ipc_stage.numel() < header.nbytes:
+                self._ipc_stage = torch.empty(
+                    header.nbytes, dtype=torch.uint8, device=payload.device
+                )
+            stage = self._ipc_stage[: header.nbytes]
+            stage.copy_(payload.reshape(-1).view(torch.uint8))
+            # Synchronise rather than rely on the IPC event: a receiver that already maps this
+            # buffer (torch's shared_cache hit) does not wait on the event of a later export.
+            torch.cuda.current_stream(payload.device).synchronize()
+            ipc = export_ipc(stage)
+        self._publish_and_await(replace(header, ipc=ipc), deadline)
 
     def _publish_and_await(self, header: Header, deadline: float) -> None:
         """Send an IPC header on the link and wait for the peer's ack (it stopped reading our
@@ -412,8 +422,10 @@ class Channel:
     ) -> BlockSource:
         assert self.link is not None
         link, seq = self.link, header.seq
+        with GPU_GATE.work():  # opening a peer's handle maps device memory
+            cache = self._peer_cache(header, cache_shape)
         return BlockSource(
-            self._peer_cache(header, cache_shape),
+            cache,
             torch.tensor(ids, dtype=torch.long),
             self.generation,
             header.crc,
@@ -442,12 +454,14 @@ class Channel:
             raise TransferError("gloo header on an IPC channel")
         # import_ipc hits torch's shared_cache while we hold the mapping (no re-open) and
         # releases each export's ref counter; holding it here keeps that cache warm.
-        stage = import_ipc(header.ipc, header.nbytes, self._device)
-        _keep_recent(self._ipc_imports, header.ipc["handle"], stage, 2)
-        flat = stage[: header.nbytes].clone()
-        torch.cuda.current_stream(self._device).synchronize()  # copied out before the ack
-        payload = flat.view(header.dtype).reshape(header.shape)
-        if header.crc is not None and checksum(payload) != header.crc:
+        with GPU_GATE.work():
+            stage = import_ipc(header.ipc, header.nbytes, self._device)
+            _keep_recent(self._ipc_imports, header.ipc["handle"], stage, 2)
+            flat = stage[: header.nbytes].clone()
+            torch.cuda.current_stream(self._device).synchronize()  # copied out before the ack
+            payload = flat.view(header.dtype).reshape(header.shape)
+            crc = None if header.crc is None else checksum(payload)
+        if crc != header.crc:
             raise TransferError(f"checksum mismatch in {header.transfer_id!r}")
         return payload
 
