@@ -53,10 +53,11 @@ class ServeConfig(BaseModel):
     # colocated workers run semi-PD (workers/semi_pd/): a prefill and a decode lane over one KV
     # storage, the handoff inside by block ids, each lane in its SM share (percent; CUDA only)
     semi_pd: bool = False
-    semi_pd_prefill_sm: int = 80  # the prefill lane's initial SM share (semi-PD's x)
+    semi_pd_prefill_sm: int = 100  # the prefill lane's initial SM share (semi-PD's x)
     semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
     semi_pd_window_steps: int = 64  # decode-lane steps per window of the split rule
+    semi_pd_prefill_tokens: int = 8192  # the prefill lane's tokens per step (whole prompts)
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -148,7 +149,7 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be > 0, got {v}")
         return v
 
-    @field_validator("semi_pd_window_steps")
+    @field_validator("semi_pd_window_steps", "semi_pd_prefill_tokens")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:

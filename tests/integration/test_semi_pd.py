@@ -152,6 +152,36 @@ def test_tokens_match_colocated(loaded: LoadedModel, prompts: list[list[int]]) -
         semi.shutdown()
 
 
+@pytest.mark.parametrize("prefill_tokens", [16, 48, 4096], ids=["below", "chunked", "whole"])
+def test_prefill_lane_budget(
+    loaded: LoadedModel, prompts: list[list[int]], prefill_tokens: int
+) -> None:
+    """The prefill lane's per-step budget is ``prefill_tokens``, never below the config's 48: a
+    prompt longer than that prefills in one prefill-lane step with a budget that holds it, in
+    48-token chunks otherwise; the tokens are the colocated engine's either way."""
+    sink = Collector()
+    prompt = [t for p in prompts for t in p]  # the six questions back to back
+    assert len(prompt) > CONFIG.max_num_batched_tokens
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink,
+        prefill_tokens=prefill_tokens,
+    )  # fmt: skip
+    try:
+        params = [SamplingParams(max_tokens=4, temperature=0.0)]
+        got = generate(semi, sink, [prompt], params, "b")
+        steps = semi.prefill_loop.call(lambda e: e.stats().steps)
+        chunk = max(prefill_tokens, CONFIG.max_num_batched_tokens)
+        assert steps == -(-len(prompt) // chunk) > 0
+        reference = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+        try:
+            assert got == generate(reference, sink, [prompt], params, "c")
+        finally:
+            reference.shutdown()
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
 def test_sparse_attention_decodes_on_the_decode_lane_only(
     loaded: LoadedModel, prompts: list[list[int]]
 ) -> None:
@@ -243,7 +273,9 @@ def test_faults_leave_storage_clean(loaded: LoadedModel, prompts: list[list[int]
     none is owned twice (exact ownership over both lanes)."""
     sink = Collector()
     config = EngineConfig(max_num_batched_tokens=16, num_blocks=256, cpu_num_blocks=64)
-    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=config, sink=sink)
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=config, sink=sink, prefill_tokens=16
+    )
     long_prompt = [t for p in prompts for t in p][:320]  # 20 prefill steps of 16 tokens
     endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     try:

@@ -58,7 +58,14 @@ from kvrelay.workers.worker import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPLIT = Split(prefill=80, decode=100)  # Semi-PD's code defaults (algorithms.md §5)
+# both lanes may use every SM (shares overlap, sm_partition.py): the prefill lane computes on the
+# whole GPU while the decode lane idles, and the split rule caps the lane that hurts the other
+# SLO (Semi-PD's code starts from 80 / 100, which caps prefill before anything failed)
+DEFAULT_SPLIT = Split(prefill=100, decode=100)
+# the prefill lane's per-step token budget: it never decodes, so nothing bounds its chunk the
+# way a colocated step's decodes bound it; whole prompts, not 512-token chunks (each chunk pays
+# one eager step's host work, which the lanes' plain steps do not hide)
+PREFILL_TOKENS = 8192
 PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 
@@ -70,11 +77,16 @@ class SemiPDWorker(Worker):
         split: Split = DEFAULT_SPLIT,
         split_rule: SplitRuleConfig | None = None,
         window_steps: int = 64,
+        prefill_tokens: int = PREFILL_TOKENS,
         **kw: Any,
     ) -> None:
         """``split_rule``: adapt the SM split to the SLOs every ``window_steps`` decode-lane
-        steps (tuner.py); None: keep ``split``."""
+        steps (tuner.py); None: keep ``split``. ``prefill_tokens``: the prefill lane's token
+        budget per step (at least the engine config's ``max_num_batched_tokens``)."""
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self._initial_split = split
+        self._prefill_tokens = prefill_tokens
         self.tuner = (
             SplitTuner(split_rule, window_steps=window_steps) if split_rule is not None else None
         )
@@ -91,8 +103,12 @@ class SemiPDWorker(Worker):
         # the prefill lane never decodes (a request moves to the decode lane after its first
         # token): sparse prefill at most there, no key bounds or page selection
         sparse = replace(config.sparse, mode=PREFILL_SIDE.get(config.sparse.mode, "off"))
+        budget = max(config.max_num_batched_tokens, self._prefill_tokens)
         prefill = Engine(
-            loaded, replace(config, sparse=sparse), device=device, storage=decode.storage
+            loaded,
+            replace(config, sparse=sparse, max_num_batched_tokens=budget),
+            device=device,
+            storage=decode.storage,
         )
         self.storage = decode.storage
         self.storage_lock = threading.Lock()
