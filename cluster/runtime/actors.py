@@ -248,7 +248,7 @@ class ControllerActor(Controller):
         if cfg.semi_pd and role == "colocated":
             actor = SemiPDWorkerActor
             semi_pd["split"] = Split(cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm)
-            semi_pd["window_steps"] = cfg.semi_pd_window_steps
+            semi_pd["window_s"] = cfg.semi_pd_window_s
             semi_pd["prefill_tokens"] = cfg.semi_pd_prefill_tokens
             if cfg.semi_pd_adaptive:
                 semi_pd["split_rule"] = SplitRuleConfig(cfg.ttft_slo_s, cfg.itl_slo_s)

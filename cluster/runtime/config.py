@@ -56,7 +56,7 @@ class ServeConfig(BaseModel):
     semi_pd_prefill_sm: int = 100  # the prefill lane's initial SM share (semi-PD's x)
     semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
-    semi_pd_window_steps: int = 64  # decode-lane steps per window of the split rule
+    semi_pd_window_s: float = 1.0  # seconds per window of the split rule
     semi_pd_prefill_tokens: int = 8192  # the prefill lane's tokens per step (whole prompts)
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
@@ -141,7 +141,7 @@ class ServeConfig(BaseModel):
 
     @field_validator(
         "autosize_interval_s", "autosize_window_s", "admission_wait_s", "http_header_timeout_s",
-        "http_body_timeout_s",
+        "http_body_timeout_s", "semi_pd_window_s",
     )
     @classmethod
     def _positive(cls, v: float) -> float:
@@ -149,7 +149,7 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be > 0, got {v}")
         return v
 
-    @field_validator("semi_pd_window_steps", "semi_pd_prefill_tokens")
+    @field_validator("semi_pd_prefill_tokens")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
@@ -293,14 +293,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the colocated workers as semi-PD workers: prefill and decode lanes "
                         "over one KV storage, handoff by block ids, SM shares on CUDA")
     p.add_argument("--semi-pd-prefill-sm", type=int, default=S,
-                   help="the prefill lane's initial SM share, percent (default 80)")
+                   help="the prefill lane's initial SM share, percent (default 100)")
     p.add_argument("--semi-pd-decode-sm", type=int, default=S,
                    help="the decode lane's initial SM share, percent (default 100)")
     p.add_argument("--semi-pd-adaptive", action="store_true", default=S,
                    help="move the SM shares toward the SLO that fails (--ttft-slo-s, "
                         "--itl-slo-s) every window")
-    p.add_argument("--semi-pd-window-steps", type=int, default=S,
-                   help="decode-lane steps per window of the SLO-aware split (default 64)")
+    p.add_argument("--semi-pd-window-s", type=float, default=S,
+                   help="seconds per window of the SLO-aware split (default 1)")
+    p.add_argument("--semi-pd-prefill-tokens", type=int, default=S,
+                   help="the prefill lane's tokens per step (default 8192: whole prompts)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

@@ -341,9 +341,10 @@ def test_decode_lane_preemption_keeps_tokens(loaded: LoadedModel, prompts: list[
 def test_split_rule_drives_the_lanes(
     loaded: LoadedModel, prompts: list[list[int]], ttft_slo_s: float, moves: bool
 ) -> None:
-    """The SLO-aware split on a real worker: every 4 decode-lane steps a window closes; a
-    TTFT SLO no prefill can meet raises the prefill lane's share at the first window (logged),
-    SLOs everyone meets leave the split alone. On CPU the shares are recorded, not enforced."""
+    """The SLO-aware split on a real worker: every 10 ms a window closes (at either lane's next
+    step); a TTFT SLO no prefill can meet raises the prefill lane's share at the first window
+    that saw a first token (logged, in wall-clock time), SLOs everyone meets leave the split
+    alone. On CPU the shares are recorded, not enforced."""
     sink = Collector()
     rule = SplitRuleConfig(ttft_slo_s=ttft_slo_s, tpot_slo_s=1e6)
     semi = SemiPDWorker(
@@ -354,19 +355,25 @@ def test_split_rule_drives_the_lanes(
         sink=sink,
         split=Split(50, 100),
         split_rule=rule,
-        window_steps=4,
+        window_s=0.01,
     )
     try:
+        t0 = time.time()
         generate(semi, sink, prompts[:3], [SamplingParams(max_tokens=16, temperature=0.0)] * 3, "r")
-        assert semi.tuner is not None and len(semi.tuner.windows) >= 3
+        assert semi.tuner is not None and semi.tuner.windows_closed >= 3
         changes = semi.tuner.changes
         if moves:
             first = changes[0]
             assert first.old == Split(50, 100) and first.new.prefill > 50
             assert first.reason.startswith("TTFT") and first.window.ttft_s > ttft_slo_s
             sink.wait(lambda: semi.split() == changes[-1].new)  # both lanes entered it
+            logged = semi.split_log()
+            assert [(e["old"], e["new"]) for e in logged] == [
+                ([c.old.prefill, c.old.decode], [c.new.prefill, c.new.decode]) for c in changes
+            ]
+            assert t0 <= logged[0]["t"] <= time.time() and logged[0]["reason"].startswith("TTFT")
         else:
-            assert changes == [] and semi.split() == Split(50, 100)
+            assert changes == [] and semi.split() == Split(50, 100) and semi.split_log() == []
         extra = semi.heartbeat().stats.extra  # what the controller sees of it
         assert (extra["semi_pd_prefill_sm"], extra["semi_pd_decode_sm"]) == (
             semi.split().prefill,
