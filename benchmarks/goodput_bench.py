@@ -97,7 +97,8 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     base = ServeConfig(model=args.model, device=args.device, dtype=args.dtype,
                        kv_cache_gb=args.kv_cache_gb, grpc_port=None, http_port=0,
                        threads_per_worker=args.threads_per_worker,
-                       ttft_slo_s=args.ttft_slo, itl_slo_s=args.itl_slo)
+                       ttft_slo_s=args.ttft_slo, itl_slo_s=args.itl_slo,
+                       capture_graphs=True)  # a bucket's first capture would stall a sweep
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
     every = {
         "pd": base.model_copy(update={"prefill_workers": pp, "decode_workers": pdd}),

@@ -58,6 +58,7 @@ def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineCon
         policy=cfg.policy,
         preemption_mode=cfg.preemption_mode,
         overlap_schedule=cfg.overlap_schedule,
+        capture_graphs=cfg.capture_graphs,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,

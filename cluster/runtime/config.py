@@ -85,6 +85,7 @@ class ServeConfig(BaseModel):
     preemption_mode: str = "auto"  # auto | swap | recompute
     # overlap the host with the device (workers/engine/engine.py): None = on for CUDA workers
     overlap_schedule: bool | None = None
+    capture_graphs: bool = False  # every decode CUDA graph at worker start (EngineConfig's)
     handoff_timeout_s: float = 30.0
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503
@@ -360,6 +361,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=S,
                    help="schedule step N+1 while the device runs step N (default: on for CUDA "
                         "workers, off for CPU ones)")
+    p.add_argument("--capture-graphs", action="store_true", default=S,
+                   help="capture every decode CUDA graph when a worker starts, not at a batch "
+                        "shape's first step (which that capture stalls)")
     p.add_argument("--router", default=S, choices=ROUTERS)
     p.add_argument("--ttft-slo-s", type=float, default=S)
     p.add_argument("--itl-slo-s", type=float, default=S)

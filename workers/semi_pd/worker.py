@@ -98,14 +98,16 @@ class SemiPDWorker(Worker):
         # the lanes run the plain step: the storage lock's rule (a block is released only after
         # the step that used it has synchronised) holds for it, not for a step left in flight
         config = replace(config, overlap_schedule=False)
-        decode = Engine(loaded, config, device=device)  # builds the one storage
+        # builds the one storage; the decode lane captures its graphs on its own thread, inside
+        # its SM share (below)
+        decode = Engine(loaded, replace(config, capture_graphs=False), device=device)
         # the prefill lane never decodes (a request moves to the decode lane after its first
         # token): sparse prefill at most there, no key bounds or page selection
         sparse = replace(config.sparse, mode=PREFILL_SIDE.get(config.sparse.mode, "off"))
         budget = max(config.max_num_batched_tokens, self._prefill_tokens)
         prefill = Engine(
             loaded,
-            replace(config, sparse=sparse, max_num_batched_tokens=budget),
+            replace(config, sparse=sparse, max_num_batched_tokens=budget, capture_graphs=False),
             device=device,
             storage=decode.storage,
         )
@@ -136,6 +138,8 @@ class SemiPDWorker(Worker):
         ).start()
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
         self.set_split(self._initial_split)
+        if config.capture_graphs:  # after the lane entered its share (commands run in order)
+            loop.call(lambda e: e.capture_graphs(), timeout=None)
         return loop
 
     # ---- SM shares -----------------------------------------------------------------------
