@@ -57,7 +57,7 @@ class ServeConfig(BaseModel):
     semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
     semi_pd_window_s: float = 1.0  # seconds per window of the split rule
-    semi_pd_prefill_tokens: int = 8192  # the prefill lane's tokens per step (whole prompts)
+    semi_pd_prefill_tokens: int = 4096  # the prefill lane's tokens per step (not 512 chunks)
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -303,7 +303,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--semi-pd-window-s", type=float, default=S,
                    help="seconds per window of the SLO-aware split (default 1)")
     p.add_argument("--semi-pd-prefill-tokens", type=int, default=S,
-                   help="the prefill lane's tokens per step (default 8192: whole prompts)")
+                   help="the prefill lane's tokens per step (default 4096)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

@@ -63,10 +63,11 @@ log = logging.getLogger(__name__)
 # whole GPU while the decode lane idles, and the split rule caps the lane that hurts the other
 # SLO (Semi-PD's code starts from 80 / 100, which caps prefill before anything failed)
 DEFAULT_SPLIT = Split(prefill=100, decode=100)
-# the prefill lane's per-step token budget: it never decodes, so nothing bounds its chunk the
-# way a colocated step's decodes bound it; whole prompts, not 512-token chunks (each chunk pays
-# one eager step's host work, which the lanes' plain steps do not hide)
-PREFILL_TOKENS = 8192
+# the prefill lane's per-step token budget: it never decodes, so no decode ITL bounds its chunk
+# as in a colocated step; 512-token chunks left its plain (non-overlapped) eager steps paying
+# the host's launch work per chunk, while 4096 tokens keep the GPU busy past the launches. Not
+# more: each prefill kernel holds the SMs the decode lane's kernels wait for (its ITL)
+PREFILL_TOKENS = 4096
 PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 
