@@ -97,7 +97,8 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     base = ServeConfig(model=args.model, device=args.device, dtype=args.dtype,
                        kv_cache_gb=args.kv_cache_gb, grpc_port=None, http_port=0,
                        threads_per_worker=args.threads_per_worker,
-                       ttft_slo_s=args.ttft_slo, itl_slo_s=args.itl_slo)
+                       ttft_slo_s=args.ttft_slo, itl_slo_s=args.itl_slo,
+                       capture_graphs=True)  # a bucket's first capture would stall a sweep
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
     every = {
         "pd": base.model_copy(update={"prefill_workers": pp, "decode_workers": pdd}),
@@ -149,6 +150,19 @@ def sweep(name: str, argv: list[str], out_json: Path, t0: float) -> dict[str, An
     return report
 
 
+def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
+    """Every semi-PD worker's split-rule changes (SemiPDWorker.split_log), at seconds after
+    ``t0`` (negative: during the warm-up), oldest first."""
+    import ray
+
+    out = []
+    for wid in workers:
+        actor = ray.get_actor(f"kvrelay-worker-{wid}", namespace="kvrelay")
+        for c in ray.get(actor.split_log.remote()):
+            out.append({**c, "t_s": round(c["t"] - t0, 2), "worker": wid})
+    return sorted(out, key=lambda c: c["t_s"])
+
+
 def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``--repeats`` sweeps on one cluster; every repeat's report is kept."""
     out_json = Path(args.out) / f"goodput_{name}.json"
@@ -169,13 +183,15 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
             for t, w, src, dst in cluster.call("role_switches")
         ]
         roles_after = cluster.workers()
+        splits = split_changes(roles_after, t0) if cfg.semi_pd and cfg.semi_pd_adaptive else []
         # requests the cluster still holds after every client gave up: there should be none
         stuck = cluster.call("debug_flights")
         if stuck:
             print(f"[{name}] {len(stuck)} requests still in flight after the run: {stuck[:8]}",
                   flush=True)
     report = dict(commands=commands, repeats=repeats, role_switches=switches,
-                  roles_before=roles_before, roles_after=roles_after, stuck_flights=stuck)
+                  split_changes=splits, roles_before=roles_before, roles_after=roles_after,
+                  stuck_flights=stuck)
     out_json.write_text(json.dumps(report, indent=1))
     return report
 
@@ -187,6 +203,17 @@ def describe(name: str, cfg: ServeConfig) -> str:
         return f"colocated x{cfg.colocated_workers}"
     tail = " + planner" if cfg.auto_pool_sizing else ""
     return f"{name}: {cfg.prefill_workers}P+{cfg.decode_workers}D{tail}"
+
+
+def semi_pd_rule(cfgs: dict[str, ServeConfig]) -> str:
+    """The semi-PD settings the table's semi-PD configurations ran with (the first's)."""
+    semi = [c for c in cfgs.values() if c.semi_pd]
+    if not semi:
+        return ""
+    c = semi[0]
+    rule = f", SLO-aware split every {c.semi_pd_window_s:g} s" if c.semi_pd_adaptive else ""
+    return (f"; semi-PD start split {c.semi_pd_prefill_sm}/{c.semi_pd_decode_sm}{rule}, "
+            f"prefill lane {c.semi_pd_prefill_tokens} tokens per step")
 
 
 def long_mix(args: argparse.Namespace) -> str:
@@ -230,7 +257,7 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
         f"ITL <= {args.itl_slo} s; {args.num_requests} requests per rate, Gamma shape 0.5, "
         f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens "
         f"(Zipf 1.1){long_mix(args)}{times}; planner interval {args.autosize_interval_s} s, "
-        f"window {args.autosize_window_s} s",
+        f"window {args.autosize_window_s} s{semi_pd_rule(cfgs)}",
         f"load average start {l0[0]:.2f} {l0[1]:.2f} {l0[2]:.2f}, end {l1[0]:.2f} {l1[1]:.2f} "
         f"{l1[2]:.2f}; wall {wall:.0f} s",
         "",
@@ -272,6 +299,17 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
                          f"{s['from']} -> {s['to']}")
         if cfgs[n].auto_pool_sizing and not reps[n]["role_switches"]:
             lines.append(f"[{n}] the planner made no role switch")
+        changes = reps[n].get("split_changes", [])
+        for c in changes:
+            (x0, y0), (x1, y1) = c["old"], c["new"]
+            lines.append(
+                f"[{n}] SM split at {c['t_s']:g} s: {x0}/{y0} -> {x1}/{y1} ({c['reason']}; window "
+                f"TTFT p90 {c['ttft_s']:.2f} s, TPOT p90 {1e3 * c['tpot_s']:.1f} ms, "
+                f"{c['arrival_rate']:.1f} req/s)"
+            )
+        if cfgs[n].semi_pd and cfgs[n].semi_pd_adaptive and not changes:
+            lines.append(f"[{n}] the SM split rule kept {cfgs[n].semi_pd_prefill_sm}/"
+                         f"{cfgs[n].semi_pd_decode_sm} throughout")
         if reps[n]["roles_before"] != reps[n]["roles_after"]:
             lines.append(f"[{n}] roles after the sweep: {reps[n]['roles_after']}")
     return "\n".join(lines)

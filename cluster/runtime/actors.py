@@ -58,6 +58,7 @@ def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineCon
         policy=cfg.policy,
         preemption_mode=cfg.preemption_mode,
         overlap_schedule=cfg.overlap_schedule,
+        capture_graphs=cfg.capture_graphs,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,
@@ -248,7 +249,8 @@ class ControllerActor(Controller):
         if cfg.semi_pd and role == "colocated":
             actor = SemiPDWorkerActor
             semi_pd["split"] = Split(cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm)
-            semi_pd["window_steps"] = cfg.semi_pd_window_steps
+            semi_pd["window_s"] = cfg.semi_pd_window_s
+            semi_pd["prefill_tokens"] = cfg.semi_pd_prefill_tokens
             if cfg.semi_pd_adaptive:
                 semi_pd["split_rule"] = SplitRuleConfig(cfg.ttft_slo_s, cfg.itl_slo_s)
         handle = actor.options(**options).remote(  # type: ignore[attr-defined]

@@ -53,10 +53,11 @@ class ServeConfig(BaseModel):
     # colocated workers run semi-PD (workers/semi_pd/): a prefill and a decode lane over one KV
     # storage, the handoff inside by block ids, each lane in its SM share (percent; CUDA only)
     semi_pd: bool = False
-    semi_pd_prefill_sm: int = 80  # the prefill lane's initial SM share (semi-PD's x)
+    semi_pd_prefill_sm: int = 100  # the prefill lane's initial SM share (semi-PD's x)
     semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
-    semi_pd_window_steps: int = 64  # decode-lane steps per window of the split rule
+    semi_pd_window_s: float = 1.0  # seconds per window of the split rule
+    semi_pd_prefill_tokens: int = 4096  # the prefill lane's tokens per step (not 512 chunks)
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -84,6 +85,7 @@ class ServeConfig(BaseModel):
     preemption_mode: str = "auto"  # auto | swap | recompute
     # overlap the host with the device (workers/engine/engine.py): None = on for CUDA workers
     overlap_schedule: bool | None = None
+    capture_graphs: bool = False  # every decode CUDA graph at worker start (EngineConfig's)
     handoff_timeout_s: float = 30.0
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503
@@ -140,7 +142,7 @@ class ServeConfig(BaseModel):
 
     @field_validator(
         "autosize_interval_s", "autosize_window_s", "admission_wait_s", "http_header_timeout_s",
-        "http_body_timeout_s",
+        "http_body_timeout_s", "semi_pd_window_s",
     )
     @classmethod
     def _positive(cls, v: float) -> float:
@@ -148,7 +150,7 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be > 0, got {v}")
         return v
 
-    @field_validator("semi_pd_window_steps")
+    @field_validator("semi_pd_prefill_tokens")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
@@ -292,14 +294,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the colocated workers as semi-PD workers: prefill and decode lanes "
                         "over one KV storage, handoff by block ids, SM shares on CUDA")
     p.add_argument("--semi-pd-prefill-sm", type=int, default=S,
-                   help="the prefill lane's initial SM share, percent (default 80)")
+                   help="the prefill lane's initial SM share, percent (default 100)")
     p.add_argument("--semi-pd-decode-sm", type=int, default=S,
                    help="the decode lane's initial SM share, percent (default 100)")
     p.add_argument("--semi-pd-adaptive", action="store_true", default=S,
                    help="move the SM shares toward the SLO that fails (--ttft-slo-s, "
                         "--itl-slo-s) every window")
-    p.add_argument("--semi-pd-window-steps", type=int, default=S,
-                   help="decode-lane steps per window of the SLO-aware split (default 64)")
+    p.add_argument("--semi-pd-window-s", type=float, default=S,
+                   help="seconds per window of the SLO-aware split (default 1)")
+    p.add_argument("--semi-pd-prefill-tokens", type=int, default=S,
+                   help="the prefill lane's tokens per step (default 4096)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)
@@ -357,6 +361,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=S,
                    help="schedule step N+1 while the device runs step N (default: on for CUDA "
                         "workers, off for CPU ones)")
+    p.add_argument("--capture-graphs", action="store_true", default=S,
+                   help="capture every decode CUDA graph when a worker starts, not at a batch "
+                        "shape's first step (which that capture stalls)")
     p.add_argument("--router", default=S, choices=ROUTERS)
     p.add_argument("--ttft-slo-s", type=float, default=S)
     p.add_argument("--itl-slo-s", type=float, default=S)

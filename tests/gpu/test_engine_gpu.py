@@ -125,3 +125,25 @@ def test_device_sampler_matches_cpu_without_host_sync() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert tokens.is_cuda
     assert tokens.cpu().tolist() == expected.tolist()
+
+
+def test_graphs_captured_up_front(folder: Path) -> None:
+    """``capture_graphs``: every bucket a step can use (batches up to max_num_seqs, every width)
+    is captured when the engine starts, none while it serves, and the tokens stay the same."""
+    ps = prompts(11)
+    _, want = run_engine(folder, torch.float32, ps)
+    llm = LLM(
+        str(folder),
+        engine_config=EngineConfig(
+            max_num_seqs=8, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True
+        ),
+        dtype=torch.float32,
+        device="cuda",
+    )
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None
+    up_front = graphs.num_graphs
+    assert up_front == len([s for s in graphs.sizes if s <= 8]) * len(graphs.widths) > 0
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in NEW_TOKENS]
+    assert [list(o.token_ids) for o in llm.generate(ps, params)] == want
+    assert graphs.num_graphs == up_front and graphs.replays > 0

@@ -92,7 +92,7 @@ def test_semi_pd_worker_serves_like_colocated(ray_session: None, llm: LLM) -> No
     params = [_params(i, 24) for i in range(N)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, params)]
     # the SLO-aware split on too (recorded, not enforced, on CPU): the flag's path to the actor
-    with _cluster(colocated_workers=1, semi_pd_adaptive=True, semi_pd_window_steps=4) as cluster:
+    with _cluster(colocated_workers=1, semi_pd_adaptive=True, semi_pd_window_s=0.05) as cluster:
         infos = cluster.call("worker_infos")
         assert [(i["role"], i["semi_pd"]) for i in infos.values()] == [("colocated", True)]
         with cf.ThreadPoolExecutor(N) as pool:

@@ -152,6 +152,36 @@ def test_tokens_match_colocated(loaded: LoadedModel, prompts: list[list[int]]) -
         semi.shutdown()
 
 
+@pytest.mark.parametrize("prefill_tokens", [16, 48, 4096], ids=["below", "chunked", "whole"])
+def test_prefill_lane_budget(
+    loaded: LoadedModel, prompts: list[list[int]], prefill_tokens: int
+) -> None:
+    """The prefill lane's per-step budget is ``prefill_tokens``, never below the config's 48: a
+    prompt longer than that prefills in one prefill-lane step with a budget that holds it, in
+    48-token chunks otherwise; the tokens are the colocated engine's either way."""
+    sink = Collector()
+    prompt = [t for p in prompts for t in p]  # the six questions back to back
+    assert len(prompt) > CONFIG.max_num_batched_tokens
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink,
+        prefill_tokens=prefill_tokens,
+    )  # fmt: skip
+    try:
+        params = [SamplingParams(max_tokens=4, temperature=0.0)]
+        got = generate(semi, sink, [prompt], params, "b")
+        steps = semi.prefill_loop.call(lambda e: e.stats().steps)
+        chunk = max(prefill_tokens, CONFIG.max_num_batched_tokens)
+        assert steps == -(-len(prompt) // chunk) > 0
+        reference = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+        try:
+            assert got == generate(reference, sink, [prompt], params, "c")
+        finally:
+            reference.shutdown()
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
 def test_sparse_attention_decodes_on_the_decode_lane_only(
     loaded: LoadedModel, prompts: list[list[int]]
 ) -> None:
@@ -243,7 +273,9 @@ def test_faults_leave_storage_clean(loaded: LoadedModel, prompts: list[list[int]
     none is owned twice (exact ownership over both lanes)."""
     sink = Collector()
     config = EngineConfig(max_num_batched_tokens=16, num_blocks=256, cpu_num_blocks=64)
-    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=config, sink=sink)
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=config, sink=sink, prefill_tokens=16
+    )
     long_prompt = [t for p in prompts for t in p][:320]  # 20 prefill steps of 16 tokens
     endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     try:
@@ -309,9 +341,10 @@ def test_decode_lane_preemption_keeps_tokens(loaded: LoadedModel, prompts: list[
 def test_split_rule_drives_the_lanes(
     loaded: LoadedModel, prompts: list[list[int]], ttft_slo_s: float, moves: bool
 ) -> None:
-    """The SLO-aware split on a real worker: every 4 decode-lane steps a window closes; a
-    TTFT SLO no prefill can meet raises the prefill lane's share at the first window (logged),
-    SLOs everyone meets leave the split alone. On CPU the shares are recorded, not enforced."""
+    """The SLO-aware split on a real worker: every 10 ms a window closes (at either lane's next
+    step); a TTFT SLO no prefill can meet raises the prefill lane's share at the first window
+    that saw a first token (logged, in wall-clock time), SLOs everyone meets leave the split
+    alone. On CPU the shares are recorded, not enforced."""
     sink = Collector()
     rule = SplitRuleConfig(ttft_slo_s=ttft_slo_s, tpot_slo_s=1e6)
     semi = SemiPDWorker(
@@ -322,19 +355,25 @@ def test_split_rule_drives_the_lanes(
         sink=sink,
         split=Split(50, 100),
         split_rule=rule,
-        window_steps=4,
+        window_s=0.01,
     )
     try:
+        t0 = time.time()
         generate(semi, sink, prompts[:3], [SamplingParams(max_tokens=16, temperature=0.0)] * 3, "r")
-        assert semi.tuner is not None and len(semi.tuner.windows) >= 3
+        assert semi.tuner is not None and semi.tuner.windows_closed >= 3
         changes = semi.tuner.changes
         if moves:
             first = changes[0]
             assert first.old == Split(50, 100) and first.new.prefill > 50
             assert first.reason.startswith("TTFT") and first.window.ttft_s > ttft_slo_s
             sink.wait(lambda: semi.split() == changes[-1].new)  # both lanes entered it
+            logged = semi.split_log()
+            assert [(e["old"], e["new"]) for e in logged] == [
+                ([c.old.prefill, c.old.decode], [c.new.prefill, c.new.decode]) for c in changes
+            ]
+            assert t0 <= logged[0]["t"] <= time.time() and logged[0]["reason"].startswith("TTFT")
         else:
-            assert changes == [] and semi.split() == Split(50, 100)
+            assert changes == [] and semi.split() == Split(50, 100) and semi.split_log() == []
         extra = semi.heartbeat().stats.extra  # what the controller sees of it
         assert (extra["semi_pd_prefill_sm"], extra["semi_pd_decode_sm"]) == (
             semi.split().prefill,

@@ -73,6 +73,23 @@ def test_repeats_are_tabled_with_their_spread_and_median() -> None:
     ) in text
     assert "goodput semi_pd/colocated1: 1.00" in text
     assert "[semi_pd] repeat 3 rate runs ended: 32 req/s at 70 s, 64 req/s at 80 s" in text
+    assert "semi-PD start split 100/100, SLO-aware split every 1 s" in text
+    assert "[semi_pd] the SM split rule kept 100/100 throughout" in text
+
+
+def test_split_changes_are_placed_on_the_sweep() -> None:
+    run = _run((0.95, 0.90), (0.50, 0.90), (0.040, 0.060), 64, 10)
+    change = {
+        "t_s": 12.5, "old": [100, 100], "new": [100, 90], "reason": "TTFT 1.400 s > 1.000 s",
+        "ttft_s": 1.4, "tpot_s": 0.004, "arrival_rate": 31.0, "worker": "c-1",
+    }  # fmt: skip
+    reps = {"semi_pd": {**_config(run), "split_changes": [change]}, "colocated1": _config(run)}
+    text = render(reps, CFGS, _args(1), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), 100.0)
+    assert (
+        "[semi_pd] SM split at 12.5 s: 100/100 -> 100/90 (TTFT 1.400 s > 1.000 s; window "
+        "TTFT p90 1.40 s, TPOT p90 4.0 ms, 31.0 req/s)"
+    ) in text
+    assert "kept" not in text
 
 
 def test_one_repeat_reads_as_before() -> None:

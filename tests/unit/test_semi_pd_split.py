@@ -138,35 +138,40 @@ def test_tuner_closes_windows_and_logs_changes() -> None:
     from kvrelay.workers.semi_pd.tuner import SplitTuner, percentile
 
     clock = Clock()
-    tuner = SplitTuner(
-        SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05), window_steps=3, clock=clock
-    )
+    tuner = SplitTuner(SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05), window_s=5.0, clock=clock)
     split = Split(50, 50)
 
     def window(ttft: float, gap: float) -> object:
         """Two requests arrive, wait ``ttft`` for their first token, then decode 3 steps
-        ``gap`` apart; the third step closes the window."""
+        ``gap`` apart; every tick inside the 5 s window gives nothing, the first past it closes
+        the window."""
+        start = clock.t
         for rid in ("a", "b"):
             tuner.on_submit(rid, 100)
         clock.t += ttft
         for rid in ("a", "b"):
             tuner.on_first_token(rid)
-        decision = None
+        assert tuner.tick(split, prefill_tokens_per_s=1000.0) is None
         for step in range(3):
             clock.t += gap
             for rid in ("a", "b"):
                 tuner.on_token(rid, finished=step == 2)
-            decision = tuner.on_decode_step(split, prefill_tokens_per_s=1000.0)
-            assert (decision is None) == (step < 2)
+            assert tuner.tick(split, prefill_tokens_per_s=1000.0) is None
+        clock.t = start + 4.999
+        assert tuner.tick(split, prefill_tokens_per_s=1000.0) is None
+        clock.t = start + 5.0
+        decision = tuner.tick(split, prefill_tokens_per_s=1000.0)
+        assert decision is not None
         return decision
 
     calm = window(0.5, 0.02)
     assert calm.split == split and tuner.changes == []  # type: ignore[attr-defined]
     w = tuner.windows[-1]
     assert (w.ttft_s, w.tpot_s, w.prefill_s) == (0.5, pytest.approx(0.02), 0.1)
-    assert w.arrival_rate == pytest.approx(2 / (0.5 + 3 * 0.02))
+    assert w.arrival_rate == pytest.approx(2 / 5.0) and tuner.windows_closed == 1
     burst = window(3.0, 0.02)  # TTFT misses: x rises, and the change is logged
     assert burst.split.prefill > 50  # type: ignore[attr-defined]
     (change,) = tuner.changes
+    assert change.at_s == 10.0 and tuner.windows_closed == 2
     assert change.old == split and change.new == burst.split and change.reason.startswith("TTFT")
     assert percentile([], 0.9) == 0.0 and percentile([3.0, 1.0, 2.0], 0.5) == 2.0

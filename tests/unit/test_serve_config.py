@@ -129,11 +129,14 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
         "--semi-pd-prefill-sm",
         "60",
         "--semi-pd-adaptive",
-        "--semi-pd-window-steps",
-        "8",
+        "--semi-pd-window-s",
+        "0.5",
+        "--semi-pd-prefill-tokens",
+        "2048",
     )
     assert cfg.semi_pd and (cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (60, 100)
-    assert cfg.semi_pd_adaptive and cfg.semi_pd_window_steps == 8
+    assert cfg.semi_pd_adaptive and cfg.semi_pd_window_s == 0.5
+    assert cfg.semi_pd_prefill_tokens == 2048
     path = tmp_path / "serve.yaml"
     path.write_text("semi_pd: true\ncolocated_workers: 2\nsemi_pd_decode_sm: 70\n")
     cfg = _parse("--config", str(path), "--semi-pd-prefill-sm", "30")
@@ -147,7 +150,8 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
         ({"semi_pd": True}, "set colocated_workers >= 1"),
         ({"semi_pd": True, "colocated_workers": 1, "semi_pd_prefill_sm": 0}, "1..100"),
         ({"semi_pd_decode_sm": 101}, "1..100"),
-        ({"semi_pd_window_steps": 0}, "must be >= 1"),
+        ({"semi_pd_window_s": 0}, "must be > 0"),
+        ({"semi_pd_prefill_tokens": 0}, "must be >= 1"),
     ],
 )
 def test_semi_pd_settings_are_validated(values: dict, match: str) -> None:

@@ -233,10 +233,12 @@ class DecodeGraphs:
             logits, captured = self._forward(ids, pos, attn, reuses)
         graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn, captured)
 
-    def capture_all(self, max_width: int | None = None) -> int:
-        """Capture every bucket up to ``max_width`` blocks (largest first); returns the count."""
+    def capture_all(self, max_width: int | None = None, max_batch: int | None = None) -> int:
+        """Capture every bucket up to ``max_width`` blocks and the bucket holding ``max_batch``
+        rows (largest first); returns the count."""
         widths = [w for w in self.widths if max_width is None or w <= max_width]
-        for size in reversed(self.sizes):
+        top = None if max_batch is None else _bucket(max_batch, self.sizes)
+        for size in reversed([s for s in self.sizes if top is None or s <= top]):
             for width in reversed(widths):
                 self.capture(size, width)
         return len(self._graphs)

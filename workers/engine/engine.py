@@ -71,6 +71,10 @@ class EngineConfig:
     # and every stop-token finish costs a thrown-away row). Sparse attention keeps host state
     # per step and always runs the plain path.
     overlap_schedule: bool | None = None
+    # capture every decode CUDA graph a step can use (batches up to max_num_seqs, every table
+    # width) when the engine starts, not at each bucket's first step: that capture, and the
+    # Triton compiles of a new shape, stall the step (a sweep's first, "cold" rates paid them)
+    capture_graphs: bool = False
 
 
 class _InFlight:
@@ -190,6 +194,15 @@ class Engine:
         self.decode_tokens_computed = 0
         self.steps = 0
         self.idle = True  # the last step had nothing it could schedule
+        if config.capture_graphs:
+            self.capture_graphs()
+
+    def capture_graphs(self) -> int:
+        """Capture every decode graph a step of this engine can use, now (``capture_graphs``);
+        the number captured (0 without graphs: CPU, or off)."""
+        if self.runner.graphs is None:
+            return 0
+        return self.runner.graphs.capture_all(max_batch=self.config.max_num_seqs)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(

@@ -2,11 +2,14 @@
 around the pure rule (it owns the clock and the samples; the rule owns the decision).
 
 Samples: TTFT = submit to first token inside the worker; TPOT = the gap between a request's
-successive decode-lane tokens. Every ``window_steps`` decode-lane steps the window closes: its
-p_SLO TTFT and TPOT, arrival rate and mean prefill time per request (prompt tokens over the
-prefill lane's measured rate) become a ``Window``, and ``decide`` gives the next split. The
-worker applies a changed split at both lanes' next iteration boundaries. Thread-safe: the
-prefill lane, the decode lane and the callers of ``submit`` report concurrently.
+successive decode-lane tokens. A window lasts ``window_s`` seconds of the clock: the first
+``tick`` (either lane's, after a step) past that closes it, and its p_SLO TTFT and TPOT, arrival
+rate and mean prefill time per request (prompt tokens over the prefill lane's measured rate)
+become a ``Window``, from which ``decide`` gives the next split. A window in seconds, not in
+decode steps, so that a load step is answered within ``window_s`` whatever the decode lane's
+pace, also while it idles (the prefill lane ticks too). The worker applies a changed split at
+both lanes' next iteration boundaries. Thread-safe: the prefill lane, the decode lane and the
+callers of ``submit`` report concurrently.
 """
 
 from __future__ import annotations
@@ -42,14 +45,14 @@ class SplitTuner:
         self,
         config: SplitRuleConfig,
         *,
-        window_steps: int = 64,
+        window_s: float = 1.0,
         quantile: float = 0.9,  # p_SLO
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if window_steps < 1:
-            raise ValueError(f"window_steps must be >= 1, got {window_steps}")
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
         self.config = config
-        self.window_steps = window_steps
+        self.window_s = window_s
         self.quantile = quantile
         self._clock = clock
         self._lock = threading.Lock()
@@ -59,9 +62,9 @@ class SplitTuner:
         self._tpot: list[float] = []
         self._arrivals = 0
         self._prompt_tokens = 0
-        self._steps = 0
         self._opened = clock()
-        self.windows: list[Window] = []
+        self.windows: list[Window] = []  # the last ``history`` (what the rule fits)
+        self.windows_closed = 0
         self.changes: list[SplitChange] = []  # the log of every split the rule changed
 
     def on_submit(self, request_id: str, prompt_tokens: int) -> None:
@@ -92,14 +95,14 @@ class SplitTuner:
             self._submitted.pop(request_id, None)
             self._last_token.pop(request_id, None)
 
-    def on_decode_step(self, split: Split, prefill_tokens_per_s: float | None) -> Decision | None:
-        """Count one decode-lane step; when the window closes, the rule's decision."""
+    def tick(self, split: Split, prefill_tokens_per_s: float | None) -> Decision | None:
+        """After a lane's step: once ``window_s`` has passed, close the window and return the
+        rule's decision for the next (None while the window is open)."""
+        now = self._clock()
         with self._lock:
-            self._steps += 1
-            if self._steps < self.window_steps:
+            span = now - self._opened
+            if span < self.window_s:
                 return None
-            now = self._clock()
-            span = max(now - self._opened, 1e-9)
             per_request = self._prompt_tokens / self._arrivals if self._arrivals else 0.0
             window = Window(
                 split,
@@ -109,9 +112,10 @@ class SplitTuner:
                 prefill_s=per_request / prefill_tokens_per_s if prefill_tokens_per_s else 0.0,
             )
             self._ttft, self._tpot = [], []
-            self._arrivals = self._prompt_tokens = self._steps = 0
+            self._arrivals = self._prompt_tokens = 0
             self._opened = now
             self.windows.append(window)
+            self.windows_closed += 1
             del self.windows[: -self.config.history]
             decision = decide(self.config, self.windows)
             if decision.split != split:

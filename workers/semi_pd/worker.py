@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -58,7 +59,15 @@ from kvrelay.workers.worker import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPLIT = Split(prefill=80, decode=100)  # Semi-PD's code defaults (algorithms.md §5)
+# both lanes may use every SM (shares overlap, sm_partition.py): the prefill lane computes on the
+# whole GPU while the decode lane idles, and the split rule caps the lane that hurts the other
+# SLO (Semi-PD's code starts from 80 / 100, which caps prefill before anything failed)
+DEFAULT_SPLIT = Split(prefill=100, decode=100)
+# the prefill lane's per-step token budget: it never decodes, so no decode ITL bounds its chunk
+# as in a colocated step; 512-token chunks left its plain (non-overlapped) eager steps paying
+# the host's launch work per chunk, while 4096 tokens keep the GPU busy past the launches. Not
+# more: each prefill kernel holds the SMs the decode lane's kernels wait for (its ITL)
+PREFILL_TOKENS = 4096
 PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 
@@ -69,15 +78,18 @@ class SemiPDWorker(Worker):
         *args: Any,
         split: Split = DEFAULT_SPLIT,
         split_rule: SplitRuleConfig | None = None,
-        window_steps: int = 64,
+        window_s: float = 1.0,
+        prefill_tokens: int = PREFILL_TOKENS,
         **kw: Any,
     ) -> None:
-        """``split_rule``: adapt the SM split to the SLOs every ``window_steps`` decode-lane
-        steps (tuner.py); None: keep ``split``."""
+        """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py);
+        None: keep ``split``. ``prefill_tokens``: the prefill lane's token
+        budget per step (at least the engine config's ``max_num_batched_tokens``)."""
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self._initial_split = split
-        self.tuner = (
-            SplitTuner(split_rule, window_steps=window_steps) if split_rule is not None else None
-        )
+        self._prefill_tokens = prefill_tokens
+        self.tuner = SplitTuner(split_rule, window_s=window_s) if split_rule is not None else None
         self._transit: dict[str, EngineSequence] = {}  # handed over, not adopted yet
         self._internal: set[str] = set()  # requests whose handoff stays inside this worker
         self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
@@ -87,12 +99,18 @@ class SemiPDWorker(Worker):
         # the lanes run the plain step: the storage lock's rule (a block is released only after
         # the step that used it has synchronised) holds for it, not for a step left in flight
         config = replace(config, overlap_schedule=False)
-        decode = Engine(loaded, config, device=device)  # builds the one storage
+        # builds the one storage; the decode lane captures its graphs on its own thread, inside
+        # its SM share (below)
+        decode = Engine(loaded, replace(config, capture_graphs=False), device=device)
         # the prefill lane never decodes (a request moves to the decode lane after its first
         # token): sparse prefill at most there, no key bounds or page selection
         sparse = replace(config.sparse, mode=PREFILL_SIDE.get(config.sparse.mode, "off"))
+        budget = max(config.max_num_batched_tokens, self._prefill_tokens)
         prefill = Engine(
-            loaded, replace(config, sparse=sparse), device=device, storage=decode.storage
+            loaded,
+            replace(config, sparse=sparse, max_num_batched_tokens=budget, capture_graphs=False),
+            device=device,
+            storage=decode.storage,
         )
         self.storage = decode.storage
         self.storage_lock = threading.Lock()
@@ -103,8 +121,8 @@ class SemiPDWorker(Worker):
             e.runner.forward_guard = partial(forward_unlocked, self.storage_lock, self.partition)
         self.prefill_engine = prefill
         # both lanes call their sinks on the loop thread, once per step: the prefill lane's
-        # hands requests over on its engine after their first token went out, the decode
-        # lane's counts the tuner's window in steps
+        # hands requests over on its engine after their first token went out; both tick the
+        # split rule's window
         self.prefill_loop = EngineLoop(
             prefill,
             self._emit_prefill,
@@ -121,6 +139,8 @@ class SemiPDWorker(Worker):
         ).start()
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
         self.set_split(self._initial_split)
+        if config.capture_graphs:  # after the lane entered its share (commands run in order)
+            loop.call(lambda e: e.capture_graphs(), timeout=None)
         return loop
 
     # ---- SM shares -----------------------------------------------------------------------
@@ -217,19 +237,46 @@ class SemiPDWorker(Worker):
             elif ev.request_id in self._internal:
                 with self.storage_lock:
                     self._hand_over(self.prefill_engine, ev.request_id)
+        self._tick()
 
     def _emit_decode(self, events: list[TokenEvent]) -> None:
-        """The decode lane's sink: tokens out, then the split rule's bookkeeping (a window
-        that closes may change the split, applied at the lanes' next iteration boundary)."""
+        """The decode lane's sink: tokens out, then the split rule's bookkeeping."""
         self._emit(events)
         if self.tuner is None:
             return
         for ev in events:
             self.tuner.on_token(ev.request_id, ev.finish_reason is not None)
-        decision = self.tuner.on_decode_step(self.split(), self.prefill_loop.prefill_tokens_per_s)
-        if decision is not None and decision.split != self.split():
-            log.info("semi-PD split %s -> %s: %s", self.split(), decision.split, decision.reason)
+        self._tick()
+
+    def _tick(self) -> None:
+        """A window that closes may change the split, applied at the lanes' next iteration
+        boundary (the split it was decided from is the one both lanes last entered)."""
+        if self.tuner is None:
+            return
+        split = self.split()
+        decision = self.tuner.tick(split, self.prefill_loop.prefill_tokens_per_s)
+        if decision is not None and decision.split != split:
+            log.info("semi-PD split %s -> %s: %s", split, decision.split, decision.reason)
             self.set_split(decision.split)
+
+    def split_log(self) -> list[dict[str, Any]]:
+        """The split rule's changes, oldest first, stamped in wall-clock seconds (``time.time``)
+        so that a benchmark can place them on its own timeline."""
+        if self.tuner is None:
+            return []
+        offset = time.time() - time.monotonic()  # the tuner's clock is monotonic
+        return [
+            {
+                "t": c.at_s + offset,
+                "old": [c.old.prefill, c.old.decode],
+                "new": [c.new.prefill, c.new.decode],
+                "reason": c.reason,
+                "ttft_s": c.window.ttft_s,
+                "tpot_s": c.window.tpot_s,
+                "arrival_rate": c.window.arrival_rate,
+            }
+            for c in list(self.tuner.changes)
+        ]
 
     def _hand_over(self, prefill: Engine, request_id: str) -> None:
         """On the prefill lane's thread, storage lock held."""
