@@ -158,3 +158,31 @@ def test_prompt_context_does_not_leak_into_output(tokenizer: Tokenizer) -> None:
 def test_empty_stop_string_is_rejected(tokenizer: Tokenizer) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         IncrementalDetokenizer(make_decode(tokenizer), stop=["a", ""])
+
+
+def test_bytes_that_never_complete_a_character_cost_linear_decoding(
+    tokenizer: Tokenizer,
+) -> None:
+    """Random weights emit byte tokens that never finish a character: every step's window text
+    ends in U+FFFD. The window is cut behind them (verified to decode the same), so the tokens
+    decoded per step stay bounded, and the stream is still exactly the full decode."""
+    lone = byte_ids(tokenizer, "é")[1]  # a continuation byte alone: U+FFFD however it ends
+    lead = byte_ids(tokenizer, "東")[0]  # a lead byte: its character may still come
+    ids = [lone, lead] * 200 + byte_ids(tokenizer, "a東")
+    decoded: list[int] = []
+    decode = make_decode(tokenizer)
+
+    def counting(window: Sequence[int]) -> str:
+        decoded.append(len(window))
+        return decode(window)
+
+    det = IncrementalDetokenizer(counting, ["</end>"])
+    deltas = []
+    for t in ids:
+        deltas.append(det.push([t]).text_delta)
+        det.check_integrity()
+    deltas.append(det.flush().text_delta)
+    assert "".join(deltas) == decode(ids)
+    assert "".join(deltas).endswith("\ufffda東")
+    assert max(decoded) <= 40  # without the cut: the whole output, 400+ tokens
+    assert sum(decoded) <= 40 * len(ids)

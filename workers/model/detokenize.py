@@ -14,6 +14,17 @@ Two holdbacks, one after the other:
    The context token in front keeps tokenizers that strip a leading space on the first token
    (SentencePiece) honest, as in vLLM.
 
+   A window whose text keeps ending in U+FFFD (a model emitting bytes that never complete a
+   character, as random weights do) would never slide, and each step would decode the whole
+   output: quadratic. Once more than ``_MAX_HELD_TOKENS`` tokens wait behind such an end, the
+   window is cut before one of its last ``_UTF8_TAIL`` to ``2 * _UTF8_TAIL - 1`` tokens (a
+   character spans at most 4 bytes, so an incomplete one started there at the latest) where —
+   checked, not assumed — the two parts decode to the window's text (a cut inside an invalid
+   sequence changes how many U+FFFDs it gives); the head's text, its U+FFFDs included, is then
+   final. Where
+   the check fails (a decoder that strips a leading space), the window grows as before and the
+   next try waits until the held tokens have doubled.
+
 2. Stop strings (OpenAI semantics). Released text goes into ``pending``; the earliest stop
    string found there ends the stream, and neither it nor anything after it is emitted. Of the
    rest, the longest suffix that is a proper prefix of some stop string is held back, so a
@@ -34,6 +45,9 @@ from dataclasses import dataclass
 _REPLACEMENT = "\ufffd"
 # prompt tokens kept as decoding context in front of the first output token (vLLM uses 5)
 _PROMPT_CONTEXT = 5
+# tokens behind a window end in U+FFFD before the window is cut, and the tail the cut keeps
+_MAX_HELD_TOKENS = 16
+_UTF8_TAIL = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +80,7 @@ class IncrementalDetokenizer:
         self._released = len(decode(self._ids)) if self._ids else 0
         self._pending = ""  # released by the UTF-8 stage, not yet emitted (stop holdback)
         self._done = False
+        self._cut_at = _MAX_HELD_TOKENS  # held tokens that make the next cut attempt
 
     @property
     def finished(self) -> bool:
@@ -86,7 +101,25 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
             self._released = len(self._decode(self._ids[self._prefix_offset :]))
+            self._cut_at = _MAX_HELD_TOKENS
+        elif len(self._ids) - self._read_offset > self._cut_at:
+            self._cut(text)
         return self._emit(final=False)
+
+    def _cut(self, text: str) -> None:
+        """Release the window's head for good when its text cannot change (module docstring)."""
+        for cut in range(len(self._ids) - _UTF8_TAIL, len(self._ids) - 2 * _UTF8_TAIL, -1):
+            head = self._decode(self._ids[self._prefix_offset : cut])
+            if head + self._decode(self._ids[cut:]) == text:
+                break
+        else:
+            self._cut_at *= 2
+            return
+        if len(head) > self._released:
+            self._pending += head[self._released :]
+        self._released = max(0, self._released - len(head))
+        self._prefix_offset = self._read_offset = cut
+        self._cut_at = _MAX_HELD_TOKENS
 
     def flush(self) -> DetokResult:
         """End of stream (EOS, stop id, max tokens): release everything held back."""
