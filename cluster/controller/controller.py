@@ -53,7 +53,7 @@ from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.cluster.spot.executor import PreemptionExecutor
 from kvrelay.cluster.spot.notices import PreemptionNotice
 from kvrelay.workers.model.output import RequestText
-from kvrelay.workers.types import FinishReason, Phase, Role, TokenEvent
+from kvrelay.workers.types import FinishReason, Phase, Role, TokenEvent, merge_events
 from kvrelay.workers.worker import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,12 @@ class Controller:
         return [self.config.model]
 
     async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[TokenEvent]]:
-        """The request's events, each item every event ready when the stream wakes (the
-        frontends read it through ``event_stream``; ``Cluster.generate`` as a Ray streaming
-        generator of its own); the last event has ``finish_reason`` set. Closing it early (the
-        client went away: ``stop_request``, or ``ray.cancel`` of the generator) aborts the
-        request and frees its blocks everywhere."""
+        """The request's events, each item every event ready when the stream wakes, merged
+        into one (``merge_events``: a reader that fell behind gets one event of k tokens, not k
+        events); the frontends read it through ``event_stream``, ``Cluster.generate`` as a Ray
+        streaming generator of its own; the last event has ``finish_reason`` set. Closing it
+        early (the client went away: ``stop_request``, or ``ray.cancel`` of the generator)
+        aborts the request and frees its blocks everywhere."""
         if request.request_id in self.state.flights:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         flight = Flight(request, RequestText(self._tokenizer, request.sampling,
@@ -196,7 +197,7 @@ class Controller:
                 batch = [await flight.queue.get()]
                 while not flight.queue.empty() and batch[-1].finish_reason is None:
                     batch.append(flight.queue.get_nowait())
-                yield batch
+                yield [merge_events(batch)]
                 if batch[-1].finish_reason is not None:
                     return
         finally:
