@@ -42,6 +42,25 @@ from kvrelay.cluster.runtime.serve import Cluster
 PROCS = ("worker", "controller", "driver", "client")
 
 
+def clean_outputs(model_dir: Path) -> Path:
+    """Zero the embedding rows (tied to the LM head: logit 0) of the micro model's tokens that
+    are not valid UTF-8 alone (115 of its 512). Its random weights make each greedy request
+    repeat one token; one of those would keep the detokenizer's text ending in U+FFFD, so its
+    window never slides and every step decodes the whole output so far (quadratic in T: that
+    pathology, not the path, would set the rate)."""
+    from safetensors.torch import load_file, save_file
+
+    from kvrelay.workers.model.source import load_tokenizer
+
+    _, tok, _ = load_tokenizer(str(model_dir))
+    weights = load_file(model_dir / "model.safetensors")
+    emb = weights["model.embed_tokens.weight"]  # [vocab, hidden]
+    bad = [i for i in range(emb.shape[0]) if "\ufffd" in tok.decode([i])]
+    emb[bad] = 0.0
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    return model_dir
+
+
 def cpu_s(pids: dict[str, int]) -> dict[str, float]:
     out = {}
     for name, pid in pids.items():
@@ -150,8 +169,10 @@ def main() -> int:
         "cpu", "float32", 0.25, 2048,
     )  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    args.model_dir = make_model(
-        Path("/tmp/kvrelay-micro-float32"), Path(args.tokenizer), torch.float32, "micro", "cpu"
+    args.model_dir = clean_outputs(
+        make_model(
+            Path("/tmp/kvrelay-micro-float32"), Path(args.tokenizer), torch.float32, "micro", "cpu"
+        )
     )
     print(f"load average at start: {os.getloadavg()}", flush=True)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
