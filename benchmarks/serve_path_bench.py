@@ -12,7 +12,8 @@ sink -> Ray -> controller actor -> event stream -> frontends in the driver -> gR
 sets the rate. Per rep: tokens/s over the decode window and end to end (serve_ratio's
 ``window``), and the CPU time (user + system, all threads, from /proc) each process spent during
 the rep, per token the clients received: worker, controller actor, driver (frontends + Ray),
-client. On a shared 2-core box the rates follow the neighbours; the CPU per token does much less.
+client (``--threads``: split by thread name). On a shared 2-core box the rates follow the
+neighbours; the CPU per token does much less.
 Checks per rep: the clients received N*T tokens, the server's ``usage`` says the same, and the
 worker's engine computed N*(T-1) decode tokens and N*P prompt tokens (its first token comes from
 the prefill step). ``--py-spy``: record the controller and driver with py-spy (``--nonblocking``,
@@ -40,6 +41,7 @@ from kvrelay.benchmarks.serve_ratio import prompts, serve_config, stream_load, s
 from kvrelay.cluster.runtime.serve import Cluster
 
 PROCS = ("worker", "controller", "driver", "client")
+SPY_FLAGS = os.environ.get("SPY_FLAGS", "--nonblocking --gil").split()
 
 
 def clean_outputs(model_dir: Path) -> Path:
@@ -69,9 +71,26 @@ def cpu_s(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads so far, summed by thread name (Linux)."""
+    out: dict[str, float] = {}
+    for t in psutil.Process(pid).threads():
+        try:
+            name = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
+        except OSError:  # the thread ended
+            continue
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    return out
+
+
+def by_thread(before: dict[str, float], after: dict[str, float], tokens: int) -> str:
+    moved = {k: 1e6 * (v - before.get(k, 0.0)) / tokens for k, v in after.items()}
+    return ", ".join(f"{k} {v:.1f}" for k, v in sorted(moved.items(), key=lambda x: -x[1])[:6])
+
+
 def py_spy(binary: str, pid: int, seconds: int, path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [binary, "record", "--pid", str(pid), "--duration", str(seconds), "--nonblocking", "--gil",
+        [binary, "record", "--pid", str(pid), "--duration", str(seconds), *SPY_FLAGS,
          "--format", "raw", "--output", str(path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -99,10 +118,14 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                         for p in PROCS
                     ]
                 before, c0 = settled_stats(cluster), cpu_s(pids)
+                t0s = {p: thread_cpu_s(pids[p]) for p in PROCS}
+                objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
                 arrivals, t0, usage = pool.apply(
                     stream_load, (cluster.ports["grpc_port"], batch, args.max_tokens)
                 )
                 c1 = cpu_s(pids)
+                objects = (cluster.frontends.event_batches() if cluster.frontends else 0) - objects0
+                t1s = {p: thread_cpu_s(pids[p]) for p in PROCS}
                 [moved] = stats_delta(settled_stats(cluster), before).values()
                 for s in spies:
                     s.wait()
@@ -113,6 +136,7 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     "rep": r,
                     "usage_tokens": sum(usage),
                     "tokens_per_chunk": tokens / sum(len(a) for a in arrivals),
+                    "stream_objects": objects,
                     "engine": {k: moved[k] for k in ("decode_tokens_computed",
                                                      "prompt_tokens_computed")},
                     "cpu_us_per_token": {p: 1e6 * (c1[p] - c0[p]) / tokens for p in PROCS},
@@ -123,11 +147,14 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     and row["engine"]["prompt_tokens_computed"] == n * args.prompt
                 )
                 rows.append(row)
+                if args.threads:
+                    for p in PROCS:
+                        print(f"  {p} threads, CPU us/token: {by_thread(t0s[p], t1s[p], tokens)}")
                 cpu = " ".join(f"{p} {v:.1f}" for p, v in row["cpu_us_per_token"].items())
                 print(
                     f"N={n} rep {r}: window {row['window_tok_s']:.0f} tok/s, e2e "
                     f"{row['e2e_tok_s']:.0f} tok/s, ITL p50 {row['itl_ms']['p50']:.2f} ms, "
-                    f"{row['tokens_per_chunk']:.2f} tokens/chunk; CPU "
+                    f"{row['tokens_per_chunk']:.2f} tokens/chunk, {objects} stream objects; CPU "
                     f"us/token: {cpu}; tokens {tokens}, usage {row['usage_tokens']}, engine "
                     f"{row['engine']}, {'ok' if row['counters_agree'] else 'MISMATCH'}",
                     flush=True,
@@ -162,6 +189,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--py-spy", default=None, help="py-spy binary: profile the first big rep")
     ap.add_argument("--spy-s", type=int, default=8, help="seconds py-spy records")
+    ap.add_argument("--threads", action="store_true", help="CPU per token by thread name")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     # what serve_config reads (serve_ratio's CPU settings)
