@@ -45,14 +45,19 @@ SHAPES = {
                num_attention_heads=32, num_key_value_heads=8),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,  # CPU dry runs
                  num_attention_heads=4, num_key_value_heads=2),
+    # tokens as cheap as a real model makes them (serve_path_bench: the served path's ceiling);
+    # its 512 token ids are a prefix of the tokenizer's, so they detokenize as usual
+    "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }
 
 
 def make_model(out: Path, tokenizer: Path, dtype: torch.dtype, shape: str, device: str) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rope_theta=500000.0,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+    shape_kw: dict[str, Any] = {"vocab_size": 49152, **SHAPES[shape]}
+    cfg = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **shape_kw)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)

@@ -124,9 +124,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     )
 
 
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+def prompts(n: int, length: int, seed: int, vocab: int = 49152) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 49152, (n, length), generator=g).tolist()
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
 def offline_run(llm: LLM, batch: list[list[int]], max_tokens: int) -> tuple[Arrivals, float]:

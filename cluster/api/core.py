@@ -85,7 +85,7 @@ class RequestStream:
         self._closed = False
         self._iter: AsyncIterator[TokenEvent] | None = None
         self._last_token_t = 0.0
-        self._itl: list[float] = []  # gaps between token events (bounded by max_tokens)
+        self._itl: list[float] = []  # gaps between tokens (bounded by max_tokens)
         self._failed = False
         self.finish_reason: FinishReason | None = None
 
@@ -125,8 +125,9 @@ class RequestStream:
                 now = time.monotonic()
                 if not self._ttft_s:
                     self._ttft_s = now - self._t0
-                else:
-                    self._itl.append(now - self._last_token_t)
+                else:  # an event of k tokens (a stream that fell behind): k gaps of 1/k each
+                    k = len(event.token_ids)
+                    self._itl += [(now - self._last_token_t) / k] * k
                 self._last_token_t = now
             self._completion += len(event.token_ids)
             self._cached = max(self._cached, event.cached_prompt_tokens)

@@ -3,11 +3,13 @@
 A frontend process (``kvrelay serve``'s driver, through ``RemoteBackend``) opens one stream
 (``serve``, a Ray streaming generator) and starts its requests on it (``start``); every item the
 stream yields is ``[(request_id, events or the request's error), ...]``: everything ready when
-the stream woke, so one Ray object per decode step, not per request per token.
+the stream woke, so one Ray object per decode step, not per request per token; a request's
+events in it are merged into one (``merge_events``: a reader that fell behind gets k tokens in
+one event), its error after them.
 
-    start(stream, request) ─▶ a pump task reads the request's events (``generate_batches``)
-                              into the stream's outbox; an error ends up there too, for that
-                              request only
+    start(stream, request) ─▶ a pump task runs the request (``run_request``), which hands its
+                              events to the stream's outbox as they come; an error ends up
+                              there too, for that request only
     stop(request_id)       ─▶ the pump is cancelled: the request is aborted, its blocks freed
     the stream closes      ─▶ every request still on it is stopped; a later ``start`` on it
                               is refused (UNAVAILABLE), so no pump runs into an unread outbox
@@ -16,20 +18,20 @@ the stream woke, so one Ray object per decode step, not per request per token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from kvrelay.cluster.api.backend import GenerateRequest
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
-from kvrelay.workers.types import TokenEvent
+from kvrelay.workers.types import TokenEvent, merge_events
 
 Item = tuple[str, list[TokenEvent] | Exception]
+# runs a request to its end, handing its events to the callback as they come
+Run = Callable[[GenerateRequest, Callable[[list[TokenEvent]], None]], Awaitable[None]]
 
 
 class EventStreams:
-    def __init__(
-        self, generate: Callable[[GenerateRequest], AsyncIterator[list[TokenEvent]]]
-    ) -> None:
-        self._generate = generate
+    def __init__(self, run: Run) -> None:
+        self._run = run
         self._outboxes: dict[str, asyncio.Queue[Item]] = {}
         self._pumps: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> stream, pump
         self._closed: set[str] = set()  # streams that ended (one per frontend process gone)
@@ -41,7 +43,7 @@ class EventStreams:
                 items = [await box.get()]
                 while not box.empty():
                     items.append(box.get_nowait())
-                yield items
+                yield _merged(items)
         finally:
             self._closed.add(stream_id)
             del self._outboxes[stream_id]
@@ -65,7 +67,7 @@ class EventStreams:
         entry = self._pumps.pop(request_id, None)
         if entry is None:
             return False
-        entry[1].cancel()  # generate_batches' ``finally`` aborts the request everywhere
+        entry[1].cancel()  # run_request's ``finally`` aborts the request everywhere
         return True
 
     def _forget(self, request_id: str, task: asyncio.Task[None]) -> None:
@@ -75,7 +77,20 @@ class EventStreams:
     async def _pump(self, box: asyncio.Queue[Item], request: GenerateRequest) -> None:
         rid = request.request_id
         try:
-            async for batch in self._generate(request):
-                box.put_nowait((rid, batch))
+            await self._run(request, lambda events: box.put_nowait((rid, events)))
         except Exception as exc:  # this request's error, for this request only
             box.put_nowait((rid, exc))
+
+
+def _merged(items: list[Item]) -> list[Item]:
+    """One event per request (its events in order, merged), then the errors (a request's error
+    is its last item, so it stays after its events)."""
+    events: dict[str, list[TokenEvent]] = {}
+    errors: list[Item] = []
+    for rid, item in items:
+        if isinstance(item, Exception):
+            errors.append((rid, item))
+        else:
+            events.setdefault(rid, []).extend(item)
+    merged: list[Item] = [(rid, [merge_events(evs)]) for rid, evs in events.items() if evs]
+    return merged + errors

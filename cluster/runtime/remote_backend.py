@@ -5,7 +5,9 @@ driver process (``kvrelay serve``), outside the controller.
                 the events of all its requests: each item is everything ready when the
                 controller's side woke, ``[(request_id, events or error), ...]``, so Ray objects
                 per second follow decode steps, not requests x tokens. A reader task hands each
-                request's events to its own queue. A request starts with ``start_request``;
+                request's events to its own queue; the request's stream takes all its queue
+                holds when it wakes, as one event (``merge_events``), so a frontend that falls
+                behind sends fewer, longer chunks. A request starts with ``start_request``;
                 a stream closed early sends ``stop_request``, which aborts the request and
                 frees its blocks.
     errors:     an ``ApiError`` the controller raises arrives as itself (UNAVAILABLE, 400, ...)
@@ -43,7 +45,7 @@ from kvrelay.cluster.api.backend import (
     TokenizerLike,
 )
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
-from kvrelay.workers.types import TokenEvent
+from kvrelay.workers.types import TokenEvent, merge_events
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,15 +205,24 @@ class RemoteBackend:
         finished = False
         try:
             await self._call("start_request", self._stream_id, request)
-            while True:
+            error: Exception | None = None
+            while error is None:
                 item = await inbox.get()  # ``give_up`` and a failed stream put their error here
                 if isinstance(item, Exception):
                     raise item
-                for event in item:
-                    yield event
-                    if event.finish_reason is not None:
-                        finished = True
-                        return
+                events = list(item)
+                while not inbox.empty():  # what came while the frontend was busy: one event
+                    more = inbox.get_nowait()
+                    if isinstance(more, Exception):
+                        error = more  # after the events that came before it
+                        break
+                    events += more
+                event = merge_events(events)
+                yield event
+                if event.finish_reason is not None:
+                    finished = True
+                    return
+            raise error
         finally:
             del self._inboxes[rid]
             if not finished and self.death is None:  # the client went away (or an error)

@@ -232,7 +232,7 @@ class PreemptionExecutor:
         missing = outputs[len(flight.committed):]
         if missing:
             out, _ = flight.accept(TokenEvent(flight.request_id, tuple(missing)))
-            flight.queue.put_nowait(out)
+            flight.emit(out)
 
 
 def _describe(action: RequestAction) -> str:

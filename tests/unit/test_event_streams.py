@@ -1,11 +1,12 @@
 """The controller's multiplexed event streams (cluster/controller/streams.py), over a fake
-``generate_batches``: one stream carries several requests' events, an error reaches only its
-request, ``stop`` and closing the stream abort what is still running."""
+``run_request``: one stream carries several requests' events (a request's events ready together
+merged into one), an error reaches only its request, ``stop`` and closing the stream abort what
+is still running."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from kvrelay.cluster.api.backend import GenerateRequest
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
@@ -24,18 +25,21 @@ class FakeController:
         self.step = asyncio.Event()
         self.aborted: list[str] = []
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[TokenEvent]]:
+    async def run(self, req: GenerateRequest, emit: Callable[[list[TokenEvent]], None]) -> None:
         rid = req.request_id
         done = False
         try:
             if rid.startswith("bad"):
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{rid} is bad")
+            if rid.startswith("half"):  # one event, then an error
+                emit([TokenEvent(rid, (7,))])
+                raise ApiError(ErrorCode.UNAVAILABLE, f"{rid} lost its worker")
             for i in range(3):
                 if rid.startswith("slow"):
                     await self.step.wait()
                     self.step.clear()
                 last = i == 2
-                yield [TokenEvent(rid, (i,), "", FinishReason.LENGTH if last else None)]
+                emit([TokenEvent(rid, (i,), "", FinishReason.LENGTH if last else None)])
             done = True
         finally:
             if not done:
@@ -52,25 +56,31 @@ async def read_until(items: AsyncIterator[list[Item]], want: int) -> list[list[I
 def test_one_stream_carries_several_requests_and_errors_reach_their_own() -> None:
     async def main() -> None:
         fake = FakeController()
-        streams = EventStreams(fake.generate)
+        streams = EventStreams(fake.run)
         out = streams.serve("s1")
         streams.start("s1", request("a"))
         streams.start("s1", request("b"))
         streams.start("s1", request("bad1"))
-        batches = await read_until(out, 7)  # 3 + 3 events, 1 error
-        # ready at once, so batched: fewer stream items than events
-        assert len(batches) < 7
+        streams.start("s1", request("half1"))
+        batches = await read_until(out, 5)  # a's and b's 3 events each, half1's, 2 errors
+        # all ready at once: one stream item, each request's events merged into one event
+        assert len(batches) == 1
         by_rid: dict[str, list[object]] = {}
         for batch in batches:
             for rid, item in batch:
                 by_rid.setdefault(rid, []).append(item)
         for rid in ("a", "b"):
-            events = [e for item in by_rid[rid] if isinstance(item, list) for e in item]
-            assert [e.token_ids for e in events] == [(0,), (1,), (2,)]
-            assert events[-1].finish_reason is FinishReason.LENGTH
+            [events] = by_rid[rid]
+            assert isinstance(events, list)
+            [event] = events
+            assert event.token_ids == (0, 1, 2)
+            assert event.finish_reason is FinishReason.LENGTH
         [err] = by_rid["bad1"]
         assert isinstance(err, ApiError) and err.code is ErrorCode.INVALID_ARGUMENT
-        assert fake.aborted == ["bad1"]
+        [events, err] = by_rid["half1"]  # the error after the event that came before it
+        assert isinstance(events, list) and [e.token_ids for e in events] == [(7,)]
+        assert isinstance(err, ApiError) and err.code is ErrorCode.UNAVAILABLE
+        assert fake.aborted == ["bad1", "half1"]
         await out.aclose()
 
     asyncio.run(main())
@@ -79,7 +89,7 @@ def test_one_stream_carries_several_requests_and_errors_reach_their_own() -> Non
 def test_stop_and_stream_close_abort_what_runs() -> None:
     async def main() -> None:
         fake = FakeController()
-        streams = EventStreams(fake.generate)
+        streams = EventStreams(fake.run)
         out = streams.serve("s1")
         streams.start("s1", request("slow-a"))
         streams.start("s1", request("slow-b"))

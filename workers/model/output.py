@@ -7,7 +7,6 @@ request on its worker (at most one step of extra work).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from kvrelay.workers.model.detokenize import IncrementalDetokenizer
@@ -26,7 +25,7 @@ class RequestText:
         """Fill the event's text. Returns (event, stop_string_hit); on a hit the event is the
         request's last (finish_reason STOP) and the caller must abort it on its worker."""
         if self.finish_reason is not None:
-            return dataclasses.replace(event, token_ids=(), text=""), False
+            return _with(event, (), "", event.finish_reason), False
         self.token_ids += event.token_ids
         result = self.detok.push(list(event.token_ids))
         delta = result.text_delta
@@ -36,4 +35,11 @@ class RequestText:
             delta += self.detok.flush().text_delta
         self.text += delta
         self.finish_reason = reason
-        return dataclasses.replace(event, text=delta, finish_reason=reason), stop_hit
+        return _with(event, event.token_ids, delta, reason), stop_hit
+
+
+def _with(
+    event: TokenEvent, token_ids: tuple[int, ...], text: str, reason: FinishReason | None
+) -> TokenEvent:
+    # dataclasses.replace costs ~2.5 us (fields() on every call); this runs once per token
+    return TokenEvent(event.request_id, token_ids, text, reason, event.cached_prompt_tokens)
