@@ -110,8 +110,9 @@ def test_back_to_back_transfers_in_both_directions_carry_the_blocks_as_they_were
     store, port = start_rendezvous_store()
     peer = run_peer("alternate", port)
     with KVTransport("a", "127.0.0.1", port, device="cuda", timeout_s=60) as a:
-        ok = alternate(a, "b", me=0)
-        assert a.path("b") == "cuda-ipc"
+        paths: list[str | None] = []
+        ok = alternate(a, "b", me=0, paths=paths)
+        assert paths == ["cuda-ipc"] * (ROUNDS - 1)  # one channel, never broken, all rounds
         stats = a.stats().peers["b"]
         got = peer_result(peer)
     assert ok == got["ok"] == [True] * (ROUNDS // 2)
@@ -216,7 +217,11 @@ def round_plan(k: int) -> tuple[int, list[int], list[int]]:
     return k % 2, perm(64, n, seed=100 + k), perm(64, n, seed=200 + k)
 
 
-def alternate(t: KVTransport, other: str, me: int) -> list[bool]:
+def alternate(
+    t: KVTransport, other: str, me: int, paths: list[str | None] | None = None
+) -> list[bool]:
+    """``paths``: gets the channel's path after each of this side's transfers (the peer may
+    close as soon as the last one is done, which ends the channel)."""
     base = {0: source_cache("cpu", seed=20), 1: source_cache("cpu", seed=21)}
     cache = base[me].to("cuda", copy=True)
     inbox = torch.zeros((64, *GEOMETRY), device="cuda")
@@ -230,6 +235,8 @@ def alternate(t: KVTransport, other: str, me: int) -> list[bool]:
         else:
             t.recv_blocks(other, f"r{k}", inbox, dst)
             ok.append(torch.equal(bits(inbox[dst]), bits(base[1 - me][src] + k)))
+        if paths is not None and k < ROUNDS - 1:
+            paths.append(t.path(other))
     return ok
 
 
