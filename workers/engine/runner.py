@@ -58,8 +58,10 @@ def _patch(
         return None
     seqs = prev.seqs
     if len(items) == len(seqs) and all(
-        it.seq is s and it.num_tokens == 1 and it.seq.num_computed + 1 == it.seq.num_tokens
-        for it, s in zip(items, seqs, strict=True)
+        (s := it.seq) is q
+        and it.num_tokens == 1
+        and s.num_computed + 1 == len(s.prompt_ids) + len(s.output_ids)  # ``it.samples``
+        for it, q in zip(items, seqs, strict=True)
     ):  # a steady decode batch: the same sequences in the same order, every row patched
         return torch.arange(len(items), device=device), prev.tokens
     where = {id(s): i for i, s in enumerate(seqs)}
@@ -254,7 +256,9 @@ class ModelRunner:
         logits = replay.logits
         # ``it.samples``: the row is its sequence's last token
         rows = [
-            i for i, (s, p) in enumerate(zip(seqs, positions, strict=True)) if p + 1 == s.num_tokens
+            i
+            for i, (s, p) in enumerate(zip(seqs, positions, strict=True))
+            if p + 1 == len(s.prompt_ids) + len(s.output_ids)
         ]
         if len(rows) == len(items):
             indices = self.graphs.row_ids[: len(rows)]
