@@ -1,5 +1,6 @@
 """The engine's state kept across steps (the runner's block tables, the sampler's batch
-parameters) against the same engine rebuilding both from scratch every step, on the default
+parameters, the scheduler's steady decode plan) against the same engine rebuilding them from
+scratch every step, on the default
 model: requests with mixed sampling parameters join mid-run, finish, are aborted and are
 preempted (recompute, swap), with and without the overlapped scheduler; every step's events are
 the same, and both pools stay clean."""
@@ -76,6 +77,7 @@ def test_kept_state_equals_rebuilt_state(
             aborted = kept.abort(victim) and fresh.abort(victim)
         fresh.runner.tables = BlockTables(fresh.device)  # rebuilt from the block lists
         fresh.sampler = Sampler(seed=fresh.config.seed)  # parameters split again
+        fresh.scheduler._steady = None  # the plan built row by row
         got, want = kept.step(), fresh.step()
         assert got == want, f"step {step}"
         for ev in got:
@@ -91,3 +93,4 @@ def test_kept_state_equals_rebuilt_state(
     # incremental: rows are written when a sequence joins or changes blocks, not every step
     rows_run = stats.decode_tokens_computed
     assert 0 < kept.runner.tables.row_writes < rows_run / 3
+    assert kept.scheduler.steady_plans > 0 and fresh.scheduler.steady_plans == 0

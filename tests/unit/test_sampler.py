@@ -187,8 +187,8 @@ def test_bad_input_is_a_clear_error() -> None:
 
 
 def test_reused_batch_params_draw_what_fresh_ones_draw() -> None:
-    """One Sampler over many steps keeps its BatchParams while the rows carry the same params
-    objects and rebuilds it when a row joins, leaves or moves, or the vocab changes: every step
+    """One Sampler over many steps keeps its BatchParams while the rows carry equal params in
+    the same order and rebuilds it when a row joins, leaves or moves, or the vocab changes: every step
     draws exactly what a fresh Sampler draws (greedy, penalised and seeded rows)."""
     gen = torch.Generator().manual_seed(11)
     rng = random.Random(11)

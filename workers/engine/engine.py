@@ -95,7 +95,7 @@ class _InFlight:
             self._ready.record()
 
     def device_tokens(self) -> DeviceTokens:
-        return DeviceTokens(self.tokens, {id(s): i for i, s in enumerate(self.seqs)})
+        return DeviceTokens(self.tokens, self.seqs)
 
     def read(self) -> list[int]:
         if self._ready is None:
@@ -275,7 +275,11 @@ class Engine:
             return []
         seqs = [it.seq for it in inputs.sampled]
         tokens = self.sampler.sample(logits, self._sample_rows(seqs)).tolist()
-        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens, strict=True)]
+        events = []
+        for seq, tok in zip(seqs, tokens, strict=True):
+            seq.output_ids.append(tok)
+            events.append(self._appended(seq, tok))
+        return events
 
     def _step_overlapped(self) -> list[TokenEvent]:
         plan = self.scheduler.schedule()
@@ -290,24 +294,32 @@ class Engine:
         if launched is None:
             return events
         logits, inputs = launched
-        # rows of sequences that step N finished (or parked) are thrown away here
-        live = [it for it in plan.scheduled if it.seq.status is SeqStatus.RUNNING]
-        self.discarded_tokens += sum(it.num_tokens for it in plan.scheduled) - sum(
-            it.num_tokens for it in live
-        )
+        # rows of sequences that step N finished (or parked) are thrown away here; in a steady
+        # decode batch none did, and the plan's rows are used as they are
+        running = SeqStatus.RUNNING
+        live: Seq[ScheduledSeq] = plan.scheduled
+        sampled = inputs.sampled
+        if not all(it.seq.status is running for it in live):
+            live = [it for it in live if it.seq.status is running]
+            self.discarded_tokens += plan.num_tokens - sum(it.num_tokens for it in live)
+            rows = [i for i, it in enumerate(sampled) if it.seq.status is running]
+            if len(rows) < len(sampled):
+                if not rows:
+                    self._commit(live)
+                    return events
+                logits = logits.index_select(0, host_to_device(rows, torch.int64, logits.device))
+                sampled = tuple(sampled[i] for i in rows)
         self._commit(live)
-        rows = [i for i, it in enumerate(inputs.sampled) if it.seq.status is SeqStatus.RUNNING]
-        if not rows:
+        if not sampled:
             return events
-        if len(rows) < len(inputs.sampled):
-            logits = logits.index_select(0, host_to_device(rows, torch.int64, logits.device))
-        seqs = [inputs.sampled[i].seq for i in rows]
+        seqs = [it.seq for it in sampled]
         tokens = self.sampler.sample(logits, self._sample_rows(seqs))
+        cap = self.max_seq_tokens
         for seq in seqs:
-            seq.output_ids.append(PLACEHOLDER)
-            params = seq.params
+            out = seq.output_ids
+            out.append(PLACEHOLDER)
             seq.last_in_flight = seq.prefill_only or (
-                len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_tokens
+                len(out) >= seq.params.max_tokens or len(seq.prompt_ids) + len(out) >= cap
             )
         self._in_flight = _InFlight(seqs, tokens, sum(it.num_tokens for it in live), t0)
         return events
@@ -319,13 +331,15 @@ class Engine:
         self._measure(step.num_tokens, now - max(step.t0, self._last_read))
         self._last_read = now
         events = []
+        finished = SeqStatus.FINISHED
         for seq, tok in zip(step.seqs, tokens, strict=True):
-            if seq.is_finished:
+            if seq.status is finished:
                 continue  # aborted while its token was in flight
-            assert seq.output_ids[-1] == PLACEHOLDER, seq.request_id
-            seq.output_ids.pop()
+            out = seq.output_ids
+            assert out[-1] == PLACEHOLDER, seq.request_id
+            out[-1] = tok
             seq.last_in_flight = False
-            events.append(self._append(seq, tok))
+            events.append(self._appended(seq, tok))
         return events
 
     def settle(self) -> list[TokenEvent]:
@@ -335,24 +349,26 @@ class Engine:
         return self._read(step) if step is not None else []
 
     def _commit(self, items: Seq[ScheduledSeq]) -> None:
-        policy = self.scheduler.policy
+        scheduler = self.scheduler
+        on_served, commit = scheduler.policy.on_served, scheduler.commit_computed
+        prompt_total = decode_total = 0
         for item in items:
-            seq = item.seq
-            lo, hi = seq.num_computed, seq.num_computed + item.num_tokens
-            prompt_part = max(0, min(hi, len(seq.prompt_ids)) - lo)
-            self.prompt_tokens_computed += prompt_part
-            self.decode_tokens_computed += item.num_tokens - prompt_part
-            policy.on_served(seq.tenant, prompt_part, item.num_tokens - prompt_part)
-            self.scheduler.commit_computed(item)
+            seq, n = item.seq, item.num_tokens
+            lo = seq.num_computed
+            prompt_part = max(0, min(lo + n, len(seq.prompt_ids)) - lo)
+            prompt_total += prompt_part
+            decode_total += n - prompt_part
+            on_served(seq.tenant, prompt_part, n - prompt_part)
+            commit(item)
+        self.prompt_tokens_computed += prompt_total
+        self.decode_tokens_computed += decode_total
 
     @staticmethod
     def _sample_rows(seqs: Seq[Sequence]) -> list[SampleRow]:
         return [
-            SampleRow(
-                seq.params,
-                seq.num_tokens,
-                seq.all_ids if seq.params.repetition_penalty != 1.0 else (),
-            )
+            SampleRow(p, len(seq.prompt_ids) + len(seq.output_ids))  # ``num_tokens``
+            if (p := seq.params).repetition_penalty == 1.0
+            else SampleRow(p, seq.num_tokens, seq.all_ids)
             for seq in seqs
         ]
 
@@ -365,23 +381,26 @@ class Engine:
             return
         sw.tokens_per_s = running_average(sw.tokens_per_s, rate)
 
-    def _append(self, seq: Sequence, token: int) -> TokenEvent:
-        seq.output_ids.append(token)
-        params = seq.params
+    def _appended(self, seq: Sequence, token: int) -> TokenEvent:
+        """``token``, just made the last of ``seq.output_ids``: stop checks, its event."""
+        out, params = seq.output_ids, seq.params
         reason: FinishReason | None = None
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = FinishReason.STOP
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_tokens:
+        elif (
+            len(out) >= params.max_tokens
+            or len(seq.prompt_ids) + len(out) >= self.max_seq_tokens  # ``num_tokens``
+        ):
             reason = FinishReason.LENGTH
         cached = seq.cached_prompt_tokens if seq.num_emitted == 0 else 0
-        seq.num_emitted = len(seq.output_ids)
+        seq.num_emitted = len(out)
         if reason is not None:
             self._finish(seq, reason)
         elif seq.prefill_only:
             self.scheduler.park(seq)
             del self.seqs[seq.request_id]
             self.handoffs[seq.request_id] = seq
-        return TokenEvent(seq.request_id, (token,), finish_reason=reason, cached_prompt_tokens=cached)
+        return TokenEvent(seq.request_id, (token,), "", reason, cached)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq)

@@ -35,18 +35,19 @@ from kvrelay.workers.engine.cuda_graphs import (
     host_to_device,
 )
 from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
 from kvrelay.workers.model.sparse_attention import SparseAttention
 
 
 class DeviceTokens(NamedTuple):
-    """The tokens a step sampled, still on the device: row ``rows[id(seq)]`` of ``tokens`` is
-    that sequence's newest token (a ``PLACEHOLDER`` on the host). Keyed by the object, not the
-    request id: an aborted request's id may come back as a new sequence while its token is in
-    flight (the holder keeps the sequences alive, so their ids stay unique)."""
+    """The tokens a step sampled, still on the device: row i of ``tokens`` is ``seqs[i]``'s
+    newest token (a ``PLACEHOLDER`` on the host). Matched by the object, not the request id:
+    an aborted request's id may come back as a new sequence while its token is in flight (the
+    holder keeps the sequences alive, so their ids stay unique)."""
 
     tokens: torch.Tensor  # [S] int64
-    rows: dict[int, int]
+    seqs: Seq[Sequence]
 
 
 def _patch(
@@ -55,12 +56,21 @@ def _patch(
     """(packed rows, ids) for the rows whose input token is still on the device, or None."""
     if prev is None:
         return None
+    seqs = prev.seqs
+    if len(items) == len(seqs) and all(
+        (s := it.seq) is q
+        and it.num_tokens == 1
+        and s.num_computed + 1 == len(s.prompt_ids) + len(s.output_ids)  # ``it.samples``
+        for it, q in zip(items, seqs, strict=True)
+    ):  # a steady decode batch: the same sequences in the same order, every row patched
+        return torch.arange(len(items), device=device), prev.tokens
+    where = {id(s): i for i, s in enumerate(seqs)}
     dst: list[int] = []
     src: list[int] = []
     end = 0
     for it in items:
         end += it.num_tokens
-        row = prev.rows.get(id(it.seq))
+        row = where.get(id(it.seq))
         # only a sequence's newest token can be in flight: the chunk's last row, if it reaches it
         if row is not None and it.samples:
             dst.append(end - 1)
@@ -230,22 +240,26 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, StepInputs] | None:
         assert self.graphs is not None
         bs = self.block_size
-        positions = [it.seq.num_computed for it in items]
+        seqs = [it.seq for it in items]
+        positions = [s.num_computed for s in seqs]
+        tables = [s.block_ids for s in seqs]
         batch = DecodeBatch(
-            input_ids=[it.seq.token_at(p) for it, p in zip(items, positions, strict=True)],
+            input_ids=[s.token_at(p) for s, p in zip(seqs, positions, strict=True)],
             positions=positions,
-            slots=[
-                it.seq.block_ids[p // bs] * bs + p % bs
-                for it, p in zip(items, positions, strict=True)
-            ],
-            block_tables=[it.seq.block_ids for it in items],
+            slots=[t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)],
+            block_tables=tables,
             device_ids=_patch(items, prev, self.device),
         )
         replay = self.graphs.run(batch)
         if replay is None:
             return None
         logits = replay.logits
-        rows = [i for i, it in enumerate(items) if it.samples]
+        # ``it.samples``: the row is its sequence's last token
+        rows = [
+            i
+            for i, (s, p) in enumerate(zip(seqs, positions, strict=True))
+            if p + 1 == len(s.prompt_ids) + len(s.output_ids)
+        ]
         if len(rows) == len(items):
             indices = self.graphs.row_ids[: len(rows)]
         else:  # a one-token prefill chunk that does not reach the end of its prompt

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -62,15 +61,14 @@ def mix64(seed: int, position: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64))
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class SampleRow:
+class SampleRow(NamedTuple):
     """One row of a sampling batch.
 
     ``position`` is the index of the token being sampled (tokens before it, prompt included).
     ``seen_ids`` are the ids the repetition penalty applies to (prompt + output so far); only read
     when ``params.repetition_penalty != 1``, so callers may leave it empty otherwise. A 1-D int64
     tensor on the logits' device is the cheap form (the engine can keep one per request); a tuple
-    is converted each call.
+    is converted each call. (A named tuple: the engine builds one per row and step.)
     """
 
     params: SamplingParams
@@ -98,8 +96,8 @@ class _Filter(NamedTuple):
 class BatchParams:
     """A batch's sampling parameters, checked and split by stage once, on one device.
 
-    ``Sampler.sample`` keeps the last one and reuses it while its rows carry the same
-    ``SamplingParams`` objects in the same order (a decode batch that did not change): a step
+    ``Sampler.sample`` keeps the last one and reuses it while its rows carry equal
+    ``SamplingParams`` in the same order (a decode batch that did not change): a step
     then costs no per-row checks, and each stage's row indices and per-row parameters are
     uploaded once per batch, not once per step.
     """
@@ -134,14 +132,10 @@ class BatchParams:
                 index = None if len(rows) == len(ps) else host_to_device(rows, torch.long, device)
                 self.filters.append(_Filter(fn, index, values))
 
-    def fits(self, params: Sequence[SamplingParams], vocab: int, device: torch.device) -> bool:
-        """The same parameter objects (immutable) in the same order, for the same logits."""
-        return (
-            vocab == self.vocab
-            and device == self.device
-            and len(params) == len(self.params)
-            and all(a is b for a, b in zip(params, self.params, strict=True))
-        )
+    def fits(self, params: list[SamplingParams], vocab: int, device: torch.device) -> bool:
+        """Equal parameters in the same order, for the same logits. (List equality compares
+        identity first: a batch of the same objects costs no ``SamplingParams.__eq__``.)"""
+        return vocab == self.vocab and device == self.device and params == self.params
 
 
 def _repetition_penalty(out: torch.Tensor, rows: Sequence[SampleRow], sel: list[int]) -> None:

@@ -88,6 +88,11 @@ class Scheduler:
         self.running: list[Sequence] = []  # swaps in flight live in ``swapper.in_flight``
         # (running list, its order) of the last step: reused while the list is the same
         self._order_memo: tuple[list[Sequence], list[Sequence]] | None = None
+        # the last plan when it only decoded (one token a row) and preempted nobody: returned
+        # again, not rebuilt, while the same sequences decode in the same order and none needs
+        # a block (``_plan``)
+        self._steady: tuple[ScheduledSeq, ...] | None = None
+        self.steady_plans = 0  # plans returned that way, for tests and benchmarks
         self.num_preemptions = 0
         self.recompute_preemptions = 0
         self.prefix_queries = 0  # prompt tokens looked up
@@ -221,7 +226,24 @@ class Scheduler:
                     preempted.append(rid)
                     runnable.remove(by_id[rid])
 
-        queue = self._order_running(runnable, now)
+        ordered = self._order_running(runnable, now)
+        steady, self._steady = self._steady, None
+        bs = self.block_size
+        if (
+            steady is not None
+            and not self.waiting
+            and len(steady) == len(ordered) <= budget
+            and all(
+                it.seq is s
+                and len(s.prompt_ids) + len(s.output_ids) == s.num_computed + 1
+                and s.num_computed < len(s.block_ids) * bs
+                for it, s in zip(steady, ordered, strict=True)
+            )
+        ):  # the same decode batch, no block needed: what the loop below would plan
+            self._steady = steady
+            self.steady_plans += 1
+            return SchedulerOutput(steady, ())
+        queue = deque(ordered)
         starved = False  # a running sequence lacked blocks: admit nobody this step
         while queue and budget > 0:
             seq = queue.popleft()
@@ -261,25 +283,30 @@ class Scheduler:
                     break  # head of the line does not fit: keep the policy's order
                 scheduled.append(item)
                 budget -= item.num_tokens
-        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+        plan = tuple(scheduled)
+        if not preempted and all(it.num_tokens == 1 for it in plan):
+            self._steady = plan
+        return SchedulerOutput(plan, tuple(preempted))
 
-    def _order_running(self, runnable: list[Sequence], now: float) -> deque[Sequence]:
+    def _order_running(self, runnable: list[Sequence], now: float) -> list[Sequence]:
         """The policy's order of the running sequences. A ``static_order`` policy is asked
         again only when the list changed: a batch that only decodes costs no RequestViews."""
         if not self.policy.static_order:
-            return deque(self.order(runnable, now))
+            return self.order(runnable, now)
         memo = self._order_memo
         if memo is None or len(memo[0]) != len(runnable) or any(
             a is not b for a, b in zip(memo[0], runnable, strict=True)
         ):
             memo = self._order_memo = (runnable, self.order(runnable, now))
-        return deque(memo[1])
+        return memo[1]
 
     def _grow(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         """Schedule a running sequence's next chunk, allocating its blocks, or None."""
-        n = min(seq.num_tokens - seq.num_computed, budget)
-        need = seq.blocks_needed(n, self.block_size)
-        if need:  # most decode steps fit the last block: no pool call
+        # ``num_tokens`` and ``blocks_needed`` inline: this runs for every row of every step
+        computed = seq.num_computed
+        n = min(len(seq.prompt_ids) + len(seq.output_ids) - computed, budget)
+        need = -(-(computed + n) // self.block_size) - len(seq.block_ids)
+        if need > 0:  # most decode steps fit the last block: no pool call
             if not self.pool.can_allocate(need):
                 return None
             seq.block_ids += self.pool.allocate(need)
