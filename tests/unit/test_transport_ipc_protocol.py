@@ -94,17 +94,21 @@ def links() -> Iterator[Callable[..., tuple[Link, Link]]]:
     del server
 
 
-def drain(link: Link) -> threading.Thread:
-    """A reader thread: answers the peer's ACKs and CONFIRMs until the link goes down."""
+def _read_until_down(link: Link) -> None:
+    with contextlib.suppress(TransferError):
+        while True:
+            link.recv()
 
-    def run() -> None:
-        with contextlib.suppress(TransferError):
-            while True:
-                link.recv()
 
-    t = threading.Thread(target=run, daemon=True)
+def _started(target: Callable[..., object], *args: object) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, daemon=True)
     t.start()
     return t
+
+
+def drain(link: Link) -> threading.Thread:
+    """A reader thread: answers the peer's ACKs and CONFIRMs until the link goes down."""
+    return _started(_read_until_down, link)
 
 
 def serve(link: Link, answer: Callable[[int], object]) -> threading.Thread:
@@ -114,14 +118,10 @@ def serve(link: Link, answer: Callable[[int], object]) -> threading.Thread:
     def run() -> None:
         frame = link.recv()
         assert frame.kind == Kind.HEADER
-        threading.Thread(target=answer, args=(frame.seq,), daemon=True).start()
-        with contextlib.suppress(TransferError):
-            while True:
-                link.recv()
+        _started(answer, frame.seq)
+        _read_until_down(link)
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+    return _started(run)
 
 
 def test_an_acked_header_counts_on_both_sides(links: Callable[..., tuple[Link, Link]]) -> None:
