@@ -6,8 +6,8 @@
 
 Each config runs a real ``EngineLoop`` over a real ``Engine`` (step_overhead.py's one-layer
 random-weight Llama, CPU, one torch thread) decoding N requests (N events a step) into the
-worker's real sink path minus the worker: ``_ControllerSink`` -> ``on_events.remote`` of a Ray
-actor whose async ``on_events`` counts the events. Per step, from ``time.thread_time`` of the
+worker's real sink path minus the worker: ``_ControllerSink`` -> ``on_events_pickled.remote`` of a Ray
+actor whose async ``on_events_pickled`` unpickles and counts the events. Per step, from ``time.thread_time`` of the
 engine thread at the entry and exit of every ``Engine.step`` (``--warmup`` steps dropped, then
 ``--steps`` measured): **outside** = the thread's CPU between one step's exit and the next's
 entry (the sink call or the enqueue, plus the loop's own work), **step** = inside the step, and
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import pickle
 import statistics
 import time
 from functools import partial
@@ -45,13 +46,13 @@ MODES = ("inline", "sender", "floor")  # sink on the engine thread / sender thre
 
 @ray.remote(num_cpus=0)
 class Counter:
-    """Stands in for the controller: an async ``on_events`` that counts what arrives."""
+    """Stands in for the controller: an async ``on_events_pickled`` that counts what arrives."""
 
     def __init__(self) -> None:
         self.events = 0
 
-    async def on_events(self, worker_id: str, events: list[TokenEvent]) -> None:
-        self.events += len(events)
+    async def on_events_pickled(self, worker_id: str, blob: bytes, seq: int) -> None:
+        self.events += len(pickle.loads(blob))
 
     async def count(self) -> int:
         return self.events

@@ -44,7 +44,7 @@ from kvrelay.cluster.controller.flights import Flight
 from kvrelay.cluster.controller.handoff import Handoffs
 from kvrelay.cluster.controller.health import HealthMonitor
 from kvrelay.cluster.controller.state import ControllerState, DispatchCounters, WorkerEntry
-from kvrelay.cluster.controller.streams import EventStreams, Item
+from kvrelay.cluster.controller.streams import EventStreams, Packed, pack
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics
 from kvrelay.cluster.routing.adapter import Pull, RoutePlan, Routing
@@ -230,9 +230,9 @@ class Controller:
         self.state.release(flight)
 
     # one stream per frontend process for the events of all its requests (streams.py)
-    async def event_stream(self, stream_id: str) -> AsyncIterator[list[Item]]:
+    async def event_stream(self, stream_id: str) -> AsyncIterator[Packed]:
         async for items in self.streams.serve(stream_id):
-            yield items
+            yield pack(items)
 
     async def start_request(self, stream_id: str, request: GenerateRequest) -> None:
         self.streams.start(stream_id, request)

@@ -3,8 +3,9 @@ driver process (``kvrelay serve``), outside the controller.
 
     tokens:     one Ray streaming generator per backend (``controller.event_stream``) carries
                 the events of all its requests: each item is everything ready when the
-                controller's side woke, ``[(request_id, events or error), ...]``, so Ray objects
-                per second follow decode steps, not requests x tokens. A reader task hands each
+                controller's side woke, ``[(request_id, events or error), ...]`` (its events
+                pickled by the controller, ``streams.pack``), so Ray objects per second follow
+                decode steps, not requests x tokens. A reader task hands each
                 request's events to its own queue; the request's stream takes all its queue
                 holds when it wakes, as one event (``merge_events``), so a frontend that falls
                 behind sends fewer, longer chunks. A request starts with ``start_request``;
@@ -45,6 +46,7 @@ from kvrelay.cluster.api.backend import (
     TokenizerLike,
 )
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
+from kvrelay.cluster.controller.streams import unpack
 from kvrelay.workers.types import TokenEvent, merge_events
 
 log = logging.getLogger(__name__)
@@ -174,7 +176,7 @@ class RemoteBackend:
                 except StopAsyncIteration:
                     raise self._unavailable("the controller closed the event stream") from None
                 self.batches_received += 1
-                for rid, item in await self._unless_gone(ref):
+                for rid, item in unpack(await self._unless_gone(ref)):
                     inbox = self._inboxes.get(rid)
                     if inbox is not None:  # else its client went away
                         inbox.put_nowait(item)

@@ -52,7 +52,7 @@ class _Remote:
 class _Controller:
     def __init__(self) -> None:
         self.calls: list[Any] = []
-        self.on_events = _Remote(self.calls)
+        self.on_events_pickled = _Remote(self.calls)
 
 
 def test_the_sink_numbers_its_deliveries_from_zero_after_pickling() -> None:
@@ -66,3 +66,5 @@ def test_the_sink_numbers_its_deliveries_from_zero_after_pickling() -> None:
     assert [c[2] for c in sink.controller.calls] == [0]
     sink("w", _step(1))
     assert [c[2] for c in sink.controller.calls] == [0, 1]
+    # the events go pickled (the controller actor's ``on_events_pickled`` loads them)
+    assert [pickle.loads(c[1]) for c in sink.controller.calls] == [_step(0), _step(1)]
