@@ -1,21 +1,25 @@
 """Persistent block tables (workers/engine/block_tables.py) against a table rebuilt from scratch
 each step, through random joins, leaves, in-place growth, replaced block lists (preemption,
 re-admission), absences and reorderings; and ``prepare_inputs`` with the persistent table equal
-to ``prepare_inputs`` with a fresh one."""
+to ``prepare_inputs`` with a fresh one. The CUDA-graph path's row check (``stale_rows``,
+workers/engine/cuda_graphs.py) through the same histories."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence as Seq
 
+import numpy as np
 import pytest
 import torch
 
 from kvrelay.workers.engine.block_tables import BlockTables
+from kvrelay.workers.engine.cuda_graphs import stale_rows, width_buckets
 from kvrelay.workers.engine.runner import prepare_inputs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.types import SamplingParams
-from kvrelay_testing.block_tables import blocks, check_history, rebuilt
+from kvrelay_testing.block_tables import blocks, check_history, evolve, rebuilt
 
 CPU = torch.device("cpu")
 
@@ -90,3 +94,52 @@ def test_prepare_inputs_with_persistent_table_equals_fresh() -> None:
             it.seq.num_computed += it.num_tokens
             if it.samples:
                 it.seq.output_ids.append(rng.randrange(50))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_graph_rows_rewritten_from_stale_rows_equal_rebuilt_table(seed: int) -> None:
+    """``DecodeGraphs._stage``'s table staging on the host: rows in batch order, every row
+    ``stale_rows`` returns rewritten whole at the bucket's width, all forgotten when the width
+    changes; after each step the live rows equal the rebuilt table."""
+    rng = random.Random(seed)
+    rows, widths = 128, width_buckets(1024)
+    device = np.zeros((rows, widths[-1]), dtype=np.int32)
+    sent: list[Seq[int] | None] = [None] * rows
+    lens = [0] * rows
+    sent_width = 0
+    pool: list[Sequence] = []
+    written = fed = 0
+    for step in range(300):
+        batch = evolve(rng, pool, step)
+        if not batch:
+            continue
+        assert len(batch) <= rows
+        width = next(w for w in widths if w >= max(len(s.block_ids) for s in batch))
+        if width != sent_width:
+            sent, sent_width = [None] * rows, width
+        for i in stale_rows([s.block_ids for s in batch], sent, lens):
+            table = batch[i].block_ids
+            device[i, :width] = 0
+            device[i, : len(table)] = table
+            written += 1
+        fed += len(batch)
+        want = np.zeros((len(batch), width), dtype=np.int32)
+        got = rebuilt(batch).numpy()
+        want[:, : got.shape[1]] = got
+        assert np.array_equal(device[: len(batch), :width], want), f"step {step}"
+    assert written < fed  # rows fed the same list at the same length were not rewritten
+
+
+def test_stale_rows_only_for_new_or_grown_lists() -> None:
+    rng = random.Random(1)
+    tables = [blocks(rng, 64) for _ in range(8)]
+    sent: list[Seq[int] | None] = [None] * 10
+    lens = [0] * 10
+    assert stale_rows(tables, sent, lens) == list(range(8))
+    assert stale_rows(tables, sent, lens) == []
+    tables[2] += [5]  # grown in place
+    tables[4] = list(tables[4])  # same ids, a new list (re-admitted)
+    tables[6] = blocks(rng, 64)  # replaced at the same length (preempted, swapped back)
+    assert stale_rows(tables, sent, lens) == [2, 4, 6]
+    assert stale_rows(tables[::-1], sent, lens) == list(range(8))  # reordered: rows move
+    assert stale_rows(tables[::-1][:5], sent, lens) == []  # fewer rows: the rest stay as sent

@@ -10,7 +10,11 @@ Static inputs, on the device::
 
 Block tables change rarely (a sequence gains a block every ``block_size`` tokens), and
 re-sending ``[B, W]`` every step costs more host time than the whole step at batch 128, so the
-rows last sent are remembered and only changed rows go up (a pinned upload + ``index_copy_``).
+block list each row was last sent from is remembered, with its length, and only changed rows go
+up (a pinned upload + ``index_copy_``). A row is unchanged while it is fed the same list object
+at the same length, as in workers/engine/block_tables.py: a sequence's ``block_ids`` only grows
+in place and is replaced whenever blocks are given back (finish, preemption, swap, handoff), so
+no comparison of the ids themselves is needed (``stale_rows``).
 
 A graph for batch size ``b`` reads the first ``b`` entries of each row and a ``[b, W]`` view of
 the tables; rows past the live batch are padding: slot -1 (no KV write), context 0 (the decode
@@ -98,6 +102,21 @@ def width_buckets(max_blocks: int) -> tuple[int, ...]:
     return (*widths, max_blocks)
 
 
+def stale_rows(
+    tables: Sequence[Sequence[int]], sent: list[Sequence[int] | None], lens: list[int]
+) -> list[int]:
+    """Rows of ``tables`` whose device row is out of date, then recorded as sent: row ``i`` was
+    last written from ``sent[i]`` (held, so its id is not reused) when it had ``lens[i]``
+    entries, and is current while ``tables[i]`` is that object at that length. Exact for lists
+    that only ever grow in place (see the module doc). ``sent`` and ``lens`` are at least as long
+    as ``tables``."""
+    changed = [i for i, t in enumerate(tables) if t is not sent[i] or len(t) != lens[i]]
+    for i in changed:
+        sent[i] = table = tables[i]
+        lens[i] = len(table)
+    return changed
+
+
 def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= value), None)
 
@@ -156,8 +175,10 @@ class DecodeGraphs:
         b, w = self.max_batch, self.max_blocks
         self._i64 = torch.zeros((4, b), dtype=torch.int64, device=self.device)
         self._tables = torch.zeros(b * w, dtype=torch.int32, device=self.device)
-        # what the device's table rows hold, as laid out for width ``_sent_width``
-        self._sent: list[list[int] | None] = [None] * b
+        # the block lists the device's table rows were written from and their lengths then, as
+        # laid out for width ``_sent_width`` (``stale_rows``; None: written from no list)
+        self._sent: list[Sequence[int] | None] = [None] * b
+        self._sent_lens = [0] * b
         self._sent_width = 0
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -313,8 +334,7 @@ class DecodeGraphs:
         if width != self._sent_width:
             self._sent = [None] * b
             self._sent_width = width
-        sent = self._sent
-        changed = [i for i, t in enumerate(batch.block_tables) if sent[i] != t]
+        changed = stale_rows(batch.block_tables, self._sent, self._sent_lens)
         if not changed:
             return
         host_rows = torch.zeros((len(changed), width), dtype=torch.int32, pin_memory=True)
@@ -322,7 +342,6 @@ class DecodeGraphs:
         for k, i in enumerate(changed):
             table = batch.block_tables[i]
             staged[k, : len(table)] = table
-            sent[i] = list(table)
         index = torch.tensor(changed, dtype=torch.int64, pin_memory=True)
         self._table_view(b, width).index_copy_(
             0,
