@@ -4,6 +4,7 @@ event streams use to hand a reader that fell behind one event of k tokens."""
 from __future__ import annotations
 
 import pickle
+from dataclasses import fields
 
 from ray import cloudpickle
 
@@ -16,6 +17,8 @@ def test_pickles_to_an_equal_event() -> None:
         TokenEvent("r2", (), "", FinishReason.ABORT),
         TokenEvent("r1", (7,), "c", FinishReason.STOP),
     ]
+    _, args = events[0].__reduce__()  # every field travels, in declaration order
+    assert args == tuple(getattr(events[0], f.name) for f in fields(TokenEvent))
     for dumps in (pickle.dumps, cloudpickle.dumps):
         back = pickle.loads(dumps(events))
         assert back == events
