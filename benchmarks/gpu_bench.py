@@ -269,15 +269,21 @@ def hf_section(hf: Any, compile_batches: set[int], deadline: float) -> None:
 
 def engine_section(
     model: LlamaModel, config: ModelConfig, batches: tuple[int, ...] = (1, 128),
-    overlaps: tuple[bool, ...] = (False, True),
+    overlaps: tuple[bool, ...] = (False, True), windows: int = 5, steps: int = 30,
 ) -> None:  # fmt: skip
     """Engine.step end to end: prefill 1023-token prompts, then time decode-only steps, with the
-    overlapped scheduler off and on; beside it the graph step of the same batch (ours_decode)."""
+    overlapped scheduler off and on; beside it the graph step of the same batch (ours_decode).
+
+    Both engines live side by side and their timing windows alternate (off, on, off, on, ...), so
+    drift on the machine hits both alike; each row prints the median window and the spread. The
+    tokens each engine emitted in its windows are counted and must equal batch x steps."""
     tok = SimpleNamespace(eos_token_ids=())
     loaded = LoadedModel(config, model, tok, "bench", "random")  # type: ignore[arg-type]
+    max_tokens = 4 + windows * steps
     for b in batches:
+        engines = {}
         for overlap in overlaps:
-            eng = Engine(loaded, EngineConfig(block_size=BS, num_blocks=b * 70 + 16,
+            eng = Engine(loaded, EngineConfig(block_size=BS, num_blocks=b * (-(-(CTX + max_tokens) // BS)) + 16,
                          max_num_seqs=b, max_num_batched_tokens=8192,
                          overlap_schedule=overlap), device="cuda")  # fmt: skip
             g = torch.Generator().manual_seed(1)
@@ -285,7 +291,7 @@ def engine_section(
                 eng.add_request(
                     f"r{i}",
                     torch.randint(3, VOCAB, (CTX - 1,), generator=g).tolist(),
-                    SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                    SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
                 )
             while eng.stats().waiting or any(
                 s.num_computed < len(s.prompt_ids) for s in eng.seqs.values()
@@ -293,22 +299,34 @@ def engine_section(
                 eng.step()
             for _ in range(3):
                 eng.step()
-            steps, t0 = 0, time.perf_counter()
-            while eng.has_unfinished() and steps < 30:
-                eng.step()
-                steps += 1
-            ms = (time.perf_counter() - t0) * 1e3 / steps
+            engines[overlap] = eng
+        times: dict[bool, list[float]] = {o: [] for o in overlaps}
+        emitted = dict.fromkeys(overlaps, 0)
+        for _ in range(windows):
+            for overlap, eng in engines.items():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    emitted[overlap] += sum(len(e.token_ids) for e in eng.step())
+                times[overlap].append((time.perf_counter() - t0) * 1e3 / steps)
+        graph = RESULTS.get("decode", {}).get(b, {}).get("gpu_ms")
+        for overlap, eng in engines.items():
+            ts = sorted(times[overlap])
+            ms = ts[len(ts) // 2]
             mode = "on" if overlap else "off"
             RESULTS.setdefault("engine", {}).setdefault(b, {})[mode] = ms
-            graph = RESULTS.get("decode", {}).get(b, {}).get("gpu_ms")
+            RESULTS["engine"][b][f"{mode}_windows"] = times[overlap]
             vs = f" = {ms / graph:.2f}x the graph step {graph:.3f} ms" if graph else ""
+            ok = "ok" if emitted[overlap] == b * windows * steps else "MISMATCH"
             say(
                 f"  engine decode b={b:3d} overlap {mode:3s}: {ms:7.3f} ms/step = "
-                f"{b / ms * 1e3:8.0f} tok/s{vs} (graph steps {eng.runner.graph_steps}, "
-                f"eager {eng.runner.eager_steps})"
+                f"{b / ms * 1e3:8.0f} tok/s{vs} (median of {windows} windows of {steps} steps, "
+                f"{ts[0]:.3f}-{ts[-1]:.3f}; tokens {emitted[overlap]} {ok}; graph steps "
+                f"{eng.runner.graph_steps}, eager {eng.runner.eager_steps})"
             )
-            del eng
-            torch.cuda.empty_cache()
+        engines.clear()
+        del eng
+        torch.cuda.empty_cache()
 
 
 def engine_only(bw: float) -> None:
