@@ -50,7 +50,7 @@ for step in "$@"; do
         python3 -c "import torch, triton, transformers, ray, grpc, aiohttp, openai, kvrelay
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
       transformers.__version__, 'ray', ray.__version__)" ;;
-    tests) run tests "${TESTS_S:-220}" "${PYTEST[@]}" ${TESTS:-tests/gpu} ;;
+    tests) run tests "${TESTS_S:-400}" "${PYTEST[@]}" ${TESTS:-tests/gpu} ;;
     sparse) run sparse "${SPARSE_S:-240}" python3 benchmarks/sparse_bench.py \
         --contexts 32768 65536 131072 --out "$RES/sparse_bench.json" ;;
     sparse_parts) run sparse_parts 90 python3 benchmarks/sparse_bench.py --parts refresh_parts \
