@@ -346,6 +346,16 @@ def engine_only(bw: float) -> None:
     engine_section(model, config, batches=batches)
 
 
+def prefill_only(rate: float) -> None:
+    """Issue 17's prefill check: the 1B shape at 1k and 8k tokens, timed and profiled."""
+    say("\n## Llama-1B shape, bf16, random weights (--prefill-only)")
+    hf, model, config = build(SHAPES["1b"])
+    del hf
+    cache = torch.zeros(kv_cache_shape(config, max(PREFILL_LENS) // BS + 16, BS),
+                        dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    prefill_profile(ModelRunner(model, cache, BS), model, config, rate)
+
+
 def kv_section(cache: torch.Tensor, bw: float) -> None:
     ids = torch.randperm(cache.shape[0] // 2, device="cuda")[:256]
     dst = torch.randperm(cache.shape[0] // 2, device="cuda")[:256] + cache.shape[0] // 2
@@ -372,46 +382,78 @@ def kv_section(cache: torch.Tensor, bw: float) -> None:
     say(f"  device->host pinned (tier demote): {nbytes / ms / 1e6:6.1f} GB/s")
 
 
-def profile_section(model: LlamaModel, cache: torch.Tensor, decode: dict[int, Any]) -> None:
-    """Kernel time by class for one decode step (the eager step launches the same kernels the
-    graph replays), against the graph step's wall time: the difference is launch gaps."""
+def _profiled(
+    run: Callable[[], Any], reps: int = 5
+) -> tuple[float, dict[str, list[float]], list[tuple[float, float, str]]]:
+    """Kernel time by class per call of ``run`` (torch.profiler, CUDA activity): (total ms,
+    {class: [us, kernels]}, [(us, count, name)] per kernel)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    kernels_ = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    classes: dict[str, list[float]] = {}
+    for ev in kernels_:
+        n = ev.key.lower()
+        kind = ("gemm" if any(k in n for k in ("gemm", "gemv", "cutlass", "nvjet", "xmma", "splitk"))
+                else "attention" if "_decode" in n or "_prefill" in n or "flash" in n
+                else "fused" if any(k in n for k in ("_rms_norm", "_rope_write", "_silu_mul"))
+                else "write_kv" if "write_kv" in n
+                else "memcpy" if "memcpy" in n or "memset" in n
+                else "elementwise/other")  # fmt: skip
+        c = classes.setdefault(kind, [0.0, 0.0])
+        c[0] += ev.self_device_time_total / reps
+        c[1] += ev.count / reps
+    per_call = [(e.self_device_time_total / reps, e.count / reps, e.key) for e in kernels_]
+    return sum(v[0] for v in classes.values()) / 1e3, classes, per_call
+
+
+def _say_profile(label: str, wall: float, total: float, classes: dict[str, list[float]],
+                 kernels_: list[tuple[float, float, str]], top: int = 10) -> None:  # fmt: skip
+    parts = ", ".join(
+        f"{k} {v[0] / 1e3:.3f} ms ({v[1]:.0f} kernels)" for k, v in sorted(classes.items())
+    )
+    say(f"  profile {label}: wall {wall:.3f} ms; kernel time {total:.3f} ms "
+        f"({total / wall:.2f} of the wall): {parts}")  # fmt: skip
+    for us, count, key in sorted(kernels_, reverse=True)[:top]:
+        say(f"      {us:8.1f} us/call  x{count:4.0f}  {key[:100]}")
+
+
+def profile_section(model: LlamaModel, cache: torch.Tensor, decode: dict[int, Any]) -> None:
+    """Kernel time by class for one decode step (the eager step launches the same kernels the
+    graph replays), against the graph step's wall time: the difference is launch gaps."""
     eager = ModelRunner(model, cache, BS, use_cuda_graphs=False)
     for b in (1, 128):
         items = [ScheduledSeq(s, 1) for s in make_seqs(b, CTX, 0, 1)]
-        eager.run(items)
-        torch.cuda.synchronize()
-        reps = 5
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                eager.run(items)
-            torch.cuda.synchronize()
-        kernels_ = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-        classes: dict[str, list[float]] = {}
-        for ev in kernels_:
-            n = ev.key.lower()
-            kind = ("gemm" if any(k in n for k in ("gemm", "gemv", "cutlass", "nvjet", "xmma", "splitk"))
-                    else "attention" if "_decode" in n or "_prefill" in n
-                    else "fused" if any(k in n for k in ("_rms_norm", "_rope_write", "_silu_mul"))
-                    else "write_kv" if "write_kv" in n
-                    else "memcpy" if "memcpy" in n or "memset" in n
-                    else "elementwise/other")  # fmt: skip
-            c = classes.setdefault(kind, [0.0, 0.0])
-            c[0] += ev.self_device_time_total / reps
-            c[1] += ev.count / reps
-        total = sum(v[0] for v in classes.values()) / 1e3
-        parts = ", ".join(
-            f"{k} {v[0] / 1e3:.3f} ms ({v[1]:.0f} kernels)" for k, v in sorted(classes.items())
-        )
+        total, classes, kernels_ = _profiled(partial(eager.run, items))
         wall = decode.get(b, {}).get("gpu_ms", float("nan"))
-        say(f"  profile b={b}: graph step {wall:.3f} ms; kernel time {total:.3f} ms: {parts}")
+        _say_profile(f"decode b={b} (wall = the graph step)", wall, total, classes, kernels_)
         RESULTS.setdefault("profile", {})[b] = dict(graph_ms=wall, kernel_ms=total, classes=classes)
-        for ev in sorted(kernels_, key=lambda e: -e.self_device_time_total)[:10]:
-            say(
-                f"      {ev.self_device_time_total / reps:8.1f} us/step  x{ev.count / reps:4.0f}  {ev.key[:100]}"
-            )
+
+
+def prefill_profile(runner: ModelRunner, model: LlamaModel, config: ModelConfig,
+                    rate: float) -> None:  # fmt: skip
+    """Issue 17's prefill at 1k: the step's wall time (CUDA events), the host's time to issue it
+    and the kernel time by class, so a gap between wall and kernels (launch-bound host) is told
+    from slow kernels, and each class against its share of the FLOP limit."""
+    for t in PREFILL_LENS:
+        items = [ScheduledSeq(make_seqs(1, 1, 0, t)[0], t)]
+        run = partial(runner.run, items)
+        wall = cuda_ms(run, iters=10, warmup=3)
+        host = host_ms(run, iters=10, warmup=1)
+        total, classes, kernels_ = _profiled(run)
+        limit = prefill_flops(model, config, t) / rate / 1e9
+        say(f"  prefill T={t}: wall {wall:.3f} ms ({limit / wall:.2f} of the limit {limit:.3f} "
+            f"ms), host issue+sync {host:.3f} ms")  # fmt: skip
+        _say_profile(f"prefill T={t}", wall, total, classes, kernels_, top=12)
+        RESULTS.setdefault("prefill_profile", {})[t] = dict(
+            wall_ms=wall, host_ms=host, kernel_ms=total, limit_ms=limit, classes=classes
+        )
 
 
 def check(hf: Any, model: LlamaModel, cache: torch.Tensor, name: str) -> None:
@@ -544,6 +586,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1B decode at batch 1 and 128 only")
     parser.add_argument("--engine-only", action="store_true",
                         help="1B: Engine.step (overlap off / on) vs the graph step, b 1/32/128")
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="1B: prefill at 1k and 8k, wall vs host vs kernel time by class")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     import transformers
@@ -566,7 +610,12 @@ def main() -> None:
             engine_only(bw)
         except Exception:
             say(f"engine FAILED:\n{traceback.format_exc()}")
-    for name in [] if args.quick or args.engine_only else args.models.split(","):
+    if args.prefill_only:
+        try:
+            prefill_only(rate)
+        except Exception:
+            say(f"prefill FAILED:\n{traceback.format_exc()}")
+    for name in [] if args.quick or args.engine_only or args.prefill_only else args.models.split(","):
         try:
             bench_model(name, bw, rate, batches, deadline, name in args.check_only.split(","))
         except Exception:
