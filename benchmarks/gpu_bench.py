@@ -267,6 +267,40 @@ def hf_section(hf: Any, compile_batches: set[int], deadline: float) -> None:
         say(f"  transformers prefill T={t:5d}: eager {ms:8.2f} ms = {t / ms * 1e3:9.0f} tok/s")
 
 
+class _Waits:
+    """Host time spent blocked on the device inside the block: CUDA event and stream
+    synchronises and device-to-host reads (``.tolist()``, ``.item()``) of CUDA tensors. With the
+    overlapped scheduler working, the step's host work is its time minus this; a step that
+    waits ~0 yet takes longer than the graph step is bound by the host."""
+
+    total = 0.0
+
+    def __enter__(self) -> None:
+        self._saved = []
+        for owner, name in ((torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize"),
+                            (torch.Tensor, "tolist"), (torch.Tensor, "item")):  # fmt: skip
+            fn = getattr(owner, name)
+            self._saved.append((owner, name, fn))
+            setattr(owner, name, self._timed(fn, owner is torch.Tensor))
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, fn in self._saved:
+            setattr(owner, name, fn)
+
+    @staticmethod
+    def _timed(fn: Callable[..., Any], tensor: bool) -> Callable[..., Any]:
+        def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if tensor and not self.is_cuda:
+                return fn(self, *args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                _Waits.total += time.perf_counter() - t0
+
+        return timed
+
+
 def engine_section(
     model: LlamaModel, config: ModelConfig, batches: tuple[int, ...] = (1, 128),
     overlaps: tuple[bool, ...] = (False, True), windows: int = 5, steps: int = 30,
@@ -302,13 +336,17 @@ def engine_section(
             engines[overlap] = eng
         times: dict[bool, list[float]] = {o: [] for o in overlaps}
         emitted = dict.fromkeys(overlaps, 0)
+        waited = dict.fromkeys(overlaps, 0.0)
         for _ in range(windows):
             for overlap, eng in engines.items():
                 torch.cuda.synchronize()
+                _Waits.total = 0.0
                 t0 = time.perf_counter()
-                for _ in range(steps):
-                    emitted[overlap] += sum(len(e.token_ids) for e in eng.step())
+                with _Waits():
+                    for _ in range(steps):
+                        emitted[overlap] += sum(len(e.token_ids) for e in eng.step())
                 times[overlap].append((time.perf_counter() - t0) * 1e3 / steps)
+                waited[overlap] += _Waits.total * 1e3 / steps / windows
         graph = RESULTS.get("decode", {}).get(b, {}).get("gpu_ms")
         for overlap, eng in engines.items():
             ts = sorted(times[overlap])
@@ -318,10 +356,12 @@ def engine_section(
             RESULTS["engine"][b][f"{mode}_windows"] = times[overlap]
             vs = f" = {ms / graph:.2f}x the graph step {graph:.3f} ms" if graph else ""
             ok = "ok" if emitted[overlap] == b * windows * steps else "MISMATCH"
+            RESULTS["engine"][b][f"{mode}_wait_ms"] = waited[overlap]
             say(
                 f"  engine decode b={b:3d} overlap {mode:3s}: {ms:7.3f} ms/step = "
                 f"{b / ms * 1e3:8.0f} tok/s{vs} (median of {windows} windows of {steps} steps, "
-                f"{ts[0]:.3f}-{ts[-1]:.3f}; tokens {emitted[overlap]} {ok}; graph steps "
+                f"{ts[0]:.3f}-{ts[-1]:.3f}; host blocked on the device {waited[overlap]:.3f} "
+                f"ms/step; tokens {emitted[overlap]} {ok}; graph steps "
                 f"{eng.runner.graph_steps}, eager {eng.runner.eager_steps})"
             )
         engines.clear()
