@@ -102,12 +102,22 @@ def test_fits_give_each_window_its_own_lambda(seed: int) -> None:
         if w.ttft_s > 0 and effective(w.split, Lane.PREFILL) > lam_of(w)
     ]
     tpot_pts = [(1 / effective(w.split, Lane.DECODE), w.tpot_s) for w in windows if w.tpot_s > 0]
-    for fit, pts in ((f[Lane.PREFILL], ttft_pts), (f[Lane.DECODE], tpot_pts)):
+    now = windows[-1]
+    x_now, y_now = effective(now.split, Lane.PREFILL), effective(now.split, Lane.DECODE)
+    for lane, pts, prior, share, measured, lane_lam in (
+        (Lane.PREFILL, ttft_pts, now.prefill_s * x_now, x_now, now.ttft_s, lam),
+        (Lane.DECODE, tpot_pts, now.tpot_s * y_now, y_now, now.tpot_s, 0.0),
+    ):
+        fit = f[lane]
+        if measured == 0:  # nothing measured now: nothing to protect
+            assert (fit.a, fit.b) == (0.0, 0.0)
+            continue
         want = numpy_fit(pts)
-        if want is not None:
-            assert fit.a == pytest.approx(want[0], rel=1e-6, abs=1e-9)
-            assert fit.b == pytest.approx(want[1], abs=1e-9)
-    assert f[Lane.PREFILL].lam == pytest.approx(lam) and f[Lane.DECODE].lam == 0.0
+        slope = want[0] if want is not None and want[0] > 0 else prior
+        assert fit.a == pytest.approx(slope, rel=1e-6, abs=1e-9)
+        if share > lane_lam:  # through the current window's point
+            assert fit(share) == pytest.approx(measured, rel=1e-9, abs=1e-12)
+        assert fit.lam == pytest.approx(lane_lam)
 
 
 def brute_decide(cfg: SplitRuleConfig, now: Window, fit: dict[Lane, Fit]) -> Split:
@@ -291,6 +301,33 @@ def test_tuner_closes_windows_and_logs_changes() -> None:
     assert [e.decision.split for e in tuner.log] == [split, burst.split]  # every window logged
     assert [e.samples for e in tuner.log] == [(2, 6), (2, 6)] and tuner.log[-1].at_s == 10.0
     assert percentile([], 0.9) == 0.0 and percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_tuner_counts_a_waiting_request_in_its_window() -> None:
+    """A prompt that has not had its first token when the window closes counts with its wait so
+    far: a step whose prefills outlast the window shows in that window."""
+    from kvrelay.workers.semi_pd.tuner import SplitTuner
+
+    clock = Clock()
+    cfg = SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05)
+    tuner = SplitTuner(cfg, window_s=1.0, clock=clock)
+    tuner.on_submit("long", 8000)
+    tuner.on_submit("short", 10)
+    clock.t = 0.1
+    tuner.on_first_token("short", finished=True)  # done at its first token: no ITL to follow
+    clock.t = 1.0
+    d = tuner.tick(FULL, prefill_tokens_per_s=1000.0)
+    assert d is not None and tuner.windows[-1].ttft_s == 1.0 and tuner.log[-1].samples == (2, 0)
+    assert d.split != FULL and d.reason.startswith("TTFT 1.0000 s near")
+    clock.t = 1.5
+    tuner.on_first_token("long")
+    clock.t = 2.0
+    tuner.tick(d.split, prefill_tokens_per_s=1000.0)
+    assert tuner.windows[-1].ttft_s == 1.5 and tuner.log[-1].samples == (1, 0)
+    tuner.on_token("long", finished=True)
+    clock.t = 3.0
+    tuner.tick(d.split, prefill_tokens_per_s=1000.0)
+    assert tuner.log[-1].samples == (0, 1)  # "short" left no decode gap behind
 
 
 class FakeGreenContext:

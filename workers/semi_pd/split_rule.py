@@ -25,7 +25,10 @@ give, as the paper's planner does:
 
 The TTFT fit gives each window its own λ (the window's arrival rate and prefill time), so a
 window of a burst and a calm one are points of one curve, and the prediction is for the current
-window's λ. Shares may overlap (x + y > 100; see sm_partition.py), so a lane's effective share,
+window's λ. A fit gives the slope (how latency changes with the share; the model's where the
+history has no falling one) and goes through the current window's measurement: a burst's
+backlog is no steady state, and a fit levelled on it kept predicting a missed TTFT seconds
+after the queue had drained (CPU dry run of benchmarks/semipd_step.py). Shares may overlap (x + y > 100; see sm_partition.py), so a lane's effective share,
 the one the fits take, is its share scaled by 100 / max(100, x + y) — the paper's
 TTFT(x / (x + y)). Deviation from the paper, on purpose: a hot window always moves at least
 one step (guard permitting), so a load step moves the split within one window even while the
@@ -150,12 +153,26 @@ def window_lambda(w: Window) -> float:
     return w.arrival_rate * w.prefill_s * effective(w.split, Lane.PREFILL)
 
 
+def anchored(fit: Fit, prior_a: float, x_now: float, y_now: float) -> Fit:
+    """``fit``'s slope (the model's ``prior_a`` where the history gives none that falls with the
+    share: a <= 0 is noise, not physics), through the current window's point: the history
+    says how latency changes with the share, the current window where it stands now (a burst's
+    backlog makes old levels stale). Nothing measured now (0): nothing to protect, 0."""
+    if y_now <= 0:
+        return Fit(0.0, 0.0, fit.lam)
+    a = fit.a if fit.a > 0 else prior_a
+    if x_now <= fit.lam:  # overloaded now: no finite point to go through
+        return Fit(a, 0.0, fit.lam)
+    return Fit(a, y_now - a / (x_now - fit.lam), fit.lam)
+
+
 def fits(windows: Sequence[Window]) -> dict[Lane, Fit]:
-    """The TTFT and TPOT fits over ``windows`` (the last is the current); windows that measured
-    nothing (latency 0) are no points."""
+    """The TTFT and TPOT fits over ``windows`` (the last is the current; windows that measured
+    nothing, latency 0, are no points), anchored at the current window."""
     now = windows[-1]
     lam = window_lambda(now)
-    x_eff = effective(now.split, Lane.PREFILL)
+    x_eff, y_eff = effective(now.split, Lane.PREFILL), effective(now.split, Lane.DECODE)
+    prior_ttft = now.prefill_s * x_eff  # 100 · l100
     # each window's point at its own λ: u = 1 / (x_i - λ_i), written as a share at today's λ
     ttft = fit_inverse(
         [
@@ -164,14 +181,18 @@ def fits(windows: Sequence[Window]) -> dict[Lane, Fit]:
             if w.ttft_s > 0
         ],
         lam,
-        now.prefill_s * x_eff,  # 100 · l100
+        prior_ttft,
     )
+    prior_tpot = now.tpot_s * y_eff
     tpot = fit_inverse(
         [(effective(w.split, Lane.DECODE), w.tpot_s) for w in windows if w.tpot_s > 0],
         0.0,
-        now.tpot_s * effective(now.split, Lane.DECODE),
+        prior_tpot,
     )
-    return {Lane.PREFILL: ttft, Lane.DECODE: tpot}
+    return {
+        Lane.PREFILL: anchored(ttft, prior_ttft, x_eff, now.ttft_s),
+        Lane.DECODE: anchored(tpot, prior_tpot, y_eff, now.tpot_s),
+    }
 
 
 def _move(

@@ -1,8 +1,9 @@
 """Feeds semi-PD's split rule (split_rule.py) from a semi-PD worker's own events: the adapter
 around the pure rule (it owns the clock and the samples; the rule owns the decision).
 
-Samples: TTFT = submit to first token inside the worker; TPOT = the gap between a request's
-successive decode-lane tokens. A window lasts ``window_s`` seconds of the clock: the first
+Samples: TTFT = submit to first token inside the worker (and, for a request still waiting when
+the window closes, its wait so far: a lower bound, so a step shows in its first window); TPOT =
+the gap between a request's successive decode-lane tokens. A window lasts ``window_s`` seconds of the clock: the first
 ``tick`` (either lane's, after a step) past that closes it, and its p_SLO TTFT and TPOT, arrival
 rate and mean prefill time per request (prompt tokens over the prefill lane's measured rate)
 become a ``Window``, from which ``decide`` gives the next split. p_SLO is p99 by default: the
@@ -87,13 +88,14 @@ class SplitTuner:
             self._arrivals += 1
             self._prompt_tokens += prompt_tokens
 
-    def on_first_token(self, request_id: str) -> None:
+    def on_first_token(self, request_id: str, finished: bool = False) -> None:
         now = self._clock()
         with self._lock:
             t0 = self._submitted.pop(request_id, None)
             if t0 is not None:
                 self._ttft.append(now - t0)
-            self._last_token[request_id] = now
+            if not finished:
+                self._last_token[request_id] = now
 
     def on_token(self, request_id: str, finished: bool) -> None:
         now = self._clock()
@@ -118,14 +120,17 @@ class SplitTuner:
             if span < self.window_s:
                 return None
             per_request = self._prompt_tokens / self._arrivals if self._arrivals else 0.0
+            # a request still waiting for its first token has waited this long at least: a
+            # burst whose prompts outlast the window shows in it, not only once they finish
+            waiting = [now - t0 for t0 in self._submitted.values()]
             window = Window(
                 split,
-                ttft_s=percentile(self._ttft, self.quantile),
+                ttft_s=percentile(self._ttft + waiting, self.quantile),
                 tpot_s=percentile(self._tpot, self.quantile),
                 arrival_rate=self._arrivals / span,
                 prefill_s=per_request / prefill_tokens_per_s if prefill_tokens_per_s else 0.0,
             )
-            samples = (len(self._ttft), len(self._tpot))
+            samples = (len(self._ttft) + len(waiting), len(self._tpot))
             self._ttft, self._tpot = [], []
             self._arrivals = self._prompt_tokens = 0
             self._opened = now

@@ -236,7 +236,7 @@ class SemiPDWorker(Worker):
         self._emit(events)
         for ev in events:
             if self.tuner is not None:
-                self.tuner.on_first_token(ev.request_id)
+                self.tuner.on_first_token(ev.request_id, ev.finish_reason is not None)
             if ev.finish_reason is not None:
                 self._internal.discard(ev.request_id)  # done at its first token
             elif ev.request_id in self._internal:
