@@ -9,7 +9,7 @@ ran with, the arrival rate r and the mean prefill time per request. The rule ref
 
 by least squares over the windows it keeps (each window one point; a window with nothing
 measured, latency 0, is no point), and decides on the SLO margin the measurements and the fits
-give, as the paper's planner does:
+give (Algorithm 1 acts only on a failed SLO; see the first point):
 
 * a lane is *hot* when its window latency passes ``margin`` × its SLO (not only once it fails:
   a p99 that reaches the SLO inside a 1 s window has already failed requests);
@@ -28,13 +28,13 @@ window of a burst and a calm one are points of one curve, and the prediction is 
 window's λ. A fit gives the slope (how latency changes with the share; the model's where the
 history has no falling one) and goes through the current window's measurement: a burst's
 backlog is no steady state, and a fit levelled on it kept predicting a missed TTFT seconds
-after the queue had drained (CPU dry run of benchmarks/semipd_step.py). Shares may overlap (x + y > 100; see sm_partition.py), so a lane's effective share,
-the one the fits take, is its share scaled by 100 / max(100, x + y) — the paper's
-TTFT(x / (x + y)). Deviation from the paper, on purpose: a hot window always moves at least
+after the queue had drained (CPU dry run of benchmarks/semipd_step.py). Shares may overlap
+(x + y > 100; see sm_partition.py), so a lane's effective share, the one the fits take, is its
+share scaled by 100 / max(100, x + y) — the paper's TTFT(x / (x + y)). Deviation from the paper, on purpose: a hot window always moves at least
 one step (guard permitting), so a load step moves the split within one window even while the
 fit (built from calmer windows) still says the old share suffices. With fewer than two distinct
-shares a fit takes its slope from the model instead (a1 = 100 · l100; a2 = TPOT · y with
-b2 = 0, decode time inversely proportional to the share).
+shares, or a fitted slope <= 0, the slope is the model's (a1 = 100 · l100; a2 = TPOT · y:
+decode time inversely proportional to the share).
 """
 
 from __future__ import annotations
