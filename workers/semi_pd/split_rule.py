@@ -30,11 +30,12 @@ history has no falling one) and goes through the current window's measurement: a
 backlog is no steady state, and a fit levelled on it kept predicting a missed TTFT seconds
 after the queue had drained (CPU dry run of benchmarks/semipd_step.py). Shares may overlap
 (x + y > 100; see sm_partition.py), so a lane's effective share, the one the fits take, is its
-share scaled by 100 / max(100, x + y) — the paper's TTFT(x / (x + y)). Deviation from the paper, on purpose: a hot window always moves at least
-one step (guard permitting), so a load step moves the split within one window even while the
-fit (built from calmer windows) still says the old share suffices. With fewer than two distinct
-shares, or a fitted slope <= 0, the slope is the model's (a1 = 100 · l100; a2 = TPOT · y:
-decode time inversely proportional to the share).
+share scaled by 100 / max(100, x + y) — the paper's TTFT(x / (x + y)). Deviation from the
+paper, on purpose: a hot window always moves at least one step (guard permitting), so a load
+step moves the split within one window even while the fit (built from calmer windows) still
+says the old share suffices. With fewer than two distinct shares, or a fitted slope <= 0, the
+slope is the model's (a1 = 100 · l100; a2 = TPOT · y: decode time inversely proportional to
+the share).
 """
 
 from __future__ import annotations
