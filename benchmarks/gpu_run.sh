@@ -76,6 +76,12 @@ make_model(Path('/tmp/kvrelay-1b-fp32'), Path('$TOK'), torch.float32, '1b', 'cud
         --reps 3 --out "$RES" ;;
     semipd) run semipd 200 python3 benchmarks/gpu_serve.py --tokenizer "$TOK" --semi-pd \
         --out "$RES" ;;
+    semipd_step)  # issue 16: the split rule answering a load step, window by window
+        run make_bf16 60 python3 -c "import torch; from pathlib import Path
+from kvrelay.benchmarks.gpu_serve import make_model
+make_model(Path('/tmp/kvrelay-1b-bf16'), Path('$TOK'), torch.bfloat16, '1b', 'cuda')"
+        run semipd_step "${STEP_RUN_S:-150}" python3 benchmarks/semipd_step.py \
+            --model /tmp/kvrelay-1b-bf16 --out "$RES" ${STEP_ARGS:-} ;;
     goodput) run "goodput${RUN:-}" "${GOODPUT_S:-400}" python3 benchmarks/gpu_serve.py \
         --tokenizer "$TOK" --goodput-only --goodput --out "$RES" --goodput-args \
         "${GOODPUT_ARGS:---configs semi_pd,colocated1,colocated --workers 3 --warmup 16 \

@@ -97,6 +97,45 @@ def test_two_lanes_compute_in_their_shares_at_once() -> None:
         torch.testing.assert_close(y, want)
 
 
+def test_lanes_at_equal_shares_do_not_share_a_stream() -> None:
+    """At 100 / 100 a decode-sized kernel must not wait for the prefill lane's queued work: with
+    one green context for both lanes they were one default stream, in issue order."""
+    part = GreenContextPartition(0, [100], Split(100, 100))
+    big = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(big)
+    small = torch.randn(64, 64, device="cuda")
+    queued = threading.Event()
+    times: dict[Lane, float] = {}
+
+    def prefill() -> None:
+        part.enter(Lane.PREFILL, 100)
+        t0 = time.perf_counter()
+        for _ in range(400):  # hundreds of ms of queued GEMMs
+            torch.mm(big, big, out=out)
+        queued.set()
+        torch.cuda.current_stream().synchronize()
+        times[Lane.PREFILL] = time.perf_counter() - t0
+
+    def decode() -> None:
+        part.enter(Lane.DECODE, 100)
+        (small @ small).cpu()  # warm: this context's first launch
+        assert queued.wait(60)
+        t0 = time.perf_counter()
+        (small @ small).cpu()
+        times[Lane.DECODE] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=f) for f in (prefill, decode)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    print(
+        f"\nprefill queue {times[Lane.PREFILL] * 1e3:.1f} ms, decode op "
+        f"{times[Lane.DECODE] * 1e3:.2f} ms"
+    )
+    assert times[Lane.DECODE] < 0.25 * times[Lane.PREFILL]
+
+
 class Sink:
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}

@@ -362,6 +362,11 @@ def test_split_rule_drives_the_lanes(
         generate(semi, sink, prompts[:3], [SamplingParams(max_tokens=16, temperature=0.0)] * 3, "r")
         assert semi.tuner is not None and semi.tuner.windows_closed >= 3
         changes = semi.tuner.changes
+        windows = semi.window_log()  # every window, changed or not, in wall-clock time
+        assert len(windows) == semi.tuner.windows_closed
+        assert all(t0 <= w["t"] <= time.time() for w in windows)
+        assert sum(w["old"] != w["new"] for w in windows) == len(changes)
+        assert all(w["ttft_slo_s"] == ttft_slo_s and w["tpot_slo_s"] == 1e6 for w in windows)
         if moves:
             first = changes[0]
             assert first.old == Split(50, 100) and first.new.prefill > 50

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+from dataclasses import replace
+from itertools import pairwise
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from kvrelay.workers.semi_pd.sm_partition import Lane, Split
 from kvrelay.workers.semi_pd.split_rule import (
+    FULL,
     Fit,
     SplitRuleConfig,
     Window,
     decide,
     effective,
     fit_inverse,
+    fits,
 )
 
 
@@ -61,29 +67,111 @@ def brute_moves(split: Split, favour: Lane, k: int, cfg: SplitRuleConfig) -> Spl
     return Split(mine, other) if favour is Lane.PREFILL else Split(other, mine)
 
 
-def brute_decide(cfg: SplitRuleConfig, now: Window, fit: Fit, favour: Lane, slo: float) -> Split:
+def lam_of(w: Window) -> float:
+    return w.arrival_rate * w.prefill_s * effective(w.split, Lane.PREFILL)
+
+
+def numpy_fit(pts: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares of y = a u + b over (u, y); None with fewer than two distinct u."""
+    if len({u for u, _ in pts}) < 2:
+        return None
+    design = np.array([[u, 1.0] for u, _ in pts])
+    (a, b), *_ = np.linalg.lstsq(design, np.array([y for _, y in pts]), rcond=None)
+    return float(a), float(b)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_fits_give_each_window_its_own_lambda(seed: int) -> None:
+    rng = random.Random(seed)
+    shares = list(range(20, 101, 10))
+    windows = [
+        Window(
+            Split(rng.choice(shares), rng.choice(shares)),
+            ttft_s=rng.choice([0.0, rng.uniform(0.01, 3.0)]),
+            tpot_s=rng.choice([0.0, rng.uniform(0.001, 0.3)]),
+            arrival_rate=rng.uniform(0.0, 2.0),
+            prefill_s=rng.uniform(0.001, 0.05),
+        )
+        for _ in range(rng.randint(2, 8))
+    ]
+    f = fits(windows)
+    lam = lam_of(windows[-1])
+    ttft_pts = [
+        (1 / (effective(w.split, Lane.PREFILL) - lam_of(w)), w.ttft_s)
+        for w in windows
+        if w.ttft_s > 0 and effective(w.split, Lane.PREFILL) > lam_of(w)
+    ]
+    tpot_pts = [(1 / effective(w.split, Lane.DECODE), w.tpot_s) for w in windows if w.tpot_s > 0]
+    now = windows[-1]
+    x_now, y_now = effective(now.split, Lane.PREFILL), effective(now.split, Lane.DECODE)
+    for lane, pts, prior, share, measured, lane_lam in (
+        (Lane.PREFILL, ttft_pts, now.prefill_s * x_now, x_now, now.ttft_s, lam),
+        (Lane.DECODE, tpot_pts, now.tpot_s * y_now, y_now, now.tpot_s, 0.0),
+    ):
+        fit = f[lane]
+        if measured == 0:  # nothing measured now: nothing to protect
+            assert (fit.a, fit.b) == (0.0, 0.0)
+            continue
+        want = numpy_fit(pts)
+        slope = want[0] if want is not None and want[0] > 0 else prior
+        assert fit.a == pytest.approx(slope, rel=1e-6, abs=1e-9)
+        if share > lane_lam:  # through the current window's point
+            assert fit(share) == pytest.approx(measured, rel=1e-9, abs=1e-12)
+        assert fit.lam == pytest.approx(lane_lam)
+
+
+def brute_decide(cfg: SplitRuleConfig, now: Window, fit: dict[Lane, Fit]) -> Split:
+    """The rule written out case by case, with the moves in closed form."""
+    slo = {Lane.PREFILL: cfg.ttft_slo_s, Lane.DECODE: cfg.tpot_slo_s}
+    got = {Lane.PREFILL: now.ttft_s, Lane.DECODE: now.tpot_s}
+    hot = {k: got[k] > cfg.margin * slo[k] for k in Lane}
+    fails = {k: got[k] > slo[k] for k in Lane}
+    if not any(hot.values()):
+        if now.split == cfg.home:
+            return now.split
+        x, y, hx, hy = now.split.prefill, now.split.decode, cfg.home.prefill, cfg.home.decode
+        if x < hx:  # a lane below home rises before one above it falls
+            nxt = Split(min(hx, x + cfg.step), y)
+        elif y < hy:
+            nxt = Split(x, min(hy, y + cfg.step))
+        elif x > hx:
+            nxt = Split(max(hx, x - cfg.step), y)
+        else:
+            nxt = Split(x, max(hy, y - cfg.step))
+        ok = all(fit[k](effective(nxt, k)) <= cfg.margin * slo[k] for k in Lane)
+        return nxt if ok else now.split
+    if all(hot.values()):
+        if fails[Lane.PREFILL] == fails[Lane.DECODE]:
+            return now.split
+        favour = Lane.PREFILL if fails[Lane.PREFILL] else Lane.DECODE
+    else:
+        favour = Lane.PREFILL if hot[Lane.PREFILL] else Lane.DECODE
+    give = Lane.DECODE if favour is Lane.PREFILL else Lane.PREFILL
+    limit = slo[give] if hot[give] else cfg.margin * slo[give]
     best = now.split
     for k in range(1, cfg.max_steps + 1):
         cand = brute_moves(now.split, favour, k, cfg)
-        if cand is None:
+        if cand is None or fit[give](effective(cand, give)) > limit:
             break
         best = cand
-        if fit(effective(cand, favour)) <= slo:
+        if fit[favour](effective(cand, favour)) <= cfg.margin * slo[favour]:
             break
     return best
 
 
-@pytest.mark.parametrize("seed", range(200))
+@pytest.mark.parametrize("seed", range(300))
 def test_decisions_match_brute_force(seed: int) -> None:
     rng = random.Random(seed)
+    shares = list(range(20, 101, 10))
     cfg = SplitRuleConfig(
         ttft_slo_s=rng.uniform(0.2, 2.0),
         tpot_slo_s=rng.uniform(0.02, 0.2),
         step=rng.choice([5, 10, 20]),
         max_steps=rng.randint(1, 5),
         min_share=10,
+        margin=rng.choice([0.5, 0.8, 1.0]),
+        home=Split(rng.choice(shares), rng.choice(shares)),
     )
-    shares = list(range(20, 101, 10))
     windows = [
         Window(
             Split(rng.choice(shares), rng.choice(shares)),
@@ -94,36 +182,71 @@ def test_decisions_match_brute_force(seed: int) -> None:
         )
         for _ in range(rng.randint(1, 6))
     ]
-    now = windows[-1]
     got = decide(cfg, windows)
-    ttft_fail, tpot_fail = now.ttft_s > cfg.ttft_slo_s, now.tpot_s > cfg.tpot_slo_s
-    if ttft_fail == tpot_fail:
-        assert got.split == now.split and got.reason.startswith("keep")
-        return
-    favour, slo, fit = (
-        (Lane.PREFILL, cfg.ttft_slo_s, got.ttft_fit)
-        if ttft_fail
-        else (Lane.DECODE, cfg.tpot_slo_s, got.tpot_fit)
-    )
-    assert fit is not None
-    assert got.split == brute_decide(cfg, now, fit, favour, slo)
-    if got.split != now.split:  # it moved toward the failing lane, never away from it
-        assert effective(got.split, favour) > effective(now.split, favour)
+    fit = fits(windows)
+    assert (got.ttft_fit, got.tpot_fit) == (fit[Lane.PREFILL], fit[Lane.DECODE])
+    assert got.split == brute_decide(cfg, windows[-1], fit), got.reason
+    assert got.reason.startswith("keep") == (got.split == windows[-1].split)
 
 
-def test_load_step_raises_prefill_share_within_one_window() -> None:
+def test_load_step_moves_the_split_within_one_window_and_back() -> None:
+    """Steady decode streams, then a burst of long prompts: TTFT fails in the burst's first
+    window and the split moves then (x is 100: the decode share gives way, as far as the TPOT
+    fit says decode stays within its margin); once the burst is over, it walks back to 100/100
+    one step a window."""
     cfg = SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05)
-    calm = [Window(Split(50, 50), 0.4, 0.03, 1.0, 0.01) for _ in range(4)]
-    for k in range(1, len(calm) + 1):  # both met: nothing changes
-        assert decide(cfg, calm[:k]).split == Split(50, 50)
-    burst = Window(Split(50, 50), 3.0, 0.03, 8.0, 0.01)  # arrivals x8: TTFT misses
-    after = decide(cfg, [*calm, burst]).split
-    assert after.prefill > 50 and after.decode == 50
-    # decode misses instead: y rises; at 100 the other share gives way
-    slow = Window(Split(50, 100), 0.4, 0.2, 1.0, 0.01)
-    # the fit (TPOT ~ 1/y) says no reachable share meets 50 ms: it moves max_steps times
-    assert decide(cfg, [slow]).split == Split(50 - 3 * cfg.step, 100)
-    assert decide(cfg, [Window(Split(50, 60), 0.4, 0.2, 1.0, 0.01)]).split.decode > 60
+    steady = Window(FULL, ttft_s=0.15, tpot_s=0.012, arrival_rate=2.0, prefill_s=0.01)
+    windows = [steady] * 3
+    for k in range(1, 4):
+        assert decide(cfg, windows[:k]).split == FULL  # both clear: nothing moves
+    burst = replace(steady, ttft_s=2.5, arrival_rate=10.0, prefill_s=0.15)  # 6k-token prompts
+    first = decide(cfg, [*windows, burst])
+    assert first.split.prefill == 100 and first.split.decode < 100, first.reason
+    assert first.reason.startswith("TTFT 2.5000 s fails")
+    # the decode share given away is what the TPOT fit allows inside 0.8 x 50 ms
+    assert first.tpot_fit(effective(first.split, Lane.DECODE)) <= 0.8 * 0.05
+    windows = [*windows, burst]
+    split = first.split
+    for _ in range(2):  # the burst goes on: the rule keeps the decode lane inside its margin
+        now = replace(burst, split=split, tpot_s=0.012 * 50 / effective(split, Lane.DECODE))
+        windows.append(now)
+        split = decide(cfg, windows).split
+        assert now.tpot_s <= 0.8 * 0.05
+    low = split
+    back = [low]
+    for _ in range(12):  # calm again
+        windows.append(replace(steady, split=back[-1]))
+        back.append(decide(cfg, windows).split)
+    assert back[-1] == FULL
+    steps = [b.decode - a.decode for a, b in pairwise(back) if a != b]
+    assert steps and all(0 < s <= cfg.step for s in steps)  # one step a window, upward
+
+
+def test_decode_itl_near_its_slo_caps_the_prefill_share() -> None:
+    """ITL p99 past 0.8 x SLO with TTFT clear: the prefill share falls (y is already 100), no
+    further than the TTFT fit allows; a TTFT that is near too (both near) keeps the split."""
+    cfg = SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05)
+    hot = Window(FULL, ttft_s=0.3, tpot_s=0.045, arrival_rate=4.0, prefill_s=0.05)
+    d = decide(cfg, [hot])
+    assert d.split.decode == 100 and d.split.prefill < 100 and d.reason.startswith("TPOT")
+    assert d.ttft_fit(effective(d.split, Lane.PREFILL)) <= 0.8
+    both = replace(hot, ttft_s=0.9)
+    assert decide(cfg, [both]).split == FULL
+    assert decide(cfg, [both]).reason == "keep: both SLOs near"
+    # TTFT fails, ITL only near: TTFT's side wins, ITL may rise to its SLO, not past it
+    fail = replace(hot, ttft_s=1.5, tpot_s=0.042)
+    d = decide(cfg, [fail])
+    assert d.split.decode < 100 and d.tpot_fit(effective(d.split, Lane.DECODE)) <= 0.05
+
+
+def test_idle_windows_return_home() -> None:
+    """Windows that measured nothing (0) are no fit points and count as clear."""
+    cfg = SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05, home=Split(90, 100))
+    idle = Window(Split(60, 100), 0.0, 0.0, 0.0, 0.0)
+    d = decide(cfg, [idle])
+    assert d.split == Split(70, 100) and d.reason.startswith("relax toward 90/100")
+    assert decide(cfg, [replace(idle, split=Split(90, 100))]).reason == "keep: both SLOs clear"
+    assert decide(cfg, [replace(idle, split=Split(100, 100))]).split == Split(90, 100)
 
 
 class Clock:
@@ -138,8 +261,9 @@ def test_tuner_closes_windows_and_logs_changes() -> None:
     from kvrelay.workers.semi_pd.tuner import SplitTuner, percentile
 
     clock = Clock()
-    tuner = SplitTuner(SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05), window_s=5.0, clock=clock)
     split = Split(50, 50)
+    cfg = SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05, home=split)
+    tuner = SplitTuner(cfg, window_s=5.0, clock=clock)
 
     def window(ttft: float, gap: float) -> object:
         """Two requests arrive, wait ``ttft`` for their first token, then decode 3 steps
@@ -174,4 +298,78 @@ def test_tuner_closes_windows_and_logs_changes() -> None:
     (change,) = tuner.changes
     assert change.at_s == 10.0 and tuner.windows_closed == 2
     assert change.old == split and change.new == burst.split and change.reason.startswith("TTFT")
+    assert [e.decision.split for e in tuner.log] == [split, burst.split]  # every window logged
+    assert [e.samples for e in tuner.log] == [(2, 6), (2, 6)] and tuner.log[-1].at_s == 10.0
     assert percentile([], 0.9) == 0.0 and percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_tuner_counts_a_waiting_request_in_its_window() -> None:
+    """A prompt that has not had its first token when the window closes counts with its wait so
+    far: a step whose prefills outlast the window shows in that window."""
+    from kvrelay.workers.semi_pd.tuner import SplitTuner
+
+    clock = Clock()
+    cfg = SplitRuleConfig(ttft_slo_s=1.0, tpot_slo_s=0.05)
+    tuner = SplitTuner(cfg, window_s=1.0, clock=clock)
+    tuner.on_submit("long", 8000)
+    tuner.on_submit("short", 10)
+    clock.t = 0.1
+    tuner.on_first_token("short", finished=True)  # done at its first token: no ITL to follow
+    clock.t = 1.0
+    d = tuner.tick(FULL, prefill_tokens_per_s=1000.0)
+    assert d is not None and tuner.windows[-1].ttft_s == 1.0 and tuner.log[-1].samples == (2, 0)
+    assert d.split != FULL and d.reason.startswith("TTFT 1.0000 s near")
+    clock.t = 1.5
+    tuner.on_first_token("long")
+    clock.t = 2.0
+    tuner.tick(d.split, prefill_tokens_per_s=1000.0)
+    assert tuner.windows[-1].ttft_s == 1.5 and tuner.log[-1].samples == (1, 0)
+    tuner.on_token("long", finished=True)
+    clock.t = 3.0
+    tuner.tick(d.split, prefill_tokens_per_s=1000.0)
+    assert tuner.log[-1].samples == (0, 1)  # "short" left no decode gap behind
+
+
+class FakeGreenContext:
+    """Stands in for torch's: records the contexts made and the order they were pushed."""
+
+    made: list[FakeGreenContext] = []
+    pushed: list[FakeGreenContext] = []
+
+    def __init__(self, num_sms: int) -> None:
+        self.num_sms = num_sms
+
+    @classmethod
+    def create(cls, *, num_sms: int, device_id: int) -> FakeGreenContext:
+        cls.made.append(cls(num_sms))
+        return cls.made[-1]
+
+    def set_context(self) -> None:
+        FakeGreenContext.pushed.append(self)
+
+    def pop_context(self) -> None:
+        pass
+
+
+def test_each_lane_has_its_own_context_at_equal_shares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two lanes at one share must not push one context: torch makes a green context's default
+    stream current, so they would run in one stream's issue order."""
+    import torch.cuda.green_contexts
+
+    from kvrelay.workers.semi_pd.sm_partition import GreenContextPartition
+
+    FakeGreenContext.made, FakeGreenContext.pushed = [], []
+    monkeypatch.setattr(torch.cuda.green_contexts, "GreenContext", FakeGreenContext)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(multi_processor_count=132)
+    )
+    part = GreenContextPartition(0, [50, 100], Split(100, 100))
+    assert sorted(c.num_sms for c in FakeGreenContext.made) == [66, 66, 132, 132]
+    for lane in Lane:  # each lane enters on its own thread, as the loops do
+        t = threading.Thread(target=part.enter, args=(lane, 100))
+        t.start()
+        t.join()
+    prefill, decode = FakeGreenContext.pushed
+    assert prefill is not decode and prefill.num_sms == decode.num_sms == 132
+    with pytest.raises(ValueError, match="no green context for a 30% share"):
+        part.enter(Lane.DECODE, 30)

@@ -1,7 +1,7 @@
 """Each lane's share of the GPU's streaming multiprocessors (semi-PD's x and y, in percent).
 
 A lane computes inside the share it last ``enter``ed. On CUDA the shares are green contexts
-(``torch.cuda.green_contexts.GreenContext``), one per share the split rule may pick, all
+(``torch.cuda.green_contexts.GreenContext``), one per lane and share the split rule may pick, all
 created up front: creating one is a driver call, switching is a context push/pop. CUDA
 contexts are per thread, so each lane enters its share on its own loop thread, as a command
 between two steps: a switch happens at an iteration boundary and never splits a step.
@@ -13,6 +13,14 @@ lane may use (as an MPS active-thread percentage is, and semi-PD's x + y may exc
 a disjoint slice: with (x, y) = (40, 60) the decode lane's SMs include all of prefill's.
 Disjoint slices need the driver's multi-group split (``cuDevSmResourceSplitByCount`` with
 two groups), which torch does not expose.
+
+Each lane has its own contexts, also at equal shares: ``GreenContext.set_context`` makes the
+context's legacy default stream the thread's current stream (torch 2.11,
+``CUDAGreenContext.cpp``: "setContext API uses default stream"), and kernels on one context's
+default stream run in issue order. Two lanes sharing the 100 % context (the 100 / 100 start)
+were therefore one stream: a decode step queued behind the whole prefill step enqueued before
+it (4096 tokens, tens of ms on the H100), which is what the decode ITL p99 spikes under prefill
+bursts look like. In two contexts the lanes' kernels are concurrent and share the SMs.
 
 On CPU there is no SM to split: ``CpuPartition`` records each lane's share, so the split rule's
 decisions are observable and testable, and changes nothing else (both lanes share the cores
@@ -88,7 +96,8 @@ class CpuPartition:
 
 
 class GreenContextPartition:
-    """One green context per share in ``shares`` (percent), on CUDA device ``device_index``."""
+    """One green context per lane and share in ``shares`` (percent), on CUDA device
+    ``device_index``."""
 
     enforced = True
 
@@ -99,8 +108,9 @@ class GreenContextPartition:
         self.total_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         wanted = sorted({*shares, initial.prefill, initial.decode})
         self.num_sms = {s: max(1, round(self.total_sms * s / 100)) for s in wanted}
-        self._contexts: dict[int, Any] = {
-            s: GreenContext.create(num_sms=n, device_id=device_index)
+        self._contexts: dict[tuple[Lane, int], Any] = {
+            (lane, s): GreenContext.create(num_sms=n, device_id=device_index)
+            for lane in Lane
             for s, n in self.num_sms.items()
         }
         self._shares = {lane: initial.share(lane) for lane in Lane}
@@ -111,11 +121,9 @@ class GreenContextPartition:
         self._pushed = threading.local()
 
     def enter(self, lane: Lane, share: int) -> None:
-        ctx = self._contexts.get(share)
+        ctx = self._contexts.get((lane, share))
         if ctx is None:
-            raise ValueError(
-                f"no green context for a {share}% share; have {sorted(self._contexts)}"
-            )
+            raise ValueError(f"no green context for a {share}% share; have {sorted(self.num_sms)}")
         old = getattr(self._pushed, "ctx", None)
         if old is not None:
             _call(old, "pop_context", "pop_current")

@@ -82,14 +82,19 @@ class SemiPDWorker(Worker):
         prefill_tokens: int = PREFILL_TOKENS,
         **kw: Any,
     ) -> None:
-        """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py);
-        None: keep ``split``. ``prefill_tokens``: the prefill lane's token
+        """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py),
+        returning to ``split`` (the rule's ``home``) once neither SLO is near; None: keep
+        ``split``. ``prefill_tokens``: the prefill lane's token
         budget per step (at least the engine config's ``max_num_batched_tokens``)."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self._initial_split = split
         self._prefill_tokens = prefill_tokens
-        self.tuner = SplitTuner(split_rule, window_s=window_s) if split_rule is not None else None
+        self.tuner = (
+            SplitTuner(replace(split_rule, home=split), window_s=window_s)
+            if split_rule is not None
+            else None
+        )
         self._transit: dict[str, EngineSequence] = {}  # handed over, not adopted yet
         self._internal: set[str] = set()  # requests whose handoff stays inside this worker
         self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
@@ -231,7 +236,7 @@ class SemiPDWorker(Worker):
         self._emit(events)
         for ev in events:
             if self.tuner is not None:
-                self.tuner.on_first_token(ev.request_id)
+                self.tuner.on_first_token(ev.request_id, ev.finish_reason is not None)
             if ev.finish_reason is not None:
                 self._internal.discard(ev.request_id)  # done at its first token
             elif ev.request_id in self._internal:
@@ -277,6 +282,38 @@ class SemiPDWorker(Worker):
             }
             for c in list(self.tuner.changes)
         ]
+
+    def window_log(self) -> list[dict[str, Any]]:
+        """Every window the split rule closed, oldest first (``time.time`` seconds): its p99
+        TTFT and TPOT against the SLOs, the split it ran under and the next, the fits and their
+        predictions at both, and the reason."""
+        if self.tuner is None:
+            return []
+        offset = time.time() - time.monotonic()
+        cfg = self.tuner.config
+        out = []
+        for e in list(self.tuner.log):
+            d = e.decision
+            out.append(
+                {
+                    "t": e.at_s + offset,
+                    "old": [e.window.split.prefill, e.window.split.decode],
+                    "new": [d.split.prefill, d.split.decode],
+                    "ttft_s": e.window.ttft_s,
+                    "tpot_s": e.window.tpot_s,
+                    "samples": list(e.samples),
+                    "ttft_slo_s": cfg.ttft_slo_s,
+                    "tpot_slo_s": cfg.tpot_slo_s,
+                    "arrival_rate": e.window.arrival_rate,
+                    "prefill_s": e.window.prefill_s,
+                    "ttft_fit": [d.ttft_fit.a, d.ttft_fit.b, d.ttft_fit.lam],
+                    "tpot_fit": [d.tpot_fit.a, d.tpot_fit.b],
+                    "predicted_old": list(d.predicted(e.window.split)),
+                    "predicted_new": list(d.predicted(d.split)),
+                    "reason": d.reason,
+                }
+            )
+        return out
 
     def _hand_over(self, prefill: Engine, request_id: str) -> None:
         """On the prefill lane's thread, storage lock held."""
