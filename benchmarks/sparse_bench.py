@@ -275,9 +275,11 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
 
 def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
     """Where a refresh layer's time goes: each of its ops timed alone (``do_bench`` medians,
-    the ops as ``SparseAttention._select`` and ``decode`` call them) and, on CUDA, the
-    profiler's kernel table for 20 later-layer refresh calls and the shortlist selection's
-    variants timed in a graph (``shortlist_topk_us``)."""
+    the ops as ``SparseAttention._select`` and ``decode`` call them) and, on CUDA, each op's
+    GPU time alone (``graph_us``: 20 calls in one CUDA graph, no host time; the bound and exact
+    scores' bandwidth from it, ``*_gbps``), the profiler's kernel table for 20 later-layer
+    refresh calls (µs and launches per layer call) and the shortlist selection's variants timed
+    in a graph (``shortlist_topk_us``)."""
     from kvrelay.kernels.sparse_reference import keys_as_bounds
 
     cache, q, tables, _, attn, keys, ctxs = decode_case(ctx, batch, dev)
@@ -294,15 +296,16 @@ def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) 
     cfg, k = sparse.config, sparse.dense.topk
     scores = kernels.block_scores(q, sparse.bounds, 0, step.block_tables, stream)
     short = step.select(scores, k * cfg.rerank)
-    phys = step.physical(short)
-    exact = kernels.block_scores(q, keys_as_bounds(cache), 0, phys, stream)
+    keys_bnd = keys_as_bounds(cache)
+    exact = kernels.block_scores(q, keys_bnd, 0, step.block_tables, stream, ids=short)
     topk = step.rerank(short, exact)
     tabs, tlens = step.tables(topk, stream, False)
     parts = {
         "bound_scores": lambda: kernels.block_scores(q, sparse.bounds, 0, step.block_tables, stream),
         "shortlist_topk": lambda: step.select(scores, k * cfg.rerank),
-        "physical": lambda: step.physical(short),
-        "exact_scores": lambda: kernels.block_scores(q, keys_as_bounds(cache), 0, phys, stream),
+        "exact_scores": lambda: kernels.block_scores(
+            q, keys_bnd, 0, step.block_tables, stream, ids=short
+        ),
         "rerank": lambda: step.rerank(short, exact),
         "tables": lambda: step.tables(topk, stream, False),
         "attention": lambda: kernels.sparse_decode_attention(q, cache, 0, tabs, tlens, scale),
@@ -314,9 +317,27 @@ def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) 
     # what bound_scores must read: kmax and kmin of every sub-page of every block, dense heads
     row["bound_bytes"] = tables.numel() * 2 * sparse.pages * D * 2 * dense_heads
     row["bound_scores_gbps"] = row["bound_bytes"] / row["ms"]["bound_scores"] / 1e6
+    # what exact_scores must read: the keys of the shortlisted blocks, dense heads
+    row["exact_bytes"] = batch * short.shape[2] * BS * D * 2 * dense_heads
     if dev == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
+        graph_us = {}
+        for name, fn in parts.items():
+            if name == "layer":  # the eager layer: not captured here (the decode rows' graph)
+                continue
+
+            def twenty(fn: Callable[[], object] = fn) -> None:
+                for _ in range(20):
+                    fn()
+
+            graph_us[name] = round(bench(captured(twenty).replay) / 20 * 1e6, 1)
+        row["graph_us"] = graph_us
+        row["graph_us_sum"] = round(sum(graph_us.values()), 1)
+        for name in ("bound", "exact"):
+            row[f"{name}_scores_graph_gbps"] = round(
+                row[f"{name}_bytes"] / graph_us[f"{name}_scores"] / 1e3, 1
+            )
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 parts["layer"]()
@@ -325,6 +346,7 @@ def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) 
         row["kernels_us_per_call"] = {
             e.key[:80]: round(e.device_time_total / 20, 1) for e in table[:12]
         }
+        row["kernel_launches_per_call"] = {e.key[:80]: e.count / 20 for e in table[:12]}
         row["shortlist_topk_us"] = shortlist_topk_us(scores, k * cfg.rerank, step)
     return row
 

@@ -108,7 +108,7 @@ def _candidates(
 def sparse_tables(
     context_lens: torch.Tensor,  # [B] tokens, the new one included
     block_tables: torch.Tensor,  # [B, MB] physical
-    topk: torch.Tensor | None,  # [B, Hkv, K'] dense heads' middle picks (logical), any order
+    topk: torch.Tensor | None,  # [B, Hkv, K'] dense heads' middle picks (logical), ascending
     streaming: torch.Tensor | None,  # [Hkv] bool: this layer's streaming heads; None: none
     refresh_nb: torch.Tensor | None,  # [B] blocks when ``topk`` was chosen; None: now
     dense: tuple[int, int, int],  # sink, top-K, local blocks of a dense head
@@ -121,7 +121,8 @@ def sparse_tables(
     (and, for picks made at an earlier step, the block that left the local window since),
     local ``[nb - W, nb)``, ascending; a context of at most S + K + W blocks whole. NSEL =
     max(S + K + W + 1 of dense heads, that of streaming heads when there are any); unused
-    entries repeat the block table's last column."""
+    entries repeat the block table's last column. The picks come ascending (``topk_blocks``
+    writes them in row order): the Triton body places them in that order; this one sorts."""
     nb = (context_lens.long() + bs - 1) // bs
     width = max(sum(dense) + 1, sum(stream) if streaming is not None else 0)
     cand = _candidates(nb, topk, kv_heads, dense, width, refresh_nb)
@@ -143,14 +144,19 @@ def block_scores(
     layer: int,
     block_tables: torch.Tensor,  # [B, MB] physical, or [B, Hkv, MB]: one table per KV head
     streaming: torch.Tensor | None = None,  # [Hkv] bool: heads not scored (-inf)
-) -> torch.Tensor:  # [B, Hkv, MB] float32: max over the sub-pages and the query group
+    ids: torch.Tensor | None = None,  # [B, Hkv, N] columns of the tables to score; None: all
+) -> torch.Tensor:  # [B, Hkv, MB or N] float32: max over the sub-pages and the query group
     """Block scores from the bounds; given :func:`keys_as_bounds` (P = bs, kmax = kmin = k) they
-    are the exact ``max q·k`` over each block's keys. A streaming head reads no middle blocks,
-    so its scores are -inf (the kernel skips its work)."""
+    are the exact ``max q·k`` over each block's keys. Given ``ids`` (logical blocks, e.g. a
+    shortlist), the blocks scored are ``block_tables[b, (h,) ids[b, h, n]]`` (the kernel reads
+    them through the table: no gathered copy). A streaming head reads no middle blocks, so its
+    scores are -inf (the kernel skips its work)."""
     batch, heads, dim = query.shape
     kv_heads = bounds.shape[4]
     if block_tables.dim() == 2:
         block_tables = block_tables[:, None].expand(-1, kv_heads, -1)
+    if ids is not None:
+        block_tables = block_tables.gather(2, ids.long())
     heads_idx = torch.arange(kv_heads, device=block_tables.device)[None, :, None]
     kb = bounds[:, layer][block_tables.long(), :, :, heads_idx].float()  # [B, Hkv, MB, 2, P, D]
     q = query.float().view(batch, kv_heads, heads // kv_heads, dim)
@@ -168,11 +174,13 @@ def topk_blocks(
     lo: int,  # an element counts if lo <= its id < hi[b]; one outside counts as -inf
     hi: torch.Tensor,  # [B] int
     ids: torch.Tensor | None = None,  # [B, H, N] int: the elements' ids; None: their positions
-) -> torch.Tensor:  # [B, H, min(k, N)] int64 ids, in no particular order
-    """The ids of the k largest values whose ids lie in [lo, hi[b]). Ties (elements outside the
-    range, when fewer than k lie inside, are all -inf) go to the lowest positions first: the
-    kernel breaks them so; torch.topk may choose others, but never a different set of inside
-    elements when their values are distinct."""
+) -> torch.Tensor:  # [B, H, min(k, N)] int64 ids, in row order
+    """The ids of the k largest values whose ids lie in [lo, hi[b]), in the order of their
+    positions in the row (ascending ids when ``ids`` is None or ascending: ``sparse_tables``'s
+    Triton body needs its picks so). Ties (elements outside the range, when fewer than k lie
+    inside, are all -inf) go to the lowest positions first: the kernel breaks them so;
+    torch.topk may choose others, but never a different set of inside elements when their
+    values are distinct."""
     n = values.shape[2]
     pos = torch.arange(n, device=values.device).expand_as(values)
     ident = pos if ids is None else ids.long()
@@ -180,7 +188,7 @@ def topk_blocks(
     v = values.masked_fill(~inside, float("-inf"))
     # a stable descending sort picks the lowest positions among equals (the kernel's rule)
     order = v.sort(dim=-1, descending=True, stable=True).indices[..., : min(k, n)]
-    return ident.gather(-1, order)
+    return ident.gather(-1, order.sort(-1).values)
 
 
 def keys_as_bounds(

@@ -1,10 +1,13 @@
 """Triton bodies of the sparse-attention ops (contracts and layouts in kernels/sparse_reference.py;
 the block selection, ``topk_blocks``, is in kernels/triton_topk.py).
 
-- ``block_scores``: one program per (sequence, KV head, chunk of BLOCK_B logical blocks) loads
-  the group's queries once, then for each of the P sub-pages the chunk's bounds, and computes
-  ``q⁺·kmax + q⁻·kmin`` as two ``tl.dot`` (one ``q·k`` over keys seen as bounds); the max over
-  sub-pages and the group is stored. 16-bit operands run on tensor cores with fp32
+- ``block_scores``: one program per (sequence, KV head, chunk of BLOCK_B logical blocks, 64
+  (block, sub-page) columns: 16 blocks of 4 sub-pages, 4 of 16 keys) loads the group's queries
+  and every sub-page of its blocks in one [D, 64] load per plane (all its bytes in flight at
+  once; a program looping over the sub-pages with 64 blocks each read the bounds at 1.5 TB/s on
+  an H100), and computes ``q⁺·kmax + q⁻·kmin`` as two ``tl.dot`` (one ``q·k`` over keys seen as
+  bounds); the max over sub-pages and the group is stored. Given ``ids`` (the shortlist's
+  logical blocks) it reads the blocks through the block table (no gathered copy of it). 16-bit operands run on tensor cores with fp32
   accumulation (exact products), fp32 ones as ieee dots; a streaming head's program only
   stores -inf.
 - ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
@@ -15,8 +18,9 @@ the block selection, ``topk_blocks``, is in kernels/triton_topk.py).
   a captured step) folds nothing.
 - ``sparse_tables``: one program per (sequence, KV head) writes its compacted table in one
   launch (the torch reference is ~20 ops): sink, local, gap and short-context columns by
-  position, and each dense pick at sink + its rank among the kept picks (a [CHUNK, K] compare),
-  so the picks need no sort.
+  position, and the dense picks, which come ascending (``topk_blocks`` writes its ids in row
+  order), as one run after the sink: no rank, no loop (a rank by [32, K] compares, a loop of
+  dependent loads, took ~12 µs a call on an H100 whatever the size).
 - ``sparse_prefill_attention``: ``triton_prefill``'s causal kernel where a key tile runs only if
   its column block is kept for the head or it meets the tile's local window; skipped tiles cost a
   one-byte load.
@@ -41,22 +45,22 @@ from kvrelay.kernels.triton_decode import (
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, bnd_ptr, bt_ptr, stream_ptr, out_ptr, layer_off, mb,
+    q_ptr, bnd_ptr, bt_ptr, ids_ptr, stream_ptr, out_ptr, layer_off, mb,
     stride_qb, stride_qh, stride_blk, stride_mm, stride_sub, stride_head, stride_btb, stride_bth,
+    stride_ib, stride_ih,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGES: tl.constexpr, BLOCK_B: tl.constexpr, EXACT: tl.constexpr, HAS_STREAM: tl.constexpr,
-    IEEE: tl.constexpr,
+    PAGES: tl.constexpr, P_PAD: tl.constexpr, BLOCK_B: tl.constexpr, EXACT: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_STREAM: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_j = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-    j_mask = offs_j < mb
     out = out_ptr + (b * tl.num_programs(1) + kvh) * mb + offs_j
     streamed = 0
     if HAS_STREAM:
         streamed = tl.load(stream_ptr + kvh).to(tl.int32)
     if streamed != 0:  # a streaming head reads no middle blocks: nothing to rank
-        tl.store(out, tl.full([BLOCK_B], float("-inf"), tl.float32), mask=j_mask)
+        tl.store(out, tl.full([BLOCK_B], float("-inf"), tl.float32), mask=offs_j < mb)
     else:
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D_PAD)
@@ -75,30 +79,37 @@ def _scores_kernel(
         # multiplies bf16 tl.dot operands wrongly, as in triton_decode)
         q_pos = tl.maximum(q, 0.0).to(q.dtype)
         q_neg = tl.minimum(q, 0.0).to(q.dtype)
+        # one column per (block, sub-page): every page of the chunk's blocks in one load (a
+        # program issues all its bytes at once instead of one page after another)
+        offs_c = tl.arange(0, BLOCK_B * P_PAD)
+        col_j = tl.program_id(2) * BLOCK_B + offs_c // P_PAD
+        page = offs_c % P_PAD
+        c_mask = (col_j < mb) & (page < PAGES)
+        col = col_j
+        if HAS_IDS:  # logical columns of the block table (the shortlist), read through it
+            col = tl.load(ids_ptr + b * stride_ib + kvh * stride_ih + col_j, mask=c_mask, other=0)
         bt = bt_ptr + b * stride_btb + kvh * stride_bth
-        blk = tl.load(bt + offs_j, mask=j_mask, other=0).to(tl.int64)
-        base = bnd_ptr + layer_off + kvh * stride_head + blk * stride_blk  # [BLOCK_B]
-        m = j_mask[None, :] & d_mask[:, None]
-        best = tl.full([GROUP_PAD, BLOCK_B], float("-inf"), tl.float32)
-        for p in tl.static_range(PAGES):  # the block's score: the max over its sub-pages
-            sub = base + p * stride_sub
-            kmax = tl.load(sub[None, :] + offs_d[:, None], mask=m, other=0.0)
-            if EXACT:  # keys seen as one-token bounds (max = min = k): the score is q·k
-                if IEEE:
-                    s = tl.dot(q, kmax.to(tl.float32), input_precision="ieee")
-                else:
-                    s = tl.dot(q, kmax, out_dtype=tl.float32)
+        blk = tl.load(bt + col, mask=c_mask, other=0).to(tl.int64)
+        base = bnd_ptr + layer_off + kvh * stride_head + blk * stride_blk + page * stride_sub
+        m = c_mask[None, :] & d_mask[:, None]
+        kmax = tl.load(base[None, :] + offs_d[:, None], mask=m, other=0.0)  # [D_PAD, COLS]
+        if EXACT:  # keys seen as one-token bounds (max = min = k): the score is q·k
+            if IEEE:
+                s = tl.dot(q, kmax.to(tl.float32), input_precision="ieee")
             else:
-                kmin = tl.load(sub[None, :] + stride_mm + offs_d[:, None], mask=m, other=0.0)
-                if IEEE:
-                    s = tl.dot(q_pos, kmax.to(tl.float32), input_precision="ieee")
-                    s += tl.dot(q_neg, kmin.to(tl.float32), input_precision="ieee")
-                else:
-                    s = tl.dot(q_pos, kmax, out_dtype=tl.float32)
-                    s += tl.dot(q_neg, kmin, out_dtype=tl.float32)  # [GROUP_PAD, BLOCK_B]
-            best = tl.maximum(best, s)
-        best = tl.where(g_mask[:, None], best, float("-inf"))
-        tl.store(out, tl.max(best, 0), mask=j_mask)
+                s = tl.dot(q, kmax, out_dtype=tl.float32)
+        else:
+            kmin = tl.load(base[None, :] + stride_mm + offs_d[:, None], mask=m, other=0.0)
+            if IEEE:
+                s = tl.dot(q_pos, kmax.to(tl.float32), input_precision="ieee")
+                s += tl.dot(q_neg, kmin.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q_pos, kmax, out_dtype=tl.float32)
+                s += tl.dot(q_neg, kmin, out_dtype=tl.float32)  # [GROUP_PAD, COLS]
+        # the block's score: the max over the query group and over its sub-pages
+        s = tl.where(g_mask[:, None] & (page < PAGES)[None, :], s, float("-inf"))
+        best = tl.max(tl.reshape(tl.max(s, 0), (BLOCK_B, P_PAD)), 1)
+        tl.store(out, best, mask=offs_j < mb)
 
 
 def block_scores(
@@ -107,9 +118,11 @@ def block_scores(
     layer: int,
     block_tables: torch.Tensor,  # [B, MB], or [B, Hkv, MB]: one table per KV head
     streaming: torch.Tensor | None = None,  # [Hkv] bool: heads not scored (-inf)
-) -> torch.Tensor:  # [B, Hkv, MB] float32
+    ids: torch.Tensor | None = None,  # [B, Hkv, N] columns of the tables to score; None: all
+) -> torch.Tensor:  # [B, Hkv, MB or N] float32
     batch, heads, dim = query.shape
-    pages, kv_heads, mb = bounds.shape[3], bounds.shape[4], block_tables.shape[-1]
+    pages, kv_heads = bounds.shape[3], bounds.shape[4]
+    mb = block_tables.shape[-1] if ids is None else ids.shape[2]
     if block_tables.dim() == 2:
         block_tables = block_tables[:, None].expand(-1, kv_heads, -1)  # stride 0: one table
     out = torch.empty(batch, kv_heads, mb, device=query.device, dtype=torch.float32)
@@ -117,16 +130,22 @@ def block_scores(
         return out
     if bounds.dtype != query.dtype:
         raise ValueError(f"block_scores: query {query.dtype}, bounds {bounds.dtype}")
+    if ids is not None and ids.stride(2) != 1:
+        ids = ids.contiguous()
     group = heads // kv_heads
-    block_b = 64
+    p_pad = triton.next_power_of_2(pages)
+    block_b = max(1, 64 // p_pad)  # 64 (block, sub-page) columns a program: 16 KB of bf16 bounds
     st = bounds.stride()
+    sid = (0, 0) if ids is None else ids.stride()[:2]
     _scores_kernel[(batch, kv_heads, triton.cdiv(mb, block_b))](
-        query, bounds, block_tables, block_tables if streaming is None else streaming, out,
+        query, bounds, block_tables, block_tables if ids is None else ids,
+        block_tables if streaming is None else streaming, out,
         layer * st[1], mb, query.stride(0), query.stride(1), st[0], st[2], st[3], st[4],
-        block_tables.stride(0), block_tables.stride(1),
+        block_tables.stride(0), block_tables.stride(1), sid[0], sid[1],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        D_PAD=max(16, triton.next_power_of_2(dim)), PAGES=pages, BLOCK_B=block_b,
-        EXACT=st[2] == 0, HAS_STREAM=streaming is not None, IEEE=query.dtype == torch.float32 or not query.is_cuda,
+        D_PAD=max(16, triton.next_power_of_2(dim)), PAGES=pages, P_PAD=p_pad, BLOCK_B=block_b,
+        EXACT=st[2] == 0, HAS_IDS=ids is not None, HAS_STREAM=streaming is not None,
+        IEEE=query.dtype == torch.float32 or not query.is_cuda,
     )  # fmt: skip
     return out
 
@@ -196,7 +215,7 @@ def _tables_kernel(
     D_SINK: tl.constexpr, D_TOPK: tl.constexpr, D_LOCAL: tl.constexpr,
     S_SINK: tl.constexpr, S_LOCAL: tl.constexpr, BS: tl.constexpr,
     HAS_PICKS: tl.constexpr, HAS_STREAM: tl.constexpr, HAS_GAP: tl.constexpr,
-    W_PAD: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    W_PAD: tl.constexpr, K_PAD: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -219,18 +238,15 @@ def _tables_kernel(
     if HAS_PICKS:  # dense heads of long contexts: picks in the middle [sink, hi)
         hi = tl.where((streamed == 0) & (small == 0), nb - D_LOCAL, D_SINK)  # empty: no picks
         pick_row = topk_ptr + b * stride_kb + h * stride_kh
-        k_all = tl.arange(0, K_PAD)
-        t_all = tl.load(pick_row + k_all * stride_kk, mask=k_all < n_picks, other=-1).to(tl.int32)
-        ok_all = (k_all < n_picks) & (t_all >= D_SINK) & (t_all < hi)
-        kept = tl.sum(ok_all.to(tl.int32), 0)
-        for c in range(0, K_PAD, CHUNK):  # each kept pick at sink + its rank among the kept
-            i = c + tl.arange(0, CHUNK)
-            t_i = tl.load(pick_row + i * stride_kk, mask=i < n_picks, other=-1).to(tl.int32)
-            ok_i = (i < n_picks) & (t_i >= D_SINK) & (t_i < hi)
-            below = (t_all[None, :] < t_i[:, None]) & ok_all[None, :]
-            rank = tl.sum(below.to(tl.int32), 1)
-            blk = tl.load(bt + t_i, mask=ok_i, other=0)
-            tl.store(out + D_SINK + rank, blk, mask=ok_i)
+        i = tl.arange(0, K_PAD)
+        live = i < n_picks
+        t = tl.load(pick_row + i * stride_kk, mask=live, other=-1).to(tl.int32)
+        ok = live & (t >= D_SINK) & (t < hi)
+        kept = tl.sum(ok.to(tl.int32), 0)
+        # ascending picks: the kept ones are a run after those below the sink, in place
+        below = tl.sum((live & (t < D_SINK)).to(tl.int32), 0)
+        blk = tl.load(bt + t, mask=ok, other=0)
+        tl.store(out + D_SINK + i - below, blk, mask=ok)
         if HAS_GAP:  # the block that left the local window since the picks were made
             gap = tl.load(rnb_ptr + b).to(tl.int32) - D_LOCAL
             gap_col = tl.where((gap >= D_SINK) & (gap < hi), D_SINK + kept, -1)
@@ -250,7 +266,7 @@ def _tables_kernel(
 def sparse_tables(
     context_lens: torch.Tensor,  # [B]
     block_tables: torch.Tensor,  # [B, MB] int32
-    topk: torch.Tensor | None,  # [B, Hkv, K'] logical, any order
+    topk: torch.Tensor | None,  # [B, Hkv, K'] logical, ascending (as topk_blocks writes them)
     streaming: torch.Tensor | None,  # [Hkv] bool
     refresh_nb: torch.Tensor | None,  # [B]
     dense: tuple[int, int, int],
@@ -276,7 +292,7 @@ def sparse_tables(
         D_SINK=dense[0], D_TOPK=dense[1], D_LOCAL=dense[2], S_SINK=stream[0], S_LOCAL=stream[2],
         BS=bs, HAS_PICKS=picks > 0, HAS_STREAM=streaming is not None,
         HAS_GAP=picks > 0 and refresh_nb is not None,
-        W_PAD=triton.next_power_of_2(width), K_PAD=k_pad, CHUNK=min(32, k_pad), num_warps=4,
+        W_PAD=triton.next_power_of_2(width), K_PAD=k_pad, num_warps=4,
     )  # fmt: skip
     return tables, lens
 

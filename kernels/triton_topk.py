@@ -4,10 +4,12 @@ kernels/sparse_reference.py; the other sparse ops are in kernels/triton_sparse.p
 One program per row finds the k-th largest value by bisection over the values' order-preserving
 int32 keys (32 counting passes over the row, held in registers up to 8192 elements,
 ``TOPK_CHUNK``: 128k context in 16-token blocks; a longer row is reloaded chunk by chunk on
-every pass), then writes the ids of the values above it and of the first ones equal to it:
-unordered, no sort (torch's topk sorts its k results; at k = 512 of 8192 that was ~70 µs of a
-refresh layer's ~140 µs of kernels on an H100; the two-chunk reloading path ~50 µs of a
-replayed refresh layer's ~137 µs).
+every pass), then writes the ids of the values above it and of the first ones equal to it in
+the row's order, each at its rank among the kept (a cumsum, no sort: torch's topk sorts its k
+results; at k = 512 of 8192 that was ~70 µs of a refresh layer's ~140 µs of kernels on an
+H100; the two-chunk reloading path ~50 µs of a replayed refresh layer's ~137 µs). Row order
+makes a selection by position ascending, which ``sparse_tables`` relies on to place the picks
+without ranking them.
 """
 
 from __future__ import annotations
@@ -75,31 +77,32 @@ def _topk_kernel(
         t_hi = tl.where(cnt >= k, t_hi, mid - 1)
     t = t_lo.to(tl.int32)
     # every key above T is kept; keys equal to T fill the remaining places, lowest position first
-    # (``< n``: past the row's end nothing is equal, even to a T a negative NaN brought down)
+    # (``< n``: past the row's end nothing is equal, even to a T a negative NaN brought down);
+    # the kept elements are written in row order (at their rank among the kept)
     out_row = out_ptr + r.to(tl.int64) * k
     if SINGLE:
         gt = key0 > t
         eq = (key0 == t) & (offs < n)
         n_gt = tl.sum(gt.to(tl.int32), 0)
-        pos = tl.where(gt, tl.cumsum(gt.to(tl.int32), 0), n_gt + tl.cumsum(eq.to(tl.int32), 0)) - 1
+        keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= k - n_gt))
+        pos = tl.cumsum(keep.to(tl.int32), 0) - 1
         ids0 = _topk_ids(ids_row, offs, n, HAS_IDS)  # loaded again: not held through the passes
-        tl.store(out_row + pos, ids0, mask=gt | (eq & (pos < k)))
+        tl.store(out_row + pos, ids0, mask=keep)
     else:
         n_gt = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
         for c in range(0, n, CHUNK):
             key, _ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
             n_gt += tl.sum((key > t).to(tl.int32), 0)
-        done_gt = n_gt * 0
+        done_keep = n_gt * 0
         done_eq = n_gt * 0
         for c in range(0, n, CHUNK):
             key, ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
             gt = key > t
             eq = (key == t) & (c + offs < n)
-            pos_gt = done_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
-            pos_eq = n_gt + done_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-            pos = tl.where(gt, pos_gt, pos_eq)
-            tl.store(out_row + pos, ids, mask=gt | (eq & (pos < k)))
-            done_gt += tl.sum(gt.to(tl.int32), 0)
+            keep = gt | (eq & (done_eq + tl.cumsum(eq.to(tl.int32), 0) <= k - n_gt))
+            pos = done_keep + tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.store(out_row + pos, ids, mask=keep)
+            done_keep += tl.sum(keep.to(tl.int32), 0)
             done_eq += tl.sum(eq.to(tl.int32), 0)
 
 
@@ -110,7 +113,7 @@ def topk_blocks(
     hi: torch.Tensor,  # [B] int
     ids: torch.Tensor | None = None,  # [B, H, N] int: the elements' ids; None: their positions
     chunk: int = TOPK_CHUNK,  # a power of two: the longest row kept in registers
-) -> torch.Tensor:  # [B, H, min(k, N)] int64 ids, unordered
+) -> torch.Tensor:  # [B, H, min(k, N)] int64 ids, in row order
     batch, heads, n = values.shape
     kk = min(k, n)
     out = torch.empty(batch, heads, kk, device=values.device, dtype=torch.int64)

@@ -66,7 +66,7 @@ def test_topk_blocks_gpu(n: int, k: int, with_ids: bool) -> None:
     hi = torch.randint(1, n, (8,), device="cuda", generator=g)
     want = ref.topk_blocks(values, k, 4, hi, ids)
     got = triton_topk.topk_blocks(values, k, 4, hi, ids)
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(got, want)  # the same ids in row order
 
 
 def test_exact_rerank_scores_gpu() -> None:
@@ -78,6 +78,9 @@ def test_exact_rerank_scores_gpu() -> None:
     per_head = tables.long().gather(1, pick.flatten(1)).view_as(pick)
     got = triton_sparse.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)
     assert rel_err(got, ref.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)) < 1e-4
+    # the refresh path: the shortlist's logical ids read through the block table
+    via_ids = triton_sparse.block_scores(q, ref.keys_as_bounds(kv), 1, tables, ids=pick)
+    assert torch.equal(via_ids, got)
 
 
 @pytest.mark.parametrize("splits", [None, 1, 7])
@@ -127,6 +130,7 @@ def test_sparse_tables_gpu() -> None:
     scores = torch.randn(4, HKV, mb, device="cuda", generator=g)
     dense, stream = HeadShape(4, 256, 4), HeadShape(8, 0, 16)
     topk = select_topk(scores, ctx - 20, BS, dense)  # picked two blocks ago: a gap block
+    topk = topk.sort(-1).values  # ascending, as topk_blocks writes them
     mask = torch.arange(HKV, device="cuda") % 2 == 0
     refresh_nb = (ctx.long() - 20 + BS - 1) // BS
     args = (ctx, tables, topk, mask, refresh_nb, dense.parts, stream.parts, BS, HKV)

@@ -61,7 +61,7 @@ def test_tables_kernel_compiles(picks: bool, streaming: bool, gap: bool) -> None
            "stride_kk": "i32"}  # fmt: skip
     consts = dict(D_SINK=4, D_TOPK=256, D_LOCAL=4, S_SINK=8, S_LOCAL=16, BS=16,
                   HAS_PICKS=picks, HAS_STREAM=streaming, HAS_GAP=gap, W_PAD=512,
-                  K_PAD=256 if picks else 16, CHUNK=32)  # fmt: skip
+                  K_PAD=256 if picks else 16)  # fmt: skip
     assert _cubin("_tables_kernel", sig, consts) > 1000
 
 
@@ -92,14 +92,18 @@ def test_column_mass_kernel_compiles(fp32_dot: bool) -> None:
 )
 def test_scores_kernel_compiles(dtype: str, exact: bool, streaming: bool) -> None:
     """bf16 takes the tensor-core dot (fp32 accumulation), fp32 the ieee one; the streaming
-    branch and the exact (keys as bounds) single dot."""
+    branch and the exact (keys as bounds) single dot over the shortlist's ids, as
+    ``block_scores`` launches them (64 (block, sub-page) columns a program)."""
     sig = {"q_ptr": f"*{dtype}", "bnd_ptr": f"*{dtype}", "bt_ptr": "*i32",
-           "stream_ptr": "*i1" if streaming else "*i32", "out_ptr": "*fp32", "layer_off": "i64",
-           "mb": "i32", "stride_qb": "i32", "stride_qh": "i32", "stride_blk": "i64",
-           "stride_mm": "i32", "stride_sub": "i32", "stride_head": "i32", "stride_btb": "i32",
-           "stride_bth": "i32"}  # fmt: skip
-    consts = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, PAGES=16 if exact else 4,
-                  BLOCK_B=64, EXACT=exact, HAS_STREAM=streaming, IEEE=dtype == "fp32")  # fmt: skip
+           "ids_ptr": "*i64" if exact else "*i32", "stream_ptr": "*i1" if streaming else "*i32",
+           "out_ptr": "*fp32", "layer_off": "i64", "mb": "i32", "stride_qb": "i32",
+           "stride_qh": "i32", "stride_blk": "i64", "stride_mm": "i32", "stride_sub": "i32",
+           "stride_head": "i32", "stride_btb": "i32", "stride_bth": "i32", "stride_ib": "i32",
+           "stride_ih": "i32"}  # fmt: skip
+    pages = 16 if exact else 4
+    consts = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, PAGES=pages, P_PAD=pages,
+                  BLOCK_B=64 // pages, EXACT=exact, HAS_IDS=exact, HAS_STREAM=streaming,
+                  IEEE=dtype == "fp32")  # fmt: skip
     assert _cubin("_scores_kernel", sig, consts) > 1000
 
 

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from types import ModuleType
 
 import pytest
@@ -21,6 +22,7 @@ from kvrelay.workers.model.sparse_select import (
     HeadShape,
     build_tables,
     keep_columns,
+    rerank_topk,
     sample_columns,
     select_topk,
 )
@@ -95,10 +97,19 @@ def _case(
 
 
 @pytest.mark.parametrize(
-    ("dtype", "pages"), [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 2)]
+    ("dtype", "pages", "bs", "lens"),
+    [
+        (torch.float32, 1, 8, [100, 37, 70]),
+        (torch.float32, 4, 8, [100, 37, 70]),
+        (torch.bfloat16, 2, 8, [100, 37, 70]),
+        (torch.float32, 3, 12, [400, 37, 270]),  # 3 sub-pages padded to 4 columns a block
+        (torch.float32, 4, 16, [1000, 37, 270]),  # 63 blocks: 4 programs of 16, the last short
+    ],
 )
-def test_block_scores(sparse: ModuleType, dtype: torch.dtype, pages: int) -> None:
-    _, tables, _, bounds, g = _case([100, 37, 70], 2, 8, 24, dtype, 1, pages)
+def test_block_scores(
+    sparse: ModuleType, dtype: torch.dtype, pages: int, bs: int, lens: list[int]
+) -> None:
+    _, tables, _, bounds, g = _case(lens, 2, bs, 24, dtype, 1, pages)
     q = torch.randn(3, 6, 24, generator=g).to(dtype)
     want = ref.block_scores(q, bounds, 1, tables)
     got = sparse.block_scores(q, bounds, 1, tables)
@@ -107,6 +118,9 @@ def test_block_scores(sparse: ModuleType, dtype: torch.dtype, pages: int) -> Non
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtype) -> None:
+    """The exact scores of a shortlist per KV head: over its physical blocks (a per-head
+    table), and over its logical ids read through the sequence's block table (``ids``, the
+    refresh path: no gathered table), equal to each other and to the reference."""
     kv, tables, _, _, g = _case([100, 37, 70], 2, 8, 24, dtype, 4)
     q = torch.randn(3, 6, 24, generator=g).to(dtype)
     pick = torch.randint(0, tables.shape[1], (3, 2, 5), generator=g)  # a shortlist per KV head
@@ -114,6 +128,9 @@ def test_exact_scores_over_per_head_tables(sparse: ModuleType, dtype: torch.dtyp
     want = ref.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)
     got = sparse.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)
     assert rel_err(got, want) < 1e-5
+    via_ids = sparse.block_scores(q, ref.keys_as_bounds(kv), 1, tables, ids=pick)
+    assert torch.equal(via_ids, got)
+    assert torch.equal(ref.block_scores(q, ref.keys_as_bounds(kv), 1, tables, ids=pick), want)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +152,8 @@ def test_topk_blocks(
     fewer than k elements (the rest -inf), an all -inf row (a streaming head), ids given (the
     re-rank's shortlist), repeated values (-0.0 equal to +0.0); rows held in registers whole
     (up to TOPK_CHUNK = 8192, 5000 of them padding a power of two) and rows reloaded chunk by
-    chunk on every pass (8200 elements; 5000 in chunks of 1024, with ids)."""
+    chunk on every pass (8200 elements; 5000 in chunks of 1024, with ids); the kept ids in
+    row order."""
     g = torch.Generator().manual_seed(n + k)
     values = torch.randn(3, 4, n, generator=g)
     if ties:
@@ -147,7 +165,9 @@ def test_topk_blocks(
     want = ref.topk_blocks(values, k, 2, hi, ids)
     got = topk.topk_blocks(values, k, 2, hi, ids, **({} if chunk is None else {"chunk": chunk}))
     assert got.shape == want.shape == (3, 4, min(k, n)) and got.dtype == torch.int64
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(got, want)  # the same ids in the same (row) order
+    if ids is None:  # positions: ascending (sparse_tables places the picks so)
+        assert bool((got[..., 1:] > got[..., :-1]).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -197,7 +217,8 @@ def test_sparse_prefill(sparse: ModuleType, dtype: torch.dtype) -> None:
 
 
 def test_sparse_tables_equal_the_reference_on_random_batches(sparse: ModuleType) -> None:
-    """One program per (sequence, KV head), picks placed by rank: the very tables and lens of
+    """One program per (sequence, KV head), ascending picks placed in order: the very tables
+    and lens of
     the torch reference, for fresh and reused picks (the gap block), short contexts read whole,
     streaming heads, picks outside the middle (a short middle), and no picks at all."""
     g = torch.Generator().manual_seed(5)
@@ -213,8 +234,9 @@ def test_sparse_tables_equal_the_reference_on_random_batches(sparse: ModuleType)
         stream = (1 + trial % 2, 0, int(torch.randint(1, 20, (1,), generator=g)))
         scores = torch.randn(batch, kv_heads, mb, generator=g)
         topk = None
-        if dense[1]:
+        if dense[1]:  # ascending, as topk_blocks writes them (torch's topk: by value)
             topk = select_topk(scores, at_refresh.to(torch.int32), bs, HeadShape(*dense))
+            topk = topk.sort(-1).values
         streaming = torch.rand(kv_heads, generator=g) < 0.5 if trial % 4 else None
         refresh_nb = (at_refresh + bs - 1) // bs if trial % 2 else None
         args = (ctx, tables, topk, streaming, refresh_nb, dense, stream, bs, kv_heads)
@@ -222,6 +244,35 @@ def test_sparse_tables_equal_the_reference_on_random_batches(sparse: ModuleType)
         got_t, got_l = sparse.sparse_tables(*args)
         assert torch.equal(got_l, want_l), trial
         assert torch.equal(got_t, want_t), trial
+
+
+def test_refresh_chain_equals_the_references(sparse: ModuleType, topk: ModuleType) -> None:
+    """A refresh layer's selection as the GPU runs it (bound scores, the shortlist's
+    topk_blocks, the exact scores of its logical ids read through the block table, the re-rank,
+    the tables taking the picks in the order topk_blocks writes them) gives the tables and lens
+    of the torch references (select_topk, rerank_topk over a gathered table, build_tables):
+    a long context, one whose middle is shorter than the shortlist, one read whole; a
+    streaming head."""
+    bs, kv_heads = 8, 2
+    kv, tables, ctx, bounds, g = _case([400, 100, 37], kv_heads, bs, 24, torch.float32, 9, 2)
+    q = torch.randn(3, 6, 24, generator=g)
+    dense, stream = HeadShape(2, 6, 2), HeadShape(1, 0, 3)
+    streaming = torch.tensor([False, True])
+    hi = (ctx.long() + bs - 1) // bs - dense.local
+    scores = sparse.block_scores(q, bounds, 1, tables, streaming)
+    short = topk.topk_blocks(scores, 2 * dense.topk, dense.sink, hi)
+    exact = sparse.block_scores(q, ref.keys_as_bounds(kv), 1, tables, streaming, ids=short)
+    picks = topk.topk_blocks(exact, dense.topk, dense.sink, hi, ids=short)
+    args = (streaming, None, dense.parts, stream.parts, bs, kv_heads)
+    got_t, got_l = sparse.sparse_tables(ctx, tables, picks, *args)
+    r_short = select_topk(ref.block_scores(q, bounds, 1, tables), ctx, bs,
+                          replace(dense, topk=2 * dense.topk))  # fmt: skip
+    per_head = tables.long().gather(1, r_short.flatten(1)).view_as(r_short)
+    r_exact = ref.block_scores(q, ref.keys_as_bounds(kv), 1, per_head)
+    r_picks = rerank_topk(r_short, r_exact, ctx, bs, dense)
+    want_t, want_l = build_tables(ctx, tables, r_picks, streaming, dense, stream, bs, kv_heads)
+    assert torch.equal(got_l, want_l) and torch.equal(got_t, want_t)
+    assert int(got_l[0, 0]) == (2 + 6 + 1) * bs + 400 - 49 * bs  # sink + picks + local
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

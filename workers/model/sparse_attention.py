@@ -362,7 +362,7 @@ class SparseAttention:
             return step.select(scores, self.dense.topk)
         short = step.select(scores, self.dense.topk * self.config.rerank)
         exact = kernels.block_scores(
-            query, keys_as_bounds(kv_cache), layer, step.physical(short), streaming
+            query, keys_as_bounds(kv_cache), layer, step.block_tables, streaming, ids=short
         )
         return step.rerank(short, exact)
 

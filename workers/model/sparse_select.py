@@ -100,8 +100,8 @@ class DecodeStep:
     """The selection work of one decode step that depends on its batch alone (context lengths,
     block tables), done once at the step's first layer and shared by every layer, so that a
     layer pays a few ops: a selection is one ``kernels.topk_blocks`` (+ the re-rank: the
-    shortlist's physical ids, their exact scores, one more ``topk_blocks``), its tables one
-    ``kernels.sparse_tables``. Equal, as sets of middle blocks, to :func:`select_topk`,
+    shortlist's exact scores, read through the block table, one more ``topk_blocks``), its
+    tables one ``kernels.sparse_tables`` (the picks ascending, as ``topk_blocks`` writes them). Equal, as sets of middle blocks, to :func:`select_topk`,
     :func:`rerank_topk` and :func:`build_tables` (tests/unit/test_sparse_select.py checks)."""
 
     def __init__(
@@ -128,12 +128,9 @@ class DecodeStep:
         """rerank_topk: the top-K of the shortlist by exact score, middle blocks first."""
         return kernels.topk_blocks(exact, self.dense.topk, self.dense.sink, self.hi, ids=short)
 
-    def physical(self, logical: torch.Tensor) -> torch.Tensor:  # [B, ...] logical, < MB
-        return self.block_tables.gather(1, logical.flatten(1)).view_as(logical)
-
     def tables(
         self,
-        topk: torch.Tensor | None,  # [B, Hkv, K'] the layer's dense picks (logical), any order
+        topk: torch.Tensor | None,  # [B, Hkv, K'] the layer's dense picks (logical), ascending
         streaming: torch.Tensor | None,  # [Hkv] bool: the layer's streaming heads; None: none
         reused: bool,  # the picks were made at an earlier step (refresh_nb's)
     ) -> tuple[torch.Tensor, torch.Tensor]:  # tables [B, Hkv, NSEL] int32, lens [B, Hkv] int32
