@@ -1,15 +1,18 @@
 """Triton body of ``topk_blocks``, the sparse decode's block selection (contract in
 kernels/sparse_reference.py; the other sparse ops are in kernels/triton_sparse.py).
 
-One program per row finds the k-th largest value by bisection over the values' order-preserving
-int32 keys (32 counting passes over the row, held in registers up to 8192 elements,
-``TOPK_CHUNK``: 128k context in 16-token blocks; a longer row is reloaded chunk by chunk on
-every pass), then writes the ids of the values above it and of the first ones equal to it in
-the row's order, each at its rank among the kept (a cumsum, no sort: torch's topk sorts its k
-results; at k = 512 of 8192 that was ~70 µs of a refresh layer's ~140 µs of kernels on an
-H100; the two-chunk reloading path ~50 µs of a replayed refresh layer's ~137 µs). Row order
-makes a selection by position ascending, which ``sparse_tables`` relies on to place the picks
-without ranking them.
+One program per row finds the k-th largest value by a search over the values' order-preserving
+int32 keys: 16 counting passes over the row, each counting the keys at three thresholds that
+quarter the range in one reduction (halving took 32 passes; a pass is a reduction across the
+program's warps, and the 32-pass kernel took 12.2 µs on a 4096-value row of an H100 whatever
+the batch, i.e. latency); the row is held in registers up to 8192 elements (``TOPK_CHUNK``:
+128k context in 16-token blocks), a longer one reloaded chunk by chunk on every pass. It then
+writes the ids of the values above it and of the first ones equal to it in the row's order,
+each at its rank among the kept (a cumsum, no sort: torch's topk sorts its k results; at
+k = 512 of 8192 that was ~70 µs of a refresh layer's ~140 µs of kernels on an H100; the
+two-chunk reloading path ~50 µs of a replayed refresh layer's ~137 µs). Row order makes a
+selection by position ascending, which ``sparse_tables`` relies on to place the picks without
+ranking them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ def _topk_keys(
 
 
 @triton.jit
+def _topk_count3(key, m1, m2, m3):
+    """Per key, whether it is at or above each of m1 <= m2 <= m3, in the 21-bit fields 0, 1, 2
+    of an int64 (a row's counts stay below 2**21: ``topk_blocks`` keeps chunks smaller)."""
+    ge1 = (key >= m1.to(tl.int32)).to(tl.int64)
+    ge2 = (key >= m2.to(tl.int32)).to(tl.int64)
+    ge3 = (key >= m3.to(tl.int32)).to(tl.int64)
+    return ge1 + (ge2 << 21) + (ge3 << 42)
+
+
+@triton.jit
 def _topk_kernel(
     val_ptr, ids_ptr, hi_ptr, out_ptr, n, k, lo, heads, stride_vr, stride_ir,
     HAS_IDS: tl.constexpr, CHUNK: tl.constexpr, SINGLE: tl.constexpr,
@@ -59,22 +72,30 @@ def _topk_kernel(
     offs = tl.arange(0, CHUNK)
     if SINGLE:  # the row fits one chunk: its keys (alone) stay in registers across the passes
         key0, _ids = _topk_keys(val_row, ids_row, offs, n, lo, hi, HAS_IDS)
-    # the k-th largest key T: the largest T with #(key >= T) >= k, by bisection over int32
-    # (the bounds in int64, so that their sum cannot overflow; every midpoint fits int32)
+    # the k-th largest key T: the largest T with #(key >= T) >= k, in [t_lo, t_hi] (int64
+    # bounds: no overflow; every threshold fits int32); each pass counts the keys at or above
+    # three thresholds that quarter the range, in one reduction (the counts packed in 21-bit
+    # fields of an int64), and keeps the quarter holding T: 16 passes cover the 2**32 keys
+    # where halving took 32 (a pass is a reduction across the program's warps: latency)
     t_lo = tl.zeros([], tl.int64) - 2147483648
     t_hi = tl.zeros([], tl.int64) + 2147483647
-    for _step in range(32):
-        mid = t_lo + (t_hi - t_lo + 1) // 2
-        mid32 = mid.to(tl.int32)
+    for _step in range(16):
+        w = t_hi - t_lo
+        m1 = t_lo + (w + 3) // 4
+        m2 = t_lo + (2 * w + 3) // 4
+        m3 = t_lo + (3 * w + 3) // 4
         if SINGLE:
-            cnt = tl.sum((key0 >= mid32).to(tl.int32), 0)
+            packed = tl.sum(_topk_count3(key0, m1, m2, m3), 0)
         else:
-            cnt = tl.sum(tl.zeros([CHUNK], tl.int32), 0)
+            packed = tl.sum(tl.zeros([CHUNK], tl.int64), 0)
             for c in range(0, n, CHUNK):
                 key, _ids = _topk_keys(val_row, ids_row, c + offs, n, lo, hi, HAS_IDS)
-                cnt += tl.sum((key >= mid32).to(tl.int32), 0)
-        t_lo = tl.where(cnt >= k, mid, t_lo)
-        t_hi = tl.where(cnt >= k, t_hi, mid - 1)
+                packed += tl.sum(_topk_count3(key, m1, m2, m3), 0)
+        c1 = packed & 0x1FFFFF
+        c2 = (packed >> 21) & 0x1FFFFF
+        c3 = packed >> 42
+        t_hi = tl.where(c3 >= k, t_hi, tl.where(c2 >= k, m3, tl.where(c1 >= k, m2, m1)) - 1)
+        t_lo = tl.where(c3 >= k, m3, tl.where(c2 >= k, m2, tl.where(c1 >= k, m1, t_lo)))
     t = t_lo.to(tl.int32)
     # every key above T is kept; keys equal to T fill the remaining places, lowest position first
     # (``< n``: past the row's end nothing is equal, even to a T a negative NaN brought down);
@@ -121,6 +142,8 @@ def topk_blocks(
         return out
     if values.dtype != torch.float32 or values.stride(2) != 1:
         raise ValueError("topk_blocks needs float32 values with contiguous rows")
+    if n >= 1 << 21:  # the counts' packed fields
+        raise ValueError(f"topk_blocks: rows of {n} values, at most 2**21 - 1")
     if values.stride(0) != heads * values.stride(1):
         values = values.contiguous()
     if ids is not None and (ids.stride(2) != 1 or ids.stride(0) != heads * ids.stride(1)):

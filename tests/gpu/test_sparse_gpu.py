@@ -62,6 +62,7 @@ def test_topk_blocks_gpu(n: int, k: int, with_ids: bool) -> None:
     values = torch.randn(8, 8, n, device="cuda", generator=g)
     values[3, 1] = float("-inf")
     values[5] = values[5].round()  # ties
+    values[6, 2, :4] = torch.tensor([float("inf"), 3.4e38, -3.4e38, 1e-45])  # int32 key extremes
     ids = torch.randint(0, n, (8, 8, n), device="cuda", generator=g) if with_ids else None
     hi = torch.randint(1, n, (8,), device="cuda", generator=g)
     want = ref.topk_blocks(values, k, 4, hi, ids)

@@ -152,14 +152,16 @@ def test_topk_blocks(
     fewer than k elements (the rest -inf), an all -inf row (a streaming head), ids given (the
     re-rank's shortlist), repeated values (-0.0 equal to +0.0); rows held in registers whole
     (up to TOPK_CHUNK = 8192, 5000 of them padding a power of two) and rows reloaded chunk by
-    chunk on every pass (8200 elements; 5000 in chunks of 1024, with ids); the kept ids in
-    row order."""
+    chunk on every pass (8200 elements; 5000 in chunks of 1024, with ids); ±inf, the largest
+    finite and the smallest subnormal values; the kept ids in row order."""
     g = torch.Generator().manual_seed(n + k)
     values = torch.randn(3, 4, n, generator=g)
     if ties:
         values = torch.randint(0, 6, (3, 4, n), generator=g).float()
     values[1, 2] = float("-inf")
     values[2, 3] = torch.tensor([-0.0, 0.0]).repeat(n)[:n]  # -0.0 ties with +0.0
+    # keys at both ends of the int32 range (the search's first thresholds)
+    values[0, 1, :6] = torch.tensor([float("inf"), 3.4e38, -3.4e38, 1e-45, -1e-45, float("inf")])
     ids = torch.randint(0, n + 20, (3, 4, n), generator=g) if with_ids else None
     hi = torch.tensor([n // 2, 9, n + 20], dtype=torch.int32)
     want = ref.topk_blocks(values, k, 2, hi, ids)
