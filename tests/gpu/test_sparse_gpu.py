@@ -139,6 +139,33 @@ def test_sparse_tables_gpu() -> None:
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_refresh_chain_gpu() -> None:
+    """A refresh layer's selection at serving size (a 64k context: 4096 blocks, shortlist 512,
+    K 256; bf16; streaming heads) through the Triton bodies: the shortlist and the re-rank in
+    row order equal to the reference's on the same scores, the exact scores through ``ids``
+    equal to those over the gathered table, and the tables taking the picks as they come equal
+    to the reference's."""
+    from kvrelay.kernels import triton_sparse, triton_topk
+
+    kv, tables, ctx, bounds, g = _case([65536, 20000], 6)
+    q = torch.randn(2, H, D, device="cuda", generator=g).bfloat16()
+    dense, stream = HeadShape(4, 256, 4), HeadShape(8, 0, 16)
+    mask = torch.arange(HKV, device="cuda") % 2 == 0
+    hi = (ctx.long() + BS - 1) // BS - dense.local
+    scores = triton_sparse.block_scores(q, bounds, 1, tables, mask)
+    short = triton_topk.topk_blocks(scores, 512, dense.sink, hi)
+    assert torch.equal(short, ref.topk_blocks(scores, 512, dense.sink, hi))
+    keys = ref.keys_as_bounds(kv)
+    exact = triton_sparse.block_scores(q, keys, 1, tables, mask, ids=short)
+    per_head = tables.long().gather(1, short.flatten(1)).view_as(short)
+    assert torch.equal(exact, triton_sparse.block_scores(q, keys, 1, per_head, mask))
+    picks = triton_topk.topk_blocks(exact, 256, dense.sink, hi, ids=short)
+    assert torch.equal(picks, ref.topk_blocks(exact, 256, dense.sink, hi, ids=short))
+    args = (ctx, tables, picks, mask, None, dense.parts, stream.parts, BS, HKV)
+    got, want = triton_sparse.sparse_tables(*args), ref.sparse_tables(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_update_bounds_gpu() -> None:
     from kvrelay.kernels import triton_sparse
 
