@@ -4,12 +4,12 @@ the block selection, ``topk_blocks``, is in kernels/triton_topk.py).
 - ``block_scores``: one program per (sequence, KV head, chunk of BLOCK_B logical blocks, 64
   (block, sub-page) columns: 16 blocks of 4 sub-pages, 4 of 16 keys) loads the group's queries
   and every sub-page of its blocks in one [D, 64] load per plane (all its bytes in flight at
-  once; a program looping over the sub-pages with 64 blocks each read the bounds at 1.5 TB/s on
-  an H100), and computes ``q⁺·kmax + q⁻·kmin`` as two ``tl.dot`` (one ``q·k`` over keys seen as
-  bounds); the max over sub-pages and the group is stored. Given ``ids`` (the shortlist's
-  logical blocks) it reads the blocks through the block table (no gathered copy of it). 16-bit operands run on tensor cores with fp32
-  accumulation (exact products), fp32 ones as ieee dots; a streaming head's program only
-  stores -inf.
+  once; programs of 64 blocks looping over the sub-pages read the bounds at ~1.5 TB/s on an
+  H100, by the bench's eager timing), and computes ``q⁺·kmax + q⁻·kmin`` as two ``tl.dot`` (one
+  ``q·k`` over keys seen as bounds); the max over sub-pages and the group is stored. Given
+  ``ids`` (the shortlist's logical blocks) it reads the blocks through the block table (no
+  gathered copy of it). 16-bit operands run on tensor cores with fp32 accumulation (exact
+  products), fp32 ones as ieee dots; a streaming head's program only stores -inf.
 - ``sparse_decode_attention``: ``triton_decode``'s flash-decoding kernel with one block table and
   one length per (sequence, KV head) — the compacted selection — instead of one per sequence, so
   a program reads only its head's selected blocks. Split-K and the reduce kernel are shared.
@@ -19,8 +19,8 @@ the block selection, ``topk_blocks``, is in kernels/triton_topk.py).
 - ``sparse_tables``: one program per (sequence, KV head) writes its compacted table in one
   launch (the torch reference is ~20 ops): sink, local, gap and short-context columns by
   position, and the dense picks, which come ascending (``topk_blocks`` writes its ids in row
-  order), as one run after the sink: no rank, no loop (a rank by [32, K] compares, a loop of
-  dependent loads, took ~12 µs a call on an H100 whatever the size).
+  order), as one run after the sink: no rank, no loop (ranking them by [32, K] compares in a
+  loop of dependent loads took 12–14 µs a call on an H100 at every size measured).
 - ``sparse_prefill_attention``: ``triton_prefill``'s causal kernel where a key tile runs only if
   its column block is kept for the head or it meets the tile's local window; skipped tiles cost a
   one-byte load.
