@@ -17,6 +17,7 @@ import torch
 
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
+from kvrelay.workers.model.sparse_attention import prefill_tile_pairs
 from kvrelay.workers.model.sparse_select import (
     HeadShape,
     build_tables,
@@ -241,6 +242,11 @@ def test_sparse_prefill_runs_only_visible_tiles(
     assert rel_err(got, ref.sparse_prefill_attention(*args)) < 1e-5
     bm, bn = sparse.prefill_tiles(16, torch.float32, False, col_block)
     assert int(counts.sum()) == _visible_tiles(qsl, lens, keep, window, col_block, bm, bn)
+    pairs = [  # the tile-level count the engine's density and sparse_bench use
+        prefill_tile_pairs(keep[i], window[i], n - new, new, n, col_block, bm, bn)[0]
+        for i, (n, new) in enumerate(zip(lens, news, strict=True))
+    ]
+    assert int(counts.sum()) == sum(pairs)
     kv, tables, ctx, _, _ = _case([700], 2, 16, 16, torch.float32, seed)  # stream heads only
     counts.zero_()
     sparse.sparse_prefill_attention(
