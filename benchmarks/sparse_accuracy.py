@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--passkey-budgets", type=int, nargs="+", default=[4096, 1024])
     ap.add_argument("--haystack", choices=["repeat", "sharegpt"], default="repeat")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reuse-steps", type=int, default=SparseConfig.reuse_steps)
+    ap.add_argument("--reuse-steps", type=int, default=SparseConfig().reuse_steps)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -219,8 +219,8 @@ def tile_row(
     """Tiles each prefill kernel runs at its own tile shape: dense, every causal (query tile,
     key tile) pair; sparse, the pairs its mask shows a row any key of (``prefill_tile_pairs``),
     and, where the Triton body runs, the kernel's own count per key range (``kernel_counts``:
-    listed kept tiles behind the window, window edge, seen whole, diagonal; its sum must equal
-    the expected count). ``work_ratio`` = sparse / dense tile area; ``time_ratio`` = the
+    wholly and partly kept tiles behind the window, window edge, seen whole, diagonal; its sum
+    must equal the expected count). ``work_ratio`` = sparse / dense tile area; ``time_ratio`` = the
     sparse kernel's time (masks given, no sampling) / dense's, which tracks ``work_ratio`` when
     a sparse tile costs what a dense one does."""
     ctx = q.shape[0]
@@ -237,7 +237,7 @@ def tile_row(
         "time_ratio": t["sparse_kernel"] / t["dense"],
     }  # fmt: skip
     if q.is_cuda:
-        counts = torch.zeros(4, dtype=torch.int32, device=q.device)
+        counts = torch.zeros(5, dtype=torch.int32, device=q.device)
         triton_sparse.sparse_prefill_attention(
             q, cache, 0, table, attn.query_start_loc, attn.context_lens, D**-0.5, keep, window,
             col_block, tile_counts=counts,
@@ -537,8 +537,8 @@ def main() -> None:
     ap.add_argument(
         "--col-block",
         type=int,
-        default=SparseConfig.col_block,
-        help="prefill column block (the sparse kernel's key tile is at most this)",
+        default=SparseConfig().col_block,
+        help="prefill column block (SampleAttention's keep granularity)",
     )
     ap.add_argument("--out", default=None)
     ap.add_argument(

@@ -111,7 +111,7 @@ def test_sparse_prefill_gpu() -> None:
     want = ref.sparse_prefill_attention(
         q.float(), kv.float(), 1, tables, qsl, ctx, D**-0.5, keep, window, 64
     )
-    counts = torch.zeros(4, dtype=torch.int32, device="cuda")
+    counts = torch.zeros(5, dtype=torch.int32, device="cuda")
     got = triton_sparse.sparse_prefill_attention(
         q, kv, 1, tables, qsl, ctx, D**-0.5, keep, window, 64, tile_counts=counts
     )

@@ -213,7 +213,7 @@ def _visible_tiles(
     return total
 
 
-@pytest.mark.parametrize(("seed", "col_block"), [(5, 64), (6, 32), (7, 64), (8, 32)])
+@pytest.mark.parametrize(("seed", "col_block"), [(5, 64), (6, 32), (7, 16), (8, 16), (9, 64)])
 def test_sparse_prefill_runs_only_visible_tiles(
     sparse: ModuleType, seed: int, col_block: int
 ) -> None:
@@ -235,7 +235,7 @@ def test_sparse_prefill_runs_only_visible_tiles(
     window[0, 0] = 1 << 30
     keep[:, 1] = torch.arange(nkb) < 1  # a streaming head: the sink column block only
     window[:, 1] = 40
-    counts = torch.zeros(4, dtype=torch.int32)
+    counts = torch.zeros(5, dtype=torch.int32)
     qsl_t = torch.tensor(qsl, dtype=torch.int32)
     args = (q, kv, 1, tables, qsl_t, ctx, 0.3, keep, window, col_block)
     got = sparse.sparse_prefill_attention(*args, tile_counts=counts)

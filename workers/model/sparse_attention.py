@@ -472,19 +472,22 @@ def prefill_tile_pairs(
     ctx: int,
     col_block: int,
     block_m: int,
-    block_n: int,  # divides col_block
+    block_n: int,  # divides col_block or is a multiple of it
 ) -> tuple[float, float]:  # (pairs where a row sees a key, causal pairs), summed over the heads
     """(query tile of ``block_m`` new rows, key tile of ``block_n``) pairs, per head: those where
     some row sees some key under the sparse mask (what kernels.sparse_prefill_attention runs, one
     tile each) and those with a causal pair (what the dense kernel runs at these tile shapes). A
-    key tile lies in one column block; a row sees it if it is causally visible and kept, or
-    its nearest key is less than the window behind the tile's first row."""
+    row sees a causally visible key tile if a column block of it is kept (a tile behind the
+    window lies behind every row) or its nearest key is less than the window behind the tile's
+    first row."""
+    from kvrelay.kernels.sparse_reference import kept_tiles
+
     q_end = prefix + torch.arange(block_m, n + block_m, block_m, device=keep.device).clamp(max=n)
     q_start = prefix + torch.arange(0, n, block_m, device=keep.device)  # [nq]
     k_lo = torch.arange(0, ctx, block_n, device=keep.device)  # [nk]
     causal = k_lo[None, :] < q_end[:, None]  # [nq, nk]
     near = (k_lo[None, None, :] + block_n) > (q_start[None, :, None] - window[:, None, None] + 1)
-    cols = keep[:, k_lo // col_block][:, None, :]
+    cols = kept_tiles(keep, col_block, block_n)[0][:, : k_lo.numel()][:, None, :]
     done = causal[None] & (near | cols)
     return float(done.sum()), float(causal.sum()) * keep.shape[0]
 
