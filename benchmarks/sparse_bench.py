@@ -148,7 +148,16 @@ def gemm_seconds(tokens: int, dev: str) -> float:
     return bench(layer, rep=20)
 
 
-def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+class PrefillCase(NamedTuple):
+    q: torch.Tensor  # [ctx, H, D]: one sequence's prompt, no cached prefix
+    cache: torch.Tensor  # one layer's KV of its ctx tokens
+    table: torch.Tensor
+    attn: AttentionMetadata
+    sparse: SparseAttention
+
+
+def prefill_case(ctx: int, args: argparse.Namespace, dev: str) -> PrefillCase:
+    """The prefill rows' random prompt, bf16, seeded, and the sparse path that prefills it."""
     g = torch.Generator(device=dev).manual_seed(ctx)
     nb = ctx // BS
     cache = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
@@ -158,12 +167,24 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
         torch.arange(ctx, device=dev), table, torch.tensor([ctx], device=dev, dtype=torch.int32),
         torch.tensor([0, ctx], device=dev, dtype=torch.int32), False,
     )  # fmt: skip
-    scale = D**-0.5
-    sparse = SparseAttention(
-        SparseConfig(mode="prefill", col_block=args.col_block),
-        cache,
-        streaming_mask(args.stream_fraction),
+    config = SparseConfig(mode="prefill", col_block=args.col_block)
+    return PrefillCase(
+        q, cache, table, attn, SparseAttention(config, cache, streaming_mask(args.stream_fraction))
     )
+
+
+def tiles_only_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    """The prefill row's masks (the real sampling) and tile counts at the GPU's bf16 tile
+    shapes, no attention run or timed: where no GPU is, what the GPU run's kernels will do."""
+    q, cache, _, attn, sparse = prefill_case(ctx, args, dev)
+    keep, window = sparse.prefill_masks(0, q, cache, attn, D**-0.5)
+    row = {"context": ctx, "density": sparse.stats_extra()["sparse_prefill_density"]}
+    return row | tile_counts(ctx, keep, window, sparse.config.col_block, on_cuda=True)
+
+
+def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    q, cache, table, attn, sparse = prefill_case(ctx, args, dev)
+    scale = D**-0.5
     dense_fn = lambda: kernels.paged_prefill_attention(  # noqa: E731
         q, cache, 0, table, attn.query_start_loc, attn.context_lens, scale
     )
@@ -212,30 +233,37 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def tile_row(
-    q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, attn: AttentionMetadata,
-    keep: torch.Tensor, window: torch.Tensor, col_block: int, t: dict[str, float],
-) -> dict[str, Any]:  # fmt: skip
-    """Tiles each prefill kernel runs at its own tile shape: dense, every causal (query tile,
-    key tile) pair; sparse, the pairs its mask shows a row any key of (``prefill_tile_pairs``),
-    and, where the Triton body runs, the kernel's own count per key range (``kernel_counts``:
-    wholly and partly kept tiles behind the window, window edge, seen whole, diagonal; its sum
-    must equal the expected count). ``work_ratio`` = sparse / dense tile area; ``time_ratio`` = the
-    sparse kernel's time (masks given, no sampling) / dense's, which tracks ``work_ratio`` when
-    a sparse tile costs what a dense one does."""
-    ctx = q.shape[0]
-    dense_m, dense_n = triton_prefill.prefill_tiles(D, q.dtype, q.is_cuda)
-    block_m, block_n = triton_sparse.prefill_tiles(D, q.dtype, q.is_cuda, col_block)
+def tile_counts(
+    ctx: int, keep: torch.Tensor, window: torch.Tensor, col_block: int, on_cuda: bool
+) -> dict[str, Any]:
+    """Tiles each prefill kernel runs at its own bf16 tile shape over one ctx-token prompt:
+    dense, every causal (query tile, key tile) pair; sparse, the pairs its mask shows a row any
+    key of (``prefill_tile_pairs``, what the kernel's counter must sum to). ``work_ratio`` =
+    sparse / dense tile area."""
+    dense_m, dense_n = triton_prefill.prefill_tiles(D, torch.bfloat16, on_cuda)
+    block_m, block_n = triton_sparse.prefill_tiles(D, torch.bfloat16, on_cuda, col_block)
     rows_end = torch.arange(dense_m, ctx + dense_m, dense_m).clamp(max=ctx)  # each query tile's
     dense_tiles = float((-(-rows_end // dense_n)).sum()) * H  # causal key tiles, every head
     sparse_tiles, _ = prefill_tile_pairs(keep[0], window[0], 0, ctx, ctx, col_block, block_m,
                                          block_n)  # fmt: skip
-    row: dict[str, Any] = {
+    return {
         "dense_tile": [dense_m, dense_n], "sparse_tile": [block_m, block_n],
         "dense": dense_tiles, "sparse_expected": sparse_tiles,
         "work_ratio": sparse_tiles * block_m * block_n / (dense_tiles * dense_m * dense_n),
-        "time_ratio": t["sparse_kernel"] / t["dense"],
     }  # fmt: skip
+
+
+def tile_row(
+    q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, attn: AttentionMetadata,
+    keep: torch.Tensor, window: torch.Tensor, col_block: int, t: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    """``tile_counts`` beside ``time_ratio`` = the sparse kernel's time (masks given, no
+    sampling) / dense's, which tracks ``work_ratio`` when a sparse tile costs what a dense one
+    does, and, where the Triton body runs, the kernel's own count per key range
+    (``kernel_counts``: wholly and partly kept tiles behind the window, window edge, seen whole,
+    diagonal; ``counts_match``: its sum is the expected count)."""
+    row = tile_counts(q.shape[0], keep, window, col_block, q.is_cuda)
+    row["time_ratio"] = t["sparse_kernel"] / t["dense"]
     if q.is_cuda:
         counts = torch.zeros(5, dtype=torch.int32, device=q.device)
         triton_sparse.sparse_prefill_attention(
@@ -243,7 +271,7 @@ def tile_row(
             col_block, tile_counts=counts,
         )  # fmt: skip
         row["kernel_counts"] = counts.tolist()
-        row["counts_match"] = sum(row["kernel_counts"]) == sparse_tiles
+        row["counts_match"] = sum(row["kernel_counts"]) == row["sparse_expected"]
     return row
 
 
@@ -545,7 +573,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["decode", "prefill"],
-        choices=("decode", "prefill", "refresh_parts"),
+        choices=("decode", "prefill", "refresh_parts", "tiles"),
     )
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -575,6 +603,12 @@ def main() -> None:
             result.setdefault("refresh_parts", []).append(row)
             save()
             empty_cache()
+    for ctx in args.contexts if "tiles" in args.parts else ():
+        row = tiles_only_row(ctx, args, dev)
+        print("tiles", json.dumps(row), flush=True)
+        result.setdefault("tiles", []).append(row)
+        save()
+        empty_cache()
     for ctx in args.contexts if "prefill" in args.parts else ():
         row = prefill_row(ctx, args, dev)
         print("prefill", json.dumps(row), flush=True)
