@@ -32,7 +32,8 @@ BS = 16
 
 class Probe(SparseAttention):
     """Runs sparse attention, records its error against dense, and returns dense (``exact``) or
-    sparse; at decode refreshes it also records the overlap with the exact top blocks."""
+    sparse; at decode steps it also records the overlap of the selection in use (made now or,
+    with ``reuse_steps`` > 1, at an earlier step) with this step's exact top blocks."""
 
     def __init__(self, *args: Any, exact: bool, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -56,13 +57,12 @@ class Probe(SparseAttention):
         return d if self.exact else o
 
     def decode(self, layer, query, kv_cache, attn, scale):  # type: ignore[no-untyped-def,override]
-        refresh = self._refresh
         o = super().decode(layer, query, kv_cache, attn, scale)
         d = kernels.paged_decode_attention(
             query, kv_cache, layer, attn.block_tables, attn.context_lens, scale
         )
         self._record("decode", layer, rel_err(o, d))
-        if refresh and layer in self._topk:
+        if layer in self._topk:  # a reused selection against this step's exact top blocks too
             self._overlap(layer, query, kv_cache, attn)
         return d if self.exact else o
 
@@ -195,7 +195,7 @@ def _greedy(
 @torch.inference_mode()
 def passkey_item(
     loaded: LoadedModel, ids: list[int], key: str, budgets: list[int], heads: str | None,
-    mask: torch.Tensor | None, steps: int = 12,
+    mask: torch.Tensor | None, reuse_steps: int, steps: int = 12,
 ) -> dict[str, bool]:  # fmt: skip
     """One passkey prompt under every mode, two prefills shared: dense prefill -> dense decode
     ("off") and sparse decode ("decode/B"); sparse prefill -> dense ("prefill") and sparse decode
@@ -216,7 +216,7 @@ def passkey_item(
         first = int(loaded.model.compute_logits(hidden[-1:]).argmax(-1)[0])
         variants: list[tuple[str, SparseAttention | None]] = [(dense_name, None)]
         for b in budgets:
-            cfg = SparseConfig(mode="decode", budget=b, heads_path=heads)
+            cfg = SparseConfig(mode="decode", budget=b, heads_path=heads, reuse_steps=reuse_steps)
             variants.append((f"{sparse_name}/{b}", SparseAttention(cfg, kv, mask)))
         for name, dec in variants:  # each overwrites the answer's slots of the last
             answer = loaded.tokenizer.decode(_greedy(loaded, ids, kv, first, steps, dec))
@@ -235,6 +235,7 @@ def main() -> None:
     ap.add_argument("--passkey-budgets", type=int, nargs="+", default=[4096, 1024])
     ap.add_argument("--haystack", choices=["repeat", "sharegpt"], default="repeat")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse-steps", type=int, default=SparseConfig().reuse_steps)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -252,7 +253,9 @@ def main() -> None:
         passkey: dict[str, list[bool]] = {}
         for ids, key in prompts:
             t1 = time.time()
-            got = passkey_item(loaded, ids, key, args.passkey_budgets, args.heads, mask)
+            got = passkey_item(
+                loaded, ids, key, args.passkey_budgets, args.heads, mask, args.reuse_steps
+            )
             for name, ok in got.items():
                 passkey.setdefault(name, []).append(ok)
             print(length, len(ids), "tokens", {k: sum(v) for k, v in passkey.items()},
@@ -270,7 +273,9 @@ def ppl_row(
     loaded: LoadedModel, length: int, args: argparse.Namespace, mask: torch.Tensor | None
 ) -> dict[str, Any]:
     """Perplexity, per-layer error and overlap on one ShareGPT text of ``length`` tokens."""
-    cfg = SparseConfig(mode="both", budget=args.budget, heads_path=args.heads)
+    cfg = SparseConfig(
+        mode="both", budget=args.budget, heads_path=args.heads, reuse_steps=args.reuse_steps
+    )
     dummy = torch.zeros(kv_cache_shape(loaded.config, 1, BS))
     (ids,) = sharegpt_texts(loaded.tokenizer, 1, length)
     dense_probe = Probe(cfg, dummy, mask, exact=True)
@@ -286,7 +291,7 @@ def ppl_row(
         "layer_err_decode": [sum(e) / len(e) for e in dec_exact.errors["decode"]],
         "overlap_mean": sum(dec_exact.overlap) / max(1, len(dec_exact.overlap)),
         "overlap_min": min(dec_exact.overlap, default=1.0),
-        "overlap_refreshes": len(dec_exact.overlap),
+        "overlap_steps": len(dec_exact.overlap),
         "prefill_density": dense_probe.stats_extra()["sparse_prefill_density"],
         "decode_read_fraction": dec_exact.stats_extra()["sparse_decode_read_fraction"],
     }  # fmt: skip

@@ -9,9 +9,13 @@ density it reports is what random data earns; real text is far sparser, see
 benchmarks/sparse_accuracy.py). TTFT estimate = layers × (attention + the layer's GEMMs, timed
 at the same length). Decode rows also count the aten ops of a layer call and of what a step's
 first layer adds once (``ops_per_layer_call``; benchmarks/README.md, "Decode host overhead").
-Decode rows also time a LAYERS-layer step captured in one CUDA graph and replayed (``graph``:
-dense, and sparse at a refresh and with the selection reused, per layer, no host launches in the
-time; GPU only, skipped where the LAYERS-layer cache does not fit).
+Decode rows also time a step of up to LAYERS layers (as many as fit) captured in one CUDA graph
+and replayed (``graph``: dense, and sparse at a refresh and with the selection reused, per layer,
+no host launches in the time; GPU only), and from those what a step costs the engine per layer
+with the selection refreshed every 1, 2 or 4 steps (``engine_step_s_per_layer``; the default
+``reuse_steps`` is 1). Prefill rows also count the tiles each kernel runs (``tiles``: dense and
+sparse at their tile shapes, the sparse kernel's own counter on the GPU) beside the time of the
+sparse kernel alone (``attn_s.sparse_kernel``, masks given).
 Prefill rows also time the SampleAttention sampling alone (``sample_ms``:
 the fused Triton kernel and the torch reference, on the dense heads as the prefill path calls it;
 ``sample_keep_agree``: the share of column blocks both keep or both skip) and the whole sparse
@@ -37,9 +41,14 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvrelay import kernels
+from kvrelay.kernels import triton_prefill, triton_sparse
 from kvrelay.kernels.sparse_reference import gather_kv
 from kvrelay.workers.model.llama import AttentionMetadata
-from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig
+from kvrelay.workers.model.sparse_attention import (
+    SparseAttention,
+    SparseConfig,
+    prefill_tile_pairs,
+)
 from kvrelay.workers.model.sparse_select import DecodeStep, keep_columns
 
 H, HKV, D, LAYERS, HIDDEN, INTER, BS = 32, 8, 128, 32, 4096, 14336, 16
@@ -139,7 +148,16 @@ def gemm_seconds(tokens: int, dev: str) -> float:
     return bench(layer, rep=20)
 
 
-def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+class PrefillCase(NamedTuple):
+    q: torch.Tensor  # [ctx, H, D]: one sequence's prompt, no cached prefix
+    cache: torch.Tensor  # one layer's KV of its ctx tokens
+    table: torch.Tensor
+    attn: AttentionMetadata
+    sparse: SparseAttention
+
+
+def prefill_case(ctx: int, args: argparse.Namespace, dev: str) -> PrefillCase:
+    """The prefill rows' random prompt, bf16, seeded, and the sparse path that prefills it."""
     g = torch.Generator(device=dev).manual_seed(ctx)
     nb = ctx // BS
     cache = torch.randn(nb, 1, 2, BS, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
@@ -149,10 +167,24 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
         torch.arange(ctx, device=dev), table, torch.tensor([ctx], device=dev, dtype=torch.int32),
         torch.tensor([0, ctx], device=dev, dtype=torch.int32), False,
     )  # fmt: skip
-    scale = D**-0.5
-    sparse = SparseAttention(
-        SparseConfig(mode="prefill"), cache, streaming_mask(args.stream_fraction)
+    config = SparseConfig(mode="prefill", col_block=args.col_block)
+    return PrefillCase(
+        q, cache, table, attn, SparseAttention(config, cache, streaming_mask(args.stream_fraction))
     )
+
+
+def tiles_only_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    """The prefill row's masks (the real sampling) and tile counts at the GPU's bf16 tile
+    shapes, no attention run or timed: where no GPU is, what the GPU run's kernels will do."""
+    q, cache, _, attn, sparse = prefill_case(ctx, args, dev)
+    keep, window = sparse.prefill_masks(0, q, cache, attn, D**-0.5)
+    row = {"context": ctx, "density": sparse.stats_extra()["sparse_prefill_density"]}
+    return row | tile_counts(ctx, keep, window, sparse.config.col_block, on_cuda=True)
+
+
+def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
+    q, cache, table, attn, sparse = prefill_case(ctx, args, dev)
+    scale = D**-0.5
     dense_fn = lambda: kernels.paged_prefill_attention(  # noqa: E731
         q, cache, 0, table, attn.query_start_loc, attn.context_lens, scale
     )
@@ -165,9 +197,14 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
     )
     err = kernels.reference.rel_err(sparse_fn().float(), dense_fn().float())
     sparse.counters.prefill_pairs = sparse.counters.prefill_causal_pairs = 0.0
-    sparse_fn()
+    keep, window = sparse.prefill_masks(0, q, cache, attn, scale)
     density = sparse.stats_extra()["sparse_prefill_density"]
-    t = {"dense": bench(dense_fn, 10), "sparse": bench(sparse_fn, 10), "sdpa": bench(sdpa_fn, 10)}
+    kernel_fn = lambda: kernels.sparse_prefill_attention(  # noqa: E731
+        q, cache, 0, table, attn.query_start_loc, attn.context_lens, scale, keep, window,
+        sparse.config.col_block,
+    )  # fmt: skip
+    t = {"dense": bench(dense_fn, 10), "sparse": bench(sparse_fn, 10), "sdpa": bench(sdpa_fn, 10),
+         "sparse_kernel": bench(kernel_fn, 10)}  # fmt: skip
     # the SampleAttention sampling alone, on the dense heads' rows as the prefill path passes them
     cfg = sparse.config
     dense_kv = (~streaming_mask(args.stream_fraction)[0]).nonzero().flatten().to(dev)
@@ -183,8 +220,10 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
         torch_keep, _ = keep_columns(sample_fn(), cfg.alpha)
         t["sparse_torch_sample"] = bench(sparse_fn, 10)
     gemm = gemm_seconds(ctx, dev)
+    tiles = tile_row(q, cache, table, attn, keep, window, sparse.config.col_block, t)
     return {
         "context": ctx, "attn_s": t, "gemm_s": gemm, "density": density, "rel_err_vs_dense": err,
+        "tiles": tiles,
         "sample_ms": {k: v * 1e3 for k, v in sample.items()},
         "sample_keep_agree": float((fused_keep == torch_keep).float().mean()),
         "ttft_est_s": {k: LAYERS * (v + gemm) for k, v in t.items()},
@@ -192,6 +231,48 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
         "attn_speedup_vs_sdpa": t["sdpa"] / t["sparse"],
         "ttft_speedup_vs_dense": (t["dense"] + gemm) / (t["sparse"] + gemm),
     }  # fmt: skip
+
+
+def tile_counts(
+    ctx: int, keep: torch.Tensor, window: torch.Tensor, col_block: int, on_cuda: bool
+) -> dict[str, Any]:
+    """Tiles each prefill kernel runs at its own bf16 tile shape over one ctx-token prompt:
+    dense, every causal (query tile, key tile) pair; sparse, the pairs its mask shows a row any
+    key of (``prefill_tile_pairs``, what the kernel's counter must sum to). ``work_ratio`` =
+    sparse / dense tile area."""
+    dense_m, dense_n = triton_prefill.prefill_tiles(D, torch.bfloat16, on_cuda)
+    block_m, block_n = triton_sparse.prefill_tiles(D, torch.bfloat16, on_cuda, col_block)
+    rows_end = torch.arange(dense_m, ctx + dense_m, dense_m).clamp(max=ctx)  # each query tile's
+    dense_tiles = float((-(-rows_end // dense_n)).sum()) * H  # causal key tiles, every head
+    sparse_tiles, _ = prefill_tile_pairs(keep[0], window[0], 0, ctx, ctx, col_block, block_m,
+                                         block_n)  # fmt: skip
+    return {
+        "dense_tile": [dense_m, dense_n], "sparse_tile": [block_m, block_n],
+        "dense": dense_tiles, "sparse_expected": sparse_tiles,
+        "work_ratio": sparse_tiles * block_m * block_n / (dense_tiles * dense_m * dense_n),
+    }  # fmt: skip
+
+
+def tile_row(
+    q: torch.Tensor, cache: torch.Tensor, table: torch.Tensor, attn: AttentionMetadata,
+    keep: torch.Tensor, window: torch.Tensor, col_block: int, t: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    """``tile_counts`` beside ``time_ratio`` = the sparse kernel's time (masks given, no
+    sampling) / dense's, which tracks ``work_ratio`` when a sparse tile costs what a dense one
+    does, and, where the Triton body runs, the kernel's own count per key range
+    (``kernel_counts``: wholly and partly kept tiles behind the window, window edge, seen whole,
+    diagonal; ``counts_match``: its sum is the expected count)."""
+    row = tile_counts(q.shape[0], keep, window, col_block, q.is_cuda)
+    row["time_ratio"] = t["sparse_kernel"] / t["dense"]
+    if q.is_cuda:
+        counts = torch.zeros(5, dtype=torch.int32, device=q.device)
+        triton_sparse.sparse_prefill_attention(
+            q, cache, 0, table, attn.query_start_loc, attn.context_lens, D**-0.5, keep, window,
+            col_block, tile_counts=counts,
+        )  # fmt: skip
+        row["kernel_counts"] = counts.tolist()
+        row["counts_match"] = sum(row["kernel_counts"]) == row["sparse_expected"]
+    return row
 
 
 class DecodeCase(NamedTuple):
@@ -301,7 +382,9 @@ def refresh_parts_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) 
     topk = step.rerank(short, exact)
     tabs, tlens = step.tables(topk, stream, False)
     parts = {
-        "bound_scores": lambda: kernels.block_scores(q, sparse.bounds, 0, step.block_tables, stream),
+        "bound_scores": lambda: kernels.block_scores(
+            q, sparse.bounds, 0, step.block_tables, stream
+        ),
         "shortlist_topk": lambda: step.select(scores, k * cfg.rerank),
         "exact_scores": lambda: kernels.block_scores(
             q, keys_bnd, 0, step.block_tables, stream, ids=short
@@ -396,38 +479,40 @@ def captured(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
 def graph_row(
     ctx: int, batch: int, args: argparse.Namespace, q: torch.Tensor, attn: AttentionMetadata
 ) -> dict[str, Any]:
-    """ms per layer of a LAYERS-layer decode step captured in one CUDA graph and replayed, so
-    that no host launch overhead is in the time: our dense decode kernel, and the sparse step as
-    the engine captures it (``SparseAttention.static_step``) at a refresh and reusing the
-    selection the refresh graph left in its static tensors. A LAYERS-layer cache of random keys
-    (and its key bounds), so that no layer finds another's bytes in L2; skipped when it does
-    not fit."""
+    """Seconds per layer of a decode step of ``layers`` layers captured in one CUDA graph and
+    replayed, so that no host launch overhead is in the time: our dense decode kernel, and the
+    sparse step as the engine captures it (``SparseAttention.static_step``) at a refresh and
+    reusing the selection the refresh graph left in its static tensors. A cache of random keys
+    (and its key bounds) with ``layers`` = LAYERS or as many as fit in 80% of the free memory
+    (one layer's KV at 32k+ is ≥ 0.5 GiB, far past the 50 MB L2, so no layer finds another's
+    bytes there); skipped under 2 layers."""
     nblk = attn.block_tables.numel()
-    need = LAYERS * nblk * 2 * BS * HKV * D * 2 * (1 + 1 / 4)  # the cache + its key bounds
+    per_layer = nblk * 2 * BS * HKV * D * 2 * (1 + 1 / 4)  # the cache + its key bounds
     free = torch.cuda.mem_get_info()[0]
-    if need > 0.8 * free:
-        return {"skipped": f"needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
+    layers = min(LAYERS, int(0.8 * free // per_layer))
+    if layers < 2:
+        return {"skipped": f"a layer needs {per_layer / 2**30:.1f} GiB, {free / 2**30:.0f} free"}
     g = torch.Generator(device="cuda").manual_seed(ctx + batch)
-    cache = torch.randn(nblk, LAYERS, 2, BS, HKV, D, device="cuda", dtype=torch.bfloat16,
+    cache = torch.randn(nblk, layers, 2, BS, HKV, D, device="cuda", dtype=torch.bfloat16,
                         generator=g)  # fmt: skip
     tables, lens, scale = attn.block_tables, attn.context_lens, D**-0.5
     keys, ctxs = [str(i) for i in range(batch)], [ctx] * batch
 
     def dense() -> None:
-        for layer in range(LAYERS):
+        for layer in range(layers):
             kernels.paged_decode_attention(q, cache, layer, tables, lens, scale)
 
     t = {"dense": bench(captured(dense).replay)}
     config = SparseConfig(mode="decode", budget=args.budget, reuse_steps=2)
-    sparse = SparseAttention(config, cache, streaming_mask(args.stream_fraction).expand(LAYERS, -1))
+    sparse = SparseAttention(config, cache, streaming_mask(args.stream_fraction).expand(layers, -1))
 
-    def layers() -> None:
-        for layer in range(LAYERS):
+    def step() -> None:
+        for layer in range(layers):
             sparse.decode(layer, q, cache, attn, scale)
 
     for _ in range(2):  # eagerly: first sight (every layer's bounds rebuilt), a reusing step
         sparse.begin_step(keys, ctxs, True)
-        layers()
+        step()
     sparse.begin_step(keys, ctxs, True)  # a refresh
     assert sparse.capturable() and sparse.reused_picks() is None
     sparse.fold_pending(cache)
@@ -435,7 +520,7 @@ def graph_row(
 
     def refresh() -> None:
         with sparse.static_step() as record:
-            layers()
+            step()
         records.append(record)
 
     graph = captured(refresh)
@@ -446,14 +531,46 @@ def graph_row(
 
     def reuse() -> None:
         with sparse.static_step(records[-1]):
-            layers()
+            step()
 
     t["reuse"] = bench(captured(reuse).replay)
-    per_layer = {k: v / LAYERS for k, v in t.items()}
-    return {
-        "attn_s_per_layer": per_layer,
-        "speedup_vs_dense": {k: t["dense"] / t[k] for k in ("refresh", "reuse")},
+    per_layer = {k: v / layers for k, v in t.items()}
+    # what a step costs the engine, per layer: one refresh every reuse_steps steps (the default
+    # 1: every step), the other steps reusing its selection
+    engine = {
+        f"reuse_steps_{r}": (per_layer["refresh"] + (r - 1) * per_layer["reuse"]) / r
+        for r in (1, 2, 4)
     }
+    return {
+        "layers": layers, "attn_s_per_layer": per_layer, "engine_step_s_per_layer": engine,
+        "speedup_vs_dense": {k: t["dense"] / t[k] for k in ("refresh", "reuse")},
+        "engine_speedup_vs_dense": {k: per_layer["dense"] / v for k, v in engine.items()},
+    }  # fmt: skip
+
+
+def decode_summary(row: dict[str, Any]) -> str:
+    """One line: µs per layer, graph-replayed, as the engine sees a step (eager SDPA beside)."""
+    g = row["graph"]
+    head = f"decode {row['context']} b{row['batch']}: sdpa {row['attn_s']['sdpa'] * 1e6:.0f} us"
+    if "skipped" in g:
+        return f"{head}; graph skipped: {g['skipped']}"
+    parts = [f"dense {g['attn_s_per_layer']['dense'] * 1e6:.1f}"]
+    for name, v in g["engine_step_s_per_layer"].items():
+        parts.append(f"{name} {v * 1e6:.1f} ({g['engine_speedup_vs_dense'][name]:.2f}x)")
+    return f"{head}; graph ({g['layers']} layers), us/layer: " + ", ".join(parts)
+
+
+def prefill_summary(row: dict[str, Any]) -> str:
+    """One line: ms per layer, density, and the tiles behind the times."""
+    t, tiles = row["attn_s"], row["tiles"]
+    times = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items())
+    return (
+        f"prefill {row['context']}: ms/layer {times}; density {row['density']:.2f}; tiles dense "
+        f"{tiles['dense']:.0f} {tiles['dense_tile']}, sparse {tiles['sparse_expected']:.0f} "
+        f"{tiles['sparse_tile']} (kernel {tiles.get('kernel_counts', '-')}); work ratio "
+        f"{tiles['work_ratio']:.2f}, kernel time ratio {tiles['time_ratio']:.2f}; TTFT speedup "
+        f"{row['ttft_speedup_vs_dense']:.2f}"
+    )
 
 
 def empty_cache() -> None:
@@ -467,9 +584,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--stream-fraction", type=float, default=0.5)
+    ap.add_argument(
+        "--col-block",
+        type=int,
+        default=SparseConfig().col_block,
+        help="prefill column block (SampleAttention's keep granularity)",
+    )
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", nargs="+", default=["decode", "prefill"],
-                    choices=("decode", "prefill", "refresh_parts"))
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["decode", "prefill"],
+        choices=("decode", "prefill", "refresh_parts", "tiles"),
+    )
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -487,6 +614,7 @@ def main() -> None:
         for batch in args.batches:
             row = decode_row(ctx, batch, args, dev)
             print("decode", json.dumps(row), flush=True)
+            print(decode_summary(row), flush=True)
             result["decode"].append(row)
             save()
             empty_cache()
@@ -497,9 +625,16 @@ def main() -> None:
             result.setdefault("refresh_parts", []).append(row)
             save()
             empty_cache()
+    for ctx in args.contexts if "tiles" in args.parts else ():
+        row = tiles_only_row(ctx, args, dev)
+        print("tiles", json.dumps(row), flush=True)
+        result.setdefault("tiles", []).append(row)
+        save()
+        empty_cache()
     for ctx in args.contexts if "prefill" in args.parts else ():
         row = prefill_row(ctx, args, dev)
         print("prefill", json.dumps(row), flush=True)
+        print(prefill_summary(row), flush=True)
         result["prefill"].append(row)
         save()
         empty_cache()

@@ -240,6 +240,22 @@ def prefill_mask(
     return causal[None] & (near | cols[:, None, :])
 
 
+def kept_tiles(
+    keep: torch.Tensor,  # [..., NKB] bool or int, per column block
+    col_block: int,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [..., NT] bool: some column kept, every column kept
+    """Per key tile of ``block_n`` keys, from the keep of ``col_block``-column blocks (the two
+    tile sizes nest; columns past the last block count as not kept)."""
+    kept = keep != 0
+    if block_n <= col_block:
+        kept = kept.repeat_interleave(col_block // block_n, -1)
+        return kept, kept
+    per = block_n // col_block
+    kept = F.pad(kept, (0, -kept.shape[-1] % per)).unflatten(-1, (-1, per))
+    return kept.any(-1), kept.all(-1)
+
+
 def sparse_prefill_attention(
     query: torch.Tensor,  # [T, H, D] packed
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]

@@ -140,6 +140,16 @@ class PrefillTuning(NamedTuple):
     num_stages: int = 0
 
 
+def prefill_tiles(dim: int, dtype: torch.dtype, on_cuda: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the untuned kernel. Picked on an H100 (benchmarks/kernel_bench.py
+    sweep, 8k causal, bf16): D 64 → (128, 64, 8 warps, 3 stages) 337 TFLOP/s; D 128 → (128, 128,
+    8, 2) 351 vs 306 for (128, 64, 8, 3)."""
+    d_pad = max(16, triton.next_power_of_2(dim))
+    fp32_dot = dtype == torch.float32 or not on_cuda  # see triton_decode
+    block_m = 64 if fp32_dot or d_pad > 128 else 128
+    return block_m, 32 if fp32_dot else 128 if d_pad == 128 else 64
+
+
 def paged_prefill_attention(
     query: torch.Tensor,  # [T, H, D] packed
     kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
@@ -187,10 +197,9 @@ def paged_prefill_attention_tuned(
         return out
     d_pad = max(16, triton.next_power_of_2(dim))
     fp32_dot = query.dtype == torch.float32 or not query.is_cuda  # see triton_decode
-    # Picked on an H100 (benchmarks/kernel_bench.py sweep, 8k causal, bf16): D 64 → (128, 64,
-    # 8 warps, 3 stages) 337 TFLOP/s; D 128 → (128, 128, 8, 2) 351 vs 306 for (128, 64, 8, 3).
-    block_m = tuning.block_m or (64 if fp32_dot or d_pad > 128 else 128)
-    block_n = tuning.block_n or (32 if fp32_dot else 128 if d_pad == 128 else 64)
+    tiles = prefill_tiles(dim, query.dtype, query.is_cuda)
+    block_m = tuning.block_m or tiles[0]
+    block_n = tuning.block_n or tiles[1]
     num_warps = tuning.num_warps or (8 if block_m >= 128 else 4)
     num_stages = tuning.num_stages or (3 if d_pad <= 64 else 2)
     num_tiles = tokens // block_m + batch

@@ -9,6 +9,7 @@ import torch
 
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
+from kvrelay.workers.model.sparse_attention import prefill_tile_pairs
 from kvrelay.workers.model.sparse_select import (
     HeadShape,
     build_tables,
@@ -114,10 +115,18 @@ def test_sparse_prefill_gpu() -> None:
     want = ref.sparse_prefill_attention(
         q.float(), kv.float(), 1, tables, qsl, ctx, D**-0.5, keep, window, 64
     )
+    counts = torch.zeros(5, dtype=torch.int32, device="cuda")
     got = triton_sparse.sparse_prefill_attention(
-        q, kv, 1, tables, qsl, ctx, D**-0.5, keep, window, 64
+        q, kv, 1, tables, qsl, ctx, D**-0.5, keep, window, 64, tile_counts=counts
     )
     assert rel_err(got.float(), want) < 1e-2
+    # the compiled kernel runs exactly the tiles where some row sees some key
+    bm, bn = triton_sparse.prefill_tiles(D, torch.bfloat16, True, 64)
+    pairs = [
+        prefill_tile_pairs(keep[i], window[i], n - new, new, n, 64, bm, bn)[0]
+        for i, (n, new) in enumerate(((3000, 3000), (1500, 700)))
+    ]
+    assert int(counts.sum()) == sum(pairs)
 
 
 def test_sparse_tables_gpu() -> None:

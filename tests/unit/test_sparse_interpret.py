@@ -18,6 +18,7 @@ import torch
 
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.reference import rel_err
+from kvrelay.workers.model.sparse_attention import prefill_tile_pairs
 from kvrelay.workers.model.sparse_select import (
     HeadShape,
     build_tables,
@@ -216,6 +217,70 @@ def test_sparse_prefill(sparse: ModuleType, dtype: torch.dtype) -> None:
     )
     got = sparse.sparse_prefill_attention(q, kv, 1, tables, qsl, ctx, 0.25, keep, window, 64)
     assert rel_err(got.float(), want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def _visible_tiles(
+    qsl: list[int], lens: list[int], keep: torch.Tensor, window: torch.Tensor, cb: int,
+    bm: int, bn: int,
+) -> int:  # fmt: skip
+    """(head, query tile, key tile) triples where the mask (ref.prefill_mask) shows a row any key."""
+    total = 0
+    for i, ctx in enumerate(lens):
+        n = qsl[i + 1] - qsl[i]
+        pos = torch.arange(ctx - n, ctx)
+        mask = ref.prefill_mask(pos, ctx, keep[i], window[i], cb)  # [H, n, ctx]
+        rows, cols = -(-n // bm) * bm, -(-ctx // bn) * bn
+        mask = torch.nn.functional.pad(mask, (0, cols - ctx, 0, rows - n))
+        total += int(mask.unflatten(2, (-1, bn)).unflatten(1, (-1, bm)).any(4).any(2).sum())
+    return total
+
+
+@pytest.mark.parametrize(("seed", "col_block"), [(5, 64), (6, 32), (7, 16), (8, 16), (9, 64)])
+def test_sparse_prefill_runs_only_visible_tiles(
+    sparse: ModuleType, seed: int, col_block: int
+) -> None:
+    """Random keeps, windows from 1 to past the context and cached prefixes: the output is the
+    reference's, and the tiles the kernel counts are exactly the (query tile, key tile) pairs
+    where some row sees some key; a streaming head (sink columns, a short window) runs
+    O(sink + window) tiles a query tile, not O(context)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [int(x) for x in torch.randint(70, 400, (3,), generator=g)]
+    news = [int(torch.randint(1, n + 1, (1,), generator=g)) for n in lens]
+    qsl = [0]
+    for n in news:
+        qsl.append(qsl[-1] + n)
+    heads, nkb = 4, -(-max(lens) // col_block)
+    kv, tables, ctx, _, _ = _case(lens, 2, 16, 16, torch.float32, seed)
+    q = torch.randn(qsl[-1], heads, 16, generator=g)
+    keep = torch.rand(3, heads, nkb, generator=g) < torch.rand(3, heads, 1, generator=g)
+    window = torch.randint(1, 500, (3, heads), generator=g, dtype=torch.int32)
+    window[0, 0] = 1 << 30
+    keep[:, 1] = torch.arange(nkb) < 1  # a streaming head: the sink column block only
+    window[:, 1] = 40
+    counts = torch.zeros(5, dtype=torch.int32)
+    qsl_t = torch.tensor(qsl, dtype=torch.int32)
+    args = (q, kv, 1, tables, qsl_t, ctx, 0.3, keep, window, col_block)
+    got = sparse.sparse_prefill_attention(*args, tile_counts=counts)
+    assert rel_err(got, ref.sparse_prefill_attention(*args)) < 1e-5
+    bm, bn = sparse.prefill_tiles(16, torch.float32, False, col_block)
+    assert int(counts.sum()) == _visible_tiles(qsl, lens, keep, window, col_block, bm, bn)
+    pairs = [  # the tile-level count the engine's density and sparse_bench use
+        prefill_tile_pairs(keep[i], window[i], n - new, new, n, col_block, bm, bn)[0]
+        for i, (n, new) in enumerate(zip(lens, news, strict=True))
+    ]
+    assert int(counts.sum()) == sum(pairs)
+    kv, tables, ctx, _, _ = _case([700], 2, 16, 16, torch.float32, seed)  # stream heads only
+    counts.zero_()
+    sparse.sparse_prefill_attention(
+        torch.randn(700, heads, 16, generator=g), kv, 1, tables,
+        torch.tensor([0, 700], dtype=torch.int32), ctx, 0.3,
+        (torch.arange(-(-700 // col_block)) < 1).expand(1, heads, -1), torch.full((1, heads), 40),
+        col_block,
+        tile_counts=counts,
+    )  # fmt: skip
+    q_tiles = -(-700 // bm)
+    per_tile = -(-col_block // bn) + -(-(40 + bm) // bn) + 1  # sink + window + edge
+    assert int(counts.sum()) <= heads * q_tiles * per_tile
 
 
 def test_sparse_tables_equal_the_reference_on_random_batches(sparse: ModuleType) -> None:

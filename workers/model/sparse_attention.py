@@ -384,6 +384,23 @@ class SparseAttention:
         attn: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, H, D]
+        keep, window = self.prefill_masks(layer, query, kv_cache, attn, scale)
+        return kernels.sparse_prefill_attention(
+            query, kv_cache, layer, attn.block_tables, attn.query_start_loc, attn.context_lens,
+            scale, keep, window, self.config.col_block,
+        )  # fmt: skip
+
+    def prefill_masks(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [T, H, D] packed
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # keep [B, H, NKB] bool, window [B, H] int32
+        """What each head of each sequence reads (kernels.sparse_prefill_attention's mask): the
+        sampled columns and window of a dense head, sink columns and a band of a streaming one,
+        everything for a prompt under ``min_prefill``; counted into the density."""
         from kvrelay.kernels import sparse_reference as ref
 
         cfg = self.config
@@ -420,25 +437,16 @@ class SparseAttention:
             dense_w = max(cb, int(cfg.window_frac * ctx))
             window[i] = torch.where(stream_q, cfg.stream_prefill_local, dense_w).to(torch.int32)
             self._count_prefill(keep[i], window[i], ctx - n, n, ctx)
-        return kernels.sparse_prefill_attention(
-            query, kv_cache, layer, attn.block_tables, attn.query_start_loc, attn.context_lens,
-            scale, keep, window, cb,
-        )  # fmt: skip
+        return keep, window
 
     def _count_prefill(
         self, keep: torch.Tensor, window: torch.Tensor, prefix: int, n: int, ctx: int
     ) -> None:
         """Tile-level density: (query tile, key block) pairs computed / causal pairs."""
         cb = self.config.col_block
-        q_end = prefix + torch.arange(cb, n + cb, cb, device=keep.device).clamp(max=n) - 1
-        q_start = prefix + torch.arange(0, n, cb, device=keep.device)  # [nq]
-        k_lo = torch.arange(0, ctx, cb, device=keep.device)  # [nkb']
-        causal = k_lo[None, :] <= q_end[:, None]  # [nq, nkb']
-        near = (k_lo[None, None, :] + cb) > (q_start[None, :, None] - window[:, None, None] + 1)
-        cols = keep[:, : k_lo.numel()][:, None, :]
-        done = causal[None] & (near | cols)
-        self.counters.prefill_pairs += float(done.sum())
-        self.counters.prefill_causal_pairs += float(causal.sum()) * keep.shape[0]
+        done, causal = prefill_tile_pairs(keep, window, prefix, n, ctx, cb, cb, cb)
+        self.counters.prefill_pairs += done
+        self.counters.prefill_causal_pairs += causal
 
     # ---- figures -------------------------------------------------------------------------
     def stats_extra(self) -> dict[str, float]:
@@ -454,6 +462,34 @@ class SparseAttention:
                 c.prefill_pairs / c.prefill_causal_pairs if c.prefill_causal_pairs else 1.0
             ),
         }
+
+
+def prefill_tile_pairs(
+    keep: torch.Tensor,  # [H, NKB] bool, one sequence's
+    window: torch.Tensor,  # [H]
+    prefix: int,  # cached tokens before the n new ones
+    n: int,
+    ctx: int,
+    col_block: int,
+    block_m: int,
+    block_n: int,  # divides col_block or is a multiple of it
+) -> tuple[float, float]:  # (pairs where a row sees a key, causal pairs), summed over the heads
+    """(query tile of ``block_m`` new rows, key tile of ``block_n``) pairs, per head: those where
+    some row sees some key under the sparse mask (what kernels.sparse_prefill_attention runs, one
+    tile each) and those with a causal pair (what the dense kernel runs at these tile shapes). A
+    row sees a causally visible key tile if a column block of it is kept (a tile behind the
+    window lies behind every row) or its nearest key is less than the window behind the tile's
+    first row."""
+    from kvrelay.kernels.sparse_reference import kept_tiles
+
+    q_end = prefix + torch.arange(block_m, n + block_m, block_m, device=keep.device).clamp(max=n)
+    q_start = prefix + torch.arange(0, n, block_m, device=keep.device)  # [nq]
+    k_lo = torch.arange(0, ctx, block_n, device=keep.device)  # [nk]
+    causal = k_lo[None, :] < q_end[:, None]  # [nq, nk]
+    near = (k_lo[None, None, :] + block_n) > (q_start[None, :, None] - window[:, None, None] + 1)
+    cols = kept_tiles(keep, col_block, block_n)[0][:, : k_lo.numel()][:, None, :]
+    done = causal[None] & (near | cols)
+    return float(done.sum()), float(causal.sum()) * keep.shape[0]
 
 
 def bounds_bytes(config: SparseConfig, block_bytes: int) -> int:
