@@ -18,6 +18,13 @@ step-return stamps) p50/p99, and the worst gap; makespan; preemptions by kind; b
 swaps; recomputed tokens = prompt tokens computed - the prompts' lengths (the brief's measure)
 and extra tokens = all tokens computed - Σ(prompt + output - 1) (also counts output tokens
 recomputed as context). The script asserts that the greedy outputs are identical across modes.
+
+The mechanism behind the tail, per mode: requests preempted and the most preemptions of one
+request (churn: a request swapped back in and soon out again), long gaps (over 10x the ITL
+p50: a preemption's wait, or a step that also prefilled) and their sum, schedules that waited
+for a copy because nothing else could run, and running rows that sat a step out for a
+swap-out's blocks. ``--async-swaps`` runs the copies on the copy thread on a CPU-only worker
+too, as a CUDA worker does (the CPU default copies inline).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -38,8 +46,11 @@ from kvrelay.benchmarks.fairness_bench import (
 )
 from kvrelay.benchmarks.loadgen_report import Percentiles
 from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.scheduler import SchedulerOutput
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams
+
+LONG_GAP = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +65,14 @@ class ModeRow:
     swap_bytes: int
     recomputed_prompt_tokens: int
     extra_tokens: int
+    preempted_requests: int
+    max_preemptions: int  # of one request
+    long_gaps: int  # gaps over LONG_GAP x the ITL p50
+    long_gap_s: float  # their sum
+    copy_waits: int  # schedules that waited for a copy (nothing else could run)
+    deferred_rows: int  # running rows that sat a step out for a swap-out's blocks
+    swap_gb_per_s: float  # the rates the auto rule ends the run with
+    recompute_tokens_per_s: float
     load_start: float  # 1-minute load average
     load_end: float
 
@@ -62,11 +81,22 @@ def run_mode(loaded: LoadedModel, mode: str, arrivals: Sequence[Arrival],
              args: argparse.Namespace) -> tuple[ModeRow, dict[str, tuple[int, ...]]]:
     cfg = EngineConfig(preemption_mode=mode, num_blocks=args.num_blocks,
                        max_num_seqs=args.requests, cpu_kv_gb=args.cpu_kv_gb,
-                       enable_prefix_caching=args.prefix_caching)
+                       enable_prefix_caching=args.prefix_caching,
+                       async_swaps=True if args.async_swaps else None)
     engine = Engine(loaded, cfg, device=args.device)
+    preempted: Counter[str] = Counter()
     try:
         warm_up(engine)
         s0 = engine.stats()
+        scheduler = engine.scheduler
+        schedule = scheduler.schedule
+
+        def counted() -> SchedulerOutput:  # which requests each step preempts
+            plan = schedule()
+            preempted.update(plan.preempted)
+            return plan
+
+        scheduler.schedule = counted  # type: ignore[method-assign]
         run = run_open_loop(engine, arrivals, timeout_s=args.timeout_s)
         engine.check_integrity()
         s1 = engine.stats()
@@ -77,14 +107,23 @@ def run_mode(loaded: LoadedModel, mode: str, arrivals: Sequence[Arrival],
     prompt_done = s1.prompt_tokens_computed - s0.prompt_tokens_computed
     decode_done = s1.decode_tokens_computed - s0.decode_tokens_computed
     gaps = [g for r in run.results for g in r.gaps_s]
+    itl = Percentiles.of(gaps)
+    long = [g for g in gaps if g > LONG_GAP * itl.p50]
+    x0, x1 = s0.extra, s1.extra
     row = ModeRow(
-        mode=mode, itl_s=Percentiles.of(gaps), max_gap_s=max(gaps, default=float("nan")),
+        mode=mode, itl_s=itl, max_gap_s=max(gaps, default=float("nan")),
         makespan_s=run.makespan_s, swaps_out=s1.swaps_out - s0.swaps_out,
         swaps_in=s1.swaps_in - s0.swaps_in,
         recompute_preemptions=s1.recompute_preemptions - s0.recompute_preemptions,
         swap_bytes=s1.swap_bytes - s0.swap_bytes,
         recomputed_prompt_tokens=prompt_done - prompt_tokens,
         extra_tokens=prompt_done + decode_done - needed,
+        preempted_requests=len(preempted), max_preemptions=max(preempted.values(), default=0),
+        long_gaps=len(long), long_gap_s=sum(long),
+        copy_waits=int(x1["swap_copy_waits"] - x0["swap_copy_waits"]),
+        deferred_rows=int(x1["swap_deferred_rows"] - x0["swap_deferred_rows"]),
+        swap_gb_per_s=x1["swap_bytes_per_s"] / 1e9,
+        recompute_tokens_per_s=x1["recompute_tokens_per_s"],
         load_start=run.load_start[0], load_end=run.load_end[0],
     )
     return row, run.outputs
@@ -109,6 +148,19 @@ def table(rows: Sequence[ModeRow]) -> str:
             f"| {r.swap_bytes / 1e6:.1f} | {r.recomputed_prompt_tokens} | {r.extra_tokens} "
             f"| {r.load_start:.1f}→{r.load_end:.1f} |"
         )
+    lines += [
+        "",
+        "| mode | requests preempted | most preemptions of one | long gaps (> "
+        f"{LONG_GAP:.0f}x p50) | their sum (s) | copy waits | rows deferred for a swap-out "
+        "| swap GB/s | recompute tok/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.mode} | {r.preempted_requests} | {r.max_preemptions} | {r.long_gaps} "
+            f"| {r.long_gap_s:.1f} | {r.copy_waits} | {r.deferred_rows} "
+            f"| {r.swap_gb_per_s:.2f} | {r.recompute_tokens_per_s:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -122,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--num-blocks", type=int, default=40)
     ap.add_argument("--cpu-kv-gb", type=float, default=0.25)
     ap.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--async-swaps", action="store_true",
+                    help="copies on the copy thread on CPU too (as on CUDA)")
     add_engine_arguments(ap)
     args = ap.parse_args(argv)
     if min(args.requests, args.prompt, args.out, args.num_blocks, args.threads) < 1:

@@ -29,6 +29,16 @@ def test_rule_weighs_the_round_trip_against_the_prefill() -> None:
     assert prefer_swap(10 * MB, tokens, 2 * once, tps)
 
 
+def test_an_overlapped_copy_is_weighed_against_the_batch_a_prefill_delays() -> None:
+    """A round trip of 40 ms against a 20 ms prefill: inline, both stall the batch and
+    recompute wins; overlapped with compute, the copy delays its victim only while the
+    prefill delays the 7 other running requests too, and swap wins."""
+    nbytes, tokens, tps, rate = 20 * MB, 2000, 100_000.0, 20 * MB / 0.02
+    assert not prefer_swap(nbytes, tokens, rate, tps)
+    assert not prefer_swap(nbytes, tokens, rate, tps, delayed=1)
+    assert prefer_swap(nbytes, tokens, rate, tps, delayed=8)
+
+
 def test_a_slow_measured_copy_turns_the_rule_to_recompute() -> None:
     """The issue's case: an 8 GB/s prior picks swap; copies measured at 0.3 GB/s (a pageable
     bounce and a host gather) move the rate until recompute wins, within a few swaps."""

@@ -480,6 +480,8 @@ class Engine:
                 "swap_copies": self.copier.copies,
                 "recompute_tokens_per_s": sw.tokens_per_s if sw else 0.0,
                 "swap_bytes_per_s": sw.bytes_per_s if sw else 0.0,
+                "swap_copy_waits": s.copy_waits,
+                "swap_deferred_rows": s.deferred_rows,
                 "overlap_discarded_tokens": self.discarded_tokens,
             },
             cpu_pool=self.cpu_tier.pool.stats() if self.cpu_tier else None,

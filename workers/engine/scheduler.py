@@ -8,7 +8,8 @@ tokens. In order:
 2. The policy (``workers/engine/policy.py``) may name running victims so a more deserving waiting
    request fits (priority: a more important one; fair: a tenant far behind on its counter).
 3. Running sequences (decodes and unfinished prefill chunks) in the policy's order; when
-   blocks run out, the sequence last in that order is preempted.
+   blocks run out, the sequence last in that order is preempted, unless swap-outs still in
+   flight will free the blocks: then the sequence that lacks them sits this step out.
 4. Waiting sequences, in the policy's order, while the budget, ``max_num_seqs`` and the pool
    allow: a swapped-out one is swapped in (it joins the batch once its copy is done), a new or
    recomputing one first looks up its cached prefix (device, then CPU blocks promoted by copy).
@@ -95,6 +96,8 @@ class Scheduler:
         self.steady_plans = 0  # plans returned that way, for tests and benchmarks
         self.num_preemptions = 0
         self.recompute_preemptions = 0
+        self.copy_waits = 0  # schedules that waited for a copy: nothing else could run
+        self.deferred_rows = 0  # running sequences that sat a step out for a swap-out's blocks
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found cached (either tier)
         self.prefix_hits_cpu = 0  # of which served from the CPU tier
@@ -186,6 +189,7 @@ class Scheduler:
         out = self._plan()
         if not out.scheduled and self.swapper and self.swapper.in_flight:
             # nothing can run until a copy lands: wait for the oldest rather than spin
+            self.copy_waits += 1
             self._requeue(self.swapper.land(next(iter(self.swapper.in_flight))))
             self.poll()
             again = self._plan()
@@ -245,15 +249,28 @@ class Scheduler:
             return SchedulerOutput(steady, ())
         queue = deque(ordered)
         starved = False  # a running sequence lacked blocks: admit nobody this step
+        claimed = 0  # of the blocks ``_spare`` counts, those deferred sequences wait for
         while queue and budget > 0:
             seq = queue.popleft()
             item = self._grow(seq, budget)
-            while item is None and queue:
+            while (
+                item is None and queue and self._new_blocks(seq, budget) > self._spare() - claimed
+            ):
                 victim = queue.pop()  # last in policy order
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 starved = True
                 item = self._grow(seq, budget)
+            if item is None and (need := self._new_blocks(seq, budget)) <= self._spare() - claimed:
+                # a victim's copy in flight will free the blocks it lacks: it sits this step
+                # out, neither preempting another request nor stalling the batch on the copy
+                # (an asynchronous swap-out holds its device blocks until the copy lands;
+                # preempting on until the pool had room swapped several requests out a step:
+                # 271 swaps on an H100 where 16 make the room)
+                claimed += need
+                self.deferred_rows += 1
+                starved = True
+                continue
             if item is None:
                 self._preempt(seq)
                 preempted.append(seq.request_id)
@@ -311,6 +328,16 @@ class Scheduler:
                 return None
             seq.block_ids += self.pool.allocate(need)
         return ScheduledSeq(seq, n)
+
+    def _new_blocks(self, seq: Sequence, budget: int) -> int:
+        """Blocks a running sequence's next chunk needs beyond those it holds (``_grow``)."""
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        return -(-(seq.num_computed + n) // self.block_size) - len(seq.block_ids)
+
+    def _spare(self) -> int:
+        """Device blocks allocatable now or once the swap-outs in flight land."""
+        freeing = self.swapper.freeing_blocks() if self.swapper else 0
+        return self.pool.num_available + freeing
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         hits: list[int] = []
@@ -372,7 +399,7 @@ class Scheduler:
         self.recompute_preemptions += 1
 
     def _swap_out(self, seq: Sequence) -> bool:
-        if self.swapper is None or not self.swapper.swap_out(seq):
+        if self.swapper is None or not self.swapper.swap_out(seq, len(self.running)):
             return False
         seq.status = SeqStatus.SWAPPED_OUT
         self.poll()  # a synchronous copy has landed already

@@ -13,10 +13,12 @@ stay cached there, ready for the next swap or a prefix hit).
             -land-> RUNNING
 
 Whether to swap or recompute is ``prefer_swap``: bytes to move vs tokens to recompute, at the
-copy rate and the prefill rate, each measured unless configured. The copy rate starts from a
-probe (a few blocks each way into scratch buffers, timed) and follows every swap's copy time
-(``CopyHandle.wait``, the copy alone, not its wait for the batch), as the prefill rate follows
-big steps; the rule assumed 8 GB/s before and picked swap where the copies ran far slower.
+copy rate and the prefill rate, each measured unless configured, times the requests each
+delays (an overlapped copy delays its victim only; a prefill, every running request). The
+copy rate starts from a probe (a few blocks each way into scratch buffers, timed) and follows
+every swap's copy time (``CopyHandle.wait``, the copy alone, not its wait for the batch), as
+the prefill rate follows big steps; the rule assumed 8 GB/s before and picked swap where the
+copies ran far slower.
 """
 
 from __future__ import annotations
@@ -36,11 +38,20 @@ PROBE_BLOCKS = 8
 
 
 def prefer_swap(
-    copy_bytes: int, recompute_tokens: int, bytes_per_s: float, tokens_per_s: float
+    copy_bytes: int,
+    recompute_tokens: int,
+    bytes_per_s: float,
+    tokens_per_s: float,
+    delayed: int = 1,
 ) -> bool:
-    """Swap when moving ``copy_bytes`` out and back costs less time than recomputing
-    ``recompute_tokens`` of prefill. Both rates are positive (config or measured)."""
-    return 2 * copy_bytes / bytes_per_s <= recompute_tokens / tokens_per_s
+    """Swap when moving ``copy_bytes`` out and back delays requests less than recomputing
+    ``recompute_tokens`` of prefill. Both rates are positive (config or measured).
+
+    ``delayed``: the requests a recompute delays for each one a swap delays. 1 when copies run
+    inline (they stall the batch as the prefill does); with copies overlapped with compute the
+    round trip delays only its victim, while the prefill runs in the steps of every running
+    request, so the caller passes the batch."""
+    return 2 * copy_bytes / bytes_per_s <= delayed * recompute_tokens / tokens_per_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,17 +112,23 @@ class Swapper:
         hit = self.tier.pool.lookup([h]) if h is not None else []
         return hit[0] if hit else None
 
-    def swap_out(self, seq: Sequence) -> bool:
+    def swap_out(self, seq: Sequence, running: int = 0) -> bool:
         """Swap a running sequence (already off the running queue) out, if the mode and the
-        cost rule say so and the CPU pool has room; False: the caller recomputes."""
+        cost rule say so and the CPU pool has room; False: the caller recomputes.
+        ``running``: the sequences still running, whose steps a recompute would delay."""
         if self.mode == "recompute" or not seq.block_ids:
             return False
         pool = self.tier.pool
         hits = [self._cpu_hit(b) for b in seq.block_ids]
         copy = sum(h is None for h in hits)
         revived = sum(1 for h in hits if h is not None and pool.ref_count(h) == 0)
+        delayed = running + 1 if self.tier.copier.is_async else 1
         if self.mode == "auto" and not prefer_swap(
-            copy * self.tier.block_bytes, seq.num_computed, self.bytes_per_s, self.tokens_per_s
+            copy * self.tier.block_bytes,
+            seq.num_computed,
+            self.bytes_per_s,
+            self.tokens_per_s,
+            delayed,
         ):
             return False
         if not pool.can_allocate(copy + revived):
