@@ -196,6 +196,11 @@ class RemoteBackend:
             with contextlib.suppress(Exception):
                 ray.cancel(stream)
 
+    @property
+    def open_streams(self) -> int:
+        """Requests whose events the reader still routes (their streams have not ended)."""
+        return len(self._inboxes)
+
     async def close(self) -> None:
         """Stop reading the event stream (the frontends are stopping)."""
         if self._reader is not None:

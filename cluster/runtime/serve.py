@@ -154,7 +154,8 @@ class Cluster:
         return dict(self.call("integrity"))
 
     def check_state(self) -> dict[str, int]:
-        """The controller's registry and request table, checked (raises when broken)."""
+        """The controller's registry and request table, checked (raises when broken), and what
+        its event path holds (``Controller.check_state``)."""
         return dict(self.call("check_state"))
 
     def counters(self) -> dict[str, Any]:
