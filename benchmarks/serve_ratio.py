@@ -26,7 +26,10 @@ served / offline decode-window tok/s. ITL = gap between a request's consecutive 
 (a chunk of k tokens counts k tokens of gap / k). Checks: the clients received N*T tokens; the
 worker's engine counters moved by what the offline engine's did (decode and prompt tokens),
 read from its heartbeats (multiturn_bench's ``settled_stats``). One warm-up round (T=16) per
-batch on each side first (CUDA graphs, allocator).
+batch on each side first (CUDA graphs, allocator). Per served rep also, to find which process
+sets the rate and whether one grows from rep to rep: tokens per gRPC chunk, the Ray objects of
+the controller's event stream, and the CPU time per token and resident memory of each process
+of the path (worker, controller actor, driver, clients; serve_path_bench's figures).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import ray
 import torch
 
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
@@ -210,6 +214,38 @@ def stream_load(
     return asyncio.run(_streams(port, batch, max_tokens))
 
 
+def path_pids(cluster: Cluster, pool: Any) -> dict[str, int]:
+    """The processes of the served path: its one worker, the controller actor, the driver
+    (frontends, this process) and the clients' (``pool``'s one process)."""
+    [wid] = cluster.workers()
+    return {
+        "worker": cluster.call("worker_pid", wid),
+        "controller": ray.get(cluster.controller.__ray_call__.remote(lambda _: os.getpid())),
+        "driver": os.getpid(),
+        "client": pool.apply(os.getpid),
+    }
+
+
+def cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) each process has spent so far (Linux /proc:
+    no psutil on the GPU machine)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        # fields after the command's closing parenthesis: utime and stime are the 12th and 13th
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def rss_mb(pids: dict[str, int]) -> dict[str, int]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    return {
+        name: int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page >> 20
+        for name, pid in pids.items()
+    }
+
+
 def served(
     args: argparse.Namespace, cfg: ServeConfig, pool: Any
 ) -> tuple[dict[int, list[dict[str, Any]]], dict[str, str]]:
@@ -217,14 +253,18 @@ def served(
     with Cluster.start(cfg) as cluster:
         devices = cluster.call("worker_devices")
         port = cluster.ports["grpc_port"]
+        pids = path_pids(cluster, pool)
         for n in args.batches:
             pool.apply(stream_load, (port, prompts(n, args.prompt, seed=n), 16))  # warm-up
             out[n] = []
             for r in range(args.reps):
-                before = settled_stats(cluster)
+                before, c0 = settled_stats(cluster), cpu_s(pids)
+                objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
                 arrivals, t0, usage = pool.apply(
                     stream_load, (port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens)
                 )
+                c1 = cpu_s(pids)
+                objects = (cluster.frontends.event_batches() if cluster.frontends else 0) - objects0
                 moved = stats_delta(settled_stats(cluster), before)
                 row = summary(window(arrivals, t0))
                 row["usage_tokens"] = sum(usage)
@@ -232,8 +272,20 @@ def served(
                 row["engine"] = {
                     k: d[k] for k in ("decode_tokens_computed", "prompt_tokens_computed")
                 }
+                # where the path's time goes (the slowest process sets the rate) and whether
+                # a process grows from rep to rep
+                row["tokens_per_chunk"] = row["tokens"] / sum(len(a) for a in arrivals)
+                row["stream_objects"] = objects
+                row["cpu_us_per_token"] = {p: 1e6 * (c1[p] - c0[p]) / row["tokens"] for p in pids}
+                row["rss_mb"] = rss_mb(pids)
                 out[n].append(row)
                 print(f"served N={n} rep {r}: {brief(row)}", flush=True)
+                cpu = " ".join(f"{p} {v:.1f}" for p, v in row["cpu_us_per_token"].items())
+                print(
+                    f"  {row['tokens_per_chunk']:.2f} tokens/chunk, {objects} stream objects; "
+                    f"CPU us/token: {cpu}; RSS MB {row['rss_mb']}",
+                    flush=True,
+                )
         assert not cluster.call("debug_flights"), "requests left in flight"
     return out, devices
 
