@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
     vocab = SHAPES["micro"]["vocab_size"]
     rows = []
     with Cluster.start(serve_config(args)) as cluster:
-        pids = path_pids(cluster, pool)
+        pids = path_pids(cluster, [pool])
         for n in args.batches:
             pool.apply(stream_load, (cluster.ports["grpc_port"], prompts(n, 8, n, vocab), 16))
             for r in range(args.reps):

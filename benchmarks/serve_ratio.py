@@ -3,7 +3,7 @@ the GPU, one colocated worker owning the GPU: output tokens/s at saturation >= 0
 engine at the same batch").
 
     python benchmarks/serve_ratio.py --tokenizer DIR [--device cuda --shape 1b --dtype bfloat16]
-        [--batches 32 128 --prompt 128 --max-tokens 256 --reps 3] [--out DIR]
+        [--batches 32 128 --prompt 128 --max-tokens 256 --reps 3 --clients K] [--out DIR]
 
 The model is gpu_serve.py's random-weight Llama (``make_model``, same shapes and tokenizer).
 For each batch N, each side runs N requests of P random prompt tokens, greedy, ``ignore_eos``,
@@ -15,8 +15,8 @@ For each batch N, each side runs N requests of P random prompt tokens, greedy, `
   device; N concurrent streams through the public gRPC API (``AsyncClient.generate_stream``,
   our own client: its chunks carry token ids, so every token is counted and timed exactly,
   where the OpenAI HTTP stream gives text only), from a separate process so that the clients do
-  not share the driver's interpreter with the frontends; a token's time is when its chunk
-  reaches the client.
+  not share the driver's interpreter with the frontends (``--clients K``: the streams split over
+  K processes); a token's time is when its chunk reaches the client.
 
 Timed, on both sides from the same per-token times (``window``): **e2e** = N*T / (last token -
 submission), prefill included; **decode window** = tokens timed after every request has its
@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -214,15 +216,39 @@ def stream_load(
     return asyncio.run(_streams(port, batch, max_tokens))
 
 
-def path_pids(cluster: Cluster, pool: Any) -> dict[str, int]:
+def spread_load(
+    pools: Sequence[Any], port: int, batch: list[list[int]], max_tokens: int
+) -> tuple[Arrivals, float, list[int]]:
+    """``stream_load`` with the batch split into contiguous parts, one a client process, run
+    at once; arrivals and usage in the batch's order, t0 the earliest submission (perf_counter
+    is the system's monotonic clock, the same in every process)."""
+    k = len(pools)
+    parts = [batch[i * len(batch) // k : (i + 1) * len(batch) // k] for i in range(k)]
+    runs = [
+        pool.apply_async(stream_load, (port, part, max_tokens))
+        for pool, part in zip(pools, parts, strict=True)
+    ]
+    done = [run.get() for run in runs]
+    arrivals = [req for a, _, _ in done for req in a]
+    usage = [u for _, _, us in done for u in us]
+    return arrivals, min(t0 for _, t0, _ in done), usage
+
+
+def path_pids(cluster: Cluster, pools: Sequence[Any]) -> dict[str, int]:
     """The processes of the served path: its one worker, the controller actor, the driver
-    (frontends, this process) and the clients' (``pool``'s one process)."""
+    (frontends, this process) and the clients' (each pool's one process: ``client``, or
+    ``client0``, ``client1``, ... when there are several)."""
     [wid] = cluster.workers()
+    clients = [pool.apply(os.getpid) for pool in pools]
     return {
         "worker": cluster.call("worker_pid", wid),
         "controller": ray.get(cluster.controller.__ray_call__.remote(lambda _: os.getpid())),
         "driver": os.getpid(),
-        "client": pool.apply(os.getpid),
+        **(
+            {"client": clients[0]}
+            if len(clients) == 1
+            else {f"client{i}": c for i, c in enumerate(clients)}
+        ),
     }
 
 
@@ -247,21 +273,21 @@ def rss_mb(pids: dict[str, int]) -> dict[str, int]:
 
 
 def served(
-    args: argparse.Namespace, cfg: ServeConfig, pool: Any
+    args: argparse.Namespace, cfg: ServeConfig, pools: Sequence[Any]
 ) -> tuple[dict[int, list[dict[str, Any]]], dict[str, str]]:
     out: dict[int, list[dict[str, Any]]] = {}
     with Cluster.start(cfg) as cluster:
         devices = cluster.call("worker_devices")
         port = cluster.ports["grpc_port"]
-        pids = path_pids(cluster, pool)
+        pids = path_pids(cluster, pools)
         for n in args.batches:
-            pool.apply(stream_load, (port, prompts(n, args.prompt, seed=n), 16))  # warm-up
+            spread_load(pools, port, prompts(n, args.prompt, seed=n), 16)  # warm-up
             out[n] = []
             for r in range(args.reps):
                 before, c0 = settled_stats(cluster), cpu_s(pids)
                 objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
-                arrivals, t0, usage = pool.apply(
-                    stream_load, (port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens)
+                arrivals, t0, usage = spread_load(
+                    pools, port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens
                 )
                 c1 = cpu_s(pids)
                 objects = (cluster.frontends.event_batches() if cluster.frontends else 0) - objects0
@@ -386,6 +412,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="default: 4 cuda, 0.25 cpu")
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="client processes the served side's streams are split over (one Python gRPC "
+        "client receiving ~50k tokens/s may itself set the rate)",
+    )
     args = ap.parse_args()
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
@@ -402,9 +435,11 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     cfg = serve_config(args)
     off = offline(args, cfg)
-    # the clients' process, started before Ray so that it forks nothing of it
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        srv, devices = served(args, cfg, pool)
+    # the clients' processes, started before Ray so that they fork nothing of it
+    with contextlib.ExitStack() as stack:
+        spawn = multiprocessing.get_context("spawn")
+        pools = [stack.enter_context(spawn.Pool(1)) for _ in range(args.clients)]
+        srv, devices = served(args, cfg, pools)
     rows, medians, ok = report(args, off, srv)
     print(f"worker devices: {devices}; load average at end: {os.getloadavg()}", flush=True)
     result = {
