@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import multiprocessing
@@ -53,7 +54,7 @@ import torch
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
 from kvrelay.benchmarks.multiturn_bench import settled_stats, stats_delta
 from kvrelay.benchmarks.pd_bench import pct
-from kvrelay.cluster.runtime.actors import worker_engine_config
+from kvrelay.cluster.runtime.actors import freeze_heap, worker_engine_config
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.llm import LLM
@@ -163,6 +164,7 @@ def offline(args: argparse.Namespace, cfg: ServeConfig) -> dict[int, list[dict[s
         device=args.device,
         threads=cfg.threads_per_worker,
     )
+    freeze_heap()  # as a served worker does once its engine is up
     out: dict[int, list[dict[str, Any]]] = {}
     for n in args.batches:
         offline_run(llm, prompts(n, args.prompt, seed=n), 16)  # warm-up
@@ -179,6 +181,8 @@ def offline(args: argparse.Namespace, cfg: ServeConfig) -> dict[int, list[dict[s
             out[n].append(row)
             print(f"offline N={n} rep {r}: {brief(row)}", flush=True)
     del llm
+    gc.unfreeze()  # the engine's objects in cycles, frozen above, go too (its device memory)
+    gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -212,7 +216,9 @@ async def _streams(
 def stream_load(
     port: int, batch: list[list[int]], max_tokens: int
 ) -> tuple[Arrivals, float, list[int]]:
-    """N concurrent gRPC streams, run in the client process."""
+    """N concurrent gRPC streams, run in the client process (its heap frozen first, as the
+    cluster's processes freeze theirs: a full collection there would stall the arrivals)."""
+    freeze_heap()
     return asyncio.run(_streams(port, batch, max_tokens))
 
 
