@@ -74,6 +74,10 @@ make_model(Path('/tmp/kvrelay-1b-fp32'), Path('$TOK'), torch.float32, '1b', 'cud
     serve_ratio) run serve_ratio 180 python3 benchmarks/serve_ratio.py --tokenizer "$TOK" \
         --device cuda --shape 1b --dtype bfloat16 --batches 32 128 --prompt 128 --max-tokens 256 \
         --reps 3 --out "$RES" ;;
+    serve_ratio_clients) mkdir -p "$RES/clients" && run serve_ratio_clients 150 python3 \
+        benchmarks/serve_ratio.py --tokenizer "$TOK" --device cuda --shape 1b --dtype bfloat16 \
+        --batches 128 --prompt 128 --max-tokens 256 --reps 3 --clients "${CLIENTS:-4}" \
+        --out "$RES/clients" ;;
     semipd) run semipd 200 python3 benchmarks/gpu_serve.py --tokenizer "$TOK" --semi-pd \
         --out "$RES" ;;
     semipd_step)  # issue 16: the split rule answering a load step, window by window

@@ -32,12 +32,19 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import ray
 import torch
 
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
 from kvrelay.benchmarks.multiturn_bench import settled_stats, stats_delta
-from kvrelay.benchmarks.serve_ratio import prompts, serve_config, stream_load, summary, window
+from kvrelay.benchmarks.serve_ratio import (
+    cpu_s,
+    path_pids,
+    prompts,
+    serve_config,
+    stream_load,
+    summary,
+    window,
+)
 from kvrelay.cluster.runtime.serve import Cluster
 
 PROCS = ("worker", "controller", "driver", "client")
@@ -61,14 +68,6 @@ def clean_outputs(model_dir: Path) -> Path:
     emb[bad] = 0.0
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
     return model_dir
-
-
-def cpu_s(pids: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, pid in pids.items():
-        t = psutil.Process(pid).cpu_times()
-        out[name] = t.user + t.system
-    return out
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -100,13 +99,7 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
     vocab = SHAPES["micro"]["vocab_size"]
     rows = []
     with Cluster.start(serve_config(args)) as cluster:
-        [wid] = cluster.workers()
-        pids = {
-            "worker": cluster.call("worker_pid", wid),
-            "controller": ray.get(cluster.controller.__ray_call__.remote(lambda _: os.getpid())),
-            "driver": os.getpid(),
-            "client": pool.apply(os.getpid),
-        }
+        pids = path_pids(cluster, [pool])
         for n in args.batches:
             pool.apply(stream_load, (cluster.ports["grpc_port"], prompts(n, 8, n, vocab), 16))
             for r in range(args.reps):

@@ -3,7 +3,7 @@ the GPU, one colocated worker owning the GPU: output tokens/s at saturation >= 0
 engine at the same batch").
 
     python benchmarks/serve_ratio.py --tokenizer DIR [--device cuda --shape 1b --dtype bfloat16]
-        [--batches 32 128 --prompt 128 --max-tokens 256 --reps 3] [--out DIR]
+        [--batches 32 128 --prompt 128 --max-tokens 256 --reps 3 --clients K] [--out DIR]
 
 The model is gpu_serve.py's random-weight Llama (``make_model``, same shapes and tokenizer).
 For each batch N, each side runs N requests of P random prompt tokens, greedy, ``ignore_eos``,
@@ -15,8 +15,8 @@ For each batch N, each side runs N requests of P random prompt tokens, greedy, `
   device; N concurrent streams through the public gRPC API (``AsyncClient.generate_stream``,
   our own client: its chunks carry token ids, so every token is counted and timed exactly,
   where the OpenAI HTTP stream gives text only), from a separate process so that the clients do
-  not share the driver's interpreter with the frontends; a token's time is when its chunk
-  reaches the client.
+  not share the driver's interpreter with the frontends (``--clients K``: the streams split over
+  K processes); a token's time is when its chunk reaches the client.
 
 Timed, on both sides from the same per-token times (``window``): **e2e** = N*T / (last token -
 submission), prefill included; **decode window** = tokens timed after every request has its
@@ -26,28 +26,35 @@ served / offline decode-window tok/s. ITL = gap between a request's consecutive 
 (a chunk of k tokens counts k tokens of gap / k). Checks: the clients received N*T tokens; the
 worker's engine counters moved by what the offline engine's did (decode and prompt tokens),
 read from its heartbeats (multiturn_bench's ``settled_stats``). One warm-up round (T=16) per
-batch on each side first (CUDA graphs, allocator).
+batch on each side first (CUDA graphs, allocator). Per served rep also, to find which process
+sets the rate and whether one grows from rep to rep: tokens per gRPC chunk, the Ray objects of
+the controller's event stream, and the CPU time per token and resident memory of each process
+of the path (worker, controller actor, driver, clients; serve_path_bench's figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import itertools
 import json
 import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import ray
 import torch
 
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
 from kvrelay.benchmarks.multiturn_bench import settled_stats, stats_delta
 from kvrelay.benchmarks.pd_bench import pct
-from kvrelay.cluster.runtime.actors import worker_engine_config
+from kvrelay.cluster.runtime.actors import freeze_heap, worker_engine_config
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.llm import LLM
@@ -157,6 +164,7 @@ def offline(args: argparse.Namespace, cfg: ServeConfig) -> dict[int, list[dict[s
         device=args.device,
         threads=cfg.threads_per_worker,
     )
+    freeze_heap()  # as a served worker does once its engine is up
     out: dict[int, list[dict[str, Any]]] = {}
     for n in args.batches:
         offline_run(llm, prompts(n, args.prompt, seed=n), 16)  # warm-up
@@ -173,6 +181,8 @@ def offline(args: argparse.Namespace, cfg: ServeConfig) -> dict[int, list[dict[s
             out[n].append(row)
             print(f"offline N={n} rep {r}: {brief(row)}", flush=True)
     del llm
+    gc.unfreeze()  # the engine's objects in cycles, frozen above, go too (its device memory)
+    gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -206,25 +216,87 @@ async def _streams(
 def stream_load(
     port: int, batch: list[list[int]], max_tokens: int
 ) -> tuple[Arrivals, float, list[int]]:
-    """N concurrent gRPC streams, run in the client process."""
+    """N concurrent gRPC streams, run in the client process (its heap frozen first, as the
+    cluster's processes freeze theirs: a full collection there would stall the arrivals)."""
+    freeze_heap()
     return asyncio.run(_streams(port, batch, max_tokens))
 
 
+def spread_load(
+    pools: Sequence[Any], port: int, batch: list[list[int]], max_tokens: int
+) -> tuple[Arrivals, float, list[int]]:
+    """``stream_load`` with the batch split into contiguous parts, one a client process, run
+    at once; arrivals and usage in the batch's order, t0 the earliest submission (perf_counter
+    is the system's monotonic clock, the same in every process)."""
+    k = len(pools)
+    parts = [batch[i * len(batch) // k : (i + 1) * len(batch) // k] for i in range(k)]
+    runs = [
+        pool.apply_async(stream_load, (port, part, max_tokens))
+        for pool, part in zip(pools, parts, strict=True)
+    ]
+    done = [run.get() for run in runs]
+    arrivals = [req for a, _, _ in done for req in a]
+    usage = [u for _, _, us in done for u in us]
+    return arrivals, min(t0 for _, t0, _ in done), usage
+
+
+def path_pids(cluster: Cluster, pools: Sequence[Any]) -> dict[str, int]:
+    """The processes of the served path: its one worker, the controller actor, the driver
+    (frontends, this process) and the clients' (each pool's one process: ``client``, or
+    ``client0``, ``client1``, ... when there are several)."""
+    [wid] = cluster.workers()
+    clients = [pool.apply(os.getpid) for pool in pools]
+    return {
+        "worker": cluster.call("worker_pid", wid),
+        "controller": ray.get(cluster.controller.__ray_call__.remote(lambda _: os.getpid())),
+        "driver": os.getpid(),
+        **(
+            {"client": clients[0]}
+            if len(clients) == 1
+            else {f"client{i}": c for i, c in enumerate(clients)}
+        ),
+    }
+
+
+def cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) each process has spent so far (Linux /proc:
+    no psutil on the GPU machine)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        # fields after the command's closing parenthesis: utime and stime are the 12th and 13th
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def rss_mb(pids: dict[str, int]) -> dict[str, int]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    return {
+        name: int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page >> 20
+        for name, pid in pids.items()
+    }
+
+
 def served(
-    args: argparse.Namespace, cfg: ServeConfig, pool: Any
+    args: argparse.Namespace, cfg: ServeConfig, pools: Sequence[Any]
 ) -> tuple[dict[int, list[dict[str, Any]]], dict[str, str]]:
     out: dict[int, list[dict[str, Any]]] = {}
     with Cluster.start(cfg) as cluster:
         devices = cluster.call("worker_devices")
         port = cluster.ports["grpc_port"]
+        pids = path_pids(cluster, pools)
         for n in args.batches:
-            pool.apply(stream_load, (port, prompts(n, args.prompt, seed=n), 16))  # warm-up
+            spread_load(pools, port, prompts(n, args.prompt, seed=n), 16)  # warm-up
             out[n] = []
             for r in range(args.reps):
-                before = settled_stats(cluster)
-                arrivals, t0, usage = pool.apply(
-                    stream_load, (port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens)
+                before, c0 = settled_stats(cluster), cpu_s(pids)
+                objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
+                arrivals, t0, usage = spread_load(
+                    pools, port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens
                 )
+                c1 = cpu_s(pids)
+                objects = (cluster.frontends.event_batches() if cluster.frontends else 0) - objects0
                 moved = stats_delta(settled_stats(cluster), before)
                 row = summary(window(arrivals, t0))
                 row["usage_tokens"] = sum(usage)
@@ -232,8 +304,20 @@ def served(
                 row["engine"] = {
                     k: d[k] for k in ("decode_tokens_computed", "prompt_tokens_computed")
                 }
+                # where the path's time goes (the slowest process sets the rate) and whether
+                # a process grows from rep to rep
+                row["tokens_per_chunk"] = row["tokens"] / sum(len(a) for a in arrivals)
+                row["stream_objects"] = objects
+                row["cpu_us_per_token"] = {p: 1e6 * (c1[p] - c0[p]) / row["tokens"] for p in pids}
+                row["rss_mb"] = rss_mb(pids)
                 out[n].append(row)
                 print(f"served N={n} rep {r}: {brief(row)}", flush=True)
+                cpu = " ".join(f"{p} {v:.1f}" for p, v in row["cpu_us_per_token"].items())
+                print(
+                    f"  {row['tokens_per_chunk']:.2f} tokens/chunk, {objects} stream objects; "
+                    f"CPU us/token: {cpu}; RSS MB {row['rss_mb']}",
+                    flush=True,
+                )
         assert not cluster.call("debug_flights"), "requests left in flight"
     return out, devices
 
@@ -334,6 +418,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="default: 4 cuda, 0.25 cpu")
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="client processes the served side's streams are split over (one Python gRPC "
+        "client receiving ~50k tokens/s may itself set the rate)",
+    )
     args = ap.parse_args()
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
@@ -350,9 +441,11 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     cfg = serve_config(args)
     off = offline(args, cfg)
-    # the clients' process, started before Ray so that it forks nothing of it
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        srv, devices = served(args, cfg, pool)
+    # the clients' processes, started before Ray so that they fork nothing of it
+    with contextlib.ExitStack() as stack:
+        spawn = multiprocessing.get_context("spawn")
+        pools = [stack.enter_context(spawn.Pool(1)) for _ in range(args.clients)]
+        srv, devices = served(args, cfg, pools)
     rows, medians, ok = report(args, off, srv)
     print(f"worker devices: {devices}; load average at end: {os.getloadavg()}", flush=True)
     result = {

@@ -458,7 +458,13 @@ class Controller:
         return await self.admin.integrity()
 
     async def check_state(self) -> dict[str, int]:
-        return await self.admin.check_state()
+        """The request table's figures (``admin.check_state``), and what the event path holds:
+        requests with a pump, events waiting in the streams' outboxes, deliveries held back
+        for an earlier one. All zero once every request has ended and its events were read."""
+        figures = await self.admin.check_state()
+        figures["pumps"], figures["outbox_items"] = self.streams.held()
+        figures["early_deliveries"] = sum(map(self._event_order.waiting, self.state.workers))
+        return figures
 
     async def worker_infos(self) -> dict[str, dict[str, Any]]:
         return await self.admin.worker_infos()

@@ -73,6 +73,10 @@ class EventStreams:
         entry[1].cancel()  # run_request's ``finally`` aborts the request everywhere
         return True
 
+    def held(self) -> tuple[int, int]:
+        """(requests with a pump, items waiting in the outboxes): both 0 when idle and read."""
+        return len(self._pumps), sum(box.qsize() for box in self._outboxes.values())
+
     def _forget(self, request_id: str, task: asyncio.Task[None]) -> None:
         if self._pumps.get(request_id, (None, None))[1] is task:
             del self._pumps[request_id]

@@ -159,6 +159,10 @@ class DriverFrontends:
         handle = self.frontends.handle if self.frontends is not None else None
         return handle.core.in_flight if handle is not None else 0
 
+    def backend_streams(self) -> int:
+        """Requests whose events the backend still routes to a frontend (``open_streams``)."""
+        return self.frontends.backend.open_streams if self.frontends is not None else 0
+
     def event_batches(self) -> int:
         """Ray objects the controller's event stream has brought so far (benchmarks)."""
         return self.frontends.backend.batches_received if self.frontends is not None else 0

@@ -5,12 +5,13 @@ driver process (``kvrelay serve``), outside the controller.
                 the events of all its requests: each item is everything ready when the
                 controller's side woke, ``[(request_id, events or error), ...]`` (its events
                 pickled by the controller, ``streams.pack``), so Ray objects per second follow
-                decode steps, not requests x tokens. A reader task hands each
-                request's events to its own queue; the request's stream takes all its queue
-                holds when it wakes, as one event (``merge_events``), so a frontend that falls
-                behind sends fewer, longer chunks. A request starts with ``start_request``;
-                a stream closed early sends ``stop_request``, which aborts the request and
-                frees its blocks.
+                decode steps, not requests x tokens. A reader task hands each request's events
+                to its own queue, after taking every object already there (a reader that fell
+                behind wakes each stream once for all of them); the request's stream takes all
+                its queue holds when it wakes, as one event (``merge_events``), so a frontend
+                that falls behind sends fewer, longer chunks. A request starts with
+                ``start_request``; a stream closed early sends ``stop_request``, which aborts
+                the request and frees its blocks.
     errors:     an ``ApiError`` the controller raises arrives as itself (UNAVAILABLE, 400, ...)
     controller gone (RayActorError, ActorUnavailableError):
                 every call, and every stream in flight, raises UNAVAILABLE with a Retry-After;
@@ -175,11 +176,18 @@ class RemoteBackend:
                     ref = await self._unless_gone(stream.__anext__())
                 except StopAsyncIteration:
                     raise self._unavailable("the controller closed the event stream") from None
+                items = unpack(await self._unless_gone(ref))
                 self.batches_received += 1
-                for rid, item in unpack(await self._unless_gone(ref)):
-                    inbox = self._inboxes.get(rid)
-                    if inbox is not None:  # else its client went away
-                        inbox.put_nowait(item)
+                try:  # objects that came while this loop was busy are taken now, before any
+                    # request's stream wakes: each stream sends their tokens as one chunk
+                    while stream.next_ready():
+                        items += unpack(ray.get(next(stream)))
+                        self.batches_received += 1
+                finally:  # an error in a later object goes after the events before it
+                    for rid, item in items:
+                        inbox = self._inboxes.get(rid)
+                        if inbox is not None:  # else its client went away
+                            inbox.put_nowait(item)
         except (RayActorError, ActorUnavailableError, RayTaskError, ApiError) as exc:
             err = self._translate(exc) if not isinstance(exc, ApiError) else exc
             for inbox in self._inboxes.values():  # every request in flight ends with it
@@ -187,6 +195,11 @@ class RemoteBackend:
         finally:
             with contextlib.suppress(Exception):
                 ray.cancel(stream)
+
+    @property
+    def open_streams(self) -> int:
+        """Requests whose events the reader still routes (their streams have not ended)."""
+        return len(self._inboxes)
 
     async def close(self) -> None:
         """Stop reading the event stream (the frontends are stopping)."""

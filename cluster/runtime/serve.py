@@ -16,6 +16,7 @@ token are used as they are.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import threading
@@ -74,7 +75,7 @@ class Cluster:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         imported.join()
-        from kvrelay.cluster.runtime.actors import ControllerActor
+        from kvrelay.cluster.runtime.actors import ControllerActor, freeze_heap
 
         if cfg.address is not None:  # joining: rendezvous and workers on routable addresses
             cfg = cfg.model_copy(update={"transport_host": cfg.transport_host or "auto",
@@ -105,6 +106,7 @@ class Cluster:
             if frontends is not None:
                 frontends.close()
             raise
+        freeze_heap()  # the driver's frontends are up
         return cls(cfg, controller, ports, owns, frontends)
 
     # ---- requests ------------------------------------------------------------------------
@@ -154,7 +156,8 @@ class Cluster:
         return dict(self.call("integrity"))
 
     def check_state(self) -> dict[str, int]:
-        """The controller's registry and request table, checked (raises when broken)."""
+        """The controller's registry and request table, checked (raises when broken), and what
+        its event path holds (``Controller.check_state``)."""
         return dict(self.call("check_state"))
 
     def counters(self) -> dict[str, Any]:
@@ -178,6 +181,7 @@ class Cluster:
         ray.kill(self.controller)
         if self._owns_ray:
             ray.shutdown()
+        gc.unfreeze()  # what ``start`` froze can be collected again (at exit too)
 
     def __enter__(self) -> Cluster:
         return self

@@ -509,6 +509,58 @@ def assert_keys_never_logged() -> None:
         assert USER_KEY.encode() not in data and ADMIN_KEY.encode() not in data, f
 
 
+# -- repeated rounds: nothing of a round stays behind on the served path ---------------------------
+ROUNDS, ROUND_TOKENS = 4, 48
+
+
+def gc_objects() -> int:
+    import gc
+
+    gc.collect()
+    return len(gc.get_objects())
+
+
+def test_rounds_of_streams_leave_nothing_behind(live: Live) -> None:
+    """Rounds of MAX_STREAMS concurrent gRPC streams (serve_ratio's load, small): after each,
+    the workers' pools, the controller's request table and event path (pumps, outbox items,
+    deliveries held back) and the driver's frontends and backend hold nothing, and from the
+    second round on neither the controller's nor the driver's heap grows with the tokens
+    streamed (a leak of anything per token, or per request, that slows later rounds)."""
+    import ray
+
+    cluster = live.cluster
+    frontends = cluster.frontends
+    assert frontends is not None
+
+    async def round_() -> list[int]:
+        async with AsyncClient(live.grpc_target, api_key=USER_KEY, root_cert=live.cert) as c:
+
+            async def one(i: int) -> int:
+                got = 0
+                async for ch in c.generate_stream(
+                    f"Round stream {i}:", max_tokens=ROUND_TOKENS, ignore_eos=True, timeout=150
+                ):
+                    got += len(ch.token_ids)
+                return got
+
+            return await asyncio.gather(*(one(i) for i in range(MAX_STREAMS)))
+
+    heaps = []
+    for _ in range(ROUNDS):
+        assert asyncio.run(round_()) == [ROUND_TOKENS] * MAX_STREAMS
+        assert_no_leak(live)
+        state = cluster.check_state()
+        assert state["flights"] == state["assigned"] == 0, state
+        assert state["pumps"] == state["outbox_items"] == state["early_deliveries"] == 0, state
+        assert frontends.streams() == frontends.backend_streams() == 0
+        heaps.append(
+            (ray.get(cluster.controller.__ray_call__.remote(lambda _: gc_objects())), gc_objects())
+        )
+    tokens = (ROUNDS - 2) * MAX_STREAMS * ROUND_TOKENS  # streamed after the second round
+    (ctl0, drv0), (ctl1, drv1) = heaps[1], heaps[-1]
+    assert ctl1 - ctl0 < tokens and drv1 - drv0 < tokens, heaps
+
+
 # -- bounded load: 200 concurrent streams, mixed gRPC + SSE ---------------------------------------
 STREAMS, LOAD_TOKENS = 200, 8
 
