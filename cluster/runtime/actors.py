@@ -161,6 +161,8 @@ SemiPDWorkerActor = ray.remote(SemiPDNoticeWorker)
 class ControllerActor(Controller):
     def __init__(self, cfg: ServeConfig) -> None:
         config, tokenizer, model_id = load_tokenizer(cfg.model)
+        if tokenizer.byte_pieces is None:  # built now (~0.2 s), not on the first request
+            log.info("the tokenizer's decoder is not byte-level: detokenizing by windows")
         info = ModelInfo(model_id, config.max_context, config.vocab_size, config.eos_token_ids)
         routing = RoutingConfig(
             router=cfg.router,

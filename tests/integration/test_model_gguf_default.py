@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from kvrelay.workers.model.loader import load_model
+from kvrelay.workers.model.output import RequestText
+from kvrelay.workers.model.source import load_tokenizer
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,31 @@ def test_default_tokenizer_matches_transformers(
     assert ids == hf_gguf_tokenizer.encode(text)
     for skip in (True, False):
         assert ours.decode(ids, skip) == hf_gguf_tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_default_tokenizer_streams_text_from_byte_pieces(
+    default_gguf_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served path's detokenizer decodes SmolLM2's byte pieces, no decode call a token: its
+    text is the full decode's (special tokens skipped) for real text and for random ids (split
+    characters, byte tokens that never complete one, special tokens)."""
+    _, tok, _ = load_tokenizer(default_gguf_export)
+    pieces = tok.byte_pieces
+    assert pieces is not None and len(pieces) == tok.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    streams = [tok.encode(text, add_special_tokens=False) for text in TEXTS]
+    streams += [torch.randint(0, tok.vocab_size, (64,), generator=gen).tolist() for _ in range(50)]
+    streams.append([i for i in range(tok.vocab_size) if b"\xff" in pieces[i] or i < 20])
+    prompt = tok.encode("Zürich 日")
+    decoded: list[int] = []
+    monkeypatch.setattr(tok, "decode", lambda ids: decoded.append(len(ids)) or "")
+    for ids in streams:
+        text = RequestText(tok, SamplingParams(max_tokens=len(ids)), prompt)
+        for n, t in enumerate(ids, 1):
+            reason = FinishReason.LENGTH if n == len(ids) else None
+            text.process(TokenEvent("r", (t,), finish_reason=reason))
+        assert text.text == tok.backend.decode(ids, skip_special_tokens=True)
+    assert decoded == []  # the byte path: no decode call at all
 
 
 def test_default_chat_template_matches_transformers(

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvrelay.workers.model.detokenize import IncrementalDetokenizer
+from kvrelay.workers.model.tokenizer import Tokenizer
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 
 
 class RequestText:
-    def __init__(self, tokenizer: object, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+    def __init__(
+        self, tokenizer: object, params: SamplingParams, prompt_ids: Sequence[int]
+    ) -> None:
         decode = tokenizer.decode  # type: ignore[attr-defined]
-        self.detok = IncrementalDetokenizer(decode, params.stop, prompt_ids=prompt_ids)
+        pieces = tokenizer.byte_pieces if isinstance(tokenizer, Tokenizer) else None
+        self.detok = IncrementalDetokenizer(decode, params.stop, prompt_ids, pieces)
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: FinishReason | None = None
@@ -27,7 +31,7 @@ class RequestText:
         if self.finish_reason is not None:
             return _with(event, (), "", event.finish_reason), False
         self.token_ids += event.token_ids
-        result = self.detok.push(list(event.token_ids))
+        result = self.detok.push(event.token_ids)
         delta = result.text_delta
         stop_hit = result.stop_hit and event.finish_reason is None
         reason = FinishReason.STOP if result.stop_hit else event.finish_reason

@@ -8,6 +8,7 @@ Satisfies ``kvrelay.cluster.api.backend.TokenizerLike``.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -20,6 +21,7 @@ import jinja2.sandbox
 import tokenizers
 
 from kvrelay.workers.model.config import ModelConfig, ModelLoadError
+from kvrelay.workers.model.tokenizer_gguf import byte_alphabet
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -84,6 +86,11 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
+    @functools.cached_property
+    def byte_pieces(self) -> tuple[bytes, ...] | None:
+        """``decode``'s bytes of each id (see ``byte_pieces``), built on first use (~0.2 s)."""
+        return byte_pieces(self.backend, skip_special_tokens=True)
+
     def render_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
     ) -> str:
@@ -139,6 +146,40 @@ class Tokenizer:
             eos_token_ids=[i for i in eos_ids if isinstance(i, int)],
             chat_template=_chat_template(folder, tok_config),
         )
+
+
+def byte_pieces(
+    backend: tokenizers.Tokenizer, skip_special_tokens: bool
+) -> tuple[bytes, ...] | None:
+    """Each id's bytes, such that ``backend.decode(ids, skip_special_tokens)`` is
+    ``b"".join(pieces[i] for i in ids).decode("utf-8", "replace")`` for every ids; None where
+    decode is not that.
+
+    A byte-level decoder (GPT-2's, alone) maps each token's characters back to bytes, joins them
+    and decodes the lot as UTF-8 with U+FFFD for what is invalid (Rust's ``from_utf8_lossy``,
+    which replaces maximal invalid subparts as Python's "replace" does); added tokens are their
+    text, skipped special ones nothing. So a piece is the id's decode where that is valid text
+    (checked: no U+FFFD), else its spelling's bytes (a token that ends or starts inside a
+    character), checked to decode as the id's decode does.
+    """
+    if type(backend.decoder) is not tokenizers.decoders.ByteLevel:
+        return None
+    n = backend.get_vocab_size(with_added_tokens=True)
+    texts = backend.decode_batch([[i] for i in range(n)], skip_special_tokens=skip_special_tokens)
+    byte_of = {c: b for b, c in byte_alphabet().items()}
+    pieces = []
+    for i, text in enumerate(texts):
+        if "\ufffd" not in text:
+            pieces.append(text.encode())
+            continue
+        spelling = backend.id_to_token(i) or ""
+        if not set(spelling) <= byte_of.keys():
+            return None  # a token outside the byte alphabet that is not valid text alone
+        piece = bytes(byte_of[c] for c in spelling)
+        if piece.decode("utf-8", "replace") != text:
+            return None
+        pieces.append(piece)
+    return tuple(pieces)
 
 
 def _first(config: ModelConfig) -> int | None:

@@ -35,7 +35,7 @@ _SPLITS = {
 }
 
 
-def _byte_alphabet() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map (byte-level BPE spells tokens with it)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     chars = list(printable)
@@ -74,7 +74,7 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str]) -> tuple[Tokenizer, 
     merges = meta.get("tokenizer.ggml.merges")
     if merges is None:
         raise ModelLoadError("GGUF metadata lacks tokenizer.ggml.merges")
-    spelling = _byte_alphabet()
+    spelling = byte_alphabet()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
