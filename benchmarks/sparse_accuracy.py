@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024, help="decode budget of the probes")
     ap.add_argument("--heads", default=None, help="calibrate-heads output (default: none)")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--text", type=int, default=0, help="which ShareGPT text (0: the first)")
     ap.add_argument("--skip-ppl", action="store_true", help="passkey only")
     ap.add_argument("--passkeys", type=int, nargs="+", default=[10, 10, 10], help="per length")
     ap.add_argument("--passkey-budgets", type=int, nargs="+", default=[4096, 1024])
@@ -272,12 +273,13 @@ def main() -> None:
 def ppl_row(
     loaded: LoadedModel, length: int, args: argparse.Namespace, mask: torch.Tensor | None
 ) -> dict[str, Any]:
-    """Perplexity, per-layer error and overlap on one ShareGPT text of ``length`` tokens."""
+    """Perplexity, per-layer error and overlap on one ShareGPT text of ``length`` tokens (the
+    ``--text``-th)."""
     cfg = SparseConfig(
         mode="both", budget=args.budget, heads_path=args.heads, reuse_steps=args.reuse_steps
     )
     dummy = torch.zeros(kv_cache_shape(loaded.config, 1, BS))
-    (ids,) = sharegpt_texts(loaded.tokenizer, 1, length)
+    ids = sharegpt_texts(loaded.tokenizer, args.text + 1, length)[args.text]
     dense_probe = Probe(cfg, dummy, mask, exact=True)
     dense_nll = nll_prefill(loaded, ids, dense_probe)
     sparse_nll = nll_prefill(loaded, ids, Probe(cfg, dummy, mask, exact=False))
