@@ -74,7 +74,7 @@ def test_switching_on_one_thread_pops_what_it_pushed(partition: GreenContextPart
     def run() -> None:
         for share in (25, 50, 100, 25):
             partition.enter(Lane.DECODE, share)
-            assert _stacks.stack == [partition._contexts[share]]  # one pushed at a time
+            assert _stacks.stack == [partition._contexts[Lane.DECODE, share]]  # one pushed at a time
 
     on_thread(run)
     assert partition.share(Lane.DECODE) == 25
