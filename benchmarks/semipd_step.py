@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from kvrelay.cluster.runtime.config import ServeConfig
     from kvrelay.cluster.runtime.serve import Cluster
+    from kvrelay.workers.semi_pd.worker import DEFAULT_SPLIT
 
     cfg = ServeConfig(model=args.model, device=args.device, dtype=args.dtype,
                       kv_cache_gb=args.kv_cache_gb, grpc_port=0, http_port=None,
@@ -135,6 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm.burst(time.perf_counter(), time.perf_counter() + 2 / args.burst_rate)
         for t in ws:
             t.join(300)
+        # the warm-up's first steps (Triton compiles, allocator growth) read as failed TTFTs
+        # and moved the split (the H200 run of 21:59 started its steady phase at 100/30):
+        # measure from the rule's home split
+        ray.get(actor.set_split.remote(DEFAULT_SPLIT))
         t0_wall, t0 = time.time(), time.perf_counter()
         load = Load(addr, args, t0)
         total = args.steady_s + args.burst_s + args.after_s

@@ -136,6 +136,52 @@ def test_lanes_at_equal_shares_do_not_share_a_stream() -> None:
     assert times[Lane.DECODE] < 0.25 * times[Lane.PREFILL]
 
 
+def test_lanes_never_get_each_others_freed_memory() -> None:
+    """A temporary that one lane frees while its kernels are still queued must not go to the
+    other lane: torch's caching allocator hands a freed block to the next allocation on the same
+    stream at once, so the lanes must be different streams to it. With ``set_context`` both were
+    torch's default stream (one ``CUDAStream`` for two contexts' queues), and a prefill burst of
+    24 long prompts a second on the H200 ended in an illegal memory access."""
+    part = GreenContextPartition(0, [100], Split(100, 100))
+    big = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(big)
+    n = 1 << 22
+    freed, allocated, drained = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def prefill() -> None:
+        part.enter(Lane.PREFILL, 100)
+        for _ in range(200):  # tens of ms queued
+            torch.mm(big, big, out=out)
+        tmp = torch.empty(n, device="cuda")
+        tmp.fill_(1.0)  # queued behind the GEMMs
+        seen["freed"] = tmp.data_ptr()
+        del tmp  # freed with its fill still queued: safe on this stream only
+        freed.set()
+        assert allocated.wait(120)
+        torch.cuda.current_stream().synchronize()  # the queued fill has run
+        drained.set()
+
+    def decode() -> None:
+        part.enter(Lane.DECODE, 100)
+        assert freed.wait(120)
+        x = torch.empty(n, device="cuda")
+        x.fill_(7.0)
+        seen["got"] = x.data_ptr()
+        allocated.set()
+        assert drained.wait(120)
+        torch.cuda.current_stream().synchronize()
+        seen["sevens"] = int((x == 7.0).sum())
+
+    threads = [threading.Thread(target=f) for f in (prefill, decode)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert seen["got"] != seen["freed"]  # the decode lane got other memory
+    assert seen["sevens"] == n  # and nothing of the prefill lane's landed in it
+
+
 class Sink:
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 from dataclasses import replace
 from itertools import pairwise
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -330,46 +328,3 @@ def test_tuner_counts_a_waiting_request_in_its_window() -> None:
     assert tuner.log[-1].samples == (0, 1)  # "short" left no decode gap behind
 
 
-class FakeGreenContext:
-    """Stands in for torch's: records the contexts made and the order they were pushed."""
-
-    made: list[FakeGreenContext] = []
-    pushed: list[FakeGreenContext] = []
-
-    def __init__(self, num_sms: int) -> None:
-        self.num_sms = num_sms
-
-    @classmethod
-    def create(cls, *, num_sms: int, device_id: int) -> FakeGreenContext:
-        cls.made.append(cls(num_sms))
-        return cls.made[-1]
-
-    def set_context(self) -> None:
-        FakeGreenContext.pushed.append(self)
-
-    def pop_context(self) -> None:
-        pass
-
-
-def test_each_lane_has_its_own_context_at_equal_shares(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two lanes at one share must not push one context: torch makes a green context's default
-    stream current, so they would run in one stream's issue order."""
-    import torch.cuda.green_contexts
-
-    from kvrelay.workers.semi_pd.sm_partition import GreenContextPartition
-
-    FakeGreenContext.made, FakeGreenContext.pushed = [], []
-    monkeypatch.setattr(torch.cuda.green_contexts, "GreenContext", FakeGreenContext)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(multi_processor_count=132)
-    )
-    part = GreenContextPartition(0, [50, 100], Split(100, 100))
-    assert sorted(c.num_sms for c in FakeGreenContext.made) == [66, 66, 132, 132]
-    for lane in Lane:  # each lane enters on its own thread, as the loops do
-        t = threading.Thread(target=part.enter, args=(lane, 100))
-        t.start()
-        t.join()
-    prefill, decode = FakeGreenContext.pushed
-    assert prefill is not decode and prefill.num_sms == decode.num_sms == 132
-    with pytest.raises(ValueError, match="no green context for a 30% share"):
-        part.enter(Lane.DECODE, 30)

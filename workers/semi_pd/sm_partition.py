@@ -2,9 +2,10 @@
 
 A lane computes inside the share it last ``enter``ed. On CUDA the shares are green contexts
 (``torch.cuda.green_contexts.GreenContext``), one per lane and share the split rule may pick, all
-created up front: creating one is a driver call, switching is a context push/pop. CUDA
-contexts are per thread, so each lane enters its share on its own loop thread, as a command
-between two steps: a switch happens at an iteration boundary and never splits a step.
+created up front with a stream each: creating one is a driver call, switching is setting the
+thread's current stream. The current stream is per thread, so each lane enters its share on its
+own loop thread, as a command between two steps: a switch happens at an iteration boundary and
+never splits a step.
 
 Overlap, measured from torch's source (``aten/src/ATen/cuda/CUDAGreenContext.cpp``):
 ``GreenContext.create(num_sms=n)`` splits the whole device and keeps the first ``n`` SMs, so
@@ -14,13 +15,24 @@ a disjoint slice: with (x, y) = (40, 60) the decode lane's SMs include all of pr
 Disjoint slices need the driver's multi-group split (``cuDevSmResourceSplitByCount`` with
 two groups), which torch does not expose.
 
-Each lane has its own contexts, also at equal shares: ``GreenContext.set_context`` makes the
-context's legacy default stream the thread's current stream (torch 2.11,
-``CUDAGreenContext.cpp``: "setContext API uses default stream"), and kernels on one context's
-default stream run in issue order. Two lanes sharing the 100 % context (the 100 / 100 start)
-were therefore one stream: a decode step queued behind the whole prefill step enqueued before
-it (4096 tokens, tens of ms on the H100), which is what the decode ITL p99 spikes under prefill
-bursts look like. In two contexts the lanes' kernels are concurrent and share the SMs.
+Each lane computes on a stream of its own green context, also at equal shares
+(``GreenContext.Stream()``: a stream created in the context, so its kernels run on the
+context's SMs whatever context the thread has current). Entering a share makes that stream the
+lane thread's current torch stream; no context is pushed. Two things need the streams distinct:
+
+* concurrency: kernels on one stream run in issue order, so lanes on one stream would queue a
+  decode step behind the whole prefill step enqueued before it (4096 tokens, tens of ms);
+* memory: torch's caching allocator hands a freed block to the next allocation *on the same
+  stream* without waiting, since that stream's order protects it. ``set_context`` (the other
+  way in) makes torch's default stream current, the same ``CUDAStream`` object for every
+  green context although each context's default stream is a different queue: to the allocator
+  both lanes were one stream, so a temporary one lane freed while its kernels were still queued
+  went straight to the other lane, whose kernels ran at once on their own queue. Under a heavy
+  prefill burst on the H200 that corrupted index tensors into an illegal memory access
+  (``tests/gpu/test_semi_pd_gpu.py::test_lanes_never_get_each_others_freed_memory``).
+
+A torch without ``GreenContext.Stream()`` (before 2.11 or so) gets the recording partition: the
+lanes share the SMs time-sliced on one stream, which is slower but safe.
 
 On CPU there is no SM to split: ``CpuPartition`` records each lane's share, so the split rule's
 decisions are observable and testable, and changes nothing else (both lanes share the cores
@@ -31,7 +43,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -96,14 +107,16 @@ class CpuPartition:
 
 
 class GreenContextPartition:
-    """One green context per lane and share in ``shares`` (percent), on CUDA device
-    ``device_index``."""
+    """One green context, and one stream in it, per lane and share in ``shares`` (percent), on
+    CUDA device ``device_index``."""
 
     enforced = True
 
     def __init__(self, device_index: int, shares: Iterable[int], initial: Split) -> None:
         from torch.cuda.green_contexts import GreenContext
 
+        if not callable(getattr(GreenContext, "Stream", None)):
+            raise RuntimeError("this torch's GreenContext has no Stream()")
         self.device_index = device_index
         self.total_sms = torch.cuda.get_device_properties(device_index).multi_processor_count
         wanted = sorted({*shares, initial.prefill, initial.decode})
@@ -113,22 +126,19 @@ class GreenContextPartition:
             for lane in Lane
             for s, n in self.num_sms.items()
         }
+        self._streams = {key: _stream_of(ctx) for key, ctx in self._contexts.items()}
         self._shares = {lane: initial.share(lane) for lane in Lane}
-        # the context this thread has pushed (``.ctx``): a green context is current per thread
-        # and only the thread that pushed it can pop it (CUDA asserts otherwise), so a lane that
-        # enters from another thread than before (a restarted lane thread, a test) pushes afresh;
-        # thread-local, not keyed by thread id, since a new thread may reuse a dead one's id
-        self._pushed = threading.local()
+
+    def stream(self, lane: Lane, share: int) -> Any:
+        return self._streams[lane, share]
 
     def enter(self, lane: Lane, share: int) -> None:
-        ctx = self._contexts.get((lane, share))
-        if ctx is None:
+        new = self._streams.get((lane, share))
+        if new is None:
             raise ValueError(f"no green context for a {share}% share; have {sorted(self.num_sms)}")
-        old = getattr(self._pushed, "ctx", None)
-        if old is not None:
-            _call(old, "pop_context", "pop_current")
-        _call(ctx, "set_context", "make_current")  # also makes its stream current (this thread)
-        self._pushed.ctx = ctx
+        old = torch.cuda.current_stream(self.device_index)
+        new.wait_stream(old)  # what the lane queued before the switch comes first
+        torch.cuda.set_stream(new)  # this thread's current stream: the lane's thread
         self._shares[lane] = share
 
     def share(self, lane: Lane) -> int:
@@ -138,10 +148,15 @@ class GreenContextPartition:
         torch.cuda.current_stream(self.device_index).synchronize()
 
 
-def _call(ctx: Any, name: str, older_name: str) -> None:
-    """Recent torch names them set_context / pop_context, earlier releases make_current /
-    pop_current."""
-    (getattr(ctx, name, None) or getattr(ctx, older_name))()
+def _stream_of(ctx: Any) -> Any:
+    """The green context's stream. Made with the context current, as some torch releases
+    create it in whatever context is current; the calling thread's context and current stream
+    are restored after."""
+    ctx.set_context()
+    try:
+        return ctx.Stream()
+    finally:
+        ctx.pop_context()
 
 
 def build_partition(device: torch.device, initial: Split, step: int) -> SMPartition:
@@ -153,6 +168,6 @@ def build_partition(device: torch.device, initial: Split, step: int) -> SMPartit
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         return GreenContextPartition(index, range(step, 101, step), initial)
-    except RuntimeError as exc:  # torch built without them, CUDA < 12.8, an old driver
-        log.warning("no green contexts (%s): the lanes share all SMs, time-sliced", exc)
+    except RuntimeError as exc:  # torch without them or their streams, CUDA < 12.8, old driver
+        log.warning("no green-context streams (%s): the lanes share all SMs, time-sliced", exc)
         return CpuPartition(initial)
