@@ -71,6 +71,39 @@ def test_green_context_share_caps_throughput() -> None:
     assert full_ctx > 0.8 * whole
 
 
+def test_graph_replays_in_a_share_are_capped() -> None:
+    """The decode lane replays CUDA graphs that torch captures on its own side stream (outside
+    any green context): replayed on a 25 % share's stream they must still run in that share,
+    or the decode lane's graphs would take every SM whatever the split says."""
+    part = GreenContextPartition(0, [25, 100], Split(25, 100))
+    a = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    torch.mm(a, a, out=out)  # cuBLAS picks its kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            torch.mm(a, a, out=out)
+
+    def replay(share: int | None) -> Callable[[], float]:
+        def run() -> float:
+            if share is not None:
+                part.enter(Lane.DECODE, share)
+            graph.replay()
+            torch.cuda.current_stream().synchronize()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.current_stream().synchronize()
+            return 2 * N**3 * 30 / (time.perf_counter() - t0) / 1e12
+
+        return run
+
+    whole, quarter = on_thread(replay(None)), on_thread(replay(25))
+    print(f"\ngraph replay: whole GPU {whole:.0f} TFLOP/s, 25% share {quarter:.0f}")
+    assert quarter < 0.6 * whole
+
+
 def test_two_lanes_compute_in_their_shares_at_once() -> None:
     part = GreenContextPartition(0, [30, 70], Split(30, 70))
     x = torch.randn(512, 512, device="cuda")
