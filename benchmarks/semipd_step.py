@@ -15,8 +15,9 @@ its p99 TTFT and ITL against the SLOs and the samples they came from, the split 
 and the next, the fits' predictions at both and the rule's reason. The client's own figures per
 phase (stream ITL p50/p99, long-prompt TTFT p50/p99) are printed beside them, and two checks:
 
-* **moved**: the first window that closed after the step began and measured a latency past the
-  margin changed the split (the rule answers within one window of the step showing);
+* **moved**: the first window that closed after the step began and measured one latency (TTFT
+  or TPOT, not both) past the margin changed the split (the rule answers within one window of
+  the step showing; with both past it, semi-PD's Algorithm 1 keeps the split, and so does ours);
 * **returned**: after the burst ends the split relaxes back toward its start (or is there).
 
 The first window that *shows* the step closes at most one window after the step's first long
@@ -185,9 +186,17 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> tuple[list[str], bo
     step = args.steady_s
     end = args.steady_s + args.burst_s
     margin = 0.8
-    hot = [w for w in windows if w["t_s"] > step and (w["ttft_s"] > margin * args.ttft_slo
-                                                      or w["tpot_s"] > margin * args.itl_slo)]
+    after_step = [w for w in windows if w["t_s"] > step]
+    ttft_hot = [w["ttft_s"] > margin * args.ttft_slo for w in after_step]
+    tpot_hot = [w["tpot_s"] > margin * args.itl_slo for w in after_step]
+    # semi-PD's Algorithm 1 keeps (x, y) when both SLOs fail: no share move helps both. The
+    # rule must answer the first window in which exactly one of them is past the margin
+    both = sum(a and b for a, b in zip(ttft_hot, tpot_hot, strict=True))
+    hot = [w for w, a, b in zip(after_step, ttft_hot, tpot_hot, strict=True) if a != b]
     first_hot = hot[0] if hot else None
+    if both:
+        lines.append(f"{both} window(s) after the step had both SLOs past the margin (kept, as "
+                     "semi-PD's rule does)")
     moved = first_hot is not None and first_hot["old"] != first_hot["new"]
     changes = [w for w in windows if w["t_s"] > step and w["old"] != w["new"]]
     if changes:
@@ -196,13 +205,16 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> tuple[list[str], bo
                      f"({(c['t_s'] - step) / args.window_s:.1f} windows), {c['old']} -> "
                      f"{c['new']}: {c['reason']}")
     if first_hot is None:
-        lines.append("no window after the step passed the margin: the step was too small")
+        lines.append("no window after the step had one SLO past the margin: the step was too "
+                     "small (or hit both)")
     start = windows[0]["old"] if windows else None
     after = [w for w in windows if w["t_s"] > end]
     low = changes[0]["new"] if changes else None
     returned = bool(after) and low is not None and (
         after[-1]["new"] == start or any(w["reason"].startswith("relax") for w in after))
-    lines.append(f"moved within one window of the step showing: {'PASS' if moved else 'FAIL'}; "
+    when = f" ({first_hot['t_s'] - step:.2f} s after the step)" if first_hot else ""
+    lines.append(f"moved at the first window showing one SLO past its margin: "
+                 f"{'PASS' if moved else 'FAIL'}{when}; "
                  f"moved back after the burst: {'PASS' if returned else 'FAIL'} "
                  f"(start {start}, end {after[-1]['new'] if after else None})")
     lines.append(f"requests failed: {len(load.errors)} {load.errors[:3]}; "
