@@ -107,7 +107,8 @@ class RequestStream:
             return
         self._iter = self._core.backend.generate(self.request)
         try:
-            async for event in self._track(self._iter):
+            async for event in self._iter:
+                self._track(event)
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -119,21 +120,21 @@ class RequestStream:
             self._failed = True
             raise
 
-    async def _track(self, events: AsyncIterator[TokenEvent]) -> AsyncGenerator[TokenEvent, None]:
-        async for event in events:
-            if event.token_ids:
-                now = time.monotonic()
-                if not self._ttft_s:
-                    self._ttft_s = now - self._t0
-                else:  # an event of k tokens (a stream that fell behind): k gaps of 1/k each
-                    k = len(event.token_ids)
-                    self._itl += [(now - self._last_token_t) / k] * k
-                self._last_token_t = now
-            self._completion += len(event.token_ids)
-            self._cached = max(self._cached, event.cached_prompt_tokens)
-            if event.finish_reason is not None:
-                self.finish_reason = event.finish_reason
-            yield event
+    def _track(self, event: TokenEvent) -> None:
+        """Count the event's tokens and time them (a plain call: one async generator fewer
+        between the backend and the frontend per chunk)."""
+        if event.token_ids:
+            now = time.monotonic()
+            if not self._ttft_s:
+                self._ttft_s = now - self._t0
+            else:  # an event of k tokens (a stream that fell behind): k gaps of 1/k each
+                k = len(event.token_ids)
+                self._itl += [(now - self._last_token_t) / k] * k
+            self._last_token_t = now
+        self._completion += len(event.token_ids)
+        self._cached = max(self._cached, event.cached_prompt_tokens)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
 
     async def close(self) -> None:
         if self._closed:
@@ -235,9 +236,7 @@ class FrontendCore:
                 )
         else:
             request_id = id_prefix + uuid.uuid4().hex
-        request = await build_request(
-            raw, self.backend, self.limits.validation, request_id
-        )
+        request = await build_request(raw, self.backend, self.limits.validation, request_id)
         if request_id in self._in_flight:  # another request took the id while we tokenized
             raise ApiError(ErrorCode.ALREADY_EXISTS, f"request {request_id!r} is already in flight")
         self._in_flight[request_id] = _InFlight(caller)

@@ -47,7 +47,7 @@ from kvrelay.cluster.api.backend import (
     TokenizerLike,
 )
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
-from kvrelay.cluster.controller.streams import unpack
+from kvrelay.cluster.controller.streams import Mailbox, unpack
 from kvrelay.workers.types import TokenEvent, merge_events
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class RemoteBackend:
         self._readiness = Readiness(False, problem="controller not asked yet")
         self.death: str | None = None  # why the controller is gone for good, once it is
         self._gone: asyncio.Future[None] | None = None  # done once ``death`` is set
-        self._inboxes: dict[str, asyncio.Queue[list[TokenEvent] | Exception]] = {}
+        self._inboxes: dict[str, Mailbox[list[TokenEvent] | Exception]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._stream_id = ""
         self.batches_received = 0  # Ray objects the event stream brought (for benchmarks)
@@ -117,7 +117,7 @@ class RemoteBackend:
             self._readiness = Readiness(False, problem=why)
             log.error("%s: in-flight and new requests get UNAVAILABLE", why)
             for inbox in self._inboxes.values():  # the streams waiting on their next events
-                inbox.put_nowait(self._unavailable(why))
+                inbox.put(self._unavailable(why))
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
 
@@ -187,11 +187,11 @@ class RemoteBackend:
                     for rid, item in items:
                         inbox = self._inboxes.get(rid)
                         if inbox is not None:  # else its client went away
-                            inbox.put_nowait(item)
+                            inbox.put(item)
         except (RayActorError, ActorUnavailableError, RayTaskError, ApiError) as exc:
             err = self._translate(exc) if not isinstance(exc, ApiError) else exc
             for inbox in self._inboxes.values():  # every request in flight ends with it
-                inbox.put_nowait(err)
+                inbox.put(err)
         finally:
             with contextlib.suppress(Exception):
                 ray.cancel(stream)
@@ -214,7 +214,7 @@ class RemoteBackend:
         rid = request.request_id
         if rid in self._inboxes:
             raise ValueError(f"request id {rid!r} is already in flight")
-        inbox: asyncio.Queue[list[TokenEvent] | Exception] = asyncio.Queue()
+        inbox: Mailbox[list[TokenEvent] | Exception] = Mailbox()
         self._inboxes[rid] = inbox
         self._read_events()
         finished = False
@@ -222,16 +222,16 @@ class RemoteBackend:
             await self._call("start_request", self._stream_id, request)
             error: Exception | None = None
             while error is None:
-                item = await inbox.get()  # ``give_up`` and a failed stream put their error here
-                if isinstance(item, Exception):
-                    raise item
-                events = list(item)
-                while not inbox.empty():  # what came while the frontend was busy: one event
-                    more = inbox.get_nowait()
-                    if isinstance(more, Exception):
-                        error = more  # after the events that came before it
+                # all that came while the frontend was busy: one event (``give_up`` and a
+                # failed stream put their error here, after the events that came before it)
+                events: list[TokenEvent] = []
+                for item in await inbox.take():
+                    if isinstance(item, Exception):
+                        error = item
                         break
-                    events += more
+                    events += item
+                if not events:
+                    continue
                 event = merge_events(events)
                 yield event
                 if event.finish_reason is not None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from kvrelay.cluster.api.backend import GenerateRequest
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
-from kvrelay.cluster.controller.streams import EventStreams, Item
+from kvrelay.cluster.controller.streams import EventStreams, Item, Mailbox
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 
 
@@ -114,5 +114,31 @@ def test_stop_and_stream_close_abort_what_runs() -> None:
         except ApiError as err:
             assert err.code is ErrorCode.UNAVAILABLE
         assert "late" not in fake.aborted
+
+    asyncio.run(main())
+
+
+def test_mailbox_hands_over_everything_queued_at_each_wake_up() -> None:
+    async def main() -> None:
+        box: Mailbox[int] = Mailbox()
+        box.put(1)
+        box.put(2)
+        assert len(box) == 2
+        assert await box.take() == [1, 2]  # what was queued, in order, without waiting
+        assert len(box) == 0
+        reader = asyncio.create_task(box.take())
+        await asyncio.sleep(0)
+        assert not reader.done()  # nothing queued: the reader waits
+        box.put(3)  # wakes it; what comes before it runs goes in the same take
+        box.put(4)
+        assert await reader == [3, 4]
+        box.put(5)  # a put after the take is the next take's
+        assert await box.take() == [5]
+        cancelled = asyncio.create_task(box.take())
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a reader that gives up leaves nothing behind
+        await asyncio.gather(cancelled, return_exceptions=True)
+        box.put(6)
+        assert await box.take() == [6]
 
     asyncio.run(main())
