@@ -33,7 +33,8 @@ BS = 16
 class Probe(SparseAttention):
     """Runs sparse attention, records its error against dense, and returns dense (``exact``) or
     sparse; at decode steps it also records the overlap of the selection in use (made now or,
-    with ``reuse_steps`` > 1, at an earlier step) with this step's exact top blocks."""
+    with ``reuse_steps`` > 1, at an earlier step; with ``shortlist_steps`` > 1 re-ranked now from
+    an earlier step's shortlist) with this step's exact top blocks."""
 
     def __init__(self, *args: Any, exact: bool, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -195,7 +196,7 @@ def _greedy(
 @torch.inference_mode()
 def passkey_item(
     loaded: LoadedModel, ids: list[int], key: str, budgets: list[int], heads: str | None,
-    mask: torch.Tensor | None, reuse_steps: int, steps: int = 12,
+    mask: torch.Tensor | None, reuse_steps: int, shortlist_steps: int = 1, steps: int = 12,
 ) -> dict[str, bool]:  # fmt: skip
     """One passkey prompt under every mode, two prefills shared: dense prefill -> dense decode
     ("off") and sparse decode ("decode/B"); sparse prefill -> dense ("prefill") and sparse decode
@@ -216,7 +217,8 @@ def passkey_item(
         first = int(loaded.model.compute_logits(hidden[-1:]).argmax(-1)[0])
         variants: list[tuple[str, SparseAttention | None]] = [(dense_name, None)]
         for b in budgets:
-            cfg = SparseConfig(mode="decode", budget=b, heads_path=heads, reuse_steps=reuse_steps)
+            cfg = SparseConfig(mode="decode", budget=b, heads_path=heads, reuse_steps=reuse_steps,
+                               shortlist_steps=shortlist_steps)  # fmt: skip
             variants.append((f"{sparse_name}/{b}", SparseAttention(cfg, kv, mask)))
         for name, dec in variants:  # each overwrites the answer's slots of the last
             answer = loaded.tokenizer.decode(_greedy(loaded, ids, kv, first, steps, dec))
@@ -237,6 +239,8 @@ def main() -> None:
     ap.add_argument("--haystack", choices=["repeat", "sharegpt"], default="repeat")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse-steps", type=int, default=SparseConfig().reuse_steps)
+    ap.add_argument("--shortlist-steps", type=int, default=SparseConfig().shortlist_steps,
+                    help="reuse the shortlist, re-ranked every step (with --reuse-steps 1)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -255,7 +259,14 @@ def main() -> None:
         for ids, key in prompts:
             t1 = time.time()
             got = passkey_item(
-                loaded, ids, key, args.passkey_budgets, args.heads, mask, args.reuse_steps
+                loaded,
+                ids,
+                key,
+                args.passkey_budgets,
+                args.heads,
+                mask,
+                args.reuse_steps,
+                args.shortlist_steps,
             )
             for name, ok in got.items():
                 passkey.setdefault(name, []).append(ok)
@@ -276,7 +287,11 @@ def ppl_row(
     """Perplexity, per-layer error and overlap on one ShareGPT text of ``length`` tokens (the
     ``--text``-th)."""
     cfg = SparseConfig(
-        mode="both", budget=args.budget, heads_path=args.heads, reuse_steps=args.reuse_steps
+        mode="both",
+        budget=args.budget,
+        heads_path=args.heads,
+        reuse_steps=args.reuse_steps,
+        shortlist_steps=args.shortlist_steps,
     )
     dummy = torch.zeros(kv_cache_shape(loaded.config, 1, BS))
     ids = sharegpt_texts(loaded.tokenizer, args.text + 1, length)[args.text]

@@ -482,7 +482,8 @@ def graph_row(
     """Seconds per layer of a decode step of ``layers`` layers captured in one CUDA graph and
     replayed, so that no host launch overhead is in the time: our dense decode kernel, and the
     sparse step as the engine captures it (``SparseAttention.static_step``) at a refresh and
-    reusing the selection the refresh graph left in its static tensors. A cache of random keys
+    reusing the selection the refresh graph left in its static tensors, and with
+    ``shortlist_steps`` 2 at a refresh and re-ranking its shortlists (``rerank``). A cache of random keys
     (and its key bounds) with ``layers`` = LAYERS or as many as fit in 80% of the free memory
     (one layer's KV at 32k+ is ≥ 0.5 GiB, far past the 50 MB L2, so no layer finds another's
     bytes there); skipped under 2 layers."""
@@ -534,17 +535,51 @@ def graph_row(
             step()
 
     t["reuse"] = bench(captured(reuse).replay)
+    # shortlist_steps 2: a refresh graph that keeps its shortlists, and the graph of a step
+    # between that re-ranks them with its own query (the first sparse's bounds freed first:
+    # one bounds tensor at a time, a quarter of the cache). Not yet run on a GPU: a failure
+    # is recorded and leaves the rows above.
+    del graph, sparse
+    records.clear()
+    empty_cache()
+    shortlist_error = None
+    try:
+        config = SparseConfig(mode="decode", budget=args.budget, shortlist_steps=2)
+        mask = streaming_mask(args.stream_fraction).expand(layers, -1)
+        sparse = SparseAttention(config, cache, mask)
+        for _ in range(2):  # eagerly: first sight, a step re-ranking the shortlist
+            sparse.begin_step(keys, ctxs, True)
+            step()
+        sparse.begin_step(keys, ctxs, True)  # a refresh
+        assert sparse.capturable() and sparse.reused_picks() is None
+        sparse.fold_pending(cache)
+        graph = captured(refresh)  # held: its replays rewrite the shortlists re-ranked below
+        t["shortlist_refresh"] = bench(graph.replay)
+        sparse.replayed(records[-1], batch)
+        sparse.begin_step(keys, ctxs, True)  # re-ranking the graph's shortlists
+        assert sparse.capturable() and sparse.reused_picks() is records[-1]
+        t["rerank"] = bench(captured(reuse).replay)
+    except (RuntimeError, AssertionError) as exc:
+        shortlist_error = repr(exc)
+        t.pop("shortlist_refresh", None)
     per_layer = {k: v / layers for k, v in t.items()}
     # what a step costs the engine, per layer: one refresh every reuse_steps steps (the default
-    # 1: every step), the other steps reusing its selection
+    # 1: every step), the other steps reusing its selection; or one every shortlist_steps steps,
+    # the other steps re-ranking its shortlist
     engine = {
         f"reuse_steps_{r}": (per_layer["refresh"] + (r - 1) * per_layer["reuse"]) / r
         for r in (1, 2, 4)
     }
+    if "rerank" in per_layer:
+        for r in (2, 4):
+            engine[f"shortlist_steps_{r}"] = (
+                per_layer["shortlist_refresh"] + (r - 1) * per_layer["rerank"]
+            ) / r
     return {
         "layers": layers, "attn_s_per_layer": per_layer, "engine_step_s_per_layer": engine,
-        "speedup_vs_dense": {k: t["dense"] / t[k] for k in ("refresh", "reuse")},
+        "speedup_vs_dense": {k: t["dense"] / v for k, v in t.items() if k != "dense"},
         "engine_speedup_vs_dense": {k: per_layer["dense"] / v for k, v in engine.items()},
+        "shortlist_error": shortlist_error,
     }  # fmt: skip
 
 

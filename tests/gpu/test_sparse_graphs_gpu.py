@@ -3,7 +3,8 @@ SparseAttention.static_step) against the same engine with graphs off: identical 
 and sparse counters while requests join and leave (fresh rows run eagerly, steady steps replay,
 padding rows in the buckets), with a budget small enough that selection happens, streaming
 heads, and selections refreshed every step or reused (replaying a graph that reads the
-selecting graph's static picks); and a replay that never synchronises the host."""
+selecting graph's static picks, or with ``shortlist_steps`` its static shortlists, re-ranked);
+and a replay that never synchronises the host."""
 
 from __future__ import annotations
 
@@ -40,19 +41,22 @@ def model_and_heads(
     return make_gpu_llama(seed=9), heads
 
 
-def sparse_config(heads: Path, reuse_steps: int) -> SparseConfig:
+def sparse_config(heads: Path, reuse_steps: int, shortlist_steps: int = 1) -> SparseConfig:
     # a dense head reads 1 sink + 2 picked + 1 local block: 180-580-token contexts select
     return SparseConfig(mode="decode", budget=2 * BS, page_tokens=BS, stream_sink=BS,
                         stream_local=2 * BS, reuse_steps=reuse_steps,
-                        heads_path=str(heads), graphs=True)  # fmt: skip
+                        shortlist_steps=shortlist_steps, heads_path=str(heads),
+                        graphs=True)  # fmt: skip
 
 
 def run_engine(
-    folder: Path, heads: Path, reuse_steps: int, graphs: bool, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Engine, dict[str, list[int]]]:
+    folder: Path, heads: Path, reuse_steps: int, graphs: bool, monkeypatch: pytest.MonkeyPatch,
+    shortlist_steps: int = 1,
+) -> tuple[Engine, dict[str, list[int]]]:  # fmt: skip
     monkeypatch.setenv("KVRELAY_CUDA_GRAPHS", "1" if graphs else "0")
+    sparse = sparse_config(heads, reuse_steps, shortlist_steps)
     cfg = EngineConfig(num_blocks=512, max_num_seqs=8, max_num_batched_tokens=256,
-                       cpu_num_blocks=0, sparse=sparse_config(heads, reuse_steps))  # fmt: skip
+                       cpu_num_blocks=0, sparse=sparse)  # fmt: skip
     engine = Engine(load_model(folder, dtype=torch.float32, device="cuda"), cfg, device="cuda")
     rng = random.Random(4)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for _, n, _ in REQUESTS]
@@ -71,13 +75,14 @@ def run_engine(
     return engine, out
 
 
-@pytest.mark.parametrize("reuse_steps", [1, 3])
+@pytest.mark.parametrize(("reuse_steps", "shortlist_steps"), [(1, 1), (3, 1), (1, 3)])
 def test_sparse_graphs_decode_like_eager(
-    model_and_heads: tuple[Path, Path], reuse_steps: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    model_and_heads: tuple[Path, Path], reuse_steps: int, shortlist_steps: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     folder, heads = model_and_heads
-    eager, want = run_engine(folder, heads, reuse_steps, False, monkeypatch)
-    graphed, got = run_engine(folder, heads, reuse_steps, True, monkeypatch)
+    eager, want = run_engine(folder, heads, reuse_steps, False, monkeypatch, shortlist_steps)
+    graphed, got = run_engine(folder, heads, reuse_steps, True, monkeypatch, shortlist_steps)
     assert eager.runner.graphs is None and eager.runner.graph_steps == 0
     runner = graphed.runner
     assert runner.graphs is not None
@@ -90,6 +95,7 @@ def test_sparse_graphs_decode_like_eager(
     assert stats["sparse_decode_read_fraction"] < 0.7  # selection happened
     # 52 decode steps, fresh rows in ~5 (eager, with the 2 reusing steps after each at reuse
     # 3); at reuse 3 only ~16 steps select, so >= 30 replays means reusing steps replayed too
+    # (at shortlist 3 likewise: only ~16 steps shortlist)
     assert runner.graph_steps >= 30, runner.graph_steps
     assert runner.eager_steps > 0 and runner.graphs.num_graphs >= 2
 

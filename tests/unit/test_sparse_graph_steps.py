@@ -20,9 +20,10 @@ BS, LAYERS, HKV, GROUP, D = 16, 2, 2, 2, 8
 SCALE = 0.3
 
 
-def _config(reuse_steps: int = 1, mode: str = "decode") -> SparseConfig:
+def _config(reuse_steps: int = 1, mode: str = "decode", shortlist_steps: int = 1) -> SparseConfig:
     return SparseConfig(mode=mode, budget=2 * BS, page_tokens=BS, stream_sink=BS,
-                        stream_local=2 * BS, reuse_steps=reuse_steps)  # fmt: skip
+                        stream_local=2 * BS, reuse_steps=reuse_steps,
+                        shortlist_steps=shortlist_steps)  # fmt: skip
 
 
 def test_capturable_steps() -> None:
@@ -69,14 +70,17 @@ def _padded(attn: AttentionMetadata, size: int, width: int, g: torch.Generator):
     return AttentionMetadata(slots, tables, ctx, qsl, True)
 
 
-@pytest.mark.parametrize("reuse_steps", [1, 3])
-def test_static_steps_equal_the_eager_path(reuse_steps: int) -> None:
+@pytest.mark.parametrize(("reuse_steps", "shortlist_steps"), [(1, 1), (3, 1), (1, 3)])
+def test_static_steps_equal_the_eager_path(reuse_steps: int, shortlist_steps: int) -> None:
+    """shortlist_steps 3: the steps between refreshes re-rank the refresh's shortlist, from the
+    refresh graph's static shortlists when that graph made it (in its bucket), else eagerly."""
     g = torch.Generator().manual_seed(13)
     kv = torch.randn(60, LAYERS, 2, BS, HKV, D, generator=g)  # block 0: never owned
     kv_graph = kv.clone()
     streaming = torch.tensor([[False, True], [False, False]])
-    eager = SparseAttention(_config(reuse_steps), kv, streaming)
-    graphed = SparseAttention(_config(reuse_steps), kv_graph, streaming)
+    config = _config(reuse_steps, shortlist_steps=shortlist_steps)
+    eager = SparseAttention(config, kv, streaming)
+    graphed = SparseAttention(config, kv_graph, streaming)
     seqs = {"a": [150, list(range(1, 14))], "b": [90, list(range(14, 22))]}
     free = list(range(22, 60))
     static_steps = compared = 0
@@ -129,7 +133,7 @@ def test_static_steps_equal_the_eager_path(reuse_steps: int) -> None:
     # eager: the first step, the two joins and the step after the prefill (fresh rows); with
     # reuse_steps 3 also the steps reusing those eager selections (8) and the two after c's
     # table outgrew its bucket (steps 24, 25)
-    assert static_steps == (25 if reuse_steps == 1 else 15), static_steps
+    assert static_steps == (25 if reuse_steps == shortlist_steps == 1 else 15), static_steps
     assert graphed.stats_extra() == eager.stats_extra()
     for n, blocks in seqs.values():  # every full block's bounds (the last one's may lag)
         full = torch.tensor(blocks[: (n - 1) // BS])

@@ -342,6 +342,36 @@ def test_refresh_chain_equals_the_references(sparse: ModuleType, topk: ModuleTyp
     assert int(got_l[0, 0]) == (2 + 6 + 1) * bs + 400 - 49 * bs  # sink + picks + local
 
 
+def test_shortlist_rerank_chain_equals_the_references(sparse: ModuleType, topk: ModuleType) -> None:
+    """A step between shortlist refreshes (``shortlist_steps`` > 1) as the GPU runs it: the
+    exact scores of a shortlist made at an earlier step, with this step's query, the re-rank
+    over this step's middle, the tables with the refresh's block counts (the gap block read)
+    give the tables and lens of the torch references; one context crossed a block since."""
+    bs, kv_heads = 8, 2
+    kv, tables, ctx, bounds, g = _case([402, 103, 38], kv_heads, bs, 24, torch.float32, 4, 2)
+    at_refresh = torch.tensor([399, 97, 37], dtype=torch.int32)  # 50, 13, 5 blocks
+    q_then, q_now = torch.randn(2, 3, 6, 24, generator=g)
+    dense, stream = HeadShape(2, 6, 2), HeadShape(1, 0, 3)
+    streaming = torch.tensor([False, True])
+    refresh_nb = (at_refresh.long() + bs - 1) // bs
+    scores = sparse.block_scores(q_then, bounds, 1, tables, streaming)
+    short = topk.topk_blocks(scores, 2 * dense.topk, dense.sink, refresh_nb - dense.local)
+    hi = (ctx.long() + bs - 1) // bs - dense.local
+    exact = sparse.block_scores(q_now, ref.keys_as_bounds(kv), 1, tables, streaming, ids=short)
+    picks = topk.topk_blocks(exact, dense.topk, dense.sink, hi, ids=short)
+    args = (streaming, refresh_nb, dense.parts, stream.parts, bs, kv_heads)
+    got_t, got_l = sparse.sparse_tables(ctx, tables, picks, *args)
+    per_head = tables.long().gather(1, short.flatten(1)).view_as(short)
+    r_exact = ref.block_scores(q_now, ref.keys_as_bounds(kv), 1, per_head)
+    r_picks = rerank_topk(short, r_exact, ctx, bs, dense)
+    want_t, want_l = build_tables(
+        ctx, tables, r_picks, streaming, dense, stream, bs, kv_heads, refresh_nb
+    )
+    assert torch.equal(got_l, want_l) and torch.equal(got_t, want_t)
+    # sink + picks + the gap block (48: local at the refresh, middle now) + local
+    assert int(got_l[0, 0]) == (2 + 6 + 1 + 1) * bs + 402 - 50 * bs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_update_bounds(sparse: ModuleType, dtype: torch.dtype) -> None:
     """The fold of one decode step's keys into every layer's sub-page bounds: restarts at a

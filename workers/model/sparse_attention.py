@@ -26,6 +26,11 @@ LServe reuses a selection for 4 steps; with the exact re-rank that lost a pass k
 (2k context, budget 1024: a selection sharpened for the query of "The" was reused for "is", whose
 next token is the key) where refreshing every step kept it, so the default refreshes every step
 (the bounds are then read each step: a quarter of the KV bytes at 4-token sub-pages).
+The middle way, ``shortlist_steps`` > 1 (with ``reuse_steps`` 1): the bound scores and the
+shortlist run only at a refresh (every ``shortlist_steps`` steps, or when the batch changes),
+and every step in between re-ranks the refresh's shortlist exactly with its own query (the
+exact scores, the top-K and the tables: about half a refresh layer). As with a reused
+selection, the block that left the local window since the refresh is read too.
 
 CUDA graphs (workers/engine/cuda_graphs.py; on wherever the engine replays dense decode graphs,
 off with ``SparseConfig.graphs`` False): a decode step with no fresh rows that refreshes its
@@ -35,7 +40,8 @@ runs no Python per layer. It folds the step's own keys at its last layer instead
 step's first (exact for the reason the eager fold may come late: those keys are in last blocks,
 which no selection of the step scores). Fresh rows (data-dependent rebuild sizes) run eagerly.
 A step reusing a selection that a replayed graph made replays a graph of the same bucket that
-reads those static picks (eagerly, from views of them, when its tables outgrew that bucket).
+reads those static picks (eagerly, from views of them, when its tables outgrew that bucket);
+with ``shortlist_steps`` > 1 that graph reads the refresh's static shortlists and re-ranks them.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class SparseConfig:
     sub_page_tokens: int = 4  # decode: key bounds per sub-page of a block (LServe's logical page)
     rerank: int = 2  # decode: the top rerank·K blocks by bound are re-ranked by exact max q·k
     reuse_steps: int = 1  # decode steps a selection is reused for (LServe: 4; see the docstring)
+    # decode steps a shortlist (the top rerank·K blocks by bound) is reused for, re-ranked
+    # exactly by each step's own query (see the docstring); 1: every step shortlists anew
+    shortlist_steps: int = 1
     stream_sink: int = 128  # streaming heads, decode and prefill
     stream_local: int = 256  # streaming heads, decode
     stream_prefill_local: int = 8192  # streaming heads, prefill
@@ -87,6 +96,18 @@ class SparseConfig:
             raise ValueError("sparse budget >= 0, reuse_steps >= 1, 0 < alpha <= 1")
         if self.sub_page_tokens < 1 or self.rerank < 1:
             raise ValueError("sparse sub_page_tokens >= 1, rerank >= 1")
+        if self.shortlist_steps < 1:
+            raise ValueError("sparse shortlist_steps >= 1")
+        if self.shortlist_steps > 1 and (self.reuse_steps > 1 or self.rerank == 1):
+            raise ValueError(
+                "sparse shortlist_steps > 1 re-ranks a reused shortlist: it needs rerank > 1 "
+                "(else the shortlist is the selection: use reuse_steps) and reuse_steps 1"
+            )
+
+    @property
+    def refresh_steps(self) -> int:
+        """Decode steps between two full selections (bound scores over every block)."""
+        return max(self.reuse_steps, self.shortlist_steps)
 
     @property
     def decode(self) -> bool:
@@ -125,6 +146,8 @@ class CapturedStep:
     reuses: CapturedStep | None = None  # the refresh whose picks this step reads; None: selects
     step: DecodeStep | None = None  # built at the first layer; its ``nb`` [size] is refresh_nb
     picks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [size, Hkv, K']
+    # shortlist_steps > 1: layer -> [size, Hkv, R·K] the shortlists a reusing step re-ranks
+    shorts: dict[int, torch.Tensor] = field(default_factory=dict)
     lens: list[torch.Tensor] = field(default_factory=list)  # per layer [size, Hkv]
 
 
@@ -140,6 +163,8 @@ class SparseAttention:
         self.block_size = bs
         if bs % config.sub_page_tokens:
             raise ValueError(f"sub-page of {config.sub_page_tokens} tokens does not divide {bs}")
+        if config.refresh_steps > bs:  # a reused pick list misses at most one block (the gap)
+            raise ValueError(f"reuse_steps and shortlist_steps must be <= the block size {bs}")
         self.pages = bs // config.sub_page_tokens  # sub-pages per block
         self.bounds = torch.zeros(nblk if config.decode else 0, layers, 2, self.pages, kv_heads,
                                   dim, dtype=kv_cache.dtype, device=kv_cache.device)  # fmt: skip
@@ -159,6 +184,7 @@ class SparseAttention:
         self._age = 0  # decode steps since the selections were made
         self._refresh = True
         self._topk: dict[int, torch.Tensor] = {}
+        self._short: dict[int, torch.Tensor] = {}  # shortlist_steps > 1: layer -> [B, Hkv, R·K]
         self._refresh_nb: torch.Tensor | None = None  # [B] context blocks at the last refresh
         self._fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rebuild: tuple[torch.Tensor, torch.Tensor] | None = None  # fresh blocks, fills
@@ -199,7 +225,7 @@ class SparseAttention:
         self._fresh = None
         if rows:
             self._fresh = tuple(torch.tensor(x, device=dev) for x in (rows, blocks, fills))  # type: ignore[assignment]
-        self._refresh = keys != self._keys or self._age >= self.config.reuse_steps
+        self._refresh = keys != self._keys or self._age >= self.config.refresh_steps
         self._age = 1 if self._refresh else self._age + 1
         self._keys = keys
         self._context = sum(context_lens)
@@ -252,12 +278,13 @@ class SparseAttention:
         self.counters.decode_steps += layers
         self.counters.context_tokens += self._context * self.bounds.shape[4] * layers
         self._written = None  # folded at the graph's last layer
-        if captured.reuses is None and self.config.reuse_steps > 1:
+        if captured.reuses is None and self.config.refresh_steps > 1:
             self._replayed = captured
             assert captured.step is not None
             # for a reusing step that runs eagerly (its tables outgrew the refresh's bucket)
             self._refresh_nb = captured.step.nb[:rows]
             self._topk = {layer: t[:rows] for layer, t in captured.picks.items()}
+            self._short = {layer: t[:rows] for layer, t in captured.shorts.items()}
 
     def _begin_decode(self, kv_cache: torch.Tensor, attn: AttentionMetadata) -> DecodeStep:
         """The step's work shared by its layers, at the first: the keys the last decode step
@@ -299,9 +326,12 @@ class SparseAttention:
             self.bounds[ids, layer] = ref.block_bounds(kv_cache, layer, ids, fills, self.pages)
         streaming = self._stream_rows[layer]
         topk = self._topk.get(layer)
-        reused = not self._refresh and topk is not None
+        short = self._short.get(layer)
+        reused = not self._refresh and (topk if short is None else short) is not None
         if self.dense.topk and not reused:
-            topk = self._topk[layer] = self._select(layer, query, kv_cache, step)
+            topk = self._topk[layer] = self._select(layer, query, kv_cache, step, self._short)
+        elif self.dense.topk and short is not None:  # a reused shortlist, re-ranked now
+            topk = self._topk[layer] = self._rerank(layer, query, kv_cache, step, short)
         tables, lens = step.tables(topk, streaming, reused)
         self.counters.decode_steps += 1
         self._lens.append(lens)
@@ -336,10 +366,13 @@ class SparseAttention:
             cap.step = self._decode_step(attn, kv_cache, refresh_nb)
         step = cap.step
         topk = None
-        if reuses is not None:
+        if reuses is not None and layer in reuses.shorts:  # a reused shortlist, re-ranked now
+            topk = cap.picks[layer] = self._rerank(layer, query, kv_cache, step,
+                                                   reuses.shorts[layer])  # fmt: skip
+        elif reuses is not None:
             topk = reuses.picks.get(layer)
         elif self.dense.topk:
-            topk = cap.picks[layer] = self._select(layer, query, kv_cache, step)
+            topk = cap.picks[layer] = self._select(layer, query, kv_cache, step, cap.shorts)
         reused = reuses is not None and topk is not None
         tables, lens = step.tables(topk, self._stream_rows[layer], reused)
         cap.lens.append(lens)
@@ -350,20 +383,40 @@ class SparseAttention:
         return out
 
     def _select(
-        self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor, step: DecodeStep
+        self,
+        layer: int,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        step: DecodeStep,
+        shorts: dict[int, torch.Tensor],  # where the layer's shortlist is kept for reuse
     ) -> torch.Tensor:  # [B, Hkv, K'] logical middle blocks of the dense heads
         """Top-K by bound score, or (rerank > 1) the top rerank·K by bound re-ranked by the exact
-        max q·k: a refresh step then also reads the keys of rerank·K blocks per KV head."""
-        from kvrelay.kernels.sparse_reference import keys_as_bounds
-
+        max q·k: a refresh step then also reads the keys of rerank·K blocks per KV head. With
+        ``shortlist_steps`` > 1 the shortlist is kept in ``shorts`` for the steps up to the next
+        refresh, which re-rank it (``_rerank``) with their own queries."""
         streaming = self._stream_rows[layer]  # their picks are ignored: not scored
         scores = kernels.block_scores(query, self.bounds, layer, step.block_tables, streaming)
         if self.config.rerank == 1:
             return step.select(scores, self.dense.topk)
         short = step.select(scores, self.dense.topk * self.config.rerank)
+        if self.config.shortlist_steps > 1:
+            shorts[layer] = short
+        return self._rerank(layer, query, kv_cache, step, short)
+
+    def _rerank(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        step: DecodeStep,
+        short: torch.Tensor,  # [B, Hkv, R·K] logical blocks, shortlisted now or at the refresh
+    ) -> torch.Tensor:  # [B, Hkv, K'] the shortlist's top-K by exact max q·k, middle blocks only
+        from kvrelay.kernels.sparse_reference import keys_as_bounds
+
         exact = kernels.block_scores(
-            query, keys_as_bounds(kv_cache), layer, step.block_tables, streaming, ids=short
-        )
+            query, keys_as_bounds(kv_cache), layer, step.block_tables, self._stream_rows[layer],
+            ids=short,
+        )  # fmt: skip
         return step.rerank(short, exact)
 
     def _count(self) -> None:
