@@ -35,14 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the split rule's own nearest-rank percentile: the client's figures read as its windows do
+from kvrelay.workers.semi_pd.tuner import percentile
+
 PHASES = ("steady", "burst", "after")
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(q * len(s) + 0.5) - 1))]
 
 
 class Load:
@@ -180,9 +176,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> tuple[list[str], bo
         ttft = [d for t, d, k in load.ttft if phase_of(t, args) == ph and k == "long"]
         st = [d for t, d, k in load.ttft if phase_of(t, args) == ph and k == "stream"]
         lines.append(
-            f"client {ph:6}: stream ITL p50/p99 {pct(itl, .5) * 1e3:.1f}/{pct(itl, .99) * 1e3:.1f}"
-            f" ms ({len(itl)} gaps); stream TTFT p99 {pct(st, .99):.3f} s ({len(st)}); long "
-            f"TTFT p50/p99 {pct(ttft, .5):.3f}/{pct(ttft, .99):.3f} s ({len(ttft)})")
+            f"client {ph:6}: stream ITL p50/p99 {percentile(itl, .5) * 1e3:.1f}/"
+            f"{percentile(itl, .99) * 1e3:.1f} ms ({len(itl)} gaps); stream TTFT p99 "
+            f"{percentile(st, .99):.3f} s ({len(st)}); long TTFT p50/p99 "
+            f"{percentile(ttft, .5):.3f}/{percentile(ttft, .99):.3f} s ({len(ttft)})")
     step = args.steady_s
     end = args.steady_s + args.burst_s
     margin = 0.8
