@@ -27,9 +27,10 @@ lane thread's current torch stream; no context is pushed. Two things need the st
   way in) makes torch's default stream current, the same ``CUDAStream`` object for every
   green context although each context's default stream is a different queue: to the allocator
   both lanes were one stream, so a temporary one lane freed while its kernels were still queued
-  went straight to the other lane, whose kernels ran at once on their own queue. Under a heavy
-  prefill burst on the H200 that corrupted index tensors into an illegal memory access
-  (``tests/gpu/test_semi_pd_gpu.py::test_lanes_never_get_each_others_freed_memory``).
+  could go straight to the other lane, whose kernels ran at once on their own queue: the
+  likely cause of the illegal memory access a heavy prefill burst hit on the H200 (not yet
+  confirmed by a GPU run; the hazard itself is
+  ``tests/gpu/test_semi_pd_gpu.py::test_lanes_never_get_each_others_freed_memory``).
 
 A torch without ``GreenContext.Stream()`` (before 2.11 or so) gets the recording partition: the
 lanes share the SMs time-sliced on one stream, which is slower but safe.
