@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from kvrelay.kernels import pack_blocks
 from kvrelay.workers.transport.channel import Arrival, BlockSource, Inbox
+from kvrelay.workers.transport.ipc import device_ids, poll
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.transport.link import Frame, Kind, Link, accept_link, connect_link
 from kvrelay.workers.transport.wire import Header, TransferError, block_source, checksum
@@ -188,6 +189,60 @@ def test_an_ack_sent_without_waiting_returns_its_confirmation_as_a_frame(
     assert receiver.recv() == Frame(Kind.CONFIRM, 7, b"")
     t.join(5)
     assert result == [True]
+
+
+def test_the_ack_body_reaches_the_senders_settle_and_a_failed_settle_is_never_confirmed(
+    links: Callable[..., tuple[Link, Link]],
+) -> None:
+    """IPC events: the ACK names the receiver's done event; the sender confirms only once its
+    settle (polling that event) succeeded, so a settle that ran into the deadline fails both."""
+    sender, receiver = links()
+    bodies: list[bytes] = []
+    verdicts: dict[int, bool] = {}
+
+    def settle(ok: bool) -> Callable[[bytes], bool]:
+        return lambda body: bodies.append(body) is None and ok
+
+    def answer(seq: int) -> None:
+        verdicts[seq] = receiver.ack(seq, time.monotonic() + 5, b"done-event-%d" % seq)
+
+    def read() -> None:
+        with contextlib.suppress(TransferError):
+            while True:
+                _started(answer, receiver.recv().seq)
+
+    reader = _started(read)
+    assert sender.publish(0, b"h", time.monotonic() + 5, settle(True)) is True
+    assert sender.publish(1, b"h", time.monotonic() + 30, settle(False)) is False
+    t0 = time.monotonic()
+    sender.close("gave up")  # as the channel does: it breaks
+    reader.join(5)
+    while len(verdicts) < 2 and time.monotonic() < t0 + 5:
+        threading.Event().wait(0.01)
+    assert bodies == [b"done-event-0", b"done-event-1"]
+    assert verdicts == {0: True, 1: False}  # seq 1 never confirmed: its receive fails at once
+    assert time.monotonic() - t0 < 3
+
+
+def test_poll_returns_when_done_and_gives_up_at_the_deadline_or_when_abandoned() -> None:
+    calls = [0]
+
+    def third_time() -> bool:
+        calls[0] += 1
+        return calls[0] >= 3
+
+    assert poll(third_time, time.monotonic() + 5, lambda: False) is True and calls[0] == 3
+    t0 = time.monotonic()
+    assert poll(lambda: False, time.monotonic() + 0.05, lambda: False) is False
+    assert 0.05 <= time.monotonic() - t0 < 1  # past the spin, sleeps stay short
+    t0 = time.monotonic()
+    assert poll(lambda: False, time.monotonic() + 30, lambda: True) is False
+    assert time.monotonic() - t0 < 1
+
+
+def test_block_ids_already_on_the_device_are_not_copied() -> None:
+    ids = torch.tensor([3, 1])
+    assert device_ids(ids, torch.device("cpu")) is ids
 
 
 def test_transfers_both_ways_at_once_each_get_their_own_ack(

@@ -14,10 +14,15 @@ socket connections opened once per channel): the header, the receiver's ACK once
 reading the sender's memory, the sender's CONFIRM that the copy counts (link.py: how the
 sender's deadline and the ack agree)::
 
-    send_blocks: HEADER (names blocks of our  ──▶  map the sender's cache once; deliver a
-                 cache, exported once)                BlockSource; the *caller* copies, syncs,
-                 read the ACK, CONFIRM         ◀──  ACK, waits for the CONFIRM
+    send_blocks: record our ready event; HEADER ──▶  map the sender's cache once; deliver a
+                 (names blocks of our cache,          BlockSource; the *caller* waits for the
+                 exported once, and the event)        ready event on the device, copies,
+                 read the ACK; poll the done   ◀──  records its done event, ACK (names it),
+                 event; CONFIRM                       waits for the CONFIRM
     send:        HEADER (our staging buffer)   ──▶  map, clone, sync, ACK; deliver on CONFIRM
+
+(Without IPC events, ipc.py: the sender synchronises its stream before the HEADER, the receiver
+its copy before the ACK, and the ACK names nothing.)
 
 The receiving *callers* never touch the wire: they wait on the peer's :class:`Inbox` for their
 transfer id, so two transfers on one pair may be awaited in any order by any threads and each
@@ -53,7 +58,14 @@ import torch.distributed as dist
 from kvrelay.kernels import pack_blocks
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.transport.buffers import BufferPool
-from kvrelay.workers.transport.ipc import export_ipc, import_ipc
+from kvrelay.workers.transport.ipc import (
+    IpcEvents,
+    device_ids,
+    export_ipc,
+    import_ipc,
+    open_event,
+    poll,
+)
 from kvrelay.workers.transport.link import Kind, Link
 from kvrelay.workers.transport.wire import (
     BROKEN,
@@ -67,6 +79,8 @@ from kvrelay.workers.transport.wire import (
 )
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 _CONFIRM_GRACE_S = 1.0  # the least a receiver waits for the sender's CONFIRM after its ACK
 
 
@@ -74,7 +88,9 @@ class BlockSource:
     """Blocks of the peer's KV cache, mapped here (same GPU), that a transfer names: valid until
     :meth:`read` (or :meth:`release`) acks them, and only while the channel lives.
     ``release(wait_until)``: ack; with a time, wait for the sender's word and say whether the
-    copy counts (False: it gave up first or is gone); with None, only ack (nobody reads)."""
+    copy counts (False: it gave up first or is gone); with None, only ack (nobody reads).
+    ``ready``: the sender's event to wait for before reading (None: it synchronised);
+    ``done``: our event to record after the copy, which the ack names (None: synchronise)."""
 
     def __init__(
         self,
@@ -83,22 +99,39 @@ class BlockSource:
         generation: int,
         crc: int | None,
         release: Callable[[float | None], bool],
+        ready: Any = None,  # torch.cuda.Event, opened from the peer's handle
+        done: Any = None,  # torch.cuda.Event, ours (IpcEvents.done)
     ) -> None:
         self.cache = cache
         self.block_ids = block_ids
         self.generation = generation
         self._crc = crc
         self.release = release
+        self._ready = ready
+        self._done = done
 
     def read(self, fn: Callable[[torch.Tensor, torch.Tensor], T], deadline: float) -> T:
-        """``fn(cache, block_ids)`` (device work on the current stream), waited for, then acked.
-        TransferError when the sender gave up before the ack (its blocks may have changed) or
-        did not confirm it by ``deadline`` (at least _CONFIRM_GRACE_S after the ack)."""
+        """``fn(cache, block_ids)`` (device work on the current stream; ``block_ids`` on the
+        cache's device), finished (synchronised, or our done event recorded for the sender to
+        wait on), then acked. TransferError when the sender gave up before the ack (its blocks
+        may have changed) or did not confirm it by ``deadline`` (at least _CONFIRM_GRACE_S
+        after the ack); its CONFIRM comes only once the copy finished."""
         try:
             with GPU_GATE.work():
-                out = fn(self.cache, self.block_ids)
-                if self.cache.is_cuda:
-                    torch.cuda.current_stream(self.cache.device).synchronize()
+                if not self.cache.is_cuda:
+                    out = fn(self.cache, self.block_ids)
+                else:
+                    stream = torch.cuda.current_stream(self.cache.device)
+                    ids = device_ids(self.block_ids, self.cache.device)
+                    if self._ready is not None:
+                        self._await_ready(stream)
+                    try:
+                        out = fn(self.cache, ids)
+                    finally:  # whatever was launched must finish before the sender moves on
+                        if self._done is not None:
+                            self._done.record(stream)
+                        else:
+                            stream.synchronize()
                 crc = (
                     None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
                 )
@@ -110,6 +143,16 @@ class BlockSource:
         if crc != self._crc:
             raise TransferError("checksum mismatch in the peer's blocks")
         return out
+
+    def _await_ready(self, stream: torch.cuda.Stream) -> None:
+        """Order our copy after the sender's writes: on the device, unless its ready event
+        already completed (the usual case: then no cross-process wait at all, which matters
+        because a wait on the event of a sender that died is undefined behaviour)."""
+        try:
+            if not self._ready.query():
+                stream.wait_event(self._ready)
+        except RuntimeError as exc:  # a CUDA error on the peer's event (say, the peer died)
+            raise TransferError(f"the sender's ready event: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +244,9 @@ class Channel:
         buffers: BufferPool,
         on_break: Callable[[], None],
         on_header: Callable[[Header], None] | None = None,
+        events: IpcEvents | None = None,
     ) -> None:
+        """``events``: this side's IPC events for the peer (same GPU; None: host syncs)."""
         self.prefix = prefix
         self.rank = rank
         self.peer_rank = 1 - rank
@@ -222,6 +267,9 @@ class Channel:
         self._staged: dict[int, Arrival] = {}  # copied out and acked, delivered on the CONFIRM
         self._ipc_imports: dict[str, torch.Tensor] = {}  # peer stage mappings by handle
         self._ipc_caches: dict[tuple[str, int, int], torch.Tensor] = {}  # peer caches (uint8)
+        self.events = events
+        self._peer_ready: dict[str, Any] = {}  # the peer's ready events (reader thread)
+        self._peer_done: dict[bytes, Any] = {}  # the peer's done events (sender, send lock)
         self._state_lock = threading.Lock()
         self.send_seq = 0
         self.recv_seq = 0
@@ -279,18 +327,25 @@ class Channel:
                 "cache_shape": list(kv_cache.shape),
             }
             with GPU_GATE.work():
-                header = Header(
-                    seq=seq,
-                    transfer_id=transfer_id,
-                    dtype=kv_cache.dtype,
-                    shape=shape,
-                    nbytes=payload_nbytes(shape, kv_cache.dtype),
-                    crc=checksum(pack_blocks(kv_cache, block_ids)) if crc else None,
-                    ipc=ipc,
-                )
+                crc_value = checksum(pack_blocks(kv_cache, block_ids)) if crc else None
                 # the blocks' last writes (stream-ordered before this call) must land before
-                # the peer, on another stream of another process, reads them
-                torch.cuda.current_stream(kv_cache.device).synchronize()
+                # the peer, on another stream of another process, reads them: its copy waits
+                # for our ready event on the device (or, without events, we wait here)
+                stream = torch.cuda.current_stream(kv_cache.device)
+                if self.events is not None:
+                    self.events.ready.record(stream)
+                    ipc["ready"] = self.events.ready_handle
+                else:
+                    stream.synchronize()
+            header = Header(
+                seq=seq,
+                transfer_id=transfer_id,
+                dtype=kv_cache.dtype,
+                shape=shape,
+                nbytes=payload_nbytes(shape, kv_cache.dtype),
+                crc=crc_value,
+                ipc=ipc,
+            )
             self._publish_and_await(header, deadline)
             return header.nbytes
 
@@ -341,9 +396,29 @@ class Channel:
 
     def _publish_and_await(self, header: Header, deadline: float) -> None:
         """Send an IPC header on the link and wait for the peer's ack (it stopped reading our
-        memory); past the deadline the ack no longer counts (link.py)."""
+        memory, or names the event that completes when it did); past the deadline the ack no
+        longer counts (link.py)."""
         assert self.link is not None
-        if not self.link.publish(header.seq, header.encode().encode(), deadline):
+        link = self.link
+
+        def settle(ack: bytes) -> bool:
+            """An empty ack: the peer synchronised its copy. Otherwise it names its done
+            event, recorded after the copy: poll it (our blocks stay as they are till then)."""
+            if not ack:
+                return True
+            done = self._peer_done.get(ack)
+            if done is None:
+                with GPU_GATE.work():
+                    done = open_event(ack, self._device)
+                _keep_recent(self._peer_done, ack, done, 2)
+
+            def finished() -> bool:
+                with GPU_GATE.work():
+                    return bool(done.query())
+
+            return poll(finished, deadline, lambda: link.down is not None)
+
+        if not link.publish(header.seq, header.encode().encode(), deadline, settle):
             raise TransferError("deadline passed before the peer copied the payload")
 
     # ---- receiving (reader thread) -----------------------------------------------------------
@@ -422,15 +497,32 @@ class Channel:
     ) -> BlockSource:
         assert self.link is not None
         link, seq = self.link, header.seq
+        assert header.ipc is not None
+        handle = header.ipc.get("ready")  # the sender did not synchronise: wait for this
         with GPU_GATE.work():  # opening a peer's handle maps device memory
             cache = self._peer_cache(header, cache_shape)
+            ready = None if handle is None else self._peer_ready_event(handle)
+        done = self.events.done if self.events is not None else None
+        body = self.events.done_handle if self.events is not None else b""
         return BlockSource(
             cache,
             torch.tensor(ids, dtype=torch.long),
             self.generation,
             header.crc,
-            lambda wait_until: link.ack(seq, wait_until),
+            lambda wait_until: link.ack(seq, wait_until, body),
+            ready=ready,
+            done=done,
         )
+
+    def _peer_ready_event(self, handle: object) -> Any:
+        """The peer's ready event named in a header, opened once per channel."""
+        if not isinstance(handle, str):
+            raise TransferError("malformed ready event handle")
+        event = self._peer_ready.get(handle)
+        if event is None:
+            event = open_event(handle, self._device)
+            _keep_recent(self._peer_ready, handle, event, 2)  # one per channel
+        return event
 
     def _peer_cache(self, header: Header, cache_shape: tuple[int, ...]) -> torch.Tensor:
         """The peer's KV cache named by ``header``, mapped once per channel (opening a handle
@@ -533,9 +625,7 @@ class Channel:
         return not self._reader.is_alive()
 
 
-def _keep_recent(
-    mappings: dict[Any, torch.Tensor], key: Any, mapped: torch.Tensor, keep: int
-) -> None:
+def _keep_recent(mappings: dict[K, V], key: K, mapped: V, keep: int) -> None:
     """Remember a mapping of the peer's memory as the most recent; drop the oldest past ``keep``."""
     mappings.pop(key, None)
     mappings[key] = mapped

@@ -18,8 +18,11 @@ same GPU (matched by UUID): CUDA IPC handles (ipc.py). NCCL for peers on differe
 GPUs is not built yet: they use gloo with host staging. On the same GPU ``send_blocks`` sends
 no bytes: the header names blocks of the sender's cache (mapped by the peer once per channel)
 and the receiver's ``recv_blocks`` copies them into its own blocks in one device pass; the
-send returns once the receiver acked that copy, so it completes only while the peer receives.
-Its control path is one header out and one ack back on the link, no store round trip.
+send returns once the receiver's copy finished, so it completes only while the peer receives.
+Its control path is one header out and one ack back on the link, no store round trip, and no
+host synchronisation on either side: the copy is ordered after the sender's writes, and the
+sender's return after the copy, by CUDA IPC events (ipc.py; ``ipc_events=False``, or a platform
+without them: each side synchronises its stream instead).
 
 Both sides must call: a transfer is ``send(peer, tid, ...)`` on one side and ``recv(peer, tid,
 ...)`` on the other, each from any thread and in any order; the first call on a pair creates the
@@ -42,6 +45,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -50,10 +54,11 @@ import torch
 import torch.distributed as dist
 
 from kvrelay.kernels import copy_blocks, pack_blocks, unpack_blocks
+from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.transport import wire
 from kvrelay.workers.transport.buffers import BufferPool, Counters, PeerStats, TransportStats
 from kvrelay.workers.transport.channel import Arrival, Channel, Inbox
-from kvrelay.workers.transport.ipc import gpu_uuid
+from kvrelay.workers.transport.ipc import IpcEvents, device_ids, gpu_uuid
 from kvrelay.workers.transport.link import Link, accept_link, connect_link
 from kvrelay.workers.transport.wire import Header, TransferError
 
@@ -104,6 +109,9 @@ class _Pair:
     inbox: Inbox = field(default_factory=Inbox)
     channel: Channel | None = None
     generation: int = 0
+    # same GPU: this side's IPC events of the pair's latest channels (the live one's last),
+    # kept a few channels longer: a broken channel's peer may still use its imports
+    events: deque[IpcEvents] = field(default_factory=lambda: deque(maxlen=4))
 
 
 class KVTransport:
@@ -121,13 +129,16 @@ class KVTransport:
         max_message_bytes: int = 16 << 30,
         staging_bytes: int = 1 << 30,
         on_header: Callable[[Header], None] | None = None,
+        ipc_events: bool = True,
     ) -> None:
         """``bind_host`` / ``interface``: where gloo listens (default: loopback; multi-host: the
         node's routable address, or an interface name; ``GLOO_SOCKET_IFNAME`` is honoured when
         neither is given). ``timeout_s``: default per-transfer deadline and gloo's op timeout.
         ``staging_bytes``: idle host staging buffers kept for reuse (pack and receive targets).
         ``on_header``: called on a reader thread when a transfer's header arrived and its payload
-        is about to be received (transfer-started metrics, fault-injection in tests)."""
+        is about to be received (transfer-started metrics, fault-injection in tests).
+        ``ipc_events``: on one GPU, order block copies with CUDA IPC events instead of a stream
+        synchronisation on each side (used where the platform has them)."""
         self.worker_id = wire.validate_worker_id(worker_id)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive: {timeout_s}")
@@ -141,6 +152,7 @@ class KVTransport:
         self._checksum = checksum
         self._max_message_bytes = max_message_bytes
         self._on_header = on_header
+        self._ipc_events = ipc_events
         self._lock = threading.Lock()
         self._pairs: dict[str, _Pair] = {}
         self._counters = Counters(self.worker_id)
@@ -246,7 +258,10 @@ class KVTransport:
         def take(arrival: Arrival, deadline: float) -> int:
             if arrival.source is not None:
                 arrival.source.read(
-                    lambda cache, src: copy_blocks(cache, src, kv_cache, ids), deadline
+                    lambda cache, src: copy_blocks(
+                        cache, src, kv_cache, device_ids(ids, kv_cache.device)
+                    ),
+                    deadline,
                 )
             else:
                 assert arrival.payload is not None
@@ -335,6 +350,14 @@ class KVTransport:
         if channel is None or channel.broken is not None:
             return None
         return "cuda-ipc" if channel.pg is None else "gloo"
+
+    def ipc_events(self, peer: str) -> bool:
+        """Whether the live channel to ``peer`` orders same-GPU copies with CUDA IPC events
+        (False: host synchronisations, another path, or no channel yet)."""
+        with self._lock:
+            pair = self._pairs.get(peer)
+        channel = pair.channel if pair is not None else None
+        return channel is not None and channel.broken is None and channel.events is not None
 
     def close(self) -> None:
         """Stop every channel (readers end, groups abort). Idempotent."""
@@ -426,6 +449,12 @@ class KVTransport:
         def bump_epoch() -> None:  # both sides may call it; the compare-and-set bumps once
             self._ctl.compare_set(epoch_key, str(epoch), str(epoch + 1))
 
+        events = None
+        if same_gpu and self._ipc_events:
+            with GPU_GATE.work():
+                events = IpcEvents.create(self.device)  # None: the platform has none
+            if events is not None:
+                pair.events.append(events)
         link = self._link(target, deadline, bump_epoch) if same_gpu else None
         pg = None if same_gpu else self._gloo_group(target.prefix, target.rank)
         return Channel(
@@ -442,6 +471,7 @@ class KVTransport:
             buffers=self._buffers,
             on_break=bump_epoch,
             on_header=self._on_header,
+            events=events,
         )
 
     def _link(self, target: _Target, deadline: float, bump_epoch: Callable[[], None]) -> Link:

@@ -9,17 +9,19 @@ one socket. Per transfer::
 
     sender (its send lock held)                   receiver
     HEADER seq, header  ── own connection ──▶    reader thread: map the memory, hand it on
-    read the ACK itself  ◀──────────────────     ACK seq (the copy finished: we stopped reading)
-    CONFIRM seq, return  ──────────────────▶    reader: CONFIRM seq (the copy counts)
+    read the ACK itself  ◀──────────────────     ACK seq [body] (we stopped reading, or: our
+    settle(body): wait until the copy is done           copy is queued, body names the event
+    CONFIRM seq, return  ──────────────────▶           that completes after it; ipc.py)
+                                                 reader: CONFIRM seq (the copy counts)
 
 so the sender's path is one message each way, plus the CONFIRM it writes before returning.
 Peers on one GPU share a host; the link assumes they also share its network namespace (abstract
 Unix names live there), as Ray workers of one node do.
 
 Agreement between the sender's deadline and the receiver's ack: the sender alone reads its
-ACKs, so whether the ACK came before its deadline is its own decision, and it writes the CONFIRM
-only for an ACK it counted; past the deadline it stops reading, never confirms, and breaks the
-channel. The receiver counts its copy only on the CONFIRM, so it never keeps bytes the sender
+ACKs, so whether the ACK came (and settled) before its deadline is its own decision, and it writes
+the CONFIRM only for an ACK it counted; past the deadline it stops reading, never confirms, and
+breaks the channel. The receiver counts its copy only on the CONFIRM, so it never keeps bytes the sender
 may already have reused. A dead peer closes both sockets (EOF): every waiter on either side
 fails at once.
 
@@ -74,10 +76,17 @@ class Link:
         self.down: str | None = None  # why the link is closed
 
     # ---- sender ----------------------------------------------------------------------------
-    def publish(self, seq: int, header: bytes, deadline: float) -> bool:
+    def publish(
+        self,
+        seq: int,
+        header: bytes,
+        deadline: float,
+        settle: Callable[[bytes], bool] | None = None,
+    ) -> bool:
         """Send a header, read its ACK and confirm it: True; False when the deadline passed
-        first (we stop reading: a later ACK is never confirmed). TransferError when the link is
-        down."""
+        first (we stop reading: a later ACK is never confirmed). ``settle(ack body)``, when
+        given, runs between the ACK and the CONFIRM: False (it gave up at the deadline) means no
+        CONFIRM and False. TransferError when the link is down."""
         try:
             self._out.send(Kind.HEADER, seq, header)
             while True:
@@ -90,6 +99,8 @@ class Link:
                 if frame.kind != Kind.ACK:
                     raise TransferError(f"frame kind {frame.kind} where an ACK belongs")
                 if frame.seq == seq:  # (an older seq's ACK came after its sender gave up)
+                    if settle is not None and not settle(frame.body):
+                        return False
                     self._out.send(Kind.CONFIRM, seq)
                     return True
         except (OSError, EOFError) as exc:
@@ -103,17 +114,18 @@ class Link:
             pass
 
     # ---- receiver --------------------------------------------------------------------------
-    def ack(self, seq: int, wait_until: float | None) -> bool:
-        """Tell the sender we stopped reading its memory for ``seq``. With ``wait_until``: wait
-        for its CONFIRM and return whether the copy counts (False: it gave up first, the link
-        went down, or no answer by then). Without: only send (the CONFIRM then comes out of
+    def ack(self, seq: int, wait_until: float | None, body: bytes = b"") -> bool:
+        """Tell the sender we stopped reading its memory for ``seq`` (or, with a ``body`` the
+        sender's settle understands, when we will have). With ``wait_until``: wait for its
+        CONFIRM and return whether the copy counts (False: it gave up first, the link went
+        down, or no answer by then). Without: only send (the CONFIRM then comes out of
         :meth:`recv`); True when sent."""
         if wait_until is None:
-            return self._try_ack(seq)
+            return self._try_ack(seq, body)
         with self._cv:
             self._verdicts[seq] = False
         try:
-            if not self._try_ack(seq):
+            if not self._try_ack(seq, body):
                 return False
             with self._cv:
                 while not self._verdicts[seq] and self.down is None:
@@ -161,9 +173,9 @@ class Link:
         self._out.close()
         self._inp.close()
 
-    def _try_ack(self, seq: int) -> bool:
+    def _try_ack(self, seq: int, body: bytes) -> bool:
         try:
-            self._inp.send(Kind.ACK, seq)
+            self._inp.send(Kind.ACK, seq, body)
             return True
         except OSError:
             return False
