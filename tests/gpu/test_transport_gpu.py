@@ -122,6 +122,40 @@ def test_back_to_back_transfers_in_both_directions_carry_the_blocks_as_they_were
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("modes", ["events", "sync", "mixed"])
+def test_back_to_back_transfers_with_the_writes_or_the_copy_still_in_flight(modes: str) -> None:
+    """Without host syncs the device alone orders the copy after the sender's writes and the
+    sender's return after the copy: every round one side delays its GPU work, and nothing a
+    test does here synchronises a stream. Rounds 0, 1 mod 4: the sender queues a sleep before
+    writing its blocks, so they are still being written when send_blocks is called (a receiver
+    that copied without waiting for the sender's ready event gets the previous round's
+    scribble). Rounds 2, 3 mod 4: the receiver queues a sleep before receiving, so its copy
+    runs late (a sender that returned before the receiver's done event completed has its
+    scribble copied). ``mixed``: this side with IPC events, the peer without (they interoperate)."""
+    store, port = start_rendezvous_store()
+    peer_events = modes == "events"
+    peer = run_peer("alternate_in_flight", port, int(peer_events))
+    with KVTransport(
+        "a", "127.0.0.1", port, device="cuda", timeout_s=60, ipc_events=modes != "sync"
+    ) as a:
+        modes_seen: list[bool] = []
+        ok = alternate_in_flight(a, "b", me=0, events=modes_seen)
+        stats = a.stats().peers["b"]
+        got = peer_result(peer)
+    assert ok == got["ok"] == [True] * (ROUNDS // 2)
+    assert modes_seen == [modes != "sync"] * (ROUNDS - 1)  # one channel, never broken
+    assert got["events"] == [peer_events] * (ROUNDS - 1)
+    assert stats.transfers_sent == stats.transfers_received == ROUNDS // 2
+    assert stats.bytes_sent == got["bytes_received"] and stats.failures == 0
+    assert (
+        stats.bytes_received
+        == got["bytes_sent"]
+        == sum(len(round_plan(k)[1]) * BLOCK_BYTES for k in range(ROUNDS) if k % 2 == 1)
+    )
+    del store
+
+
+@pytest.mark.gpu
 def test_a_receiver_that_dies_mid_transfer_fails_the_send_within_its_deadline() -> None:
     store, port = start_rendezvous_store()
     victim = run_peer("die_on_header", port)
@@ -240,6 +274,38 @@ def alternate(
     return ok
 
 
+SLEEP_CYCLES = 20_000_000  # torch.cuda._sleep: ~10 ms of one GPU thread at ~2 GHz
+
+
+def alternate_in_flight(t: KVTransport, other: str, me: int, events: list[bool]) -> list[bool]:
+    """As :func:`alternate`, but every write is device work queued without a host sync, and
+    one side's work is delayed on the device each round (the test's docstring). ``events``:
+    whether the channel used IPC events after each of this side's transfers but the last."""
+    base = {0: source_cache("cuda", seed=20), 1: source_cache("cuda", seed=21)}
+    cache = base[me].clone()
+    inbox = torch.zeros((64, *GEOMETRY), device="cuda")
+    ok = []
+    for k in range(ROUNDS):
+        sender, src, dst = round_plan(k)
+        if sender == me:
+            src_ids = torch.tensor(src, device="cuda")  # (uploaded before the sleep)
+            values = base[me].index_select(0, src_ids) + k
+            if k % 4 < 2:
+                torch.cuda._sleep(SLEEP_CYCLES)  # the blocks are written after send_blocks
+            cache.index_copy_(0, src_ids, values)
+            t.send_blocks(other, f"r{k}", cache, src)
+            cache.index_fill_(0, src_ids, -1.0)  # runs at once unless the peer's copy is late
+        else:
+            if k % 4 >= 2:
+                torch.cuda._sleep(SLEEP_CYCLES)  # our copy runs ~10 ms after the header
+            t.recv_blocks(other, f"r{k}", inbox, dst)
+            want = source_cache("cpu", seed=20 + 1 - me)[src] + k
+            ok.append(torch.equal(bits(inbox[dst]), bits(want)))
+        if k < ROUNDS - 1:
+            events.append(t.ipc_events(other))
+    return ok
+
+
 def _peer(scenario: str, port: int, args: list[str]) -> dict:
     if scenario == "receive":
         with KVTransport("d", "127.0.0.1", port, device="cuda", timeout_s=60) as d:
@@ -268,6 +334,19 @@ def _peer(scenario: str, port: int, args: list[str]) -> dict:
         with KVTransport("b", "127.0.0.1", port, device="cuda", timeout_s=60) as b:
             ok = alternate(b, "a", me=1)
             return {"ok": ok, "bytes_received": b.stats().peers["a"].bytes_received}
+    if scenario == "alternate_in_flight":
+        with KVTransport(
+            "b", "127.0.0.1", port, device="cuda", timeout_s=60, ipc_events=args[0] == "1"
+        ) as b:
+            seen: list[bool] = []
+            ok = alternate_in_flight(b, "a", me=1, events=seen)
+            stats = b.stats().peers["a"]
+            return {
+                "ok": ok,
+                "events": seen,
+                "bytes_received": stats.bytes_received,
+                "bytes_sent": stats.bytes_sent,
+            }
     if scenario == "die_on_header":
         with KVTransport(
             "d",
