@@ -1,7 +1,8 @@
 """KV handoff throughput of the transport against a plain copy of the same bytes.
 
     python benchmarks/transfer_bench.py                  # CPU: gloo over loopback
-    python benchmarks/transfer_bench.py --device cuda    # one GPU: the same-GPU CUDA IPC path
+    python benchmarks/transfer_bench.py --device cuda    # one GPU: the same-GPU CUDA IPC path,
+                                                         # with IPC events, then with host syncs
     python benchmarks/transfer_bench.py --control        # CPU: the same-GPU path's control round
                                                          # trip (link vs the store it replaced)
 
@@ -22,6 +23,12 @@ fastest of 12 in this run); the fraction is copy time / handoff time (median of 
 iterations after two warm-up ones). The same-GPU path does one device pass
 over the payload, so 1.0 is its ceiling; gloo packs, moves (two kernel copies over loopback TCP)
 and unpacks. The fixed time per transfer is the 1-block row's time less its copy's.
+
+On CUDA, ``--ipc-events both`` (the default) runs the table twice, each with fresh processes:
+the same-GPU path ordered by CUDA IPC events (no host sync on either side), then with a stream
+synchronisation on each side (``KVTransport(ipc_events=False)``, the path before). At the end
+of each run both sides' counters must agree: bytes and transfers the sender sent = what the
+receiver received and the other way round (pings, pongs, acks), and no failures on either side.
 """
 
 from __future__ import annotations
@@ -64,9 +71,11 @@ def acked(t: KVTransport, peer: str) -> bool:
     return t.path(peer) != "cuda-ipc"
 
 
-def receiver(port: int, device_name: str, plan: list[tuple[int, int]]) -> None:
+def receiver(port: int, device_name: str, plan: list[tuple[int, int]], events: bool) -> None:
     device = torch.device(device_name)
-    with KVTransport("bench-d", "127.0.0.1", port, device=device, timeout_s=120) as d:
+    with KVTransport(
+        "bench-d", "127.0.0.1", port, device=device, timeout_s=120, ipc_events=events
+    ) as d:
         cache = torch.zeros((cache_blocks(plan), *GEOMETRY), device=device)
         for it in range(20):  # tiny round trips (latency floor)
             d.recv("bench-p", f"ping{it}")
@@ -79,8 +88,9 @@ def receiver(port: int, device_name: str, plan: list[tuple[int, int]]) -> None:
                 if ack:
                     sync(device)
                     d.send("bench-p", f"ack{n_blocks}.{it}", torch.zeros(1, device=device))
-        received = d.stats().peers["bench-p"].bytes_received
-        d.send("bench-p", "received", torch.tensor([received], dtype=torch.int64))
+        s = d.stats().peers["bench-p"]
+        counts = [s.bytes_received, s.transfers_received, s.bytes_sent, s.transfers_sent]
+        d.send("bench-p", "received", torch.tensor([*counts, s.failures], dtype=torch.int64))
 
 
 def copy_time(nbytes: int, device: torch.device, reps: int = 12) -> float:
@@ -110,6 +120,7 @@ def one_block_header(seq: int) -> Header:
         "handle": "ab" * 64, "storage_size": BLOCK_BYTES * 1024, "storage_offset": 0,
         "ref_handle": "/torch_12345_1234567890_0", "ref_offset": 0, "event_handle": "cd" * 64,
         "event_sync": True, "blocks": [seq % 1024], "cache_shape": [1024, *GEOMETRY],
+        "ready": "ef" * 64,
     }  # fmt: skip
     shape = (1, *GEOMETRY)
     return Header(seq, f"b1.{seq}", torch.float32, shape, BLOCK_BYTES, ipc=ipc)
@@ -216,6 +227,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 256, 1024])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument(
+        "--ipc-events",
+        choices=["on", "off", "both"],
+        default="both",
+        help="same GPU: order the copy with CUDA IPC events (on), host syncs (off), or both runs",
+    )
+    parser.add_argument(
         "--control", action="store_true", help="only the same-GPU control round trip, on CPU"
     )
     args = parser.parse_args()
@@ -229,11 +246,20 @@ def main() -> None:
         torch.cuda.set_device(0)
         device = torch.device("cuda", 0)
     plan = [(n, args.iters) for n in args.blocks]
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.ipc_events]
+    for events in modes if device.type == "cuda" else [True]:
+        handoff(device, plan, events)
+
+
+def handoff(device: torch.device, plan: list[tuple[int, int]], events: bool) -> None:
+    """One table: the plan's rows between this process and a spawned receiver."""
     store, port = start_rendezvous_store()
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-    child = ctx.Process(target=receiver, args=(port, str(device), plan))
+    child = ctx.Process(target=receiver, args=(port, str(device), plan, events))
     child.start()
-    with KVTransport("bench-p", "127.0.0.1", port, device=device, timeout_s=120) as p:
+    with KVTransport(
+        "bench-p", "127.0.0.1", port, device=device, timeout_s=120, ipc_events=events
+    ) as p:
         cache = torch.randn((cache_blocks(plan), *GEOMETRY), device=device)
         rtts = []
         for it in range(20):
@@ -247,6 +273,8 @@ def main() -> None:
             str(p.path("bench-d"))
         ]
         done = "+ one-element ack back" if ack else "(returns once the receiver copied)"
+        if p.path("bench-d") == "cuda-ipc":
+            path += ", IPC events" if p.ipc_events("bench-d") else ", host syncs"
         print(f"\n## KV transfer, {path}; one iteration = send_blocks {done}")
         print(f"cache: {cache.shape[0]} blocks of {BLOCK_BYTES} B on each side, on {device}")
         print(f"tiny round trip (send + recv of one element each way): {rtt * 1e3:.3f} ms\n")
@@ -281,14 +309,18 @@ def main() -> None:
             )
         if fixed is not None:
             print(f"\nfixed time per transfer (1-block row less its copy): {fixed * 1e3:.3f} ms")
-        stats = p.stats().peers["bench-d"]
-        received = int(p.recv("bench-d", "received")[0])
+        before = p.stats().peers["bench-d"]
+        theirs = p.recv("bench-d", "received").tolist()  # [5] int64: the receiver's counters
+        s = p.stats().peers["bench-d"]
         print(
-            f"sender counters: {stats.bytes_sent} bytes in {stats.transfers_sent} transfers; "
-            f"receiver counted {received} bytes received"
+            f"sender sent {s.bytes_sent} bytes in {s.transfers_sent} transfers, received "
+            f"{before.bytes_received} in {before.transfers_received}, {s.failures} failures; "
+            f"the receiver received {theirs[0]} in {theirs[1]}, sent {theirs[2]} in "
+            f"{theirs[3]}, {theirs[4]} failures"
         )
-        if received != stats.bytes_sent:
-            raise SystemExit("the receiver's byte counter disagrees with the sender's")
+        mine = [s.bytes_sent, s.transfers_sent, before.bytes_received, before.transfers_received]
+        if theirs != [*mine, 0] or s.failures or s.transfers_received != mine[3] + 1:
+            raise SystemExit("the two sides' counters disagree (or a transfer failed)")
         child.join(60)  # before our transport closes: the receiver may still map our memory
     del store
 
