@@ -17,8 +17,8 @@ it stopped reading, and only then may the sender reuse or free the memory.
 The handle names the *sender's* device index; the receiver opens it on its own index for the
 same GPU (peers are matched by GPU UUID, so differing ``CUDA_VISIBLE_DEVICES`` are fine).
 
-``send_blocks`` without host synchronisation (:class:`IpcEvents`, one pair of interprocess
-events per peer): the sender records its ``ready`` event after the blocks' writes instead of
+``send_blocks`` without host synchronisation (:class:`IpcEvents`, two interprocess events per
+side of a channel): the sender records its ``ready`` event after the blocks' writes instead of
 synchronising its stream, and the header names it; the receiver's copy waits for it on the
 device (``stream.wait_event``, skipped when it already completed), then the receiver records its
 own ``done`` event instead of synchronising, and its ACK carries that event's handle; the sender
@@ -130,8 +130,8 @@ class IpcEvents:
     transfer it was made for, and the protocol orders the next record after that read.
     ``ready`` is recorded by a send, which holds the channel's send lock until the peer's ACK
     (its device wait was issued before it acked) and our poll of its ``done``; ``done`` is
-    recorded by the receive of the peer's next header, which the peer sends only after it saw
-    our previous ``done`` complete. Kept a few channels past their own (kv_transport's
+    recorded by our receive of each header, and the peer sends its next header only after it
+    saw the previous ``done`` complete. Kept a few channels past their own (kv_transport's
     ``_Pair``): an operation on an import after its exporter destroyed the event is undefined,
     and a broken channel's peer may still hold one.
     """
