@@ -64,7 +64,12 @@ def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineCon
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,
-        sparse=SparseConfig(cfg.sparse_attention, cfg.sparse_budget, heads_path=cfg.sparse_heads),
+        sparse=SparseConfig(
+            cfg.sparse_attention,
+            cfg.sparse_budget,
+            shortlist_steps=cfg.sparse_shortlist_steps,
+            heads_path=cfg.sparse_heads,
+        ),
     )
 
 

@@ -116,6 +116,8 @@ class ServeConfig(BaseModel):
     metadata_interval_s: float = 5.0
     sparse_attention: str = "off"  # off | decode | prefill | both (workers/model/sparse_attention.py)
     sparse_budget: int = 4096  # decode tokens a dense head reads beyond its first and last pages
+    # decode steps a shortlist is kept and re-ranked exactly (SparseConfig.shortlist_steps)
+    sparse_shortlist_steps: int = 1
     sparse_heads: str | None = None  # streaming-head mask (kvrelay calibrate-heads); None: beside
     # the model if there is one, else every head dense
 
@@ -150,7 +152,7 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be > 0, got {v}")
         return v
 
-    @field_validator("semi_pd_prefill_tokens")
+    @field_validator("semi_pd_prefill_tokens", "sparse_shortlist_steps")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
@@ -172,12 +174,23 @@ class ServeConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _shortlist_within_a_block(self) -> ServeConfig:
+        # a kept shortlist misses at most the one block filled since (SparseAttention)
+        if self.sparse_shortlist_steps > self.block_size:
+            raise ValueError(
+                f"sparse_shortlist_steps ({self.sparse_shortlist_steps}) must be <= block_size "
+                f"({self.block_size})"
+            )
+        return self
+
     @field_validator("sparse_budget")
     @classmethod
     def _not_negative(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be >= 0, got {v}")
         return v
+
 
     @field_validator("policy", "preemption_mode", "router", "metadata_parser", "sparse_attention")
     @classmethod
@@ -396,6 +409,10 @@ def add_sparse_arguments(p: argparse.ArgumentParser) -> None:
                    help="LServe/SampleAttention sparse attention in decode, prefill or both")
     p.add_argument("--sparse-budget", type=int, default=S,
                    help="decode tokens a dense head reads beyond its first and last 64-token pages")
+    p.add_argument("--sparse-shortlist-steps", type=int, default=S,
+                   help="decode steps a shortlist of blocks is kept and re-ranked exactly by "
+                        "each step's query before the bounds are scored anew (default 1: every "
+                        "step)")
     p.add_argument("--sparse-heads", default=S,
                    help="streaming-head mask from `kvrelay calibrate-heads` (default: the one "
                         "beside the model, if any; else every head dense)")
@@ -406,7 +423,12 @@ def sparse_settings(args: argparse.Namespace) -> dict[str, Any]:
     generate``), ServeConfig's defaults for the flags not given."""
     given = {k: v for k, v in vars(args).items() if k.startswith("sparse_")}
     cfg = ServeConfig(**given)
-    return {"mode": cfg.sparse_attention, "budget": cfg.sparse_budget, "heads_path": cfg.sparse_heads}
+    return {
+        "mode": cfg.sparse_attention,
+        "budget": cfg.sparse_budget,
+        "shortlist_steps": cfg.sparse_shortlist_steps,
+        "heads_path": cfg.sparse_heads,
+    }
 
 
 __all__ = [

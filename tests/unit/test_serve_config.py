@@ -159,3 +159,32 @@ def test_semi_pd_settings_are_validated(values: dict, match: str) -> None:
 
     with pytest.raises(ConfigError, match=match):
         ServeConfig.load(**values)
+
+
+def test_sparse_flags_reach_the_engine_config(tmp_path) -> None:
+    from kvrelay.cluster.runtime.actors import worker_engine_config
+
+    cfg = _parse("--sparse-attention", "decode", "--sparse-budget", "1024",
+                 "--sparse-shortlist-steps", "2")  # fmt: skip
+    sparse = worker_engine_config(cfg).sparse
+    assert sparse is not None
+    assert (sparse.mode, sparse.budget, sparse.shortlist_steps) == ("decode", 1024, 2)
+    assert _parse().sparse_shortlist_steps == 1
+    path = tmp_path / "serve.yaml"
+    path.write_text("sparse_shortlist_steps: 4\n")
+    assert _parse("--config", str(path)).sparse_shortlist_steps == 4
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"sparse_shortlist_steps": 0}, "must be >= 1"),
+        ({"sparse_shortlist_steps": 17}, "<= block_size"),
+        ({"sparse_shortlist_steps": 9, "block_size": 8}, "<= block_size"),
+    ],
+)
+def test_sparse_shortlist_steps_are_validated(values: dict, match: str) -> None:
+    from kvrelay.cluster.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ServeConfig.load(**values)
