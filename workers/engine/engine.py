@@ -198,11 +198,16 @@ class Engine:
             self.capture_graphs()
 
     def capture_graphs(self) -> int:
-        """Capture every decode graph a step of this engine can use, now (``capture_graphs``);
-        the number captured (0 without graphs: CPU, or off)."""
-        if self.runner.graphs is None:
-            return 0
-        return self.runner.graphs.capture_all(max_batch=self.config.max_num_seqs)
+        """Capture every decode graph and prefill bucket a step of this engine can use, now
+        (``capture_graphs``); the number of decode graphs and prefill buckets captured (0
+        without graphs: CPU, or off)."""
+        runner = self.runner
+        n = 0
+        if runner.graphs is not None:
+            n += runner.graphs.capture_all(max_batch=self.config.max_num_seqs)
+        if runner.prefill is not None and runner.prefill.capture_graphs:
+            n += runner.prefill.capture_all(max_tokens=self.config.max_num_batched_tokens)
+        return n
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
