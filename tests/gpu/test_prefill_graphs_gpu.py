@@ -64,6 +64,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 STEPS = [
     [(0, 1)],
+    [(0, 65)],  # just above the smallest bucket
     [(0, 255)],
     [(0, 256)],  # T == bucket
     [(0, 257)],  # just above a bucket
@@ -166,7 +167,7 @@ def test_engine_tokens_equal_with_graphs_on_and_off(
     on, ours = run(capture=True)  # every bucket up to 512 captured up front
     prefill = on.engine.runner.prefill
     layers = on.engine.runner.model.config.num_layers
-    assert prefill is not None and prefill.num_graphs == 2 * (layers + 1)  # buckets 256, 512
+    assert prefill is not None and prefill.num_graphs == 4 * (layers + 1)  # 64, 128, 256, 512
     assert on.engine.runner.prefill_graph_steps > 0 and prefill.replays > 0
     monkeypatch.setenv("KVRELAY_PREFILL_GRAPHS", "0")
     off, theirs = run(capture=False)

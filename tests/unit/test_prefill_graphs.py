@@ -88,14 +88,14 @@ def _cache_close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def test_token_buckets() -> None:
-    assert token_buckets(1) == (TOKEN_STEP,)
-    assert token_buckets(512) == (256, 512)
-    assert token_buckets(513) == (256, 512, 768)
+    assert token_buckets(1) == (64, 128, TOKEN_STEP)
+    assert token_buckets(512) == (64, 128, 256, 512)
+    assert token_buckets(513) == (64, 128, 256, 512, 768)
     with pytest.raises(ValueError):
         token_buckets(0)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 255, 256, 257, 512, 700])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 65, 128, 129, 255, 256, 257, 512, 700])
 def test_one_prompt_equals_the_plain_forward(tokens: int) -> None:
     pair = _Pair(_model())
     seq = pair.seq(tokens)

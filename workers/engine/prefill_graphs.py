@@ -2,8 +2,10 @@
 attention runs eagerly between the pieces, so a step issues L + 1 graph replays and L attention
 kernels instead of ~10 launches per layer from Python.
 
-A step's T packed tokens are padded to a token bucket of P rows (multiples of ``TOKEN_STEP``
-up to ``max_tokens``; a step past the cap runs eagerly, where kernel time dwarfs launch cost).
+A step's T packed tokens are padded to a token bucket of P rows (64, 128, then multiples of
+``TOKEN_STEP`` up to ``max_tokens``: short prompts and small mixed decode + chunk steps pad to a
+small bucket, longer ones waste at most 255 rows; a step past the cap runs eagerly, where kernel
+time dwarfs launch cost).
 The pieces read and write static buffers shared by every bucket (a bucket uses their first P
 rows), and attention runs on the real T rows only (its grid depends on the sequences)::
 
@@ -46,16 +48,18 @@ from kvrelay.workers.model.llama import AttentionMetadata, DecoderLayer, LlamaMo
 
 log = logging.getLogger(__name__)
 
-TOKEN_STEP = 256  # bucket granularity: at most 255 padded rows (small-M GEMMs are weight-bound)
+SMALL_BUCKETS = (64, 128)
+TOKEN_STEP = 256  # bucket granularity above them: at most 255 padded rows
 MAX_TOKENS = 2048  # the default cap; the engine's default chunk is 512 tokens
 
 
 def token_buckets(max_tokens: int) -> tuple[int, ...]:
-    """Multiples of ``TOKEN_STEP`` up to ``max_tokens`` rounded up to one."""
+    """``SMALL_BUCKETS``, then multiples of ``TOKEN_STEP`` up to ``max_tokens`` rounded up to
+    one."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     top = -(-max_tokens // TOKEN_STEP)
-    return tuple(TOKEN_STEP * k for k in range(1, top + 1))
+    return (*SMALL_BUCKETS, *(TOKEN_STEP * k for k in range(1, top + 1)))
 
 
 class PrefillGraphs:
