@@ -23,7 +23,8 @@ and positions are whatever an earlier step left (always valid ones, 0 at first),
 piece works row by row, attention never reads them, and their outputs are dropped. Each piece
 copies its outputs (x, q) into the static buffers, so no tensor of the graph pool lives past its
 piece: the pieces of every bucket share one pool and take only the largest piece's
-intermediates of memory (the copies cost ~2% of the kernel time at 1k tokens for the 1B shape).
+intermediates of memory (the copies add ~2% to the kernel time at 1k tokens for the 1B shape,
+by the bytes they move; not measured).
 
 Without capture (CPU, or ``capture=False``) the same pieces run as plain calls over the same
 padded buffers: the tests compare that path with the plain forward.
