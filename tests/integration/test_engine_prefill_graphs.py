@@ -1,7 +1,7 @@
 """The engine with piecewise prefill (workers/engine/prefill_graphs.py; on CPU the pieces run
 eagerly over the padded buckets) against the plain forward, on the default model (fp32): the
 same greedy continuations under continuous batching, chunked prefill over cached contexts,
-mixed decode + prefill steps and prefix hits, with every step under the cap taken piecewise."""
+mixed decode + prefill steps and two prompts sharing a prefix, every step taken piecewise."""
 
 from __future__ import annotations
 
