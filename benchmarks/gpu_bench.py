@@ -397,7 +397,16 @@ def prefill_only(rate: float) -> None:
     del hf
     cache = torch.zeros(kv_cache_shape(config, max(PREFILL_LENS) // BS + 16, BS),
                         dtype=torch.bfloat16, device="cuda")  # fmt: skip
-    prefill_profile(ModelRunner(model, cache, BS), model, config, rate)
+    # both rows in one run: piecewise prefill graphs (workers/engine/prefill_graphs.py) off, on;
+    # past their cap (2048 tokens) a step runs eagerly either way
+    for graphs, key in ((False, "prefill_profile"), (True, "prefill_profile_graphs")):
+        say(f"  prefill graphs {'on' if graphs else 'off'}:")
+        runner = ModelRunner(model, cache, BS, use_prefill_graphs=graphs)
+        prefill_profile(runner, model, config, rate, key=key)
+        if runner.prefill is not None:
+            say(f"  prefill graphs: {runner.prefill.num_graphs} captured, "
+                f"{runner.prefill_graph_steps} of {runner.eager_steps} steps piecewise, "
+                f"{runner.prefill.replays} replays")  # fmt: skip
 
 
 def kv_section(cache: torch.Tensor, bw: float) -> None:
@@ -481,7 +490,7 @@ def profile_section(model: LlamaModel, cache: torch.Tensor, decode: dict[int, An
 
 
 def prefill_profile(runner: ModelRunner, model: LlamaModel, config: ModelConfig,
-                    rate: float) -> None:  # fmt: skip
+                    rate: float, key: str = "prefill_profile") -> None:  # fmt: skip
     """Issue 17's prefill at 1k: the step's wall time (CUDA events), the host's time to issue it
     and the kernel time by class, so a gap between wall and kernels (launch-bound host) is told
     from slow kernels, and each class against its share of the FLOP limit."""
@@ -495,7 +504,7 @@ def prefill_profile(runner: ModelRunner, model: LlamaModel, config: ModelConfig,
         say(f"  prefill T={t}: wall {wall:.3f} ms ({limit / wall:.2f} of the limit {limit:.3f} "
             f"ms), host issue+sync {host:.3f} ms")  # fmt: skip
         _say_profile(f"prefill T={t}", wall, total, classes, kernels_, top=12)
-        RESULTS.setdefault("prefill_profile", {})[t] = dict(
+        RESULTS.setdefault(key, {})[t] = dict(
             wall_ms=wall, host_ms=host, kernel_ms=total, limit_ms=limit, classes=classes
         )
 

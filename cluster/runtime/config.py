@@ -85,7 +85,7 @@ class ServeConfig(BaseModel):
     preemption_mode: str = "auto"  # auto | swap | recompute
     # overlap the host with the device (workers/engine/engine.py): None = on for CUDA workers
     overlap_schedule: bool | None = None
-    capture_graphs: bool = False  # every decode CUDA graph at worker start (EngineConfig's)
+    capture_graphs: bool = False  # every decode / prefill CUDA graph at worker start (EngineConfig's)
     handoff_timeout_s: float = 30.0
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503

@@ -72,9 +72,13 @@ class EngineConfig:
     # per step and always runs the plain path.
     overlap_schedule: bool | None = None
     # capture every decode CUDA graph a step can use (batches up to max_num_seqs, every table
-    # width) when the engine starts, not at each bucket's first step: that capture, and the
-    # Triton compiles of a new shape, stall the step (a sweep's first, "cold" rates paid them)
+    # width) and every prefill graph bucket up to max_num_batched_tokens tokens when the engine
+    # starts, not at each bucket's first step: that capture, and the Triton compiles of a new
+    # shape, stall the step (a sweep's first, "cold" rates paid them)
     capture_graphs: bool = False
+    # piecewise prefill graphs (workers/engine/prefill_graphs.py). None: on with the decode
+    # graphs on CUDA (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU runs the pieces eagerly (tests)
+    prefill_graphs: bool | None = None
 
 
 class _InFlight:
@@ -172,7 +176,10 @@ class Engine:
             recompute_tokens_per_s=config.recompute_tokens_per_s or 2000.0,
         )
         self.sparse = build_sparse(config.sparse, loaded, self.kv_cache)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, bs, sparse=self.sparse)
+        self.runner = ModelRunner(
+            loaded.model, self.kv_cache, bs, sparse=self.sparse,
+            use_prefill_graphs=config.prefill_graphs,
+        )  # fmt: skip
         self.sampler = Sampler(seed=config.seed)
         overlap = config.overlap_schedule
         self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and (
@@ -198,11 +205,16 @@ class Engine:
             self.capture_graphs()
 
     def capture_graphs(self) -> int:
-        """Capture every decode graph a step of this engine can use, now (``capture_graphs``);
-        the number captured (0 without graphs: CPU, or off)."""
-        if self.runner.graphs is None:
-            return 0
-        return self.runner.graphs.capture_all(max_batch=self.config.max_num_seqs)
+        """Capture every decode graph and prefill bucket a step of this engine can use, now
+        (``capture_graphs``); the number of decode graphs and prefill buckets captured (0
+        without graphs: CPU, or off)."""
+        runner = self.runner
+        n = 0
+        if runner.graphs is not None:
+            n += runner.graphs.capture_all(max_batch=self.config.max_num_seqs)
+        if runner.prefill is not None and runner.prefill.capture_graphs:
+            n += runner.prefill.capture_all(max_tokens=self.config.max_num_batched_tokens)
+        return n
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(

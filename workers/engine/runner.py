@@ -6,7 +6,9 @@ otherwise every row goes through the varlen prefill path (a decode row is a chun
 
 On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
 longest block table fit a captured bucket (and, with sparse decode, when the SparseAttention
-calls the step ``capturable``); the rest runs eagerly. Neither path synchronises the
+calls the step ``capturable``); any other step of at most ``max_prefill_tokens`` tokens with
+dense attention replays piecewise prefill graphs (workers/engine/prefill_graphs.py: everything
+but attention captured, attention eager); the rest runs eagerly. Neither path synchronises the
 host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
 a step is the caller reading the sampled tokens. The eager path's block tables persist across
 steps (workers/engine/block_tables.py): a row is sent when its sequence joins or changes blocks.
@@ -34,6 +36,7 @@ from kvrelay.workers.engine.cuda_graphs import (
     DecodeGraphs,
     host_to_device,
 )
+from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
@@ -162,6 +165,17 @@ def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:
     )
 
 
+def _prefill_graphs_enabled(
+    device: torch.device, use_cuda_graphs: bool | None, use_prefill_graphs: bool | None
+) -> bool:
+    if use_prefill_graphs is not None:
+        return use_prefill_graphs
+    return (
+        _graphs_enabled(device, use_cuda_graphs)
+        and os.environ.get("KVRELAY_PREFILL_GRAPHS", "1") != "0"
+    )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -173,6 +187,10 @@ class ModelRunner:
         max_graph_batch: int = BATCH_SIZES[-1],
         sparse: SparseAttention | None = None,  # opt-in; graphs replay its capturable steps
         # unless its config turns ``graphs`` off (sparse decode steps then run eagerly)
+        # None: with the decode graphs (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU: the
+        # piecewise path runs its pieces eagerly (tests compare it with the plain forward)
+        use_prefill_graphs: bool | None = None,
+        max_prefill_tokens: int = MAX_TOKENS,
     ) -> None:
         self.model = model
         self.sparse = sparse
@@ -188,9 +206,15 @@ class ModelRunner:
                 model, kv_cache, max_batch=max_graph_batch, max_blocks=max_blocks,
                 sparse=sparse_decode,
             )  # fmt: skip
+        self.prefill: PrefillGraphs | None = None
+        if model.config.num_layers and _prefill_graphs_enabled(
+            self.device, use_cuda_graphs, use_prefill_graphs
+        ):
+            self.prefill = PrefillGraphs(model, kv_cache, max_tokens=max_prefill_tokens)
         self.tables = BlockTables(self.device)  # the eager path's (graphs keep their own)
-        self.eager_steps = 0
+        self.eager_steps = 0  # steps not replaying a decode graph, piecewise prefill included
         self.graph_steps = 0
+        self.prefill_graph_steps = 0  # of the eager steps, those run by ``prefill``
         # entered around each forward pass: a semi-PD lane releases its storage lock there
         # and waits for its kernels before taking it back (workers/semi_pd/lanes.py)
         self.forward_guard: Callable[[], AbstractContextManager[object]] = nullcontext
@@ -229,7 +253,13 @@ class ModelRunner:
         self.eager_steps += 1
         inputs = prepare_inputs(items, self.block_size, self.device, prev, self.tables)
         inputs.attn.sparse = self.sparse
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
+        hidden = None
+        if self.prefill is not None and (self.sparse is None or not self.sparse.handles(decode)):
+            hidden = self.prefill.run(inputs.input_ids, inputs.positions, inputs.attn)
+            if hidden is not None:
+                self.prefill_graph_steps += 1
+        if hidden is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
         if not inputs.sampled:
             return torch.empty(0), inputs
         logits = self.model.compute_logits(hidden[inputs.logits_indices])

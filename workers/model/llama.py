@@ -138,8 +138,22 @@ class DecoderLayer(nn.Module):
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (stream after attention, this layer's MLP output)
         """One decoder layer; the stream it ends with is ``x' + delta'`` (the caller's next
-        add_rms_norm adds them, fused with the norm that reads the sum)."""
-        tokens = x.shape[0]
+        add_rms_norm adds them, fused with the norm that reads the sum). The three parts are
+        separate so that piecewise prefill graphs (workers/engine/prefill_graphs.py) can capture
+        all but the attention."""
+        q, x = self.pre_attention(x, delta, positions, rope, kv_cache, attn.slot_mapping)
+        return self.post_attention(self.attention(q, kv_cache, attn), x)
+
+    def pre_attention(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        delta: torch.Tensor | None,  # [T, hidden] or None (layer 0)
+        positions: torch.Tensor,  # [T] int64
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [T] int64, -1 = do not write
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, H, D], stream [T, hidden])
+        """Input norm, qkv, RoPE; rotated K and V written to the cache."""
         if delta is None:
             h = kernels.rms_norm(x, self.input_norm, self.eps)
         else:
@@ -147,27 +161,38 @@ class DecoderLayer(nn.Module):
         qkv = kernels.linear(h, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
         # q, k rotated in place in qkv; rotated K and V written to the cache
         q = kernels.rope_write_kv(
-            qkv, *rope, positions, kv_cache, self.layer_idx, attn.slot_mapping, self.num_heads
+            qkv, *rope, positions, kv_cache, self.layer_idx, slot_mapping, self.num_heads
         )  # [T, H, D]
+        return q, x
+
+    def attention(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:  # [T, H, D]
         sparse = attn.sparse
         if sparse is not None and sparse.handles(attn.is_decode):
             run = sparse.decode if attn.is_decode else sparse.prefill
-            o = run(self.layer_idx, q, kv_cache, attn, self.scale)
-        elif attn.is_decode:
-            o = kernels.paged_decode_attention(
+            return run(self.layer_idx, q, kv_cache, attn, self.scale)
+        if attn.is_decode:
+            return kernels.paged_decode_attention(
                 q, kv_cache, self.layer_idx, attn.block_tables, attn.context_lens, self.scale
             )
-        else:
-            o = kernels.paged_prefill_attention(
-                q,
-                kv_cache,
-                self.layer_idx,
-                attn.block_tables,
-                attn.query_start_loc,
-                attn.context_lens,
-                self.scale,
-            )
-        o = kernels.linear(o.reshape(tokens, self.q_size), self.o_weight, self.o_bias)
+        return kernels.paged_prefill_attention(
+            q,
+            kv_cache,
+            self.layer_idx,
+            attn.block_tables,
+            attn.query_start_loc,
+            attn.context_lens,
+            self.scale,
+        )
+
+    def post_attention(
+        self,
+        o: torch.Tensor,  # [T, H, D] or [T, H * D] attention output
+        x: torch.Tensor,  # [T, hidden] stream
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (stream after attention, this layer's MLP output)
+        """o projection, residual add + post-attention norm, SwiGLU MLP."""
+        o = kernels.linear(o.reshape(x.shape[0], self.q_size), self.o_weight, self.o_bias)
         h, x = kernels.add_rms_norm(o, x, self.post_attn_norm, self.eps)
         up = kernels.silu_mul(kernels.linear(h, self.gate_up_weight))  # [T, inter]
         return x, kernels.linear(up, self.down_weight)
@@ -207,13 +232,20 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
         attn: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], final norm applied
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed_tokens(input_ids)
         delta: torch.Tensor | None = None
         rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers:
             x, delta = layer(x, delta, positions, rope, kv_cache, attn)
+        return self.final_norm(x, delta)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        return F.embedding(input_ids, self.embed)
+
+    def final_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's stream plus its pending MLP output (None: no layers), normed."""
         eps = self.config.rms_norm_eps
-        if delta is None:  # no layers
+        if delta is None:
             return kernels.rms_norm(x, self.norm, eps)
         return kernels.add_rms_norm(delta, x, self.norm, eps).out
 
