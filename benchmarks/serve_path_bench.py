@@ -37,7 +37,9 @@ import torch
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
 from kvrelay.benchmarks.multiturn_bench import settled_stats, stats_delta
 from kvrelay.benchmarks.serve_ratio import (
+    count_line,
     cpu_s,
+    path_counts,
     path_pids,
     prompts,
     serve_config,
@@ -113,6 +115,7 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                 before, c0 = settled_stats(cluster), cpu_s(pids)
                 t0s = {p: thread_cpu_s(pids[p]) for p in PROCS}
                 objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
+                counts0 = path_counts(cluster)
                 arrivals, t0, usage = pool.apply(
                     stream_load, (cluster.ports["grpc_port"], batch, args.max_tokens)
                 )
@@ -139,6 +142,9 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     and row["engine"]["decode_tokens_computed"] == n * (args.max_tokens - 1)
                     and row["engine"]["prompt_tokens_computed"] == n * args.prompt
                 )
+                row["per_token"], counted = count_line(
+                    counts0, path_counts(cluster), tokens, sum(map(len, arrivals)), n
+                )
                 rows.append(row)
                 if args.threads:
                     for p in PROCS:
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     f"{row['engine']}, {'ok' if row['counters_agree'] else 'MISMATCH'}",
                     flush=True,
                 )
+                print(counted, flush=True)
         assert not cluster.call("debug_flights"), "requests left in flight"
     return rows
 
