@@ -236,9 +236,11 @@ class RemoteBackend:
                 if not events:
                     continue
                 event = merge_events(events)
+                # the controller ended the request: nothing to stop, also when the frontend
+                # closes this generator at the last event instead of asking for more
+                finished = event.finish_reason is not None
                 yield event
-                if event.finish_reason is not None:
-                    finished = True
+                if finished:
                     return
             raise error
         finally:
