@@ -17,17 +17,25 @@ neighbours; the CPU per token does much less.
 Checks per rep: the clients received N*T tokens, the server's ``usage`` says the same, and the
 worker's engine computed N*(T-1) decode tokens and N*P prompt tokens (its first token comes from
 the prefill step). ``--py-spy``: record the controller and driver with py-spy (``--nonblocking``,
-collapsed stacks into ``--out``) during the first rep of the largest batch.
+collapsed stacks into ``--out``) during the first rep of the largest batch. Also per rep, counted:
+the worker's ``on_events`` calls, the event stream's objects and the gRPC messages per token, the
+driver's Ray calls per request. ``--controller-share S``: the controller process runs S of every
+10 ms during the reps (SIGSTOP / SIGCONT), so that it is the stage that falls behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +45,9 @@ import torch
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
 from kvrelay.benchmarks.multiturn_bench import settled_stats, stats_delta
 from kvrelay.benchmarks.serve_ratio import (
+    count_line,
     cpu_s,
+    path_counts,
     path_pids,
     prompts,
     serve_config,
@@ -95,6 +105,33 @@ def py_spy(binary: str, pid: int, seconds: int, path: Path) -> subprocess.Popen[
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def throttled(pid: int, share: float | None, period_s: float = 0.01) -> Iterator[None]:
+    """``share`` of every ``period_s`` the process runs, the rest it is stopped (SIGSTOP /
+    SIGCONT from a thread here): a stage made the slowest of the path, to see how the path
+    behaves when that stage falls behind. None: not throttled."""
+    if share is None:
+        yield
+        return
+    done = threading.Event()
+
+    def cycle() -> None:
+        while not done.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(period_s * (1 - share))
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(period_s * share)
+
+    thread = threading.Thread(target=cycle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        os.kill(pid, signal.SIGCONT)
+
+
 def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
     vocab = SHAPES["micro"]["vocab_size"]
     rows = []
@@ -113,9 +150,11 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                 before, c0 = settled_stats(cluster), cpu_s(pids)
                 t0s = {p: thread_cpu_s(pids[p]) for p in PROCS}
                 objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
-                arrivals, t0, usage = pool.apply(
-                    stream_load, (cluster.ports["grpc_port"], batch, args.max_tokens)
-                )
+                counts0 = path_counts(cluster)
+                with throttled(pids["controller"], args.controller_share):
+                    arrivals, t0, usage = pool.apply(
+                        stream_load, (cluster.ports["grpc_port"], batch, args.max_tokens)
+                    )
                 c1 = cpu_s(pids)
                 objects = (cluster.frontends.event_batches() if cluster.frontends else 0) - objects0
                 t1s = {p: thread_cpu_s(pids[p]) for p in PROCS}
@@ -139,6 +178,9 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     and row["engine"]["decode_tokens_computed"] == n * (args.max_tokens - 1)
                     and row["engine"]["prompt_tokens_computed"] == n * args.prompt
                 )
+                row["per_token"], counted = count_line(
+                    counts0, path_counts(cluster), tokens, sum(map(len, arrivals)), n
+                )
                 rows.append(row)
                 if args.threads:
                     for p in PROCS:
@@ -152,6 +194,7 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     f"{row['engine']}, {'ok' if row['counters_agree'] else 'MISMATCH'}",
                     flush=True,
                 )
+                print(counted, flush=True)
         assert not cluster.call("debug_flights"), "requests left in flight"
     return rows
 
@@ -183,6 +226,12 @@ def main() -> int:
     ap.add_argument("--py-spy", default=None, help="py-spy binary: profile the first big rep")
     ap.add_argument("--spy-s", type=int, default=8, help="seconds py-spy records")
     ap.add_argument("--threads", action="store_true", help="CPU per token by thread name")
+    ap.add_argument(
+        "--controller-share",
+        type=float,
+        default=None,
+        help="run the controller only this share of each 10 ms (SIGSTOP/SIGCONT) during reps",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     # what serve_config reads (serve_ratio's CPU settings)

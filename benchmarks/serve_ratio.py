@@ -270,6 +270,47 @@ def cpu_s(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def path_counts(cluster: Cluster) -> dict[str, int]:
+    """Counters of the path's messages so far: the worker's ``on_events`` calls received by
+    the controller and their tokens, the event stream's Ray objects received by the driver,
+    and the driver's Ray calls to the controller by method."""
+    counters = cluster.call("counters")
+    fronts = cluster.frontends
+    return {
+        "event_deliveries": counters["event_deliveries"],
+        "event_tokens": counters["event_tokens"],
+        "stream_objects": fronts.event_batches() if fronts else 0,
+        **{f"driver_calls.{k}": v for k, v in (fronts.backend_calls() if fronts else {}).items()},
+    }
+
+
+def count_line(
+    before: dict[str, int], after: dict[str, int], tokens: int, chunks: int, requests: int
+) -> tuple[dict[str, float], str]:
+    """Per token, what crossed each hop during a rep (counted): worker -> controller Ray calls,
+    controller -> driver stream objects, driver -> client gRPC messages; and the driver's Ray
+    calls to the controller per request, by method."""
+    moved = {k: after[k] - before.get(k, 0) for k in after}
+    per_token = {
+        "ray_calls_worker_to_controller": moved["event_deliveries"] / tokens,
+        "stream_objects": moved["stream_objects"] / tokens,
+        "grpc_messages": chunks / tokens,
+    }
+    calls = {
+        k.split(".", 1)[1]: v / requests
+        for k, v in sorted(moved.items())
+        if k.startswith("driver_calls.") and v
+    }
+    line = (
+        f"  per token: {per_token['ray_calls_worker_to_controller']:.4f} on_events calls "
+        f"({moved['event_tokens'] / max(1, moved['event_deliveries']):.1f} tokens a call), "
+        f"{per_token['stream_objects']:.4f} stream objects, {per_token['grpc_messages']:.3f} "
+        f"gRPC messages; driver->controller calls a request: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in calls.items())
+    )
+    return per_token | {f"calls_per_request.{k}": v for k, v in calls.items()}, line
+
+
 def rss_mb(pids: dict[str, int]) -> dict[str, int]:
     page = os.sysconf("SC_PAGE_SIZE")
     return {
@@ -292,6 +333,7 @@ def served(
             for r in range(args.reps):
                 before, c0 = settled_stats(cluster), cpu_s(pids)
                 objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
+                counts0 = path_counts(cluster)
                 arrivals, t0, usage = spread_load(
                     pools, port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens
                 )
@@ -310,6 +352,9 @@ def served(
                 row["stream_objects"] = objects
                 row["cpu_us_per_token"] = {p: 1e6 * (c1[p] - c0[p]) / row["tokens"] for p in pids}
                 row["rss_mb"] = rss_mb(pids)
+                row["per_token"], counted = count_line(
+                    counts0, path_counts(cluster), row["tokens"], sum(map(len, arrivals)), n
+                )
                 out[n].append(row)
                 print(f"served N={n} rep {r}: {brief(row)}", flush=True)
                 cpu = " ".join(f"{p} {v:.1f}" for p, v in row["cpu_us_per_token"].items())
@@ -318,6 +363,7 @@ def served(
                     f"CPU us/token: {cpu}; RSS MB {row['rss_mb']}",
                     flush=True,
                 )
+                print(counted, flush=True)
         assert not cluster.call("debug_flights"), "requests left in flight"
     return out, devices
 

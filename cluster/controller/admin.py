@@ -184,6 +184,8 @@ class Admin:
             "migrations": self.preemption.migrations_done,
             "migration_recomputes": self.preemption.recomputes_done,
             "in_flight": len(self.state.flights),
+            "event_deliveries": self.counts.event_deliveries,
+            "event_tokens": self.counts.event_tokens,
         }
 
 

@@ -403,6 +403,8 @@ class Controller:
         worker's deliveries; they are applied in that order (event_order.py), whatever order
         the actor runs the calls in. None, or a worker no longer registered (late calls of a
         failed one, nothing of it left to order): applied as it comes."""
+        self.counts.event_deliveries += 1
+        self.counts.event_tokens += sum(len(e.token_ids) for e in events)
         if seq is not None and worker_id in self.state.workers:
             events = self._event_order.accept(worker_id, seq, events)
         for event in events:

@@ -34,6 +34,8 @@ class DispatchCounters:
     resubmissions: int = 0  # requests restarted after their worker died
     pulls: int = 0  # prefixes pulled from a peer instead of recomputed
     pull_bytes: int = 0
+    event_deliveries: int = 0  # ``on_events`` calls received (one per worker sink call)
+    event_tokens: int = 0  # tokens in them
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import gc
 import itertools
 import logging
@@ -91,25 +92,50 @@ class _ControllerSink:
     cluster/controller/event_order.py). Numbering and submitting happen under one lock, since
     a semi-PD worker's two lanes share the sink. The events go pickled by the C pickler
     (``on_events_pickled``): Ray's cloudpickle calls its Python ``reducer_override`` per event,
-    ~3x the cost on the worker's sender thread, which shares the GIL with the engine."""
+    ~3x the cost on the worker's sender thread, which shares the GIL with the engine.
 
-    def __init__(self, controller: Any) -> None:
+    ``in_flight``: at most this many calls unanswered (None: no bound). Before a new call the
+    sink waits until the call ``in_flight`` back was answered; the steps that come meanwhile
+    queue in the worker's outbox (workers/engine/outbox.py) and go out as one call. A
+    controller that falls behind then gets fewer, larger calls, where it got one call a step
+    at full price (Ray's share of a call, ~0.5 ms of the controller's CPU here, does not grow
+    with its events). With 2 the controller always has the next call queued while it runs
+    one, so no call waits that it could have started. A wait lasts at most ``wait_s`` (then
+    the call goes anyway): a hung controller never holds the worker longer. Only for a sink
+    called on a sender thread: the semi-PD lanes call theirs on the engine thread (None)."""
+
+    def __init__(self, controller: Any, in_flight: int | None = None, wait_s: float = 1.0) -> None:
         self.controller = controller
+        self.in_flight = in_flight
+        self.wait_s = wait_s
         self._seq = itertools.count()
         self._lock = threading.Lock()
+        self._unanswered: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"controller": self.controller}  # a fresh count and lock where it is unpickled
+        # a fresh count, lock and record of calls where it is unpickled
+        return {"controller": self.controller, "in_flight": self.in_flight, "wait_s": self.wait_s}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.controller = state["controller"]
-        self._seq = itertools.count()
-        self._lock = threading.Lock()
+        self.__init__(**state)  # type: ignore[misc]
 
     def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
         with self._lock:
+            if self.in_flight is not None:
+                self._pace(self.in_flight)
             blob = pickle.dumps(events, protocol=5)
-            self.controller.on_events_pickled.remote(worker_id, blob, next(self._seq))
+            ref = self.controller.on_events_pickled.remote(worker_id, blob, next(self._seq))
+            if self.in_flight is not None:
+                self._unanswered.append(ref.future())
+
+    def _pace(self, in_flight: int) -> None:
+        """Wait until fewer than ``in_flight`` calls are unanswered (each wait <= wait_s)."""
+        calls = self._unanswered
+        while calls and calls[0].done():
+            calls.popleft()
+        while len(calls) >= in_flight:
+            concurrent.futures.wait([calls[0]], timeout=self.wait_s)
+            calls.popleft()  # answered (or failed: the controller is gone), or waited long enough
 
 
 class _ControllerNotice:
@@ -282,7 +308,8 @@ class ControllerActor(Controller):
             role,
             model=cfg.model,
             engine_config=engine_config,
-            sink=_ControllerSink(me),
+            # the semi-PD lanes call the sink on their engine threads: no waiting there
+            sink=_ControllerSink(me, in_flight=None if actor is SemiPDWorkerActor else 2),
             notice=_ControllerNotice(me),
             grace_s=cfg.preemption_grace_s,
             metadata=metadata,

@@ -167,6 +167,10 @@ class DriverFrontends:
         """Ray objects the controller's event stream has brought so far (benchmarks)."""
         return self.frontends.backend.batches_received if self.frontends is not None else 0
 
+    def backend_calls(self) -> dict[str, int]:
+        """Ray calls the backend has made to the controller so far, by method (benchmarks)."""
+        return dict(self.frontends.backend.calls) if self.frontends is not None else {}
+
     def close(self, flush_s: float = 0.0, gone: str | None = None) -> int:
         """Stop admitting, give the streams in flight up to ``flush_s`` to end, then stop the
         servers and the loop. ``gone``: why the controller is dead or hung; every request in

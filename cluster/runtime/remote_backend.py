@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -74,6 +75,7 @@ class RemoteBackend:
         self._reader: asyncio.Task[None] | None = None
         self._stream_id = ""
         self.batches_received = 0  # Ray objects the event stream brought (for benchmarks)
+        self.calls: Counter[str] = Counter()  # Ray calls made to the controller, by method
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -152,6 +154,7 @@ class RemoteBackend:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.death is not None:
             raise self._unavailable(self.death)
+        self.calls[method] += 1
         try:
             return await self._unless_gone(
                 getattr(self._controller, method).remote(*args, **kwargs)
@@ -233,14 +236,17 @@ class RemoteBackend:
                 if not events:
                     continue
                 event = merge_events(events)
+                # the controller ended the request: nothing to stop, also when the frontend
+                # closes this generator at the last event instead of asking for more
+                finished = event.finish_reason is not None
                 yield event
-                if event.finish_reason is not None:
-                    finished = True
+                if finished:
                     return
             raise error
         finally:
             del self._inboxes[rid]
             if not finished and self.death is None:  # the client went away (or an error)
+                self.calls["stop_request"] += 1
                 with contextlib.suppress(Exception):
                     self._controller.stop_request.remote(rid)
 
@@ -282,6 +288,7 @@ class RemoteBackend:
     ) -> None:
         """``RequestObserver``: one fire-and-forget call per ended request (not per token)."""
         if self.death is None:
+            self.calls["observe_request_finished"] += 1
             self._controller.observe_request_finished.remote(
                 model,
                 outcome,
