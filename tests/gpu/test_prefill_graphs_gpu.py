@@ -150,9 +150,7 @@ def test_host_launches_drop(loaded: LoadedModel) -> None:
     assert eager[0] == 0 and eager[1] > 0 and 2 * replayed[1] <= eager[1], (replayed, eager)
 
 
-def test_engine_tokens_equal_with_graphs_on_and_off(
-    make_gpu_llama: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_engine_tokens_equal_with_graphs_on_and_off(make_gpu_llama: Callable[..., Path]) -> None:
     folder = make_gpu_llama(seed=6)
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (3, 17, 300, 600, 900)]
@@ -160,7 +158,7 @@ def test_engine_tokens_equal_with_graphs_on_and_off(
 
     def run(capture: bool) -> tuple[LLM, list[list[int]]]:
         config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, num_blocks=512,
-                              capture_graphs=capture)  # fmt: skip
+                              capture_graphs=capture, prefill_graphs=capture)  # fmt: skip
         llm = LLM(str(folder), engine_config=config, dtype=torch.float32, device="cuda")
         return llm, [list(o.token_ids) for o in llm.generate(prompts, params)]
 
@@ -169,7 +167,6 @@ def test_engine_tokens_equal_with_graphs_on_and_off(
     layers = on.engine.runner.model.config.num_layers
     assert prefill is not None and prefill.num_graphs == 4 * (layers + 1)  # 64, 128, 256, 512
     assert on.engine.runner.prefill_graph_steps > 0 and prefill.replays > 0
-    monkeypatch.setenv("KVRELAY_PREFILL_GRAPHS", "0")
     off, theirs = run(capture=False)
     assert off.engine.runner.prefill is None and off.engine.runner.graph_steps > 0
     assert ours == theirs

@@ -19,10 +19,11 @@ GPUs is not built yet: they use gloo with host staging. On the same GPU ``send_b
 no bytes: the header names blocks of the sender's cache (mapped by the peer once per channel)
 and the receiver's ``recv_blocks`` copies them into its own blocks in one device pass; the
 send returns once the receiver's copy finished, so it completes only while the peer receives.
-Its control path is one header out and one ack back on the link, no store round trip, and no
-host synchronisation on either side: the copy is ordered after the sender's writes, and the
-sender's return after the copy, by CUDA IPC events (ipc.py; ``ipc_events=False``, or a platform
-without them: each side synchronises its stream instead).
+Its control path is one header out and one ack back on the link, no store round trip. With
+``ipc_events`` (opt-in, ``KVRELAY_IPC_EVENTS=1``, until it has run on a GPU) neither side
+synchronises the host: the copy is ordered after the sender's writes, and the sender's return
+after the copy, by CUDA IPC events (ipc.py); without them (the default, or a platform without
+IPC events) each side synchronises its stream instead.
 
 Both sides must call: a transfer is ``send(peer, tid, ...)`` on one side and ``recv(peer, tid,
 ...)`` on the other, each from any thread and in any order; the first call on a pair creates the
@@ -129,7 +130,7 @@ class KVTransport:
         max_message_bytes: int = 16 << 30,
         staging_bytes: int = 1 << 30,
         on_header: Callable[[Header], None] | None = None,
-        ipc_events: bool = True,
+        ipc_events: bool | None = None,
     ) -> None:
         """``bind_host`` / ``interface``: where gloo listens (default: loopback; multi-host: the
         node's routable address, or an interface name; ``GLOO_SOCKET_IFNAME`` is honoured when
@@ -138,7 +139,8 @@ class KVTransport:
         ``on_header``: called on a reader thread when a transfer's header arrived and its payload
         is about to be received (transfer-started metrics, fault-injection in tests).
         ``ipc_events``: on one GPU, order block copies with CUDA IPC events instead of a stream
-        synchronisation on each side (used where the platform has them)."""
+        synchronisation on each side (used where the platform has them); None: only with
+        ``KVRELAY_IPC_EVENTS=1`` (opt-in until the event path has run on a GPU)."""
         self.worker_id = wire.validate_worker_id(worker_id)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive: {timeout_s}")
@@ -152,6 +154,8 @@ class KVTransport:
         self._checksum = checksum
         self._max_message_bytes = max_message_bytes
         self._on_header = on_header
+        if ipc_events is None:
+            ipc_events = os.environ.get("KVRELAY_IPC_EVENTS", "0") == "1"
         self._ipc_events = ipc_events
         self._lock = threading.Lock()
         self._pairs: dict[str, _Pair] = {}
