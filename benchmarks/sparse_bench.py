@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -308,8 +309,11 @@ def decode_row(ctx: int, batch: int, args: argparse.Namespace, dev: str) -> dict
         return sparse.decode(0, q, cache, attn, scale)
 
     def made(reuse_steps: int) -> SparseAttention:
-        config = SparseConfig(mode="decode", budget=args.budget, reuse_steps=reuse_steps)
+        config = SparseConfig(mode="decode", budget=args.budget)
         sparse = SparseAttention(config, cache, streaming_mask(args.stream_fraction))
+        # set after construction: SparseAttention refuses reuse past a block (an engine would
+        # miss blocks), and "never again" is only this bench's way to time a reusing layer
+        sparse.config = dataclasses.replace(config, reuse_steps=reuse_steps)
         first_layer(sparse)  # first sight: bounds recomputed from the cache, a selection made
         first_layer(sparse)  # a steady step: selecting again or reusing
         return sparse
