@@ -77,8 +77,8 @@ class EngineConfig:
     # shape, stall the step (a sweep's first, "cold" rates paid them)
     capture_graphs: bool = False
     # piecewise prefill graphs (workers/engine/prefill_graphs.py). None: on with the decode
-    # graphs on CUDA if KVRELAY_PREFILL_GRAPHS=1 (opt-in until they have run on a GPU); True on
-    # CPU runs the pieces eagerly (tests)
+    # graphs on CUDA (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU runs the pieces eagerly (tests);
+    # the semi-PD lanes turn them off (workers/semi_pd/worker.py)
     prefill_graphs: bool | None = None
 
 

@@ -6,11 +6,10 @@ otherwise every row goes through the varlen prefill path (a decode row is a chun
 
 On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
 longest block table fit a captured bucket (and, with sparse decode, when the SparseAttention
-calls the step ``capturable``); with piecewise prefill graphs turned on (opt-in until they
-have run on a GPU: ``KVRELAY_PREFILL_GRAPHS=1`` or ``use_prefill_graphs``) any other step of at
-most ``max_prefill_tokens`` tokens with dense attention replays them
-(workers/engine/prefill_graphs.py: everything but attention captured, attention eager); the
-rest runs eagerly. Neither path synchronises the
+calls the step ``capturable``); any other step of at most ``max_prefill_tokens`` tokens with
+dense attention replays piecewise prefill graphs (workers/engine/prefill_graphs.py: everything
+but attention captured, attention eager; ``KVRELAY_PREFILL_GRAPHS=0`` or ``use_prefill_graphs``
+off); the rest runs eagerly. Neither path synchronises the
 host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
 a step is the caller reading the sampled tokens. The eager path's block tables persist across
 steps (workers/engine/block_tables.py): a row is sent when its sequence joins or changes blocks.
@@ -174,7 +173,7 @@ def _prefill_graphs_enabled(
         return use_prefill_graphs
     return (
         _graphs_enabled(device, use_cuda_graphs)
-        and os.environ.get("KVRELAY_PREFILL_GRAPHS", "0") == "1"
+        and os.environ.get("KVRELAY_PREFILL_GRAPHS", "1") != "0"
     )
 
 
@@ -189,8 +188,7 @@ class ModelRunner:
         max_graph_batch: int = BATCH_SIZES[-1],
         sparse: SparseAttention | None = None,  # opt-in; graphs replay its capturable steps
         # unless its config turns ``graphs`` off (sparse decode steps then run eagerly)
-        # None: with the decode graphs if KVRELAY_PREFILL_GRAPHS=1 (opt-in: not yet run on a
-        # GPU); True on CPU: the
+        # None: with the decode graphs (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU: the
         # piecewise path runs its pieces eagerly (tests compare it with the plain forward)
         use_prefill_graphs: bool | None = None,
         max_prefill_tokens: int = MAX_TOKENS,

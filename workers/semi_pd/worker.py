@@ -104,6 +104,11 @@ class SemiPDWorker(Worker):
         # the lanes run the plain step: the storage lock's rule (a block is released only after
         # the step that used it has synchronised) holds for it, not for a step left in flight
         config = replace(config, overlap_schedule=False)
+        # no piecewise prefill graphs in the lanes: a graph captured outside a green context
+        # runs on every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py,
+        # test_graph_replays_in_a_share_are_capped, H100 2026-12-06), so the prefill lane's
+        # replays would ignore its share; its eager kernels keep to it
+        config = replace(config, prefill_graphs=False)
         # builds the one storage; the decode lane captures its graphs on its own thread, inside
         # its SM share (below)
         decode = Engine(loaded, replace(config, capture_graphs=False), device=device)
