@@ -71,17 +71,35 @@ def test_green_context_share_caps_throughput() -> None:
     assert full_ctx > 0.8 * whole
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known (H100, 2026-12-06: 804 TFLOP/s replayed on a 25% share's stream vs 804 on "
+    "the whole GPU): a graph captured outside a green context runs on every SM, so the decode "
+    "lane's graph steps ignore the split; strict, so a torch/CUDA that caps it shows up",
+)
 def test_graph_replays_in_a_share_are_capped() -> None:
     """The decode lane replays CUDA graphs that torch captures on its own side stream (outside
     any green context): replayed on a 25 % share's stream they must still run in that share,
     or the decode lane's graphs would take every SM whatever the split says."""
+    _graph_replay_is_capped(capture_in_share=False)
+
+
+def test_graphs_captured_on_a_share_stream_are_capped() -> None:
+    """The fix the test above asks for, if CUDA records the green context in the captured
+    kernel nodes: capture on the share's own stream, then replays keep to the share (not run on
+    a GPU yet)."""
+    _graph_replay_is_capped(capture_in_share=True)
+
+
+def _graph_replay_is_capped(capture_in_share: bool) -> None:
     part = GreenContextPartition(0, [25, 100], Split(25, 100))
     a = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(a)
     torch.mm(a, a, out=out)  # cuBLAS picks its kernel outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    stream = part.stream(Lane.DECODE, 25) if capture_in_share else None
+    with torch.cuda.graph(graph, stream=stream):
         for _ in range(10):
             torch.mm(a, a, out=out)
 
