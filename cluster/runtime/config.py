@@ -191,7 +191,6 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be >= 0, got {v}")
         return v
 
-
     @field_validator("policy", "preemption_mode", "router", "metadata_parser", "sparse_attention")
     @classmethod
     def _choice(cls, v: str, info: Any) -> str:

@@ -28,9 +28,9 @@ lane thread's current torch stream; no context is pushed. Two things need the st
   green context although each context's default stream is a different queue: to the allocator
   both lanes were one stream, so a temporary one lane freed while its kernels were still queued
   could go straight to the other lane, whose kernels ran at once on their own queue: the
-  likely cause of the illegal memory access a heavy prefill burst hit on the H200 (not yet
-  confirmed by a GPU run; the hazard itself is
-  ``tests/gpu/test_semi_pd_gpu.py::test_lanes_never_get_each_others_freed_memory``).
+  likely cause of the illegal memory access a heavy prefill burst hit on the H200. With a
+  stream per lane the same burst ran clean on an H100 (2026-12-06, benchmarks/README.md), and
+  ``tests/gpu/test_semi_pd_gpu.py::test_lanes_never_get_each_others_freed_memory`` passed.
 
 A torch without ``GreenContext.Stream()`` (before 2.11 or so) gets the recording partition: the
 lanes share the SMs time-sliced on one stream, which is slower but safe.

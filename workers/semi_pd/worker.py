@@ -102,15 +102,14 @@ class SemiPDWorker(Worker):
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         # the lanes run the plain step: the storage lock's rule (a block is released only after
-        # the step that used it has synchronised) holds for it, not for a step left in flight
-        config = replace(config, overlap_schedule=False)
-        # no piecewise prefill graphs in the lanes: a graph captured outside a green context
-        # runs on every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py,
+        # the step that used it has synchronised) holds for it, not for a step left in flight;
+        # and no piecewise prefill graphs: a graph captured outside a green context runs on
+        # every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py,
         # test_graph_replays_in_a_share_are_capped, H100 2026-12-06), so the prefill lane's
-        # replays would ignore its share; its eager kernels keep to it
-        config = replace(config, prefill_graphs=False)
-        # builds the one storage; the decode lane captures its graphs on its own thread, inside
-        # its SM share (below)
+        # replays would ignore its share, where its eager kernels keep to it
+        config = replace(config, overlap_schedule=False, prefill_graphs=False)
+        # builds the one storage; the decode lane captures its graphs on its own thread after
+        # entering its SM share (below) — their replays still take every SM (same test)
         decode = Engine(loaded, replace(config, capture_graphs=False), device=device)
         # the prefill lane never decodes (a request moves to the decode lane after its first
         # token): sparse prefill at most there, no key bounds or page selection

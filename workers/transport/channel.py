@@ -406,11 +406,8 @@ class Channel:
             event, recorded after the copy: poll it (our blocks stay as they are till then)."""
             if not ack:
                 return True
-            done = self._peer_done.get(ack)
-            if done is None:
-                with GPU_GATE.work():
-                    done = open_event(ack, self._device)
-                _keep_recent(self._peer_done, ack, done, 2)
+            with GPU_GATE.work():
+                done = self._peer_event(self._peer_done, ack)
 
             def finished() -> bool:
                 with GPU_GATE.work():
@@ -518,10 +515,15 @@ class Channel:
         """The peer's ready event named in a header, opened once per channel."""
         if not isinstance(handle, str):
             raise TransferError("malformed ready event handle")
-        event = self._peer_ready.get(handle)
+        return self._peer_event(self._peer_ready, handle)
+
+    def _peer_event(self, opened: dict[Any, Any], handle: bytes | str) -> Any:
+        """The peer's event named by ``handle``, opened on first sight and kept in ``opened``
+        (one per channel: the last two kept)."""
+        event = opened.get(handle)
         if event is None:
             event = open_event(handle, self._device)
-            _keep_recent(self._peer_ready, handle, event, 2)  # one per channel
+            _keep_recent(opened, handle, event, 2)
         return event
 
     def _peer_cache(self, header: Header, cache_shape: tuple[int, ...]) -> torch.Tensor:
