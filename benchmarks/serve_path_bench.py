@@ -149,15 +149,15 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     ]
                 before, c0 = settled_stats(cluster), cpu_s(pids)
                 t0s = {p: thread_cpu_s(pids[p]) for p in PROCS}
-                objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
                 counts0 = path_counts(cluster)
                 with throttled(pids["controller"], args.controller_share):
                     arrivals, t0, usage = pool.apply(
                         stream_load, (cluster.ports["grpc_port"], batch, args.max_tokens)
                     )
                 c1 = cpu_s(pids)
-                objects = (cluster.frontends.event_batches() if cluster.frontends else 0) - objects0
                 t1s = {p: thread_cpu_s(pids[p]) for p in PROCS}
+                counts1 = path_counts(cluster)  # a controller call: after its CPU is read
+                objects = counts1["stream_objects"] - counts0["stream_objects"]
                 [moved] = stats_delta(settled_stats(cluster), before).values()
                 for s in spies:
                     s.wait()
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, pool: Any) -> list[dict[str, Any]]:
                     and row["engine"]["prompt_tokens_computed"] == n * args.prompt
                 )
                 row["per_token"], counted = count_line(
-                    counts0, path_counts(cluster), tokens, sum(map(len, arrivals)), n
+                    counts0, counts1, tokens, sum(map(len, arrivals)), n
                 )
                 rows.append(row)
                 if args.threads:

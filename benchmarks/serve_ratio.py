@@ -332,13 +332,13 @@ def served(
             out[n] = []
             for r in range(args.reps):
                 before, c0 = settled_stats(cluster), cpu_s(pids)
-                objects0 = cluster.frontends.event_batches() if cluster.frontends else 0
                 counts0 = path_counts(cluster)
                 arrivals, t0, usage = spread_load(
                     pools, port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens
                 )
                 c1 = cpu_s(pids)
-                objects = (cluster.frontends.event_batches() if cluster.frontends else 0) - objects0
+                counts1 = path_counts(cluster)
+                objects = counts1["stream_objects"] - counts0["stream_objects"]
                 moved = stats_delta(settled_stats(cluster), before)
                 row = summary(window(arrivals, t0))
                 row["usage_tokens"] = sum(usage)
@@ -353,7 +353,7 @@ def served(
                 row["cpu_us_per_token"] = {p: 1e6 * (c1[p] - c0[p]) / row["tokens"] for p in pids}
                 row["rss_mb"] = rss_mb(pids)
                 row["per_token"], counted = count_line(
-                    counts0, path_counts(cluster), row["tokens"], sum(map(len, arrivals)), n
+                    counts0, counts1, row["tokens"], sum(map(len, arrivals)), n
                 )
                 out[n].append(row)
                 print(f"served N={n} rep {r}: {brief(row)}", flush=True)
