@@ -294,9 +294,41 @@ def test_semi_pd_worker_on_cuda_matches_colocated(make_gpu_llama: Callable[..., 
             sink.tokens[f"c{i}"] for i in range(len(prompts))
         ]
         assert semi.split() == Split(30, 70) and semi.handovers == len(prompts)
+        graphs = semi.engine.runner.graphs
+        assert graphs is not None and graphs.set_key == 70  # the 70 % share's own graphs
         figures = semi.check_integrity()
         assert figures["used"] == 0 and figures["requests"] == 0 and figures["transit"] == 0
         assert semi.storage.copier.bytes == 0  # nothing copied between tiers or lanes
     finally:
         colocated.shutdown()
+        semi.shutdown()
+
+
+def test_decode_lane_captures_a_graph_set_per_share(make_gpu_llama: Callable[..., Path]) -> None:
+    """With ``capture_graphs`` the decode lane captures its graphs once per share it may
+    enter, each on that share's stream, and replays the set of the share it is in."""
+    config = EngineConfig(
+        max_num_seqs=4, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True
+    )
+    semi = SemiPDWorker(
+        "s",
+        "colocated",
+        model=str(make_gpu_llama(seed=3)),
+        engine_config=config,
+        sink=Sink(),
+        device="cuda",
+        dtype=torch.float32,
+        split=Split(100, 50),
+    )
+    try:
+        graphs = semi.engine.runner.graphs
+        assert graphs is not None and isinstance(semi.partition, GreenContextPartition)
+        shares = semi.partition.shares()
+        assert graphs.set_key == 50
+        per_set = graphs.num_graphs // len(shares)
+        assert per_set > 0 and graphs.num_graphs == per_set * len(shares)
+        semi.set_split(Split(100, 80))
+        semi.loop.call(lambda e: None)  # after the switch (commands run in order)
+        assert graphs.set_key == 80 and graphs.num_graphs == per_set * len(shares)
+    finally:
         semi.shutdown()

@@ -49,7 +49,7 @@ that fails anyway is not fatal: that bucket runs eagerly and is tried again late
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -152,6 +152,15 @@ class _Graph(NamedTuple):
     sparse: CapturedStep | None  # what a sparse step left in static tensors
 
 
+@dataclass(slots=True)
+class _GraphSet:
+    graphs: dict[tuple[int, int], _Graph]
+    # sparse steps reusing the selection the bucket's graph in ``graphs`` made
+    reuse_graphs: dict[tuple[int, int], _Graph]
+    # bucket (+ (1,) for a reusing graph) -> failed captures
+    capture_failures: dict[tuple[int, ...], int]
+
+
 class DecodeGraphs:
     """Decode-step graphs of one model and KV cache, captured lazily per bucket (or up front
     with :meth:`capture_all`). ``run`` returns None when a batch fits no bucket."""
@@ -181,13 +190,23 @@ class DecodeGraphs:
         self._sent_lens = [0] * b
         self._sent_width = 0
         self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        # sparse steps reusing the selection the bucket's graph in ``_graphs`` made
-        self._reuse_graphs: dict[tuple[int, int], _Graph] = {}
+        self._sets: dict[Hashable, _GraphSet] = {}
         self.row_ids = torch.arange(b, device=self.device)  # [max_batch] int64, for callers
         self.replays = 0
-        # bucket (+ (1,) for a reusing graph) -> failed captures
-        self.capture_failures: dict[tuple[int, ...], int] = {}
+        self.use_set(None, None)
+
+    def use_set(self, key: Hashable, stream: torch.cuda.Stream | None) -> None:
+        """Capture into and replay from graph set ``key`` from now on, capturing on ``stream``
+        (None: a private side stream of torch's). A semi-PD decode lane keeps one set per SM
+        share, captured on that share's green-context stream: a graph captured elsewhere runs
+        on every SM whatever stream replays it (workers/semi_pd/sm_partition.py)."""
+        graph_set = self._sets.get(key)
+        if graph_set is None:
+            graph_set = self._sets[key] = _GraphSet({}, {}, {})
+        self._graphs, self._reuse_graphs = graph_set.graphs, graph_set.reuse_graphs
+        self.capture_failures = graph_set.capture_failures
+        self._capture_stream = stream
+        self.set_key = key
 
     # ---- capture --------------------------------------------------------------------------
     def _table_view(self, rows: int, width: int) -> torch.Tensor:
@@ -241,7 +260,7 @@ class DecodeGraphs:
         self._tables.zero_()
         self._sent = [None] * self.max_batch
         ids, pos, attn = self._views(size, width)
-        stream = torch.cuda.Stream(self.device)
+        stream = self._capture_stream or torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._forward(ids, pos, attn, reuses)
@@ -249,7 +268,12 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with (
             GPU_GATE.capture(),
-            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            torch.cuda.graph(
+                graph,
+                pool=self._pool,
+                stream=self._capture_stream,
+                capture_error_mode="thread_local",
+            ),
         ):
             logits, captured = self._forward(ids, pos, attn, reuses)
         graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn, captured)
@@ -266,7 +290,8 @@ class DecodeGraphs:
 
     @property
     def num_graphs(self) -> int:
-        return len(self._graphs) + len(self._reuse_graphs)
+        """Graphs captured, in every set."""
+        return sum(len(g.graphs) + len(g.reuse_graphs) for g in self._sets.values())
 
     # ---- replay ---------------------------------------------------------------------------
     def bucket(self, batch: int, blocks: int) -> tuple[int, int] | None:
