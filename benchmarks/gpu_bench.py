@@ -390,6 +390,43 @@ def engine_only(bw: float) -> None:
     engine_section(model, config, batches=batches)
 
 
+def batch1(bw: float, deadline: float) -> None:
+    """Issue 17's batch-1 goals in one run: the 1B shape's graph step and whole Engine.step
+    (overlap off / on) at batch 1 beside compiled transformers (static cache) at batch 1 in the
+    same process, then the 8B shape's graph step at batch 1."""
+    say("\n## batch 1 (--b1): Llama-1B shape, bf16, random weights")
+    hf, model, config = build(SHAPES["1b"])
+    cache = torch.empty(kv_cache_shape(config, 2 * CTX // BS + 16, BS), dtype=torch.bfloat16,
+                        device="cuda").normal_(0, 0.5)  # fmt: skip
+    ours_decode(ModelRunner(model, cache, BS), model, config, bw, batches=(1,))
+    ours = dict(RESULTS["decode"][1])
+    cache = None  # type: ignore[assignment]
+    torch.cuda.empty_cache()
+    engine_section(model, config, batches=(1,))
+    model = None  # type: ignore[assignment]
+    torch.cuda.empty_cache()
+    if time.monotonic() < deadline:
+        hf_ms = hf_decode_ms(hf, 1, True)
+        RESULTS["b1_hf_compiled_ms"] = hf_ms
+        engine_ms = RESULTS["engine"][1]["on"]
+        say(f"  transformers decode b=  1: static+compile {hf_ms:7.3f} ms = {1e3 / hf_ms:5.0f} tok/s"
+            f" | ours: graph step {hf_ms / ours['gpu_ms']:.2f}x, sampled step "
+            f"{hf_ms / ours['step_ms']:.2f}x, Engine.step overlap on {hf_ms / engine_ms:.2f}x "
+            f"({1e3 / engine_ms:.0f} tok/s); graph step {ours['limit_ms'] / ours['gpu_ms']:.2f} "
+            f"of the bandwidth limit {ours['limit_ms']:.3f} ms")  # fmt: skip
+    hf = None
+    torch.cuda.empty_cache()
+    say("\n## batch 1 (--b1): Llama-8B shape, bf16, random weights")
+    hf, model, config = build(SHAPES["8b"])
+    hf = None
+    torch.cuda.empty_cache()
+    cache = torch.empty(kv_cache_shape(config, 2 * CTX // BS + 16, BS), dtype=torch.bfloat16,
+                        device="cuda").normal_(0, 0.5)  # fmt: skip
+    ours_decode(ModelRunner(model, cache, BS), model, config, bw, batches=(1,))
+    RESULTS["b1_8b"] = RESULTS["decode"].pop(1)
+    RESULTS["decode"][1] = ours
+
+
 def prefill_only(rate: float) -> None:
     """Issue 17's prefill check: the 1B shape at 1k and 8k tokens, timed and profiled."""
     say("\n## Llama-1B shape, bf16, random weights (--prefill-only)")
@@ -641,6 +678,8 @@ def main() -> None:
                         help="1B: Engine.step (overlap off / on) vs the graph step, b 1/32/128")
     parser.add_argument("--prefill-only", action="store_true",
                         help="1B: prefill at 1k and 8k, wall vs host vs kernel time by class")
+    parser.add_argument("--b1", action="store_true",
+                        help="batch 1: 1B graph step, Engine.step and compiled transformers; 8B")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     import transformers
@@ -668,7 +707,13 @@ def main() -> None:
             prefill_only(rate)
         except Exception:
             say(f"prefill FAILED:\n{traceback.format_exc()}")
-    for name in [] if args.quick or args.engine_only or args.prefill_only else args.models.split(","):
+    if args.b1:
+        try:
+            batch1(bw, deadline)
+        except Exception:
+            say(f"b1 FAILED:\n{traceback.format_exc()}")
+    only = args.quick or args.engine_only or args.prefill_only or args.b1
+    for name in [] if only else args.models.split(","):
         try:
             bench_model(name, bw, rate, batches, deadline, name in args.check_only.split(","))
         except Exception:

@@ -58,6 +58,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
     sparse_decode) run sparse_decode 90 python3 benchmarks/sparse_bench.py --parts decode \
         --contexts 32768 65536 131072 --out "$RES/sparse_decode.json" ;;
     engine) run engine 120 python3 benchmarks/gpu_bench.py --engine-only --out "$RES/engine" ;;
+    b1) run b1 "${B1_S:-300}" python3 benchmarks/gpu_bench.py --b1 --out "$RES/b1" ;;
     prefill) run prefill "${PREFILL_S:-180}" python3 benchmarks/gpu_bench.py --prefill-only --out "$RES/prefill" ;;
     gemv) run gemv 150 python3 benchmarks/gemv_bench.py --out "$RES/gemv.json" ;;
     overhead) run overhead 60 python3 benchmarks/step_overhead.py --device cuda --batches 32 128 \
