@@ -114,8 +114,12 @@ class SemiPDWorker(Worker):
         # test_graph_replays_in_a_share_are_capped, H100 2026-12-06), so the prefill lane's
         # replays would ignore its share, where its eager kernels keep to it
         config = replace(config, overlap_schedule=False, prefill_graphs=False)
-        # builds the one storage; the decode lane captures its graphs on its own thread, one
-        # set per SM share on that share's stream (_capture_share_graphs)
+        # builds the one storage; the decode lane keeps a set of decode graphs per SM share,
+        # captured on that share's stream (_enter): a graph captured elsewhere runs on every SM
+        # whatever stream replays it (tests/gpu/test_semi_pd_gpu.py). With capture_graphs the
+        # start share's set is captured up front (below), another share's buckets lazily on
+        # their first step there: a set a share costs a set's memory (each graph keeps its own
+        # logits), and the split rule may visit ten decode shares
         decode = Engine(loaded, replace(config, capture_graphs=False), device=device)
         # the prefill lane never decodes (a request moves to the decode lane after its first
         # token): sparse prefill at most there, no key bounds or page selection
@@ -155,26 +159,8 @@ class SemiPDWorker(Worker):
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
         self.set_split(self._initial_split)
         if config.capture_graphs:  # after the lane entered its share (commands run in order)
-            loop.call(self._capture_share_graphs, timeout=None)
+            loop.call(lambda e: e.capture_graphs(), timeout=None)
         return loop
-
-    def _capture_share_graphs(self, engine: Engine) -> int:
-        """On the decode lane's thread: its decode graphs, one set per SM share the split rule
-        may give it, each captured on that share's green-context stream (a graph captured
-        anywhere else runs on every SM, whatever stream replays it:
-        tests/gpu/test_semi_pd_gpu.py), then back in the lane's share. Without enforced shares,
-        one set. Returns the number of graphs captured."""
-        graphs, part = engine.runner.graphs, self.partition
-        if graphs is None or not isinstance(part, GreenContextPartition):
-            return engine.capture_graphs()
-        current, t0 = part.share(Lane.DECODE), time.perf_counter()
-        for share in part.shares():
-            self._enter(Lane.DECODE, share, engine)
-            engine.capture_graphs()
-        self._enter(Lane.DECODE, current, engine)
-        log.info("decode lane: %d graphs in %d SM shares captured in %.1f s",
-                 graphs.num_graphs, len(part.shares()), time.perf_counter() - t0)  # fmt: skip
-        return graphs.num_graphs
 
     # ---- SM shares -----------------------------------------------------------------------
     def set_split(self, split: Split) -> None:
