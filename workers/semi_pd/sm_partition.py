@@ -42,8 +42,10 @@ through the OS scheduler).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -113,7 +115,17 @@ class GreenContextPartition:
 
     enforced = True
 
-    def __init__(self, device_index: int, shares: Iterable[int], initial: Split) -> None:
+    def __init__(
+        self,
+        device_index: int,
+        shares: Iterable[int],
+        initial: Split,
+        decode_first: bool = False,
+    ) -> None:
+        """``decode_first``: the decode lane's streams at the device's highest CUDA stream
+        priority, the prefill lane's at the lowest (the block scheduler dispatches a
+        higher-priority stream's waiting blocks first as SMs free up); False: torch's
+        green-context streams, all at the default priority."""
         from torch.cuda.green_contexts import GreenContext
 
         if not callable(getattr(GreenContext, "Stream", None)):
@@ -127,7 +139,13 @@ class GreenContextPartition:
             for lane in Lane
             for s, n in self.num_sms.items()
         }
-        self._streams = {key: _stream_of(ctx) for key, ctx in self._contexts.items()}
+        self._streams = {
+            (lane, s): _stream_of(
+                ctx, device_index, (lane is Lane.DECODE) if decode_first else None
+            )
+            for (lane, s), ctx in self._contexts.items()
+        }
+        self.decode_first = decode_first
         self._shares = {lane: initial.share(lane) for lane in Lane}
 
     def stream(self, lane: Lane, share: int) -> Any:
@@ -149,15 +167,42 @@ class GreenContextPartition:
         torch.cuda.current_stream(self.device_index).synchronize()
 
 
-def _stream_of(ctx: Any) -> Any:
+def _stream_of(ctx: Any, device_index: int, first: bool | None) -> Any:
     """The green context's stream. Made with the context current, as some torch releases
     create it in whatever context is current; the calling thread's context and current stream
-    are restored after."""
+    are restored after. ``first`` not None: a non-blocking stream the driver creates in the
+    context at its highest (True) or lowest (False) priority (torch's ``GreenContext.Stream()``
+    takes none), handed to torch as an ``ExternalStream`` that lives as long as the process."""
     ctx.set_context()
     try:
-        return ctx.Stream()
+        if first is None:
+            return ctx.Stream()
+        cuda = ctypes.CDLL("libcuda.so.1")
+        least, greatest = ctypes.c_int(), ctypes.c_int()
+        _check(cuda.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest)))
+        handle = ctypes.c_void_p()
+        priority = greatest if first else least
+        _check(
+            cuda.cuStreamCreateWithPriority(ctypes.byref(handle), CU_STREAM_NON_BLOCKING, priority)
+        )
+        return torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", device_index))
     finally:
         ctx.pop_context()
+
+
+CU_STREAM_NON_BLOCKING = ctypes.c_uint(1)
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"CUDA driver call returned CUresult {rc}")
+
+
+def decode_first_wanted() -> bool:
+    """Whether the decode lane's streams run at a higher priority than the prefill lane's:
+    ``KVRELAY_DECODE_PRIORITY=1`` (opt-in until a GPU run shows it holds the decode lane's ITL
+    under a prefill burst; tests/gpu/test_semi_pd_gpu.py)."""
+    return os.environ.get("KVRELAY_DECODE_PRIORITY", "0") == "1"
 
 
 def build_partition(device: torch.device, initial: Split, step: int) -> SMPartition:
@@ -168,7 +213,10 @@ def build_partition(device: torch.device, initial: Split, step: int) -> SMPartit
         return CpuPartition(initial)
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        return GreenContextPartition(index, range(step, 101, step), initial)
-    except RuntimeError as exc:  # torch without them or their streams, CUDA < 12.8, old driver
+        return GreenContextPartition(index, range(step, 101, step), initial, decode_first_wanted())
+    except (
+        RuntimeError,
+        OSError,
+    ) as exc:  # torch without them or their streams, CUDA < 12.8, old driver
         log.warning("no green-context streams (%s): the lanes share all SMs, time-sliced", exc)
         return CpuPartition(initial)
