@@ -62,7 +62,7 @@ from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.model.source import load_tokenizer
 
-NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1")
+NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "semi_pd_first")
 
 
 def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
@@ -114,6 +114,12 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                                            "semi_pd_adaptive": True}),
         "colocated1": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                               "colocated_workers": 1}),
+        # semi_pd with decode-first CUDA stream priorities (the lanes' kernels otherwise share
+        # the block scheduler first come, first served)
+        "semi_pd_first": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
+                                                 "colocated_workers": 1, "semi_pd": True,
+                                                 "semi_pd_adaptive": True,
+                                                 "semi_pd_decode_first": True}),
     }
     return {n: every[n] for n in args.configs.split(",")}
 
@@ -285,7 +291,8 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
     median = " (median of the repeats)" if args.repeats > 1 else ""
     lines += ["", f"goodput req/s{median}: " + ", ".join(told(n) for n in names)]
     for a, b in (("pd", "colocated"), ("planner", "colocated"), ("planner", "pd"),
-                 ("planner", "pd_start"), ("semi_pd", "colocated1"), ("semi_pd", "colocated")):
+                 ("planner", "pd_start"), ("semi_pd", "colocated1"), ("semi_pd", "colocated"),
+                 ("semi_pd_first", "colocated1"), ("semi_pd_first", "semi_pd")):
         if a in gp and b in gp:
             lines.append(f"goodput {a}/{b}: "
                          + (f"{gp[a] / gp[b]:.2f}" if gp[b] else f"n/a ({b} goodput 0)"))

@@ -58,6 +58,9 @@ class ServeConfig(BaseModel):
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
     semi_pd_window_s: float = 1.0  # seconds per window of the split rule
     semi_pd_prefill_tokens: int = 4096  # the prefill lane's tokens per step (not 512 chunks)
+    # the decode lane's streams at the highest CUDA stream priority, the prefill lane's at the
+    # lowest: decode kernels are dispatched ahead of queued prefill blocks (not verified on a GPU)
+    semi_pd_decode_first: bool = False
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -316,6 +319,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds per window of the SLO-aware split (default 1)")
     p.add_argument("--semi-pd-prefill-tokens", type=int, default=S,
                    help="the prefill lane's tokens per step (default 4096)")
+    p.add_argument("--semi-pd-decode-first", action="store_true", default=S,
+                   help="CUDA stream priorities: the decode lane's kernels are dispatched ahead "
+                        "of the prefill lane's queued ones")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

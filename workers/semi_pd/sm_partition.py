@@ -45,7 +45,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -198,14 +197,9 @@ def _check(rc: int) -> None:
         raise RuntimeError(f"CUDA driver call returned CUresult {rc}")
 
 
-def decode_first_wanted() -> bool:
-    """Whether the decode lane's streams run at a higher priority than the prefill lane's:
-    ``KVRELAY_DECODE_PRIORITY=1`` (opt-in until a GPU run shows it holds the decode lane's ITL
-    under a prefill burst; tests/gpu/test_semi_pd_gpu.py)."""
-    return os.environ.get("KVRELAY_DECODE_PRIORITY", "0") == "1"
-
-
-def build_partition(device: torch.device, initial: Split, step: int) -> SMPartition:
+def build_partition(
+    device: torch.device, initial: Split, step: int, decode_first: bool = False
+) -> SMPartition:
     """Green contexts on CUDA for every multiple of ``step`` percent (the split rule moves in
     ``step``s) plus the initial shares; the recording partition on CPU, or (with a warning) on
     a GPU whose torch, driver or CUDA version has no green contexts."""
@@ -213,7 +207,7 @@ def build_partition(device: torch.device, initial: Split, step: int) -> SMPartit
         return CpuPartition(initial)
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        return GreenContextPartition(index, range(step, 101, step), initial, decode_first_wanted())
+        return GreenContextPartition(index, range(step, 101, step), initial, decode_first)
     except (
         RuntimeError,
         OSError,

@@ -86,16 +86,20 @@ class SemiPDWorker(Worker):
         split_rule: SplitRuleConfig | None = None,
         window_s: float = 1.0,
         prefill_tokens: int = PREFILL_TOKENS,
+        decode_first: bool = False,
         **kw: Any,
     ) -> None:
         """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py),
         returning to ``split`` (the rule's ``home``) once neither SLO is near; None: keep
         ``split``. ``prefill_tokens``: the prefill lane's token
-        budget per step (at least the engine config's ``max_num_batched_tokens``)."""
+        budget per step (at least the engine config's ``max_num_batched_tokens``).
+        ``decode_first``: CUDA stream priorities put the decode lane's kernels ahead of the
+        prefill lane's (sm_partition.py)."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self._initial_split = split
         self._prefill_tokens = prefill_tokens
+        self._decode_first = decode_first
         self.tuner = (
             SplitTuner(replace(split_rule, home=split), window_s=window_s)
             if split_rule is not None
@@ -134,7 +138,7 @@ class SemiPDWorker(Worker):
         self.storage = decode.storage
         self.storage_lock = threading.Lock()
         self.partition: SMPartition = build_partition(
-            decode.device, self._initial_split, SPLIT_STEP
+            decode.device, self._initial_split, SPLIT_STEP, decode_first=self._decode_first
         )
         for e in (prefill, decode):
             e.runner.forward_guard = partial(forward_unlocked, self.storage_lock, self.partition)
