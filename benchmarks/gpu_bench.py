@@ -434,16 +434,17 @@ def prefill_only(rate: float) -> None:
     del hf
     cache = torch.zeros(kv_cache_shape(config, max(PREFILL_LENS) // BS + 16, BS),
                         dtype=torch.bfloat16, device="cuda")  # fmt: skip
-    # both rows in one run: piecewise prefill graphs (workers/engine/prefill_graphs.py) off, on;
-    # past their cap (2048 tokens) a step runs eagerly either way
+    # both rows in one run: prefill graphs (workers/engine/prefill_graphs.py: one graph per
+    # token bucket, one replay a step) off, on; past their cap (2048 tokens) a step runs eagerly
+    # either way
     for graphs, key in ((False, "prefill_profile"), (True, "prefill_profile_graphs")):
         say(f"  prefill graphs {'on' if graphs else 'off'}:")
         runner = ModelRunner(model, cache, BS, use_prefill_graphs=graphs)
         prefill_profile(runner, model, config, rate, key=key)
         if runner.prefill is not None:
-            say(f"  prefill graphs: {runner.prefill.num_graphs} captured, "
-                f"{runner.prefill_graph_steps} of {runner.eager_steps} steps piecewise, "
-                f"{runner.prefill.replays} replays")  # fmt: skip
+            say(f"  prefill graphs: {runner.prefill.num_graphs} captured (one a bucket), "
+                f"{runner.prefill_graph_steps} of {runner.eager_steps} steps on them, "
+                f"{runner.prefill.replays} replays (one a step)")  # fmt: skip
 
 
 def kv_section(cache: torch.Tensor, bw: float) -> None:

@@ -85,15 +85,18 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,  # [B + 1] cumulative query lengths, starting at 0
     context_lens: torch.Tensor,  # [B] tokens in the cache per sequence, new ones included
     scale: float,
+    out: torch.Tensor | None = None,  # [T, H, D]: written in place (rows of no sequence kept)
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of each sequence's new tokens over its cached prefix plus themselves.
 
     The new tokens of sequence i sit at positions ``context_lens[i] - n_i ... context_lens[i] - 1``
-    where ``n_i`` is its query length; their K/V are already in the cache.
+    where ``n_i`` is its query length; their K/V are already in the cache. A sequence with no
+    new tokens (``n_i == 0``: padding) is skipped: its context length and table row go unused.
     """
     heads, dim = query.shape[1], query.shape[2]
     block_size, kv_heads = kv_cache.shape[3], kv_cache.shape[4]
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
     for i, ctx in enumerate(lens):

@@ -158,10 +158,11 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,  # [B + 1]
     context_lens: torch.Tensor,  # [B]
     scale: float,
+    out: torch.Tensor | None = None,  # [T, H, D]: written in place (rows of no sequence kept)
 ) -> torch.Tensor:  # [T, H, D]
     """Same contract as ``reference.paged_prefill_attention``."""
     return paged_prefill_attention_tuned(
-        query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale
+        query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale, out=out
     )
 
 
@@ -174,7 +175,13 @@ def paged_prefill_attention_tuned(
     context_lens: torch.Tensor,
     scale: float,
     tuning: PrefillTuning = PrefillTuning(),  # benchmarks sweep it
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The grid is ``T // BLOCK_M + B`` tiles per head and depends on shapes only, never on
+    values: padded inputs of fixed shape (prefill_graphs.py: T rows of a token bucket, B
+    sequences where those past the real ones own no rows, ``query_start_loc`` padded with T)
+    give one launch that a CUDA graph can replay for any step that fits them. A sequence with no
+    rows reads nothing of its context length or block table row."""
     if query.dim() != 3 or kv_cache.dim() != 6:
         raise ValueError(
             f"query must be [T,H,D], kv_cache 6-d; got {query.shape}, {kv_cache.shape}"
@@ -192,7 +199,10 @@ def paged_prefill_attention_tuned(
         raise ValueError("query_start_loc must be [B+1] and block_tables [B, max_blocks]")
     if query.stride(2) != 1 or kv_cache.stride(5) != 1:
         raise ValueError("query and kv_cache need a contiguous head_dim")
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
+        raise ValueError(f"out must be like query {tuple(query.shape)} {query.dtype}")
     if tokens == 0 or batch == 0:
         return out
     d_pad = max(16, triton.next_power_of_2(dim))

@@ -60,6 +60,10 @@ def test_greedy_fp32_matches_transformers_generate(folder: Path) -> None:
     llm, ours = run_engine(folder, torch.float32, ps)
     runner = llm.engine.runner
     assert runner.graph_steps > 0 and runner.eager_steps > 0  # both paths ran
+    # prefill steps replayed a prefill graph (on by default on CUDA), one replay a step
+    prefill = runner.prefill
+    assert prefill is not None and runner.prefill_graph_steps > 0
+    assert prefill.replays == prefill.steps == runner.prefill_graph_steps
     hf = hf_model(folder, torch.float32)
     with torch.no_grad():
         for prompt, got, n in zip(ps, ours, NEW_TOKENS, strict=True):

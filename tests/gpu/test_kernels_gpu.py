@@ -95,6 +95,18 @@ def test_prefill(dtype: torch.dtype, lens, qlens, heads, kv_heads, bs, dim) -> N
     assert kt.check_prefill(triton_ops, case, heads, qlens, gen=gen) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(("rows", "seqs"), [(512, 64), (1024, 3), (300, 128)])
+def test_prefill_over_padded_inputs(dtype: torch.dtype, rows: int, seqs: int) -> None:
+    """As a prefill graph launches it (workers/engine/prefill_graphs.py): rows padded to a
+    bucket, sequences to ``max_seqs`` owning no rows, wider tables, ``out`` given."""
+    lens, qlens = [100, 40, 257], [100, 1, 130]
+    gen = _gen(lens, rows, dtype)
+    case = kt.make_case(lens, kv_heads=8, head_dim=64, dtype=dtype, device=DEV, gen=gen)
+    err = kt.check_prefill_padded(triton_ops, case, 32, qlens, rows=rows, seqs=seqs, gen=gen)
+    assert err < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize(("kv_heads", "bs", "dim"), [(8, 16, 64), (1, 8, 128), (4, 64, 96)])
 def test_write_kv(dtype: torch.dtype, kv_heads: int, bs: int, dim: int) -> None:
@@ -125,6 +137,55 @@ def test_block_moves_across_devices_use_the_reference() -> None:
 
 def test_dispatch_picks_triton_on_cuda() -> None:
     assert kernels._triton_ops() is triton_ops
+
+
+def test_padded_prefill_replays_for_any_step_of_its_bucket() -> None:
+    """Prefill attention captured once over static padded inputs (512 rows, 8 sequences, as a
+    prefill graph holds them), then replayed for steps of 1 to 8 sequences and 17 to 512 rows
+    staged into them: each replay matches the reference of that step's own (unpadded) inputs
+    and writes no padded row."""
+    gen = torch.Generator().manual_seed(9)
+    rows, seqs, heads = 512, 8, 8
+    case = kt.make_case([600] * seqs, kv_heads=2, head_dim=64, device=DEV, gen=gen)
+    cache, all_tables, _ = case
+    q = torch.zeros(rows, heads, 64, dtype=cache.dtype, device=DEV)
+    out = torch.zeros_like(q)
+    tables = torch.zeros_like(all_tables)
+    starts = torch.zeros(seqs + 1, dtype=torch.int32, device=DEV)
+    ctx = torch.zeros(seqs, dtype=torch.int32, device=DEV)
+
+    def attend() -> None:
+        triton_ops.paged_prefill_attention(q, cache, 1, tables, starts, ctx, 0.125, out=out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compile) outside the capture
+        attend()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attend()
+    # (new tokens, cached prefix) per sequence
+    steps = [[(512, 0)], [(17, 0)], [(300, 200), (1, 50), (100, 0)], [(64, 30)] * 8]
+    for step in steps:
+        news = [n for n, _ in step]
+        b, t = len(step), sum(news)
+        qsl = kt.query_start_loc(news, DEV)
+        lens = torch.tensor([n + p for n, p in step], dtype=torch.int32, device=DEV)
+        q.copy_(torch.randn(q.shape, generator=gen).to(DEV, q.dtype))
+        out.fill_(float("nan"))
+        starts[: b + 1] = qsl
+        starts[b + 1 :] = t
+        ctx.zero_()
+        ctx[:b] = lens
+        tables.copy_(all_tables.roll(1, 0))  # other sequences' blocks: stale rows
+        tables[:b] = all_tables[:b]
+        graph.replay()
+        want = reference.paged_prefill_attention(
+            q[:t].float(), cache.float(), 1, all_tables[:b], qsl, lens, 0.125
+        )
+        assert kt.rel_err(out[:t], want) < 1e-2, step
+        assert bool(out[t:].isnan().all()), step
 
 
 def test_decode_step_captures_in_a_cuda_graph() -> None:

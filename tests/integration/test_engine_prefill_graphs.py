@@ -1,7 +1,8 @@
-"""The engine with piecewise prefill (workers/engine/prefill_graphs.py; on CPU the pieces run
-eagerly over the padded buckets) against the plain forward, on the default model (fp32): the
-same greedy continuations under continuous batching, chunked prefill over cached contexts,
-mixed decode + prefill steps and two prompts sharing a prefix, every step taken piecewise."""
+"""The engine with prefill graphs (workers/engine/prefill_graphs.py; on CPU their forward runs
+eagerly over the padded buckets and metadata, at most ``max_num_seqs`` = 4 sequences) against
+the plain forward, on the default model (fp32): the same greedy continuations under continuous
+batching, chunked prefill over cached contexts, mixed decode + prefill steps and two prompts
+sharing a prefix, every step taken on the graph path."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def plain() -> list[list[int]]:
 def test_greedy_tokens_equal_the_plain_forward(plain: list[list[int]]) -> None:
     llm, tokens = _run(prefill_graphs=True)
     runner = llm.engine.runner
-    assert runner.prefill is not None and not runner.prefill.capture_graphs  # CPU: eager pieces
-    # every step runs piecewise: none exceeds the 300-token budget, under the cap
+    assert runner.prefill is not None and not runner.prefill.capture_graphs  # CPU: eager
+    assert runner.prefill.max_seqs == 4  # the engine's max_num_seqs
+    # every step runs on the graph path: none exceeds the 300-token budget, under the cap
     assert runner.prefill_graph_steps == runner.eager_steps > 0
     assert tokens == plain

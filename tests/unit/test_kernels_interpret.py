@@ -112,6 +112,78 @@ def test_prefill_sequence_without_new_tokens(interp: ModuleType) -> None:
     assert kt.check_prefill(interp, case, 2, [4, 0, 7], gen=gen) < 1e-5
 
 
+# (context lengths, new tokens, rows, sequences): padded as prefill_graphs.py pads a step;
+# BLOCK_M is 64 under the interpreter
+PADDED = [
+    ([40, 21, 90], [40, 1, 45], 128, 8),  # padded rows and sequences
+    ([64, 100], [64, 64], 256, 2),  # T a multiple of BLOCK_M, rows only
+    ([30, 9, 200, 5], [30, 9, 70, 5], 114, 7),  # sequences only (rows == T)
+    ([1], [1], 64, 128),  # one row, 127 empty sequences
+]
+
+
+@pytest.mark.parametrize(("lens", "qlens", "rows", "seqs"), PADDED)
+def test_prefill_over_padded_inputs(
+    interp: ModuleType, lens: list[int], qlens: list[int], rows: int, seqs: int
+) -> None:
+    """The fixed grid of a prefill graph (``rows // BLOCK_M + seqs`` tiles per head): real rows
+    as without padding, padded rows not written (check_prefill_padded asserts it)."""
+    gen = torch.Generator().manual_seed(17)
+    case = kt.make_case(lens, kv_heads=2, head_dim=16, dtype=torch.float32, gen=gen)
+    err = kt.check_prefill_padded(interp, case, 4, qlens, rows=rows, seqs=seqs, gen=gen)
+    assert err < 1e-5
+
+
+def test_prefill_graph_forward_with_the_kernel(
+    interp: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PrefillGraphs' forward on CPU (capture off) with its attention through the interpreted
+    kernel over the padded metadata, the plain forward through the reference: the same hidden
+    states, three steps of falling size (stale metadata of a larger step left in the buffers).
+    Imports here: the engine's modules are not needed before the kernels are interpreted."""
+    from kvrelay import kernels
+    from kvrelay.kernels import reference
+    from kvrelay.workers.engine.prefill_graphs import PrefillGraphs
+    from kvrelay.workers.engine.runner import prepare_inputs
+    from kvrelay.workers.engine.scheduler import ScheduledSeq
+    from kvrelay.workers.engine.sequence import Sequence
+    from kvrelay.workers.model.llama import kv_cache_shape
+    from kvrelay.workers.types import SamplingParams
+    from kvrelay_testing.tiny_llama import VOCAB, tiny_llama
+
+    def attention(*args: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        ops = reference if out is None else interp  # the graph path passes ``out``
+        return ops.paged_prefill_attention(*args, out=out)
+
+    monkeypatch.setattr(kernels, "paged_prefill_attention", attention)
+    model, bs = tiny_llama(), 16
+    gen = torch.Generator().manual_seed(18)
+    cache = torch.randn(kv_cache_shape(model.config, 64, bs), generator=gen)
+    plain_cache = cache.clone()
+    graphs = PrefillGraphs(model, cache, capture=False, max_seqs=6)
+    free = torch.randperm(64, generator=gen).tolist()
+    seqs = []
+    for i, n in enumerate((500, 120, 40)):
+        seq = Sequence(f"s{i}", torch.randint(VOCAB, (n,), generator=gen).tolist(),
+                       SamplingParams(max_tokens=1))  # fmt: skip
+        seq.block_ids = [free.pop() for _ in range(-(-n // bs))]
+        seqs.append(seq)
+    a, b, c = seqs
+    # 320 rows of 3 sequences (bucket 512), 50 of 2 (64), 280 of 1 (512): with 5 padded
+    # sequences a 280-row one needs them to own no tile of its own
+    for chunks in ([(a, 200), (b, 80), (c, 40)], [(a, 20), (b, 30)], [(a, 280)]):
+        items = [ScheduledSeq(s, n) for s, n in chunks]
+        inputs = prepare_inputs(items, bs, torch.device("cpu"))
+        args = (inputs.input_ids, inputs.positions)
+        ours = graphs.run(*args, inputs.attn)
+        ref = model(*args, plain_cache, inputs.attn)
+        assert ours is not None
+        assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-5
+        for s, n in chunks:
+            s.num_computed += n
+    assert float((cache - plain_cache).abs().max()) < 1e-5 and graphs.steps == 3
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_write_kv(interp: ModuleType, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(14)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvrelay.kernels import reference
-from kvrelay_testing.kernels import PagedCase, make_case, query_start_loc
+from kvrelay_testing.kernels import PagedCase, check_prefill_padded, make_case, query_start_loc
 
 
 def dense_attention(
@@ -85,6 +85,17 @@ def test_prefill_matches_dense(
         torch.testing.assert_close(
             out[lo:hi].double(), dense_attention(q[lo:hi], k, v, 0.25), rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.parametrize(("rows", "seqs"), [(0, 0), (50, 0), (0, 5), (137, 9)])
+def test_prefill_over_padded_inputs(rows: int, seqs: int) -> None:
+    """Extra rows and sequences that own none (prefill_graphs.py's padding) change no real row
+    and get nothing written."""
+    gen = torch.Generator().manual_seed(4)
+    case = make_case([40, 21, 90], kv_heads=2, head_dim=16, dtype=torch.float32, gen=gen)
+    qlens = [40, 1, 45]
+    err = check_prefill_padded(reference, case, 4, qlens, rows=86 + rows, seqs=3 + seqs, gen=gen)
+    assert err < 1e-6
 
 
 def test_write_kv_skips_minus_one_slots() -> None:

@@ -1,8 +1,11 @@
-"""Piecewise prefill (workers/engine/prefill_graphs.py) run eagerly on CPU: the step padded to
-its token bucket, the pieces over static buffers and attention between them, against the plain
-forward on a tiny fp32 Llama: the same hidden states and logits, and the same KV cache (padded
-rows write nothing), across bucket edges, multi-sequence batches, chunked prefill over a cached
-context, a bias model, decode rows and a step past the cap. The captured form needs a GPU:
+"""Prefill graphs' forward (workers/engine/prefill_graphs.py) run eagerly on CPU: the step padded
+to its token bucket and to ``max_seqs`` sequences, the model over static buffers with attention
+over the padded metadata, against the plain forward on a tiny fp32 Llama: the same hidden states
+and logits, and the same KV cache (padded rows write nothing), across bucket edges,
+multi-sequence batches below and at ``max_seqs``, chunked prefill over a cached context, a bias
+model, decode rows and a step past the cap; what attention receives is checked against the
+padding rules step by step. The Triton kernel over the same padding runs interpreted in
+tests/unit/test_kernels_interpret.py; the captured form needs a GPU:
 tests/gpu/test_prefill_graphs_gpu.py."""
 
 from __future__ import annotations
@@ -12,48 +15,34 @@ import random
 import pytest
 import torch
 
+from kvrelay import kernels
+from kvrelay.kernels import reference
 from kvrelay.workers.engine.prefill_graphs import TOKEN_STEP, PrefillGraphs, token_buckets
 from kvrelay.workers.engine.runner import ModelRunner, prepare_inputs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence
-from kvrelay.workers.model.config import ModelConfig
-from kvrelay.workers.model.llama import LlamaModel, kv_cache_shape
+from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel, kv_cache_shape
 from kvrelay.workers.types import SamplingParams
+from kvrelay_testing.tiny_llama import VOCAB, tiny_llama
 
-BS, NUM_BLOCKS, VOCAB = 16, 256, 97
-TOL = 1e-5  # max |piecewise - plain| / max |plain|, fp32
-
-
-def _model(bias: bool = False, layers: int = 2) -> LlamaModel:
-    config = ModelConfig(
-        model_type="qwen2" if bias else "llama", vocab_size=VOCAB, hidden_size=32,
-        intermediate_size=64, num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8,
-        rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
-        tie_word_embeddings=False, qkv_bias=bias, o_bias=bias, bos_token_id=None,
-        eos_token_ids=(), torch_dtype="float32",
-    )  # fmt: skip
-    model = LlamaModel(config)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if "norm" not in name else 0.05))
-            if "norm" in name:
-                p.add_(1.0)
-    return model
+BS, NUM_BLOCKS = 16, 256
+TOL = 1e-5  # max |graph path - plain| / max |plain|, fp32
 
 
 class _Pair:
-    """One model, two KV caches: a runner with the plain forward and one piecewise."""
+    """One model, two KV caches: a runner with the plain forward and one with prefill graphs."""
 
-    def __init__(self, model: LlamaModel, max_prefill_tokens: int = 1024) -> None:
+    def __init__(
+        self, model: LlamaModel, max_prefill_tokens: int = 1024, max_prefill_seqs: int = 8
+    ) -> None:
         g = torch.Generator().manual_seed(3)
         shape = kv_cache_shape(model.config, NUM_BLOCKS, BS)
         self.plain_cache = torch.randn(shape, generator=g)  # stale data in every block
-        self.piece_cache = self.plain_cache.clone()
+        self.graph_cache = self.plain_cache.clone()
         self.plain = ModelRunner(model, self.plain_cache, BS, use_prefill_graphs=False)
-        self.piece = ModelRunner(
-            model, self.piece_cache, BS, use_prefill_graphs=True,
-            max_prefill_tokens=max_prefill_tokens,
+        self.graph = ModelRunner(
+            model, self.graph_cache, BS, use_prefill_graphs=True,
+            max_prefill_tokens=max_prefill_tokens, max_prefill_seqs=max_prefill_seqs,
         )  # fmt: skip
         self.free = random.Random(0).sample(range(NUM_BLOCKS), NUM_BLOCKS)
         self.rng = random.Random(1)
@@ -66,15 +55,15 @@ class _Pair:
 
     def step(self, items: list[ScheduledSeq]) -> torch.Tensor:
         """Both runners' logits of the step (asserted equal), then the chunks marked computed;
-        returns the piecewise runner's logits."""
-        ours, _ = self.piece.run(items)
+        returns the graph-path runner's logits."""
+        ours, _ = self.graph.run(items)
         ref, _ = self.plain.run(items)
         assert ours.shape == ref.shape
         if ref.numel():
             err = float((ours - ref).abs().max() / ref.abs().max())
             assert err <= TOL, err
-        assert torch.equal(self.piece_cache, self.plain_cache) or _cache_close(
-            self.piece_cache, self.plain_cache
+        assert torch.equal(self.graph_cache, self.plain_cache) or _cache_close(
+            self.graph_cache, self.plain_cache
         )
         for it in items:
             it.seq.num_computed += it.num_tokens
@@ -97,33 +86,35 @@ def test_token_buckets() -> None:
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 65, 128, 129, 255, 256, 257, 512, 700])
 def test_one_prompt_equals_the_plain_forward(tokens: int) -> None:
-    pair = _Pair(_model())
+    pair = _Pair(tiny_llama())
     seq = pair.seq(tokens)
     pair.step([ScheduledSeq(seq, tokens)])
-    assert pair.piece.prefill_graph_steps == 1 and pair.piece.eager_steps == 1
+    assert pair.graph.prefill_graph_steps == 1 and pair.graph.eager_steps == 1
 
 
 def test_hidden_states_of_every_row() -> None:
-    """The piecewise hidden states of all T rows (not only the sampled ones)."""
-    model = _model()
+    """The hidden states of all T rows (not only the sampled ones)."""
+    model = tiny_llama()
     pair = _Pair(model)
     seqs = [pair.seq(n) for n in (100, 57, 201)]
     items = [ScheduledSeq(s, s.num_tokens) for s in seqs]
     inputs = prepare_inputs(items, BS, torch.device("cpu"))
     ref = model(inputs.input_ids, inputs.positions, pair.plain_cache, inputs.attn)
-    graphs = PrefillGraphs(model, pair.piece_cache, capture=False)
+    graphs = PrefillGraphs(model, pair.graph_cache, capture=False)
     ours = graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
     assert ours is not None and ours.shape == ref.shape == (358, 32)
     assert float((ours - ref).abs().max() / ref.abs().max()) <= TOL
-    assert _cache_close(pair.piece_cache, pair.plain_cache)
-    assert graphs.steps == 1 and graphs.replays == 0  # eager pieces: nothing replayed
+    assert _cache_close(pair.graph_cache, pair.plain_cache)
+    assert graphs.steps == 1 and graphs.replays == 0  # eager: nothing replayed
 
 
-def test_multi_sequence_chunked_prefill_over_a_cached_context() -> None:
+@pytest.mark.parametrize("max_seqs", [3, 8])
+def test_multi_sequence_chunked_prefill_over_a_cached_context(max_seqs: int) -> None:
     """Chunks over contexts already in the cache, batched with fresh prompts and decode rows;
     a longer step then a shorter one in the same bucket (the shorter one's padded rows hold the
-    longer one's slots until staging resets them: a stray write would show in the cache)."""
-    pair = _Pair(_model())
+    longer one's slots until staging resets them: a stray write would show in the cache). At
+    ``max_seqs`` 3 the three-sequence steps pad no sequence, the others one or two."""
+    pair = _Pair(tiny_llama(), max_prefill_seqs=max_seqs)
     a, b, c = pair.seq(900), pair.seq(300), pair.seq(40)
     pair.step([ScheduledSeq(a, 300), ScheduledSeq(b, 200)])  # 500 rows: bucket 512
     pair.step([ScheduledSeq(a, 250), ScheduledSeq(b, 10), ScheduledSeq(c, 3)])  # 263: 512
@@ -133,29 +124,124 @@ def test_multi_sequence_chunked_prefill_over_a_cached_context() -> None:
     d.num_computed = 0
     pair.step([ScheduledSeq(d, 5)])
     pair.step([ScheduledSeq(d, 1), ScheduledSeq(pair.seq(30), 30)])
-    assert pair.piece.prefill_graph_steps == 5
+    assert pair.graph.prefill_graph_steps == 5
 
 
 def test_pure_decode_step_and_bias_model() -> None:
-    """A pure decode step on CPU (no decode graphs) goes through the pieces with decode
-    attention; q/k/v and o biases are inside the pieces."""
-    pair = _Pair(_model(bias=True, layers=3))
+    """A pure decode step on CPU (no decode graphs) goes through the padded path with prefill
+    attention (decode rows as chunks of one); q/k/v and o biases are in the forward."""
+    pair = _Pair(tiny_llama(bias=True, layers=3))
     seqs = [pair.seq(n) for n in (20, 33)]
     pair.step([ScheduledSeq(s, s.num_tokens - 1) for s in seqs])
     pair.step([ScheduledSeq(s, 1) for s in seqs])
-    assert pair.piece.prefill_graph_steps == 2
+    assert pair.graph.prefill_graph_steps == 2
+
+
+class _PaddedAttention:
+    """Stands in for ``kernels.paged_prefill_attention``: a call with ``out`` (the graph path)
+    has its padded metadata checked against the step's real one (``expect``) before the
+    reference runs it; the plain forward's calls (no ``out``) go straight to the reference."""
+
+    def __init__(self, graphs: PrefillGraphs) -> None:
+        self.graphs = graphs
+        self.expect: AttentionMetadata | None = None
+        self.calls = 0
+
+    def __call__(self, q: torch.Tensor, cache: torch.Tensor, layer: int, tables: torch.Tensor,
+                 starts: torch.Tensor, ctx: torch.Tensor, scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if out is not None:
+            attn, g = self.expect, self.graphs
+            assert attn is not None
+            tokens, seqs = int(attn.query_start_loc[-1]), attn.context_lens.shape[0]
+            width = attn.block_tables.shape[1]
+            # fixed shapes: the bucket's rows, max_seqs sequences, the widest table
+            assert q.shape[0] == out.shape[0] == g.bucket(tokens)
+            assert tables.shape == (g.max_seqs, g.max_blocks)
+            assert starts.shape == (g.max_seqs + 1,) and ctx.shape == (g.max_seqs,)
+            assert torch.equal(starts[: seqs + 1], attn.query_start_loc)
+            assert bool((starts[seqs + 1 :] == tokens).all())  # padded sequences own no rows
+            assert torch.equal(ctx[:seqs], attn.context_lens) and not ctx[seqs:].any()
+            assert torch.equal(tables[:seqs, :width], attn.block_tables)
+            self.calls += 1
+        return reference.paged_prefill_attention(
+            q, cache, layer, tables, starts, ctx, scale, out=out
+        )
+
+
+def test_attention_gets_the_step_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps with more, then fewer sequences, wider then narrower tables, in one bucket and
+    then in a larger one: attention sees each step's own metadata padded (nothing stale of the
+    step before), and the results stay those of the plain forward."""
+    model = tiny_llama()
+    pair = _Pair(model, max_prefill_seqs=6)
+    graphs = pair.graph.prefill
+    assert graphs is not None and graphs.max_blocks == min(NUM_BLOCKS, 4096 // BS)
+    spy = _PaddedAttention(graphs)
+    monkeypatch.setattr(kernels, "paged_prefill_attention", spy)
+    original = graphs.run
+
+    def run(ids: torch.Tensor, pos: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor | None:
+        spy.expect = attn
+        return original(ids, pos, attn)
+
+    monkeypatch.setattr(graphs, "run", run)
+    a, b, c, d, e = (pair.seq(n) for n in (400, 150, 90, 33, 7))
+    steps = [
+        [ScheduledSeq(a, 200), ScheduledSeq(b, 100), ScheduledSeq(c, 90), ScheduledSeq(d, 20),
+         ScheduledSeq(e, 7)],  # 417 rows, 5 sequences: bucket 512, one padded sequence
+        [ScheduledSeq(b, 50), ScheduledSeq(d, 13)],  # 63 over cached prefixes: bucket 64
+        [ScheduledSeq(a, 200)],  # 200 over a 200-token prefix, the widest table: bucket 256
+    ]  # fmt: skip
+    for items in steps:
+        pair.step(items)
+    layers = model.config.num_layers
+    assert spy.calls == len(steps) * layers and graphs.steps == len(steps)
+
+
+class _Sparse:
+    def __init__(self, prefill: bool) -> None:
+        self.prefill_handled = prefill
+
+    def handles(self, is_decode: bool) -> bool:
+        return self.prefill_handled and not is_decode
+
+
+def test_steps_the_buffers_cannot_hold_run_eagerly() -> None:
+    """More sequences than ``max_seqs``, a table wider than the widest, or sparse attention
+    that handles the step: None (the runner then runs the plain forward)."""
+    model = tiny_llama()
+    pair = _Pair(model, max_prefill_seqs=2)
+    seqs = [pair.seq(n) for n in (30, 20, 10)]
+    graphs = PrefillGraphs(model, pair.graph_cache.clone(), capture=False, max_seqs=2)
+    three = prepare_inputs([ScheduledSeq(s, s.num_tokens) for s in seqs], BS, torch.device("cpu"))
+    assert graphs.run(three.input_ids, three.positions, three.attn) is None
+    two = prepare_inputs([ScheduledSeq(s, s.num_tokens) for s in seqs[:2]], BS, torch.device("cpu"))
+    attn = two.attn
+    wide = torch.zeros((2, graphs.max_blocks + 1), dtype=torch.int32)
+    wide[:, : attn.block_tables.shape[1]] = attn.block_tables
+    too_wide = AttentionMetadata(attn.slot_mapping, wide, attn.context_lens,
+                                 attn.query_start_loc, attn.is_decode)  # fmt: skip
+    assert graphs.run(two.input_ids, two.positions, too_wide) is None
+    attn.sparse = _Sparse(prefill=True)
+    assert graphs.run(two.input_ids, two.positions, attn) is None
+    attn.sparse = _Sparse(prefill=False)  # sparse decode only: a prefill step stays dense
+    assert graphs.run(two.input_ids, two.positions, attn) is not None
+    assert graphs.steps == 1
+    pair.step([ScheduledSeq(s, s.num_tokens) for s in seqs])  # through the runner: eager
+    assert pair.graph.prefill_graph_steps == 0 and pair.graph.eager_steps == 1
 
 
 def test_past_the_cap_runs_eagerly() -> None:
-    pair = _Pair(_model(), max_prefill_tokens=256)
+    pair = _Pair(tiny_llama(), max_prefill_tokens=256)
     pair.step([ScheduledSeq(pair.seq(300), 300)])
-    assert pair.piece.prefill_graph_steps == 0 and pair.piece.eager_steps == 1
+    assert pair.graph.prefill_graph_steps == 0 and pair.graph.eager_steps == 1
     pair.step([ScheduledSeq(pair.seq(200), 200)])
-    assert pair.piece.prefill_graph_steps == 1
+    assert pair.graph.prefill_graph_steps == 1
 
 
 def test_capture_needs_a_cuda_cache() -> None:
-    model = _model()
+    model = tiny_llama()
     cache = torch.zeros(kv_cache_shape(model.config, 4, BS))
     with pytest.raises(ValueError):
         PrefillGraphs(model, cache, capture=True)

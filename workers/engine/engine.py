@@ -76,8 +76,8 @@ class EngineConfig:
     # starts, not at each bucket's first step: that capture, and the Triton compiles of a new
     # shape, stall the step (a sweep's first, "cold" rates paid them)
     capture_graphs: bool = False
-    # piecewise prefill graphs (workers/engine/prefill_graphs.py). None: on with the decode
-    # graphs on CUDA (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU runs the pieces eagerly (tests);
+    # prefill graphs (workers/engine/prefill_graphs.py). None: on with the decode graphs on
+    # CUDA (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU runs their padded path eagerly (tests);
     # the semi-PD lanes turn them off (workers/semi_pd/worker.py)
     prefill_graphs: bool | None = None
 
@@ -179,7 +179,7 @@ class Engine:
         self.sparse = build_sparse(config.sparse, loaded, self.kv_cache)
         self.runner = ModelRunner(
             loaded.model, self.kv_cache, bs, sparse=self.sparse,
-            use_prefill_graphs=config.prefill_graphs,
+            use_prefill_graphs=config.prefill_graphs, max_prefill_seqs=config.max_num_seqs,
         )  # fmt: skip
         self.sampler = Sampler(seed=config.seed)
         overlap = config.overlap_schedule

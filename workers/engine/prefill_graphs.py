@@ -1,39 +1,69 @@
-"""Piecewise CUDA graphs for prefill steps (issue 17): everything but attention is captured,
-attention runs eagerly between the pieces, so a step issues L + 1 graph replays and L attention
-kernels instead of ~10 launches per layer from Python.
+"""Prefill steps as one CUDA graph per token bucket (issue 17): embed, every layer (attention
+included) and the final norm are captured together, so a step is one graph replay.
 
-A step's T packed tokens are padded to a token bucket of P rows (64, 128, then multiples of
-``TOKEN_STEP`` up to ``max_tokens``: short prompts and small mixed decode + chunk steps pad to a
-small bucket, longer ones waste at most 255 rows; a step past the cap runs eagerly, where kernel
-time dwarfs launch cost).
-The pieces read and write static buffers shared by every bucket (a bucket uses their first P
-rows), and attention runs on the real T rows only (its grid depends on the sequences)::
+A step's T packed tokens of B sequences are padded to a token bucket of P rows (64, 128, then
+multiples of ``TOKEN_STEP`` up to ``max_tokens``: short prompts and small mixed decode + chunk
+steps pad to a small bucket, longer ones waste at most 255 rows; a step past the cap runs
+eagerly, where kernel time dwarfs launch cost), and to ``max_seqs`` sequences. Every input
+lives in static buffers of fixed shape shared by all buckets (a bucket reads their first P rows)::
 
-    piece 0        embed(ids) ─ L0.pre_attention                      ─▶ x, q
-    attention 0    q[:T] ─ paged prefill attention (eager) ─▶ o[:T]
-    piece i        L(i-1).post_attention(o, x) ─ Li.pre_attention     ─▶ x, q      0 < i < L
-    attention i    ...
-    piece L        L(L-1).post_attention(o, x) ─ final norm           ─▶ x (the hidden states)
+    static, on the device:  i64 [3, P_max]        ids | positions | slot_mapping (-1 padding)
+                            i32 [2 Bmax + 1]      context_lens [Bmax] (0 padding) |
+                                                  query_start_loc [Bmax + 1] (T padding)
+                            i32 [Bmax, W]         block tables, the step's [B, w] top left
+                            o [P_max, H, D]       attention output, x [P_max, hidden] hidden states
 
-    static, on the device:  i64 [3, P_max]  ids | positions | slot_mapping
-                            x [P_max, hidden], q [P_max, H, D], o [P_max, H * D]
+    graph(P)   embed(ids) ─ L × (pre_attention ─ attention ─▶ o[:P] ─ post_attention)
+               ─ final norm ─▶ x[:P]
+
+Attention (kernels/triton_prefill.py) numbers its tiles from shapes only: with the padded
+metadata its grid is ``P // BLOCK_M + Bmax`` tiles per head for every step of the bucket.
+Sequences B..Bmax-1 own no rows (``query_start_loc`` stays at T past the real ones): their tiles
+exit at once and read neither their context length nor their table row, so the columns past
+a step's widest table ``w`` and the rows past B may hold anything. ``W`` is the widest table a
+sequence can have (the model's context in blocks, at most the cache's blocks); a step with more
+than ``max_seqs`` sequences, a wider table, or sparse attention that handles it runs eagerly
+(a sparse decode-only config leaves prefill steps dense, and here). A pure decode step
+that reaches here (no decode graph took it) attends through the same prefill kernel: a decode
+row is a chunk of one.
 
 Padded rows are harmless: their slot is -1 (``rope_write_kv`` writes no KV for them), their ids
-and positions are whatever an earlier step left (always valid ones, 0 at first), every op of a
-piece works row by row, attention never reads them, and their outputs are dropped. Each piece
-copies its outputs (x, q) into the static buffers, so no tensor of the graph pool lives past its
-piece: the pieces of every bucket share one pool and take only the largest piece's
-intermediates of memory (the copies add ~2% to the kernel time at 1k tokens for the 1B shape,
-by the bytes they move; not measured).
+and positions are whatever an earlier step left (always valid ones, 0 at first), every op but
+attention works row by row, attention owns no padded row to any sequence (it neither reads
+their q nor writes their o), and their outputs are dropped. The only copies inside the graph
+are the final hidden states into ``x`` (``run`` returns a view of it); layers hand x, q and
+the MLP output on as tensors of the graph's pool. A step's staging is ~9 small copies/fills on
+the device (three i64 rows, the slot padding, context lengths, starts and their padding, the
+tables) then the replay.
 
-Without capture (CPU, or ``capture=False``) the same pieces run as plain calls over the same
-padded buffers: the tests compare that path with the plain forward.
+Memory: a graph keeps its intermediates in the pool shared by every bucket. Within a capture
+the allocator reuses a freed tensor's memory, so a graph holds about one layer's live set at P
+rows (for the 1B shape at 2048 rows ~120 MB by the tensor sizes, dominated by the MLP's
+[P, 2I] and [P, I]; not measured), as the largest piece of the piecewise design did. The
+graphs of different buckets never run at once and keep nothing live past a replay, so captured
+largest first (``capture_all``) the smaller buckets fit in the largest one's memory; a bucket
+captured lazily before a larger one can leave its blocks beside the larger one's (up to the sum
+over buckets in the worst case).
+
+Measured vs expected: the piecewise design this replaces (L + 1 graphs, attention eager between
+them, per-piece copies into static x/q) ran a 1k-token 1B step in 4.98 ms on an H100, 0.55 of
+the matmul limit (benchmarks/README.md, "Prefill at 1k tokens with piecewise graphs"): 4.15 ms
+of kernels, 0.19 ms more than the eager forward's 3.85 (the copies), and 0.84 ms of gaps between
+17 replays and 16 eager attention launches. One replay removes the gaps and every copy but the
+final one, so ~3.9 ms (~0.70 of the limit) is expected, plus the padded sequences' tiles:
+Bmax x H programs per layer that binary-search and exit (at the engine's default 64 sequences
+and 32 heads ~2 waves of empty programs a layer, a few us; they grow with ``max_num_seqs``, and
+graphs per sequence-count bucket would bound them). None of this design is measured on a GPU
+yet; tests/gpu/test_prefill_graphs_gpu.py checks its results and one replay a step.
+
+Without capture (CPU, or ``capture=False``) the same forward runs as plain calls over the same
+padded buffers and metadata: the tests compare that path with the plain forward.
 
 Captures follow DecodeGraphs (workers/engine/cuda_graphs.py): lazily on a bucket's first step or
-up front with ``capture_all``, largest first, each piece inside ``GPU_GATE.capture()`` in
-``thread_local`` error mode, after an eager warm-up on a side stream (Triton compiles, cuBLAS
-picks its kernels). A failed capture is not fatal: the step runs eagerly and the bucket is tried
-again on a later step (``MAX_CAPTURE_FAILURES`` times at most).
+up front with ``capture_all``, largest first, inside ``GPU_GATE.capture()`` in ``thread_local``
+error mode, after an eager warm-up on a side stream (Triton compiles, cuBLAS picks its kernels).
+A failed capture is not fatal: the step runs eagerly and the bucket is tried again on a later
+step (``MAX_CAPTURE_FAILURES`` times at most).
 """
 
 from __future__ import annotations
@@ -43,6 +73,7 @@ from typing import cast
 
 import torch
 
+from kvrelay import kernels
 from kvrelay.workers.engine.cuda_graphs import MAX_CAPTURE_FAILURES
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.model.llama import AttentionMetadata, DecoderLayer, LlamaModel
@@ -52,6 +83,7 @@ log = logging.getLogger(__name__)
 SMALL_BUCKETS = (64, 128)
 TOKEN_STEP = 256  # bucket granularity above them: at most 255 padded rows
 MAX_TOKENS = 2048  # the default cap; the engine's default chunk is 512 tokens
+MAX_SEQS = 128  # the default Bmax; the engine passes its max_num_seqs
 
 
 def token_buckets(max_tokens: int) -> tuple[int, ...]:
@@ -64,8 +96,9 @@ def token_buckets(max_tokens: int) -> tuple[int, ...]:
 
 
 class PrefillGraphs:
-    """Piecewise prefill of one model and KV cache. ``run`` returns None when a step fits no
-    bucket (or its capture failed): run it eagerly."""
+    """Graph-replayed prefill of one model and KV cache. ``run`` returns None when a step fits
+    no bucket, has too many sequences, too wide a table or sparse attention for it (or its
+    capture failed): run it eagerly."""
 
     def __init__(
         self,
@@ -73,11 +106,14 @@ class PrefillGraphs:
         kv_cache: torch.Tensor,  # [num_blocks, L, 2, bs, Hkv, D]
         *,
         max_tokens: int = MAX_TOKENS,
-        capture: bool | None = None,  # None: on a CUDA cache; False: the pieces run eagerly
+        max_seqs: int = MAX_SEQS,
+        capture: bool | None = None,  # None: on a CUDA cache; False: eager over the buffers
     ) -> None:
         c = model.config
         if c.num_layers < 1:
-            raise ValueError("piecewise prefill needs at least one layer")
+            raise ValueError("prefill graphs need at least one layer")
+        if max_seqs < 1:
+            raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
         self.capture_graphs = kv_cache.is_cuda if capture is None else capture
         if self.capture_graphs and not kv_cache.is_cuda:
             raise ValueError("CUDA graphs need a CUDA KV cache")
@@ -85,74 +121,68 @@ class PrefillGraphs:
         self.layers = [cast(DecoderLayer, layer) for layer in model.layers]
         self.device = kv_cache.device
         self.sizes = token_buckets(max_tokens)
+        self.max_seqs = max_seqs
+        # the widest table a sequence can need: its context in blocks, at most the cache's
+        self.max_blocks = min(kv_cache.shape[0], -(-c.max_context // kv_cache.shape[3]))
         p, dtype, dev = self.sizes[-1], model.embed.dtype, self.device
         self._i64 = torch.zeros((3, p), dtype=torch.int64, device=dev)
         self._i64[2].fill_(-1)
+        self._i32 = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, device=dev)
+        self._tables = torch.zeros((max_seqs, self.max_blocks), dtype=torch.int32, device=dev)
+        self._o = torch.zeros((p, c.num_heads, c.head_dim), dtype=dtype, device=dev)
         self._x = torch.zeros((p, c.hidden_size), dtype=dtype, device=dev)
-        self._q = torch.zeros((p, c.num_heads, c.head_dim), dtype=dtype, device=dev)
-        self._o = torch.zeros((p, c.q_size), dtype=dtype, device=dev)
+        self._context_lens = self._i32[:max_seqs]  # [Bmax], 0 past the step's sequences
+        self._starts = self._i32[max_seqs:]  # [Bmax + 1], T past the step's sequences
         self._pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
-        self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # bucket -> L + 1 pieces
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> its graph
         self.capture_failures: dict[int, int] = {}
-        self.steps = 0  # steps run piecewise
-        self.replays = 0  # piece graphs replayed
+        self.steps = 0  # steps run over the static buffers (replayed or eager)
+        self.replays = 0  # graphs replayed: one a step when captured
 
-    # ---- the pieces -----------------------------------------------------------------------
-    def _piece(self, i: int, size: int) -> None:
-        """Piece ``i`` over the first ``size`` rows of the static buffers."""
+    # ---- the forward over the static buffers ---------------------------------------------
+    def _forward(self, size: int) -> None:
+        """The model over the first ``size`` rows of the static buffers, hidden states into
+        ``_x[:size]``; attention over the padded metadata (fixed shapes for a fixed grid)."""
         ids, positions, slots = self._i64[0, :size], self._i64[1, :size], self._i64[2, :size]
-        x_buf = self._x[:size]
-        if i == 0:
-            x, delta = self.model.embed_tokens(ids), None
-        else:
-            x, delta = self.layers[i - 1].post_attention(self._o[:size], x_buf)
-        if i == len(self.layers):
-            x_buf.copy_(self.model.final_norm(x, delta))
-            return
+        o = self._o[:size]
         rope = (self.model.rope_cos, self.model.rope_sin)
-        q, x = self.layers[i].pre_attention(x, delta, positions, rope, self.kv_cache, slots)
-        self._q[:size].copy_(q)
-        x_buf.copy_(x)
-
-    def _run_piece(self, i: int, size: int) -> None:
-        graphs = self._graphs.get(size)
-        if graphs is None:
-            self._piece(i, size)
-        else:
-            graphs[i].replay()
-            self.replays += 1
+        x, delta = self.model.embed_tokens(ids), None
+        for layer in self.layers:
+            q, x = layer.pre_attention(x, delta, positions, rope, self.kv_cache, slots)
+            kernels.paged_prefill_attention(
+                q, self.kv_cache, layer.layer_idx, self._tables, self._starts,
+                self._context_lens, layer.scale, out=o,
+            )  # fmt: skip
+            x, delta = layer.post_attention(o, x)
+        self._x[:size].copy_(self.model.final_norm(x, delta))
 
     # ---- capture --------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, size: int) -> None:
-        """Capture bucket ``size``'s L + 1 pieces (all or none)."""
+        """Capture bucket ``size``'s graph."""
         if not self.capture_graphs:
-            raise ValueError("this PrefillGraphs runs its pieces eagerly (capture=False)")
+            raise ValueError("this PrefillGraphs runs eagerly (capture=False)")
         if size not in self.sizes:
             raise ValueError(f"no bucket {size} in {self.sizes}")
         if size in self._graphs:
             return
-        # every row padding: no KV write during the warm-up
+        # every row padding, every sequence empty: the warm-up writes no KV and attends nothing
         self._i64[:2, :size].zero_()
         self._i64[2, :size].fill_(-1)
-        pieces = range(len(self.layers) + 1)
+        self._i32.zero_()
         current = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            for i in pieces:
-                self._piece(i, size)
+            self._forward(size)
         current.wait_stream(stream)
-        graphs = []
-        for i in pieces:
-            graph = torch.cuda.CUDAGraph()
-            with (
-                GPU_GATE.capture(),
-                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
-            ):
-                self._piece(i, size)
-            graphs.append(graph)
-        self._graphs[size] = graphs
+        graph = torch.cuda.CUDAGraph()
+        with (
+            GPU_GATE.capture(),
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+        ):
+            self._forward(size)
+        self._graphs[size] = graph
 
     def capture_all(self, max_tokens: int | None = None) -> int:
         """Capture every bucket up to the one holding ``max_tokens`` (largest first); returns
@@ -165,7 +195,8 @@ class PrefillGraphs:
 
     @property
     def num_graphs(self) -> int:
-        return sum(len(g) for g in self._graphs.values())
+        """Graphs captured: one per bucket."""
+        return len(self._graphs)
 
     # ---- a step ---------------------------------------------------------------------------
     def bucket(self, tokens: int) -> int | None:
@@ -186,26 +217,45 @@ class PrefillGraphs:
             return False
         return True
 
+    def _fits(self, tokens: int, attn: AttentionMetadata) -> bool:
+        """Whether a step of ``tokens`` rows and this metadata fits the static buffers."""
+        sparse = attn.sparse
+        return (
+            0 < tokens <= self.sizes[-1]
+            and attn.context_lens.shape[0] <= self.max_seqs
+            and attn.block_tables.shape[1] <= self.max_blocks
+            and (sparse is None or not sparse.handles(attn.is_decode))
+        )
+
     @torch.inference_mode()
     def run(
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        attn: AttentionMetadata,  # of the T real rows; dense attention
+        attn: AttentionMetadata,  # of the T real rows and B sequences
     ) -> torch.Tensor | None:  # [T, hidden], a view of a static buffer: read before next run
-        """The model's forward over the T rows, piecewise; None: run this step eagerly."""
+        """The model's forward over the T rows, one graph replay; None: run this step eagerly."""
         tokens = input_ids.shape[0]
-        size = self.bucket(tokens)
-        if tokens == 0 or size is None or not self._ready(size):
+        if not self._fits(tokens, attn):
             return None
+        size = self.bucket(tokens)
+        if size is None or not self._ready(size):
+            return None
+        seqs, width = attn.context_lens.shape[0], attn.block_tables.shape[1]
         self._i64[0, :tokens].copy_(input_ids)
         self._i64[1, :tokens].copy_(positions)
         self._i64[2, :tokens].copy_(attn.slot_mapping)
         self._i64[2, tokens:size].fill_(-1)  # rows a longer step left: no KV write
-        q, o = self._q[:tokens], self._o[:tokens]
-        for i, layer in enumerate(self.layers):
-            self._run_piece(i, size)
-            o.copy_(layer.attention(q, self.kv_cache, attn).reshape(tokens, -1))
-        self._run_piece(len(self.layers), size)
+        self._context_lens[:seqs].copy_(attn.context_lens)
+        self._context_lens[seqs:].zero_()
+        self._starts[: seqs + 1].copy_(attn.query_start_loc)
+        self._starts[seqs + 1 :].fill_(tokens)  # the padded sequences own no rows
+        self._tables[:seqs, :width].copy_(attn.block_tables)
+        graph = self._graphs.get(size)
+        if graph is None:
+            self._forward(size)
+        else:
+            graph.replay()
+            self.replays += 1
         self.steps += 1
         return self._x[:tokens]

@@ -6,11 +6,11 @@ otherwise every row goes through the varlen prefill path (a decode row is a chun
 
 On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
 longest block table fit a captured bucket (and, with sparse decode, when the SparseAttention
-calls the step ``capturable``); any other step of at most ``max_prefill_tokens`` tokens with
-dense attention replays piecewise prefill graphs (workers/engine/prefill_graphs.py: everything
-but attention captured, attention eager; ``KVRELAY_PREFILL_GRAPHS=0`` or ``use_prefill_graphs``
-off); the rest runs eagerly. Neither path synchronises the
-host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
+calls the step ``capturable``); any other step of at most ``max_prefill_tokens`` tokens and
+``max_prefill_seqs`` sequences with dense attention replays a prefill graph
+(workers/engine/prefill_graphs.py: one graph per token bucket, attention included;
+``KVRELAY_PREFILL_GRAPHS=0`` or ``use_prefill_graphs`` off); the rest runs eagerly. Neither
+path synchronises the host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
 a step is the caller reading the sampled tokens. The eager path's block tables persist across
 steps (workers/engine/block_tables.py): a row is sent when its sequence joins or changes blocks.
 
@@ -37,7 +37,7 @@ from kvrelay.workers.engine.cuda_graphs import (
     DecodeGraphs,
     host_to_device,
 )
-from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs
+from kvrelay.workers.engine.prefill_graphs import MAX_SEQS, MAX_TOKENS, PrefillGraphs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
@@ -189,9 +189,10 @@ class ModelRunner:
         sparse: SparseAttention | None = None,  # opt-in; graphs replay its capturable steps
         # unless its config turns ``graphs`` off (sparse decode steps then run eagerly)
         # None: with the decode graphs (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU: the
-        # piecewise path runs its pieces eagerly (tests compare it with the plain forward)
+        # padded path runs eagerly (tests compare it with the plain forward)
         use_prefill_graphs: bool | None = None,
         max_prefill_tokens: int = MAX_TOKENS,
+        max_prefill_seqs: int = MAX_SEQS,  # the engine passes its max_num_seqs
     ) -> None:
         self.model = model
         self.sparse = sparse
@@ -211,9 +212,11 @@ class ModelRunner:
         if model.config.num_layers and _prefill_graphs_enabled(
             self.device, use_cuda_graphs, use_prefill_graphs
         ):
-            self.prefill = PrefillGraphs(model, kv_cache, max_tokens=max_prefill_tokens)
+            self.prefill = PrefillGraphs(
+                model, kv_cache, max_tokens=max_prefill_tokens, max_seqs=max_prefill_seqs
+            )
         self.tables = BlockTables(self.device)  # the eager path's (graphs keep their own)
-        self.eager_steps = 0  # steps not replaying a decode graph, piecewise prefill included
+        self.eager_steps = 0  # steps not replaying a decode graph, prefill graph steps included
         self.graph_steps = 0
         self.prefill_graph_steps = 0  # of the eager steps, those run by ``prefill``
         # entered around each forward pass: a semi-PD lane releases its storage lock there

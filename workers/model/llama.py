@@ -139,8 +139,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (stream after attention, this layer's MLP output)
         """One decoder layer; the stream it ends with is ``x' + delta'`` (the caller's next
         add_rms_norm adds them, fused with the norm that reads the sum). The three parts are
-        separate so that piecewise prefill graphs (workers/engine/prefill_graphs.py) can capture
-        all but the attention."""
+        separate so that prefill graphs (workers/engine/prefill_graphs.py) can run attention
+        over their own padded metadata between them."""
         q, x = self.pre_attention(x, delta, positions, rope, kv_cache, attn.slot_mapping)
         return self.post_attention(self.attention(q, kv_cache, attn), x)
 

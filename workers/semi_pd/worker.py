@@ -113,7 +113,7 @@ class SemiPDWorker(Worker):
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         # the lanes run the plain step: the storage lock's rule (a block is released only after
         # the step that used it has synchronised) holds for it, not for a step left in flight;
-        # and no piecewise prefill graphs: a graph captured outside a green context runs on
+        # and no prefill graphs: a graph captured outside a green context runs on
         # every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py,
         # test_graph_replays_in_a_share_are_capped, H100 2026-12-06), so the prefill lane's
         # replays would ignore its share, where its eager kernels keep to it

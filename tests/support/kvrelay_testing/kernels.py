@@ -103,6 +103,47 @@ def check_prefill(
     return rel_err(out, ref)
 
 
+def check_prefill_padded(
+    ops: ModuleType,
+    case: PagedCase,
+    heads: int,
+    query_lens: list[int],
+    *,
+    rows: int,
+    seqs: int,
+    layer: int = 1,
+    gen: torch.Generator,
+) -> float:
+    """Prefill attention of ``ops`` over inputs padded as workers/engine/prefill_graphs.py pads
+    a step: ``rows`` query rows (the T real ones first, random ones after), ``seqs`` sequences
+    (the B real ones first; the others own no rows: starts padded with T, context 0, table rows
+    of random valid blocks), tables three random columns wider; written into a given ``out``
+    filled with NaN. Asserts the padded rows kept their NaN (no sequence owns them) and returns
+    the error of the T real rows against the fp32 reference of the unpadded inputs."""
+    cache, tables, lens = case
+    batch, tokens = lens.shape[0], sum(query_lens)
+    assert rows >= tokens and seqs >= batch
+    dev, dim = cache.device, cache.shape[5]
+    qsl = query_start_loc(query_lens, dev)
+    wide = torch.randint(cache.shape[0], (seqs, tables.shape[1] + 3), generator=gen)
+    wide = wide.to(device=dev, dtype=torch.int32)
+    wide[:batch, : tables.shape[1]] = tables
+    starts = torch.full((seqs + 1,), tokens, dtype=torch.int32, device=dev)
+    starts[: batch + 1] = qsl
+    ctx = torch.zeros(seqs, dtype=torch.int32, device=dev)
+    ctx[:batch] = lens
+    q = torch.randn(rows, heads, dim, generator=gen).to(device=dev, dtype=cache.dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = dim**-0.5
+    got = ops.paged_prefill_attention(q, cache, layer, wide, starts, ctx, scale, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == q.shape
+    assert bool(out[tokens:].isnan().all()), "a padded row was written"
+    ref = reference.paged_prefill_attention(
+        q[:tokens].float(), cache.float(), layer, tables, qsl, lens, scale
+    )
+    return rel_err(out[:tokens], ref)
+
+
 def check_write_kv(ops: ModuleType, case: PagedCase, tokens: int, *, gen: torch.Generator) -> bool:
     """Write ``tokens`` K/V rows (from strided views of a fused buffer, some slots -1) through
     ``ops`` and through the reference into copies of the cache; True when they agree exactly."""
