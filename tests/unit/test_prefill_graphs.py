@@ -89,7 +89,8 @@ def test_one_prompt_equals_the_plain_forward(tokens: int) -> None:
     pair = _Pair(tiny_llama())
     seq = pair.seq(tokens)
     pair.step([ScheduledSeq(seq, tokens)])
-    assert pair.graph.prefill_graph_steps == 1 and pair.graph.eager_steps == 1
+    # a one-token prompt is a pure decode step (T == B): eager, as a step no decode graph took
+    assert pair.graph.prefill_graph_steps == (tokens > 1) and pair.graph.eager_steps == 1
 
 
 def test_hidden_states_of_every_row() -> None:
@@ -128,13 +129,14 @@ def test_multi_sequence_chunked_prefill_over_a_cached_context(max_seqs: int) -> 
 
 
 def test_pure_decode_step_and_bias_model() -> None:
-    """A pure decode step on CPU (no decode graphs) goes through the padded path with prefill
-    attention (decode rows as chunks of one); q/k/v and o biases are in the forward."""
+    """A pure decode step that no decode graph took (CPU has none) runs eagerly, with the
+    decode kernel's split of a long context, and equals the plain forward after a padded
+    prefill step; q/k/v and o biases are in the forward."""
     pair = _Pair(tiny_llama(bias=True, layers=3))
     seqs = [pair.seq(n) for n in (20, 33)]
     pair.step([ScheduledSeq(s, s.num_tokens - 1) for s in seqs])
     pair.step([ScheduledSeq(s, 1) for s in seqs])
-    assert pair.graph.prefill_graph_steps == 2
+    assert pair.graph.prefill_graph_steps == 1 and pair.graph.eager_steps == 2
 
 
 class _PaddedAttention:

@@ -23,9 +23,9 @@ exit at once and read neither their context length nor their table row, so the c
 a step's widest table ``w`` and the rows past B may hold anything. ``W`` is the widest table a
 sequence can have (the model's context in blocks, at most the cache's blocks); a step with more
 than ``max_seqs`` sequences, a wider table, or sparse attention that handles it runs eagerly
-(a sparse decode-only config leaves prefill steps dense, and here). A pure decode step
-that reaches here (no decode graph took it) attends through the same prefill kernel: a decode
-row is a chunk of one.
+(a sparse decode-only config leaves prefill steps dense, and here). So does a pure decode
+step that no decode graph took (a batch or table past their buckets): the prefill kernel has
+no split-K, and the eager step's decode kernel splits a long context across programs.
 
 Padded rows are harmless: their slot is -1 (``rope_write_kv`` writes no KV for them), their ids
 and positions are whatever an earlier step left (always valid ones, 0 at first), every op but
@@ -222,6 +222,7 @@ class PrefillGraphs:
         sparse = attn.sparse
         return (
             0 < tokens <= self.sizes[-1]
+            and not attn.is_decode
             and attn.context_lens.shape[0] <= self.max_seqs
             and attn.block_tables.shape[1] <= self.max_blocks
             and (sparse is None or not sparse.handles(attn.is_decode))
