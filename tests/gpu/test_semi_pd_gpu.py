@@ -152,7 +152,15 @@ def test_two_lanes_compute_in_their_shares_at_once() -> None:
 def test_lanes_at_equal_shares_do_not_share_a_stream() -> None:
     """At 100 / 100 a decode-sized kernel must not wait for the prefill lane's queued work: with
     one green context for both lanes they were one default stream, in issue order."""
-    part = GreenContextPartition(0, [100], Split(100, 100))
+    decode, queue = _decode_wait_behind_prefill(False, kernels=1)
+    print(f"\nprefill queue {queue * 1e3:.1f} ms, decode op {decode * 1e3:.2f} ms")
+    assert decode < 0.25 * queue
+
+
+def _decode_wait_behind_prefill(decode_first: bool, kernels: int) -> tuple[float, float]:
+    """(seconds for ``kernels`` small decode-lane kernels in a row, seconds for the prefill
+    lane's queue) while the prefill lane streams 4096^3 GEMMs, both lanes at 100 %."""
+    part = GreenContextPartition(0, [100], Split(100, 100), decode_first=decode_first)
     big = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(big)
     small = torch.randn(64, 64, device="cuda")
@@ -173,47 +181,8 @@ def test_lanes_at_equal_shares_do_not_share_a_stream() -> None:
         (small @ small).cpu()  # warm: this context's first launch
         assert queued.wait(60)
         t0 = time.perf_counter()
-        (small @ small).cpu()
-        times[Lane.DECODE] = time.perf_counter() - t0
-
-    threads = [threading.Thread(target=f) for f in (prefill, decode)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    print(
-        f"\nprefill queue {times[Lane.PREFILL] * 1e3:.1f} ms, decode op "
-        f"{times[Lane.DECODE] * 1e3:.2f} ms"
-    )
-    assert times[Lane.DECODE] < 0.25 * times[Lane.PREFILL]
-
-
-def _decode_wait_behind_prefill(decode_first: bool) -> tuple[float, float]:
-    """(seconds for 20 small decode-lane kernels, seconds for the prefill lane's queue) while
-    the prefill lane streams 4096^3 GEMMs, both lanes at 100 %."""
-    part = GreenContextPartition(0, [100], Split(100, 100), decode_first=decode_first)
-    big = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(big)
-    small = torch.randn(64, 64, device="cuda")
-    queued = threading.Event()
-    times: dict[Lane, float] = {}
-
-    def prefill() -> None:
-        part.enter(Lane.PREFILL, 100)
-        t0 = time.perf_counter()
-        for _ in range(400):
-            torch.mm(big, big, out=out)
-        queued.set()
-        torch.cuda.current_stream().synchronize()
-        times[Lane.PREFILL] = time.perf_counter() - t0
-
-    def decode() -> None:
-        part.enter(Lane.DECODE, 100)
-        (small @ small).cpu()
-        assert queued.wait(60)
-        t0 = time.perf_counter()
         y = small
-        for _ in range(20):
+        for _ in range(kernels):
             y = small @ y
         y.cpu()
         times[Lane.DECODE] = time.perf_counter() - t0
@@ -229,8 +198,8 @@ def _decode_wait_behind_prefill(decode_first: bool) -> tuple[float, float]:
 def test_decode_first_streams_cut_the_decode_lanes_wait() -> None:
     """With ``decode_first`` the decode lane's kernels are dispatched ahead of the prefill
     lane's queued GEMM blocks as SMs free up, instead of after them (not run on a GPU yet)."""
-    plain, plain_queue = _decode_wait_behind_prefill(False)
-    first, first_queue = _decode_wait_behind_prefill(True)
+    plain, plain_queue = _decode_wait_behind_prefill(False, kernels=20)
+    first, first_queue = _decode_wait_behind_prefill(True, kernels=20)
     print(
         f"\n20 decode kernels behind a prefill queue: default priority {plain * 1e3:.2f} ms "
         f"(queue {plain_queue * 1e3:.0f} ms), decode first {first * 1e3:.2f} ms "
