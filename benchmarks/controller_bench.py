@@ -6,20 +6,20 @@ A real ``Controller`` (its request table, flights, detokenizer, event streams) w
 worker (answers ``info`` and ``submit``; the only fake part), driven as ``kvrelay serve`` drives
 it: N requests started on one event stream (``start_request``, as ``RemoteBackend`` does), then
 ``--steps`` deliveries of N one-token events through ``on_events`` (numbered, as the worker's
-sink sends them: pickled on the way in and unpickled here, as Ray's argument passing does), the
+sink sends them: ``events_to_bytes`` on the way in and ``events_from_bytes`` here, as
+``on_events_pickled`` does), the
 stream read as the driver reads it (each item pickled with Ray's cloudpickle, as Ray does to
 send it). Each delivery waits until the stream has yielded its tokens, so nothing coalesces:
 the cost of a controller that keeps up with its worker. Tokens are a real text's ids cycled
 (the detokenizer sees words). Figure: this thread's CPU time (``time.thread_time``) over the
-deliveries, less the reader's ``unpack`` (the driver's share), / tokens delivered; the check: the stream yielded N*steps tokens and every request
-finished.
+deliveries, less the reader's ``unpack`` (the driver's share, printed apart), / tokens
+delivered; the check: the stream yielded N*steps tokens and every request finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import pickle
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +32,13 @@ from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.controller import Controller
 from kvrelay.cluster.controller.streams import unpack
 from kvrelay.workers.model.source import load_tokenizer
-from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+from kvrelay.workers.types import (
+    FinishReason,
+    SamplingParams,
+    TokenEvent,
+    events_from_bytes,
+    events_to_bytes,
+)
 from kvrelay.workers.worker import WorkerInfo
 
 TEXT = (
@@ -60,7 +66,7 @@ class FakeWorker:
         pass
 
 
-async def one_run(tokenizer: Any, n: int, steps: int) -> tuple[float, float, int]:
+async def one_run(tokenizer: Any, n: int, steps: int) -> tuple[float, float, float]:
     ctl = Controller(ControllerConfig(ModelInfo("m", 1 << 16, 49152)), tokenizer)
     progress = asyncio.Event()  # set whenever a submit or a stream item came
     worker = FakeWorker(progress)
@@ -96,7 +102,7 @@ async def one_run(tokenizer: Any, n: int, steps: int) -> tuple[float, float, int
     await until(lambda: len(worker.submitted) == n)
     ids = tokenizer.encode(TEXT * 8, add_special_tokens=False)
     wires = [
-        pickle.dumps(
+        events_to_bytes(
             [
                 TokenEvent(rid, (ids[(s + i) % len(ids)],),
                            finish_reason=FinishReason.LENGTH if s == steps - 1 else None)
@@ -107,14 +113,14 @@ async def one_run(tokenizer: Any, n: int, steps: int) -> tuple[float, float, int
     ]  # fmt: skip
     c0, w0 = time.thread_time(), time.perf_counter()
     for s, wire in enumerate(wires):
-        await ctl.on_events("w", pickle.loads(wire), s)
+        await ctl.on_events("w", events_from_bytes(wire), s)
         await until(lambda want=n * (s + 1): got == want)
     c1, w1 = time.thread_time(), time.perf_counter()
     await until(lambda: finished == n)
     reader.cancel()
     tokens = n * steps
     assert got == tokens and finished == n, (got, finished)
-    return 1e6 * (c1 - c0 - unpack_s) / tokens, 1e6 * (w1 - w0) / tokens, got
+    return 1e6 * (c1 - c0 - unpack_s) / tokens, 1e6 * (w1 - w0) / tokens, 1e6 * unpack_s / tokens
 
 
 def main() -> int:
@@ -127,16 +133,18 @@ def main() -> int:
     _, tokenizer, _ = load_tokenizer(args.tokenizer)
     for n in args.batches:
         asyncio.run(one_run(tokenizer, n, 16))  # warm-up
-        cpu, wall = [], []
+        cpu, wall, unpacked = [], [], []
         for _ in range(args.reps):
-            c, w, _ = asyncio.run(one_run(tokenizer, n, args.steps))
+            c, w, u = asyncio.run(one_run(tokenizer, n, args.steps))
             cpu.append(c)
             wall.append(w)
+            unpacked.append(u)
         print(
             f"N={n}: controller CPU {statistics.median(cpu):.1f} us/token (reps "
             + ", ".join(f"{x:.1f}" for x in cpu)
-            + f"), wall {statistics.median(wall):.1f} us/token; tokens {n * args.steps} per "
-            "rep, all received",
+            + f"), wall {statistics.median(wall):.1f} us/token, the driver's unpack "
+            f"{statistics.median(unpacked):.2f} us/token; tokens {n * args.steps} per rep, all "
+            "received",
             flush=True,
         )
     return 0

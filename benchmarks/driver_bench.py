@@ -3,16 +3,17 @@
     python benchmarks/driver_bench.py [--batches 32 128 --steps 256 --reps 5]
 
 What ``kvrelay serve``'s driver runs for every chunk it streams, between the event stream's
-reader and grpc: ``RemoteBackend.generate`` taking a request's events from its inbox and merging
-them, ``RequestStream.events`` counting and timing them, and the gRPC frontend's message
-(``grpc_server._event``, serialized). N requests on a real ``RemoteBackend`` over a fake
-controller handle (``start_request`` answers at once; the event stream's reader is not started:
-the benchmark puts each step's events into the inboxes as the reader does), then ``--steps``
-steps of one one-token event a request; each step waits until every stream took its event, so
-nothing coalesces and every token is one chunk. Figure: this thread's CPU time
-(``time.thread_time``) over the steps / tokens. Check: the streams yielded N*steps tokens and
-every one finished. serve_path_bench's per-process figures put grpc's own per-message work
-(not measured here) at most of the driver's samples.
+reader and grpc: the reader's ``unpack`` of each stream object (a step's events, as the
+controller's ``pack`` made it) into the requests' inboxes, ``RemoteBackend.generate`` taking a
+request's events from its inbox and merging them, ``RequestStream.events`` counting and timing
+them, and the gRPC frontend's message (``grpc_server._event``, serialized). N requests on a real
+``RemoteBackend`` over a fake controller handle (``start_request`` answers at once; the event
+stream's reader is not started: the benchmark unpacks each step's object and puts its events
+into the inboxes as the reader does), then ``--steps`` steps of one one-token event a request;
+each step waits until every stream took its event, so nothing coalesces and every token is one
+chunk. Figure: this thread's CPU time (``time.thread_time``) over the steps / tokens. Check: the
+streams yielded N*steps tokens and every one finished. serve_path_bench's per-process figures
+put grpc's own per-message work (not measured here) at most of the driver's samples.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kvrelay.cluster.api.backend import GenerateRequest, ModelInfo
 from kvrelay.cluster.api.core import FrontendCore, RequestStream
 from kvrelay.cluster.api.grpc_server import _event
 from kvrelay.cluster.api.limits import FrontendLimits
+from kvrelay.cluster.controller.streams import pack, unpack
 from kvrelay.cluster.runtime.remote_backend import RemoteBackend
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 
@@ -94,20 +96,21 @@ async def one_run(n: int, steps: int) -> tuple[float, int, int]:
 
     tasks = [asyncio.create_task(consume(s)) for s in streams]
     await until(lambda: controller.calls == n)  # every stream waits on its inbox
-    inboxes = [backend._inboxes[f"r{i}"] for i in range(n)]
-    # an asyncio.Queue before the Mailbox
-    puts = [getattr(box, "put_nowait", None) or box.put for box in inboxes]
-    steps_events = [
-        [
-            [TokenEvent(f"r{i}", (5,), "x", FinishReason.LENGTH if s == steps - 1 else None)]
-            for i in range(n)
-        ]
+    inboxes = backend._inboxes
+    packed = [
+        pack(
+            [
+                (f"r{i}", [TokenEvent(f"r{i}", (5,), "x",
+                                      FinishReason.LENGTH if s == steps - 1 else None)])
+                for i in range(n)
+            ]
+        )
         for s in range(steps)
-    ]
+    ]  # fmt: skip
     c0 = time.thread_time()
-    for s, events in enumerate(steps_events):
-        for put, item in zip(puts, events, strict=True):
-            put(item)
+    for s, step in enumerate(packed):
+        for rid, item in unpack(step):  # as RemoteBackend._read hands a stream object out
+            inboxes[rid].put(item)
         # every stream took this step's event: nothing coalesces
         await until(lambda want=n * (s + 1): got == want)
     c1 = time.thread_time()

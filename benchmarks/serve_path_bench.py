@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from kvrelay.benchmarks.gpu_serve import SHAPES, make_model
@@ -53,6 +52,7 @@ from kvrelay.benchmarks.serve_ratio import (
     serve_config,
     stream_load,
     summary,
+    thread_cpu_s,
     window,
 )
 from kvrelay.cluster.runtime.serve import Cluster
@@ -78,18 +78,6 @@ def clean_outputs(model_dir: Path) -> Path:
     emb[bad] = 0.0
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
     return model_dir
-
-
-def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds of a process's threads so far, summed by thread name (Linux)."""
-    out: dict[str, float] = {}
-    for t in psutil.Process(pid).threads():
-        try:
-            name = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
-        except OSError:  # the thread ended
-            continue
-        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
-    return out
 
 
 def by_thread(before: dict[str, float], after: dict[str, float], tokens: int) -> str:

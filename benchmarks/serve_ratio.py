@@ -29,7 +29,9 @@ read from its heartbeats (multiturn_bench's ``settled_stats``). One warm-up roun
 batch on each side first (CUDA graphs, allocator). Per served rep also, to find which process
 sets the rate and whether one grows from rep to rep: tokens per gRPC chunk, the Ray objects of
 the controller's event stream, and the CPU time per token and resident memory of each process
-of the path (worker, controller actor, driver, clients; serve_path_bench's figures).
+of the path (worker, controller actor, driver, clients; serve_path_bench's figures), the
+worker's split into its engine thread, its event sender and the rest; per offline rep, the
+process's and the stepping thread's CPU per token, to hold the worker's against.
 """
 
 from __future__ import annotations
@@ -171,15 +173,28 @@ def offline(args: argparse.Namespace, cfg: ServeConfig) -> dict[int, list[dict[s
         out[n] = []
         for r in range(args.reps):
             s0 = llm.engine.stats()
+            c0, e0 = cpu_s({"p": os.getpid()})["p"], time.thread_time()
             arrivals, t0 = offline_run(llm, prompts(n, args.prompt, seed=1000 + r), args.max_tokens)
+            c1, e1 = cpu_s({"p": os.getpid()})["p"], time.thread_time()
             s1 = llm.engine.stats()
             row = summary(window(arrivals, t0))
             row["engine"] = {
                 k: getattr(s1, k) - getattr(s0, k)
                 for k in ("decode_tokens_computed", "prompt_tokens_computed")
             }
+            # the served worker's figures to hold these against: its process, its engine thread
+            row["cpu_us_per_token"] = {
+                "process": 1e6 * (c1 - c0) / row["tokens"],
+                "engine_thread": 1e6 * (e1 - e0) / row["tokens"],
+            }
             out[n].append(row)
             print(f"offline N={n} rep {r}: {brief(row)}", flush=True)
+            cpu = row["cpu_us_per_token"]
+            print(
+                f"  CPU us/token: process {cpu['process']:.1f}, engine thread "
+                f"{cpu['engine_thread']:.1f}",
+                flush=True,
+            )
     del llm
     gc.unfreeze()  # the engine's objects in cycles, frozen above, go too (its device memory)
     gc.collect()
@@ -270,6 +285,32 @@ def cpu_s(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process's threads so far, summed by the name the OS
+    shows (Linux /proc; a worker names its engine thread ``kvrelay-engine`` and its event
+    sender ``kvrelay-events``; its other threads keep the process's name or Ray's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def worker_threads(
+    before: dict[str, float], after: dict[str, float], tokens: int
+) -> dict[str, float]:
+    """A worker's CPU per token: its engine thread, its event sender, everything else."""
+    moved = {k: 1e6 * (v - before.get(k, 0.0)) / tokens for k, v in after.items()}
+    engine = moved.pop("kvrelay-engine", 0.0)
+    sender = moved.pop("kvrelay-events", 0.0)
+    return {"engine": engine, "sender": sender, "other": sum(moved.values())}
+
+
 def path_counts(cluster: Cluster) -> dict[str, int]:
     """Counters of the path's messages so far: the worker's ``on_events`` calls received by
     the controller and their tokens, the event stream's Ray objects received by the driver,
@@ -332,11 +373,13 @@ def served(
             out[n] = []
             for r in range(args.reps):
                 before, c0 = settled_stats(cluster), cpu_s(pids)
+                w0 = thread_cpu_s(pids["worker"])
                 counts0 = path_counts(cluster)
                 arrivals, t0, usage = spread_load(
                     pools, port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens
                 )
                 c1 = cpu_s(pids)
+                w1 = thread_cpu_s(pids["worker"])
                 counts1 = path_counts(cluster)
                 objects = counts1["stream_objects"] - counts0["stream_objects"]
                 moved = stats_delta(settled_stats(cluster), before)
@@ -351,6 +394,7 @@ def served(
                 row["tokens_per_chunk"] = row["tokens"] / sum(len(a) for a in arrivals)
                 row["stream_objects"] = objects
                 row["cpu_us_per_token"] = {p: 1e6 * (c1[p] - c0[p]) / row["tokens"] for p in pids}
+                row["worker_threads_cpu_us_per_token"] = worker_threads(w0, w1, row["tokens"])
                 row["rss_mb"] = rss_mb(pids)
                 row["per_token"], counted = count_line(
                     counts0, counts1, row["tokens"], sum(map(len, arrivals)), n
@@ -361,6 +405,12 @@ def served(
                 print(
                     f"  {row['tokens_per_chunk']:.2f} tokens/chunk, {objects} stream objects; "
                     f"CPU us/token: {cpu}; RSS MB {row['rss_mb']}",
+                    flush=True,
+                )
+                split = row["worker_threads_cpu_us_per_token"]
+                print(
+                    "  worker threads, CPU us/token: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in split.items()),
                     flush=True,
                 )
                 print(counted, flush=True)

@@ -13,7 +13,6 @@ import concurrent.futures
 import gc
 import itertools
 import logging
-import pickle
 import threading
 import time
 import uuid
@@ -45,7 +44,7 @@ from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd.sm_partition import Split
 from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
-from kvrelay.workers.types import TokenEvent
+from kvrelay.workers.types import TokenEvent, events_from_bytes, events_to_bytes
 from kvrelay.workers.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,10 @@ class _ControllerSink:
     consecutive steps when the worker's sender thread fell behind), numbered from 0 so that the
     controller applies them in order (an async actor may run one caller's calls out of order:
     cluster/controller/event_order.py). Numbering and submitting happen under one lock, since
-    a semi-PD worker's two lanes share the sink. The events go pickled by the C pickler
-    (``on_events_pickled``): Ray's cloudpickle calls its Python ``reducer_override`` per event,
-    ~3x the cost on the worker's sender thread, which shares the GIL with the engine.
+    a semi-PD worker's two lanes share the sink. The events go as plain rows pickled by the C
+    pickler (``events_to_bytes``, ``on_events_pickled``): Ray's cloudpickle calls its Python
+    ``reducer_override`` per event, ~3x the cost on the worker's sender thread, which shares
+    the GIL with the engine.
 
     ``in_flight``: at most this many calls unanswered (None: no bound). Before a new call the
     sink waits until the call ``in_flight`` back was answered; the steps that come meanwhile
@@ -123,7 +123,7 @@ class _ControllerSink:
         with self._lock:
             if self.in_flight is not None:
                 self._pace(self.in_flight)
-            blob = pickle.dumps(events, protocol=5)
+            blob = events_to_bytes(events)
             ref = self.controller.on_events_pickled.remote(worker_id, blob, next(self._seq))
             if self.in_flight is not None:
                 self._unanswered.append(ref.future())
@@ -422,7 +422,7 @@ class ControllerActor(Controller):
 
     async def on_events_pickled(self, worker_id: str, blob: bytes, seq: int) -> None:
         """``on_events`` for a worker's sink (``_ControllerSink``), its events pickled there."""
-        await self.on_events(worker_id, pickle.loads(blob), seq)
+        await self.on_events(worker_id, events_from_bytes(blob), seq)
 
     # ---- metrics: the registry lives here, the frontends (in the driver) feed and serve it ----
     async def observe_request_finished(self, model: str, outcome: str, **figures: Any) -> None:

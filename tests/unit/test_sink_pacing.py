@@ -12,7 +12,7 @@ from typing import Any
 
 from kvrelay.cluster.runtime.actors import _ControllerSink
 from kvrelay.workers.engine.outbox import Outbox
-from kvrelay.workers.types import TokenEvent
+from kvrelay.workers.types import TokenEvent, events_from_bytes
 
 
 def _step(i: int) -> list[TokenEvent]:
@@ -38,7 +38,7 @@ class _Remote:
 
     def remote(self, worker_id: str, blob: bytes, seq: int) -> _Ref:
         with self.lock:
-            self.calls.append((pickle.loads(blob), seq))
+            self.calls.append((events_from_bytes(blob), seq))
             self.answers.append(Future())
             return _Ref(self.answers[-1])
 

@@ -1,28 +1,41 @@
-"""TokenEvent across process boundaries: its compact pickling and ``merge_events``, which the
+"""TokenEvent across process boundaries: its rows on the wire and ``merge_events``, which the
 event streams use to hand a reader that fell behind one event of k tokens."""
 
 from __future__ import annotations
 
 import pickle
-from dataclasses import fields
 
 from ray import cloudpickle
 
-from kvrelay.workers.types import FinishReason, TokenEvent, merge_events
+from kvrelay.workers.types import (
+    FinishReason,
+    TokenEvent,
+    events_from_bytes,
+    events_to_bytes,
+    merge_events,
+)
 
 
-def test_pickles_to_an_equal_event() -> None:
+def test_crosses_processes_as_equal_events() -> None:
     events = [
         TokenEvent("r1", (5, 6), "ab", None, 3),
         TokenEvent("r2", (), "", FinishReason.ABORT),
         TokenEvent("r1", (7,), "c", FinishReason.STOP),
     ]
-    _, args = events[0].__reduce__()  # every field travels, in declaration order
-    assert args == tuple(getattr(events[0], f.name) for f in fields(TokenEvent))
-    for dumps in (pickle.dumps, cloudpickle.dumps):
-        back = pickle.loads(dumps(events))
-        assert back == events
-        assert back[2].finish_reason is FinishReason.STOP
+    back = events_from_bytes(events_to_bytes(events))
+    assert back == events
+    assert all(type(ev) is TokenEvent for ev in back)  # events, not bare rows
+    assert back[2].finish_reason is FinishReason.STOP and back[0].cached_prompt_tokens == 3
+    assert events_from_bytes(events_to_bytes([])) == []
+    for dumps in (pickle.dumps, cloudpickle.dumps):  # Ray's own pickling still works
+        again = pickle.loads(dumps(events))
+        assert again == events and type(again[0]) is TokenEvent
+
+
+def test_rows_are_plain_tuples() -> None:
+    # the wire carries no per-event pickling hook: rows unpickle without the class
+    rows = pickle.loads(events_to_bytes([TokenEvent("r", (1,), "x")]))
+    assert rows == [("r", (1,), "x", None, 0)] and type(rows[0]) is tuple
 
 
 def test_merge_keeps_order_text_and_the_last_finish_reason() -> None:

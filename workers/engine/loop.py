@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 from kvrelay.workers.engine.engine import Engine
-from kvrelay.workers.engine.outbox import Outbox
+from kvrelay.workers.engine.outbox import Outbox, name_os_thread
 from kvrelay.workers.engine.rates import prefill_rate, running_average
 from kvrelay.workers.types import TokenEvent
 
@@ -144,6 +144,7 @@ class EngineLoop:
                 return
 
     def _run(self) -> None:
+        name_os_thread("kvrelay-engine")
         try:
             while not self._stop.is_set():
                 self._run_commands(block=self.engine.idle or not self.engine.has_unfinished())
