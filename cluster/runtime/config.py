@@ -320,8 +320,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--semi-pd-prefill-tokens", type=int, default=S,
                    help="the prefill lane's tokens per step (default 4096)")
     p.add_argument("--semi-pd-decode-first", action="store_true", default=S,
-                   help="CUDA stream priorities: the decode lane's kernels are dispatched ahead "
-                        "of the prefill lane's queued ones")
+                   help="experimental: CUDA stream priorities for the decode lane's kernels "
+                        "(measured no shorter decode wait on an H100, benchmarks/README.md)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

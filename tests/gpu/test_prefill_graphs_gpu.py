@@ -65,7 +65,6 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 STEPS = [
-    [(0, 1)],
     [(0, 65)],  # just above the smallest bucket
     [(0, 255)],
     [(0, 256)],  # T == bucket
@@ -108,6 +107,18 @@ def test_replay_matches_eager(
     untouched = torch.ones(NUM_BLOCKS, dtype=torch.bool, device="cuda")
     untouched[owned] = False
     assert torch.equal(graph_cache[untouched], start[untouched])
+
+
+def test_a_step_of_one_token_per_sequence_runs_eagerly(loaded: LoadedModel) -> None:
+    """A step whose every sequence computes one token (a one-token prompt, or decode rows no
+    decode graph took) runs eagerly: the prefill kernel has no split-K for a long context."""
+    graphs = PrefillGraphs(loaded.model, random_cache(loaded), max_seqs=4)
+    for chunks in ([(0, 1)], [(300, 1), (40, 1)]):
+        items = make_step(random.Random(1), chunks)
+        inputs = prepare_inputs(items, BS, CUDA)
+        assert inputs.attn.is_decode
+        assert graphs.run(inputs.input_ids, inputs.positions, inputs.attn) is None
+    assert graphs.replays == 0 and graphs.num_graphs == 0
 
 
 def test_stale_rows_of_a_longer_step_write_nothing(loaded: LoadedModel) -> None:

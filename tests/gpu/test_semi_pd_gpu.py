@@ -82,17 +82,23 @@ def test_graph_replays_in_a_share_are_capped() -> None:
     """The decode lane replays CUDA graphs that torch captures on its own side stream (outside
     any green context): replayed on a 25 % share's stream they must still run in that share,
     or the decode lane's graphs would take every SM whatever the split says."""
-    _graph_replay_is_capped(capture_in_share=False)
+    whole, _, on_share = _graph_replays(capture_in_share=False)
+    assert on_share < 0.6 * whole
 
 
 def test_graphs_captured_on_a_share_stream_are_capped() -> None:
-    """The fix the test above asks for, if CUDA records the green context in the captured
-    kernel nodes: capture on the share's own stream, then replays keep to the share (not run on
-    a GPU yet)."""
-    _graph_replay_is_capped(capture_in_share=True)
+    """Why the decode lane keeps a graph set per share, captured on that share's stream: the
+    capture's green context travels with the graph, so its replays keep to the share on the
+    share's stream and on any other (H100, 2026-12-06: 257 and 258 TFLOP/s replayed on the
+    share's and the default stream; a 25 % share runs eagerly at ~1/3 of the whole GPU)."""
+    whole, on_default, on_share = _graph_replays(capture_in_share=True)
+    assert on_share < 0.6 * whole and on_default < 0.6 * whole
 
 
-def _graph_replay_is_capped(capture_in_share: bool) -> None:
+def _graph_replays(capture_in_share: bool) -> tuple[float, float, float]:
+    """TFLOP/s of (eager matmuls on the whole GPU, a graph of them replayed on the default
+    stream, the graph replayed on a 25 % share's stream); the graph captured on torch's side
+    stream or, with ``capture_in_share``, on the 25 % share's stream."""
     part = GreenContextPartition(0, [25, 100], Split(25, 100))
     a = torch.randn(N, N, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(a)
@@ -118,9 +124,14 @@ def _graph_replay_is_capped(capture_in_share: bool) -> None:
 
         return run
 
-    whole, quarter = on_thread(replay(None)), on_thread(replay(25))
-    print(f"\ngraph replay: whole GPU {whole:.0f} TFLOP/s, 25% share {quarter:.0f}")
-    assert quarter < 0.6 * whole
+    whole = on_thread(matmul_tflops)
+    on_default, on_share = on_thread(replay(None)), on_thread(replay(25))
+    print(
+        f"\ngraph captured {'on the 25% share' if capture_in_share else 'outside any share'}: "
+        f"eager whole GPU {whole:.0f} TFLOP/s, replayed on the default stream {on_default:.0f}, "
+        f"on the 25% share's stream {on_share:.0f}"
+    )
+    return whole, on_default, on_share
 
 
 def test_two_lanes_compute_in_their_shares_at_once() -> None:
@@ -195,9 +206,16 @@ def _decode_wait_behind_prefill(decode_first: bool, kernels: int) -> tuple[float
     return times[Lane.DECODE], times[Lane.PREFILL]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known (H100, 2026-12-06, two runs: 20 decode kernels took 0.72 / 0.97 ms decode "
+    "first vs 0.45 / 0.86 ms at the default priority): a green-context stream's kernels already "
+    "slip between the other lane's GEMM blocks, and priorities did not shorten the wait; "
+    "strict, so a change that makes them help shows up",
+)
 def test_decode_first_streams_cut_the_decode_lanes_wait() -> None:
-    """With ``decode_first`` the decode lane's kernels are dispatched ahead of the prefill
-    lane's queued GEMM blocks as SMs free up, instead of after them (not run on a GPU yet)."""
+    """With ``decode_first`` the decode lane's kernels would be dispatched ahead of the prefill
+    lane's queued GEMM blocks as SMs free up, instead of after them."""
     plain, plain_queue = _decode_wait_behind_prefill(False, kernels=20)
     first, first_queue = _decode_wait_behind_prefill(True, kernels=20)
     print(

@@ -124,7 +124,9 @@ class GreenContextPartition:
         """``decode_first``: the decode lane's streams at the device's highest CUDA stream
         priority, the prefill lane's at the lowest (the block scheduler dispatches a
         higher-priority stream's waiting blocks first as SMs free up); False: torch's
-        green-context streams, all at the default priority."""
+        green-context streams, all at the default priority. Experimental: on an H100 it did not
+        shorten the decode lane's wait behind queued prefill GEMMs (tests/gpu/test_semi_pd_gpu.py,
+        test_decode_first_streams_cut_the_decode_lanes_wait, xfail)."""
         from torch.cuda.green_contexts import GreenContext
 
         if not callable(getattr(GreenContext, "Stream", None)):

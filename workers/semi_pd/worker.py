@@ -119,11 +119,13 @@ class SemiPDWorker(Worker):
         # replays would ignore its share, where its eager kernels keep to it
         config = replace(config, overlap_schedule=False, prefill_graphs=False)
         # builds the one storage; the decode lane keeps a set of decode graphs per SM share,
-        # captured on that share's stream (_enter): a graph captured elsewhere runs on every SM
-        # whatever stream replays it (tests/gpu/test_semi_pd_gpu.py). With capture_graphs the
-        # start share's set is captured up front (below), another share's buckets lazily on
-        # their first step there: a set a share costs a set's memory (each graph keeps its own
-        # logits), and the split rule may visit ten decode shares
+        # captured on that share's stream (_enter): the capture's green context travels with
+        # the graph, where a graph captured elsewhere runs on every SM whatever stream replays
+        # it (tests/gpu/test_semi_pd_gpu.py: H100, 2026-12-06, a 25 % share's graph replayed at
+        # 257 TFLOP/s on any stream, one captured outside at 804 on the share's). With
+        # capture_graphs the start share's set is captured up front (below), another share's
+        # buckets lazily on their first step there: a set a share costs a set's memory (each
+        # graph keeps its own logits), and the split rule may visit ten decode shares
         decode = Engine(loaded, replace(config, capture_graphs=False), device=device)
         # the prefill lane never decodes (a request moves to the decode lane after its first
         # token): sparse prefill at most there, no key bounds or page selection
