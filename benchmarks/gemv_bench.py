@@ -134,9 +134,10 @@ def gemv_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[dic
 def sweep_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[dict[str, Any]]:
     """The chosen tuning and its single-step variants, one call each (main runs it on CUDA only;
     on CPU it needs TRITON_INTERPRET=1)."""
-    from kvrelay.kernels.triton_gemv import DOT_M, _sm_count, choose, gemv
+    from kvrelay.kernels.triton_decode import sm_count
+    from kvrelay.kernels.triton_gemv import DOT_M, choose, gemv
 
-    sms = _sm_count(torch.device(dev))
+    sms = sm_count(torch.device(dev))
     rows = []
     for proj, (n, k) in projections(shape, 1 if dev == "cuda" else CPU_SCALE).items():
         w = (torch.randn(n, k, device=dev) / k**0.5).to(torch.bfloat16)

@@ -146,7 +146,8 @@ def _decode_reduce_kernel(
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The device's SMs, for split decisions (the split-K decode here, the GEMV's tiles)."""
     if device.type != "cuda":
         return 4  # interpreter runs: a few programs per split decision is all that matters
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
@@ -215,7 +216,7 @@ def paged_decode_attention_split(
         raise ValueError("query and kv_cache need a contiguous head_dim")
     max_tokens = block_tables.shape[1] * page
     if num_splits is None:
-        sms = _sm_count(query.device)
+        sms = sm_count(query.device)
         splits, part_len = choose_splits(batch, kv_heads, max_tokens, sms, tuning.block_n)
     else:
         tiles = max(1, math.ceil(max_tokens / tuning.block_n))

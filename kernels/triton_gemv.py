@@ -30,13 +30,14 @@ use IEEE fp32 in tl.dot (no TF32). Under ``TRITON_INTERPRET=1`` the kernels run 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from kvrelay.kernels.triton_decode import sm_count
 
 MAX_SPLITS = 64
 DOT_M = 16  # tl.dot's smallest M: the dot path pads x's rows to it
@@ -121,13 +122,6 @@ def _reduce_kernel(
     tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter runs: a few programs per split decision is all that matters
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def choose(m: int, n: int, k: int, element_size: int, sms: int) -> GemvTuning:
     """Tiles and K splits from shapes only (no autotuning: it would run inside graph capture).
 
@@ -168,7 +162,7 @@ def gemv(
     out = x.new_empty((m, n))
     if m == 0 or n == 0:
         return out
-    t = tuning or choose(m, n, k, x.element_size(), _sm_count(x.device))
+    t = tuning or choose(m, n, k, x.element_size(), sm_count(x.device))
     if t.block_m != 1 and t.block_m < DOT_M:
         raise ValueError(f"block_m must be 1 or >= {DOT_M}, got {t.block_m}")
     k_tiles = max(1, triton.cdiv(k, t.block_k))

@@ -45,8 +45,8 @@ from kvrelay.kernels.triton_decode import (
     LOG2E,
     MAX_SPLITS,
     _decode_reduce_kernel,
-    _sm_count,
     choose_splits,
+    sm_count,
 )
 from kvrelay.kernels.triton_prefill import _attend
 from kvrelay.kernels.triton_prefill import prefill_tiles as dense_prefill_tiles
@@ -402,7 +402,7 @@ def sparse_decode_attention(
     max_tokens = tables.shape[1] * page
     if num_splits is None:
         # the programs are (B, Hkv) as for dense decode, over a shorter context
-        splits, part_len = choose_splits(batch, kv_heads, max_tokens, _sm_count(query.device))
+        splits, part_len = choose_splits(batch, kv_heads, max_tokens, sm_count(query.device))
     else:
         tiles = max(1, math.ceil(max_tokens / block_n))
         part_len = math.ceil(tiles / max(1, min(num_splits, MAX_SPLITS))) * block_n
