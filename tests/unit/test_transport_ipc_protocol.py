@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kvrelay.kernels import pack_blocks
-from kvrelay.workers.transport.channel import Arrival, BlockSource, Inbox
+from kvrelay.workers.transport.inbox import Arrival, BlockSource, Inbox
 from kvrelay.workers.transport.ipc import device_ids, poll
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.transport.link import Frame, Kind, Link, accept_link, connect_link

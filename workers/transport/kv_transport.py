@@ -58,7 +58,8 @@ from kvrelay.kernels import copy_blocks, pack_blocks, unpack_blocks
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.transport import wire
 from kvrelay.workers.transport.buffers import BufferPool, Counters, PeerStats, TransportStats
-from kvrelay.workers.transport.channel import Arrival, Channel, Inbox
+from kvrelay.workers.transport.channel import Channel
+from kvrelay.workers.transport.inbox import Arrival, Inbox
 from kvrelay.workers.transport.ipc import IpcEvents, device_ids, gpu_uuid
 from kvrelay.workers.transport.link import Link, accept_link, connect_link
 from kvrelay.workers.transport.wire import Header, TransferError
