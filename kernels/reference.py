@@ -86,19 +86,31 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,  # [B] tokens in the cache per sequence, new ones included
     scale: float,
     out: torch.Tensor | None = None,  # [T, H, D]: written in place (rows of no sequence kept)
+    live_seqs: torch.Tensor | None = None,  # [1] int: only sequences [0, n) are attended
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of each sequence's new tokens over its cached prefix plus themselves.
 
     The new tokens of sequence i sit at positions ``context_lens[i] - n_i ... context_lens[i] - 1``
     where ``n_i`` is its query length; their K/V are already in the cache. A sequence with no
     new tokens (``n_i == 0``: padding) is skipped: its context length and table row go unused.
+    ``live_seqs`` (a one-element tensor n, 0 <= n <= B, on the device in graph mode) says that
+    only the first n sequences are real: ``query_start_loc`` past index n and the context
+    lengths and table rows of sequences n.. are not read (the Triton kernel uses it to skip the
+    padded sequences' programs; the result is that of the first n sequences alone).
     """
     heads, dim = query.shape[1], query.shape[2]
     block_size, kv_heads = kv_cache.shape[3], kv_cache.shape[4]
     if out is None:
         out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
     lens = context_lens.tolist()
+    if live_seqs is not None:
+        if live_seqs.numel() != 1 or live_seqs.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"live_seqs must be one int32/int64 element, got {live_seqs}")
+        live = int(live_seqs.reshape(()).item())
+        if not 0 <= live <= len(lens):
+            raise ValueError(f"live_seqs {live} out of range [0, {len(lens)}]")
+        lens = lens[:live]
+    starts = query_start_loc[: len(lens) + 1].tolist()
     for i, ctx in enumerate(lens):
         q_lo, q_hi = starts[i], starts[i + 1]
         n = q_hi - q_lo

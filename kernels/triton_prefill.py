@@ -10,6 +10,25 @@ search over qsl and exits if its tile lies past the sequence's end (vLLM's unifi
 trick). Heads are the fast grid axis so the ``group`` heads sharing a KV head run side by side
 and hit K/V in L2; tiles run last-first so the longest causal rows start first.
 
+Padded launches (a CUDA graph's, workers/engine/prefill_graphs.py: B = the engine's
+``max_num_seqs``, sequences past the step's real ones own no rows) may pass ``live_seqs``, a
+one-element device tensor holding the step's real sequence count n (a ``LIVE`` constexpr
+variant; without it the kernel is the one described above). Every tile id a live sequence owns
+lies below ``bound = qsl[n] // BLOCK_M + n`` (the first id sequence n would own; sequence i < n
+owns ids below ``qsl[i+1] // BLOCK_M + i + 1 <= bound``), so program p of a head takes tile
+``bound - 1 - p``: the live tiles, still last-first, run first, and programs p >= bound exit
+after loading n and qsl[n] (the same two words for every program) with no binary search; the
+search runs over [0, n - 1]. As qsl[n] <= T, bound <= T // BLOCK_M + B: the grid is unchanged
+(shapes only) and still covers every live tile, and each tile's work is the same code, so the
+results are those of the launch without ``live_seqs`` and of the unpadded one (bit for bit under
+the interpreter, tests/unit/test_kernels_interpret.py; compiled for sm_90 the two variants' PTX
+has the same floating-point instructions in the same order). Entries of qsl past n and of
+``context_lens`` / ``block_tables`` from n on are not read; n is clamped to [0, B].
+Why: without it, the ~B empty programs per head each paid the ~log2(B)-step dependent search and
+were scheduled first; measured on an H100 in the prefill graph (T = 1024, one real sequence,
+B = max_num_seqs, Llama-1B shape, bf16) the kernel took 715 us per forward (16 layers) against
+426 us eagerly (grid T // BLOCK_M + 1), ~18 us a call. The bound's gain is not timed yet.
+
 Sequence i's new tokens sit at positions ``ctx_i - n_i ... ctx_i - 1``. For a tile whose first
 row is at position p0, keys below p0 are visible to every row (no mask); keys from there up to
 the tile's last row take the causal mask.
@@ -71,19 +90,18 @@ def _attend(
 
 
 @triton.jit
-def _prefill_kernel(
+def _prefill_tile(
     q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr,
-    scale_log2, layer_off, num_seqs, num_tiles,
+    scale_log2, layer_off, h, tile, last_seq,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_blk, stride_kv, stride_tok, stride_head, stride_btb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):  # fmt: skip
-    h = tl.program_id(0)
-    tile = num_tiles - 1 - tl.program_id(1)
+    """Tile id ``tile`` of query head ``h``, its sequence searched in ``[0, last_seq]``."""
     # Largest seq with qsl[seq] // BLOCK_M + seq <= tile (the first tile id it owns).
     lo = tl.program_id(0) * 0  # an int32 scalar, not a constexpr: it is loop-carried
-    hi = lo + num_seqs - 1
+    hi = lo + last_seq
     while lo < hi:
         mid = (lo + hi + 1) // 2
         first = tl.load(qsl_ptr + mid).to(tl.int32) // BLOCK_M + mid
@@ -131,6 +149,41 @@ def _prefill_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr, live_ptr,
+    scale_log2, layer_off, num_seqs, num_tiles,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_blk, stride_kv, stride_tok, stride_head, stride_btb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, LIVE: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(0)
+    if LIVE:
+        # Only sequences [0, live) are real: their tile ids lie below ``bound``. Program p takes
+        # tile bound - 1 - p (last-first over the live tiles, as below); p >= bound exits with
+        # no search, so the padded range runs last and costs two cached loads a program.
+        live = tl.minimum(tl.maximum(tl.load(live_ptr).to(tl.int32), 0), num_seqs)
+        bound = tl.load(qsl_ptr + live).to(tl.int32) // BLOCK_M + live
+        tile = bound - 1 - tl.program_id(1)
+        if tile >= 0:
+            _prefill_tile(
+                q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr,
+                scale_log2, layer_off, h, tile, live - 1,
+                stride_qt, stride_qh, stride_ot, stride_oh,
+                stride_blk, stride_kv, stride_tok, stride_head, stride_btb,
+                GROUP, HEAD_DIM, D_PAD, PAGE, BLOCK_M, BLOCK_N, FP32_DOT,
+            )  # fmt: skip
+    else:
+        _prefill_tile(
+            q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr,
+            scale_log2, layer_off, h, num_tiles - 1 - tl.program_id(1), num_seqs - 1,
+            stride_qt, stride_qh, stride_ot, stride_oh,
+            stride_blk, stride_kv, stride_tok, stride_head, stride_btb,
+            GROUP, HEAD_DIM, D_PAD, PAGE, BLOCK_M, BLOCK_N, FP32_DOT,
+        )  # fmt: skip
+
+
 class PrefillTuning(NamedTuple):
     """Launch parameters (0: pick from head_dim and dtype, as below)."""
 
@@ -159,11 +212,13 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,  # [B]
     scale: float,
     out: torch.Tensor | None = None,  # [T, H, D]: written in place (rows of no sequence kept)
+    live_seqs: torch.Tensor | None = None,  # [1] int32 on the device: sequences [0, n) are real
 ) -> torch.Tensor:  # [T, H, D]
     """Same contract as ``reference.paged_prefill_attention``."""
     return paged_prefill_attention_tuned(
-        query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale, out=out
-    )
+        query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale,
+        out=out, live_seqs=live_seqs,
+    )  # fmt: skip
 
 
 def paged_prefill_attention_tuned(
@@ -176,12 +231,15 @@ def paged_prefill_attention_tuned(
     scale: float,
     tuning: PrefillTuning = PrefillTuning(),  # benchmarks sweep it
     out: torch.Tensor | None = None,
+    live_seqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grid is ``T // BLOCK_M + B`` tiles per head and depends on shapes only, never on
     values: padded inputs of fixed shape (prefill_graphs.py: T rows of a token bucket, B
     sequences where those past the real ones own no rows, ``query_start_loc`` padded with T)
     give one launch that a CUDA graph can replay for any step that fits them. A sequence with no
-    rows reads nothing of its context length or block table row."""
+    rows reads nothing of its context length or block table row. ``live_seqs`` (the real
+    sequence count, read on the device) bounds the work to the real sequences' tiles: see the
+    module docstring."""
     if query.dim() != 3 or kv_cache.dim() != 6:
         raise ValueError(
             f"query must be [T,H,D], kv_cache 6-d; got {query.shape}, {kv_cache.shape}"
@@ -203,6 +261,15 @@ def paged_prefill_attention_tuned(
         out = torch.empty_like(query)
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
         raise ValueError(f"out must be like query {tuple(query.shape)} {query.dtype}")
+    if live_seqs is not None and (
+        live_seqs.numel() != 1
+        or live_seqs.dtype not in (torch.int32, torch.int64)
+        or live_seqs.device != query.device
+    ):
+        raise ValueError(
+            f"live_seqs must be one int32/int64 element on {query.device}; got"
+            f" {tuple(live_seqs.shape)} {live_seqs.dtype} on {live_seqs.device}"
+        )
     if tokens == 0 or batch == 0:
         return out
     d_pad = max(16, triton.next_power_of_2(dim))
@@ -216,11 +283,12 @@ def paged_prefill_attention_tuned(
     st = kv_cache.stride()
     _prefill_kernel[(heads, num_tiles)](
         query, kv_cache, block_tables, query_start_loc, context_lens, out,
+        context_lens if live_seqs is None else live_seqs,  # not read without LIVE
         scale * LOG2E, layer * st[1], batch, num_tiles,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         st[0], st[2], st[3], st[4], block_tables.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=dim, D_PAD=d_pad, PAGE=page,
-        BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=fp32_dot,
+        BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=fp32_dot, LIVE=live_seqs is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -139,11 +139,38 @@ def test_dispatch_picks_triton_on_cuda() -> None:
     assert kernels._triton_ops() is triton_ops
 
 
-def test_padded_prefill_replays_for_any_step_of_its_bucket() -> None:
+# (context lengths, new tokens, rows, sequences) for ``live_seqs``: BLOCK_M is 128 here (bf16,
+# head_dim 64 and 128)
+LIVE = [
+    ([40, 21, 900], [40, 1, 450], 1024, 128),  # padded rows and sequences, max_num_seqs 128
+    ([300, 9, 200, 5], [300, 9, 70, 5], 512, 4),  # all live (B == Bmax)
+    ([1024], [1024], 1024, 256),  # one live sequence of 256 (the measured case's shape)
+    ([128, 400, 256], [128, 256, 128], 640, 8),  # lengths multiples of BLOCK_M
+    ([1000, 70, 300], [128, 1, 127], 384, 16),  # cached prefixes, a decode row
+]
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize(("lens", "qlens", "rows", "seqs"), LIVE)
+def test_prefill_live_bound(lens: list[int], qlens: list[int], rows: int, seqs: int,
+                            dim: int) -> None:  # fmt: skip
+    """tests/unit/test_kernels_interpret.py's case compiled: with ``live_seqs`` the padded
+    launch gives the unpadded call's output bit for bit, writes no padded row, and ignores the
+    garbage past the live sequences (check_prefill_live)."""
+    gen = _gen(lens, qlens, rows, seqs, dim)
+    case = kt.make_case(lens, kv_heads=8, head_dim=dim, device=DEV, gen=gen)
+    err, diff = kt.check_prefill_live(triton_ops, case, 32, qlens, rows=rows, seqs=seqs, gen=gen)
+    assert diff == 0.0 and err < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["padded", "live_seqs"])
+def test_padded_prefill_replays_for_any_step_of_its_bucket(live: bool) -> None:
     """Prefill attention captured once over static padded inputs (512 rows, 8 sequences, as a
     prefill graph holds them), then replayed for steps of 1 to 8 sequences and 17 to 512 rows
     staged into them: each replay matches the reference of that step's own (unpadded) inputs
-    and writes no padded row."""
+    and writes no padded row. With ``live`` the count of live sequences is staged too and the
+    metadata past them is garbage (starts rising from T into the padded rows, contexts that
+    cover them): the kernel's bound alone keeps those sequences out."""
     gen = torch.Generator().manual_seed(9)
     rows, seqs, heads = 512, 8, 8
     case = kt.make_case([600] * seqs, kv_heads=2, head_dim=64, device=DEV, gen=gen)
@@ -153,9 +180,13 @@ def test_padded_prefill_replays_for_any_step_of_its_bucket() -> None:
     tables = torch.zeros_like(all_tables)
     starts = torch.zeros(seqs + 1, dtype=torch.int32, device=DEV)
     ctx = torch.zeros(seqs, dtype=torch.int32, device=DEV)
+    num_live = torch.zeros(1, dtype=torch.int32, device=DEV)
+    span = all_tables.shape[1] * cache.shape[3]  # tokens a table row holds (>= rows)
 
     def attend() -> None:
-        triton_ops.paged_prefill_attention(q, cache, 1, tables, starts, ctx, 0.125, out=out)
+        triton_ops.paged_prefill_attention(
+            q, cache, 1, tables, starts, ctx, 0.125, out=out, live_seqs=num_live if live else None
+        )
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -166,7 +197,8 @@ def test_padded_prefill_replays_for_any_step_of_its_bucket() -> None:
     with torch.cuda.graph(graph):
         attend()
     # (new tokens, cached prefix) per sequence
-    steps = [[(512, 0)], [(17, 0)], [(300, 200), (1, 50), (100, 0)], [(64, 30)] * 8]
+    steps = [[(512, 0)], [(17, 0)], [(300, 200), (1, 50), (100, 0)], [(64, 30)] * 8,
+             [(128, 0), (256, 100)]]  # fmt: skip
     for step in steps:
         news = [n for n, _ in step]
         b, t = len(step), sum(news)
@@ -178,6 +210,11 @@ def test_padded_prefill_replays_for_any_step_of_its_bucket() -> None:
         starts[b + 1 :] = t
         ctx.zero_()
         ctx[:b] = lens
+        num_live.fill_(b)
+        if live and b < seqs:  # garbage past the live sequences
+            cuts = torch.randint(t, rows + 1, (seqs - b,), generator=gen).sort().values
+            starts[b + 1 :] = cuts.to(DEV, torch.int32)
+            ctx[b:] = torch.randint(rows, span + 1, (seqs - b,), generator=gen).to(DEV)
         tables.copy_(all_tables.roll(1, 0))  # other sequences' blocks: stale rows
         tables[:b] = all_tables[:b]
         graph.replay()

@@ -134,6 +134,57 @@ def test_prefill_over_padded_inputs(
     assert err < 1e-5
 
 
+# (context lengths, new tokens, rows, sequences, dtype) for the bound of ``live_seqs``: BLOCK_M
+# is 64 under the interpreter
+LIVE = [
+    ([40, 21, 90], [40, 1, 45], 128, 8, torch.float32),  # padded rows and sequences
+    ([30, 9, 200, 5], [30, 9, 70, 5], 128, 4, torch.float32),  # all live (B == Bmax)
+    ([1], [1], 64, 128, torch.float32),  # one live of 128, one row
+    ([100], [100], 256, 16, torch.bfloat16),  # one live sequence, several tiles
+    ([64, 200, 128], [64, 128, 64], 320, 6, torch.float32),  # lengths multiples of BLOCK_M
+    ([130, 70, 300], [64, 1, 63], 192, 5, torch.bfloat16),  # cached prefixes, a decode row
+]
+
+
+@pytest.mark.parametrize(("lens", "qlens", "rows", "seqs", "dtype"), LIVE)
+def test_prefill_live_bound(
+    interp: ModuleType,
+    lens: list[int],
+    qlens: list[int],
+    rows: int,
+    seqs: int,
+    dtype: torch.dtype,
+) -> None:
+    """With ``live_seqs`` the padded launch gives exactly the unpadded call's output (the tiles
+    are remapped, their work is the same) and writes no padded row, though the metadata past
+    the live sequences is garbage that would give the padded rows to padded sequences: the bound
+    alone keeps their programs out (check_prefill_live)."""
+    gen = torch.Generator().manual_seed(19)
+    case = kt.make_case(lens, kv_heads=2, head_dim=16, dtype=dtype, gen=gen)
+    err, diff = kt.check_prefill_live(interp, case, 4, qlens, rows=rows, seqs=seqs, gen=gen)
+    assert diff == 0.0 and err < TOL[dtype]
+
+
+def test_prefill_live_none_and_bad(interp: ModuleType) -> None:
+    """``live_seqs`` 0 (a graph's warm-up) writes nothing, as the reference; a count of more
+    than one element or of a float dtype is refused."""
+    from kvrelay.kernels import reference
+
+    gen = torch.Generator().manual_seed(20)
+    cache, tables, lens = kt.make_case([40, 7], kv_heads=2, head_dim=16, dtype=torch.float32,
+                                       gen=gen)  # fmt: skip
+    q = torch.randn(64, 4, 16, generator=gen)
+    qsl = kt.query_start_loc([40, 7], "cpu")
+    for ops in (interp, reference):
+        out = torch.full_like(q, float("nan"))
+        none = torch.zeros(1, dtype=torch.int32)
+        ops.paged_prefill_attention(q, cache, 1, tables, qsl, lens, 0.25, out=out, live_seqs=none)
+        assert bool(out.isnan().all())
+        for bad in (torch.ones(2, dtype=torch.int32), torch.ones(1)):
+            with pytest.raises(ValueError):
+                ops.paged_prefill_attention(q, cache, 1, tables, qsl, lens, 0.25, live_seqs=bad)
+
+
 def test_prefill_graph_forward_with_the_kernel(
     interp: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,9 +202,12 @@ def test_prefill_graph_forward_with_the_kernel(
     from kvrelay.workers.types import SamplingParams
     from kvrelay_testing.tiny_llama import VOCAB, tiny_llama
 
-    def attention(*args: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        ops = reference if out is None else interp  # the graph path passes ``out``
-        return ops.paged_prefill_attention(*args, out=out)
+    def attention(
+        *args: torch.Tensor, out: torch.Tensor | None = None, live_seqs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        ops = reference if out is None else interp  # the graph path passes ``out``, the bound
+        assert (out is None) == (live_seqs is None)
+        return ops.paged_prefill_attention(*args, out=out, live_seqs=live_seqs)
 
     monkeypatch.setattr(kernels, "paged_prefill_attention", attention)
     model, bs = tiny_llama(), 16

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from kvrelay.kernels import reference
-from kvrelay_testing.kernels import PagedCase, check_prefill_padded, make_case, query_start_loc
+from kvrelay_testing.kernels import (
+    PagedCase,
+    check_prefill_live,
+    check_prefill_padded,
+    make_case,
+    query_start_loc,
+)
 
 
 def dense_attention(
@@ -96,6 +102,31 @@ def test_prefill_over_padded_inputs(rows: int, seqs: int) -> None:
     qlens = [40, 1, 45]
     err = check_prefill_padded(reference, case, 4, qlens, rows=86 + rows, seqs=3 + seqs, gen=gen)
     assert err < 1e-6
+
+
+@pytest.mark.parametrize(("rows", "seqs"), [(0, 0), (50, 0), (0, 5), (137, 9)])
+def test_prefill_live_seqs_reads_only_the_live_sequences(rows: int, seqs: int) -> None:
+    """With ``live_seqs`` the metadata past the live sequences is not read: garbage there (that
+    would give the padded rows to padded sequences) changes nothing (check_prefill_live)."""
+    gen = torch.Generator().manual_seed(5)
+    case = make_case([40, 21, 90], kv_heads=2, head_dim=16, dtype=torch.float32, gen=gen)
+    err, diff = check_prefill_live(
+        reference, case, 4, [40, 1, 45], rows=86 + rows, seqs=3 + seqs, gen=gen
+    )
+    assert err < 1e-6 and diff == 0.0
+
+
+def test_prefill_live_seqs_out_of_range_raises() -> None:
+    gen = torch.Generator().manual_seed(6)
+    case = make_case([10, 5], kv_heads=2, head_dim=16, dtype=torch.float32, gen=gen)
+    q = torch.randn(15, 4, 16, generator=gen)
+    qsl = query_start_loc([10, 5], "cpu")
+    for bad in (-1, 3):
+        with pytest.raises(ValueError):
+            reference.paged_prefill_attention(
+                q, case.kv_cache, 0, case.block_tables, qsl, case.context_lens, 0.25,
+                live_seqs=torch.tensor([bad], dtype=torch.int32),
+            )  # fmt: skip
 
 
 def test_write_kv_skips_minus_one_slots() -> None:

@@ -141,8 +141,9 @@ def test_pure_decode_step_and_bias_model() -> None:
 
 class _PaddedAttention:
     """Stands in for ``kernels.paged_prefill_attention``: a call with ``out`` (the graph path)
-    has its padded metadata checked against the step's real one (``expect``) before the
-    reference runs it; the plain forward's calls (no ``out``) go straight to the reference."""
+    has its padded metadata and live sequence count checked against the step's real metadata
+    (``expect``) before the reference runs it; the plain forward's calls (no ``out``) go
+    straight to the reference."""
 
     def __init__(self, graphs: PrefillGraphs) -> None:
         self.graphs = graphs
@@ -151,7 +152,9 @@ class _PaddedAttention:
 
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, layer: int, tables: torch.Tensor,
                  starts: torch.Tensor, ctx: torch.Tensor, scale: float,
-                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 out: torch.Tensor | None = None,
+                 live_seqs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        assert (out is None) == (live_seqs is None)  # the graph path passes both
         if out is not None:
             attn, g = self.expect, self.graphs
             assert attn is not None
@@ -165,9 +168,10 @@ class _PaddedAttention:
             assert bool((starts[seqs + 1 :] == tokens).all())  # padded sequences own no rows
             assert torch.equal(ctx[:seqs], attn.context_lens) and not ctx[seqs:].any()
             assert torch.equal(tables[:seqs, :width], attn.block_tables)
+            assert live_seqs is not None and live_seqs.tolist() == [seqs]  # the kernel's bound
             self.calls += 1
         return reference.paged_prefill_attention(
-            q, cache, layer, tables, starts, ctx, scale, out=out
+            q, cache, layer, tables, starts, ctx, scale, out=out, live_seqs=live_seqs
         )
 
 

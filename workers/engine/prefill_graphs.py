@@ -8,8 +8,9 @@ eagerly, where kernel time dwarfs launch cost), and to ``max_seqs`` sequences. E
 lives in static buffers of fixed shape shared by all buckets (a bucket reads their first P rows)::
 
     static, on the device:  i64 [3, P_max]        ids | positions | slot_mapping (-1 padding)
-                            i32 [2 Bmax + 1]      context_lens [Bmax] (0 padding) |
-                                                  query_start_loc [Bmax + 1] (T padding)
+                            i32 [2 Bmax + 2]      context_lens [Bmax] (0 padding) |
+                                                  query_start_loc [Bmax + 1] (T padding) |
+                                                  live sequences [1] (B)
                             i32 [Bmax, W]         block tables, the step's [B, w] top left
                             o [P_max, H, D]       attention output, x [P_max, hidden] hidden states
 
@@ -18,23 +19,32 @@ lives in static buffers of fixed shape shared by all buckets (a bucket reads the
 
 Attention (kernels/triton_prefill.py) numbers its tiles from shapes only: with the padded
 metadata its grid is ``P // BLOCK_M + Bmax`` tiles per head for every step of the bucket.
-Sequences B..Bmax-1 own no rows (``query_start_loc`` stays at T past the real ones): their tiles
-exit at once and read neither their context length nor their table row, so the columns past
-a step's widest table ``w`` and the rows past B may hold anything. ``W`` is the widest table a
-sequence can have (the model's context in blocks, at most the cache's blocks); a step with more
-than ``max_seqs`` sequences, a wider table, or sparse attention that handles it runs eagerly
-(a sparse decode-only config leaves prefill steps dense, and here). So does a pure decode
-step that no decode graph took (a batch or table past their buckets): the prefill kernel has
-no split-K, and the eager step's decode kernel splits a long context across programs.
+Sequences B..Bmax-1 own no rows (``query_start_loc`` stays at T past the real ones), and the
+kernel gets B itself (``live_seqs``, the static entry written at staging): programs past the
+real sequences' last tile id (qsl[B] // BLOCK_M + B) exit before searching for a sequence, and
+the real tiles are dispatched first. Without that bound the ~Bmax empty programs per head each
+binary-searched qsl (~log2 Bmax dependent loads) and ran first: measured on an H100 at T = 1024
+with one real sequence (1B shape, bf16), attention took 715 us a forward in the graph against
+426 us eagerly, ~18 us a layer, leaving the 1k prefill at 0.55 of the matmul limit (0.6 the
+goal); the bounded kernel is not timed on a GPU yet. Nothing of the padded sequences is read
+(their context lengths, table rows, starts past index B), so the columns past a step's widest
+table ``w`` and the rows past B may hold anything; the padding above is still written, so the
+metadata also holds for a call without the bound (the reference, a test). ``W`` is the widest
+table a sequence can have (the model's context in blocks, at most the cache's blocks); a step
+with more than ``max_seqs`` sequences, a wider table, or sparse attention that handles it runs
+eagerly (a sparse decode-only config leaves prefill steps dense, and here). So does a pure
+decode step that no decode graph took (a batch or table past their buckets): the prefill
+kernel has no split-K, and the eager step's decode kernel splits a long context across
+programs.
 
 Padded rows are harmless: their slot is -1 (``rope_write_kv`` writes no KV for them), their ids
 and positions are whatever an earlier step left (always valid ones, 0 at first), every op but
 attention works row by row, attention owns no padded row to any sequence (it neither reads
 their q nor writes their o), and their outputs are dropped. The only copies inside the graph
 are the final hidden states into ``x`` (``run`` returns a view of it); layers hand x, q and
-the MLP output on as tensors of the graph's pool. A step's staging is ~9 small copies/fills on
+the MLP output on as tensors of the graph's pool. A step's staging is ~10 small copies/fills on
 the device (three i64 rows, the slot padding, context lengths, starts and their padding, the
-tables) then the replay.
+live count, the tables) then the replay.
 
 Memory: a graph keeps its intermediates in the pool shared by every bucket. Within a capture
 the allocator reuses a freed tensor's memory, so a graph holds about one layer's live set at P
@@ -51,10 +61,11 @@ the matmul limit (benchmarks/README.md, "Prefill at 1k tokens with piecewise gra
 of kernels, 0.19 ms more than the eager forward's 3.85 (the copies), and 0.84 ms of gaps between
 17 replays and 16 eager attention launches. One replay removes the gaps and every copy but the
 final one, so ~3.9 ms (~0.70 of the limit) is expected, plus the padded sequences' tiles:
-Bmax x H programs per layer that binary-search and exit (at the engine's default 64 sequences
-and 32 heads ~2 waves of empty programs a layer, a few us; they grow with ``max_num_seqs``, and
-graphs per sequence-count bucket would bound them). None of this design is measured on a GPU
-yet; tests/gpu/test_prefill_graphs_gpu.py checks its results and one replay a step.
+Bmax x H programs per layer. Those came out dearer than this guessed (~18 us a layer at
+T = 1024, measured; see "Attention" above), hence the ``live_seqs`` bound that makes them exit
+after two cached loads, last (not timed yet; graphs per sequence-count bucket would remove them
+altogether). tests/gpu/test_prefill_graphs_gpu.py checks the graphs' results and one replay a
+step.
 
 Without capture (CPU, or ``capture=False``) the same forward runs as plain calls over the same
 padded buffers and metadata: the tests compare that path with the plain forward.
@@ -127,12 +138,13 @@ class PrefillGraphs:
         p, dtype, dev = self.sizes[-1], model.embed.dtype, self.device
         self._i64 = torch.zeros((3, p), dtype=torch.int64, device=dev)
         self._i64[2].fill_(-1)
-        self._i32 = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, device=dev)
+        self._i32 = torch.zeros(2 * max_seqs + 2, dtype=torch.int32, device=dev)
         self._tables = torch.zeros((max_seqs, self.max_blocks), dtype=torch.int32, device=dev)
         self._o = torch.zeros((p, c.num_heads, c.head_dim), dtype=dtype, device=dev)
         self._x = torch.zeros((p, c.hidden_size), dtype=dtype, device=dev)
         self._context_lens = self._i32[:max_seqs]  # [Bmax], 0 past the step's sequences
-        self._starts = self._i32[max_seqs:]  # [Bmax + 1], T past the step's sequences
+        self._starts = self._i32[max_seqs : 2 * max_seqs + 1]  # [Bmax + 1], T past them
+        self._live = self._i32[2 * max_seqs + 1 :]  # [1]: the step's sequences B
         self._pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> its graph
         self.capture_failures: dict[int, int] = {}
@@ -151,7 +163,7 @@ class PrefillGraphs:
             q, x = layer.pre_attention(x, delta, positions, rope, self.kv_cache, slots)
             kernels.paged_prefill_attention(
                 q, self.kv_cache, layer.layer_idx, self._tables, self._starts,
-                self._context_lens, layer.scale, out=o,
+                self._context_lens, layer.scale, out=o, live_seqs=self._live,
             )  # fmt: skip
             x, delta = layer.post_attention(o, x)
         self._x[:size].copy_(self.model.final_norm(x, delta))
@@ -166,7 +178,8 @@ class PrefillGraphs:
             raise ValueError(f"no bucket {size} in {self.sizes}")
         if size in self._graphs:
             return
-        # every row padding, every sequence empty: the warm-up writes no KV and attends nothing
+        # every row padding, every sequence empty, none live: the warm-up writes no KV and
+        # attends nothing
         self._i64[:2, :size].zero_()
         self._i64[2, :size].fill_(-1)
         self._i32.zero_()
@@ -251,6 +264,7 @@ class PrefillGraphs:
         self._context_lens[seqs:].zero_()
         self._starts[: seqs + 1].copy_(attn.query_start_loc)
         self._starts[seqs + 1 :].fill_(tokens)  # the padded sequences own no rows
+        self._live.fill_(seqs)  # attention's bound: its programs past these sequences exit
         self._tables[:seqs, :width].copy_(attn.block_tables)
         graph = self._graphs.get(size)
         if graph is None:

@@ -144,6 +144,64 @@ def check_prefill_padded(
     return rel_err(out[:tokens], ref)
 
 
+def check_prefill_live(
+    ops: ModuleType,
+    case: PagedCase,
+    heads: int,
+    query_lens: list[int],
+    *,
+    rows: int,
+    seqs: int,
+    layer: int = 1,
+    gen: torch.Generator,
+) -> tuple[float, float]:
+    """Prefill attention of ``ops`` over padded inputs (``rows`` query rows, ``seqs``
+    sequences) with ``live_seqs`` = B, the real sequence count, as prefill_graphs.py passes it,
+    and garbage past the B real sequences that only the bound keeps out: starts past index B
+    rising from T to at most ``rows`` (so without the bound the padded sequences would own the
+    padded rows), context lengths and table rows of valid but wrong values. Written into a given
+    ``out`` filled with NaN. Asserts the padded rows kept their NaN and that the reference over
+    the same padded inputs and ``live_seqs`` equals the reference of the unpadded ones exactly;
+    returns (error of the T real rows against the fp32 reference of the unpadded inputs, the
+    largest absolute difference from ``ops``' own unpadded call, 0.0 when bit-identical)."""
+    cache, tables, lens = case
+    batch, tokens = lens.shape[0], sum(query_lens)
+    assert rows >= tokens and seqs >= batch
+    dev, dim, page = cache.device, cache.shape[5], cache.shape[3]
+    qsl = query_start_loc(query_lens, dev)
+    width = max(tables.shape[1] + 3, -(-rows // page))  # a padded context may cover all rows
+    wide = torch.randint(cache.shape[0], (seqs, width), generator=gen)
+    wide = wide.to(device=dev, dtype=torch.int32)
+    wide[:batch, : tables.shape[1]] = tables
+    # past B: rows T..rows shared among the padded sequences (rising starts), each with a
+    # context that covers its rows and fits its (random) table row
+    cuts = torch.randint(tokens, rows + 1, (seqs - batch,), generator=gen).sort().values
+    starts = torch.cat([qsl.cpu(), cuts.to(torch.int32)]).to(dev)
+    owned = (starts[batch + 1 :] - starts[batch:-1]).cpu()
+    room = width * page - owned
+    ctx_pad = owned + (torch.rand(seqs - batch, generator=gen) * (room + 1)).long()
+    ctx = torch.cat([lens.cpu(), ctx_pad.to(torch.int32)]).to(dev)
+    live = torch.tensor([batch], dtype=torch.int32, device=dev)
+    q = torch.randn(rows, heads, dim, generator=gen).to(device=dev, dtype=cache.dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = dim**-0.5
+    args = (q, cache, layer, wide, starts, ctx, scale)
+    got = ops.paged_prefill_attention(*args, out=out, live_seqs=live)
+    assert got.data_ptr() == out.data_ptr() and got.shape == q.shape
+    assert bool(out[tokens:].isnan().all()), "a padded row was written"
+    ref_out = torch.full_like(q, float("nan"), dtype=torch.float32)
+    f32 = (q.float(), cache.float(), layer, wide, starts, ctx, scale)
+    reference.paged_prefill_attention(*f32, out=ref_out, live_seqs=live)
+    ref = reference.paged_prefill_attention(
+        q[:tokens].float(), cache.float(), layer, tables, qsl, lens, scale
+    )
+    assert torch.equal(ref_out[:tokens], ref), "the reference with live_seqs differs"
+    assert bool(ref_out[tokens:].isnan().all()), "the reference wrote a padded row"
+    eager = ops.paged_prefill_attention(q[:tokens], cache, layer, tables, qsl, lens, scale)
+    diff = float((out[:tokens].float() - eager.float()).abs().max()) if tokens else 0.0
+    return rel_err(out[:tokens], ref), diff
+
+
 def check_write_kv(ops: ModuleType, case: PagedCase, tokens: int, *, gen: torch.Generator) -> bool:
     """Write ``tokens`` K/V rows (from strided views of a fused buffer, some slots -1) through
     ``ops`` and through the reference into copies of the cache; True when they agree exactly."""
