@@ -1,7 +1,9 @@
 """Semi-PD on a GPU: green-context SM shares (workers/semi_pd/sm_partition.py) cap a lane's
-throughput, two lanes compute in different shares at once on their own threads, and the
+throughput, a CUDA graph (a decode or a prefill graph) captured on a share's stream keeps to
+that share, two lanes compute in different shares at once on their own threads, and the
 semi-PD worker on CUDA gives the colocated worker's greedy tokens while its split changes
-mid-run (switches at iteration boundaries drop nothing), with exact block ownership after.
+mid-run (switches at iteration boundaries drop nothing), each lane replaying its share's own
+graphs, with exact block ownership after.
 
 Run on the GPU machine: ``pytest -q tests/gpu/test_semi_pd_gpu.py -s`` (-s prints the
 measured TFLOP/s per share beside the whole GPU's)."""
@@ -18,8 +20,14 @@ import pytest
 import torch
 
 from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.prefill_graphs import PrefillGraphs
+from kvrelay.workers.engine.runner import prepare_inputs
+from kvrelay.workers.engine.scheduler import ScheduledSeq
+from kvrelay.workers.engine.sequence import Sequence
+from kvrelay.workers.model.llama import kv_cache_shape
+from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.semi_pd.sm_partition import GreenContextPartition, Lane, Split
-from kvrelay.workers.semi_pd.worker import SemiPDWorker
+from kvrelay.workers.semi_pd.worker import PREFILL_TOKENS, SemiPDWorker
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 from kvrelay.workers.worker import Worker
 
@@ -48,6 +56,26 @@ def on_thread(fn: Callable[[], float]) -> float:
     t.join(300)
     assert out, "thread failed"
     return out[0]
+
+
+def timed_tflops(
+    step: Callable[[], object], flops: float, enter: Callable[[], None] | None = None
+) -> float:
+    """TFLOP/s of ``step`` (``flops`` a call) on a fresh thread, in a share if ``enter`` makes
+    one current: one untimed call, then three timed to the stream's end."""
+
+    def run() -> float:
+        if enter is not None:
+            enter()
+        step()
+        torch.cuda.current_stream().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        torch.cuda.current_stream().synchronize()
+        return flops * 3 / (time.perf_counter() - t0) / 1e12
+
+    return on_thread(run)
 
 
 def test_green_context_share_caps_throughput() -> None:
@@ -109,29 +137,63 @@ def _graph_replays(capture_in_share: bool) -> tuple[float, float, float]:
     with torch.cuda.graph(graph, stream=stream):
         for _ in range(10):
             torch.mm(a, a, out=out)
-
-    def replay(share: int | None) -> Callable[[], float]:
-        def run() -> float:
-            if share is not None:
-                part.enter(Lane.DECODE, share)
-            graph.replay()
-            torch.cuda.current_stream().synchronize()
-            t0 = time.perf_counter()
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.current_stream().synchronize()
-            return 2 * N**3 * 30 / (time.perf_counter() - t0) / 1e12
-
-        return run
-
     whole = on_thread(matmul_tflops)
-    on_default, on_share = on_thread(replay(None)), on_thread(replay(25))
+    on_default = timed_tflops(graph.replay, 2 * N**3 * 10)
+    on_share = timed_tflops(graph.replay, 2 * N**3 * 10, lambda: part.enter(Lane.DECODE, 25))
     print(
         f"\ngraph captured {'on the 25% share' if capture_in_share else 'outside any share'}: "
         f"eager whole GPU {whole:.0f} TFLOP/s, replayed on the default stream {on_default:.0f}, "
         f"on the 25% share's stream {on_share:.0f}"
     )
     return whole, on_default, on_share
+
+
+PREFILL_SHAPE: dict[str, Any] = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
+    num_key_value_heads=4, max_position_embeddings=PREFILL_TOKENS,
+)  # fmt: skip  # ~240M matmul weights: a 4096-token step is ~2 TFLOP of GEMMs
+
+
+def test_prefill_graphs_captured_on_a_share_stream_are_capped(
+    make_gpu_llama: Callable[..., Path],
+) -> None:
+    """Why the prefill lane keeps a prefill graph set per share (``PrefillGraphs.use_set``): a
+    bucket's graph captured into a 25 % share's set, on that share's stream, keeps to the share
+    replayed on the share's stream or the default one, well below the same step run eagerly on
+    the whole GPU (as test_graphs_captured_on_a_share_stream_are_capped found for GEMMs)."""
+    bf16 = torch.bfloat16
+    loaded = load_model(make_gpu_llama(seed=5, dtype=bf16, **PREFILL_SHAPE), dtype=bf16,
+                        device="cuda")  # fmt: skip
+    bs, tokens = 16, PREFILL_TOKENS
+    cache = torch.zeros(kv_cache_shape(loaded.config, tokens // bs, bs), dtype=bf16, device="cuda")
+    graphs = PrefillGraphs(loaded.model, cache, max_tokens=tokens, max_seqs=1)
+    seq = Sequence("p", [3 + i % 500 for i in range(tokens)], SamplingParams(max_tokens=1))
+    seq.block_ids = list(range(tokens // bs))
+    inputs = prepare_inputs([ScheduledSeq(seq, tokens)], bs, torch.device("cuda"))
+    flops = 2 * tokens * sum(p.numel() for p in loaded.model.layers.parameters() if p.dim() == 2)
+
+    @torch.inference_mode()
+    def eager() -> None:
+        loaded.model(inputs.input_ids, inputs.positions, cache, inputs.attn)
+
+    def replay() -> None:
+        assert graphs.run(inputs.input_ids, inputs.positions, inputs.attn) is not None
+
+    part = GreenContextPartition(0, [25], Split(25, 25))
+    graphs.use_set(25, part.stream(Lane.PREFILL, 25))
+    replay()  # captures the bucket into the 25 % set
+    assert graphs.num_graphs == 1 and graphs.replays == 1
+    whole_gemm = on_thread(matmul_tflops)
+    whole = timed_tflops(eager, flops)
+    on_default = timed_tflops(replay, flops)
+    on_share = timed_tflops(replay, flops, lambda: part.enter(Lane.PREFILL, 25))
+    assert graphs.num_graphs == 1 and graphs.replays == 9  # replays of the one capture
+    print(
+        f"\n{tokens}-token prefill step (GEMM TFLOP/s; bf16 {N}^3 GEMMs: {whole_gemm:.0f} on the "
+        f"whole GPU): eager on the whole GPU {whole:.0f}, the 25% share's graph replayed on the "
+        f"default stream {on_default:.0f}, on the share's stream {on_share:.0f}"
+    )
+    assert on_share < 0.6 * whole and on_default < 0.6 * whole
 
 
 def test_two_lanes_compute_in_their_shares_at_once() -> None:
@@ -335,6 +397,10 @@ def test_semi_pd_worker_on_cuda_matches_colocated(make_gpu_llama: Callable[..., 
         assert semi.split() == Split(30, 70) and semi.handovers == len(prompts)
         graphs = semi.engine.runner.graphs
         assert graphs is not None and graphs.set_key == 70  # the 70 % share's own graphs
+        prefill = semi.prefill_engine.runner  # its steps replayed its shares' prefill graphs
+        assert prefill.prefill is not None and prefill.prefill.set_key == 30
+        assert prefill.prefill_graph_steps > 0 and prefill.prefill.replays > 0
+        assert semi.engine.runner.prefill is None  # the decode lane prefills eagerly
         figures = semi.check_integrity()
         assert figures["used"] == 0 and figures["requests"] == 0 and figures["transit"] == 0
         assert semi.storage.copier.bytes == 0  # nothing copied between tiers or lanes
@@ -372,6 +438,44 @@ def test_decode_lane_captures_a_graph_set_per_share(make_gpu_llama: Callable[...
         assert sink.tokens["sa"] == sink.tokens["ca"] and sink.tokens["sb"] == sink.tokens["cb"]
         assert graphs.set_key == 80 and graphs.num_graphs > up_front  # the 80 % set's own
         assert semi.engine.runner.graph_steps > 0
+    finally:
+        colocated.shutdown()
+        semi.shutdown()
+
+
+def test_prefill_lane_captures_a_prefill_graph_set_per_share(
+    make_gpu_llama: Callable[..., Path],
+) -> None:
+    """With ``capture_graphs`` the prefill lane captures its start share's prefill buckets up
+    front on that share's stream, every bucket up to its 4096-token budget and no decode graph;
+    after a switch its steps replay (capturing on first use) the new share's own set, and the
+    tokens stay the colocated engine's."""
+    config = EngineConfig(
+        max_num_seqs=4, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True
+    )
+    sink = Sink()
+    kw: dict[str, Any] = dict(
+        model=str(make_gpu_llama(seed=3)), engine_config=config, sink=sink, device="cuda",
+        dtype=torch.float32,
+    )  # fmt: skip
+    colocated = Worker("c", "colocated", **kw)
+    semi = SemiPDWorker("s", "colocated", split=Split(50, 100), **kw)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    try:
+        runner = semi.prefill_engine.runner
+        graphs = runner.prefill
+        assert graphs is not None and graphs.set_key == 50
+        assert graphs.sizes[-1] == PREFILL_TOKENS and graphs.num_graphs == len(graphs.sizes)
+        assert runner.graphs is not None and runner.graphs.num_graphs == 0
+        semi.set_split(Split(80, 100))
+        for i, rid in enumerate(("a", "b")):
+            p = list(range(5 + i, 40 + i))
+            colocated.submit(f"c{rid}", p, params)
+            semi.submit(f"s{rid}", p, params)
+        sink.wait(["ca", "cb", "sa", "sb"])
+        assert sink.tokens["sa"] == sink.tokens["ca"] and sink.tokens["sb"] == sink.tokens["cb"]
+        assert graphs.set_key == 80 and graphs.num_graphs > len(graphs.sizes)  # the 80 % set's
+        assert runner.prefill_graph_steps > 0 and graphs.replays == runner.prefill_graph_steps
     finally:
         colocated.shutdown()
         semi.shutdown()

@@ -22,9 +22,10 @@ from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.model.sparse_attention import SparseConfig
-from kvrelay.workers.semi_pd.sm_partition import Split
+from kvrelay.workers.semi_pd import worker as semi_pd_worker
+from kvrelay.workers.semi_pd.sm_partition import CpuPartition, Lane, Split
 from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
-from kvrelay.workers.semi_pd.worker import SemiPDWorker
+from kvrelay.workers.semi_pd.worker import PREFILL_TOKENS, SemiPDWorker
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.types import FinishReason, Phase, SamplingParams, TokenEvent
 from kvrelay.workers.worker import Worker
@@ -200,6 +201,66 @@ def test_sparse_attention_decodes_on_the_decode_lane_only(
             colocated, sink, prompts, params, "c"
         )
         assert semi.heartbeat().stats.extra["sparse_decode_selected_tokens"] > 0
+        assert_clean(semi)
+    finally:
+        colocated.shutdown()
+        semi.shutdown()
+
+
+class GreenOnCpu(CpuPartition):
+    """Stands in for the green-context partition on CPU: records the shares, and each lane's
+    request for a share's stream (None here: the prefill graphs' padded path runs eagerly)."""
+
+    enforced = True
+
+    def __init__(self, split: Split) -> None:
+        super().__init__(split)
+        self.streams_asked: list[tuple[Lane, int]] = []
+
+    def stream(self, lane: Lane, share: int) -> None:
+        self.streams_asked.append((lane, share))
+
+
+def test_prefill_lane_switches_its_prefill_graph_set_with_its_share(
+    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With prefill graphs on (their padded path, eager on CPU) the prefill lane runs its steps
+    through them, token buckets up to its whole budget, and enters each share's own set with
+    that share's stream (a green-context partition stood in for); the decode lane has none.
+    The greedy tokens stay the colocated worker's through a split change mid-run."""
+    partitions: list[GreenOnCpu] = []
+
+    def build(device: torch.device, initial: Split, step: int, decode_first: bool) -> GreenOnCpu:
+        partitions.append(GreenOnCpu(initial))
+        return partitions[-1]
+
+    monkeypatch.setattr(semi_pd_worker, "build_partition", build)
+    monkeypatch.setattr(semi_pd_worker, "GreenContextPartition", GreenOnCpu)
+    sink = Collector()
+    params = [SamplingParams(max_tokens=16, temperature=0.0) for _ in prompts]
+    config = replace(CONFIG, prefill_graphs=True)
+    colocated = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=config, sink=sink, split=Split(60, 100)
+    )
+    try:
+        (part,) = partitions
+        runner = semi.prefill_engine.runner
+        graphs = runner.prefill
+        assert graphs is not None and graphs.sizes[-1] == PREFILL_TOKENS
+        assert semi.engine.runner.prefill is None
+        half = len(prompts) // 2
+        got = generate(semi, sink, prompts[:half], params[:half], "s")
+        assert semi.prefill_loop.call(lambda e: graphs.set_key) == 60
+        semi.set_split(Split(30, 70))  # entered before the next request's prefill
+        got += generate(semi, sink, prompts[half:], params[half:], "t")
+        assert got == generate(colocated, sink, prompts, params, "c")
+        assert semi.split() == Split(30, 70)
+        assert graphs.set_key == 30 and graphs.num_graphs == 0
+        # only the prefill lane has graphs on CPU (its prefill graphs), so only it asks
+        assert part.streams_asked == [(Lane.PREFILL, 60), (Lane.PREFILL, 30)]
+        steps = semi.prefill_loop.call(lambda e: e.runner.prefill_graph_steps)
+        assert steps > 0 and graphs.steps == steps
         assert_clean(semi)
     finally:
         colocated.shutdown()

@@ -4,9 +4,11 @@ over the padded metadata, against the plain forward on a tiny fp32 Llama: the sa
 and logits, and the same KV cache (padded rows write nothing), across bucket edges,
 multi-sequence batches below and at ``max_seqs``, chunked prefill over a cached context, a bias
 model, decode rows and a step past the cap; what attention receives is checked against the
-padding rules step by step. The Triton kernel over the same padding runs interpreted in
-tests/unit/test_kernels_interpret.py; the captured form needs a GPU:
-tests/gpu/test_prefill_graphs_gpu.py."""
+padding rules step by step. Graph sets (``use_set``) keep their own graphs and failed captures,
+with stand-in graphs that replay the padded forward. The Triton kernel over the same padding runs
+interpreted in tests/unit/test_kernels_interpret.py; the captured form needs a GPU:
+tests/gpu/test_prefill_graphs_gpu.py (a set captured on an SM share's stream:
+tests/gpu/test_semi_pd_gpu.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from kvrelay import kernels
 from kvrelay.kernels import reference
+from kvrelay.workers.engine.cuda_graphs import MAX_CAPTURE_FAILURES
 from kvrelay.workers.engine.prefill_graphs import TOKEN_STEP, PrefillGraphs, token_buckets
 from kvrelay.workers.engine.runner import ModelRunner, prepare_inputs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
@@ -253,3 +256,76 @@ def test_capture_needs_a_cuda_cache() -> None:
         PrefillGraphs(model, cache, capture=True)
     with pytest.raises(ValueError):
         PrefillGraphs(model, cache, capture=False).capture(256)
+
+
+class _StandIn:
+    """A captured graph on CPU: its replay runs the bucket's padded forward and is logged with
+    the set that captured it."""
+
+    def __init__(self, graphs: PrefillGraphs, size: int, log: list[tuple[object, int]]) -> None:
+        self.graphs, self.size, self.key, self.log = graphs, size, graphs.set_key, log
+
+    def replay(self) -> None:
+        self.log.append((self.key, self.size))
+        self.graphs._forward(self.size)
+
+
+def test_graph_sets_keep_their_own_graphs_and_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each set captures its own bucket graphs on first use and replays only those; a switch
+    back finds its graphs and its failed-capture counts as they were; ``num_graphs`` counts
+    every set. Captures are stood in for (``capture`` puts a graph into the current set)."""
+    model = tiny_llama()
+    pair = _Pair(model)
+    graphs = PrefillGraphs(model, pair.graph_cache, capture=False)
+    assert graphs.set_key is None and graphs.num_graphs == 0
+    replayed: list[tuple[object, int]] = []
+    captures: list[tuple[object, int]] = []
+    failing = {"c"}  # sets whose captures fail
+
+    def capture(size: int) -> None:
+        captures.append((graphs.set_key, size))
+        if graphs.set_key in failing:
+            raise RuntimeError("capture failed")
+        graphs._graphs[size] = _StandIn(graphs, size, replayed)  # type: ignore[assignment]
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    graphs.capture_graphs = True
+    seq = pair.seq(100)  # bucket 128
+    inputs = prepare_inputs([ScheduledSeq(seq, 100)], BS, torch.device("cpu"))
+    ref = model(inputs.input_ids, inputs.positions, pair.plain_cache, inputs.attn)
+
+    def step() -> torch.Tensor | None:
+        return graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
+
+    for key in ("a", "b", "a", "b"):
+        graphs.use_set(key, None)
+        out = step()
+        assert out is not None and float((out - ref).abs().max() / ref.abs().max()) <= TOL
+    assert captures == [("a", 128), ("b", 128)]  # one capture per set, none on a switch back
+    assert replayed == [("a", 128), ("b", 128), ("a", 128), ("b", 128)]
+    assert graphs.num_graphs == 2 and graphs.replays == 4 and graphs.set_key == "b"
+
+    graphs.use_set("c", None)
+    for _ in range(MAX_CAPTURE_FAILURES + 2):
+        assert step() is None  # the runner runs it eagerly
+    assert captures[2:] == [("c", 128)] * MAX_CAPTURE_FAILURES  # then no more tries
+    assert graphs.capture_failures == {128: MAX_CAPTURE_FAILURES}
+    graphs.use_set("a", None)  # another set's failures are not this one's
+    assert graphs.capture_failures == {} and step() is not None
+    assert replayed[-1] == ("a", 128) and len(captures) == 2 + MAX_CAPTURE_FAILURES
+    graphs.use_set("c", None)
+    assert graphs.capture_failures == {128: MAX_CAPTURE_FAILURES} and step() is None
+    assert graphs.num_graphs == 2 and graphs.steps == 5
+
+
+def test_eager_sets_only_keep_their_key() -> None:
+    """Without capture a set switch changes the key and nothing of the eager path."""
+    pair = _Pair(tiny_llama())
+    graphs = pair.graph.prefill
+    assert graphs is not None and not graphs.capture_graphs
+    seq = pair.seq(300)
+    pair.step([ScheduledSeq(seq, 150)])
+    graphs.use_set(30, None)
+    pair.step([ScheduledSeq(seq, 150)])
+    assert graphs.set_key == 30 and graphs.num_graphs == 0 and graphs.capture_failures == {}
+    assert pair.graph.prefill_graph_steps == 2 and graphs.replays == 0

@@ -34,6 +34,7 @@ import torch
 
 from kvrelay.workers.engine.cuda_graphs import host_to_device
 from kvrelay.workers.engine.policy import make_policy
+from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS
 from kvrelay.workers.engine.rates import prefill_rate, running_average
 from kvrelay.workers.engine.runner import DeviceTokens, ModelRunner
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
@@ -78,8 +79,11 @@ class EngineConfig:
     capture_graphs: bool = False
     # prefill graphs (workers/engine/prefill_graphs.py). None: on with the decode graphs on
     # CUDA (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU runs their padded path eagerly (tests);
-    # the semi-PD lanes turn them off (workers/semi_pd/worker.py)
+    # the semi-PD decode lane turns them off (workers/semi_pd/worker.py)
     prefill_graphs: bool | None = None
+    # the longest step a prefill graph takes, rounded up to a token bucket (prefill_graphs.py);
+    # longer steps run eagerly. The semi-PD prefill lane raises it to its token budget
+    prefill_graph_tokens: int = MAX_TOKENS
 
 
 class _InFlight:
@@ -180,6 +184,7 @@ class Engine:
         self.runner = ModelRunner(
             loaded.model, self.kv_cache, bs, sparse=self.sparse,
             use_prefill_graphs=config.prefill_graphs, max_prefill_seqs=config.max_num_seqs,
+            max_prefill_tokens=config.prefill_graph_tokens,
         )  # fmt: skip
         self.sampler = Sampler(seed=config.seed)
         overlap = config.overlap_schedule

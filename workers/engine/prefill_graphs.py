@@ -72,14 +72,25 @@ padded buffers and metadata: the tests compare that path with the plain forward.
 
 Captures follow DecodeGraphs (workers/engine/cuda_graphs.py): lazily on a bucket's first step or
 up front with ``capture_all``, largest first, inside ``GPU_GATE.capture()`` in ``thread_local``
-error mode, after an eager warm-up on a side stream (Triton compiles, cuBLAS picks its kernels).
-A failed capture is not fatal: the step runs eagerly and the bucket is tried again on a later
-step (``MAX_CAPTURE_FAILURES`` times at most).
+error mode, after an eager warm-up on the capture stream (Triton compiles, cuBLAS picks its
+kernels). A failed capture is not fatal: the step runs eagerly and the bucket is tried again on
+a later step (``MAX_CAPTURE_FAILURES`` times at most).
+
+Graph sets, as DecodeGraphs': ``use_set(key, stream)`` makes set ``key`` the one captured into
+and replayed from, captured on ``stream``. A semi-PD prefill lane keeps one set per SM share,
+captured on that share's green-context stream, because a graph keeps to the SMs of the stream
+it was captured on (workers/semi_pd/worker.py). The static buffers are shared by every set (one
+thread runs the steps), and so is the memory pool (no two graphs of one PrefillGraphs run at
+once); but the caching allocator reuses a freed block only for allocations on the stream it
+was allocated on, so a set captured on another stream takes its own intermediates' memory.
+Without ``use_set`` there is one set (key None), captured on torch's side stream.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -104,6 +115,12 @@ def token_buckets(max_tokens: int) -> tuple[int, ...]:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     top = -(-max_tokens // TOKEN_STEP)
     return (*SMALL_BUCKETS, *(TOKEN_STEP * k for k in range(1, top + 1)))
+
+
+@dataclass(slots=True)
+class _GraphSet:
+    graphs: dict[int, torch.cuda.CUDAGraph]  # bucket -> its graph
+    capture_failures: dict[int, int]  # bucket -> failed captures
 
 
 class PrefillGraphs:
@@ -146,10 +163,23 @@ class PrefillGraphs:
         self._starts = self._i32[max_seqs : 2 * max_seqs + 1]  # [Bmax + 1], T past them
         self._live = self._i32[2 * max_seqs + 1 :]  # [1]: the step's sequences B
         self._pool = torch.cuda.graph_pool_handle() if self.capture_graphs else None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> its graph
-        self.capture_failures: dict[int, int] = {}
+        self._sets: dict[Hashable, _GraphSet] = {}
+        self.use_set(None, None)
         self.steps = 0  # steps run over the static buffers (replayed or eager)
         self.replays = 0  # graphs replayed: one a step when captured
+
+    def use_set(self, key: Hashable, stream: torch.cuda.Stream | None) -> None:
+        """Capture into and replay from graph set ``key`` from now on, capturing on ``stream``
+        (None: a private side stream of torch's). A semi-PD prefill lane keeps one set per SM
+        share, captured on that share's green-context stream: a graph captured elsewhere runs
+        on every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py). Without
+        capture (``capture=False``) a set only keeps its key."""
+        graph_set = self._sets.get(key)
+        if graph_set is None:
+            graph_set = self._sets[key] = _GraphSet({}, {})
+        self._graphs, self.capture_failures = graph_set.graphs, graph_set.capture_failures
+        self._capture_stream = stream
+        self.set_key = key
 
     # ---- the forward over the static buffers ---------------------------------------------
     def _forward(self, size: int) -> None:
@@ -171,7 +201,7 @@ class PrefillGraphs:
     # ---- capture --------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, size: int) -> None:
-        """Capture bucket ``size``'s graph."""
+        """Capture bucket ``size``'s graph into the current set, on its capture stream."""
         if not self.capture_graphs:
             raise ValueError("this PrefillGraphs runs eagerly (capture=False)")
         if size not in self.sizes:
@@ -184,7 +214,7 @@ class PrefillGraphs:
         self._i64[2, :size].fill_(-1)
         self._i32.zero_()
         current = torch.cuda.current_stream(self.device)
-        stream = torch.cuda.Stream(self.device)
+        stream = self._capture_stream or torch.cuda.Stream(self.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
             self._forward(size)
@@ -192,14 +222,19 @@ class PrefillGraphs:
         graph = torch.cuda.CUDAGraph()
         with (
             GPU_GATE.capture(),
-            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            torch.cuda.graph(
+                graph,
+                pool=self._pool,
+                stream=self._capture_stream,
+                capture_error_mode="thread_local",
+            ),
         ):
             self._forward(size)
         self._graphs[size] = graph
 
     def capture_all(self, max_tokens: int | None = None) -> int:
-        """Capture every bucket up to the one holding ``max_tokens`` (largest first); returns
-        the number of buckets captured."""
+        """Capture every bucket up to the one holding ``max_tokens`` (largest first) into the
+        current set; returns the number of buckets that set holds."""
         top = None if max_tokens is None else self.bucket(max_tokens)
         for size in reversed(self.sizes):
             if top is None or size <= top:
@@ -208,8 +243,8 @@ class PrefillGraphs:
 
     @property
     def num_graphs(self) -> int:
-        """Graphs captured: one per bucket."""
-        return len(self._graphs)
+        """Graphs captured, in every set: one per bucket and set."""
+        return sum(len(s.graphs) for s in self._sets.values())
 
     # ---- a step ---------------------------------------------------------------------------
     def bucket(self, tokens: int) -> int | None:
@@ -225,8 +260,8 @@ class PrefillGraphs:
             self.capture(size)
         except RuntimeError as exc:  # torch.AcceleratorError is one: run eagerly instead
             self.capture_failures[size] = self.capture_failures.get(size, 0) + 1
-            log.warning("prefill graph capture of bucket %d failed (%d): %s; running eagerly",
-                        size, self.capture_failures[size], exc)  # fmt: skip
+            log.warning("prefill graph capture of bucket %d (set %r) failed (%d): %s; running "
+                        "eagerly", size, self.set_key, self.capture_failures[size], exc)  # fmt: skip
             return False
         return True
 

@@ -24,7 +24,9 @@ the lane's kernels before it takes the lock back), so the other lane never reuse
 kernels still read. Ownership is exact: every referenced block is held by a sequence of one
 lane, a request in transit, or a reservation (``check_integrity``).
 
-Each lane computes in its SM share (``sm_partition.py``), switched at iteration boundaries.
+Each lane computes in its SM share (``sm_partition.py``), switched at iteration boundaries, and
+replays CUDA graphs captured in that share (``_enter``: a set per share, decode graphs on the
+decode lane, prefill graphs on the prefill lane).
 """
 
 from __future__ import annotations
@@ -78,6 +80,15 @@ PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "pr
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 
 
+def _capture_prefill_graphs(engine: Engine) -> None:
+    """The prefill lane's up front capture: its prefill buckets only. The decode graphs its
+    runner also has serve a step whose every chunk is one token, rare there and not worth a
+    set of logits buffers."""
+    graphs = engine.runner.prefill
+    if graphs is not None and graphs.capture_graphs:
+        graphs.capture_all(max_tokens=engine.config.max_num_batched_tokens)
+
+
 class SemiPDWorker(Worker):
     def __init__(
         self,
@@ -112,28 +123,40 @@ class SemiPDWorker(Worker):
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         # the lanes run the plain step: the storage lock's rule (a block is released only after
-        # the step that used it has synchronised) holds for it, not for a step left in flight;
-        # and no prefill graphs: a graph captured outside a green context runs on
-        # every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py,
-        # test_graph_replays_in_a_share_are_capped, H100 2026-12-06), so the prefill lane's
-        # replays would ignore its share, where its eager kernels keep to it
-        config = replace(config, overlap_schedule=False, prefill_graphs=False)
-        # builds the one storage; the decode lane keeps a set of decode graphs per SM share,
-        # captured on that share's stream (_enter): the capture's green context travels with
-        # the graph, where a graph captured elsewhere runs on every SM whatever stream replays
-        # it (tests/gpu/test_semi_pd_gpu.py: H100, 2026-12-06, a 25 % share's graph replayed at
-        # 257 TFLOP/s on any stream, one captured outside at 804 on the share's). With
-        # capture_graphs the start share's set is captured up front (below), another share's
-        # buckets lazily on their first step there: a set a share costs a set's memory (each
-        # graph keeps its own logits), and the split rule may visit ten decode shares
-        decode = Engine(loaded, replace(config, capture_graphs=False), device=device)
+        # the step that used it has synchronised) holds for it, not for a step left in flight
+        config = replace(config, overlap_schedule=False)
+        # Each lane keeps a set of CUDA graphs per SM share, captured on that share's stream
+        # (_enter): the capture's green context travels with the graph, where a graph captured
+        # elsewhere runs on every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py:
+        # H100, 2026-12-06, a 25 % share's graph replayed at 257 TFLOP/s on any stream, one
+        # captured outside at 804 on the share's). With capture_graphs the start share's set is
+        # captured up front (below), another share's buckets lazily on their first step there:
+        # a set a share costs a set's memory, and the split rule may visit ten shares a lane.
+        # The decode lane's are decode graphs (each keeps its own logits); it prefills only a
+        # request recomputed after a preemption, which runs eagerly: no prefill graphs there.
+        # The storage is built here
+        decode = Engine(
+            loaded, replace(config, capture_graphs=False, prefill_graphs=False), device=device
+        )
         # the prefill lane never decodes (a request moves to the decode lane after its first
-        # token): sparse prefill at most there, no key bounds or page selection
+        # token): sparse prefill at most there, no key bounds or page selection. Its steps
+        # replay prefill graphs (prefill_graphs.py), token buckets up to its whole budget: on
+        # the 1B shape an eager 1k-token step spends 6.6 ms of host time issuing its kernels,
+        # the one-graph step 0.8 ms (H100, 2026-12-06: benchmarks/results/gpu_h100_s29/
+        # prefill.txt), and the lanes share one GIL, so the prefill lane's launches delay the
+        # decode lane's step preparation (its ITL). A set's memory grows with its largest
+        # bucket (at 4096 rows about twice prefill_graphs.py's 2048-row estimate)
         sparse = replace(config.sparse, mode=PREFILL_SIDE.get(config.sparse.mode, "off"))
         budget = max(config.max_num_batched_tokens, self._prefill_tokens)
         prefill = Engine(
             loaded,
-            replace(config, sparse=sparse, max_num_batched_tokens=budget, capture_graphs=False),
+            replace(
+                config,
+                sparse=sparse,
+                max_num_batched_tokens=budget,
+                prefill_graph_tokens=budget,
+                capture_graphs=False,
+            ),
             device=device,
             storage=decode.storage,
         )
@@ -164,8 +187,9 @@ class SemiPDWorker(Worker):
         ).start()
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
         self.set_split(self._initial_split)
-        if config.capture_graphs:  # after the lane entered its share (commands run in order)
+        if config.capture_graphs:  # after each lane entered its share (commands run in order)
             loop.call(lambda e: e.capture_graphs(), timeout=None)
+            self.prefill_loop.call(_capture_prefill_graphs, timeout=None)
         return loop
 
     # ---- SM shares -----------------------------------------------------------------------
@@ -177,9 +201,11 @@ class SemiPDWorker(Worker):
 
     def _enter(self, lane: Lane, share: int, engine: Engine) -> None:
         self.partition.enter(lane, share)
-        graphs, part = engine.runner.graphs, self.partition
-        if graphs is not None and isinstance(part, GreenContextPartition):
-            graphs.use_set(share, part.stream(lane, share))  # the share's own graphs
+        part, runner = self.partition, engine.runner
+        if isinstance(part, GreenContextPartition):  # the share's own graphs, decode and prefill
+            for graphs in (runner.graphs, runner.prefill):
+                if graphs is not None:
+                    graphs.use_set(share, part.stream(lane, share))
 
     def split(self) -> Split:
         return Split(self.partition.share(Lane.PREFILL), self.partition.share(Lane.DECODE))
