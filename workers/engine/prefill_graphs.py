@@ -60,11 +60,12 @@ them, per-piece copies into static x/q) ran a 1k-token 1B step in 4.98 ms on an 
 the matmul limit (benchmarks/README.md, "Prefill at 1k tokens with piecewise graphs"): 4.15 ms
 of kernels, 0.19 ms more than the eager forward's 3.85 (the copies), and 0.84 ms of gaps between
 17 replays and 16 eager attention launches. One replay removes the gaps and every copy but the
-final one, so ~3.9 ms (~0.70 of the limit) is expected, plus the padded sequences' tiles:
-Bmax x H programs per layer. Those came out dearer than this guessed (~18 us a layer at
-T = 1024, measured; see "Attention" above), hence the ``live_seqs`` bound that makes them exit
-after two cached loads, last (not timed yet; graphs per sequence-count bucket would remove them
-altogether). tests/gpu/test_prefill_graphs_gpu.py checks the graphs' results and one replay a
+final one, so ~3.9 ms (~0.70 of the limit) was expected, plus the padded sequences' tiles:
+Bmax x H programs per layer. Measured (H100, 2026-12-06, before the bound): 4.86 ms, 0.55 of the
+limit; 4.17 ms of kernels, the padded attention 0.29 ms of it more than eager (~18 us a layer;
+see "Attention" above), and 0.68 ms of staging and host work before the replay. Hence the
+``live_seqs`` bound that makes the padded programs exit after two cached loads, last (not timed
+yet; graphs per sequence-count bucket would remove them altogether). tests/gpu/test_prefill_graphs_gpu.py checks the graphs' results and one replay a
 step.
 
 Without capture (CPU, or ``capture=False``) the same forward runs as plain calls over the same
