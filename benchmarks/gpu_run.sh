@@ -72,6 +72,9 @@ make_model(Path('/tmp/kvrelay-1b-fp32'), Path('$TOK'), torch.float32, '1b', 'cud
             --json "$RES/swap_bench.json" ;;
     transfer) run transfer 120 python3 benchmarks/transfer_bench.py --device cuda \
         --blocks 1 16 256 1024 ;;
+    transfer_phases)  # issue 16: where a same-GPU transfer's fixed time goes (1 and 256 blocks,
+        # IPC events then host syncs; the transport's phase trace, off/on interleaved)
+        run transfer_phases 90 python3 benchmarks/transfer_phases.py --device cuda ;;
     serve_ratio) run serve_ratio 180 python3 benchmarks/serve_ratio.py --tokenizer "$TOK" \
         --device cuda --shape 1b --dtype bfloat16 --batches 32 128 --prompt 128 --max-tokens 256 \
         --reps 3 --out "$RES" ;;

@@ -29,6 +29,8 @@ the same-GPU path ordered by CUDA IPC events (no host sync on either side), then
 synchronisation on each side (``KVTransport(ipc_events=False)``, the path before). At the end
 of each run both sides' counters must agree: bytes and transfers the sender sent = what the
 receiver received and the other way round (pings, pongs, acks), and no failures on either side.
+
+Where a same-GPU transfer's fixed time goes, phase by phase: transfer_phases.py.
 """
 
 from __future__ import annotations

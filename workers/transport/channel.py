@@ -24,6 +24,9 @@ sender's deadline and the ack agree)::
 (Without IPC events, ipc.py: the sender synchronises its stream before the HEADER, the receiver
 its copy before the ACK, and the ACK names nothing.)
 
+Tracing (trace.py, off by default): each side of a same-GPU ``send_blocks`` keeps a record of
+its steps' times (the marks only observe; nothing above waits on them or changes with them).
+
 The receiving *callers* never touch the wire: they wait on the peer's :class:`Inbox` (inbox.py)
 for their transfer id, so two transfers on one pair may be awaited in any order by any threads
 and each caller gets its own payload. The send lock plus the sequence numbers keep messages in order.
@@ -67,6 +70,7 @@ from kvrelay.workers.transport.ipc import (
     poll,
 )
 from kvrelay.workers.transport.link import Kind, Link
+from kvrelay.workers.transport.trace import Span, Tracer
 from kvrelay.workers.transport.wire import (
     BROKEN,
     STOP,
@@ -103,8 +107,12 @@ class Channel:
         on_break: Callable[[], None],
         on_header: Callable[[Header], None] | None = None,
         events: IpcEvents | None = None,
+        tracer: Tracer | None = None,
+        peer: str = "",
     ) -> None:
-        """``events``: this side's IPC events for the peer (same GPU; None: host syncs)."""
+        """``events``: this side's IPC events for the peer (same GPU; None: host syncs).
+        ``tracer``: where same-GPU block receives are traced while it is enabled (trace.py),
+        as transfers with ``peer`` (the peer's worker id)."""
         self.prefix = prefix
         self.rank = rank
         self.peer_rank = 1 - rank
@@ -126,6 +134,8 @@ class Channel:
         self._ipc_imports: dict[str, torch.Tensor] = {}  # peer stage mappings by handle
         self._ipc_caches: dict[tuple[str, int, int], torch.Tensor] = {}  # peer caches (uint8)
         self.events = events
+        self._tracer = tracer if tracer is not None else Tracer()
+        self._trace_peer = peer
         self._peer_ready: dict[str, Any] = {}  # the peer's ready events (reader thread)
         self._peer_done: dict[bytes, Any] = {}  # the peer's done events (sender, send lock)
         self._state_lock = threading.Lock()
@@ -167,9 +177,11 @@ class Channel:
         block_ids: torch.Tensor,
         deadline: float,
         crc: bool,
+        span: Span | None = None,
     ) -> int:
         """Same GPU: name ``block_ids`` of our (contiguous, CUDA) ``kv_cache`` and wait until the
-        peer copied them out; returns the bytes it copied. No pack, no staging copy."""
+        peer copied them out; returns the bytes it copied. No pack, no staging copy. ``span``:
+        this transfer's send record while tracing (trace.py), finished here."""
         if self.link is None:
             raise TransferError("block ids travel only on a same-GPU channel")
         shape = (int(block_ids.numel()), *kv_cache.shape[1:])
@@ -179,6 +191,8 @@ class Channel:
             key = (flat.data_ptr(), flat.numel())
             if key not in self._ipc_exports:  # once per cache: the peer keeps its mapping
                 self._ipc_exports[key] = export_ipc(flat)
+            if span is not None:
+                span.mark("exported")
             ipc = {
                 **self._ipc_exports[key],
                 "blocks": block_ids.tolist(),
@@ -195,6 +209,8 @@ class Channel:
                     ipc["ready"] = self.events.ready_handle
                 else:
                     stream.synchronize()
+            if span is not None:
+                span.mark("ready")
             header = Header(
                 seq=seq,
                 transfer_id=transfer_id,
@@ -204,23 +220,31 @@ class Channel:
                 crc=crc_value,
                 ipc=ipc,
             )
-            self._publish_and_await(header, deadline)
+            self._publish_and_await(header, deadline, span)
             return header.nbytes
 
-        return self._transmit(transfer_id, send)
+        return self._transmit(transfer_id, send, span)
 
-    def _transmit(self, transfer_id: str, send: Callable[[int], int]) -> int:
+    def _transmit(
+        self, transfer_id: str, send: Callable[[int], int], span: Span | None = None
+    ) -> int:
         """Run ``send(seq)`` under the send lock; any error breaks the channel."""
         with self._send_lock:
             if self.broken is not None:
                 raise TransferError(f"channel broken: {self.broken}")
             seq = self.send_seq
             self.send_seq += 1
+            if span is not None:
+                span.prefix, span.seq = self.prefix, seq
+                span.mark("locked")
             try:
                 return send(seq)
             except Exception as exc:  # gloo raises RuntimeError subclasses of many kinds
                 self.break_(f"send of {transfer_id!r} failed: {exc}")
                 raise TransferError(f"send of {transfer_id!r} failed: {exc}") from exc
+            finally:
+                if span is not None:
+                    span.finish()
 
     def _send_gloo(self, header: Header, payload: torch.Tensor, deadline: float) -> None:
         assert self.pg is not None
@@ -252,7 +276,7 @@ class Channel:
             ipc = export_ipc(stage)
         self._publish_and_await(replace(header, ipc=ipc), deadline)
 
-    def _publish_and_await(self, header: Header, deadline: float) -> None:
+    def _publish_and_await(self, header: Header, deadline: float, span: Span | None = None) -> None:
         """Send an IPC header on the link and wait for the peer's ack (it stopped reading our
         memory, or names the event that completes when it did); past the deadline the ack no
         longer counts (link.py)."""
@@ -273,7 +297,10 @@ class Channel:
 
             return poll(finished, deadline, lambda: link.down is not None)
 
-        if not link.publish(header.seq, header.encode().encode(), deadline, settle):
+        body = header.encode().encode()
+        if span is not None:
+            span.mark("encoded")
+        if not link.publish(header.seq, body, deadline, settle, span):
             raise TransferError("deadline passed before the peer copied the payload")
 
     # ---- receiving (reader thread) -----------------------------------------------------------
@@ -315,8 +342,10 @@ class Channel:
             self._reader_store.delete_key(key)  # after delivering: off the copy's path
 
     def _read_link(self, link: Link) -> None:
+        tracer = self._tracer
         while not self._stopping and self.broken is None:
             frame = link.recv()
+            t_frame = time.monotonic_ns() if tracer.enabled else 0  # trace.py: "frame"
             if frame.kind == Kind.BROKEN:
                 reason = frame.body.decode(errors="replace")
                 self.break_(f"peer reported the channel broken: {reason}", tell_peer=False)
@@ -329,8 +358,18 @@ class Channel:
             header = self._check(Header.decode(frame.body))
             blocks = block_source(header)
             if blocks is not None:
-                arrival = Arrival(header, None, source=self._block_source(header, *blocks))
+                span = None
+                if t_frame:
+                    span = tracer.span(
+                        "recv", self._trace_peer, header.transfer_id, "frame", t_frame
+                    )
+                    span.prefix, span.seq = self.prefix, header.seq
+                    span.mark("decoded")
+                source = self._block_source(header, *blocks, span=span)
+                arrival = Arrival(header, None, source=source)
                 self.recv_seq += 1
+                if span is not None:
+                    span.mark("deliver")
                 self._inbox.deliver(arrival)
             else:
                 self._staged[header.seq] = Arrival(header, self._copy_staged(header))
@@ -348,7 +387,11 @@ class Channel:
         return header
 
     def _block_source(
-        self, header: Header, cache_shape: tuple[int, ...], ids: list[int]
+        self,
+        header: Header,
+        cache_shape: tuple[int, ...],
+        ids: list[int],
+        span: Span | None = None,
     ) -> BlockSource:
         assert self.link is not None
         link, seq = self.link, header.seq
@@ -359,15 +402,19 @@ class Channel:
             ready = None if handle is None else self._peer_ready_event(handle)
         done = self.events.done if self.events is not None else None
         body = self.events.done_handle if self.events is not None else b""
-        return BlockSource(
+        source = BlockSource(
             cache,
             torch.tensor(ids, dtype=torch.long),
             self.generation,
             header.crc,
-            lambda wait_until: link.ack(seq, wait_until, body),
+            lambda wait_until: link.ack(seq, wait_until, body, span),
             ready=ready,
             done=done,
+            trace=span,
         )
+        if span is not None:
+            span.mark("mapped")
+        return source
 
     def _peer_ready_event(self, handle: object) -> Any:
         """The peer's ready event named in a header, opened once per channel."""

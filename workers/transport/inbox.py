@@ -16,6 +16,7 @@ import torch
 from kvrelay.kernels import pack_blocks
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.transport.ipc import device_ids
+from kvrelay.workers.transport.trace import Span
 from kvrelay.workers.transport.wire import Header, TransferError, checksum
 
 T = TypeVar("T")
@@ -28,7 +29,8 @@ class BlockSource:
     ``release(wait_until)``: ack; with a time, wait for the sender's word and say whether the
     copy counts (False: it gave up first or is gone); with None, only ack (nobody reads).
     ``ready``: the sender's event to wait for before reading (None: it synchronised);
-    ``done``: our event to record after the copy, which the ack names (None: synchronise)."""
+    ``done``: our event to record after the copy, which the ack names (None: synchronise);
+    ``trace``: this transfer's receive record while tracing (trace.py), finished by :meth:`read`."""
 
     def __init__(
         self,
@@ -39,6 +41,7 @@ class BlockSource:
         release: Callable[[float | None], bool],
         ready: Any = None,  # torch.cuda.Event, opened from the peer's handle
         done: Any = None,  # torch.cuda.Event, ours (IpcEvents.done)
+        trace: Span | None = None,
     ) -> None:
         self.cache = cache
         self.block_ids = block_ids
@@ -47,6 +50,7 @@ class BlockSource:
         self.release = release
         self._ready = ready
         self._done = done
+        self.trace = trace
 
     def read(self, fn: Callable[[torch.Tensor, torch.Tensor], T], deadline: float) -> T:
         """``fn(cache, block_ids)`` (device work on the current stream; ``block_ids`` on the
@@ -54,28 +58,41 @@ class BlockSource:
         wait on), then acked. TransferError when the sender gave up before the ack (its blocks
         may have changed) or did not confirm it by ``deadline`` (at least _CONFIRM_GRACE_S
         after the ack); its CONFIRM comes only once the copy finished."""
+        span = self.trace
         try:
             with GPU_GATE.work():
                 if not self.cache.is_cuda:
                     out = fn(self.cache, self.block_ids)
+                    if span is not None:
+                        span.mark("launched")
                 else:
                     stream = torch.cuda.current_stream(self.cache.device)
                     ids = device_ids(self.block_ids, self.cache.device)
+                    if span is not None:
+                        span.mark("ids")
                     if self._ready is not None:
                         self._await_ready(stream)
+                    if span is not None:
+                        span.mark("ready")
                     try:
                         out = fn(self.cache, ids)
+                        if span is not None:
+                            span.mark("launched")
                     finally:  # whatever was launched must finish before the sender moves on
                         if self._done is not None:
                             self._done.record(stream)
                         else:
                             stream.synchronize()
+                        if span is not None:
+                            span.mark("done")
                 crc = (
                     None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
                 )
         finally:  # the sender answers an ACK at once while alive: wait past a deadline the
             # copy itself ran into, so a finished copy is not thrown away for that
             acked = self.release(max(deadline, time.monotonic() + _CONFIRM_GRACE_S))
+            if span is not None:
+                span.finish()
         if not acked:
             raise TransferError("the sender gave up before the copy finished")
         if crc != self._crc:
@@ -143,7 +160,7 @@ class Inbox:
             while True:
                 item = self._items.pop(transfer_id, None)
                 if item is not None:
-                    return item
+                    return _taken(item)
                 if generation in self._failed:
                     raise TransferError(f"transfer {transfer_id!r}: {self._failed[generation]}")
                 remaining = deadline - time.monotonic()
@@ -155,8 +172,16 @@ class Inbox:
     def pop(self, transfer_id: str) -> Arrival | None:
         """The arrival of ``transfer_id`` if it is here, without waiting."""
         with self._cv:
-            return self._items.pop(transfer_id, None)
+            item = self._items.pop(transfer_id, None)
+        return None if item is None else _taken(item)
 
     def pending(self) -> int:
         with self._cv:
             return len(self._items)
+
+
+def _taken(item: Arrival) -> Arrival:
+    """Mark a traced arrival taken by its caller (trace.py: ``woke``)."""
+    if item.source is not None and item.source.trace is not None:
+        item.source.trace.mark("woke")
+    return item

@@ -62,6 +62,7 @@ from kvrelay.workers.transport.channel import Channel
 from kvrelay.workers.transport.inbox import Arrival, Inbox
 from kvrelay.workers.transport.ipc import IpcEvents, device_ids, gpu_uuid
 from kvrelay.workers.transport.link import Link, accept_link, connect_link
+from kvrelay.workers.transport.trace import Tracer, TransferRecord, enabled_by_env
 from kvrelay.workers.transport.wire import Header, TransferError
 
 R = TypeVar("R")
@@ -132,6 +133,7 @@ class KVTransport:
         staging_bytes: int = 1 << 30,
         on_header: Callable[[Header], None] | None = None,
         ipc_events: bool | None = None,
+        trace: bool | None = None,
     ) -> None:
         """``bind_host`` / ``interface``: where gloo listens (default: loopback; multi-host: the
         node's routable address, or an interface name; ``GLOO_SOCKET_IFNAME`` is honoured when
@@ -141,7 +143,10 @@ class KVTransport:
         is about to be received (transfer-started metrics, fault-injection in tests).
         ``ipc_events``: on one GPU, order block copies with CUDA IPC events instead of a stream
         synchronisation on each side (used where the platform has them); None: only with
-        ``KVRELAY_IPC_EVENTS=1`` (opt-in until the event path has run on a GPU)."""
+        ``KVRELAY_IPC_EVENTS=1`` (opt-in until the event path has run on a GPU).
+        ``trace``: keep a phase trace of same-GPU block transfers (trace.py; :meth:`trace`);
+        None: only with ``KVRELAY_TRANSPORT_TRACE=1``. ``self.tracer.enabled`` may be flipped
+        later (benchmarks compare both)."""
         self.worker_id = wire.validate_worker_id(worker_id)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive: {timeout_s}")
@@ -158,6 +163,7 @@ class KVTransport:
         if ipc_events is None:
             ipc_events = os.environ.get("KVRELAY_IPC_EVENTS", "0") == "1"
         self._ipc_events = ipc_events
+        self.tracer = Tracer(enabled_by_env() if trace is None else trace)
         self._lock = threading.Lock()
         self._pairs: dict[str, _Pair] = {}
         self._counters = Counters(self.worker_id)
@@ -218,6 +224,7 @@ class KVTransport:
         copies them straight out of ``kv_cache`` and this returns once it did, so it needs the
         peer's receive running (keep the blocks unchanged until then, as for any send).
         Otherwise: pack them (one gather) and send the packed payload."""
+        span = self.tracer.span("send", peer, transfer_id, "enter") if self.tracer.enabled else None
         ids = _block_ids(block_ids, kv_cache.shape[0])
         if kv_cache.is_cuda:
 
@@ -227,7 +234,9 @@ class KVTransport:
                     and kv_cache.is_contiguous()
                     and kv_cache.device == self.device
                 ):
-                    return channel.send_blocks(transfer_id, kv_cache, ids, deadline, self._checksum)
+                    return channel.send_blocks(
+                        transfer_id, kv_cache, ids, deadline, self._checksum, span
+                    )
                 packed = pack_blocks(kv_cache, ids)
                 return channel.send(transfer_id, packed, deadline, self._checksum)
 
@@ -307,9 +316,12 @@ class KVTransport:
         """Wait for the arrival, check its header, ``take`` it (copy the payload out) and count
         its bytes once that succeeded."""
         wire.validate_transfer_id(transfer_id)
+        entered = time.monotonic_ns() if self.tracer.enabled else 0
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._counters.count(peer, sent=False, error=TransferError) as bump:
             arrival = self._arrival(peer, transfer_id, deadline)
+            if entered and arrival.source is not None and arrival.source.trace is not None:
+                arrival.source.trace.entered_ns = entered
             got = arrival.header
             if (shape is not None and got.shape != tuple(shape)) or (
                 dtype is not None and got.dtype != dtype
@@ -355,6 +367,11 @@ class KVTransport:
         if channel is None or channel.broken is not None:
             return None
         return "cuda-ipc" if channel.pg is None else "gloo"
+
+    def trace(self, peer: str, side: str | None = None) -> list[TransferRecord]:
+        """The kept phase records of same-GPU block transfers with ``peer`` (trace.py): "send",
+        "recv", or both (sends first); empty unless tracing was on."""
+        return self.tracer.records(peer, side)
 
     def ipc_events(self, peer: str) -> bool:
         """Whether the live channel to ``peer`` orders same-GPU copies with CUDA IPC events
@@ -406,7 +423,7 @@ class KVTransport:
                 self._ctl.set(wire.hello_key(target.prefix, target.rank), "1")
                 if self._await_hello(peer, target, deadline):
                     pair.generation += 1
-                    pair.channel = self._open(target, pair, deadline)
+                    pair.channel = self._open(peer, target, pair, deadline)
                     return pair.channel, pair
 
     def _target(self, peer: str, deadline: float, *, live: bool = False) -> _Target:
@@ -445,7 +462,7 @@ class KVTransport:
             pause = min(pause * 2, 0.05)
         return True
 
-    def _open(self, target: _Target, pair: _Pair, deadline: float) -> Channel:
+    def _open(self, peer: str, target: _Target, pair: _Pair, deadline: float) -> Channel:
         same_gpu = self._info["gpu"] is not None and self._info["gpu"] == target.peer_info.get(
             "gpu"
         )
@@ -477,6 +494,8 @@ class KVTransport:
             on_break=bump_epoch,
             on_header=self._on_header,
             events=events,
+            tracer=self.tracer,
+            peer=peer,
         )
 
     def _link(self, target: _Target, deadline: float, bump_epoch: Callable[[], None]) -> Link:

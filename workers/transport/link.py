@@ -40,6 +40,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
 
+from kvrelay.workers.transport.trace import Span
 from kvrelay.workers.transport.wire import TransferError
 
 
@@ -82,13 +83,16 @@ class Link:
         header: bytes,
         deadline: float,
         settle: Callable[[bytes], bool] | None = None,
+        span: Span | None = None,
     ) -> bool:
         """Send a header, read its ACK and confirm it: True; False when the deadline passed
         first (we stop reading: a later ACK is never confirmed). ``settle(ack body)``, when
         given, runs between the ACK and the CONFIRM: False (it gave up at the deadline) means no
-        CONFIRM and False. TransferError when the link is down."""
+        CONFIRM and False. TransferError when the link is down. ``span``: marks (trace.py)."""
         try:
             self._out.send(Kind.HEADER, seq, header)
+            if span is not None:
+                span.mark("header_sent")
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -99,9 +103,15 @@ class Link:
                 if frame.kind != Kind.ACK:
                     raise TransferError(f"frame kind {frame.kind} where an ACK belongs")
                 if frame.seq == seq:  # (an older seq's ACK came after its sender gave up)
+                    if span is not None:
+                        span.mark("ack_read")
                     if settle is not None and not settle(frame.body):
                         return False
+                    if span is not None:
+                        span.mark("settled")
                     self._out.send(Kind.CONFIRM, seq)
+                    if span is not None:
+                        span.mark("confirm_sent")
                     return True
         except (OSError, EOFError) as exc:
             raise self._lost(f"channel link down: {self.down or exc}") from exc
@@ -114,12 +124,14 @@ class Link:
             pass
 
     # ---- receiver --------------------------------------------------------------------------
-    def ack(self, seq: int, wait_until: float | None, body: bytes = b"") -> bool:
+    def ack(
+        self, seq: int, wait_until: float | None, body: bytes = b"", span: Span | None = None
+    ) -> bool:
         """Tell the sender we stopped reading its memory for ``seq`` (or, with a ``body`` the
         sender's settle understands, when we will have). With ``wait_until``: wait for its
         CONFIRM and return whether the copy counts (False: it gave up first, the link went
         down, or no answer by then). Without: only send (the CONFIRM then comes out of
-        :meth:`recv`); True when sent."""
+        :meth:`recv`); True when sent. ``span``: marks of a waiting ack (trace.py)."""
         if wait_until is None:
             return self._try_ack(seq, body)
         with self._cv:
@@ -127,12 +139,16 @@ class Link:
         try:
             if not self._try_ack(seq, body):
                 return False
+            if span is not None:
+                span.mark("ack_sent")
             with self._cv:
                 while not self._verdicts[seq] and self.down is None:
                     remaining = wait_until - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cv.wait(remaining)
+                if span is not None:
+                    span.mark("confirmed")
                 return self._verdicts[seq]
         finally:
             with self._cv:
