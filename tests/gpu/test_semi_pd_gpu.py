@@ -10,9 +10,10 @@ measured TFLOP/s per share beside the whole GPU's)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -413,6 +414,23 @@ def test_decode_lane_captures_a_graph_set_per_share(make_gpu_llama: Callable[...
     """With ``capture_graphs`` the decode lane captures its start share's graphs up front on
     that share's stream; after a switch it replays (capturing on first use) the new share's
     own set, and the tokens stay the colocated engine's."""
+    with _captured_pair(make_gpu_llama, Split(100, 50)) as (colocated, semi, sink):
+        graphs = semi.engine.runner.graphs
+        assert graphs is not None and graphs.set_key == 50
+        up_front = graphs.num_graphs
+        assert up_front > 0
+        semi.set_split(Split(100, 80))
+        _two_requests_alike(colocated, semi, sink)
+        assert graphs.set_key == 80 and graphs.num_graphs > up_front  # the 80 % set's own
+        assert semi.engine.runner.graph_steps > 0
+
+
+@contextlib.contextmanager
+def _captured_pair(
+    make_gpu_llama: Callable[..., Path], split: Split
+) -> Iterator[tuple[Worker, SemiPDWorker, Sink]]:
+    """A colocated worker and a semi-PD one at ``split``, both capturing graphs up front (fp32,
+    one small model, one sink)."""
     config = EngineConfig(
         max_num_seqs=4, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True
     )
@@ -422,25 +440,23 @@ def test_decode_lane_captures_a_graph_set_per_share(make_gpu_llama: Callable[...
         dtype=torch.float32,
     )  # fmt: skip
     colocated = Worker("c", "colocated", **kw)
-    semi = SemiPDWorker("s", "colocated", split=Split(100, 50), **kw)
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    semi = SemiPDWorker("s", "colocated", split=split, **kw)
     try:
-        graphs = semi.engine.runner.graphs
-        assert graphs is not None and graphs.set_key == 50
-        up_front = graphs.num_graphs
-        assert up_front > 0
-        semi.set_split(Split(100, 80))
-        for i, rid in enumerate(("a", "b")):
-            p = list(range(5 + i, 40 + i))
-            colocated.submit(f"c{rid}", p, params)
-            semi.submit(f"s{rid}", p, params)
-        sink.wait(["ca", "cb", "sa", "sb"])
-        assert sink.tokens["sa"] == sink.tokens["ca"] and sink.tokens["sb"] == sink.tokens["cb"]
-        assert graphs.set_key == 80 and graphs.num_graphs > up_front  # the 80 % set's own
-        assert semi.engine.runner.graph_steps > 0
+        yield colocated, semi, sink
     finally:
         colocated.shutdown()
         semi.shutdown()
+
+
+def _two_requests_alike(colocated: Worker, semi: SemiPDWorker, sink: Sink) -> None:
+    """Two greedy requests on each worker: the semi-PD worker's tokens are the colocated's."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    for i, rid in enumerate(("a", "b")):
+        p = list(range(5 + i, 40 + i))
+        colocated.submit(f"c{rid}", p, params)
+        semi.submit(f"s{rid}", p, params)
+    sink.wait(["ca", "cb", "sa", "sb"])
+    assert sink.tokens["sa"] == sink.tokens["ca"] and sink.tokens["sb"] == sink.tokens["cb"]
 
 
 def test_prefill_lane_captures_a_prefill_graph_set_per_share(
@@ -450,32 +466,13 @@ def test_prefill_lane_captures_a_prefill_graph_set_per_share(
     front on that share's stream, every bucket up to its 4096-token budget and no decode graph;
     after a switch its steps replay (capturing on first use) the new share's own set, and the
     tokens stay the colocated engine's."""
-    config = EngineConfig(
-        max_num_seqs=4, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True
-    )
-    sink = Sink()
-    kw: dict[str, Any] = dict(
-        model=str(make_gpu_llama(seed=3)), engine_config=config, sink=sink, device="cuda",
-        dtype=torch.float32,
-    )  # fmt: skip
-    colocated = Worker("c", "colocated", **kw)
-    semi = SemiPDWorker("s", "colocated", split=Split(50, 100), **kw)
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    try:
+    with _captured_pair(make_gpu_llama, Split(50, 100)) as (colocated, semi, sink):
         runner = semi.prefill_engine.runner
         graphs = runner.prefill
         assert graphs is not None and graphs.set_key == 50
         assert graphs.sizes[-1] == PREFILL_TOKENS and graphs.num_graphs == len(graphs.sizes)
         assert runner.graphs is not None and runner.graphs.num_graphs == 0
         semi.set_split(Split(80, 100))
-        for i, rid in enumerate(("a", "b")):
-            p = list(range(5 + i, 40 + i))
-            colocated.submit(f"c{rid}", p, params)
-            semi.submit(f"s{rid}", p, params)
-        sink.wait(["ca", "cb", "sa", "sb"])
-        assert sink.tokens["sa"] == sink.tokens["ca"] and sink.tokens["sb"] == sink.tokens["cb"]
+        _two_requests_alike(colocated, semi, sink)
         assert graphs.set_key == 80 and graphs.num_graphs > len(graphs.sizes)  # the 80 % set's
         assert runner.prefill_graph_steps > 0 and graphs.replays == runner.prefill_graph_steps
-    finally:
-        colocated.shutdown()
-        semi.shutdown()

@@ -49,15 +49,18 @@ that fails anyway is not fatal: that bucket runs eagerly and is tried again late
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
 from kvrelay.workers.model.sparse_attention import CapturedStep, SparseAttention
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +164,35 @@ class _GraphSet:
     capture_failures: dict[tuple[int, ...], int]
 
 
+T = TypeVar("T")
+
+
+def capture_graph(
+    fn: Callable[[], T],
+    device: torch.device,
+    pool: _POOL_HANDLE | None,
+    stream: torch.cuda.Stream | None,
+) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``fn`` run once eagerly on ``stream`` (None: a fresh side stream), so Triton compiles and
+    cuBLAS picks its kernels outside the capture, then captured on ``stream`` (None: torch's
+    side stream) into a graph of memory pool ``pool``, inside ``GPU_GATE.capture()`` in
+    ``thread_local`` error mode: (the graph, what the captured call returned). A graph keeps to
+    the SMs of the stream it was captured on (a semi-PD lane's green-context share)."""
+    current = torch.cuda.current_stream(device)
+    warm = stream or torch.cuda.Stream(device)
+    warm.wait_stream(current)
+    with torch.cuda.stream(warm):
+        fn()
+    current.wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with (
+        GPU_GATE.capture(),
+        torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
+    ):
+        out = fn()
+    return graph, out
+
+
 class DecodeGraphs:
     """Decode-step graphs of one model and KV cache, captured lazily per bucket (or up front
     with :meth:`capture_all`). ``run`` returns None when a batch fits no bucket."""
@@ -260,22 +292,10 @@ class DecodeGraphs:
         self._tables.zero_()
         self._sent = [None] * self.max_batch
         ids, pos, attn = self._views(size, width)
-        stream = self._capture_stream or torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(ids, pos, attn, reuses)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with (
-            GPU_GATE.capture(),
-            torch.cuda.graph(
-                graph,
-                pool=self._pool,
-                stream=self._capture_stream,
-                capture_error_mode="thread_local",
-            ),
-        ):
-            logits, captured = self._forward(ids, pos, attn, reuses)
+        graph, (logits, captured) = capture_graph(
+            lambda: self._forward(ids, pos, attn, reuses), self.device, self._pool,
+            self._capture_stream,
+        )  # fmt: skip
         graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn, captured)
 
     def capture_all(self, max_width: int | None = None, max_batch: int | None = None) -> int:

@@ -97,8 +97,7 @@ from typing import cast
 import torch
 
 from kvrelay import kernels
-from kvrelay.workers.engine.cuda_graphs import MAX_CAPTURE_FAILURES
-from kvrelay.workers.gpu_gate import GPU_GATE
+from kvrelay.workers.engine.cuda_graphs import MAX_CAPTURE_FAILURES, capture_graph
 from kvrelay.workers.model.llama import AttentionMetadata, DecoderLayer, LlamaModel
 
 log = logging.getLogger(__name__)
@@ -214,24 +213,9 @@ class PrefillGraphs:
         self._i64[:2, :size].zero_()
         self._i64[2, :size].fill_(-1)
         self._i32.zero_()
-        current = torch.cuda.current_stream(self.device)
-        stream = self._capture_stream or torch.cuda.Stream(self.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            self._forward(size)
-        current.wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with (
-            GPU_GATE.capture(),
-            torch.cuda.graph(
-                graph,
-                pool=self._pool,
-                stream=self._capture_stream,
-                capture_error_mode="thread_local",
-            ),
-        ):
-            self._forward(size)
-        self._graphs[size] = graph
+        self._graphs[size], _ = capture_graph(
+            lambda: self._forward(size), self.device, self._pool, self._capture_stream
+        )
 
     def capture_all(self, max_tokens: int | None = None) -> int:
         """Capture every bucket up to the one holding ``max_tokens`` (largest first) into the
