@@ -231,7 +231,7 @@ class DecodeGraphs:
         """Capture into and replay from graph set ``key`` from now on, capturing on ``stream``
         (None: a private side stream of torch's). A semi-PD decode lane keeps one set per SM
         share, captured on that share's green-context stream: a graph captured elsewhere runs
-        on every SM whatever stream replays it (workers/semi_pd/sm_partition.py)."""
+        on every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py)."""
         graph_set = self._sets.get(key)
         if graph_set is None:
             graph_set = self._sets[key] = _GraphSet({}, {}, {})

@@ -4,15 +4,16 @@ The batch is packed: sequence i contributes its next ``n_i`` tokens. When every 
 step is a pure decode step and attention takes the decode path (one query per sequence);
 otherwise every row goes through the varlen prefill path (a decode row is a chunk of one).
 
-On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its batch and
-longest block table fit a captured bucket (and, with sparse decode, when the SparseAttention
-calls the step ``capturable``); any other step of at most ``max_prefill_tokens`` tokens and
-``max_prefill_seqs`` sequences with dense attention replays a prefill graph
-(workers/engine/prefill_graphs.py: one graph per token bucket, attention included;
-``KVRELAY_PREFILL_GRAPHS=0`` or ``use_prefill_graphs`` off); the rest runs eagerly. Neither
-path synchronises the host: inputs go up through pinned staging buffers with non-blocking copies, so the only sync of
-a step is the caller reading the sampled tokens. The eager path's block tables persist across
-steps (workers/engine/block_tables.py): a row is sent when its sequence joins or changes blocks.
+On CUDA a pure decode step replays a captured graph (workers/engine/cuda_graphs.py) when its
+batch and longest block table fit a captured bucket (and, with sparse decode, when the
+SparseAttention calls the step ``capturable``); any other step of at most
+``max_prefill_tokens`` tokens and ``max_prefill_seqs`` sequences with dense attention replays a
+prefill graph (workers/engine/prefill_graphs.py: one graph per token bucket, attention
+included; ``KVRELAY_PREFILL_GRAPHS=0`` or ``use_prefill_graphs`` off); the rest runs eagerly.
+Neither path synchronises the host: inputs go up through pinned staging buffers with
+non-blocking copies, so the only sync of a step is the caller reading the sampled tokens. The
+eager path's block tables persist across steps (workers/engine/block_tables.py): a row is sent
+when its sequence joins or changes blocks.
 
 The overlapped engine launches step N+1 before it has read step N's tokens: ``prev`` holds
 them on the device, and a row whose input is such a token (``PLACEHOLDER`` on the host) takes it

@@ -146,7 +146,6 @@ class GreenContextPartition:
             )
             for (lane, s), ctx in self._contexts.items()
         }
-        self.decode_first = decode_first
         self._shares = {lane: initial.share(lane) for lane in Lane}
 
     def stream(self, lane: Lane, share: int) -> Any:

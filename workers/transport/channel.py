@@ -70,7 +70,7 @@ from kvrelay.workers.transport.ipc import (
     poll,
 )
 from kvrelay.workers.transport.link import Kind, Link
-from kvrelay.workers.transport.trace import Span, Tracer
+from kvrelay.workers.transport.trace import Span, Tracer, mark
 from kvrelay.workers.transport.wire import (
     BROKEN,
     STOP,
@@ -191,8 +191,7 @@ class Channel:
             key = (flat.data_ptr(), flat.numel())
             if key not in self._ipc_exports:  # once per cache: the peer keeps its mapping
                 self._ipc_exports[key] = export_ipc(flat)
-            if span is not None:
-                span.mark("exported")
+            mark(span, "exported")
             ipc = {
                 **self._ipc_exports[key],
                 "blocks": block_ids.tolist(),
@@ -209,8 +208,7 @@ class Channel:
                     ipc["ready"] = self.events.ready_handle
                 else:
                     stream.synchronize()
-            if span is not None:
-                span.mark("ready")
+            mark(span, "ready")
             header = Header(
                 seq=seq,
                 transfer_id=transfer_id,
@@ -298,8 +296,7 @@ class Channel:
             return poll(finished, deadline, lambda: link.down is not None)
 
         body = header.encode().encode()
-        if span is not None:
-            span.mark("encoded")
+        mark(span, "encoded")
         if not link.publish(header.seq, body, deadline, settle, span):
             raise TransferError("deadline passed before the peer copied the payload")
 
@@ -368,8 +365,7 @@ class Channel:
                 source = self._block_source(header, *blocks, span=span)
                 arrival = Arrival(header, None, source=source)
                 self.recv_seq += 1
-                if span is not None:
-                    span.mark("deliver")
+                mark(span, "deliver")
                 self._inbox.deliver(arrival)
             else:
                 self._staged[header.seq] = Arrival(header, self._copy_staged(header))
@@ -412,8 +408,7 @@ class Channel:
             done=done,
             trace=span,
         )
-        if span is not None:
-            span.mark("mapped")
+        mark(span, "mapped")
         return source
 
     def _peer_ready_event(self, handle: object) -> Any:

@@ -16,7 +16,7 @@ import torch
 from kvrelay.kernels import pack_blocks
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.transport.ipc import device_ids
-from kvrelay.workers.transport.trace import Span
+from kvrelay.workers.transport.trace import Span, mark
 from kvrelay.workers.transport.wire import Header, TransferError, checksum
 
 T = TypeVar("T")
@@ -63,28 +63,23 @@ class BlockSource:
             with GPU_GATE.work():
                 if not self.cache.is_cuda:
                     out = fn(self.cache, self.block_ids)
-                    if span is not None:
-                        span.mark("launched")
+                    mark(span, "launched")
                 else:
                     stream = torch.cuda.current_stream(self.cache.device)
                     ids = device_ids(self.block_ids, self.cache.device)
-                    if span is not None:
-                        span.mark("ids")
+                    mark(span, "ids")
                     if self._ready is not None:
                         self._await_ready(stream)
-                    if span is not None:
-                        span.mark("ready")
+                    mark(span, "ready")
                     try:
                         out = fn(self.cache, ids)
-                        if span is not None:
-                            span.mark("launched")
+                        mark(span, "launched")
                     finally:  # whatever was launched must finish before the sender moves on
                         if self._done is not None:
                             self._done.record(stream)
                         else:
                             stream.synchronize()
-                        if span is not None:
-                            span.mark("done")
+                        mark(span, "done")
                 crc = (
                     None if self._crc is None else checksum(pack_blocks(self.cache, self.block_ids))
                 )

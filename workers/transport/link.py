@@ -40,7 +40,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
 
-from kvrelay.workers.transport.trace import Span
+from kvrelay.workers.transport.trace import Span, mark
 from kvrelay.workers.transport.wire import TransferError
 
 
@@ -91,8 +91,7 @@ class Link:
         CONFIRM and False. TransferError when the link is down. ``span``: marks (trace.py)."""
         try:
             self._out.send(Kind.HEADER, seq, header)
-            if span is not None:
-                span.mark("header_sent")
+            mark(span, "header_sent")
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -103,15 +102,12 @@ class Link:
                 if frame.kind != Kind.ACK:
                     raise TransferError(f"frame kind {frame.kind} where an ACK belongs")
                 if frame.seq == seq:  # (an older seq's ACK came after its sender gave up)
-                    if span is not None:
-                        span.mark("ack_read")
+                    mark(span, "ack_read")
                     if settle is not None and not settle(frame.body):
                         return False
-                    if span is not None:
-                        span.mark("settled")
+                    mark(span, "settled")
                     self._out.send(Kind.CONFIRM, seq)
-                    if span is not None:
-                        span.mark("confirm_sent")
+                    mark(span, "confirm_sent")
                     return True
         except (OSError, EOFError) as exc:
             raise self._lost(f"channel link down: {self.down or exc}") from exc
@@ -139,16 +135,14 @@ class Link:
         try:
             if not self._try_ack(seq, body):
                 return False
-            if span is not None:
-                span.mark("ack_sent")
+            mark(span, "ack_sent")
             with self._cv:
                 while not self._verdicts[seq] and self.down is None:
                     remaining = wait_until - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cv.wait(remaining)
-                if span is not None:
-                    span.mark("confirmed")
+                mark(span, "confirmed")
                 return self._verdicts[seq]
         finally:
             with self._cv:

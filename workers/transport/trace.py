@@ -138,6 +138,12 @@ class Span:
         )
 
 
+def mark(span: Span | None, phase: str) -> None:
+    """Mark ``phase`` on ``span``, a transfer's record while tracing (None: not traced)."""
+    if span is not None:
+        span.mark(phase)
+
+
 class Tracer:
     """A transport's trace: ``enabled`` (may be flipped at any time: it is read where a record
     would start) and the last ``keep`` records per peer and side."""
