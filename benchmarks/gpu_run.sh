@@ -60,6 +60,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
     engine) run engine 120 python3 benchmarks/gpu_bench.py --engine-only --out "$RES/engine" ;;
     b1) run b1 "${B1_S:-300}" python3 benchmarks/gpu_bench.py --b1 --out "$RES/b1" ;;
     prefill) run prefill "${PREFILL_S:-180}" python3 benchmarks/gpu_bench.py --prefill-only --out "$RES/prefill" ;;
+    engine_prefill)  # issue 17: 1k prefill as Engine.step runs it, back to back, vs the limit
+        run engine_prefill 120 python3 benchmarks/engine_prefill.py --out "$RES" ;;
     gemv) run gemv 150 python3 benchmarks/gemv_bench.py --out "$RES/gemv.json" ;;
     overhead) run overhead 60 python3 benchmarks/step_overhead.py --device cuda --batches 32 128 \
         --steps 40 --reps 3 --overlap off on --json "$RES/step_overhead.json" ;;
