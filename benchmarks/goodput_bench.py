@@ -93,6 +93,17 @@ def split(text: str, workers: int) -> tuple[int, int]:
     return p, d
 
 
+def semi_pd_start(text: str) -> tuple[int, int]:
+    """``--semi-pd-start P,D``: the semi-PD lanes' starting SM shares, percent (1..100 each)."""
+    try:
+        p, d = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--semi-pd-start {text!r}: expected P,D") from None
+    if not (1 <= p <= 100 and 1 <= d <= 100):
+        raise argparse.ArgumentTypeError(f"--semi-pd-start {text!r}: each share in 1..100")
+    return p, d
+
+
 def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     base = ServeConfig(model=args.model, device=args.device, dtype=args.dtype,
                        kv_cache_gb=args.kv_cache_gb, grpc_port=None, http_port=0,
@@ -100,6 +111,7 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                        ttft_slo_s=args.ttft_slo, itl_slo_s=args.itl_slo,
                        capture_graphs=True)  # a bucket's first capture would stall a sweep
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
+    xp, xd = semi_pd_start(args.semi_pd_start)
     every = {
         "pd": base.model_copy(update={"prefill_workers": pp, "decode_workers": pdd}),
         "colocated": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
@@ -111,15 +123,19 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         "pd_start": base.model_copy(update={"prefill_workers": sp, "decode_workers": sd}),
         "semi_pd": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                            "colocated_workers": 1, "semi_pd": True,
-                                           "semi_pd_adaptive": True}),
+                                           "semi_pd_adaptive": not args.semi_pd_fixed,
+                                           "semi_pd_prefill_sm": xp,
+                                           "semi_pd_decode_sm": xd}),
         "colocated1": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                               "colocated_workers": 1}),
         # semi_pd with decode-first CUDA stream priorities (the lanes' kernels otherwise share
         # the block scheduler first come, first served)
         "semi_pd_first": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                                  "colocated_workers": 1, "semi_pd": True,
-                                                 "semi_pd_adaptive": True,
-                                                 "semi_pd_decode_first": True}),
+                                                 "semi_pd_adaptive": not args.semi_pd_fixed,
+                                                 "semi_pd_decode_first": True,
+                                                 "semi_pd_prefill_sm": xp,
+                                                 "semi_pd_decode_sm": xd}),
     }
     return {n: every[n] for n in args.configs.split(",")}
 
@@ -329,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--configs", default="pd,colocated,planner,pd_start", help=f"comma-separated, of {NAMES}")
     a("--pd-split", default="2,1", help="P,D of the fixed PD configuration")
     a("--planner-start", default="1,2", help="P,D the planner configuration starts from")
+    a("--semi-pd-start", default="100,100",
+      help="prefill,decode SM shares (percent) the semi-PD lanes start from")
+    a("--semi-pd-fixed", action="store_true",
+      help="semi-PD keeps its start split (the SLO-aware rule off)")
     a("--autosize-interval-s", type=float, default=2.0)
     a("--autosize-window-s", type=float, default=10.0)
     a("--sweep", default="1,2,3,4,6")
