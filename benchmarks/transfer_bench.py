@@ -44,6 +44,7 @@ import socket
 import statistics
 import threading
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,7 @@ import torch.multiprocessing as mp
 
 from kvrelay.workers.transport.kv_transport import KVTransport, start_rendezvous_store
 from kvrelay.workers.transport.link import Kind, accept_link, connect_link
-from kvrelay.workers.transport.wire import Header, TransferError
+from kvrelay.workers.transport.wire import Header, TransferError, block_ids_section
 
 GEOMETRY = (30, 2, 16, 3, 64)  # [L, 2, bs, Hkv, D]
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4
@@ -116,16 +117,17 @@ CONTROL_ROUNDS = 2000
 
 def one_block_header(seq: int) -> Header:
     """A 1-block same-GPU ``send_blocks`` header: real field sizes (64-byte CUDA IPC handles as
-    hex, the ref-counter file name, the block list), dummy values."""
+    hex, the ref-counter file name, the block id), dummy values."""
     ipc = {
         "size": [BLOCK_BYTES * 1024], "stride": [1], "offset": 0, "storage_cls": "UntypedStorage",
         "handle": "ab" * 64, "storage_size": BLOCK_BYTES * 1024, "storage_offset": 0,
         "ref_handle": "/torch_12345_1234567890_0", "ref_offset": 0, "event_handle": "cd" * 64,
-        "event_sync": True, "blocks": [seq % 1024], "cache_shape": [1024, *GEOMETRY],
+        "event_sync": True, "cache_shape": [1024, *GEOMETRY],
         "ready": "ef" * 64,
     }  # fmt: skip
     shape = (1, *GEOMETRY)
-    return Header(seq, f"b1.{seq}", torch.float32, shape, BLOCK_BYTES, ipc=ipc)
+    ids = block_ids_section(torch.tensor([seq % 1024]))
+    return Header(seq, f"b1.{seq}", torch.float32, shape, BLOCK_BYTES, ipc=ipc, blocks=ids)
 
 
 def control_client(port: int) -> dist.Store:
@@ -178,12 +180,13 @@ def control(rounds: int) -> None:
     rows = {"link": [], "store": [], "bare": []}
     for seq in range(rounds):
         t0 = time.perf_counter()
-        if not link.publish(seq, one_block_header(seq).encode().encode(), time.monotonic() + 10):
+        if not link.publish(seq, one_block_header(seq).encode(), time.monotonic() + 10):
             raise SystemExit(f"link: no ack for {seq}")
         rows["link"].append(time.perf_counter() - t0)
     for seq in range(rounds):  # the sender's part before: set the header, delete the last ack,
         t0 = time.perf_counter()  # wait for this one (receiver: get, compare_set, delete)
-        ctl.set(f"ctl/msg/{seq}", one_block_header(seq).encode())
+        # (the store takes text: this header's JSON, its 8-byte id section left out)
+        ctl.set(f"ctl/msg/{seq}", replace(one_block_header(seq), blocks=None).encode().decode())
         if seq:
             ctl.delete_key(f"ctl/ack/{seq - 1}")
         waiter.wait([f"ctl/ack/{seq}"])

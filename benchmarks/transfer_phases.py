@@ -311,9 +311,15 @@ def copy_into(
     dst.index_copy_(0, dst_ids, src.index_select(0, ids))
 
 
-def cpu_phases(blocks: list[int], iters: int) -> None:
+def _no_copy(cache: torch.Tensor, ids: torch.Tensor) -> None:
+    pass
+
+
+def cpu_phases(blocks: list[int], iters: int, copy: bool = True) -> None:
     """``--phases`` without a GPU: the sender's and the receiver's channel in this process
-    (threads), joined by a real control link; CUDA IPC stood in for (:func:`cpu_stand_in`)."""
+    (threads), joined by a real control link; CUDA IPC stood in for (:func:`cpu_stand_in`).
+    ``copy`` False: the receiver copies nothing (``--no-copy``), so no host copy between two
+    headers evicts the caches (90 MB at 256 blocks, paid by every step that runs after it)."""
     from kvrelay.workers.transport.buffers import BufferPool
     from kvrelay.workers.transport.channel import Channel
     from kvrelay.workers.transport.inbox import Inbox
@@ -355,7 +361,8 @@ def cpu_phases(blocks: list[int], iters: int) -> None:
                         dst_ids = torch.randperm(n_cache)[:n_blocks]
                         a = inboxes[1].take(f"b{row}.{it}", 1, time.monotonic() + 60)
                         assert a.source is not None
-                        a.source.read(partial(copy_into, dst, dst_ids), time.monotonic() + 60)
+                        fn = partial(copy_into, dst, dst_ids) if copy else _no_copy
+                        a.source.read(fn, time.monotonic() + 60)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -386,7 +393,8 @@ def cpu_phases(blocks: list[int], iters: int) -> None:
     print("\n## Phases of one transfer, CPU stand-in: the real channel, link and inbox code of a")
     print("same-GPU send_blocks / receive, both ends in this process (threads), CUDA IPC handles,")
     print("stream and events stood in for; no device work and no KVTransport layer (enter = the")
-    print("channel's send_blocks; a CPU index_select + index_copy_ is the copy); not a GPU figure")
+    what = "a CPU index_select + index_copy_ is the copy" if copy else "no copy: --no-copy"
+    print(f"channel's send_blocks; {what}); not a GPU figure")
     print(f"({iters} transfers per sub-row, trace off / on / off / on; the first {PHASE_WARMUP}")
     print(f"of each sub-row left out; µs; {marks_cost()})")
     for n_blocks in blocks:
@@ -404,6 +412,11 @@ def main() -> None:
         default="both",
         help="same GPU: order the copy with CUDA IPC events (on), host syncs (off), or both runs",
     )
+    parser.add_argument(
+        "--no-copy",
+        action="store_true",
+        help="CPU: the receiver copies nothing (what is left is the protocol's own host work)",
+    )
     args = parser.parse_args()
     iters = args.iters
     if iters is None:
@@ -411,7 +424,7 @@ def main() -> None:
     if not PHASE_WARMUP < iters <= TRACE_KEEP:
         parser.error(f"--iters must be in ({PHASE_WARMUP}, {TRACE_KEEP}]")
     if args.device == "cpu":
-        cpu_phases(args.blocks, iters)
+        cpu_phases(args.blocks, iters, copy=not args.no_copy)
         return
     torch.cuda.set_device(0)
     for events in {"on": [True], "off": [False], "both": [True, False]}[args.ipc_events]:

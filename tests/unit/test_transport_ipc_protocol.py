@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,43 +22,90 @@ from kvrelay.workers.transport.inbox import Arrival, BlockSource, Inbox
 from kvrelay.workers.transport.ipc import device_ids, poll
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.transport.link import Frame, Kind, Link, accept_link, connect_link
-from kvrelay.workers.transport.wire import Header, TransferError, block_source, checksum
+from kvrelay.workers.transport.wire import (
+    Header,
+    TransferError,
+    block_ids_section,
+    block_source,
+    checksum,
+)
 
 BLOCK = (2, 2, 4, 1, 8)  # [L, 2, bs, Hkv, D]
 
 
-def header(n: int, ipc: dict | None, seq: int = 0, tid: str = "t") -> Header:
+def header(
+    n: int, ipc: dict | None, seq: int = 0, tid: str = "t", blocks: bytes | None = None
+) -> Header:
     shape = (n, *BLOCK)
-    return Header(seq, tid, torch.float32, shape, n * 2 * 2 * 4 * 8 * 4, ipc=ipc)
+    return Header(seq, tid, torch.float32, shape, n * 2 * 2 * 4 * 8 * 4, ipc=ipc, blocks=blocks)
 
 
-def blocks_ipc(ids: list, cache_shape: list | None) -> dict:
-    return {"handle": "00", "blocks": ids, "cache_shape": cache_shape}
+def ids_section(ids: list[int]) -> bytes:
+    return block_ids_section(torch.tensor(ids))
+
+
+def blocks_header(section: bytes, cache_shape: list | None, n: int = 3, tid: str = "t") -> Header:
+    """A send_blocks header of ``n`` blocks: the ids' binary section of a ``cache_shape`` cache."""
+    return header(n, {"handle": "00", "cache_shape": cache_shape}, tid=tid, blocks=section)
 
 
 # ---- the block list ---------------------------------------------------------------------------
 def test_block_list_survives_the_wire_and_is_checked_against_the_header() -> None:
-    h = header(3, blocks_ipc([7, 0, 9], [10, *BLOCK]))
-    assert block_source(Header.decode(h.encode().encode())) == ((10, *BLOCK), [7, 0, 9])
+    h = blocks_header(ids_section([7, 0, 10]), [16, *BLOCK])  # id 10: a newline byte in the section
+    got = Header.decode(h.encode())
+    assert got == h
+    source = block_source(got)
+    assert source is not None
+    assert source[0] == (16, *BLOCK)
+    assert source[1].dtype == torch.int64 and source[1].tolist() == [7, 0, 10]
     assert block_source(header(3, None)) is None
     assert block_source(header(3, {"handle": "00"})) is None  # a staged payload
+    assert b"\n" not in header(3, {"handle": "00"}).encode()  # plain JSON (the store takes text)
+    # other integer dtypes and strided views go out as the same int64 bytes
+    assert block_ids_section(torch.tensor([7, 9, 0, 9, 10], dtype=torch.int32)[::2]) == (
+        ids_section([7, 0, 10])
+    )
 
 
 @pytest.mark.parametrize(
-    ("ids", "cache_shape"),
+    ("section", "cache_shape"),
     [
-        ([1, 2], [10, *BLOCK]),  # 2 ids for a 3-block header
-        ([1, 2, 3], [10, 2, 2, 4, 1, 4]),  # another block shape
-        ([1, 2, 10], [10, *BLOCK]),  # past the sender's cache
-        ([1, -1, 2], [10, *BLOCK]),
-        (["x", 1, 2], [10, *BLOCK]),
-        ([1, 2, 3], None),
-        ([1, 2, 3], [-10, *BLOCK]),
+        (ids_section([1, 2]), [10, *BLOCK]),  # 2 ids for a 3-block header
+        (ids_section([1, 2, 3]), [10, 2, 2, 4, 1, 4]),  # another block shape
+        (ids_section([1, 2, 10]), [10, *BLOCK]),  # past the sender's cache
+        (ids_section([1, -1, 2]), [10, *BLOCK]),
+        (ids_section([1, 2, 3])[:-1], [10, *BLOCK]),  # not a whole number of ids
+        (ids_section([1, 2, 3]) + bytes(4), [10, *BLOCK]),
+        (ids_section([1, 2, 3]), None),
+        (ids_section([1, 2, 3]), [-10, *BLOCK]),
     ],
 )
-def test_a_bad_block_list_is_a_transfer_error(ids: list, cache_shape: list | None) -> None:
+def test_a_bad_block_list_is_a_transfer_error(section: bytes, cache_shape: list | None) -> None:
     with pytest.raises(TransferError):
-        block_source(header(3, blocks_ipc(ids, cache_shape)))
+        block_source(blocks_header(section, cache_shape))
+    with pytest.raises(TransferError):  # the same ids, decoded off the wire
+        block_source(Header.decode(blocks_header(section, cache_shape).encode()))
+
+
+def test_block_ids_without_ipc_fields_are_a_transfer_error() -> None:
+    with pytest.raises(TransferError, match="malformed block list"):
+        block_source(header(3, None, blocks=ids_section([1, 2, 3])))
+
+
+def test_a_frame_whose_binary_section_is_cut_padded_or_undeclared_fails_to_decode() -> None:
+    h = blocks_header(ids_section([7, 0, 9]), [10, *BLOCK])
+    raw = h.encode()
+    text = replace(h, blocks=None).encode()  # the same header declaring no section
+    for bad in (
+        raw[:-1],  # cut short
+        raw + b"\0",  # padded
+        raw[: raw.index(b"\n")],  # the section lost
+        text + b"\n" + ids_section([7, 0, 9]),  # a section nobody declared
+        raw[:20],  # the JSON cut
+        b"\n" + raw,
+    ):
+        with pytest.raises(TransferError, match=r"malformed|binary section"):
+            Header.decode(bad)
 
 
 # ---- the control link (real loopback sockets, opened through a real store) ----------------------
@@ -316,7 +364,7 @@ class Acks:
 def source_arrival(tid: str, generation: int, acks: Acks) -> Arrival:
     cache = torch.randn((4, *BLOCK))
     src = BlockSource(cache, torch.tensor([2, 0]), generation, None, acks)
-    return Arrival(header(2, blocks_ipc([2, 0], [4, *BLOCK]), tid=tid), None, source=src)
+    return Arrival(blocks_header(ids_section([2, 0]), [4, *BLOCK], 2, tid), None, source=src)
 
 
 def test_blocks_whose_waiter_gave_up_are_acked_so_the_sender_is_not_held() -> None:

@@ -76,6 +76,7 @@ from kvrelay.workers.transport.wire import (
     STOP,
     Header,
     TransferError,
+    block_ids_section,
     block_source,
     checksum,
     msg_key,
@@ -192,11 +193,8 @@ class Channel:
             if key not in self._ipc_exports:  # once per cache: the peer keeps its mapping
                 self._ipc_exports[key] = export_ipc(flat)
             mark(span, "exported")
-            ipc = {
-                **self._ipc_exports[key],
-                "blocks": block_ids.tolist(),
-                "cache_shape": list(kv_cache.shape),
-            }
+            ipc = {**self._ipc_exports[key], "cache_shape": list(kv_cache.shape)}
+            blocks = block_ids_section(block_ids)
             with GPU_GATE.work():
                 crc_value = checksum(pack_blocks(kv_cache, block_ids)) if crc else None
                 # the blocks' last writes (stream-ordered before this call) must land before
@@ -217,6 +215,7 @@ class Channel:
                 nbytes=payload_nbytes(shape, kv_cache.dtype),
                 crc=crc_value,
                 ipc=ipc,
+                blocks=blocks,
             )
             self._publish_and_await(header, deadline, span)
             return header.nbytes
@@ -249,7 +248,7 @@ class Channel:
         with GPU_GATE.work():
             wire = payload.cpu() if payload.is_cuda else payload  # cross-GPU: through the host
         flat = wire.reshape(-1).view(torch.uint8)
-        self._ctl.set(msg_key(self.prefix, self.peer_rank, header.seq), header.encode())
+        self._ctl.set(msg_key(self.prefix, self.peer_rank, header.seq), header.encode().decode())
         work = self.pg.send([flat], self.peer_rank, header.seq & 0x7FFFFFFF)
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not work.wait(datetime.timedelta(seconds=remaining)):
@@ -295,7 +294,7 @@ class Channel:
 
             return poll(finished, deadline, lambda: link.down is not None)
 
-        body = header.encode().encode()
+        body = header.encode()
         mark(span, "encoded")
         if not link.publish(header.seq, body, deadline, settle, span):
             raise TransferError("deadline passed before the peer copied the payload")
@@ -331,7 +330,7 @@ class Channel:
                 self.break_("peer reported the channel broken", tell_peer=False)
                 return
             header = self._check(Header.decode(raw))
-            if header.ipc is not None:
+            if header.ipc is not None or header.blocks is not None:
                 raise TransferError("IPC header on a gloo channel")
             payload, buffer = self._recv_payload(header)
             self.recv_seq += 1
@@ -386,7 +385,7 @@ class Channel:
         self,
         header: Header,
         cache_shape: tuple[int, ...],
-        ids: list[int],
+        ids: torch.Tensor,  # [n] int64, host (block_source)
         span: Span | None = None,
     ) -> BlockSource:
         assert self.link is not None
@@ -400,7 +399,7 @@ class Channel:
         body = self.events.done_handle if self.events is not None else b""
         source = BlockSource(
             cache,
-            torch.tensor(ids, dtype=torch.long),
+            ids,
             self.generation,
             header.crc,
             lambda wait_until: link.ack(seq, wait_until, body, span),

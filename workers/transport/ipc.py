@@ -2,7 +2,7 @@
 
 Two uses, both written as plain JSON fields (never pickle) in the header the sender sends on
 the channel's control link (``torch.multiprocessing.reductions.reduce_tensor`` /
-``rebuild_cuda_tensor``):
+``rebuild_cuda_tensor``; block ids travel as bytes next to them, wire.py):
 
 - ``send_blocks``: the sender exports its whole KV cache once per channel and each header names
   block ids in it; the receiver maps the cache once, keeps the mapping, and copies the blocks

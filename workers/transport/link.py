@@ -45,14 +45,14 @@ from kvrelay.workers.transport.wire import TransferError
 
 
 class Kind(IntEnum):
-    HEADER = 1  # a transfer's header (JSON)
+    HEADER = 1  # a transfer's header (wire.py: JSON, then the block ids' binary section)
     ACK = 2  # the receiver stopped reading the sender's memory for seq
     CONFIRM = 3  # the sender counts seq's copy
     BROKEN = 4  # the sender of this frame broke the channel (body: why)
 
 
 _FRAME = struct.Struct("!BQI")  # kind, seq, body length
-_MAX_BODY = 64 << 20  # a header names at most ~10M block ids; more is a broken peer
+_MAX_BODY = 64 << 20  # a header names at most ~8M block ids (8 bytes each); more is a broken peer
 _TOKEN_BYTES = 32  # hex characters of the connect token
 _OUT_OF_RANK = (b"0", b"1")  # after the token: whose sending connection this is
 

@@ -12,25 +12,25 @@ share ``(prefix, seq)`` (and the transfer id): :func:`join`.
 
 Sender marks (:data:`SEND_PHASES`), each taken once the step before it finished:
 ``enter`` (``KVTransport.send_blocks`` called), ``locked`` (the channel's send lock taken, seq
-assigned), ``exported`` (the cache's IPC export looked up, or made on first use), ``ready`` (the block
-list put into the header's fields, then the ready event recorded or the stream synchronised;
-the checksum, when on, is in this step),
-``encoded`` (header built and JSON-encoded), ``header_sent`` (written on the link), ``ack_read``
-(the receiver's ACK for this seq read), ``settled`` (its done event polled complete, or an
-empty ACK: nothing to poll), ``confirm_sent``, ``return`` (the channel's send returns; what
-``KVTransport`` does after that is outside the record).
+assigned), ``exported`` (the cache's IPC export looked up, or made on first use), ``ready``
+(the block ids packed as bytes, then the ready event recorded or the stream synchronised; the
+checksum, when on, is in this step), ``encoded`` (header built and encoded: JSON plus the ids'
+bytes), ``header_sent`` (written on the link), ``ack_read`` (the receiver's ACK for this seq
+read), ``settled`` (its done event polled complete, or an empty ACK: nothing to poll),
+``confirm_sent``, ``return`` (the channel's send returns; what ``KVTransport`` does after that
+is outside the record).
 
-Receiver marks (:data:`RECV_PHASES`): on the reader thread ``frame`` (the link returned the
-frame), ``decoded`` (header decoded, checked, block list parsed), ``mapped`` (the peer's cache
-mapped or found, its ready event opened: the BlockSource built), ``deliver`` (handed to the
+Receiver marks (:data:`RECV_PHASES`): on the reader thread ``frame`` (the link returned the frame),
+``decoded`` (header decoded, checked, block ids read and bounds-checked), ``mapped`` (the peer's
+cache mapped or found, its ready event opened: the BlockSource built), ``deliver`` (handed to the
 inbox); on the receiving caller ``woke`` (it has the arrival: woke in ``Inbox.take`` or found it
-there), then, on CUDA, ``ids`` (source block ids uploaded), ``ready`` (waited for the sender's
-ready event, or nothing to wait for), ``launched`` (the copy function returned: on
-``recv_blocks`` it uploads the destination ids and launches the copy), ``done`` (our done event
-recorded, or the stream synchronised); off CUDA (tests) ``launched`` only; then ``ack_sent``
-(after the checksum, when on), ``confirmed`` (the sender's CONFIRM came, or the wait for it
-ended), ``return``. The receiving caller's entry into ``recv`` / ``recv_blocks`` is
-``TransferRecord.entered_ns`` (before the frame came when the caller waited for it).
+there), then, on CUDA, ``ids`` (source block ids uploaded), ``ready`` (waited for the sender's ready
+event, or nothing to wait for), ``launched`` (the copy function returned: on ``recv_blocks`` it
+uploads the destination ids and launches the copy), ``done`` (our done event recorded, or the stream
+synchronised); off CUDA (tests) ``launched`` only; then ``ack_sent`` (after the checksum, when on),
+``confirmed`` (the sender's CONFIRM came, or the wait for it ended), ``return``. The receiving
+caller's entry into ``recv`` / ``recv_blocks`` is ``TransferRecord.entered_ns`` (before the frame
+came when the caller waited for it).
 """
 
 from __future__ import annotations

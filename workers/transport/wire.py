@@ -8,16 +8,21 @@ closes a pair whose posted receive outlives the group timeout). Between same-GPU
 payload stays where it is, the header carries a CUDA IPC handle instead, and it travels on the
 channel's control link (link.py; its address is the one store key ``<pair prefix>/link``).
 
-Header (JSON object, UTF-8)::
+Header: a JSON object (ASCII, one line), then, for ``send_blocks``, a newline and a binary
+section holding the block ids (JSON never holds a raw newline, so the first one ends it)::
 
-    {"v": 1, "seq": 7, "tid": "req-42", "dtype": "float32", "shape": [16, 30, 2, 16, 3, 64],
-     "nbytes": 5898240, "crc": 123456789 | null, "ipc": {...} | null}
+    {"v": 2, "seq": 7, "tid": "req-42", "dtype": "float32", "shape": [16, 30, 2, 16, 3, 64],
+     "nbytes": 5898240, "crc": 123456789 | null, "ipc": {...} | null, "blocks": 128 | null}
+    <newline> <128 bytes: 16 int64 block ids in this host's byte order (one GPU, one host)>
 
+``"blocks"`` declares the section's length (null: no section), so a short or padded frame fails
+to decode; the ids cost one bytes copy each way however many there are, not a JSON number each.
 Same-GPU ``ipc`` fields name either the sender's staging buffer (a packed payload) or, for
-``send_blocks``, its whole KV cache plus ``"blocks"`` (ids into it) and ``"cache_shape"``: the
-receiver copies those blocks straight out (:func:`block_source` checks them). Either way the
-receiver acks on the link once it stopped reading the sender's memory, and the sender confirms
-unless its deadline passed first; so both sides agree whether the copy counted.
+``send_blocks``, its whole KV cache plus ``"cache_shape"``: the receiver copies the blocks the
+section names straight out (:func:`block_source` checks them). Either way the receiver acks on
+the link once it stopped reading the sender's memory, and the sender confirms unless its
+deadline passed first; so both sides agree whether the copy counted. Headers through the store
+(gloo) never carry a section: they are plain JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import torch
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: block ids in a binary section, not a JSON list
 MAX_TRANSFER_ID_BYTES = 256
 MAX_WORKER_ID_CHARS = 128
 STOP = "__stop__"  # written by a channel's own side to wake and end its reader
@@ -48,6 +53,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_ID_BYTES = 8  # a block id in the binary section: int64
 
 
 class TransferError(RuntimeError):
@@ -63,9 +69,10 @@ class Header:
     nbytes: int
     crc: int | None = None  # crc32 of the payload bytes, when the sender computed one
     ipc: dict[str, Any] | None = None  # CUDA IPC handle fields (same-GPU path only)
+    blocks: bytes | None = None  # send_blocks: the binary section (block_ids_section)
 
-    def encode(self) -> str:
-        return json.dumps(
+    def encode(self) -> bytes:
+        text = json.dumps(
             {
                 "v": WIRE_VERSION,
                 "seq": self.seq,
@@ -75,17 +82,22 @@ class Header:
                 "nbytes": self.nbytes,
                 "crc": self.crc,
                 "ipc": self.ipc,
+                "blocks": None if self.blocks is None else len(self.blocks),
             }
-        )
+        ).encode()
+        return text if self.blocks is None else b"%s\n%s" % (text, self.blocks)
 
     @staticmethod
     def decode(raw: bytes) -> Header:
+        end = raw.find(b"\n")
+        text, section = (raw, None) if end < 0 else (raw[:end], raw[end + 1 :])
         try:
-            obj = json.loads(raw)
+            obj = json.loads(text)
             if obj["v"] != WIRE_VERSION:
                 raise TransferError(f"wire version {obj['v']} != {WIRE_VERSION}")
             shape = tuple(int(d) for d in obj["shape"])
             dtype = _DTYPES[obj["dtype"]]
+            declared = None if obj["blocks"] is None else int(obj["blocks"])
             header = Header(
                 seq=int(obj["seq"]),
                 transfer_id=str(obj["tid"]),
@@ -94,30 +106,50 @@ class Header:
                 nbytes=int(obj["nbytes"]),
                 crc=None if obj["crc"] is None else int(obj["crc"]),
                 ipc=obj["ipc"],
+                blocks=section,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TransferError(f"malformed transfer header: {exc}") from exc
+        if declared != (None if section is None else len(section)):
+            got = "none" if section is None else f"{len(section)} bytes"
+            raise TransferError(f"header declares a {declared}-byte binary section, got {got}")
         if header.nbytes != payload_nbytes(header.shape, header.dtype):
             raise TransferError(f"header nbytes {header.nbytes} does not match shape/dtype")
         return header
 
 
-def block_source(header: Header) -> tuple[tuple[int, ...], list[int]] | None:
+def block_ids_section(ids: torch.Tensor) -> bytes:
+    """``[n]`` block ids (any integer dtype, any device) as a header's binary section."""
+    if ids.dtype != torch.int64 or not ids.is_cpu:
+        ids = ids.to(device="cpu", dtype=torch.int64)
+    return ids.numpy().tobytes()
+
+
+def block_source(header: Header) -> tuple[tuple[int, ...], torch.Tensor] | None:
     """For a same-GPU header naming blocks of the sender's KV cache: (the cache's shape, the block
-    ids), checked against the header's ``[n, ...]`` shape; None for any other header."""
-    ipc = header.ipc
-    if not isinstance(ipc, dict) or "blocks" not in ipc:
+    ids as a ``[n]`` int64 host tensor), checked against the header's ``[n, ...]`` shape and the
+    cache's block count; None for any other header. One vectorised pass, whatever ``n``."""
+    section = header.blocks
+    if section is None:
         return None
+    ipc = header.ipc
     try:
+        if not isinstance(ipc, dict):
+            raise TypeError("block ids without IPC fields")
         cache_shape = tuple(int(d) for d in ipc["cache_shape"])
-        ids = [int(b) for b in ipc["blocks"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise TransferError(f"malformed block list: {exc}") from exc
-    if not cache_shape or min(cache_shape) < 0 or (len(ids), *cache_shape[1:]) != header.shape:
+    n, odd = divmod(len(section), _ID_BYTES)
+    if odd or not cache_shape or min(cache_shape) < 0 or (n, *cache_shape[1:]) != header.shape:
         raise TransferError(
-            f"{len(ids)} blocks of a {list(cache_shape)} cache do not make {list(header.shape)}"
+            f"{len(section)} bytes of block ids of a {list(cache_shape)} cache do not make "
+            f"{list(header.shape)}"
         )
-    if any(not 0 <= b < cache_shape[0] for b in ids):
+    if n == 0:
+        return cache_shape, torch.empty(0, dtype=torch.int64)
+    ids = torch.frombuffer(bytearray(section), dtype=torch.int64)  # (a writable copy)
+    low, high = torch.aminmax(ids)
+    if int(low) < 0 or int(high) >= cache_shape[0]:
         raise TransferError(f"block id outside the sender's {cache_shape[0]}-block cache")
     return cache_shape, ids
 
