@@ -52,27 +52,36 @@ class BlockSource:
         self._done = done
         self.trace = trace
 
-    def read(self, fn: Callable[[torch.Tensor, torch.Tensor], T], deadline: float) -> T:
+    def read(self, fn: Callable[..., T], deadline: float, dst_ids: torch.Tensor | None = None) -> T:
         """``fn(cache, block_ids)`` (device work on the current stream; ``block_ids`` on the
-        cache's device), finished (synchronised, or our done event recorded for the sender to
-        wait on), then acked. TransferError when the sender gave up before the ack (its blocks
+        cache's device), or ``fn(cache, block_ids, dst_ids)`` when ``dst_ids`` is given (host ids
+        ride the same upload as the source's: one pinned copy, one transfer), finished
+        (synchronised, or our done event recorded for the sender to wait on), then acked. TransferError when the sender gave up before the ack (its blocks
         may have changed) or did not confirm it by ``deadline`` (at least _CONFIRM_GRACE_S
         after the ack); its CONFIRM comes only once the copy finished."""
         span = self.trace
         try:
             with GPU_GATE.work():
                 if not self.cache.is_cuda:
-                    out = fn(self.cache, self.block_ids)
+                    args = (self.block_ids,) if dst_ids is None else (self.block_ids, dst_ids)
+                    out = fn(self.cache, *args)
                     mark(span, "launched")
                 else:
                     stream = torch.cuda.current_stream(self.cache.device)
-                    ids = device_ids(self.block_ids, self.cache.device)
+                    dev = self.cache.device
+                    if dst_ids is None:
+                        args = (device_ids(self.block_ids, dev),)
+                    elif dst_ids.device.type == "cpu":
+                        both = device_ids(torch.stack((self.block_ids, dst_ids)), dev)
+                        args = (both[0], both[1])
+                    else:
+                        args = (device_ids(self.block_ids, dev), dst_ids)
                     mark(span, "ids")
                     if self._ready is not None:
                         self._await_ready(stream)
                     mark(span, "ready")
                     try:
-                        out = fn(self.cache, ids)
+                        out = fn(self.cache, *args)
                         mark(span, "launched")
                     finally:  # whatever was launched must finish before the sender moves on
                         if self._done is not None:

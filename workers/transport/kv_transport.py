@@ -60,7 +60,7 @@ from kvrelay.workers.transport import wire
 from kvrelay.workers.transport.buffers import BufferPool, Counters, PeerStats, TransportStats
 from kvrelay.workers.transport.channel import Channel
 from kvrelay.workers.transport.inbox import Arrival, Inbox
-from kvrelay.workers.transport.ipc import IpcEvents, device_ids, gpu_uuid
+from kvrelay.workers.transport.ipc import IpcEvents, gpu_uuid
 from kvrelay.workers.transport.link import Link, accept_link, connect_link
 from kvrelay.workers.transport.trace import Tracer, TransferRecord, enabled_by_env
 from kvrelay.workers.transport.wire import Header, TransferError
@@ -272,10 +272,9 @@ class KVTransport:
         def take(arrival: Arrival, deadline: float) -> int:
             if arrival.source is not None:
                 arrival.source.read(
-                    lambda cache, src: copy_blocks(
-                        cache, src, kv_cache, device_ids(ids, kv_cache.device)
-                    ),
+                    lambda cache, src, dst: copy_blocks(cache, src, kv_cache, dst),
                     deadline,
+                    dst_ids=ids if ids.device == kv_cache.device else ids.cpu(),
                 )
             else:
                 assert arrival.payload is not None
