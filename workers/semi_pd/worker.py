@@ -60,6 +60,7 @@ from typing import Any
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence
+from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.semi_pd.lanes import forward_unlocked, merge_stats
@@ -227,6 +228,11 @@ class SemiPDWorker(Worker):
             loop.submit(partial(self._enter, lane, split.share(lane)))
 
     def _enter(self, lane: Lane, share: int, engine: Engine) -> None:
+        if engine.overlap and share != self.partition.share(lane):
+            # the step in flight runs on the old share's stream, and the next one (on the new
+            # stream) reads its tokens and its KV: nothing orders the two streams but this wait
+            with GPU_GATE.work():
+                self.partition.synchronize()
         self.partition.enter(lane, share)
         part, runner = self.partition, engine.runner
         if isinstance(part, GreenContextPartition):  # the share's own graphs, decode and prefill
