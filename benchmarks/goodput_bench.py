@@ -19,6 +19,8 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
   owning the whole device — issue 16's configuration;
 * ``colocated1``: optional, its strongest colocated baseline: ONE colocated worker owning the
   whole device, with chunked prefill (``--max-num-batched-tokens``).
+* ``semi_pd_overlap``: optional, ``semi_pd`` with the overlapped decode lane
+  (``--semi-pd-decode-overlap``: its freed blocks held until its steps are done).
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
 generator runs as its own process with the same workload (seeded Gamma arrivals, shape 0.5 as
@@ -62,7 +64,8 @@ from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.model.source import load_tokenizer
 
-NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "semi_pd_first")
+NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "semi_pd_first",
+         "semi_pd_overlap")
 
 
 def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
@@ -136,6 +139,12 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                                                  "semi_pd_decode_first": True,
                                                  "semi_pd_prefill_sm": xp,
                                                  "semi_pd_decode_sm": xd}),
+        "semi_pd_overlap": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
+                                                   "colocated_workers": 1, "semi_pd": True,
+                                                   "semi_pd_adaptive": not args.semi_pd_fixed,
+                                                   "semi_pd_decode_overlap": True,
+                                                   "semi_pd_prefill_sm": xp,
+                                                   "semi_pd_decode_sm": xd}),
     }
     return {n: every[n] for n in args.configs.split(",")}
 
@@ -220,7 +229,8 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
 
 def describe(name: str, cfg: ServeConfig) -> str:
     if cfg.semi_pd:
-        return f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split)"
+        lane = ", overlapped decode lane" if cfg.semi_pd_decode_overlap else ""
+        return f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split{lane})"
     if cfg.colocated_workers:
         return f"colocated x{cfg.colocated_workers}"
     tail = " + planner" if cfg.auto_pool_sizing else ""
@@ -308,7 +318,8 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
     lines += ["", f"goodput req/s{median}: " + ", ".join(told(n) for n in names)]
     for a, b in (("pd", "colocated"), ("planner", "colocated"), ("planner", "pd"),
                  ("planner", "pd_start"), ("semi_pd", "colocated1"), ("semi_pd", "colocated"),
-                 ("semi_pd_first", "colocated1"), ("semi_pd_first", "semi_pd")):
+                 ("semi_pd_first", "colocated1"), ("semi_pd_first", "semi_pd"),
+                 ("semi_pd_overlap", "colocated1"), ("semi_pd_overlap", "semi_pd")):
         if a in gp and b in gp:
             lines.append(f"goodput {a}/{b}: "
                          + (f"{gp[a] / gp[b]:.2f}" if gp[b] else f"n/a ({b} goodput 0)"))

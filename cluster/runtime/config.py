@@ -61,6 +61,9 @@ class ServeConfig(BaseModel):
     # the decode lane's streams at the highest CUDA stream priority, the prefill lane's at the
     # lowest: decode kernels are dispatched ahead of queued prefill blocks (not verified on a GPU)
     semi_pd_decode_first: bool = False
+    # the decode lane runs the overlapped step (host prepares step N+1 while N runs), its block
+    # releases held until its steps are done (workers/semi_pd/worker.py); default: plain step
+    semi_pd_decode_overlap: bool = False
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -322,6 +325,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--semi-pd-decode-first", action="store_true", default=S,
                    help="experimental: CUDA stream priorities for the decode lane's kernels "
                         "(measured no shorter decode wait on an H100, benchmarks/README.md)")
+    p.add_argument("--semi-pd-decode-overlap", action="store_true", default=S,
+                   help="the decode lane runs the overlapped step, its freed blocks held back "
+                        "until its steps are done (default: the plain step)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

@@ -355,7 +355,11 @@ class Sink:
             time.sleep(0.01)
 
 
-def test_semi_pd_worker_on_cuda_matches_colocated(make_gpu_llama: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_semi_pd_worker_on_cuda_matches_colocated(
+    make_gpu_llama: Callable[..., Path], overlap: bool
+) -> None:
+    """Also with the overlapped decode lane (its releases held behind CUDA events)."""
     folder = str(make_gpu_llama(seed=7))
     config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=64, num_blocks=512)
     gen = torch.Generator().manual_seed(0)
@@ -383,9 +387,10 @@ def test_semi_pd_worker_on_cuda_matches_colocated(make_gpu_llama: Callable[..., 
         device="cuda",
         dtype=torch.float32,
         split=Split(60, 100),
+        decode_overlap=overlap,
     )
     try:
-        assert semi.partition.enforced
+        assert semi.partition.enforced and semi.engine.overlap is overlap
         for i, p in enumerate(prompts):
             colocated.submit(f"c{i}", p, params)
             semi.submit(f"s{i}", p, params)
@@ -404,6 +409,8 @@ def test_semi_pd_worker_on_cuda_matches_colocated(make_gpu_llama: Callable[..., 
         assert semi.engine.runner.prefill is None  # the decode lane prefills eagerly
         figures = semi.check_integrity()
         assert figures["used"] == 0 and figures["requests"] == 0 and figures["transit"] == 0
+        assert figures["held"] == 0
+        assert (semi.heartbeat().stats.extra["overlap_held_blocks"] > 0) is overlap
         assert semi.storage.copier.bytes == 0  # nothing copied between tiers or lanes
     finally:
         colocated.shutdown()

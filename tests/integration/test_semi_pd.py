@@ -20,6 +20,7 @@ import torch
 
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd import worker as semi_pd_worker
@@ -40,6 +41,8 @@ QUESTIONS = [
     "Translate 'good morning' into Spanish.",
 ]
 CONFIG = EngineConfig(max_num_batched_tokens=48, num_blocks=256, cpu_num_blocks=64)
+# the decode lane's step: plain (the default) or overlapped, its releases held back
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 
 
 class Collector:
@@ -97,6 +100,28 @@ def prompts(loaded: LoadedModel) -> list[list[int]]:
     return chat_prompts(loaded.tokenizer, QUESTIONS)
 
 
+Reference = Callable[[list[list[int]], list[SamplingParams]], list[list[int]]]
+
+
+@pytest.fixture(scope="module")
+def colocated(loaded: LoadedModel) -> Iterator[Reference]:
+    """The colocated worker's tokens for a batch (CONFIG), each batch generated once for the
+    module (the plain and the overlapped decode lane compare against the same run)."""
+    sink = Collector()
+    worker = Worker("ref", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    memo: dict[str, list[list[int]]] = {}
+
+    def tokens(prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        key = repr((prompts, params))
+        if key not in memo:
+            worker.clear_prefix_cache()  # every batch computed from scratch
+            memo[key] = generate(worker, sink, prompts, params, f"ref{len(memo)}")
+        return memo[key]
+
+    yield tokens
+    worker.shutdown()
+
+
 def mixed_params(n: int) -> list[SamplingParams]:
     """Greedy for even requests, seeded top-k/top-p sampling for odd ones."""
     return [
@@ -125,17 +150,23 @@ def assert_clean(worker: Worker) -> dict[str, int]:
     """No request left, no block referenced: nothing leaked, nothing owned twice."""
     figures = worker.check_integrity()
     assert figures["requests"] == 0 and figures["used"] == 0, figures
+    assert figures.get("held", 0) == 0, figures  # the decode lane gave back what it held
     assert figures.get("cpu_used", 0) == 0 and figures["reservations"] == 0, figures
     return figures
 
 
-def test_tokens_match_colocated(loaded: LoadedModel, prompts: list[list[int]]) -> None:
+@OVERLAP
+def test_tokens_match_colocated(
+    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference, overlap: bool
+) -> None:
     sink = Collector()
     params = mixed_params(len(prompts))
-    colocated = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
-    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink, decode_overlap=overlap
+    )
     try:
-        want = generate(colocated, sink, prompts, params, "c")
+        assert semi.engine.overlap is overlap and semi.prefill_engine.overlap is False
+        want = colocated(prompts, params)
         got = generate(semi, sink, prompts, params, "s")
         assert got == want
         assert all(
@@ -148,8 +179,9 @@ def test_tokens_match_colocated(loaded: LoadedModel, prompts: list[list[int]]) -
         assert semi.info().semi_pd and semi.info().role == "colocated"
         figures = assert_clean(semi)
         assert figures["transit"] == 0
+        # the overlapped lane held back what it freed with a step in flight (every finish)
+        assert (hb.stats.extra["overlap_held_blocks"] > 0) is overlap
     finally:
-        colocated.shutdown()
         semi.shutdown()
 
 
@@ -329,14 +361,18 @@ def test_handoff_moves_block_ids_and_no_bytes(
         del store
 
 
-def test_faults_leave_storage_clean(loaded: LoadedModel, prompts: list[list[int]]) -> None:
+@OVERLAP
+def test_faults_leave_storage_clean(
+    loaded: LoadedModel, prompts: list[list[int]], overlap: bool
+) -> None:
     """Abort mid-prefill, mid-decode and in transit between the lanes: no block leaks and
     none is owned twice (exact ownership over both lanes)."""
     sink = Collector()
     config = EngineConfig(max_num_batched_tokens=16, num_blocks=256, cpu_num_blocks=64)
     semi = SemiPDWorker(
-        "s", "colocated", model=loaded, engine_config=config, sink=sink, prefill_tokens=16
-    )
+        "s", "colocated", model=loaded, engine_config=config, sink=sink, prefill_tokens=16,
+        decode_overlap=overlap,
+    )  # fmt: skip
     long_prompt = [t for p in prompts for t in p][:320]  # 20 prefill steps of 16 tokens
     endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     try:
@@ -372,27 +408,32 @@ def test_faults_leave_storage_clean(loaded: LoadedModel, prompts: list[list[int]
         assert len(sink.tokens["t"]) == 1  # the first token, nothing after
         assert_clean(semi)
         assert not semi.abort("t")
+        # the overlapped lane aborted "d" with a step in flight: its blocks were held back
+        assert (semi.heartbeat().stats.extra["overlap_held_blocks"] > 0) is overlap
     finally:
         semi.shutdown()
 
 
-def test_decode_lane_preemption_keeps_tokens(loaded: LoadedModel, prompts: list[list[int]]) -> None:
+@OVERLAP
+def test_decode_lane_preemption_keeps_tokens(
+    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference, overlap: bool
+) -> None:
     """A pool too small for the batch: the decode lane preempts (swap to the shared CPU tier,
     or recompute) and every request still gives the colocated engine's greedy tokens."""
     sink = Collector()
     params = [SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)] * 4
-    reference = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
     tight = EngineConfig(max_num_batched_tokens=48, num_blocks=28, cpu_num_blocks=64)
-    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=tight, sink=sink)
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=tight, sink=sink, decode_overlap=overlap
+    )
     try:
-        want = generate(reference, sink, prompts[:4], params, "c")
+        want = colocated(prompts[:4], params)
         got = generate(semi, sink, prompts[:4], params, "s")
         assert got == want
         decode_stats = semi.loop.call(lambda e: e.stats())
         assert decode_stats.preemptions > 0
         assert_clean(semi)
     finally:
-        reference.shutdown()
         semi.shutdown()
 
 
@@ -451,8 +492,9 @@ def test_split_rule_drives_the_lanes(
         semi.shutdown()
 
 
+@OVERLAP
 def test_concurrent_stress_never_double_allocates(
-    loaded: LoadedModel, prompts: list[list[int]]
+    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference, overlap: bool
 ) -> None:
     """Both lanes busy on a pool too small for the load (evictions, preemption on either lane), while
     another thread aborts a third of the requests at different points (before their first
@@ -466,9 +508,10 @@ def test_concurrent_stress_never_double_allocates(
         SamplingParams(max_tokens=8 + 3 * (i % 5), temperature=0.0, ignore_eos=True)
         for i in range(len(batch))
     ]
-    reference = Worker("c", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
     tight = EngineConfig(max_num_batched_tokens=32, num_blocks=24, cpu_num_blocks=16)
-    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=tight, sink=sink)
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=tight, sink=sink, decode_overlap=overlap
+    )
     victims = {f"s-{i}": i % 4 for i in range(0, len(batch), 3)}  # abort at this many tokens
     aborted: set[str] = set()
 
@@ -484,7 +527,7 @@ def test_concurrent_stress_never_double_allocates(
             time.sleep(0.005)
 
     try:
-        want = generate(reference, sink, batch, params, "c")
+        want = colocated(batch, params)
         thread = threading.Thread(target=killer)
         for i, (p, sp) in enumerate(zip(batch, params, strict=True)):
             semi.submit(f"s-{i}", p, sp)
@@ -504,7 +547,63 @@ def test_concurrent_stress_never_double_allocates(
         # offsets that share no block, need more than its 24 blocks). Whether a lane was also
         # preempted depends on how the aborts fall, so that is not asserted
         assert hb.stats.pool.extra["evictions"] > 0
+        assert (hb.stats.extra["overlap_held_blocks"] > 0) is overlap
         assert_clean(semi)
     finally:
-        reference.shutdown()
         semi.shutdown()
+
+
+def test_overlapped_lane_holds_freed_blocks_until_its_step_is_read(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """The two lanes' engines over one storage, stepped by hand: a block the overlapped decode
+    engine frees with a step in flight (a finish read one step late, an abort between steps)
+    stays out of the other engine's reach, owned by the decode engine, until the decode
+    engine has read a step launched after the release; then it is back in the pool."""
+    decode = Engine(loaded, replace(CONFIG, overlap_schedule=True), defer_releases=True)
+    other = Engine(loaded, replace(CONFIG, overlap_schedule=False), storage=decode.storage)
+    pool = decode.pool
+
+    def reachable(blocks: list[int]) -> set[int]:
+        """Of ``blocks``, those the other engine can allocate now (everything it can, back)."""
+        got = other.reserve(pool.num_available) or []
+        other.unreserve(got)
+        return set(blocks) & set(got)
+
+    def owned() -> None:  # exact ownership: sequences and held releases, nothing else
+        decode.check_integrity()
+        seqs = decode.seqs.values()
+        check_owned(pool, [*(b for s in seqs for b in s.block_ids), *decode.deferred_blocks()])
+
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    decode.add_request("short", prompts[0], short)
+    decode.add_request("long", prompts[1], endless)
+    # 1. a finish: read while the next step (without it) already runs
+    finished: list[int] = []
+    while not finished:
+        blocks = list(decode.seqs["short"].block_ids)
+        if any(e.finish_reason is not None for e in decode.step()):
+            finished = blocks
+    assert reachable(finished) == set()
+    assert decode.has_unfinished() and set(decode.deferred_blocks()) == set(finished)
+    owned()
+    decode.step()  # reads the step that was in flight at the finish
+    assert decode.deferred_blocks() == [] and reachable(finished) == set(finished)
+    owned()
+    # 2. an abort between steps, a step in flight
+    blocks = list(decode.seqs["long"].block_ids)
+    assert decode.abort("long")
+    assert reachable(blocks) == set()
+    owned()
+    decode.step()  # nothing to schedule: reads the last step, gives everything back
+    assert not decode.has_unfinished() and reachable(blocks) == set(blocks)
+    owned()
+    assert pool.stats().used == 0
+    # 3. shutting down with a step in flight: what an abort left held goes back
+    decode.add_request("last", prompts[2], endless)
+    while len(decode.seqs["last"].output_ids) < 2:
+        decode.step()
+    assert decode.abort("last") and decode.deferred_blocks()
+    decode.close()
+    assert decode.deferred_blocks() == [] and pool.stats().used == 0

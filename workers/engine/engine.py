@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvrelay.workers.engine.cuda_graphs import host_to_device
+from kvrelay.workers.engine.deferred import DeferredReleases, Fence
 from kvrelay.workers.engine.policy import make_policy
 from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS
 from kvrelay.workers.engine.rates import prefill_rate, running_average
@@ -89,12 +90,13 @@ class EngineConfig:
 class _InFlight:
     """A launched step whose sampled tokens the host has not read: ``seqs[i]`` gets row i."""
 
-    __slots__ = ("_host", "_ready", "num_tokens", "seqs", "t0", "tokens")
+    __slots__ = ("_host", "_ready", "num_tokens", "seqs", "step", "t0", "tokens")
 
     def __init__(
-        self, seqs: list[Sequence], tokens: torch.Tensor, num_tokens: int, t0: float
+        self, seqs: list[Sequence], tokens: torch.Tensor, num_tokens: int, t0: float, step: int
     ) -> None:
         self.seqs, self.tokens, self.num_tokens, self.t0 = seqs, tokens, num_tokens, t0
+        self.step = step  # the engine's step count when it launched
         self._host: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         if tokens.is_cuda:  # queue the copy now; reading it waits for this step only
@@ -143,9 +145,13 @@ class Engine:
         *,
         device: str = "cpu",
         storage: KVStorage | None = None,
+        defer_releases: bool = False,
     ) -> None:
         """``storage``: KV memory shared with another engine (the semi-PD worker's lanes;
-        its caller serialises pool calls); None: this engine builds its own from ``config``."""
+        its caller serialises pool calls); None: this engine builds its own from ``config``.
+        ``defer_releases``: with the overlapped step, blocks this engine releases while a
+        step of it may still use them are held until that step is done (``deferred.py``): an
+        engine on another stream shares the storage."""
         self.loaded = loaded
         self.config = config
         self.model_config = loaded.config
@@ -168,6 +174,17 @@ class Engine:
         self.pool = storage.pool
         self.copier, self.cpu_tier = storage.copier, storage.cpu_tier
         self._measured_tps = config.recompute_tokens_per_s is None
+        self.sparse = build_sparse(config.sparse, loaded, self.kv_cache)
+        overlap = config.overlap_schedule
+        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and (
+            self.sparse is None
+        )
+        self._in_flight: _InFlight | None = None
+        self._completed = 0  # the last step whose tokens were read (all before it are done)
+        self.deferred = (
+            DeferredReleases(self.pool, self._fence) if defer_releases and self.overlap else None
+        )
+        self.steps = 0
         self.scheduler = Scheduler(
             self.pool,
             max_num_seqs=config.max_num_seqs,
@@ -179,19 +196,14 @@ class Engine:
             preemption_mode=config.preemption_mode,
             swap_bytes_per_s=None if config.swap_gb_per_s is None else config.swap_gb_per_s * 1e9,
             recompute_tokens_per_s=config.recompute_tokens_per_s or 2000.0,
+            deferred=self.deferred,
         )
-        self.sparse = build_sparse(config.sparse, loaded, self.kv_cache)
         self.runner = ModelRunner(
             loaded.model, self.kv_cache, bs, sparse=self.sparse,
             use_prefill_graphs=config.prefill_graphs, max_prefill_seqs=config.max_num_seqs,
             max_prefill_tokens=config.prefill_graph_tokens,
         )  # fmt: skip
         self.sampler = Sampler(seed=config.seed)
-        overlap = config.overlap_schedule
-        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and (
-            self.sparse is None
-        )
-        self._in_flight: _InFlight | None = None
         self._last_read = 0.0  # when the last in-flight step was read (its device time ends)
         self.discarded_tokens = 0  # overlapped rows of sequences that had finished
         self.max_context = loaded.config.max_context
@@ -205,7 +217,6 @@ class Engine:
         self.handoffs: dict[str, Sequence] = {}
         self.prompt_tokens_computed = 0
         self.decode_tokens_computed = 0
-        self.steps = 0
         self.idle = True  # the last step had nothing it could schedule
         if config.capture_graphs:
             self.capture_graphs()
@@ -273,7 +284,7 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or self._in_flight is not None or bool(self.deferred)
 
     # ---- the loop ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -300,6 +311,11 @@ class Engine:
         return events
 
     def _step_overlapped(self) -> list[TokenEvent]:
+        events = self._step_overlapped_inner()
+        self._reclaim()
+        return events
+
+    def _step_overlapped_inner(self) -> list[TokenEvent]:
         plan = self.scheduler.schedule()
         prev, self._in_flight = self._in_flight, None
         self.idle = not plan.scheduled and prev is None
@@ -339,12 +355,14 @@ class Engine:
             seq.last_in_flight = seq.prefill_only or (
                 len(out) >= seq.params.max_tokens or len(seq.prompt_ids) + len(out) >= cap
             )
-        self._in_flight = _InFlight(seqs, tokens, sum(it.num_tokens for it in live), t0)
+        self._in_flight = _InFlight(seqs, tokens, sum(it.num_tokens for it in live), t0, self.steps)
         return events
 
     def _read(self, step: _InFlight) -> list[TokenEvent]:
         """The host learns an in-flight step's tokens: placeholders replaced, stop checks."""
-        tokens = step.read()
+        with self.runner.forward_guard():  # a semi-PD lane waits without the storage lock
+            tokens = step.read()
+        self._completed = step.step
         now = time.perf_counter()
         self._measure(step.num_tokens, now - max(step.t0, self._last_read))
         self._last_read = now
@@ -364,7 +382,42 @@ class Engine:
         """Read the step in flight, if any: afterwards every sequence's tokens are known, as
         after a plain step. Returns that step's events (the caller emits them)."""
         step, self._in_flight = self._in_flight, None
-        return self._read(step) if step is not None else []
+        events = self._read(step) if step is not None else []
+        self._reclaim()
+        return events
+
+    def _fence(self) -> Fence | None:
+        """What a block this engine releases now waits for (``DeferredReleases``); None: no
+        step of it can still use the block, which goes back at once."""
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()  # on the lane's stream: after everything it queued so far
+        if self._in_flight is None and self._completed >= self.steps:  # every step read
+            if event is not None:
+                event.synchronize()  # a copy queued since (a swap-out's), if any
+            return None
+        return Fence(self.steps, event)
+
+    def _reclaim(self) -> None:
+        """Give the pool back the held blocks whose steps are done; all of them once no step
+        is left in flight (a launched step that sampled nothing is never read: on CUDA the
+        releases' events are waited for)."""
+        idle = self._in_flight is None
+        if idle:
+            self._completed = self.steps
+        if self.deferred:
+            self.deferred.reclaim(self._completed, wait=idle)
+
+    def release_deferred(self) -> None:
+        """Give back every held block now, after the work that may use them (shutdown)."""
+        self._completed = self.steps
+        if self.deferred:
+            self.deferred.reclaim(self.steps, wait=True)
+
+    def deferred_blocks(self) -> list[int]:
+        """Device blocks released but held back while a step may use them (owned here)."""
+        return self.deferred.blocks() if self.deferred is not None else []
 
     def _commit(self, items: Seq[ScheduledSeq]) -> None:
         scheduler = self.scheduler
@@ -501,6 +554,8 @@ class Engine:
                 "swap_copy_waits": s.copy_waits,
                 "swap_deferred_rows": s.deferred_rows,
                 "overlap_discarded_tokens": self.discarded_tokens,
+                # blocks whose release waited for a step in flight (``defer_releases``)
+                "overlap_held_blocks": d.deferred_blocks if (d := self.deferred) is not None else 0,
             },
             cpu_pool=self.cpu_tier.pool.stats() if self.cpu_tier else None,
             prefix_hit_tokens_cpu=s.prefix_hits_cpu,
@@ -522,7 +577,9 @@ class Engine:
             self.cpu_tier.pool.clear_cache()
 
     def close(self) -> None:
-        """Stop the swap thread (in-flight copies finish first)."""
+        """Give back held blocks (the step in flight waited for), then stop the swap thread
+        (in-flight copies finish first)."""
+        self.release_deferred()
         self.copier.close()
 
     def check_integrity(self) -> None:
@@ -530,7 +587,7 @@ class Engine:
         as it is held; queues and statuses agree."""
         self.pool.check_integrity()
         seqs = (*self.seqs.values(), *self.handoffs.values())
-        check_held(self.pool, (b for s in seqs for b in s.block_ids))
+        check_held(self.pool, [*(b for s in seqs for b in s.block_ids), *self.deferred_blocks()])
         cpu_held = [b for s in seqs for b in s.cpu_block_ids]
         if self.cpu_tier is not None:
             self.cpu_tier.pool.check_integrity()

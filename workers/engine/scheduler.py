@@ -25,6 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from kvrelay.workers.engine.deferred import DeferredReleases
 from kvrelay.workers.engine.policy import FCFSPolicy, RequestView, SchedulingPolicy, order_fn
 from kvrelay.workers.engine.sequence import SeqStatus, Sequence
 from kvrelay.workers.engine.swap import PREEMPTION_MODES, Swapper
@@ -68,7 +69,11 @@ class Scheduler:
         preemption_mode: str = "auto",
         swap_bytes_per_s: float | None = None,  # None: measured (workers/engine/swap.py)
         recompute_tokens_per_s: float = 2000.0,
+        deferred: DeferredReleases | None = None,
     ) -> None:
+        """``deferred``: device blocks are released through it, held while a step of the
+        engine may still use them (an overlapped engine over a shared storage); blocks it will
+        free count as spare, as a swap-out's in flight do."""
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {preemption_mode!r} not in {PREEMPTION_MODES}")
         self.pool = pool
@@ -80,9 +85,11 @@ class Scheduler:
         self.policy: SchedulingPolicy = policy if policy is not None else FCFSPolicy()
         self.order = order_fn(self.policy, self.view)
         self.tier = tier
+        self.deferred = deferred
+        self._release = deferred.release if deferred is not None else pool.release
         self.swapper = (
             Swapper(tier, mode=preemption_mode, bytes_per_s=swap_bytes_per_s,
-                    tokens_per_s=recompute_tokens_per_s)
+                    tokens_per_s=recompute_tokens_per_s, release_device=self._release)
             if tier is not None else None
         )
         self.waiting: list[Sequence] = []  # new, recomputing and swapped-out (copy done)
@@ -172,7 +179,7 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
 
     def free_blocks(self, seq: Sequence) -> None:
-        self.pool.release(reversed(seq.block_ids))
+        self._release(reversed(seq.block_ids))
         seq.block_ids = []
         seq.num_committed_blocks = 0
         if seq.cpu_block_ids:
@@ -218,7 +225,7 @@ class Scheduler:
         # not a victim; it leaves when the engine reads that token
         runnable = [s for s in self.running if not s.last_in_flight]
         if self.waiting and runnable:
-            freeing = self.swapper.freeing_blocks() if self.swapper else 0
+            freeing = self._freeing()
             victims = self.policy.preempt_victims(
                 [self.view(s) for s in runnable], [self.view(s) for s in self.waiting],
                 now, self.pool.num_available + freeing,
@@ -335,9 +342,14 @@ class Scheduler:
         return -(-(seq.num_computed + n) // self.block_size) - len(seq.block_ids)
 
     def _spare(self) -> int:
-        """Device blocks allocatable now or once the swap-outs in flight land."""
+        """Device blocks allocatable now or soon (``_freeing``)."""
+        return self.pool.num_available + self._freeing()
+
+    def _freeing(self) -> int:
+        """Device blocks not allocatable yet that will be: swap-outs in flight, and releases
+        held while a step runs (``deferred``)."""
         freeing = self.swapper.freeing_blocks() if self.swapper else 0
-        return self.pool.num_available + freeing
+        return freeing + (self.deferred.freeing() if self.deferred is not None else 0)
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         hits: list[int] = []

@@ -24,6 +24,7 @@ copies ran far slower.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -89,15 +90,24 @@ def probe_copy_rate(tier: CpuTier) -> float:
 
 class Swapper:
     def __init__(
-        self, tier: CpuTier, *, mode: str, bytes_per_s: float | None, tokens_per_s: float
+        self,
+        tier: CpuTier,
+        *,
+        mode: str,
+        bytes_per_s: float | None,
+        tokens_per_s: float,
+        release_device: Callable[[Iterable[int]], None] | None = None,
     ) -> None:
-        """``bytes_per_s``: the copy rate the rule uses; None: measured (probe, then swaps)."""
+        """``bytes_per_s``: the copy rate the rule uses; None: measured (probe, then swaps).
+        ``release_device``: how a landed swap-out gives its device blocks back (the engine's
+        deferred release, workers/engine/deferred.py); None: ``device_pool.release``."""
         if mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {mode!r} not in {PREEMPTION_MODES}")
         if (bytes_per_s is not None and bytes_per_s <= 0) or tokens_per_s <= 0:
             raise ValueError("swap and recompute rates must be positive")
         self.tier = tier
         self.mode = mode
+        self.release_device = release_device or tier.device_pool.release
         self.measure_copies = bytes_per_s is None
         self.bytes_per_s = probe_copy_rate(tier) if bytes_per_s is None else bytes_per_s
         self.tokens_per_s = tokens_per_s  # the engine keeps it measured
@@ -208,7 +218,7 @@ class Swapper:
         if seq.status is SeqStatus.SWAPPED_OUT:
             for block, h in plan.hashes:
                 self.tier.pool.commit(block, h)
-            self.tier.device_pool.release(plan.release)  # hashed ones stay cached on device
+            self.release_device(plan.release)  # hashed ones stay cached on device
             seq.block_ids = []
         else:
             for block, h in plan.hashes:

@@ -14,14 +14,20 @@ from kvrelay.workers.semi_pd.sm_partition import SMPartition
 
 
 @contextmanager
-def forward_unlocked(lock: threading.Lock, partition: SMPartition) -> Iterator[None]:
-    """Around a lane's forward pass: the other lane may use the storage meanwhile; the lock
-    comes back only once this lane's kernels are done (so a block freed next is not in use)."""
+def forward_unlocked(
+    lock: threading.Lock, partition: SMPartition, *, synchronize: bool = True
+) -> Iterator[None]:
+    """Around a lane's forward pass (and an overlapped lane's wait for its tokens): the other
+    lane may use the storage meanwhile. ``synchronize``: the lock comes back only once this
+    lane's kernels are done (so a block freed next is not in use); False for the overlapped
+    decode lane, which leaves its step running and holds its releases back instead
+    (workers/engine/deferred.py)."""
     lock.release()
     try:
         with GPU_GATE.work():  # the other lane may be capturing a decode graph
             yield
-            partition.synchronize()
+            if synchronize:
+                partition.synchronize()
     finally:
         lock.acquire()
 
