@@ -115,6 +115,14 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                        capture_graphs=True)  # a bucket's first capture would stall a sweep
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
     xp, xd = semi_pd_start(args.semi_pd_start)
+
+    def semi(**extra: bool) -> ServeConfig:  # one semi-PD worker, the options' start split
+        return base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
+                                       "colocated_workers": 1, "semi_pd": True,
+                                       "semi_pd_adaptive": not args.semi_pd_fixed,
+                                       "semi_pd_prefill_sm": xp, "semi_pd_decode_sm": xd,
+                                       **extra})  # fmt: skip
+
     every = {
         "pd": base.model_copy(update={"prefill_workers": pp, "decode_workers": pdd}),
         "colocated": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
@@ -124,27 +132,13 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                                            "autosize_interval_s": args.autosize_interval_s,
                                            "autosize_window_s": args.autosize_window_s}),
         "pd_start": base.model_copy(update={"prefill_workers": sp, "decode_workers": sd}),
-        "semi_pd": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
-                                           "colocated_workers": 1, "semi_pd": True,
-                                           "semi_pd_adaptive": not args.semi_pd_fixed,
-                                           "semi_pd_prefill_sm": xp,
-                                           "semi_pd_decode_sm": xd}),
+        "semi_pd": semi(),
         "colocated1": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                               "colocated_workers": 1}),
         # semi_pd with decode-first CUDA stream priorities (the lanes' kernels otherwise share
         # the block scheduler first come, first served)
-        "semi_pd_first": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
-                                                 "colocated_workers": 1, "semi_pd": True,
-                                                 "semi_pd_adaptive": not args.semi_pd_fixed,
-                                                 "semi_pd_decode_first": True,
-                                                 "semi_pd_prefill_sm": xp,
-                                                 "semi_pd_decode_sm": xd}),
-        "semi_pd_overlap": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
-                                                   "colocated_workers": 1, "semi_pd": True,
-                                                   "semi_pd_adaptive": not args.semi_pd_fixed,
-                                                   "semi_pd_decode_overlap": True,
-                                                   "semi_pd_prefill_sm": xp,
-                                                   "semi_pd_decode_sm": xd}),
+        "semi_pd_first": semi(semi_pd_decode_first=True),
+        "semi_pd_overlap": semi(semi_pd_decode_overlap=True),
     }
     return {n: every[n] for n in args.configs.split(",")}
 
