@@ -76,7 +76,9 @@ def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
     return [
         sys.executable, "-u", "-m", "kvrelay.benchmarks.loadgen", "--url", url,
         "--endpoint", "completions", "--sweep", args.sweep,
-        "--num-requests", str(args.num_requests), "--gamma-shape", "0.5",
+        *(["--num-requests", str(args.num_requests)] if args.duration_s is None
+          else ["--duration", str(args.duration_s)]),
+        "--gamma-shape", "0.5",
         "--max-prompt-tokens", str(args.max_prompt_tokens),
         "--max-output-tokens", str(args.max_output_tokens),
         "--ttft-slo", str(args.ttft_slo), "--itl-slo", str(args.itl_slo),
@@ -242,6 +244,12 @@ def semi_pd_rule(cfgs: dict[str, ServeConfig]) -> str:
             f"prefill lane {c.semi_pd_prefill_tokens} tokens per step")
 
 
+def per_rate(args: argparse.Namespace) -> str:
+    if args.duration_s is None:
+        return f"{args.num_requests} requests per rate"
+    return f"each rate's arrivals of its first {args.duration_s:g} s"
+
+
 def long_mix(args: argparse.Namespace) -> str:
     if not args.long_fraction:
         return ""
@@ -280,7 +288,7 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
     lines = [
         f"goodput_bench: {args.workers} workers per configuration "
         f"({'; '.join(describe(n, cfgs[n]) for n in names)}); SLOs TTFT <= {args.ttft_slo} s, "
-        f"ITL <= {args.itl_slo} s; {args.num_requests} requests per rate, Gamma shape 0.5, "
+        f"ITL <= {args.itl_slo} s; {per_rate(args)}, Gamma shape 0.5, "
         f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens "
         f"(Zipf 1.1){long_mix(args)}{times}; planner interval {args.autosize_interval_s} s, "
         f"window {args.autosize_window_s} s{semi_pd_rule(cfgs)}",
@@ -358,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--autosize-window-s", type=float, default=10.0)
     a("--sweep", default="1,2,3,4,6")
     a("--num-requests", type=int, default=60)
+    a("--duration-s", type=float, default=None,
+      help="each rate sends its arrivals of the first N seconds instead of --num-requests "
+           "(a steady state: N x rate requests)")
     a("--max-prompt-tokens", type=int, default=512)
     a("--max-output-tokens", type=int, default=32)
     a("--long-fraction", type=float, default=0.0, help="share of long prompts (loadgen's)")

@@ -22,6 +22,7 @@ def _args(repeats: int) -> argparse.Namespace:
         max_output_tokens=128, long_fraction=0.2, long_prompt_range="1024,7936",
         long_output_tokens=16, repeats=repeats, autosize_interval_s=2.0, autosize_window_s=10.0,
         sweep="32,64", run_timeout=120.0, seed=0, max_context=8192, fresh_prompts=False,
+        duration_s=None,
     )  # fmt: skip
 
 
@@ -119,3 +120,7 @@ def test_cells_and_the_repeats_prompts() -> None:
     assert "--fresh-prompts" not in argv[0]
     fresh = argparse.Namespace(**{**vars(_args(1)), "fresh_prompts": True})
     assert "--fresh-prompts" in loadgen_argv("u", fresh, "o.json")  # type: ignore[arg-type]
+    # --duration-s: each rate's arrivals of its first N seconds, however many that is
+    assert argv[0][argv[0].index("--num-requests") + 1] == "60" and "--duration" not in argv[0]
+    timed = loadgen_argv("u", argparse.Namespace(**{**vars(_args(1)), "duration_s": 10.0}), "o")
+    assert "--num-requests" not in timed and timed[timed.index("--duration") + 1] == "10.0"
