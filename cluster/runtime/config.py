@@ -96,6 +96,8 @@ class ServeConfig(BaseModel):
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503
     shutdown_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    # serve probes the controller every second; 3 probes in a row unanswered this long: hung
+    controller_probe_timeout_s: float = 5.0
     http_header_timeout_s: float = 10.0  # a connection's request head must arrive by then
     http_body_timeout_s: float = 30.0  # a request body must arrive by then (408 otherwise)
     http_max_connections: int = 1024
@@ -150,7 +152,7 @@ class ServeConfig(BaseModel):
 
     @field_validator(
         "autosize_interval_s", "autosize_window_s", "admission_wait_s", "http_header_timeout_s",
-        "http_body_timeout_s", "semi_pd_window_s",
+        "http_body_timeout_s", "semi_pd_window_s", "controller_probe_timeout_s",
     )
     @classmethod
     def _positive(cls, v: float) -> float:
@@ -358,6 +360,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a request waits for a worker with room before 503")
     p.add_argument("--shutdown-grace-s", type=float, default=S,
                    help="on SIGTERM, how long in-flight requests get to finish")
+    p.add_argument("--controller-probe-timeout-s", type=_positive_float, default=S,
+                   help="a liveness probe of the controller unanswered this long is missed; "
+                        "3 missed in a row (1 s apart): the controller is hung, serve exits 1")
     p.add_argument("--http-header-timeout-s", type=_positive_float, default=S,
                    help="close an HTTP connection whose request head is not in by then")
     p.add_argument("--http-body-timeout-s", type=_positive_float, default=S,

@@ -28,8 +28,7 @@ from typing import Any
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
 
-PROBE_INTERVAL_S = 1.0
-PROBE_TIMEOUT_S = 5.0
+PROBE_INTERVAL_S = 1.0  # each probe waits up to ``controller_probe_timeout_s`` for its answer
 MISSED_PROBES = 3  # a controller that does not answer this many probes in a row is hung
 FLUSH_S = 3.0  # after a controller death: the most the streams get to send their error event
 
@@ -57,10 +56,10 @@ def controller_death(cluster: Cluster, stop: threading.Event) -> str | None:
     import ray
     from ray.exceptions import GetTimeoutError, RayError
 
-    missed = 0
+    missed, timeout_s = 0, cluster.cfg.controller_probe_timeout_s
     while not stop.wait(PROBE_INTERVAL_S):
         try:
-            ray.get(cluster.controller.alive.remote(), timeout=PROBE_TIMEOUT_S)
+            ray.get(cluster.controller.alive.remote(), timeout=timeout_s)
             missed = 0
         except GetTimeoutError:
             missed += 1
@@ -110,8 +109,10 @@ def run_until_stopped(cfg: ServeConfig, start: Callable[[ServeConfig], Cluster])
     )
     reason = controller_death(cluster, signals.stop)
     if reason is not None:
-        _say(f"{reason}; requests in flight end with UNAVAILABLE, new ones are refused. "
-             "Exiting with status 1 so a supervisor restarts the service.")
+        _say(
+            f"{reason}; requests in flight end with UNAVAILABLE, new ones are refused. "
+            "Exiting with status 1 so a supervisor restarts the service."
+        )
         import ray
 
         if cluster.frontends is not None:

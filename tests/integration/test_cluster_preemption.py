@@ -19,12 +19,14 @@ from kvrelay.workers.types import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 N = 16
+NOTICE_S = 5.0  # the spot notice (and the SIGTERM grace) the victims get
 
 
 def _params(i: int) -> SamplingParams:
-    # a quarter are short (they finish in place within a notice); the rest are long enough
-    # that a 10-second notice cannot cover them on any machine, so they must move
-    n = 24 if i % 4 < 2 else 256  # half short, half long; greedy and seeded in each
+    # half are short (they finish in place within a notice); the rest are long enough that a
+    # notice cannot cover them unless a stream decodes > 26 tokens/s (120 left in 5 - 0.5 s;
+    # ~6/s on 2 cores here), so they must move
+    n = 24 if i % 4 < 2 else 128  # half short, half long; greedy and seeded in each
     if i % 2:
         return SamplingParams(max_tokens=n, temperature=0.8, top_k=40, seed=7 + i, ignore_eos=True)
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -44,8 +46,14 @@ def workload() -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
 
 
 def _cluster(**kw: object) -> Cluster:
-    return Cluster.start(ServeConfig(grpc_port=None, http_port=None, threads_per_worker=1,
-                                     preemption_grace_s=10.0, **kw))  # type: ignore[arg-type]
+    cfg = ServeConfig(
+        grpc_port=None,
+        http_port=None,
+        threads_per_worker=1,
+        preemption_grace_s=NOTICE_S,
+        **kw,
+    )  # type: ignore[arg-type]
+    return Cluster.start(cfg)
 
 
 class Streams:
@@ -94,10 +102,14 @@ def test_decode_preempted_with_notice_migrates(ray_session: None, workload, wait
         streams = Streams(cluster, prompts, params)
         streams.wait_all_decoding()
         victim = next(w for w, r in cluster.workers().items() if r == "decode")
-        assert cluster.call("notify_preemption", victim, time.time() + 10.0)
+        assert cluster.call("notify_preemption", victim, time.time() + NOTICE_S)
         wait(lambda: any(r["outcomes"] for r in cluster.call("migration_records")))
-        wait(lambda: (recs := cluster.call("migration_records"))
-              and len(recs[0]["outcomes"]) == len(recs[0]["actions"]))
+        wait(
+            lambda: (
+                (recs := cluster.call("migration_records"))
+                and len(recs[0]["outcomes"]) == len(recs[0]["actions"])
+            )
+        )
         cluster.kill_worker(victim)  # the deadline: the instance is gone
         assert streams.results() == expected
         record = cluster.call("migration_records")[0]
@@ -140,9 +152,11 @@ def test_prefill_preempted_moves_its_prefills(ray_session: None, workload) -> No
     prompts, params, expected = workload
     with _cluster(prefill_workers=2, decode_workers=1) as cluster:
         pool = cf.ThreadPoolExecutor(N)
-        futures = [pool.submit(cluster.complete, p, sp) for p, sp in zip(prompts, params, strict=True)]
+        futures = [
+            pool.submit(cluster.complete, p, sp) for p, sp in zip(prompts, params, strict=True)
+        ]
         victim = next(w for w, r in cluster.workers().items() if r == "prefill")
-        assert cluster.call("notify_preemption", victim, time.time() + 10.0)
+        assert cluster.call("notify_preemption", victim, time.time() + NOTICE_S)
         got = [f.result(timeout=600)[0] for f in futures]
         assert got == expected
         _no_leaks(cluster)

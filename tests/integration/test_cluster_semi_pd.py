@@ -20,6 +20,7 @@ from kvrelay.workers.types import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 N = 16
+NOTICE_S = 5.0  # the spot notice the victim gets
 
 
 def _params(i: int, n: int) -> SamplingParams:
@@ -56,7 +57,7 @@ def _cluster(**kw: object) -> Cluster:
         semi_pd=True,
         prefill_workers=0,
         decode_workers=0,
-        preemption_grace_s=10.0,
+        preemption_grace_s=NOTICE_S,
         **kw,
     )  # type: ignore[arg-type]
     return Cluster.start(cfg)
@@ -114,13 +115,15 @@ def test_semi_pd_worker_serves_like_colocated(ray_session: None, llm: LLM) -> No
 
 def test_semi_pd_streams_migrate_on_notice(ray_session: None, llm: LLM, wait) -> None:
     prompts = _prompts(llm)[:8]
-    params = [_params(i, 200) for i in range(8)]
+    # 100 tokens: a notice covers them only if a stream decodes > 20 tokens/s (92 left in
+    # 5 - 0.5 s; ~5/s on 2 cores here), so the streams must move
+    params = [_params(i, 100) for i in range(8)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, params)]
     with _cluster(colocated_workers=2) as cluster:
         # every stream decoding (8 tokens out) before the notice
         pool, futures = _streams_decoding(cluster, prompts, params, 8, wait)
         victim = next(iter(cluster.workers()))
-        assert cluster.call("notify_preemption", victim, time.time() + 10.0)
+        assert cluster.call("notify_preemption", victim, time.time() + NOTICE_S)
         wait(
             lambda: (
                 (recs := cluster.call("migration_records"))
@@ -148,7 +151,7 @@ def test_semi_pd_worker_killed_mid_stream(ray_session: None, llm: LLM, wait) -> 
     decode: they resume on the other semi-PD worker from prompt + committed tokens, with the
     undisturbed tokens, and the survivors' storage holds no block for anyone."""
     prompts = _prompts(llm)[:8]
-    params = [_params(i, 96) for i in range(8)]
+    params = [_params(i, 48) for i in range(8)]  # the kill comes 4 tokens in
     expected = [list(o.token_ids) for o in llm.generate(prompts, params)]
     with _cluster(colocated_workers=2) as cluster:
         pool, futures = _streams_decoding(cluster, prompts, params, 4, wait)

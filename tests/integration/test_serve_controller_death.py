@@ -148,7 +148,8 @@ def test_dead_controller_ends_streams_with_errors_and_serve_exits_nonzero(tmp_pa
 
 
 def test_hung_controller_ends_streams_with_errors_and_serve_exits_nonzero(tmp_path: Path) -> None:
-    with ServeProcess(["--threads-per-worker=1"], tmp_path / "serve.log") as s:
+    probe = ["--controller-probe-timeout-s=1"]  # a hang is told in ~3 x (1 + 1) s, not 18
+    with ServeProcess(["--threads-per-worker=1", *probe], tmp_path / "serve.log") as s:
         s.wait_serving()
         _until(lambda: http(s.http_port, "/ready").status == 200, 180, "/ready")
         chat, rpc = _streams_started(s.http_port, s.grpc_port)
@@ -156,7 +157,7 @@ def test_hung_controller_ends_streams_with_errors_and_serve_exits_nonzero(tmp_pa
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGSTOP)
         try:
-            # serve gives up after its missed liveness probes (~3 x (1 + 5) s), then flushes
+            # serve gives up after its missed liveness probes (~3 x (1 + 1) s), then flushes
             _assert_told(chat, rpc, within_s=60)
             _until(
                 lambda: s.proc.poll() is not None,
