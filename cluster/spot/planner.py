@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from kvrelay.cluster.spot.planner_model import (
     ClusterSnapshot,
@@ -224,6 +223,10 @@ def _assign(
 def _solve(cost: np.ndarray, needs: list[int], m: int) -> list[tuple[int, int]]:
     """Kuhn–Munkres on ``cost`` [n, m + n]. Block-needing and queued requests never share a
     column, so they are solved apart, each on the columns some row can use (exact, smaller)."""
+    # imported here: scipy.optimize takes ~0.4 s to import, and every worker process imports
+    # this module (through the actors) while only the controller ever plans
+    from scipy.optimize import linear_sum_assignment
+
     out: list[tuple[int, int]] = []
     has_kv = np.asarray(needs) > 0
     for group in (np.flatnonzero(has_kv), np.flatnonzero(~has_kv)):
