@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kvrelay.benchmarks.gpu_bench import SHAPES, VOCAB, ceilings, prefill_flops
+from kvrelay.benchmarks.gpu_bench import SHAPES, VOCAB, ceilings, hf_config, prefill_flops
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.model.config import ModelConfig
 from kvrelay.workers.model.llama import LlamaModel
@@ -45,11 +45,7 @@ ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 def build(shape: dict[str, Any], dtype: torch.dtype, device: str) -> tuple[LlamaModel, ModelConfig]:
     """Random weights (N(0, 0.02)) of the shape; ours only, no transformers copy."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=16384, rms_norm_eps=1e-5,
-                      bos_token_id=1, eos_token_id=2, **shape)  # fmt: skip
-    config = ModelConfig.from_hf(cfg.to_dict())
+    config = ModelConfig.from_hf(hf_config(shape).to_dict())
     torch.manual_seed(0)
     model = LlamaModel(config, dtype=dtype, device=device)
     with torch.no_grad():

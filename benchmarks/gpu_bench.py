@@ -120,11 +120,18 @@ def ceilings() -> tuple[float, float]:
     return bw, 2 * m**3 / ms / 1e9
 
 
-def build(shape: dict[str, Any]) -> tuple[Any, LlamaModel, ModelConfig]:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def hf_config(shape: dict[str, Any]) -> Any:
+    """transformers' LlamaConfig of a shape (SHAPES) with this bench's vocabulary."""
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=16384, rms_norm_eps=1e-5,
-                      bos_token_id=1, eos_token_id=2, **shape)  # fmt: skip
+    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=16384, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, **shape)  # fmt: skip
+
+
+def build(shape: dict[str, Any]) -> tuple[Any, LlamaModel, ModelConfig]:
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
