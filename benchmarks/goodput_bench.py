@@ -21,6 +21,14 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
   whole device, with chunked prefill (``--max-num-batched-tokens``).
 * ``semi_pd_overlap``: optional, ``semi_pd`` with the overlapped decode lane
   (``--semi-pd-decode-overlap``: its freed blocks held until its steps are done).
+* ``semi_pd_fixed``: optional, ``semi_pd`` held at ``--semi-pd-fixed-split`` (the rule off),
+  to compare with an adaptive ``semi_pd`` in one run (``--semi-pd-fixed`` fixes every one).
+
+Semi-PD configurations also print, at the end of each rate, where each lane's time went since
+the last rate (``SemiPDWorker.lane_times``: the decode lane's ``cycle`` is the worker-side time
+between its steps, ``forward`` its kernels under the other lane's load, ``lock_wait`` /
+``relock_wait`` the storage lock, ``sink`` its events' hand-off), kept in the JSON per repeat
+(``rate_ends_data``).
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
 generator runs as its own process with the same workload (seeded Gamma arrivals, shape 0.5 as
@@ -55,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +73,7 @@ from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.model.source import load_tokenizer
 
 NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "semi_pd_first",
-         "semi_pd_overlap")
+         "semi_pd_overlap", "semi_pd_fixed")
 
 
 def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
@@ -117,8 +125,9 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                        capture_graphs=True)  # a bucket's first capture would stall a sweep
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
     xp, xd = semi_pd_start(args.semi_pd_start)
+    fp, fd = semi_pd_start(args.semi_pd_fixed_split)
 
-    def semi(**extra: bool) -> ServeConfig:  # one semi-PD worker, the options' start split
+    def semi(**extra: bool | int) -> ServeConfig:  # one semi-PD worker, the options' start split
         return base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                        "colocated_workers": 1, "semi_pd": True,
                                        "semi_pd_adaptive": not args.semi_pd_fixed,
@@ -141,6 +150,9 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         # the block scheduler first come, first served)
         "semi_pd_first": semi(semi_pd_decode_first=True),
         "semi_pd_overlap": semi(semi_pd_decode_overlap=True),
+        # semi_pd held at --semi-pd-fixed-split (the rule off), beside an adaptive semi_pd
+        "semi_pd_fixed": semi(semi_pd_adaptive=False, semi_pd_prefill_sm=fp,
+                              semi_pd_decode_sm=fd),
     }
     return {n: every[n] for n in args.configs.split(",")}
 
@@ -160,21 +172,57 @@ def warm_up(name: str, url: str, args: argparse.Namespace) -> None:
         raise RuntimeError(f"{name}: warm-up loadgen exited {proc.returncode}: {proc.stderr}")
 
 
-def sweep(name: str, argv: list[str], out_json: Path, t0: float) -> dict[str, Any]:
-    """One loadgen sweep; its report, with the time each rate's run ended (s after ``t0``)."""
+def sweep(name: str, argv: list[str], out_json: Path, t0: float,
+          on_rate_end: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """One loadgen sweep; its report, with the time each rate's run ended (s after ``t0``) and
+    what ``on_rate_end(rate)`` returned then (``rate_ends_data``)."""
     rate_ends: dict[str, float] = {}
+    rate_data: dict[str, Any] = {}
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("== rate "):
-                rate_ends[line.split()[2]] = round(time.time() - t0, 1)
+                rate = line.split()[2]
+                rate_ends[rate] = round(time.time() - t0, 1)
+                if on_rate_end is not None:
+                    rate_data[rate] = on_rate_end(rate)
             print(f"[{name}] {line}", end="", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: loadgen exited {proc.returncode}")
     report: dict[str, Any] = json.loads(out_json.read_text())
     report["rate_ends_s"] = rate_ends
+    if rate_data:
+        report["rate_ends_data"] = rate_data
     return report
+
+
+LANE_PHASES = ("cycle", "step", "forward", "lock_wait", "relock_wait", "sink", "command",
+               "idle_wait")
+
+
+def lane_times(workers: dict[str, str], reset: bool) -> dict[str, Any]:
+    """Every semi-PD worker's per-lane phase times since the last reset
+    (SemiPDWorker.lane_times: workers/engine/phase_times.py)."""
+    import ray
+
+    out = {}
+    for wid in workers:
+        actor = ray.get_actor(f"kvrelay-worker-{wid}", namespace="kvrelay")
+        out[wid] = ray.get(actor.lane_times.remote(reset=reset))
+    return out
+
+
+def lane_line(name: str, rate: str, times: dict[str, Any]) -> str:
+    """One line per worker: each lane's phases as p50 / p99 / max ms (count)."""
+    parts = []
+    for wid, lanes in times.items():
+        for lane in ("decode", "prefill"):
+            phases = lanes.get(lane, {})
+            cells_ = [f"{ph} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}/{v['max_ms']:.0f} "
+                      f"({v['count']:.0f})" for ph in LANE_PHASES if (v := phases.get(ph))]
+            parts.append(f"{wid} {lane}: " + ", ".join(cells_))
+    return f"[{name}] lane times ms p50/p99/max (n) at rate {rate}: " + "; ".join(parts)
 
 
 def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
@@ -198,13 +246,22 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
         roles_before = cluster.workers()
         warm_up(name, url, args)
         print(f"[{name}] workers {roles_before}", flush=True)
+        on_rate_end = None
+        if cfg.semi_pd:  # each rate's lane times, from zero after the warm-up
+            lane_times(roles_before, reset=True)
+
+            def on_rate_end(rate: str) -> dict[str, Any]:
+                times = lane_times(roles_before, reset=True)
+                print(lane_line(name, rate, times), flush=True)
+                return times
+
         t0 = time.time()
         repeats, commands = [], []
         for r in range(args.repeats):
             argv = loadgen_argv(url, args, out_json, r)
             commands.append(shlex.join(argv))
             print(f"[{name}] repeat {r + 1}/{args.repeats}: {commands[-1]}", flush=True)
-            repeats.append(sweep(name, argv, out_json, t0))
+            repeats.append(sweep(name, argv, out_json, t0, on_rate_end))
         switches = [
             {"t_s": round(t - t0, 1), "worker": w, "from": src, "to": dst}
             for t, w, src, dst in cluster.call("role_switches")
@@ -226,7 +283,9 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
 def describe(name: str, cfg: ServeConfig) -> str:
     if cfg.semi_pd:
         lane = ", overlapped decode lane" if cfg.semi_pd_decode_overlap else ""
-        return f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split{lane})"
+        rule = "SLO-aware from" if cfg.semi_pd_adaptive else "fixed at"
+        return (f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split {rule} "
+                f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}{lane})")
     if cfg.colocated_workers:
         return f"colocated x{cfg.colocated_workers}"
     tail = " + planner" if cfg.auto_pool_sizing else ""
@@ -362,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       help="prefill,decode SM shares (percent) the semi-PD lanes start from")
     a("--semi-pd-fixed", action="store_true",
       help="semi-PD keeps its start split (the SLO-aware rule off)")
+    a("--semi-pd-fixed-split", default="50,100",
+      help="prefill,decode SM shares (percent) of the semi_pd_fixed configuration")
     a("--autosize-interval-s", type=float, default=2.0)
     a("--autosize-window-s", type=float, default=10.0)
     a("--sweep", default="1,2,3,4,6")

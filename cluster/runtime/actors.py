@@ -102,7 +102,7 @@ class _ControllerSink:
     with its events). With 2 the controller always has the next call queued while it runs
     one, so no call waits that it could have started. A wait lasts at most ``wait_s`` (then
     the call goes anyway): a hung controller never holds the worker longer. Only for a sink
-    called on a sender thread: the semi-PD lanes call theirs on the engine thread (None)."""
+    called on a sender thread (every worker's: workers/engine/outbox.py)."""
 
     def __init__(self, controller: Any, in_flight: int | None = None, wait_s: float = 1.0) -> None:
         self.controller = controller
@@ -310,8 +310,9 @@ class ControllerActor(Controller):
             role,
             model=cfg.model,
             engine_config=engine_config,
-            # the semi-PD lanes call the sink on their engine threads: no waiting there
-            sink=_ControllerSink(me, in_flight=None if actor is SemiPDWorkerActor else 2),
+            # every worker calls its sink on a sender thread (a semi-PD worker's is shared by
+            # both lanes), where waiting for the controller holds up no step
+            sink=_ControllerSink(me, in_flight=2),
             notice=_ControllerNotice(me),
             grace_s=cfg.preemption_grace_s,
             metadata=metadata,

@@ -18,6 +18,8 @@ import pytest
 
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.engine.outbox import Outbox
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.sequence import PLACEHOLDER
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
@@ -211,3 +213,54 @@ def test_finish_events_still_arrive_when_requests_end(tiny: LoadedModel) -> None
         assert loop.call(lambda e: e.stats().pool.used) == 0
     finally:
         loop.stop()
+
+
+def test_two_loops_sharing_an_outbox_flush_it_before_a_command(tiny: LoadedModel) -> None:
+    """The semi-PD lanes' arrangement: each loop's sink queues on one outbox (sender=False,
+    shared_outbox); a command on either loop waits until both loops' earlier events went out,
+    and each loop records its phases."""
+    gate = Gate()
+    shared = Outbox(gate, name="both")
+    times = {n: PhaseTimes() for n in ("a", "b")}
+    loops = {
+        n: EngineLoop(
+            engine(tiny), shared.put, name=n, sender=False, shared_outbox=shared, times=times[n]
+        ).start()
+        for n in ("a", "b")
+    }
+    try:
+        for n, loop in loops.items():
+            rids = [f"{n}{i}" for i in range(2)]
+
+            def add_all(e: Engine, rids: list[str] = rids) -> None:
+                for i, rid in enumerate(rids):
+                    e.add_request(rid, list(range(50 + i, 70 + i)), LONG)
+
+            loop.call(add_all)
+        lag(loops["a"], gate)
+        lag(loops["b"], gate, steps=2)  # both loops have put events the gate holds
+        seen = loops["a"].submit(lambda e: (emitted(loops["a"].engine), gate.tokens()))
+        gate.open.set()
+        a_had, sink_had = seen.result(WAIT_S)
+        # every token of loop a, and loop b's of its steps queued before the command, went out
+        assert {r: t for r, t in sink_had.items() if r.startswith("a")} == a_had
+        assert any(r.startswith("b") and t for r, t in sink_had.items())
+        assert {name for name, _ in gate.calls} == {"both-events"}
+    finally:
+        for loop in loops.values():
+            loop.stop()
+        shared.close(WAIT_S)
+    for t in times.values():
+        s = t.summary()
+        assert s["step"]["count"] >= 3 and s["lock_wait"]["count"] == s["step"]["count"]
+        assert s["cycle"]["count"] >= 2 and s["command"]["count"] >= 1
+        assert s["step"]["p50_ms"] <= s["cycle"]["max_ms"] * 1.1  # a step is part of a cycle
+
+
+def test_a_loop_with_a_sender_takes_no_shared_outbox(tiny: LoadedModel) -> None:
+    shared = Outbox(lambda events: None, name="x")
+    try:
+        with pytest.raises(ValueError, match="shared_outbox"):
+            EngineLoop(engine(tiny), shared.put, shared_outbox=shared)
+    finally:
+        shared.close(WAIT_S)

@@ -19,6 +19,15 @@ failing step does (``error``; pending commands fail), at its next command or ste
 
 ``lock``: held around every step and command (never around ``sink``), for engines that share
 their KV storage with another loop's engine (``workers/semi_pd/``); None: no lock.
+
+``shared_outbox``: with ``sender=False``, an outbox that ``sink`` itself puts into (one sender
+thread for two loops: the semi-PD lanes, whose sinks act on their engines on the loop thread and
+leave the actor call to the sender). The loop flushes it before every command and fails on its
+sink's error, as it does with its own outbox. ``times``: where the loop records how long each
+step waited for ``lock`` (``lock_wait``), ran (``step``), spent in ``sink`` (``sink``) and the
+time from one step's end to the next's (``cycle``); commands as ``command``, and the waits of
+an engine whose last step scheduled nothing while it had requests (``idle_wait``: until a
+command comes, at most 0.5 s) (phase_times.py).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import Any, TypeVar
 
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.outbox import Outbox, name_os_thread
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.rates import prefill_rate, running_average
 from kvrelay.workers.types import TokenEvent
 
@@ -51,12 +61,18 @@ class EngineLoop:
         name: str = "engine",
         lock: AbstractContextManager[object] | None = None,
         sender: bool = True,
+        shared_outbox: Outbox | None = None,
+        times: PhaseTimes | None = None,
     ) -> None:
+        if sender and shared_outbox is not None:
+            raise ValueError("shared_outbox is for a loop without a sender of its own")
         self.engine = engine
         self.sink = sink
         self._name = name
         self._sender = sender
         self._outbox: Outbox | None = None  # started with the loop
+        self._shared_outbox = shared_outbox
+        self.times = times
         self._lock = lock if lock is not None else nullcontext()
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any], bool]] = (
             queue.SimpleQueue()
@@ -107,9 +123,12 @@ class EngineLoop:
         else:
             self.sink(events)
 
+    def _outboxes(self) -> tuple[Outbox, ...]:
+        return tuple(o for o in (self._outbox, self._shared_outbox) if o is not None)
+
     def _run_commands(self, block: bool) -> None:
-        if self._outbox is not None:
-            self._outbox.check()
+        for outbox in self._outboxes():
+            outbox.check()
         try:
             fn, fut, settle = self._commands.get(block=block, timeout=0.5 if block else None)
         except queue.Empty:
@@ -125,16 +144,19 @@ class EngineLoop:
                         events = self.engine.settle()
                     if events:
                         self._deliver(events)
-                if self._outbox is not None:
-                    self._outbox.flush()  # the command sees every earlier event handed over
+                for outbox in self._outboxes():
+                    outbox.flush()  # the command sees every earlier event handed over
             except BaseException as exc:
                 if fut.set_running_or_notify_cancel():
                     fut.set_exception(RuntimeError(f"engine loop stopped: {exc!r}"))
                 raise
             if fut.set_running_or_notify_cancel():
                 try:
+                    t0 = time.perf_counter()
                     with self._lock:
                         result = fn(self.engine)
+                    if self.times is not None:
+                        self.times.add("command", time.perf_counter() - t0)
                     fut.set_result(result)
                 except Exception as exc:  # the caller sees it on its future
                     fut.set_exception(exc)
@@ -145,21 +167,33 @@ class EngineLoop:
 
     def _run(self) -> None:
         name_os_thread("kvrelay-engine")
+        last_end: float | None = None  # the previous step's end, for ``cycle``
         try:
             while not self._stop.is_set():
-                self._run_commands(block=self.engine.idle or not self.engine.has_unfinished())
+                unfinished = self.engine.has_unfinished()
+                stalled = self.engine.idle and unfinished  # waits for a command or 0.5 s
+                t = time.perf_counter()
+                self._run_commands(block=self.engine.idle or not unfinished)
+                if stalled and self.times is not None:
+                    self.times.add("idle_wait", time.perf_counter() - t)
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
                     before = self.engine.prompt_tokens_computed
                     t0 = time.perf_counter()
                     with self._lock:
+                        t1 = time.perf_counter()
                         events = self.engine.step()
-                    self._measure(
-                        self.engine.prompt_tokens_computed - before, time.perf_counter() - t0
-                    )
+                    t2 = time.perf_counter()
+                    self._measure(self.engine.prompt_tokens_computed - before, t2 - t0)
                     if events:
                         self._deliver(events)
+                    if self.times is not None:
+                        t3 = time.perf_counter()
+                        self._time_step(t0, t1, t2, t3, last_end)
+                        last_end = t3
+                else:
+                    last_end = None  # idle: the next step's wait is not a step's cycle
         except BaseException as exc:  # a broken engine must not die silently
             log.exception("engine loop failed")
             self.error = exc
@@ -167,6 +201,15 @@ class EngineLoop:
             self._fail_pending()
             if self._outbox is not None:
                 self._outbox.close(0.0)  # the sender hands over what is queued, then ends
+
+    def _time_step(self, t0: float, t1: float, t2: float, t3: float, last: float | None) -> None:
+        times = self.times
+        assert times is not None
+        times.add("lock_wait", t1 - t0)
+        times.add("step", t2 - t1)
+        times.add("sink", t3 - t2)
+        if last is not None:
+            times.add("cycle", t3 - last)
 
     def _measure(self, prompt_tokens: int, seconds: float) -> None:
         rate = prefill_rate(prompt_tokens, seconds)

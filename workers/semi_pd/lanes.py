@@ -4,24 +4,32 @@ the storage lock, and one worker's figures from two engines' (``merge_stats``)."
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 from kvrelay.workers.engine.engine import EngineStats
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.semi_pd.sm_partition import SMPartition
 
 
 @contextmanager
 def forward_unlocked(
-    lock: threading.Lock, partition: SMPartition, *, synchronize: bool = True
+    lock: threading.Lock,
+    partition: SMPartition,
+    *,
+    synchronize: bool = True,
+    times: PhaseTimes | None = None,
 ) -> Iterator[None]:
     """Around a lane's forward pass (and an overlapped lane's wait for its tokens): the other
     lane may use the storage meanwhile. ``synchronize``: the lock comes back only once this
     lane's kernels are done (so a block freed next is not in use); False for the overlapped
     decode lane, which leaves its step running and holds its releases back instead
-    (workers/engine/deferred.py)."""
+    (workers/engine/deferred.py). ``times``: records ``forward`` (issue and, synchronised, the
+    kernels) and ``relock_wait`` (taking the lock back)."""
+    t0 = time.perf_counter()
     lock.release()
     try:
         with GPU_GATE.work():  # the other lane may be capturing a decode graph
@@ -29,7 +37,11 @@ def forward_unlocked(
             if synchronize:
                 partition.synchronize()
     finally:
+        t1 = time.perf_counter()
         lock.acquire()
+        if times is not None:
+            times.add("forward", t1 - t0)
+            times.add("relock_wait", time.perf_counter() - t1)
 
 
 def merge_stats(prefill: EngineStats, decode: EngineStats) -> EngineStats:

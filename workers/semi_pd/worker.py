@@ -44,6 +44,14 @@ lane stays plain: it hands blocks over only after its step synchronised.
 Each lane computes in its SM share (``sm_partition.py``), switched at iteration boundaries, and
 replays CUDA graphs captured in that share (``_enter``: a set per share, decode graphs on the
 decode lane, prefill graphs on the prefill lane).
+
+Events: each lane's sink runs on its loop thread (it hands requests over and feeds the split
+rule) and queues the tokens on one outbox shared by both lanes, whose sender thread makes the
+controller calls, as a colocated worker's does (loop.py): a lane never waits for a call, and
+a controller that falls behind gets the steps of both lanes in fewer, larger calls. One FIFO
+keeps a request's first token (queued by the prefill lane before it hands the request over)
+ahead of its later ones (queued by the decode lane after it adopted it). ``lane_times``: where
+each lane's time goes (phase_times.py).
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ from typing import Any
 
 from kvrelay.workers.engine.engine import Engine, EngineConfig
 from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.engine.outbox import Outbox
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.tiers import check_owned
@@ -140,6 +150,7 @@ class SemiPDWorker(Worker):
         self._transit: dict[str, EngineSequence] = {}  # handed over, not adopted yet
         self._internal: set[str] = set()  # requests whose handoff stays inside this worker
         self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
+        self.times = {lane: PhaseTimes() for lane in Lane}
         super().__init__(*args, **kw)
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
@@ -191,11 +202,17 @@ class SemiPDWorker(Worker):
         self.partition: SMPartition = build_partition(
             decode.device, self._initial_split, SPLIT_STEP, decode_first=self._decode_first
         )
-        for e in (prefill, decode):
+        lanes = ((prefill, Lane.PREFILL), (decode, Lane.DECODE))
+        for e, lane in lanes:
             e.runner.forward_guard = partial(
-                forward_unlocked, self.storage_lock, self.partition, synchronize=not e.overlap
+                forward_unlocked,
+                self.storage_lock,
+                self.partition,
+                synchronize=not e.overlap,
+                times=self.times[lane],
             )
         self.prefill_engine = prefill
+        self._events = Outbox(self._emit, name=f"semi-pd-{self.worker_id}")
         # both lanes call their sinks on the loop thread, once per step: the prefill lane's
         # hands requests over on its engine after their first token went out; both tick the
         # split rule's window
@@ -205,6 +222,8 @@ class SemiPDWorker(Worker):
             name=f"prefill-{self.worker_id}",
             lock=self.storage_lock,
             sender=False,
+            shared_outbox=self._events,
+            times=self.times[Lane.PREFILL],
         ).start()
         loop = EngineLoop(
             decode,
@@ -212,6 +231,8 @@ class SemiPDWorker(Worker):
             name=f"decode-{self.worker_id}",
             lock=self.storage_lock,
             sender=False,
+            shared_outbox=self._events,
+            times=self.times[Lane.DECODE],
         ).start()
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
         self.set_split(self._initial_split)
@@ -313,9 +334,9 @@ class SemiPDWorker(Worker):
 
     # ---- the handoff inside --------------------------------------------------------------
     def _emit_prefill(self, events: list[TokenEvent]) -> None:
-        """The prefill lane's sink (its loop thread, after a step): the first tokens go out,
-        then each internal request is handed over."""
-        self._emit(events)
+        """The prefill lane's sink (its loop thread, after a step): the first tokens are queued
+        to go out, then each internal request is handed over."""
+        self._events.put(events)
         for ev in events:
             if self.tuner is not None:
                 self.tuner.on_first_token(ev.request_id, ev.finish_reason is not None)
@@ -327,8 +348,8 @@ class SemiPDWorker(Worker):
         self._tick()
 
     def _emit_decode(self, events: list[TokenEvent]) -> None:
-        """The decode lane's sink: tokens out, then the split rule's bookkeeping."""
-        self._emit(events)
+        """The decode lane's sink: tokens queued to go out, then the split rule's bookkeeping."""
+        self._events.put(events)
         if self.tuner is None:
             return
         for ev in events:
@@ -364,6 +385,11 @@ class SemiPDWorker(Worker):
             }
             for c in list(self.tuner.changes)
         ]
+
+    def lane_times(self, reset: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+        """Per lane (``prefill``, ``decode``), per phase (loop.py, lanes.py): count, total and
+        mean / p50 / p90 / p99 / max ms; ``reset``: start afresh after reading."""
+        return {lane.value: t.summary(reset=reset) for lane, t in self.times.items()}
 
     def window_log(self) -> list[dict[str, Any]]:
         """Every window the split rule closed, oldest first (``time.time`` seconds): its p99
@@ -435,7 +461,7 @@ class SemiPDWorker(Worker):
         exc = fut.exception()
         if exc is not None:  # never leave the stream hanging
             log.error("decode lane could not adopt %s: %r", request_id, exc)
-            self._emit([TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)])
+            self._events.put([TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)])
 
     # ---- figures -------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -513,6 +539,7 @@ class SemiPDWorker(Worker):
     def shutdown(self) -> None:
         self.prefill_loop.stop()
         super().shutdown()
+        self._events.close(5.0)  # the events both lanes queued go out
         if not self.loop.alive:  # the decode lane's held releases go back (its thread ended)
             with self.storage_lock:
                 self.engine.release_deferred()
