@@ -503,12 +503,16 @@ def continue_prefilled(
     tenant: str,
     priority: int,
     num_computed: int | None,
+    block_hashes: Sequence[int] = (),
+    committed_blocks: int = 0,
 ) -> None:
     """``e`` continues a request whose KV is in ``block_ids`` (``num_computed`` tokens of it;
-    None: the prompt's)."""
+    None: the prompt's). ``block_hashes`` / ``committed_blocks``: as ``Engine.add_prefilled``
+    (blocks already committed in ``e``'s pool)."""
     e.add_prefilled(
-        request_id, prompt_ids, output_ids, params, block_ids, tenant=tenant, priority=priority
-    )
+        request_id, prompt_ids, output_ids, params, block_ids, tenant=tenant, priority=priority,
+        block_hashes=block_hashes, committed_blocks=committed_blocks,
+    )  # fmt: skip
     seq = e.seqs[request_id]
     extra = (num_computed or 0) - seq.num_computed
     if extra > 0:

@@ -607,3 +607,58 @@ def test_overlapped_lane_holds_freed_blocks_until_its_step_is_read(
     assert decode.abort("last") and decode.deferred_blocks()
     decode.close()
     assert decode.deferred_blocks() == [] and pool.stats().used == 0
+
+
+def test_an_adopted_request_keeps_its_block_hashes_without_hashing_again(
+    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handover inside one storage carries the prefill lane's block hashes: the decode engine
+    neither hashes nor commits the prompt's blocks again, ends with the same hashes as one
+    that did, and its tokens equal the colocated engine's."""
+    from kvrelay.workers.engine import scheduler as sched_mod
+    from kvrelay.workers.worker import continue_prefilled
+
+    greedy = SamplingParams(max_tokens=CONFIG.block_size + 4, temperature=0.0, ignore_eos=True)
+    prompt = prompts[4] * 3  # several full blocks; the output fills at least one more
+    colocated = Engine(loaded, CONFIG)
+    colocated.add_request("r", prompt, greedy)
+    want: list[int] = []
+    while colocated.has_unfinished():
+        want += [t for e in colocated.step() for t in e.token_ids]
+
+    decode = Engine(loaded, CONFIG)
+    prefill = Engine(loaded, CONFIG, storage=decode.storage)
+    prefill.add_request("r", prompt, greedy, prefill_only=True)
+    first: list[int] = []
+    while not first:
+        first = [t for e in prefill.step() for t in e.token_ids]
+    seq = prefill.hand_over("r")
+    full = len(prompt) // CONFIG.block_size
+    assert seq.num_committed_blocks == full and len(seq.block_hashes) == full
+
+    hashed: list[int] = []
+    real = sched_mod.block_hashes
+    monkeypatch.setattr(
+        sched_mod, "block_hashes", lambda ids, *a: hashed.append(len(ids)) or real(ids, *a)
+    )
+    committed: list[int] = []
+    real_commit = decode.pool.commit
+    monkeypatch.setattr(
+        decode.pool, "commit", lambda b, h: committed.append(b) or real_commit(b, h)
+    )
+    continue_prefilled(
+        decode, "r", seq.prompt_ids, seq.output_ids, seq.params, seq.block_ids,
+        tenant=seq.tenant, priority=seq.priority, num_computed=seq.num_computed,
+        block_hashes=seq.block_hashes, committed_blocks=seq.num_committed_blocks,
+    )  # fmt: skip
+    adopted = decode.seqs["r"]
+    assert hashed == [] and committed == []  # nothing hashed or committed again
+    assert adopted.block_hashes == real(prompt[: full * CONFIG.block_size], CONFIG.block_size,
+                                        decode.scheduler.hash_root)  # fmt: skip
+    got = list(first)
+    while decode.has_unfinished():
+        got += [t for e in decode.step() for t in e.token_ids]
+    assert got == want
+    assert hashed  # later blocks are hashed as they fill (the chain goes on)
+    decode.check_integrity()
+    assert decode.pool.stats().used == 0 or decode.pool.stats().used == decode.pool.stats().cached

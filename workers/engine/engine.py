@@ -492,12 +492,15 @@ class Engine:
         """A parked request leaves this engine with its prompt blocks still referenced, for an
         engine over the same storage to adopt (``add_prefilled``): ownership of block ids
         moves, no byte does. Returns the sequence; its ``block_ids`` are exactly the blocks
-        handed over (any beyond the computed tokens are released here)."""
+        handed over (any beyond the computed tokens are released here), its
+        ``num_committed_blocks`` those of them whose hashes the pool holds."""
         blocks = self.handoff_blocks(request_id)
         seq = self.handoffs.pop(request_id)
+        committed = min(seq.num_committed_blocks, len(blocks))  # still referenced, still hashed
         seq.block_ids = seq.block_ids[len(blocks) :]
         self.scheduler.finish(seq)  # releases only the blocks past the computed tokens
         seq.block_ids = blocks
+        seq.num_committed_blocks = committed
         return seq
 
     def reserve(self, num_blocks: int) -> list[int] | None:
@@ -518,13 +521,22 @@ class Engine:
         *,
         tenant: str = "",
         priority: int = 0,
+        block_hashes: Seq[int] = (),
+        committed_blocks: int = 0,
     ) -> None:
-        """Continue a request whose prompt KV was written into reserved ``block_ids``."""
+        """Continue a request whose prompt KV was written into reserved ``block_ids``.
+        ``block_hashes`` / ``committed_blocks``: the hashes of its leading full blocks and how
+        many of those blocks are already committed in this engine's pool (an engine over the
+        same storage handed them over, ``hand_over``): they are not hashed or committed again
+        (an 8k-token prompt's 512 blocks cost the adopting thread milliseconds)."""
         seq = Sequence(
             request_id, list(prompt_ids), params, output_ids=list(output_ids),
             tenant=tenant, priority=priority,
         )
         seq.block_ids = list(block_ids)
+        if committed_blocks:
+            seq.block_hashes = list(block_hashes[: len(seq.block_ids)])
+            seq.num_committed_blocks = min(committed_blocks, len(seq.block_hashes))
         seq.num_emitted = len(output_ids)
         self.seqs[request_id] = seq
         self.scheduler.adopt(seq)

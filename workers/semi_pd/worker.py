@@ -57,6 +57,7 @@ each lane's time goes (phase_times.py).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -106,6 +107,13 @@ DEFAULT_SPLIT = Split(prefill=100, decode=100)
 PREFILL_TOKENS = 4096
 PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
+# The lanes' threads share one GIL. A torch call releases it, and taking it back while the other
+# lane runs Python (its step's host work, under the storage lock) waits for CPython's switch
+# interval, 5 ms by default: a decode step makes dozens of such calls. The goodput run of
+# 2026-12-06 (H100, fixed 50/100 split) showed the decode lane's step at 2.2 ms p50 but
+# 9-15 ms p99, its kernels at 4.5-6 ms p99, and 5-8 ms p99 waiting for the storage lock the
+# prefill lane held for its host work: the GIL decides how fast either lane gets through.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _capture_prefill_graphs(engine: Engine) -> None:
@@ -138,6 +146,7 @@ class SemiPDWorker(Worker):
         overlapped step, its releases held until its steps are done (module docstring)."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))  # process-wide
         self._initial_split = split
         self._prefill_tokens = prefill_tokens
         self._decode_first = decode_first
@@ -450,6 +459,9 @@ class SemiPDWorker(Worker):
                 tenant=seq.tenant,
                 priority=seq.priority,
                 num_computed=seq.num_computed,
+                # the one pool already holds these blocks' hashes (the prefill lane committed)
+                block_hashes=seq.block_hashes,
+                committed_blocks=seq.num_committed_blocks,
             )
         except BaseException:
             if request_id not in e.seqs:
