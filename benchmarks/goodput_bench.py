@@ -126,6 +126,8 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
     xp, xd = semi_pd_start(args.semi_pd_start)
     fp, fd = semi_pd_start(args.semi_pd_fixed_split)
+    fixed_tokens = ({} if args.semi_pd_fixed_tokens is None
+                    else {"semi_pd_prefill_tokens": args.semi_pd_fixed_tokens})
 
     def semi(**extra: bool | int) -> ServeConfig:  # one semi-PD worker, the options' start split
         return base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
@@ -152,7 +154,7 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         "semi_pd_overlap": semi(semi_pd_decode_overlap=True),
         # semi_pd held at --semi-pd-fixed-split (the rule off), beside an adaptive semi_pd
         "semi_pd_fixed": semi(semi_pd_adaptive=False, semi_pd_prefill_sm=fp,
-                              semi_pd_decode_sm=fd),
+                              semi_pd_decode_sm=fd, **fixed_tokens),
     }
     return {n: every[n] for n in args.configs.split(",")}
 
@@ -285,7 +287,8 @@ def describe(name: str, cfg: ServeConfig) -> str:
         lane = ", overlapped decode lane" if cfg.semi_pd_decode_overlap else ""
         rule = "SLO-aware from" if cfg.semi_pd_adaptive else "fixed at"
         return (f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split {rule} "
-                f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}{lane})")
+                f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}, prefill lane "
+                f"{cfg.semi_pd_prefill_tokens} tokens a step{lane})")
     if cfg.colocated_workers:
         return f"colocated x{cfg.colocated_workers}"
     tail = " + planner" if cfg.auto_pool_sizing else ""
@@ -423,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       help="semi-PD keeps its start split (the SLO-aware rule off)")
     a("--semi-pd-fixed-split", default="50,100",
       help="prefill,decode SM shares (percent) of the semi_pd_fixed configuration")
+    a("--semi-pd-fixed-tokens", type=int, default=None,
+      help="the semi_pd_fixed configuration's prefill lane tokens per step (default: as semi_pd)")
     a("--autosize-interval-s", type=float, default=2.0)
     a("--autosize-window-s", type=float, default=10.0)
     a("--sweep", default="1,2,3,4,6")

@@ -662,3 +662,34 @@ def test_an_adopted_request_keeps_its_block_hashes_without_hashing_again(
     assert hashed  # later blocks are hashed as they fill (the chain goes on)
     decode.check_integrity()
     assert decode.pool.stats().used == 0 or decode.pool.stats().used == decode.pool.stats().cached
+
+
+def test_prompt_hashes_given_at_submit_spare_admission_the_hashing(
+    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prompt_block_hashes`` equals what admission computes, and a request queued with them
+    is admitted (and hits the prefix cache) without hashing on the engine's thread."""
+    from kvrelay.workers.engine import scheduler as sched_mod
+
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = prompts[4] * 3
+    plain = Engine(loaded, CONFIG)
+    plain.add_request("a", prompt, greedy)
+    plain.step()
+    hashes = plain.prompt_block_hashes(prompt)
+    assert hashes and plain.seqs["a"].block_hashes[: len(hashes)] == hashes
+    while plain.has_unfinished():
+        plain.step()
+
+    hashed: list[int] = []
+    real = sched_mod.block_hashes
+    monkeypatch.setattr(
+        sched_mod, "block_hashes", lambda ids, *a: hashed.append(len(ids)) or real(ids, *a)
+    )
+    plain.add_request("b", prompt, greedy, block_hashes=hashes)
+    while plain.has_unfinished():
+        plain.step()
+    assert all(n > len(hashes) * CONFIG.block_size for n in hashed)  # only later blocks
+    assert plain.scheduler.prefix_hits >= len(hashes) * CONFIG.block_size  # b reused a's
+    with pytest.raises(ValueError, match="block_hashes"):
+        plain.add_request("c", prompt, greedy, block_hashes=hashes[:-1])

@@ -41,7 +41,7 @@ from kvrelay.workers.engine.runner import DeviceTokens, ModelRunner
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq, Scheduler
 from kvrelay.workers.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
-from kvrelay.workers.kv.block_hash import namespace_hash
+from kvrelay.workers.kv.block_hash import block_hashes, namespace_hash
 from kvrelay.workers.kv.storage import KVStorage, build_kv_storage
 from kvrelay.workers.kv.tiers import check_held
 from kvrelay.workers.model.llama import kv_cache_shape
@@ -244,9 +244,13 @@ class Engine:
         tenant: str = "",
         priority: int = 0,
         prefill_only: bool = False,
+        block_hashes: Seq[int] = (),
     ) -> None:
         """Queue a request. ``output_ids`` resumes one that already produced tokens elsewhere
-        (recompute after a migration or a crash); they are not emitted again."""
+        (recompute after a migration or a crash); they are not emitted again.
+        ``block_hashes``: ``prompt_block_hashes(prompt_ids)``, computed by the caller on its own
+        thread (a semi-PD worker's submit: off the storage lock), so that admission does not
+        hash the prompt; only for a request without ``output_ids``."""
         if request_id in self.seqs or request_id in self.handoffs:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_ids:
@@ -270,9 +274,21 @@ class Engine:
             priority=priority,
             prefill_only=prefill_only,
         )
+        if block_hashes:
+            full = (len(prompt_ids) - 1) // self.config.block_size
+            if output_ids or len(block_hashes) != full:
+                raise ValueError("block_hashes: the prompt's own, for a request without outputs")
+            seq.block_hashes = list(block_hashes)
         seq.num_emitted = len(output_ids)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def prompt_block_hashes(self, prompt_ids: Seq[int]) -> list[int]:
+        """The hashes admission gives a new prompt's full blocks (all but its last token's):
+        safe to call from any thread (the scheduler's hash root and block size are fixed)."""
+        bs = self.config.block_size
+        full = (len(prompt_ids) - 1) // bs
+        return block_hashes(prompt_ids[: full * bs], bs, self.scheduler.hash_root)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request; a token of it still in flight is never emitted."""

@@ -287,6 +287,10 @@ class SemiPDWorker(Worker):
     ) -> None:
         """Every request prefills on the prefill lane; unless the controller asked for
         ``prefill_only`` (it hands the KV to another worker), it continues on the decode lane."""
+        # the prompt's block hashes here, on the caller's thread: admission would compute them
+        # on the prefill lane's thread with the storage lock held, which the decode lane waits
+        # for (an 8k-token prompt: 511 hashes)
+        hashes = self.prefill_engine.prompt_block_hashes(prompt_ids) if not output_ids else []
         if not prefill_only:
             self._internal.add(request_id)
         if self.tuner is not None:
@@ -301,6 +305,7 @@ class SemiPDWorker(Worker):
                     tenant=tenant,
                     priority=priority,
                     prefill_only=True,
+                    block_hashes=hashes,
                 )
             )
         except BaseException:
