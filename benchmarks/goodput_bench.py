@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--configs", default="pd,colocated,planner,pd_start", help=f"comma-separated, of {NAMES}")
     a("--pd-split", default="2,1", help="P,D of the fixed PD configuration")
     a("--planner-start", default="1,2", help="P,D the planner configuration starts from")
-    a("--semi-pd-start", default="100,100",
+    a("--semi-pd-start", default="75,100",
       help="prefill,decode SM shares (percent) the semi-PD lanes start from")
     a("--semi-pd-fixed", action="store_true",
       help="semi-PD keeps its start split (the SLO-aware rule off)")

@@ -53,7 +53,7 @@ class ServeConfig(BaseModel):
     # colocated workers run semi-PD (workers/semi_pd/): a prefill and a decode lane over one KV
     # storage, the handoff inside by block ids, each lane in its SM share (percent; CUDA only)
     semi_pd: bool = False
-    semi_pd_prefill_sm: int = 100  # the prefill lane's initial SM share (semi-PD's x)
+    semi_pd_prefill_sm: int = 75  # the prefill lane's initial SM share (semi-PD's x)
     semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
     semi_pd_window_s: float = 1.0  # seconds per window of the split rule
@@ -314,7 +314,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the colocated workers as semi-PD workers: prefill and decode lanes "
                         "over one KV storage, handoff by block ids, SM shares on CUDA")
     p.add_argument("--semi-pd-prefill-sm", type=int, default=S,
-                   help="the prefill lane's initial SM share, percent (default 100)")
+                   help="the prefill lane's initial SM share, percent (default 75)")
     p.add_argument("--semi-pd-decode-sm", type=int, default=S,
                    help="the decode lane's initial SM share, percent (default 100)")
     p.add_argument("--semi-pd-adaptive", action="store_true", default=S,

@@ -693,3 +693,32 @@ def test_prompt_hashes_given_at_submit_spare_admission_the_hashing(
     assert plain.scheduler.prefix_hits >= len(hashes) * CONFIG.block_size  # b reused a's
     with pytest.raises(ValueError, match="block_hashes"):
         plain.add_request("c", prompt, greedy, block_hashes=hashes[:-1])
+
+
+def test_a_burst_of_handovers_is_adopted_in_one_command(
+    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference
+) -> None:
+    """Requests the prefill lane hands over while the decode lane is busy wait in transit for
+    one adoption command (one storage-lock acquisition on the decode lane, not one each);
+    their tokens are still the colocated worker's and nothing leaks."""
+    sink = Collector()
+    params = mixed_params(len(prompts))
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink,
+        prefill_tokens=4096,
+    )  # fmt: skip
+    try:
+        want = colocated(prompts, params)
+        rids = [f"b-{i}" for i in range(len(prompts))]
+        with paused(semi.loop, semi.storage_lock):
+            for rid, p, sp in zip(rids, prompts, params, strict=True):
+                semi.submit(rid, p, sp)
+            sink.wait(lambda: all(r in sink.tokens for r in rids))  # every first token out
+            sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
+            assert semi.loop._commands.qsize() == 1  # one adoption command for the burst
+        sink.wait_done(rids)
+        assert [sink.tokens[r] for r in rids] == want
+        assert semi.handovers == len(rids)
+        assert_clean(semi)
+    finally:
+        semi.shutdown()

@@ -74,8 +74,8 @@ def test_repeats_are_tabled_with_their_spread_and_median() -> None:
     ) in text
     assert "goodput semi_pd/colocated1: 1.00" in text
     assert "[semi_pd] repeat 3 rate runs ended: 32 req/s at 70 s, 64 req/s at 80 s" in text
-    assert "semi-PD start split 100/100, SLO-aware split every 1 s" in text
-    assert "[semi_pd] the SM split rule kept 100/100 throughout" in text
+    assert "semi-PD start split 75/100, SLO-aware split every 1 s" in text
+    assert "[semi_pd] the SM split rule kept 75/100 throughout" in text
 
 
 def test_split_changes_are_placed_on_the_sweep() -> None:

@@ -96,10 +96,13 @@ from kvrelay.workers.worker import (
 
 log = logging.getLogger(__name__)
 
-# both lanes may use every SM (shares overlap, sm_partition.py): the prefill lane computes on the
-# whole GPU while the decode lane idles, and the split rule caps the lane that hurts the other
-# SLO (Semi-PD's code starts from 80 / 100, which caps prefill before anything failed)
-DEFAULT_SPLIT = Split(prefill=100, decode=100)
+# shares overlap (sm_partition.py): the decode lane may use every SM, the prefill lane three
+# quarters of them, so a quarter is always free for decode kernels (Semi-PD's code starts from
+# 80 / 100). Measured on an H100 (benchmarks/README.md, 2026-12-06 10:32-11:05): at 100 / 100
+# the prefill lane's kernels stretched the decode lane's forward to 13-36 ms at p99, at
+# 50 / 100 it stayed under 6 ms but prefill capacity fell to colocated's; 75 / 100 held goodput
+# 80 req/s in three repeats of three where one colocated worker held 64
+DEFAULT_SPLIT = Split(prefill=75, decode=100)
 # the prefill lane's per-step token budget: it never decodes, so no decode ITL bounds its chunk
 # as in a colocated step; 512-token chunks left its plain (non-overlapped) eager steps paying
 # the host's launch work per chunk, while 4096 tokens keep the GPU busy past the launches. Not
@@ -157,6 +160,8 @@ class SemiPDWorker(Worker):
             else None
         )
         self._transit: dict[str, EngineSequence] = {}  # handed over, not adopted yet
+        self._to_adopt: list[str] = []  # handed over since the decode lane's last adoption
+        self._adopt_queued = False  # an adoption command is queued on the decode lane
         self._internal: set[str] = set()  # requests whose handoff stays inside this worker
         self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
         self.times = {lane: PhaseTimes() for lane in Lane}
@@ -443,12 +448,40 @@ class SemiPDWorker(Worker):
         seq = prefill.hand_over(request_id)
         with self._lock:
             self._transit[request_id] = seq
-        self.loop.submit(partial(self._adopt, request_id)).add_done_callback(
-            partial(self._adopted, request_id)
-        )
+            self._to_adopt.append(request_id)
+            if self._adopt_queued:
+                return  # the decode lane's queued command takes this one too
+            self._adopt_queued = True
+        self.loop.submit(self._adopt_all).add_done_callback(self._adopted_all)
+
+    def _adopt_all(self, e: Engine) -> None:
+        """On the decode lane's thread, storage lock held: every request handed over since the
+        last call, in order. One command a burst: each command takes the storage lock, and a
+        burst of long prompts handed over by one prefill step cost the decode lane a lock wait
+        each (H100, 2026-12-06: decode commands 7-16 ms p99, nearly all of it waiting)."""
+        with self._lock:
+            rids, self._to_adopt = self._to_adopt, []
+            self._adopt_queued = False
+        for rid in rids:
+            try:
+                self._adopt(rid, e)
+            except Exception as exc:  # never leave the stream hanging
+                log.error("decode lane could not adopt %s: %r", rid, exc)
+                self._events.put([TokenEvent(rid, (), finish_reason=FinishReason.ABORT)])
+
+    def _adopted_all(self, fut: Future[None]) -> None:
+        """The command did not run (the decode lane stopped): what waits for it ends."""
+        if fut.exception() is None:
+            return
+        with self._lock:
+            rids, self._to_adopt = self._to_adopt, []
+            self._adopt_queued = False
+        for rid in rids:
+            log.error("decode lane could not adopt %s: %r", rid, fut.exception())
+            self._events.put([TokenEvent(rid, (), finish_reason=FinishReason.ABORT)])
 
     def _adopt(self, request_id: str, e: Engine) -> None:
-        """On the decode lane's thread, storage lock held: same block ids, no copy."""
+        """Same block ids, no copy (``_adopt_all``)."""
         with self._lock:
             seq = self._transit.pop(request_id, None)
         if seq is None:
@@ -473,12 +506,6 @@ class SemiPDWorker(Worker):
                 e.pool.release(reversed(seq.block_ids))
             raise
         self.handovers += 1
-
-    def _adopted(self, request_id: str, fut: Future[None]) -> None:
-        exc = fut.exception()
-        if exc is not None:  # never leave the stream hanging
-            log.error("decode lane could not adopt %s: %r", request_id, exc)
-            self._events.put([TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)])
 
     # ---- figures -------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
