@@ -642,9 +642,9 @@ def test_an_adopted_request_keeps_its_block_hashes_without_hashing_again(
         sched_mod, "block_hashes", lambda ids, *a: hashed.append(len(ids)) or real(ids, *a)
     )
     committed: list[int] = []
-    real_commit = decode.pool.commit
+    real_commit = decode.pool.commit_many
     monkeypatch.setattr(
-        decode.pool, "commit", lambda b, h: committed.append(b) or real_commit(b, h)
+        decode.pool, "commit_many", lambda b, h: committed.extend(b) or real_commit(b, h)
     )
     continue_prefilled(
         decode, "r", seq.prompt_ids, seq.output_ids, seq.params, seq.block_ids,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hypothesis
 import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
@@ -117,8 +118,11 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule()
     def revive_cached(self) -> None:
-        cached = [b for b in range(self.pool.num_blocks) if self.pool.ref_count(b) == 0
-                  and self.pool.block_hash(b) is not None]
+        cached = [
+            b
+            for b in range(self.pool.num_blocks)
+            if self.pool.ref_count(b) == 0 and self.pool.block_hash(b) is not None
+        ]
         if cached:
             self.pool.acquire(cached[:1])
             self.owned[self.next_req] = cached[:1]
@@ -154,3 +158,39 @@ def test_check_owned_names_blocks_owned_twice_or_by_nobody() -> None:
         check_owned(pool, [a, a])
     pool.release([b, a, a])
     check_owned(pool, [])
+
+
+def _state(pool: BlockPool) -> tuple[object, ...]:
+    stored = [
+        h for e in pool.drain_events() for h in e.block_hashes if e.kind is KVEventKind.STORED
+    ]
+    return [pool.block_hash(b) for b in range(pool.num_blocks)], pool.stats(), stored
+
+
+@settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    st.lists(st.tuples(st.integers(0, 11), st.integers(0, 5)), min_size=0, max_size=24)
+)
+def test_commit_many_is_commit_one_by_one_in_one_event(pairs: list[tuple[int, int]]) -> None:
+    """Same hashes, owners and stored hashes (in order) as ``commit`` per pair, one event; an
+    error (an unreferenced block, another hash on a hashed block) raises at the same pair,
+    with what was stored before it logged."""
+    one, many = BlockPool(16, 4), BlockPool(16, 4)
+    for p in (one, many):
+        p.allocate(10)  # blocks 0-9 referenced, 10-15 free
+    want_error = None
+    for b, h in pairs:
+        try:
+            one.commit(b, 1000 + h)
+        except PoolError as exc:
+            want_error = str(exc)
+            break
+    got_error = None
+    try:
+        many.commit_many([b for b, _ in pairs], [1000 + h for _, h in pairs])
+    except PoolError as exc:
+        got_error = str(exc)
+    assert got_error == want_error
+    events = list(many.event_log)
+    assert len(events) <= 1
+    assert _state(one) == _state(many)

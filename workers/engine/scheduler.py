@@ -440,8 +440,8 @@ class Scheduler:
                 seq.all_ids[: full * self.block_size], self.block_size, parent, start
             )
         if self.enable_prefix_caching:
-            for b in range(seq.num_committed_blocks, full):
-                self.pool.commit(seq.block_ids[b], seq.block_hashes[b])
+            lo = seq.num_committed_blocks
+            self.pool.commit_many(seq.block_ids[lo:full], seq.block_hashes[lo:full])
         seq.num_committed_blocks = full
 
     def check_integrity(self) -> None:

@@ -158,6 +158,32 @@ class BlockPool:
         self._events.append(KVEvent(KVEventKind.STORED, self.tier, (block_hash,)))
         return True
 
+    def commit_many(self, block_ids: Sequence[int], block_hashes: Sequence[int]) -> None:
+        """``commit`` of each pair in order, the hashes newly stored as one STORED event: a
+        step's newly full blocks (a 4096-token prefill step commits 256; one call each was
+        half the host time a semi-PD prefill step holds the storage lock for)."""
+        if len(block_ids) != len(block_hashes):
+            raise PoolError(f"{len(block_ids)} blocks but {len(block_hashes)} hashes")
+        ref, owner, by_hash = self._ref, self._hash, self._by_hash
+        stored: list[int] = []
+        try:
+            for block_id, block_hash in zip(block_ids, block_hashes, strict=True):
+                if ref[block_id] <= 0:
+                    raise PoolError(f"commit of unreferenced block {block_id}")
+                current = owner[block_id]
+                if current is not None:
+                    if current != block_hash:
+                        raise PoolError(f"block {block_id} already holds another hash")
+                    continue
+                if block_hash in by_hash:
+                    continue  # another block holds it: this one stays unhashed (``commit``)
+                owner[block_id] = block_hash
+                by_hash[block_hash] = block_id
+                stored.append(block_hash)
+        finally:  # what was stored before an error is logged, as ``commit`` calls would have
+            if stored:
+                self._events.append(KVEvent(KVEventKind.STORED, self.tier, tuple(stored)))
+
     def drop(self, block_ids: Iterable[int]) -> None:
         """Forget the hashes of cached blocks and free them (e.g. after a tier move out)."""
         removed = []
