@@ -169,12 +169,13 @@ def offline(args: argparse.Namespace, cfg: ServeConfig) -> dict[int, list[dict[s
     freeze_heap()  # as a served worker does once its engine is up
     out: dict[int, list[dict[str, Any]]] = {}
     for n in args.batches:
-        offline_run(llm, prompts(n, args.prompt, seed=n), 16)  # warm-up
+        offline_run(llm, prompts(n, args.prompt, seed=n, vocab=args.vocab), 16)  # warm-up
         out[n] = []
         for r in range(args.reps):
             s0 = llm.engine.stats()
             c0, e0 = cpu_s({"p": os.getpid()})["p"], time.thread_time()
-            arrivals, t0 = offline_run(llm, prompts(n, args.prompt, seed=1000 + r), args.max_tokens)
+            batch = prompts(n, args.prompt, seed=1000 + r, vocab=args.vocab)
+            arrivals, t0 = offline_run(llm, batch, args.max_tokens)
             c1, e1 = cpu_s({"p": os.getpid()})["p"], time.thread_time()
             s1 = llm.engine.stats()
             row = summary(window(arrivals, t0))
@@ -369,15 +370,15 @@ def served(
         port = cluster.ports["grpc_port"]
         pids = path_pids(cluster, pools)
         for n in args.batches:
-            spread_load(pools, port, prompts(n, args.prompt, seed=n), 16)  # warm-up
+            warm = prompts(n, args.prompt, seed=n, vocab=args.vocab)
+            spread_load(pools, port, warm, 16)  # warm-up
             out[n] = []
             for r in range(args.reps):
                 before, c0 = settled_stats(cluster), cpu_s(pids)
                 w0 = thread_cpu_s(pids["worker"])
                 counts0 = path_counts(cluster)
-                arrivals, t0, usage = spread_load(
-                    pools, port, prompts(n, args.prompt, seed=1000 + r), args.max_tokens
-                )
+                batch = prompts(n, args.prompt, seed=1000 + r, vocab=args.vocab)
+                arrivals, t0, usage = spread_load(pools, port, batch, args.max_tokens)
                 c1 = cpu_s(pids)
                 w1 = thread_cpu_s(pids["worker"])
                 counts1 = path_counts(cluster)
@@ -525,6 +526,7 @@ def main() -> int:
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.kv_cache_gb = args.kv_cache_gb or (4.0 if cuda else 0.25)
+    args.vocab = SHAPES[args.shape].get("vocab_size", 49152)  # micro: 512 ids (make_model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.model_dir = make_model(

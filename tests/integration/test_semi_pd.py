@@ -12,15 +12,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
-from kvrelay.workers.engine.loop import EngineLoop
-from kvrelay.workers.kv.tiers import check_owned
+from kvrelay.workers.engine.engine import EngineConfig
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd import worker as semi_pd_worker
@@ -28,65 +25,21 @@ from kvrelay.workers.semi_pd.sm_partition import CpuPartition, Lane, Split
 from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.worker import PREFILL_TOKENS, SemiPDWorker
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
-from kvrelay.workers.types import FinishReason, Phase, SamplingParams, TokenEvent
+from kvrelay.workers.types import FinishReason, Phase, SamplingParams
 from kvrelay.workers.worker import Worker
 from kvrelay_testing.prompts import chat_prompts
+from kvrelay_testing.semi_pd import (
+    CONFIG,
+    QUESTIONS,
+    Collector,
+    assert_clean,
+    generate,
+    mixed_params,
+    paused,
+)
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a child in three sentences, using simple words and an example.",
-    "List five prime numbers.",
-    "Describe how a bicycle works, covering the frame, the chain, the gears and the brakes.",
-    "Translate 'good morning' into Spanish.",
-]
-CONFIG = EngineConfig(max_num_batched_tokens=48, num_blocks=256, cpu_num_blocks=64)
 # the decode lane's step: plain (the default) or overlapped, its releases held back
 OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
-
-
-class Collector:
-    """The workers' event sink: tokens and finish reason per request."""
-
-    def __init__(self) -> None:
-        self.tokens: dict[str, list[int]] = {}
-        self.finish: dict[str, FinishReason] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
-        with self._lock:
-            for e in events:
-                self.tokens.setdefault(e.request_id, []).extend(e.token_ids)
-                if e.finish_reason is not None:
-                    self.finish[e.request_id] = e.finish_reason
-
-    def wait(self, cond: Callable[[], bool], timeout: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, "condition not reached in time"
-            time.sleep(0.02)
-
-    def wait_done(self, rids: list[str]) -> None:
-        self.wait(lambda: all(r in self.finish for r in rids))
-
-
-@contextmanager
-def paused(loop: EngineLoop, storage_lock: threading.Lock) -> Iterator[None]:
-    """Hold ``loop`` at an iteration boundary, the storage lock given back meanwhile."""
-    entered, go = threading.Event(), threading.Event()
-
-    def hold(_: Engine) -> None:
-        storage_lock.release()
-        entered.set()
-        go.wait(120)
-        storage_lock.acquire()
-
-    loop.submit(hold)
-    assert entered.wait(120)
-    try:
-        yield
-    finally:
-        go.set()
 
 
 @pytest.fixture(scope="module")
@@ -120,39 +73,6 @@ def colocated(loaded: LoadedModel) -> Iterator[Reference]:
 
     yield tokens
     worker.shutdown()
-
-
-def mixed_params(n: int) -> list[SamplingParams]:
-    """Greedy for even requests, seeded top-k/top-p sampling for odd ones."""
-    return [
-        SamplingParams(max_tokens=24, temperature=0.0)
-        if i % 2 == 0
-        else SamplingParams(max_tokens=24, temperature=0.9, top_k=40, top_p=0.95, seed=100 + i)
-        for i in range(n)
-    ]
-
-
-def generate(
-    worker: Worker,
-    sink: Collector,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    tag: str,
-) -> list[list[int]]:
-    rids = [f"{tag}-{i}" for i in range(len(prompts))]
-    for rid, p, sp in zip(rids, prompts, params, strict=True):
-        worker.submit(rid, p, sp)
-    sink.wait_done(rids)
-    return [sink.tokens[r] for r in rids]
-
-
-def assert_clean(worker: Worker) -> dict[str, int]:
-    """No request left, no block referenced: nothing leaked, nothing owned twice."""
-    figures = worker.check_integrity()
-    assert figures["requests"] == 0 and figures["used"] == 0, figures
-    assert figures.get("held", 0) == 0, figures  # the decode lane gave back what it held
-    assert figures.get("cpu_used", 0) == 0 and figures["reservations"] == 0, figures
-    return figures
 
 
 @OVERLAP
@@ -548,177 +468,6 @@ def test_concurrent_stress_never_double_allocates(
         # preempted depends on how the aborts fall, so that is not asserted
         assert hb.stats.pool.extra["evictions"] > 0
         assert (hb.stats.extra["overlap_held_blocks"] > 0) is overlap
-        assert_clean(semi)
-    finally:
-        semi.shutdown()
-
-
-def test_overlapped_lane_holds_freed_blocks_until_its_step_is_read(
-    loaded: LoadedModel, prompts: list[list[int]]
-) -> None:
-    """The two lanes' engines over one storage, stepped by hand: a block the overlapped decode
-    engine frees with a step in flight (a finish read one step late, an abort between steps)
-    stays out of the other engine's reach, owned by the decode engine, until the decode
-    engine has read a step launched after the release; then it is back in the pool."""
-    decode = Engine(loaded, replace(CONFIG, overlap_schedule=True), defer_releases=True)
-    other = Engine(loaded, replace(CONFIG, overlap_schedule=False), storage=decode.storage)
-    pool = decode.pool
-
-    def reachable(blocks: list[int]) -> set[int]:
-        """Of ``blocks``, those the other engine can allocate now (everything it can, back)."""
-        got = other.reserve(pool.num_available) or []
-        other.unreserve(got)
-        return set(blocks) & set(got)
-
-    def owned() -> None:  # exact ownership: sequences and held releases, nothing else
-        decode.check_integrity()
-        seqs = decode.seqs.values()
-        check_owned(pool, [*(b for s in seqs for b in s.block_ids), *decode.deferred_blocks()])
-
-    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-    decode.add_request("short", prompts[0], short)
-    decode.add_request("long", prompts[1], endless)
-    # 1. a finish: read while the next step (without it) already runs
-    finished: list[int] = []
-    while not finished:
-        blocks = list(decode.seqs["short"].block_ids)
-        if any(e.finish_reason is not None for e in decode.step()):
-            finished = blocks
-    assert reachable(finished) == set()
-    assert decode.has_unfinished() and set(decode.deferred_blocks()) == set(finished)
-    owned()
-    decode.step()  # reads the step that was in flight at the finish
-    assert decode.deferred_blocks() == [] and reachable(finished) == set(finished)
-    owned()
-    # 2. an abort between steps, a step in flight
-    blocks = list(decode.seqs["long"].block_ids)
-    assert decode.abort("long")
-    assert reachable(blocks) == set()
-    owned()
-    decode.step()  # nothing to schedule: reads the last step, gives everything back
-    assert not decode.has_unfinished() and reachable(blocks) == set(blocks)
-    owned()
-    assert pool.stats().used == 0
-    # 3. shutting down with a step in flight: what an abort left held goes back
-    decode.add_request("last", prompts[2], endless)
-    while len(decode.seqs["last"].output_ids) < 2:
-        decode.step()
-    assert decode.abort("last") and decode.deferred_blocks()
-    decode.close()
-    assert decode.deferred_blocks() == [] and pool.stats().used == 0
-
-
-def test_an_adopted_request_keeps_its_block_hashes_without_hashing_again(
-    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A handover inside one storage carries the prefill lane's block hashes: the decode engine
-    neither hashes nor commits the prompt's blocks again, ends with the same hashes as one
-    that did, and its tokens equal the colocated engine's."""
-    from kvrelay.workers.engine import scheduler as sched_mod
-    from kvrelay.workers.worker import continue_prefilled
-
-    greedy = SamplingParams(max_tokens=CONFIG.block_size + 4, temperature=0.0, ignore_eos=True)
-    prompt = prompts[4] * 3  # several full blocks; the output fills at least one more
-    colocated = Engine(loaded, CONFIG)
-    colocated.add_request("r", prompt, greedy)
-    want: list[int] = []
-    while colocated.has_unfinished():
-        want += [t for e in colocated.step() for t in e.token_ids]
-
-    decode = Engine(loaded, CONFIG)
-    prefill = Engine(loaded, CONFIG, storage=decode.storage)
-    prefill.add_request("r", prompt, greedy, prefill_only=True)
-    first: list[int] = []
-    while not first:
-        first = [t for e in prefill.step() for t in e.token_ids]
-    seq = prefill.hand_over("r")
-    full = len(prompt) // CONFIG.block_size
-    assert seq.num_committed_blocks == full and len(seq.block_hashes) == full
-
-    hashed: list[int] = []
-    real = sched_mod.block_hashes
-    monkeypatch.setattr(
-        sched_mod, "block_hashes", lambda ids, *a: hashed.append(len(ids)) or real(ids, *a)
-    )
-    committed: list[int] = []
-    real_commit = decode.pool.commit_many
-    monkeypatch.setattr(
-        decode.pool, "commit_many", lambda b, h: committed.extend(b) or real_commit(b, h)
-    )
-    continue_prefilled(
-        decode, "r", seq.prompt_ids, seq.output_ids, seq.params, seq.block_ids,
-        tenant=seq.tenant, priority=seq.priority, num_computed=seq.num_computed,
-        block_hashes=seq.block_hashes, committed_blocks=seq.num_committed_blocks,
-    )  # fmt: skip
-    adopted = decode.seqs["r"]
-    assert hashed == [] and committed == []  # nothing hashed or committed again
-    assert adopted.block_hashes == real(prompt[: full * CONFIG.block_size], CONFIG.block_size,
-                                        decode.scheduler.hash_root)  # fmt: skip
-    got = list(first)
-    while decode.has_unfinished():
-        got += [t for e in decode.step() for t in e.token_ids]
-    assert got == want
-    assert hashed  # later blocks are hashed as they fill (the chain goes on)
-    decode.check_integrity()
-    assert decode.pool.stats().used == 0 or decode.pool.stats().used == decode.pool.stats().cached
-
-
-def test_prompt_hashes_given_at_submit_spare_admission_the_hashing(
-    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``prompt_block_hashes`` equals what admission computes, and a request queued with them
-    is admitted (and hits the prefix cache) without hashing on the engine's thread."""
-    from kvrelay.workers.engine import scheduler as sched_mod
-
-    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    prompt = prompts[4] * 3
-    plain = Engine(loaded, CONFIG)
-    plain.add_request("a", prompt, greedy)
-    plain.step()
-    hashes = plain.prompt_block_hashes(prompt)
-    assert hashes and plain.seqs["a"].block_hashes[: len(hashes)] == hashes
-    while plain.has_unfinished():
-        plain.step()
-
-    hashed: list[int] = []
-    real = sched_mod.block_hashes
-    monkeypatch.setattr(
-        sched_mod, "block_hashes", lambda ids, *a: hashed.append(len(ids)) or real(ids, *a)
-    )
-    plain.add_request("b", prompt, greedy, block_hashes=hashes)
-    while plain.has_unfinished():
-        plain.step()
-    assert all(n > len(hashes) * CONFIG.block_size for n in hashed)  # only later blocks
-    assert plain.scheduler.prefix_hits >= len(hashes) * CONFIG.block_size  # b reused a's
-    with pytest.raises(ValueError, match="block_hashes"):
-        plain.add_request("c", prompt, greedy, block_hashes=hashes[:-1])
-
-
-def test_a_burst_of_handovers_is_adopted_in_one_command(
-    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference
-) -> None:
-    """Requests the prefill lane hands over while the decode lane is busy wait in transit for
-    one adoption command (one storage-lock acquisition on the decode lane, not one each);
-    their tokens are still the colocated worker's and nothing leaks."""
-    sink = Collector()
-    params = mixed_params(len(prompts))
-    semi = SemiPDWorker(
-        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink,
-        prefill_tokens=4096,
-    )  # fmt: skip
-    try:
-        want = colocated(prompts, params)
-        rids = [f"b-{i}" for i in range(len(prompts))]
-        with paused(semi.loop, semi.storage_lock):
-            for rid, p, sp in zip(rids, prompts, params, strict=True):
-                semi.submit(rid, p, sp)
-            sink.wait(lambda: all(r in sink.tokens for r in rids))  # every first token out
-            sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
-            assert semi.loop._commands.qsize() == 1  # one adoption command for the burst
-        sink.wait_done(rids)
-        assert [sink.tokens[r] for r in rids] == want
-        assert semi.handovers == len(rids)
         assert_clean(semi)
     finally:
         semi.shutdown()

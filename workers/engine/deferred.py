@@ -46,7 +46,7 @@ class DeferredReleases:
         self.pool = pool
         self._fence = fence
         self._held: deque[tuple[Fence, list[int]]] = deque()  # fences in launch order
-        self.deferred_blocks = 0  # blocks ever held back (tests, stats)
+        self.held_total = 0  # blocks ever held back (stats: overlap_held_blocks)
 
     def __bool__(self) -> bool:
         return bool(self._held)
@@ -61,7 +61,7 @@ class DeferredReleases:
             self.pool.release(blocks)
             return
         self._held.append((fence, blocks))
-        self.deferred_blocks += len(blocks)
+        self.held_total += len(blocks)
 
     def reclaim(self, completed: int, *, wait: bool = False) -> int:
         """Release, oldest first, what is held behind fences that are done by ``completed``;

@@ -583,7 +583,7 @@ class Engine:
                 "swap_deferred_rows": s.deferred_rows,
                 "overlap_discarded_tokens": self.discarded_tokens,
                 # blocks whose release waited for a step in flight (``defer_releases``)
-                "overlap_held_blocks": d.deferred_blocks if (d := self.deferred) is not None else 0,
+                "overlap_held_blocks": d.held_total if (d := self.deferred) is not None else 0,
             },
             cpu_pool=self.cpu_tier.pool.stats() if self.cpu_tier else None,
             prefix_hit_tokens_cpu=s.prefix_hits_cpu,

@@ -1,0 +1,216 @@
+"""Handovers inside one KV storage, engine by engine (fp32, CPU, the default model): what the
+prefill engine hands over (block ids, their hashes) the decode engine adopts without copying,
+hashing or committing again; an overlapped decode engine holds the blocks it frees until its
+step in flight is read; a burst of handovers is adopted in one command. The worker-level tests
+are in test_semi_pd.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kvrelay.workers.engine.engine import Engine
+from kvrelay.workers.kv.tiers import check_owned
+from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.semi_pd.worker import SemiPDWorker
+from kvrelay.workers.types import SamplingParams
+from kvrelay.workers.worker import Worker
+from kvrelay_testing.prompts import chat_prompts
+from kvrelay_testing.semi_pd import (
+    CONFIG,
+    QUESTIONS,
+    Collector,
+    assert_clean,
+    generate,
+    mixed_params,
+    paused,
+)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    torch.manual_seed(0)
+    return load_model(None)
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded: LoadedModel) -> list[list[int]]:
+    return chat_prompts(loaded.tokenizer, QUESTIONS)
+
+
+def test_overlapped_lane_holds_freed_blocks_until_its_step_is_read(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """The two lanes' engines over one storage, stepped by hand: a block the overlapped decode
+    engine frees with a step in flight (a finish read one step late, an abort between steps)
+    stays out of the other engine's reach, owned by the decode engine, until the decode
+    engine has read a step launched after the release; then it is back in the pool."""
+    decode = Engine(loaded, replace(CONFIG, overlap_schedule=True), defer_releases=True)
+    other = Engine(loaded, replace(CONFIG, overlap_schedule=False), storage=decode.storage)
+    pool = decode.pool
+
+    def reachable(blocks: list[int]) -> set[int]:
+        """Of ``blocks``, those the other engine can allocate now (everything it can, back)."""
+        got = other.reserve(pool.num_available) or []
+        other.unreserve(got)
+        return set(blocks) & set(got)
+
+    def owned() -> None:  # exact ownership: sequences and held releases, nothing else
+        decode.check_integrity()
+        seqs = decode.seqs.values()
+        check_owned(pool, [*(b for s in seqs for b in s.block_ids), *decode.deferred_blocks()])
+
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    decode.add_request("short", prompts[0], short)
+    decode.add_request("long", prompts[1], endless)
+    # 1. a finish: read while the next step (without it) already runs
+    finished: list[int] = []
+    while not finished:
+        blocks = list(decode.seqs["short"].block_ids)
+        if any(e.finish_reason is not None for e in decode.step()):
+            finished = blocks
+    assert reachable(finished) == set()
+    assert decode.has_unfinished() and set(decode.deferred_blocks()) == set(finished)
+    owned()
+    decode.step()  # reads the step that was in flight at the finish
+    assert decode.deferred_blocks() == [] and reachable(finished) == set(finished)
+    owned()
+    # 2. an abort between steps, a step in flight
+    blocks = list(decode.seqs["long"].block_ids)
+    assert decode.abort("long")
+    assert reachable(blocks) == set()
+    owned()
+    decode.step()  # nothing to schedule: reads the last step, gives everything back
+    assert not decode.has_unfinished() and reachable(blocks) == set(blocks)
+    owned()
+    assert pool.stats().used == 0
+    # 3. shutting down with a step in flight: what an abort left held goes back
+    decode.add_request("last", prompts[2], endless)
+    while len(decode.seqs["last"].output_ids) < 2:
+        decode.step()
+    assert decode.abort("last") and decode.deferred_blocks()
+    decode.close()
+    assert decode.deferred_blocks() == [] and pool.stats().used == 0
+
+
+def test_an_adopted_request_keeps_its_block_hashes_without_hashing_again(
+    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handover inside one storage carries the prefill lane's block hashes: the decode engine
+    neither hashes nor commits the prompt's blocks again, ends with the same hashes as one
+    that did, and its tokens equal the colocated engine's."""
+    from kvrelay.workers.engine import scheduler as sched_mod
+    from kvrelay.workers.worker import continue_prefilled
+
+    greedy = SamplingParams(max_tokens=CONFIG.block_size + 4, temperature=0.0, ignore_eos=True)
+    prompt = prompts[4] * 3  # several full blocks; the output fills at least one more
+    colocated = Engine(loaded, CONFIG)
+    colocated.add_request("r", prompt, greedy)
+    want: list[int] = []
+    while colocated.has_unfinished():
+        want += [t for e in colocated.step() for t in e.token_ids]
+
+    decode = Engine(loaded, CONFIG)
+    prefill = Engine(loaded, CONFIG, storage=decode.storage)
+    prefill.add_request("r", prompt, greedy, prefill_only=True)
+    first: list[int] = []
+    while not first:
+        first = [t for e in prefill.step() for t in e.token_ids]
+    seq = prefill.hand_over("r")
+    full = len(prompt) // CONFIG.block_size
+    assert seq.num_committed_blocks == full and len(seq.block_hashes) == full
+
+    hashed: list[int] = []
+    real = sched_mod.block_hashes
+    monkeypatch.setattr(
+        sched_mod, "block_hashes", lambda ids, *a: hashed.append(len(ids)) or real(ids, *a)
+    )
+    committed: list[int] = []
+    real_commit = decode.pool.commit_many
+    monkeypatch.setattr(
+        decode.pool, "commit_many", lambda b, h: committed.extend(b) or real_commit(b, h)
+    )
+    continue_prefilled(
+        decode, "r", seq.prompt_ids, seq.output_ids, seq.params, seq.block_ids,
+        tenant=seq.tenant, priority=seq.priority, num_computed=seq.num_computed,
+        block_hashes=seq.block_hashes, committed_blocks=seq.num_committed_blocks,
+    )  # fmt: skip
+    adopted = decode.seqs["r"]
+    assert hashed == [] and committed == []  # nothing hashed or committed again
+    assert adopted.block_hashes == real(prompt[: full * CONFIG.block_size], CONFIG.block_size,
+                                        decode.scheduler.hash_root)  # fmt: skip
+    got = list(first)
+    while decode.has_unfinished():
+        got += [t for e in decode.step() for t in e.token_ids]
+    assert got == want
+    assert hashed  # later blocks are hashed as they fill (the chain goes on)
+    decode.check_integrity()
+    assert decode.pool.stats().used == 0 or decode.pool.stats().used == decode.pool.stats().cached
+
+
+def test_prompt_hashes_given_at_submit_spare_admission_the_hashing(
+    loaded: LoadedModel, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prompt_block_hashes`` equals what admission computes, and a request queued with them
+    is admitted (and hits the prefix cache) without hashing on the engine's thread."""
+    from kvrelay.workers.engine import scheduler as sched_mod
+
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = prompts[4] * 3
+    plain = Engine(loaded, CONFIG)
+    plain.add_request("a", prompt, greedy)
+    plain.step()
+    hashes = plain.prompt_block_hashes(prompt)
+    assert hashes and plain.seqs["a"].block_hashes[: len(hashes)] == hashes
+    while plain.has_unfinished():
+        plain.step()
+
+    hashed: list[int] = []
+    real = sched_mod.block_hashes
+    monkeypatch.setattr(
+        sched_mod, "block_hashes", lambda ids, *a: hashed.append(len(ids)) or real(ids, *a)
+    )
+    plain.add_request("b", prompt, greedy, block_hashes=hashes)
+    while plain.has_unfinished():
+        plain.step()
+    assert all(n > len(hashes) * CONFIG.block_size for n in hashed)  # only later blocks
+    assert plain.scheduler.prefix_hits >= len(hashes) * CONFIG.block_size  # b reused a's
+    with pytest.raises(ValueError, match="block_hashes"):
+        plain.add_request("c", prompt, greedy, block_hashes=hashes[:-1])
+
+
+def test_a_burst_of_handovers_is_adopted_in_one_command(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """Requests the prefill lane hands over while the decode lane is busy wait in transit for
+    one adoption command (one storage-lock acquisition on the decode lane, not one each);
+    their tokens are still the colocated worker's and nothing leaks."""
+    sink = Collector()
+    params = mixed_params(len(prompts))
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink,
+        prefill_tokens=4096,
+    )  # fmt: skip
+    try:
+        ref_sink = Collector()
+        ref = Worker("ref", "colocated", model=loaded, engine_config=CONFIG, sink=ref_sink)
+        try:
+            want = generate(ref, ref_sink, prompts, params, "ref")
+        finally:
+            ref.shutdown()
+        rids = [f"b-{i}" for i in range(len(prompts))]
+        with paused(semi.loop, semi.storage_lock):
+            for rid, p, sp in zip(rids, prompts, params, strict=True):
+                semi.submit(rid, p, sp)
+            sink.wait(lambda: all(r in sink.tokens for r in rids))  # every first token out
+            sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
+            assert semi.loop._commands.qsize() == 1  # one adoption command for the burst
+        sink.wait_done(rids)
+        assert [sink.tokens[r] for r in rids] == want
+        assert semi.handovers == len(rids)
+        assert_clean(semi)
+    finally:
+        semi.shutdown()

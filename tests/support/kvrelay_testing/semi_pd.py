@@ -1,0 +1,102 @@
+"""What the semi-PD worker tests share (tests/integration/test_semi_pd*.py): the questions and
+engine config they run, an event sink that collects tokens, a way to hold a lane at an
+iteration boundary, and the integrity check every test ends with."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+from kvrelay.workers.worker import Worker
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child in three sentences, using simple words and an example.",
+    "List five prime numbers.",
+    "Describe how a bicycle works, covering the frame, the chain, the gears and the brakes.",
+    "Translate 'good morning' into Spanish.",
+]
+CONFIG = EngineConfig(max_num_batched_tokens=48, num_blocks=256, cpu_num_blocks=64)
+
+
+class Collector:
+    """The workers' event sink: tokens and finish reason per request."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, FinishReason] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
+        with self._lock:
+            for e in events:
+                self.tokens.setdefault(e.request_id, []).extend(e.token_ids)
+                if e.finish_reason is not None:
+                    self.finish[e.request_id] = e.finish_reason
+
+    def wait(self, cond: Callable[[], bool], timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "condition not reached in time"
+            time.sleep(0.02)
+
+    def wait_done(self, rids: list[str]) -> None:
+        self.wait(lambda: all(r in self.finish for r in rids))
+
+
+@contextmanager
+def paused(loop: EngineLoop, storage_lock: threading.Lock) -> Iterator[None]:
+    """Hold ``loop`` at an iteration boundary, the storage lock given back meanwhile."""
+    entered, go = threading.Event(), threading.Event()
+
+    def hold(_: Engine) -> None:
+        storage_lock.release()
+        entered.set()
+        go.wait(120)
+        storage_lock.acquire()
+
+    loop.submit(hold)
+    assert entered.wait(120)
+    try:
+        yield
+    finally:
+        go.set()
+
+
+def mixed_params(n: int) -> list[SamplingParams]:
+    """Greedy for even requests, seeded top-k/top-p sampling for odd ones."""
+    return [
+        SamplingParams(max_tokens=24, temperature=0.0)
+        if i % 2 == 0
+        else SamplingParams(max_tokens=24, temperature=0.9, top_k=40, top_p=0.95, seed=100 + i)
+        for i in range(n)
+    ]
+
+
+def generate(
+    worker: Worker,
+    sink: Collector,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    tag: str,
+) -> list[list[int]]:
+    rids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(rids, prompts, params, strict=True):
+        worker.submit(rid, p, sp)
+    sink.wait_done(rids)
+    return [sink.tokens[r] for r in rids]
+
+
+def assert_clean(worker: Worker) -> dict[str, int]:
+    """No request left, no block referenced: nothing leaked, nothing owned twice."""
+    figures = worker.check_integrity()
+    assert figures["requests"] == 0 and figures["used"] == 0, figures
+    assert figures.get("held", 0) == 0, figures  # the decode lane gave back what it held
+    assert figures.get("cpu_used", 0) == 0 and figures["reservations"] == 0, figures
+    return figures
