@@ -23,11 +23,12 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
-import aiohttp
+from typing import TYPE_CHECKING, Literal
 
 from kvrelay.cluster.spot.notices import NoticeKind, NoticeSink, PreemptionNotice, parse_rfc3339
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class MetadataPoller:
 
     async def poll_once(self) -> PreemptionNotice | None:
         """One request; the notice it fired (at most once per reclaim), or None."""
+        import aiohttp  # here, not at import: every worker imports this module (0.27 s)
+
         cfg = self.config
         self.polls += 1
         try:
@@ -174,6 +177,8 @@ class MetadataPoller:
         return notice
 
     async def _fetch(self) -> tuple[int, str]:
+        import aiohttp
+
         cfg = self.config
         if self._session is None:
             self._session = aiohttp.ClientSession()
