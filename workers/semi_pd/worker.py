@@ -354,16 +354,20 @@ class SemiPDWorker(Worker):
     # ---- the handoff inside --------------------------------------------------------------
     def _emit_prefill(self, events: list[TokenEvent]) -> None:
         """The prefill lane's sink (its loop thread, after a step): the first tokens are queued
-        to go out, then each internal request is handed over."""
+        to go out, then the step's internal requests are handed over, under one lock hold."""
         self._events.put(events)
+        handing: list[str] = []
         for ev in events:
             if self.tuner is not None:
                 self.tuner.on_first_token(ev.request_id, ev.finish_reason is not None)
             if ev.finish_reason is not None:
                 self._internal.discard(ev.request_id)  # done at its first token
             elif ev.request_id in self._internal:
-                with self.storage_lock:
-                    self._hand_over(self.prefill_engine, ev.request_id)
+                handing.append(ev.request_id)
+        if handing:
+            with self.storage_lock:
+                for rid in handing:
+                    self._hand_over(self.prefill_engine, rid)
         self._tick()
 
     def _emit_decode(self, events: list[TokenEvent]) -> None:
