@@ -144,24 +144,14 @@ class BlockPool:
         """Record that a used block now holds the full block ``block_hash``. Returns False when
         another block already holds that hash (this one then stays unhashed and is freed on
         release, so each hash has one owner)."""
-        if self._ref[block_id] <= 0:
-            raise PoolError(f"commit of unreferenced block {block_id}")
-        current = self._hash[block_id]
-        if current is not None:
-            if current != block_hash:
-                raise PoolError(f"block {block_id} already holds another hash")
-            return True
-        if block_hash in self._by_hash:
-            return False
-        self._hash[block_id] = block_hash
-        self._by_hash[block_hash] = block_id
-        self._events.append(KVEvent(KVEventKind.STORED, self.tier, (block_hash,)))
-        return True
+        self.commit_many((block_id,), (block_hash,))
+        return self._hash[block_id] == block_hash
 
     def commit_many(self, block_ids: Sequence[int], block_hashes: Sequence[int]) -> None:
         """``commit`` of each pair in order, the hashes newly stored as one STORED event: a
         step's newly full blocks (a 4096-token prefill step commits 256; one call each was
-        half the host time a semi-PD prefill step holds the storage lock for)."""
+        half the host time a semi-PD prefill step holds the storage lock for). A block whose
+        hash another block already holds stays unhashed."""
         if len(block_ids) != len(block_hashes):
             raise PoolError(f"{len(block_ids)} blocks but {len(block_hashes)} hashes")
         ref, owner, by_hash = self._ref, self._hash, self._by_hash
@@ -176,7 +166,7 @@ class BlockPool:
                         raise PoolError(f"block {block_id} already holds another hash")
                     continue
                 if block_hash in by_hash:
-                    continue  # another block holds it: this one stays unhashed (``commit``)
+                    continue  # another block holds it: this one stays unhashed
                 owner[block_id] = block_hash
                 by_hash[block_hash] = block_id
                 stored.append(block_hash)
