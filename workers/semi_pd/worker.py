@@ -463,26 +463,30 @@ class SemiPDWorker(Worker):
         last call, in order. One command a burst: each command takes the storage lock, and a
         burst of long prompts handed over by one prefill step cost the decode lane a lock wait
         each (H100, 2026-12-06: decode commands 7-16 ms p99, nearly all of it waiting)."""
-        with self._lock:
-            rids, self._to_adopt = self._to_adopt, []
-            self._adopt_queued = False
-        for rid in rids:
+        for rid in self._take_to_adopt():
             try:
                 self._adopt(rid, e)
-            except Exception as exc:  # never leave the stream hanging
-                log.error("decode lane could not adopt %s: %r", rid, exc)
-                self._events.put([TokenEvent(rid, (), finish_reason=FinishReason.ABORT)])
+            except Exception as exc:
+                self._not_adopted(rid, exc)
 
     def _adopted_all(self, fut: Future[None]) -> None:
         """The command did not run (the decode lane stopped): what waits for it ends."""
-        if fut.exception() is None:
-            return
+        exc = fut.exception()
+        if exc is not None:
+            for rid in self._take_to_adopt():
+                self._not_adopted(rid, exc)
+
+    def _take_to_adopt(self) -> list[str]:
+        """The requests handed over since the last adoption command, which is over."""
         with self._lock:
             rids, self._to_adopt = self._to_adopt, []
             self._adopt_queued = False
-        for rid in rids:
-            log.error("decode lane could not adopt %s: %r", rid, fut.exception())
-            self._events.put([TokenEvent(rid, (), finish_reason=FinishReason.ABORT)])
+        return rids
+
+    def _not_adopted(self, request_id: str, exc: BaseException) -> None:
+        """Never leave the stream hanging: it ends, aborted."""
+        log.error("decode lane could not adopt %s: %r", request_id, exc)
+        self._events.put([TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)])
 
     def _adopt(self, request_id: str, e: Engine) -> None:
         """Same block ids, no copy (``_adopt_all``)."""
