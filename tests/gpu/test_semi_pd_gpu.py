@@ -29,8 +29,9 @@ from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.semi_pd.sm_partition import GreenContextPartition, Lane, Split
 from kvrelay.workers.semi_pd.worker import PREFILL_TOKENS, SemiPDWorker
-from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+from kvrelay.workers.types import SamplingParams
 from kvrelay.workers.worker import Worker
+from kvrelay_testing.semi_pd import Collector
 
 pytestmark = pytest.mark.gpu
 
@@ -335,26 +336,6 @@ def test_lanes_never_get_each_others_freed_memory() -> None:
     assert seen["sevens"] == n  # and nothing of the prefill lane's landed in it
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.tokens: dict[str, list[int]] = {}
-        self.done: dict[str, FinishReason] = {}
-        self.lock = threading.Lock()
-
-    def __call__(self, worker_id: str, events: list[TokenEvent]) -> None:
-        with self.lock:
-            for e in events:
-                self.tokens.setdefault(e.request_id, []).extend(e.token_ids)
-                if e.finish_reason is not None:
-                    self.done[e.request_id] = e.finish_reason
-
-    def wait(self, rids: list[str], timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not all(r in self.done for r in rids):
-            assert time.monotonic() < deadline, "requests did not finish"
-            time.sleep(0.01)
-
-
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 def test_semi_pd_worker_on_cuda_matches_colocated(
     make_gpu_llama: Callable[..., Path], overlap: bool
@@ -368,7 +349,7 @@ def test_semi_pd_worker_on_cuda_matches_colocated(
         for n in torch.randint(8, 200, (12,), generator=gen)
     ]
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-    sink = Sink()
+    sink = Collector()
     colocated = Worker(
         "c",
         "colocated",
@@ -396,7 +377,10 @@ def test_semi_pd_worker_on_cuda_matches_colocated(
             semi.submit(f"s{i}", p, params)
             if i == len(prompts) // 2:
                 semi.set_split(Split(30, 70))  # mid-run: taken at the lanes' next boundaries
-        sink.wait([f"c{i}" for i in range(len(prompts))] + [f"s{i}" for i in range(len(prompts))])
+        sink.wait_done(
+            [f"c{i}" for i in range(len(prompts))] + [f"s{i}" for i in range(len(prompts))],
+            timeout=300,
+        )
         assert [sink.tokens[f"s{i}"] for i in range(len(prompts))] == [
             sink.tokens[f"c{i}"] for i in range(len(prompts))
         ]
@@ -435,13 +419,13 @@ def test_decode_lane_captures_a_graph_set_per_share(make_gpu_llama: Callable[...
 @contextlib.contextmanager
 def _captured_pair(
     make_gpu_llama: Callable[..., Path], split: Split
-) -> Iterator[tuple[Worker, SemiPDWorker, Sink]]:
+) -> Iterator[tuple[Worker, SemiPDWorker, Collector]]:
     """A colocated worker and a semi-PD one at ``split``, both capturing graphs up front (fp32,
     one small model, one sink)."""
     config = EngineConfig(
         max_num_seqs=4, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True
     )
-    sink = Sink()
+    sink = Collector()
     kw: dict[str, Any] = dict(
         model=str(make_gpu_llama(seed=3)), engine_config=config, sink=sink, device="cuda",
         dtype=torch.float32,
@@ -455,14 +439,14 @@ def _captured_pair(
         semi.shutdown()
 
 
-def _two_requests_alike(colocated: Worker, semi: SemiPDWorker, sink: Sink) -> None:
+def _two_requests_alike(colocated: Worker, semi: SemiPDWorker, sink: Collector) -> None:
     """Two greedy requests on each worker: the semi-PD worker's tokens are the colocated's."""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     for i, rid in enumerate(("a", "b")):
         p = list(range(5 + i, 40 + i))
         colocated.submit(f"c{rid}", p, params)
         semi.submit(f"s{rid}", p, params)
-    sink.wait(["ca", "cb", "sa", "sb"])
+    sink.wait_done(["ca", "cb", "sa", "sb"], timeout=300)
     assert sink.tokens["sa"] == sink.tokens["ca"] and sink.tokens["sb"] == sink.tokens["cb"]
 
 

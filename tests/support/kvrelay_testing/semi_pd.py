@@ -46,8 +46,8 @@ class Collector:
             assert time.monotonic() < deadline, "condition not reached in time"
             time.sleep(0.02)
 
-    def wait_done(self, rids: list[str]) -> None:
-        self.wait(lambda: all(r in self.finish for r in rids))
+    def wait_done(self, rids: list[str], timeout: float = 240.0) -> None:
+        self.wait(lambda: all(r in self.finish for r in rids), timeout)
 
 
 @contextmanager
