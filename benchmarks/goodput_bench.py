@@ -21,6 +21,8 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
   whole device, with chunked prefill (``--max-num-batched-tokens``).
 * ``semi_pd_overlap``: optional, ``semi_pd`` with the overlapped decode lane
   (``--semi-pd-decode-overlap``: its freed blocks held until its steps are done).
+* ``semi_pd_poverlap``: optional, ``semi_pd`` with the overlapped prefill lane
+  (``--semi-pd-prefill-overlap``: the host schedules the next chunk while this one computes).
 * ``semi_pd_fixed``: optional, ``semi_pd`` held at ``--semi-pd-fixed-split`` (the rule off),
   to compare with an adaptive ``semi_pd`` in one run (``--semi-pd-fixed`` fixes every one).
 
@@ -73,7 +75,7 @@ from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.workers.model.source import load_tokenizer
 
 NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "semi_pd_first",
-         "semi_pd_overlap", "semi_pd_fixed")
+         "semi_pd_overlap", "semi_pd_poverlap", "semi_pd_fixed")
 
 
 def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
@@ -152,6 +154,7 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         # the block scheduler first come, first served)
         "semi_pd_first": semi(semi_pd_decode_first=True),
         "semi_pd_overlap": semi(semi_pd_decode_overlap=True),
+        "semi_pd_poverlap": semi(semi_pd_prefill_overlap=True),  # the prefill lane overlapped
         # semi_pd held at --semi-pd-fixed-split (the rule off), beside an adaptive semi_pd
         "semi_pd_fixed": semi(semi_pd_adaptive=False, semi_pd_prefill_sm=fp,
                               semi_pd_decode_sm=fd, **fixed_tokens),
@@ -200,7 +203,7 @@ def sweep(name: str, argv: list[str], out_json: Path, t0: float,
 
 
 LANE_PHASES = ("cycle", "step", "forward", "lock_wait", "relock_wait", "sink", "command",
-               "idle_wait")
+               "idle_wait", "schedule", "commit", "sample")
 
 
 def lane_times(workers: dict[str, str], reset: bool) -> dict[str, Any]:
@@ -284,7 +287,8 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
 
 def describe(name: str, cfg: ServeConfig) -> str:
     if cfg.semi_pd:
-        lane = ", overlapped decode lane" if cfg.semi_pd_decode_overlap else ""
+        lane = "".join(f", overlapped {name} lane" for name, on in (
+            ("decode", cfg.semi_pd_decode_overlap), ("prefill", cfg.semi_pd_prefill_overlap)) if on)
         rule = "SLO-aware from" if cfg.semi_pd_adaptive else "fixed at"
         return (f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split {rule} "
                 f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}, prefill lane "
@@ -383,7 +387,9 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
     for a, b in (("pd", "colocated"), ("planner", "colocated"), ("planner", "pd"),
                  ("planner", "pd_start"), ("semi_pd", "colocated1"), ("semi_pd", "colocated"),
                  ("semi_pd_first", "colocated1"), ("semi_pd_first", "semi_pd"),
-                 ("semi_pd_overlap", "colocated1"), ("semi_pd_overlap", "semi_pd")):
+                 ("semi_pd_overlap", "colocated1"), ("semi_pd_overlap", "semi_pd"),
+                 ("semi_pd_poverlap", "colocated1"), ("semi_pd_poverlap", "semi_pd"),
+                 ("semi_pd_fixed", "colocated1")):
         if a in gp and b in gp:
             lines.append(f"goodput {a}/{b}: "
                          + (f"{gp[a] / gp[b]:.2f}" if gp[b] else f"n/a ({b} goodput 0)"))

@@ -303,6 +303,7 @@ class ControllerActor(Controller):
             semi_pd["prefill_tokens"] = cfg.semi_pd_prefill_tokens
             semi_pd["decode_first"] = cfg.semi_pd_decode_first
             semi_pd["decode_overlap"] = cfg.semi_pd_decode_overlap
+            semi_pd["prefill_overlap"] = cfg.semi_pd_prefill_overlap
             if cfg.semi_pd_adaptive:
                 semi_pd["split_rule"] = SplitRuleConfig(cfg.ttft_slo_s, cfg.itl_slo_s)
         handle = actor.options(**options).remote(  # type: ignore[attr-defined]

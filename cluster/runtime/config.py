@@ -64,6 +64,8 @@ class ServeConfig(BaseModel):
     # the decode lane runs the overlapped step (host prepares step N+1 while N runs), its block
     # releases held until its steps are done (workers/semi_pd/worker.py); default: plain step
     semi_pd_decode_overlap: bool = False
+    # the prefill lane too: the host schedules its next chunk while the GPU computes this one
+    semi_pd_prefill_overlap: bool = False
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -330,6 +332,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--semi-pd-decode-overlap", action="store_true", default=S,
                    help="the decode lane runs the overlapped step, its freed blocks held back "
                         "until its steps are done (default: the plain step)")
+    p.add_argument("--semi-pd-prefill-overlap", action="store_true", default=S,
+                   help="the prefill lane runs the overlapped step: the host schedules its "
+                        "next chunk while the GPU computes this one (default: the plain step)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

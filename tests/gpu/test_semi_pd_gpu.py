@@ -336,11 +336,16 @@ def test_lanes_never_get_each_others_freed_memory() -> None:
     assert seen["sevens"] == n  # and nothing of the prefill lane's landed in it
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+@pytest.mark.parametrize(
+    ("overlap", "prefill_overlap"),
+    [(False, False), (True, False), (True, True)],
+    ids=["plain", "overlap", "both"],
+)
 def test_semi_pd_worker_on_cuda_matches_colocated(
-    make_gpu_llama: Callable[..., Path], overlap: bool
+    make_gpu_llama: Callable[..., Path], overlap: bool, prefill_overlap: bool
 ) -> None:
-    """Also with the overlapped decode lane (its releases held behind CUDA events)."""
+    """Also with the overlapped decode lane (its releases held behind CUDA events), and with
+    both lanes overlapped (commits too: a block's hash reaches the pool once its step is read)."""
     folder = str(make_gpu_llama(seed=7))
     config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=64, num_blocks=512)
     gen = torch.Generator().manual_seed(0)
@@ -369,9 +374,11 @@ def test_semi_pd_worker_on_cuda_matches_colocated(
         dtype=torch.float32,
         split=Split(60, 100),
         decode_overlap=overlap,
+        prefill_overlap=prefill_overlap,
     )
     try:
         assert semi.partition.enforced and semi.engine.overlap is overlap
+        assert semi.prefill_engine.overlap is prefill_overlap
         for i, p in enumerate(prompts):
             colocated.submit(f"c{i}", p, params)
             semi.submit(f"s{i}", p, params)

@@ -40,6 +40,12 @@ from kvrelay_testing.semi_pd import (
 
 # the decode lane's step: plain (the default) or overlapped, its releases held back
 OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+# ... and the prefill lane's: plain, or overlapped with the decode lane's ("both")
+LANES = pytest.mark.parametrize(
+    ("overlap", "prefill_overlap"),
+    [(False, False), (True, False), (True, True)],
+    ids=["plain", "overlap", "both"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +81,22 @@ def colocated(loaded: LoadedModel) -> Iterator[Reference]:
     worker.shutdown()
 
 
-@OVERLAP
+@LANES
 def test_tokens_match_colocated(
-    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference, overlap: bool
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    colocated: Reference,
+    overlap: bool,
+    prefill_overlap: bool,
 ) -> None:
     sink = Collector()
     params = mixed_params(len(prompts))
     semi = SemiPDWorker(
-        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink, decode_overlap=overlap
-    )
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink, decode_overlap=overlap,
+        prefill_overlap=prefill_overlap,
+    )  # fmt: skip
     try:
-        assert semi.engine.overlap is overlap and semi.prefill_engine.overlap is False
+        assert semi.engine.overlap is overlap and semi.prefill_engine.overlap is prefill_overlap
         want = colocated(prompts, params)
         got = generate(semi, sink, prompts, params, "s")
         assert got == want
@@ -101,6 +112,9 @@ def test_tokens_match_colocated(
         assert figures["transit"] == 0
         # the overlapped lane held back what it freed with a step in flight (every finish)
         assert (hb.stats.extra["overlap_held_blocks"] > 0) is overlap
+        # an overlapped prefill lane's full blocks were committed once their step was read
+        held = semi.prefill_loop.call(lambda e: e.stats().extra["overlap_held_commits"])
+        assert (held > 0) is prefill_overlap
     finally:
         semi.shutdown()
 
@@ -281,9 +295,9 @@ def test_handoff_moves_block_ids_and_no_bytes(
         del store
 
 
-@OVERLAP
+@LANES
 def test_faults_leave_storage_clean(
-    loaded: LoadedModel, prompts: list[list[int]], overlap: bool
+    loaded: LoadedModel, prompts: list[list[int]], overlap: bool, prefill_overlap: bool
 ) -> None:
     """Abort mid-prefill, mid-decode and in transit between the lanes: no block leaks and
     none is owned twice (exact ownership over both lanes)."""
@@ -291,7 +305,7 @@ def test_faults_leave_storage_clean(
     config = EngineConfig(max_num_batched_tokens=16, num_blocks=256, cpu_num_blocks=64)
     semi = SemiPDWorker(
         "s", "colocated", model=loaded, engine_config=config, sink=sink, prefill_tokens=16,
-        decode_overlap=overlap,
+        decode_overlap=overlap, prefill_overlap=prefill_overlap,
     )  # fmt: skip
     long_prompt = [t for p in prompts for t in p][:320]  # 20 prefill steps of 16 tokens
     endless = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
@@ -412,9 +426,13 @@ def test_split_rule_drives_the_lanes(
         semi.shutdown()
 
 
-@OVERLAP
+@LANES
 def test_concurrent_stress_never_double_allocates(
-    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference, overlap: bool
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    colocated: Reference,
+    overlap: bool,
+    prefill_overlap: bool,
 ) -> None:
     """Both lanes busy on a pool too small for the load (evictions, preemption on either lane), while
     another thread aborts a third of the requests at different points (before their first
@@ -430,8 +448,9 @@ def test_concurrent_stress_never_double_allocates(
     ]
     tight = EngineConfig(max_num_batched_tokens=32, num_blocks=24, cpu_num_blocks=16)
     semi = SemiPDWorker(
-        "s", "colocated", model=loaded, engine_config=tight, sink=sink, decode_overlap=overlap
-    )
+        "s", "colocated", model=loaded, engine_config=tight, sink=sink, decode_overlap=overlap,
+        prefill_overlap=prefill_overlap,
+    )  # fmt: skip
     victims = {f"s-{i}": i % 4 for i in range(0, len(batch), 3)}  # abort at this many tokens
     aborted: set[str] = set()
 

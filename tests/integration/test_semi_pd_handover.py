@@ -1,7 +1,7 @@
 """Handovers inside one KV storage, engine by engine (fp32, CPU, the default model): what the
 prefill engine hands over (block ids, their hashes) the decode engine adopts without copying,
-hashing or committing again; an overlapped decode engine holds the blocks it frees until its
-step in flight is read; a burst of handovers is adopted in one command. The worker-level tests
+hashing or committing again; an overlapped engine holds the blocks it frees, and the hashes of
+those it fills, until its step in flight is read; a burst of handovers is adopted in one command. The worker-level tests
 are in test_semi_pd.py."""
 
 from __future__ import annotations
@@ -94,6 +94,45 @@ def test_overlapped_lane_holds_freed_blocks_until_its_step_is_read(
     assert decode.abort("last") and decode.deferred_blocks()
     decode.close()
     assert decode.deferred_blocks() == [] and pool.stats().used == 0
+
+
+def test_an_overlapped_engine_commits_a_block_once_its_step_is_read(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """An overlapped engine over a shared storage launches step N+1 before it reads step N: the
+    blocks step N+1 fills are not in the pool's prefix index (where the other lane's lookup
+    would read them before their KV is written) until a read shows the step done. A request
+    aborted with its commit waiting leaves its blocks unhashed."""
+    engine = Engine(loaded, replace(CONFIG, overlap_schedule=True), defer_releases=True)
+    pool, bs = engine.pool, CONFIG.block_size
+    prompt = [t for p in prompts * 2 for t in p][:200]  # 48-token chunks: 5 steps of prefill
+    assert len(prompt) == 200
+    engine.add_request("a", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    seq = engine.seqs["a"]
+    engine.step()  # launches chunk 1 (3 full blocks); nothing read
+    assert seq.num_committed_blocks == 3 and seq.block_hashes[:3]
+    assert pool.lookup(seq.block_hashes[:3]) == []  # held, not in the index
+    engine.step()  # chunk 2 launched, then chunk 1 read (it sampled nothing)
+    assert pool.lookup(seq.block_hashes[:6]) == seq.block_ids[:3]  # chunk 1's only
+    while not any(e.request_id == "a" for e in engine.step()):
+        pass  # until the first token is read: the prompt's last chunk is done
+    full = len(prompt) // bs
+    assert pool.lookup(seq.block_hashes[:full]) == seq.block_ids[:full]  # all published
+    assert engine.stats().extra["overlap_held_commits"] == full
+    # an abort with a commit waiting: the commit is dropped, the blocks come back unhashed
+    engine.add_request("b", prompts[3] * 3, SamplingParams(max_tokens=40, temperature=0.0))
+    engine.step()
+    b = engine.seqs["b"]
+    held_hashes, held_blocks = list(b.block_hashes), list(b.block_ids)
+    assert held_hashes and pool.lookup(held_hashes) == []
+    assert engine.abort("b")
+    while engine.has_unfinished():
+        engine.step()
+    assert pool.lookup(held_hashes) == []
+    assert all(pool.block_hash(x) is None for x in held_blocks)
+    engine.check_integrity()
+    assert pool.stats().used == 0
+    engine.close()
 
 
 def test_an_adopted_request_keeps_its_block_hashes_without_hashing_again(

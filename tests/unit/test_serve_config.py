@@ -134,15 +134,19 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
         "--semi-pd-prefill-tokens",
         "2048",
         "--semi-pd-decode-overlap",
+        "--semi-pd-prefill-overlap",
     )
     assert cfg.semi_pd and (cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (60, 100)
     assert cfg.semi_pd_adaptive and cfg.semi_pd_window_s == 0.5
     assert cfg.semi_pd_prefill_tokens == 2048 and cfg.semi_pd_decode_overlap
+    assert cfg.semi_pd_prefill_overlap
     path = tmp_path / "serve.yaml"
     path.write_text("semi_pd: true\ncolocated_workers: 2\nsemi_pd_decode_sm: 70\n")
     cfg = _parse("--config", str(path), "--semi-pd-prefill-sm", "30")
     assert (cfg.colocated_workers, cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (2, 30, 70)
-    assert not _parse().semi_pd and not _parse().semi_pd_decode_overlap
+    default = _parse()
+    assert not default.semi_pd and not default.semi_pd_decode_overlap
+    assert not default.semi_pd_prefill_overlap
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,13 @@ earlier than the release (it synchronised on it), and on CUDA an event recorded 
 stream at the release has completed (it covers copies queued outside a step too). The engine
 releases everything held once nothing of it is left in flight (``reclaim(wait=True)``).
 Held blocks are owned by the holder for ``check_integrity`` (``blocks``).
+
+Commits wait the same way (``commit``): a block that became full in step N+1 is committed with
+its hash right after the launch, before its KV is written, and a hash in the pool is what a
+prefix lookup on the other lane (its admission, a recompute after a preemption) or a prefix
+send to another worker would read. So the hashes go into the pool only once the fence taken
+at the commit is done (``publish``), and only if the sequence still holds those blocks: one
+that finished, was preempted or swapped out meanwhile released them, and they stay unhashed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrelay.workers.engine.sequence import SeqStatus, Sequence
 from kvrelay.workers.kv.block_pool import BlockPool
 
 
@@ -46,10 +54,46 @@ class DeferredReleases:
         self.pool = pool
         self._fence = fence
         self._held: deque[tuple[Fence, list[int]]] = deque()  # fences in launch order
+        # commits waiting for their step: (fence, sequence, first block index, ids, hashes)
+        self._commits: deque[tuple[Fence, Sequence, int, list[int], list[int]]] = deque()
         self.held_total = 0  # blocks ever held back (stats: overlap_held_blocks)
+        self.held_commits = 0  # blocks whose commit ever waited for a step
 
     def __bool__(self) -> bool:
-        return bool(self._held)
+        return bool(self._held) or bool(self._commits)
+
+    def commit(self, seq: Sequence, first: int, block_ids: list[int], hashes: list[int]) -> None:
+        """``BlockPool.commit_many(block_ids, hashes)`` for blocks ``first...`` of ``seq``, once
+        the step that writes them is done (``publish``); at once if none is in flight."""
+        if not block_ids:
+            return
+        fence = self._fence()
+        if fence is None:
+            self.pool.commit_many(block_ids, hashes)
+            return
+        self._commits.append((fence, seq, first, block_ids, hashes))
+        self.held_commits += len(block_ids)
+
+    def publish(self, completed: int, *, wait: bool = False) -> int:
+        """Commit, oldest first, what waits behind fences done by ``completed`` (``wait``: all,
+        after their events), for sequences that still hold the blocks. Returns the blocks
+        whose hashes went to the pool (or were already there under another block)."""
+        n = 0
+        while self._commits:
+            fence, seq, first, ids, hashes = self._commits[0]
+            if wait:
+                if fence.event is not None:
+                    fence.event.synchronize()
+            elif not fence.done(completed):
+                break
+            self._commits.popleft()
+            if (
+                seq.status is not SeqStatus.FINISHED
+                and seq.block_ids[first : first + len(ids)] == ids
+            ):
+                self.pool.commit_many(ids, hashes)
+                n += len(ids)
+        return n
 
     def release(self, block_ids: Iterable[int]) -> None:
         """``BlockPool.release`` for the engine's blocks (tail first, as there)."""
@@ -66,7 +110,9 @@ class DeferredReleases:
     def reclaim(self, completed: int, *, wait: bool = False) -> int:
         """Release, oldest first, what is held behind fences that are done by ``completed``;
         ``wait``: nothing of the engine is left in flight, so everything (on CUDA after its
-        event). Returns the blocks released."""
+        event; commits waiting for the same steps go in first, ``publish``). Returns the
+        blocks released."""
+        self.publish(completed, wait=wait)
         n = 0
         while self._held:
             fence, blocks = self._held[0]

@@ -34,6 +34,7 @@ import torch
 
 from kvrelay.workers.engine.cuda_graphs import host_to_device
 from kvrelay.workers.engine.deferred import DeferredReleases, Fence
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.policy import make_policy
 from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS
 from kvrelay.workers.engine.rates import prefill_rate, running_average
@@ -218,6 +219,9 @@ class Engine:
         self.prompt_tokens_computed = 0
         self.decode_tokens_computed = 0
         self.idle = True  # the last step had nothing it could schedule
+        # where a plain step's host time goes (``schedule``, ``commit``, ``sample``: the
+        # sampler's kernels and the tokens' copy to the host); None: not recorded
+        self.times: PhaseTimes | None = None
         if config.capture_graphs:
             self.capture_graphs()
 
@@ -307,6 +311,8 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         if self.overlap:
             return self._step_overlapped()
+        times = self.times
+        ts = time.perf_counter()
         plan = self.scheduler.schedule()
         self.idle = not plan.scheduled
         if self.idle:
@@ -314,12 +320,19 @@ class Engine:
         self.steps += 1
         t0 = time.perf_counter()
         logits, inputs = self.runner.run(plan.scheduled)
+        t1 = time.perf_counter()
         self._commit(plan.scheduled)
-        self._measure(plan.num_tokens, time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        self._measure(plan.num_tokens, t2 - t0)
+        if times is not None:
+            times.add("schedule", t0 - ts)
+            times.add("commit", t2 - t1)
         if not inputs.sampled:
             return []
         seqs = [it.seq for it in inputs.sampled]
         tokens = self.sampler.sample(logits, self._sample_rows(seqs)).tolist()
+        if times is not None:
+            times.add("sample", time.perf_counter() - t2)
         events = []
         for seq, tok in zip(seqs, tokens, strict=True):
             seq.output_ids.append(tok)
@@ -356,11 +369,13 @@ class Engine:
             if len(rows) < len(sampled):
                 if not rows:
                     self._commit(live)
+                    self._unsampled(plan.num_tokens, t0)
                     return events
                 logits = logits.index_select(0, host_to_device(rows, torch.int64, logits.device))
                 sampled = tuple(sampled[i] for i in rows)
         self._commit(live)
         if not sampled:
+            self._unsampled(plan.num_tokens, t0)
             return events
         seqs = [it.seq for it in sampled]
         tokens = self.sampler.sample(logits, self._sample_rows(seqs))
@@ -374,11 +389,22 @@ class Engine:
         self._in_flight = _InFlight(seqs, tokens, sum(it.num_tokens for it in live), t0, self.steps)
         return events
 
+    def _unsampled(self, num_tokens: int, t0: float) -> None:
+        """A launched step that samples nothing (a prompt's middle chunks) is read like any
+        other when this engine holds releases or commits back (``deferred``): the next step
+        waits for it without the storage lock. Otherwise it is never read (the next one's
+        read covers it)."""
+        if self.deferred is not None:
+            none = torch.empty(0, dtype=torch.int64, device=self.device)
+            self._in_flight = _InFlight([], none, num_tokens, t0, self.steps)
+
     def _read(self, step: _InFlight) -> list[TokenEvent]:
         """The host learns an in-flight step's tokens: placeholders replaced, stop checks."""
         with self.runner.forward_guard():  # a semi-PD lane waits without the storage lock
             tokens = step.read()
         self._completed = step.step
+        if self.deferred:  # the step's full blocks, written now: their hashes go to the pool
+            self.deferred.publish(self._completed)
         now = time.perf_counter()
         self._measure(step.num_tokens, now - max(step.t0, self._last_read))
         self._last_read = now
@@ -584,6 +610,7 @@ class Engine:
                 "overlap_discarded_tokens": self.discarded_tokens,
                 # blocks whose release waited for a step in flight (``defer_releases``)
                 "overlap_held_blocks": d.held_total if (d := self.deferred) is not None else 0,
+                "overlap_held_commits": d.held_commits if d is not None else 0,
             },
             cpu_pool=self.cpu_tier.pool.stats() if self.cpu_tier else None,
             prefix_hit_tokens_cpu=s.prefix_hits_cpu,

@@ -73,7 +73,8 @@ class Scheduler:
     ) -> None:
         """``deferred``: device blocks are released through it, held while a step of the
         engine may still use them (an overlapped engine over a shared storage); blocks it will
-        free count as spare, as a swap-out's in flight do."""
+        free count as spare, as a swap-out's in flight do. Full blocks' hashes are committed
+        through it too, once the step that writes the blocks is done."""
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {preemption_mode!r} not in {PREEMPTION_MODES}")
         self.pool = pool
@@ -441,7 +442,11 @@ class Scheduler:
             )
         if self.enable_prefix_caching:
             lo = seq.num_committed_blocks
-            self.pool.commit_many(seq.block_ids[lo:full], seq.block_hashes[lo:full])
+            ids, hashes = seq.block_ids[lo:full], seq.block_hashes[lo:full]
+            if self.deferred is not None:  # once the step writing them is done (deferred.py)
+                self.deferred.commit(seq, lo, ids, hashes)
+            else:
+                self.pool.commit_many(ids, hashes)
         seq.num_committed_blocks = full
 
     def check_integrity(self) -> None:

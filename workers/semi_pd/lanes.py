@@ -44,6 +44,9 @@ def forward_unlocked(
             times.add("relock_wait", time.perf_counter() - t1)
 
 
+LANE_EXTRAS = ("overlap_discarded_tokens", "overlap_held_blocks", "overlap_held_commits")
+
+
 def merge_stats(prefill: EngineStats, decode: EngineStats) -> EngineStats:
     """One worker's figures from its two lanes: per-lane counters add up; the storage's (pool,
     CPU pool, tier and copier extras) are the same object seen twice, so they are taken once."""
@@ -58,7 +61,12 @@ def merge_stats(prefill: EngineStats, decode: EngineStats) -> EngineStats:
         prefix_query_tokens=prefill.prefix_query_tokens + decode.prefix_query_tokens,
         prefix_hit_tokens=prefill.prefix_hit_tokens + decode.prefix_hit_tokens,
         steps=prefill.steps + decode.steps,
-        extra={**prefill.extra, **decode.extra},
+        extra={
+            **prefill.extra,
+            **decode.extra,
+            # per lane: either may run the overlapped step (its held releases and commits)
+            **{k: prefill.extra.get(k, 0) + decode.extra.get(k, 0) for k in LANE_EXTRAS},
+        },
         prefix_hit_tokens_cpu=prefill.prefix_hit_tokens_cpu + decode.prefix_hit_tokens_cpu,
         swaps_out=prefill.swaps_out + decode.swaps_out,
         swaps_in=prefill.swaps_in + decode.swaps_in,

@@ -38,8 +38,16 @@ hides behind the device again (the colocated engine's Engine.step ran at 1.02x t
 overlapped, 1.24x plain, H100 batch 128; the lane's own gain is not measured yet), for blocks
 that come back to the pool late (a finished request's one step after the step that finished
 it, a preempted one's once the step in flight is read; a row that needs a block meanwhile
-sits a step out rather than preempt another) and one CUDA event per release. The prefill
-lane stays plain: it hands blocks over only after its step synchronised.
+sits a step out rather than preempt another) and one CUDA event per release. The blocks a
+step fills are committed (their hashes into the pool, where the other lane's prefix lookups
+find them) only once that step is read (workers/engine/deferred.py, ``publish``).
+
+Overlapped prefill lane (``prefill_overlap``, opt-in): the same for the prefill lane, whose
+plain step leaves the GPU idle while the host schedules the next chunk, commits the last and
+samples (on an H100, 2026-12-06: 3-5 ms of a 33-36 ms step at p50, under the storage lock).
+It hands a request over after it read the request's first token: the step that wrote the
+request's KV is done by then, and the next step (launched before that read) does not include
+the request (its token was in flight).
 
 Each lane computes in its SM share (``sm_partition.py``), switched at iteration boundaries, and
 replays CUDA graphs captured in that share (``_enter``: a set per share, decode graphs on the
@@ -138,6 +146,7 @@ class SemiPDWorker(Worker):
         prefill_tokens: int = PREFILL_TOKENS,
         decode_first: bool = False,
         decode_overlap: bool = False,
+        prefill_overlap: bool = False,
         **kw: Any,
     ) -> None:
         """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py),
@@ -146,7 +155,8 @@ class SemiPDWorker(Worker):
         budget per step (at least the engine config's ``max_num_batched_tokens``).
         ``decode_first``: CUDA stream priorities put the decode lane's kernels ahead of the
         prefill lane's (sm_partition.py). ``decode_overlap``: the decode lane runs the
-        overlapped step, its releases held until its steps are done (module docstring)."""
+        overlapped step, its releases held until its steps are done (module docstring);
+        ``prefill_overlap``: the prefill lane too."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))  # process-wide
@@ -154,6 +164,7 @@ class SemiPDWorker(Worker):
         self._prefill_tokens = prefill_tokens
         self._decode_first = decode_first
         self._decode_overlap = decode_overlap
+        self._prefill_overlap = prefill_overlap
         self.tuner = (
             SplitTuner(replace(split_rule, home=split), window_s=window_s)
             if split_rule is not None
@@ -207,9 +218,11 @@ class SemiPDWorker(Worker):
                 max_num_batched_tokens=budget,
                 prefill_graph_tokens=budget,
                 capture_graphs=False,
+                overlap_schedule=self._prefill_overlap,
             ),
             device=device,
             storage=decode.storage,
+            defer_releases=self._prefill_overlap,
         )
         self.storage = decode.storage
         self.storage_lock = threading.Lock()
@@ -218,6 +231,7 @@ class SemiPDWorker(Worker):
         )
         lanes = ((prefill, Lane.PREFILL), (decode, Lane.DECODE))
         for e, lane in lanes:
+            e.times = self.times[lane]
             e.runner.forward_guard = partial(
                 forward_unlocked,
                 self.storage_lock,
@@ -522,7 +536,9 @@ class SemiPDWorker(Worker):
     def requests_info(self) -> list[RequestInfo]:
         out = {
             r.request_id: r
-            for r in self.prefill_loop.call(lambda e: [request_info(s) for s in e.seqs.values()])
+            for r in self.prefill_loop.call(
+                lambda e: [request_info(s) for s in e.seqs.values()], settle=True
+            )
         }
         with self._lock:
             out.update((rid, request_info(s)) for rid, s in self._transit.items())
