@@ -375,6 +375,7 @@ def test_semi_pd_worker_on_cuda_matches_colocated(
         split=Split(60, 100),
         decode_overlap=overlap,
         prefill_overlap=prefill_overlap,
+        prefill_tokens=64,  # prompts of up to 200 tokens prefill in chunks, as long ones do
     )
     try:
         assert semi.partition.enforced and semi.engine.overlap is overlap
