@@ -119,6 +119,41 @@ def test_tokens_match_colocated(
         semi.shutdown()
 
 
+@pytest.mark.parametrize("prefill_overlap", [False, True], ids=["plain", "overlap"])
+def test_the_prefill_lane_samples_without_the_storage_lock(
+    loaded: LoadedModel, prompts: list[list[int]], prefill_overlap: bool
+) -> None:
+    """Sampling reads no KV: the prefill lane gives the storage lock back around it, so the
+    decode lane is not kept waiting meanwhile. With the decode lane held at an iteration
+    boundary (without the lock), nobody else holds the lock while the prefill lane samples."""
+    sink = Collector()
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink,
+        prefill_overlap=prefill_overlap,
+    )  # fmt: skip
+    free: list[bool] = []
+    sampler = semi.prefill_engine.sampler
+    sample = sampler.sample
+
+    def spying(*args: object, **kw: object) -> torch.Tensor:
+        got = semi.storage_lock.acquire(blocking=False)
+        if got:
+            semi.storage_lock.release()
+        free.append(got)
+        return sample(*args, **kw)  # type: ignore[arg-type]
+
+    sampler.sample = spying  # type: ignore[method-assign]
+    try:
+        with paused(semi.loop, semi.storage_lock):
+            semi.submit("a", prompts[0], SamplingParams(max_tokens=2, temperature=0.0))
+            sink.wait(lambda: "a" in sink.tokens)  # its first token, from the prefill lane
+        sink.wait_done(["a"])
+        assert free and all(free)
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
 @pytest.mark.parametrize("prefill_tokens", [16, 48, 4096], ids=["below", "chunked", "whole"])
 def test_prefill_lane_budget(
     loaded: LoadedModel, prompts: list[list[int]], prefill_tokens: int

@@ -27,7 +27,9 @@ Anything that reads a sequence's tokens from outside ``step()`` (park, migration
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -222,6 +224,13 @@ class Engine:
         # where a plain step's host time goes (``schedule``, ``commit``, ``sample``: the
         # sampler's kernels and the tokens' copy to the host); None: not recorded
         self.times: PhaseTimes | None = None
+        # entered around sampling (its kernels, its pinned uploads, the tokens' copy): it
+        # reads no KV, and a semi-PD lane gives the storage lock back meanwhile
+        # (workers/semi_pd/). With the prefill lane overlapped, the decode lane waited 27-31 ms
+        # at p99 for the lock (H100, benchmarks/README.md, 2026-12-06 14:14): sampling is that
+        # lane's only call under the lock that can block on its step in flight (a suspicion,
+        # not measured apart)
+        self.sample_guard: Callable[[], AbstractContextManager[object]] = nullcontext
         if config.capture_graphs:
             self.capture_graphs()
 
@@ -330,7 +339,8 @@ class Engine:
         if not inputs.sampled:
             return []
         seqs = [it.seq for it in inputs.sampled]
-        tokens = self.sampler.sample(logits, self._sample_rows(seqs)).tolist()
+        with self.sample_guard():  # a semi-PD lane samples without the storage lock
+            tokens = self.sampler.sample(logits, self._sample_rows(seqs)).tolist()
         if times is not None:
             times.add("sample", time.perf_counter() - t2)
         events = []
@@ -378,7 +388,10 @@ class Engine:
             self._unsampled(plan.num_tokens, t0)
             return events
         seqs = [it.seq for it in sampled]
-        tokens = self.sampler.sample(logits, self._sample_rows(seqs))
+        num_tokens = sum(it.num_tokens for it in live)
+        with self.sample_guard():  # a semi-PD lane samples without the storage lock
+            tokens = self.sampler.sample(logits, self._sample_rows(seqs))
+            in_flight = _InFlight(seqs, tokens, num_tokens, t0, self.steps)
         cap = self.max_seq_tokens
         for seq in seqs:
             out = seq.output_ids
@@ -386,7 +399,7 @@ class Engine:
             seq.last_in_flight = seq.prefill_only or (
                 len(out) >= seq.params.max_tokens or len(seq.prompt_ids) + len(out) >= cap
             )
-        self._in_flight = _InFlight(seqs, tokens, sum(it.num_tokens for it in live), t0, self.steps)
+        self._in_flight = in_flight
         return events
 
     def _unsampled(self, num_tokens: int, t0: float) -> None:

@@ -232,6 +232,10 @@ class SemiPDWorker(Worker):
         lanes = ((prefill, Lane.PREFILL), (decode, Lane.DECODE))
         for e, lane in lanes:
             e.times = self.times[lane]
+            # sampling reads no KV: without the lock (its wait to take it back is in ``sample``)
+            e.sample_guard = partial(
+                forward_unlocked, self.storage_lock, self.partition, synchronize=False
+            )
             e.runner.forward_guard = partial(
                 forward_unlocked,
                 self.storage_lock,
