@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kvrelay.workers.semi_pd.sm_partition import Split
 from kvrelay.workers.semi_pd.split_rule import Decision, SplitRuleConfig, Window, decide
@@ -144,3 +145,54 @@ class SplitTuner:
                     SplitChange(now, split, decision.split, window, decision.reason)
                 )
             return decision
+
+    def _wall_offset(self) -> float:
+        """Seconds to add to this tuner's clock for ``time.time`` (benchmarks place the
+        records on their own timelines)."""
+        return time.time() - self._clock()
+
+    def change_records(self) -> list[dict[str, Any]]:
+        """The changes, oldest first, in wall-clock seconds: when, the old and new split, the
+        reason, and the window's p99 TTFT, TPOT and arrival rate."""
+        offset = self._wall_offset()
+        return [
+            {
+                "t": c.at_s + offset,
+                "old": [c.old.prefill, c.old.decode],
+                "new": [c.new.prefill, c.new.decode],
+                "reason": c.reason,
+                "ttft_s": c.window.ttft_s,
+                "tpot_s": c.window.tpot_s,
+                "arrival_rate": c.window.arrival_rate,
+            }
+            for c in list(self.changes)
+        ]
+
+    def window_records(self) -> list[dict[str, Any]]:
+        """Every window logged, oldest first, in wall-clock seconds: its p99 TTFT and TPOT
+        against the SLOs, the split it ran under and the next, the fits and their predictions
+        at both, and the reason."""
+        offset, cfg = self._wall_offset(), self.config
+        out = []
+        for e in list(self.log):
+            d = e.decision
+            out.append(
+                {
+                    "t": e.at_s + offset,
+                    "old": [e.window.split.prefill, e.window.split.decode],
+                    "new": [d.split.prefill, d.split.decode],
+                    "ttft_s": e.window.ttft_s,
+                    "tpot_s": e.window.tpot_s,
+                    "samples": list(e.samples),
+                    "ttft_slo_s": cfg.ttft_slo_s,
+                    "tpot_slo_s": cfg.tpot_slo_s,
+                    "arrival_rate": e.window.arrival_rate,
+                    "prefill_s": e.window.prefill_s,
+                    "ttft_fit": [d.ttft_fit.a, d.ttft_fit.b, d.ttft_fit.lam],
+                    "tpot_fit": [d.tpot_fit.a, d.tpot_fit.b],
+                    "predicted_old": list(d.predicted(e.window.split)),
+                    "predicted_new": list(d.predicted(d.split)),
+                    "reason": d.reason,
+                }
+            )
+        return out

@@ -67,7 +67,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -409,23 +408,8 @@ class SemiPDWorker(Worker):
             self.set_split(decision.split)
 
     def split_log(self) -> list[dict[str, Any]]:
-        """The split rule's changes, oldest first, stamped in wall-clock seconds (``time.time``)
-        so that a benchmark can place them on its own timeline."""
-        if self.tuner is None:
-            return []
-        offset = time.time() - time.monotonic()  # the tuner's clock is monotonic
-        return [
-            {
-                "t": c.at_s + offset,
-                "old": [c.old.prefill, c.old.decode],
-                "new": [c.new.prefill, c.new.decode],
-                "reason": c.reason,
-                "ttft_s": c.window.ttft_s,
-                "tpot_s": c.window.tpot_s,
-                "arrival_rate": c.window.arrival_rate,
-            }
-            for c in list(self.tuner.changes)
-        ]
+        """The split rule's changes, oldest first (``SplitTuner.change_records``)."""
+        return self.tuner.change_records() if self.tuner is not None else []
 
     def lane_times(self, reset: bool = False) -> dict[str, dict[str, dict[str, float]]]:
         """Per lane (``prefill``, ``decode``), per phase (loop.py, lanes.py): count, total and
@@ -433,36 +417,8 @@ class SemiPDWorker(Worker):
         return {lane.value: t.summary(reset=reset) for lane, t in self.times.items()}
 
     def window_log(self) -> list[dict[str, Any]]:
-        """Every window the split rule closed, oldest first (``time.time`` seconds): its p99
-        TTFT and TPOT against the SLOs, the split it ran under and the next, the fits and their
-        predictions at both, and the reason."""
-        if self.tuner is None:
-            return []
-        offset = time.time() - time.monotonic()
-        cfg = self.tuner.config
-        out = []
-        for e in list(self.tuner.log):
-            d = e.decision
-            out.append(
-                {
-                    "t": e.at_s + offset,
-                    "old": [e.window.split.prefill, e.window.split.decode],
-                    "new": [d.split.prefill, d.split.decode],
-                    "ttft_s": e.window.ttft_s,
-                    "tpot_s": e.window.tpot_s,
-                    "samples": list(e.samples),
-                    "ttft_slo_s": cfg.ttft_slo_s,
-                    "tpot_slo_s": cfg.tpot_slo_s,
-                    "arrival_rate": e.window.arrival_rate,
-                    "prefill_s": e.window.prefill_s,
-                    "ttft_fit": [d.ttft_fit.a, d.ttft_fit.b, d.ttft_fit.lam],
-                    "tpot_fit": [d.tpot_fit.a, d.tpot_fit.b],
-                    "predicted_old": list(d.predicted(e.window.split)),
-                    "predicted_new": list(d.predicted(d.split)),
-                    "reason": d.reason,
-                }
-            )
-        return out
+        """Every window the split rule closed, oldest first (``SplitTuner.window_records``)."""
+        return self.tuner.window_records() if self.tuner is not None else []
 
     def _hand_over(self, prefill: Engine, request_id: str) -> None:
         """On the prefill lane's thread, storage lock held."""
