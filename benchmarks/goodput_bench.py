@@ -202,8 +202,8 @@ def sweep(name: str, argv: list[str], out_json: Path, t0: float,
     return report
 
 
-LANE_PHASES = ("cycle", "step", "forward", "lock_wait", "relock_wait", "sink", "command",
-               "idle_wait", "schedule", "commit", "sample")
+LANE_PHASES = ("cycle", "step", "held", "forward", "lock_wait", "relock_wait", "sink",
+               "command", "idle_wait", "schedule", "commit", "sample")
 
 
 def lane_times(workers: dict[str, str], reset: bool) -> dict[str, Any]:

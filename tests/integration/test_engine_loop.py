@@ -255,6 +255,9 @@ def test_two_loops_sharing_an_outbox_flush_it_before_a_command(tiny: LoadedModel
         assert s["step"]["count"] >= 3 and s["lock_wait"]["count"] == s["step"]["count"]
         assert s["cycle"]["count"] >= 2 and s["command"]["count"] >= 1
         assert s["step"]["p50_ms"] <= s["cycle"]["max_ms"] * 1.1  # a step is part of a cycle
+        # no guard gave a lock back: a step held its (null) lock throughout
+        assert s["held"]["count"] == s["step"]["count"]
+        assert s["held"]["total_s"] == pytest.approx(s["step"]["total_s"])
 
 
 def test_a_loop_with_a_sender_takes_no_shared_outbox(tiny: LoadedModel) -> None:

@@ -115,6 +115,11 @@ def test_tokens_match_colocated(
         # an overlapped prefill lane's full blocks were committed once their step was read
         held = semi.prefill_loop.call(lambda e: e.stats().extra["overlap_held_commits"])
         assert (held > 0) is prefill_overlap
+        # each step held the storage lock for its bookkeeping, not for its forward pass
+        for lane, phases in semi.lane_times().items():
+            step, locked = phases["step"], phases["held"]
+            assert locked["count"] == step["count"] > 0, lane
+            assert locked["total_s"] < 0.5 * step["total_s"], (lane, locked, step)
     finally:
         semi.shutdown()
 

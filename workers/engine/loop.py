@@ -24,7 +24,8 @@ their KV storage with another loop's engine (``workers/semi_pd/``); None: no loc
 thread for two loops: the semi-PD lanes, whose sinks act on their engines on the loop thread and
 leave the actor call to the sender). The loop flushes it before every command and fails on its
 sink's error, as it does with its own outbox. ``times``: where the loop records how long each
-step waited for ``lock`` (``lock_wait``), ran (``step``), spent in ``sink`` (``sink``) and the
+step waited for ``lock`` (``lock_wait``), ran (``step``), held it (``held``: the step less the
+time it gave the lock back, ``PhaseTimes.off_lock``), spent in ``sink`` (``sink``) and the
 time from one step's end to the next's (``cycle``); commands as ``command``, and the waits of
 an engine whose last step scheduled nothing while it had requests (``idle_wait``: until a
 command comes, at most 0.5 s) (phase_times.py).
@@ -207,6 +208,8 @@ class EngineLoop:
         assert times is not None
         times.add("lock_wait", t1 - t0)
         times.add("step", t2 - t1)
+        # what the step held the lock for: its time less the guards' (workers/semi_pd/lanes.py)
+        times.add("held", max(0.0, t2 - t1 - times.take_off_lock()))
         times.add("sink", t3 - t2)
         if last is not None:
             times.add("cycle", t3 - last)

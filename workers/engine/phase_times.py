@@ -56,6 +56,18 @@ class PhaseTimes:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._phases: dict[str, _Phase] = {}
+        self._off_lock = 0.0  # this step's seconds without its lock so far (the step's thread)
+
+    def off_lock(self, seconds: float) -> None:
+        """A step gave its lock back for ``seconds`` (forward pass, sampling; the wait to take
+        it back included): ``take_off_lock`` tells the step's end. Called only by the thread
+        that runs the steps, so it needs no lock."""
+        self._off_lock += seconds
+
+    def take_off_lock(self) -> float:
+        """The seconds ``off_lock`` reported since the last call."""
+        seconds, self._off_lock = self._off_lock, 0.0
+        return seconds
 
     def add(self, phase: str, seconds: float) -> None:
         with self._lock:

@@ -22,13 +22,15 @@ def forward_unlocked(
     *,
     synchronize: bool = True,
     times: PhaseTimes | None = None,
+    phases: bool = True,
 ) -> Iterator[None]:
     """Around a lane's forward pass (and an overlapped lane's wait for its tokens): the other
     lane may use the storage meanwhile. ``synchronize``: the lock comes back only once this
     lane's kernels are done (so a block freed next is not in use); False for the overlapped
     decode lane, which leaves its step running and holds its releases back instead
     (workers/engine/deferred.py). ``times``: records ``forward`` (issue and, synchronised, the
-    kernels) and ``relock_wait`` (taking the lock back)."""
+    kernels) and ``relock_wait`` (taking the lock back) unless ``phases`` is False, and reports
+    the whole time without the lock to the step's ``held`` figure (``PhaseTimes.off_lock``)."""
     t0 = time.perf_counter()
     lock.release()
     try:
@@ -40,8 +42,11 @@ def forward_unlocked(
         t1 = time.perf_counter()
         lock.acquire()
         if times is not None:
-            times.add("forward", t1 - t0)
-            times.add("relock_wait", time.perf_counter() - t1)
+            t2 = time.perf_counter()
+            times.off_lock(t2 - t0)
+            if phases:
+                times.add("forward", t1 - t0)
+                times.add("relock_wait", t2 - t1)
 
 
 LANE_EXTRAS = ("overlap_discarded_tokens", "overlap_held_blocks", "overlap_held_commits")

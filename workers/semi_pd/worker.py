@@ -233,8 +233,9 @@ class SemiPDWorker(Worker):
             e.times = self.times[lane]
             # sampling reads no KV: without the lock (its wait to take it back is in ``sample``)
             e.sample_guard = partial(
-                forward_unlocked, self.storage_lock, self.partition, synchronize=False
-            )
+                forward_unlocked, self.storage_lock, self.partition, synchronize=False,
+                times=self.times[lane], phases=False,
+            )  # fmt: skip
             e.runner.forward_guard = partial(
                 forward_unlocked,
                 self.storage_lock,
