@@ -181,6 +181,8 @@ class EngineLoop:
                     break
                 if self.engine.has_unfinished():
                     before = self.engine.prompt_tokens_computed
+                    if self.times is not None:
+                        self.times.take_off_lock()  # a command's guards are not this step's
                     t0 = time.perf_counter()
                     with self._lock:
                         t1 = time.perf_counter()

@@ -17,8 +17,9 @@ and the copy path runs as for any worker.
 Threads and the storage lock: each lane's engine is driven only by its own loop thread; the
 storage (pool, CPU tier, copier) is shared and guarded by ``storage_lock``, which a loop holds
 around each step and command and releases for the forward pass (``ModelRunner.forward_guard``)
-and for sampling (``Engine.sample_guard``), so one lane's forward overlaps the other's. Check-then-act pool sequences (``can_allocate`` →
-``allocate`` in ``schedule``) therefore run whole under the lock and cannot double-allocate.
+and for sampling (``Engine.sample_guard``), so one lane's forward overlaps the other's.
+Check-then-act pool sequences (``can_allocate`` → ``allocate`` in ``schedule``) therefore run
+whole under the lock and cannot double-allocate.
 A lane releases a block only after the step that used it has synchronised (the guard waits for
 the lane's kernels before it takes the lock back), so the other lane never reuses a block that
 kernels still read. Ownership is exact: every referenced block is held by a sequence of one
