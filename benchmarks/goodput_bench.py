@@ -287,8 +287,9 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
 
 def describe(name: str, cfg: ServeConfig) -> str:
     if cfg.semi_pd:
-        lane = "".join(f", overlapped {name} lane" for name, on in (
-            ("decode", cfg.semi_pd_decode_overlap), ("prefill", cfg.semi_pd_prefill_overlap)) if on)
+        overlapped = (("decode", cfg.semi_pd_decode_overlap),
+                      ("prefill", cfg.semi_pd_prefill_overlap))
+        lane = "".join(f", overlapped {which} lane" for which, on in overlapped if on)
         rule = "SLO-aware from" if cfg.semi_pd_adaptive else "fixed at"
         return (f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split {rule} "
                 f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}, prefill lane "
