@@ -18,7 +18,8 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
   KV storage, handoff by block ids, SM shares by green contexts on CUDA, the SLO-aware split on)
   owning the whole device — issue 16's configuration;
 * ``colocated1``: optional, its strongest colocated baseline: ONE colocated worker owning the
-  whole device, with chunked prefill (``--max-num-batched-tokens``).
+  whole device, with chunked prefill: 512 tokens a step, ``colocated1@TOKENS`` another budget
+  (sweep it: the strongest chunk is the baseline; any configuration takes ``@TOKENS``).
 * ``semi_pd_overlap``: optional, ``semi_pd`` with the overlapped decode lane
   (``--semi-pd-decode-overlap``: its freed blocks held until its steps are done).
 * ``semi_pd_poverlap``: optional, ``semi_pd`` with the overlapped prefill lane
@@ -159,7 +160,29 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         "semi_pd_fixed": semi(semi_pd_adaptive=False, semi_pd_prefill_sm=fp,
                               semi_pd_decode_sm=fd, **fixed_tokens),
     }
-    return {n: every[n] for n in args.configs.split(",")}
+    out = {}
+    for name in args.configs.split(","):
+        base_name, tokens = config_name(name)
+        cfg = every[base_name]
+        if tokens is not None:
+            cfg = cfg.model_copy(update={"max_num_batched_tokens": tokens})
+        out[name] = cfg
+    return out
+
+
+def config_name(text: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME@TOKENS``: a configuration of NAMES, with TOKENS its engines'
+    ``max_num_batched_tokens`` (the chunked-prefill budget a step; default 512) — so that the
+    colocated baseline can be swept to its strongest chunk (``colocated1@2048``) beside a semi-PD
+    prefill lane that takes ``semi_pd_prefill_tokens`` a step."""
+    name, at, tokens = text.partition("@")
+    if name not in NAMES:
+        raise argparse.ArgumentTypeError(f"--configs: {name!r} is not one of {NAMES}")
+    if not at:
+        return name, None
+    if not tokens.isdigit() or not 16 <= int(tokens) <= 65536:
+        raise argparse.ArgumentTypeError(f"--configs {text!r}: TOKENS must be in 16..65536")
+    return name, int(tokens)
 
 
 def warm_up(name: str, url: str, args: argparse.Namespace) -> None:
@@ -245,7 +268,7 @@ def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
 
 def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``--repeats`` sweeps on one cluster; every repeat's report is kept."""
-    out_json = Path(args.out) / f"goodput_{name}.json"
+    out_json = Path(args.out) / f"goodput_{name.replace('@', '_t')}.json"
     with Cluster.start(cfg) as cluster:
         url = f"http://127.0.0.1:{cluster.ports['http_port']}"
         roles_before = cluster.workers()
@@ -285,6 +308,34 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
     return report
 
 
+def linear_flops(model: str | None) -> float | None:
+    """FLOPs a prompt token costs in the linear layers (2 x their weights, from the served
+    model's config.json; attention and the LM head not counted): the prefill ceiling's divisor,
+    an underestimate of the work, so the ceiling it gives is an upper bound."""
+    path = Path(model or "") / "config.json"
+    if model is None or not path.is_file():
+        return None
+    c = json.loads(path.read_text())
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads", heads) * c.get("head_dim", h // heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
+    return 2.0 * layers * per_layer
+
+
+def matmul_tflops() -> float | None:
+    """This GPU's bf16 matmul rate (gpu_bench's 8192-cube ceiling), in a child process so
+    this driver holds no CUDA context while the clusters run; None without CUDA."""
+    code = ("import torch\nif torch.cuda.is_available():\n"
+            "    from kvrelay.benchmarks.gpu_bench import ceilings; print(ceilings()[1])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    try:
+        return float(proc.stdout.split()[-1])
+    except (IndexError, ValueError):
+        return None
+
+
 def describe(name: str, cfg: ServeConfig) -> str:
     if cfg.semi_pd:
         overlapped = (("decode", cfg.semi_pd_decode_overlap),
@@ -295,7 +346,7 @@ def describe(name: str, cfg: ServeConfig) -> str:
                 f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}, prefill lane "
                 f"{cfg.semi_pd_prefill_tokens} tokens a step{lane})")
     if cfg.colocated_workers:
-        return f"colocated x{cfg.colocated_workers}"
+        return f"{name}: colocated x{cfg.colocated_workers}, {cfg.max_num_batched_tokens} tokens a step"
     tail = " + planner" if cfg.auto_pool_sizing else ""
     return f"{name}: {cfg.prefill_workers}P+{cfg.decode_workers}D{tail}"
 
@@ -330,6 +381,32 @@ def cells(values: Sequence[float], fmt: str, spread: bool = False) -> str:
     if spread and len(values) > 1:
         text += f" ({format(min(values), fmt)}–{format(max(values), fmt)})"
     return text
+
+
+def prompt_rate_table(reps: dict[str, dict[str, Any]], names: list[str], rates: list[str],
+                      args: argparse.Namespace) -> list[str]:
+    """Prompt tokens a second each configuration served (loadgen's total less its output
+    tokens, median of the repeats), as a fraction of the GPU's matmul ceiling for them when
+    known (``args.matmul_tflops`` / ``args.linear_flops``): the physical limit beside the
+    figure — prefill-heavy loads are bound by it, not by the request rate."""
+    tflops, per_token = getattr(args, "matmul_tflops", None), getattr(args, "linear_flops", None)
+    ceiling = tflops * 1e12 / per_token if tflops and per_token else None
+    head = "served prompt tokens/s" + (", median of the repeats" if len(reps[names[0]]["repeats"]) > 1 else "")
+    if ceiling:
+        head += (f" (of the matmul ceiling {ceiling / 1e3:.0f}k tok/s: {tflops:.0f} TFLOP/s / "
+                 f"{per_token / 1e9:.2f} GFLOP a token in the linear layers)")
+    out = [head, "| rate | " + " | ".join(names) + " |", "| ---: " * (1 + len(names)) + "|"]
+    for rate in rates:
+        row = []
+        for n in names:
+            tok = statistics.median(
+                float(run["runs"][rate]["all"].get("total_tokens_per_s") or 0.0)
+                - float(run["runs"][rate]["all"].get("output_tokens_per_s") or 0.0)
+                for run in reps[n]["repeats"]
+            )
+            row.append(f"{tok / 1e3:.1f}k" + (f" ({tok / ceiling:.2f})" if ceiling else ""))
+        out.append(f"| {rate} req/s | " + " | ".join(row) + " |")
+    return out
 
 
 def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
@@ -373,6 +450,7 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
         row += [cells(g(n, rate, "ttft_s"), ".2f") for n in names]
         row += [cells([1e3 * v for v in g(n, rate, "itl_s")], ".0f") for n in names]
         lines.append(f"| {rate} | " + " | ".join(row) + " |")
+    lines += ["", *prompt_rate_table(reps, names, rates, args)]
     each = {n: [float(run["goodput_rps"]["all"]) for run in reps[n]["repeats"]] for n in names}
     gp = {n: statistics.median_low(v) for n, v in each.items()}  # a rate that was swept
     top = max(float(r) for r in rates)
@@ -394,6 +472,15 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
         if a in gp and b in gp:
             lines.append(f"goodput {a}/{b}: "
                          + (f"{gp[a] / gp[b]:.2f}" if gp[b] else f"n/a ({b} goodput 0)"))
+    # the baseline issue 16 names is the strongest colocated1 chunk budget swept, not the default
+    ones = [n for n in names if config_name(n)[0] == "colocated1"]
+    if len(ones) > 1:
+        best = max(ones, key=lambda n: gp[n])  # the first listed of equals
+        lines.append(f"strongest colocated1: {best} ({gp[best]:g} req/s)")
+        for n in names:
+            if cfgs[n].semi_pd:
+                lines.append(f"goodput {n}/{best}: "
+                             + (f"{gp[n] / gp[best]:.2f}" if gp[best] else "n/a (goodput 0)"))
     for n in names:
         for r, run in enumerate(reps[n]["repeats"]):
             ends = ", ".join(f"{rate} req/s at {t:g} s" for rate, t in run["rate_ends_s"].items())
@@ -424,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--workers", type=int, default=3, help="workers in every configuration")
-    a("--configs", default="pd,colocated,planner,pd_start", help=f"comma-separated, of {NAMES}")
+    a("--configs", default="pd,colocated,planner,pd_start",
+      help=f"comma-separated, of {NAMES}; NAME@TOKENS sets its tokens a step (default 512)")
     a("--pd-split", default="2,1", help="P,D of the fixed PD configuration")
     a("--planner-start", default="1,2", help="P,D the planner configuration starts from")
     a("--semi-pd-start", default="75,100",
@@ -465,8 +553,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--kv-cache-gb", type=float, default=0.25, help="device KV pool per worker")
     a("--threads-per-worker", type=int, default=1)
     args = p.parse_args(argv)
-    if not set(args.configs.split(",")) <= set(NAMES):
-        p.error(f"--configs: choose among {NAMES}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     try:
@@ -479,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         loadgen.validate(loadgen.parser().parse_args(loadgen_argv("", args, Path())[4:]))
     except ValueError as e:
         p.error(str(e))
+    args.linear_flops = linear_flops(args.model)
+    args.matmul_tflops = matmul_tflops() if args.device != "cpu" else None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     Path(args.out).mkdir(parents=True, exist_ok=True)

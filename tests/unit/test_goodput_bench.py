@@ -4,9 +4,19 @@ every repeat's cell, the SLO spread, the median goodput and the ratios drawn fro
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
-from kvrelay.benchmarks.goodput_bench import cells, loadgen_argv, render
+import pytest
+
+from kvrelay.benchmarks.goodput_bench import (
+    cells,
+    config_name,
+    configs,
+    linear_flops,
+    loadgen_argv,
+    render,
+)
 from kvrelay.cluster.runtime.config import ServeConfig
 
 ONE = dict(prefill_workers=0, decode_workers=0, colocated_workers=1)
@@ -124,3 +134,51 @@ def test_cells_and_the_repeats_prompts() -> None:
     assert argv[0][argv[0].index("--num-requests") + 1] == "60" and "--duration" not in argv[0]
     timed = loadgen_argv("u", argparse.Namespace(**{**vars(_args(1)), "duration_s": 10.0}), "o")
     assert "--num-requests" not in timed and timed[timed.index("--duration") + 1] == "10.0"
+
+
+def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is_named() -> None:
+    assert config_name("colocated1") == ("colocated1", None)
+    assert config_name("colocated1@2048") == ("colocated1", 2048)
+    for bad in ("colocated2", "colocated1@", "colocated1@x", "colocated1@8", "semi_pd@70000"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            config_name(bad)
+    ns = argparse.Namespace(**{
+        **vars(_args(1)), "configs": "colocated1,colocated1@4096,semi_pd@1024", "model": None,
+        "device": "cpu", "dtype": "auto", "kv_cache_gb": 1.0, "threads_per_worker": 1,
+        "workers": 2, "pd_split": "1,1", "planner_start": "1,1", "semi_pd_start": "75,100",
+        "semi_pd_fixed_split": "50,100", "semi_pd_fixed_tokens": None, "semi_pd_fixed": True,
+    })  # fmt: skip
+    cfgs = configs(ns)
+    assert [c.max_num_batched_tokens for c in cfgs.values()] == [512, 4096, 1024]
+    assert cfgs["colocated1@4096"].colocated_workers == 1 and cfgs["semi_pd@1024"].semi_pd
+    # the ratio against the best chunk budget, not the default one
+    three = {"colocated1": CFGS["colocated1"], "colocated1@4096": cfgs["colocated1@4096"],
+             "semi_pd": CFGS["semi_pd"]}  # fmt: skip
+    reps = {
+        "colocated1": _config(_run((0.95, 0.50), (0.5, 3.0), (0.02, 0.05), 32, 10)),
+        "colocated1@4096": _config(_run((0.95, 0.95), (0.5, 0.9), (0.03, 0.04), 64, 10)),
+        "semi_pd": _config(_run((0.95, 0.95), (0.4, 0.8), (0.02, 0.03), 64, 10)),
+    }
+    for rate, run in reps["semi_pd"]["repeats"][0]["runs"].items():  # 40k / 80k prompt tok/s
+        run["all"].update(total_tokens_per_s=1250.0 * float(rate) + 500, output_tokens_per_s=500)
+    args = _args(1)
+    args.matmul_tflops, args.linear_flops = 100.0, 1e9  # a ceiling of 100k prompt tokens/s
+    text = render(reps, three, args, (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), 100.0)
+    assert "of the matmul ceiling 100k tok/s: 100 TFLOP/s / 1.00 GFLOP a token" in text
+    assert "| 64 req/s | 0.0k (0.00) | 0.0k (0.00) | 80.0k (0.80) |" in text
+    assert "strongest colocated1: colocated1@4096 (64 req/s)" in text
+    assert "goodput semi_pd/colocated1@4096: 1.00" in text
+    assert "goodput semi_pd/colocated1: 2.00" in text
+    assert "colocated1@4096: colocated x1, 4096 tokens a step" in text
+    # the linear layers' FLOPs a token from a config.json: 2 x (2h^2 + 2h.kv + 3h.i) x L
+    assert linear_flops(None) is None
+
+
+def test_linear_flops_reads_the_models_config(tmp_path: Any) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+    }))  # fmt: skip
+    h, kv, i = 64, 2 * 16, 128
+    assert linear_flops(str(tmp_path)) == 2 * 2 * (2 * h * h + 2 * h * kv + 3 * h * i)
+    assert linear_flops(str(tmp_path / "absent")) is None
