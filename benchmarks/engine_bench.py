@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.model.loader_gguf import export_gguf
 from kvrelay.workers.model.source import default_model_path

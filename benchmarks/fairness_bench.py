@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvrelay.benchmarks.loadgen_report import Percentiles, RequestResult
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams
 

@@ -51,8 +51,9 @@ import torch
 
 from kvrelay import kernels
 from kvrelay.kernels import reference
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.cuda_graphs import DecodeBatch
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.runner import ModelRunner, prepare_inputs
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq

@@ -83,7 +83,7 @@ def prompts_for(tok_dir: Path, n: int) -> list[list[int]]:
 
 def reference(model: Path, prompts: list[list[int]], max_tokens: int,
               device: str) -> list[list[int]]:
-    from kvrelay.workers.engine.engine import EngineConfig
+    from kvrelay.workers.engine.config import EngineConfig
     from kvrelay.workers.llm import LLM
     from kvrelay.workers.types import SamplingParams
 

@@ -37,7 +37,8 @@ import torch
 from kvrelay.benchmarks.step_overhead import tiny_model
 from kvrelay.cluster.runtime.actors import _ControllerSink
 from kvrelay.cluster.runtime.local_ray import init_local_ray
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.types import SamplingParams, TokenEvent
 

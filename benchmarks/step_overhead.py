@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.config import ModelConfig
 from kvrelay.workers.model.llama import LlamaModel
 from kvrelay.workers.model.loader import LoadedModel

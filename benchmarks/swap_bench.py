@@ -45,7 +45,8 @@ from kvrelay.benchmarks.fairness_bench import (
     warm_up,
 )
 from kvrelay.benchmarks.loadgen_report import Percentiles
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.scheduler import SchedulerOutput
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.model.output import RequestText
 from kvrelay.workers.types import FinishReason, SamplingParams

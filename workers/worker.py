@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig, EngineStats
+from kvrelay.workers.engine.config import EngineConfig, EngineStats
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence

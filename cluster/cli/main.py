@@ -22,7 +22,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from kvrelay.cluster.runtime.config import sparse_settings
-    from kvrelay.workers.engine.engine import EngineConfig
+    from kvrelay.workers.engine.config import EngineConfig
     from kvrelay.workers.llm import LLM
     from kvrelay.workers.model.sparse_attention import SparseConfig
     from kvrelay.workers.types import SamplingParams

@@ -21,7 +21,7 @@ from kvrelay.cluster.routing.adapter import Routing
 from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.cluster.spot.executor import PreemptionExecutor
 from kvrelay.cluster.spot.notices import NoticeKind, PreemptionNotice
-from kvrelay.workers.engine.engine import EngineStats
+from kvrelay.workers.engine.config import EngineStats
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.sizing.autosize import AutosizeConfig
 from kvrelay.cluster.spot.metadata_poller import MetadataPoller, MetadataPollerConfig
 from kvrelay.cluster.spot.notices import PreemptionNotice, queue_sink
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.model.config import resolve_device_dtype
 from kvrelay.workers.model.source import load_tokenizer
 from kvrelay.workers.model.sparse_attention import SparseConfig

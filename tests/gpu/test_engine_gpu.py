@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams

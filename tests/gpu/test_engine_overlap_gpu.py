@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import FinishReason, SamplingParams
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from kvrelay.kernels import copy_blocks
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.sequence import SeqStatus
 from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.types import SamplingParams

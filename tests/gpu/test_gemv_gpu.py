@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 from kvrelay import kernels  # noqa: E402
 from kvrelay.kernels import triton_gemv, triton_ops  # noqa: E402
 from kvrelay.kernels.reference import rel_err  # noqa: E402
-from kvrelay.workers.engine.engine import EngineConfig  # noqa: E402
+from kvrelay.workers.engine.config import EngineConfig  # noqa: E402
 from kvrelay.workers.llm import LLM  # noqa: E402
 from kvrelay.workers.types import SamplingParams  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.prefill_graphs import PrefillGraphs
 from kvrelay.workers.engine.runner import prepare_inputs
 from kvrelay.workers.engine.scheduler import ScheduledSeq

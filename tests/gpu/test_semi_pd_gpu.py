@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.prefill_graphs import PrefillGraphs
 from kvrelay.workers.engine.runner import prepare_inputs
 from kvrelay.workers.engine.scheduler import ScheduledSeq

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.cuda_graphs import DecodeBatch, DecodeGraphs
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig

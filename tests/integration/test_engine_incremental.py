@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kvrelay.workers.engine.block_tables import BlockTables
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.sampler import Sampler
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import SamplingParams

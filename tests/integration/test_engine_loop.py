@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.outbox import Outbox
 from kvrelay.workers.engine.phase_times import PhaseTimes

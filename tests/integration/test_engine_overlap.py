@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import PLACEHOLDER
 from kvrelay.workers.llm import LLM

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 

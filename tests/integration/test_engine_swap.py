@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.sequence import SeqStatus
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import SamplingParams

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.kv.block_hash import block_hashes
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import KVEventKind, SamplingParams, Tier

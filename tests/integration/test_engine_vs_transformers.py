@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 from kvrelay_testing.prompts import chat_prompts

@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd import worker as semi_pd_worker

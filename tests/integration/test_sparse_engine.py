@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvrelay.kernels.sparse_reference import block_bounds
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.types import SamplingParams

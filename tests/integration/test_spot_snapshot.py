@@ -21,7 +21,7 @@ from kvrelay.cluster.routing.adapter import Routing, RoutingConfig
 from kvrelay.cluster.spot.executor import PreemptionExecutor
 from kvrelay.cluster.spot.planner import plan_migration
 from kvrelay.cluster.spot.planner_model import MigrateKV, Recompute
-from kvrelay.workers.engine.engine import EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.types import Phase, SamplingParams
 from kvrelay.workers.worker import Worker

@@ -30,17 +30,17 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 
+from kvrelay.workers.engine.config import EngineConfig, EngineStats
 from kvrelay.workers.engine.cuda_graphs import host_to_device
 from kvrelay.workers.engine.deferred import DeferredReleases, Fence
+from kvrelay.workers.engine.inflight import InFlight
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.policy import make_policy
-from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS
 from kvrelay.workers.engine.rates import prefill_rate, running_average
-from kvrelay.workers.engine.runner import DeviceTokens, ModelRunner
+from kvrelay.workers.engine.runner import ModelRunner
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq, Scheduler
 from kvrelay.workers.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
@@ -49,95 +49,8 @@ from kvrelay.workers.kv.storage import KVStorage, build_kv_storage
 from kvrelay.workers.kv.tiers import check_held
 from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel
-from kvrelay.workers.model.sparse_attention import SparseConfig, bounds_bytes, build_sparse
-from kvrelay.workers.types import FinishReason, KVEvent, PoolStats, SamplingParams, TokenEvent
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    block_size: int = 16
-    num_blocks: int | None = None  # None: as many as kv_cache_gb holds
-    kv_cache_gb: float = 0.5
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512  # per-step token budget (prefill chunk size)
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    # the CPU tier (pinned host memory on CUDA): demotion target, prefix hits, swap space
-    cpu_num_blocks: int | None = None  # None: as many as cpu_kv_gb holds; 0 disables the tier
-    cpu_kv_gb: float = 0.5
-    policy: str = "fcfs"  # "fcfs" | "priority" | "fair" (workers/engine/policy.py)
-    preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
-    swap_gb_per_s: float | None = None  # host<->device copy rate for auto; None: measured
-    recompute_tokens_per_s: float | None = None  # None: measured from this engine's prefills
-    async_swaps: bool | None = None  # copies on a background thread; None: on CUDA only
-    sparse: SparseConfig = field(default_factory=SparseConfig)  # opt-in (workers/model/sparse_attention.py)
-    # schedule step N+1 while step N runs (module doc). None: on for CUDA, where it hides the
-    # host's per-step work behind the device; off for CPU, whose device is the host (no gain,
-    # and every stop-token finish costs a thrown-away row). Sparse attention keeps host state
-    # per step and always runs the plain path.
-    overlap_schedule: bool | None = None
-    # capture every decode CUDA graph a step can use (batches up to max_num_seqs, every table
-    # width) and every prefill graph bucket up to max_num_batched_tokens tokens when the engine
-    # starts, not at each bucket's first step: that capture, and the Triton compiles of a new
-    # shape, stall the step (a sweep's first, "cold" rates paid them)
-    capture_graphs: bool = False
-    # prefill graphs (workers/engine/prefill_graphs.py). None: on with the decode graphs on
-    # CUDA (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU runs their padded path eagerly (tests);
-    # the semi-PD decode lane turns them off (workers/semi_pd/worker.py)
-    prefill_graphs: bool | None = None
-    # the longest step a prefill graph takes, rounded up to a token bucket (prefill_graphs.py);
-    # longer steps run eagerly. The semi-PD prefill lane raises it to its token budget
-    prefill_graph_tokens: int = MAX_TOKENS
-
-
-class _InFlight:
-    """A launched step whose sampled tokens the host has not read: ``seqs[i]`` gets row i."""
-
-    __slots__ = ("_host", "_ready", "num_tokens", "seqs", "step", "t0", "tokens")
-
-    def __init__(
-        self, seqs: list[Sequence], tokens: torch.Tensor, num_tokens: int, t0: float, step: int
-    ) -> None:
-        self.seqs, self.tokens, self.num_tokens, self.t0 = seqs, tokens, num_tokens, t0
-        self.step = step  # the engine's step count when it launched
-        self._host: torch.Tensor | None = None
-        self._ready: torch.cuda.Event | None = None
-        if tokens.is_cuda:  # queue the copy now; reading it waits for this step only
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-
-    def device_tokens(self) -> DeviceTokens:
-        return DeviceTokens(self.tokens, self.seqs)
-
-    def read(self) -> list[int]:
-        if self._ready is None:
-            return self.tokens.tolist()
-        assert self._host is not None
-        self._ready.synchronize()
-        return self._host.tolist()
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    pool: PoolStats
-    running: int
-    waiting: int
-    handoff: int
-    prompt_tokens_computed: int
-    decode_tokens_computed: int
-    preemptions: int
-    prefix_query_tokens: int
-    prefix_hit_tokens: int
-    steps: int
-    extra: dict[str, float] = field(default_factory=dict)
-    cpu_pool: PoolStats | None = None  # None: no CPU tier
-    prefix_hit_tokens_cpu: int = 0  # of prefix_hit_tokens, served from the CPU tier
-    swaps_out: int = 0
-    swaps_in: int = 0
-    swap_bytes: int = 0  # bytes copied by swaps, both directions
-    recompute_preemptions: int = 0  # preemptions = swaps_out + recompute_preemptions
+from kvrelay.workers.model.sparse_attention import bounds_bytes, build_sparse
+from kvrelay.workers.types import FinishReason, KVEvent, SamplingParams, TokenEvent
 
 
 class Engine:
@@ -182,7 +95,7 @@ class Engine:
         self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and (
             self.sparse is None
         )
-        self._in_flight: _InFlight | None = None
+        self._in_flight: InFlight | None = None
         self._completed = 0  # the last step whose tokens were read (all before it are done)
         self.deferred = (
             DeferredReleases(self.pool, self._fence) if defer_releases and self.overlap else None
@@ -391,7 +304,7 @@ class Engine:
         num_tokens = sum(it.num_tokens for it in live)
         with self.sample_guard():  # a semi-PD lane samples without the storage lock
             tokens = self.sampler.sample(logits, self._sample_rows(seqs))
-            in_flight = _InFlight(seqs, tokens, num_tokens, t0, self.steps)
+            in_flight = InFlight(seqs, tokens, num_tokens, t0, self.steps)
         cap = self.max_seq_tokens
         for seq in seqs:
             out = seq.output_ids
@@ -409,9 +322,9 @@ class Engine:
         read covers it)."""
         if self.deferred is not None:
             none = torch.empty(0, dtype=torch.int64, device=self.device)
-            self._in_flight = _InFlight([], none, num_tokens, t0, self.steps)
+            self._in_flight = InFlight([], none, num_tokens, t0, self.steps)
 
-    def _read(self, step: _InFlight) -> list[TokenEvent]:
+    def _read(self, step: InFlight) -> list[TokenEvent]:
         """The host learns an in-flight step's tokens: placeholders replaced, stop checks."""
         with self.runner.forward_guard():  # a semi-PD lane waits without the storage lock
             tokens = step.read()

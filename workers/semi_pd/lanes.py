@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
-from kvrelay.workers.engine.engine import EngineStats
+from kvrelay.workers.engine.config import EngineStats
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.semi_pd.sm_partition import SMPartition

@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from kvrelay.workers.engine.engine import Engine, EngineConfig
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 from kvrelay.workers.worker import Worker
