@@ -169,6 +169,7 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
     assert "strongest colocated1: colocated1@4096 (64 req/s)" in text
     assert "goodput semi_pd/colocated1@4096: 1.00" in text
     assert "goodput semi_pd/colocated1: 2.00" in text
+    assert "ITL p99 semi_pd/colocated1@4096 at 64 req/s (medians): 30.0 / 40.0 ms = 0.75" in text
     assert "colocated1@4096: colocated x1, 4096 tokens a step" in text
     # the linear layers' FLOPs a token from a config.json: 2 x (2h^2 + 2h.kv + 3h.i) x L
     assert linear_flops(None) is None
