@@ -38,6 +38,7 @@ from kvrelay.cluster.sizing.autosize import AutosizeConfig
 from kvrelay.cluster.spot.metadata_poller import MetadataPoller, MetadataPollerConfig
 from kvrelay.cluster.spot.notices import PreemptionNotice, queue_sink
 from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS
 from kvrelay.workers.model.config import resolve_device_dtype
 from kvrelay.workers.model.source import load_tokenizer
 from kvrelay.workers.model.sparse_attention import SparseConfig
@@ -63,6 +64,10 @@ def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineCon
         capture_graphs=cfg.capture_graphs,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
+        # prefill graphs for every step the chunk budget allows (captured at start with
+        # capture_graphs), as the semi-PD prefill lane has: a longer step would run eagerly and
+        # pay its shapes' first compiles mid-run (benchmarks/README.md, eleventh session)
+        prefill_graph_tokens=max(MAX_TOKENS, cfg.max_num_batched_tokens),
         enable_prefix_caching=cfg.enable_prefix_caching,
         sparse=SparseConfig(
             cfg.sparse_attention,

@@ -180,6 +180,17 @@ def test_sparse_flags_reach_the_engine_config(tmp_path) -> None:
     assert _parse("--config", str(path)).sparse_shortlist_steps == 4
 
 
+def test_a_served_engines_prefill_graphs_cover_its_chunk_budget() -> None:
+    """Steps up to the chunk budget replay prefill graphs (captured at start): a step past
+    the graphs' cap would run eagerly and compile its first shapes mid-run."""
+    from kvrelay.cluster.runtime.actors import worker_engine_config
+    from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS
+
+    assert worker_engine_config(_parse()).prefill_graph_tokens == MAX_TOKENS  # 512 a step
+    big = worker_engine_config(_parse("--max-num-batched-tokens", "4096"))
+    assert (big.max_num_batched_tokens, big.prefill_graph_tokens) == (4096, 4096)
+
+
 @pytest.mark.parametrize(
     ("values", "match"),
     [
