@@ -92,6 +92,8 @@ def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
         "--gamma-shape", "0.5",
         "--max-prompt-tokens", str(args.max_prompt_tokens),
         "--max-output-tokens", str(args.max_output_tokens),
+        *(["--min-output-tokens", str(least)] if (least := getattr(args, "min_output_tokens", 1))
+          > 1 else []),
         "--ttft-slo", str(args.ttft_slo), "--itl-slo", str(args.itl_slo),
         "--timeout", str(args.run_timeout), "--request-timeout", str(args.run_timeout),
         "--seed", str(args.seed), "--json", str(out_json),
@@ -125,7 +127,8 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                        kv_cache_gb=args.kv_cache_gb, grpc_port=None, http_port=0,
                        threads_per_worker=args.threads_per_worker,
                        ttft_slo_s=args.ttft_slo, itl_slo_s=args.itl_slo,
-                       capture_graphs=True)  # a bucket's first capture would stall a sweep
+                       capture_graphs=True,  # a bucket's first capture would stall a sweep
+                       max_num_seqs=args.max_num_seqs)
     (pp, pdd), (sp, sd) = split(args.pd_split, args.workers), split(args.planner_start, args.workers)
     xp, xd = semi_pd_start(args.semi_pd_start)
     fp, fd = semi_pd_start(args.semi_pd_fixed_split)
@@ -362,6 +365,11 @@ def semi_pd_rule(cfgs: dict[str, ServeConfig]) -> str:
             f"prefill lane {c.semi_pd_prefill_tokens} tokens per step")
 
 
+def outputs_floor(args: argparse.Namespace) -> str:
+    least = getattr(args, "min_output_tokens", 1)
+    return f" (chat outputs >= {least})" if least > 1 else ""
+
+
 def per_rate(args: argparse.Namespace) -> str:
     if args.duration_s is None:
         return f"{args.num_requests} requests per rate"
@@ -433,7 +441,8 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
         f"goodput_bench: {args.workers} workers per configuration "
         f"({'; '.join(describe(n, cfgs[n]) for n in names)}); SLOs TTFT <= {args.ttft_slo} s, "
         f"ITL <= {args.itl_slo} s; {per_rate(args)}, Gamma shape 0.5, "
-        f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens "
+        f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens"
+        f"{outputs_floor(args)} "
         f"(Zipf 1.1){long_mix(args)}{times}; planner interval {args.autosize_interval_s} s, "
         f"window {args.autosize_window_s} s{semi_pd_rule(cfgs)}",
         f"load average start {l0[0]:.2f} {l0[1]:.2f} {l0[2]:.2f}, end {l1[0]:.2f} {l1[1]:.2f} "
@@ -539,6 +548,10 @@ def main(argv: Sequence[str] | None = None) -> int:
            "(a steady state: N x rate requests)")
     a("--max-prompt-tokens", type=int, default=512)
     a("--max-output-tokens", type=int, default=32)
+    a("--min-output-tokens", type=int, default=1,
+      help="the chat streams' outputs are at least this (loadgen's; default: Zipf from 1)")
+    a("--max-num-seqs", type=int, default=64,
+      help="every configuration's engines hold at most this many sequences (ServeConfig's)")
     a("--long-fraction", type=float, default=0.0, help="share of long prompts (loadgen's)")
     a("--long-prompt-range", default="1024,8192", help="LO,HI tokens of the long prompts")
     a("--long-output-tokens", type=int, default=16)

@@ -150,6 +150,7 @@ def _workload(args: argparse.Namespace, rate: float | None) -> list[Arrival]:
             max_prompt_tokens=args.max_prompt_tokens,
             max_output_tokens=args.max_output_tokens,
             tenants=tenants,
+            min_output_tokens=args.min_output_tokens,
             **long_prompts(args),
         )
     if args.max_context:
@@ -266,6 +267,12 @@ def parser() -> argparse.ArgumentParser:
     a("--zipf-a", type=float, default=1.1)
     a("--max-prompt-tokens", type=int, default=1024)
     a("--max-output-tokens", type=int, default=1024)
+    a(
+        "--min-output-tokens",
+        type=int,
+        default=1,
+        help="chat streams' outputs are at least this (synthetic workload; long prompts keep theirs)",
+    )
     a("--long-fraction", type=float, default=0.0, help="share of long-prompt requests, in bursts")
     a("--long-prompt-range", default="1024,8192", metavar="LO,HI", help="long prompts' tokens")
     a("--long-output-tokens", type=int, default=16, help="long requests' outputs are below this")
@@ -327,6 +334,10 @@ def validate(args: argparse.Namespace) -> None:
     lo, hi = long_prompts(args)["long_prompt_range"]
     if not 1 <= lo <= hi:
         raise ValueError("--long-prompt-range: 1 <= LO <= HI")
+    if not 1 <= args.min_output_tokens < args.max_output_tokens:
+        raise ValueError("--min-output-tokens must be in [1, --max-output-tokens)")
+    if args.min_output_tokens > 1 and args.trace:
+        raise ValueError("--min-output-tokens shapes the synthetic workload, not a --trace replay")
     if args.long_output_tokens < 2:
         raise ValueError("--long-output-tokens must be >= 2")
     if args.max_context is not None and args.max_context <= PROMPT_SLACK + 1:
@@ -348,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 zipf_a=args.zipf_a,
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_output_tokens=args.max_output_tokens,
+                min_output_tokens=args.min_output_tokens,
                 **long_prompts(args),
             )
             rows = write_burstgpt_csv(args.write_synthetic_csv, arr, args.seed)

@@ -130,6 +130,11 @@ def test_cells_and_the_repeats_prompts() -> None:
     assert "--fresh-prompts" not in argv[0]
     fresh = argparse.Namespace(**{**vars(_args(1)), "fresh_prompts": True})
     assert "--fresh-prompts" in loadgen_argv("u", fresh, "o.json")  # type: ignore[arg-type]
+    # --min-output-tokens reaches loadgen only when set (the older command lines stay as they were)
+    assert "--min-output-tokens" not in argv[0]
+    floor = argparse.Namespace(**{**vars(_args(1)), "min_output_tokens": 64})
+    floored = loadgen_argv("u", floor, "o.json")  # type: ignore[arg-type]
+    assert floored[floored.index("--min-output-tokens") + 1] == "64"
     # --duration-s: each rate's arrivals of its first N seconds, however many that is
     assert argv[0][argv[0].index("--num-requests") + 1] == "60" and "--duration" not in argv[0]
     timed = loadgen_argv("u", argparse.Namespace(**{**vars(_args(1)), "duration_s": 10.0}), "o")
@@ -147,9 +152,11 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
         "device": "cpu", "dtype": "auto", "kv_cache_gb": 1.0, "threads_per_worker": 1,
         "workers": 2, "pd_split": "1,1", "planner_start": "1,1", "semi_pd_start": "75,100",
         "semi_pd_fixed_split": "50,100", "semi_pd_fixed_tokens": None, "semi_pd_fixed": True,
+        "max_num_seqs": 256,
     })  # fmt: skip
     cfgs = configs(ns)
     assert [c.max_num_batched_tokens for c in cfgs.values()] == [512, 4096, 1024]
+    assert {c.max_num_seqs for c in cfgs.values()} == {256}
     assert cfgs["colocated1@4096"].colocated_workers == 1 and cfgs["semi_pd@1024"].semi_pd
     # the ratio against the best chunk budget, not the default one
     three = {"colocated1": CFGS["colocated1"], "colocated1@4096": cfgs["colocated1@4096"],

@@ -93,6 +93,20 @@ def test_mixed_workload_without_long_prompts_is_the_plain_one() -> None:
         assert mixed != plain
 
 
+def test_an_output_floor_keeps_the_arrivals_and_prompts_and_lifts_the_short_outputs() -> None:
+    kw = dict(rate=3.0, max_prompt_tokens=512, max_output_tokens=128, long_fraction=0.2)
+    base = synthetic_workload(2000, 3, **kw)  # type: ignore[arg-type]
+    floored = synthetic_workload(2000, 3, min_output_tokens=64, **kw)  # type: ignore[arg-type]
+    assert [(a.t_s, a.prompt_tokens) for a in floored] == [(a.t_s, a.prompt_tokens) for a in base]
+    chat = [(a, b) for a, b in zip(base, floored, strict=True) if a.prompt_tokens <= 512]
+    assert all(b.output_tokens == max(a.output_tokens, 64) for a, b in chat)
+    assert np.mean([a.output_tokens for a, _ in chat]) < 30  # Zipf(1.1): streams barely decode
+    assert np.mean([b.output_tokens for _, b in chat]) > 64
+    with pytest.raises(ValueError, match="min output tokens"):
+        synthetic_workload(10, 0, max_output_tokens=32, min_output_tokens=32)
+    assert main(["--max-output-tokens", "32", "--min-output-tokens", "40"]) == 2  # before any run
+
+
 def test_mixed_workload_fraction_range_bursts_and_rate() -> None:
     n, rate, f = 120_000, 4.0, 0.2
     for seed in (0, 1, 2):
