@@ -229,7 +229,7 @@ def sweep(name: str, argv: list[str], out_json: Path, t0: float,
 
 
 LANE_PHASES = ("cycle", "step", "held", "forward", "lock_wait", "relock_wait", "sink",
-               "command", "idle_wait", "schedule", "commit", "sample")
+               "command", "idle_wait", "schedule", "commit", "sample", "reclaim")
 
 
 def lane_times(workers: dict[str, str], reset: bool) -> dict[str, Any]:

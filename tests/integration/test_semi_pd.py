@@ -120,6 +120,11 @@ def test_tokens_match_colocated(
             step, locked = phases["step"], phases["held"]
             assert locked["count"] == step["count"] > 0, lane
             assert locked["total_s"] < 0.5 * step["total_s"], (lane, locked, step)
+            # the bookkeeping it held the lock for, by part, plain and overlapped steps alike
+            assert phases["schedule"]["count"] >= step["count"], lane
+            assert phases["commit"]["count"] > 0, lane
+            overlapped = overlap if lane == "decode" else prefill_overlap
+            assert ("reclaim" in phases) is overlapped, lane
     finally:
         semi.shutdown()
 

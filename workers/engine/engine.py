@@ -264,11 +264,19 @@ class Engine:
 
     def _step_overlapped(self) -> list[TokenEvent]:
         events = self._step_overlapped_inner()
+        if self.times is None:
+            self._reclaim()
+            return events
+        t0 = time.perf_counter()
         self._reclaim()
+        self.times.add("reclaim", time.perf_counter() - t0)
         return events
 
     def _step_overlapped_inner(self) -> list[TokenEvent]:
+        ts = time.perf_counter()
         plan = self.scheduler.schedule()
+        if self.times is not None:
+            self.times.add("schedule", time.perf_counter() - ts)
         prev, self._in_flight = self._in_flight, None
         self.idle = not plan.scheduled and prev is None
         launched = None
@@ -291,12 +299,12 @@ class Engine:
             rows = [i for i, it in enumerate(sampled) if it.seq.status is running]
             if len(rows) < len(sampled):
                 if not rows:
-                    self._commit(live)
+                    self._timed_commit(live)
                     self._unsampled(plan.num_tokens, t0)
                     return events
                 logits = logits.index_select(0, host_to_device(rows, torch.int64, logits.device))
                 sampled = tuple(sampled[i] for i in rows)
-        self._commit(live)
+        self._timed_commit(live)
         if not sampled:
             self._unsampled(plan.num_tokens, t0)
             return events
@@ -314,6 +322,15 @@ class Engine:
             )
         self._in_flight = in_flight
         return events
+
+    def _timed_commit(self, items: Seq[ScheduledSeq]) -> None:
+        """``_commit``, its time recorded as ``commit`` when ``times`` is set (overlapped)."""
+        if self.times is None:
+            self._commit(items)
+            return
+        t0 = time.perf_counter()
+        self._commit(items)
+        self.times.add("commit", time.perf_counter() - t0)
 
     def _unsampled(self, num_tokens: int, t0: float) -> None:
         """A launched step that samples nothing (a prompt's middle chunks) is read like any
