@@ -158,7 +158,12 @@ def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, i
 
 
 def copy_blocks(
-    src_cache: torch.Tensor, src_ids: torch.Tensor, dst_cache: torch.Tensor, dst_ids: torch.Tensor
+    src_cache: torch.Tensor,
+    src_ids: torch.Tensor,
+    dst_cache: torch.Tensor,
+    dst_ids: torch.Tensor,
+    *,
+    wait: bool = True,
 ) -> None:
     """Copy blocks between two caches of the same block shape (tier moves, swaps).
 
@@ -167,7 +172,10 @@ def copy_blocks(
     each one large copy straight out of / into the host cache: no pageable bounce buffer and
     no gather on the host (one CPU thread copying ~25 MB was most of a swap's time). With a
     pinned host cache the copies are asynchronous on the current stream; a copy into the host
-    waits for it, so the destination holds the data on return either way.
+    waits for it, so the destination holds the data on return either way — unless ``wait`` is
+    False: then a copy into a pinned host cache is only queued on the current stream (the
+    caller orders its readers after it, e.g. by an event: ``CpuTier``'s stream-ordered
+    demotion).
     """
     if src_cache.device == dst_cache.device:
         unpack_blocks(dst_cache, dst_ids, pack_blocks(src_cache, src_ids))
@@ -178,7 +186,7 @@ def copy_blocks(
         packed = pack_blocks(src_cache, src_ids)  # [n, ...] on the device
         for i, d, k in block_runs(rows, dst_ids.tolist()):
             dst_cache[d : d + k].copy_(packed[i : i + k], non_blocking=True)
-        if src_cache.is_cuda:
+        if src_cache.is_cuda and (wait or not dst_cache.is_pinned()):
             torch.cuda.current_stream(src_cache.device).synchronize()
         return
     staged = torch.empty((n, *src_cache.shape[1:]), dtype=src_cache.dtype, device=dst_cache.device)

@@ -154,13 +154,18 @@ def unpack_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, packed: torch
 
 
 def copy_blocks(
-    src_cache: torch.Tensor, src_ids: torch.Tensor, dst_cache: torch.Tensor, dst_ids: torch.Tensor
+    src_cache: torch.Tensor,
+    src_ids: torch.Tensor,
+    dst_cache: torch.Tensor,
+    dst_ids: torch.Tensor,
+    *,
+    wait: bool = True,
 ) -> None:
     """Same contract as ``reference.copy_blocks``; one pass when both caches share a GPU."""
     if src_ids.shape != dst_ids.shape or src_ids.dim() != 1:
         raise ValueError("src_ids and dst_ids must be [n] tensors of one length")
     if not _movable(src_cache, dst_cache):
-        reference.copy_blocks(src_cache, src_ids, dst_cache, dst_ids)
+        reference.copy_blocks(src_cache, src_ids, dst_cache, dst_ids, wait=wait)
     elif src_cache.data_ptr() == dst_cache.data_ptr():
         # Within one cache the source and destination sets may overlap: gather first, as the
         # reference does, so every destination receives the source's value from before the call.

@@ -31,7 +31,7 @@ from kvrelay.workers.engine.sequence import SeqStatus, Sequence
 from kvrelay.workers.engine.swap import PREEMPTION_MODES, Swapper
 from kvrelay.workers.kv.block_hash import block_hashes
 from kvrelay.workers.kv.block_pool import BlockPool
-from kvrelay.workers.kv.tiers import CpuTier
+from kvrelay.workers.kv.tiers import STREAM_DEMOTION, CpuTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +193,14 @@ class Scheduler:
 
     # ---- planning ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.tier is None or not STREAM_DEMOTION:
+            return self._schedule()
+        # every block this plan allocates is next written by this engine's own stream
+        # (its step, a promotion, a swap-in copy that waits for it): demotions need not wait
+        with self.tier.stream_ordered():
+            return self._schedule()
+
+    def _schedule(self) -> SchedulerOutput:
         self.poll()
         out = self._plan()
         if not out.scheduled and self.swapper and self.swapper.in_flight:

@@ -24,10 +24,12 @@ always synchronous (demotion: the evicted device blocks are reused at once).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -35,6 +37,10 @@ from kvrelay.kernels import copy_blocks
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.types import Tier
+
+# KVRELAY_STREAM_DEMOTION=1 (read once at import): an engine's schedule demotes evicted blocks
+# stream-ordered (``CpuTier.stream_ordered``); opt-in until measured on a GPU
+STREAM_DEMOTION = os.environ.get("KVRELAY_STREAM_DEMOTION", "") == "1"
 
 
 class CopyHandle:
@@ -81,11 +87,19 @@ class BlockCopier:
         return self._threads is not None
 
     def copy_now(
-        self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
+        self,
+        src: torch.Tensor,
+        src_ids: Sequence[int],
+        dst: torch.Tensor,
+        dst_ids: Sequence[int],
+        *,
+        wait: bool = True,
     ) -> None:
+        """The copy, done when this returns (``wait`` False: into pinned host memory only
+        queued on the current stream, ``kvrelay.kernels.copy_blocks``)."""
         if src_ids:
             self._count(src, src_ids)
-            copy_blocks(src, _ids(src_ids), dst, _ids(dst_ids))
+            copy_blocks(src, _ids(src_ids), dst, _ids(dst_ids), wait=wait)
 
     def copy(
         self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
@@ -168,6 +182,43 @@ class CpuTier:
         self.demoted_blocks = 0
         self.promoted_blocks = 0
         self.demotions_dropped = 0  # evicted device blocks the CPU pool had no room for
+        # stream-ordered demotion (``stream_ordered``): the copies into the host cache queued,
+        # not waited for; the events after them (and after promotions that read it), oldest
+        # first, until they are seen done
+        self._ordered = False
+        self._pending: list[torch.cuda.Event] = []
+        self.ordered_demotions = 0
+
+    @contextmanager
+    def stream_ordered(self, on: bool = True) -> Iterator[None]:
+        """Demotions inside only queue their device-to-host copy on the current stream (CUDA,
+        pinned host cache): the host does not wait for it, nor for the step still running on
+        that stream ahead of it — a synchronous demotion waited for both, under a semi-PD
+        worker's storage lock (benchmarks/README.md, eleventh session). Safe where every later
+        writer of the evicted device blocks is on the same stream (an engine's own steps,
+        promotions, its swaps' copies, which wait for the current stream): the engine's
+        ``schedule``. Every reader or writer of the host cache orders itself after the pending
+        copies first (``order_after_pending``)."""
+        before, self._ordered = self._ordered, on and self.cache.is_pinned()
+        try:
+            yield
+        finally:
+            self._ordered = before
+
+    def order_after_pending(self) -> None:
+        """The current stream waits (on the device, not the host) for every stream-ordered
+        copy into the host cache, and every promotion read of it, not yet seen done."""
+        if not self._pending:
+            return
+        self._pending = [e for e in self._pending if not e.query()]
+        stream = torch.cuda.current_stream(self.device_cache.device)
+        for event in self._pending:
+            stream.wait_event(event)
+
+    def _note_pending(self) -> None:
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append(event)
 
     # ---- demotion / promotion ----------------------------------------------------------------
     def demote(self, evicted: list[tuple[int, int]]) -> None:
@@ -188,7 +239,13 @@ class CpuTier:
             return
         src, hashes = src[:room], hashes[:room]
         dst = self.pool.allocate(room)
-        self.copier.copy_now(self.device_cache, src, self.cache, dst)
+        if self._ordered:
+            self.order_after_pending()  # the CPU blocks reused may still be read or written
+            self.copier.copy_now(self.device_cache, src, self.cache, dst, wait=False)
+            self._note_pending()
+            self.ordered_demotions += 1
+        else:
+            self.copier.copy_now(self.device_cache, src, self.cache, dst)
         for block, h in zip(dst, hashes, strict=True):
             self.pool.commit(block, h)
         self.pool.release(reversed(dst))
@@ -204,13 +261,19 @@ class CpuTier:
         """Copy CPU hits into freshly allocated (referenced) device blocks and commit their
         hashes there. The caller holds a CPU reference on ``cpu_ids`` across the device
         allocation (so a demotion cannot evict them) and releases it afterwards."""
+        pending = bool(self._pending)
+        if pending:
+            self.order_after_pending()
         self.copier.copy_now(self.cache, cpu_ids, self.device_cache, device_ids)
+        if pending:  # a later stream-ordered demotion may reuse these CPU blocks
+            self._note_pending()
         for block, h in zip(device_ids, hashes, strict=True):
             self.device_pool.commit(block, h)
         self.promoted_blocks += len(cpu_ids)
 
     def stats_extra(self) -> dict[str, int]:
         return {
+            "ordered_demotions": self.ordered_demotions,
             "demoted_blocks": self.demoted_blocks,
             "promoted_blocks": self.promoted_blocks,
             "demotions_dropped": self.demotions_dropped,

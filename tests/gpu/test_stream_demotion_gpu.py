@@ -1,0 +1,95 @@
+"""Stream-ordered demotion (``CpuTier.stream_ordered``, ``KVRELAY_STREAM_DEMOTION=1``): the
+device-to-host copy of evicted blocks is queued behind the step still running, the host goes
+on, and every later reader or writer of those blocks — the engine's next step overwriting the
+device block on the same stream, a promotion on another stream — sees the demoted data."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvrelay.workers.engine import scheduler as scheduler_mod
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
+from kvrelay.workers.kv.block_pool import BlockPool
+from kvrelay.workers.kv.tiers import build_cpu_tier
+from kvrelay.workers.model.loader import load_model
+from kvrelay.workers.types import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def test_a_stream_ordered_demotion_does_not_wait_and_its_readers_see_the_data() -> None:
+    cache = torch.randn(8, 2, 2, 16, 2, 64, device="cuda")
+    pool = BlockPool(8, 16)
+    copier, tier = build_cpu_tier(cache, pool, num_blocks=8, kv_gb=0.0, async_copies=True)
+    assert tier is not None and tier.cache.is_pinned()
+    blocks = pool.allocate(8)
+    for b in blocks:
+        pool.commit(b, 1000 + b)
+    pool.release(reversed(blocks))  # all cached, evictable
+    want = cache.clone()
+    torch.cuda.synchronize()
+    with tier.stream_ordered():
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of a step still running on this stream
+        busy = torch.cuda.Event()
+        busy.record()
+        fresh = pool.allocate(8)  # evicts all eight: demoted, queued behind the "step"
+        assert not busy.query()  # the host did not wait for the step nor the copy
+        cache[fresh] = 0.0  # the next step overwrites the reused blocks (same stream)
+    assert tier.ordered_demotions == 1 and tier.demoted_blocks == 8
+    # a promotion on another stream orders itself after the pending copy
+    side = torch.cuda.Stream()
+    back = torch.zeros_like(cache)
+    with torch.cuda.stream(side):
+        hits = tier.cpu_hits([1000 + b for b in blocks])
+        assert len(hits) == 8
+        tier.pool.acquire(hits)
+        tier.device_cache = back  # promote into a second cache: compare block by block
+        tier.promote(hits, blocks, [1000 + b for b in blocks])
+        tier.device_cache = cache
+        tier.pool.release(reversed(hits))
+    torch.cuda.synchronize()
+    assert torch.equal(back[blocks], want[blocks])
+    copier.close()
+
+
+def test_stream_ordered_demotion_keeps_an_engines_tokens(
+    make_gpu_llama: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small device pool with a CPU tier: prompts sharing prefixes evict and promote over and
+    over; the tokens are those of a run with synchronous demotion, and demotions did happen."""
+    loaded = load_model(str(make_gpu_llama(seed=5)), device="cuda")
+    rng = random.Random(2)
+    stems = [[rng.randrange(3, 512) for _ in range(64)] for _ in range(4)]
+    # four stems in turn over a 16-block pool: a stem is evicted (demoted) before it comes back
+    prompts = [stems[i % 4] + [rng.randrange(3, 512) for _ in range(rng.randrange(8, 40))]
+               for i in range(12)]  # fmt: skip
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def run(ordered: bool) -> tuple[list[list[int]], dict[str, float]]:
+        monkeypatch.setattr(scheduler_mod, "STREAM_DEMOTION", ordered)
+        engine = Engine(loaded, EngineConfig(num_blocks=16, cpu_num_blocks=64,
+                                             max_num_batched_tokens=64), device="cuda")  # fmt: skip
+        out: list[list[int]] = []
+        for i, p in enumerate(prompts):  # one at a time: each evicts the one before
+            engine.add_request(f"r{i}", p, params)
+            toks: list[int] = []
+            while engine.has_unfinished():
+                for ev in engine.step():
+                    toks += ev.token_ids
+            engine.check_integrity()
+            out.append(toks)
+        extra = engine.stats().extra
+        engine.close()
+        return out, extra
+
+    plain, plain_extra = run(False)
+    ordered, extra = run(True)
+    assert ordered == plain
+    assert plain_extra["ordered_demotions"] == 0
+    assert extra["ordered_demotions"] > 0 and extra["promoted_blocks"] > 0
