@@ -5,20 +5,16 @@ device block on the same stream, a promotion on another stream — sees the demo
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from kvrelay.workers.engine import scheduler as scheduler_mod
-from kvrelay.workers.engine.config import EngineConfig
-from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.kv.tiers import build_cpu_tier
 from kvrelay.workers.model.loader import load_model
-from kvrelay.workers.types import SamplingParams
+from kvrelay_testing.tiers import rotating_stem_prompts, run_demoting
 
 pytestmark = pytest.mark.gpu
 
@@ -61,35 +57,12 @@ def test_a_stream_ordered_demotion_does_not_wait_and_its_readers_see_the_data() 
 def test_stream_ordered_demotion_keeps_an_engines_tokens(
     make_gpu_llama: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A small device pool with a CPU tier: prompts sharing prefixes evict and promote over and
-    over; the tokens are those of a run with synchronous demotion, and demotions did happen."""
+    """A small device pool with a CPU tier, four prompt stems in turn: each is demoted and
+    promoted again; the tokens are those of a run with synchronous demotion."""
     loaded = load_model(str(make_gpu_llama(seed=5)), device="cuda")
-    rng = random.Random(2)
-    stems = [[rng.randrange(3, 512) for _ in range(64)] for _ in range(4)]
-    # four stems in turn over a 16-block pool: a stem is evicted (demoted) before it comes back
-    prompts = [stems[i % 4] + [rng.randrange(3, 512) for _ in range(rng.randrange(8, 40))]
-               for i in range(12)]  # fmt: skip
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-
-    def run(ordered: bool) -> tuple[list[list[int]], dict[str, float]]:
-        monkeypatch.setattr(scheduler_mod, "STREAM_DEMOTION", ordered)
-        engine = Engine(loaded, EngineConfig(num_blocks=16, cpu_num_blocks=64,
-                                             max_num_batched_tokens=64), device="cuda")  # fmt: skip
-        out: list[list[int]] = []
-        for i, p in enumerate(prompts):  # one at a time: each evicts the one before
-            engine.add_request(f"r{i}", p, params)
-            toks: list[int] = []
-            while engine.has_unfinished():
-                for ev in engine.step():
-                    toks += ev.token_ids
-            engine.check_integrity()
-            out.append(toks)
-        extra = engine.stats().extra
-        engine.close()
-        return out, extra
-
-    plain, plain_extra = run(False)
-    ordered, extra = run(True)
+    prompts = rotating_stem_prompts(512)
+    plain, plain_extra = run_demoting(loaded, "cuda", prompts, monkeypatch, ordered=False)
+    ordered, extra = run_demoting(loaded, "cuda", prompts, monkeypatch, ordered=True)
     assert ordered == plain
     assert plain_extra["ordered_demotions"] == 0
     assert extra["ordered_demotions"] > 0 and extra["promoted_blocks"] > 0

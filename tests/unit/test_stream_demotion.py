@@ -5,48 +5,21 @@ outputs are those of a run without it. The CUDA side: tests/gpu/test_stream_demo
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
-from kvrelay.workers.engine import scheduler as scheduler_mod
-from kvrelay.workers.engine.config import EngineConfig
-from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.loader import load_model
-from kvrelay.workers.types import SamplingParams
+from kvrelay_testing.tiers import rotating_stem_prompts, run_demoting
 
 
 def test_stream_ordered_demotion_is_synchronous_on_a_host_memory_engine(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded = load_model(str(tiny_model_dir), device="cpu")
-    rng = random.Random(2)
-    stems = [[rng.randrange(3, 100) for _ in range(64)] for _ in range(4)]
-    # four stems in turn over a 16-block pool: a stem is demoted before it comes back
-    prompts = [stems[i % 4] + [rng.randrange(3, 100) for _ in range(rng.randrange(8, 40))]
-               for i in range(12)]  # fmt: skip
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-
-    def run(ordered: bool) -> tuple[list[list[int]], dict[str, float]]:
-        monkeypatch.setattr(scheduler_mod, "STREAM_DEMOTION", ordered)
-        engine = Engine(loaded, EngineConfig(num_blocks=16, cpu_num_blocks=64,
-                                             max_num_batched_tokens=64), device="cpu")  # fmt: skip
-        out: list[list[int]] = []
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, params)
-            toks: list[int] = []
-            while engine.has_unfinished():
-                for ev in engine.step():
-                    toks += ev.token_ids
-            engine.check_integrity()
-            out.append(toks)
-        extra = engine.stats().extra
-        engine.close()
-        return out, extra
-
-    plain, plain_extra = run(False)
-    ordered, extra = run(True)
+    prompts = rotating_stem_prompts(100)
+    plain, plain_extra = run_demoting(loaded, "cpu", prompts, monkeypatch, ordered=False)
+    ordered, extra = run_demoting(loaded, "cpu", prompts, monkeypatch, ordered=True)
     assert ordered == plain
     assert plain_extra["demoted_blocks"] > 0 and plain_extra["promoted_blocks"] > 0
     assert extra["demoted_blocks"] == plain_extra["demoted_blocks"]

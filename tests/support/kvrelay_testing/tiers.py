@@ -1,0 +1,50 @@
+"""An engine run that keeps its CPU tier busy: prompts over four stems taken in turn, one
+request at a time over a 16-block device pool, so each stem is demoted before it comes back
+and is then promoted (tests of the stream-ordered demotion, on CPU and on CUDA)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvrelay.workers.engine import scheduler as scheduler_mod
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
+from kvrelay.workers.model.loader import LoadedModel
+from kvrelay.workers.types import SamplingParams
+
+
+def rotating_stem_prompts(vocab: int, seed: int = 2) -> list[list[int]]:
+    rng = random.Random(seed)
+    stems = [[rng.randrange(3, vocab) for _ in range(64)] for _ in range(4)]
+    return [stems[i % 4] + [rng.randrange(3, vocab) for _ in range(rng.randrange(8, 40))]
+            for i in range(12)]  # fmt: skip
+
+
+def run_demoting(
+    loaded: LoadedModel,
+    device: str,
+    prompts: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    ordered: bool,
+) -> tuple[list[list[int]], dict[str, float]]:
+    """Greedy outputs and the engine's extra stats, with the stream-ordered demotion
+    (``KVRELAY_STREAM_DEMOTION``) ``ordered`` or not; pools checked after every step."""
+    monkeypatch.setattr(scheduler_mod, "STREAM_DEMOTION", ordered)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    engine = Engine(loaded, EngineConfig(num_blocks=16, cpu_num_blocks=64,
+                                         max_num_batched_tokens=64), device=device)  # fmt: skip
+    out: list[list[int]] = []
+    for i, p in enumerate(prompts):  # one at a time: each evicts what came before
+        engine.add_request(f"r{i}", p, params)
+        toks: list[int] = []
+        while engine.has_unfinished():
+            for ev in engine.step():
+                toks += ev.token_ids
+            engine.check_integrity()
+        out.append(toks)
+    extra = engine.stats().extra
+    engine.close()
+    return out, extra
