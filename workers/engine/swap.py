@@ -160,7 +160,9 @@ class Swapper:
             h = self.tier.device_pool.block_hash(block)
             if h is not None:
                 hashes.append((d, h))
-        self.tier.order_after_pending()  # CPU blocks a stream-ordered demotion still writes
+        # CPU blocks a stream-ordered demotion's copy may still write or a promotion read; the
+        # copier's side stream starts after the current one (BlockCopier.copy)
+        self.tier.order_after_pending(cpu_ids)
         handle = self.tier.copier.copy(self.tier.device_cache, src, self.tier.cache, dst)
         self.swap_bytes += len(src) * self.tier.block_bytes
         seq.cpu_block_ids = cpu_ids
@@ -195,7 +197,7 @@ class Swapper:
         hashes = tuple(
             (d, h) for d, c in zip(dst, src, strict=True) if (h := pool.block_hash(c)) is not None
         )
-        self.tier.order_after_pending()
+        self.tier.order_after_pending(seq.cpu_block_ids)
         handle = self.tier.copier.copy(self.tier.cache, src, self.tier.device_cache, dst)
         self.swap_bytes += len(src) * self.tier.block_bytes
         self.swaps_in += 1

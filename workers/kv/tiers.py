@@ -19,7 +19,10 @@ returns) or on one background thread (CUDA: on its own stream) so the running ba
 the transfer; its handle is ``done()`` once the destination holds the data. The caller owns
 the ordering: source blocks stay referenced (not reused) and destination blocks are not read
 until the handle is done (FastSwitch's per-request event, no global barrier). ``copy_now`` is
-always synchronous (demotion: the evicted device blocks are reused at once).
+synchronous (demotion: the evicted device blocks are reused at once), except a demotion inside
+an engine's schedule with ``KVRELAY_STREAM_DEMOTION=1`` (``CpuTier.stream_ordered``): queued on
+the engine's stream, which is the reused blocks' next writer, and ordered before every later
+use of the host cache by events.
 """
 
 from __future__ import annotations
@@ -182,11 +185,12 @@ class CpuTier:
         self.demoted_blocks = 0
         self.promoted_blocks = 0
         self.demotions_dropped = 0  # evicted device blocks the CPU pool had no room for
-        # stream-ordered demotion (``stream_ordered``): the copies into the host cache queued,
-        # not waited for; the events after them (and after promotions that read it), oldest
-        # first, until they are seen done
+        # stream-ordered demotion (``stream_ordered``): copies into the host cache queued, not
+        # waited for; per CPU block, the event after the last queued copy into or out of it,
+        # until seen done (per block: the other semi-PD lane's copies, queued behind its step,
+        # hold up only what touches the same blocks)
         self._ordered = False
-        self._pending: list[torch.cuda.Event] = []
+        self._pending: dict[int, torch.cuda.Event] = {}
         self.ordered_demotions = 0
 
     @contextmanager
@@ -205,20 +209,31 @@ class CpuTier:
         finally:
             self._ordered = before
 
-    def order_after_pending(self) -> None:
-        """The current stream waits (on the device, not the host) for every stream-ordered
-        copy into the host cache, and every promotion read of it, not yet seen done."""
+    def order_after_pending(self, cpu_blocks: Iterable[int]) -> None:
+        """The current stream waits (on the device, not the host) for the queued copies into
+        or out of ``cpu_blocks`` not yet seen done."""
         if not self._pending:
             return
-        self._pending = [e for e in self._pending if not e.query()]
-        stream = torch.cuda.current_stream(self.device_cache.device)
-        for event in self._pending:
+        stream = None
+        for block in cpu_blocks:
+            event = self._pending.get(block)
+            if event is None:
+                continue
+            if event.query():
+                del self._pending[block]
+                continue
+            stream = stream or torch.cuda.current_stream(self.device_cache.device)
             stream.wait_event(event)
 
-    def _note_pending(self) -> None:
+    def _note_pending(self, cpu_blocks: Iterable[int]) -> None:
+        """After a copy queued into or out of ``cpu_blocks`` on the current stream (pinned
+        host cache): their next user orders itself after it."""
+        if not self.cache.is_pinned():
+            return
         event = torch.cuda.Event()
-        event.record()
-        self._pending.append(event)
+        event.record(torch.cuda.current_stream(self.device_cache.device))
+        for block in cpu_blocks:
+            self._pending[block] = event
 
     # ---- demotion / promotion ----------------------------------------------------------------
     def demote(self, evicted: list[tuple[int, int]]) -> None:
@@ -239,10 +254,10 @@ class CpuTier:
             return
         src, hashes = src[:room], hashes[:room]
         dst = self.pool.allocate(room)
+        self.order_after_pending(dst)  # reused CPU blocks: a copy may still read or write them
         if self._ordered:
-            self.order_after_pending()  # the CPU blocks reused may still be read or written
             self.copier.copy_now(self.device_cache, src, self.cache, dst, wait=False)
-            self._note_pending()
+            self._note_pending(dst)
             self.ordered_demotions += 1
         else:
             self.copier.copy_now(self.device_cache, src, self.cache, dst)
@@ -261,12 +276,9 @@ class CpuTier:
         """Copy CPU hits into freshly allocated (referenced) device blocks and commit their
         hashes there. The caller holds a CPU reference on ``cpu_ids`` across the device
         allocation (so a demotion cannot evict them) and releases it afterwards."""
-        pending = bool(self._pending)
-        if pending:
-            self.order_after_pending()
+        self.order_after_pending(cpu_ids)  # their data may still be on its way
         self.copier.copy_now(self.cache, cpu_ids, self.device_cache, device_ids)
-        if pending:  # a later stream-ordered demotion may reuse these CPU blocks
-            self._note_pending()
+        self._note_pending(cpu_ids)  # the read may still be queued when they are reused
         for block, h in zip(device_ids, hashes, strict=True):
             self.device_pool.commit(block, h)
         self.promoted_blocks += len(cpu_ids)
