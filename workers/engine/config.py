@@ -43,7 +43,8 @@ class EngineConfig:
     # the semi-PD decode lane turns them off (workers/semi_pd/worker.py)
     prefill_graphs: bool | None = None
     # the longest step a prefill graph takes, rounded up to a token bucket (prefill_graphs.py);
-    # longer steps run eagerly. The semi-PD prefill lane raises it to its token budget
+    # longer steps run eagerly. The semi-PD prefill lane raises it to its token budget, a served
+    # worker to its chunk budget (cluster/runtime/actors.py)
     prefill_graph_tokens: int = MAX_TOKENS
 
 
