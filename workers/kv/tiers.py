@@ -98,11 +98,16 @@ class BlockCopier:
         *,
         wait: bool = True,
     ) -> None:
-        """The copy, done when this returns (``wait`` False: into pinned host memory only
-        queued on the current stream, ``kvrelay.kernels.copy_blocks``)."""
+        """The copy, done when this returns. ``wait`` False: nothing here waits for the
+        current stream — a copy into pinned host memory is only queued on it
+        (``kvrelay.kernels.copy_blocks``), and the block ids go to the device through pinned
+        memory (a pageable upload waits for every kernel queued before it)."""
         if src_ids:
             self._count(src, src_ids)
-            copy_blocks(src, _ids(src_ids), dst, _ids(dst_ids), wait=wait)
+            if wait:
+                copy_blocks(src, _ids(src_ids), dst, _ids(dst_ids))
+            else:
+                copy_blocks(src, _ids_on(src_ids, src), dst, _ids_on(dst_ids, dst), wait=False)
 
     def copy(
         self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
@@ -160,6 +165,15 @@ class BlockCopier:
 
 def _ids(ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.long)
+
+
+def _ids_on(ids: Sequence[int], cache: torch.Tensor) -> torch.Tensor:
+    """Block ids where ``cache`` is, uploaded without a stream sync on CUDA (the caching host
+    allocator keeps the pinned staging block until the copy has run)."""
+    if not cache.is_cuda:
+        return _ids(ids)
+    pinned = torch.tensor(list(ids), dtype=torch.long, pin_memory=True)
+    return pinned.to(cache.device, non_blocking=True)
 
 
 class CpuTier:
@@ -277,7 +291,9 @@ class CpuTier:
         hashes there. The caller holds a CPU reference on ``cpu_ids`` across the device
         allocation (so a demotion cannot evict them) and releases it afterwards."""
         self.order_after_pending(cpu_ids)  # their data may still be on its way
-        self.copier.copy_now(self.cache, cpu_ids, self.device_cache, device_ids)
+        # inside an engine's schedule (stream-ordered) the ids' upload does not wait either
+        self.copier.copy_now(self.cache, cpu_ids, self.device_cache, device_ids,
+                             wait=not self._ordered)  # fmt: skip
         self._note_pending(cpu_ids)  # the read may still be queued when they are reused
         for block, h in zip(device_ids, hashes, strict=True):
             self.device_pool.commit(block, h)
