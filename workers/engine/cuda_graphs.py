@@ -70,21 +70,6 @@ MIN_WIDTH_BLOCKS = 16
 WIDTH_GROWTH = 4
 
 
-def host_to_device(
-    values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A small host list as a device tensor without a stream sync.
-
-    ``torch.tensor(values, device=cuda)`` copies from pageable memory, which synchronises the
-    stream (it waits for every queued kernel). A pinned staging tensor copied with
-    ``non_blocking`` only enqueues the copy; the caching host allocator keeps the staging block
-    until the copy has run.
-    """
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
 def capture_sizes(max_batch: int) -> tuple[int, ...]:
     """Powers of two below ``max_batch``, then ``max_batch`` itself."""
     if max_batch < 1:

@@ -33,8 +33,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from kvrelay.workers.device_upload import host_to_device
 from kvrelay.workers.engine.config import EngineConfig, EngineStats
-from kvrelay.workers.engine.cuda_graphs import host_to_device
 from kvrelay.workers.engine.deferred import DeferredReleases, Fence
 from kvrelay.workers.engine.inflight import InFlight
 from kvrelay.workers.engine.phase_times import PhaseTimes

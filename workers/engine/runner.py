@@ -31,12 +31,12 @@ from typing import NamedTuple
 
 import torch
 
+from kvrelay.workers.device_upload import host_to_device
 from kvrelay.workers.engine.block_tables import BlockTables
 from kvrelay.workers.engine.cuda_graphs import (
     BATCH_SIZES,
     DecodeBatch,
     DecodeGraphs,
-    host_to_device,
 )
 from kvrelay.workers.engine.prefill_graphs import MAX_SEQS, MAX_TOKENS, PrefillGraphs
 from kvrelay.workers.engine.scheduler import ScheduledSeq

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvrelay.workers.engine.cuda_graphs import host_to_device
+from kvrelay.workers.device_upload import host_to_device
 from kvrelay.workers.types import SamplingParams
 
 _MASK64 = (1 << 64) - 1

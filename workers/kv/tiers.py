@@ -37,6 +37,7 @@ from contextlib import contextmanager
 import torch
 
 from kvrelay.kernels import copy_blocks
+from kvrelay.workers.device_upload import host_to_device
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.types import Tier
@@ -106,8 +107,10 @@ class BlockCopier:
             self._count(src, src_ids)
             if wait:
                 copy_blocks(src, _ids(src_ids), dst, _ids(dst_ids))
-            else:
-                copy_blocks(src, _ids_on(src_ids, src), dst, _ids_on(dst_ids, dst), wait=False)
+                return
+            src_at = host_to_device(src_ids, torch.long, src.device)
+            dst_at = host_to_device(dst_ids, torch.long, dst.device)
+            copy_blocks(src, src_at, dst, dst_at, wait=False)
 
     def copy(
         self, src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
@@ -165,15 +168,6 @@ class BlockCopier:
 
 def _ids(ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.long)
-
-
-def _ids_on(ids: Sequence[int], cache: torch.Tensor) -> torch.Tensor:
-    """Block ids where ``cache`` is, uploaded without a stream sync on CUDA (the caching host
-    allocator keeps the pinned staging block until the copy has run)."""
-    if not cache.is_cuda:
-        return _ids(ids)
-    pinned = torch.tensor(list(ids), dtype=torch.long, pin_memory=True)
-    return pinned.to(cache.device, non_blocking=True)
 
 
 class CpuTier:
