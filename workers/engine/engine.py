@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 
 import torch
 
@@ -51,6 +52,8 @@ from kvrelay.workers.model.llama import kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.model.sparse_attention import bounds_bytes, build_sparse
 from kvrelay.workers.types import FinishReason, KVEvent, SamplingParams, TokenEvent
+
+_T = TypeVar("_T")
 
 
 class Engine:
@@ -139,10 +142,9 @@ class Engine:
         self.times: PhaseTimes | None = None
         # entered around sampling (its kernels, its pinned uploads, the tokens' copy): it
         # reads no KV, and a semi-PD lane gives the storage lock back meanwhile
-        # (workers/semi_pd/). With the prefill lane overlapped, the decode lane waited 27-31 ms
-        # at p99 for the lock (H100, benchmarks/README.md, 2026-12-06 14:14): sampling is that
-        # lane's only call under the lock that can block on its step in flight (a suspicion,
-        # not measured apart)
+        # (workers/semi_pd/). Suspected of the overlapped prefill lane's long lock holds
+        # (H100, 2026-12-06 14:14); with it the holds stayed (16:21, benchmarks/README.md):
+        # sampling was not their cause
         self.sample_guard: Callable[[], AbstractContextManager[object]] = nullcontext
         if config.capture_graphs:
             self.capture_graphs()
@@ -264,19 +266,11 @@ class Engine:
 
     def _step_overlapped(self) -> list[TokenEvent]:
         events = self._step_overlapped_inner()
-        if self.times is None:
-            self._reclaim()
-            return events
-        t0 = time.perf_counter()
-        self._reclaim()
-        self.times.add("reclaim", time.perf_counter() - t0)
+        self._timed("reclaim", self._reclaim)
         return events
 
     def _step_overlapped_inner(self) -> list[TokenEvent]:
-        ts = time.perf_counter()
-        plan = self.scheduler.schedule()
-        if self.times is not None:
-            self.times.add("schedule", time.perf_counter() - ts)
+        plan = self._timed("schedule", self.scheduler.schedule)
         prev, self._in_flight = self._in_flight, None
         self.idle = not plan.scheduled and prev is None
         launched = None
@@ -299,12 +293,12 @@ class Engine:
             rows = [i for i, it in enumerate(sampled) if it.seq.status is running]
             if len(rows) < len(sampled):
                 if not rows:
-                    self._timed_commit(live)
+                    self._timed("commit", self._commit, live)
                     self._unsampled(plan.num_tokens, t0)
                     return events
                 logits = logits.index_select(0, host_to_device(rows, torch.int64, logits.device))
                 sampled = tuple(sampled[i] for i in rows)
-        self._timed_commit(live)
+        self._timed("commit", self._commit, live)
         if not sampled:
             self._unsampled(plan.num_tokens, t0)
             return events
@@ -323,14 +317,15 @@ class Engine:
         self._in_flight = in_flight
         return events
 
-    def _timed_commit(self, items: Seq[ScheduledSeq]) -> None:
-        """``_commit``, its time recorded as ``commit`` when ``times`` is set (overlapped)."""
+    def _timed(self, phase: str, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)``, its time recorded as ``phase`` when ``times`` is set (the overlapped
+        step's parts; the plain step stamps its own)."""
         if self.times is None:
-            self._commit(items)
-            return
+            return fn(*args)
         t0 = time.perf_counter()
-        self._commit(items)
-        self.times.add("commit", time.perf_counter() - t0)
+        out = fn(*args)
+        self.times.add(phase, time.perf_counter() - t0)
+        return out
 
     def _unsampled(self, num_tokens: int, t0: float) -> None:
         """A launched step that samples nothing (a prompt's middle chunks) is read like any

@@ -202,7 +202,7 @@ class CpuTier:
         self.ordered_demotions = 0
 
     @contextmanager
-    def stream_ordered(self, on: bool = True) -> Iterator[None]:
+    def stream_ordered(self) -> Iterator[None]:
         """Demotions inside only queue their device-to-host copy on the current stream (CUDA,
         pinned host cache): the host does not wait for it, nor for the step still running on
         that stream ahead of it — a synchronous demotion waited for both, under a semi-PD
@@ -211,7 +211,7 @@ class CpuTier:
         promotions, its swaps' copies, which wait for the current stream): the engine's
         ``schedule``. Every reader or writer of the host cache orders itself after the pending
         copies first (``order_after_pending``)."""
-        before, self._ordered = self._ordered, on and self.cache.is_pinned()
+        before, self._ordered = self._ordered, self.cache.is_pinned()
         try:
             yield
         finally:
@@ -263,12 +263,10 @@ class CpuTier:
         src, hashes = src[:room], hashes[:room]
         dst = self.pool.allocate(room)
         self.order_after_pending(dst)  # reused CPU blocks: a copy may still read or write them
+        self.copier.copy_now(self.device_cache, src, self.cache, dst, wait=not self._ordered)
         if self._ordered:
-            self.copier.copy_now(self.device_cache, src, self.cache, dst, wait=False)
             self._note_pending(dst)
             self.ordered_demotions += 1
-        else:
-            self.copier.copy_now(self.device_cache, src, self.cache, dst)
         for block, h in zip(dst, hashes, strict=True):
             self.pool.commit(block, h)
         self.pool.release(reversed(dst))
