@@ -92,8 +92,8 @@ def loadgen_argv(url: str, args: argparse.Namespace, out_json: Path,
         "--gamma-shape", "0.5",
         "--max-prompt-tokens", str(args.max_prompt_tokens),
         "--max-output-tokens", str(args.max_output_tokens),
-        *(["--min-output-tokens", str(least)] if (least := getattr(args, "min_output_tokens", 1))
-          > 1 else []),
+        *(["--min-output-tokens", str(args.min_output_tokens)] if args.min_output_tokens > 1
+          else []),
         "--ttft-slo", str(args.ttft_slo), "--itl-slo", str(args.itl_slo),
         "--timeout", str(args.run_timeout), "--request-timeout", str(args.run_timeout),
         "--seed", str(args.seed), "--json", str(out_json),
@@ -366,7 +366,7 @@ def semi_pd_rule(cfgs: dict[str, ServeConfig]) -> str:
 
 
 def outputs_floor(args: argparse.Namespace) -> str:
-    least = getattr(args, "min_output_tokens", 1)
+    least = args.min_output_tokens
     return f" (chat outputs >= {least})" if least > 1 else ""
 
 
@@ -397,7 +397,7 @@ def prompt_rate_table(reps: dict[str, dict[str, Any]], names: list[str], rates: 
     tokens, median of the repeats), as a fraction of the GPU's matmul ceiling for them when
     known (``args.matmul_tflops`` / ``args.linear_flops``): the physical limit beside the
     figure — prefill-heavy loads are bound by it, not by the request rate."""
-    tflops, per_token = getattr(args, "matmul_tflops", None), getattr(args, "linear_flops", None)
+    tflops, per_token = args.matmul_tflops, args.linear_flops  # set by main()
     ceiling = tflops * 1e12 / per_token if tflops and per_token else None
     head = "served prompt tokens/s" + (", median of the repeats" if len(reps[names[0]]["repeats"]) > 1 else "")
     if ceiling:

@@ -32,7 +32,7 @@ def _args(repeats: int) -> argparse.Namespace:
         max_output_tokens=128, long_fraction=0.2, long_prompt_range="1024,7936",
         long_output_tokens=16, repeats=repeats, autosize_interval_s=2.0, autosize_window_s=10.0,
         sweep="32,64", run_timeout=120.0, seed=0, max_context=8192, fresh_prompts=False,
-        duration_s=None,
+        duration_s=None, min_output_tokens=1, matmul_tflops=None, linear_flops=None,
     )  # fmt: skip
 
 
