@@ -9,14 +9,8 @@ from typing import Any
 
 import pytest
 
-from kvrelay.benchmarks.goodput_bench import (
-    cells,
-    config_name,
-    configs,
-    linear_flops,
-    loadgen_argv,
-    render,
-)
+from kvrelay.benchmarks.goodput_bench import configs, linear_flops, loadgen_argv
+from kvrelay.benchmarks.goodput_report import cells, config_name, render
 from kvrelay.cluster.runtime.config import ServeConfig
 
 ONE = dict(prefill_workers=0, decode_workers=0, colocated_workers=1)
