@@ -13,6 +13,7 @@ from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.kv.block_hash import block_hashes
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.types import KVEventKind, SamplingParams, Tier
+from kvrelay_testing.tiers import run_one_at_a_time
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 BS = 4
@@ -30,23 +31,6 @@ def _engine(loaded: LoadedModel, **kw: object) -> Engine:
     return Engine(loaded, EngineConfig(**base))  # type: ignore[arg-type]
 
 
-def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY,
-         prefix: str = "r") -> list[list[int]]:
-    """Requests one after another (each finishes before the next starts): so eviction order,
-    and so what the tiers hold, is deterministic."""
-    outs: list[list[int]] = []
-    for i, p in enumerate(prompts):
-        rid = f"{prefix}{i}"
-        engine.add_request(rid, p, params)
-        toks: list[int] = []
-        while engine.has_unfinished():
-            for ev in engine.step():
-                toks += ev.token_ids
-            engine.check_integrity()
-        outs.append(toks)
-    return outs
-
-
 def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(10, 40000, (length,), generator=g).tolist() for _ in range(n)]
@@ -56,14 +40,16 @@ def test_demote_then_promote_is_bit_identical(loaded: LoadedModel) -> None:
     engine = _engine(loaded, num_blocks=16, cpu_num_blocks=64)
     assert engine.cpu_tier is not None
     (first,) = _prompts(1, 4 * BS + 1, seed=1)
-    _run(engine, [first], SamplingParams(max_tokens=1, temperature=0.0), prefix="a")
+    run_one_at_a_time(engine, [first], SamplingParams(max_tokens=1, temperature=0.0), prefix="a")
     chain = block_hashes(first, BS, engine.scheduler.hash_root)[:4]
     dev = engine.pool.lookup(chain)
     assert len(dev) == 4
     before = engine.kv_cache[dev].clone()
     engine.drain_kv_events()
     # other prompts fill the 16-block device pool: the first prompt's blocks are evicted
-    _run(engine, _prompts(4, 4 * BS + 1, seed=2), SamplingParams(max_tokens=1, temperature=0.0))
+    run_one_at_a_time(
+        engine, _prompts(4, 4 * BS + 1, seed=2), SamplingParams(max_tokens=1, temperature=0.0)
+    )
     assert engine.pool.lookup(chain) == []
     cpu = engine.cpu_tier.pool.lookup(chain)
     assert len(cpu) == 4
@@ -76,7 +62,7 @@ def test_demote_then_promote_is_bit_identical(loaded: LoadedModel) -> None:
     assert set(chain) <= removed_gpu & stored_cpu
     # the same prompt again: its prefix comes back from CPU, by copy, not by compute
     computed = engine.prompt_tokens_computed
-    _run(engine, [first], SamplingParams(max_tokens=1, temperature=0.0), prefix="b")
+    run_one_at_a_time(engine, [first], SamplingParams(max_tokens=1, temperature=0.0), prefix="b")
     assert engine.prompt_tokens_computed - computed == 1
     assert engine.stats().prefix_hit_tokens_cpu == 4 * BS
     dev = engine.pool.lookup(chain)
@@ -100,7 +86,7 @@ def test_outputs_identical_with_the_tier_on_or_off(loaded: LoadedModel) -> None:
         "on": dict(num_blocks=16, cpu_num_blocks=128),
     }.items():
         engine = _engine(loaded, **kw)
-        runs[name] = (engine, _run(engine, workload))
+        runs[name] = (engine, run_one_at_a_time(engine, workload, GREEDY))
     ref = runs["big"][1]
     assert runs["off"][1] == ref and runs["on"][1] == ref
     on, off = runs["on"][0].stats(), runs["off"][0].stats()
@@ -113,7 +99,9 @@ def test_outputs_identical_with_the_tier_on_or_off(loaded: LoadedModel) -> None:
 def test_cpu_tier_eviction_is_lru_and_drops(loaded: LoadedModel) -> None:
     engine = _engine(loaded, num_blocks=12, cpu_num_blocks=8)
     assert engine.cpu_tier is not None
-    _run(engine, _prompts(8, 4 * BS + 1, seed=5), SamplingParams(max_tokens=1, temperature=0.0))
+    run_one_at_a_time(
+        engine, _prompts(8, 4 * BS + 1, seed=5), SamplingParams(max_tokens=1, temperature=0.0)
+    )
     cpu = engine.stats().cpu_pool
     assert cpu is not None and cpu.cached == 8 and cpu.extra["evictions"] > 0
     removed_cpu = [e for e in engine.drain_kv_events()

@@ -1,4 +1,5 @@
-"""An engine run that keeps its CPU tier busy: prompts over four stems taken in turn, one
+"""Engine runs over the KV tiers: requests one at a time (``run_one_at_a_time``), and one
+that keeps its CPU tier busy: prompts over four stems taken in turn, one
 request at a time over a 16-block device pool, so each stem is demoted before it comes back
 and is then promoted (tests of the stream-ordered demotion, on CPU and on CUDA)."""
 
@@ -36,15 +37,24 @@ def run_demoting(
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     engine = Engine(loaded, EngineConfig(num_blocks=16, cpu_num_blocks=64,
                                          max_num_batched_tokens=64), device=device)  # fmt: skip
-    out: list[list[int]] = []
-    for i, p in enumerate(prompts):  # one at a time: each evicts what came before
-        engine.add_request(f"r{i}", p, params)
+    out = run_one_at_a_time(engine, prompts, params)
+    extra = engine.stats().extra
+    engine.close()
+    return out, extra
+
+
+def run_one_at_a_time(
+    engine: Engine, prompts: list[list[int]], params: SamplingParams, prefix: str = "r"
+) -> list[list[int]]:
+    """Requests one after another (each finishes before the next starts), the pools checked
+    after every step: so eviction order, and so what the tiers hold, is deterministic."""
+    outs: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{prefix}{i}", p, params)
         toks: list[int] = []
         while engine.has_unfinished():
             for ev in engine.step():
                 toks += ev.token_ids
             engine.check_integrity()
-        out.append(toks)
-    extra = engine.stats().extra
-    engine.close()
-    return out, extra
+        outs.append(toks)
+    return outs
