@@ -108,6 +108,27 @@ def prompt_rate_table(reps: dict[str, dict[str, Any]], names: list[str], rates: 
     return out
 
 
+def gap_table(reps: dict[str, dict[str, Any]], names: list[str], rates: list[str]) -> list[str]:
+    """ITL p99 split by where the gap falls (median of the repeats): each request's first gap
+    (its first to second token: a semi-PD or PD request's handoff to decode) and its later
+    gaps (steady decode). Empty for reports from before loadgen split them."""
+    if "itl_first_s" not in reps[names[0]]["repeats"][0]["runs"][rates[0]]["all"]:
+        return []
+
+    def p99_ms(n: str, rate: str, key: str) -> str:
+        vals = [run["runs"][rate]["all"][key] for run in reps[n]["repeats"]]
+        got = [1e3 * float(v["p99"]) for v in vals if v is not None and v["p99"] is not None]
+        return f"{statistics.median(got):.0f}" if got else "nan"
+
+    out = ["ITL p99 ms by gap, first (the handoff to decode) / later (median of the repeats)",
+           "| rate | " + " | ".join(names) + " |", "| ---: " * (1 + len(names)) + "|"]
+    for rate in rates:
+        row = [f"{p99_ms(n, rate, 'itl_first_s')} / {p99_ms(n, rate, 'itl_later_s')}"
+               for n in names]
+        out.append(f"| {rate} req/s | " + " | ".join(row) + " |")
+    return ["", *out]
+
+
 def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
            args: argparse.Namespace, l0: Sequence[float], l1: Sequence[float],
            wall: float) -> str:
@@ -150,7 +171,7 @@ def render(reps: dict[str, dict[str, Any]], cfgs: dict[str, ServeConfig],
         row += [cells(g(n, rate, "ttft_s"), ".2f") for n in names]
         row += [cells([1e3 * v for v in g(n, rate, "itl_s")], ".0f") for n in names]
         lines.append(f"| {rate} | " + " | ".join(row) + " |")
-    lines += ["", *prompt_rate_table(reps, names, rates, args)]
+    lines += ["", *prompt_rate_table(reps, names, rates, args), *gap_table(reps, names, rates)]
     each = {n: [float(run["goodput_rps"]["all"]) for run in reps[n]["repeats"]] for n in names}
     gp = {n: statistics.median_low(v) for n, v in each.items()}  # a rate that was swept
     top = max(float(r) for r in rates)

@@ -2,8 +2,10 @@
 
 A request meets its SLOs when it succeeded, its TTFT <= the TTFT SLO and its inter-token
 latency (the mean gap between streamed tokens after the first, i.e. TPOT as DistServe uses it)
-<= the ITL SLO. ITL percentiles are over every gap of every request. Goodput (DistServe) is
-the highest offered rate at which >= 90% of requests meet both SLOs.
+<= the ITL SLO. ITL percentiles are over every gap of every request, and again split into each
+request's first gap (between its first and second token-bearing chunks: in a disaggregated
+worker, the handoff from prefill to decode) and its later gaps (steady decode). Goodput
+(DistServe) is the highest offered rate at which >= 90% of requests meet both SLOs.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Summary:
     duration_s: float
     ttft_s: Percentiles
     itl_s: Percentiles  # per-gap
+    itl_first_s: Percentiles  # each request's first gap (the handoff, in PD)
+    itl_later_s: Percentiles  # its later gaps
     tpot_s: Percentiles  # per-request mean gap
     e2e_s: Percentiles
     requests_per_s: float
@@ -96,6 +100,8 @@ def summarize(
         duration_s=duration_s,
         ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
         itl_s=Percentiles.of([g for r in ok for g in r.gaps_s]),
+        itl_first_s=Percentiles.of([r.gaps_s[0] for r in ok if r.gaps_s]),
+        itl_later_s=Percentiles.of([g for r in ok for g in r.gaps_s[1:]]),
         tpot_s=Percentiles.of([r.itl_s for r in ok if r.output_tokens > 1]),
         e2e_s=Percentiles.of([r.e2e_s for r in ok]),
         requests_per_s=len(ok) / duration_s,

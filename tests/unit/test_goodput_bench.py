@@ -171,6 +171,13 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
     assert "goodput semi_pd/colocated1@4096: 1.00" in text
     assert "goodput semi_pd/colocated1: 2.00" in text
     assert "ITL p99 semi_pd/colocated1@4096 at 64 req/s (medians): 30.0 / 40.0 ms = 0.75" in text
+    assert "ITL p99 ms by gap" not in text  # reports from before loadgen split the gaps
+    for n, run in reps.items():  # first gap (the handoff) and later gaps, as loadgen now splits
+        for rate, cell in run["repeats"][0]["runs"].items():
+            first = 0.09 if n == "semi_pd" else cell["all"]["itl_s"]["p99"]
+            cell["all"].update(itl_first_s={"p99": first}, itl_later_s={"p99": 0.01 * int(rate) / 32})
+    text = render(reps, three, args, (1.0, 1.0, 1.0), (2.0, 2.0, 2.0), 100.0)
+    assert "| 64 req/s | 50 / 20 | 40 / 20 | 90 / 20 |" in text
     assert "colocated1@4096: colocated x1, 4096 tokens a step" in text
     # the linear layers' FLOPs a token from a config.json: 2 x (2h^2 + 2h.kv + 3h.i) x L
     assert linear_flops(None) is None

@@ -219,6 +219,12 @@ def test_report_math() -> None:
         and by["b"].slo_attainment == 0
     )
     assert not meets_slo(_r("a", 0.1, 1, 0.0, "timeout"), 1.0, 1.0)
+    # the first gap (a handoff) apart from the later ones (steady decode)
+    slow_first = [RequestResult("a", 0.0, 0.0, 0.1, (0.3, 0.01, 0.02), 0.43, 10, 4)] * 2
+    split = summarize([*slow_first, _r("a", 0.1, 1, 0.0)], 1.0, 0.5, 0.05)
+    assert split.itl_first_s.p50 == pytest.approx(0.3) and split.itl_first_s.p99 == pytest.approx(0.3)
+    assert split.itl_later_s.p99 == pytest.approx(np.percentile([0.01, 0.02] * 2, 99))
+    assert split.itl_s.p50 == pytest.approx(0.02)
     assert goodput([(1, 0.99), (2, 0.95), (4, 0.7), (8, 0.92)]) == 2  # 8 passing above a failure
     assert goodput([(1, 0.5)]) == 0.0
 
