@@ -37,6 +37,11 @@ run() {  # run NAME TIMEOUT_S CMD...
     [ "$rc" -eq 0 ] || status=1
     pack  # after every step: a call cut short still returns what finished
 }
+model_1b() {  # model_1b DTYPE TAG: the random-weight 1B-shape model at /tmp/kvrelay-1b-TAG, once
+    [ -d "/tmp/kvrelay-1b-$2" ] || run "make_$2" 60 python3 -c "import torch; from pathlib import Path
+from kvrelay.benchmarks.gpu_serve import make_model
+make_model(Path('/tmp/kvrelay-1b-$2'), Path('$TOK'), torch.$1, '1b', 'cuda')"
+}
 PYTEST=(python3 -m pytest -v --tb=short -p no:cacheprovider --import-mode=importlib -o addopts=
         -rfE --durations=15 --timeout "${TEST_TIMEOUT:-60}")
 for step in "$@"; do
@@ -66,9 +71,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
     overhead) run overhead 60 python3 benchmarks/step_overhead.py --device cuda --batches 32 128 \
         --steps 40 --reps 3 --overlap off on --json "$RES/step_overhead.json" ;;
     swap)
-        run make_model 60 python3 -c "import torch; from pathlib import Path
-from kvrelay.benchmarks.gpu_serve import make_model
-make_model(Path('/tmp/kvrelay-1b-fp32'), Path('$TOK'), torch.float32, '1b', 'cuda')"
+        model_1b float32 fp32
         run swap 150 python3 benchmarks/swap_bench.py --model /tmp/kvrelay-1b-fp32 --device cuda \
             --dtype float32 --requests 64 --prompt 512 --out 256 --num-blocks 1024 --cpu-kv-gb 4 \
             --json "$RES/swap_bench.json" ;;
@@ -87,11 +90,13 @@ make_model(Path('/tmp/kvrelay-1b-fp32'), Path('$TOK'), torch.float32, '1b', 'cud
     semipd) run semipd 200 python3 benchmarks/gpu_serve.py --tokenizer "$TOK" --semi-pd \
         --out "$RES" ;;
     semipd_step)  # issue 16: the split rule answering a load step, window by window
-        run make_bf16 60 python3 -c "import torch; from pathlib import Path
-from kvrelay.benchmarks.gpu_serve import make_model
-make_model(Path('/tmp/kvrelay-1b-bf16'), Path('$TOK'), torch.bfloat16, '1b', 'cuda')"
+        model_1b bfloat16 bf16
         run semipd_step "${STEP_RUN_S:-150}" python3 benchmarks/semipd_step.py \
             --model /tmp/kvrelay-1b-bf16 --out "$RES" ${STEP_ARGS:-} ;;
+    sync_probe)  # issue 16: which of an engine's host phases wait for the device, and where
+        model_1b bfloat16 bf16
+        TAIL=${TAIL:-80} run sync_probe "${PROBE_S:-180}" python3 benchmarks/sync_probe.py \
+            --model /tmp/kvrelay-1b-bf16 --out "$RES/sync_probe.json" ${PROBE_ARGS:-} ;;
     goodput) run "goodput${RUN:-}" "${GOODPUT_S:-400}" python3 benchmarks/gpu_serve.py \
         --tokenizer "$TOK" --goodput-only --goodput --out "$RES" --goodput-args \
         "${GOODPUT_ARGS:---configs semi_pd,colocated1,colocated --workers 3 --warmup 16 \
