@@ -42,7 +42,7 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvrelay import kernels
-from kvrelay.kernels import triton_prefill, triton_sparse
+from kvrelay.kernels import triton_prefill, triton_sparse_prefill
 from kvrelay.kernels.sparse_reference import gather_kv
 from kvrelay.workers.model.llama import AttentionMetadata
 from kvrelay.workers.model.sparse_attention import (
@@ -242,7 +242,7 @@ def tile_counts(
     key of (``prefill_tile_pairs``, what the kernel's counter must sum to). ``work_ratio`` =
     sparse / dense tile area."""
     dense_m, dense_n = triton_prefill.prefill_tiles(D, torch.bfloat16, on_cuda)
-    block_m, block_n = triton_sparse.prefill_tiles(D, torch.bfloat16, on_cuda, col_block)
+    block_m, block_n = triton_sparse_prefill.prefill_tiles(D, torch.bfloat16, on_cuda, col_block)
     rows_end = torch.arange(dense_m, ctx + dense_m, dense_m).clamp(max=ctx)  # each query tile's
     dense_tiles = float((-(-rows_end // dense_n)).sum()) * H  # causal key tiles, every head
     sparse_tiles, _ = prefill_tile_pairs(keep[0], window[0], 0, ctx, ctx, col_block, block_m,
@@ -267,7 +267,7 @@ def tile_row(
     row["time_ratio"] = t["sparse_kernel"] / t["dense"]
     if q.is_cuda:
         counts = torch.zeros(5, dtype=torch.int32, device=q.device)
-        triton_sparse.sparse_prefill_attention(
+        triton_sparse_prefill.sparse_prefill_attention(
             q, cache, 0, table, attn.query_start_loc, attn.context_lens, D**-0.5, keep, window,
             col_block, tile_counts=counts,
         )  # fmt: skip

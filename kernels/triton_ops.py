@@ -7,7 +7,8 @@
     rms_norm, add_rms_norm, rope_write_kv, silu_mul     kernels/triton_fused.py (the model's
                                                         elementwise work; refs kernels/fused.py)
     block_scores, sparse_decode_attention,              kernels/triton_sparse.py
-    sparse_prefill_attention, sparse_tables, update_bounds
+    sparse_tables, update_bounds
+    sparse_prefill_attention                            kernels/triton_sparse_prefill.py
     topk_blocks (sparse decode's block selection)       kernels/triton_topk.py
     sampled_column_mass (SampleAttention's sampling)    kernels/triton_sample.py
     gemv (``linear`` at small batch; ref F.linear)      kernels/triton_gemv.py
@@ -28,10 +29,10 @@ from kvrelay.kernels.triton_sample import sampled_column_mass
 from kvrelay.kernels.triton_sparse import (
     block_scores,
     sparse_decode_attention,
-    sparse_prefill_attention,
     sparse_tables,
     update_bounds,
 )
+from kvrelay.kernels.triton_sparse_prefill import sparse_prefill_attention
 from kvrelay.kernels.triton_topk import topk_blocks
 
 __all__ = [

@@ -101,7 +101,7 @@ def test_sparse_decode_gpu(splits) -> None:
 
 
 def test_sparse_prefill_gpu() -> None:
-    from kvrelay.kernels import triton_sparse
+    from kvrelay.kernels import triton_sparse_prefill
 
     kv, tables, ctx, _, g = _case([3000, 1500], 3)
     qsl = torch.tensor([0, 3000, 3700], dtype=torch.int32, device="cuda")  # 2nd: 800 cached
@@ -116,12 +116,12 @@ def test_sparse_prefill_gpu() -> None:
         q.float(), kv.float(), 1, tables, qsl, ctx, D**-0.5, keep, window, 64
     )
     counts = torch.zeros(5, dtype=torch.int32, device="cuda")
-    got = triton_sparse.sparse_prefill_attention(
+    got = triton_sparse_prefill.sparse_prefill_attention(
         q, kv, 1, tables, qsl, ctx, D**-0.5, keep, window, 64, tile_counts=counts
     )
     assert rel_err(got.float(), want) < 1e-2
     # the compiled kernel runs exactly the tiles where some row sees some key
-    bm, bn = triton_sparse.prefill_tiles(D, torch.bfloat16, True, 64)
+    bm, bn = triton_sparse_prefill.prefill_tiles(D, torch.bfloat16, True, 64)
     pairs = [
         prefill_tile_pairs(keep[i], window[i], n - new, new, n, 64, bm, bn)[0]
         for i, (n, new) in enumerate(((3000, 3000), (1500, 700)))

@@ -1,4 +1,5 @@
-"""The sparse Triton kernels (kernels/triton_sparse.py, triton_topk.py, triton_sample.py) through
+"""The sparse Triton kernels (kernels/triton_sparse.py, triton_sparse_prefill.py, triton_topk.py,
+triton_sample.py) through
 Triton's interpreter on CPU, at small sizes, against the torch references
 (kernels/sparse_reference.py). Run this file in its own pytest process (as
 tests/unit/test_kernels_interpret.py: the interpreter must be chosen before triton is first
@@ -48,6 +49,7 @@ _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     _SPARSE = _private_copy("kvrelay.kernels.triton_sparse")
+    _SPARSE_PREFILL = _private_copy("kvrelay.kernels.triton_sparse_prefill")
     _TOPK = _private_copy("kvrelay.kernels.triton_topk")
     _SAMPLE = _private_copy("kvrelay.kernels.triton_sample")
 finally:
@@ -66,6 +68,11 @@ def _interpreting(module: ModuleType) -> Iterator[ModuleType]:
 @pytest.fixture(scope="module")
 def sparse() -> Iterator[ModuleType]:
     yield from _interpreting(_SPARSE)
+
+
+@pytest.fixture(scope="module")
+def sparse_prefill() -> Iterator[ModuleType]:
+    yield from _interpreting(_SPARSE_PREFILL)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +212,7 @@ def test_sparse_decode(sparse: ModuleType, dtype: torch.dtype, splits, streaming
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_prefill(sparse: ModuleType, dtype: torch.dtype) -> None:
+def test_sparse_prefill(sparse_prefill: ModuleType, dtype: torch.dtype) -> None:
     lens = [200, 90]  # 200 and 30 new tokens
     kv, tables, ctx, _, g = _case(lens, 2, 16, 16, dtype, 3)
     qsl = torch.tensor([0, 200, 230], dtype=torch.int32)
@@ -215,7 +222,7 @@ def test_sparse_prefill(sparse: ModuleType, dtype: torch.dtype) -> None:
     want = ref.sparse_prefill_attention(
         q.float(), kv.float(), 1, tables, qsl, ctx, 0.25, keep, window, 64
     )
-    got = sparse.sparse_prefill_attention(q, kv, 1, tables, qsl, ctx, 0.25, keep, window, 64)
+    got = sparse_prefill.sparse_prefill_attention(q, kv, 1, tables, qsl, ctx, 0.25, keep, window, 64)
     assert rel_err(got.float(), want) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
@@ -237,7 +244,7 @@ def _visible_tiles(
 
 @pytest.mark.parametrize(("seed", "col_block"), [(5, 64), (6, 32), (7, 16), (8, 16), (9, 64)])
 def test_sparse_prefill_runs_only_visible_tiles(
-    sparse: ModuleType, seed: int, col_block: int
+    sparse_prefill: ModuleType, seed: int, col_block: int
 ) -> None:
     """Random keeps, windows from 1 to past the context and cached prefixes: the output is the
     reference's, and the tiles the kernel counts are exactly the (query tile, key tile) pairs
@@ -260,9 +267,9 @@ def test_sparse_prefill_runs_only_visible_tiles(
     counts = torch.zeros(5, dtype=torch.int32)
     qsl_t = torch.tensor(qsl, dtype=torch.int32)
     args = (q, kv, 1, tables, qsl_t, ctx, 0.3, keep, window, col_block)
-    got = sparse.sparse_prefill_attention(*args, tile_counts=counts)
+    got = sparse_prefill.sparse_prefill_attention(*args, tile_counts=counts)
     assert rel_err(got, ref.sparse_prefill_attention(*args)) < 1e-5
-    bm, bn = sparse.prefill_tiles(16, torch.float32, False, col_block)
+    bm, bn = sparse_prefill.prefill_tiles(16, torch.float32, False, col_block)
     assert int(counts.sum()) == _visible_tiles(qsl, lens, keep, window, col_block, bm, bn)
     pairs = [  # the tile-level count the engine's density and sparse_bench use
         prefill_tile_pairs(keep[i], window[i], n - new, new, n, col_block, bm, bn)[0]
@@ -271,7 +278,7 @@ def test_sparse_prefill_runs_only_visible_tiles(
     assert int(counts.sum()) == sum(pairs)
     kv, tables, ctx, _, _ = _case([700], 2, 16, 16, torch.float32, seed)  # stream heads only
     counts.zero_()
-    sparse.sparse_prefill_attention(
+    sparse_prefill.sparse_prefill_attention(
         torch.randn(700, heads, 16, generator=g), kv, 1, tables,
         torch.tensor([0, 700], dtype=torch.int32), ctx, 0.3,
         (torch.arange(-(-700 // col_block)) < 1).expand(1, heads, -1), torch.full((1, heads), 40),
