@@ -1,7 +1,7 @@
-"""Stream-ordered demotion (``KVRELAY_STREAM_DEMOTION=1``, workers/kv/tiers.py) is a CUDA
-matter: it queues the device-to-host copy into a pinned host cache without waiting for it. On
-a host-memory engine there is nothing to queue: with it on, demotions stay synchronous and the
-outputs are those of a run without it. The CUDA side: tests/gpu/test_stream_demotion_gpu.py."""
+"""Stream-ordered demotion (the default; ``KVRELAY_STREAM_DEMOTION=0`` turns it off,
+workers/kv/tiers.py) is a CUDA matter: it queues the device-to-host copy into a pinned host cache
+without waiting for it. On a host-memory engine there is nothing to queue: with it on,
+demotions stay synchronous and the outputs are those of a run without it. The CUDA side: tests/gpu/test_stream_demotion_gpu.py."""
 
 from __future__ import annotations
 

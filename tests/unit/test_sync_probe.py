@@ -5,6 +5,7 @@ innermost line of ours that made it (the CUDA probe itself runs in tests/gpu's c
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from kvrelay.benchmarks.sync_probe import SyncSites, main
@@ -17,6 +18,12 @@ def test_a_sync_is_booked_to_its_phase_at_our_innermost_line() -> None:
     with sites.probing("schedule", on=False):
         sites.showwarning("called a synchronizing CUDA operation", UserWarning, "torch.py", 1)
         sites.showwarning("some other warning", UserWarning, "torch.py", 1)
+        other = threading.Thread(
+            target=sites.showwarning,
+            args=("called a synchronizing CUDA operation", UserWarning, "torch.py", 1),
+        )
+        other.start()  # a copier thread's wait is its own, not the phase's
+        other.join()
     ((site, n),) = sites.sites["schedule"].items()
     assert (
         n == 1
@@ -26,7 +33,7 @@ def test_a_sync_is_booked_to_its_phase_at_our_innermost_line() -> None:
 
 
 def test_the_dry_run_demotes_in_every_way_with_the_same_tokens(
-    tiny_model_dir: Path, tmp_path: Path, capsys: object
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "probe.json"
     assert (
@@ -63,4 +70,4 @@ def test_the_dry_run_demotes_in_every_way_with_the_same_tokens(
     ]
     assert all(w["demoted_blocks"] > 0 and w["steps"] > 30 for w in ways)
     assert all({"schedule", "commit", "launch", "sample"} <= set(w["phases"]) for w in ways)
-    assert "greedy tokens identical across the 4 ways" in capsys.readouterr().out  # type: ignore[attr-defined]
+    assert all(w["same_tokens"] == 30 for w in ways[1:])  # fp32 on the host: no swap timing

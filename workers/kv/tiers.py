@@ -20,9 +20,9 @@ the transfer; its handle is ``done()`` once the destination holds the data. The 
 the ordering: source blocks stay referenced (not reused) and destination blocks are not read
 until the handle is done (FastSwitch's per-request event, no global barrier). ``copy_now`` is
 synchronous (demotion: the evicted device blocks are reused at once), except a demotion inside
-an engine's schedule with ``KVRELAY_STREAM_DEMOTION=1`` (``CpuTier.stream_ordered``): queued on
-the engine's stream, which is the reused blocks' next writer, and ordered before every later
-use of the host cache by events.
+an engine's schedule (``CpuTier.stream_ordered``; ``KVRELAY_STREAM_DEMOTION=0`` turns it off):
+queued on the engine's stream, which is the reused blocks' next writer, and ordered before
+every later use of the host cache by events.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.types import Tier
 
-# KVRELAY_STREAM_DEMOTION=1 (read once at import): an engine's schedule demotes evicted blocks
-# stream-ordered (``CpuTier.stream_ordered``); opt-in until measured on a GPU
-STREAM_DEMOTION = os.environ.get("KVRELAY_STREAM_DEMOTION", "") == "1"
+# an engine's schedule demotes evicted blocks stream-ordered (``CpuTier.stream_ordered``) unless
+# KVRELAY_STREAM_DEMOTION=0 (read once at import). Measured on an H100 (benchmarks/README.md,
+# twelfth session): a synchronous demotion held an overlapped engine's schedule 5.8 / 24.7 ms
+# p50 / p99 waiting for the step in flight (0.56 / 6.9 ordered); served goodput of one colocated
+# worker rose from 112 to >= 128 req/s, of the overlapped semi-PD worker from 96 to 112
+STREAM_DEMOTION = os.environ.get("KVRELAY_STREAM_DEMOTION", "1") != "0"
 
 
 class CopyHandle:
