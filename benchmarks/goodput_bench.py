@@ -162,10 +162,12 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     }
     out = {}
     for name in args.configs.split(","):
-        base_name, tokens = config_name(name)
+        base_name, tokens, share = config_name(name)
         cfg = every[base_name]
         if tokens is not None:
             cfg = cfg.model_copy(update={"max_num_batched_tokens": tokens})
+        if share is not None:
+            cfg = cfg.model_copy(update={"semi_pd_prefill_sm": share})
         out[name] = cfg
     return out
 
@@ -253,7 +255,7 @@ def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
 
 def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``--repeats`` sweeps on one cluster; every repeat's report is kept."""
-    out_json = Path(args.out) / f"goodput_{name.replace('@', '_t')}.json"
+    out_json = Path(args.out) / f"goodput_{name.replace('@', '_t').replace('%', '_p')}.json"
     with Cluster.start(cfg) as cluster:
         url = f"http://127.0.0.1:{cluster.ports['http_port']}"
         roles_before = cluster.workers()
@@ -326,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.add_argument
     a("--workers", type=int, default=3, help="workers in every configuration")
     a("--configs", default="pd,colocated,planner,pd_start",
-      help=f"comma-separated, of {NAMES}; NAME@TOKENS sets its tokens a step (default 512)")
+      help=f"comma-separated, of {NAMES}; NAME@TOKENS sets its tokens a step (default 512), "
+           "semi-PD NAME%%SHARE its prefill SM share")
     a("--pd-split", default="2,1", help="P,D of the fixed PD configuration")
     a("--planner-start", default="1,2", help="P,D the planner configuration starts from")
     a("--semi-pd-start", default="75,100",

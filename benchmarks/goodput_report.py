@@ -15,19 +15,24 @@ NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "sem
          "semi_pd_overlap", "semi_pd_poverlap", "semi_pd_fixed")
 
 
-def config_name(text: str) -> tuple[str, int | None]:
-    """``NAME`` or ``NAME@TOKENS``: a configuration of NAMES, with TOKENS its engines'
+def config_name(text: str) -> tuple[str, int | None, int | None]:
+    """``NAME[@TOKENS][%SHARE]``: a configuration of NAMES, with TOKENS its engines'
     ``max_num_batched_tokens`` (the chunked-prefill budget a step; default 512) — so that the
     colocated baseline can be swept to its strongest chunk (``colocated1@2048``) beside a semi-PD
-    prefill lane that takes ``semi_pd_prefill_tokens`` a step."""
-    name, at, tokens = text.partition("@")
+    prefill lane that takes ``semi_pd_prefill_tokens`` a step — and SHARE a semi-PD
+    configuration's prefill SM share, percent (``semi_pd_poverlap%90``; its decode share stays
+    ``--semi-pd-start``'s), so that shares can be compared in one sweep."""
+    rest, pct, share = text.partition("%")
+    name, at, tokens = rest.partition("@")
     if name not in NAMES:
         raise argparse.ArgumentTypeError(f"--configs: {name!r} is not one of {NAMES}")
-    if not at:
-        return name, None
-    if not tokens.isdigit() or not 16 <= int(tokens) <= 65536:
+    if at and (not tokens.isdigit() or not 16 <= int(tokens) <= 65536):
         raise argparse.ArgumentTypeError(f"--configs {text!r}: TOKENS must be in 16..65536")
-    return name, int(tokens)
+    if pct and (not name.startswith("semi_pd") or not share.isdigit()
+                or not 1 <= int(share) <= 100):  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"--configs {text!r}: %SHARE is a semi-PD prefill share in 1..100")
+    return name, int(tokens) if at else None, int(share) if pct else None
 
 
 def describe(name: str, cfg: ServeConfig) -> str:

@@ -136,20 +136,25 @@ def test_cells_and_the_repeats_prompts() -> None:
 
 
 def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is_named() -> None:
-    assert config_name("colocated1") == ("colocated1", None)
-    assert config_name("colocated1@2048") == ("colocated1", 2048)
-    for bad in ("colocated2", "colocated1@", "colocated1@x", "colocated1@8", "semi_pd@70000"):
+    assert config_name("colocated1") == ("colocated1", None, None)
+    assert config_name("colocated1@2048") == ("colocated1", 2048, None)
+    assert config_name("semi_pd_poverlap%90") == ("semi_pd_poverlap", None, 90)
+    assert config_name("semi_pd@1024%100") == ("semi_pd", 1024, 100)
+    for bad in ("colocated2", "colocated1@", "colocated1@x", "colocated1@8", "semi_pd@70000",
+                "colocated1%90", "semi_pd%", "semi_pd%0", "semi_pd%101"):  # fmt: skip
         with pytest.raises(argparse.ArgumentTypeError):
             config_name(bad)
     ns = argparse.Namespace(**{
-        **vars(_args(1)), "configs": "colocated1,colocated1@4096,semi_pd@1024", "model": None,
+        **vars(_args(1)), "configs": "colocated1,colocated1@4096,semi_pd@1024,semi_pd%90",
+        "model": None,
         "device": "cpu", "dtype": "auto", "kv_cache_gb": 1.0, "threads_per_worker": 1,
         "workers": 2, "pd_split": "1,1", "planner_start": "1,1", "semi_pd_start": "75,100",
         "semi_pd_fixed_split": "50,100", "semi_pd_fixed_tokens": None, "semi_pd_fixed": True,
         "max_num_seqs": 256,
     })  # fmt: skip
     cfgs = configs(ns)
-    assert [c.max_num_batched_tokens for c in cfgs.values()] == [512, 4096, 1024]
+    assert [c.max_num_batched_tokens for c in cfgs.values()] == [512, 4096, 1024, 512]
+    assert [c.semi_pd_prefill_sm for c in cfgs.values()][2:] == [75, 90]  # --semi-pd-start's, then %90
     assert {c.max_num_seqs for c in cfgs.values()} == {256}
     assert cfgs["colocated1@4096"].colocated_workers == 1 and cfgs["semi_pd@1024"].semi_pd
     # the ratio against the best chunk budget, not the default one
