@@ -213,7 +213,8 @@ def sweep(name: str, argv: list[str], out_json: Path, t0: float,
 
 
 LANE_PHASES = ("cycle", "step", "held", "forward", "lock_wait", "relock_wait", "sink",
-               "command", "idle_wait", "schedule", "commit", "sample", "reclaim")
+               "command", "idle_wait", "schedule", "commit", "sample", "reclaim",
+               "adopt_wait", "first_decode", "handoff_gap")  # the last three: per request
 
 
 def lane_times(workers: dict[str, str], reset: bool) -> dict[str, Any]:

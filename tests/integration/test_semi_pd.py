@@ -125,6 +125,11 @@ def test_tokens_match_colocated(
             assert phases["commit"]["count"] > 0, lane
             overlapped = overlap if lane == "decode" else prefill_overlap
             assert ("reclaim" in phases) is overlapped, lane
+        # the handoff's parts, once a request: handed over -> adopted -> first decode event
+        decode = semi.lane_times()["decode"]
+        parts = [decode[p] for p in ("adopt_wait", "first_decode", "handoff_gap")]
+        assert [p["count"] for p in parts] == [len(prompts)] * 3
+        assert parts[2]["total_s"] == pytest.approx(parts[0]["total_s"] + parts[1]["total_s"])
     finally:
         semi.shutdown()
 

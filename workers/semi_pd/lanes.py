@@ -1,5 +1,6 @@
 """What two lanes over one KV storage share: the forward guard that lets a lane compute without
-the storage lock, and one worker's figures from two engines' (``merge_stats``)."""
+the storage lock, one worker's figures from two engines' (``merge_stats``), and the clock of a
+request's handoff from one lane to the other (``HandoffClock``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 from kvrelay.workers.engine.config import EngineStats
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.semi_pd.sm_partition import SMPartition
+from kvrelay.workers.types import TokenEvent
 
 
 @contextmanager
@@ -78,3 +81,55 @@ def merge_stats(prefill: EngineStats, decode: EngineStats) -> EngineStats:
         swap_bytes=prefill.swap_bytes + decode.swap_bytes,
         recompute_preemptions=prefill.recompute_preemptions + decode.recompute_preemptions,
     )
+
+
+class HandoffClock:
+    """Per request, the parts of its handoff inside a semi-PD worker, recorded as phases of the
+    decode lane's ``PhaseTimes``: ``adopt_wait`` (handed over by the prefill lane, its first
+    token queued, to adopted by the decode lane), ``first_decode`` (adopted to its first decode
+    event queued) and their sum ``handoff_gap``: the client's first inter-token gap less the
+    delivery. Figures, not state: a request that leaves before its first decode event is dropped
+    by ``forget`` (an abort), or with every pending one past ``KEPT``."""
+
+    KEPT = 4096
+
+    def __init__(self, times: PhaseTimes) -> None:
+        self.times = times
+        self._lock = threading.Lock()
+        self._handed: dict[str, float] = {}
+        self._adopted: dict[str, tuple[float, float]] = {}
+
+    def handed(self, request_id: str) -> None:
+        with self._lock:
+            self._bound(self._handed)
+            self._handed[request_id] = time.perf_counter()
+
+    def adopted(self, request_id: str) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            handed = self._handed.pop(request_id, None)
+            if handed is None:
+                return
+            self._bound(self._adopted)
+            self._adopted[request_id] = (handed, now)
+        self.times.add("adopt_wait", now - handed)
+
+    def emitted(self, events: list[TokenEvent]) -> None:
+        """The decode lane's events of a step: the adopted requests' first ones end their clocks."""
+        if not self._adopted:
+            return
+        now = time.perf_counter()
+        with self._lock:
+            found = [at for ev in events if (at := self._adopted.pop(ev.request_id, None))]
+        for handed, adopted in found:
+            self.times.add("first_decode", now - adopted)
+            self.times.add("handoff_gap", now - handed)
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._handed.pop(request_id, None)
+            self._adopted.pop(request_id, None)
+
+    def _bound(self, pending: dict[str, Any]) -> None:
+        if len(pending) >= self.KEPT:
+            pending.clear()

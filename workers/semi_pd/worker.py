@@ -60,7 +60,7 @@ controller calls, as a colocated worker's does (loop.py): a lane never waits for
 a controller that falls behind gets the steps of both lanes in fewer, larger calls. One FIFO
 keeps a request's first token (queued by the prefill lane before it hands the request over)
 ahead of its later ones (queued by the decode lane after it adopted it). ``lane_times``: where
-each lane's time goes (phase_times.py).
+each lane's time goes (phase_times.py), with each request's handoff in parts (``HandoffClock``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
-from kvrelay.workers.semi_pd.lanes import forward_unlocked, merge_stats
+from kvrelay.workers.semi_pd.lanes import HandoffClock, forward_unlocked, merge_stats
 from kvrelay.workers.semi_pd.sm_partition import (
     GreenContextPartition,
     Lane,
@@ -177,6 +177,7 @@ class SemiPDWorker(Worker):
         self._internal: set[str] = set()  # requests whose handoff stays inside this worker
         self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
         self.times = {lane: PhaseTimes() for lane in Lane}
+        self.handoffs = HandoffClock(self.times[Lane.DECODE])
         super().__init__(*args, **kw)
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
@@ -349,6 +350,7 @@ class SemiPDWorker(Worker):
             self.tuner.forget(request_id)
         with self._lock:
             seq = self._transit.pop(request_id, None)
+        self.handoffs.forget(request_id)
         if seq is not None:
             with self.storage_lock:
                 self.storage.pool.release(reversed(seq.block_ids))
@@ -393,6 +395,7 @@ class SemiPDWorker(Worker):
     def _emit_decode(self, events: list[TokenEvent]) -> None:
         """The decode lane's sink: tokens queued to go out, then the split rule's bookkeeping."""
         self._events.put(events)
+        self.handoffs.emitted(events)
         if self.tuner is None:
             return
         for ev in events:
@@ -427,6 +430,7 @@ class SemiPDWorker(Worker):
         """On the prefill lane's thread, storage lock held."""
         self._internal.discard(request_id)
         seq = prefill.hand_over(request_id)
+        self.handoffs.handed(request_id)
         with self._lock:
             self._transit[request_id] = seq
             self._to_adopt.append(request_id)
@@ -491,6 +495,7 @@ class SemiPDWorker(Worker):
                 e.pool.release(reversed(seq.block_ids))
             raise
         self.handovers += 1
+        self.handoffs.adopted(request_id)
 
     # ---- figures -------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
