@@ -14,7 +14,7 @@ engine and the plain one alternating (drift hits both alike), median window and 
 
 Counters checked: the engine's ``prompt_tokens_computed`` must grow by ``steps x prompt`` in
 each window (one whole prompt a step, nothing else computed), and the runner's prefill-graph
-step count says whether the steps replayed graphs. Limit = prefill_flops (gpu_bench: 2 x matmul
+step count says whether the steps replayed graphs. Limit = prefill_flops (gpu_models: 2 x matmul
 params x T + causal attention + one LM-head row) / the bf16 matmul rate measured here.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kvrelay.benchmarks.gpu_bench import SHAPES, VOCAB, ceilings, hf_config, prefill_flops
+from kvrelay.benchmarks.gpu_models import SHAPES, VOCAB, ceilings, hf_config, prefill_flops
 from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.config import ModelConfig

@@ -6,7 +6,7 @@ Llama-3.1-8B, bf16.
     python benchmarks/gemv_bench.py --out gemv.json     # GPU, ~1-2 min
     python benchmarks/gemv_bench.py --device cpu        # dry run: tiny shapes, F.linear both ways
 
-* Ceiling, measured here: ``gpu_bench.ceilings()`` (a 2 GiB device copy, bytes read + written).
+* Ceiling, measured here: ``gpu_models.ceilings()`` (a 2 GiB device copy, bytes read + written).
 * Per projection (fused q|k|v, o, fused gate|up, down) and M = 1, 2, 4, 8, 16 rows: bytes =
   W + x + y; GB/s = bytes / median time, and its fraction of the copy rate. Two timings each:
   ``call`` = ``triton.testing.do_bench`` of one call (L2 flushed before each: the weights come
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from kvrelay import kernels
-from kvrelay.benchmarks import gpu_bench
+from kvrelay.benchmarks import gpu_bench, gpu_models, gpu_timing
 from kvrelay.kernels.reference import rel_err
 from kvrelay.workers.engine.runner import ModelRunner
 from kvrelay.workers.engine.scheduler import ScheduledSeq
@@ -54,7 +54,7 @@ CPU_SCALE = 16
 
 
 def projections(shape: dict[str, Any], scale: int = 1) -> dict[str, tuple[int, int]]:
-    """(N, K) of each projection of a ``gpu_bench.SHAPES`` entry (hidden, intermediate / scale)."""
+    """(N, K) of each projection of a ``gpu_models.SHAPES`` entry (hidden, intermediate / scale)."""
     hidden, inter = shape["hidden_size"] // scale, shape["intermediate_size"] // scale
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     kv = shape["num_key_value_heads"] * head_dim // scale
@@ -64,7 +64,7 @@ def projections(shape: dict[str, Any], scale: int = 1) -> dict[str, tuple[int, i
 
 def cpu_ms(fn: Callable[[], object], iters: int = 20) -> float:
     """Median wall time of a host call (the CPU dry run's timer)."""
-    return gpu_bench.host_ms(fn, iters=iters, warmup=1)
+    return gpu_timing.host_ms(fn, iters=iters, warmup=1)
 
 
 def call_ms(fn: Callable[[], object], dev: str) -> float:
@@ -172,20 +172,20 @@ def sweep_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[di
 
 
 def model_rows(name: str, bw: float) -> list[dict[str, Any]]:
-    """The decode graph step at batch 1, kernels.GEMV off and on (gpu_bench's model and timer)."""
-    hf, model, config = gpu_bench.build(gpu_bench.SHAPES[name])
+    """The decode graph step at batch 1, kernels.GEMV off and on (gpu_models' model, gpu_bench's timing)."""
+    hf, model, config = gpu_models.build(gpu_models.SHAPES[name])
     del hf
     torch.cuda.empty_cache()
-    nblocks = -(-gpu_bench.CTX // gpu_bench.BS) + 16
+    nblocks = -(-gpu_models.CTX // gpu_models.BS) + 16
     cache = torch.empty(
-        kv_cache_shape(config, nblocks, gpu_bench.BS), dtype=torch.bfloat16, device="cuda"
+        kv_cache_shape(config, nblocks, gpu_models.BS), dtype=torch.bfloat16, device="cuda"
     )
     cache.normal_(0, 0.5)
-    items = [ScheduledSeq(s, 1) for s in gpu_bench.make_seqs(1, gpu_bench.CTX, 0, 1)]
+    items = [ScheduledSeq(s, 1) for s in gpu_models.make_seqs(1, gpu_models.CTX, 0, 1)]
     rows, logits = [], {}
     for on in (False, True):
         kernels.GEMV = on
-        runner = ModelRunner(model, cache, gpu_bench.BS)
+        runner = ModelRunner(model, cache, gpu_models.BS)
         gpu_bench.ours_decode(runner, model, config, bw, batches=(1,))
         logits[on] = runner.run(items)[0].clone()
         decode = gpu_bench.RESULTS["decode"][1]
@@ -223,7 +223,7 @@ def main() -> None:
                 json.dump(result, f, indent=1, default=str)
 
     if dev == "cuda":
-        bw, _ = gpu_bench.ceilings()
+        bw, _ = gpu_models.ceilings()
     else:  # the same measurement with the host's clock
         a = torch.randn(1 << 26)
         b = torch.empty_like(a)
@@ -232,13 +232,13 @@ def main() -> None:
     print(f"# gemv_bench on {result['device']}: copy {bw:.0f} GB/s (read + write)", flush=True)
     names = args.models.split(",")
     sections: list[tuple[str, str, Callable[[], list[dict[str, Any]]]]] = [
-        ("gemv", name, partial(gemv_rows, name, gpu_bench.SHAPES[name], dev, bw)) for name in names
+        ("gemv", name, partial(gemv_rows, name, gpu_models.SHAPES[name], dev, bw)) for name in names
     ]
     if dev == "cuda" and not args.no_model:
         sections += [("model", name, partial(model_rows, name, bw)) for name in names]
     if dev == "cuda" and not args.no_sweep:
         sections += [
-            ("sweep", name, partial(sweep_rows, name, gpu_bench.SHAPES[name], dev, bw))
+            ("sweep", name, partial(sweep_rows, name, gpu_models.SHAPES[name], dev, bw))
             for name in names
         ]
     failed = False

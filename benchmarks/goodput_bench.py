@@ -312,10 +312,10 @@ def linear_flops(model: str | None) -> float | None:
 
 
 def matmul_tflops() -> float | None:
-    """This GPU's bf16 matmul rate (gpu_bench's 8192-cube ceiling), in a child process so
+    """This GPU's bf16 matmul rate (gpu_models' 8192-cube ceiling), in a child process so
     this driver holds no CUDA context while the clusters run; None without CUDA."""
     code = ("import torch\nif torch.cuda.is_available():\n"
-            "    from kvrelay.benchmarks.gpu_bench import ceilings; print(ceilings()[1])")
+            "    from kvrelay.benchmarks.gpu_models import ceilings; print(ceilings()[1])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=False)  # fmt: skip
     try:

@@ -30,7 +30,8 @@ intermediate 8192, vocab 128256, tied) and Llama-3.1-8B (4096, 32 layers, 32/8, 
   class per step, against the step's wall time ("fused" = kernels/triton_fused.py's norm, RoPE +
   KV write and SiLU kernels).
 
-The table prints last and goes to ``--out`` (default $OUT or .) as gpu_bench.txt.
+The table prints last and goes to ``--out`` (default $OUT or .) as gpu_bench.txt. The models
+and their limits are gpu_models.py's, the timers and profiles gpu_timing.py's.
 """
 
 from __future__ import annotations
@@ -50,6 +51,29 @@ from typing import Any
 import torch
 
 from kvrelay import kernels
+from kvrelay.benchmarks.gpu_models import (
+    BS,
+    CTX,
+    DECODE_BATCHES,
+    GREEDY,
+    PREFILL_LENS,
+    SHAPES,
+    VOCAB,
+    build,
+    ceilings,
+    decode_bytes,
+    make_seqs,
+    prefill_flops,
+)
+from kvrelay.benchmarks.gpu_timing import (
+    LINES,
+    DeviceWaits,
+    cuda_ms,
+    host_ms,
+    profiled,
+    say,
+    say_profile,
+)
 from kvrelay.kernels import reference
 from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.cuda_graphs import DecodeBatch
@@ -57,124 +81,12 @@ from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.runner import ModelRunner, prepare_inputs
 from kvrelay.workers.engine.sampler import Sampler, SampleRow
 from kvrelay.workers.engine.scheduler import ScheduledSeq
-from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.model.config import ModelConfig
 from kvrelay.workers.model.llama import LlamaModel, kv_cache_shape
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.types import SamplingParams
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-}  # fmt: skip
-VOCAB, BS, CTX, DECODE_BATCHES, PREFILL_LENS = 128256, 16, 1024, (1, 8, 32, 128), (1024, 8192)
-GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
-LINES: list[str] = []
 RESULTS: dict[str, Any] = {}
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
-
-
-def cuda_ms(fn: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
-    """Median device time of one call, CUDA events around each."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def host_ms(fn: Callable[[], Any], iters: int = 30, warmup: int = 3) -> float:
-    """Median wall time of one call that ends in a host sync."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def ceilings() -> tuple[float, float]:
-    """(copy GB/s counting read + write, bf16 matmul TFLOP/s)."""
-    n = 1 << 30  # 2 GiB of bf16
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    ms = cuda_ms(lambda: b.copy_(a), iters=20)
-    bw = 2 * a.numel() * 2 / ms / 1e6
-    m = 8192
-    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    ms = cuda_ms(lambda: x @ y, iters=10)
-    return bw, 2 * m**3 / ms / 1e9
-
-
-def hf_config(shape: dict[str, Any]) -> Any:
-    """transformers' LlamaConfig of a shape (SHAPES) with this bench's vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=16384, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, **shape)  # fmt: skip
-
-
-def build(shape: dict[str, Any]) -> tuple[Any, LlamaModel, ModelConfig]:
-    from transformers import AutoModelForCausalLM
-
-    cfg = hf_config(shape)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    config = ModelConfig.from_hf(cfg.to_dict())
-    ours = LlamaModel(config, dtype=torch.bfloat16, device="cuda")
-    state = hf.state_dict()
-    ours.load_hf_weights(state.get)
-    return hf, ours.eval(), config
-
-
-def decode_bytes(model: LlamaModel, config: ModelConfig, batch: int) -> int:
-    """Bytes one decode step must read: every layer weight, the final norm, the LM head, the
-    batch's embedding rows (the whole table when tied: it is the head), and the KV of CTX
-    tokens per sequence."""
-    layers = sum(p.numel() * p.element_size() for p in model.layers.parameters())
-    head = model.embed if model.lm_head is None else model.lm_head
-    rows = 0 if model.lm_head is None else batch * config.hidden_size * 2
-    kv = batch * CTX * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
-    return layers + model.norm.numel() * 2 + head.numel() * 2 + rows + kv
-
-
-def prefill_flops(model: LlamaModel, config: ModelConfig, tokens: int) -> float:
-    matmul = sum(p.numel() for n, p in model.layers.named_parameters() if n.endswith("weight")
-                 and p.dim() == 2)  # fmt: skip
-    attn = 4 * config.num_heads * config.head_dim * tokens * (tokens + 1) / 2 * config.num_layers
-    return 2 * matmul * tokens + attn + 2 * config.hidden_size * VOCAB
-
-
-def make_seqs(batch: int, ctx: int, first_block: int, new_tokens: int) -> list[Sequence]:
-    """Sequences holding ``ctx`` tokens in the cache, the next ``new_tokens`` to compute."""
-    g = torch.Generator().manual_seed(batch)
-    seqs, block = [], first_block
-    for i in range(batch):
-        ids = torch.randint(3, VOCAB, (ctx + new_tokens - 1,), generator=g).tolist()
-        seq = Sequence(f"b{batch}-{i}", ids[: max(1, len(ids) - 1)], GREEDY,
-                       output_ids=ids[max(1, len(ids) - 1):])  # fmt: skip
-        nblocks = -(-(ctx + new_tokens - 1) // BS)
-        seq.block_ids = list(range(block, block + nblocks))
-        block += nblocks
-        seq.num_computed = ctx - 1 if new_tokens == 1 else 0
-        seqs.append(seq)
-    return seqs
 
 
 def _sampled_step(
@@ -275,40 +187,6 @@ def hf_section(hf: Any, compile_batches: set[int], deadline: float) -> None:
         say(f"  transformers prefill T={t:5d}: eager {ms:8.2f} ms = {t / ms * 1e3:9.0f} tok/s")
 
 
-class _Waits:
-    """Host time spent blocked on the device inside the block: CUDA event and stream
-    synchronises and device-to-host reads (``.tolist()``, ``.item()``) of CUDA tensors. With the
-    overlapped scheduler working, the step's host work is its time minus this; a step that
-    waits ~0 yet takes longer than the graph step is bound by the host."""
-
-    total = 0.0
-
-    def __enter__(self) -> None:
-        self._saved = []
-        for owner, name in ((torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize"),
-                            (torch.Tensor, "tolist"), (torch.Tensor, "item")):  # fmt: skip
-            fn = getattr(owner, name)
-            self._saved.append((owner, name, fn))
-            setattr(owner, name, self._timed(fn, owner is torch.Tensor))
-
-    def __exit__(self, *exc: object) -> None:
-        for owner, name, fn in self._saved:
-            setattr(owner, name, fn)
-
-    @staticmethod
-    def _timed(fn: Callable[..., Any], tensor: bool) -> Callable[..., Any]:
-        def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if tensor and not self.is_cuda:
-                return fn(self, *args, **kwargs)
-            t0 = time.perf_counter()
-            try:
-                return fn(self, *args, **kwargs)
-            finally:
-                _Waits.total += time.perf_counter() - t0
-
-        return timed
-
-
 def engine_section(
     model: LlamaModel, config: ModelConfig, batches: tuple[int, ...] = (1, 128),
     overlaps: tuple[bool, ...] = (False, True), windows: int = 5, steps: int = 30,
@@ -352,13 +230,13 @@ def engine_section(
         for _ in range(windows):
             for overlap, eng in engines.items():
                 torch.cuda.synchronize()
-                _Waits.total = 0.0
+                DeviceWaits.total = 0.0
                 t0 = time.perf_counter()
-                with _Waits():
+                with DeviceWaits():
                     for _ in range(steps):
                         emitted[overlap] += sum(len(e.token_ids) for e in eng.step())
                 times[overlap].append((time.perf_counter() - t0) * 1e3 / steps)
-                waited[overlap] += _Waits.total * 1e3 / steps / windows
+                waited[overlap] += DeviceWaits.total * 1e3 / steps / windows
         graph = RESULTS.get("decode", {}).get(b, {}).get("gpu_ms")
         for overlap, eng in engines.items():
             ts = sorted(times[overlap])
@@ -481,57 +359,15 @@ def kv_section(cache: torch.Tensor, bw: float) -> None:
     say(f"  device->host pinned (tier demote): {nbytes / ms / 1e6:6.1f} GB/s")
 
 
-def _profiled(
-    run: Callable[[], Any], reps: int = 5
-) -> tuple[float, dict[str, list[float]], list[tuple[float, float, str]]]:
-    """Kernel time by class per call of ``run`` (torch.profiler, CUDA activity): (total ms,
-    {class: [us, kernels]}, [(us, count, name)] per kernel)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run()
-        torch.cuda.synchronize()
-    kernels_ = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    classes: dict[str, list[float]] = {}
-    for ev in kernels_:
-        n = ev.key.lower()
-        kind = ("gemm" if any(k in n for k in ("gemm", "gemv", "cutlass", "nvjet", "xmma", "splitk"))
-                else "attention" if "_decode" in n or "_prefill" in n or "flash" in n
-                else "fused" if any(k in n for k in ("_rms_norm", "_rope_write", "_silu_mul"))
-                else "write_kv" if "write_kv" in n
-                else "memcpy" if "memcpy" in n or "memset" in n
-                else "elementwise/other")  # fmt: skip
-        c = classes.setdefault(kind, [0.0, 0.0])
-        c[0] += ev.self_device_time_total / reps
-        c[1] += ev.count / reps
-    per_call = [(e.self_device_time_total / reps, e.count / reps, e.key) for e in kernels_]
-    return sum(v[0] for v in classes.values()) / 1e3, classes, per_call
-
-
-def _say_profile(label: str, wall: float, total: float, classes: dict[str, list[float]],
-                 kernels_: list[tuple[float, float, str]], top: int = 10) -> None:  # fmt: skip
-    parts = ", ".join(
-        f"{k} {v[0] / 1e3:.3f} ms ({v[1]:.0f} kernels)" for k, v in sorted(classes.items())
-    )
-    say(f"  profile {label}: wall {wall:.3f} ms; kernel time {total:.3f} ms "
-        f"({total / wall:.2f} of the wall): {parts}")  # fmt: skip
-    for us, count, key in sorted(kernels_, reverse=True)[:top]:
-        say(f"      {us:8.1f} us/call  x{count:4.0f}  {key[:100]}")
-
-
 def profile_section(model: LlamaModel, cache: torch.Tensor, decode: dict[int, Any]) -> None:
     """Kernel time by class for one decode step (the eager step launches the same kernels the
     graph replays), against the graph step's wall time: the difference is launch gaps."""
     eager = ModelRunner(model, cache, BS, use_cuda_graphs=False)
     for b in (1, 128):
         items = [ScheduledSeq(s, 1) for s in make_seqs(b, CTX, 0, 1)]
-        total, classes, kernels_ = _profiled(partial(eager.run, items))
+        total, classes, kernels_ = profiled(partial(eager.run, items))
         wall = decode.get(b, {}).get("gpu_ms", float("nan"))
-        _say_profile(f"decode b={b} (wall = the graph step)", wall, total, classes, kernels_)
+        say_profile(f"decode b={b} (wall = the graph step)", wall, total, classes, kernels_)
         RESULTS.setdefault("profile", {})[b] = dict(graph_ms=wall, kernel_ms=total, classes=classes)
 
 
@@ -545,11 +381,11 @@ def prefill_profile(runner: ModelRunner, model: LlamaModel, config: ModelConfig,
         run = partial(runner.run, items)
         wall = cuda_ms(run, iters=10, warmup=3)
         host = host_ms(run, iters=10, warmup=1)
-        total, classes, kernels_ = _profiled(run)
+        total, classes, kernels_ = profiled(run)
         limit = prefill_flops(model, config, t) / rate / 1e9
         say(f"  prefill T={t}: wall {wall:.3f} ms ({limit / wall:.2f} of the limit {limit:.3f} "
             f"ms), host issue+sync {host:.3f} ms")  # fmt: skip
-        _say_profile(f"prefill T={t}", wall, total, classes, kernels_, top=12)
+        say_profile(f"prefill T={t}", wall, total, classes, kernels_, top=12)
         RESULTS.setdefault(key, {})[t] = dict(
             wall_ms=wall, host_ms=host, kernel_ms=total, limit_ms=limit, classes=classes
         )
