@@ -22,26 +22,23 @@ the fused Triton kernel and the torch reference, on the dense heads as the prefi
 layer with the torch sampling (``attn_s.sparse_torch_sample``, through KVRELAY_REFERENCE_OPS).
 
     python benchmarks/sparse_bench.py --contexts 32768 65536 131072 --out $OUT/sparse_bench.json
+
+Its timers, op counter and graph capture: sparse_tools.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvrelay import kernels
+from kvrelay.benchmarks.sparse_tools import bench, captured, empty_cache, ops_of, reference_ops
 from kvrelay.kernels import triton_prefill, triton_sparse_prefill
 from kvrelay.kernels.sparse_reference import gather_kv
 from kvrelay.workers.model.llama import AttentionMetadata
@@ -55,82 +52,10 @@ from kvrelay.workers.model.sparse_select import DecodeStep, keep_columns
 H, HKV, D, LAYERS, HIDDEN, INTER, BS = 32, 8, 128, 32, 4096, 14336, 16
 
 
-def bench(fn: Callable[[], object], rep: int = 50) -> float:
-    if not torch.cuda.is_available():  # a CPU dry run of the script (tiny contexts)
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return float(triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")) / 1e3
-
-
-class OpCounter(TorchDispatchMode):
-    """The aten ops a call dispatches: on a GPU each non-view op is a kernel launch, and every op
-    pays Python and dispatcher time (~10-20 µs eager). A ``kvrelay.kernels`` op counts as one
-    (its Triton body is one launch; its torch reference on CPU would be many)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = self.views = 0
-        self.inside = False  # in a kernels op's body
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if not self.inside:
-            self.ops += 1
-            self.views += func.is_view
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def count_ops() -> Iterator[OpCounter]:
-    counter = OpCounter()
-    saved = {name: getattr(kernels, name) for name in kernels.__all__}
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def op(*args: Any, **kwargs: Any) -> Any:
-            counter.ops += 1
-            counter.inside = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                counter.inside = False
-
-        return op
-
-    for name, fn in saved.items():
-        setattr(kernels, name, wrap(fn))
-    try:
-        with counter:
-            yield counter
-    finally:
-        for name, fn in saved.items():
-            setattr(kernels, name, fn)
-
-
-def ops_of(fn: Callable[[], object]) -> dict[str, int]:
-    with count_ops() as c:
-        fn()
-    return {"ops": c.ops, "non_view": c.ops - c.views}
-
-
 def streaming_mask(fraction: float) -> torch.Tensor:
     mask = torch.zeros(1, HKV, dtype=torch.bool)
     mask[0, : round(fraction * HKV)] = True
     return mask
-
-
-@contextlib.contextmanager
-def reference_ops(names: str) -> Iterator[None]:
-    """Force the torch reference bodies of the named ops (kernels/__init__.py)."""
-    saved = os.environ.get("KVRELAY_REFERENCE_OPS")
-    os.environ["KVRELAY_REFERENCE_OPS"] = names
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["KVRELAY_REFERENCE_OPS"]
-        else:
-            os.environ["KVRELAY_REFERENCE_OPS"] = saved
 
 
 def gemm_seconds(tokens: int, dev: str) -> float:
@@ -467,19 +392,6 @@ def shortlist_topk_us(scores: torch.Tensor, k: int, step: DecodeStep) -> dict[st
     return out
 
 
-def captured(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """``step`` captured in a CUDA graph, after a warm-up on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 def graph_row(
     ctx: int, batch: int, args: argparse.Namespace, q: torch.Tensor, attn: AttentionMetadata
 ) -> dict[str, Any]:
@@ -610,11 +522,6 @@ def prefill_summary(row: dict[str, Any]) -> str:
         f"{tiles['work_ratio']:.2f}, kernel time ratio {tiles['time_ratio']:.2f}; TTFT speedup "
         f"{row['ttft_speedup_vs_dense']:.2f}"
     )
-
-
-def empty_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
