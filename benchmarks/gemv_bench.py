@@ -172,7 +172,8 @@ def sweep_rows(name: str, shape: dict[str, Any], dev: str, bw: float) -> list[di
 
 
 def model_rows(name: str, bw: float) -> list[dict[str, Any]]:
-    """The decode graph step at batch 1, kernels.GEMV off and on (gpu_models' model, gpu_bench's timing)."""
+    """The decode graph step at batch 1, kernels.GEMV off and on (gpu_models' model,
+    gpu_bench's timing)."""
     hf, model, config = gpu_models.build(gpu_models.SHAPES[name])
     del hf
     torch.cuda.empty_cache()

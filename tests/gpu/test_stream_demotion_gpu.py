@@ -1,7 +1,7 @@
-"""Stream-ordered demotion (``CpuTier.stream_ordered``, on unless ``KVRELAY_STREAM_DEMOTION=0``): the
-device-to-host copy of evicted blocks is queued behind the step still running, the host goes
-on, and every later reader or writer of those blocks — the engine's next step overwriting the
-device block on the same stream, a promotion on another stream — sees the demoted data."""
+"""Stream-ordered demotion (``CpuTier.stream_ordered``, on unless ``KVRELAY_STREAM_DEMOTION=0``):
+the device-to-host copy of evicted blocks is queued behind the step still running, the host
+goes on, and every later reader or writer of those blocks — the engine's next step overwriting
+the device block on the same stream, a promotion on another stream — sees the demoted data."""
 
 from __future__ import annotations
 
