@@ -24,6 +24,8 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
   (``--semi-pd-decode-overlap``: its freed blocks held until its steps are done).
 * ``semi_pd_poverlap``: optional, ``semi_pd`` with the overlapped prefill lane
   (``--semi-pd-prefill-overlap``: the host schedules the next chunk while this one computes).
+* ``semi_pd_both``: optional, ``semi_pd`` with both lanes overlapped. Any semi-PD configuration
+  takes ``%SHARE``, its prefill SM share (``semi_pd_poverlap%90``).
 * ``semi_pd_fixed``: optional, ``semi_pd`` held at ``--semi-pd-fixed-split`` (the rule off),
   to compare with an adaptive ``semi_pd`` in one run (``--semi-pd-fixed`` fixes every one).
 
@@ -156,6 +158,7 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         "semi_pd_first": semi(semi_pd_decode_first=True),
         "semi_pd_overlap": semi(semi_pd_decode_overlap=True),
         "semi_pd_poverlap": semi(semi_pd_prefill_overlap=True),  # the prefill lane overlapped
+        "semi_pd_both": semi(semi_pd_decode_overlap=True, semi_pd_prefill_overlap=True),
         # semi_pd held at --semi-pd-fixed-split (the rule off), beside an adaptive semi_pd
         "semi_pd_fixed": semi(semi_pd_adaptive=False, semi_pd_prefill_sm=fp,
                               semi_pd_decode_sm=fd, **fixed_tokens),

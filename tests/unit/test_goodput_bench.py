@@ -155,6 +155,9 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
     cfgs = configs(ns)
     assert [c.max_num_batched_tokens for c in cfgs.values()] == [512, 4096, 1024, 512]
     assert [c.semi_pd_prefill_sm for c in cfgs.values()][2:] == [75, 90]  # --semi-pd-start's, then %90
+    both = configs(argparse.Namespace(**{**vars(ns), "configs": "semi_pd_both%100"}))
+    (one,) = both.values()
+    assert one.semi_pd_decode_overlap and one.semi_pd_prefill_overlap and one.semi_pd_prefill_sm == 100
     assert {c.max_num_seqs for c in cfgs.values()} == {256}
     assert cfgs["colocated1@4096"].colocated_workers == 1 and cfgs["semi_pd@1024"].semi_pd
     # the ratio against the best chunk budget, not the default one
