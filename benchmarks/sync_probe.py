@@ -8,7 +8,7 @@ lane held its storage lock 23-28 ms of a 28-36 ms step, and the code suggested d
 Fresh random prompts (``--prompt-range``) arrive all at once at an engine whose device pool
 (``--kv-cache-gb``) holds a fraction of them and whose CPU tier (``--cpu-kv-gb``) takes the
 evicted blocks, as a served worker's does under fresh prompts. The engine runs four ways:
-overlapped step or plain, stream-ordered demotion (``KVRELAY_STREAM_DEMOTION``) off or on.
+overlapped step or plain, stream-ordered demotion (``EngineConfig.stream_demotion``) off or on.
 Around ``schedule``, ``commit``, ``reclaim``, the launch (``runner.run``) and ``sample``, torch's
 sync debug mode (``torch.cuda.set_sync_debug_mode("warn")``) turns every synchronising call
 (a device-to-host copy, ``.item()``, a pageable upload, a stream or event wait) into a warning,
@@ -126,10 +126,9 @@ def prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
 
 def run_way(loaded: Any, args: argparse.Namespace, overlap: bool, ordered: bool,
             work: list[list[int]], warm: list[list[int]]) -> dict[str, Any]:  # fmt: skip
-    scheduler_mod.STREAM_DEMOTION = ordered  # read by Scheduler.schedule at each call
     cfg = EngineConfig(kv_cache_gb=args.kv_cache_gb, cpu_kv_gb=args.cpu_kv_gb,
                        max_num_batched_tokens=args.chunk, max_num_seqs=args.max_num_seqs,
-                       overlap_schedule=overlap)  # fmt: skip
+                       overlap_schedule=overlap, stream_demotion=ordered)  # fmt: skip
     engine = Engine(loaded, cfg, device=args.device)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
 

@@ -67,14 +67,14 @@ def test_a_stream_ordered_demotion_does_not_wait_and_its_readers_see_the_data() 
 
 
 def test_stream_ordered_demotion_keeps_an_engines_tokens(
-    make_gpu_llama: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    make_gpu_llama: Callable[..., Path],
 ) -> None:
     """A small device pool with a CPU tier, four prompt stems in turn: each is demoted and
     promoted again; the tokens are those of a run with synchronous demotion."""
     loaded = load_model(str(make_gpu_llama(seed=5)), device="cuda")
     prompts = rotating_stem_prompts(512)
-    plain, plain_extra = run_demoting(loaded, "cuda", prompts, monkeypatch, ordered=False)
-    ordered, extra = run_demoting(loaded, "cuda", prompts, monkeypatch, ordered=True)
+    plain, plain_extra = run_demoting(loaded, "cuda", prompts, ordered=False)
+    ordered, extra = run_demoting(loaded, "cuda", prompts, ordered=True)
     assert ordered == plain
     assert plain_extra["ordered_demotions"] == 0
     assert extra["ordered_demotions"] > 0 and extra["promoted_blocks"] > 0

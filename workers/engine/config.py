@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvrelay.workers.engine.prefill_graphs import MAX_TOKENS
+from kvrelay.workers.kv.tiers import STREAM_DEMOTION
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.types import PoolStats
 
@@ -46,6 +47,9 @@ class EngineConfig:
     # longer steps run eagerly. The semi-PD prefill lane raises it to its token budget, a served
     # worker to its chunk budget (cluster/runtime/actors.py)
     prefill_graph_tokens: int = MAX_TOKENS
+    # demotions inside ``schedule`` queue their copy on the engine's stream, not waiting for it
+    # (workers/kv/tiers.py, ``CpuTier.stream_ordered``); the default from KVRELAY_STREAM_DEMOTION
+    stream_demotion: bool = STREAM_DEMOTION
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,7 @@ class Engine:
             swap_bytes_per_s=None if config.swap_gb_per_s is None else config.swap_gb_per_s * 1e9,
             recompute_tokens_per_s=config.recompute_tokens_per_s or 2000.0,
             deferred=self.deferred,
+            stream_demotion=config.stream_demotion,
         )
         self.runner = ModelRunner(
             loaded.model, self.kv_cache, bs, sparse=self.sparse,

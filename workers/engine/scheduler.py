@@ -31,7 +31,7 @@ from kvrelay.workers.engine.sequence import SeqStatus, Sequence
 from kvrelay.workers.engine.swap import PREEMPTION_MODES, Swapper
 from kvrelay.workers.kv.block_hash import block_hashes
 from kvrelay.workers.kv.block_pool import BlockPool
-from kvrelay.workers.kv.tiers import STREAM_DEMOTION, CpuTier
+from kvrelay.workers.kv.tiers import CpuTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,7 @@ class Scheduler:
         swap_bytes_per_s: float | None = None,  # None: measured (workers/engine/swap.py)
         recompute_tokens_per_s: float = 2000.0,
         deferred: DeferredReleases | None = None,
+        stream_demotion: bool = True,
     ) -> None:
         """``deferred``: device blocks are released through it, held while a step of the
         engine may still use them (an overlapped engine over a shared storage); blocks it will
@@ -78,6 +79,7 @@ class Scheduler:
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {preemption_mode!r} not in {PREEMPTION_MODES}")
         self.pool = pool
+        self.stream_demotion = stream_demotion  # demotions in ``schedule`` stream-ordered
         self.block_size = pool.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -193,7 +195,7 @@ class Scheduler:
 
     # ---- planning ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        if self.tier is None or not STREAM_DEMOTION:
+        if self.tier is None or not self.stream_demotion:
             return self._schedule()
         # every block this plan allocates is next written by this engine's own stream
         # (its step, a promotion, a swap-in copy that waits for it): demotions need not wait

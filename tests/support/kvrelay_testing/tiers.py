@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
-from kvrelay.workers.engine import scheduler as scheduler_mod
 from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.loader import LoadedModel
@@ -27,16 +24,15 @@ def run_demoting(
     loaded: LoadedModel,
     device: str,
     prompts: list[list[int]],
-    monkeypatch: pytest.MonkeyPatch,
     *,
     ordered: bool,
 ) -> tuple[list[list[int]], dict[str, float]]:
     """Greedy outputs and the engine's extra stats, with the stream-ordered demotion
-    (``KVRELAY_STREAM_DEMOTION``) ``ordered`` or not; pools checked after every step."""
-    monkeypatch.setattr(scheduler_mod, "STREAM_DEMOTION", ordered)
+    (``EngineConfig.stream_demotion``) ``ordered`` or not; pools checked after every step."""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     engine = Engine(loaded, EngineConfig(num_blocks=16, cpu_num_blocks=64,
-                                         max_num_batched_tokens=64), device=device)  # fmt: skip
+                                         max_num_batched_tokens=64, stream_demotion=ordered),
+                    device=device)  # fmt: skip
     out = run_one_at_a_time(engine, prompts, params)
     extra = engine.stats().extra
     engine.close()
