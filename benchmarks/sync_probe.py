@@ -86,7 +86,8 @@ class SyncSites:
 
     @contextmanager
     def probing(self, phase: str, on: bool) -> Iterator[None]:
-        outer, self.phase, self.thread = self.phase, phase, threading.get_ident()
+        outer = self.phase, self.thread
+        self.phase, self.thread = phase, threading.get_ident()
         if on:
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -94,7 +95,7 @@ class SyncSites:
         finally:
             if on:
                 torch.cuda.set_sync_debug_mode("default")
-            self.phase = outer
+            self.phase, self.thread = outer
 
 
 def probe(engine: Engine, sites: SyncSites, times: PhaseTimes, cuda: bool) -> None:
@@ -148,23 +149,19 @@ def run_way(loaded: Any, args: argparse.Namespace, overlap: bool, ordered: bool,
     cuda = args.device == "cuda"
     sites, times = SyncSites(), PhaseTimes()
     probe(engine, sites, times, cuda)
-    before = dict(engine.stats().extra)
-    preempted0 = engine.stats().preemptions
-    steps0 = engine.steps
+    before = engine.stats()
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = sites.showwarning
         tokens, wall = drain(work, "r")
     stats = engine.stats()
-    extra = stats.extra
     engine.check_integrity()
     engine.close()
     return {
-        "overlap": overlap, "ordered": ordered, "wall_s": wall, "steps": engine.steps - steps0,
-        "preemptions": stats.preemptions - preempted0,
-        "demoted_blocks": extra.get("demoted_blocks", 0) - before.get("demoted_blocks", 0),
-        "ordered_demotions": extra.get("ordered_demotions", 0)
-        - before.get("ordered_demotions", 0),
+        "overlap": overlap, "ordered": ordered, "wall_s": wall, "steps": stats.steps - before.steps,
+        "preemptions": stats.preemptions - before.preemptions,
+        **{k: stats.extra.get(k, 0) - before.extra.get(k, 0)
+           for k in ("demoted_blocks", "ordered_demotions")},
         "phases": times.summary(),
         "sync_sites": {ph: dict(c.most_common()) for ph, c in sites.sites.items()},
         "tokens": [tokens[f"r{i}"] for i in range(len(work))],
