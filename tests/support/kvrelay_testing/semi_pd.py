@@ -95,7 +95,13 @@ def generate(
 
 
 def assert_clean(worker: Worker) -> dict[str, int]:
-    """No request left, no block referenced: nothing leaked, nothing owned twice."""
+    """No request left, no block referenced: nothing leaked, nothing owned twice. Each lane
+    reads its step in flight first: an overlapped lane holds the blocks a request released
+    (an abort's) until the step that may still use them is read, which its loop does on its
+    next iteration; settling makes that happen now rather than racing it."""
+    for loop in (getattr(worker, "prefill_loop", None), worker.loop):
+        if loop is not None:
+            loop.call(lambda e: None, settle=True)
     figures = worker.check_integrity()
     assert figures["requests"] == 0 and figures["used"] == 0, figures
     assert figures.get("held", 0) == 0, figures  # the decode lane gave back what it held
