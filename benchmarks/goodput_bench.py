@@ -16,13 +16,16 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
 * ``pd_start``: optional, the planner's starting split held fixed (what the planner saves).
 * ``semi_pd``: optional, ONE semi-PD worker (workers/semi_pd/: prefill and decode lanes over one
   KV storage, handoff by block ids, SM shares by green contexts on CUDA, the SLO-aware split on)
-  owning the whole device — issue 16's configuration;
+  owning the whole device — issue 16's configuration, with the serving defaults (the prefill
+  lane overlapped, its share from ``--semi-pd-start``);
 * ``colocated1``: optional, its strongest colocated baseline: ONE colocated worker owning the
   whole device, with chunked prefill: 512 tokens a step, ``colocated1@TOKENS`` another budget
   (sweep it: the strongest chunk is the baseline; any configuration takes ``@TOKENS``).
-* ``semi_pd_overlap``: optional, ``semi_pd`` with the overlapped decode lane
+* ``semi_pd_plain``: optional, ``semi_pd`` with both lanes the plain step (the default until
+  2026-12-06).
+* ``semi_pd_overlap``: optional, ``semi_pd_plain`` with the overlapped decode lane
   (``--semi-pd-decode-overlap``: its freed blocks held until its steps are done).
-* ``semi_pd_poverlap``: optional, ``semi_pd`` with the overlapped prefill lane
+* ``semi_pd_poverlap``: optional, ``semi_pd`` with the overlapped prefill lane, named
   (``--semi-pd-prefill-overlap``: the host schedules the next chunk while this one computes).
 * ``semi_pd_both``: optional, ``semi_pd`` with both lanes overlapped. Any semi-PD configuration
   takes ``%SHARE``, its prefill SM share (``semi_pd_poverlap%90``).
@@ -150,13 +153,14 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
                                            "autosize_interval_s": args.autosize_interval_s,
                                            "autosize_window_s": args.autosize_window_s}),
         "pd_start": base.model_copy(update={"prefill_workers": sp, "decode_workers": sd}),
-        "semi_pd": semi(),
+        "semi_pd": semi(),  # the serving defaults: the prefill lane overlapped
+        "semi_pd_plain": semi(semi_pd_prefill_overlap=False),  # both lanes the plain step
         "colocated1": base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                               "colocated_workers": 1}),
         # semi_pd with decode-first CUDA stream priorities (the lanes' kernels otherwise share
         # the block scheduler first come, first served)
         "semi_pd_first": semi(semi_pd_decode_first=True),
-        "semi_pd_overlap": semi(semi_pd_decode_overlap=True),
+        "semi_pd_overlap": semi(semi_pd_decode_overlap=True, semi_pd_prefill_overlap=False),
         "semi_pd_poverlap": semi(semi_pd_prefill_overlap=True),  # the prefill lane overlapped
         "semi_pd_both": semi(semi_pd_decode_overlap=True, semi_pd_prefill_overlap=True),
         # semi_pd held at --semi-pd-fixed-split (the rule off), beside an adaptive semi_pd
@@ -336,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "semi-PD NAME%%SHARE its prefill SM share")
     a("--pd-split", default="2,1", help="P,D of the fixed PD configuration")
     a("--planner-start", default="1,2", help="P,D the planner configuration starts from")
-    a("--semi-pd-start", default="75,100",
+    a("--semi-pd-start", default="100,100",
       help="prefill,decode SM shares (percent) the semi-PD lanes start from")
     a("--semi-pd-fixed", action="store_true",
       help="semi-PD keeps its start split (the SLO-aware rule off)")

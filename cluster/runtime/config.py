@@ -53,7 +53,7 @@ class ServeConfig(BaseModel):
     # colocated workers run semi-PD (workers/semi_pd/): a prefill and a decode lane over one KV
     # storage, the handoff inside by block ids, each lane in its SM share (percent; CUDA only)
     semi_pd: bool = False
-    semi_pd_prefill_sm: int = 75  # the prefill lane's initial SM share (semi-PD's x)
+    semi_pd_prefill_sm: int = 100  # the prefill lane's initial SM share (semi-PD's x)
     semi_pd_decode_sm: int = 100  # the decode lane's (y); x + y may exceed 100 (shares overlap)
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
     semi_pd_window_s: float = 1.0  # seconds per window of the split rule
@@ -65,7 +65,8 @@ class ServeConfig(BaseModel):
     # releases held until its steps are done (workers/semi_pd/worker.py); default: plain step
     semi_pd_decode_overlap: bool = False
     # the prefill lane too: the host schedules its next chunk while the GPU computes this one
-    semi_pd_prefill_overlap: bool = False
+    # (default: on; measured best with the share at 100, workers/semi_pd/worker.py)
+    semi_pd_prefill_overlap: bool = True
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -316,7 +317,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the colocated workers as semi-PD workers: prefill and decode lanes "
                         "over one KV storage, handoff by block ids, SM shares on CUDA")
     p.add_argument("--semi-pd-prefill-sm", type=int, default=S,
-                   help="the prefill lane's initial SM share, percent (default 75)")
+                   help="the prefill lane's initial SM share, percent (default 100)")
     p.add_argument("--semi-pd-decode-sm", type=int, default=S,
                    help="the decode lane's initial SM share, percent (default 100)")
     p.add_argument("--semi-pd-adaptive", action="store_true", default=S,
@@ -332,9 +333,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--semi-pd-decode-overlap", action="store_true", default=S,
                    help="the decode lane runs the overlapped step, its freed blocks held back "
                         "until its steps are done (default: the plain step)")
-    p.add_argument("--semi-pd-prefill-overlap", action="store_true", default=S,
+    p.add_argument("--semi-pd-prefill-overlap", action=argparse.BooleanOptionalAction,
+                   default=S,
                    help="the prefill lane runs the overlapped step: the host schedules its "
-                        "next chunk while the GPU computes this one (default: the plain step)")
+                        "next chunk while the GPU computes this one (default: on)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

@@ -78,8 +78,8 @@ def test_repeats_are_tabled_with_their_spread_and_median() -> None:
     ) in text
     assert "goodput semi_pd/colocated1: 1.00" in text
     assert "[semi_pd] repeat 3 rate runs ended: 32 req/s at 70 s, 64 req/s at 80 s" in text
-    assert "semi-PD start split 75/100, SLO-aware split every 1 s" in text
-    assert "[semi_pd] the SM split rule kept 75/100 throughout" in text
+    assert "semi-PD start split 100/100, SLO-aware split every 1 s" in text
+    assert "[semi_pd] the SM split rule kept 100/100 throughout" in text
 
 
 def test_split_changes_are_placed_on_the_sweep() -> None:
@@ -145,7 +145,7 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
         with pytest.raises(argparse.ArgumentTypeError):
             config_name(bad)
     ns = argparse.Namespace(**{
-        **vars(_args(1)), "configs": "colocated1,colocated1@4096,semi_pd@1024,semi_pd%90",
+        **vars(_args(1)), "configs": "colocated1,colocated1@4096,semi_pd@1024,semi_pd%90,semi_pd_plain",
         "model": None,
         "device": "cpu", "dtype": "auto", "kv_cache_gb": 1.0, "threads_per_worker": 1,
         "workers": 2, "pd_split": "1,1", "planner_start": "1,1", "semi_pd_start": "75,100",
@@ -153,8 +153,10 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
         "max_num_seqs": 256,
     })  # fmt: skip
     cfgs = configs(ns)
-    assert [c.max_num_batched_tokens for c in cfgs.values()] == [512, 4096, 1024, 512]
-    assert [c.semi_pd_prefill_sm for c in cfgs.values()][2:] == [75, 90]  # --semi-pd-start's, then %90
+    assert [c.max_num_batched_tokens for c in cfgs.values()] == [512, 4096, 1024, 512, 512]
+    assert [c.semi_pd_prefill_sm for c in cfgs.values()][2:4] == [75, 90]  # --semi-pd-start's, then %90
+    # semi_pd is the serving default (its prefill lane overlapped), semi_pd_plain neither lane
+    assert cfgs["semi_pd@1024"].semi_pd_prefill_overlap and not cfgs["semi_pd_plain"].semi_pd_prefill_overlap
     both = configs(argparse.Namespace(**{**vars(ns), "configs": "semi_pd_both%100"}))
     (one,) = both.values()
     assert one.semi_pd_decode_overlap and one.semi_pd_prefill_overlap and one.semi_pd_prefill_sm == 100

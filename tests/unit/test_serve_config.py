@@ -146,7 +146,8 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
     assert (cfg.colocated_workers, cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (2, 30, 70)
     default = _parse()
     assert not default.semi_pd and not default.semi_pd_decode_overlap
-    assert not default.semi_pd_prefill_overlap
+    assert default.semi_pd_prefill_overlap and default.semi_pd_prefill_sm == 100
+    assert _parse("--no-semi-pd-prefill-overlap").semi_pd_prefill_overlap is False
 
 
 @pytest.mark.parametrize(

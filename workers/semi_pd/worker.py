@@ -43,7 +43,7 @@ sits a step out rather than preempt another) and one CUDA event per release. The
 step fills are committed (their hashes into the pool, where the other lane's prefix lookups
 find them) only once that step is read (workers/engine/deferred.py, ``publish``).
 
-Overlapped prefill lane (``prefill_overlap``, opt-in): the same for the prefill lane, whose
+Overlapped prefill lane (``prefill_overlap``, the default): the same for the prefill lane, whose
 plain step leaves the GPU idle while the host schedules the next chunk, commits the last and
 samples (on an H100, 2026-12-06: 3-5 ms of a 33-36 ms step at p50, under the storage lock).
 It hands a request over after it read the request's first token: the step that wrote the
@@ -105,13 +105,16 @@ from kvrelay.workers.worker import (
 
 log = logging.getLogger(__name__)
 
-# shares overlap (sm_partition.py): the decode lane may use every SM, the prefill lane three
-# quarters of them, so a quarter is always free for decode kernels (Semi-PD's code starts from
-# 80 / 100). Measured on an H100 (benchmarks/README.md, 2026-12-06 10:32-11:05): at 100 / 100
-# the prefill lane's kernels stretched the decode lane's forward to 13-36 ms at p99, at
-# 50 / 100 it stayed under 6 ms but prefill capacity fell to colocated's; 75 / 100 held goodput
-# 80 req/s in three repeats of three where one colocated worker held 64
-DEFAULT_SPLIT = Split(prefill=75, decode=100)
+# shares overlap (sm_partition.py): at 100 / 100 both lanes may use every SM. Measured on an
+# H100 (benchmarks/README.md, 2026-12-06 20:38-21:05, stream-ordered demotion, the overlapped
+# prefill lane): with the prefill lane at 75 / 90 / 100 % of the SMs goodput read 112 / 128 /
+# 144 req/s where one colocated worker held 128 (TTFT ≤ 1 s, ITL ≤ 50 ms, 20 % long prompts),
+# 144 in three repeats of three; with chat outputs ≥ 64 tokens 144 against 112. The price is the
+# decode lane's forward: 16 ms at p99 beside full-width prefill kernels against 6 at 75 %, still
+# inside a 50 ms ITL SLO; the SLO-aware rule (``split_rule``) lowers the prefill share when ITL
+# nears its SLO. (Before demotion was stream-ordered, 75 / 100 was the better start: the lock
+# holds, not the SMs, limited the prefill lane then.)
+DEFAULT_SPLIT = Split(prefill=100, decode=100)
 # the prefill lane's per-step token budget: it never decodes, so no decode ITL bounds its chunk
 # as in a colocated step; 512-token chunks left its plain (non-overlapped) eager steps paying
 # the host's launch work per chunk, while 4096 tokens keep the GPU busy past the launches. Not
@@ -147,7 +150,7 @@ class SemiPDWorker(Worker):
         prefill_tokens: int = PREFILL_TOKENS,
         decode_first: bool = False,
         decode_overlap: bool = False,
-        prefill_overlap: bool = False,
+        prefill_overlap: bool = True,
         **kw: Any,
     ) -> None:
         """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py),
