@@ -236,14 +236,22 @@ def lane_times(workers: dict[str, str], reset: bool) -> dict[str, Any]:
     return out
 
 
+def cpu_cell(phase: dict[str, float]) -> str:
+    share = phase.get("cpu_share")
+    return "" if share is None else f", cpu {100 * share:.0f}%"
+
+
 def lane_line(name: str, rate: str, times: dict[str, Any]) -> str:
-    """One line per worker: each lane's phases as p50 / p99 / max ms (count)."""
+    """One line per worker: each lane's phases as p50 / p99 / max ms (count), and the share of
+    a phase's time its thread computed where it was recorded (``cpu 40%``: the rest it sat
+    blocked, on a lock or on the GIL, or a CUDA wait that did not spin)."""
     parts = []
     for wid, lanes in times.items():
         for lane in ("decode", "prefill"):
             phases = lanes.get(lane, {})
             cells_ = [f"{ph} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}/{v['max_ms']:.0f} "
-                      f"({v['count']:.0f})" for ph in LANE_PHASES if (v := phases.get(ph))]
+                      f"({v['count']:.0f}{cpu_cell(v)})" for ph in LANE_PHASES
+                      if (v := phases.get(ph))]  # fmt: skip
             parts.append(f"{wid} {lane}: " + ", ".join(cells_))
     return f"[{name}] lane times ms p50/p99/max (n) at rate {rate}: " + "; ".join(parts)
 

@@ -258,6 +258,9 @@ def test_two_loops_sharing_an_outbox_flush_it_before_a_command(tiny: LoadedModel
         assert s["step"]["p50_ms"] <= s["cycle"]["max_ms"] * 1.1  # a step is part of a cycle
         # no guard gave a lock back: a step held its (null) lock throughout
         assert s["held"]["count"] == s["step"]["count"]
+        # a step's thread CPU time beside its wall time (a lane's GIL and lock waits show as
+        # the difference); the lock_wait is wall time only
+        assert 0 < s["step"]["cpu_share"] <= 1.05 and "cpu_share" not in s["lock_wait"]
         assert s["held"]["total_s"] == pytest.approx(s["step"]["total_s"])
 
 

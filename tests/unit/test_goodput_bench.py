@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kvrelay.benchmarks.goodput_bench import configs, linear_flops, loadgen_argv
+from kvrelay.benchmarks.goodput_bench import configs, lane_line, linear_flops, loadgen_argv
 from kvrelay.benchmarks.goodput_report import cells, config_name, render
 from kvrelay.cluster.runtime.config import ServeConfig
 
@@ -201,3 +201,13 @@ def test_linear_flops_reads_the_models_config(tmp_path: Any) -> None:
     h, kv, i = 64, 2 * 16, 128
     assert linear_flops(str(tmp_path)) == 2 * 2 * (2 * h * h + 2 * h * kv + 3 * h * i)
     assert linear_flops(str(tmp_path / "absent")) is None
+
+
+def test_a_lane_line_gives_each_phase_its_cpu_share_where_recorded() -> None:
+    phase = {"p50_ms": 4.9, "p99_ms": 11.6, "max_ms": 15.2, "count": 302.0}
+    times = {"w": {"prefill": {"schedule": {**phase, "cpu_share": 0.4}, "lock_wait": phase},
+                   "decode": {"step": {**phase, "cpu_share": 0.93}}}}  # fmt: skip
+    line = lane_line("semi_pd", "128", times)
+    assert line.startswith("[semi_pd] lane times ms p50/p99/max (n) at rate 128: w decode: ")
+    assert "step 4.9/11.6/15 (302, cpu 93%)" in line
+    assert "schedule 4.9/11.6/15 (302, cpu 40%)" in line and "lock_wait 4.9/11.6/15 (302)" in line

@@ -1,8 +1,11 @@
-"""PhaseTimes: bucketed percentiles against numpy's exact ones on the same samples."""
+"""PhaseTimes: bucketed percentiles against numpy's exact ones on the same samples; a phase's
+CPU share against a blocked and a computing thread."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -53,3 +56,25 @@ def test_reset_starts_afresh_and_threads_may_add_while_another_reads() -> None:
     assert sum(seen) + rest > 0
     t.add("step", 1e-3)
     assert t.summary(reset=True) and t.summary() == {}
+
+
+def _share(fn: Callable[[], object]) -> float:
+    t = PhaseTimes()
+    t0, c0 = time.perf_counter(), time.thread_time()
+    fn()
+    t.add("phase", time.perf_counter() - t0, time.thread_time() - c0)
+    return t.summary()["phase"]["cpu_share"]
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_cpu_share_tells_a_computing_phase_from_a_blocked_one() -> None:
+    t = PhaseTimes()
+    t.add("wall_only", 1e-3)
+    assert "cpu_share" not in t.summary()["wall_only"]
+    assert _share(lambda: threading.Event().wait(0.05)) < 0.2  # blocked: no CPU
+    assert max(_share(lambda: _spin(0.02)) for _ in range(3)) > 0.3  # computing

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
+from time import thread_time
 from typing import TypeVar
 
 import torch
@@ -237,28 +238,28 @@ class Engine:
         if self.overlap:
             return self._step_overlapped()
         times = self.times
-        ts = time.perf_counter()
+        ts, cs = time.perf_counter(), thread_time()
         plan = self.scheduler.schedule()
         self.idle = not plan.scheduled
         if self.idle:
             return []
         self.steps += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), thread_time()
         logits, inputs = self.runner.run(plan.scheduled)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), thread_time()
         self._commit(plan.scheduled)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), thread_time()
         self._measure(plan.num_tokens, t2 - t0)
         if times is not None:
-            times.add("schedule", t0 - ts)
-            times.add("commit", t2 - t1)
+            times.add("schedule", t0 - ts, c0 - cs)
+            times.add("commit", t2 - t1, c2 - c1)
         if not inputs.sampled:
             return []
         seqs = [it.seq for it in inputs.sampled]
         with self.sample_guard():  # a semi-PD lane samples without the storage lock
             tokens = self.sampler.sample(logits, self._sample_rows(seqs)).tolist()
         if times is not None:
-            times.add("sample", time.perf_counter() - t2)
+            times.add("sample", time.perf_counter() - t2, thread_time() - c2)
         events = []
         for seq, tok in zip(seqs, tokens, strict=True):
             seq.output_ids.append(tok)
@@ -323,9 +324,9 @@ class Engine:
         step's parts; the plain step stamps its own)."""
         if self.times is None:
             return fn(*args)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), thread_time()
         out = fn(*args)
-        self.times.add(phase, time.perf_counter() - t0)
+        self.times.add(phase, time.perf_counter() - t0, thread_time() - c0)
         return out
 
     def _unsampled(self, num_tokens: int, t0: float) -> None:

@@ -185,15 +185,15 @@ class EngineLoop:
                         self.times.take_off_lock()  # a command's guards are not this step's
                     t0 = time.perf_counter()
                     with self._lock:
-                        t1 = time.perf_counter()
+                        t1, c1 = time.perf_counter(), time.thread_time()
                         events = self.engine.step()
-                    t2 = time.perf_counter()
+                    t2, c2 = time.perf_counter(), time.thread_time()
                     self._measure(self.engine.prompt_tokens_computed - before, t2 - t0)
                     if events:
                         self._deliver(events)
                     if self.times is not None:
                         t3 = time.perf_counter()
-                        self._time_step(t0, t1, t2, t3, last_end)
+                        self._time_step(t0, t1, t2, t3, last_end, c2 - c1)
                         last_end = t3
                 else:
                     last_end = None  # idle: the next step's wait is not a step's cycle
@@ -205,11 +205,13 @@ class EngineLoop:
             if self._outbox is not None:
                 self._outbox.close(0.0)  # the sender hands over what is queued, then ends
 
-    def _time_step(self, t0: float, t1: float, t2: float, t3: float, last: float | None) -> None:
+    def _time_step(
+        self, t0: float, t1: float, t2: float, t3: float, last: float | None, step_cpu: float
+    ) -> None:
         times = self.times
         assert times is not None
         times.add("lock_wait", t1 - t0)
-        times.add("step", t2 - t1)
+        times.add("step", t2 - t1, step_cpu)
         # what the step held the lock for: its time less the guards' (workers/semi_pd/lanes.py)
         times.add("held", max(0.0, t2 - t1 - times.take_off_lock()))
         times.add("sink", t3 - t2)

@@ -8,6 +8,12 @@ run, and these figures say whether a step waited for the storage lock, for its k
 other lane's kernels on the same SMs) or for the host. Percentiles are read from the buckets:
 each is the upper edge of the bucket holding that rank, so within one bucket's width (1/8 of a
 factor of 2, ~9 %) above the exact value.
+
+A phase may also record its thread's CPU time (``time.thread_time``): ``cpu_share`` is that
+over its wall time. A phase the host computes through has a share near 1; one that sat blocked
+(on a lock, on the GIL while another thread ran Python, on a sleep) has a low one. A CUDA wait
+may spin, so a phase that waits for the device can read high (benchmarks/sync_probe.py tells
+whether a phase synchronised).
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ def upper_edge(bucket: int) -> float:
 
 
 class _Phase:
-    __slots__ = ("count", "counts", "max", "sum")
+    __slots__ = ("count", "counts", "cpu", "cpu_wall", "max", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * NUM_BUCKETS
         self.count = 0
         self.sum = 0.0
         self.max = 0.0
+        self.cpu = 0.0  # thread CPU seconds of the adds that gave them
+        self.cpu_wall = 0.0  # those adds' wall seconds
 
     def percentile(self, q: float) -> float:
         rank = max(1, math.ceil(q * self.count))
@@ -69,7 +77,8 @@ class PhaseTimes:
         seconds, self._off_lock = self._off_lock, 0.0
         return seconds
 
-    def add(self, phase: str, seconds: float) -> None:
+    def add(self, phase: str, seconds: float, cpu: float | None = None) -> None:
+        """One ``phase`` of ``seconds`` (wall); ``cpu``: its thread's CPU seconds, if taken."""
         with self._lock:
             p = self._phases.get(phase)
             if p is None:
@@ -79,10 +88,14 @@ class PhaseTimes:
             p.sum += seconds
             if seconds > p.max:
                 p.max = seconds
+            if cpu is not None:
+                p.cpu += cpu
+                p.cpu_wall += seconds
 
     def summary(self, *, reset: bool = False) -> dict[str, dict[str, float]]:
-        """Per phase: count, total_s, and mean / p50 / p90 / p99 / max in milliseconds;
-        ``reset``: start afresh after reading (a benchmark's next rate)."""
+        """Per phase: count, total_s, and mean / p50 / p90 / p99 / max in milliseconds, and
+        ``cpu_share`` where the phase recorded CPU time; ``reset``: start afresh after reading
+        (a benchmark's next rate)."""
         out = {}
         with self._lock:
             for name, p in sorted(self._phases.items()):
@@ -95,6 +108,8 @@ class PhaseTimes:
                     "p99_ms": 1e3 * p.percentile(0.99),
                     "max_ms": 1e3 * p.max,
                 }
+                if p.cpu_wall > 0:
+                    out[name]["cpu_share"] = p.cpu / p.cpu_wall
             if reset:
                 self._phases = {}
         return out
