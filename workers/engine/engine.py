@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
-from time import thread_time
 from typing import TypeVar
 
 import torch
@@ -238,17 +237,17 @@ class Engine:
         if self.overlap:
             return self._step_overlapped()
         times = self.times
-        ts, cs = time.perf_counter(), thread_time()
+        ts, cs = time.perf_counter(), time.thread_time()
         plan = self.scheduler.schedule()
         self.idle = not plan.scheduled
         if self.idle:
             return []
         self.steps += 1
-        t0, c0 = time.perf_counter(), thread_time()
+        t0, c0 = time.perf_counter(), time.thread_time()
         logits, inputs = self.runner.run(plan.scheduled)
-        t1, c1 = time.perf_counter(), thread_time()
+        t1, c1 = time.perf_counter(), time.thread_time()
         self._commit(plan.scheduled)
-        t2, c2 = time.perf_counter(), thread_time()
+        t2, c2 = time.perf_counter(), time.thread_time()
         self._measure(plan.num_tokens, t2 - t0)
         if times is not None:
             times.add("schedule", t0 - ts, c0 - cs)
@@ -259,7 +258,7 @@ class Engine:
         with self.sample_guard():  # a semi-PD lane samples without the storage lock
             tokens = self.sampler.sample(logits, self._sample_rows(seqs)).tolist()
         if times is not None:
-            times.add("sample", time.perf_counter() - t2, thread_time() - c2)
+            times.add("sample", time.perf_counter() - t2, time.thread_time() - c2)
         events = []
         for seq, tok in zip(seqs, tokens, strict=True):
             seq.output_ids.append(tok)
@@ -324,9 +323,9 @@ class Engine:
         step's parts; the plain step stamps its own)."""
         if self.times is None:
             return fn(*args)
-        t0, c0 = time.perf_counter(), thread_time()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = fn(*args)
-        self.times.add(phase, time.perf_counter() - t0, thread_time() - c0)
+        self.times.add(phase, time.perf_counter() - t0, time.thread_time() - c0)
         return out
 
     def _unsampled(self, num_tokens: int, t0: float) -> None:
