@@ -66,6 +66,7 @@ each lane's time goes (phase_times.py), with each request's handoff in parts (``
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -128,7 +129,24 @@ SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 # 2026-12-06 (H100, fixed 50/100 split) showed the decode lane's step at 2.2 ms p50 but
 # 9-15 ms p99, its kernels at 4.5-6 ms p99, and 5-8 ms p99 waiting for the storage lock the
 # prefill lane held for its host work: the GIL decides how fast either lane gets through.
+# KVRELAY_SWITCH_INTERVAL_S sets it exactly (an experiment's knob: the lanes' ``cpu_share`` in
+# ``lane_times`` says how much of a phase was spent waiting).
 SWITCH_INTERVAL_S = 0.0005
+
+
+def switch_interval() -> float:
+    """The GIL switch interval a semi-PD worker's process runs with: KVRELAY_SWITCH_INTERVAL_S
+    when set, else SWITCH_INTERVAL_S unless the process already runs a shorter one."""
+    text = os.environ.get("KVRELAY_SWITCH_INTERVAL_S")
+    if text is None:
+        return min(sys.getswitchinterval(), SWITCH_INTERVAL_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ValueError(f"KVRELAY_SWITCH_INTERVAL_S={text!r}: seconds in (0, 1]")
+    return value
 
 
 def _capture_prefill_graphs(engine: Engine) -> None:
@@ -163,7 +181,7 @@ class SemiPDWorker(Worker):
         ``prefill_overlap``: the prefill lane too."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))  # process-wide
+        sys.setswitchinterval(switch_interval())  # process-wide
         self._initial_split = split
         self._prefill_tokens = prefill_tokens
         self._decode_first = decode_first
