@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import ssl
-import threading
-import time
+import sys
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -41,8 +38,22 @@ from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
 from kvrelay.proto.kvrelay.v1 import generation_pb2 as gpb
 from kvrelay.workers.model.source import load_tokenizer
+from kvrelay_testing.live_api import (
+    ADMIN_KEY,
+    USER_KEY,
+    Live,
+    assert_keys_never_logged,
+    assert_no_leak,
+    grpc_call,
+    held,
+    http_post,
+    https,
+    oai_client,
+    sdk,
+    settle,
+    trusting,
+)
 
-USER_KEY, ADMIN_KEY = "sk-user-live-3b9f", "sk-admin-live-c07a"
 MAX_STREAMS, MAX_QUEUE, RETRY_AFTER_S = 16, 32, 1.0  # RETRY_AFTER_S: FrontendLimits' default
 LONG = 400  # tokens: a stream still decoding when the test acts on it (~80 ms/token here)
 SHORT = 4  # fuzzed max_tokens in 1..12 are cut to this (the error classes do not change)
@@ -53,21 +64,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 RAW_FUZZ = settings(FUZZ, max_examples=10)  # 15 + 10 = 25 examples per API
-
-
-@dataclass(frozen=True)
-class Live:
-    """The running cluster, and what the fuzz oracle reads (model, vocab, ctx, tok)."""
-
-    cluster: Cluster
-    workers: dict[str, str]  # worker id -> role, at start
-    grpc_target: str
-    http_port: int
-    cert: Path  # the self-signed certificate both frontends serve
-    model: str
-    vocab: int
-    ctx: int
-    tok: Any
 
 
 @pytest.fixture(scope="module")
@@ -114,63 +110,6 @@ def live(tls_files: tuple[Path, Path]) -> Iterator[Live]:
         )
     finally:
         cluster.shutdown()
-
-
-# -- leak checks from the workers' pools -----------------------------------------------------------
-Figures = dict[str, dict[str, int]]
-
-
-def idle(figures: Figures) -> bool:
-    return all(
-        f["used"] == 0 and f["requests"] == 0 and f["reservations"] == 0 for f in figures.values()
-    )
-
-
-def held(figures: Figures) -> bool:
-    return any(f["used"] > 0 and f["requests"] > 0 for f in figures.values())
-
-
-def settle(live: Live, done: Callable[[Figures], bool], timeout_s: float = 30.0) -> Figures:
-    """Poll the pools (and, for idle, the controller's request table) until ``done`` or the
-    deadline; returns the last figures."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        figures = live.cluster.integrity()
-        in_flight = live.cluster.counters()["in_flight"] if done is idle else 0
-        if (done(figures) and in_flight == 0) or time.monotonic() > deadline:
-            return figures
-        threading.Event().wait(0.05)  # poll interval
-
-
-def assert_no_leak(live: Live) -> None:
-    figures = settle(live, idle)
-    assert set(figures) == set(live.workers), f"a worker died: {figures}"
-    assert idle(figures), f"KV blocks, requests or reservations left: {figures}"
-    assert live.cluster.counters()["in_flight"] == 0
-
-
-def sdk(live: Live, key: str | None = USER_KEY, timeout: float = 60) -> Client:
-    return Client(live.grpc_target, api_key=key, root_cert=live.cert, timeout=timeout)
-
-
-def trusting(live: Live) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(live.cert))
-
-
-def oai_client(live: Live, key: str = USER_KEY, *, trust: bool = True) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"https://localhost:{live.http_port}/v1",
-        api_key=key,
-        max_retries=0,
-        timeout=60,
-        http_client=openai.DefaultHttpxClient(verify=trusting(live)) if trust else None,
-    )
-
-
-def https(live: Live, timeout: float = 30) -> http.client.HTTPSConnection:
-    return http.client.HTTPSConnection(
-        "localhost", live.http_port, timeout=timeout, context=trusting(live)
-    )
 
 
 # -- the official openai package against the SDK -------------------------------------------------
@@ -243,30 +182,6 @@ def test_openai_package_equals_the_grpc_sdk(live: Live, load_test_file: Any) -> 
 def fuzz(load_test_file: Callable[[str], ModuleType]) -> ModuleType:
     """The echo suite's strategies and its independent oracle of the documented codes."""
     return load_test_file("tests/unit/test_frontend_fuzz.py")
-
-
-def grpc_call(live: Live, data: bytes) -> grpc.StatusCode:
-    creds = grpc.ssl_channel_credentials(root_certificates=live.cert.read_bytes())
-    with grpc.secure_channel(live.grpc_target, creds) as ch:
-        call = ch.unary_stream("/kvrelay.v1.Generation/Generate")  # identity serializers
-        try:
-            for _ in call(data, timeout=30, metadata=(("authorization", f"Bearer {USER_KEY}"),)):
-                pass
-        except grpc.RpcError as err:
-            assert err.code() != grpc.StatusCode.DEADLINE_EXCEEDED, "server hung"
-            return err.code()  # type: ignore[no-any-return]
-    return grpc.StatusCode.OK
-
-
-def http_post(live: Live, path: str, data: bytes) -> tuple[int, bytes]:
-    conn = https(live)
-    try:
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {USER_KEY}"}
-        conn.request("POST", path, body=data, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def short_grpc(req: gpb.GenerateRequest) -> gpb.GenerateRequest:
@@ -494,21 +409,6 @@ def test_keys_on_both_apis(live: Live) -> None:
     assert_keys_never_logged()
 
 
-def assert_keys_never_logged() -> None:
-    """Nothing the cluster's processes wrote (Ray's per-session log files: the controller actor,
-    the workers, raylet, GCS) contains a key. The frontends log in this process."""
-    import ray
-
-    node = ray._private.worker.global_worker.node  # no public API names the session folder
-    assert node is not None
-    logs = Path(node.get_session_dir_path()) / "logs"
-    files = [f for f in logs.rglob("*") if f.is_file()]
-    assert any(f.name.startswith("worker-") for f in files), "no actor logs found"
-    for f in files:
-        data = f.read_bytes()
-        assert USER_KEY.encode() not in data and ADMIN_KEY.encode() not in data, f
-
-
 # -- repeated rounds: nothing of a round stays behind on the served path ---------------------------
 # 24 tokens a stream: the heap bound below is then 768 objects; rounds 2-4 grew the heaps by
 # ~75 (controller) and ~35 (driver) objects here, and a leak of one object per token still
@@ -517,10 +417,25 @@ ROUNDS, ROUND_TOKENS = 4, 24
 
 
 def gc_objects() -> int:
+    """Live objects after a collection."""
     import gc
 
     gc.collect()
     return len(gc.get_objects())
+
+
+def controller_gc_objects(cluster: Cluster) -> int:
+    """``gc_objects()`` in the controller actor. The call is pickled by value: this module
+    imports kvrelay_testing, which the cluster's processes do not have on their path."""
+    import ray
+    from ray import cloudpickle
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        return int(ray.get(cluster.controller.__ray_call__.remote(lambda _: gc_objects())))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
 
 
 def test_rounds_of_streams_leave_nothing_behind(live: Live) -> None:
@@ -529,7 +444,6 @@ def test_rounds_of_streams_leave_nothing_behind(live: Live) -> None:
     deliveries held back) and the driver's frontends and backend hold nothing, and from the
     second round on neither the controller's nor the driver's heap grows with the tokens
     streamed (a leak of anything per token, or per request, that slows later rounds)."""
-    import ray
 
     cluster = live.cluster
     frontends = cluster.frontends
@@ -556,9 +470,7 @@ def test_rounds_of_streams_leave_nothing_behind(live: Live) -> None:
         assert state["flights"] == state["assigned"] == 0, state
         assert state["pumps"] == state["outbox_items"] == state["early_deliveries"] == 0, state
         assert frontends.streams() == frontends.backend_streams() == 0
-        heaps.append(
-            (ray.get(cluster.controller.__ray_call__.remote(lambda _: gc_objects())), gc_objects())
-        )
+        heaps.append((controller_gc_objects(cluster), gc_objects()))
     tokens = (ROUNDS - 2) * MAX_STREAMS * ROUND_TOKENS  # streamed after the second round
     (ctl0, drv0), (ctl1, drv1) = heaps[1], heaps[-1]
     assert ctl1 - ctl0 < tokens and drv1 - drv0 < tokens, heaps
