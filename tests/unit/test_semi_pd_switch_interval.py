@@ -1,4 +1,4 @@
-"""The GIL switch interval a semi-PD worker's process takes (workers/semi_pd/worker.py): 0.5 ms
+"""The GIL switch interval a semi-PD worker's process takes (workers/semi_pd/lanes.py): 0.5 ms
 unless the process runs a shorter one, or exactly KVRELAY_SWITCH_INTERVAL_S; a bad value is
 refused with the variable's name."""
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvrelay.workers.semi_pd.worker import SWITCH_INTERVAL_S, switch_interval
+from kvrelay.workers.semi_pd.lanes import SWITCH_INTERVAL_S, switch_interval
 
 
 def test_the_default_never_lengthens_the_processes_interval(

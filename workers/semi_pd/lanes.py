@@ -1,9 +1,12 @@
 """What two lanes over one KV storage share: the forward guard that lets a lane compute without
-the storage lock, one worker's figures from two engines' (``merge_stats``), and the clock of a
-request's handoff from one lane to the other (``HandoffClock``)."""
+the storage lock, one worker's figures from two engines' (``merge_stats``), the clock of a
+request's handoff from one lane to the other (``HandoffClock``), and their process's GIL switch
+interval (``switch_interval``)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +19,31 @@ from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.semi_pd.sm_partition import SMPartition
 from kvrelay.workers.types import TokenEvent
+
+# The lanes' threads share one GIL. A torch call releases it, and taking it back while the other
+# lane runs Python (its step's host work, under the storage lock) waits for CPython's switch
+# interval, 5 ms by default: a decode step makes dozens of such calls. The goodput run of
+# 2026-12-06 (H100, fixed 50/100 split) showed the decode lane's step at 2.2 ms p50 but
+# 9-15 ms p99, its kernels at 4.5-6 ms p99, and 5-8 ms p99 waiting for the storage lock the
+# prefill lane held for its host work: the GIL decides how fast either lane gets through.
+# KVRELAY_SWITCH_INTERVAL_S sets it exactly (an experiment's knob: the lanes' ``cpu_share`` in
+# ``lane_times`` says how much of a phase was spent waiting).
+SWITCH_INTERVAL_S = 0.0005
+
+
+def switch_interval() -> float:
+    """The GIL switch interval a semi-PD worker's process runs with: KVRELAY_SWITCH_INTERVAL_S
+    when set, else SWITCH_INTERVAL_S unless the process already runs a shorter one."""
+    text = os.environ.get("KVRELAY_SWITCH_INTERVAL_S")
+    if text is None:
+        return min(sys.getswitchinterval(), SWITCH_INTERVAL_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ValueError(f"KVRELAY_SWITCH_INTERVAL_S={text!r}: seconds in (0, 1]")
+    return value
 
 
 @contextmanager

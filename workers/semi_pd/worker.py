@@ -66,7 +66,6 @@ each lane's time goes (phase_times.py), with each request's handoff in parts (``
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -84,7 +83,12 @@ from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
-from kvrelay.workers.semi_pd.lanes import HandoffClock, forward_unlocked, merge_stats
+from kvrelay.workers.semi_pd.lanes import (
+    HandoffClock,
+    forward_unlocked,
+    merge_stats,
+    switch_interval,
+)
 from kvrelay.workers.semi_pd.sm_partition import (
     GreenContextPartition,
     Lane,
@@ -123,30 +127,6 @@ DEFAULT_SPLIT = Split(prefill=100, decode=100)
 PREFILL_TOKENS = 4096
 PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
-# The lanes' threads share one GIL. A torch call releases it, and taking it back while the other
-# lane runs Python (its step's host work, under the storage lock) waits for CPython's switch
-# interval, 5 ms by default: a decode step makes dozens of such calls. The goodput run of
-# 2026-12-06 (H100, fixed 50/100 split) showed the decode lane's step at 2.2 ms p50 but
-# 9-15 ms p99, its kernels at 4.5-6 ms p99, and 5-8 ms p99 waiting for the storage lock the
-# prefill lane held for its host work: the GIL decides how fast either lane gets through.
-# KVRELAY_SWITCH_INTERVAL_S sets it exactly (an experiment's knob: the lanes' ``cpu_share`` in
-# ``lane_times`` says how much of a phase was spent waiting).
-SWITCH_INTERVAL_S = 0.0005
-
-
-def switch_interval() -> float:
-    """The GIL switch interval a semi-PD worker's process runs with: KVRELAY_SWITCH_INTERVAL_S
-    when set, else SWITCH_INTERVAL_S unless the process already runs a shorter one."""
-    text = os.environ.get("KVRELAY_SWITCH_INTERVAL_S")
-    if text is None:
-        return min(sys.getswitchinterval(), SWITCH_INTERVAL_S)
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise ValueError(f"KVRELAY_SWITCH_INTERVAL_S={text!r}: seconds in (0, 1]")
-    return value
 
 
 def _capture_prefill_graphs(engine: Engine) -> None:
