@@ -33,6 +33,7 @@ from kvrelay_testing.semi_pd import (
     QUESTIONS,
     Collector,
     assert_clean,
+    decode_lane_held,
     generate,
     mixed_params,
     paused,
@@ -40,11 +41,12 @@ from kvrelay_testing.semi_pd import (
 
 # the decode lane's step: plain (the default) or overlapped, its releases held back
 OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
-# ... and the prefill lane's: plain, or overlapped with the decode lane's ("both")
+# ... and the prefill lane's: plain, overlapped alone (the serving default, "prefill"), or
+# overlapped with the decode lane's ("both")
 LANES = pytest.mark.parametrize(
     ("overlap", "prefill_overlap"),
-    [(False, False), (True, False), (True, True)],
-    ids=["plain", "overlap", "both"],
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["plain", "overlap", "prefill", "both"],
 )
 
 
@@ -110,8 +112,8 @@ def test_tokens_match_colocated(
         assert semi.info().semi_pd and semi.info().role == "colocated"
         figures = assert_clean(semi)
         assert figures["transit"] == 0
-        # the overlapped lane held back what it freed with a step in flight (every finish)
-        assert (hb.stats.extra["overlap_held_blocks"] > 0) is overlap
+        # the overlapped decode lane held back what it freed with a step in flight (every finish)
+        assert (decode_lane_held(semi) > 0) is overlap
         # an overlapped prefill lane's full blocks were committed once their step was read
         held = semi.prefill_loop.call(lambda e: e.stats().extra["overlap_held_commits"])
         assert (held > 0) is prefill_overlap
@@ -393,7 +395,7 @@ def test_faults_leave_storage_clean(
         assert_clean(semi)
         assert not semi.abort("t")
         # the overlapped lane aborted "d" with a step in flight: its blocks were held back
-        assert (semi.heartbeat().stats.extra["overlap_held_blocks"] > 0) is overlap
+        assert (decode_lane_held(semi) > 0) is overlap
     finally:
         semi.shutdown()
 
@@ -536,7 +538,7 @@ def test_concurrent_stress_never_double_allocates(
         # offsets that share no block, need more than its 24 blocks). Whether a lane was also
         # preempted depends on how the aborts fall, so that is not asserted
         assert hb.stats.pool.extra["evictions"] > 0
-        assert (hb.stats.extra["overlap_held_blocks"] > 0) is overlap
+        assert (decode_lane_held(semi) > 0) is overlap
         assert_clean(semi)
     finally:
         semi.shutdown()

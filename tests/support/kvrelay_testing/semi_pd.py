@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 from kvrelay.workers.worker import Worker
 
@@ -107,3 +108,9 @@ def assert_clean(worker: Worker) -> dict[str, int]:
     assert figures.get("held", 0) == 0, figures  # the decode lane gave back what it held
     assert figures.get("cpu_used", 0) == 0 and figures["reservations"] == 0, figures
     return figures
+
+
+def decode_lane_held(worker: SemiPDWorker) -> int:
+    """Blocks the decode lane ever held back (its own counter: the worker's heartbeat adds the
+    prefill lane's, which an overlapped prefill lane holds too)."""
+    return int(worker.loop.call(lambda e: e.stats().extra["overlap_held_blocks"]))
