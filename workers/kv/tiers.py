@@ -43,10 +43,11 @@ from kvrelay.workers.kv.block_pool import BlockPool
 from kvrelay.workers.types import Tier
 
 # an engine's schedule demotes evicted blocks stream-ordered (``CpuTier.stream_ordered``) unless
-# KVRELAY_STREAM_DEMOTION=0 (read once at import: ``EngineConfig.stream_demotion``'s default). Measured on an H100 (benchmarks/README.md,
-# twelfth session): a synchronous demotion held an overlapped engine's schedule 5.8 / 24.7 ms
-# p50 / p99 waiting for the step in flight (0.56 / 6.9 ordered); served goodput of one colocated
-# worker rose from 112 to >= 128 req/s, of the overlapped semi-PD worker from 96 to 112
+# KVRELAY_STREAM_DEMOTION=0 (read once at import: ``EngineConfig.stream_demotion``'s default).
+# Measured on an H100 (benchmarks/README.md, twelfth session): a synchronous demotion held an
+# overlapped engine's schedule 5.8 / 24.7 ms p50 / p99 waiting for the step in flight (0.56 /
+# 6.9 ordered); served goodput of one colocated worker rose from 112 to >= 128 req/s, of the
+# overlapped semi-PD worker from 96 to 112
 STREAM_DEMOTION = os.environ.get("KVRELAY_STREAM_DEMOTION", "1") != "0"
 
 
