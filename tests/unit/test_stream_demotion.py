@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
+from kvrelay.workers.kv.block_pool import BlockPool
+from kvrelay.workers.kv.tiers import build_cpu_tier
 from kvrelay.workers.model.loader import load_model
 from kvrelay_testing.tiers import rotating_stem_prompts, run_demoting
 
@@ -23,3 +28,38 @@ def test_stream_ordered_demotion_is_synchronous_on_a_host_memory_engine(
     assert plain_extra["demoted_blocks"] > 0 and plain_extra["promoted_blocks"] > 0
     assert extra["demoted_blocks"] == plain_extra["demoted_blocks"]
     assert extra["ordered_demotions"] == 0  # the host cache is not pinned: nothing queued
+
+
+class _Event:
+    def __init__(self, done: bool) -> None:
+        self.done, self.queries = done, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.done
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.waited: list[_Event] = []
+
+    def wait_event(self, event: _Event) -> None:
+        self.waited.append(event)
+
+
+def test_pending_copies_are_waited_for_once_per_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reusing the CPU blocks of earlier stream-ordered copies queries each copy's event once
+    and queues one stream wait per copy still running, not one per block (each CUDA call lets
+    the other semi-PD lane take the GIL); blocks whose copy is done are forgotten."""
+    cache = torch.zeros(64, 2, 2, 16, 2, 8)
+    _, tier = build_cpu_tier(cache, BlockPool(64, 16), num_blocks=64, kv_gb=0.0,
+                             async_copies=False)  # fmt: skip
+    assert tier is not None
+    running, done = _Event(False), _Event(True)
+    tier._pending = {**dict.fromkeys(range(32), running), **dict.fromkeys(range(32, 48), done)}
+    stream = _Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    tier.order_after_pending(range(64))
+    assert stream.waited == [running] and tier.order_waits == 1
+    assert running.queries == 1 and done.queries == 1
+    assert set(tier._pending) == set(range(32))  # the done copy's blocks are forgotten

@@ -204,6 +204,7 @@ class CpuTier:
         self._ordered = False
         self._pending: dict[int, torch.cuda.Event] = {}
         self.ordered_demotions = 0
+        self.order_waits = 0  # stream waits queued for pending copies (``order_after_pending``)
 
     @contextmanager
     def stream_ordered(self) -> Iterator[None]:
@@ -226,16 +227,23 @@ class CpuTier:
         or out of ``cpu_blocks`` not yet seen done."""
         if not self._pending:
             return
-        stream = None
+        # one query and at most one stream wait per distinct copy: a demotion's blocks share
+        # one event, and each CUDA call releases the GIL, which the other semi-PD lane may then
+        # hold (a wait per block made 256 calls of a 256-block reuse)
+        by_event: dict[int, tuple[torch.cuda.Event, list[int]]] = {}
         for block in cpu_blocks:
             event = self._pending.get(block)
-            if event is None:
-                continue
+            if event is not None:
+                by_event.setdefault(id(event), (event, []))[1].append(block)
+        stream = None
+        for event, blocks in by_event.values():
             if event.query():
-                del self._pending[block]
+                for block in blocks:
+                    del self._pending[block]
                 continue
             stream = stream or torch.cuda.current_stream(self.device_cache.device)
             stream.wait_event(event)
+            self.order_waits += 1
 
     def _note_pending(self, cpu_blocks: Iterable[int]) -> None:
         """After a copy queued into or out of ``cpu_blocks`` on the current stream (pinned
@@ -298,6 +306,7 @@ class CpuTier:
     def stats_extra(self) -> dict[str, int]:
         return {
             "ordered_demotions": self.ordered_demotions,
+            "order_waits": self.order_waits,
             "demoted_blocks": self.demoted_blocks,
             "promoted_blocks": self.promoted_blocks,
             "demotions_dropped": self.demotions_dropped,
