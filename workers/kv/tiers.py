@@ -109,6 +109,7 @@ class BlockCopier:
         memory (a pageable upload waits for every kernel queued before it)."""
         if src_ids:
             self._count(src, src_ids)
+            src_ids, dst_ids = host_order(src, src_ids, dst, dst_ids)
             if wait:
                 copy_blocks(src, _ids(src_ids), dst, _ids(dst_ids))
                 return
@@ -128,6 +129,7 @@ class BlockCopier:
             self.copy_now(src, src_ids, dst, dst_ids)
             return CopyHandle(seconds=time.perf_counter() - t0)
         self._count(src, src_ids)
+        src_ids, dst_ids = host_order(src, src_ids, dst, dst_ids)
         ready = None
         if self._stream is not None:
             # the side stream must see every write the main stream queued to the source blocks
@@ -168,6 +170,21 @@ class BlockCopier:
     def close(self) -> None:
         if self._threads is not None:
             self._threads.shutdown(wait=True)
+
+
+def host_order(
+    src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, dst_ids: Sequence[int]
+) -> tuple[Sequence[int], Sequence[int]]:
+    """The pairs of a copy between the device and the host, sorted by their host-side block
+    ids: ``copy_blocks`` moves the host side in runs of consecutive ids, one copy call each
+    (and a CUDA call lets the other semi-PD lane take the GIL). The pairs are the same, so the
+    copy is; a pool's LRU hands blocks out in any order (descending after a tail-first
+    release), which made a 256-block demotion 256 copies."""
+    host = dst_ids if dst.device.type == "cpu" else src_ids if src.device.type == "cpu" else None
+    if host is None or src.device == dst.device:
+        return src_ids, dst_ids
+    order = sorted(range(len(host)), key=host.__getitem__)
+    return [src_ids[i] for i in order], [dst_ids[i] for i in order]
 
 
 def _ids(ids: Sequence[int]) -> torch.Tensor:
@@ -281,7 +298,9 @@ class CpuTier:
             self.ordered_demotions += 1
         for block, h in zip(dst, hashes, strict=True):
             self.pool.commit(block, h)
-        self.pool.release(reversed(dst))
+        # in the order the device evicted them (a request's tail before its head, as its
+        # blocks were released there): here too its prefix outlives its tail
+        self.pool.release(dst)
         self.demoted_blocks += room
 
     def cpu_hits(self, hashes: Sequence[int]) -> list[int]:
