@@ -30,51 +30,57 @@ from kvrelay.workers.kv.storage import build_kv_storage
 from kvrelay.workers.types import SamplingParams
 
 
-def run(steps: int, device_blocks: int, cpu_blocks: int, seed: int) -> dict[str, float]:
-    st = build_kv_storage((1, 2, 16, 1, 1), torch.float32, torch.device("cpu"),
-                          num_blocks=device_blocks, kv_gb=0.0, cpu_num_blocks=cpu_blocks,
-                          cpu_kv_gb=0.0, async_copies=False)  # fmt: skip
-    assert st.cpu_tier is not None
-    host_cache = st.cpu_tier.cache
-    calls: list[int] = []
-    sizes: list[int] = []
-    copy_now = tiers.BlockCopier.copy_now
+class CountingCopier(tiers.BlockCopier):
+    """The tier's copier, counting each copy into the host cache as ``copy_blocks`` runs it."""
 
-    def counted(self: tiers.BlockCopier, src: torch.Tensor, src_ids: Seq[int],
-                dst: torch.Tensor, dst_ids: Seq[int], *, wait: bool = True) -> None:  # fmt: skip
-        if dst is host_cache and src_ids:
+    def __init__(self, host_cache: torch.Tensor) -> None:
+        super().__init__(host_cache.device, async_copies=False)
+        self.host_cache = host_cache
+        self.calls: list[int] = []  # copy calls, per demotion
+        self.sizes: list[int] = []  # blocks, per demotion
+
+    def copy_now(self, src: torch.Tensor, src_ids: Seq[int], dst: torch.Tensor,
+                 dst_ids: Seq[int], *, wait: bool = True) -> None:  # fmt: skip
+        if dst is self.host_cache and src_ids:
             # the device side is not on another device here: order the pairs as the copier
             # does for a device cache (the host side is ``dst``); the code before had no
             # ``host_order`` and copied in the order given (run it with that tree imported)
             host = dst_ids
             if hasattr(tiers, "host_order"):
                 _, host = tiers.host_order(torch.empty(0, device="meta"), src_ids, dst, dst_ids)
-            calls.append(len(block_runs(list(range(len(host))), list(host))))
-            sizes.append(len(host))
-        copy_now(self, src, src_ids, dst, dst_ids, wait=wait)
+            self.calls.append(len(block_runs(list(range(len(host))), list(host))))
+            self.sizes.append(len(host))
+        super().copy_now(src, src_ids, dst, dst_ids, wait=wait)
 
-    tiers.BlockCopier.copy_now = counted  # type: ignore[method-assign]
-    try:
-        sched = Scheduler(st.pool, max_num_seqs=64, max_num_batched_tokens=4096, hash_root=1,
-                          tier=st.cpu_tier)  # fmt: skip
-        rng = random.Random(seed)
-        n = 0
-        for _ in range(steps):
-            for _ in range(3):
-                k = rng.randint(1024, 7936) if rng.random() < 0.2 else rng.randint(50, 700)
-                prompt = [rng.randrange(49152) for _ in range(k)]
-                sched.add(Sequence(f"r{n}", prompt, SamplingParams(max_tokens=1)))
-                n += 1
-            for item in sched.schedule().scheduled:
-                sched.commit_computed(item)
-                if item.samples:
-                    sched.finish(item.seq)
-    finally:
-        tiers.BlockCopier.copy_now = copy_now  # type: ignore[method-assign]
+
+def run(steps: int, device_blocks: int, cpu_blocks: int, seed: int) -> dict[str, float]:
+    st = build_kv_storage((1, 2, 16, 1, 1), torch.float32, torch.device("cpu"),
+                          num_blocks=device_blocks, kv_gb=0.0, cpu_num_blocks=cpu_blocks,
+                          cpu_kv_gb=0.0, async_copies=False)  # fmt: skip
+    tier = st.cpu_tier
+    assert tier is not None
+    counter = tier.copier = CountingCopier(tier.cache)
+    sched = Scheduler(st.pool, max_num_seqs=64, max_num_batched_tokens=4096, hash_root=1,
+                      tier=tier)  # fmt: skip
+    rng = random.Random(seed)
+    n = 0
+    for _ in range(steps):
+        for _ in range(3):
+            k = rng.randint(1024, 7936) if rng.random() < 0.2 else rng.randint(50, 700)
+            prompt = [rng.randrange(49152) for _ in range(k)]
+            sched.add(Sequence(f"r{n}", prompt, SamplingParams(max_tokens=1)))
+            n += 1
+        for item in sched.schedule().scheduled:
+            sched.commit_computed(item)
+            if item.samples:
+                sched.finish(item.seq)
     st.pool.check_integrity()
+    calls, sizes = counter.calls, counter.sizes
+    if not calls:
+        return {"demotions": 0, "demoted_blocks": tier.demoted_blocks}
     return {"demotions": len(calls), "blocks_median": statistics.median(sizes),
             "calls_median": statistics.median(calls), "calls_mean": statistics.mean(calls),
-            "calls_per_block": sum(calls) / sum(sizes), "demoted_blocks": st.cpu_tier.demoted_blocks}  # fmt: skip
+            "calls_per_block": sum(calls) / sum(sizes), "demoted_blocks": tier.demoted_blocks}  # fmt: skip
 
 
 def main(argv: Seq[str] | None = None) -> int:

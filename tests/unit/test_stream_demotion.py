@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from kvrelay.workers.kv.block_pool import BlockPool
@@ -47,7 +46,7 @@ class _Stream:
         self.waited.append(event)
 
 
-def test_pending_copies_are_waited_for_once_per_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pending_copies_are_waited_for_once_per_copy() -> None:
     """Reusing the CPU blocks of earlier stream-ordered copies queries each copy's event once
     and queues one stream wait per copy still running, not one per block (each CUDA call lets
     the other semi-PD lane take the GIL); blocks whose copy is done are forgotten."""
@@ -58,8 +57,7 @@ def test_pending_copies_are_waited_for_once_per_copy(monkeypatch: pytest.MonkeyP
     running, done = _Event(False), _Event(True)
     tier._pending = {**dict.fromkeys(range(32), running), **dict.fromkeys(range(32, 48), done)}
     stream = _Stream()
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
-    tier.order_after_pending(range(64))
+    tier.order_after_pending(range(64), stream)
     assert stream.waited == [running] and tier.order_waits == 1
     assert running.queries == 1 and done.queries == 1
     assert set(tier._pending) == set(range(32))  # the done copy's blocks are forgotten

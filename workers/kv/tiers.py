@@ -239,9 +239,11 @@ class CpuTier:
         finally:
             self._ordered = before
 
-    def order_after_pending(self, cpu_blocks: Iterable[int]) -> None:
-        """The current stream waits (on the device, not the host) for the queued copies into
-        or out of ``cpu_blocks`` not yet seen done."""
+    def order_after_pending(
+        self, cpu_blocks: Iterable[int], stream: torch.cuda.Stream | None = None
+    ) -> None:
+        """``stream`` (default: the current one) waits (on the device, not the host) for the
+        queued copies into or out of ``cpu_blocks`` not yet seen done."""
         if not self._pending:
             return
         # one query and at most one stream wait per distinct copy: a demotion's blocks share
@@ -252,7 +254,6 @@ class CpuTier:
             event = self._pending.get(block)
             if event is not None:
                 by_event.setdefault(id(event), (event, []))[1].append(block)
-        stream = None
         for event, blocks in by_event.values():
             if event.query():
                 for block in blocks:
