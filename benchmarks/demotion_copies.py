@@ -78,9 +78,14 @@ def run(steps: int, device_blocks: int, cpu_blocks: int, seed: int) -> dict[str,
     calls, sizes = counter.calls, counter.sizes
     if not calls:
         return {"demotions": 0, "demoted_blocks": tier.demoted_blocks}
-    return {"demotions": len(calls), "blocks_median": statistics.median(sizes),
-            "calls_median": statistics.median(calls), "calls_mean": statistics.mean(calls),
-            "calls_per_block": sum(calls) / sum(sizes), "demoted_blocks": tier.demoted_blocks}  # fmt: skip
+    return {
+        "demotions": len(calls),
+        "blocks_median": statistics.median(sizes),
+        "calls_median": statistics.median(calls),
+        "calls_mean": statistics.mean(calls),
+        "calls_per_block": sum(calls) / sum(sizes),
+        "demoted_blocks": tier.demoted_blocks,
+    }
 
 
 def main(argv: Seq[str] | None = None) -> int:
