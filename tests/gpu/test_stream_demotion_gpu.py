@@ -41,6 +41,8 @@ def test_a_stream_ordered_demotion_does_not_wait_and_its_readers_see_the_data() 
     torch.cuda.synchronize()
     blocks = cached_eight(1000)
     want = cache.clone()
+    side = torch.cuda.Stream()
+    back = torch.zeros_like(cache)  # allocated now: a device allocation may wait for the device
     torch.cuda.synchronize()
     with tier.stream_ordered():
         torch.cuda._sleep(200_000_000)  # ~0.1 s of a step still running on this stream
@@ -48,17 +50,20 @@ def test_a_stream_ordered_demotion_does_not_wait_and_its_readers_see_the_data() 
         busy.record()
         fresh = pool.allocate(8)  # evicts all eight: demoted, queued behind the "step"
         assert not busy.query()  # the host did not wait for the step nor the copy
-        cache[fresh] = 0.0  # the next step overwrites the reused blocks (same stream)
+        assert sorted(fresh) == list(range(8))
+        # the next step overwrites the reused blocks (same stream); all eight, so no index
+        # goes up from pageable memory (that waits for the stream: the copy would be done
+        # before the promotion below, which would then have nothing to order itself after)
+        cache.zero_()
     assert tier.ordered_demotions == 2 and tier.demoted_blocks == 16
     # a promotion on another stream orders itself after the pending copy
-    side = torch.cuda.Stream()
-    back = torch.zeros_like(cache)
     with torch.cuda.stream(side):
         hits = tier.cpu_hits([1000 + b for b in blocks])
         assert len(hits) == 8
         tier.pool.acquire(hits)
         tier.device_cache = back  # promote into a second cache: compare block by block
         tier.promote(hits, blocks, [1000 + b for b in blocks])
+        assert tier.order_waits == 1  # the copy was still queued: one wait for its 8 blocks
         tier.device_cache = cache
         tier.pool.release(reversed(hits))
     torch.cuda.synchronize()
