@@ -29,6 +29,8 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
   (``--semi-pd-prefill-overlap``: the host schedules the next chunk while this one computes).
 * ``semi_pd_both``: optional, ``semi_pd`` with both lanes overlapped. Any semi-PD configuration
   takes ``%SHARE``, its prefill SM share (``semi_pd_poverlap%90``).
+* ``semi_pd_ftd``: optional, ``semi_pd`` with each first token sent by the decode lane as it
+  adopts the request (``--semi-pd-first-token decode``).
 * ``semi_pd_fixed``: optional, ``semi_pd`` held at ``--semi-pd-fixed-split`` (the rule off),
   to compare with an adaptive ``semi_pd`` in one run (``--semi-pd-fixed`` fixes every one).
 
@@ -137,7 +139,7 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     fixed_tokens = ({} if args.semi_pd_fixed_tokens is None
                     else {"semi_pd_prefill_tokens": args.semi_pd_fixed_tokens})
 
-    def semi(**extra: bool | int) -> ServeConfig:  # one semi-PD worker, the options' start split
+    def semi(**extra: bool | int | str) -> ServeConfig:  # one semi-PD worker, the options' start split
         return base.model_copy(update={"prefill_workers": 0, "decode_workers": 0,
                                        "colocated_workers": 1, "semi_pd": True,
                                        "semi_pd_adaptive": not args.semi_pd_fixed,
@@ -163,6 +165,8 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         "semi_pd_overlap": semi(semi_pd_decode_overlap=True, semi_pd_prefill_overlap=False),
         "semi_pd_poverlap": semi(semi_pd_prefill_overlap=True),  # the prefill lane overlapped
         "semi_pd_both": semi(semi_pd_decode_overlap=True, semi_pd_prefill_overlap=True),
+        # semi_pd whose first tokens go out with the decode lane's adoption (not the prefill's)
+        "semi_pd_ftd": semi(semi_pd_first_token="decode"),
         # semi_pd held at --semi-pd-fixed-split (the rule off), beside an adaptive semi_pd
         "semi_pd_fixed": semi(semi_pd_adaptive=False, semi_pd_prefill_sm=fp,
                               semi_pd_decode_sm=fd, **fixed_tokens),

@@ -21,7 +21,7 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -67,6 +67,10 @@ class ServeConfig(BaseModel):
     # the prefill lane too: the host schedules its next chunk while the GPU computes this one
     # (default: on; measured best with the share at 100, workers/semi_pd/worker.py)
     semi_pd_prefill_overlap: bool = True
+    # which lane sends a request's first token: the prefill lane once sampled ("prefill"), or
+    # the decode lane as it adopts the request ("decode": the first gap is then one decode step,
+    # not the handoff; TTFT grows by the adoption's wait)
+    semi_pd_first_token: Literal["prefill", "decode"] = "prefill"
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -337,6 +341,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    default=S,
                    help="the prefill lane runs the overlapped step: the host schedules its "
                         "next chunk while the GPU computes this one (default: on)")
+    p.add_argument("--semi-pd-first-token", choices=("prefill", "decode"), default=S,
+                   help="which lane sends a request's first token: the prefill lane once "
+                        "sampled (default), or the decode lane as it adopts the request (the "
+                        "first gap one decode step, not the handoff; TTFT later by that wait)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

@@ -6,6 +6,7 @@ are in test_semi_pd.py."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -253,3 +254,46 @@ def test_a_burst_of_handovers_is_adopted_in_one_command(
         assert_clean(semi)
     finally:
         semi.shutdown()
+
+
+def test_first_tokens_held_for_the_decode_lane_go_out_with_the_adoption(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """``first_token="decode"``: a handed over request's first token waits in the worker while
+    the decode lane is busy (none reaches the sink though every request is in transit), goes
+    out with the adoption, ahead of the request's later tokens (equal to the colocated
+    worker's); a request aborted in transit sends nothing and leaks nothing."""
+    sink = Collector()
+    params = mixed_params(len(prompts))
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink, first_token="decode",
+    )  # fmt: skip
+    try:
+        ref_sink = Collector()
+        ref = Worker("ref", "colocated", model=loaded, engine_config=CONFIG, sink=ref_sink)
+        try:
+            want = generate(ref, ref_sink, prompts, params, "ref")
+        finally:
+            ref.shutdown()
+        rids = [f"h-{i}" for i in range(len(prompts))]
+        with paused(semi.loop, semi.storage_lock):
+            for rid, p, sp in zip(rids, prompts, params, strict=True):
+                semi.submit(rid, p, sp)
+            sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
+            assert not any(r in sink.tokens for r in rids)  # every first token held
+            # aborted in transit (the abort then waits for the paused decode lane)
+            aborting = ThreadPoolExecutor(1).submit(semi.abort, rids[0])
+            sink.wait(lambda: rids[0] not in semi._transit)
+        assert aborting.result(timeout=120)
+        sink.wait_done(rids[1:])
+        assert [sink.tokens[r] for r in rids[1:]] == want[1:]
+        assert rids[0] not in sink.tokens and not semi._held
+        assert semi.handovers == len(rids) - 1
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
+def test_first_token_lane_is_checked() -> None:
+    with pytest.raises(ValueError, match="first_token"):
+        SemiPDWorker("s", "colocated", model=None, engine_config=CONFIG, first_token="later")

@@ -61,6 +61,16 @@ a controller that falls behind gets the steps of both lanes in fewer, larger cal
 keeps a request's first token (queued by the prefill lane before it hands the request over)
 ahead of its later ones (queued by the decode lane after it adopted it). ``lane_times``: where
 each lane's time goes (phase_times.py), with each request's handoff in parts (``HandoffClock``).
+
+First token (``first_token``): sent by the prefill lane as soon as it is sampled (``prefill``,
+the default), or held and sent by the decode lane's adoption command (``decode``), just before
+the decode lane's first step with the request. The gap between a request's first and second
+token is otherwise the handoff's: the adoption waits for the decode step in flight, then the
+first decode step runs, both beside the prefill lane's next chunk (H100, 2026-12-06, 128 req/s:
+``adopt_wait`` 7 ms p50, ``handoff_gap`` 20 / 45 ms p50 / p99, where a decode step took 3 / 21);
+held, the first token comes later by the adoption's wait (its TTFT), the stream after it
+evenly, every later token at the same time. A held token goes out with an adoption that
+failed (then the abort), and nowhere for a request aborted in transit.
 """
 
 from __future__ import annotations
@@ -127,6 +137,7 @@ DEFAULT_SPLIT = Split(prefill=100, decode=100)
 PREFILL_TOKENS = 4096
 PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
+FIRST_TOKEN = ("prefill", "decode")  # the lane that sends a handed over request's first token
 
 
 def _capture_prefill_graphs(engine: Engine) -> None:
@@ -149,6 +160,7 @@ class SemiPDWorker(Worker):
         decode_first: bool = False,
         decode_overlap: bool = False,
         prefill_overlap: bool = True,
+        first_token: str = "prefill",
         **kw: Any,
     ) -> None:
         """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py),
@@ -158,15 +170,21 @@ class SemiPDWorker(Worker):
         ``decode_first``: CUDA stream priorities put the decode lane's kernels ahead of the
         prefill lane's (sm_partition.py). ``decode_overlap``: the decode lane runs the
         overlapped step, its releases held until its steps are done (module docstring);
-        ``prefill_overlap``: the prefill lane too."""
+        ``prefill_overlap``: the prefill lane too. ``first_token``: which lane sends a handed
+        over request's first token: ``prefill`` as soon as it is sampled, ``decode`` with the
+        adoption (held until then, module docstring)."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        if first_token not in FIRST_TOKEN:
+            raise ValueError(f"first_token must be one of {FIRST_TOKEN}, got {first_token!r}")
         sys.setswitchinterval(switch_interval())  # process-wide
         self._initial_split = split
         self._prefill_tokens = prefill_tokens
         self._decode_first = decode_first
         self._decode_overlap = decode_overlap
         self._prefill_overlap = prefill_overlap
+        self._hold_first = first_token == "decode"
+        self._held: dict[str, TokenEvent] = {}  # first tokens held for their adoption
         self.tuner = (
             SplitTuner(replace(split_rule, home=split), window_s=window_s)
             if split_rule is not None
@@ -351,6 +369,7 @@ class SemiPDWorker(Worker):
             self.tuner.forget(request_id)
         with self._lock:
             seq = self._transit.pop(request_id, None)
+            self._held.pop(request_id, None)  # its first token, if held, goes nowhere
         self.handoffs.forget(request_id)
         if seq is not None:
             with self.storage_lock:
@@ -377,16 +396,24 @@ class SemiPDWorker(Worker):
     # ---- the handoff inside --------------------------------------------------------------
     def _emit_prefill(self, events: list[TokenEvent]) -> None:
         """The prefill lane's sink (its loop thread, after a step): the first tokens are queued
-        to go out, then the step's internal requests are handed over, under one lock hold."""
-        self._events.put(events)
+        to go out (those of handed over requests held for their adoption if ``first_token`` is
+        ``decode``), then the step's internal requests are handed over, under one lock hold."""
         handing: list[str] = []
+        out = events
         for ev in events:
-            if self.tuner is not None:
-                self.tuner.on_first_token(ev.request_id, ev.finish_reason is not None)
             if ev.finish_reason is not None:
                 self._internal.discard(ev.request_id)  # done at its first token
             elif ev.request_id in self._internal:
                 handing.append(ev.request_id)
+        if self._hold_first and handing:
+            held = set(handing)
+            out = [ev for ev in events if ev.request_id not in held]
+            with self._lock:  # before the handover: its adoption sends them
+                self._held.update((ev.request_id, ev) for ev in events if ev.request_id in held)
+        self._events.put(out)
+        if self.tuner is not None:  # a held token's TTFT ends when it goes out (_send_held)
+            for ev in out:
+                self.tuner.on_first_token(ev.request_id, ev.finish_reason is not None)
         if handing:
             with self.storage_lock:
                 for rid in handing:
@@ -445,11 +472,26 @@ class SemiPDWorker(Worker):
         last call, in order. One command a burst: each command takes the storage lock, and a
         burst of long prompts handed over by one prefill step cost the decode lane a lock wait
         each (H100, 2026-12-06: decode commands 7-16 ms p99, nearly all of it waiting)."""
+        adopted = []
         for rid in self._take_to_adopt():
             try:
                 self._adopt(rid, e)
             except Exception as exc:
                 self._not_adopted(rid, exc)
+            else:
+                adopted.append(rid)
+        if self._hold_first:  # before the decode lane's first step with them: FIFO outbox
+            self._send_held(adopted)
+
+    def _send_held(self, request_ids: list[str], then: list[TokenEvent] | None = None) -> None:
+        """The held first tokens of ``request_ids`` go out (in one outbox put), ``then`` after."""
+        with self._lock:
+            held = [ev for rid in request_ids if (ev := self._held.pop(rid, None)) is not None]
+        if held and self.tuner is not None:
+            for ev in held:
+                self.tuner.on_first_token(ev.request_id)
+        if held or then:
+            self._events.put([*held, *(then or ())])
 
     def _adopted_all(self, fut: Future[None]) -> None:
         """The command did not run (the decode lane stopped): what waits for it ends."""
@@ -468,7 +510,9 @@ class SemiPDWorker(Worker):
     def _not_adopted(self, request_id: str, exc: BaseException) -> None:
         """Never leave the stream hanging: it ends, aborted."""
         log.error("decode lane could not adopt %s: %r", request_id, exc)
-        self._events.put([TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)])
+        # a held first token goes out first: the client gets what was generated
+        abort = TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)
+        self._send_held([request_id], [abort])
 
     def _adopt(self, request_id: str, e: Engine) -> None:
         """Same block ids, no copy (``_adopt_all``)."""
