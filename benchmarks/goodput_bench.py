@@ -31,6 +31,9 @@ Configurations (every one with ``--workers`` workers, 1 torch thread each):
   takes ``%SHARE``, its prefill SM share (``semi_pd_poverlap%90``).
 * ``semi_pd_ftd``: optional, ``semi_pd`` with each first token sent by the decode lane as it
   adopts the request (``--semi-pd-first-token decode``).
+* ``semi_pd_lockf``: optional, ``semi_pd`` whose prefill lane hands the storage lock to the
+  decode lane between two admissions while it waits (``--semi-pd-decode-lock-first``);
+  ``semi_pd_ftd_lockf`` both.
 * ``semi_pd_fixed``: optional, ``semi_pd`` held at ``--semi-pd-fixed-split`` (the rule off),
   to compare with an adaptive ``semi_pd`` in one run (``--semi-pd-fixed`` fixes every one).
 
@@ -167,6 +170,9 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
         "semi_pd_both": semi(semi_pd_decode_overlap=True, semi_pd_prefill_overlap=True),
         # semi_pd whose first tokens go out with the decode lane's adoption (not the prefill's)
         "semi_pd_ftd": semi(semi_pd_first_token="decode"),
+        # semi_pd whose prefill lane hands the storage lock to a waiting decode lane; both
+        "semi_pd_lockf": semi(semi_pd_decode_lock_first=True),
+        "semi_pd_ftd_lockf": semi(semi_pd_first_token="decode", semi_pd_decode_lock_first=True),
         # semi_pd held at --semi-pd-fixed-split (the rule off), beside an adaptive semi_pd
         "semi_pd_fixed": semi(semi_pd_adaptive=False, semi_pd_prefill_sm=fp,
                               semi_pd_decode_sm=fd, **fixed_tokens),

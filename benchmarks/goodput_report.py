@@ -42,6 +42,8 @@ def describe(name: str, cfg: ServeConfig) -> str:
         lane = "".join(f", overlapped {which} lane" for which, on in overlapped if on)
         if cfg.semi_pd_first_token == "decode":
             lane += ", first tokens sent by the decode lane"
+        if cfg.semi_pd_decode_lock_first:
+            lane += ", storage lock decode first"
         rule = "SLO-aware from" if cfg.semi_pd_adaptive else "fixed at"
         return (f"semi-PD x{cfg.colocated_workers} (one KV storage, SM split {rule} "
                 f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}, prefill lane "

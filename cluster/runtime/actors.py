@@ -310,6 +310,7 @@ class ControllerActor(Controller):
             semi_pd["decode_overlap"] = cfg.semi_pd_decode_overlap
             semi_pd["prefill_overlap"] = cfg.semi_pd_prefill_overlap
             semi_pd["first_token"] = cfg.semi_pd_first_token
+            semi_pd["decode_lock_first"] = cfg.semi_pd_decode_lock_first
             if cfg.semi_pd_adaptive:
                 semi_pd["split_rule"] = SplitRuleConfig(cfg.ttft_slo_s, cfg.itl_slo_s)
         handle = actor.options(**options).remote(  # type: ignore[attr-defined]

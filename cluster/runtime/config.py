@@ -71,6 +71,9 @@ class ServeConfig(BaseModel):
     # the decode lane as it adopts the request ("decode": the first gap is then one decode step,
     # not the handoff; TTFT grows by the adoption's wait)
     semi_pd_first_token: Literal["prefill", "decode"] = "prefill"
+    # the prefill lane's scheduler hands the storage lock to the waiting decode lane between two
+    # admissions (workers/semi_pd/lanes.py, StorageLock); default: first come, first served
+    semi_pd_decode_lock_first: bool = False
     address: str | None = None  # join this Ray cluster instead of starting one
     host: str = "127.0.0.1"  # address the frontends bind
     grpc_port: int | None = 50051
@@ -345,6 +348,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="which lane sends a request's first token: the prefill lane once "
                         "sampled (default), or the decode lane as it adopts the request (the "
                         "first gap one decode step, not the handoff; TTFT later by that wait)")
+    p.add_argument("--semi-pd-decode-lock-first", action="store_true", default=S,
+                   help="the prefill lane's scheduler hands the storage lock to a waiting decode "
+                        "lane between two admissions (default: off)")
     p.add_argument("--address", default=S, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default=S, help="address the frontends bind")
     p.add_argument("--grpc-port", type=int, default=S)

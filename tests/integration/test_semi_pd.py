@@ -136,6 +136,53 @@ def test_tokens_match_colocated(
         semi.shutdown()
 
 
+def test_decode_lock_first_hands_the_lock_over_inside_the_prefill_schedule(
+    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference
+) -> None:
+    """``decode_lock_first``: the first time the prefill lane's scheduler offers the lock (the
+    test has it wait there until the decode lane queues for it, a command of the test's), the
+    decode lane runs its command inside the prefill lane's schedule, which then goes on with
+    its admissions; with first tokens sent by the decode lane too, tokens equal the colocated
+    worker's and nothing leaks."""
+    sink = Collector()
+    params = mixed_params(len(prompts))
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink, decode_lock_first=True,
+        first_token="decode",
+    )  # fmt: skip
+    try:
+        lock, offer = semi.storage_lock, semi.prefill_engine.scheduler.yield_point
+        assert offer is not None
+        ran: list[str] = []
+
+        def first_offer_waits_for_the_decode_lane() -> None:
+            if ran:
+                offer()
+                return
+            ran.append("offered")
+            # the decode lane's command must wait: this thread holds the lock
+            cmd = semi.loop.submit(lambda e: ran.append("decode command"))
+            deadline = time.monotonic() + 60
+            while not lock._urgent:
+                assert time.monotonic() < deadline and not cmd.done()
+                time.sleep(0.001)
+            offer()
+            ran.append("admissions go on")  # the command ran (under the lock) before this
+
+        semi.prefill_loop.call(
+            lambda e: setattr(e.scheduler, "yield_point", first_offer_waits_for_the_decode_lane)
+        )
+        want = colocated(prompts, params)
+        got = generate(semi, sink, prompts, params, "s")
+        assert got == want
+        assert ran == ["offered", "decode command", "admissions go on"] and lock.yields >= 1
+        assert semi.heartbeat().stats.extra["semi_pd_lock_yields"] == lock.yields
+        assert semi.lane_times()["prefill"]["yield"]["count"] == lock.yields
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
 @pytest.mark.parametrize("prefill_overlap", [False, True], ids=["plain", "overlap"])
 def test_the_prefill_lane_samples_without_the_storage_lock(
     loaded: LoadedModel, prompts: list[list[int]], prefill_overlap: bool

@@ -137,11 +137,13 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
         "--semi-pd-prefill-overlap",
         "--semi-pd-first-token",
         "decode",
+        "--semi-pd-decode-lock-first",
     )
     assert cfg.semi_pd and (cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (60, 100)
     assert cfg.semi_pd_adaptive and cfg.semi_pd_window_s == 0.5
     assert cfg.semi_pd_prefill_tokens == 2048 and cfg.semi_pd_decode_overlap
     assert cfg.semi_pd_prefill_overlap and cfg.semi_pd_first_token == "decode"
+    assert cfg.semi_pd_decode_lock_first
     path = tmp_path / "serve.yaml"
     path.write_text("semi_pd: true\ncolocated_workers: 2\nsemi_pd_decode_sm: 70\n")
     cfg = _parse("--config", str(path), "--semi-pd-prefill-sm", "30")
@@ -149,7 +151,7 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
     default = _parse()
     assert not default.semi_pd and not default.semi_pd_decode_overlap
     assert default.semi_pd_prefill_overlap and default.semi_pd_prefill_sm == 100
-    assert default.semi_pd_first_token == "prefill"
+    assert default.semi_pd_first_token == "prefill" and not default.semi_pd_decode_lock_first
     assert _parse("--no-semi-pd-prefill-overlap").semi_pd_prefill_overlap is False
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvrelay.workers.engine.deferred import DeferredReleases
@@ -111,6 +112,10 @@ class Scheduler:
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found cached (either tier)
         self.prefix_hits_cpu = 0  # of which served from the CPU tier
+        # called before each admission of a waiting sequence: an engine whose pool another
+        # engine shares under a lock may hand the lock over there (workers/semi_pd/lanes.py,
+        # ``StorageLock.yield_to_urgent``); each admission checks the pool afresh
+        self.yield_point: Callable[[], object] | None = None
 
     def view(self, seq: Sequence) -> RequestView:
         running = seq.status is SeqStatus.RUNNING
@@ -299,6 +304,8 @@ class Scheduler:
 
         if not starved:
             for seq in self.order(self.waiting, now):
+                if self.yield_point is not None:
+                    self.yield_point()
                 busy = len(self.running) + (self.swapper.num_swapping_in() if self.swapper else 0)
                 if budget <= 0 or busy >= self.max_num_seqs:
                     break

@@ -28,6 +28,7 @@ every later use of the host cache by events.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -218,7 +219,9 @@ class CpuTier:
         # waited for; per CPU block, the event after the last queued copy into or out of it,
         # until seen done (per block: the other semi-PD lane's copies, queued behind its step,
         # hold up only what touches the same blocks)
-        self._ordered = False
+        # per thread: the mode is the lock holder's, and a semi-PD prefill lane may hand the
+        # storage lock to the decode lane inside its schedule (workers/semi_pd/lanes.py)
+        self._mode = threading.local()
         self._pending: dict[int, torch.cuda.Event] = {}
         self.ordered_demotions = 0
         self.order_waits = 0  # stream waits queued for pending copies (``order_after_pending``)
@@ -233,11 +236,16 @@ class CpuTier:
         promotions, its swaps' copies, which wait for the current stream): the engine's
         ``schedule``. Every reader or writer of the host cache orders itself after the pending
         copies first (``order_after_pending``)."""
-        before, self._ordered = self._ordered, self.cache.is_pinned()
+        before, self._mode.ordered = self._ordered, self.cache.is_pinned()
         try:
             yield
         finally:
-            self._ordered = before
+            self._mode.ordered = before
+
+    @property
+    def _ordered(self) -> bool:
+        """This thread is inside ``stream_ordered``."""
+        return bool(getattr(self._mode, "ordered", False))
 
     def order_after_pending(
         self, cpu_blocks: Iterable[int], stream: torch.cuda.Stream | None = None

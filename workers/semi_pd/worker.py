@@ -19,7 +19,9 @@ storage (pool, CPU tier, copier) is shared and guarded by ``storage_lock``, whic
 around each step and command and releases for the forward pass (``ModelRunner.forward_guard``)
 and for sampling (``Engine.sample_guard``), so one lane's forward overlaps the other's.
 Check-then-act pool sequences (``can_allocate`` → ``allocate`` in ``schedule``) therefore run
-whole under the lock and cannot double-allocate.
+whole under the lock and cannot double-allocate. With ``decode_lock_first`` the prefill lane's
+scheduler gives the lock to a waiting decode lane between two admissions (each admission's
+check-then-act stays whole; lanes.py, ``StorageLock``).
 A lane releases a block only after the step that used it has synchronised (the guard waits for
 the lane's kernels before it takes the lock back), so the other lane never reuses a block that
 kernels still read. Ownership is exact: every referenced block is held by a sequence of one
@@ -77,7 +79,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -95,6 +97,7 @@ from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.semi_pd.lanes import (
     HandoffClock,
+    StorageLock,
     forward_unlocked,
     merge_stats,
     switch_interval,
@@ -161,6 +164,7 @@ class SemiPDWorker(Worker):
         decode_overlap: bool = False,
         prefill_overlap: bool = True,
         first_token: str = "prefill",
+        decode_lock_first: bool = False,
         **kw: Any,
     ) -> None:
         """``split_rule``: adapt the SM split to the SLOs every ``window_s`` seconds (tuner.py),
@@ -172,7 +176,9 @@ class SemiPDWorker(Worker):
         overlapped step, its releases held until its steps are done (module docstring);
         ``prefill_overlap``: the prefill lane too. ``first_token``: which lane sends a handed
         over request's first token: ``prefill`` as soon as it is sampled, ``decode`` with the
-        adoption (held until then, module docstring)."""
+        adoption (held until then, module docstring). ``decode_lock_first``: the prefill lane's
+        scheduler hands the storage lock to the decode lane between two admissions while the
+        decode lane waits for it (lanes.py, ``StorageLock``)."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         if first_token not in FIRST_TOKEN:
@@ -184,6 +190,7 @@ class SemiPDWorker(Worker):
         self._decode_overlap = decode_overlap
         self._prefill_overlap = prefill_overlap
         self._hold_first = first_token == "decode"
+        self._decode_lock_first = decode_lock_first
         self._held: dict[str, TokenEvent] = {}  # first tokens held for their adoption
         self.tuner = (
             SplitTuner(replace(split_rule, home=split), window_s=window_s)
@@ -246,25 +253,28 @@ class SemiPDWorker(Worker):
             defer_releases=self._prefill_overlap,
         )
         self.storage = decode.storage
-        self.storage_lock = threading.Lock()
+        self.storage_lock = StorageLock(decode_first=self._decode_lock_first)
+        decode_lock = self.storage_lock.urgent()  # the decode lane's acquisitions
         self.partition: SMPartition = build_partition(
             decode.device, self._initial_split, SPLIT_STEP, decode_first=self._decode_first
         )
-        lanes = ((prefill, Lane.PREFILL), (decode, Lane.DECODE))
-        for e, lane in lanes:
+        lanes = ((prefill, Lane.PREFILL, self.storage_lock), (decode, Lane.DECODE, decode_lock))
+        for e, lane, lock in lanes:
             e.times = self.times[lane]
             # sampling reads no KV: without the lock (its wait to take it back is in ``sample``)
             e.sample_guard = partial(
-                forward_unlocked, self.storage_lock, self.partition, synchronize=False,
+                forward_unlocked, lock, self.partition, synchronize=False,
                 times=self.times[lane], phases=False,
             )  # fmt: skip
             e.runner.forward_guard = partial(
                 forward_unlocked,
-                self.storage_lock,
+                lock,
                 self.partition,
                 synchronize=not e.overlap,
                 times=self.times[lane],
             )
+        if self._decode_lock_first:
+            prefill.scheduler.yield_point = self._prefill_yield
         self.prefill_engine = prefill
         self._events = Outbox(self._emit, name=f"semi-pd-{self.worker_id}")
         # both lanes call their sinks on the loop thread, once per step: the prefill lane's
@@ -283,7 +293,7 @@ class SemiPDWorker(Worker):
             decode,
             self._emit_decode,
             name=f"decode-{self.worker_id}",
-            lock=self.storage_lock,
+            lock=decode_lock,
             sender=False,
             shared_outbox=self._events,
             times=self.times[Lane.DECODE],
@@ -294,6 +304,17 @@ class SemiPDWorker(Worker):
             loop.call(lambda e: e.capture_graphs(), timeout=None)
             self.prefill_loop.call(_capture_prefill_graphs, timeout=None)
         return loop
+
+    def _prefill_yield(self) -> None:
+        """The prefill lane's scheduler, between two admissions: the decode lane waiting for
+        the storage lock gets it first (``decode_lock_first``); the time it held it is the
+        prefill lane's ``yield`` (off its ``held``)."""
+        t0 = time.perf_counter()
+        if self.storage_lock.yield_to_urgent():
+            dt = time.perf_counter() - t0
+            times = self.times[Lane.PREFILL]
+            times.off_lock(dt)
+            times.add("yield", dt)
 
     # ---- SM shares -----------------------------------------------------------------------
     def set_split(self, split: Split) -> None:
@@ -569,6 +590,7 @@ class SemiPDWorker(Worker):
             semi_pd_prefill_sm=split.prefill,
             semi_pd_decode_sm=split.decode,
             semi_pd_split_changes=len(self.tuner.changes) if self.tuner else 0,
+            semi_pd_lock_yields=self.storage_lock.yields,
         )
         return Heartbeat(
             self.worker_id,

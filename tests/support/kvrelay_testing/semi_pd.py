@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.semi_pd.lanes import StorageLock
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
 from kvrelay.workers.worker import Worker
@@ -53,7 +54,7 @@ class Collector:
 
 
 @contextmanager
-def paused(loop: EngineLoop, storage_lock: threading.Lock) -> Iterator[None]:
+def paused(loop: EngineLoop, storage_lock: StorageLock) -> Iterator[None]:
     """Hold ``loop`` at an iteration boundary, the storage lock given back meanwhile."""
     entered, go = threading.Event(), threading.Event()
 
