@@ -12,7 +12,8 @@ from typing import Any
 from kvrelay.cluster.runtime.config import ServeConfig
 
 NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "semi_pd_first",
-         "semi_pd_plain", "semi_pd_overlap", "semi_pd_poverlap", "semi_pd_both", "semi_pd_fixed")
+         "semi_pd_plain", "semi_pd_overlap", "semi_pd_poverlap", "semi_pd_both", "semi_pd_fixed",
+         "semi_pd_ftd", "semi_pd_lockf", "semi_pd_ftd_lockf")
 
 
 def config_name(text: str) -> tuple[str, int | None, int | None]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kvrelay.benchmarks.goodput_bench import configs, lane_line, linear_flops, loadgen_argv
-from kvrelay.benchmarks.goodput_report import cells, config_name, render
+from kvrelay.benchmarks.goodput_report import NAMES, cells, config_name, render
 from kvrelay.cluster.runtime.config import ServeConfig
 
 ONE = dict(prefill_workers=0, decode_workers=0, colocated_workers=1)
@@ -161,6 +161,14 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
     (one,) = both.values()
     assert one.semi_pd_decode_overlap and one.semi_pd_prefill_overlap and one.semi_pd_prefill_sm == 100
     assert {c.max_num_seqs for c in cfgs.values()} == {256}
+    # every name --configs accepts builds (and the semi-PD ITL options reach the config)
+    every = configs(argparse.Namespace(**{**vars(ns), "configs": ",".join(NAMES)}))
+    assert list(every) == list(NAMES)
+    ftd = every["semi_pd_ftd_lockf"]
+    assert ftd.semi_pd_first_token == "decode" and ftd.semi_pd_decode_lock_first
+    assert every["semi_pd_ftd"].semi_pd_first_token == "decode"
+    assert every["semi_pd_lockf"].semi_pd_decode_lock_first
+    assert every["semi_pd"].semi_pd_first_token == "prefill"
     assert cfgs["colocated1@4096"].colocated_workers == 1 and cfgs["semi_pd@1024"].semi_pd
     # the ratio against the best chunk budget, not the default one
     three = {"colocated1": CFGS["colocated1"], "colocated1@4096": cfgs["colocated1@4096"],
