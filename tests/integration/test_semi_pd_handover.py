@@ -17,16 +17,16 @@ from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.types import SamplingParams
-from kvrelay.workers.worker import Worker
 from kvrelay_testing.prompts import chat_prompts
 from kvrelay_testing.semi_pd import (
     CONFIG,
     QUESTIONS,
     Collector,
     assert_clean,
-    generate,
+    colocated_tokens,
     mixed_params,
     paused,
+    submit_all,
 )
 
 
@@ -235,16 +235,10 @@ def test_a_burst_of_handovers_is_adopted_in_one_command(
         prefill_tokens=4096,
     )  # fmt: skip
     try:
-        ref_sink = Collector()
-        ref = Worker("ref", "colocated", model=loaded, engine_config=CONFIG, sink=ref_sink)
-        try:
-            want = generate(ref, ref_sink, prompts, params, "ref")
-        finally:
-            ref.shutdown()
+        want = colocated_tokens(loaded, prompts, params)
         rids = [f"b-{i}" for i in range(len(prompts))]
         with paused(semi.loop, semi.storage_lock):
-            for rid, p, sp in zip(rids, prompts, params, strict=True):
-                semi.submit(rid, p, sp)
+            submit_all(semi, rids, prompts, params)
             sink.wait(lambda: all(r in sink.tokens for r in rids))  # every first token out
             sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
             assert semi.loop._commands.qsize() == 1  # one adoption command for the burst
@@ -269,16 +263,10 @@ def test_first_tokens_held_for_the_decode_lane_go_out_with_the_adoption(
         "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink, first_token="decode",
     )  # fmt: skip
     try:
-        ref_sink = Collector()
-        ref = Worker("ref", "colocated", model=loaded, engine_config=CONFIG, sink=ref_sink)
-        try:
-            want = generate(ref, ref_sink, prompts, params, "ref")
-        finally:
-            ref.shutdown()
+        want = colocated_tokens(loaded, prompts, params)
         rids = [f"h-{i}" for i in range(len(prompts))]
         with paused(semi.loop, semi.storage_lock):
-            for rid, p, sp in zip(rids, prompts, params, strict=True):
-                semi.submit(rid, p, sp)
+            submit_all(semi, rids, prompts, params)
             sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
             assert not any(r in sink.tokens for r in rids)  # every first token held
             # aborted in transit (the abort then waits for the paused decode lane)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.semi_pd.lanes import StorageLock
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
@@ -94,6 +95,25 @@ def generate(
         worker.submit(rid, p, sp)
     sink.wait_done(rids)
     return [sink.tokens[r] for r in rids]
+
+
+def colocated_tokens(
+    loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]
+) -> list[list[int]]:
+    """The reference: a colocated worker's tokens for the batch (CONFIG), from a fresh worker."""
+    sink = Collector()
+    ref = Worker("ref", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    try:
+        return generate(ref, sink, prompts, params, "ref")
+    finally:
+        ref.shutdown()
+
+
+def submit_all(
+    worker: Worker, rids: list[str], prompts: list[list[int]], params: list[SamplingParams]
+) -> None:
+    for rid, p, sp in zip(rids, prompts, params, strict=True):
+        worker.submit(rid, p, sp)
 
 
 def assert_clean(worker: Worker) -> dict[str, int]:
