@@ -304,11 +304,11 @@ class Scheduler:
 
         if not starved:
             for seq in self.order(self.waiting, now):
-                if self.yield_point is not None:
-                    self.yield_point()
                 busy = len(self.running) + (self.swapper.num_swapping_in() if self.swapper else 0)
                 if budget <= 0 or busy >= self.max_num_seqs:
                     break
+                if self.yield_point is not None:
+                    self.yield_point()
                 if seq.status is SeqStatus.SWAPPED_OUT:
                     # room for it and a block of growth for every sequence running or landing
                     # (``busy``): without that headroom the next step preempts one of them,
