@@ -16,7 +16,7 @@ from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
-from kvrelay.workers.types import SamplingParams
+from kvrelay.workers.types import FinishReason, SamplingParams
 from kvrelay_testing.prompts import chat_prompts
 from kvrelay_testing.semi_pd import (
     CONFIG,
@@ -285,3 +285,29 @@ def test_first_tokens_held_for_the_decode_lane_go_out_with_the_adoption(
 def test_first_token_lane_is_checked() -> None:
     with pytest.raises(ValueError, match="first_token"):
         SemiPDWorker("s", "colocated", model=None, engine_config=CONFIG, first_token="later")
+
+
+def test_a_held_first_token_goes_out_before_the_abort_when_the_adoption_fails(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """The decode lane stops with the adoption command queued (``first_token="decode"``): the
+    request's stream still gets its first token (the colocated worker's), then ends aborted."""
+    sink = Collector()
+    params = mixed_params(1)
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=CONFIG, sink=sink, first_token="decode",
+    )  # fmt: skip
+    try:
+        want = colocated_tokens(loaded, prompts[:1], params)
+        with paused(semi.loop, semi.storage_lock):
+            semi.submit("f", prompts[0], params[0])
+            sink.wait(lambda: len(semi._transit) == 1)
+            assert "f" not in sink.tokens
+            stopping = ThreadPoolExecutor(1).submit(semi.loop.stop)
+            sink.wait(lambda: semi.loop._stop.is_set())
+        stopping.result(timeout=60)
+        sink.wait_done(["f"])
+        assert sink.finish["f"] is FinishReason.ABORT
+        assert sink.tokens["f"] == want[0][:1]
+    finally:
+        semi.shutdown()
