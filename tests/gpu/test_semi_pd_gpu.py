@@ -392,7 +392,7 @@ def test_semi_pd_worker_on_cuda_matches_colocated(
         assert [sink.tokens[f"s{i}"] for i in range(len(prompts))] == [
             sink.tokens[f"c{i}"] for i in range(len(prompts))
         ]
-        assert semi.split() == Split(30, 70) and semi.handovers == len(prompts)
+        assert semi.split() == Split(30, 70) and semi.inside.handovers == len(prompts)
         graphs = semi.engine.runner.graphs
         assert graphs is not None and graphs.set_key == 70  # the 70 % share's own graphs
         prefill = semi.prefill_engine.runner  # its steps replayed its shares' prefill graphs

@@ -106,7 +106,7 @@ def test_tokens_match_colocated(
             len(t) == 24 or sink.finish[f"s-{i}"] is FinishReason.STOP for i, t in enumerate(got)
         )
         # every request crossed from the prefill lane to the decode lane inside the worker
-        assert semi.handovers == len(prompts)
+        assert semi.inside.handovers == len(prompts)
         hb = semi.heartbeat()
         assert hb.stats.prompt_tokens_computed >= sum(len(p) for p in prompts) - 16 * len(prompts)
         assert semi.info().semi_pd and semi.info().role == "colocated"
@@ -367,7 +367,7 @@ def test_handoff_moves_block_ids_and_no_bytes(
         totals = semi.transport_totals()
         assert totals.get("bytes_sent", 0) == 0 and totals.get("bytes_received", 0) == 0
         assert semi.storage.copier.bytes == 0
-        assert semi.handovers == 1
+        assert semi.inside.handovers == 1
 
         # 2. to another worker: the copy path over gloo, counted by the same counters
         semi.submit("out", prompts[3], greedy, prefill_only=True)
@@ -385,7 +385,7 @@ def test_handoff_moves_block_ids_and_no_bytes(
         bytes_moved = n * semi.engine.block_bytes
         assert sent == [bytes_moved] and received == bytes_moved
         assert semi.transport_totals()["bytes_sent"] == bytes_moved  # the copy, and only it
-        assert semi.handovers == 1
+        assert semi.inside.handovers == 1
         assert_clean(semi)
         assert_clean(other)
     finally:

@@ -240,11 +240,11 @@ def test_a_burst_of_handovers_is_adopted_in_one_command(
         with paused(semi.loop, semi.storage_lock):
             submit_all(semi, rids, prompts, params)
             sink.wait(lambda: all(r in sink.tokens for r in rids))  # every first token out
-            sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
+            sink.wait(lambda: len(semi.inside.in_transit()) == len(rids))  # all handed over
             assert semi.loop._commands.qsize() == 1  # one adoption command for the burst
         sink.wait_done(rids)
         assert [sink.tokens[r] for r in rids] == want
-        assert semi.handovers == len(rids)
+        assert semi.inside.handovers == len(rids)
         assert_clean(semi)
     finally:
         semi.shutdown()
@@ -267,16 +267,16 @@ def test_first_tokens_held_for_the_decode_lane_go_out_with_the_adoption(
         rids = [f"h-{i}" for i in range(len(prompts))]
         with paused(semi.loop, semi.storage_lock):
             submit_all(semi, rids, prompts, params)
-            sink.wait(lambda: len(semi._transit) == len(rids))  # all handed over
+            sink.wait(lambda: len(semi.inside.in_transit()) == len(rids))  # all handed over
             assert not any(r in sink.tokens for r in rids)  # every first token held
             # aborted in transit (the abort then waits for the paused decode lane)
             aborting = ThreadPoolExecutor(1).submit(semi.abort, rids[0])
-            sink.wait(lambda: rids[0] not in semi._transit)
+            sink.wait(lambda: rids[0] not in semi.inside.in_transit())
         assert aborting.result(timeout=120)
         sink.wait_done(rids[1:])
         assert [sink.tokens[r] for r in rids[1:]] == want[1:]
-        assert rids[0] not in sink.tokens and not semi._held
-        assert semi.handovers == len(rids) - 1
+        assert rids[0] not in sink.tokens and not semi.inside.held()
+        assert semi.inside.handovers == len(rids) - 1
         assert_clean(semi)
     finally:
         semi.shutdown()
@@ -301,7 +301,7 @@ def test_a_held_first_token_goes_out_before_the_abort_when_the_adoption_fails(
         want = colocated_tokens(loaded, prompts[:1], params)
         with paused(semi.loop, semi.storage_lock):
             semi.submit("f", prompts[0], params[0])
-            sink.wait(lambda: len(semi._transit) == 1)
+            sink.wait(lambda: len(semi.inside.in_transit()) == 1)
             assert "f" not in sink.tokens
             stopping = ThreadPoolExecutor(1).submit(semi.loop.stop)
             sink.wait(lambda: semi.loop._stop.is_set())

@@ -66,13 +66,7 @@ each lane's time goes (phase_times.py), with each request's handoff in parts (``
 
 First token (``first_token``): sent by the prefill lane as soon as it is sampled (``prefill``,
 the default), or held and sent by the decode lane's adoption command (``decode``), just before
-the decode lane's first step with the request. The gap between a request's first and second
-token is otherwise the handoff's: the adoption waits for the decode step in flight, then the
-first decode step runs, both beside the prefill lane's next chunk (H100, 2026-12-06, 128 req/s:
-``adopt_wait`` 7 ms p50, ``handoff_gap`` 20 / 45 ms p50 / p99, where a decode step took 3 / 21);
-held, the first token comes later by the adoption's wait (its TTFT), the stream after it
-evenly, every later token at the same time. A held token goes out with an adoption that
-failed (then the abort), and nowhere for a request aborted in transit.
+the decode lane's first step with the request (handoff.py, where the handoff's state lives).
 """
 
 from __future__ import annotations
@@ -81,7 +75,6 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -91,10 +84,10 @@ from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.outbox import Outbox
 from kvrelay.workers.engine.phase_times import PhaseTimes
-from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
+from kvrelay.workers.semi_pd.handoff import InsideHandoff
 from kvrelay.workers.semi_pd.lanes import (
     HandoffClock,
     StorageLock,
@@ -111,13 +104,12 @@ from kvrelay.workers.semi_pd.sm_partition import (
 )
 from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.tuner import SplitTuner
-from kvrelay.workers.types import FinishReason, SamplingParams, TokenEvent
+from kvrelay.workers.types import SamplingParams, TokenEvent
 from kvrelay.workers.worker import (
     Heartbeat,
     RequestInfo,
     Worker,
     WorkerInfo,
-    continue_prefilled,
     request_info,
 )
 
@@ -189,21 +181,18 @@ class SemiPDWorker(Worker):
         self._decode_first = decode_first
         self._decode_overlap = decode_overlap
         self._prefill_overlap = prefill_overlap
-        self._hold_first = first_token == "decode"
         self._decode_lock_first = decode_lock_first
-        self._held: dict[str, TokenEvent] = {}  # first tokens held for their adoption
         self.tuner = (
             SplitTuner(replace(split_rule, home=split), window_s=window_s)
             if split_rule is not None
             else None
         )
-        self._transit: dict[str, EngineSequence] = {}  # handed over, not adopted yet
-        self._to_adopt: list[str] = []  # handed over since the decode lane's last adoption
-        self._adopt_queued = False  # an adoption command is queued on the decode lane
-        self._internal: set[str] = set()  # requests whose handoff stays inside this worker
-        self.handovers = 0  # handoffs done inside (block ids moved, no bytes)
         self.times = {lane: PhaseTimes() for lane in Lane}
-        self.handoffs = HandoffClock(self.times[Lane.DECODE])
+        self.inside = InsideHandoff(
+            HandoffClock(self.times[Lane.DECODE]),
+            hold_first=first_token == "decode",
+            tuner=self.tuner,
+        )
         super().__init__(*args, **kw)
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
@@ -299,6 +288,7 @@ class SemiPDWorker(Worker):
             times=self.times[Lane.DECODE],
         ).start()
         self._lanes = {Lane.PREFILL: self.prefill_loop, Lane.DECODE: loop}
+        self.inside.attach(loop, self._events)
         self.set_split(self._initial_split)
         if config.capture_graphs:  # after each lane entered its share (commands run in order)
             loop.call(lambda e: e.capture_graphs(), timeout=None)
@@ -358,7 +348,7 @@ class SemiPDWorker(Worker):
         # for (an 8k-token prompt: 511 hashes)
         hashes = self.prefill_engine.prompt_block_hashes(prompt_ids) if not output_ids else []
         if not prefill_only:
-            self._internal.add(request_id)
+            self.inside.stays(request_id)
         if self.tuner is not None:
             self.tuner.on_submit(request_id, len(prompt_ids) + len(output_ids))
         try:
@@ -375,7 +365,7 @@ class SemiPDWorker(Worker):
                 )
             )
         except BaseException:
-            self._internal.discard(request_id)
+            self.inside.forget(request_id)
             if self.tuner is not None:
                 self.tuner.forget(request_id)
             raise
@@ -385,17 +375,13 @@ class SemiPDWorker(Worker):
         # order, each place on its own thread (or under the lock): it cannot slip past
         had_reservation = self.unreserve(request_id)
         found = self.prefill_loop.call(lambda e: e.abort(request_id))
-        self._internal.discard(request_id)
         if self.tuner is not None:
             self.tuner.forget(request_id)
-        with self._lock:
-            seq = self._transit.pop(request_id, None)
-            self._held.pop(request_id, None)  # its first token, if held, goes nowhere
-        self.handoffs.forget(request_id)
-        if seq is not None:
-            with self.storage_lock:
+        with self.storage_lock:  # its blocks are owned by transit until released
+            seq = self.inside.drop(request_id)
+            if seq is not None:
                 self.storage.pool.release(reversed(seq.block_ids))
-            found = True
+                found = True
         return self.loop.call(lambda e: e.abort(request_id)) or found or had_reservation
 
     def continue_local(self, request_id: str) -> None:
@@ -404,7 +390,7 @@ class SemiPDWorker(Worker):
         def hand_over(e: Engine) -> bool:
             if request_id not in e.handoffs:
                 return False
-            self._hand_over(e, request_id)
+            self.inside.hand_over(e, request_id)
             return True
 
         if not self.prefill_loop.call(hand_over):
@@ -419,32 +405,21 @@ class SemiPDWorker(Worker):
         """The prefill lane's sink (its loop thread, after a step): the first tokens are queued
         to go out (those of handed over requests held for their adoption if ``first_token`` is
         ``decode``), then the step's internal requests are handed over, under one lock hold."""
-        handing: list[str] = []
-        out = events
-        for ev in events:
-            if ev.finish_reason is not None:
-                self._internal.discard(ev.request_id)  # done at its first token
-            elif ev.request_id in self._internal:
-                handing.append(ev.request_id)
-        if self._hold_first and handing:
-            held = set(handing)
-            out = [ev for ev in events if ev.request_id not in held]
-            with self._lock:  # before the handover: its adoption sends them
-                self._held.update((ev.request_id, ev) for ev in events if ev.request_id in held)
+        out, handing = self.inside.first_tokens(events)
         self._events.put(out)
-        if self.tuner is not None:  # a held token's TTFT ends when it goes out (_send_held)
+        if self.tuner is not None:  # a held token's TTFT ends when it goes out
             for ev in out:
                 self.tuner.on_first_token(ev.request_id, ev.finish_reason is not None)
         if handing:
             with self.storage_lock:
                 for rid in handing:
-                    self._hand_over(self.prefill_engine, rid)
+                    self.inside.hand_over(self.prefill_engine, rid)
         self._tick()
 
     def _emit_decode(self, events: list[TokenEvent]) -> None:
         """The decode lane's sink: tokens queued to go out, then the split rule's bookkeeping."""
         self._events.put(events)
-        self.handoffs.emitted(events)
+        self.inside.clock.emitted(events)
         if self.tuner is None:
             return
         for ev in events:
@@ -475,94 +450,6 @@ class SemiPDWorker(Worker):
         """Every window the split rule closed, oldest first (``SplitTuner.window_records``)."""
         return self.tuner.window_records() if self.tuner is not None else []
 
-    def _hand_over(self, prefill: Engine, request_id: str) -> None:
-        """On the prefill lane's thread, storage lock held."""
-        self._internal.discard(request_id)
-        seq = prefill.hand_over(request_id)
-        self.handoffs.handed(request_id)
-        with self._lock:
-            self._transit[request_id] = seq
-            self._to_adopt.append(request_id)
-            if self._adopt_queued:
-                return  # the decode lane's queued command takes this one too
-            self._adopt_queued = True
-        self.loop.submit(self._adopt_all).add_done_callback(self._adopted_all)
-
-    def _adopt_all(self, e: Engine) -> None:
-        """On the decode lane's thread, storage lock held: every request handed over since the
-        last call, in order. One command a burst: each command takes the storage lock, and a
-        burst of long prompts handed over by one prefill step cost the decode lane a lock wait
-        each (H100, 2026-12-06: decode commands 7-16 ms p99, nearly all of it waiting)."""
-        adopted = []
-        for rid in self._take_to_adopt():
-            try:
-                self._adopt(rid, e)
-            except Exception as exc:
-                self._not_adopted(rid, exc)
-            else:
-                adopted.append(rid)
-        if self._hold_first:  # before the decode lane's first step with them: FIFO outbox
-            self._send_held(adopted)
-
-    def _send_held(self, request_ids: list[str], then: list[TokenEvent] | None = None) -> None:
-        """The held first tokens of ``request_ids`` go out (in one outbox put), ``then`` after."""
-        with self._lock:
-            held = [ev for rid in request_ids if (ev := self._held.pop(rid, None)) is not None]
-        if held and self.tuner is not None:
-            for ev in held:
-                self.tuner.on_first_token(ev.request_id)
-        if held or then:
-            self._events.put([*held, *(then or ())])
-
-    def _adopted_all(self, fut: Future[None]) -> None:
-        """The command did not run (the decode lane stopped): what waits for it ends."""
-        exc = fut.exception()
-        if exc is not None:
-            for rid in self._take_to_adopt():
-                self._not_adopted(rid, exc)
-
-    def _take_to_adopt(self) -> list[str]:
-        """The requests handed over since the last adoption command, which is over."""
-        with self._lock:
-            rids, self._to_adopt = self._to_adopt, []
-            self._adopt_queued = False
-        return rids
-
-    def _not_adopted(self, request_id: str, exc: BaseException) -> None:
-        """Never leave the stream hanging: it ends, aborted."""
-        log.error("decode lane could not adopt %s: %r", request_id, exc)
-        # a held first token goes out first: the client gets what was generated
-        abort = TokenEvent(request_id, (), finish_reason=FinishReason.ABORT)
-        self._send_held([request_id], [abort])
-
-    def _adopt(self, request_id: str, e: Engine) -> None:
-        """Same block ids, no copy (``_adopt_all``)."""
-        with self._lock:
-            seq = self._transit.pop(request_id, None)
-        if seq is None:
-            return  # aborted in transit; the abort released the blocks
-        try:
-            continue_prefilled(
-                e,
-                request_id,
-                seq.prompt_ids,
-                seq.output_ids,
-                seq.params,
-                seq.block_ids,
-                tenant=seq.tenant,
-                priority=seq.priority,
-                num_computed=seq.num_computed,
-                # the one pool already holds these blocks' hashes (the prefill lane committed)
-                block_hashes=seq.block_hashes,
-                committed_blocks=seq.num_committed_blocks,
-            )
-        except BaseException:
-            if request_id not in e.seqs:
-                e.pool.release(reversed(seq.block_ids))
-            raise
-        self.handovers += 1
-        self.handoffs.adopted(request_id)
-
     # ---- figures -------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
         return replace(super().info(), semi_pd=True)
@@ -574,8 +461,7 @@ class SemiPDWorker(Worker):
                 lambda e: [request_info(s) for s in e.seqs.values()], settle=True
             )
         }
-        with self._lock:
-            out.update((rid, request_info(s)) for rid, s in self._transit.items())
+        out.update((rid, request_info(s)) for rid, s in self.inside.in_transit().items())
         out.update((r.request_id, r) for r in super().requests_info())
         return list(out.values())
 
@@ -586,7 +472,7 @@ class SemiPDWorker(Worker):
         stats = merge_stats(prefill, decode)
         split = self.split()
         stats.extra.update(
-            semi_pd_handovers=self.handovers,
+            semi_pd_handovers=self.inside.handovers,
             semi_pd_prefill_sm=split.prefill,
             semi_pd_decode_sm=split.decode,
             semi_pd_split_changes=len(self.tuner.changes) if self.tuner else 0,
@@ -609,12 +495,13 @@ class SemiPDWorker(Worker):
         request in transit or a reservation. Raises on a block owned twice or by nobody.
         Call it with no transfer in flight (a send pins its blocks for its duration)."""
         with self.storage_lock, self._lock:
+            transit = self.inside.in_transit()
             engines = (self.prefill_engine, self.engine)
             for e in engines:
                 e.check_integrity()
             seqs = [
                 *(s for e in engines for s in (*e.seqs.values(), *e.handoffs.values())),
-                *self._transit.values(),
+                *transit.values(),
             ]
             reserved = [b for r in self._reservations.values() for b in r.block_ids]
             held = [b for e in engines for b in e.deferred_blocks()]  # the decode lane's
@@ -630,9 +517,9 @@ class SemiPDWorker(Worker):
                 "used": s.used,
                 "cached": s.cached,
                 "requests": len(seqs),
-                "transit": len(self._transit),
+                "transit": len(transit),
                 "reservations": len(self._reservations),
-                "handovers": self.handovers,
+                "handovers": self.inside.handovers,
                 "held": len(held),
             }
             if self.storage.cpu_tier is not None:
