@@ -101,9 +101,16 @@ class Controller:
             t.cancel()
 
     def _spawn(self, coro: Any) -> None:
+        """A background task (a migration, the autosizer): kept until done, its failure logged
+        (nobody awaits it, so it would otherwise vanish)."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=exc)
 
     # ---- registry ------------------------------------------------------------------------
     async def register(self, client: WorkerClient) -> WorkerInfo:

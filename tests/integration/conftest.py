@@ -51,12 +51,18 @@ def ray_session(request: pytest.FixtureRequest) -> Iterator[None]:
     ray.shutdown()
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll a condition on the cluster's state (no fixed sleeps as synchronisation)."""
+def wait_until(
+    cond: Callable[[], bool],
+    timeout: float = 60.0,
+    describe: Callable[[], object] | None = None,
+) -> None:
+    """Poll a condition on the cluster's state (no fixed sleeps as synchronisation).
+    ``describe``: what the failure message shows of that state when time runs out."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            seen = f": {describe()!r}" if describe is not None else ""
+            raise AssertionError(f"condition not reached in time{seen}")
         time.sleep(0.05)
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from functools import partial
 
 import pytest
 
@@ -103,12 +104,11 @@ def test_decode_preempted_with_notice_migrates(ray_session: None, workload, wait
         streams.wait_all_decoding()
         victim = next(w for w, r in cluster.workers().items() if r == "decode")
         assert cluster.call("notify_preemption", victim, time.time() + NOTICE_S)
-        wait(lambda: any(r["outcomes"] for r in cluster.call("migration_records")))
+        records = partial(cluster.call, "migration_records")
+        wait(lambda: any(r["outcomes"] for r in records()), describe=records)
         wait(
-            lambda: (
-                (recs := cluster.call("migration_records"))
-                and len(recs[0]["outcomes"]) == len(recs[0]["actions"])
-            )
+            lambda: (recs := records()) and len(recs[0]["outcomes"]) == len(recs[0]["actions"]),
+            describe=records,
         )
         cluster.kill_worker(victim)  # the deadline: the instance is gone
         assert streams.results() == expected
