@@ -181,6 +181,7 @@ class PreemptionExecutor:
             record.outcomes[action.request_id] = "moved_by_handoff"
             return
         flight.moving += 1
+        t0 = time.time()
         try:
             outcome = await self._move(flight, action, src, dst, leaving[action.source])
         except Exception as exc:
@@ -190,6 +191,9 @@ class PreemptionExecutor:
                 await self.dispatcher.redispatch(flight)
         finally:
             flight.moving -= 1
+        if (late := time.time() - leaving[action.source]) > 0:  # the instance may be gone
+            log.warning("moving %s off %s (%s) took %.1f s, %.1f s past the notice's deadline",
+                        action.request_id, action.source, outcome, time.time() - t0, late)
         record.outcomes[action.request_id] = outcome
         self.metrics.record_migration(outcome if outcome in ("migrated", "recomputed") else "failed")
         await self.kv.settle(flight)
