@@ -40,7 +40,14 @@ from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.transport.kv_transport import KVTransport
 from kvrelay.workers.types import ROLES, KVEvent, Phase, SamplingParams, TokenEvent
 
-FAULTS = ("exit_after_first_token", "exit_in_recv", "exit_in_send", "late_submit_reply")
+FAULTS = (
+    "exit_after_first_token",
+    "exit_in_recv",
+    "exit_in_send",
+    "hang_in_recv",
+    "hang_in_send",
+    "late_submit_reply",
+)
 LATE_REPLY_S = 0.5  # late_submit_reply: how long after the first token the reply leaves
 EventSink = Callable[[str, list[TokenEvent]], None]
 
@@ -184,7 +191,10 @@ class Worker:
 
     def inject_fault(self, fault: str) -> None:
         """Chaos hooks: ``exit_after_first_token`` (prefill side), ``exit_in_recv`` and
-        ``exit_in_send`` (the process dies mid-transfer; it really exits);
+        ``exit_in_send`` (the process dies mid-transfer; it really exits); ``hang_in_recv``
+        (a receive wedged past its deadline: ``recv_kv`` answers nothing until the controller
+        gives the reservation up, then fails); ``hang_in_send`` (likewise ``send_kv``, until
+        the request's handoff is given up: it decodes here or is aborted);
         ``late_submit_reply`` (``submit`` answers only after the request's first token went
         out, and ``LATE_REPLY_S`` later: the controller sees the token before the reply)."""
         if fault not in FAULTS:
@@ -267,6 +277,10 @@ class Worker:
         blocks = self._holder(request_id).call(lambda e: e.handoff_blocks(request_id))
         if "exit_in_send" in self._faults:
             os._exit(17)
+        if "hang_in_send" in self._faults:
+            while self._holder(request_id).call(lambda e: request_id in e.handoffs):
+                time.sleep(0.01)  # a chaos hook's wait, not a synchronisation
+            raise RuntimeError(f"send of {request_id} wedged (fault hang_in_send)")
         # parked blocks: no step writes them while they are packed
         return self._transport().send_blocks(
             peer_id, transfer_id, self.engine.kv_cache, blocks, timeout_s=timeout_s
@@ -293,6 +307,10 @@ class Worker:
         if "exit_in_recv" in self._faults:
             os._exit(17)
         try:
+            if "hang_in_recv" in self._faults:
+                while not res.cancelled:  # a chaos hook's wait, not a synchronisation
+                    time.sleep(0.01)
+                raise RuntimeError(f"receive of {request_id} wedged (fault hang_in_recv)")
             # reserved blocks: no sequence reads them until accept_prefilled
             nbytes = self._transport().recv_blocks(
                 peer_id, transfer_id, self.engine.kv_cache, res.block_ids, timeout_s=timeout_s

@@ -15,6 +15,11 @@ class ControllerConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     handoff_timeout_s: float = 30.0
     pull_timeout_s: float = 10.0
+    # how long past a transfer's own deadline the controller still waits for a worker's side
+    # of it (its answer's way back, and a first transfer's channel setup, which the transport
+    # bounds by its own 30 s op timeout): a side still silent then is wedged, and the attempt
+    # fails as a refusal does (the request recomputes or decodes where it was prefilled)
+    transfer_slack_s: float = 40.0
     itl_slo_s: float = 0.2  # the SLO headroom scorer and the pool sizing aim at these
     autosize: AutosizeConfig | None = None  # SLO-aware pool sizing, when enabled
     heartbeat_interval_s: float = 0.5

@@ -153,8 +153,13 @@ class Handoffs:
         d.assigned.add(rid)
         transfer_id = f"{rid}/{next(self._ids)}"
         timeout = max(1.0, deadline - time.time())
-        send = asyncio.ensure_future(p.client.call("send_kv", rid, did, transfer_id, timeout))
-        recv = asyncio.ensure_future(d.client.call("recv_kv", rid, pid, transfer_id, timeout))
+        bound = timeout + self.config.transfer_slack_s  # a side silent past it is wedged
+        send = asyncio.ensure_future(
+            p.client.call("send_kv", rid, did, transfer_id, timeout, timeout=bound)
+        )
+        recv = asyncio.ensure_future(
+            d.client.call("recv_kv", rid, pid, transfer_id, timeout, timeout=bound)
+        )
         # a side that dies ends the attempt at once; the other side's call runs out on its own
         await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
         p_err = send.exception() if send.done() else None

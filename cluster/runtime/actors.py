@@ -221,6 +221,7 @@ class ControllerActor(Controller):
         super().__init__(
             ControllerConfig(
                 info, routing, handoff_timeout_s=cfg.handoff_timeout_s,
+                transfer_slack_s=cfg.transfer_slack_s,
                 itl_slo_s=cfg.itl_slo_s, autosize=autosize,
                 pool_sizes=(("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers),
                             ("colocated", cfg.colocated_workers)),

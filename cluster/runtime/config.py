@@ -103,6 +103,7 @@ class ServeConfig(BaseModel):
     overlap_schedule: bool | None = None
     capture_graphs: bool = False  # every decode / prefill CUDA graph at worker start (EngineConfig's)
     handoff_timeout_s: float = 30.0
+    transfer_slack_s: float = 40.0  # ControllerConfig.transfer_slack_s
     preemption_grace_s: float = 30.0  # notice a worker's SIGTERM gives (Kubernetes' default)
     admission_wait_s: float = 10.0  # a request nothing can take waits this long, then 503
     shutdown_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish

@@ -62,9 +62,8 @@ def workload() -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
 
 
 def _cluster(**kw: object) -> Cluster:
-    cfg = ServeConfig(
-        grpc_port=None, http_port=None, threads_per_worker=1, handoff_timeout_s=20.0, **kw
-    )  # type: ignore[arg-type]
+    kw = {"handoff_timeout_s": 20.0, **kw}
+    cfg = ServeConfig(grpc_port=None, http_port=None, threads_per_worker=1, **kw)  # type: ignore[arg-type]
     return Cluster.start(cfg)
 
 
@@ -127,6 +126,27 @@ def test_decode_killed_mid_transfer(ray_session: None, workload) -> None:
         got = _run_all(cluster, prompts, params)
         assert got == expected
         assert victim not in cluster.workers()
+        _assert_no_leaks(cluster)
+
+
+def test_a_wedged_transfer_ends_its_handoff_and_the_prefill_worker_decodes(
+    ray_session: None, workload
+) -> None:
+    """Both sides of every handoff hang past the transfer's deadline (a wedged transport, the
+    processes alive): the controller stops waiting ``transfer_slack_s`` after that deadline,
+    gives the reservation up and lets the prefill worker decode; nothing is lost or leaked."""
+    prompts, params, expected = workload
+    with _cluster(
+        prefill_workers=1, decode_workers=1, handoff_timeout_s=3.0, transfer_slack_s=2.0
+    ) as cluster:
+        workers = cluster.workers()
+        for wid, role in workers.items():
+            cluster.inject_fault(wid, "hang_in_send" if role == "prefill" else "hang_in_recv")
+        got = _run_all(cluster, prompts, params)
+        assert got == expected
+        counters = cluster.counters()
+        assert counters["handoff_fallbacks"] == len(prompts) and counters["handoffs"] == 0
+        assert cluster.workers() == workers  # wedged, not dead
         _assert_no_leaks(cluster)
 
 
