@@ -86,19 +86,30 @@ def test_forced_preemption_keeps_outputs(loaded: LoadedModel, seeded: bool) -> N
     threaded.close()
 
 
+@pytest.fixture(scope="module")
+def thrash_case() -> tuple[LoadedModel, list[list[int]], list[SamplingParams], list[list[int]]]:
+    """The default model, 16 prompts of 32 tokens, their parameters and a roomy engine's tokens
+    (computed once for both engines below)."""
+    default = load_model(None)
+    rng = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(100, 40000, (32,), generator=rng).tolist() for _ in range(16)]
+    params = _params(False, n=16, tokens=32)
+    ref = _generate(Engine(default, EngineConfig(num_blocks=256, cpu_num_blocks=0)), prompts, params)
+    return default, prompts, params, ref
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
-def test_asynchronous_swaps_do_not_thrash(overlap: bool) -> None:
+def test_asynchronous_swaps_do_not_thrash(
+    thrash_case: tuple[LoadedModel, list[list[int]], list[SamplingParams], list[list[int]]],
+    overlap: bool,
+) -> None:
     """A swap-in leaves a block of growth for every sequence running or landing. Without it,
     with copies on the background thread taking longer than a step (the default model's
     737 kB blocks), the next step preempted one of them again: 16 requests in a 16-block pool
     took 2,360 swaps and 4,593 steps. And out of blocks, a row waits for the blocks a
     swap-out in flight will free rather than preempt more requests (24 swaps before, 9-10
     now); the overlapped engine (the CUDA default) keeps the outputs with rows sitting out."""
-    default = load_model(None)
-    rng = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(100, 40000, (32,), generator=rng).tolist() for _ in range(16)]
-    params = _params(False, n=16, tokens=32)
-    ref = _generate(Engine(default, EngineConfig(num_blocks=256, cpu_num_blocks=0)), prompts, params)
+    default, prompts, params, ref = thrash_case
     engine = Engine(default, EngineConfig(preemption_mode="swap", async_swaps=True, num_blocks=16,
                                           cpu_num_blocks=512, enable_prefix_caching=False,
                                           overlap_schedule=overlap))
