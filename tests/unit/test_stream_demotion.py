@@ -6,6 +6,9 @@ a run without it. The CUDA side: tests/gpu/test_stream_demotion_gpu.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -61,3 +64,22 @@ def test_pending_copies_are_waited_for_once_per_copy() -> None:
     assert stream.waited == [running] and tier.order_waits == 1
     assert running.queries == 1 and done.queries == 1
     assert set(tier._pending) == set(range(32))  # the done copy's blocks are forgotten
+
+
+def test_the_switch_turns_off_every_default() -> None:
+    """``KVRELAY_STREAM_DEMOTION=0`` (read at import, hence a fresh process) is the default of
+    both the engine's config and a scheduler built without it."""
+    code = (
+        "import inspect;"
+        "from kvrelay.workers.engine.config import EngineConfig;"
+        "from kvrelay.workers.engine.scheduler import Scheduler;"
+        "p = inspect.signature(Scheduler).parameters['stream_demotion'];"
+        "print(EngineConfig().stream_demotion, p.default)"
+    )
+    for value, want in (("0", "False False"), ("1", "True True")):
+        env = {**os.environ, "KVRELAY_STREAM_DEMOTION": value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-2:] == want.split(), (value, out.stdout)

@@ -32,7 +32,7 @@ from kvrelay.workers.engine.sequence import SeqStatus, Sequence
 from kvrelay.workers.engine.swap import PREEMPTION_MODES, Swapper
 from kvrelay.workers.kv.block_hash import block_hashes
 from kvrelay.workers.kv.block_pool import BlockPool
-from kvrelay.workers.kv.tiers import CpuTier
+from kvrelay.workers.kv.tiers import STREAM_DEMOTION, CpuTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +71,7 @@ class Scheduler:
         swap_bytes_per_s: float | None = None,  # None: measured (workers/engine/swap.py)
         recompute_tokens_per_s: float = 2000.0,
         deferred: DeferredReleases | None = None,
-        stream_demotion: bool = True,
+        stream_demotion: bool = STREAM_DEMOTION,  # EngineConfig's default (KVRELAY_STREAM_DEMOTION)
     ) -> None:
         """``deferred``: device blocks are released through it, held while a step of the
         engine may still use them (an overlapped engine over a shared storage); blocks it will
