@@ -173,7 +173,12 @@ class PreemptionExecutor:
         flight = self.state.flights.get(action.request_id)
         src = self.state.workers.get(action.source)
         dst = self.state.workers.get(action.target)
-        if flight is None or flight.done or src is None or dst is None:
+        if flight is None or flight.done:  # it ended since the snapshot
+            record.outcomes[action.request_id] = "finished_before_move"
+            return
+        if src is None or dst is None:  # failed since: the failure's recovery restarts it
+            gone = action.source if src is None else action.target
+            record.outcomes[action.request_id] = f"not_moved: {gone} gone"
             return
         if flight.moving or flight.owner != action.source:
             # since the snapshot the request moved on by itself (a prefill finished and its
