@@ -176,7 +176,9 @@ class PreemptionExecutor:
         if flight is None or flight.done:  # it ended since the snapshot
             record.outcomes[action.request_id] = "finished_before_move"
             return
-        if src is None or dst is None:  # failed since: the failure's recovery restarts it
+        # a worker it needed failed since: it stays where it is, restarted by the source's
+        # failure (now, or when the source leaves)
+        if src is None or dst is None:
             gone = action.source if src is None else action.target
             record.outcomes[action.request_id] = f"not_moved: {gone} gone"
             return
