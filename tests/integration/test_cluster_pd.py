@@ -1,7 +1,8 @@
 """Disaggregated prefill/decode on a real local Ray cluster, against the colocated engine.
 
 Every test sends at least 16 concurrent requests (greedy and seeded) and compares each
-request's tokens with the single-process colocated engine's; faults are real process exits.
+request's tokens with the single-process colocated engine's; faults are real process exits or
+real hangs (the worker's chaos hooks).
 """
 
 from __future__ import annotations
