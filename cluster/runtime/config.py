@@ -164,6 +164,7 @@ class ServeConfig(BaseModel):
     @field_validator(
         "autosize_interval_s", "autosize_window_s", "admission_wait_s", "http_header_timeout_s",
         "http_body_timeout_s", "semi_pd_window_s", "controller_probe_timeout_s",
+        "handoff_timeout_s", "transfer_slack_s",
     )
     @classmethod
     def _positive(cls, v: float) -> float:

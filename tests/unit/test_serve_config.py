@@ -172,6 +172,16 @@ def test_semi_pd_settings_are_validated(values: dict, match: str) -> None:
         ServeConfig.load(**values)
 
 
+@pytest.mark.parametrize("field", ["handoff_timeout_s", "transfer_slack_s"])
+@pytest.mark.parametrize("value", [0, -1.0, float("nan")])
+def test_transfer_bounds_must_be_positive(field: str, value: float) -> None:
+    from kvrelay.cluster.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must be > 0"):
+        ServeConfig.load(**{field: value})
+    assert getattr(ServeConfig.load(**{field: 0.5}), field) == 0.5
+
+
 def test_sparse_flags_reach_the_engine_config(tmp_path) -> None:
     from kvrelay.cluster.runtime.actors import worker_engine_config
 
