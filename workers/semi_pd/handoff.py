@@ -74,8 +74,7 @@ class InsideHandoff:
             self._inside.add(request_id)
 
     def forget(self, request_id: str) -> None:
-        """``request_id`` is no longer handed over (it failed to enter, or was aborted before
-        its first token)."""
+        """``request_id`` will not be handed over here after all (its submission failed)."""
         with self._lock:
             self._inside.discard(request_id)
 
