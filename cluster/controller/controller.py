@@ -352,15 +352,10 @@ class Controller:
             if blocks is None:
                 return False
             tid = res_id.replace("#", "/")
-            bound = timeout + self.config.transfer_slack_s  # a side silent past it is wedged
-            send = asyncio.ensure_future(
-                src.client.call(
-                    "send_prefix", list(pull.block_hashes), pid, tid, timeout, timeout=bound
-                )
-            )
-            recv = asyncio.ensure_future(
-                p.client.call("recv_kv", res_id, sid, tid, timeout, timeout=bound)
-            )
+            send, recv = self.handoffs.start_transfer(
+                src, ("send_prefix", list(pull.block_hashes), pid, tid),
+                p, ("recv_kv", res_id, sid, tid), timeout,
+            )  # fmt: skip
             await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
             if not (send.done() and recv.done()) or send.exception() or recv.exception():
                 send.cancel()

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvrelay.cluster.controller.config import ControllerConfig
 from kvrelay.cluster.controller.flights import Flight
@@ -99,6 +99,24 @@ class Handoffs:
             flight.moving -= 1
             await self.settle(flight)
 
+    def start_transfer(
+        self,
+        sender: WorkerEntry,
+        send: tuple[Any, ...],
+        receiver: WorkerEntry,
+        recv: tuple[Any, ...],
+        timeout: float,
+    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+        """Both sides of one transfer, started together: ``send`` / ``recv`` are the method and
+        its arguments, each side gets ``timeout`` (seconds, its own deadline) last. Each call is
+        bounded by that deadline plus ``transfer_slack_s``: a side still silent then is wedged,
+        and its future fails with TimeoutError."""
+        bound = timeout + self.config.transfer_slack_s
+        return (
+            asyncio.ensure_future(sender.client.call(*send, timeout, timeout=bound)),
+            asyncio.ensure_future(receiver.client.call(*recv, timeout, timeout=bound)),
+        )
+
     async def settle(self, flight: Flight) -> None:
         """A move just ended: if the worker it left the flight on died meanwhile (its failure
         was handled while the move held the flight), restart the flight now."""
@@ -153,12 +171,8 @@ class Handoffs:
         d.assigned.add(rid)
         transfer_id = f"{rid}/{next(self._ids)}"
         timeout = max(1.0, deadline - time.time())
-        bound = timeout + self.config.transfer_slack_s  # a side silent past it is wedged
-        send = asyncio.ensure_future(
-            p.client.call("send_kv", rid, did, transfer_id, timeout, timeout=bound)
-        )
-        recv = asyncio.ensure_future(
-            d.client.call("recv_kv", rid, pid, transfer_id, timeout, timeout=bound)
+        send, recv = self.start_transfer(
+            p, ("send_kv", rid, did, transfer_id), d, ("recv_kv", rid, pid, transfer_id), timeout
         )
         # a side that dies ends the attempt at once; the other side's call runs out on its own
         await asyncio.wait((send, recv), return_when=asyncio.FIRST_EXCEPTION)
