@@ -3,6 +3,8 @@ real local Ray cluster: outputs equal the colocated engine's with each feature o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvrelay.cluster.runtime.config import ServeConfig
@@ -16,12 +18,21 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
+    """The default model: the prefix tests need its costs (a pull must beat recomputing) and
+    its words (a reply re-tokenizes to the same ids in the next turn's prompt)."""
     return LLM(None)
 
 
-def _cluster(**kw: object) -> Cluster:
-    return Cluster.start(ServeConfig(grpc_port=None, http_port=None, threads_per_worker=1,
-                                     **kw))  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> tuple[str, LLM]:
+    """A 2-layer random-weight Llama with the default tokenizer, for the tests that check
+    routing alone: the same tokens as one engine, milliseconds a step instead of ~60 ms."""
+    return str(tiny_model_dir), LLM(str(tiny_model_dir))
+
+
+def _cluster(model: str | None = None, **kw: object) -> Cluster:
+    return Cluster.start(ServeConfig(model=model, grpc_port=None, http_port=None,
+                                     threads_per_worker=1, **kw))  # type: ignore[arg-type]
 
 
 def _turns(llm: LLM) -> list[list[dict[str, str]]]:
@@ -76,19 +87,25 @@ def test_prefix_pull_instead_of_recompute(ray_session: None, llm: LLM, wait) -> 
 
 
 @pytest.mark.parametrize("router", ["kv", "round_robin"])
-def test_routers_give_identical_outputs(ray_session: None, llm: LLM, router: str) -> None:
+def test_routers_give_identical_outputs(
+    ray_session: None, tiny: tuple[str, LLM], router: str
+) -> None:
+    model, llm = tiny
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Fact {i} about "
                "the ocean, please, in one line."}]) for i in range(6)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, GREEDY)]
-    with _cluster(prefill_workers=1, decode_workers=2, router=router) as cluster:
+    with _cluster(model, prefill_workers=1, decode_workers=2, router=router) as cluster:
         assert [cluster.complete(p, GREEDY)[0] for p in prompts] == expected
 
 
-def test_dead_worker_leaves_directory_and_routes(ray_session: None, llm: LLM, wait) -> None:
+def test_dead_worker_leaves_directory_and_routes(
+    ray_session: None, tiny: tuple[str, LLM], wait
+) -> None:
+    model, llm = tiny
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Name {i} "
                "colours of the rainbow."}]) for i in range(6)]
     expected = [list(o.token_ids) for o in llm.generate(prompts, GREEDY)]
-    with _cluster(prefill_workers=1, decode_workers=2) as cluster:
+    with _cluster(model, prefill_workers=1, decode_workers=2) as cluster:
         for p, e in zip(prompts[:3], expected[:3], strict=True):
             assert cluster.complete(p, GREEDY)[0] == e
         victim = next(w for w, r in cluster.workers().items() if r == "decode")

@@ -8,6 +8,7 @@ real hangs (the worker's chaos hooks).
 from __future__ import annotations
 
 import concurrent.futures as cf
+from pathlib import Path
 
 import pytest
 
@@ -48,9 +49,17 @@ def _params(i: int) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def workload() -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
+def model(tiny_model_dir: Path) -> str:
+    """A 2-layer random-weight Llama with the default tokenizer: the handoffs carry its KV as
+    they would a large model's, and its steps take milliseconds (the default model's ~60 ms
+    a token on one CPU thread made this file ~95 s)."""
+    return str(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def workload(model: str) -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
     """16 prompts of different lengths, their parameters and the colocated engine's tokens."""
-    llm = LLM(None)
+    llm = LLM(model)
     prompts = [
         llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": f"Tell me about {t}." + " Please be detailed." * (i % 5)}]
@@ -62,8 +71,8 @@ def workload() -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
     return prompts, params, expected
 
 
-def _cluster(**kw: object) -> Cluster:
-    kw = {"handoff_timeout_s": 20.0, **kw}
+def _cluster(model: str, **kw: object) -> Cluster:
+    kw = {"model": model, "handoff_timeout_s": 20.0, **kw}
     cfg = ServeConfig(grpc_port=None, http_port=None, threads_per_worker=1, **kw)  # type: ignore[arg-type]
     return Cluster.start(cfg)
 
@@ -86,9 +95,11 @@ def _assert_no_leaks(cluster: Cluster) -> None:
 
 
 @pytest.mark.parametrize("pools", [(1, 1), (2, 2)], ids=["1P1D", "2P2D"])
-def test_pd_matches_colocated(ray_session: None, workload, pools: tuple[int, int]) -> None:
+def test_pd_matches_colocated(
+    ray_session: None, model: str, workload, pools: tuple[int, int]
+) -> None:
     prompts, params, expected = workload
-    with _cluster(prefill_workers=pools[0], decode_workers=pools[1]) as cluster:
+    with _cluster(model, prefill_workers=pools[0], decode_workers=pools[1]) as cluster:
         got = _run_all(cluster, prompts, params)
         assert got == expected
         counters = cluster.counters()
@@ -107,21 +118,23 @@ def test_pd_matches_colocated(ray_session: None, workload, pools: tuple[int, int
         _assert_no_leaks(cluster)
 
 
-def test_decode_refusal_falls_back(ray_session: None, workload) -> None:
+def test_decode_refusal_falls_back(ray_session: None, model: str, workload) -> None:
     prompts, params, expected = workload
     # a decode pool (64 tokens) too small for most requests (prompt + max_tokens): the handoff
     # skips or is refused by it, and the prefill worker decodes; none ends early at 64 tokens
-    with _cluster(prefill_workers=1, decode_workers=1, num_blocks_by_role={"decode": 4}) as cluster:
+    with _cluster(
+        model, prefill_workers=1, decode_workers=1, num_blocks_by_role={"decode": 4}
+    ) as cluster:
         got = _run_all(cluster, prompts, params)
         assert got == expected
         assert cluster.counters()["handoff_fallbacks"] > 0
         _assert_no_leaks(cluster)
 
 
-def test_decode_killed_mid_transfer(ray_session: None, workload) -> None:
+def test_decode_killed_mid_transfer(ray_session: None, model: str, workload) -> None:
     prompts, params, expected = workload
     # round robin: the victim surely gets handoffs (the KV-aware router may favour the other)
-    with _cluster(prefill_workers=1, decode_workers=2, router="round_robin") as cluster:
+    with _cluster(model, prefill_workers=1, decode_workers=2, router="round_robin") as cluster:
         victim = next(w for w, role in cluster.workers().items() if role == "decode")
         cluster.inject_fault(victim, "exit_in_recv")
         got = _run_all(cluster, prompts, params)
@@ -131,14 +144,14 @@ def test_decode_killed_mid_transfer(ray_session: None, workload) -> None:
 
 
 def test_a_wedged_transfer_ends_its_handoff_and_the_prefill_worker_decodes(
-    ray_session: None, workload
+    ray_session: None, model: str, workload
 ) -> None:
     """Both sides of every handoff hang past the transfer's deadline (a wedged transport, the
     processes alive): the controller stops waiting ``transfer_slack_s`` after that deadline,
     gives the reservation up and lets the prefill worker decode; nothing is lost or leaked."""
     prompts, params, expected = workload
     with _cluster(
-        prefill_workers=1, decode_workers=1, handoff_timeout_s=3.0, transfer_slack_s=2.0
+        model, prefill_workers=1, decode_workers=1, handoff_timeout_s=3.0, transfer_slack_s=2.0
     ) as cluster:
         workers = cluster.workers()
         for wid, role in workers.items():
@@ -151,9 +164,9 @@ def test_a_wedged_transfer_ends_its_handoff_and_the_prefill_worker_decodes(
         _assert_no_leaks(cluster)
 
 
-def test_prefill_killed_after_first_token(ray_session: None, workload) -> None:
+def test_prefill_killed_after_first_token(ray_session: None, model: str, workload) -> None:
     prompts, params, expected = workload
-    with _cluster(prefill_workers=2, decode_workers=1) as cluster:
+    with _cluster(model, prefill_workers=2, decode_workers=1) as cluster:
         victim = next(w for w, role in cluster.workers().items() if role == "prefill")
         cluster.inject_fault(victim, "exit_after_first_token")
         got = _run_all(cluster, prompts, params)
@@ -163,12 +176,12 @@ def test_prefill_killed_after_first_token(ray_session: None, workload) -> None:
         _assert_no_leaks(cluster)
 
 
-def test_first_token_before_the_submit_reply(ray_session: None, workload) -> None:
+def test_first_token_before_the_submit_reply(ray_session: None, model: str, workload) -> None:
     """The prefill worker's first token reaches the controller before its answer to
     ``submit`` (a busy event loop reorders them): the handoff still happens."""
     prompts, params, expected = workload
     with _cluster(
-        prefill_workers=1, decode_workers=1, conditional_disagg=False, prefix_pull=False
+        model, prefill_workers=1, decode_workers=1, conditional_disagg=False, prefix_pull=False
     ) as cluster:
         (prefill,) = [w for w, role in cluster.workers().items() if role == "prefill"]
         cluster.inject_fault(prefill, "late_submit_reply")

@@ -1,5 +1,11 @@
-"""The semi-PD worker on the default model (fp32, CPU): a prefill lane and a decode lane over
-one KV storage, against the colocated worker on the same weights.
+"""The semi-PD worker (fp32, CPU): a prefill lane and a decode lane over one KV storage,
+against the colocated worker on the same weights.
+
+The weights are the 2-layer random-weight Llama of ``tiny_model_dir`` (the default model's
+tokenizer): the lanes' locking, handoffs and preemptions are the same on any model, and its
+steps take milliseconds, so each test runs many more lane iterations a second than the default
+model's ~60 ms ones (this file: 90 s on the default model, 12 s on this one).
+test_cluster_semi_pd.py serves the default model through a semi-PD cluster.
 
 Real parts throughout: real engines on their loop threads, the real gloo transport for the
 copy path a cross-worker handoff still takes, the real pools' integrity checks. A test that
@@ -13,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,9 +58,9 @@ LANES = pytest.mark.parametrize(
 
 
 @pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
+def loaded(tiny_model_dir: Path) -> LoadedModel:
     torch.manual_seed(0)
-    return load_model(None)
+    return load_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")

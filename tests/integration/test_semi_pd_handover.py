@@ -1,13 +1,15 @@
-"""Handovers inside one KV storage, engine by engine (fp32, CPU, the default model): what the
-prefill engine hands over (block ids, their hashes) the decode engine adopts without copying,
-hashing or committing again; an overlapped engine holds the blocks it frees, and the hashes of
-those it fills, until its step in flight is read; a burst of handovers is adopted in one command. The worker-level tests
-are in test_semi_pd.py."""
+"""Handovers inside one KV storage, engine by engine (fp32, CPU; the random-weight 2-layer
+Llama of ``tiny_model_dir``: a handover is the same on any weights): what the prefill engine
+hands over (block ids, their hashes) the decode engine adopts without copying, hashing or
+committing again; an overlapped engine holds the blocks it frees, and the hashes of those it
+fills, until its step in flight is read; a burst of handovers is adopted in one command. The
+worker-level tests are in test_semi_pd.py."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,9 +33,9 @@ from kvrelay_testing.semi_pd import (
 
 
 @pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
+def loaded(tiny_model_dir: Path) -> LoadedModel:
     torch.manual_seed(0)
-    return load_model(None)
+    return load_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
