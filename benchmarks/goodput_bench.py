@@ -41,7 +41,13 @@ Semi-PD configurations also print, at the end of each rate, where each lane's ti
 the last rate (``SemiPDWorker.lane_times``: the decode lane's ``cycle`` is the worker-side time
 between its steps, ``forward`` its kernels under the other lane's load, ``lock_wait`` /
 ``relock_wait`` the storage lock, ``sink`` its events' hand-off), kept in the JSON per repeat
-(``rate_ends_data``).
+(``rate_ends_data``, under ``lanes``). Every configuration prints, per rate, where a token's
+time between the engines and the HTTP frontend went (``Cluster.delivery_times``, under
+``delivery``): each worker's event sender (``outbox_wait``: its lag behind the engine's steps;
+``sink_call``: its call to the controller), the controller's ``from_worker`` (that call's
+arrival) and ``stream_wait`` (its loop's lag in handing events to the frontend's stream), and
+this process's ``from_controller`` and ``inbox_wait`` (until a request's HTTP stream took
+them). What the client adds past the frontend is the loadgen's ITL less these.
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
 generator runs as its own process with the same workload (seeded Gamma arrivals, shape 0.5 as
@@ -266,6 +272,27 @@ def lane_line(name: str, rate: str, times: dict[str, Any]) -> str:
     return f"[{name}] lane times ms p50/p99/max (n) at rate {rate}: " + "; ".join(parts)
 
 
+DELIVERY_HOPS = (("workers", ("outbox_wait", "sink_call")),
+                 ("controller", ("from_worker", "stream_wait")),
+                 ("driver", ("from_controller", "inbox_wait")))  # fmt: skip
+
+
+def delivery_line(name: str, rate: str, times: dict[str, Any]) -> str:
+    """The hops in a token's order, each phase's p50 / p99 / max ms (count)."""
+    def cells(phases: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+        return [f"{ph} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}/{v['max_ms']:.0f} ({v['count']:.0f})"
+                for ph in names if (v := phases.get(ph))]  # fmt: skip
+
+    parts = []
+    for hop, names in DELIVERY_HOPS:
+        if hop == "workers":
+            parts += [f"{wid}: " + ", ".join(cells(t, names))
+                      for wid, t in times.get(hop, {}).items()]  # fmt: skip
+        else:
+            parts.append(f"{hop}: " + ", ".join(cells(times.get(hop, {}), names)))
+    return f"[{name}] delivery ms p50/p99/max (n) at rate {rate}: " + "; ".join(parts)
+
+
 def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
     """Every semi-PD worker's split-rule changes (SemiPDWorker.split_log), at seconds after
     ``t0`` (negative: during the warm-up), oldest first."""
@@ -287,14 +314,18 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
         roles_before = cluster.workers()
         warm_up(name, url, args)
         print(f"[{name}] workers {roles_before}", flush=True)
-        on_rate_end = None
-        if cfg.semi_pd:  # each rate's lane times, from zero after the warm-up
+        # each rate's lane and delivery times, from zero after the warm-up
+        if cfg.semi_pd:
             lane_times(roles_before, reset=True)
+        cluster.delivery_times(reset=True)
 
-            def on_rate_end(rate: str) -> dict[str, Any]:
-                times = lane_times(roles_before, reset=True)
-                print(lane_line(name, rate, times), flush=True)
-                return times
+        def on_rate_end(rate: str) -> dict[str, Any]:
+            out = {"delivery": cluster.delivery_times(reset=True)}
+            if cfg.semi_pd:
+                out["lanes"] = lane_times(roles_before, reset=True)
+                print(lane_line(name, rate, out["lanes"]), flush=True)
+            print(delivery_line(name, rate, out["delivery"]), flush=True)
+            return out
 
         t0 = time.time()
         repeats, commands = [], []

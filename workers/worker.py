@@ -34,6 +34,7 @@ import torch
 from kvrelay.workers.engine.config import EngineConfig, EngineStats
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.model.loader import LoadedModel, load_model
@@ -150,6 +151,8 @@ class Worker:
         self._lock = threading.Lock()
         self._faults: set[str] = set()
         self._first_token: dict[str, threading.Event] = {}  # late_submit_reply waiters
+        # the sender thread's lag and its sink calls (outbox.py): delivery_times()
+        self.delivery = PhaseTimes()
         self.loop = self._start_engines(loaded, engine_config, device)
         self.engine = self.loop.engine
         self._notice = notice
@@ -162,7 +165,9 @@ class Worker:
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         """This worker's engine on its loop thread (the semi-PD worker starts two)."""
         engine = Engine(loaded, config, device=device)
-        return EngineLoop(engine, self._emit, name=f"engine-{self.worker_id}").start()
+        return EngineLoop(
+            engine, self._emit, name=f"engine-{self.worker_id}", delivery=self.delivery
+        ).start()
 
     def _holder(self, request_id: str) -> EngineLoop:
         """The loop whose engine holds ``request_id`` parked (the semi-PD worker has two)."""
@@ -446,6 +451,11 @@ class Worker:
         return gone
 
     # ---- figures -------------------------------------------------------------------------
+    def delivery_times(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """The event sender's ``outbox_wait`` and ``sink_call`` (outbox.py): count, total and
+        mean / p50 / p90 / p99 / max ms; ``reset``: start afresh after reading."""
+        return self.delivery.summary(reset=reset)
+
     def heartbeat(self) -> Heartbeat:
         self.expire_reservations()
         stats, events = self.loop.call(lambda e: (e.stats(), tuple(e.drain_kv_events())))

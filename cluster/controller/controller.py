@@ -52,6 +52,7 @@ from kvrelay.cluster.routing.types import RouteRequest, WorkerLoad
 from kvrelay.cluster.sizing.autosize import PoolAutosizer
 from kvrelay.cluster.spot.executor import PreemptionExecutor
 from kvrelay.cluster.spot.notices import PreemptionNotice
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.model.output import RequestText
 from kvrelay.workers.types import FinishReason, Phase, Role, TokenEvent, merge_events
 from kvrelay.workers.worker import WorkerInfo
@@ -83,7 +84,10 @@ class Controller:
             self.state, self.counts, self.routing, self.handoffs, self.preemption,
             self.autosizer, self._spawn,
         )
-        self.streams = EventStreams(self.run_request)
+        # a token's time in this process: from_worker (the worker's sink call to its delivery
+        # here) and stream_wait (ready here until the frontend's event stream takes it)
+        self.delivery = PhaseTimes()
+        self.streams = EventStreams(self.run_request, self.delivery)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health: asyncio.Task[None] | None = None
 
@@ -436,6 +440,19 @@ class Controller:
                 self._spawn(self.handoffs.run(flight, worker_id))
 
     # ---- the admin surface (admin.py), exposed on the actor ------------------------------
+    async def delivery_times(self, reset: bool = False) -> dict[str, Any]:
+        """Where a token's time between an engine and the frontends goes, per hop: each live
+        worker's sender (``outbox_wait``, ``sink_call``: workers/engine/outbox.py) under
+        ``workers``, and this process's ``from_worker`` (the sink's call to its delivery here;
+        needs the worker's clock to agree with this host's) and ``stream_wait`` (until the
+        frontend's event stream takes it) under ``controller``; each phase's count, total and
+        mean / p50 / p90 / p99 / max ms (phase_times.py). ``reset``: start afresh after."""
+        workers = {}
+        for wid, w in list(self.state.workers.items()):
+            if w.healthy:
+                workers[wid] = await w.client.call("delivery_times", reset, timeout=30)
+        return {"controller": self.delivery.summary(reset=reset), "workers": workers}
+
     async def cluster_status(self) -> ClusterStatus:
         return await self.admin.cluster_status()
 

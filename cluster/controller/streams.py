@@ -19,15 +19,18 @@ pickled with the C pickler, the errors left to Ray (``unpack`` restores the list
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 from kvrelay.cluster.api.backend import GenerateRequest
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.types import TokenEvent, events_from_bytes, events_to_bytes, merge_events
 
 Item = tuple[str, list[TokenEvent] | Exception]
-Packed = tuple[bytes, list[tuple[str, Exception]]]  # the events pickled; the errors
+# the events pickled; the errors; the sender's time.time() (the reader's ``from_controller``)
+Packed = tuple[bytes, list[tuple[str, Exception]], float]
 # runs a request to its end, handing its events to the callback as they come
 Run = Callable[[GenerateRequest, Callable[[list[TokenEvent]], None]], Awaitable[None]]
 T = TypeVar("T")
@@ -38,15 +41,23 @@ class Mailbox(Generic[T]):
     waits; wakes the reader if it waits), ``take`` returns everything put since the last take,
     in order, and waits only while there is nothing. Both ends of the event stream read this
     way; an ``asyncio.Queue`` cost a ``put_nowait`` and a ``get_nowait`` per item (~15 % of
-    ``controller_bench``'s cProfile) to hand over the same list."""
+    ``controller_bench``'s cProfile) to hand over the same list.
 
-    __slots__ = ("_items", "_waiter")
+    ``times``: each ``take`` records, as ``phase``, how long its oldest item waited in the box
+    (the reader's lag: its event loop busy elsewhere)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_items", "_phase", "_since", "_times", "_waiter")
+
+    def __init__(self, times: PhaseTimes | None = None, phase: str = "mailbox_wait") -> None:
         self._items: list[T] = []
         self._waiter: asyncio.Future[None] | None = None  # the reader's, while it waits
+        self._times = times
+        self._phase = phase
+        self._since = 0.0  # when the oldest item still here was put (monotonic s)
 
     def put(self, item: T) -> None:
+        if not self._items and self._times is not None:
+            self._since = time.monotonic()
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -60,6 +71,8 @@ class Mailbox(Generic[T]):
             finally:
                 self._waiter = None
         items, self._items = self._items, []
+        if self._times is not None:
+            self._times.add(self._phase, time.monotonic() - self._since)
         return items
 
     def __len__(self) -> int:
@@ -67,14 +80,17 @@ class Mailbox(Generic[T]):
 
 
 class EventStreams:
-    def __init__(self, run: Run) -> None:
+    """``times``: each stream's outbox records its reader's lag as ``stream_wait``."""
+
+    def __init__(self, run: Run, times: PhaseTimes | None = None) -> None:
         self._run = run
+        self._times = times
         self._outboxes: dict[str, Mailbox[Item]] = {}
         self._pumps: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> stream, pump
         self._closed: set[str] = set()  # streams that ended (one per frontend process gone)
 
     async def serve(self, stream_id: str) -> AsyncIterator[list[Item]]:
-        box = self._outboxes.setdefault(stream_id, Mailbox())
+        box = self._outboxes.setdefault(stream_id, self._mailbox())
         try:
             while True:
                 yield _merged(await box.take())
@@ -92,10 +108,13 @@ class EventStreams:
         if rid in self._pumps:
             raise ValueError(f"request id {rid!r} is already in flight")
         # the stream's generator may start after its first request does (two Ray calls)
-        box = self._outboxes.setdefault(stream_id, Mailbox())
+        box = self._outboxes.setdefault(stream_id, self._mailbox())
         task = asyncio.create_task(self._pump(box, request))
         self._pumps[rid] = (stream_id, task)
         task.add_done_callback(lambda _: self._forget(rid, task))
+
+    def _mailbox(self) -> Mailbox[Item]:
+        return Mailbox(self._times, "stream_wait")
 
     def stop(self, request_id: str) -> bool:
         entry = self._pumps.pop(request_id, None)
@@ -146,11 +165,11 @@ def pack(items: list[Item]) -> Packed:
     the errors last, so ``unpack`` keeps the order."""
     events = [ev for _, item in items if not isinstance(item, Exception) for ev in item]
     errors = [(rid, item) for rid, item in items if isinstance(item, Exception)]
-    return events_to_bytes(events), errors
+    return events_to_bytes(events), errors, time.time()
 
 
 def unpack(packed: Packed) -> list[Item]:
-    blob, errors = packed
+    blob, errors, _ = packed
     # from our own controller actor, as Ray's objects are
     items: list[Item] = [(ev.request_id, [ev]) for ev in events_from_bytes(blob)]
     return items + list(errors)

@@ -129,7 +129,9 @@ class _ControllerSink:
             if self.in_flight is not None:
                 self._pace(self.in_flight)
             blob = events_to_bytes(events)
-            ref = self.controller.on_events_pickled.remote(worker_id, blob, next(self._seq))
+            ref = self.controller.on_events_pickled.remote(
+                worker_id, blob, next(self._seq), time.time()
+            )
             if self.in_flight is not None:
                 self._unanswered.append(ref.future())
 
@@ -431,8 +433,13 @@ class ControllerActor(Controller):
     async def inject_fault(self, worker_id: str, fault: str) -> None:
         await self.state.workers[worker_id].client.call("inject_fault", fault)
 
-    async def on_events_pickled(self, worker_id: str, blob: bytes, seq: int) -> None:
-        """``on_events`` for a worker's sink (``_ControllerSink``), its events pickled there."""
+    async def on_events_pickled(
+        self, worker_id: str, blob: bytes, seq: int, sent_at: float | None = None
+    ) -> None:
+        """``on_events`` for a worker's sink (``_ControllerSink``), its events pickled there;
+        ``sent_at``: the sink's ``time.time()`` when it made the call (``delivery_times``)."""
+        if sent_at is not None:
+            self.delivery.add("from_worker", max(0.0, time.time() - sent_at))
         await self.on_events(worker_id, events_from_bytes(blob), seq)
 
     # ---- metrics: the registry lives here, the frontends (in the driver) feed and serve it ----

@@ -171,6 +171,12 @@ class DriverFrontends:
         """Ray calls the backend has made to the controller so far, by method (benchmarks)."""
         return dict(self.frontends.backend.calls) if self.frontends is not None else {}
 
+    def delivery_times(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """The backend's ``from_controller`` and ``inbox_wait`` (``RemoteBackend.delivery``)."""
+        if self.frontends is None:
+            return {}
+        return self.frontends.backend.delivery.summary(reset=reset)
+
     def close(self, flush_s: float = 0.0, gone: str | None = None) -> int:
         """Stop admitting, give the streams in flight up to ``flush_s`` to end, then stop the
         servers and the loop. ``gone``: why the controller is dead or hung; every request in

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -48,7 +49,8 @@ from kvrelay.cluster.api.backend import (
     TokenizerLike,
 )
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
-from kvrelay.cluster.controller.streams import Mailbox, unpack
+from kvrelay.cluster.controller.streams import Item, Mailbox, Packed, unpack
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.types import TokenEvent, merge_events
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,10 @@ class RemoteBackend:
         self._stream_id = ""
         self.batches_received = 0  # Ray objects the event stream brought (for benchmarks)
         self.calls: Counter[str] = Counter()  # Ray calls made to the controller, by method
+        # a token's time in this process: from_controller (the controller's pack to this
+        # reader, needs both clocks to agree) and inbox_wait (routed to its request's inbox
+        # until that request's frontend stream takes it)
+        self.delivery = PhaseTimes()
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -179,13 +185,11 @@ class RemoteBackend:
                     ref = await self._unless_gone(stream.__anext__())
                 except StopAsyncIteration:
                     raise self._unavailable("the controller closed the event stream") from None
-                items = unpack(await self._unless_gone(ref))
-                self.batches_received += 1
+                items = self._unpack(await self._unless_gone(ref))
                 try:  # objects that came while this loop was busy are taken now, before any
                     # request's stream wakes: each stream sends their tokens as one chunk
                     while stream.next_ready():
-                        items += unpack(ray.get(next(stream)))
-                        self.batches_received += 1
+                        items += self._unpack(ray.get(next(stream)))
                 finally:  # an error in a later object goes after the events before it
                     for rid, item in items:
                         inbox = self._inboxes.get(rid)
@@ -198,6 +202,11 @@ class RemoteBackend:
         finally:
             with contextlib.suppress(Exception):
                 ray.cancel(stream)
+
+    def _unpack(self, packed: Packed) -> list[Item]:
+        self.batches_received += 1
+        self.delivery.add("from_controller", max(0.0, time.time() - packed[2]))
+        return unpack(packed)
 
     @property
     def open_streams(self) -> int:
@@ -217,7 +226,7 @@ class RemoteBackend:
         rid = request.request_id
         if rid in self._inboxes:
             raise ValueError(f"request id {rid!r} is already in flight")
-        inbox: Mailbox[list[TokenEvent] | Exception] = Mailbox()
+        inbox: Mailbox[list[TokenEvent] | Exception] = Mailbox(self.delivery, "inbox_wait")
         self._inboxes[rid] = inbox
         self._read_events()
         finished = False

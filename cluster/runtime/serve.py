@@ -163,6 +163,15 @@ class Cluster:
     def counters(self) -> dict[str, Any]:
         return dict(self.call("counters"))
 
+    def delivery_times(self, reset: bool = False) -> dict[str, Any]:
+        """A token's time from each engine to this process's frontends, hop by hop
+        (``Controller.delivery_times``, and this driver's ``from_controller`` and
+        ``inbox_wait`` under ``driver`` when it runs frontends)."""
+        out = dict(self.call("delivery_times", reset))
+        if self.frontends is not None:
+            out["driver"] = self.frontends.delivery_times(reset)
+        return out
+
     def kill_worker(self, worker_id: str) -> None:
         self.call("kill_worker", worker_id)
 

@@ -25,7 +25,9 @@ class _BusyController:
         self.busy_s = busy_s
         self.deliveries: list[tuple[int, list[TokenEvent]]] = []
 
-    async def on_events_pickled(self, worker_id: str, blob: bytes, seq: int) -> None:
+    async def on_events_pickled(
+        self, worker_id: str, blob: bytes, seq: int, sent_at: float | None = None
+    ) -> None:
         end = time.monotonic() + self.busy_s
         while time.monotonic() < end:  # the loop is busy (CPU): the next call waits behind it
             pass

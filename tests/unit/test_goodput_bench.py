@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from kvrelay.benchmarks.goodput_bench import configs, lane_line, linear_flops, loadgen_argv
+from kvrelay.benchmarks.goodput_bench import (
+    configs,
+    delivery_line,
+    lane_line,
+    linear_flops,
+    loadgen_argv,
+)
 from kvrelay.benchmarks.goodput_report import NAMES, cells, config_name, render
 from kvrelay.cluster.runtime.config import ServeConfig
 
@@ -219,3 +225,17 @@ def test_a_lane_line_gives_each_phase_its_cpu_share_where_recorded() -> None:
     assert line.startswith("[semi_pd] lane times ms p50/p99/max (n) at rate 128: w decode: ")
     assert "step 4.9/11.6/15 (302, cpu 93%)" in line
     assert "schedule 4.9/11.6/15 (302, cpu 40%)" in line and "lock_wait 4.9/11.6/15 (302)" in line
+
+
+def test_a_delivery_line_walks_the_hops_in_a_tokens_order() -> None:
+    phase = {"p50_ms": 0.4, "p99_ms": 6.3, "max_ms": 12.0, "count": 80.0}
+    times = {"workers": {"w1": {"outbox_wait": phase, "sink_call": phase}},
+             "controller": {"stream_wait": phase, "from_worker": phase},
+             "driver": {"inbox_wait": phase}}  # fmt: skip
+    line = delivery_line("c1", "128", times)
+    assert line == (
+        "[c1] delivery ms p50/p99/max (n) at rate 128: "
+        "w1: outbox_wait 0.4/6.3/12 (80), sink_call 0.4/6.3/12 (80); "
+        "controller: from_worker 0.4/6.3/12 (80), stream_wait 0.4/6.3/12 (80); "
+        "driver: inbox_wait 0.4/6.3/12 (80)"
+    )

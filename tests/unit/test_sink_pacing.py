@@ -36,7 +36,7 @@ class _Remote:
         self.answers: list[Future[None]] = []
         self.lock = threading.Lock()
 
-    def remote(self, worker_id: str, blob: bytes, seq: int) -> _Ref:
+    def remote(self, worker_id: str, blob: bytes, seq: int, sent_at: float) -> _Ref:
         with self.lock:
             self.calls.append((events_from_bytes(blob), seq))
             self.answers.append(Future())

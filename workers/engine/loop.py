@@ -28,7 +28,8 @@ step waited for ``lock`` (``lock_wait``), ran (``step``), held it (``held``: the
 time it gave the lock back, ``PhaseTimes.off_lock``), spent in ``sink`` (``sink``) and the
 time from one step's end to the next's (``cycle``); commands as ``command``, and the waits of
 an engine whose last step scheduled nothing while it had requests (``idle_wait``: until a
-command comes, at most 0.5 s) (phase_times.py).
+command comes, at most 0.5 s) (phase_times.py). ``delivery``: where the loop's own sender
+records its lag and its calls of ``sink`` (``outbox.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class EngineLoop:
         sender: bool = True,
         shared_outbox: Outbox | None = None,
         times: PhaseTimes | None = None,
+        delivery: PhaseTimes | None = None,
     ) -> None:
         if sender and shared_outbox is not None:
             raise ValueError("shared_outbox is for a loop without a sender of its own")
@@ -74,6 +76,7 @@ class EngineLoop:
         self._outbox: Outbox | None = None  # started with the loop
         self._shared_outbox = shared_outbox
         self.times = times
+        self._delivery = delivery
         self._lock = lock if lock is not None else nullcontext()
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any], bool]] = (
             queue.SimpleQueue()
@@ -88,7 +91,7 @@ class EngineLoop:
 
     def start(self) -> EngineLoop:
         if self._sender:
-            self._outbox = Outbox(self.sink, name=self._name)
+            self._outbox = Outbox(self.sink, name=self._name, times=self._delivery)
         self._thread.start()
         return self
 

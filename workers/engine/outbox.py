@@ -6,6 +6,12 @@ queued, oldest first. When it has fallen behind, consecutive queued steps go out
 queue. ``flush`` waits until everything put so far has been handed over: the loop calls it
 before every command, which keeps the order commands rely on (module doc of ``loop.py``).
 
+``times`` (a ``PhaseTimes``, optional): per call of ``sink``, ``outbox_wait`` (from the oldest
+step's ``put`` to the call: the sender's lag, a sink still busy or a GIL held elsewhere) and
+``sink_call`` (the call itself: pickling, the sink's pacing, handing the events to Ray). With the
+controller's and the driver's hops (``Controller.delivery``, ``RemoteBackend.delivery``) they say
+where a token's time between the engine and the client goes.
+
 A sink that raises stops the sender: the error is kept (``error``), later ``put``s are dropped
 and ``flush`` raises it, so the loop thread fails at its next command or step. ``close`` hands
 over what is queued and ends the sender; nothing put after that goes out.
@@ -15,9 +21,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.types import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -35,9 +43,17 @@ def name_os_thread(name: str) -> None:
 
 
 class Outbox:
-    def __init__(self, sink: Callable[[list[TokenEvent]], None], *, name: str) -> None:
+    def __init__(
+        self,
+        sink: Callable[[list[TokenEvent]], None],
+        *,
+        name: str,
+        times: PhaseTimes | None = None,
+    ) -> None:
         self._sink = sink
+        self._times = times
         self._queued: list[list[TokenEvent]] = []  # steps not handed over yet, oldest first
+        self._oldest = 0.0  # when the oldest queued step was put (monotonic s)
         self._sending = False  # the sender is inside sink()
         self._closed = False
         self._finished = False  # the sender has ended (closed and drained)
@@ -49,6 +65,8 @@ class Outbox:
     def put(self, events: list[TokenEvent]) -> None:
         with self._cond:
             if self.error is None and not self._finished:
+                if not self._queued:
+                    self._oldest = time.monotonic()
                 self._queued.append(events)
                 self._cond.notify_all()
 
@@ -85,7 +103,9 @@ class Outbox:
                     return
                 steps, self._queued = self._queued, []
                 self._sending = True
+                oldest = self._oldest
             events = steps[0] if len(steps) == 1 else [e for s in steps for e in s]
+            start = time.monotonic()
             try:
                 self._sink(events)
             except BaseException as exc:  # the loop thread fails on it (check / flush)
@@ -96,6 +116,9 @@ class Outbox:
                     self._sending = False
                     self._cond.notify_all()
                 return
+            if self._times is not None:
+                self._times.add("outbox_wait", start - oldest)
+                self._times.add("sink_call", time.monotonic() - start)
             with self._cond:
                 self._sending = False
                 self._cond.notify_all()

@@ -265,7 +265,7 @@ class SemiPDWorker(Worker):
         if self._decode_lock_first:
             prefill.scheduler.yield_point = self._prefill_yield
         self.prefill_engine = prefill
-        self._events = Outbox(self._emit, name=f"semi-pd-{self.worker_id}")
+        self._events = Outbox(self._emit, name=f"semi-pd-{self.worker_id}", times=self.delivery)
         # both lanes call their sinks on the loop thread, once per step: the prefill lane's
         # hands requests over on its engine after their first token went out; both tick the
         # split rule's window
