@@ -46,8 +46,9 @@ time between the engines and the HTTP frontend went (``Cluster.delivery_times``,
 ``delivery``): each worker's event sender (``outbox_wait``: its lag behind the engine's steps;
 ``sink_call``: its call to the controller), the controller's ``from_worker`` (that call's
 arrival) and ``stream_wait`` (its loop's lag in handing events to the frontend's stream), and
-this process's ``from_controller`` and ``inbox_wait`` (until a request's HTTP stream took
-them). What the client adds past the frontend is the loadgen's ITL less these.
+this process's ``from_controller``, ``inbox_wait`` (until a request's HTTP stream took them),
+``loop_lag`` (its frontends' event loop waking late) and its garbage collections' pauses
+(``driver_gc``). What the client adds past the frontend is the loadgen's ITL less these.
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
 generator runs as its own process with the same workload (seeded Gamma arrivals, shape 0.5 as
@@ -74,6 +75,7 @@ prompts of thousands of tokens the prefix cache of a large KV pool holds an earl
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -89,6 +91,7 @@ from kvrelay.benchmarks import loadgen
 from kvrelay.benchmarks.goodput_report import NAMES, config_name, describe, render
 from kvrelay.cluster.runtime.config import ServeConfig
 from kvrelay.cluster.runtime.serve import Cluster
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.model.source import load_tokenizer
 
 
@@ -274,7 +277,30 @@ def lane_line(name: str, rate: str, times: dict[str, Any]) -> str:
 
 DELIVERY_HOPS = (("workers", ("outbox_wait", "sink_call")),
                  ("controller", ("from_worker", "stream_wait")),
-                 ("driver", ("from_controller", "inbox_wait")))  # fmt: skip
+                 ("driver", ("from_controller", "inbox_wait", "loop_lag")),
+                 ("driver_gc", ("gen0", "gen1", "gen2")))  # fmt: skip
+
+
+class GcPauses:
+    """This process's garbage collections, timed per generation (``gc.callbacks``): a full
+    collection of a large heap stops every thread, the frontends' loop among them."""
+
+    def __init__(self) -> None:
+        self.times = PhaseTimes()
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.times.add(f"gen{info['generation']}", time.perf_counter() - self._start)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 def delivery_line(name: str, rate: str, times: dict[str, Any]) -> str:
@@ -288,8 +314,8 @@ def delivery_line(name: str, rate: str, times: dict[str, Any]) -> str:
         if hop == "workers":
             parts += [f"{wid}: " + ", ".join(cells(t, names))
                       for wid, t in times.get(hop, {}).items()]  # fmt: skip
-        else:
-            parts.append(f"{hop}: " + ", ".join(cells(times.get(hop, {}), names)))
+        elif found := cells(times.get(hop, {}), names):
+            parts.append(f"{hop}: " + ", ".join(found))
     return f"[{name}] delivery ms p50/p99/max (n) at rate {rate}: " + "; ".join(parts)
 
 
@@ -309,7 +335,7 @@ def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
 def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``--repeats`` sweeps on one cluster; every repeat's report is kept."""
     out_json = Path(args.out) / f"goodput_{name.replace('@', '_t').replace('%', '_p')}.json"
-    with Cluster.start(cfg) as cluster:
+    with Cluster.start(cfg) as cluster, GcPauses() as gc_pauses:
         url = f"http://127.0.0.1:{cluster.ports['http_port']}"
         roles_before = cluster.workers()
         warm_up(name, url, args)
@@ -318,9 +344,12 @@ def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[st
         if cfg.semi_pd:
             lane_times(roles_before, reset=True)
         cluster.delivery_times(reset=True)
+        gc_pauses.times.summary(reset=True)
 
         def on_rate_end(rate: str) -> dict[str, Any]:
-            out = {"delivery": cluster.delivery_times(reset=True)}
+            delivery = cluster.delivery_times(reset=True)
+            delivery["driver_gc"] = gc_pauses.times.summary(reset=True)
+            out = {"delivery": delivery}
             if cfg.semi_pd:
                 out["lanes"] = lane_times(roles_before, reset=True)
                 print(lane_line(name, rate, out["lanes"]), flush=True)

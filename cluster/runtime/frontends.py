@@ -73,11 +73,16 @@ def _metrics_handler(backend: RemoteBackend) -> Any:
     return metrics
 
 
+async def _watches(backend: RemoteBackend) -> None:
+    await asyncio.gather(backend.watch(), backend.watch_loop())
+
+
 async def start_frontends_for(backend: RemoteBackend, cfg: ServeConfig) -> Frontends:
     """Mount /metrics (the controller's registry) on the HTTP port and ``--metrics-port``; every
     ended request is reported to it."""
     await backend.refresh()  # the first readiness answer is the controller's, not a default
-    watch = asyncio.create_task(backend.watch())
+    # readiness from the controller, and the loop's own lag (delivery_times' ``loop_lag``)
+    watch = asyncio.create_task(_watches(backend))
     metrics = _metrics_handler(backend)
     handle = server = None
     try:
@@ -172,7 +177,8 @@ class DriverFrontends:
         return dict(self.frontends.backend.calls) if self.frontends is not None else {}
 
     def delivery_times(self, reset: bool = False) -> dict[str, dict[str, float]]:
-        """The backend's ``from_controller`` and ``inbox_wait`` (``RemoteBackend.delivery``)."""
+        """The backend's ``from_controller``, ``inbox_wait`` and ``loop_lag``
+        (``RemoteBackend.delivery``)."""
         if self.frontends is None:
             return {}
         return self.frontends.backend.delivery.summary(reset=reset)

@@ -80,7 +80,7 @@ class RemoteBackend:
         self.calls: Counter[str] = Counter()  # Ray calls made to the controller, by method
         # a token's time in this process: from_controller (the controller's pack to this
         # reader, needs both clocks to agree) and inbox_wait (routed to its request's inbox
-        # until that request's frontend stream takes it)
+        # until that request's frontend stream takes it); the loop's own lag (watch_loop)
         self.delivery = PhaseTimes()
 
     # ---- read synchronously by the frontends ----------------------------------------------
@@ -107,6 +107,14 @@ class RemoteBackend:
             except Exception:  # a readiness probe never takes the frontends down
                 log.exception("readiness from the controller failed")
             await asyncio.sleep(interval_s)
+
+    async def watch_loop(self, interval_s: float = 0.02) -> None:
+        """Record this event loop's lag as ``loop_lag`` (how late a ``interval_s`` sleep wakes):
+        what every stream on this loop waits besides its own work; runs until cancelled."""
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(interval_s)
+            self.delivery.add("loop_lag", max(0.0, time.monotonic() - start - interval_s))
 
     # ---- calls ------------------------------------------------------------------------------
     def _unavailable(self, why: str) -> ApiError:

@@ -77,7 +77,9 @@ def test_every_hop_counts_each_delivery_once(
         # every request's inbox was read at least once per text chunk its client got (a
         # chunk is one take of the inbox; a take may carry several merged events)
         assert _count(driver, "inbox_wait") >= sum(chunks)
-        # read with reset: nothing since
+        # the frontends' loop measures its own lag as it runs (a 20 ms ticker)
+        assert _count(driver, "loop_lag") >= 1
+        # read with reset: nothing since but the ticker's
         after = cluster.delivery_times()
-        assert after["controller"] == {} and after["driver"] == {}
+        assert after["controller"] == {} and after["driver"].keys() <= {"loop_lag"}
         assert all(w == {} for w in after["workers"].values())

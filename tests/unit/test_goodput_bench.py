@@ -231,7 +231,7 @@ def test_a_delivery_line_walks_the_hops_in_a_tokens_order() -> None:
     phase = {"p50_ms": 0.4, "p99_ms": 6.3, "max_ms": 12.0, "count": 80.0}
     times = {"workers": {"w1": {"outbox_wait": phase, "sink_call": phase}},
              "controller": {"stream_wait": phase, "from_worker": phase},
-             "driver": {"inbox_wait": phase}}  # fmt: skip
+             "driver": {"inbox_wait": phase}, "driver_gc": {}}  # fmt: skip
     line = delivery_line("c1", "128", times)
     assert line == (
         "[c1] delivery ms p50/p99/max (n) at rate 128: "
