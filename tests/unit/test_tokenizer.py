@@ -6,6 +6,8 @@ SmolLM2 tokenizer is in tests/integration/test_model_gguf_default.py."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,33 @@ def test_from_dir_errors(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="cannot read"):
         Tokenizer.from_dir(tmp_path, _config())
+
+
+def test_encoding_lets_other_threads_run(backend: HFTokenizer) -> None:
+    """A long prompt tokenized on one thread (the serving frontends' worker thread) leaves the
+    GIL to the others (their event loop): a thread that needs the GIL for every count keeps
+    counting while ``encode`` runs. ``tokenizers.Tokenizer.encode`` holds the GIL throughout
+    (this thread would count at most once or twice); ``encode_batch`` releases it."""
+    tok = make(backend, add_bos=False)
+    text = "hello world, the quick brown fox " * 20_000  # ~100k tokens: tens of ms
+    stop = threading.Event()
+    counts = [0]
+
+    def count() -> None:
+        while not stop.is_set():
+            counts[0] += 1
+            time.sleep(0)  # gives the GIL up, so the encoding thread can take it
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        while counts[0] == 0:  # the counter runs
+            time.sleep(0)
+        before = counts[0]
+        ids = tok.encode(text)
+        during = counts[0] - before
+    finally:
+        stop.set()
+        counter.join()
+    assert ids == backend.encode(text).ids
+    assert during >= 20, during
