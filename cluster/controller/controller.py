@@ -450,7 +450,10 @@ class Controller:
         workers = {}
         for wid, w in list(self.state.workers.items()):
             if w.healthy:
-                workers[wid] = await w.client.call("delivery_times", reset, timeout=30)
+                try:
+                    workers[wid] = await w.client.call("delivery_times", reset, timeout=30)
+                except (WorkerGone, TimeoutError) as exc:  # the others' figures still count
+                    log.warning("delivery times of %s: %r", wid, exc)
         return {"controller": self.delivery.summary(reset=reset), "workers": workers}
 
     async def cluster_status(self) -> ClusterStatus:

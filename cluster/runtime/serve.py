@@ -165,8 +165,8 @@ class Cluster:
 
     def delivery_times(self, reset: bool = False) -> dict[str, Any]:
         """A token's time from each engine to this process's frontends, hop by hop
-        (``Controller.delivery_times``, and this driver's ``from_controller`` and
-        ``inbox_wait`` under ``driver`` when it runs frontends)."""
+        (``Controller.delivery_times``, and this driver's ``from_controller``, ``inbox_wait``
+        and ``loop_lag`` under ``driver`` when it runs frontends)."""
         out = dict(self.call("delivery_times", reset))
         if self.frontends is not None:
             out["driver"] = self.frontends.delivery_times(reset)

@@ -36,3 +36,31 @@ def test_a_failed_background_task_is_logged_and_forgotten(
     assert len(failed) == 1, caplog.text
     assert "fails" in failed[0].getMessage()
     assert "the planner's snapshot timed out" in caplog.text
+
+
+def test_delivery_times_skip_a_worker_that_is_gone() -> None:
+    """One worker answers its sender's figures, one died since the last heartbeat: the
+    controller's own figures and the live worker's still come back."""
+    from kvrelay.cluster.controller.state import WorkerEntry
+    from kvrelay.cluster.controller.worker_client import WorkerGone
+
+    class Client:
+        def __init__(self, gone: bool) -> None:
+            self.gone = gone
+
+        async def call(self, method: str, *args: object, timeout: float | None = None) -> object:
+            assert method == "delivery_times"
+            if self.gone:
+                raise WorkerGone("w2: the actor died")
+            return {"sink_call": {"count": 3.0}}
+
+    async def main() -> dict[str, object]:
+        controller = Controller(ControllerConfig(ModelInfo("m", 1 << 16, 512)), tokenizer=None)  # type: ignore[arg-type]
+        for wid, gone in (("w1", False), ("w2", True)):
+            controller.state.workers[wid] = WorkerEntry(Client(gone), None, "decode")  # type: ignore[arg-type]
+        controller.delivery.add("from_worker", 0.002)
+        return await controller.delivery_times()
+
+    got = asyncio.run(main())
+    assert got["workers"] == {"w1": {"sink_call": {"count": 3.0}}}
+    assert got["controller"]["from_worker"]["count"] == 1  # type: ignore[index]
