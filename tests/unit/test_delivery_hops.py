@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 from kvrelay.cluster.controller.streams import Mailbox
 from kvrelay.workers.engine.outbox import Outbox
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.types import TokenEvent
+from kvrelay_testing.clock import spin
 
 HOLD_S = 0.03
-
-
-def _spin(seconds: float) -> None:
-    """Let ``seconds`` pass (the duration the clocks must see, not a synchronisation)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
 
 
 def test_the_sender_times_its_lag_from_the_oldest_queued_step() -> None:
@@ -38,7 +31,7 @@ def test_the_sender_times_its_lag_from_the_oldest_queued_step() -> None:
     outbox.put([TokenEvent("a", (1,))])
     assert entered.wait(10)  # the first call is in the sink, held there
     outbox.put([TokenEvent("a", (2,))])  # the oldest of the next call
-    _spin(HOLD_S)
+    spin(HOLD_S)
     outbox.put([TokenEvent("a", (3,))])
     release.set()
     outbox.close(10)
@@ -65,7 +58,7 @@ def test_a_mailbox_times_its_reader_from_the_oldest_item() -> None:
     async def main() -> list[int]:
         box: Mailbox[int] = Mailbox(times, "wait")
         box.put(1)
-        _spin(HOLD_S)
+        spin(HOLD_S)
         box.put(2)  # the box was not empty: the wait still counts from item 1
         first = await box.take()
         box.put(3)

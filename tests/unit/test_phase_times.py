@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kvrelay.workers.engine.phase_times import BUCKETS_PER_OCTAVE, PhaseTimes, bucket_of, upper_edge
+from kvrelay_testing.clock import spin
 
 WIDTH = 2 ** (1 / BUCKETS_PER_OCTAVE)  # a bucket's upper edge over its lower
 
@@ -66,15 +67,9 @@ def _share(fn: Callable[[], object]) -> float:
     return t.summary()["phase"]["cpu_share"]
 
 
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
 def test_cpu_share_tells_a_computing_phase_from_a_blocked_one() -> None:
     t = PhaseTimes()
     t.add("wall_only", 1e-3)
     assert "cpu_share" not in t.summary()["wall_only"]
     assert _share(lambda: threading.Event().wait(0.05)) < 0.2  # blocked: no CPU
-    assert max(_share(lambda: _spin(0.02)) for _ in range(3)) > 0.3  # computing
+    assert max(_share(lambda: spin(0.02)) for _ in range(3)) > 0.3  # computing
