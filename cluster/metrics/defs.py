@@ -14,6 +14,8 @@ MIGRATION_OUTCOMES = ("migrated", "recomputed", "finished_in_place", "failed")
 PREEMPTION_KINDS = ("swap", "recompute")
 KV_TIERS = ("gpu", "cpu")
 KV_STATES = ("free", "used", "cached")
+# a token's hops between an engine and its client that are timed (``observe_delivery``)
+DELIVERY_HOPS = ("worker_to_controller", "controller_to_frontend", "frontend_loop_lag")
 
 # Latency buckets (upper bounds, seconds). TTFT / e2e / queue span ms to minutes: a short prompt
 # on a warm GPU answers in ~10 ms, a long prompt behind a queue in tens of seconds, a long
@@ -144,6 +146,7 @@ HIST_BUCKETS: dict[str, tuple[float, ...]] = {
     "kvrelay_e2e_request_latency_seconds": _E2E,
     "kvrelay_request_queue_time_seconds": _QUEUE,
     "kvrelay_kv_transfer_duration_seconds": _TRANSFER,
+    "kvrelay_event_delivery_seconds": _TRANSFER,
 }
 
 # Every metric family by its exposed name (counters with `_total`), with type, labels, meaning.
@@ -217,6 +220,14 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         ("worker", "role", "tier", "state"),
         "KV blocks by tier (gpu, cpu) and state (free, used, cached).",
+    ),
+    "kvrelay_event_delivery_seconds": (
+        "histogram",
+        ("hop",),
+        "A token's time on one hop from its engine to its client: worker_to_controller (a "
+        "worker's event call, made to arrived), controller_to_frontend (the controller's event "
+        "stream, sent to read by a frontend process), frontend_loop_lag (how late the frontends' "
+        "event loop runs what is ready: every stream there waits as long).",
     ),
     "kvrelay_kv_transfer_bytes_total": (
         "counter",

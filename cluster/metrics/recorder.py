@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 
 from kvrelay.cluster.metrics.defs import (
+    DELIVERY_HOPS,
     HIST_BUCKETS,
     KV_STATES,
     KV_TIERS,
@@ -82,6 +83,9 @@ class Metrics:
         self.requests = _counter(r, "kvrelay_requests_total")
         self.migrations = _counter(r, "kvrelay_migrations_total")
         self.resubmissions = _counter(r, "kvrelay_request_resubmissions_total")
+        self.delivery = _histogram(r, "kvrelay_event_delivery_seconds")
+        for hop in DELIVERY_HOPS:
+            self.delivery.labels(hop)
         for model in self._models:  # the served models read 0 until a worker fails
             self.resubmissions.labels(model)
         for outcome in MIGRATION_OUTCOMES:  # a closed set known up front: a cluster that never
@@ -156,6 +160,19 @@ class Metrics:
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.generation_tokens.labels(m).inc(generation_tokens)
         self.cached_prompt_tokens.labels(m).inc(cached_tokens)
+
+    def observe_delivery(self, hop: str, seconds: Sequence[float]) -> None:
+        """Record the times ``seconds`` of one hop (``DELIVERY_HOPS``) that events took
+        between their engine and their client. Raises ValueError (records nothing) on an unknown
+        hop or a negative / NaN time."""
+        check_choice("hop", hop, DELIVERY_HOPS)
+        if seconds:
+            total = math.fsum(seconds)
+            if not math.isfinite(total) or min(seconds) < 0:
+                raise ValueError("seconds: every time must be a finite number >= 0")
+        child = self.delivery.labels(hop)
+        for s in seconds:
+            child.observe(s)
 
     def record_migration(self, outcome: str, count: int = 1) -> None:
         check_choice("outcome", outcome, MIGRATION_OUTCOMES)

@@ -439,12 +439,18 @@ class ControllerActor(Controller):
         """``on_events`` for a worker's sink (``_ControllerSink``), its events pickled there;
         ``sent_at``: the sink's ``time.time()`` when it made the call (``delivery_times``)."""
         if sent_at is not None:
-            self.delivery.add("from_worker", max(0.0, time.time() - sent_at))
+            took = max(0.0, time.time() - sent_at)
+            self.delivery.add("from_worker", took)
+            self.metrics.observe_delivery("worker_to_controller", (took,))
         await self.on_events(worker_id, events_from_bytes(blob), seq)
 
     # ---- metrics: the registry lives here, the frontends (in the driver) feed and serve it ----
     async def observe_request_finished(self, model: str, outcome: str, **figures: Any) -> None:
         self.metrics.observe_request_finished(model, outcome, **figures)
+
+    async def observe_delivery(self, hop: str, seconds: list[float]) -> None:
+        """A frontend process's times of its hops since its last report (``RemoteBackend``)."""
+        self.metrics.observe_delivery(hop, seconds)
 
     async def render_metrics(self) -> bytes:
         return await asyncio.to_thread(self.metrics.render)  # ~1 ms per worker: off the loop

@@ -55,6 +55,7 @@ from kvrelay.workers.types import TokenEvent, merge_events
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+REPORT_CAP = 10_000  # delivery times kept a hop between two reports to the controller
 RETRY_AFTER_S = 10.0  # a supervisor restarts ``kvrelay serve`` in about its cold start
 
 
@@ -82,6 +83,11 @@ class RemoteBackend:
         # reader, needs both clocks to agree) and inbox_wait (routed to its request's inbox
         # until that request's frontend stream takes it); the loop's own lag (watch_loop)
         self.delivery = PhaseTimes()
+        # the same times, not yet sent to the controller's kvrelay_event_delivery_seconds
+        # (``watch`` sends them about once a second; at most REPORT_CAP kept a hop meanwhile)
+        self._unreported: dict[str, list[float]] = {
+            "controller_to_frontend": [], "frontend_loop_lag": []
+        }
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -100,13 +106,36 @@ class RemoteBackend:
             self._readiness = Readiness(False, problem=err.message)
         return self._readiness
 
-    async def watch(self, interval_s: float = 0.2) -> None:
+    async def watch(self, interval_s: float = 0.2, report_s: float = 1.0) -> None:
+        """Readiness from the controller every ``interval_s``; this process's delivery times
+        to its metrics every ``report_s``."""
+        reported = time.monotonic()
         while self.death is None:
             try:
                 await self.refresh()
             except Exception:  # a readiness probe never takes the frontends down
                 log.exception("readiness from the controller failed")
+            if time.monotonic() - reported >= report_s:
+                reported = time.monotonic()
+                try:
+                    await self._report_delivery()
+                except Exception:  # figures lost, nothing else
+                    log.warning("delivery times not reported to the controller", exc_info=True)
             await asyncio.sleep(interval_s)
+
+    async def _report_delivery(self) -> None:
+        for hop, times in self._unreported.items():
+            if times:
+                self._unreported[hop] = []
+                await self._call("observe_delivery", hop, times)
+
+    def _unreported_time(self, hop: str, seconds: float) -> None:
+        self.delivery.add(
+            "from_controller" if hop == "controller_to_frontend" else "loop_lag", seconds
+        )
+        times = self._unreported[hop]
+        if len(times) < REPORT_CAP:  # a controller that stopped answering: keep the first
+            times.append(seconds)
 
     async def watch_loop(self, interval_s: float = 0.02) -> None:
         """Record this event loop's lag as ``loop_lag`` (how late a ``interval_s`` sleep wakes):
@@ -114,7 +143,9 @@ class RemoteBackend:
         while True:
             start = time.monotonic()
             await asyncio.sleep(interval_s)
-            self.delivery.add("loop_lag", max(0.0, time.monotonic() - start - interval_s))
+            self._unreported_time(
+                "frontend_loop_lag", max(0.0, time.monotonic() - start - interval_s)
+            )
 
     # ---- calls ------------------------------------------------------------------------------
     def _unavailable(self, why: str) -> ApiError:
@@ -213,7 +244,7 @@ class RemoteBackend:
 
     def _unpack(self, packed: Packed) -> list[Item]:
         self.batches_received += 1
-        self.delivery.add("from_controller", max(0.0, time.time() - packed[2]))
+        self._unreported_time("controller_to_frontend", max(0.0, time.time() - packed[2]))
         return unpack(packed)
 
     @property

@@ -108,6 +108,20 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                     "s",
                     "Arrival until a worker first schedules the request.",
                 ),
+                panel(
+                    "Token delivery by hop (p99)",
+                    [
+                        (
+                            "histogram_quantile(0.99, sum by (le, hop) "
+                            f"(rate(kvrelay_event_delivery_seconds_bucket{rate})))",
+                            "{{hop}}",
+                        ),
+                    ],
+                    "s",
+                    "Where a token waits between its engine and its client: the worker's call "
+                    "to the controller, the controller's stream to a frontend process, and the "
+                    "frontends' event loop running late (every stream there waits that long).",
+                ),
             ],
         ),
         (

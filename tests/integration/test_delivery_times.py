@@ -2,13 +2,15 @@
 serving its HTTP frontend from this process: every worker's event sender (``outbox_wait``,
 ``sink_call``), the controller (``from_worker``, ``stream_wait``) and the driver
 (``from_controller``, ``inbox_wait``) count what they handled, each call once, and a reset
-starts them afresh (``Cluster.delivery_times``)."""
+starts them afresh (``Cluster.delivery_times``); /metrics counts the same calls
+(``kvrelay_event_delivery_seconds``)."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import http.client
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ def _sane(times: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("semi_pd", [False, True], ids=["colocated", "semi_pd"])
 def test_every_hop_counts_each_delivery_once(
-    ray_session: None, tiny_model_dir: Path, semi_pd: bool
+    ray_session: None, tiny_model_dir: Path, wait: Callable[..., None], semi_pd: bool
 ) -> None:
     cfg = ServeConfig(model=str(tiny_model_dir), grpc_port=None, http_port=0,
                       threads_per_worker=1, colocated_workers=1, prefill_workers=0,
@@ -83,3 +85,19 @@ def test_every_hop_counts_each_delivery_once(
         after = cluster.delivery_times()
         assert after["controller"] == {} and after["driver"].keys() <= {"loop_lag"}
         assert all(w == {} for w in after["workers"].values())
+        # the same hops on /metrics (kvrelay_event_delivery_seconds, never reset): the
+        # controller's at once, the frontend's within its next report (about a second)
+        assert _delivered(port, "worker_to_controller") == calls
+        wait(lambda: _delivered(port, "controller_to_frontend") == batches)
+        wait(lambda: _delivered(port, "frontend_loop_lag") >= 1)
+
+
+def _delivered(port: int, hop: str) -> int:
+    """``kvrelay_event_delivery_seconds_count{hop=...}`` on the frontend's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    want = f'kvrelay_event_delivery_seconds_count{{hop="{hop}"}} '
+    (line,) = [line for line in text.splitlines() if line.startswith(want)]
+    return int(float(line.split()[-1]))

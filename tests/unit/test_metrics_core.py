@@ -227,6 +227,25 @@ def test_migrations_by_outcome() -> None:
         m.record_migration("lost")
 
 
+def test_delivery_times_by_hop() -> None:
+    m = Metrics()
+    for hop in ("worker_to_controller", "controller_to_frontend", "frontend_loop_lag"):
+        # every hop reads 0 before its first time, not "no data"
+        assert val(m, "kvrelay_event_delivery_seconds_count", hop=hop) == 0
+    m.observe_delivery("frontend_loop_lag", [0.0004, 0.03, 0.2])
+    m.observe_delivery("worker_to_controller", [])
+    lag = {"hop": "frontend_loop_lag"}
+    assert val(m, "kvrelay_event_delivery_seconds_count", **lag) == 3
+    assert val(m, "kvrelay_event_delivery_seconds_bucket", **lag, le="0.0005") == 1
+    assert val(m, "kvrelay_event_delivery_seconds_bucket", **lag, le="0.05") == 2
+    assert val(m, "kvrelay_event_delivery_seconds_count", hop="worker_to_controller") == 0
+    for hop, times in (("client", [0.1]), ("frontend_loop_lag", [0.1, -1.0]),
+                       ("frontend_loop_lag", [float("nan")])):  # fmt: skip
+        with pytest.raises(ValueError):
+            m.observe_delivery(hop, times)
+    assert val(m, "kvrelay_event_delivery_seconds_count", **lag) == 3  # nothing recorded
+
+
 def test_instances_do_not_share_state() -> None:
     a, b = Metrics(), Metrics()
     finish(a)

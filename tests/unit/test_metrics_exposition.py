@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from kvrelay.cluster.metrics.defs import KV_STATES, KV_TIERS, MIGRATION_OUTCOMES, REQUEST_OUTCOMES
+from kvrelay.cluster.metrics.defs import (
+    DELIVERY_HOPS,
+    KV_STATES,
+    KV_TIERS,
+    MIGRATION_OUTCOMES,
+    REQUEST_OUTCOMES,
+)
 from kvrelay.cluster.metrics.recorder import METRIC_NAMES, Metrics, SparseFigures, WorkerCounters
 from kvrelay.workers.types import ROLES
 
@@ -47,6 +53,8 @@ def populated() -> Metrics:
     for outcome in MIGRATION_OUTCOMES:
         m.record_migration(outcome)
     m.record_resubmission("smol")
+    for i, hop in enumerate(DELIVERY_HOPS):
+        m.observe_delivery(hop, [0.001 * (i + 1), 0.03])
     blocks = {t: {s: 10 * (j + 1) for j, s in enumerate(KV_STATES)} for t in KV_TIERS}
     for i, role in enumerate(ROLES):
         m.update_worker(
