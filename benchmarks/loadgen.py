@@ -54,11 +54,27 @@ from kvrelay.benchmarks.loadgen_workload import (
     write_burstgpt_csv,
 )
 
+LAG_TICK_S = 0.005  # the client's own loop-lag ticker
+
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
     results: tuple[RequestResult, ...]
     duration_s: float
+    # how late this client's event loop woke during the run (a 5 ms ticker), sorted: every
+    # chunk's arrival stamp is late by as much, so an ITL tail near these is the client's
+    loop_lags_s: tuple[float, ...] = ()
+
+    def loop_lag_ms(self) -> dict[str, float]:
+        """p50 / p99 / max of ``loop_lags_s``, ms (zeros without samples)."""
+        lags = self.loop_lags_s
+        if not lags:
+            return {"p50": 0.0, "p99": 0.0, "max": 0.0, "ticks": 0.0}
+
+        def at(q: float) -> float:
+            return 1e3 * lags[min(len(lags) - 1, int(q * len(lags)))]
+
+        return {"p50": at(0.5), "p99": at(0.99), "max": 1e3 * lags[-1], "ticks": len(lags)}
 
 
 async def run_open_loop(
@@ -100,6 +116,15 @@ async def run_open_loop(
             prompt = synth_prompt(a.prompt_tokens, i, rng)
             tasks[asyncio.create_task(send(a, prompt, a.t_s))] = a
 
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            t = clock()
+            await asyncio.sleep(LAG_TICK_S)
+            lags.append(max(0.0, clock() - t - LAG_TICK_S))
+
+    lag_ticker = asyncio.create_task(ticker())
     launcher = asyncio.create_task(launch())
     try:
         await asyncio.wait_for(asyncio.shield(launcher), timeout_s)
@@ -120,8 +145,9 @@ async def run_open_loop(
                 )
             )
     await asyncio.gather(*tasks, return_exceptions=True)
+    lag_ticker.cancel()
     results.sort(key=lambda r: r.scheduled_s)
-    return RunResult(tuple(results), max(clock() - start, 1e-9))
+    return RunResult(tuple(results), max(clock() - start, 1e-9), tuple(sorted(lags)))
 
 
 def _workload(args: argparse.Namespace, rate: float | None) -> list[Arrival]:
@@ -234,23 +260,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         rates = sorted(float(x) for x in args.sweep.split(","))
         points: dict[str, list[tuple[float, float]]] = {}
         runs: dict[str, dict[str, Summary]] = {}
+        client_lag: dict[str, dict[str, float]] = {}
         for k, rate in enumerate(rates):
             run = await _run_once(args, _workload(args, rate), k)
             sums = summarize_by_tenant(run.results, run.duration_s, args.ttft_slo, args.itl_slo)
             runs[f"{rate:g}"] = sums
+            client_lag[f"{rate:g}"] = run.loop_lag_ms()
             for name, s in sums.items():
                 points.setdefault(name, []).append((rate, s.slo_attainment))
             print(f"\n== rate {rate:g} req/s ==\n{format_table(sums, args.ttft_slo, args.itl_slo)}")
+            print(_lag_line(run))
         gp = {name: goodput(pts) for name, pts in points.items()}
         print(
             "\ngoodput (req/s at >= 90% SLO attainment): "
             + ", ".join(f"{k}={v:g}" for k, v in gp.items())
         )
-        return {"mode": "sweep", "runs": runs, "attainment": points, "goodput_rps": gp}
+        return {"mode": "sweep", "runs": runs, "attainment": points, "goodput_rps": gp,
+                "client_loop_lag_ms": client_lag}  # fmt: skip
     run = await _run_once(args, _workload(args, args.rate))
     sums = summarize_by_tenant(run.results, run.duration_s, args.ttft_slo, args.itl_slo)
     print(format_table(sums, args.ttft_slo, args.itl_slo))
-    return {"mode": "single", "rate": args.rate, "summary": sums}
+    print(_lag_line(run))
+    return {"mode": "single", "rate": args.rate, "summary": sums,
+            "client_loop_lag_ms": run.loop_lag_ms()}  # fmt: skip
+
+
+def _lag_line(run: RunResult) -> str:
+    lag = run.loop_lag_ms()
+    return (f"client loop lag ms p50 / p99 / max: {lag['p50']:.1f} / {lag['p99']:.1f} / "
+            f"{lag['max']:.0f} ({lag['ticks']:.0f} ticks of {1e3 * LAG_TICK_S:g} ms)")  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:

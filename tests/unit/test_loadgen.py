@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from scipy import stats
 
-from kvrelay.benchmarks.loadgen import main, run_open_loop
+from kvrelay.benchmarks.loadgen import RunResult, main, run_open_loop
 from kvrelay.benchmarks.loadgen_drivers import http_driver
 from kvrelay.benchmarks.loadgen_report import (
     RequestResult,
@@ -34,6 +34,7 @@ from kvrelay.benchmarks.loadgen_workload import (
     synthetic_workload,
     zipf_lengths,
 )
+from kvrelay_testing.clock import spin
 
 SAMPLE = (
     Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "burstgpt_synthetic_sample.csv"
@@ -464,3 +465,26 @@ def test_grpc_driver_with_a_stand_in_client() -> None:
     assert stub.params[0]["tenant"] == "t" and stub.params[0]["ignore_eos"] is True
     assert ok.ok and ok.output_tokens == 3 and ok.prompt_tokens == 42 and len(ok.gaps_s) == 2
     assert not bad.ok and "UNAVAILABLE" in bad.error and bad.output_tokens == 1
+
+
+def test_the_client_measures_its_own_loop_lag() -> None:
+    """A request whose handling holds the client's loop (parsing a huge chunk, say) shows up in
+    the run's loop lag: a stamp taken after it is late by as much, and the report says so."""
+
+    async def send(a: Arrival, prompt: str, scheduled: float) -> RequestResult:
+        if a.tenant == "busy":
+            spin(0.05)  # the loop cannot run the lag ticker meanwhile
+        await asyncio.sleep(0.02)
+        return RequestResult(a.tenant, scheduled, scheduled, 0.01, (), 0.02, 3, 1)
+
+    async def go() -> tuple[RunResult, RunResult]:
+        loop = asyncio.get_running_loop()
+        arr = [Arrival(0.0, "x", 3, 1), Arrival(0.03, "y", 3, 1)]
+        quiet = await run_open_loop(arr, send, loop.time, timeout_s=5.0)
+        busy = await run_open_loop([*arr, Arrival(0.04, "busy", 3, 1)], send, loop.time)
+        return quiet, busy
+
+    quiet, busy = asyncio.run(go())
+    assert busy.loop_lag_ms()["max"] >= 40 and busy.loop_lag_ms()["ticks"] >= 1
+    assert quiet.loop_lag_ms()["ticks"] >= 1  # it ran; its lag is the machine's
+    assert RunResult((), 1.0).loop_lag_ms() == {"p50": 0.0, "p99": 0.0, "max": 0.0, "ticks": 0.0}
