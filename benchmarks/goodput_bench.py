@@ -277,7 +277,7 @@ def lane_line(name: str, rate: str, times: dict[str, Any]) -> str:
 
 
 DELIVERY_HOPS = (("workers", ("outbox_wait", "sink_call")),
-                 ("controller", ("from_worker", "stream_wait")),
+                 ("controller", ("from_worker", "stream_wait", "loop_lag")),
                  ("driver", ("from_controller", "inbox_wait", "loop_lag")),
                  ("driver_gc", ("gen0", "gen1", "gen2")))  # fmt: skip
 

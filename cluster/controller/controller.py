@@ -46,6 +46,7 @@ from kvrelay.cluster.controller.health import HealthMonitor
 from kvrelay.cluster.controller.state import ControllerState, DispatchCounters, WorkerEntry
 from kvrelay.cluster.controller.streams import EventStreams, Packed, pack
 from kvrelay.cluster.controller.worker_client import WorkerClient, WorkerGone
+from kvrelay.cluster.metrics.loop_lag import watch_loop_lag
 from kvrelay.cluster.metrics.recorder import Metrics
 from kvrelay.cluster.routing.adapter import Pull, RoutePlan, Routing
 from kvrelay.cluster.routing.types import RouteRequest, WorkerLoad
@@ -85,7 +86,8 @@ class Controller:
             self.autosizer, self._spawn,
         )
         # a token's time in this process: from_worker (the worker's sink call to its delivery
-        # here) and stream_wait (ready here until the frontend's event stream takes it)
+        # here), stream_wait (ready here until the frontend's event stream takes it) and the
+        # loop's own lag (loop_lag: every event here waits as long)
         self.delivery = PhaseTimes()
         self.streams = EventStreams(self.run_request, self.delivery)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -97,6 +99,11 @@ class Controller:
             self._health = asyncio.create_task(self.health.run())
             if self.autosizer is not None:
                 self._spawn(self.autosizer.run())
+            self._spawn(watch_loop_lag(self._loop_lag))
+
+    def _loop_lag(self, late_s: float) -> None:
+        self.delivery.add("loop_lag", late_s)
+        self.metrics.observe_delivery("controller_loop_lag", (late_s,))
 
     async def stop(self) -> None:
         if self._health is not None:
@@ -444,8 +451,9 @@ class Controller:
         """Where a token's time between an engine and the frontends goes, per hop: each live
         worker's sender (``outbox_wait``, ``sink_call``: workers/engine/outbox.py) under
         ``workers``, and this process's ``from_worker`` (the sink's call to its delivery here;
-        needs the worker's clock to agree with this host's) and ``stream_wait`` (until the
-        frontend's event stream takes it) under ``controller``; each phase's count, total and
+        needs the worker's clock to agree with this host's), ``stream_wait`` (until the
+        frontend's event stream takes it) and ``loop_lag`` (this loop waking late) under
+        ``controller``; each phase's count, total and
         mean / p50 / p90 / p99 / max ms (phase_times.py). ``reset``: start afresh after."""
         workers = {}
         for wid, w in list(self.state.workers.items()):

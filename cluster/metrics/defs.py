@@ -15,7 +15,12 @@ PREEMPTION_KINDS = ("swap", "recompute")
 KV_TIERS = ("gpu", "cpu")
 KV_STATES = ("free", "used", "cached")
 # a token's hops between an engine and its client that are timed (``observe_delivery``)
-DELIVERY_HOPS = ("worker_to_controller", "controller_to_frontend", "frontend_loop_lag")
+DELIVERY_HOPS = (
+    "worker_to_controller",
+    "controller_loop_lag",
+    "controller_to_frontend",
+    "frontend_loop_lag",
+)
 
 # Latency buckets (upper bounds, seconds). TTFT / e2e / queue span ms to minutes: a short prompt
 # on a warm GPU answers in ~10 ms, a long prompt behind a queue in tens of seconds, a long
@@ -225,9 +230,10 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
         "histogram",
         ("hop",),
         "A token's time on one hop from its engine to its client: worker_to_controller (a "
-        "worker's event call, made to arrived), controller_to_frontend (the controller's event "
-        "stream, sent to read by a frontend process), frontend_loop_lag (how late the frontends' "
-        "event loop runs what is ready: every stream there waits as long).",
+        "worker's event call, made to arrived), controller_loop_lag (how late the controller's "
+        "event loop runs what is ready), controller_to_frontend (the controller's event stream, "
+        "sent to read by a frontend process), frontend_loop_lag (the same lag in the frontends' "
+        "loop: every stream there waits as long).",
     ),
     "kvrelay_kv_transfer_bytes_total": (
         "counter",

@@ -50,6 +50,7 @@ from kvrelay.cluster.api.backend import (
 )
 from kvrelay.cluster.api.errors import ApiError, ErrorCode
 from kvrelay.cluster.controller.streams import Item, Mailbox, Packed, unpack
+from kvrelay.cluster.metrics.loop_lag import watch_loop_lag
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.types import TokenEvent, merge_events
 
@@ -137,15 +138,10 @@ class RemoteBackend:
         if len(times) < REPORT_CAP:  # a controller that stopped answering: keep the first
             times.append(seconds)
 
-    async def watch_loop(self, interval_s: float = 0.02) -> None:
-        """Record this event loop's lag as ``loop_lag`` (how late a ``interval_s`` sleep wakes):
-        what every stream on this loop waits besides its own work; runs until cancelled."""
-        while True:
-            start = time.monotonic()
-            await asyncio.sleep(interval_s)
-            self._unreported_time(
-                "frontend_loop_lag", max(0.0, time.monotonic() - start - interval_s)
-            )
+    async def watch_loop(self) -> None:
+        """Record this event loop's lag as ``loop_lag`` (cluster/metrics/loop_lag.py): what
+        every stream on this loop waits besides its own work; runs until cancelled."""
+        await watch_loop_lag(lambda late: self._unreported_time("frontend_loop_lag", late))
 
     # ---- calls ------------------------------------------------------------------------------
     def _unavailable(self, why: str) -> ApiError:

@@ -119,8 +119,8 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                     ],
                     "s",
                     "Where a token waits between its engine and its client: the worker's call "
-                    "to the controller, the controller's stream to a frontend process, and the "
-                    "frontends' event loop running late (every stream there waits that long).",
+                    "to the controller, the controller's event loop running late, its stream to "
+                    "a frontend process, and the frontends' loop running late.",
                 ),
             ],
         ),
