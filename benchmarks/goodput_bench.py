@@ -45,11 +45,12 @@ between its steps, ``forward`` its kernels under the other lane's load, ``lock_w
 time between the engines and the HTTP frontend went (``Cluster.delivery_times``, under
 ``delivery``): each worker's event sender (``outbox_wait``: its lag behind the engine's steps;
 ``sink_call``: its call to the controller), the controller's ``from_worker`` (that call's
-arrival) and ``stream_wait`` (its loop's lag in handing events to the frontend's stream), and
-this process's ``from_controller``, ``inbox_wait`` (until a request's HTTP stream took them),
-``loop_lag`` (its frontends' event loop waking late) and its garbage collections' pauses
-(``driver_gc``). The load generator prints its own loop's lag after each rate (``client loop
-lag``, kept in its JSON as ``client_loop_lag_ms``): its chunks' stamps are late by as much. What the client adds past the frontend is the loadgen's ITL less these.
+arrival), ``stream_wait`` (until the frontend's stream took the events) and ``loop_lag`` (its
+event loop waking late), and this process's ``from_controller``, ``inbox_wait`` (until a
+request's HTTP stream took them), ``loop_lag`` (its frontends' loop) and its garbage
+collections' pauses (``driver_gc``). The load generator prints its own loop's lag after each
+rate (``client loop lag``, kept in its JSON as ``client_loop_lag_ms``): its chunks' stamps are
+late by as much. What is left of the loadgen's ITL past these is the engines' cadence.
 
 For each, a fresh local Ray cluster (HTTP frontend on a free port) is started and the load
 generator runs as its own process with the same workload (seeded Gamma arrivals, shape 0.5 as
