@@ -453,8 +453,8 @@ class Controller:
         ``workers``, and this process's ``from_worker`` (the sink's call to its delivery here;
         needs the worker's clock to agree with this host's), ``stream_wait`` (until the
         frontend's event stream takes it) and ``loop_lag`` (this loop waking late) under
-        ``controller``; each phase's count, total and
-        mean / p50 / p90 / p99 / max ms (phase_times.py). ``reset``: start afresh after."""
+        ``controller``; each phase's count, total and mean / p50 / p90 / p99 / max ms
+        (phase_times.py). ``reset``: start afresh after."""
         workers = {}
         for wid, w in list(self.state.workers.items()):
             if w.healthy:
