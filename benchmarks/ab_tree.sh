@@ -11,7 +11,8 @@
 #   bash benchmarks/ab_tree.sh pack 866d8a5 workers/transport benchmarks/transfer_phases.py \
 #       benchmarks/transfer_bench.py
 #   bash benchmarks/ab_tree.sh run 2 python3 benchmarks/transfer_bench.py --device cuda --blocks 1 256 1024
-# The old tree is /tmp/ab-old (this tree with the packed files over it), imported as kvrelay
+# The old tree is /tmp/ab-old (this tree with the packed files over it, .carry and .whl linked
+# to this tree's), imported as kvrelay
 # through /tmp/ab-site; each run's output is prefixed "new " or "old ". Run after gpu_run.sh's
 # setup (Ray and the wheels in /tmp/site).
 set -eu
@@ -30,6 +31,10 @@ run)
     rm -rf /tmp/ab-old /tmp/ab-site && mkdir -p /tmp/ab-old /tmp/ab-site
     tar -C . --exclude=./.carry --exclude=./.whl --exclude=./.git --exclude=./.venv -cf - . | tar -C /tmp/ab-old -xf -
     tar -C /tmp/ab-old -xf .carry/ab/old.tar
+    # what travels outside git (the tokenizer folder, the wheels) is shared, not copied: a
+    # command naming .carry/... finds it from either tree (the seventeenth session's old run
+    # failed on .carry/smol_tok)
+    for d in .carry .whl; do [ -e "$d" ] && ln -sfn "$PWD/$d" "/tmp/ab-old/$d"; done
     ln -sfn /tmp/ab-old /tmp/ab-site/kvrelay
     echo "old = this tree with $(cat .carry/ab/old.txt)"
     export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
