@@ -53,6 +53,7 @@ from kvrelay.benchmarks.loadgen_workload import (
     synthetic_workload,
     write_burstgpt_csv,
 )
+from kvrelay.cluster.metrics.loop_lag import lag_summary_ms, watch_loop_lag
 
 LAG_TICK_S = 0.005  # the client's own loop-lag ticker
 
@@ -67,14 +68,7 @@ class RunResult:
 
     def loop_lag_ms(self) -> dict[str, float]:
         """p50 / p99 / max of ``loop_lags_s``, ms (zeros without samples)."""
-        lags = self.loop_lags_s
-        if not lags:
-            return {"p50": 0.0, "p99": 0.0, "max": 0.0, "ticks": 0.0}
-
-        def at(q: float) -> float:
-            return 1e3 * lags[min(len(lags) - 1, int(q * len(lags)))]
-
-        return {"p50": at(0.5), "p99": at(0.99), "max": 1e3 * lags[-1], "ticks": len(lags)}
+        return lag_summary_ms(self.loop_lags_s)
 
 
 async def run_open_loop(
@@ -117,14 +111,7 @@ async def run_open_loop(
             tasks[asyncio.create_task(send(a, prompt, a.t_s))] = a
 
     lags: list[float] = []
-
-    async def ticker() -> None:
-        while True:
-            t = clock()
-            await asyncio.sleep(LAG_TICK_S)
-            lags.append(max(0.0, clock() - t - LAG_TICK_S))
-
-    lag_ticker = asyncio.create_task(ticker())
+    lag_ticker = asyncio.create_task(watch_loop_lag(lags.append, LAG_TICK_S))
     launcher = asyncio.create_task(launch())
     try:
         await asyncio.wait_for(asyncio.shield(launcher), timeout_s)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvrelay.cluster.metrics.loop_lag import lag_summary_ms, watch_loop_lag
 from kvrelay.workers.model.source import load_tokenizer
 
 TICK_S = 0.001
@@ -45,15 +46,7 @@ async def run(
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     lags: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        while not stop.is_set():
-            start = loop.time()
-            await asyncio.sleep(TICK_S)
-            lags.append(max(0.0, loop.time() - start - TICK_S))
-
-    tick = asyncio.create_task(ticker())
+    tick = asyncio.create_task(watch_loop_lag(lags.append, TICK_S))
     jobs = []
     t0 = loop.time()
     n = int(rate * seconds)
@@ -61,15 +54,10 @@ async def run(
         await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
         jobs.append(asyncio.create_task(asyncio.to_thread(encode, text)))
     ids = await asyncio.gather(*jobs)
-    stop.set()
-    await tick
-    lags.sort()
-
-    def pct(q: float) -> float:
-        return 1e3 * lags[min(len(lags) - 1, int(q * len(lags)))]
-
+    tick.cancel()
+    lag = lag_summary_ms(lags)
     return {"prompts": n, "ids": sum(map(len, ids)), "ticks": len(lags),
-            "lag_p50_ms": pct(0.5), "lag_p99_ms": pct(0.99), "lag_max_ms": 1e3 * lags[-1],
+            "lag_p50_ms": lag["p50"], "lag_p99_ms": lag["p99"], "lag_max_ms": lag["max"],
             "first_ids": ids[0][:8]}  # fmt: skip
 
 
