@@ -57,6 +57,8 @@ from kvrelay.workers.types import TokenEvent, merge_events
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REPORT_CAP = 10_000  # delivery times kept a hop between two reports to the controller
+# this process's hops: the metric's ``hop`` label -> the ``delivery`` phase that times it too
+_PHASE_OF_HOP = {"controller_to_frontend": "from_controller", "frontend_loop_lag": "loop_lag"}
 RETRY_AFTER_S = 10.0  # a supervisor restarts ``kvrelay serve`` in about its cold start
 
 
@@ -86,9 +88,7 @@ class RemoteBackend:
         self.delivery = PhaseTimes()
         # the same times, not yet sent to the controller's kvrelay_event_delivery_seconds
         # (``watch`` sends them about once a second; at most REPORT_CAP kept a hop meanwhile)
-        self._unreported: dict[str, list[float]] = {
-            "controller_to_frontend": [], "frontend_loop_lag": []
-        }
+        self._unreported: dict[str, list[float]] = {hop: [] for hop in _PHASE_OF_HOP}
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -131,9 +131,7 @@ class RemoteBackend:
                 await self._call("observe_delivery", hop, times)
 
     def _unreported_time(self, hop: str, seconds: float) -> None:
-        self.delivery.add(
-            "from_controller" if hop == "controller_to_frontend" else "loop_lag", seconds
-        )
+        self.delivery.add(_PHASE_OF_HOP[hop], seconds)
         times = self._unreported[hop]
         if len(times) < REPORT_CAP:  # a controller that stopped answering: keep the first
             times.append(seconds)
