@@ -277,10 +277,12 @@ def lane_line(name: str, rate: str, times: dict[str, Any]) -> str:
     return f"[{name}] lane times ms p50/p99/max (n) at rate {rate}: " + "; ".join(parts)
 
 
-DELIVERY_HOPS = (("workers", ("outbox_wait", "sink_call")),
-                 ("controller", ("from_worker", "stream_wait", "loop_lag")),
-                 ("driver", ("from_controller", "inbox_wait", "loop_lag")),
-                 ("driver_gc", ("gen0", "gen1", "gen2")))  # fmt: skip
+# the delivery line's groups and their phases, in a token's order (not the metric's hops:
+# cluster/metrics/defs.py DELIVERY_HOPS)
+DELIVERY_PHASES = (("workers", ("outbox_wait", "sink_call")),
+                   ("controller", ("from_worker", "stream_wait", "loop_lag")),
+                   ("driver", ("from_controller", "inbox_wait", "loop_lag")),
+                   ("driver_gc", ("gen0", "gen1", "gen2")))  # fmt: skip
 
 
 class GcPauses:
@@ -312,7 +314,7 @@ def delivery_line(name: str, rate: str, times: dict[str, Any]) -> str:
                 for ph in names if (v := phases.get(ph))]  # fmt: skip
 
     parts = []
-    for hop, names in DELIVERY_HOPS:
+    for hop, names in DELIVERY_PHASES:
         if hop == "workers":
             parts += [f"{wid}: " + ", ".join(cells(t, names))
                       for wid, t in times.get(hop, {}).items()]  # fmt: skip
