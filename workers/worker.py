@@ -27,12 +27,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvrelay.workers.engine.config import EngineConfig, EngineStats
 from kvrelay.workers.engine.engine import Engine
+from kvrelay.workers.engine.kernel_compiles import COMPILES
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.scheduler import ScheduledSeq
@@ -153,7 +154,12 @@ class Worker:
         self._first_token: dict[str, threading.Event] = {}  # late_submit_reply waiters
         # the sender thread's lag and its sink calls (outbox.py): delivery_times()
         self.delivery = PhaseTimes()
+        # Triton compiles (kernel_compiles.py): in delivery_times, the heartbeat, and logged
+        # once the engines have started (a compile then stalls a serving step)
+        self._compiles = device.startswith("cuda") and COMPILES.install(self.delivery)
         self.loop = self._start_engines(loaded, engine_config, device)
+        if self._compiles:
+            COMPILES.serving()
         self.engine = self.loop.engine
         self._notice = notice
         self.grace_s = grace_s
@@ -452,13 +458,16 @@ class Worker:
 
     # ---- figures -------------------------------------------------------------------------
     def delivery_times(self, reset: bool = False) -> dict[str, dict[str, float]]:
-        """The event sender's ``outbox_wait`` and ``sink_call`` (outbox.py): count, total and
-        mean / p50 / p90 / p99 / max ms; ``reset``: start afresh after reading."""
+        """The event sender's ``outbox_wait`` and ``sink_call`` (outbox.py), and on CUDA the
+        Triton compiles that stalled a step (``kernel_compile``, kernel_compiles.py): count,
+        total and mean / p50 / p90 / p99 / max ms; ``reset``: start afresh after reading."""
         return self.delivery.summary(reset=reset)
 
     def heartbeat(self) -> Heartbeat:
         self.expire_reservations()
         stats, events = self.loop.call(lambda e: (e.stats(), tuple(e.drain_kv_events())))
+        if self._compiles:  # process totals: the controller turns them into counters
+            stats = replace(stats, extra={**stats.extra, **COMPILES.totals()})
         return Heartbeat(
             self.worker_id, self.role, stats, events, self.transport_totals(), self.loop.alive,
             self.loop.prefill_tokens_per_s, self.loop.decode_step_s,

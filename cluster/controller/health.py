@@ -23,6 +23,7 @@ from kvrelay.workers.worker import Heartbeat
 
 # EngineStats.extra key of a sparse-attention worker (workers/model/sparse_attention.py)
 SELECTED = "sparse_decode_selected_tokens"
+COMPILES, COMPILE_S = "kernel_compiles", "kernel_compile_seconds"  # kernel_compiles.py totals()
 
 
 class HealthMonitor:
@@ -103,6 +104,10 @@ class HealthMonitor:
             prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
             sparse_selected_tokens=delta(
                 x.get(SELECTED, 0.0), p.extra.get(SELECTED, 0.0) if p else 0.0
+            ),
+            kernel_compiles=delta(x.get(COMPILES, 0.0), p.extra.get(COMPILES, 0.0) if p else 0.0),
+            kernel_compile_seconds=max(
+                0.0, x.get(COMPILE_S, 0.0) - (p.extra.get(COMPILE_S, 0.0) if p else 0.0)
             ),
         )
         sparse = None

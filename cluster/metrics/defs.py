@@ -265,6 +265,17 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("worker", "role"),
         "Looked-up prompt tokens found cached (GPU or CPU tier).",
     ),
+    "kvrelay_kernel_compiles_total": (
+        "counter",
+        ("worker", "role"),
+        "Triton kernels the worker's process compiled (or loaded from its disk cache) on first "
+        "use of a specialization; after start-up each one stalled a serving step (logged).",
+    ),
+    "kvrelay_kernel_compile_seconds_total": (
+        "counter",
+        ("worker", "role"),
+        "Seconds the worker's process spent in those compiles.",
+    ),
     "kvrelay_sparse_decode_selected_tokens_total": (
         "counter",
         ("worker", "role"),
@@ -332,6 +343,8 @@ class WorkerCounters:
     prefix_hit_tokens: int = 0  # of those, tokens found cached (GPU or CPU tier)
     kv_received_bytes: int = 0
     sparse_selected_tokens: int = 0  # KV tokens sparse decode read (sequences x heads x layers)
+    kernel_compiles: int = 0  # Triton compiles in the worker's process (kernel_compiles.py)
+    kernel_compile_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +374,8 @@ def check_counters(c: WorkerCounters) -> None:
     check_count("prefix_query_tokens", c.prefix_query_tokens)
     check_count("prefix_hit_tokens", c.prefix_hit_tokens)
     check_count("sparse_selected_tokens", c.sparse_selected_tokens)
+    check_count("kernel_compiles", c.kernel_compiles)
+    check_seconds("kernel_compile_seconds", c.kernel_compile_seconds)
     if c.prefix_hit_tokens > c.prefix_query_tokens:
         raise ValueError("prefix_hit_tokens > prefix_query_tokens")
     for s in c.kv_transfer_seconds:

@@ -101,6 +101,8 @@ class Metrics:
         self.preemptions = _counter(r, "kvrelay_preemptions_total")
         self.prefix_queries = _counter(r, "kvrelay_prefix_cache_queried_tokens_total")
         self.prefix_hits = _counter(r, "kvrelay_prefix_cache_hit_tokens_total")
+        self.compiles = _counter(r, "kvrelay_kernel_compiles_total")
+        self.compile_seconds = _counter(r, "kvrelay_kernel_compile_seconds_total")
         # -- sparse attention (workers that run it only) --
         self.sparse_selected = _counter(r, "kvrelay_sparse_decode_selected_tokens_total")
         self.sparse_read = _gauge(r, "kvrelay_sparse_decode_read_fraction")
@@ -232,6 +234,8 @@ class Metrics:
             self.preemptions.labels(*w, "recompute").inc(c.preemptions_recompute)
             self.prefix_queries.labels(*w).inc(c.prefix_query_tokens)
             self.prefix_hits.labels(*w).inc(c.prefix_hit_tokens)
+            self.compiles.labels(*w).inc(c.kernel_compiles)
+            self.compile_seconds.labels(*w).inc(c.kernel_compile_seconds)
             if sparse is not None:
                 self.sparse_selected.labels(*w).inc(c.sparse_selected_tokens)
                 self.sparse_read.labels(*w).set(sparse.decode_read_fraction)
@@ -276,6 +280,8 @@ class Metrics:
             self.transfer_seconds,
             self.prefix_queries,
             self.prefix_hits,
+            self.compiles,
+            self.compile_seconds,
             self.sparse_selected,
             self.sparse_read,
             self.sparse_density,

@@ -312,6 +312,22 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                     ],
                     "ops",
                 ),
+                panel(
+                    "Kernel compiles per worker",
+                    [
+                        (
+                            f"sum by (worker) (increase(kvrelay_kernel_compiles_total{{{W}}}{rate}))",
+                            "{{worker}} compiles",
+                        ),
+                        (
+                            f"sum by (worker) (increase(kvrelay_kernel_compile_seconds_total{{{W}}}{rate}))",
+                            "{{worker}} seconds",
+                        ),
+                    ],
+                    "short",
+                    "Triton compiles in each worker's process and the seconds they took: after "
+                    "start-up each one stalled a serving step (the worker logs the kernel).",
+                ),
             ],
         ),
         (

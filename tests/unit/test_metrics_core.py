@@ -191,6 +191,21 @@ def test_sparse_series_only_for_sparse_workers_and_forgotten_with_them() -> None
     m.check_integrity()
 
 
+def test_kernel_compiles_add_up_per_worker_and_leave_with_it() -> None:
+    m = Metrics()
+    w = {"worker": "g", "role": "colocated"}
+    for n, s in ((5, 2.5), (0, 0.0), (1, 0.75)):
+        m.update_worker(
+            "g", "colocated", True, BLOCKS, 1, 0,
+            WorkerCounters(kernel_compiles=n, kernel_compile_seconds=s),
+        )  # fmt: skip
+    assert val(m, "kvrelay_kernel_compiles_total", **w) == 6
+    assert val(m, "kvrelay_kernel_compile_seconds_total", **w) == 3.25
+    m.forget_worker("g")
+    assert 'worker="g"' not in m.render().decode()
+    m.check_integrity()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -202,6 +217,8 @@ def test_sparse_series_only_for_sparse_workers_and_forgotten_with_them() -> None
         ({"running": -1}, "running"),
         ({"counters": WorkerCounters(prefix_query_tokens=1, prefix_hit_tokens=2)}, "prefix_hit"),
         ({"counters": WorkerCounters(kv_transfer_seconds=(math.nan,))}, "kv_transfer_seconds"),
+        ({"counters": WorkerCounters(kernel_compiles=-1)}, "kernel_compiles"),
+        ({"counters": WorkerCounters(kernel_compile_seconds=math.inf)}, "kernel_compile_seconds"),
         ({"sparse": SparseFigures(1.5, 1.0)}, "decode_read_fraction"),
         ({"sparse": SparseFigures(0.5, math.nan)}, "prefill_density"),
     ],

@@ -1,0 +1,87 @@
+"""Triton compiles counted for real (workers/engine/kernel_compiles.py), and whether an engine
+whose graphs were captured at start still compiles kernels while it serves: each such compile
+stalls a serving step (the semi-PD decode lane's 951 ms ``forward`` on the 2026-12-07 H100)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kvrelay.workers.engine.kernel_compiles import COMPILES, PHASE
+from kvrelay.workers.engine.phase_times import PhaseTimes
+
+pytestmark = pytest.mark.gpu
+
+
+@triton.jit
+def _add_one(x_ptr, n, BLOCK: tl.constexpr):  # a kernel no other test launches
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+
+
+def test_a_new_specialization_is_one_compile() -> None:
+    """``n`` is specialized as 1, a multiple of 16 or neither: one compile per class seen."""
+    sink = PhaseTimes()
+    assert COMPILES.install(sink)
+    x = torch.zeros(64, device="cuda")
+    before = COMPILES.count
+    counts = []
+    for n in (17, 19, 32, 48, 1, 23):
+        _add_one[(1,)](x, n, BLOCK=64)
+        counts.append(COMPILES.count - before)
+    torch.cuda.synchronize()
+    assert counts == [1, 1, 2, 2, 3, 3]
+    assert {c.kernel for c in COMPILES.recent()[-3:]} == {"_add_one"}
+    assert sink.summary()[PHASE]["count"] == 3
+    assert x[0].item() == 6
+
+
+_SERVE = """
+import json, random, sys, torch
+from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.kernel_compiles import COMPILES
+from kvrelay.workers.llm import LLM
+from kvrelay.workers.types import SamplingParams
+COMPILES.install()
+llm = LLM(sys.argv[1], engine_config=EngineConfig(max_num_seqs=16, max_num_batched_tokens=256,
+          num_blocks=1024, capture_graphs=True), dtype=torch.bfloat16, device="cuda")
+start = COMPILES.count
+COMPILES.serving()
+rng = random.Random(0)
+for wave in range(6):  # batches of 1..16 rows, prompts of 1..700 tokens, ragged outputs
+    n = rng.choice([1, 2, 3, 5, 8, 13, 16])
+    ps = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 700))] for _ in range(n)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.0, ignore_eos=True)
+              for _ in ps]
+    llm.generate(ps, params)
+late = [c for c in COMPILES.recent() if c.serving]
+print(json.dumps({"start": start, "serving": COMPILES.serving_count,
+                  "late": [[c.kernel, round(c.seconds * 1e3, 1), c.signature] for c in late]}))
+"""
+
+
+def test_an_engine_with_graphs_captured_compiles_nothing_while_serving(
+    make_gpu_llama: Callable[..., Path],
+) -> None:
+    """In its own process (this one has compiled kernels for other tests already): start-up
+    compiles, then a served mix of batch sizes and prompt lengths compiles nothing."""
+    folder = make_gpu_llama(seed=9, dtype=torch.bfloat16)
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SERVE, str(folder)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["start"] > 0  # the hooks saw the start-up compiles
+    assert out["serving"] == 0, "compiled while serving:\n" + "\n".join(map(str, out["late"]))
