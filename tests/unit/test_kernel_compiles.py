@@ -1,6 +1,9 @@
 """Counting Triton compiles (workers/engine/kernel_compiles.py) through Triton's own hooks, called
 as Triton calls them (keyword arguments of ``JITFunction._call_hook``): this CPU has no GPU
-driver, so no kernel really compiles here (tests/gpu/test_kernel_compiles_gpu.py does that)."""
+driver, so no kernel really compiles here (tests/gpu/test_kernel_compiles_gpu.py does that).
+
+Triton is imported when a test runs, not when this module is collected: tests/unit/
+test_kernels_interpret.py must be the first to import it (with TRITON_INTERPRET set)."""
 
 from __future__ import annotations
 
@@ -9,18 +12,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import triton.runtime.jit as jit
-from triton import knobs
 
 from kvrelay.workers.engine.kernel_compiles import PHASE, KernelCompiles
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay_testing.clock import spin
 
 
+def runtime() -> Any:
+    """Triton's runtime knobs, where the hooks live."""
+    from triton import knobs
+
+    return knobs.runtime
+
+
 @pytest.fixture(autouse=True)
 def restore_hooks() -> Iterator[None]:
     """The hooks are process-wide: each test puts back what it found."""
-    rt = knobs.runtime
+    rt = runtime()
     saved = rt.jit_cache_hook, rt.jit_post_compile_hook
     rt.jit_cache_hook = rt.jit_post_compile_hook = None
     yield
@@ -28,16 +36,18 @@ def restore_hooks() -> Iterator[None]:
 
 
 def hook_kwargs(name: str) -> dict[str, Any]:
+    from triton.runtime.jit import JitFunctionInfo
+
     return dict(
         key=("sig", name), repr=f"{name}[num_warps=4](n: i32, x_ptr: *fp16)",
-        fn=jit.JitFunctionInfo(__import__(__name__), name, None),  # type: ignore[arg-type]
+        fn=JitFunctionInfo(__import__(__name__), name, None),  # type: ignore[arg-type]
         compile={}, is_manual_warmup=False, already_compiled=False,
     )  # fmt: skip
 
 
 def compile_once(name: str, seconds: float) -> Any:
     """What Triton does around one compile of ``name``: the cache hook, the work, the post hook."""
-    rt = knobs.runtime
+    rt = runtime()
     skipped = rt.jit_cache_hook(**hook_kwargs(name))
     if skipped:
         return skipped
@@ -78,7 +88,7 @@ def test_only_compiles_after_serving_are_warned_about(caplog: pytest.LogCaptureF
 
 
 def test_hooks_set_before_are_kept_and_a_skipped_compile_is_not_counted() -> None:
-    rt = knobs.runtime
+    rt = runtime()
     seen: list[str] = []
     skip = {"_skipped"}
     rt.jit_cache_hook = lambda **kw: seen.append("cache " + kw["fn"].name) or kw["fn"].name in skip
@@ -94,7 +104,7 @@ def test_hooks_set_before_are_kept_and_a_skipped_compile_is_not_counted() -> Non
 def test_install_is_once_per_process_and_adds_each_sink_once() -> None:
     a, b, k = PhaseTimes(), PhaseTimes(), KernelCompiles()
     assert k.install(a) and k.install(b) and k.install(a)
-    assert knobs.runtime.jit_cache_hook == k._before  # not wrapped around itself
+    assert runtime().jit_cache_hook == k._before  # not wrapped around itself
     compile_once("_k", 0.0)
     assert a.summary()[PHASE]["count"] == 1 and b.summary()[PHASE]["count"] == 1
 
@@ -102,5 +112,5 @@ def test_install_is_once_per_process_and_adds_each_sink_once() -> None:
 def test_a_post_hook_without_its_start_records_nothing() -> None:
     k = KernelCompiles()
     k.install()
-    knobs.runtime.jit_post_compile_hook(**hook_kwargs("_began_before_install"))
+    runtime().jit_post_compile_hook(**hook_kwargs("_began_before_install"))
     assert k.count == 0
