@@ -38,7 +38,16 @@ class DecodeTuning(NamedTuple):
     num_stages: int = 2
 
 
-@triton.jit
+# Triton compiles a kernel again for each new class (1, a multiple of 16, other) of an integer
+# argument it specializes on. The arguments below change with the batch and its contexts: a
+# serving step that gives one of them a new class compiles in the middle of serving (hundreds
+# of ms; workers/engine/kernel_compiles.py counts them). They are loop bounds, grid sizes and
+# the block table's row stride, whose alignment no load here can use: not specialized, one
+# binary serves every batch.
+VARYING = ["part_len", "num_splits", "stride_btb"]
+
+
+@triton.jit(do_not_specialize=VARYING)
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     scale_log2, layer_off, part_len, num_splits,
@@ -115,7 +124,7 @@ def _decode_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # as VARYING above
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,

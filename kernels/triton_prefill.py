@@ -149,7 +149,9 @@ def _prefill_tile(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+# the batch's sequence count, its query tiles and its block-table width: not specialized, as
+# the decode kernel's (triton_decode.py, VARYING)
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_btb"])
 def _prefill_kernel(
     q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr, live_ptr,
     scale_log2, layer_off, num_seqs, num_tiles,
