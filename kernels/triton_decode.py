@@ -41,10 +41,11 @@ class DecodeTuning(NamedTuple):
 # Triton compiles a kernel again for each new class (1, a multiple of 16, other) of an integer
 # argument it specializes on. The arguments below change with the batch and its contexts: a
 # serving step that gives one of them a new class compiles in the middle of serving (hundreds
-# of ms; workers/engine/kernel_compiles.py counts them). They are loop bounds, grid sizes and
-# the block table's row stride, whose alignment no load here can use: not specialized, one
-# binary serves every batch.
-VARYING = ["part_len", "num_splits", "stride_btb"]
+# of ms; workers/engine/kernel_compiles.py counts them). The split count and the block table's
+# row stride (a gather of block ids, which no alignment helps) are not specialized: one binary
+# serves every batch. ``part_len`` keeps its specialization: always a multiple of BLOCK_N, it
+# never changes class, and the compiler may use the partitions' aligned starts.
+VARYING = ["num_splits", "stride_btb"]
 
 
 @triton.jit(do_not_specialize=VARYING)
