@@ -44,7 +44,8 @@ between its steps, ``forward`` its kernels under the other lane's load, ``lock_w
 (``rate_ends_data``, under ``lanes``). Every configuration prints, per rate, where a token's
 time between the engines and the HTTP frontend went (``Cluster.delivery_times``, under
 ``delivery``): each worker's event sender (``outbox_wait``: its lag behind the engine's steps;
-``sink_call``: its call to the controller), the controller's ``from_worker`` (that call's
+``sink_call``: its call to the controller; ``kernel_compile``: a Triton compile that stalled
+its engine, workers/engine/kernel_compiles.py), the controller's ``from_worker`` (that call's
 arrival), ``stream_wait`` (until the frontend's stream took the events) and ``loop_lag`` (its
 event loop waking late), and this process's ``from_controller``, ``inbox_wait`` (until a
 request's HTTP stream took them), ``loop_lag`` (its frontends' loop) and its garbage

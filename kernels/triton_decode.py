@@ -38,8 +38,8 @@ class DecodeTuning(NamedTuple):
     num_stages: int = 2
 
 
-# Triton compiles a kernel again for each new class (1, a multiple of 16, other) of an integer
-# argument it specializes on. The arguments below change with the batch and its contexts: a
+# Triton compiles a kernel again for each new class (a multiple of 16 or not; in some versions
+# also 1) of an integer argument it specializes on. The arguments below change with the batch and its contexts: a
 # serving step that gives one of them a new class compiles in the middle of serving (hundreds
 # of ms; workers/engine/kernel_compiles.py counts them). The split count and the block table's
 # row stride (a gather of block ids, which no alignment helps) are not specialized: one binary

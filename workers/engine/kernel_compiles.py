@@ -2,13 +2,15 @@
 worker was already serving.
 
 Triton compiles a kernel on the first launch of each specialization: its constexprs, and (by
-default) whether each integer argument is 1 or a multiple of 16. A batch or context that gives
+default) whether each integer argument and pointer is a multiple of 16 (some versions also
+single out an integer equal to 1). A batch or context that gives
 an argument a new class compiles the kernel again in the middle of serving, on the thread that
 launched it, and that step waits (hundreds of ms on a GPU host; a cached binary loads in a few)
 — a stall every stream then shows as one long token gap. On the 2026-12-07 H100 run a semi-PD
-decode lane's ``forward`` took 951 ms once at 144 req/s (p99 of that rate's ITL 960 ms, its
-other runs at that rate 96-125 ms), with the engine's graphs captured at start: this says
-whether such a stall was a compile.
+decode lane's ``forward`` took 951 ms once at 144 req/s (that rate's ITL p99 960 ms; 96-183 ms
+in the other runs at that rate), with the engine's graphs captured at start: this says whether
+such a stall was a compile. ``serving()`` is process-wide: a process that starts a second
+worker after the first serves (tests) logs that one's start-up compiles too.
 
 ``install()`` sets Triton's ``jit_cache_hook`` (called before a compile, or before loading one
 from the on-disk cache) and ``jit_post_compile_hook`` (after it), chaining any hooks already
