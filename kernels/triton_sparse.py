@@ -295,7 +295,7 @@ def sparse_tables(
     return tables, lens
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_btr"])  # as triton_decode.VARYING
 def _sparse_decode_kernel(
     q_ptr, kv_ptr, bt_ptr, len_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     scale_log2, layer_off, part_len, num_splits,
