@@ -81,35 +81,8 @@ class HealthMonitor:
 
     def _record_heartbeat(self, entry: WorkerEntry, prev: Heartbeat | None, hb: Heartbeat) -> None:
         """Worker figures reach /metrics with the heartbeat (counters as deltas)."""
-        s, p = hb.stats, prev.stats if prev is not None else None
-        t, pt = hb.transport, prev.transport if prev is not None else {}
-        x = s.extra
-
-        def delta(now: float, before: float) -> int:
-            return max(0, int(now - before))
-
-        sent = delta(t.get("bytes_sent", 0), pt.get("bytes_sent", 0))
-        received = delta(t.get("bytes_received", 0), pt.get("bytes_received", 0))
-        transfers = delta(t.get("transfers_sent", 0), pt.get("transfers_sent", 0))
-        seconds = max(0.0, t.get("seconds_sending", 0.0) - pt.get("seconds_sending", 0.0))
-        counters = WorkerCounters(
-            kv_transfer_bytes=sent,
-            kv_received_bytes=received,
-            kv_transfer_seconds=tuple([seconds / transfers] * transfers) if transfers else (),
-            preemptions_swap=delta(s.swaps_out, p.swaps_out if p else 0),
-            preemptions_recompute=delta(
-                s.recompute_preemptions, p.recompute_preemptions if p else 0
-            ),
-            prefix_query_tokens=delta(s.prefix_query_tokens, p.prefix_query_tokens if p else 0),
-            prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
-            sparse_selected_tokens=delta(
-                x.get(SELECTED, 0.0), p.extra.get(SELECTED, 0.0) if p else 0.0
-            ),
-            kernel_compiles=delta(x.get(COMPILES, 0.0), p.extra.get(COMPILES, 0.0) if p else 0.0),
-            kernel_compile_seconds=max(
-                0.0, x.get(COMPILE_S, 0.0) - (p.extra.get(COMPILE_S, 0.0) if p else 0.0)
-            ),
-        )
+        s, x = hb.stats, hb.stats.extra
+        counters = heartbeat_counters(prev, hb)
         sparse = None
         if "sparse_decode_read_fraction" in x:  # the worker runs sparse attention
             sparse = SparseFigures(x["sparse_decode_read_fraction"], x["sparse_prefill_density"])
@@ -117,3 +90,31 @@ class HealthMonitor:
             entry.info.worker_id, entry.role, entry.healthy, kv_blocks(s),
             s.running, s.waiting, counters, sparse,
         )
+
+
+def heartbeat_counters(prev: Heartbeat | None, hb: Heartbeat) -> WorkerCounters:
+    """What a worker did between two heartbeats: the differences of its running totals (never
+    negative: a total that went back counts nothing)."""
+    s, p = hb.stats, prev.stats if prev is not None else None
+    t, pt = hb.transport, prev.transport if prev is not None else {}
+    x, px = s.extra, p.extra if p is not None else {}
+
+    def delta(now: float, before: float) -> int:
+        return max(0, int(now - before))
+
+    sent = delta(t.get("bytes_sent", 0), pt.get("bytes_sent", 0))
+    received = delta(t.get("bytes_received", 0), pt.get("bytes_received", 0))
+    transfers = delta(t.get("transfers_sent", 0), pt.get("transfers_sent", 0))
+    seconds = max(0.0, t.get("seconds_sending", 0.0) - pt.get("seconds_sending", 0.0))
+    return WorkerCounters(
+        kv_transfer_bytes=sent,
+        kv_received_bytes=received,
+        kv_transfer_seconds=tuple([seconds / transfers] * transfers) if transfers else (),
+        preemptions_swap=delta(s.swaps_out, p.swaps_out if p else 0),
+        preemptions_recompute=delta(s.recompute_preemptions, p.recompute_preemptions if p else 0),
+        prefix_query_tokens=delta(s.prefix_query_tokens, p.prefix_query_tokens if p else 0),
+        prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
+        sparse_selected_tokens=delta(x.get(SELECTED, 0.0), px.get(SELECTED, 0.0)),
+        kernel_compiles=delta(x.get(COMPILES, 0.0), px.get(COMPILES, 0.0)),
+        kernel_compile_seconds=max(0.0, x.get(COMPILE_S, 0.0) - px.get(COMPILE_S, 0.0)),
+    )
