@@ -114,3 +114,13 @@ def test_a_post_hook_without_its_start_records_nothing() -> None:
     k.install()
     runtime().jit_post_compile_hook(**hook_kwargs("_began_before_install"))
     assert k.count == 0
+
+
+def test_a_compile_that_raised_does_not_lend_its_start_to_the_next() -> None:
+    k = KernelCompiles()
+    k.install()
+    runtime().jit_cache_hook(**hook_kwargs("_broken"))  # its compile raises: no post hook
+    spin(0.05)
+    compile_once("_next", 0.0)
+    (c,) = k.recent()
+    assert c.kernel == "_next" and c.seconds < 0.05

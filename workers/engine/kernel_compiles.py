@@ -92,28 +92,24 @@ class KernelCompiles:
 
     # ---- Triton's hooks (keyword arguments as Triton passes them) --------------------------
     def _before(self, **kw: Any) -> bool | None:
-        stack = self._stack()
-        stack.append(time.perf_counter())
+        # one start per thread, overwritten by the next: a compile that raised (no post hook)
+        # leaves nothing behind to be read as the next one's start
+        self._local.start = time.perf_counter()
         if self._prev_cache is not None and self._prev_cache(**kw):
-            stack.pop()  # the earlier hook skips this compile: no post hook follows
+            self._local.start = None  # the earlier hook skips this compile: no post hook follows
             return True
         return None
 
     def _after(self, **kw: Any) -> bool | None:
-        stack = self._stack()
-        if stack:  # else a compile that began before ``install``
+        start = getattr(self._local, "start", None)
+        if start is not None:  # else a compile that began before ``install``
+            self._local.start = None
             fn = kw.get("fn")
             name = getattr(fn, "name", None) or str(getattr(fn, "jit_function", "?"))
-            self.record(name, time.perf_counter() - stack.pop(), str(kw.get("repr", "")))
+            self.record(name, time.perf_counter() - start, str(kw.get("repr", "")))
         if self._prev_post is not None:
             return self._prev_post(**kw)
         return None
-
-    def _stack(self) -> list[float]:
-        stack = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        return stack
 
     # ---- figures ---------------------------------------------------------------------------
     def record(self, kernel: str, seconds: float, signature: str = "") -> Compile:
