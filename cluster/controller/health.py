@@ -19,11 +19,11 @@ from kvrelay.cluster.controller.worker_client import WorkerGone
 from kvrelay.cluster.metrics.recorder import Metrics, SparseFigures, WorkerCounters
 from kvrelay.cluster.routing.adapter import Routing
 from kvrelay.cluster.sizing.autosize import PoolAutosizer
+from kvrelay.workers.engine.kernel_compiles import COUNT_KEY, SECONDS_KEY
 from kvrelay.workers.worker import Heartbeat
 
 # EngineStats.extra key of a sparse-attention worker (workers/model/sparse_attention.py)
 SELECTED = "sparse_decode_selected_tokens"
-COMPILES, COMPILE_S = "kernel_compiles", "kernel_compile_seconds"  # kernel_compiles.py totals()
 
 
 class HealthMonitor:
@@ -115,6 +115,6 @@ def heartbeat_counters(prev: Heartbeat | None, hb: Heartbeat) -> WorkerCounters:
         prefix_query_tokens=delta(s.prefix_query_tokens, p.prefix_query_tokens if p else 0),
         prefix_hit_tokens=delta(s.prefix_hit_tokens, p.prefix_hit_tokens if p else 0),
         sparse_selected_tokens=delta(x.get(SELECTED, 0.0), px.get(SELECTED, 0.0)),
-        kernel_compiles=delta(x.get(COMPILES, 0.0), px.get(COMPILES, 0.0)),
-        kernel_compile_seconds=max(0.0, x.get(COMPILE_S, 0.0) - px.get(COMPILE_S, 0.0)),
+        kernel_compiles=delta(x.get(COUNT_KEY, 0.0), px.get(COUNT_KEY, 0.0)),
+        kernel_compile_seconds=max(0.0, x.get(SECONDS_KEY, 0.0) - px.get(SECONDS_KEY, 0.0)),
     )

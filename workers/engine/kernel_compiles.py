@@ -35,6 +35,9 @@ from kvrelay.workers.engine.phase_times import PhaseTimes
 log = logging.getLogger(__name__)
 
 PHASE = "kernel_compile"
+# ``totals()``'s keys: a worker's heartbeat carries them in ``EngineStats.extra``, the controller
+# turns them into counters (cluster/controller/health.py)
+COUNT_KEY, SECONDS_KEY = "kernel_compiles", "kernel_compile_seconds"
 LAST = 32  # compiles kept for ``recent()``
 
 
@@ -131,13 +134,9 @@ class KernelCompiles:
         return c
 
     def totals(self) -> dict[str, float]:
-        """Since the process started: compiles, their seconds, and those while serving."""
+        """Since the process started: compiles and their seconds."""
         with self._lock:
-            return {
-                "kernel_compiles": float(self.count),
-                "kernel_compile_seconds": self.seconds,
-                "kernel_compiles_serving": float(self.serving_count),
-            }
+            return {COUNT_KEY: float(self.count), SECONDS_KEY: self.seconds}
 
     def recent(self) -> list[Compile]:
         """The last ``LAST`` compiles, oldest first."""
