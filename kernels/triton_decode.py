@@ -39,12 +39,16 @@ class DecodeTuning(NamedTuple):
 
 
 # Triton compiles a kernel again for each new class (a multiple of 16 or not; in some versions
-# also 1) of an integer argument it specializes on. The arguments below change with the batch and its contexts: a
-# serving step that gives one of them a new class compiles in the middle of serving (hundreds
-# of ms; workers/engine/kernel_compiles.py counts them). The split count and the block table's
-# row stride (a gather of block ids, which no alignment helps) are not specialized: one binary
-# serves every batch. ``part_len`` keeps its specialization: always a multiple of BLOCK_N, it
-# never changes class, and the compiler may use the partitions' aligned starts.
+# also 1) of an integer argument it specializes on, for each constexpr value, each pointer's
+# element type and each pointer's 16-byte alignment. The arguments below change with the batch
+# and its contexts: a serving step that gives one of them a new class compiles in the middle of
+# serving (hundreds of ms; workers/engine/kernel_compiles.py counts them). The split count and
+# the block table's row stride (a gather of block ids, which no alignment helps) are not
+# specialized, whether the batch splits is a runtime branch (not a constexpr), the partials'
+# placeholders are fp32 like the partials and the merge's split tile is fixed (S_PAD =
+# MAX_SPLITS): one binary serves every batch. ``part_len`` keeps its specialization: always a
+# multiple of BLOCK_N, it never changes class, and the compiler may use the partitions' aligned
+# starts.
 VARYING = ["num_splits", "stride_btb"]
 
 
@@ -55,7 +59,7 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_blk, stride_kv, stride_tok, stride_head, stride_btb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -115,7 +119,7 @@ def _decode_kernel(
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     o_mask = g_mask[:, None] & d_mask[None, :]
-    if SPLIT:
+    if num_splits > 1:  # a runtime branch: one binary whether the batch splits or not
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         row_id = (b * GROUP * tl.num_programs(1) + heads) * num_splits + s  # [B, H, S] flat
         tl.store(part_lse_ptr + row_id, lse, mask=g_mask)
@@ -183,6 +187,19 @@ def choose_splits(
     return math.ceil(tiles * block_n / part_len), part_len
 
 
+def partials(
+    batch: int, heads: int, splits: int, d_pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split partitions' fp32 outputs and log-sum-exps; one-element fp32 placeholders
+    when the batch does not split, so that the kernel's pointer arguments keep their dtype
+    (another dtype would be another compile) whether it splits or not."""
+    if splits <= 1:
+        dummy = torch.empty(1, device=device, dtype=torch.float32)
+        return dummy, dummy
+    part_o = torch.empty(batch, heads, splits, d_pad, device=device, dtype=torch.float32)
+    return part_o, torch.empty(batch, heads, splits, device=device, dtype=torch.float32)
+
+
 def check_decode_args(
     query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
     context_lens: torch.Tensor,
@@ -230,14 +247,10 @@ def paged_decode_attention_split(
         splits, part_len = choose_splits(batch, kv_heads, max_tokens, sms, tuning.block_n)
     else:
         tiles = max(1, math.ceil(max_tokens / tuning.block_n))
-        part_len = math.ceil(tiles / max(1, num_splits)) * tuning.block_n
+        part_len = math.ceil(tiles / max(1, min(num_splits, MAX_SPLITS))) * tuning.block_n
         splits = math.ceil(tiles * tuning.block_n / part_len)
     d_pad = max(16, triton.next_power_of_2(dim))
-    split = splits > 1
-    part_o = part_lse = out  # unused placeholders when not split
-    if split:
-        part_o = torch.empty(batch, heads, splits, d_pad, device=query.device, dtype=torch.float32)
-        part_lse = torch.empty(batch, heads, splits, device=query.device, dtype=torch.float32)
+    part_o, part_lse = partials(batch, heads, splits, d_pad, query.device)
     st = kv_cache.stride()
     _decode_kernel[(batch, kv_heads, splits)](
         query, kv_cache, block_tables, context_lens, out, part_o, part_lse,
@@ -245,15 +258,15 @@ def paged_decode_attention_split(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         st[0], st[2], st[3], st[4], block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, D_PAD=d_pad,
-        PAGE=page, BLOCK_N=tuning.block_n, SPLIT=split,
+        PAGE=page, BLOCK_N=tuning.block_n,
         # The interpreter multiplies bf16 tl.dot operands wrongly (triton 3.9): upcast on CPU.
         FP32_DOT=query.dtype == torch.float32 or not query.is_cuda,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )  # fmt: skip
-    if split:
+    if splits > 1:
         _decode_reduce_kernel[(batch, heads)](
             part_o, part_lse, out, splits, out.stride(0), out.stride(1),
-            HEAD_DIM=dim, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
+            HEAD_DIM=dim, D_PAD=d_pad, S_PAD=MAX_SPLITS,
             num_warps=4,
         )  # fmt: skip
     return out

@@ -37,6 +37,7 @@ from kvrelay.kernels.triton_decode import (
     MAX_SPLITS,
     _decode_reduce_kernel,
     choose_splits,
+    partials,
     sm_count,
 )
 
@@ -302,7 +303,7 @@ def _sparse_decode_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_blk, stride_kv, stride_tok, stride_head, stride_btr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -361,7 +362,7 @@ def _sparse_decode_kernel(
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     o_mask = g_mask[:, None] & d_mask[None, :]
-    if SPLIT:
+    if num_splits > 1:  # a runtime branch: one binary whether the batch splits or not
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         row_id = (b * GROUP * tl.num_programs(1) + heads) * num_splits + s
         tl.store(part_lse_ptr + row_id, lse, mask=g_mask)
@@ -397,11 +398,7 @@ def sparse_decode_attention(
         part_len = math.ceil(tiles / max(1, min(num_splits, MAX_SPLITS))) * block_n
         splits = math.ceil(tiles * block_n / part_len)
     d_pad = max(16, triton.next_power_of_2(dim))
-    split = splits > 1
-    part_o = part_lse = out
-    if split:
-        part_o = torch.empty(batch, heads, splits, d_pad, device=query.device, dtype=torch.float32)
-        part_lse = torch.empty(batch, heads, splits, device=query.device, dtype=torch.float32)
+    part_o, part_lse = partials(batch, heads, splits, d_pad, query.device)
     st = kv_cache.stride()
     group = heads // kv_heads
     _sparse_decode_kernel[(batch, kv_heads, splits)](
@@ -410,14 +407,14 @@ def sparse_decode_attention(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         st[0], st[2], st[3], st[4], tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, D_PAD=d_pad,
-        PAGE=page, BLOCK_N=block_n, SPLIT=split,
+        PAGE=page, BLOCK_N=block_n,
         FP32_DOT=query.dtype == torch.float32 or not query.is_cuda,
         num_warps=4, num_stages=2,
     )  # fmt: skip
-    if split:
+    if splits > 1:
         _decode_reduce_kernel[(batch, heads)](
             part_o, part_lse, out, splits, out.stride(0), out.stride(1),
-            HEAD_DIM=dim, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
+            HEAD_DIM=dim, D_PAD=d_pad, S_PAD=MAX_SPLITS,
             num_warps=4,
         )  # fmt: skip
     return out

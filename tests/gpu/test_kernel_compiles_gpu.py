@@ -53,10 +53,17 @@ from kvrelay.workers.engine.kernel_compiles import COMPILES
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 COMPILES.install()
-llm = LLM(sys.argv[1], engine_config=EngineConfig(max_num_seqs=16, max_num_batched_tokens=256,
+llm = LLM(sys.argv[1], engine_config=EngineConfig(max_num_seqs=144, max_num_batched_tokens=256,
           num_blocks=1024, capture_graphs=True), dtype=torch.bfloat16, device="cuda")
 start = COMPILES.count
 COMPILES.serving()
+import kvrelay.kernels as K
+eager_rows = []  # the row counts of eager decode launches (a graph replay calls no Python)
+plain = K.paged_decode_attention
+def spy(q, *args):
+    eager_rows.append(q.shape[0])
+    return plain(q, *args)
+K.paged_decode_attention = spy
 rng = random.Random(0)
 for wave in range(6):  # batches of 1..16 rows, prompts of 1..700 tokens, ragged outputs
     n = rng.choice([1, 2, 3, 5, 8, 13, 16])
@@ -64,8 +71,13 @@ for wave in range(6):  # batches of 1..16 rows, prompts of 1..700 tokens, ragged
     params = [SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.0, ignore_eos=True)
               for _ in ps]
     llm.generate(ps, params)
+# past the largest graph (128 rows) decode steps run eagerly: the eager step's kernels must be
+# the ones the graphs' capture compiled (the 2026-12-07 H200's semi-PD decode lane compiled the
+# decode kernel for 500 ms at its first batch of more than 128, at 144 req/s)
+ps = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 6))] for _ in range(140)]
+llm.generate(ps, [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True) for _ in ps])
 late = [c for c in COMPILES.recent() if c.serving]
-print(json.dumps({"start": start, "serving": COMPILES.serving_count,
+print(json.dumps({"start": start, "serving": COMPILES.serving_count, "eager_rows": max(eager_rows, default=0),
                   "late": [[c.kernel, round(c.seconds * 1e3, 1), c.signature] for c in late]}))
 """
 
@@ -84,4 +96,5 @@ def test_an_engine_with_graphs_captured_compiles_nothing_while_serving(
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["start"] > 0  # the hooks saw the start-up compiles
+    assert out["eager_rows"] > 128  # decode steps past the largest graph ran eagerly
     assert out["serving"] == 0, "compiled while serving:\n" + "\n".join(map(str, out["late"]))

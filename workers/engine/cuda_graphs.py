@@ -5,7 +5,13 @@ synchronisation.
 Static inputs, on the device::
 
     i64 [4, max_batch]          input_ids | positions | slot_mapping (-1 on padding rows) |
-                                context_lens (0 on padding rows): one host→device copy a step
+                                context_lens (0 on padding rows): one host→device copy a step;
+                                the last row holds the contexts as int32 (its first half), the
+                                dtype an eager step gives them (runner.prepare_inputs), so that
+                                a graph's capture compiles the very kernels an eager decode step
+                                launches (Triton compiles again for another argument dtype: an
+                                eager step past the largest bucket compiled the decode kernel
+                                for 500 ms mid-serving on the 2026-12-07 H200)
     i32 [max_batch * W_max]     block tables, viewed as [max_batch, W] for a bucket of width W
 
 Block tables change rarely (a sequence gains a block every ``block_size`` tokens), and
@@ -53,6 +59,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 
 from kvrelay.workers.gpu_gate import GPU_GATE
@@ -199,7 +206,9 @@ class DecodeGraphs:
         self.widths = width_buckets(max_blocks)
         self.max_batch, self.max_blocks = self.sizes[-1], self.widths[-1]
         b, w = self.max_batch, self.max_blocks
-        self._i64 = torch.zeros((4, b), dtype=torch.int64, device=self.device)
+        # an even row length keeps the int32 contexts row at a 16-byte aligned start, as an
+        # eager step's (Triton also specializes on a pointer's alignment)
+        self._i64 = torch.zeros((4, b + b % 2), dtype=torch.int64, device=self.device)
         self._tables = torch.zeros(b * w, dtype=torch.int32, device=self.device)
         # the block lists the device's table rows were written from and their lengths then, as
         # laid out for width ``_sent_width`` (``stale_rows``; None: written from no list)
@@ -229,11 +238,16 @@ class DecodeGraphs:
     def _table_view(self, rows: int, width: int) -> torch.Tensor:
         return self._tables[: rows * width].view(rows, width)
 
+    @property
+    def _contexts(self) -> torch.Tensor:
+        """``[max_batch]`` int32: the first half of the last row."""
+        return self._i64[3].view(torch.int32)[: self.max_batch]
+
     def _views(self, size: int, width: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         attn = AttentionMetadata(
             slot_mapping=self._i64[2, :size],
             block_tables=self._table_view(size, width),
-            context_lens=self._i64[3, :size],
+            context_lens=self._contexts[:size],
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=self.device),
             is_decode=True,
             sparse=self.sparse,
@@ -350,14 +364,15 @@ class DecodeGraphs:
         host allocator, which hands a block out again only once the copy reading it has run, so
         nothing here waits on the device."""
         n, b = len(batch.input_ids), self.max_batch
-        host = torch.empty((4, b), dtype=torch.int64, pin_memory=True)
+        host = torch.empty(self._i64.shape, dtype=torch.int64, pin_memory=True)
         rows = host.numpy()
         rows[0, :n] = batch.input_ids
         rows[1, :n] = batch.positions
         rows[2, :n] = batch.slots
-        rows[3, :n] = rows[1, :n] + 1
-        rows[:, n:] = 0
+        rows[:3, n:] = 0
         rows[2, n:] = -1  # padding rows: no KV write, context 0 (the kernel writes zeros)
+        rows[3] = 0
+        rows[3].view(np.int32)[:n] = rows[1, :n] + 1  # int32 contexts (``_contexts``)
         self._i64.copy_(host, non_blocking=True)
         if batch.device_ids is not None:
             self._i64[0].index_copy_(0, *batch.device_ids)
