@@ -135,8 +135,9 @@ class ServeConfig(BaseModel):
     metadata_interval_s: float = 5.0
     sparse_attention: str = "off"  # off | decode | prefill | both (workers/model/sparse_attention.py)
     sparse_budget: int = 4096  # decode tokens a dense head reads beyond its first and last pages
-    # decode steps a shortlist is kept and re-ranked exactly (SparseConfig.shortlist_steps)
-    sparse_shortlist_steps: int = 1
+    # decode steps a shortlist is kept and re-ranked exactly (SparseConfig.shortlist_steps); 2:
+    # 64k x 1 decode 1.82x dense on the H200 (1 step: 1.36x), selection overlap >= 0.94 on CPU
+    sparse_shortlist_steps: int = 2
     sparse_heads: str | None = None  # streaming-head mask (kvrelay calibrate-heads); None: beside
     # the model if there is one, else every head dense
 
@@ -197,7 +198,8 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _shortlist_within_a_block(self) -> ServeConfig:
         # a kept shortlist misses at most the one block filled since (SparseAttention)
-        if self.sparse_shortlist_steps > self.block_size:
+        sparse_decode = self.sparse_attention in ("decode", "both")
+        if sparse_decode and self.sparse_shortlist_steps > self.block_size:
             raise ValueError(
                 f"sparse_shortlist_steps ({self.sparse_shortlist_steps}) must be <= block_size "
                 f"({self.block_size})"
@@ -450,8 +452,8 @@ def add_sparse_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode tokens a dense head reads beyond its first and last 64-token pages")
     p.add_argument("--sparse-shortlist-steps", type=int, default=S,
                    help="decode steps a shortlist of blocks is kept and re-ranked exactly by "
-                        "each step's query before the bounds are scored anew (default 1: every "
-                        "step)")
+                        "each step's query before the bounds are scored anew (default 2; 1: "
+                        "every step)")
     p.add_argument("--sparse-heads", default=S,
                    help="streaming-head mask from `kvrelay calibrate-heads` (default: the one "
                         "beside the model, if any; else every head dense)")

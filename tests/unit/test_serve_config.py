@@ -190,7 +190,8 @@ def test_sparse_flags_reach_the_engine_config(tmp_path) -> None:
     sparse = worker_engine_config(cfg).sparse
     assert sparse is not None
     assert (sparse.mode, sparse.budget, sparse.shortlist_steps) == ("decode", 1024, 2)
-    assert _parse().sparse_shortlist_steps == 1
+    assert _parse().sparse_shortlist_steps == 2
+    assert worker_engine_config(_parse("--sparse-attention", "decode")).sparse.shortlist_steps == 2
     path = tmp_path / "serve.yaml"
     path.write_text("sparse_shortlist_steps: 4\n")
     assert _parse("--config", str(path)).sparse_shortlist_steps == 4
@@ -211,12 +212,22 @@ def test_a_served_engines_prefill_graphs_cover_its_chunk_budget() -> None:
     ("values", "match"),
     [
         ({"sparse_shortlist_steps": 0}, "must be >= 1"),
-        ({"sparse_shortlist_steps": 17}, "<= block_size"),
-        ({"sparse_shortlist_steps": 9, "block_size": 8}, "<= block_size"),
+        ({"sparse_shortlist_steps": 17, "sparse_attention": "decode"}, "<= block_size"),
+        ({"sparse_shortlist_steps": 9, "block_size": 8, "sparse_attention": "both"},
+         "<= block_size"),
     ],
-)
+)  # fmt: skip
 def test_sparse_shortlist_steps_are_validated(values: dict, match: str) -> None:
     from kvrelay.cluster.runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         ServeConfig.load(**values)
+
+
+def test_the_default_shortlist_binds_only_sparse_decode() -> None:
+    """A block of one token takes the default shortlist (2 steps) only without sparse decode."""
+    from kvrelay.cluster.runtime.config import ConfigError
+
+    assert ServeConfig.load(block_size=1, sparse_attention="prefill").block_size == 1
+    with pytest.raises(ConfigError, match="<= block_size"):
+        ServeConfig.load(block_size=1, sparse_attention="decode")
