@@ -53,6 +53,34 @@ def test_unchanged_batch_writes_no_row() -> None:
     )
 
 
+@pytest.mark.parametrize("lens", [[1], [3, 1, 1], [5, 2, 7, 1, 1], [1, 1, 1, 1]])
+def test_prepare_inputs_parts_start_16_byte_aligned(lens: list[int]) -> None:
+    """Every kernel argument of an eager step starts at a 16-byte boundary whatever T and B
+    (Triton compiles a variant per pointer alignment: a batch-dependent offset compiled
+    kernels mid-serving) and holds what the step needs."""
+    bs = 4
+    items = []
+    for i, n in enumerate(lens):
+        seq = Sequence(f"s{i}", list(range(10 + i)), SamplingParams())
+        seq.num_computed = 10 + i - n  # the last n prompt tokens are this step's
+        seq.block_ids = list(range(100 * i, 100 * i + 4))
+        items.append(ScheduledSeq(seq, n))
+    x = prepare_inputs(items, bs, CPU)
+    views = [x.input_ids, x.positions, x.logits_indices, x.attn.slot_mapping,
+             x.attn.context_lens, x.attn.query_start_loc]  # fmt: skip
+    assert [v.data_ptr() % 16 for v in views] == [0] * len(views)
+    positions = [p for i, n in enumerate(lens) for p in range(10 + i - n, 10 + i)]
+    assert x.positions.tolist() == positions
+    assert x.input_ids.tolist() == positions  # token t of each prompt is t
+    assert x.attn.slot_mapping.tolist() == [
+        100 * i * bs + p for i, n in enumerate(lens) for p in range(10 + i - n, 10 + i)
+    ]
+    assert x.attn.context_lens.tolist() == [10 + i for i in range(len(lens))]
+    assert x.attn.query_start_loc.tolist() == np.cumsum([0, *lens]).tolist()
+    assert x.logits_indices.tolist() == (np.cumsum(lens) - 1).tolist()
+    assert x.attn.is_decode == (set(lens) == {1})
+
+
 def test_prepare_inputs_with_persistent_table_equals_fresh() -> None:
     """Mixed prefill chunks and decode rows over many steps: every input tensor the same."""
     rng = random.Random(3)

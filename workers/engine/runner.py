@@ -135,24 +135,43 @@ def prepare_inputs(
             sampled.append(it)
     rows = tables.assign([it.seq for it in items])  # [B] table slots
     # one upload per dtype: [ids | positions | slots | logits rows | table slots] and
-    # [contexts | starts]
+    # [contexts | starts], each part at a 16-byte aligned start (``aligned_parts``)
     t = len(input_ids)
-    s = len(logits_indices)
-    i64 = host_to_device(input_ids + positions + slots + logits_indices + rows, torch.int64, device)
-    b = len(items)
-    i32 = host_to_device(context_lens + starts, torch.int32, device)
-    attn = AttentionMetadata(
-        slot_mapping=i64[2 * t : 3 * t],
-        block_tables=tables.gather(i64[3 * t + s :], tables.width),
-        context_lens=i32[:b],
-        query_start_loc=i32[b:],
-        is_decode=t == b,
+    _, (ids, pos, slot_map, logits_rows, table_rows) = aligned_parts(
+        [input_ids, positions, slots, logits_indices, rows], torch.int64, device
     )
-    ids = i64[:t]
+    _, (ctx, qsl) = aligned_parts([context_lens, starts], torch.int32, device)
+    attn = AttentionMetadata(
+        slot_mapping=slot_map,
+        block_tables=tables.gather(table_rows, tables.width),
+        context_lens=ctx,
+        query_start_loc=qsl,
+        is_decode=t == len(items),
+    )
     patch = _patch(items, prev, device)
     if patch is not None:
         ids.index_copy_(0, *patch)
-    return StepInputs(ids, i64[t : 2 * t], attn, i64[3 * t : 3 * t + s], tuple(sampled))
+    return StepInputs(ids, pos, attn, logits_rows, tuple(sampled))
+
+
+def aligned_parts(
+    parts: Seq[list[int]], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One upload of ``parts`` and a view of each, every view starting at a multiple of 16
+    bytes. Triton specializes a kernel on whether each pointer argument is 16-byte aligned:
+    views at offsets that change with the batch (positions after ``T`` ids, starts after ``B``
+    contexts) would hand a kernel a new variant — a compile in the middle of serving — the
+    first time an offset of the other class came up (workers/engine/kernel_compiles.py)."""
+    per = 16 // torch.empty((), dtype=dtype).element_size()
+    flat: list[int] = []
+    spans = []
+    for part in parts:
+        start = len(flat)
+        flat += part
+        spans.append((start, len(flat)))
+        flat += [0] * (-len(flat) % per)
+    whole = host_to_device(flat, dtype, device)
+    return whole, [whole[a:b] for a, b in spans]
 
 
 def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:
