@@ -162,7 +162,7 @@ def aligned_parts(
     views at offsets that change with the batch (positions after ``T`` ids, starts after ``B``
     contexts) would hand a kernel a new variant — a compile in the middle of serving — the
     first time an offset of the other class came up (workers/engine/kernel_compiles.py)."""
-    per = 16 // torch.empty((), dtype=dtype).element_size()
+    per = 16 // dtype.itemsize  # elements in 16 bytes
     flat: list[int] = []
     spans = []
     for part in parts:
