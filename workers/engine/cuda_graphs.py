@@ -4,7 +4,7 @@ synchronisation.
 
 Static inputs, on the device::
 
-    i64 [4, max_batch]          input_ids | positions | slot_mapping (-1 on padding rows) |
+    i64 [4, even(max_batch)]    input_ids | positions | slot_mapping (-1 on padding rows) |
                                 context_lens (0 on padding rows): one host→device copy a step;
                                 the last row holds the contexts as int32 (its first half), the
                                 dtype an eager step gives them (runner.prepare_inputs), so that
