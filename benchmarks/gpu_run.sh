@@ -101,7 +101,12 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
         --tokenizer "$TOK" --goodput-only --goodput --out "$RES" --goodput-args \
         "${GOODPUT_ARGS:---configs semi_pd,colocated1,colocated --workers 3 --warmup 16 \
 --ttft-slo 1 --itl-slo 0.05 --max-prompt-tokens 8192 --max-output-tokens 128 --long-fraction 0.2 \
---long-prompt-range 1024,7936 --fresh-prompts --repeats 3 --kv-cache-gb 8 --sweep 32,64,128,256}" ;;
+--long-prompt-range 1024,7936 --fresh-prompts --repeats 3 --kv-cache-gb 8 --sweep 32,64,128,256}"
+        # the workers' warnings of kernels compiled while serving, whole (kernel_compiles.py: the
+        # kernel, its time, thread and argument signature; the 2026-12-07 call kept 200 chars)
+        grep -rh "compiled while serving" /tmp/ray/session_*/logs 2>/dev/null | sort -u \
+            > "$RES/compiles_while_serving${RUN:-}.txt"
+        pack ;;
     *) echo "unknown step $step"; status=1 ;;
     esac
 done
