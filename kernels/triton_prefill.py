@@ -150,8 +150,11 @@ def _prefill_tile(
 
 
 # the batch's sequence count, its query tiles and its block-table width: not specialized, as
-# the decode kernel's (triton_decode.py, VARYING)
-@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_btb"])
+# the decode kernel's (triton_decode.py, VARYING); the sparse prefill kernel's too
+VARYING = ["num_seqs", "num_tiles", "stride_btb"]
+
+
+@triton.jit(do_not_specialize=VARYING)
 def _prefill_kernel(
     q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, out_ptr, live_ptr,
     scale_log2, layer_off, num_seqs, num_tiles,

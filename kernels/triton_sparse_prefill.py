@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kvrelay.kernels import sparse_reference as ref
 from kvrelay.kernels.triton_decode import LOG2E
+from kvrelay.kernels.triton_prefill import VARYING as PREFILL_VARYING
 from kvrelay.kernels.triton_prefill import _attend
 from kvrelay.kernels.triton_prefill import prefill_tiles as dense_prefill_tiles
 
@@ -88,9 +89,9 @@ def _sparse_tiles(
     return acc, l_i, m_i
 
 
-# as the dense prefill kernel's (triton_prefill.py); ``nkb`` and ``nt``, which grow with the
-# context and index the keep and tile lists, still specialize (a new class is one compile)
-@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_btb"])
+# as the dense prefill kernel's (triton_prefill.VARYING); ``nkb`` and ``nt``, which grow with
+# the context and index the keep and tile lists, still specialize (a new class is one compile)
+@triton.jit(do_not_specialize=PREFILL_VARYING)
 def _sparse_prefill_kernel(
     q_ptr, kv_ptr, bt_ptr, qsl_ptr, ctx_ptr, keep_ptr, list_ptr, cum_ptr, win_ptr, out_ptr,
     count_ptr, scale_log2, layer_off, num_seqs, num_tiles, heads, nkb, nt,
