@@ -187,6 +187,13 @@ def choose_splits(
     return math.ceil(tiles * block_n / part_len), part_len
 
 
+@functools.lru_cache(maxsize=8)
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """One fp32 element per device, never written (the kernels store partials only when they
+    split): no allocation per layer call on the unsplit path."""
+    return torch.empty(1, device=device, dtype=torch.float32)
+
+
 def partials(
     batch: int, heads: int, splits: int, d_pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +201,7 @@ def partials(
     when the batch does not split, so that the kernel's pointer arguments keep their dtype
     (another dtype would be another compile) whether it splits or not."""
     if splits <= 1:
-        dummy = torch.empty(1, device=device, dtype=torch.float32)
+        dummy = _placeholder(device)
         return dummy, dummy
     part_o = torch.empty(batch, heads, splits, d_pad, device=device, dtype=torch.float32)
     return part_o, torch.empty(batch, heads, splits, device=device, dtype=torch.float32)
