@@ -160,6 +160,9 @@ class Worker:
         self.loop = self._start_engines(loaded, engine_config, device)
         if self._compiles:
             COMPILES.serving()
+        if device.startswith("cuda"):  # serving from here: what stalls a step is counted
+            for engine in self._engines():
+                engine.runner.stalls = self.delivery
         self.engine = self.loop.engine
         self._notice = notice
         self.grace_s = grace_s
@@ -167,6 +170,10 @@ class Worker:
             # Kubernetes gives notice with SIGTERM, then kills after the grace period: tell the
             # controller, keep serving until the work has moved
             signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _engines(self) -> tuple[Engine, ...]:
+        """This worker's engines (a semi-PD worker's two lanes)."""
+        return (self.loop.engine,)
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         """This worker's engine on its loop thread (the semi-PD worker starts two)."""
@@ -459,8 +466,10 @@ class Worker:
     # ---- figures -------------------------------------------------------------------------
     def delivery_times(self, reset: bool = False) -> dict[str, dict[str, float]]:
         """The event sender's ``outbox_wait`` and ``sink_call`` (outbox.py), and on CUDA the
-        Triton compiles that stalled a step (``kernel_compile``, kernel_compiles.py): count,
-        total and mean / p50 / p90 / p99 / max ms; ``reset``: start afresh after reading."""
+        steps that stalled while serving: Triton compiles (``kernel_compile``,
+        kernel_compiles.py), decode steps no CUDA graph held (``eager_decode``) and graphs
+        captured on first use (``graph_capture``, runner.py): count, total and mean / p50 /
+        p90 / p99 / max ms; ``reset``: start afresh after reading."""
         return self.delivery.summary(reset=reset)
 
     def heartbeat(self) -> Heartbeat:

@@ -50,6 +50,7 @@ _SERVE = """
 import json, random, sys, torch
 from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.engine.kernel_compiles import COMPILES
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.llm import LLM
 from kvrelay.workers.types import SamplingParams
 COMPILES.install()
@@ -57,6 +58,9 @@ llm = LLM(sys.argv[1], engine_config=EngineConfig(max_num_seqs=144, max_num_batc
           num_blocks=1024, capture_graphs=True), dtype=torch.bfloat16, device="cuda")
 start = COMPILES.count
 COMPILES.serving()
+runner = llm.engine.runner
+runner.stalls = stalls = PhaseTimes()  # as a serving worker's (workers/worker.py)
+top = runner.graphs.sizes[-1]  # the engine's graphs hold every batch it admits: 144
 import kvrelay.kernels as K
 eager_rows = []  # the row counts of eager decode launches (a graph replay calls no Python)
 plain = K.paged_decode_attention
@@ -71,13 +75,20 @@ for wave in range(6):  # batches of 1..16 rows, prompts of 1..700 tokens, ragged
     params = [SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.0, ignore_eos=True)
               for _ in ps]
     llm.generate(ps, params)
-# past the largest graph (128 rows) decode steps run eagerly: the eager step's kernels must be
-# the ones the graphs' capture compiled (the 2026-12-07 H200's semi-PD decode lane compiled the
-# decode kernel for 500 ms at its first batch of more than 128, at 144 req/s)
-ps = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 6))] for _ in range(140)]
-llm.generate(ps, [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True) for _ in ps])
+def wide():  # 140 rows of decode
+    ps = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 6))] for _ in range(140)]
+    llm.generate(ps, [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True) for _ in ps])
+wide()  # replayed by the 144-row graphs
+graphed_rows = max(eager_rows, default=0)
+# past the largest graph decode steps run eagerly (a semi-PD decode lane adopting more than its
+# graphs hold): the eager step's kernels must be the ones the graphs' capture compiled (the
+# 2026-12-07 H200's semi-PD decode lane compiled the decode kernel for 500 ms at its first batch
+# of more than 128, at 144 req/s). The 144 bucket is dropped to get there.
+runner.graphs.sizes = runner.graphs.sizes[:-1]
+wide()
 late = [c for c in COMPILES.recent() if c.serving]
 print(json.dumps({"start": start, "serving": COMPILES.serving_count, "eager_rows": max(eager_rows, default=0),
+                  "top": top, "graphed_rows": graphed_rows, "stalls": stalls.summary(),
                   "late": [[c.kernel, round(c.seconds * 1e3, 1), c.signature] for c in late]}))
 """
 
@@ -98,3 +109,8 @@ def test_an_engine_with_graphs_captured_compiles_nothing_while_serving(
     assert out["start"] > 0  # the hooks saw the start-up compiles
     assert out["eager_rows"] > 128  # decode steps past the largest graph ran eagerly
     assert out["serving"] == 0, "compiled while serving:\n" + "\n".join(map(str, out["late"]))
+    assert out["top"] == 144  # decode graphs for every batch the engine admits
+    assert out["graphed_rows"] == 0  # every decode step replayed a graph, 140 rows too
+    stalls = out["stalls"]
+    assert "graph_capture" not in stalls  # every bucket captured at start
+    assert stalls["eager_decode"]["count"] > 0

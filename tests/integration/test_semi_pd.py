@@ -225,6 +225,32 @@ def test_the_prefill_lane_samples_without_the_storage_lock(
         semi.shutdown()
 
 
+def test_decode_lane_batch_passes_max_num_seqs_up_to_decode_seqs(
+    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference
+) -> None:
+    """The decode lane adopts every request handed over, not ``max_num_seqs`` of them: its
+    batch grows past the config's cap, so its engine (and on CUDA its decode graphs) is sized
+    by ``decode_seqs``; the prefill lane keeps the config's cap. Tokens as colocated."""
+    sink = Collector()
+    config = replace(CONFIG, max_num_seqs=2)
+    with pytest.raises(ValueError, match="decode_seqs"):
+        SemiPDWorker("x", "colocated", model=loaded, engine_config=config, sink=sink,
+                     decode_seqs=0)  # fmt: skip
+    semi = SemiPDWorker(
+        "s", "colocated", model=loaded, engine_config=config, sink=sink, decode_seqs=len(prompts)
+    )
+    try:
+        assert semi.loop.call(lambda e: e.config.max_num_seqs) == len(prompts)
+        assert semi.prefill_loop.call(lambda e: e.config.max_num_seqs) == 2
+        params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True) for _ in prompts]
+        assert generate(semi, sink, prompts, params, "s") == colocated(prompts, params)
+        rows = semi.loop.call(lambda e: e.runner.max_decode_rows)
+        assert 2 < rows <= len(prompts)
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
 @pytest.mark.parametrize("prefill_tokens", [16, 48, 4096], ids=["below", "chunked", "whole"])
 def test_prefill_lane_budget(
     loaded: LoadedModel, prompts: list[list[int]], prefill_tokens: int

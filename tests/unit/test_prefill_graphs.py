@@ -20,8 +20,9 @@ import torch
 from kvrelay import kernels
 from kvrelay.kernels import reference
 from kvrelay.workers.engine.cuda_graphs import MAX_CAPTURE_FAILURES
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.prefill_graphs import TOKEN_STEP, PrefillGraphs, token_buckets
-from kvrelay.workers.engine.runner import ModelRunner, prepare_inputs
+from kvrelay.workers.engine.runner import EAGER_DECODE, LATE_CAPTURE, ModelRunner, prepare_inputs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel, kv_cache_shape
@@ -329,3 +330,44 @@ def test_eager_sets_only_keep_their_key() -> None:
     pair.step([ScheduledSeq(seq, 150)])
     assert graphs.set_key == 30 and graphs.num_graphs == 0 and graphs.capture_failures == {}
     assert pair.graph.prefill_graph_steps == 2 and graphs.replays == 0
+
+
+def test_stalls_count_eager_decode_steps_and_late_captures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A serving worker's ``stalls`` (runner.py): every pure decode step that no graph ran is
+    an ``eager_decode`` (no decode graphs on CPU: each one), a prefill step is not; a prefill
+    bucket captured on first use is a ``graph_capture``, its replay afterwards is not. Without
+    ``stalls`` the counters still count."""
+    pair = _Pair(tiny_llama())
+    runner = pair.graph
+    graphs = runner.prefill
+    assert graphs is not None and runner.graphs is None  # CPU: no decode graphs
+    replayed: list[tuple[object, int]] = []
+
+    def capture(size: int) -> None:
+        graphs._graphs[size] = _StandIn(graphs, size, replayed)  # type: ignore[assignment]
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    graphs.capture_graphs = True
+    stalls = PhaseTimes()
+    runner.stalls = stalls
+    a, b, c = pair.seq(100), pair.seq(90), pair.seq(110)
+    pair.step([ScheduledSeq(a, 100)])  # bucket 128 captured now: a late capture
+    pair.step([ScheduledSeq(b, 90)])  # replayed: nothing
+    summary = stalls.summary()
+    assert set(summary) == {LATE_CAPTURE} and summary[LATE_CAPTURE]["count"] == 1
+    assert replayed == [(None, 128), (None, 128)]
+
+    def decode(*seqs: Sequence) -> None:
+        for seq in seqs:
+            seq.output_ids.append(5)  # the token the step before sampled
+        pair.step([ScheduledSeq(seq, 1) for seq in seqs])
+
+    decode(a, b)  # pure decode, no graph: eager
+    pair.step([ScheduledSeq(c, 110)])  # bucket 128 again
+    decode(a)
+    summary = stalls.summary()
+    assert summary[EAGER_DECODE]["count"] == 2 and summary[LATE_CAPTURE]["count"] == 1
+    assert runner.eager_decode_steps == 2 and runner.max_decode_rows == 2
+    runner.stalls = None
+    decode(b)
+    assert stalls.summary()[EAGER_DECODE]["count"] == 2 and runner.eager_decode_steps == 3

@@ -36,6 +36,7 @@ import torch
 
 from kvrelay.workers.device_upload import host_to_device
 from kvrelay.workers.engine.config import EngineConfig, EngineStats
+from kvrelay.workers.engine.cuda_graphs import BATCH_SIZES
 from kvrelay.workers.engine.deferred import DeferredReleases, Fence
 from kvrelay.workers.engine.inflight import InFlight
 from kvrelay.workers.engine.phase_times import PhaseTimes
@@ -118,10 +119,13 @@ class Engine:
             deferred=self.deferred,
             stream_demotion=config.stream_demotion,
         )
+        # decode graphs for every batch the scheduler admits (an engine allowed more than
+        # the largest default bucket's 128 sequences ran those steps eagerly)
         self.runner = ModelRunner(
             loaded.model, self.kv_cache, bs, sparse=self.sparse,
             use_prefill_graphs=config.prefill_graphs, max_prefill_seqs=config.max_num_seqs,
             max_prefill_tokens=config.prefill_graph_tokens,
+            max_graph_batch=max(BATCH_SIZES[-1], config.max_num_seqs),
         )  # fmt: skip
         self.sampler = Sampler(seed=config.seed)
         self._last_read = 0.0  # when the last in-flight step was read (its device time ends)

@@ -23,6 +23,7 @@ from there with one ``index_copy_`` on the device.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
@@ -38,11 +39,15 @@ from kvrelay.workers.engine.cuda_graphs import (
     DecodeBatch,
     DecodeGraphs,
 )
+from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.prefill_graphs import MAX_SEQS, MAX_TOKENS, PrefillGraphs
 from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence
 from kvrelay.workers.model.llama import AttentionMetadata, LlamaModel
 from kvrelay.workers.model.sparse_attention import SparseAttention
+
+# the ``stalls`` phases (ModelRunner.stalls): steps a serving worker's streams wait longer for
+EAGER_DECODE, LATE_CAPTURE = "eager_decode", "graph_capture"
 
 
 class DeviceTokens(NamedTuple):
@@ -239,9 +244,16 @@ class ModelRunner:
         self.eager_steps = 0  # steps not replaying a decode graph, prefill graph steps included
         self.graph_steps = 0
         self.prefill_graph_steps = 0  # of the eager steps, those run by ``prefill``
+        self.eager_decode_steps = 0  # of the eager steps, pure decode steps (no graph held them)
+        self.max_decode_rows = 0  # the largest pure decode step run
         # entered around each forward pass: a semi-PD lane releases its storage lock there
         # and waits for its kernels before taking it back (workers/semi_pd/lanes.py)
         self.forward_guard: Callable[[], AbstractContextManager[object]] = nullcontext
+        # a serving worker's ``delivery`` times (workers/worker.py, set once its start-up
+        # capture is done): the steps that stall a stream, recorded as phases — a decode step
+        # that ran eagerly (``EAGER_DECODE``: its host seconds; no graph held its batch) and a
+        # graph captured on first use (``LATE_CAPTURE``)
+        self.stalls: PhaseTimes | None = None
 
     @torch.inference_mode()
     def run(
@@ -268,18 +280,40 @@ class ModelRunner:
                 [it.seq.num_computed + it.num_tokens for it in items],
                 decode,
             )
+        if decode and len(items) > self.max_decode_rows:
+            self.max_decode_rows = len(items)
         capturable = self.sparse is None or self.sparse.capturable()
+        stalls = self.stalls
+        t0 = time.perf_counter()
         if self.graphs is not None and decode and capturable:
+            captured = self.graphs.num_graphs
             out = self._run_graph(items, prev)
+            if stalls is not None and self.graphs.num_graphs != captured:
+                stalls.add(LATE_CAPTURE, time.perf_counter() - t0)
             if out is not None:
                 self.graph_steps += 1
                 return out
         self.eager_steps += 1
+        if decode:
+            self.eager_decode_steps += 1
+            if stalls is not None:
+                try:
+                    return self._eager(items, prev, decode)
+                finally:
+                    stalls.add(EAGER_DECODE, time.perf_counter() - t0)
+        return self._eager(items, prev, decode)
+
+    def _eager(
+        self, items: Seq[ScheduledSeq], prev: DeviceTokens | None, decode: bool
+    ) -> tuple[torch.Tensor, StepInputs]:
         inputs = prepare_inputs(items, self.block_size, self.device, prev, self.tables)
         inputs.attn.sparse = self.sparse
         hidden = None
         if self.prefill is not None and (self.sparse is None or not self.sparse.handles(decode)):
+            captured, t0 = self.prefill.num_graphs, time.perf_counter()
             hidden = self.prefill.run(inputs.input_ids, inputs.positions, inputs.attn)
+            if self.stalls is not None and self.prefill.num_graphs != captured:
+                self.stalls.add(LATE_CAPTURE, time.perf_counter() - t0)
             if hidden is not None:
                 self.prefill_graph_steps += 1
         if hidden is None:
