@@ -191,12 +191,14 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     }
     out = {}
     for name in args.configs.split(","):
-        base_name, tokens, share = config_name(name)
+        base_name, tokens, share, seqs = config_name(name)
         cfg = every[base_name]
         if tokens is not None:
             cfg = cfg.model_copy(update={"max_num_batched_tokens": tokens})
         if share is not None:
             cfg = cfg.model_copy(update={"semi_pd_prefill_sm": share})
+        if seqs is not None:
+            cfg = cfg.model_copy(update={"max_num_seqs": seqs})
         out[name] = cfg
     return out
 

@@ -16,13 +16,19 @@ NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "sem
          "semi_pd_ftd", "semi_pd_lockf", "semi_pd_ftd_lockf")
 
 
-def config_name(text: str) -> tuple[str, int | None, int | None]:
-    """``NAME[@TOKENS][%SHARE]``: a configuration of NAMES, with TOKENS its engines'
+def config_name(text: str) -> tuple[str, int | None, int | None, int | None]:
+    """``NAME[@TOKENS][%SHARE][:SEQS]``: a configuration of NAMES, with TOKENS its engines'
     ``max_num_batched_tokens`` (the chunked-prefill budget a step; default 512) — so that the
     colocated baseline can be swept to its strongest chunk (``colocated1@2048``) beside a semi-PD
-    prefill lane that takes ``semi_pd_prefill_tokens`` a step — and SHARE a semi-PD
+    prefill lane that takes ``semi_pd_prefill_tokens`` a step — SHARE a semi-PD
     configuration's prefill SM share, percent (``semi_pd_poverlap%90``; its decode share stays
-    ``--semi-pd-start``'s), so that shares can be compared in one sweep."""
+    ``--semi-pd-start``'s), so that shares can be compared in one sweep, and SEQS its engines'
+    ``max_num_seqs`` (``colocated1@2048:256``; default ``--max-num-seqs``): a semi-PD decode
+    lane adopts every request handed over (up to ``semi_pd_decode_seqs`` in its graphs), where
+    a colocated engine admits ``max_num_seqs``, so the baseline is swept over it too."""
+    text, colon, seqs = text.partition(":")
+    if colon and (not seqs.isdigit() or not 1 <= int(seqs) <= 4096):
+        raise argparse.ArgumentTypeError(f"--configs {text!r}: SEQS must be in 1..4096")
     rest, pct, share = text.partition("%")
     name, at, tokens = rest.partition("@")
     if name not in NAMES:
@@ -33,7 +39,8 @@ def config_name(text: str) -> tuple[str, int | None, int | None]:
                 or not 1 <= int(share) <= 100):  # fmt: skip
         raise argparse.ArgumentTypeError(
             f"--configs {text!r}: %SHARE is a semi-PD prefill share in 1..100")
-    return name, int(tokens) if at else None, int(share) if pct else None
+    return (name, int(tokens) if at else None, int(share) if pct else None,
+            int(seqs) if colon else None)
 
 
 def describe(name: str, cfg: ServeConfig) -> str:
@@ -50,7 +57,8 @@ def describe(name: str, cfg: ServeConfig) -> str:
                 f"{cfg.semi_pd_prefill_sm}/{cfg.semi_pd_decode_sm}, prefill lane "
                 f"{cfg.semi_pd_prefill_tokens} tokens a step{lane})")
     if cfg.colocated_workers:
-        return f"{name}: colocated x{cfg.colocated_workers}, {cfg.max_num_batched_tokens} tokens a step"
+        return (f"{name}: colocated x{cfg.colocated_workers}, {cfg.max_num_batched_tokens} "
+                f"tokens a step, {cfg.max_num_seqs} sequences")
     tail = " + planner" if cfg.auto_pool_sizing else ""
     return f"{name}: {cfg.prefill_workers}P+{cfg.decode_workers}D{tail}"
 

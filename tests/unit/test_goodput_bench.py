@@ -142,12 +142,15 @@ def test_cells_and_the_repeats_prompts() -> None:
 
 
 def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is_named() -> None:
-    assert config_name("colocated1") == ("colocated1", None, None)
-    assert config_name("colocated1@2048") == ("colocated1", 2048, None)
-    assert config_name("semi_pd_poverlap%90") == ("semi_pd_poverlap", None, 90)
-    assert config_name("semi_pd@1024%100") == ("semi_pd", 1024, 100)
+    assert config_name("colocated1") == ("colocated1", None, None, None)
+    assert config_name("colocated1@2048") == ("colocated1", 2048, None, None)
+    assert config_name("semi_pd_poverlap%90") == ("semi_pd_poverlap", None, 90, None)
+    assert config_name("semi_pd@1024%100") == ("semi_pd", 1024, 100, None)
+    assert config_name("colocated1@2048:256") == ("colocated1", 2048, None, 256)
+    assert config_name("semi_pd%90:128") == ("semi_pd", None, 90, 128)
     for bad in ("colocated2", "colocated1@", "colocated1@x", "colocated1@8", "semi_pd@70000",
-                "colocated1%90", "semi_pd%", "semi_pd%0", "semi_pd%101"):  # fmt: skip
+                "colocated1%90", "semi_pd%", "semi_pd%0", "semi_pd%101", "colocated1:",
+                "colocated1@2048:0", "colocated1:x", "colocated1:9999"):  # fmt: skip
         with pytest.raises(argparse.ArgumentTypeError):
             config_name(bad)
     ns = argparse.Namespace(**{
@@ -167,6 +170,8 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
     (one,) = both.values()
     assert one.semi_pd_decode_overlap and one.semi_pd_prefill_overlap and one.semi_pd_prefill_sm == 100
     assert {c.max_num_seqs for c in cfgs.values()} == {256}
+    seqs = configs(argparse.Namespace(**{**vars(ns), "configs": "colocated1@2048:128,semi_pd"}))
+    assert [(c.max_num_batched_tokens, c.max_num_seqs) for c in seqs.values()] == [(2048, 128), (512, 256)]
     # every name --configs accepts builds (and the semi-PD ITL options reach the config)
     every = configs(argparse.Namespace(**{**vars(ns), "configs": ",".join(NAMES)}))
     assert list(every) == list(NAMES)
