@@ -282,7 +282,8 @@ def lane_line(name: str, rate: str, times: dict[str, Any]) -> str:
 
 # the delivery line's groups and their phases, in a token's order (not the metric's hops:
 # cluster/metrics/defs.py DELIVERY_HOPS)
-DELIVERY_PHASES = (("workers", ("outbox_wait", "sink_call", "kernel_compile")),
+DELIVERY_PHASES = (("workers", ("outbox_wait", "sink_call", "kernel_compile", "eager_decode",
+                                 "graph_capture")),
                    ("controller", ("from_worker", "stream_wait", "loop_lag")),
                    ("driver", ("from_controller", "inbox_wait", "loop_lag")),
                    ("driver_gc", ("gen0", "gen1", "gen2")))  # fmt: skip

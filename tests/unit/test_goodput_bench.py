@@ -234,13 +234,13 @@ def test_a_lane_line_gives_each_phase_its_cpu_share_where_recorded() -> None:
 
 def test_a_delivery_line_walks_the_hops_in_a_tokens_order() -> None:
     phase = {"p50_ms": 0.4, "p99_ms": 6.3, "max_ms": 12.0, "count": 80.0}
-    times = {"workers": {"w1": {"outbox_wait": phase, "sink_call": phase}},
+    times = {"workers": {"w1": {"outbox_wait": phase, "sink_call": phase, "eager_decode": phase}},
              "controller": {"stream_wait": phase, "from_worker": phase},
              "driver": {"inbox_wait": phase}, "driver_gc": {}}  # fmt: skip
     line = delivery_line("c1", "128", times)
     assert line == (
         "[c1] delivery ms p50/p99/max (n) at rate 128: "
-        "w1: outbox_wait 0.4/6.3/12 (80), sink_call 0.4/6.3/12 (80); "
+        "w1: outbox_wait 0.4/6.3/12 (80), sink_call 0.4/6.3/12 (80), eager_decode 0.4/6.3/12 (80); "
         "controller: from_worker 0.4/6.3/12 (80), stream_wait 0.4/6.3/12 (80); "
         "driver: inbox_wait 0.4/6.3/12 (80)"
     )
