@@ -112,10 +112,13 @@ def test_width_buckets_follow_the_longest_table(
     short = random_batch(rng, 4, [5, 16, 100, 256])  # 16 blocks: the narrow bucket
     long = random_batch(rng, 4, [5, 16, 100, 257])  # 17 blocks: the next one
     assert graphs.bucket(4, 16) == (4, 16) and graphs.bucket(4, 17) == (4, 64)
+    storage = set()
     for batch in (short, long, short):
         replay = graphs.run(batch)
         assert replay is not None
         assert rel_err(replay.logits, eager_logits(loaded, cache, batch)) <= 1e-2
+        storage.add(replay.logits.data_ptr())
+    assert len(storage) == 1  # both widths of batch size 4 write one logits buffer
 
 
 def test_batch_past_the_largest_bucket_is_refused(

@@ -31,8 +31,11 @@ step takes the smallest width holding its longest table, which keeps split-K clo
 eager step of that length would choose (a table padded to the full 128k context would give one
 partition per KV head to a 1k-token sequence).
 
-Graphs share one memory pool and are captured largest first; each keeps its own logits output,
-which stays valid until that graph is replayed again.
+Graphs share one memory pool and are captured largest first. The graphs of one batch size write
+their logits into one fp32 ``[size, vocab]`` buffer, whatever their width or set: valid until a
+graph of that size is replayed again (a step's logits are sampled before the next step). A
+buffer per graph cost ``widths x sets`` times as much: with batches up to 256 and a 128k
+vocabulary ~1 GB a set, and a semi-PD decode lane keeps a set per SM share it visits.
 
 Sparse decode (opt-in, workers/model/sparse_attention.py) is captured the same way: the static
 metadata carries the SparseAttention, whose layers run their ``static_step`` form (select on the
@@ -216,6 +219,7 @@ class DecodeGraphs:
         self._sent_lens = [0] * b
         self._sent_width = 0
         self._pool = torch.cuda.graph_pool_handle()
+        self._logits: dict[int, torch.Tensor] = {}  # per batch size, every width and set
         self._sets: dict[Hashable, _GraphSet] = {}
         self.row_ids = torch.arange(b, device=self.device)  # [max_batch] int64, for callers
         self.replays = 0
@@ -260,13 +264,24 @@ class DecodeGraphs:
         positions: torch.Tensor,
         attn: AttentionMetadata,
         reuses: CapturedStep | None,
+        logits: torch.Tensor,
     ) -> tuple[torch.Tensor, CapturedStep | None]:
         if self.sparse is None:
             hidden = self.model(input_ids, positions, self.kv_cache, attn)
-            return self.model.compute_logits(hidden), None
+            return self.model.compute_logits(hidden, out=logits), None
         with self.sparse.static_step(reuses) as captured:
             hidden = self.model(input_ids, positions, self.kv_cache, attn)
-        return self.model.compute_logits(hidden), captured
+        return self.model.compute_logits(hidden, out=logits), captured
+
+    def _logits_of(self, size: int) -> torch.Tensor:
+        """The logits buffer of batch size ``size`` (module docstring), made on first use."""
+        out = self._logits.get(size)
+        if out is None:
+            vocab = self.model.config.vocab_size
+            out = self._logits[size] = torch.empty(
+                (size, vocab), dtype=torch.float32, device=self.device
+            )
+        return out
 
     @torch.inference_mode()
     def capture(self, size: int, width: int, reuse: bool = False) -> None:
@@ -291,8 +306,9 @@ class DecodeGraphs:
         self._tables.zero_()
         self._sent = [None] * self.max_batch
         ids, pos, attn = self._views(size, width)
+        out = self._logits_of(size)
         graph, (logits, captured) = capture_graph(
-            lambda: self._forward(ids, pos, attn, reuses), self.device, self._pool,
+            lambda: self._forward(ids, pos, attn, reuses, out), self.device, self._pool,
             self._capture_stream,
         )  # fmt: skip
         graphs[(size, width)] = _Graph(graph, logits, ids, pos, attn, captured)

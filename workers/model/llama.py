@@ -250,9 +250,14 @@ class LlamaModel(nn.Module):
         return kernels.add_rms_norm(delta, x, self.norm, eps).out
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] fp32
+    def compute_logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [N, hidden] -> [N, V] fp32
+        """``out``: an fp32 ``[N, V]`` tensor to write them into (the decode graphs' buffer
+        of their batch size), the conversion's copy instead of a new tensor."""
         head = self.embed if self.lm_head is None else self.lm_head
-        return kernels.linear(hidden, head).float()
+        logits = kernels.linear(hidden, head)
+        return logits.float() if out is None else out.copy_(logits)
 
     @torch.inference_mode()
     def load_hf_weights(self, get: Callable[[str], torch.Tensor | None]) -> None:
