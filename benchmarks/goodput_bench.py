@@ -342,7 +342,7 @@ def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
 
 def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``--repeats`` sweeps on one cluster; every repeat's report is kept."""
-    out_json = Path(args.out) / f"goodput_{name.replace('@', '_t').replace('%', '_p')}.json"
+    out_json = Path(args.out) / f"goodput_{name.replace('@', '_t').replace('%', '_p').replace(':', '_s')}.json"
     with Cluster.start(cfg) as cluster, GcPauses() as gc_pauses:
         url = f"http://127.0.0.1:{cluster.ports['http_port']}"
         roles_before = cluster.workers()
