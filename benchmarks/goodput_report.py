@@ -24,7 +24,7 @@ def config_name(text: str) -> tuple[str, int | None, int | None, int | None]:
     configuration's prefill SM share, percent (``semi_pd_poverlap%90``; its decode share stays
     ``--semi-pd-start``'s), so that shares can be compared in one sweep, and SEQS its engines'
     ``max_num_seqs`` (``colocated1@2048:256``; default ``--max-num-seqs``): a semi-PD decode
-    lane adopts every request handed over (up to ``semi_pd_decode_seqs`` in its graphs), where
+    lane adopts every request handed over (up to ``decode_seqs`` in its graphs), where
     a colocated engine admits ``max_num_seqs``, so the baseline is swept over it too."""
     text, colon, seqs = text.partition(":")
     if colon and (not seqs.isdigit() or not 1 <= int(seqs) <= 4096):

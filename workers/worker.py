@@ -115,6 +115,13 @@ class _Reservation:
     cancelled: bool = False
 
 
+# a decode worker's (and a semi-PD decode lane's) ``max_num_seqs`` at least: it adopts every
+# request handed over, not only max_num_seqs of them (blocks are its bound), so under load its
+# batch passes the config's cap (64 by default) and the largest default decode graph (128);
+# such a step ran eagerly (and compiled the decode kernel mid-serving, 2026-12-07 H200)
+DECODE_SEQS = 256
+
+
 class Worker:
     def __init__(
         self,
@@ -132,9 +139,15 @@ class Worker:
         grace_s: float = 30.0,
         threads: int | None = None,
         dtype: torch.dtype = torch.float32,
+        decode_seqs: int = DECODE_SEQS,
     ) -> None:
+        """``decode_seqs``: a decode worker's ``max_num_seqs`` (a semi-PD worker's decode
+        lane's) when larger than the engine config's: the batch its decode graphs hold."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        if decode_seqs < 1:
+            raise ValueError(f"decode_seqs must be >= 1, got {decode_seqs}")
+        self._decode_seqs = decode_seqs
         if threads:
             torch.set_num_threads(threads)
         self.worker_id = worker_id
@@ -175,8 +188,14 @@ class Worker:
         """This worker's engines (a semi-PD worker's two lanes)."""
         return (self.loop.engine,)
 
+    def _decode_batch(self, config: EngineConfig) -> int:
+        """The ``max_num_seqs`` of an engine that adopts handed over requests."""
+        return max(config.max_num_seqs, self._decode_seqs)
+
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         """This worker's engine on its loop thread (the semi-PD worker starts two)."""
+        if self.role == "decode":
+            config = replace(config, max_num_seqs=self._decode_batch(config))
         engine = Engine(loaded, config, device=device)
         return EngineLoop(
             engine, self._emit, name=f"engine-{self.worker_id}", delivery=self.delivery

@@ -309,7 +309,6 @@ class ControllerActor(Controller):
             semi_pd["split"] = Split(cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm)
             semi_pd["window_s"] = cfg.semi_pd_window_s
             semi_pd["prefill_tokens"] = cfg.semi_pd_prefill_tokens
-            semi_pd["decode_seqs"] = cfg.semi_pd_decode_seqs
             semi_pd["decode_first"] = cfg.semi_pd_decode_first
             semi_pd["decode_overlap"] = cfg.semi_pd_decode_overlap
             semi_pd["prefill_overlap"] = cfg.semi_pd_prefill_overlap
@@ -333,6 +332,7 @@ class ControllerActor(Controller):
             threads=cfg.threads_per_worker or placement.threads,
             device=cfg.device,
             dtype=cfg.dtype,
+            decode_seqs=cfg.decode_seqs,
             **semi_pd,
         )
         self.handles[worker_id] = handle

@@ -58,9 +58,6 @@ class ServeConfig(BaseModel):
     semi_pd_adaptive: bool = False  # move the shares toward the failing SLO (ttft/itl_slo_s)
     semi_pd_window_s: float = 1.0  # seconds per window of the split rule
     semi_pd_prefill_tokens: int = 4096  # the prefill lane's tokens per step (not 512 chunks)
-    # the decode lane's batch its CUDA graphs hold (it adopts every request handed over, so
-    # its batch passes max_num_seqs under load; a larger batch runs eagerly)
-    semi_pd_decode_seqs: int = 256
     # the decode lane's streams at the highest CUDA stream priority, the prefill lane's at the
     # lowest: decode kernels are dispatched ahead of queued prefill blocks (not verified on a GPU)
     semi_pd_decode_first: bool = False
@@ -98,6 +95,9 @@ class ServeConfig(BaseModel):
     cpu_kv_gb: float = 0.5  # host KV tier per worker
     block_size: int = 16
     max_num_seqs: int = 64
+    # a decode worker's (a semi-PD decode lane's) max_num_seqs at least, the batch its CUDA
+    # graphs hold: it adopts every request handed over, so its batch passes max_num_seqs
+    decode_seqs: int = 256
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     policy: str = "fcfs"  # fcfs | priority | fair (per-tenant virtual token counter)
@@ -176,7 +176,7 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be > 0, got {v}")
         return v
 
-    @field_validator("semi_pd_prefill_tokens", "semi_pd_decode_seqs", "sparse_shortlist_steps")
+    @field_validator("semi_pd_prefill_tokens", "decode_seqs", "sparse_shortlist_steps")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
@@ -341,8 +341,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds per window of the SLO-aware split (default 1)")
     p.add_argument("--semi-pd-prefill-tokens", type=int, default=S,
                    help="the prefill lane's tokens per step (default 4096)")
-    p.add_argument("--semi-pd-decode-seqs", type=int, default=S,
-                   help="the batch the decode lane's CUDA graphs hold (default 256)")
     p.add_argument("--semi-pd-decode-first", action="store_true", default=S,
                    help="experimental: CUDA stream priorities for the decode lane's kernels "
                         "(measured no shorter decode wait on an H100, benchmarks/README.md)")
@@ -412,6 +410,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-kv-gb", type=float, default=S, help="host KV tier per worker")
     p.add_argument("--block-size", type=int, default=S)
     p.add_argument("--max-num-seqs", type=int, default=S)
+    p.add_argument("--decode-seqs", type=int, default=S,
+                   help="a decode worker's / semi-PD decode lane's max_num_seqs at least (the "
+                        "batch its CUDA graphs hold; it adopts every request handed over; 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=S)
     p.add_argument("--policy", default=S, choices=POLICIES,
                    help="scheduling policy inside each worker")

@@ -230,9 +230,17 @@ def test_decode_lane_batch_passes_max_num_seqs_up_to_decode_seqs(
 ) -> None:
     """The decode lane adopts every request handed over, not ``max_num_seqs`` of them: its
     batch grows past the config's cap, so its engine (and on CUDA its decode graphs) is sized
-    by ``decode_seqs``; the prefill lane keeps the config's cap. Tokens as colocated."""
+    by ``decode_seqs``, as a decode worker's; the prefill lane keeps the config's cap, as
+    prefill and colocated workers do. Tokens as colocated."""
     sink = Collector()
     config = replace(CONFIG, max_num_seqs=2)
+    for role, want in (("decode", len(prompts)), ("prefill", 2), ("colocated", 2)):
+        worker = Worker(role, role, model=loaded, engine_config=config, sink=sink,
+                        decode_seqs=len(prompts))  # fmt: skip
+        try:
+            assert worker.engine.config.max_num_seqs == want, role
+        finally:
+            worker.shutdown()
     with pytest.raises(ValueError, match="decode_seqs"):
         SemiPDWorker("x", "colocated", model=loaded, engine_config=config, sink=sink,
                      decode_seqs=0)  # fmt: skip

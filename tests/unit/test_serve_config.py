@@ -133,7 +133,7 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
         "0.5",
         "--semi-pd-prefill-tokens",
         "2048",
-        "--semi-pd-decode-seqs",
+        "--decode-seqs",
         "192",
         "--semi-pd-decode-overlap",
         "--semi-pd-prefill-overlap",
@@ -144,7 +144,7 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
     assert cfg.semi_pd and (cfg.semi_pd_prefill_sm, cfg.semi_pd_decode_sm) == (60, 100)
     assert cfg.semi_pd_adaptive and cfg.semi_pd_window_s == 0.5
     assert cfg.semi_pd_prefill_tokens == 2048 and cfg.semi_pd_decode_overlap
-    assert cfg.semi_pd_decode_seqs == 192
+    assert cfg.decode_seqs == 192
     assert cfg.semi_pd_prefill_overlap and cfg.semi_pd_first_token == "decode"
     assert cfg.semi_pd_decode_lock_first
     path = tmp_path / "serve.yaml"
@@ -155,7 +155,7 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
     assert not default.semi_pd and not default.semi_pd_decode_overlap
     assert default.semi_pd_prefill_overlap and default.semi_pd_prefill_sm == 100
     assert default.semi_pd_first_token == "prefill" and not default.semi_pd_decode_lock_first
-    assert default.semi_pd_decode_seqs == 256
+    assert default.decode_seqs == 256
     assert _parse("--no-semi-pd-prefill-overlap").semi_pd_prefill_overlap is False
 
 
@@ -167,7 +167,7 @@ def test_semi_pd_flags_and_file_reach_the_config(tmp_path) -> None:
         ({"semi_pd_decode_sm": 101}, "1..100"),
         ({"semi_pd_window_s": 0}, "must be > 0"),
         ({"semi_pd_prefill_tokens": 0}, "must be >= 1"),
-        ({"semi_pd_decode_seqs": 0}, "must be >= 1"),
+        ({"decode_seqs": 0}, "must be >= 1"),
     ],
 )
 def test_semi_pd_settings_are_validated(values: dict, match: str) -> None:

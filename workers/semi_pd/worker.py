@@ -130,10 +130,6 @@ DEFAULT_SPLIT = Split(prefill=100, decode=100)
 # the host's launch work per chunk, while 4096 tokens keep the GPU busy past the launches. Not
 # more: each prefill kernel holds the SMs the decode lane's kernels wait for (its ITL)
 PREFILL_TOKENS = 4096
-# the decode lane's batch cap for its graphs: it adopts every request handed over, not only
-# max_num_seqs (64 by default), so under load its batch passes 128, the largest default decode
-# graph; such a step ran eagerly (and compiled the decode kernel mid-serving, 2026-12-07 H200)
-DECODE_SEQS = 256
 PREFILL_SIDE = {"off": "off", "decode": "off", "prefill": "prefill", "both": "prefill"}
 SPLIT_STEP = 10  # percent; the split rule moves shares in these steps
 FIRST_TOKEN = ("prefill", "decode")  # the lane that sends a handed over request's first token
@@ -156,7 +152,6 @@ class SemiPDWorker(Worker):
         split_rule: SplitRuleConfig | None = None,
         window_s: float = 1.0,
         prefill_tokens: int = PREFILL_TOKENS,
-        decode_seqs: int = DECODE_SEQS,
         decode_first: bool = False,
         decode_overlap: bool = False,
         prefill_overlap: bool = True,
@@ -168,8 +163,6 @@ class SemiPDWorker(Worker):
         returning to ``split`` (the rule's ``home``) once neither SLO is near; None: keep
         ``split``. ``prefill_tokens``: the prefill lane's token
         budget per step (at least the engine config's ``max_num_batched_tokens``).
-        ``decode_seqs``: the decode lane's ``max_num_seqs`` (at least the engine config's), the
-        batch its decode graphs hold.
         ``decode_first``: CUDA stream priorities put the decode lane's kernels ahead of the
         prefill lane's (sm_partition.py). ``decode_overlap``: the decode lane runs the
         overlapped step, its releases held until its steps are done (module docstring);
@@ -180,14 +173,11 @@ class SemiPDWorker(Worker):
         decode lane waits for it (lanes.py, ``StorageLock``)."""
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
-        if decode_seqs < 1:
-            raise ValueError(f"decode_seqs must be >= 1, got {decode_seqs}")
         if first_token not in FIRST_TOKEN:
             raise ValueError(f"first_token must be one of {FIRST_TOKEN}, got {first_token!r}")
         sys.setswitchinterval(switch_interval())  # process-wide
         self._initial_split = split
         self._prefill_tokens = prefill_tokens
-        self._decode_seqs = decode_seqs
         self._decode_first = decode_first
         self._decode_overlap = decode_overlap
         self._prefill_overlap = prefill_overlap
@@ -217,11 +207,11 @@ class SemiPDWorker(Worker):
         # captured outside at 804 on the share's). With capture_graphs the start share's set is
         # captured up front (below), another share's buckets lazily on their first step there:
         # a set a share costs a set's memory, and the split rule may visit ten shares a lane.
-        # The decode lane's are decode graphs (each keeps its own logits); it prefills only a
+        # The decode lane's are decode graphs (logits per batch size); it prefills only a
         # request recomputed after a preemption, which runs eagerly: no prefill graphs there.
         # The storage is built here
         overlap = self._decode_overlap
-        seqs = max(config.max_num_seqs, self._decode_seqs)
+        # it adopts every request handed over: sized as a decode worker's engine (Worker)
         decode = Engine(
             loaded,
             replace(
@@ -229,7 +219,7 @@ class SemiPDWorker(Worker):
                 capture_graphs=False,
                 prefill_graphs=False,
                 overlap_schedule=overlap,
-                max_num_seqs=seqs,
+                max_num_seqs=self._decode_batch(config),
             ),
             device=device,
             defer_releases=overlap,
