@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from kvrelay.workers.engine.config import EngineConfig
+from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd import worker as semi_pd_worker
@@ -325,6 +326,54 @@ class GreenOnCpu(CpuPartition):
 
     def stream(self, lane: Lane, share: int) -> None:
         self.streams_asked.append((lane, share))
+
+
+def test_split_rule_captures_every_shares_graph_set_at_start(
+    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the split rule on and graphs captured at start, each lane enters every share the
+    rule may move it to (nearest first) and captures that share's set there, then goes back to
+    its start share before serving; without the rule only the start share's set is captured.
+    A green-context partition of three shares stood in for; tokens as colocated."""
+    class ThreeShares(GreenOnCpu):
+        def shares(self) -> list[int]:
+            return [50, 60, 100]
+
+    parts: list[ThreeShares] = []
+
+    def build(device: torch.device, initial: Split, step: int, decode_first: bool) -> ThreeShares:
+        parts.append(ThreeShares(initial))
+        return parts[-1]
+
+    captured: list[tuple[str, int]] = []
+
+    def capture_decode(engine: Engine) -> int:
+        captured.append(("decode", parts[-1].share(Lane.DECODE)))
+        return 0
+
+    def capture_prefill(engine: Engine) -> None:
+        captured.append(("prefill", parts[-1].share(Lane.PREFILL)))
+
+    monkeypatch.setattr(semi_pd_worker, "build_partition", build)
+    monkeypatch.setattr(semi_pd_worker, "GreenContextPartition", ThreeShares)
+    monkeypatch.setattr(Engine, "capture_graphs", capture_decode)
+    monkeypatch.setattr(semi_pd_worker, "_capture_prefill_graphs", capture_prefill)
+    sink = Collector()
+    config = replace(CONFIG, capture_graphs=True)
+    rule = SplitRuleConfig(ttft_slo_s=1e6, tpot_slo_s=1e6)  # met: the split stays
+    for split_rule, want in ((None, [100]), (rule, [100, 60, 50])):
+        captured.clear()
+        semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=config, sink=sink,
+                            split_rule=split_rule)  # fmt: skip
+        try:
+            for lane in ("decode", "prefill"):  # the start share first, then nearest first
+                assert [share for name, share in captured if name == lane] == want, lane
+            assert semi.split() == Split(100, 100)
+            params = [SamplingParams(max_tokens=8, temperature=0.0) for _ in prompts[:2]]
+            assert generate(semi, sink, prompts[:2], params, "s") == colocated(prompts[:2], params)
+        finally:
+            semi.shutdown()
 
 
 def test_prefill_lane_switches_its_prefill_graph_set_with_its_share(

@@ -151,6 +151,10 @@ class GreenContextPartition:
     def stream(self, lane: Lane, share: int) -> Any:
         return self._streams[lane, share]
 
+    def shares(self) -> list[int]:
+        """Every share a lane can enter (percent, ascending)."""
+        return sorted(self.num_sms)
+
     def enter(self, lane: Lane, share: int) -> None:
         new = self._streams.get((lane, share))
         if new is None:

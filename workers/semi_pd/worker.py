@@ -205,8 +205,9 @@ class SemiPDWorker(Worker):
         # elsewhere runs on every SM whatever stream replays it (tests/gpu/test_semi_pd_gpu.py:
         # H100, 2026-12-06, a 25 % share's graph replayed at 257 TFLOP/s on any stream, one
         # captured outside at 804 on the share's). With capture_graphs the start share's set is
-        # captured up front (below), another share's buckets lazily on their first step there:
-        # a set a share costs a set's memory, and the split rule may visit ten shares a lane.
+        # captured up front (below), and with the split rule on every share's it may move a
+        # lane to (``_capture_every_share``); otherwise another share's buckets lazily on their
+        # first step there. The decode graphs' logits are one buffer per batch size for all.
         # The decode lane's are decode graphs (logits per batch size); it prefills only a
         # request recomputed after a preemption, which runs eagerly: no prefill graphs there.
         # The storage is built here
@@ -300,7 +301,33 @@ class SemiPDWorker(Worker):
         if config.capture_graphs:  # after each lane entered its share (commands run in order)
             loop.call(lambda e: e.capture_graphs(), timeout=None)
             self.prefill_loop.call(_capture_prefill_graphs, timeout=None)
+            if self.tuner is not None:
+                self._capture_every_share()
         return loop
+
+    def _capture_every_share(self) -> int:
+        """With the split rule on, every share it may move a lane to gets its graph set at
+        start (captured on that share's stream), not at the lane's first step there: those
+        captures stalled the lanes mid-serving, 9-10 times a rate at 36-83 ms each while the
+        rule moved (H100, 2026-12-07, ``graph_capture`` in the delivery times). Nearest shares
+        first; each lane goes back to its start share. Returns the sets captured (0 without
+        green contexts: no sets)."""
+        part = self.partition
+        if not isinstance(part, GreenContextPartition):
+            return 0
+        t0, count = time.perf_counter(), 0
+        lanes = ((Lane.DECODE, lambda e: e.capture_graphs()), (Lane.PREFILL, _capture_prefill_graphs))
+        for lane, capture in lanes:
+            loop, home = self._lanes[lane], part.share(lane)
+            for share in sorted(part.shares(), key=lambda s: (abs(s - home), -s)):
+                if share != home:
+                    loop.call(partial(self._enter, lane, share), timeout=None)
+                    loop.call(capture, timeout=None)
+                    count += 1
+            loop.call(partial(self._enter, lane, home), timeout=None)
+        log.info("captured the graph sets of %d more SM shares in %.1f s", count,
+                 time.perf_counter() - t0)  # fmt: skip
+        return count
 
     def _engines(self) -> tuple[Engine, ...]:
         return (self.prefill_loop.engine, self.loop.engine)
