@@ -329,13 +329,16 @@ class GreenOnCpu(CpuPartition):
 
 
 def test_split_rule_captures_every_shares_graph_set_at_start(
-    loaded: LoadedModel, prompts: list[list[int]], colocated: Reference,
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    colocated: Reference,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the split rule on and graphs captured at start, each lane enters every share the
     rule may move it to (nearest first) and captures that share's set there, then goes back to
     its start share before serving; without the rule only the start share's set is captured.
     A green-context partition of three shares stood in for; tokens as colocated."""
+
     class ThreeShares(GreenOnCpu):
         def shares(self) -> list[int]:
             return [50, 60, 100]

@@ -316,7 +316,10 @@ class SemiPDWorker(Worker):
         if not isinstance(part, GreenContextPartition):
             return 0
         t0, count = time.perf_counter(), 0
-        lanes = ((Lane.DECODE, lambda e: e.capture_graphs()), (Lane.PREFILL, _capture_prefill_graphs))
+        lanes = (
+            (Lane.DECODE, lambda e: e.capture_graphs()),
+            (Lane.PREFILL, _capture_prefill_graphs),
+        )
         for lane, capture in lanes:
             loop, home = self._lanes[lane], part.share(lane)
             for share in sorted(part.shares(), key=lambda s: (abs(s - home), -s)):
