@@ -207,8 +207,8 @@ class SemiPDWorker(Worker):
         # captured outside at 804 on the share's). With capture_graphs the start share's set is
         # captured up front (below), and with the split rule on every share's it may move a
         # lane to (``_capture_every_share``); otherwise another share's buckets lazily on their
-        # first step there. The decode graphs' logits are one buffer per batch size for all.
-        # The decode lane's are decode graphs (logits per batch size); it prefills only a
+        # first step there. The decode lane's are decode graphs (their logits one buffer per
+        # batch size, shared by every set: cuda_graphs.py); it prefills only a
         # request recomputed after a preemption, which runs eagerly: no prefill graphs there.
         # The storage is built here
         overlap = self._decode_overlap
@@ -308,8 +308,8 @@ class SemiPDWorker(Worker):
     def _capture_every_share(self) -> int:
         """With the split rule on, every share it may move a lane to gets its graph set at
         start (captured on that share's stream), not at the lane's first step there: those
-        captures stalled the lanes mid-serving, 9-10 times a rate at 36-83 ms each while the
-        rule moved (H100, 2026-12-07, ``graph_capture`` in the delivery times). Nearest shares
+        captures stalled the lanes mid-serving, 9-10 times a rate (p50 36-51 ms, up to 83)
+        while the rule moved (H100, 2026-12-07, ``graph_capture`` in the delivery times). Nearest shares
         first; each lane goes back to its start share. Returns the sets captured (0 without
         green contexts: no sets)."""
         part = self.partition
