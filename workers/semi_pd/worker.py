@@ -309,9 +309,9 @@ class SemiPDWorker(Worker):
         """With the split rule on, every share it may move a lane to gets its graph set at
         start (captured on that share's stream), not at the lane's first step there: those
         captures stalled the lanes mid-serving, 9-10 times a rate (p50 36-51 ms, up to 83)
-        while the rule moved (H100, 2026-12-07, ``graph_capture`` in the delivery times). Nearest shares
-        first; each lane goes back to its start share. Returns the sets captured (0 without
-        green contexts: no sets)."""
+        while the rule moved (H100, 2026-12-07, ``graph_capture`` in the delivery times).
+        Nearest shares first; each lane goes back to its start share. Returns the sets
+        captured (0 without green contexts: no sets)."""
         part = self.partition
         if not isinstance(part, GreenContextPartition):
             return 0
