@@ -26,10 +26,10 @@ def config_name(text: str) -> tuple[str, int | None, int | None, int | None]:
     ``max_num_seqs`` (``colocated1@2048:256``; default ``--max-num-seqs``): a semi-PD decode
     lane adopts every request handed over (up to ``decode_seqs`` in its graphs), where
     a colocated engine admits ``max_num_seqs``, so the baseline is swept over it too."""
-    text, colon, seqs = text.partition(":")
+    head, colon, seqs = text.partition(":")
     if colon and (not seqs.isdigit() or not 1 <= int(seqs) <= 4096):
         raise argparse.ArgumentTypeError(f"--configs {text!r}: SEQS must be in 1..4096")
-    rest, pct, share = text.partition("%")
+    rest, pct, share = head.partition("%")
     name, at, tokens = rest.partition("@")
     if name not in NAMES:
         raise argparse.ArgumentTypeError(f"--configs: {name!r} is not one of {NAMES}")
