@@ -120,6 +120,7 @@ class _Reservation:
 # batch passes the config's cap (64 by default) and the largest default decode graph (128);
 # such a step ran eagerly (and compiled the decode kernel mid-serving, 2026-12-07 H200)
 DECODE_SEQS = 256
+SWITCHING = ("prefill", "decode")  # the roles set_role moves a worker between, both ways
 
 
 class Worker:
@@ -148,6 +149,7 @@ class Worker:
         if decode_seqs < 1:
             raise ValueError(f"decode_seqs must be >= 1, got {decode_seqs}")
         self._decode_seqs = decode_seqs
+        self._max_num_seqs = engine_config.max_num_seqs  # a prefill role's (set_role)
         if threads:
             torch.set_num_threads(threads)
         self.worker_id = worker_id
@@ -194,6 +196,8 @@ class Worker:
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         """This worker's engine on its loop thread (the semi-PD worker starts two)."""
+        if self.role in SWITCHING:  # either may become a decode worker (set_role)
+            config = replace(config, decode_graph_batch=self._decode_batch(config))
         if self.role == "decode":
             config = replace(config, max_num_seqs=self._decode_batch(config))
         engine = Engine(loaded, config, device=device)
@@ -257,9 +261,16 @@ class Worker:
         )
 
     def set_role(self, role: str) -> None:
-        """Switch role between requests (pool rebalancing): affects only new requests."""
+        """Switch role between requests (pool rebalancing): affects only new requests. A
+        prefill / decode switch also sets the engine's sequence cap to the new role's (a
+        decode worker adopts up to ``decode_seqs``; its decode graphs were sized for that)."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
+        if self.role in SWITCHING and role in SWITCHING and role != self.role:
+            cap = self._max_num_seqs
+            if role == "decode":
+                cap = max(cap, self._decode_seqs)
+            self.loop.call(lambda e: setattr(e.scheduler, "max_num_seqs", cap))
         self.role = role
 
     # ---- requests ------------------------------------------------------------------------

@@ -235,11 +235,18 @@ def test_decode_lane_batch_passes_max_num_seqs_up_to_decode_seqs(
     prefill and colocated workers do. Tokens as colocated."""
     sink = Collector()
     config = replace(CONFIG, max_num_seqs=2)
-    for role, want in (("decode", len(prompts)), ("prefill", 2), ("colocated", 2)):
+    n = len(prompts)
+    for role, want, graphs in (("decode", n, n), ("prefill", 2, n), ("colocated", 2, 0)):
         worker = Worker(role, role, model=loaded, engine_config=config, sink=sink,
-                        decode_seqs=len(prompts))  # fmt: skip
+                        decode_seqs=n)  # fmt: skip
         try:
+            # a prefill worker may become a decode worker: its graphs are sized for that too
             assert worker.engine.config.max_num_seqs == want, role
+            assert worker.engine.config.decode_graph_batch == graphs, role
+            for new, cap in (("decode", n), ("prefill", 2), ("decode", n)):  # set_role's caps
+                if role != "colocated":
+                    worker.set_role(new)
+                    assert worker.loop.call(lambda e: e.scheduler.max_num_seqs) == cap, new
         finally:
             worker.shutdown()
     with pytest.raises(ValueError, match="decode_seqs"):

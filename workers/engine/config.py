@@ -39,6 +39,9 @@ class EngineConfig:
     # starts, not at each bucket's first step: that capture, and the Triton compiles of a new
     # shape, stall the step (a sweep's first, "cold" rates paid them)
     capture_graphs: bool = False
+    # decode graphs hold batches up to max(128, max_num_seqs, this): a worker that may turn
+    # into a decode worker (a role switch) sizes them for the batch it would adopt
+    decode_graph_batch: int = 0
     # prefill graphs (workers/engine/prefill_graphs.py). None: on with the decode graphs on
     # CUDA (KVRELAY_PREFILL_GRAPHS=0 off); True on CPU runs their padded path eagerly (tests);
     # the semi-PD decode lane turns them off (workers/semi_pd/worker.py)

@@ -125,7 +125,9 @@ class Engine:
             loaded.model, self.kv_cache, bs, sparse=self.sparse,
             use_prefill_graphs=config.prefill_graphs, max_prefill_seqs=config.max_num_seqs,
             max_prefill_tokens=config.prefill_graph_tokens,
-            max_graph_batch=max(BATCH_SIZES[-1], config.max_num_seqs),
+            max_graph_batch=max(
+                BATCH_SIZES[-1], config.max_num_seqs, config.decode_graph_batch
+            ),
         )  # fmt: skip
         self.sampler = Sampler(seed=config.seed)
         self._last_read = 0.0  # when the last in-flight step was read (its device time ends)
