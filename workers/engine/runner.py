@@ -28,7 +28,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -48,6 +48,7 @@ from kvrelay.workers.model.sparse_attention import SparseAttention
 
 # the ``stalls`` phases (ModelRunner.stalls): steps a serving worker's streams wait longer for
 EAGER_DECODE, LATE_CAPTURE = "eager_decode", "graph_capture"
+R = TypeVar("R")
 
 
 class DeviceTokens(NamedTuple):
@@ -142,10 +143,10 @@ def prepare_inputs(
     # one upload per dtype: [ids | positions | slots | logits rows | table slots] and
     # [contexts | starts], each part at a 16-byte aligned start (``aligned_parts``)
     t = len(input_ids)
-    _, (ids, pos, slot_map, logits_rows, table_rows) = aligned_parts(
+    ids, pos, slot_map, logits_rows, table_rows = aligned_parts(
         [input_ids, positions, slots, logits_indices, rows], torch.int64, device
     )
-    _, (ctx, qsl) = aligned_parts([context_lens, starts], torch.int32, device)
+    ctx, qsl = aligned_parts([context_lens, starts], torch.int32, device)
     attn = AttentionMetadata(
         slot_mapping=slot_map,
         block_tables=tables.gather(table_rows, tables.width),
@@ -161,7 +162,7 @@ def prepare_inputs(
 
 def aligned_parts(
     parts: Seq[list[int]], dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> list[torch.Tensor]:
     """One upload of ``parts`` and a view of each, every view starting at a multiple of 16
     bytes. Triton specializes a kernel on whether each pointer argument is 16-byte aligned:
     views at offsets that change with the batch (positions after ``T`` ids, starts after ``B``
@@ -176,7 +177,7 @@ def aligned_parts(
         spans.append((start, len(flat)))
         flat += [0] * (-len(flat) % per)
     whole = host_to_device(flat, dtype, device)
-    return whole, [whole[a:b] for a, b in spans]
+    return [whole[a:b] for a, b in spans]
 
 
 def _graphs_enabled(device: torch.device, use_cuda_graphs: bool | None) -> bool:
@@ -283,25 +284,29 @@ class ModelRunner:
         if decode and len(items) > self.max_decode_rows:
             self.max_decode_rows = len(items)
         capturable = self.sparse is None or self.sparse.capturable()
-        stalls = self.stalls
         t0 = time.perf_counter()
         if self.graphs is not None and decode and capturable:
-            captured = self.graphs.num_graphs
-            out = self._run_graph(items, prev)
-            if stalls is not None and self.graphs.num_graphs != captured:
-                stalls.add(LATE_CAPTURE, time.perf_counter() - t0)
+            out = self._capturing(self.graphs, lambda: self._run_graph(items, prev))
             if out is not None:
                 self.graph_steps += 1
                 return out
         self.eager_steps += 1
         if decode:
             self.eager_decode_steps += 1
-            if stalls is not None:
-                try:
-                    return self._eager(items, prev, decode)
-                finally:
-                    stalls.add(EAGER_DECODE, time.perf_counter() - t0)
-        return self._eager(items, prev, decode)
+        try:
+            return self._eager(items, prev, decode)
+        finally:
+            if decode and self.stalls is not None:
+                self.stalls.add(EAGER_DECODE, time.perf_counter() - t0)
+
+    def _capturing(self, graphs: DecodeGraphs | PrefillGraphs, run: Callable[[], R]) -> R:
+        """``run()``, a replay of ``graphs``; the time of one that captured a graph first (on
+        first use) is a ``LATE_CAPTURE`` stall."""
+        captured, t0 = graphs.num_graphs, time.perf_counter()
+        out = run()
+        if self.stalls is not None and graphs.num_graphs != captured:
+            self.stalls.add(LATE_CAPTURE, time.perf_counter() - t0)
+        return out
 
     def _eager(
         self, items: Seq[ScheduledSeq], prev: DeviceTokens | None, decode: bool
@@ -310,10 +315,10 @@ class ModelRunner:
         inputs.attn.sparse = self.sparse
         hidden = None
         if self.prefill is not None and (self.sparse is None or not self.sparse.handles(decode)):
-            captured, t0 = self.prefill.num_graphs, time.perf_counter()
-            hidden = self.prefill.run(inputs.input_ids, inputs.positions, inputs.attn)
-            if self.stalls is not None and self.prefill.num_graphs != captured:
-                self.stalls.add(LATE_CAPTURE, time.perf_counter() - t0)
+            prefill = self.prefill
+            hidden = self._capturing(
+                prefill, lambda: prefill.run(inputs.input_ids, inputs.positions, inputs.attn)
+            )
             if hidden is not None:
                 self.prefill_graph_steps += 1
         if hidden is None:
