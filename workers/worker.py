@@ -149,7 +149,7 @@ class Worker:
         if decode_seqs < 1:
             raise ValueError(f"decode_seqs must be >= 1, got {decode_seqs}")
         self._decode_seqs = decode_seqs
-        self._max_num_seqs = engine_config.max_num_seqs  # a prefill role's (set_role)
+        self._max_num_seqs = engine_config.max_num_seqs  # the config's, before any role's
         if threads:
             torch.set_num_threads(threads)
         self.worker_id = worker_id
@@ -190,16 +190,21 @@ class Worker:
         """This worker's engines (a semi-PD worker's two lanes)."""
         return (self.loop.engine,)
 
-    def _decode_batch(self, config: EngineConfig) -> int:
-        """The ``max_num_seqs`` of an engine that adopts handed over requests."""
-        return max(config.max_num_seqs, self._decode_seqs)
+    def _seqs_of(self, role: str) -> int:
+        """The ``max_num_seqs`` of an engine in ``role``: a decode engine (a decode worker's,
+        a semi-PD decode lane's) adopts handed over requests, up to ``decode_seqs``."""
+        if role == "decode":
+            return max(self._max_num_seqs, self._decode_seqs)
+        return self._max_num_seqs
 
     def _start_engines(self, loaded: LoadedModel, config: EngineConfig, device: str) -> EngineLoop:
         """This worker's engine on its loop thread (the semi-PD worker starts two)."""
         if self.role in SWITCHING:  # either may become a decode worker (set_role)
-            config = replace(config, decode_graph_batch=self._decode_batch(config))
-        if self.role == "decode":
-            config = replace(config, max_num_seqs=self._decode_batch(config))
+            config = replace(
+                config,
+                max_num_seqs=self._seqs_of(self.role),
+                decode_graph_batch=self._seqs_of("decode"),
+            )
         engine = Engine(loaded, config, device=device)
         return EngineLoop(
             engine, self._emit, name=f"engine-{self.worker_id}", delivery=self.delivery
@@ -267,9 +272,7 @@ class Worker:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
         if self.role in SWITCHING and role in SWITCHING and role != self.role:
-            cap = self._max_num_seqs
-            if role == "decode":
-                cap = max(cap, self._decode_seqs)
+            cap = self._seqs_of(role)
             self.loop.call(lambda e: setattr(e.scheduler, "max_num_seqs", cap))
         self.role = role
 

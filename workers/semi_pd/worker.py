@@ -220,7 +220,7 @@ class SemiPDWorker(Worker):
                 capture_graphs=False,
                 prefill_graphs=False,
                 overlap_schedule=overlap,
-                max_num_seqs=self._decode_batch(config),
+                max_num_seqs=self._seqs_of("decode"),
             ),
             device=device,
             defer_releases=overlap,
