@@ -206,7 +206,7 @@ class SemiPDWorker(Worker):
         # H100, 2026-12-06, a 25 % share's graph replayed at 257 TFLOP/s on any stream, one
         # captured outside at 804 on the share's). With capture_graphs the start share's set is
         # captured up front (below), and with the split rule on every share's it may move a
-        # lane to (``_capture_every_share``); otherwise another share's buckets lazily on their
+        # lane to (``_capture_graph_sets``); otherwise another share's buckets lazily on their
         # first step there. The decode lane's are decode graphs (their logits one buffer per
         # batch size, shared by every set: cuda_graphs.py); it prefills only a
         # request recomputed after a preemption, which runs eagerly: no prefill graphs there.
@@ -299,22 +299,21 @@ class SemiPDWorker(Worker):
         self.inside.attach(loop, self._events)
         self.set_split(self._initial_split)
         if config.capture_graphs:  # after each lane entered its share (commands run in order)
-            loop.call(lambda e: e.capture_graphs(), timeout=None)
-            self.prefill_loop.call(_capture_prefill_graphs, timeout=None)
-            if self.tuner is not None:
-                self._capture_every_share()
+            self._capture_graph_sets()
         return loop
 
-    def _capture_every_share(self) -> int:
-        """With the split rule on, every share it may move a lane to gets its graph set at
-        start (captured on that share's stream), not at the lane's first step there: those
-        captures stalled the lanes mid-serving, 9-10 times a rate (p50 36-51 ms, up to 83)
-        while the rule moved (H100, 2026-12-07, ``graph_capture`` in the delivery times).
-        Nearest shares first; each lane goes back to its start share. Returns the sets
-        captured (0 without green contexts: no sets)."""
+    def _capture_graph_sets(self) -> int:
+        """Each lane's graphs, up front: its start share's set and, with the split rule on,
+        the set of every share the rule may move it to (captured on that share's stream), not
+        at the lane's first step there: those captures stalled the lanes mid-serving, 9-10
+        times a rate (p50 36-51 ms, up to 83) while the rule moved (H100, 2026-12-07,
+        ``graph_capture`` in the delivery times). Nearest shares first; each lane goes back
+        to its start share. Returns the sets captured."""
         part = self.partition
-        if not isinstance(part, GreenContextPartition):
-            return 0
+        # the shares the rule may move a lane to (the partition's: one green context each)
+        every: list[int] | None = None
+        if self.tuner is not None and isinstance(part, GreenContextPartition):
+            every = part.shares()
         t0, count = time.perf_counter(), 0
         lanes = (
             (Lane.DECODE, lambda e: e.capture_graphs()),
@@ -322,14 +321,16 @@ class SemiPDWorker(Worker):
         )
         for lane, capture in lanes:
             loop, home = self._lanes[lane], part.share(lane)
-            for share in sorted(part.shares(), key=lambda s: (abs(s - home), -s)):
+            for share in sorted(every or [home], key=lambda s: (abs(s - home), -s)):  # home 1st
                 if share != home:
                     loop.call(partial(self._enter, lane, share), timeout=None)
-                    loop.call(capture, timeout=None)
-                    count += 1
-            loop.call(partial(self._enter, lane, home), timeout=None)
-        log.info("captured the graph sets of %d more SM shares in %.1f s", count,
-                 time.perf_counter() - t0)  # fmt: skip
+                loop.call(capture, timeout=None)
+                count += 1
+            if every:
+                loop.call(partial(self._enter, lane, home), timeout=None)
+        if every:
+            log.info("captured the graph sets of %d SM shares in %.1f s", count,
+                     time.perf_counter() - t0)  # fmt: skip
         return count
 
     def _engines(self) -> tuple[Engine, ...]:
