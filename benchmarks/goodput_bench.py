@@ -191,7 +191,7 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
     }
     out = {}
     for name in args.configs.split(","):
-        base_name, tokens, share, seqs = config_name(name)
+        base_name, tokens, share, seqs, policy = config_name(name)
         cfg = every[base_name]
         if tokens is not None:
             cfg = cfg.model_copy(update={"max_num_batched_tokens": tokens})
@@ -199,6 +199,8 @@ def configs(args: argparse.Namespace) -> dict[str, ServeConfig]:
             cfg = cfg.model_copy(update={"semi_pd_prefill_sm": share})
         if seqs is not None:
             cfg = cfg.model_copy(update={"max_num_seqs": seqs})
+        if policy is not None:
+            cfg = cfg.model_copy(update={"policy": policy})
         out[name] = cfg
     return out
 
@@ -342,7 +344,8 @@ def split_changes(workers: dict[str, str], t0: float) -> list[dict[str, Any]]:
 
 def run_config(name: str, cfg: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``--repeats`` sweeps on one cluster; every repeat's report is kept."""
-    out_json = Path(args.out) / f"goodput_{name.replace('@', '_t').replace('%', '_p').replace(':', '_s')}.json"
+    tag = name.replace("@", "_t").replace("%", "_p").replace(":", "_s").replace("/", "_")
+    out_json = Path(args.out) / f"goodput_{tag}.json"
     with Cluster.start(cfg) as cluster, GcPauses() as gc_pauses:
         url = f"http://127.0.0.1:{cluster.ports['http_port']}"
         roles_before = cluster.workers()
@@ -423,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a("--workers", type=int, default=3, help="workers in every configuration")
     a("--configs", default="pd,colocated,planner,pd_start",
       help=f"comma-separated, of {NAMES}; NAME@TOKENS sets its tokens a step (default 512), "
-           "semi-PD NAME%%SHARE its prefill SM share")
+           "semi-PD NAME%%SHARE its prefill SM share, NAME:SEQS its max_num_seqs, NAME/POLICY "
+           "its scheduling policy (e.g. colocated1@2048/deadline)")
     a("--pd-split", default="2,1", help="P,D of the fixed PD configuration")
     a("--planner-start", default="1,2", help="P,D the planner configuration starts from")
     a("--semi-pd-start", default="100,100",

@@ -9,15 +9,15 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from kvrelay.cluster.runtime.config import ServeConfig
+from kvrelay.cluster.runtime.config import POLICIES, ServeConfig
 
 NAMES = ("pd", "colocated", "planner", "pd_start", "semi_pd", "colocated1", "semi_pd_first",
          "semi_pd_plain", "semi_pd_overlap", "semi_pd_poverlap", "semi_pd_both", "semi_pd_fixed",
          "semi_pd_ftd", "semi_pd_lockf", "semi_pd_ftd_lockf")
 
 
-def config_name(text: str) -> tuple[str, int | None, int | None, int | None]:
-    """``NAME[@TOKENS][%SHARE][:SEQS]``: a configuration of NAMES, with TOKENS its engines'
+def config_name(text: str) -> tuple[str, int | None, int | None, int | None, str | None]:
+    """``NAME[@TOKENS][%SHARE][:SEQS][/POLICY]``: a configuration of NAMES, with TOKENS its engines'
     ``max_num_batched_tokens`` (the chunked-prefill budget a step; default 512) — so that the
     colocated baseline can be swept to its strongest chunk (``colocated1@2048``) beside a semi-PD
     prefill lane that takes ``semi_pd_prefill_tokens`` a step — SHARE a semi-PD
@@ -25,7 +25,12 @@ def config_name(text: str) -> tuple[str, int | None, int | None, int | None]:
     ``--semi-pd-start``'s), so that shares can be compared in one sweep, and SEQS its engines'
     ``max_num_seqs`` (``colocated1@2048:256``; default ``--max-num-seqs``): a semi-PD decode
     lane adopts every request handed over (up to ``decode_seqs`` in its graphs), where
-    a colocated engine admits ``max_num_seqs``, so the baseline is swept over it too."""
+    a colocated engine admits ``max_num_seqs``, so the baseline is swept over it too, and POLICY
+    its engines' scheduling policy (``semi_pd/deadline``; default fcfs), so that a policy is
+    compared on both sides in one sweep."""
+    text, slash, policy = text.partition("/")
+    if slash and policy not in POLICIES:
+        raise argparse.ArgumentTypeError(f"--configs: POLICY {policy!r} is not one of {POLICIES}")
     head, colon, seqs = text.partition(":")
     if colon and (not seqs.isdigit() or not 1 <= int(seqs) <= 4096):
         raise argparse.ArgumentTypeError(f"--configs {text!r}: SEQS must be in 1..4096")
@@ -40,10 +45,15 @@ def config_name(text: str) -> tuple[str, int | None, int | None, int | None]:
         raise argparse.ArgumentTypeError(
             f"--configs {text!r}: %SHARE is a semi-PD prefill share in 1..100")
     return (name, int(tokens) if at else None, int(share) if pct else None,
-            int(seqs) if colon else None)
+            int(seqs) if colon else None, policy if slash else None)
 
 
 def describe(name: str, cfg: ServeConfig) -> str:
+    policy = "" if cfg.policy == "fcfs" else f", {cfg.policy} policy"
+    return _describe(name, cfg) + policy
+
+
+def _describe(name: str, cfg: ServeConfig) -> str:
     if cfg.semi_pd:
         overlapped = (("decode", cfg.semi_pd_decode_overlap),
                       ("prefill", cfg.semi_pd_prefill_overlap))

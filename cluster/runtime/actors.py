@@ -59,6 +59,7 @@ def worker_engine_config(cfg: ServeConfig, role: str | None = None) -> EngineCon
         kv_cache_gb=cfg.kv_cache_gb,
         cpu_kv_gb=cfg.cpu_kv_gb,
         policy=cfg.policy,
+        ttft_slo_s=cfg.ttft_slo_s,
         preemption_mode=cfg.preemption_mode,
         overlap_schedule=cfg.overlap_schedule,
         capture_graphs=cfg.capture_graphs,

@@ -31,7 +31,7 @@ from kvrelay.cluster.routing.config import RouterConfig
 from kvrelay.workers.model.sparse_options import SPARSE_MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-POLICIES = ("fcfs", "priority", "fair")
+POLICIES = ("fcfs", "priority", "deadline", "fair")
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 ROUTERS = ("kv", "round_robin", "least_loaded")
 METADATA_PARSERS = ("instance-action", "preempted")
@@ -100,7 +100,9 @@ class ServeConfig(BaseModel):
     decode_seqs: int = 256
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
-    policy: str = "fcfs"  # fcfs | priority | fair (per-tenant virtual token counter)
+    # fcfs | priority | deadline (requests past their ttft_slo_s behind those still on time) |
+    # fair (per-tenant virtual token counter)
+    policy: str = "fcfs"
     preemption_mode: str = "auto"  # auto | swap | recompute
     # overlap the host with the device (workers/engine/engine.py): None = on for CUDA workers
     overlap_schedule: bool | None = None
@@ -415,7 +417,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "batch its CUDA graphs hold; it adopts every request handed over; 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=S)
     p.add_argument("--policy", default=S, choices=POLICIES,
-                   help="scheduling policy inside each worker")
+                   help="scheduling policy inside each worker (deadline: a waiting request past "
+                        "its --ttft-slo-s goes behind those that can still make theirs)")
     p.add_argument("--preemption-mode", default=S, choices=PREEMPTION_MODES,
                    help="how a worker preempts when KV blocks run out")
     p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=S,

@@ -16,7 +16,7 @@ from kvrelay.benchmarks.goodput_bench import (
     linear_flops,
     loadgen_argv,
 )
-from kvrelay.benchmarks.goodput_report import NAMES, cells, config_name, render
+from kvrelay.benchmarks.goodput_report import NAMES, cells, config_name, describe, render
 from kvrelay.cluster.runtime.config import ServeConfig
 
 ONE = dict(prefill_workers=0, decode_workers=0, colocated_workers=1)
@@ -142,15 +142,18 @@ def test_cells_and_the_repeats_prompts() -> None:
 
 
 def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is_named() -> None:
-    assert config_name("colocated1") == ("colocated1", None, None, None)
-    assert config_name("colocated1@2048") == ("colocated1", 2048, None, None)
-    assert config_name("semi_pd_poverlap%90") == ("semi_pd_poverlap", None, 90, None)
-    assert config_name("semi_pd@1024%100") == ("semi_pd", 1024, 100, None)
-    assert config_name("colocated1@2048:256") == ("colocated1", 2048, None, 256)
-    assert config_name("semi_pd%90:128") == ("semi_pd", None, 90, 128)
+    assert config_name("colocated1") == ("colocated1", None, None, None, None)
+    assert config_name("colocated1@2048") == ("colocated1", 2048, None, None, None)
+    assert config_name("semi_pd_poverlap%90") == ("semi_pd_poverlap", None, 90, None, None)
+    assert config_name("semi_pd@1024%100") == ("semi_pd", 1024, 100, None, None)
+    assert config_name("colocated1@2048:256") == ("colocated1", 2048, None, 256, None)
+    assert config_name("semi_pd%90:128") == ("semi_pd", None, 90, 128, None)
+    assert config_name("colocated1@2048/deadline") == ("colocated1", 2048, None, None, "deadline")
+    assert config_name("semi_pd:128/fair") == ("semi_pd", None, None, 128, "fair")
     for bad in ("colocated2", "colocated1@", "colocated1@x", "colocated1@8", "semi_pd@70000",
                 "colocated1%90", "semi_pd%", "semi_pd%0", "semi_pd%101", "colocated1:",
-                "colocated1@2048:0", "colocated1:x", "colocated1:9999"):  # fmt: skip
+                "colocated1@2048:0", "colocated1:x", "colocated1:9999", "semi_pd/", "semi_pd/edf",
+                "colocated1/deadline:64"):  # fmt: skip
         with pytest.raises(argparse.ArgumentTypeError):
             config_name(bad)
     ns = argparse.Namespace(**{
@@ -170,6 +173,9 @@ def test_a_configuration_takes_its_tokens_a_step_and_the_strongest_colocated1_is
     (one,) = both.values()
     assert one.semi_pd_decode_overlap and one.semi_pd_prefill_overlap and one.semi_pd_prefill_sm == 100
     assert {c.max_num_seqs for c in cfgs.values()} == {256}
+    pol = configs(argparse.Namespace(**{**vars(ns), "configs": "colocated1@2048/deadline,semi_pd"}))
+    assert [c.policy for c in pol.values()] == ["deadline", "fcfs"]
+    assert "deadline policy" in describe("colocated1@2048/deadline", pol["colocated1@2048/deadline"])
     seqs = configs(argparse.Namespace(**{**vars(ns), "configs": "colocated1@2048:128,semi_pd"}))
     assert [(c.max_num_batched_tokens, c.max_num_seqs) for c in seqs.values()] == [(2048, 128), (512, 256)]
     # every name --configs accepts builds (and the semi-PD ITL options reach the config)

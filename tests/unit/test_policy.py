@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from kvrelay.workers.engine.policy import (
+    DeadlinePolicy,
     FairPolicy,
     FCFSPolicy,
     PriorityPolicy,
@@ -17,6 +18,7 @@ from kvrelay.workers.engine.policy import (
 )
 
 BS = 16  # tokens per block
+STEP_S = 0.01  # a simulated step's seconds (the policies' clock)
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Job:
             self.rid,
             self.tenant,
             self.priority,
-            float(self.arrival),
+            self.arrival * STEP_S,
             self.prompt,
             self.computed,
             self.generated,
@@ -80,7 +82,7 @@ def simulate(
         by_id = {j.rid: j for j in live}
         running = [j.view() for j in live if j.running]
         waiting = [j.view() for j in live if not j.running]
-        now = step * 0.01  # a 10 ms step
+        now = step * STEP_S
         for rid in policy.preempt_victims(running, waiting, now, free):
             j = by_id[rid]
             assert j.running
@@ -233,7 +235,7 @@ def test_fcfs_order_is_arrival_order() -> None:
     assert p.preempt_victims(views[:3], views[3:], 0.0) == []
 
 
-@pytest.mark.parametrize("name", ["fcfs", "priority", "fair"])
+@pytest.mark.parametrize("name", ["fcfs", "priority", "deadline", "fair"])
 def test_no_starvation(name: str) -> None:
     jobs = flood() + [Job(f"p{i}", "mid", 5 * i, 40, 30, priority=i % 3) for i in range(20)]
     tr = simulate(make_policy(name), jobs)
@@ -261,3 +263,48 @@ def test_fair_preempts_only_beyond_the_bound() -> None:
     assert p.preempt_victims(run_h, wait_l, 2.0, free_blocks=0) == ["h2", "h1"]
     assert p.preempt_victims(run_h, wait_l, 2.0, free_blocks=4) == []
     p.check_integrity()
+
+
+def on_time(tr: Trace, ttft_s: float) -> int:
+    """Jobs whose first token came within ``ttft_s`` of their arrival."""
+    return sum((j.first_token_at - j.arrival) * STEP_S <= ttft_s for j in tr.jobs)
+
+
+def burst(n: int = 60, per_step: int = 2) -> list[Job]:
+    """``per_step`` arrivals a step, each 48 prompt tokens: 96 a step against a 64-token budget."""
+    return [Job(f"b{i}", "t", i // per_step, 48, 4) for i in range(n)]
+
+
+def test_deadline_order_puts_requests_past_their_target_behind_those_on_time() -> None:
+    p = DeadlinePolicy(ttft_s=1.0, starve_s=5.0)
+    views = [
+        RequestView("late", "t", 0, 0.0, 8, 0, 0, 1, False),  # waited 2 s: missed
+        RequestView("run", "t", 0, 0.5, 8, 8, 3, 1, True),  # decoding
+        RequestView("swapped", "t", 0, 0.2, 8, 8, 3, 1, False),  # has its first token
+        RequestView("fresh", "t", 0, 1.5, 8, 0, 0, 1, False),  # waited 0.5 s
+        RequestView("edge", "t", 0, 1.0, 8, 0, 0, 1, False),  # waited exactly the target
+        RequestView("starved", "t", 0, -4.0, 8, 0, 0, 1, False),  # waited 6 s > starve_s
+    ]
+    assert p.order(views, 2.0) == ["starved", "swapped", "run", "edge", "fresh", "late"]
+    assert FCFSPolicy().order(views, 2.0) == ["starved", "late", "swapped", "run", "edge", "fresh"]
+    assert p.preempt_victims(views[1:2], views[:1], 2.0) == []
+    assert make_policy("deadline", 0.25).ttft_s == 0.25  # type: ignore[attr-defined]
+    for bad in ({"ttft_s": 0.0}, {"ttft_s": float("inf")}, {"ttft_s": 1.0, "starve_s": 0.5}):
+        with pytest.raises(ValueError):
+            DeadlinePolicy(**bad)
+
+
+def test_deadline_keeps_more_first_tokens_on_time_than_fcfs_in_a_burst() -> None:
+    """A burst past the prefill budget: FCFS's queue grows until every later request misses
+    its target; the deadline policy serves those that can still make it first. Every request
+    is still served (no drop) and the pool comes back whole (simulate's checks)."""
+    ttft_s = 0.05  # five steps
+    fcfs = simulate(FCFSPolicy(), burst())
+    deadline = simulate(DeadlinePolicy(ttft_s), burst())
+    assert all(j.finished_at >= 0 for j in deadline.jobs)
+    hit_f, hit_d = on_time(fcfs, ttft_s), on_time(deadline, ttft_s)
+    assert hit_d >= hit_f + 10, (hit_f, hit_d)
+    # and within the budget (one arrival a step) the two serve in the same order
+    calm_f, calm_d = simulate(FCFSPolicy(), burst(30, 1)), simulate(DeadlinePolicy(ttft_s), burst(30, 1))
+    assert [j.first_token_at for j in calm_f.jobs] == [j.first_token_at for j in calm_d.jobs]
+    assert on_time(calm_d, ttft_s) == 30

@@ -3,14 +3,24 @@
 
 Priority: admission order under a full pool, and preemption of less important work (by swap
 when a CPU tier exists). Fair: a light tenant is admitted ahead of a flooding tenant's backlog.
+Deadline: on the scheduler's own clock, requests past their first-token target wait behind
+fresh ones.
 No starvation: every request finishes within a bounded number of steps under each policy."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from kvrelay.workers.engine.policy import FairPolicy, PriorityPolicy, SchedulingPolicy, make_policy
+from kvrelay.workers.engine.policy import (
+    DeadlinePolicy,
+    FairPolicy,
+    PriorityPolicy,
+    SchedulingPolicy,
+    make_policy,
+)
 from kvrelay.workers.engine.scheduler import Scheduler
 from kvrelay.workers.engine.sequence import SeqStatus, Sequence
 from kvrelay.workers.kv.block_pool import BlockPool
@@ -43,13 +53,14 @@ class Driver:
         self.steps = 0
 
     def add(self, rid: str, prompt_len: int, out: int, *, tenant: str = "",
-            priority: int = 0) -> Sequence:
+            priority: int = 0, arrival: float | None = None) -> Sequence:
         self.t += 1e-3  # distinct, increasing arrivals
         base = 1000 * (len(self.admitted) + len(self.s.waiting) + len(self.s.running) + 1)
         # distinct prompts: no prefix-cache hits between requests
         seq = Sequence(rid, [base + rid.__hash__() % 997 + j for j in range(prompt_len)],
                        SamplingParams(max_tokens=out),
-                       arrival_time=self.t, tenant=tenant, priority=priority)
+                       arrival_time=self.t if arrival is None else arrival, tenant=tenant,
+                       priority=priority)
         self.s.add(seq)
         return seq
 
@@ -130,7 +141,28 @@ def test_fair_admits_the_light_tenant_ahead_of_the_flood() -> None:
     assert fcfs.admitted[-3:] == ["light0", "light1", "light2"]  # FCFS: behind the flood
 
 
-@pytest.mark.parametrize("name", ["fcfs", "priority", "fair"])
+def test_deadline_admits_fresh_requests_before_those_past_their_target() -> None:
+    """Arrivals on the scheduler's clock (``time.monotonic``): two requests waited 5 s against
+    a 1 s target, two just came. The pool holds one at a time."""
+    now = time.monotonic()
+
+    def admitted(policy: SchedulingPolicy) -> list[str]:
+        d = Driver(_scheduler(policy, num_blocks=4))
+        for i, rid in enumerate(["late0", "late1"]):
+            d.add(rid, 12, 4, arrival=now - 5.0 + i * 1e-3)
+        for i, rid in enumerate(["fresh0", "fresh1"]):
+            d.add(rid, 12, 4, arrival=now + i * 1e-3)
+        d.step(200)
+        assert not d.s.has_work() and len(d.finished) == 4  # nobody dropped
+        return d.admitted
+
+    assert admitted(DeadlinePolicy(ttft_s=1.0)) == ["fresh0", "fresh1", "late0", "late1"]
+    assert admitted(make_policy("fcfs")) == ["late0", "late1", "fresh0", "fresh1"]
+    # past ten targets a request has waited long enough: arrival order again
+    assert admitted(DeadlinePolicy(ttft_s=0.4)) == ["late0", "late1", "fresh0", "fresh1"]
+
+
+@pytest.mark.parametrize("name", ["fcfs", "priority", "deadline", "fair"])
 def test_no_starvation(name: str) -> None:
     d = Driver(_scheduler(make_policy(name), num_blocks=10, max_num_seqs=3, cpu_blocks=32))
     for i in range(12):

@@ -102,7 +102,7 @@ def test_router_weights_reach_the_router() -> None:
         ("router_weights:\n  block_size: 8\n", "unknown key 'block_size'"),
         ("router_weights:\n  prefix_weight: -1\n", "prefix_weight must be finite and >= 0"),
         ("device: tpu\n", "device: device must be auto, cpu or cuda"),
-        ("policy: lifo\n", "policy: must be one of fcfs, priority, fair"),
+        ("policy: lifo\n", "policy: must be one of fcfs, priority, deadline, fair"),
         ("decode_workers: many\n", "decode_workers"),
         ("- 1\n", "expected a mapping"),
     ],
@@ -236,3 +236,13 @@ def test_the_default_shortlist_binds_only_sparse_decode() -> None:
     assert ServeConfig.load(block_size=1, sparse_attention="prefill").block_size == 1
     with pytest.raises(ConfigError, match="<= block_size"):
         ServeConfig.load(block_size=1, sparse_attention="decode")
+
+
+def test_the_deadline_policy_gets_the_served_ttft_target() -> None:
+    from kvrelay.cluster.runtime.actors import worker_engine_config
+    from kvrelay.workers.engine.policy import DeadlinePolicy, make_policy
+
+    ec = worker_engine_config(_parse("--policy", "deadline", "--ttft-slo-s", "0.5"))
+    policy = make_policy(ec.policy, ec.ttft_slo_s)
+    assert isinstance(policy, DeadlinePolicy) and policy.ttft_s == 0.5
+    assert worker_engine_config(_parse()).policy == "fcfs"

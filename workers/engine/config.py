@@ -22,7 +22,8 @@ class EngineConfig:
     # the CPU tier (pinned host memory on CUDA): demotion target, prefix hits, swap space
     cpu_num_blocks: int | None = None  # None: as many as cpu_kv_gb holds; 0 disables the tier
     cpu_kv_gb: float = 0.5
-    policy: str = "fcfs"  # "fcfs" | "priority" | "fair" (workers/engine/policy.py)
+    policy: str = "fcfs"  # "fcfs" | "priority" | "deadline" | "fair" (workers/engine/policy.py)
+    ttft_slo_s: float = 2.0  # the deadline policy's time-to-first-token target
     preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
     swap_gb_per_s: float | None = None  # host<->device copy rate for auto; None: measured
     recompute_tokens_per_s: float | None = None  # None: measured from this engine's prefills

@@ -111,7 +111,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             hash_root=namespace_hash(loaded.model_id),
             enable_prefix_caching=config.enable_prefix_caching,
-            policy=make_policy(config.policy),
+            policy=make_policy(config.policy, config.ttft_slo_s),
             tier=self.cpu_tier,
             preemption_mode=config.preemption_mode,
             swap_bytes_per_s=None if config.swap_gb_per_s is None else config.swap_gb_per_s * 1e9,

@@ -13,12 +13,14 @@ Protocol, called by the scheduler once per step (pure apart from the policy's ow
 ``RequestView.num_blocks`` is what the request holds (running) or needs to resume (waiting).
 
 Policies: FCFS (arrival order), Priority (priority, then arrival; lower priority = more
-important) and Fair = the Virtual Token Counter (Sheng et al., OSDI'24): a counter per tenant
+important), Deadline (arrival order, but a waiting request whose time-to-first-token target
+already passed goes behind those that can still make theirs) and Fair = the Virtual Token Counter (Sheng et al., OSDI'24): a counter per tenant
 grows by ``w_p·prefill + w_d·decode`` served; the backlogged tenant with the smallest counter
 goes first; a tenant that becomes backlogged (after ``idle_s`` without requests) is lifted to
 the smallest counter among the active ones (so idling earns no credit); a running tenant more
 than ``bound`` ahead of a waiting one is preempted, which keeps backlogged tenants within a
-bounded service difference. ``now`` is in seconds (the policy's only use of it is ``idle_s``).
+bounded service difference. ``now`` is in seconds, on the clock of ``arrival_time``
+(``time.monotonic``: Fair's ``idle_s`` and Deadline's targets).
 """
 
 from __future__ import annotations
@@ -131,6 +133,51 @@ class PriorityPolicy:
         worse = [r for r in running if r.priority > head.priority]
         worse.sort(key=lambda r: (-r.priority, -r.arrival_time, r.request_id))
         return _enough(worse, head.num_blocks, free_blocks)
+
+
+class DeadlinePolicy:
+    """Arrival order, except that a waiting request without its first token whose
+    time-to-first-token target (``arrival + ttft_s``) has passed is served after every request
+    that can still make its own: under a burst past the engine's prefill rate, FCFS lets every
+    queued request finish its prefill a little late (a queue that grows past the target fails
+    all of them), this one fails the requests that already missed and keeps serving the rest
+    on time — the attainment an SLO counts (the goodput benchmark's measure). A late request
+    is not dropped: it keeps its arrival order among the late ones, and one waiting longer than
+    ``starve_s`` (default ten targets) rejoins arrival order ahead of the on-time ones, so a
+    sustained overload delays it by a bounded time, never forever. Requests with a first token
+    (running decodes, preempted or swapped ones) keep arrival order ahead of the waiting
+    prefills: their time-to-first-token is settled. No preemption of its own (as FCFS)."""
+
+    name = "deadline"
+    static_order = False  # a request turns late with time
+
+    def __init__(self, ttft_s: float = 2.0, starve_s: float | None = None) -> None:
+        starve = 10.0 * ttft_s if starve_s is None else starve_s
+        if not (ttft_s > 0 and math.isfinite(ttft_s)) or not starve >= ttft_s:
+            raise ValueError("ttft_s must be finite and > 0, starve_s >= ttft_s")
+        self.ttft_s, self.starve_s = ttft_s, starve
+
+    def _key(self, r: RequestView, now: float) -> tuple[int, float, str]:
+        waited = now - r.arrival_time
+        late = (
+            not r.is_running and r.output_tokens == 0 and self.ttft_s < waited <= self.starve_s
+        )
+        return (int(late), r.arrival_time, r.request_id)
+
+    def order(self, requests: Sequence[RequestView], now: float) -> list[str]:
+        return [r.request_id for r in sorted(requests, key=lambda r: self._key(r, now))]
+
+    def on_served(self, tenant: str, prefill_tokens: int, decode_tokens: int) -> None:
+        return None
+
+    def preempt_victims(
+        self,
+        running: Sequence[RequestView],
+        waiting: Sequence[RequestView],
+        now: float,
+        free_blocks: int = 0,
+    ) -> list[str]:
+        return []
 
 
 class FairPolicy:
@@ -251,16 +298,18 @@ def order_fn(
     return order
 
 
-POLICIES: dict[str, Callable[[], SchedulingPolicy]] = {
-    "fcfs": FCFSPolicy,
-    "priority": PriorityPolicy,
-    "fair": FairPolicy,
+POLICIES: dict[str, Callable[[float], SchedulingPolicy]] = {
+    "fcfs": lambda ttft_s: FCFSPolicy(),
+    "priority": lambda ttft_s: PriorityPolicy(),
+    "deadline": DeadlinePolicy,
+    "fair": lambda ttft_s: FairPolicy(),
 }
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def make_policy(name: str, ttft_s: float = 2.0) -> SchedulingPolicy:
+    """The policy called ``name``; ``ttft_s``: the deadline policy's time-to-first-token target."""
     try:
-        return POLICIES[name]()
+        return POLICIES[name](ttft_s)
     except KeyError:
         raise ValueError(
             f"unknown scheduling policy {name!r}; choose from {sorted(POLICIES)}"
