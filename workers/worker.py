@@ -16,7 +16,8 @@ Handoff, decode side D and prefill side P (the controller drives it)::
     D.accept_prefilled(rid, ...)             the request continues on D
     P.finish_handoff(rid)                    P releases (full blocks stay as prefix cache)
 
-Every engine access goes through the loop thread; reservations expire at their deadline.
+Every engine access goes through the loop thread. The decode side's reservations, the receive
+into them and what continues there are receiving.py's (``Reservations``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.kernel_compiles import COMPILES
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.phase_times import PhaseTimes
-from kvrelay.workers.engine.scheduler import ScheduledSeq
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence
 from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.receiving import Reservations
 from kvrelay.workers.transport.kv_transport import KVTransport
 from kvrelay.workers.types import ROLES, KVEvent, Phase, SamplingParams, TokenEvent
 
@@ -102,19 +103,6 @@ class RequestInfo:
     kv_blocks: int
 
 
-@dataclass(slots=True)
-class _Reservation:
-    """Blocks held for an incoming handoff. While ``receiving``, only the receiving thread
-    may free them (an unreserve then just marks ``cancelled``): a late payload must never land
-    in blocks that were handed to another request."""
-
-    block_ids: list[int]
-    deadline: float
-    receiving: bool = False
-    received: bool = False
-    cancelled: bool = False
-
-
 # a decode worker's (and a semi-PD decode lane's) ``max_num_seqs`` at least: it adopts every
 # request handed over, not only max_num_seqs of them (blocks are its bound), so under load its
 # batch passes the config's cap (64 by default) and the largest default decode graph (128);
@@ -163,8 +151,6 @@ class Worker:
                 worker_id, rendezvous[0], rendezvous[1], device=device, bind_host=bind
             )
         self.transport = transport
-        self._reservations: dict[str, _Reservation] = {}
-        self._lock = threading.Lock()
         self._faults: set[str] = set()
         self._first_token: dict[str, threading.Event] = {}  # late_submit_reply waiters
         # the sender thread's lag and its sink calls (outbox.py): delivery_times()
@@ -173,6 +159,7 @@ class Worker:
         # once the engines have started (a compile then stalls a serving step)
         self._compiles = device.startswith("cuda") and COMPILES.install(self.delivery)
         self.loop = self._start_engines(loaded, engine_config, device)
+        self.reservations = Reservations(self.loop)  # the decode side's (receiving.py)
         if self._compiles:
             COMPILES.serving()
         if device.startswith("cuda"):  # serving from here: what stalls a step is counted
@@ -342,49 +329,15 @@ class Worker:
 
     # ---- handoff: decode side ------------------------------------------------------------
     def reserve(self, request_id: str, num_blocks: int, deadline_s: float) -> list[int] | None:
-        self.expire_reservations()
-        blocks = self.loop.call(lambda e: e.reserve(num_blocks))
-        if blocks is not None:
-            with self._lock:
-                self._reservations[request_id] = _Reservation(blocks, deadline_s)
-        return blocks
+        return self.reservations.reserve(request_id, num_blocks, deadline_s)
 
     def recv_kv(self, request_id: str, peer_id: str, transfer_id: str, timeout_s: float) -> int:
-        with self._lock:
-            res = self._reservations.get(request_id)
-            if res is None or res.receiving or res.received:
-                raise RuntimeError(f"no open reservation for {request_id}")
-            res.receiving = True
-        if "exit_in_recv" in self._faults:
-            os._exit(17)
-        try:
-            if "hang_in_recv" in self._faults:
-                while not res.cancelled:  # a chaos hook's wait, not a synchronisation
-                    time.sleep(0.01)
-                raise RuntimeError(f"receive of {request_id} wedged (fault hang_in_recv)")
-            # reserved blocks: no sequence reads them until accept_prefilled
-            nbytes = self._transport().recv_blocks(
-                peer_id, transfer_id, self.engine.kv_cache, res.block_ids, timeout_s=timeout_s
+        def fill(block_ids: list[int]) -> int:
+            return self._transport().recv_blocks(
+                peer_id, transfer_id, self.engine.kv_cache, block_ids, timeout_s=timeout_s
             )
-        except BaseException:
-            self._end_receive(request_id, res, ok=False)
-            raise
-        if not self._end_receive(request_id, res, ok=True):
-            raise RuntimeError(f"reservation for {request_id} was cancelled during the transfer")
-        return int(nbytes)
 
-    def _end_receive(self, request_id: str, res: _Reservation, *, ok: bool) -> bool:
-        """Close a receive; frees the blocks when it failed or was cancelled meanwhile."""
-        with self._lock:
-            res.receiving = False
-            keep = ok and not res.cancelled
-            if keep:
-                res.received = True
-            elif self._reservations.get(request_id) is res:
-                del self._reservations[request_id]
-        if not keep:
-            self.loop.call(lambda e: e.unreserve(res.block_ids))
-        return keep
+        return self.reservations.receive(request_id, fill, self._faults)
 
     def accept_prefilled(
         self,
@@ -399,17 +352,16 @@ class Worker:
     ) -> None:
         """The KV arrived: continue the request here. ``num_computed`` (a migration) says how
         many tokens' KV came along; by default the prompt's (a handoff)."""
-        with self._lock:
-            res = self._reservations.pop(request_id)
-        if not res.received:
-            self.loop.call(lambda e: e.unreserve(res.block_ids))
-            raise RuntimeError(f"accept of {request_id} before its KV arrived")
-        self.loop.call(
-            lambda e: continue_prefilled(
-                e, request_id, prompt_ids, output_ids, params, res.block_ids,
-                tenant=tenant, priority=priority, num_computed=num_computed,
-            )
-        )
+        self.reservations.accept(
+            request_id, prompt_ids, output_ids, params,
+            tenant=tenant, priority=priority, num_computed=num_computed,
+        )  # fmt: skip
+
+    def unreserve(self, request_id: str) -> bool:
+        return self.reservations.unreserve(request_id)
+
+    def expire_reservations(self, now: float | None = None) -> list[str]:
+        return self.reservations.expire(now)
 
     # ---- migration ------------------------------------------------------------------------
     def requests_info(self) -> list[RequestInfo]:
@@ -461,40 +413,7 @@ class Worker:
     def commit_prefix(self, reservation_id: str, block_hashes: Sequence[int]) -> int:
         """Pulled blocks arrived in a reservation: record their hashes and leave them cached,
         so the request submitted next finds them as a prefix hit. Returns blocks kept."""
-        with self._lock:
-            res = self._reservations.pop(reservation_id)
-        if not res.received:
-            self.loop.call(lambda e: e.unreserve(res.block_ids))
-            raise RuntimeError(f"commit of {reservation_id} before its KV arrived")
-
-        def commit(e: Engine) -> int:
-            kept = sum(e.pool.commit(b, h) for b, h in zip(res.block_ids, block_hashes, strict=True))
-            e.pool.release(reversed(res.block_ids))
-            return kept
-
-        return self.loop.call(commit)
-
-    def unreserve(self, request_id: str) -> bool:
-        with self._lock:
-            res = self._reservations.pop(request_id, None)
-            if res is None:
-                return False
-            if res.receiving:  # the receiving thread frees them when it ends
-                res.cancelled = True
-                return True
-        self.loop.call(lambda e: e.unreserve(res.block_ids))
-        return True
-
-    def expire_reservations(self, now: float | None = None) -> list[str]:
-        now = time.time() if now is None else now
-        with self._lock:
-            gone = [
-                rid for rid, r in self._reservations.items()
-                if r.deadline < now and not r.receiving  # a receive ends by its own deadline
-            ]
-        for rid in gone:
-            self.unreserve(rid)
-        return gone
+        return self.reservations.commit_prefix(reservation_id, block_hashes)
 
     # ---- figures -------------------------------------------------------------------------
     def delivery_times(self, reset: bool = False) -> dict[str, dict[str, float]]:
@@ -541,8 +460,7 @@ class Worker:
             return out
 
         out = self.loop.call(check)
-        with self._lock:
-            out["reservations"] = len(self._reservations)
+        out["reservations"] = len(self.reservations)
         return out
 
     def clear_prefix_cache(self) -> None:
@@ -570,33 +488,6 @@ def request_info(seq: EngineSequence) -> RequestInfo:
         seq.request_id, phase, len(seq.prompt_ids), len(seq.output_ids),
         max(0, seq.params.max_tokens - len(seq.output_ids)), len(seq.block_ids),
     )
-
-
-def continue_prefilled(
-    e: Engine,
-    request_id: str,
-    prompt_ids: Sequence[int],
-    output_ids: Sequence[int],
-    params: SamplingParams,
-    block_ids: Sequence[int],
-    *,
-    tenant: str,
-    priority: int,
-    num_computed: int | None,
-    block_hashes: Sequence[int] = (),
-    committed_blocks: int = 0,
-) -> None:
-    """``e`` continues a request whose KV is in ``block_ids`` (``num_computed`` tokens of it;
-    None: the prompt's). ``block_hashes`` / ``committed_blocks``: as ``Engine.add_prefilled``
-    (blocks already committed in ``e``'s pool)."""
-    e.add_prefilled(
-        request_id, prompt_ids, output_ids, params, block_ids, tenant=tenant, priority=priority,
-        block_hashes=block_hashes, committed_blocks=committed_blocks,
-    )  # fmt: skip
-    seq = e.seqs[request_id]
-    extra = (num_computed or 0) - seq.num_computed
-    if extra > 0:
-        e.scheduler.commit_computed(ScheduledSeq(seq, extra))
 
 
 def _pod_name() -> str:

@@ -145,7 +145,7 @@ def test_an_adopted_request_keeps_its_block_hashes_without_hashing_again(
     neither hashes nor commits the prompt's blocks again, ends with the same hashes as one
     that did, and its tokens equal the colocated engine's."""
     from kvrelay.workers.engine import scheduler as sched_mod
-    from kvrelay.workers.worker import continue_prefilled
+    from kvrelay.workers.receiving import continue_prefilled
 
     greedy = SamplingParams(max_tokens=CONFIG.block_size + 4, temperature=0.0, ignore_eos=True)
     prompt = prompts[4] * 3  # several full blocks; the output fills at least one more

@@ -35,10 +35,10 @@ from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.outbox import Outbox
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence
+from kvrelay.workers.receiving import continue_prefilled
 from kvrelay.workers.semi_pd.lanes import HandoffClock
 from kvrelay.workers.semi_pd.tuner import SplitTuner
 from kvrelay.workers.types import FinishReason, TokenEvent
-from kvrelay.workers.worker import continue_prefilled
 
 log = logging.getLogger(__name__)
 

@@ -535,8 +535,9 @@ class SemiPDWorker(Worker):
         block is held exactly as often as it is referenced, by a sequence of either lane, a
         request in transit or a reservation. Raises on a block owned twice or by nobody.
         Call it with no transfer in flight (a send pins its blocks for its duration)."""
-        with self.storage_lock, self._lock:
+        with self.storage_lock:
             transit = self.inside.in_transit()
+            reservations = self.reservations.block_ids()
             engines = (self.prefill_engine, self.engine)
             for e in engines:
                 e.check_integrity()
@@ -544,7 +545,7 @@ class SemiPDWorker(Worker):
                 *(s for e in engines for s in (*e.seqs.values(), *e.handoffs.values())),
                 *transit.values(),
             ]
-            reserved = [b for r in self._reservations.values() for b in r.block_ids]
+            reserved = [b for ids in reservations for b in ids]
             held = [b for e in engines for b in e.deferred_blocks()]  # the decode lane's
             check_owned(
                 self.storage.pool, [*(b for s in seqs for b in s.block_ids), *reserved, *held]
@@ -559,7 +560,7 @@ class SemiPDWorker(Worker):
                 "cached": s.cached,
                 "requests": len(seqs),
                 "transit": len(transit),
-                "reservations": len(self._reservations),
+                "reservations": len(reservations),
                 "handovers": self.inside.handovers,
                 "held": len(held),
             }
