@@ -3,7 +3,7 @@ Llama of ``tiny_model_dir``: a handover is the same on any weights): what the pr
 hands over (block ids, their hashes) the decode engine adopts without copying, hashing or
 committing again; an overlapped engine holds the blocks it frees, and the hashes of those it
 fills, until its step in flight is read; a burst of handovers is adopted in one command. The
-worker-level tests are in test_semi_pd.py."""
+worker-level tests are in test_semi_pd.py and test_semi_pd_split_rule.py."""
 
 from __future__ import annotations
 

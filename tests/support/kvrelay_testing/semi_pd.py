@@ -1,6 +1,7 @@
 """What the semi-PD worker tests share (tests/integration/test_semi_pd*.py): the questions and
 engine config they run, an event sink that collects tokens, a way to hold a lane at an
-iteration boundary, and the integrity check every test ends with."""
+iteration boundary, the colocated worker's reference tokens, and the integrity check every
+test ends with."""
 
 from __future__ import annotations
 
@@ -107,6 +108,30 @@ def colocated_tokens(
         return generate(ref, sink, prompts, params, "ref")
     finally:
         ref.shutdown()
+
+
+Reference = Callable[[list[list[int]], list[SamplingParams]], list[list[int]]]
+
+
+@contextmanager
+def colocated_reference(loaded: LoadedModel) -> Iterator[Reference]:
+    """The colocated worker's tokens for a batch (CONFIG), from one worker while this is open
+    (a module fixture's), each batch generated once."""
+    sink = Collector()
+    worker = Worker("ref", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    memo: dict[str, list[list[int]]] = {}
+
+    def tokens(prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        key = repr((prompts, params))
+        if key not in memo:
+            worker.clear_prefix_cache()  # every batch computed from scratch
+            memo[key] = generate(worker, sink, prompts, params, f"ref{len(memo)}")
+        return memo[key]
+
+    try:
+        yield tokens
+    finally:
+        worker.shutdown()
 
 
 def submit_all(
