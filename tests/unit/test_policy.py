@@ -284,9 +284,12 @@ def test_deadline_order_puts_requests_past_their_target_behind_those_on_time() -
         RequestView("fresh", "t", 0, 1.5, 8, 0, 0, 1, False),  # waited 0.5 s
         RequestView("edge", "t", 0, 1.0, 8, 0, 0, 1, False),  # waited exactly the target
         RequestView("starved", "t", 0, -4.0, 8, 0, 0, 1, False),  # waited 6 s > starve_s
+        RequestView("chunking", "t", 0, 0.1, 8, 4, 0, 1, True),  # admitted, prefill half done
     ]
-    assert p.order(views, 2.0) == ["starved", "swapped", "run", "edge", "fresh", "late"]
-    assert FCFSPolicy().order(views, 2.0) == ["starved", "late", "swapped", "run", "edge", "fresh"]
+    order = ["starved", "swapped", "run", "edge", "fresh", "late", "chunking"]
+    assert p.order(views, 2.0) == order
+    fcfs = ["starved", "late", "chunking", "swapped", "run", "edge", "fresh"]
+    assert FCFSPolicy().order(views, 2.0) == fcfs
     assert p.preempt_victims(views[1:2], views[:1], 2.0) == []
     assert make_policy("deadline", 0.25).ttft_s == 0.25  # type: ignore[attr-defined]
     for bad in ({"ttft_s": 0.0}, {"ttft_s": float("inf")}, {"ttft_s": 1.0, "starve_s": 0.5}):

@@ -162,6 +162,25 @@ def test_deadline_admits_fresh_requests_before_those_past_their_target() -> None
     assert admitted(DeadlinePolicy(ttft_s=0.4)) == ["late0", "late1", "fresh0", "fresh1"]
 
 
+def test_deadline_gives_the_budget_to_an_on_time_prompt_before_a_late_admitted_one() -> None:
+    """A late prompt already admitted (its prefill chunked at 8 tokens a step) yields the
+    step's budget to a fresh one: the fresh request's first token comes first. FCFS keeps
+    chunking the late one."""
+    now = time.monotonic()
+
+    def finished(policy: SchedulingPolicy) -> dict[str, int]:
+        d = Driver(_scheduler(policy, num_blocks=64, budget=8))
+        d.add("late", 40, 1, arrival=now - 5.0)
+        d.step(1)  # admitted: 8 of its 40 prompt tokens computed
+        d.add("fresh", 8, 1, arrival=now)
+        d.step(50)
+        assert not d.s.has_work()
+        return d.finished
+
+    deadline, fcfs = finished(DeadlinePolicy(ttft_s=1.0)), finished(make_policy("fcfs"))
+    assert deadline["fresh"] < deadline["late"] and fcfs["late"] < fcfs["fresh"]
+
+
 @pytest.mark.parametrize("name", ["fcfs", "priority", "deadline", "fair"])
 def test_no_starvation(name: str) -> None:
     d = Driver(_scheduler(make_policy(name), num_blocks=10, max_num_seqs=3, cpu_blocks=32))

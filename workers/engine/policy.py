@@ -62,6 +62,11 @@ class SchedulingPolicy(Protocol):
         free_blocks: int = 0,
     ) -> list[str]: ...
 
+    def behind_waiting(self, r: RequestView, now: float) -> bool:
+        """True: the running ``r`` (at the tail of ``order``) gets its tokens after the
+        waiting requests are admitted, not before."""
+        ...
+
 
 def _arrival_key(r: RequestView) -> tuple[float, str]:
     return (r.arrival_time, r.request_id)
@@ -93,6 +98,9 @@ class FCFSPolicy:
     def on_served(self, tenant: str, prefill_tokens: int, decode_tokens: int) -> None:
         return None
 
+    def behind_waiting(self, r: RequestView, now: float) -> bool:
+        return False
+
     def preempt_victims(
         self,
         running: Sequence[RequestView],
@@ -120,6 +128,9 @@ class PriorityPolicy:
     def on_served(self, tenant: str, prefill_tokens: int, decode_tokens: int) -> None:
         return None
 
+    def behind_waiting(self, r: RequestView, now: float) -> bool:
+        return False
+
     def preempt_victims(
         self,
         running: Sequence[RequestView],
@@ -136,17 +147,19 @@ class PriorityPolicy:
 
 
 class DeadlinePolicy:
-    """Arrival order, except that a waiting request without its first token whose
-    time-to-first-token target (``arrival + ttft_s``) has passed is served after every request
-    that can still make its own: under a burst past the engine's prefill rate, FCFS lets every
-    queued request finish its prefill a little late (a queue that grows past the target fails
-    all of them), this one fails the requests that already missed and keeps serving the rest
-    on time — the attainment an SLO counts (the goodput benchmark's measure). A late request
-    is not dropped: it keeps its arrival order among the late ones, and one waiting longer than
-    ``starve_s`` (default ten targets) rejoins arrival order ahead of the on-time ones, so a
-    sustained overload delays it by a bounded time, never forever. Requests with a first token
-    (running decodes, preempted or swapped ones) keep arrival order ahead of the waiting
-    prefills: their time-to-first-token is settled. No preemption of its own (as FCFS)."""
+    """Arrival order, except that a request without its first token whose time-to-first-token
+    target (``arrival + ttft_s``) has passed is served after every request that can still make
+    its own: under a burst past the engine's prefill rate, FCFS lets every queued request
+    finish its prefill a little late (a queue that grows past the target fails all of them),
+    this one fails the requests that already missed and keeps serving the rest on time — the
+    attainment an SLO counts (the goodput benchmark's measure). That holds for admitted
+    prefills too: the scheduler hands the step's token budget to running sequences in this
+    order, so a late prompt's remaining chunks wait behind on-time ones (and, out of blocks,
+    it is the one preempted). A late request is not dropped: it keeps its arrival order among
+    the late ones, and one waiting longer than ``starve_s`` (default ten targets) rejoins
+    arrival order ahead of the on-time ones, so a sustained overload delays it by a bounded
+    time, never forever. Requests with a first token (decodes, preempted or swapped ones) keep
+    arrival order: their time-to-first-token is settled. No preemption of its own (as FCFS)."""
 
     name = "deadline"
     static_order = False  # a request turns late with time
@@ -157,18 +170,21 @@ class DeadlinePolicy:
             raise ValueError("ttft_s must be finite and > 0, starve_s >= ttft_s")
         self.ttft_s, self.starve_s = ttft_s, starve
 
-    def _key(self, r: RequestView, now: float) -> tuple[int, float, str]:
-        waited = now - r.arrival_time
-        late = (
-            not r.is_running and r.output_tokens == 0 and self.ttft_s < waited <= self.starve_s
-        )
-        return (int(late), r.arrival_time, r.request_id)
+    def late(self, r: RequestView, now: float) -> bool:
+        """No first token, past its target, not yet starved."""
+        return r.output_tokens == 0 and self.ttft_s < now - r.arrival_time <= self.starve_s
 
     def order(self, requests: Sequence[RequestView], now: float) -> list[str]:
-        return [r.request_id for r in sorted(requests, key=lambda r: self._key(r, now))]
+        def key(r: RequestView) -> tuple[bool, float, str]:
+            return (self.late(r, now), r.arrival_time, r.request_id)
+
+        return [r.request_id for r in sorted(requests, key=key)]
 
     def on_served(self, tenant: str, prefill_tokens: int, decode_tokens: int) -> None:
         return None
+
+    def behind_waiting(self, r: RequestView, now: float) -> bool:
+        return self.late(r, now)  # an admitted late prompt lets on-time ones in first
 
     def preempt_victims(
         self,
@@ -250,6 +266,9 @@ class FairPolicy:
         self.counters[tenant] = (
             self.counter(tenant) + self.w_prefill * prefill_tokens + self.w_decode * decode_tokens
         )
+
+    def behind_waiting(self, r: RequestView, now: float) -> bool:
+        return False
 
     def preempt_victims(
         self,

@@ -13,6 +13,9 @@ tokens. In order:
 4. Waiting sequences, in the policy's order, while the budget, ``max_num_seqs`` and the pool
    allow: a swapped-out one is swapped in (it joins the batch once its copy is done), a new or
    recomputing one first looks up its cached prefix (device, then CPU blocks promoted by copy).
+5. The running sequences at the tail of the policy's order that it puts behind the waiting
+   ones (``behind_waiting``: the deadline policy's prompts already past their target), with
+   what budget is left; they are still the first victims in 3.
 
 A preempted sequence is swapped to the CPU tier when that is cheaper than recomputing it
 (``preemption_mode="auto"``; ``"swap"`` whenever the CPU tier has room; ``"recompute"`` never)
@@ -271,37 +274,49 @@ class Scheduler:
             self.steady_plans += 1
             return SchedulerOutput(steady, ())
         queue = deque(ordered)
+        # the tail of the order the policy serves after the waiting ones are admitted (the
+        # deadline policy's late prompts); still the first victims when blocks run out
+        behind: deque[Sequence] = deque()
+        while self.waiting and queue and self.policy.behind_waiting(self.view(queue[-1]), now):
+            behind.appendleft(queue.pop())
         starved = False  # a running sequence lacked blocks: admit nobody this step
         claimed = 0  # of the blocks ``_spare`` counts, those deferred sequences wait for
-        while queue and budget > 0:
-            seq = queue.popleft()
-            item = self._grow(seq, budget)
-            while (
-                item is None and queue and self._new_blocks(seq, budget) > self._spare() - claimed
-            ):
-                victim = queue.pop()  # last in policy order
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                starved = True
-                item = self._grow(seq, budget)
-            if item is None and (need := self._new_blocks(seq, budget)) <= self._spare() - claimed:
-                # a victim's copy in flight will free the blocks it lacks: it sits this step
-                # out, neither preempting another request nor stalling the batch on the copy
-                # (an asynchronous swap-out holds its device blocks until the copy lands;
-                # preempting on until the pool had room swapped several requests out a step:
-                # 271 swaps on an H100 where 16 make the room)
-                claimed += need
-                self.deferred_rows += 1
-                starved = True
-                continue
-            if item is None:
-                self._preempt(seq)
-                preempted.append(seq.request_id)
-                starved = True
-                break
-            scheduled.append(item)
-            budget -= item.num_tokens
 
+        def grow_running(queue: deque[Sequence], tail: deque[Sequence]) -> None:
+            nonlocal budget, starved, claimed
+            while queue and budget > 0:
+                seq = queue.popleft()
+                item = self._grow(seq, budget)
+                while (
+                    item is None
+                    and (queue or tail)
+                    and self._new_blocks(seq, budget) > self._spare() - claimed
+                ):
+                    victim = tail.pop() if tail else queue.pop()  # last in policy order
+                    self._preempt(victim)
+                    preempted.append(victim.request_id)
+                    starved = True
+                    item = self._grow(seq, budget)
+                need = self._new_blocks(seq, budget) if item is None else 0
+                if item is None and need <= self._spare() - claimed:
+                    # a victim's copy in flight will free the blocks it lacks: it sits this
+                    # step out, neither preempting another request nor stalling the batch on
+                    # the copy (an asynchronous swap-out holds its device blocks until the copy
+                    # lands; preempting on until the pool had room swapped several requests
+                    # out a step: 271 swaps on an H100 where 16 make the room)
+                    claimed += need
+                    self.deferred_rows += 1
+                    starved = True
+                    continue
+                if item is None:
+                    self._preempt(seq)
+                    preempted.append(seq.request_id)
+                    starved = True
+                    break
+                scheduled.append(item)
+                budget -= item.num_tokens
+
+        grow_running(queue, behind)
         if not starved:
             for seq in self.order(self.waiting, now):
                 busy = len(self.running) + (self.swapper.num_swapping_in() if self.swapper else 0)
@@ -325,6 +340,7 @@ class Scheduler:
                     break  # head of the line does not fit: keep the policy's order
                 scheduled.append(item)
                 budget -= item.num_tokens
+            grow_running(behind, deque())
         plan = tuple(scheduled)
         if not preempted and all(it.num_tokens == 1 for it in plan):
             self._steady = plan
