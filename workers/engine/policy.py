@@ -146,7 +146,7 @@ class PriorityPolicy:
         return _enough(worse, head.num_blocks, free_blocks)
 
 
-class DeadlinePolicy:
+class DeadlinePolicy(FCFSPolicy):
     """Arrival order, except that a request without its first token whose time-to-first-token
     target (``arrival + ttft_s``) has passed is served after every request that can still make
     its own: under a burst past the engine's prefill rate, FCFS lets every queued request
@@ -159,7 +159,7 @@ class DeadlinePolicy:
     the late ones, and one waiting longer than ``starve_s`` (default ten targets) rejoins
     arrival order ahead of the on-time ones, so a sustained overload delays it by a bounded
     time, never forever. Requests with a first token (decodes, preempted or swapped ones) keep
-    arrival order: their time-to-first-token is settled. No preemption of its own (as FCFS)."""
+    arrival order: their time-to-first-token is settled. No preemption of its own (FCFS's)."""
 
     name = "deadline"
     static_order = False  # a request turns late with time
@@ -180,20 +180,8 @@ class DeadlinePolicy:
 
         return [r.request_id for r in sorted(requests, key=key)]
 
-    def on_served(self, tenant: str, prefill_tokens: int, decode_tokens: int) -> None:
-        return None
-
     def behind_waiting(self, r: RequestView, now: float) -> bool:
         return self.late(r, now)  # an admitted late prompt lets on-time ones in first
-
-    def preempt_victims(
-        self,
-        running: Sequence[RequestView],
-        waiting: Sequence[RequestView],
-        now: float,
-        free_blocks: int = 0,
-    ) -> list[str]:
-        return []
 
 
 class FairPolicy:
