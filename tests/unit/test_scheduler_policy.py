@@ -208,3 +208,25 @@ def test_fair_preempts_an_over_served_tenant_by_swap() -> None:
     assert d.finished["light"] < min(d.finished["flood0"], d.finished["flood1"])
     assert len(d.finished) == 3 and d.s.recompute_preemptions == 0
     policy.check_integrity()
+
+
+def test_deadline_orders_a_decode_batch_once_not_every_step() -> None:
+    """Once every running request has its first token the deadline order is arrival order,
+    and the scheduler reuses it (as FCFS's) instead of building a view per row every step."""
+
+    class Counting(DeadlinePolicy):
+        calls = 0
+
+        def order(self, requests, now):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            return super().order(requests, now)
+
+    policy = Counting(ttft_s=1.0)
+    d = Driver(_scheduler(policy, num_blocks=64))
+    for i in range(3):
+        d.add(f"r{i}", 4, 30, arrival=time.monotonic())
+    d.step(2)  # all prefilled in the first step: three decodes from then on
+    assert all(s.output_ids for s in d.s.running) and not d.s.waiting
+    before = policy.calls
+    d.step(10)
+    assert len(d.s.running) == 3 and policy.calls - before <= 2, policy.calls - before

@@ -49,6 +49,8 @@ class SchedulingPolicy(Protocol):
     # ``order`` depends only on fields a request never changes (arrival, priority, id): the
     # scheduler may reuse its last order while the set of requests is the same
     static_order: bool
+    # ... so does its order of requests that all have their first token (a decode batch)
+    static_once_started: bool
 
     def order(self, requests: Sequence[RequestView], now: float) -> list[str]: ...
 
@@ -91,6 +93,7 @@ class FCFSPolicy:
 
     name = "fcfs"
     static_order = True
+    static_once_started = True
 
     def order(self, requests: Sequence[RequestView], now: float) -> list[str]:
         return [r.request_id for r in sorted(requests, key=_arrival_key)]
@@ -117,6 +120,7 @@ class PriorityPolicy:
 
     name = "priority"
     static_order = True
+    static_once_started = True
 
     @staticmethod
     def _key(r: RequestView) -> tuple[int, float, str]:
@@ -162,7 +166,8 @@ class DeadlinePolicy(FCFSPolicy):
     arrival order: their time-to-first-token is settled. No preemption of its own (FCFS's)."""
 
     name = "deadline"
-    static_order = False  # a request turns late with time
+    static_order = False  # a request turns late with time ...
+    static_once_started = True  # ... until its first token: a decode batch keeps its order
 
     def __init__(self, ttft_s: float = 2.0, starve_s: float | None = None) -> None:
         starve = 10.0 * ttft_s if starve_s is None else starve_s
@@ -189,6 +194,7 @@ class FairPolicy:
 
     name = "fair"
     static_order = False  # virtual token counters move every step
+    static_once_started = False
 
     def __init__(
         self,
