@@ -308,6 +308,7 @@ def test_deadline_keeps_more_first_tokens_on_time_than_fcfs_in_a_burst() -> None
     hit_f, hit_d = on_time(fcfs, ttft_s), on_time(deadline, ttft_s)
     assert hit_d >= hit_f + 10, (hit_f, hit_d)
     # and within the budget (one arrival a step) the two serve in the same order
-    calm_f, calm_d = simulate(FCFSPolicy(), burst(30, 1)), simulate(DeadlinePolicy(ttft_s), burst(30, 1))
+    calm_f = simulate(FCFSPolicy(), burst(30, 1))
+    calm_d = simulate(DeadlinePolicy(ttft_s), burst(30, 1))
     assert [j.first_token_at for j in calm_f.jobs] == [j.first_token_at for j in calm_d.jobs]
     assert on_time(calm_d, ttft_s) == 30

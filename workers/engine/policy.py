@@ -9,12 +9,17 @@ Protocol, called by the scheduler once per step (pure apart from the policy's ow
    head while the token budget and KV blocks last; when blocks run out it preempts from the
    tail of this order.
 3. ``on_served(tenant, prefill_tokens, decode_tokens)`` after the step: accounting.
+4. ``behind_waiting(request, now)``: True for a running request at the tail of the order that
+   gets its tokens only after the waiting requests are admitted (the scheduler's step 5).
+5. ``static_order`` / ``static_once_started``: whether the scheduler may reuse an order of the
+   same running requests (always / once every one of them has its first token).
 
 ``RequestView.num_blocks`` is what the request holds (running) or needs to resume (waiting).
 
 Policies: FCFS (arrival order), Priority (priority, then arrival; lower priority = more
-important), Deadline (arrival order, but a waiting request whose time-to-first-token target
-already passed goes behind those that can still make theirs) and Fair = the Virtual Token Counter (Sheng et al., OSDI'24): a counter per tenant
+important), Deadline (arrival order, but a request without its first token whose
+time-to-first-token target already passed goes behind those that can still make theirs, 4.
+included) and Fair = the Virtual Token Counter (Sheng et al., OSDI'24): a counter per tenant
 grows by ``w_p·prefill + w_d·decode`` served; the backlogged tenant with the smallest counter
 goes first; a tenant that becomes backlogged (after ``idle_s`` without requests) is lifted to
 the smallest counter among the active ones (so idling earns no credit); a running tenant more
