@@ -1,6 +1,6 @@
 """``HandoffClock`` (workers/semi_pd/lanes.py): each request's handoff inside a semi-PD worker
 in parts, on the decode lane's phase times; what never reaches its first decode event is
-dropped, not kept (the worker's own runs: tests/integration/test_semi_pd.py)."""
+dropped, not kept (the worker's own runs: tests/integration/semi_pd/test_semi_pd.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the semi-PD worker tests share (tests/integration/test_semi_pd*.py): the questions and
+"""What the semi-PD worker tests share (tests/integration/semi_pd/): the questions and
 engine config they run, an event sink that collects tokens, a way to hold a lane at an
 iteration boundary, the colocated worker's reference tokens, and the integrity check every
 test ends with."""

@@ -9,49 +9,26 @@ tests/unit/test_semi_pd_split.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvrelay.workers.engine.engine import Engine
-from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.semi_pd import worker as semi_pd_worker
 from kvrelay.workers.semi_pd.sm_partition import CpuPartition, Lane, Split
 from kvrelay.workers.semi_pd.split_rule import SplitRuleConfig
 from kvrelay.workers.semi_pd.worker import PREFILL_TOKENS, SemiPDWorker
 from kvrelay.workers.types import SamplingParams
 from kvrelay.workers.worker import Worker
-from kvrelay_testing.prompts import chat_prompts
 from kvrelay_testing.semi_pd import (
     CONFIG,
-    QUESTIONS,
     Collector,
     Reference,
     assert_clean,
-    colocated_reference,
     generate,
 )
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    torch.manual_seed(0)
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def prompts(loaded: LoadedModel) -> list[list[int]]:
-    return chat_prompts(loaded.tokenizer, QUESTIONS)
-
-
-@pytest.fixture(scope="module")
-def colocated(loaded: LoadedModel) -> Iterator[Reference]:
-    """The colocated worker's tokens for a batch, each batch generated once for the module."""
-    with colocated_reference(loaded) as tokens:
-        yield tokens
 
 
 class GreenOnCpu(CpuPartition):

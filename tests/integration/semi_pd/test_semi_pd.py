@@ -6,7 +6,8 @@ tokenizer): the lanes' locking, handoffs and preemptions are the same on any mod
 steps take milliseconds, so each test runs many more lane iterations a second than the default
 model's ~60 ms ones (this file: 90 s on the default model, 12 s on this one).
 test_cluster_semi_pd.py serves the default model through a semi-PD cluster;
-test_semi_pd_split_rule.py has the SM-share tests (the split rule, a graph set per share).
+test_semi_pd_split_rule.py has the SM-share tests (the split rule, a graph set per share);
+the fixtures these files share (the model, its prompts, the colocated reference) are conftest.py's.
 
 Real parts throughout: real engines on their loop threads, the real gloo transport for the
 copy path a cross-worker handoff still takes, the real pools' integrity checks. A test that
@@ -18,28 +19,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvrelay.workers.engine.config import EngineConfig
-from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.model.sparse_attention import SparseConfig
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.types import FinishReason, Phase, SamplingParams
 from kvrelay.workers.worker import Worker
-from kvrelay_testing.prompts import chat_prompts
 from kvrelay_testing.semi_pd import (
     CONFIG,
-    QUESTIONS,
     Collector,
     Reference,
     assert_clean,
-    colocated_reference,
     decode_lane_held,
     generate,
     mixed_params,
@@ -55,25 +51,6 @@ LANES = pytest.mark.parametrize(
     [(False, False), (True, False), (False, True), (True, True)],
     ids=["plain", "overlap", "prefill", "both"],
 )
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    torch.manual_seed(0)
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def prompts(loaded: LoadedModel) -> list[list[int]]:
-    return chat_prompts(loaded.tokenizer, QUESTIONS)
-
-
-@pytest.fixture(scope="module")
-def colocated(loaded: LoadedModel) -> Iterator[Reference]:
-    """The colocated worker's tokens for a batch, each batch generated once for the module
-    (the plain and the overlapped decode lane compare against the same run)."""
-    with colocated_reference(loaded) as tokens:
-        yield tokens
 
 
 @LANES

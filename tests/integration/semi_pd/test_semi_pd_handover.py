@@ -9,20 +9,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-import torch
 
 from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.kv.tiers import check_owned
-from kvrelay.workers.model.loader import LoadedModel, load_model
+from kvrelay.workers.model.loader import LoadedModel
 from kvrelay.workers.semi_pd.worker import SemiPDWorker
 from kvrelay.workers.types import FinishReason, SamplingParams
-from kvrelay_testing.prompts import chat_prompts
 from kvrelay_testing.semi_pd import (
     CONFIG,
-    QUESTIONS,
     Collector,
     assert_clean,
     colocated_tokens,
@@ -30,17 +26,6 @@ from kvrelay_testing.semi_pd import (
     paused,
     submit_all,
 )
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    torch.manual_seed(0)
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def prompts(loaded: LoadedModel) -> list[list[int]]:
-    return chat_prompts(loaded.tokenizer, QUESTIONS)
 
 
 def test_overlapped_lane_holds_freed_blocks_until_its_step_is_read(
