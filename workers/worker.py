@@ -260,7 +260,7 @@ class Worker:
             raise ValueError(f"unknown role {role!r}")
         if self.role in SWITCHING and role in SWITCHING and role != self.role:
             cap = self._seqs_of(role)
-            self.loop.call(lambda e: setattr(e.scheduler, "max_num_seqs", cap))
+            self.loop.call(lambda e: e.scheduler.set_max_num_seqs(cap))
         self.role = role
 
     # ---- requests ------------------------------------------------------------------------

@@ -131,15 +131,19 @@ def test_device_sampler_matches_cpu_without_host_sync() -> None:
     assert tokens.cpu().tolist() == expected.tolist()
 
 
-def test_graphs_captured_up_front(folder: Path) -> None:
+@pytest.mark.parametrize("decode_batch", [0, 200], ids=["own", "decode_role"])
+def test_graphs_captured_up_front(folder: Path, decode_batch: int) -> None:
     """``capture_graphs``: every bucket a step can use (batches up to max_num_seqs, every width)
-    is captured when the engine starts, none while it serves, and the tokens stay the same."""
+    is captured when the engine starts, none while it serves, and the tokens stay the same.
+    With ``decode_graph_batch`` (a prefill worker that may switch to decode) the decode role's
+    batches too: all sizes up to 200."""
     ps = prompts(11)
     _, want = run_engine(folder, torch.float32, ps)
     llm = LLM(
         str(folder),
         engine_config=EngineConfig(
-            max_num_seqs=8, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True
+            max_num_seqs=8, max_num_batched_tokens=64, num_blocks=256, capture_graphs=True,
+            decode_graph_batch=decode_batch,
         ),
         dtype=torch.float32,
         device="cuda",
@@ -147,7 +151,9 @@ def test_graphs_captured_up_front(folder: Path) -> None:
     graphs = llm.engine.runner.graphs
     assert graphs is not None
     up_front = graphs.num_graphs
-    assert up_front == len([s for s in graphs.sizes if s <= 8]) * len(graphs.widths) > 0
+    top = max(8, decode_batch)
+    assert up_front == len([s for s in graphs.sizes if s <= top]) * len(graphs.widths) > 0
+    assert graphs.max_batch == max(128, top)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in NEW_TOKENS]
     assert [list(o.token_ids) for o in llm.generate(ps, params)] == want
     assert graphs.num_graphs == up_front and graphs.replays > 0

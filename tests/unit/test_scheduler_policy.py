@@ -230,3 +230,24 @@ def test_deadline_orders_a_decode_batch_once_not_every_step() -> None:
     before = policy.calls
     d.step(10)
     assert len(d.s.running) == 3 and policy.calls - before <= 2, policy.calls - before
+
+
+def test_a_changed_sequence_cap_admits_from_the_next_step_and_preempts_nobody() -> None:
+    """``set_max_num_seqs`` (a worker's role switch): raised, the waiting requests are admitted
+    at the next step; lowered, the running ones keep running and no new one is admitted until
+    they fall below the cap."""
+    d = Driver(_scheduler(PriorityPolicy(), num_blocks=64, max_num_seqs=2))
+    for i in range(6):
+        d.add(f"r{i}", 4, 8)
+    d.step(1)
+    assert len(d.s.running) == 2 and len(d.s.waiting) == 4
+    d.s.set_max_num_seqs(5)
+    d.step(1)
+    assert len(d.s.running) == 5 and len(d.s.waiting) == 1
+    d.s.set_max_num_seqs(1)
+    d.step(1)
+    assert len(d.s.running) == 5 and len(d.s.waiting) == 1 and d.s.recompute_preemptions == 0
+    d.step(200)
+    assert len(d.finished) == 6
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        d.s.set_max_num_seqs(0)

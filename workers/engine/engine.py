@@ -159,13 +159,18 @@ class Engine:
     def capture_graphs(self) -> int:
         """Capture every decode graph and prefill bucket a step of this engine can use, now
         (``capture_graphs``); the number of decode graphs and prefill buckets captured (0
-        without graphs: CPU, or off)."""
+        without graphs: CPU, or off). Decode batches go up to ``decode_graph_batch`` when that
+        is larger: a worker that may switch to decode captures its decode role's graphs at
+        start, not at their first step after the switch."""
         runner = self.runner
+        config = self.config
         n = 0
         if runner.graphs is not None:
-            n += runner.graphs.capture_all(max_batch=self.config.max_num_seqs)
+            n += runner.graphs.capture_all(
+                max_batch=max(config.max_num_seqs, config.decode_graph_batch)
+            )
         if runner.prefill is not None and runner.prefill.capture_graphs:
-            n += runner.prefill.capture_all(max_tokens=self.config.max_num_batched_tokens)
+            n += runner.prefill.capture_all(max_tokens=config.max_num_batched_tokens)
         return n
 
     # ---- requests ------------------------------------------------------------------------

@@ -120,6 +120,14 @@ class Scheduler:
         # ``StorageLock.yield_to_urgent``); each admission checks the pool afresh
         self.yield_point: Callable[[], object] | None = None
 
+    def set_max_num_seqs(self, cap: int) -> None:
+        """The running-sequence cap from the next step on (a worker's role switch). Running
+        sequences past a lowered cap are not preempted: no new one is admitted until they
+        fall below it."""
+        if cap < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {cap}")
+        self.max_num_seqs = cap
+
     def view(self, seq: Sequence) -> RequestView:
         running = seq.status is SeqStatus.RUNNING
         if running:
