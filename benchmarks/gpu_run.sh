@@ -98,7 +98,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
         TAIL=${TAIL:-80} run sync_probe "${PROBE_S:-180}" python3 benchmarks/sync_probe.py \
             --model /tmp/kvrelay-1b-bf16 --out "$RES/sync_probe.json" ${PROBE_ARGS:-} ;;
     goodput) run "goodput${RUN:-}" "${GOODPUT_S:-400}" python3 benchmarks/gpu_serve.py \
-        --tokenizer "$TOK" --goodput-only --goodput --out "$RES" --goodput-args \
+        --tokenizer "$TOK" --goodput-only --goodput --out "$RES" --shape "${SHAPE:-1b}" --goodput-args \
         "${GOODPUT_ARGS:---configs semi_pd,colocated1,colocated --workers 3 --warmup 16 \
 --ttft-slo 1 --itl-slo 0.05 --max-prompt-tokens 8192 --max-output-tokens 128 --long-fraction 0.2 \
 --long-prompt-range 1024,7936 --fresh-prompts --repeats 3 --kv-cache-gb 8 --sweep 32,64,128,256}"

@@ -43,6 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8),
+    # Llama-3.1-8B's layers (issue 16's goodput where a 2048-token chunk takes ~50 ms, so the
+    # 50 ms ITL target binds a colocated engine's chunk size); SmolLM2's vocabulary, tied
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,  # CPU dry runs
                  num_attention_heads=4, num_key_value_heads=2),
     # tokens as cheap as a real model makes them (serve_path_bench: the served path's ceiling);
@@ -59,8 +63,16 @@ def make_model(out: Path, tokenizer: Path, dtype: torch.dtype, shape: str, devic
     cfg = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **shape_kw)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    # 8b: initialised in its own dtype (fp32 first would take 32 GB); the others in fp32 and
+    # cast, as they always were (the same weights as earlier runs)
+    init_dtype = dtype if shape == "8b" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(init_dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
     model.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer / name, out / name)
