@@ -127,6 +127,7 @@ class Reservations:
         tenant: str,
         priority: int,
         num_computed: int | None,
+        arrival_time: float | None = None,
     ) -> None:
         """The request continues in its received blocks (``continue_prefilled``)."""
         res = self._take_received(request_id, "accept")
@@ -134,6 +135,7 @@ class Reservations:
             lambda e: continue_prefilled(
                 e, request_id, prompt_ids, output_ids, params, res.block_ids,
                 tenant=tenant, priority=priority, num_computed=num_computed,
+                arrival_time=arrival_time,
             )
         )  # fmt: skip
 
@@ -187,13 +189,14 @@ def continue_prefilled(
     num_computed: int | None,
     block_hashes: Sequence[int] = (),
     committed_blocks: int = 0,
+    arrival_time: float | None = None,
 ) -> None:
     """``e`` continues a request whose KV is in ``block_ids`` (``num_computed`` tokens of it;
     None: the prompt's). ``block_hashes`` / ``committed_blocks``: as ``Engine.add_prefilled``
     (blocks already committed in ``e``'s pool)."""
     e.add_prefilled(
         request_id, prompt_ids, output_ids, params, block_ids, tenant=tenant, priority=priority,
-        block_hashes=block_hashes, committed_blocks=committed_blocks,
+        block_hashes=block_hashes, committed_blocks=committed_blocks, arrival_time=arrival_time,
     )  # fmt: skip
     seq = e.seqs[request_id]
     extra = (num_computed or 0) - seq.num_computed

@@ -38,6 +38,7 @@ from kvrelay.workers.engine.kernel_compiles import COMPILES
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.phase_times import PhaseTimes
 from kvrelay.workers.engine.sequence import Sequence as EngineSequence
+from kvrelay.workers.engine.sequence import arrival_from_wall
 from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.receiving import Reservations
 from kvrelay.workers.transport.kv_transport import KVTransport
@@ -274,14 +275,19 @@ class Worker:
         tenant: str = "",
         priority: int = 0,
         prefill_only: bool = False,
+        arrival_s: float = 0.0,
     ) -> None:
+        """Queue a request. ``arrival_s``: the wall-clock time it reached the cluster (the
+        frontend's stamp; 0: unknown, now), so that a request re-dispatched or moved here keeps
+        its place in the policy's order and the deadline policy counts its wait before us."""
+        arrival = arrival_from_wall(arrival_s)
         late = "late_submit_reply" in self._faults
         first = self._first_token.setdefault(request_id, threading.Event()) if late else None
         try:
             self.loop.call(
                 lambda e: e.add_request(
                     request_id, prompt_ids, params, output_ids=output_ids, tenant=tenant,
-                    priority=priority, prefill_only=prefill_only,
+                    priority=priority, prefill_only=prefill_only, arrival_time=arrival,
                 )
             )
             if first is not None:
@@ -349,12 +355,15 @@ class Worker:
         tenant: str = "",
         priority: int = 0,
         num_computed: int | None = None,
+        arrival_s: float = 0.0,
     ) -> None:
         """The KV arrived: continue the request here. ``num_computed`` (a migration) says how
-        many tokens' KV came along; by default the prompt's (a handoff)."""
+        many tokens' KV came along; by default the prompt's (a handoff). ``arrival_s`` as
+        ``submit``'s."""
         self.reservations.accept(
             request_id, prompt_ids, output_ids, params,
             tenant=tenant, priority=priority, num_computed=num_computed,
+            arrival_time=arrival_from_wall(arrival_s),
         )  # fmt: skip
 
     def unreserve(self, request_id: str) -> bool:

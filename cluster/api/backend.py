@@ -31,6 +31,9 @@ class GenerateRequest:
     sampling: SamplingParams
     priority: int = 0  # lower runs first
     tenant: str = ""
+    # wall-clock time (time.time()) the request reached the frontend, stamped by it; workers
+    # order and time requests by it (a re-dispatched or moved request keeps its place). 0: unknown
+    arrival_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from kvrelay.cluster.api.auth import OPEN, ApiKeys, Caller
@@ -223,7 +223,7 @@ class FrontendCore:
     async def _start(
         self, raw: RawGenerate, deadline_s: float | None, id_prefix: str, caller: Caller
     ) -> RequestStream:
-        t0 = time.monotonic()
+        t0, arrival_s = time.monotonic(), time.time()
         if not self._admitting:
             raise ApiError(ErrorCode.UNAVAILABLE, "server is shutting down", retry_after_s=1.0)
         if raw.request_id:
@@ -236,7 +236,10 @@ class FrontendCore:
                 )
         else:
             request_id = id_prefix + uuid.uuid4().hex
-        request = await build_request(raw, self.backend, self.limits.validation, request_id)
+        request = replace(
+            await build_request(raw, self.backend, self.limits.validation, request_id),
+            arrival_s=arrival_s,
+        )
         if request_id in self._in_flight:  # another request took the id while we tokenized
             raise ApiError(ErrorCode.ALREADY_EXISTS, f"request {request_id!r} is already in flight")
         self._in_flight[request_id] = _InFlight(caller)

@@ -388,7 +388,7 @@ class Controller:
         await target.client.call(
             "submit", req.request_id, list(req.prompt_token_ids), req.sampling,
             output_ids=list(flight.committed), tenant=req.tenant, priority=req.priority,
-            prefill_only=prefill_only,
+            prefill_only=prefill_only, arrival_s=req.arrival_s,
         )
 
     async def redispatch(self, flight: Flight) -> None:

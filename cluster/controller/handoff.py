@@ -204,7 +204,7 @@ class Handoffs:
             await d.client.call(
                 "accept_prefilled", rid, list(req.prompt_token_ids), list(flight.committed),
                 req.sampling, tenant=req.tenant, priority=req.priority, num_computed=num_computed,
-                timeout=30,
+                arrival_s=req.arrival_s, timeout=30,
             )
         except WorkerGone as exc:  # d died holding the copy; p still holds the KV: not p's fault
             flight.owner, flight.phase = None, Phase.HANDOFF

@@ -20,6 +20,7 @@ import gc
 import importlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,7 @@ class Cluster:
             params,
             priority=priority,
             tenant=tenant,
+            arrival_s=time.time(),
         )
 
     def complete(self, prompt_ids: Sequence[int], params: SamplingParams, **kw: Any) -> tuple[list[int], FinishReason]:

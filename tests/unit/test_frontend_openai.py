@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Iterator
 
 import openai
@@ -217,3 +218,17 @@ def test_backend_failure_is_reported_not_hung() -> None:
         with Client(f"127.0.0.1:{srv.grpc_port}", timeout=10) as c, pytest.raises(InternalError):
             c.generate("x", max_tokens=5)
         assert srv.call(wait_blocks_free(srv.backend)) == 0
+
+
+def test_each_request_carries_its_arrival_on_the_wall_clock(
+    oai: openai.OpenAI, srv: FrontendThread, model: str
+) -> None:
+    """Both frontends stamp the request with the wall-clock time it reached them
+    (``GenerateRequest.arrival_s``): the workers order and time it by that, wherever it runs."""
+    before = time.time()
+    oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, temperature=0)
+    with Client(f"127.0.0.1:{srv.grpc_port}") as c:
+        c.chat(MESSAGES, model=model, max_tokens=2, temperature=0)
+    after = time.time()
+    via_http, via_grpc = srv.backend.admitted[-2:]
+    assert before <= via_http.arrival_s <= via_grpc.arrival_s <= after

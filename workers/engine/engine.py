@@ -185,9 +185,13 @@ class Engine:
         priority: int = 0,
         prefill_only: bool = False,
         block_hashes: Seq[int] = (),
+        arrival_time: float | None = None,
     ) -> None:
         """Queue a request. ``output_ids`` resumes one that already produced tokens elsewhere
         (recompute after a migration or a crash); they are not emitted again.
+        ``arrival_time``: when it reached the cluster, on ``time.monotonic``'s clock
+        (``arrival_from_wall``), so that a request moved here keeps its place in the policy's
+        order; None: now.
         ``block_hashes``: ``prompt_block_hashes(prompt_ids)``, computed by the caller on its own
         thread (a semi-PD worker's submit: off the storage lock), so that admission does not
         hash the prompt; only for a request without ``output_ids``."""
@@ -214,6 +218,8 @@ class Engine:
             priority=priority,
             prefill_only=prefill_only,
         )
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         if block_hashes:
             full = (len(prompt_ids) - 1) // self.config.block_size
             if output_ids or len(block_hashes) != full:
@@ -515,8 +521,10 @@ class Engine:
         priority: int = 0,
         block_hashes: Seq[int] = (),
         committed_blocks: int = 0,
+        arrival_time: float | None = None,
     ) -> None:
-        """Continue a request whose prompt KV was written into reserved ``block_ids``.
+        """Continue a request whose prompt KV was written into reserved ``block_ids``
+        (``arrival_time`` as ``add_request``'s).
         ``block_hashes`` / ``committed_blocks``: the hashes of its leading full blocks and how
         many of those blocks are already committed in this engine's pool (an engine over the
         same storage handed them over, ``hand_over``): they are not hashed or committed again
@@ -525,6 +533,8 @@ class Engine:
             request_id, list(prompt_ids), params, output_ids=list(output_ids),
             tenant=tenant, priority=priority,
         )
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         seq.block_ids = list(block_ids)
         if committed_blocks:
             seq.block_hashes = list(block_hashes[: len(seq.block_ids)])

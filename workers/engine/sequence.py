@@ -30,6 +30,21 @@ from dataclasses import dataclass, field
 from kvrelay.workers.types import FinishReason, SamplingParams
 
 PLACEHOLDER = -1  # an output token still on the device (never a valid id: a leak fails loudly)
+MAX_ARRIVAL_AGE_S = 24 * 3600.0  # an older wall-clock arrival is taken as this old (bad clock)
+
+
+def arrival_from_wall(arrival_s: float, *, now_wall: float | None = None,
+                      now: float | None = None) -> float:
+    """A request's arrival on this process's monotonic clock (``Sequence.arrival_time``) from
+    the wall-clock time it reached the cluster (``GenerateRequest.arrival_s``, stamped by the
+    frontend): its age now, taken off the monotonic now. 0 (unknown): now. An arrival in the
+    future (another host's clock ahead of ours) counts as now, and one older than a day as a day
+    old, so a bad clock can reorder requests but never by more than that."""
+    now = time.monotonic() if now is None else now
+    if arrival_s <= 0:
+        return now
+    age = (time.time() if now_wall is None else now_wall) - arrival_s
+    return now - min(max(age, 0.0), MAX_ARRIVAL_AGE_S)
 
 
 class SeqStatus(enum.Enum):

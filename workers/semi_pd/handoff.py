@@ -171,6 +171,7 @@ class InsideHandoff:
                 # the one pool already holds these blocks' hashes (the prefill lane committed)
                 block_hashes=seq.block_hashes,
                 committed_blocks=seq.num_committed_blocks,
+                arrival_time=seq.arrival_time,  # its place in the decode lane's order
             )
         except BaseException:
             if request_id not in e.seqs:

@@ -84,6 +84,7 @@ from kvrelay.workers.engine.engine import Engine
 from kvrelay.workers.engine.loop import EngineLoop
 from kvrelay.workers.engine.outbox import Outbox
 from kvrelay.workers.engine.phase_times import PhaseTimes
+from kvrelay.workers.engine.sequence import arrival_from_wall
 from kvrelay.workers.gpu_gate import GPU_GATE
 from kvrelay.workers.kv.tiers import check_owned
 from kvrelay.workers.model.loader import LoadedModel
@@ -381,9 +382,12 @@ class SemiPDWorker(Worker):
         tenant: str = "",
         priority: int = 0,
         prefill_only: bool = False,
+        arrival_s: float = 0.0,
     ) -> None:
         """Every request prefills on the prefill lane; unless the controller asked for
-        ``prefill_only`` (it hands the KV to another worker), it continues on the decode lane."""
+        ``prefill_only`` (it hands the KV to another worker), it continues on the decode lane
+        (``arrival_s`` as ``Worker.submit``'s; the decode lane keeps the arrival)."""
+        arrival = arrival_from_wall(arrival_s)
         # the prompt's block hashes here, on the caller's thread: admission would compute them
         # on the prefill lane's thread with the storage lock held, which the decode lane waits
         # for (an 8k-token prompt: 511 hashes)
@@ -403,6 +407,7 @@ class SemiPDWorker(Worker):
                     priority=priority,
                     prefill_only=True,
                     block_hashes=hashes,
+                    arrival_time=arrival,
                 )
             )
         except BaseException:

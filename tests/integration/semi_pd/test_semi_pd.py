@@ -345,6 +345,27 @@ def test_handoff_moves_block_ids_and_no_bytes(
         del store
 
 
+def test_the_decode_lane_keeps_the_requests_arrival(
+    loaded: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """A request submitted with the frontend's stamp (``arrival_s``, 30 s ago) is as old on
+    the decode lane, after its handover, as on the prefill lane: its place in the decode
+    lane's order (and the deadline policy's lateness) is the request's, not the handover's."""
+    sink = Collector()
+    semi = SemiPDWorker("s", "colocated", model=loaded, engine_config=CONFIG, sink=sink)
+    try:
+        params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+        semi.submit("r", prompts[0], params, arrival_s=time.time() - 30.0)
+        sink.wait(lambda: semi.loop.call(lambda e: "r" in e.seqs))
+        age = semi.loop.call(lambda e: time.monotonic() - e.seqs["r"].arrival_time)
+        assert 30.0 <= age < 60.0
+        assert semi.abort("r")
+        sink.wait(lambda: semi.loop.call(lambda e: "r" not in e.seqs))
+        assert_clean(semi)
+    finally:
+        semi.shutdown()
+
+
 @LANES
 def test_faults_leave_storage_clean(
     loaded: LoadedModel, prompts: list[list[int]], overlap: bool, prefill_overlap: bool

@@ -71,6 +71,7 @@ class EchoBackend:
         self.started = 0  # requests that reached generate()
         self.peak_running = 0  # most requests generating at once
         self.last_prompt: tuple[int, ...] = ()
+        self.admitted: list[GenerateRequest] = []  # as the frontend built them
 
     # -- ClusterBackend --------------------------------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -89,7 +90,7 @@ class EchoBackend:
         return False
 
     async def admit(self, request: GenerateRequest) -> None:
-        return None  # one always-ready "worker"
+        self.admitted.append(request)  # one always-ready "worker"
 
     def readiness(self) -> Readiness:
         return Readiness(True)
