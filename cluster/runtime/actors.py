@@ -2,8 +2,8 @@
 transfer in one method must not stop heartbeats or aborts).
 
 The frontends do not run here: they run in the driver (cluster/runtime/frontends.py) and call
-this actor; it keeps the metrics registry, which they feed (``observe_request_finished``) and
-serve (``render_metrics``)."""
+this actor; it keeps the metrics registry, which they feed (``observe_requests_finished``, a
+batch of ended requests a call) and serve (``render_metrics``)."""
 
 from __future__ import annotations
 
@@ -447,8 +447,11 @@ class ControllerActor(Controller):
         await self.on_events(worker_id, events_from_bytes(blob), seq)
 
     # ---- metrics: the registry lives here, the frontends (in the driver) feed and serve it ----
-    async def observe_request_finished(self, model: str, outcome: str, **figures: Any) -> None:
-        self.metrics.observe_request_finished(model, outcome, **figures)
+    async def observe_requests_finished(self, batch: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """A frontend process's ended requests since its last call (``RemoteBackend``):
+        (model, outcome, figures) each, as ``observe_request_finished`` takes them."""
+        for model, outcome, figures in batch:
+            self.metrics.observe_request_finished(model, outcome, **figures)
 
     async def observe_delivery(self, hop: str, seconds: list[float]) -> None:
         """A frontend process's times of its hops since its last report (``RemoteBackend``)."""

@@ -57,6 +57,11 @@ from kvrelay.workers.types import TokenEvent, merge_events
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REPORT_CAP = 10_000  # delivery times kept a hop between two reports to the controller
+# ended requests' figures go to the controller's metrics in one call at most this long after
+# the first of them ended (one call per request was a third of a request's calls to the actor
+# whose loop every token passes), or as soon as this many wait
+OBSERVE_FLUSH_S = 0.1
+OBSERVE_BATCH = 256
 # this process's hops: the metric's ``hop`` label -> the ``delivery`` phase that times it too
 _PHASE_OF_HOP = {"controller_to_frontend": "from_controller", "frontend_loop_lag": "loop_lag"}
 RETRY_AFTER_S = 10.0  # a supervisor restarts ``kvrelay serve`` in about its cold start
@@ -89,6 +94,9 @@ class RemoteBackend:
         # the same times, not yet sent to the controller's kvrelay_event_delivery_seconds
         # (``watch`` sends them about once a second; at most REPORT_CAP kept a hop meanwhile)
         self._unreported: dict[str, list[float]] = {hop: [] for hop in _PHASE_OF_HOP}
+        # ended requests' figures not yet sent (``observe_request_finished``)
+        self._observed: list[tuple[str, str, dict[str, Any]]] = []
+        self._observe_timer: asyncio.TimerHandle | None = None
 
     # ---- read synchronously by the frontends ----------------------------------------------
     def models(self) -> Sequence[ModelInfo]:
@@ -247,7 +255,9 @@ class RemoteBackend:
         return len(self._inboxes)
 
     async def close(self) -> None:
-        """Stop reading the event stream (the frontends are stopping)."""
+        """Stop reading the event stream (the frontends are stopping); the ended requests'
+        figures still waiting go to the controller first."""
+        self.flush_observed()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -328,20 +338,36 @@ class RemoteBackend:
         generation_tokens: int = 0,
         cached_tokens: int = 0,
     ) -> None:
-        """``RequestObserver``: one fire-and-forget call per ended request (not per token)."""
-        if self.death is None:
-            self.calls["observe_request_finished"] += 1
-            self._controller.observe_request_finished.remote(
-                model,
-                outcome,
-                ttft_s=ttft_s,
-                itl_s_list=list(itl_s_list),
-                e2e_s=e2e_s,
-                queue_s=queue_s,
-                prompt_tokens=prompt_tokens,
-                generation_tokens=generation_tokens,
-                cached_tokens=cached_tokens,
-            )
+        """``RequestObserver``: the figures wait for the next fire-and-forget call, which takes
+        every request ended within ``OBSERVE_FLUSH_S`` of the first (``OBSERVE_BATCH`` at most);
+        without a running event loop to time that, the call goes now."""
+        if self.death is not None:
+            return
+        figures = {
+            "ttft_s": ttft_s, "itl_s_list": list(itl_s_list), "e2e_s": e2e_s,
+            "queue_s": queue_s, "prompt_tokens": prompt_tokens,
+            "generation_tokens": generation_tokens, "cached_tokens": cached_tokens,
+        }  # fmt: skip
+        self._observed.append((model, outcome, figures))
+        if len(self._observed) >= OBSERVE_BATCH:
+            self.flush_observed()
+        elif self._observe_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush_observed()
+                return
+            self._observe_timer = loop.call_later(OBSERVE_FLUSH_S, self.flush_observed)
+
+    def flush_observed(self) -> None:
+        """Send the waiting figures now, in one call (none: no call)."""
+        if self._observe_timer is not None:
+            self._observe_timer.cancel()
+            self._observe_timer = None
+        batch, self._observed = self._observed, []
+        if batch and self.death is None:
+            self.calls["observe_requests_finished"] += 1
+            self._controller.observe_requests_finished.remote(batch)
 
     async def render_metrics(self) -> bytes:
         body: bytes = await self._call("render_metrics")
