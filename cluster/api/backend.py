@@ -59,6 +59,8 @@ class Readiness:
     ready: bool
     missing: tuple[str, ...] = ()  # configured roles with no worker that can take work
     problem: str = ""  # not ready for another reason (the controller is gone)
+    # the longest prompt (tokens) the pools hold now (``admit``'s bound); None: not known
+    largest_prompt: int | None = None
 
     def reason(self) -> str:
         if self.ready:

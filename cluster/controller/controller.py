@@ -26,6 +26,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from kvrelay.cluster.api.backend import (
@@ -157,7 +158,13 @@ class Controller:
         ]
 
     def readiness(self) -> Readiness:
-        return readiness(self.members(), dict(self.config.pool_sizes))
+        """Whether every configured pool can take work, and the longest prompt the pools hold
+        (a frontend's ``admit`` checks a prompt against it without a call while ready)."""
+        members = self.members()
+        return replace(
+            readiness(members, dict(self.config.pool_sizes)),
+            largest_prompt=largest_prompt(members, self.config.routing.block_size),
+        )
 
     def _unavailable(self, why: str) -> ApiError:
         retry = max(1.0, self.config.admission_wait_s / 2)

@@ -87,6 +87,7 @@ class RemoteBackend:
         self._stream_id = ""
         self.batches_received = 0  # Ray objects the event stream brought (for benchmarks)
         self.calls: Counter[str] = Counter()  # Ray calls made to the controller, by method
+        self.admitted_here = 0  # requests ``admit`` let through without a call
         # a token's time in this process: from_controller (the controller's pack to this
         # reader, needs both clocks to agree) and inbox_wait (routed to its request's inbox
         # until that request's frontend stream takes it); the loop's own lag (watch_loop)
@@ -210,6 +211,16 @@ class RemoteBackend:
             raise self._translate(exc) from exc
 
     async def admit(self, request: GenerateRequest) -> None:
+        """While the controller's last readiness (``watch`` refreshes it every 0.2 s) says
+        ready and the prompt fits the longest it holds, admitted here without a call: the
+        controller's dispatch still waits (bounded) for a worker with room and answers
+        UNAVAILABLE as its ``admit`` would. Otherwise the controller's ``admit`` decides
+        (it waits for a worker, or refuses a prompt no pool can hold)."""
+        ready = self._readiness
+        limit = ready.largest_prompt
+        if ready.ready and limit is not None and len(request.prompt_token_ids) <= limit:
+            self.admitted_here += 1
+            return
         await self._call("admit", request)
 
     def _read_events(self) -> None:
