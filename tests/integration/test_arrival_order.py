@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from kvrelay.workers.model.loader import LoadedModel, load_model
 from kvrelay.workers.transport.kv_transport import start_rendezvous_store
 from kvrelay.workers.types import SamplingParams, TokenEvent
 from kvrelay.workers.worker import Worker
+from kvrelay_testing.local_client import LocalClient
 
 pytestmark = pytest.mark.timeout(300)
 CONFIG = EngineConfig(num_blocks=64, cpu_num_blocks=0, max_num_seqs=1, max_num_batched_tokens=64)
@@ -51,20 +51,6 @@ class FirstTokens:
                 self.tokens.setdefault(e.request_id, []).extend(e.token_ids)
                 if e.finish_reason is not None:
                     self.ended.add(e.request_id)
-
-
-class LocalClient:
-    """The controller's WorkerClient over an in-process worker (off the loop, as Ray's)."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker_id = worker.worker_id
-        self.worker = worker
-
-    async def call(self, method: str, *args: Any, timeout: float | None = None, **kw: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.worker, method), *args, **kw)
-
-    def kill(self) -> None:
-        self.worker.shutdown()
 
 
 @pytest.fixture(scope="module")

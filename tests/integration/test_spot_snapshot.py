@@ -25,24 +25,10 @@ from kvrelay.workers.engine.config import EngineConfig
 from kvrelay.workers.model.loader import load_model
 from kvrelay.workers.types import Phase, SamplingParams
 from kvrelay.workers.worker import Worker
+from kvrelay_testing.local_client import LocalClient
 
 pytestmark = pytest.mark.timeout(300)
 MAX_TOKENS = 400
-
-
-class LocalClient:
-    """The controller's WorkerClient over an in-process worker (its methods run off the loop,
-    as a Ray call would)."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker_id = worker.worker_id
-        self.worker = worker
-
-    async def call(self, method: str, *args: Any, timeout: float | None = None, **kw: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.worker, method), *args, **kw)
-
-    def kill(self) -> None:
-        self.worker.shutdown()
 
 
 def test_snapshot_carries_pool_room_and_planner_skips_a_short_pool(
