@@ -1,9 +1,5 @@
 # session 43: the never-GPU-run semi-PD graph sets and sparse tests, then the kernel A/B (old = 86a82f9)
-set -u
-T0=$(date +%s); LIMIT=${LIMIT:-585}
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
-bash benchmarks/gpu_run.sh setup > /tmp/setup.txt 2>&1; tail -2 /tmp/setup.txt
-mkdir -p /tmp/gpu-out
+source benchmarks/gpu_calls/common.sh
 TESTS="tests/gpu/test_sparse_graphs_gpu.py tests/gpu/test_sparse_gpu.py" TESTS_S=${TS:-240} TEST_TIMEOUT=150 TAIL=4 bash benchmarks/gpu_run.sh tests
 grep -E "FAILED|ERROR|passed|failed" /tmp/gpu-out/tests.txt | cut -c1-400 | tail -12; echo "left $(left)"
 tar -czf $OUT/gpu-out.tgz -C /tmp/gpu-out .

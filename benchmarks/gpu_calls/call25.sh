@@ -1,11 +1,6 @@
 # session 43, call A: the semi-PD GPU tests (graph sets never GPU-run), then goodput with the
 # deadline policy on both sides
-set -u
-T0=$(date +%s); LIMIT=${LIMIT:-585}
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
-W="--workers 3 --warmup 32 --ttft-slo 1 --itl-slo 0.05 --max-prompt-tokens 8192 --max-output-tokens 128 --long-fraction 0.2 --long-prompt-range 1024,7936 --fresh-prompts --repeats 1 --kv-cache-gb 8"
-bash benchmarks/gpu_run.sh setup > /tmp/setup.txt 2>&1; tail -2 /tmp/setup.txt
-mkdir -p /tmp/gpu-out
+source benchmarks/gpu_calls/common.sh
 TESTS="tests/gpu/test_semi_pd_gpu.py tests/gpu/test_engine_gpu.py::test_graphs_captured_up_front" TESTS_S=${TS:-150} TEST_TIMEOUT=120 TAIL=3 bash benchmarks/gpu_run.sh tests
 grep -E "FAILED|ERROR|passed|failed" /tmp/gpu-out/tests.txt | cut -c1-400 | tail -8; echo "left $(left)"
 tar -czf $OUT/gpu-out.tgz -C /tmp/gpu-out .
