@@ -214,12 +214,11 @@ class Engine:
             list(prompt_ids),
             params,
             output_ids=list(output_ids),
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             tenant=tenant,
             priority=priority,
             prefill_only=prefill_only,
         )
-        if arrival_time is not None:
-            seq.arrival_time = arrival_time
         if block_hashes:
             full = (len(prompt_ids) - 1) // self.config.block_size
             if output_ids or len(block_hashes) != full:
@@ -531,10 +530,9 @@ class Engine:
         (an 8k-token prompt's 512 blocks cost the adopting thread milliseconds)."""
         seq = Sequence(
             request_id, list(prompt_ids), params, output_ids=list(output_ids),
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             tenant=tenant, priority=priority,
         )
-        if arrival_time is not None:
-            seq.arrival_time = arrival_time
         seq.block_ids = list(block_ids)
         if committed_blocks:
             seq.block_hashes = list(block_hashes[: len(seq.block_ids)])
