@@ -1,5 +1,7 @@
 """Batch-1/8/32 decode graph step of the 1B (and 8B) shape under cuBLAS vs cuBLASLt (torch's
-preferred_blas_library), same process, alternating, fresh runner (graphs) per setting."""
+preferred_blas_library), same process, alternating, fresh runner (graphs) per setting. The
+cache holds every sequence of the largest batch (make_seqs gives each its own CTX / BS + 1
+blocks)."""
 
 import torch
 
@@ -11,7 +13,9 @@ for shape, batches in (("1b", (1, 8, 32)), ("8b", (1,))):
     hf, model, config = g.build(g.SHAPES[shape])
     hf = None
     cache = torch.empty(
-        g.kv_cache_shape(config, 2 * g.CTX // g.BS + 16, g.BS), dtype=torch.bfloat16, device="cuda"
+        g.kv_cache_shape(config, max(batches) * (g.CTX // g.BS + 1) + 16, g.BS),
+        dtype=torch.bfloat16,
+        device="cuda",
     ).normal_(0, 0.5)
     for rnd in range(2):
         for lib in ("cublas", "cublaslt"):
