@@ -68,6 +68,9 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
     engine_prefill)  # issue 17: 1k prefill as Engine.step runs it, back to back, vs the limit
         run engine_prefill 120 python3 benchmarks/engine_prefill.py --out "$RES" ;;
     gemv) run gemv 150 python3 benchmarks/gemv_bench.py --out "$RES/gemv.json" ;;
+    prefetch)  # issue 17: the decode graph step with weight prefetch plans into L2, vs none
+        run prefetch "${PREFETCH_S:-150}" python3 benchmarks/prefetch_bench.py \
+            --batches "${PREFETCH_BATCHES:-1,8}" --rounds "${ROUNDS:-3}" --out "$RES/prefetch.json" ;;
     overhead) run overhead 60 python3 benchmarks/step_overhead.py --device cuda --batches 32 128 \
         --steps 40 --reps 3 --overlap off on --json "$RES/step_overhead.json" ;;
     swap)

@@ -10,6 +10,9 @@ both ways inside the real path). Both are read at each call.
 ``linear`` (the model's projections) is ``F.linear`` unless ``KVRELAY_GEMV=1``: then, on CUDA
 and for at most ``GEMV_MAX_M`` rows (decode at small batch), the split-K GEMV of
 ``kernels/triton_gemv.py``. That switch is read once, at import, into ``GEMV``.
+
+``l2_prefetch`` (the opt-in weight prefetch of workers/model/prefetch.py) has no result: on CUDA
+it reads a tensor into L2 (kernels/triton_prefetch.py), elsewhere it does nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "add_rms_norm",
     "block_scores",
     "copy_blocks",
+    "l2_prefetch",
     "linear",
     "pack_blocks",
     "paged_decode_attention",
@@ -76,6 +80,15 @@ def linear(
             out: torch.Tensor = fast.gemv(x, weight, bias)
             return out
     return F.linear(x, weight, bias)
+
+
+def l2_prefetch(tensor: torch.Tensor, programs: int = 64) -> None:
+    """Read ``tensor`` into the GPU's L2 with ``programs`` thread blocks, for a kernel that
+    reads it next; a no-op off CUDA (and with ``KVRELAY_KERNELS=reference``)."""
+    if tensor.is_cuda:
+        fast = _triton_ops()
+        if fast is not None:
+            fast.l2_prefetch(tensor, programs)
 
 
 def _dispatch(name: str, ref_module: ModuleType = reference) -> Callable[..., Any]:

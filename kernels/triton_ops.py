@@ -12,6 +12,7 @@
     topk_blocks (sparse decode's block selection)       kernels/triton_topk.py
     sampled_column_mass (SampleAttention's sampling)    kernels/triton_sample.py
     gemv (``linear`` at small batch; ref F.linear)      kernels/triton_gemv.py
+    l2_prefetch (no reference: a no-op off CUDA)        kernels/triton_prefetch.py
 
 Every launch derives its grid from tensor shapes, never from tensor values, so no op syncs the
 host and decode steps can be captured in CUDA graphs. Under ``TRITON_INTERPRET=1`` the same
@@ -24,6 +25,7 @@ from kvrelay.kernels.triton_copy import copy_blocks, pack_blocks, unpack_blocks,
 from kvrelay.kernels.triton_decode import paged_decode_attention
 from kvrelay.kernels.triton_fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
 from kvrelay.kernels.triton_gemv import gemv
+from kvrelay.kernels.triton_prefetch import l2_prefetch
 from kvrelay.kernels.triton_prefill import paged_prefill_attention
 from kvrelay.kernels.triton_sample import sampled_column_mass
 from kvrelay.kernels.triton_sparse import (
@@ -40,6 +42,7 @@ __all__ = [
     "block_scores",
     "copy_blocks",
     "gemv",
+    "l2_prefetch",
     "pack_blocks",
     "paged_decode_attention",
     "paged_prefill_attention",

@@ -20,6 +20,9 @@ the residual stream is carried as (stream, pending delta) from layer to layer::
 
     (x, delta) ─ add_rms_norm ─ qkv ─ rope_write_kv ─ attention ─ o ─ add_rms_norm ─ gate_up
         ─ silu_mul ─ down ─▶ (x', delta')        final: add_rms_norm(delta, x, norm)
+
+With ``KVRELAY_L2_PREFETCH`` set, small-batch CUDA decode steps also read weights into L2 on a
+side stream ahead of the GEMMs that use them (opt-in; workers/model/prefetch.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from torch import nn
 
 from kvrelay import kernels
 from kvrelay.workers.model.config import ModelConfig, ModelLoadError
+from kvrelay.workers.model.prefetch import PrefetchPlan, WeightPrefetch
 
 
 class SparseHook(Protocol):
@@ -223,6 +227,9 @@ class LlamaModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).to(device)  # [max_pos, D]
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        # opt-in weight prefetch into L2 at small-batch decode (workers/model/prefetch.py)
+        plan = PrefetchPlan.from_env()
+        self.prefetch = WeightPrefetch(plan) if plan is not None else None
 
     @torch.inference_mode()
     def forward(
@@ -235,8 +242,15 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         delta: torch.Tensor | None = None
         rope = (self.rope_cos, self.rope_sin)
-        for layer in self.layers:
+        pf = self.prefetch
+        if pf is not None and not pf.applies(x, attn.is_decode, attn.sparse is not None):
+            pf = None
+        for i, layer in enumerate(self.layers):
+            if pf is not None:  # weights this layer and the next read later, into L2
+                pf.issue(pf.plan.at_layer(cast(list[DecoderLayer], self.layers), i))
             x, delta = layer(x, delta, positions, rope, kv_cache, attn)
+        if pf is not None:
+            pf.join(x.device)
         return self.final_norm(x, delta)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
