@@ -22,9 +22,7 @@ if not torch.cuda.is_available():
 from kvrelay import kernels  # noqa: E402
 from kvrelay.kernels import triton_gemv, triton_ops  # noqa: E402
 from kvrelay.kernels.reference import rel_err  # noqa: E402
-from kvrelay.workers.engine.config import EngineConfig  # noqa: E402
-from kvrelay.workers.llm import LLM  # noqa: E402
-from kvrelay.workers.types import SamplingParams  # noqa: E402
+from kvrelay_testing.engine_runs import greedy_graph_tokens  # noqa: E402
 
 DEV = "cuda"
 SHAPES = {  # (N, K): fused q|k|v, o, fused gate|up, down
@@ -106,22 +104,6 @@ def test_dispatch_takes_the_gemv_only_at_small_batch(monkeypatch: pytest.MonkeyP
     assert calls == [1, kernels.GEMV_MAX_M]
 
 
-def _greedy(folder: Path) -> list[list[int]]:
-    llm = LLM(
-        str(folder),
-        engine_config=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, num_blocks=256),
-        dtype=torch.float32,
-        device=DEV,
-    )
-    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(n)] for i, n in enumerate([3, 40, 9, 90])]
-    params = [
-        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (24, 16, 30, 8)
-    ]
-    outs = llm.generate(prompts, params)
-    assert llm.engine.runner.graph_steps > 0
-    return [list(o.token_ids) for o in outs]
-
-
 def test_engine_greedy_tokens_equal_with_gemv_on_and_off(
     make_gpu_llama: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,9 +118,9 @@ def test_engine_greedy_tokens_equal_with_gemv_on_and_off(
     monkeypatch.setattr(triton_ops, "gemv", counting)
     folder = make_gpu_llama(seed=9)
     monkeypatch.setattr(kernels, "GEMV", False)
-    off = _greedy(folder)
+    off = greedy_graph_tokens(folder)
     assert calls[0] == 0
     monkeypatch.setattr(kernels, "GEMV", True)
-    on = _greedy(folder)
+    on = greedy_graph_tokens(folder)
     assert calls[0] > 0
     assert on == off

@@ -19,9 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from kvrelay.kernels import triton_ops, triton_prefetch  # noqa: E402
-from kvrelay.workers.engine.config import EngineConfig  # noqa: E402
-from kvrelay.workers.llm import LLM  # noqa: E402
-from kvrelay.workers.types import SamplingParams  # noqa: E402
+from kvrelay_testing.engine_runs import greedy_graph_tokens  # noqa: E402
 
 
 def _expected(tensor: torch.Tensor, programs: int) -> list[int]:
@@ -63,22 +61,6 @@ def test_the_kernel_replays_from_a_cuda_graph() -> None:
     assert now != before and sums[: len(now)].tolist() == now
 
 
-def _greedy(folder: Path) -> list[list[int]]:
-    llm = LLM(
-        str(folder),
-        engine_config=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, num_blocks=256),
-        dtype=torch.float32,
-        device="cuda",
-    )
-    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(n)] for i, n in enumerate([3, 40, 9, 90])]
-    params = [
-        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (24, 16, 30, 8)
-    ]
-    outs = llm.generate(prompts, params)
-    assert llm.engine.runner.graph_steps > 0
-    return [list(o.token_ids) for o in outs]
-
-
 def test_engine_greedy_tokens_equal_with_a_plan_and_without(
     make_gpu_llama: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,9 +73,9 @@ def test_engine_greedy_tokens_equal_with_a_plan_and_without(
     monkeypatch.setattr(triton_ops, "l2_prefetch", counting)
     folder = make_gpu_llama(seed=11)
     monkeypatch.delenv("KVRELAY_L2_PREFETCH", raising=False)
-    off = _greedy(folder)
+    off = greedy_graph_tokens(folder)
     assert calls[0] == 0
     monkeypatch.setenv("KVRELAY_L2_PREFETCH", "o,down,qkv@32")
-    on = _greedy(folder)
+    on = greedy_graph_tokens(folder)
     assert calls[0] > 0  # captured into the decode graphs (and run by eager small steps)
     assert on == off

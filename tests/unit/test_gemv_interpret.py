@@ -3,18 +3,14 @@
 tiles, the bias; tests/gpu/test_gemv_gpu.py runs the same comparisons compiled, at the model's
 shapes.
 
-Interpreter mode, as tests/unit/test_kernels_fused.py: Triton fixes interpreted-vs-compiled when
-``@triton.jit`` decorates (its own standard library at ``import triton``), so the kernels are
-loaded in a fixture that runs after collection, with TRITON_INTERPRET=1 set only meanwhile:
-alone, it is the first import of triton; after test_kernels_interpret.py's collection, triton is
-already interpreted. The module is loaded as a private copy (as tests/unit/test_sparse_interpret.py
-does), so an earlier import of ``kvrelay.kernels.triton_gemv`` cannot hand over compiled kernels.
+Interpreter mode: the module is loaded in a fixture that runs after collection, as a private copy
+with TRITON_INTERPRET=1 set only meanwhile (kvrelay_testing/interpret.py says why), so an earlier
+import of ``kvrelay.kernels.triton_gemv`` cannot hand over compiled kernels.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -24,6 +20,7 @@ import torch.nn.functional as F
 
 from kvrelay import kernels
 from kvrelay.kernels.reference import rel_err
+from kvrelay_testing.interpret import interpreted
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -33,24 +30,8 @@ if torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def gemv() -> Iterator[ModuleType]:
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-
-        if type(tl.standard.sum).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported compiled before this test; run this file alone")
-        spec = importlib.util.find_spec("kvrelay.kernels.triton_gemv")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert type(module._gemv_kernel).__name__ == "InterpretedFunction"
+    with interpreted("kvrelay.kernels.triton_gemv", "_gemv_kernel") as module:
         yield module
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 N, K = 96, 200  # neither a multiple of any tile

@@ -5,18 +5,15 @@ bodies (kernels/triton_fused.py) against the references, run on CPU through Trit
 interpreter like tests/unit/test_kernels_interpret.py.
 
 Interpreter mode: Triton fixes interpreted-vs-compiled when ``@triton.jit`` decorates (its own
-standard library at ``import triton``). This file imports the Triton bodies lazily, in a
-fixture that runs after collection, with TRITON_INTERPRET=1 set only meanwhile: alone, it is
+standard library at ``import triton``). This file loads a private copy of the Triton bodies
+(kvrelay_testing/interpret.py) in a fixture that runs after collection, with TRITON_INTERPRET=1 set only meanwhile: alone, it is
 the first import of triton; after test_kernels_interpret.py's collection, triton is already
 interpreted. If triton was imported compiled by something else, those tests skip, saying why.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import os
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -26,6 +23,7 @@ import torch
 from kvrelay.kernels import fused
 from kvrelay.workers.model.config import RopeScaling
 from kvrelay.workers.model.llama import rope_inv_freq
+from kvrelay_testing.interpret import interpreted
 from kvrelay_testing.kernels import rel_err
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -131,25 +129,8 @@ def test_reference_rejects_wrong_qkv_width() -> None:
 
 @pytest.fixture(scope="module")
 def interp() -> Iterator[ModuleType]:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: tests/gpu/test_kernels_fused_gpu.py checks compiled kernels")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-
-        if type(tl.standard.sum).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported compiled before this test; run this file alone")
-        mod = importlib.import_module("kvrelay.kernels.triton_fused")
-        assert type(mod._rms_norm_kernel).__name__ == "InterpretedFunction"
-        yield mod
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    with interpreted("kvrelay.kernels.triton_fused", "_rms_norm_kernel") as module:
+        yield module
 
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}

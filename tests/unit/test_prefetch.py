@@ -4,13 +4,11 @@ Triton's interpreter — its programs together read every word of the tensor exa
 word sums, written only on request, add up chunk by chunk). tests/gpu/test_prefetch_gpu.py runs
 the compiled kernel and the model with a plan in CUDA graphs.
 
-Interpreter mode as tests/unit/test_gemv_interpret.py: the kernel module is loaded as a private
-copy while TRITON_INTERPRET=1 is set."""
+The kernel module is loaded interpreted by kvrelay_testing/interpret.py (a private copy, loaded
+while TRITON_INTERPRET=1 is set)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 
@@ -18,6 +16,7 @@ import pytest
 import torch
 
 from kvrelay.workers.model.prefetch import PrefetchPlan, WeightPrefetch
+from kvrelay_testing.interpret import interpreted
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -74,32 +73,10 @@ def test_it_applies_to_small_dense_decode_steps_on_cuda_only() -> None:
 
 
 # ---- the kernel, interpreted ------------------------------------------------------------------
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-
 @pytest.fixture(scope="module")
 def prefetch() -> Iterator[ModuleType]:
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: tests/gpu checks the compiled kernel")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-
-        if type(tl.standard.sum).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported compiled before this test; run this file alone")
-        spec = importlib.util.find_spec("kvrelay.kernels.triton_prefetch")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert type(module._prefetch_kernel).__name__ == "InterpretedFunction"
+    with interpreted("kvrelay.kernels.triton_prefetch", "_prefetch_kernel") as module:
         yield module
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _expected_sums(words: torch.Tensor, chunk: int) -> list[int]:
