@@ -6,9 +6,10 @@ interpreter like tests/unit/test_kernels_interpret.py.
 
 Interpreter mode: Triton fixes interpreted-vs-compiled when ``@triton.jit`` decorates (its own
 standard library at ``import triton``). This file loads a private copy of the Triton bodies
-(kvrelay_testing/interpret.py) in a fixture that runs after collection, with TRITON_INTERPRET=1 set only meanwhile: alone, it is
-the first import of triton; after test_kernels_interpret.py's collection, triton is already
-interpreted. If triton was imported compiled by something else, those tests skip, saying why.
+(kvrelay_testing/interpret.py) in a fixture that runs after collection, with TRITON_INTERPRET=1
+set only meanwhile: alone, it is the first import of triton; after test_kernels_interpret.py's
+collection, triton is already interpreted. If triton was imported compiled by something else,
+those tests skip, saying why.
 """
 
 from __future__ import annotations
