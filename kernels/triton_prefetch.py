@@ -54,7 +54,7 @@ def _sink(device: torch.device) -> torch.Tensor:
 
 
 def words(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``'s bytes as int32 words (flat; a trailing odd byte pair is not prefetched)."""
+    """``tensor``'s bytes as int32 words (flat; up to 3 trailing bytes are left out)."""
     flat = tensor.detach().reshape(-1).view(torch.uint8)
     return flat[: flat.numel() // 4 * 4].view(torch.int32)
 
