@@ -11,8 +11,8 @@ fresh runner and graph capture each), so a drift of the machine shows as spread,
 Per plan and batch: median and range of the rounds' step times, the step against no plan, and
 the fraction of the bandwidth limit (weights + KV bytes a step must read / the copy rate
 measured here, read + write). Counters: the bytes a step prefetches (from the plan) and the
-prefetch launches recorded while the graphs were captured (a plan that captured no launch did
-not run, and its row says so); the logits of every plan must equal those without one bit for
+prefetch launches recorded while the graphs were made (each graph's eager warm-up and its
+capture; a plan that recorded none did not run, and its row says so); the logits of every plan must equal those without one bit for
 bit (a prefetch only reads), or the bench fails.
 """
 
@@ -113,10 +113,12 @@ def main() -> None:
                            prefetched_mb=plan_bytes(model, plan) / 1e6,
                            captured_launches=captured[spec])  # fmt: skip
                 result["rows"].append(row)
-                note = "" if plan is None or captured[spec] else "  (NO launch captured)"
+                note = (
+                    "" if plan is None or captured[spec] else "  (NO launch: the plan did not run)"
+                )
                 print(f"{name} b={b:3d} {spec:12s} gpu {med:7.3f} ms [{min(ms):.3f}-{max(ms):.3f}]"
                       f" = {med / base:.3f} x off | {limits[b] / med:.2f} of limit | prefetched "
-                      f"{row['prefetched_mb']:6.1f} MB/step, {captured[spec]} launches captured"
+                      f"{row['prefetched_mb']:6.1f} MB/step, {captured[spec]} launches at capture"
                       f"{note}", flush=True)  # fmt: skip
         del model, cache
         torch.cuda.empty_cache()
