@@ -55,6 +55,7 @@ def main() -> None:
     batches = tuple(int(b) for b in args.batches.split(","))
     plans = [p.replace("+", ",") for p in args.plans.split(",")]
     plans = ["off", *(p for p in plans if p != "off")]  # the baseline first in every round
+    parsed = {spec: PrefetchPlan.parse(spec) for spec in plans}  # a bad plan fails here, first
     bw, _ = gpu_models.ceilings()
     print(f"# prefetch_bench on {torch.cuda.get_device_name()}: copy {bw:.0f} GB/s (read + write)",
           flush=True)  # fmt: skip
@@ -83,7 +84,7 @@ def main() -> None:
         reference: torch.Tensor | None = None
         for _ in range(args.rounds):
             for spec in plans:
-                plan = PrefetchPlan.parse(spec)
+                plan = parsed[spec]
                 model.prefetch = WeightPrefetch(plan) if plan is not None else None
                 launches[0] = 0
                 runner = ModelRunner(model, cache, gpu_models.BS)
@@ -107,7 +108,7 @@ def main() -> None:
             for spec in plans:
                 ms = times[(spec, b)]
                 med = statistics.median(ms)
-                plan = PrefetchPlan.parse(spec)
+                plan = parsed[spec]
                 row = dict(model=name, batch=b, plan=spec, gpu_ms=med, min_ms=min(ms),
                            max_ms=max(ms), vs_off=med / base, frac=limits[b] / med,
                            prefetched_mb=plan_bytes(model, plan) / 1e6,
