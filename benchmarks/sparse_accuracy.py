@@ -197,6 +197,7 @@ def _greedy(
 def passkey_item(
     loaded: LoadedModel, ids: list[int], key: str, budgets: list[int], heads: str | None,
     mask: torch.Tensor | None, reuse_steps: int, shortlist_steps: int = 1, steps: int = 12,
+    sample_last: int = SparseConfig().sample_last,
 ) -> dict[str, bool]:  # fmt: skip
     """One passkey prompt under every mode, two prefills shared: dense prefill -> dense decode
     ("off") and sparse decode ("decode/B"); sparse prefill -> dense ("prefill") and sparse decode
@@ -210,7 +211,8 @@ def passkey_item(
     ):  # fmt: skip
         sp = None
         if prefill_mode == "prefill":
-            sp = SparseAttention(SparseConfig(mode="prefill", heads_path=heads), kv, mask)
+            pcfg = SparseConfig(mode="prefill", heads_path=heads, sample_last=sample_last)
+            sp = SparseAttention(pcfg, kv, mask)
         attn = AttentionMetadata(torch.arange(n), table, torch.tensor([n], dtype=torch.int32),
                                  torch.tensor([0, n], dtype=torch.int32), False, sparse=sp)  # fmt: skip
         hidden = loaded.model(torch.tensor(ids), torch.arange(n), kv, attn)
@@ -241,6 +243,8 @@ def main() -> None:
     ap.add_argument("--reuse-steps", type=int, default=SparseConfig().reuse_steps)
     ap.add_argument("--shortlist-steps", type=int, default=SparseConfig().shortlist_steps,
                     help="reuse the shortlist, re-ranked every step (with --reuse-steps 1)")  # fmt: skip
+    ap.add_argument("--sample-last", type=int, default=SparseConfig().sample_last,
+                    help="sparse prefill: the last rows sampled in full (0: the strided sample only)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -267,6 +271,7 @@ def main() -> None:
                 mask,
                 args.reuse_steps,
                 args.shortlist_steps,
+                sample_last=args.sample_last,
             )
             for name, ok in got.items():
                 passkey.setdefault(name, []).append(ok)
@@ -292,6 +297,7 @@ def ppl_row(
         heads_path=args.heads,
         reuse_steps=args.reuse_steps,
         shortlist_steps=args.shortlist_steps,
+        sample_last=args.sample_last,
     )
     dummy = torch.zeros(kv_cache_shape(loaded.config, 1, BS))
     ids = sharegpt_texts(loaded.tokenizer, args.text + 1, length)[args.text]

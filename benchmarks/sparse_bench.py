@@ -16,7 +16,8 @@ with the selection refreshed every 1, 2 or 4 steps (``engine_step_s_per_layer``;
 ``reuse_steps`` is 1). Prefill rows also count the tiles each kernel runs (``tiles``: dense and
 sparse at their tile shapes, the sparse kernel's own counter on the GPU) beside the time of the
 sparse kernel alone (``attn_s.sparse_kernel``, masks given).
-Prefill rows also time the SampleAttention sampling alone (``sample_ms``:
+Prefill rows also time the SampleAttention sampling alone (``sample_ms``, the strided rows and
+the last ``sample_last`` rows with the column choice:
 the fused Triton kernel and the torch reference, on the dense heads as the prefill path calls it;
 ``sample_keep_agree``: the share of column blocks both keep or both skip) and the whole sparse
 layer with the torch sampling (``attn_s.sparse_torch_sample``, through KVRELAY_REFERENCE_OPS).
@@ -47,7 +48,7 @@ from kvrelay.workers.model.sparse_attention import (
     SparseConfig,
     prefill_tile_pairs,
 )
-from kvrelay.workers.model.sparse_select import DecodeStep, keep_columns
+from kvrelay.workers.model.sparse_select import DecodeStep, sample_columns
 
 H, HKV, D, LAYERS, HIDDEN, INTER, BS = 32, 8, 128, 32, 4096, 14336, 16
 
@@ -136,14 +137,15 @@ def prefill_row(ctx: int, args: argparse.Namespace, dev: str) -> dict[str, Any]:
     dense_kv = (~streaming_mask(args.stream_fraction)[0]).nonzero().flatten().to(dev)
     keys, _ = gather_kv(cache, 0, table[0], ctx)
     q_dense = q.unflatten(1, (HKV, H // HKV))[:, dense_kv].flatten(1, 2)
-    sample_fn = lambda: kernels.sampled_column_mass(  # noqa: E731
-        q_dense, keys[:, dense_kv], scale, cfg.col_block, cfg.sample_stride
-    )
+    sample_fn = lambda: sample_columns(  # noqa: E731
+        q_dense, keys[:, dense_kv], scale, cfg.col_block, cfg.alpha, cfg.sample_stride,
+        cfg.sample_last,
+    )[0]  # fmt: skip
     sample = {"fused": bench(sample_fn, 10)}
-    fused_keep, _ = keep_columns(sample_fn(), cfg.alpha)
+    fused_keep = sample_fn()
     with reference_ops("sampled_column_mass"):  # the torch reference (before the fused kernel)
         sample["torch"] = bench(sample_fn, 10)
-        torch_keep, _ = keep_columns(sample_fn(), cfg.alpha)
+        torch_keep = sample_fn()
         t["sparse_torch_sample"] = bench(sparse_fn, 10)
     gemm = gemm_seconds(ctx, dev)
     tiles = tile_row(q, cache, table, attn, keep, window, sparse.config.col_block, t)

@@ -151,6 +151,29 @@ def test_sample_columns_reaches_alpha() -> None:
     assert bool((keep.sum(1) < 16).any())  # something was skipped
 
 
+def test_sample_columns_keeps_what_only_the_last_rows_read() -> None:
+    """A column only the prompt's last rows read (a pass key its closing question asks for):
+    the strided sample's mass sits on the sink, so alpha leaves the column out; the last rows'
+    own choice brings it back, and the strided mass kept still reaches alpha."""
+    g = torch.Generator().manual_seed(5)
+    ctx, cb, last = 1024, 64, 8
+    k = 0.1 * torch.randn(ctx, HKV, D, generator=g)
+    k[0, :, 0] = 10.0  # the sink every row reads
+    k[530, :, 1] = 10.0  # in column block 8: read by the last rows only
+    q = 0.1 * torch.randn(ctx, HKV * GROUP, D, generator=g)
+    q[:, :, 0] += 3.0
+    q[-last:, :, 0] = 0.0
+    q[-last:, :, 1] = 3.0
+    without, mass = sample_columns(q, k, 0.5, cb, alpha=0.95)
+    assert not bool(without[:, 8].any())  # the strided sample alone drops it
+    assert bool((mass >= 0.95 - 1e-5).all())
+    keep, mass = sample_columns(q, k, 0.5, cb, alpha=0.95, last=last)
+    assert bool(keep[:, 8].all())
+    assert bool((keep >= without).all())  # a union: nothing the strided sample kept is lost
+    assert bool((mass >= 0.95 - 1e-5).all())
+    assert int(keep.sum()) < keep.numel() // 2  # still sparse
+
+
 def test_reused_selection_reads_the_block_that_left_the_local_window() -> None:
     kv, tables, _, q = _setup([660])  # a table with room to grow
     shape = HeadShape(sink=1, topk=4, local=1)

@@ -81,6 +81,8 @@ class SparseConfig:
     window_frac: float = 0.08  # SampleAttention local window r_w, of the context
     alpha: float = 0.95  # cumulative attention the kept columns reach on the sampled rows
     sample_stride: int = 20  # 1 sampled query row in 20 (5%)
+    # the last rows of each prefill, all sampled: their own alpha columns join (sample_columns)
+    sample_last: int = 64
     col_block: int = 64  # prefill column granularity (the Triton key tile)
     min_prefill: int = 2048  # shorter prompts prefill dense (nothing worth skipping)
     heads_path: str | None = None  # calibrated streaming heads (JSON); None: none streaming
@@ -96,8 +98,8 @@ class SparseConfig:
             raise ValueError("sparse budget >= 0, reuse_steps >= 1, 0 < alpha <= 1")
         if self.sub_page_tokens < 1 or self.rerank < 1:
             raise ValueError("sparse sub_page_tokens >= 1, rerank >= 1")
-        if self.shortlist_steps < 1:
-            raise ValueError("sparse shortlist_steps >= 1")
+        if self.shortlist_steps < 1 or self.sample_last < 0:
+            raise ValueError("sparse shortlist_steps >= 1, sample_last >= 0")
         if self.shortlist_steps > 1 and (self.reuse_steps > 1 or self.rerank == 1):
             raise ValueError(
                 "sparse shortlist_steps > 1 re-ranks a reused shortlist: it needs rerank > 1 "
@@ -482,7 +484,7 @@ class SparseAttention:
                 q = query[starts[i] : starts[i + 1]].unflatten(1, (kv_heads, group))
                 cols, _ = sample_columns(
                     q[:, dense_kv].flatten(1, 2), k[:, dense_kv], scale, cb, cfg.alpha,
-                    cfg.sample_stride,
+                    cfg.sample_stride, cfg.sample_last,
                 )  # fmt: skip
                 dense_q = dense_kv[:, None] * group + torch.arange(group, device=q.device)
                 keep[i, dense_q.flatten(), :nkb_i] = cols

@@ -149,10 +149,23 @@ def sample_columns(
     col_block: int,
     alpha: float = 0.95,
     stride: int = 20,  # sample 1 row in 20 (5%)
-) -> tuple[torch.Tensor, torch.Tensor]:  # keep [H, NKB] bool, sampled mass kept [H]
-    """SampleAttention column choice; NKB = ceil(ctx / col_block)."""
+    last: int = 0,  # the last rows, every one sampled, choose columns of their own too
+) -> tuple[torch.Tensor, torch.Tensor]:  # keep [H, NKB] bool, strided sample's mass kept [H]
+    """SampleAttention column choice; NKB = ceil(ctx / col_block).
+
+    With ``last`` > 0, the fewest columns that reach ``alpha`` of the last ``last`` rows' own
+    attention join those of the strided sample (MInference estimates its patterns from the last
+    64 queries alone). In the strided sum those rows are ~1 of 20 and the early rows' mass sits
+    on the first columns, so a column that only the prompt's end reads (a pass key the closing
+    question asks for) can fall outside alpha: it did for 2 of 8 pass keys at 4k on
+    SmolLM2-135M (benchmarks/README.md, session 46)."""
     blocks = kernels.sampled_column_mass(query, keys, scale, col_block, stride)
-    return keep_columns(blocks, alpha)
+    keep, share = keep_columns(blocks, alpha)
+    if last > 0:
+        tail = kernels.sampled_column_mass(query[-last:], keys, scale, col_block, 1)
+        keep |= keep_columns(tail, alpha)[0]
+        share = (blocks * keep).sum(-1) / blocks.sum(-1)
+    return keep, share
 
 
 def keep_columns(
