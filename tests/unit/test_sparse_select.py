@@ -174,6 +174,38 @@ def test_sample_columns_keeps_what_only_the_last_rows_read() -> None:
     assert int(keep.sum()) < keep.numel() // 2  # still sparse
 
 
+def test_only_the_chunk_that_ends_a_prefill_samples_its_last_rows() -> None:
+    """The engine prefills in chunks: the last rows of the chunk that ends the prompt (its
+    closing question) choose columns of their own; an earlier chunk's last rows do not."""
+    from kvrelay.workers.model.llama import AttentionMetadata
+    from kvrelay.workers.model.sparse_attention import SparseAttention, SparseConfig
+
+    g = torch.Generator().manual_seed(5)
+    ctx, cb, last = 1024, 64, 8
+    k = 0.1 * torch.randn(ctx, HKV, D, generator=g)
+    k[0, :, 0] = 10.0
+    k[530, :, 1] = 10.0  # column block 8, read by the last rows only
+    q = 0.1 * torch.randn(ctx, HKV * GROUP, D, generator=g)
+    q[:, :, 0] += 3.0
+    q[-last:, :, 0] = 0.0
+    q[-last:, :, 1] = 3.0
+    kv = torch.zeros(ctx // BS, 1, 2, BS, HKV, D)
+    kv[:, 0, 0] = k.view(ctx // BS, BS, HKV, D)
+    attn = AttentionMetadata(
+        torch.arange(ctx), torch.arange(ctx // BS, dtype=torch.int32)[None],
+        torch.tensor([ctx], dtype=torch.int32), torch.tensor([0, ctx], dtype=torch.int32), False,
+    )  # fmt: skip
+    cfg = SparseConfig(mode="prefill", sample_last=last, min_prefill=256, col_block=cb)
+    sparse = SparseAttention(cfg, kv)
+    kept = {}
+    for ends in (None, [True], [False]):
+        sparse.begin_step(["r"], [ctx], False, ends)
+        keep, _ = sparse.prefill_masks(0, q, kv, attn, 0.5)
+        kept[str(ends)] = bool(keep[0, :, 8].all()), bool(keep[0, :, 8].any())
+    assert kept["None"] == kept["[True]"] == (True, True)
+    assert kept["[False]"] == (False, False)
+
+
 def test_reused_selection_reads_the_block_that_left_the_local_window() -> None:
     kv, tables, _, q = _setup([660])  # a table with room to grow
     shape = HeadShape(sink=1, topk=4, local=1)

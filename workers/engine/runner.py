@@ -280,6 +280,7 @@ class ModelRunner:
                 [it.seq.request_id for it in items],
                 [it.seq.num_computed + it.num_tokens for it in items],
                 decode,
+                [it.seq.num_computed + it.num_tokens >= it.seq.num_tokens for it in items],
             )
         if decode and len(items) > self.max_decode_rows:
             self.max_decode_rows = len(items)

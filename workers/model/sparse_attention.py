@@ -81,7 +81,8 @@ class SparseConfig:
     window_frac: float = 0.08  # SampleAttention local window r_w, of the context
     alpha: float = 0.95  # cumulative attention the kept columns reach on the sampled rows
     sample_stride: int = 20  # 1 sampled query row in 20 (5%)
-    # the last rows of each prefill, all sampled: their own alpha columns join (sample_columns)
+    # the last rows of a prefill, all sampled: their own alpha columns join (sample_columns);
+    # in a chunked prefill only the chunk that ends it (the runner's begin_step ``ends``)
     sample_last: int = 64
     col_block: int = 64  # prefill column granularity (the Triton key tile)
     min_prefill: int = 2048  # shorter prompts prefill dense (nothing worth skipping)
@@ -183,6 +184,7 @@ class SparseAttention:
         self.stream = HeadShape(-(-config.stream_sink // bs), 0, -(-config.stream_local // bs))
         self.counters = SparseCounters()
         self._keys: tuple[str, ...] = ()
+        self._ends: tuple[bool, ...] | None = None  # this step's rows that end their prefill
         self._age = 0  # decode steps since the selections were made
         self._refresh = True
         self._topk: dict[int, torch.Tensor] = {}
@@ -201,11 +203,17 @@ class SparseAttention:
         self._graph_selected = torch.zeros((), dtype=torch.int64, device=kv_cache.device)
 
     # ---- per step ------------------------------------------------------------------------
-    def begin_step(self, keys: Sequence[str], context_lens: Sequence[int], is_decode: bool) -> None:
+    def begin_step(
+        self, keys: Sequence[str], context_lens: Sequence[int], is_decode: bool,
+        ends: Sequence[bool] | None = None,
+    ) -> None:  # fmt: skip
         """Called by the runner before each forward: request ids and contexts (new token
-        included) of the batch rows, in order."""
+        included) of the batch rows, in order; ``ends``: whether each row's new tokens end what
+        the sequence has to prefill (only such a chunk samples its last rows in full, see
+        ``SparseConfig.sample_last``; None: every row does)."""
         self._count()
         self._step = None
+        self._ends = None if ends is None else tuple(ends)
         keys = tuple(keys)
         if not (is_decode and self.config.decode):
             # every row of the next decode step is fresh (its bounds rebuilt): nothing to fold
@@ -471,6 +479,7 @@ class SparseAttention:
         window = torch.full((batch, heads), 1 << 30, dtype=torch.int32, device=query.device)
         stream_q = self.streaming[layer].repeat_interleave(heads // kv_heads)  # [H]
         dense_kv = self._dense_kv[layer]  # only dense heads are sampled
+        ends = self._ends if self._ends is not None and len(self._ends) == len(ctxs) else None
         group = heads // kv_heads
         for i, ctx in enumerate(ctxs):
             n = starts[i + 1] - starts[i]
@@ -484,7 +493,7 @@ class SparseAttention:
                 q = query[starts[i] : starts[i + 1]].unflatten(1, (kv_heads, group))
                 cols, _ = sample_columns(
                     q[:, dense_kv].flatten(1, 2), k[:, dense_kv], scale, cb, cfg.alpha,
-                    cfg.sample_stride, cfg.sample_last,
+                    cfg.sample_stride, cfg.sample_last if ends is None or ends[i] else 0,
                 )  # fmt: skip
                 dense_q = dense_kv[:, None] * group + torch.arange(group, device=q.device)
                 keep[i, dense_q.flatten(), :nkb_i] = cols
