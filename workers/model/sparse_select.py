@@ -155,9 +155,9 @@ def sample_columns(
 
     With ``last`` > 0, the fewest columns that reach ``alpha`` of the last ``last`` rows' own
     attention join those of the strided sample (MInference estimates its patterns from the last
-    64 queries alone). In the strided sum those rows are ~1 of 20 and the early rows' mass sits
-    on the first columns, so a column that only the prompt's end reads (a pass key the closing
-    question asks for) can fall outside alpha: it did for 2 of 8 pass keys at 4k on
+    64 queries alone). The strided sample holds only 1 in 20 of those rows, and its early rows'
+    mass sits on the first columns, so a column that only the prompt's end reads (a pass key the
+    closing question asks for) can fall outside alpha: it did for 2 of 8 pass keys at 4k on
     SmolLM2-135M (benchmarks/README.md, session 46)."""
     blocks = kernels.sampled_column_mass(query, keys, scale, col_block, stride)
     keep, share = keep_columns(blocks, alpha)
