@@ -1,6 +1,6 @@
 """Pass keys through the engine (``LLM``, so the prompt is prefilled in chunks of
 ``--chunk`` tokens as a worker would), dense prefill against sparse prefill at each
-``--sample-last``; decode is dense; a fresh engine for each item (no prefix-cache hits). Complements benchmarks/sparse_accuracy.py, which prefills
+``--sample-last``; decode is dense; the prefix cache is off, so each item prefills whole. Complements benchmarks/sparse_accuracy.py, which prefills
 each prompt in one piece by calling the model directly.
 
     python benchmarks/sparse_passkey_engine.py --length 4096 --items 3 5 7 --sample-last 0 64 \\
@@ -33,16 +33,15 @@ def main() -> None:
     for mode, last in runs:
         sparse = SparseConfig(mode=mode, heads_path=args.heads if mode != "off" else None,
                               sample_last=last)  # fmt: skip
-        config = EngineConfig(sparse=sparse, max_num_batched_tokens=args.chunk)
-        prompts: list[tuple[list[int], str]] = []
+        # no prefix cache: items share the filler, and a hit would reuse the previous item's KV
+        # (and change where the chunks fall)
+        config = EngineConfig(sparse=sparse, max_num_batched_tokens=args.chunk,
+                              enable_prefix_caching=False)  # fmt: skip
+        llm = LLM(None, engine_config=config, threads=args.threads)
+        c = llm.loaded.config
+        prompts = passkey_prompts(llm.tokenizer, args.length, max(args.items) + 1, args.length,
+                                  "repeat", c.max_position_embeddings)  # fmt: skip
         for i in args.items:
-            # an engine per item: items share the filler, and a prefix-cache hit would reuse
-            # the previous item's KV (and change where the chunks fall)
-            llm = LLM(None, engine_config=config, threads=args.threads)
-            if not prompts:
-                c = llm.loaded.config
-                prompts = passkey_prompts(llm.tokenizer, args.length, max(args.items) + 1,
-                                          args.length, "repeat", c.max_position_embeddings)  # fmt: skip
             ids, key = prompts[i]
             t = time.time()
             out = llm.generate([ids], params)[0]
